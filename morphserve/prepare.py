@@ -1,0 +1,200 @@
+"""`morphserve prepare`: build the W4 twin, rank layers by importance, measure quality.
+
+Everything is written into a temporary sibling of PACK_DIR and renamed into place only
+when complete, so a failed or interrupted run leaves no partial pack behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import morphserve
+from morphserve import pack as packfmt
+from morphserve.errors import MorphServeError
+from quant_layers import quality, twin
+from quant_layers.eval_windows import load_windows
+from quant_layers.importance import greedy_lis_order
+from quant_layers.layer_runner import SwitchableModel, mean_cosine
+from quant_layers.model_info import check_group_size, default_group_size, read_model_info
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CALIB = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+DEFAULT_EVAL = REPO.parent / "shared" / "data" / "wikitext-2" / "test.txt"
+
+
+@dataclass
+class PrepareOptions:
+    model: Path
+    out: Path
+    bits: int = 4
+    group_size: int | None = None  # None: largest of 128/64/32 dividing every input size
+    calib: Path = DEFAULT_CALIB
+    eval_text: Path = DEFAULT_EVAL
+    quantized: Path | None = None
+    eval_tokens: int = 8184
+    eval_window: int = 1024
+    lis_tokens: int = 1024
+    lis_window: int = 256
+    gptq_samples: int = 32
+    gptq_seq_len: int = 512
+    force: bool = False
+    threads: int | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _log(msg: str) -> None:
+    print(f"[prepare] {msg}", file=sys.stderr, flush=True)
+
+
+def _check_inputs(opt: PrepareOptions):
+    info = read_model_info(opt.model)
+    if opt.bits not in (4, 8):
+        raise MorphServeError(f"--bits {opt.bits} is not supported; vLLM's WNA16 kernels take 4 or 8")
+    if opt.group_size is None:
+        opt.group_size = default_group_size(info.input_sizes())
+    else:
+        check_group_size(opt.group_size, info.input_sizes())
+    for what, path in (("calibration text", opt.calib), ("evaluation text", opt.eval_text)):
+        if not Path(path).is_file():
+            raise MorphServeError(f"{what} {path} does not exist")
+    out = Path(opt.out)
+    if out.exists() and any(out.iterdir()) and not opt.force:
+        raise MorphServeError(f"{out} already exists and is not empty; pass --force to replace it")
+    if opt.quantized is not None:
+        twin.open_twin(opt.quantized, info)  # fail before any slow work
+    return info
+
+
+def _copy_checkpoint(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True)
+    for item in Path(src).iterdir():
+        if item.is_file():
+            shutil.copy2(item, dst / item.name)
+
+
+def _importance(model: SwitchableModel, windows, num_layers: int):
+    ids = torch.tensor(windows.windows)
+    model.set_quantized(())
+    fp_inputs = model.layer_inputs(ids)
+    lts, lrs = {}, {}
+    for p in tqdm(range(num_layers), desc="LTS/LRS", file=sys.stderr):
+        x = fp_inputs[p]
+        out_fp = fp_inputs[p + 1]
+        model.set_quantized({p})
+        out_q = model.run_layer(p, x)
+        lts[p] = mean_cosine(out_fp, x)
+        lrs[p] = mean_cosine(out_fp, out_q)
+    model.set_quantized(())
+
+    bar = tqdm(total=num_layers * (num_layers + 1) // 2, desc="greedy MDS", file=sys.stderr)
+
+    def mds_for_round(q: frozenset[int], candidates) -> dict[int, float]:
+        model.set_quantized(q)
+        inputs = model.layer_inputs(ids)  # layer inputs under the current Q
+        reference = model.final(inputs[-1])
+        mds = {}
+        for p in candidates:
+            model.set_quantized(q | {p})
+            mds[p] = mean_cosine(reference, model.run_from(p, inputs[p]))
+            bar.update(1)
+        model.set_quantized(q)
+        return mds
+
+    result = greedy_lis_order(list(range(num_layers)), lts, lrs, mds_for_round)
+    bar.close()
+    model.set_quantized(())
+    return result
+
+
+def run_prepare(opt: PrepareOptions) -> packfmt.Manifest:
+    t_start = time.monotonic()
+    info = _check_inputs(opt)
+    out = Path(opt.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        qdir = tmp / packfmt.QUANTIZED_DIR
+        t = time.monotonic()
+        if opt.quantized is not None:
+            _log(f"using existing W{opt.bits}A16 checkpoint {opt.quantized}")
+            _copy_checkpoint(opt.quantized, qdir)
+            source = str(Path(opt.quantized).resolve())
+        else:
+            _log(f"GPTQ W{opt.bits}A16 g{opt.group_size} via llm-compressor "
+                 f"({opt.gptq_samples} x {opt.gptq_seq_len} calibration tokens)")
+            twin.run_gptq(opt.model, qdir, opt.bits, opt.group_size, opt.calib,
+                          opt.gptq_samples, opt.gptq_seq_len)
+            source = "gptq (llm-compressor)"
+        opt.timings["quantize"] = time.monotonic() - t
+        tw = twin.open_twin(qdir, info)
+        if tw.bits != opt.bits or tw.group_size != opt.group_size:
+            if opt.quantized is None:
+                raise MorphServeError(f"llm-compressor wrote W{tw.bits} g{tw.group_size}, expected W{opt.bits} g{opt.group_size}")
+            _log(f"checkpoint is W{tw.bits} g{tw.group_size}; recording that in the manifest")
+            opt.bits, opt.group_size = tw.bits, tw.group_size
+
+        t = time.monotonic()
+        model = SwitchableModel(opt.model, lambda i: tw.dequantized_layer(i, torch.bfloat16),
+                                info.num_layers, threads=opt.threads)
+        tokenizer = _tokenizer(opt.model)
+        opt.timings["load"] = time.monotonic() - t
+
+        t = time.monotonic()
+        calib = load_windows(opt.calib, tokenizer, opt.lis_window, opt.lis_tokens)
+        _log(f"layer importance on {len(calib.windows)} x {opt.lis_window} calibration tokens")
+        importance = _importance(model, calib, info.num_layers)
+        opt.timings["importance"] = time.monotonic() - t
+
+        t = time.monotonic()
+        evalw = load_windows(opt.eval_text, tokenizer, opt.eval_window, opt.eval_tokens)
+        _log(f"perplexity on {evalw.scored_tokens} tokens ({len(evalw.windows)} x {opt.eval_window})")
+        qual = quality.quality_curves(model, evalw, importance.order, opt.eval_text, opt.eval_window)
+        opt.timings["quality"] = time.monotonic() - t
+
+        manifest = packfmt.Manifest(
+            tool_version=morphserve.__version__,
+            model_path=str(Path(opt.model).resolve()),
+            model_sha256=info.weights_sha256(),
+            architecture=info.config["architectures"][0],
+            num_layers=info.num_layers, bits=opt.bits, group_size=opt.group_size,
+            quantization_source=source,
+            swap_order=importance.order,
+            layer_bytes=[packfmt.LayerBytes(layer=i, fp16=info.layer_fp_bytes(), quantized=tw.layer_bytes(i))
+                         for i in range(info.num_layers)],
+        )
+        opt.timings["total"] = time.monotonic() - t_start
+        manifest.timings_s = {k: round(v, 1) for k, v in opt.timings.items()}
+        packfmt.write_json(tmp / packfmt.IMPORTANCE, importance.to_json())
+        packfmt.write_json(tmp / packfmt.QUALITY, qual)
+        packfmt.write_json(tmp / packfmt.MANIFEST, manifest.model_dump())
+        _publish(tmp, out)
+        return manifest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Swap the finished pack into place; an old pack (with --force) goes only after."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)

@@ -1,0 +1,1 @@
+"""Quantized layer variants, importance profiling and the offline switchable model."""

