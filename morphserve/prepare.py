@@ -56,6 +56,7 @@ def _log(msg: str) -> None:
 
 def _check_inputs(opt: PrepareOptions):
     info = read_model_info(opt.model)
+    twin.index_safetensors(Path(opt.model))  # a corrupt weight file fails here, not after GPTQ
     if opt.bits not in (4, 8):
         raise MorphServeError(f"--bits {opt.bits} is not supported; vLLM's WNA16 kernels take 4 or 8")
     if opt.group_size is None:
