@@ -1,0 +1,72 @@
+"""The `additional_config["morphserve"]` block: schema, validation, pack check.
+
+Validated once in the frontend (before the engine starts), so a bad config or a pack
+that does not twin the served model stops startup with one clear error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from morphserve import pack as packfmt
+from morphserve.errors import MorphServeError
+
+# The config accepted in this process, if MorphServe was activated here (the API server
+# mounts /morphserve/* only then).
+ACTIVE: "MorphConfig | None" = None
+
+
+class MorphConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    pack: str = Field(description="pack folder written by `morphserve prepare`")
+    policy: str | None = Field(default=None, description="policy preset name or YAML path (policy issue)")
+    twin: Literal["pack", "identity"] = Field(
+        default="pack", description="'identity' swaps in an exact bf16 copy instead of W4 (testing aid)")
+    verify_hash: bool = Field(default=True, description="check the served weights' sha256 against the pack")
+    transition_log: str | None = Field(default=None, description="append every transition here as JSONL")
+
+
+def parse(raw) -> MorphConfig:
+    if isinstance(raw, str):
+        raw = {"pack": raw}
+    try:
+        return MorphConfig.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "morphserve"
+        raise MorphServeError(f"invalid --additional-config morphserve.{where}: {first['msg']}") from None
+
+
+def check_pack_matches(cfg: MorphConfig, model_path: str) -> packfmt.Manifest:
+    """Architecture, layer count, every tensor shape, and (optionally) the weight hash."""
+    from quant_layers.model_info import read_model_info
+    from quant_layers.twin import open_twin
+
+    pack_dir = Path(cfg.pack)
+    manifest = packfmt.load_manifest(pack_dir)
+    model_dir = Path(model_path)
+    if not model_dir.is_dir():
+        raise MorphServeError(f"MorphServe needs a local model folder to check the pack against; got {model_path}")
+    info = read_model_info(model_dir)
+    if manifest.architecture not in info.config.get("architectures", []) or manifest.num_layers != info.num_layers:
+        raise MorphServeError(
+            f"pack {pack_dir} does not match the served model {model_path}: pack is {manifest.architecture} with "
+            f"{manifest.num_layers} layers, model is {info.config.get('architectures')} with {info.num_layers}")
+    open_twin(pack_dir / manifest.quantized_dir, info)
+    if cfg.verify_hash and info.weights_sha256() != manifest.model_sha256:
+        raise MorphServeError(
+            f"pack {pack_dir} was prepared from different weights than {model_path} (sha256 mismatch); "
+            "re-run `morphserve prepare` or set verify_hash: false")
+    return manifest
+
+
+def activate(raw, model_path: str) -> MorphConfig:
+    global ACTIVE
+    cfg = parse(raw)
+    cfg.pack = str(Path(cfg.pack).resolve())
+    check_pack_matches(cfg, model_path)
+    ACTIVE = cfg
+    return cfg
