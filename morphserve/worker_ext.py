@@ -68,6 +68,7 @@ class MorphWorkerExtension:
     def morphserve_apply(self, quantize: list[int], restore: list[int]) -> dict:
         """Quantize then restore the given layers; report the bytes and the time it took."""
         t0 = time.monotonic()
+        _trim_heap()  # so the RSS delta below is this swap's, not earlier frees'
         rss_before = rss_bytes()
         freed = 0
         changed: list[SwappableLinear] = []
@@ -97,6 +98,7 @@ class MorphWorkerExtension:
         return sorted(i for i, swaps in self._morph_layers.items() if all(s.quantized for s in swaps))
 
     def morphserve_rss(self) -> int:
+        _trim_heap()
         return rss_bytes()
 
 

@@ -11,6 +11,7 @@ figures are in docs/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -36,8 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     check = [sys.executable, str(REPO / "scripts" / "vllm_perplexity.py"), str(pack),
              "--json", str(args.out / "vllm_agreement.json")]
     log = args.out / "vllm.log"
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR"}
     with open(log, "w") as f:  # vLLM's engine logs are long; keep them out of the demo's output
-        proc = subprocess.run(check, cwd=REPO, stderr=f)
+        proc = subprocess.run(check, cwd=REPO, stderr=f, stdout=subprocess.PIPE, text=True, env=env)
+    f_lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("|", "tolerance"))]
+    print("\n".join(f_lines))
     if proc.returncode != 0:
         print(f"vLLM check failed; its log is in {log}")
     print(f"\ndemo finished in {time.monotonic() - t:.0f} s; pack in {pack}")

@@ -1,0 +1,138 @@
+"""Swap-latency and overhead benchmark for runtime layer swapping (CPU, real vLLM engine).
+
+Runs, each in its own fresh process, one after the other on the same machine:
+  1. plain vLLM (no plugin loaded): steady-state decode throughput;
+  2. MorphServe active, no transitions: the same workload (the overhead figure);
+  3. MorphServe: per-layer swap latency, whole transitions (0 <-> L/4, L/2, L), and the
+     decode-step time at level 0 and level L, for scale.
+
+    python scripts/bench_swap.py --model MODEL_DIR --pack PACK_DIR [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
+
+
+def _engine(model: str, pack: str | None):
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if pack is None:
+        os.environ["VLLM_PLUGINS"] = ""  # plain vLLM: no general plugin at all
+    from vllm import LLM
+
+    extra = {"additional_config": {"morphserve": {"pack": pack}}} if pack else {}
+    llm = LLM(model=model, dtype="bfloat16", enforce_eager=True, max_model_len=1024, seed=0, **extra)
+    return llm
+
+
+def _throughput(llm, batch: int, tokens: int, repeats: int) -> dict:
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    llm.generate([PROMPT] * batch, SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
+    rates = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        llm.generate([PROMPT] * batch, params, use_tqdm=False)
+        rates.append(batch * tokens / (time.perf_counter() - t))
+    return {"batch": batch, "tokens": tokens, "tok_s_runs": rates, "tok_s_median": statistics.median(rates)}
+
+
+def _decode_step_ms(llm, batch: int) -> float:
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"s{time.monotonic_ns()}-{i}", PROMPT, params)
+    engine.step()  # prefill
+    times = []
+    while engine.has_unfinished_requests():
+        t = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def child(mode: str, model: str, pack: str, batch: int, tokens: int, repeats: int) -> dict:
+    llm = _engine(model, None if mode == "plain" else pack)
+    result = {"mode": mode, "throughput": _throughput(llm, batch, tokens, repeats)}
+    if mode != "swap":
+        return result
+    core = llm.llm_engine.engine_core.engine_core
+    L = core.morphserve_state()["swappable_layers"]
+    per_layer_q, per_layer_r = [], []
+    for _ in range(20):
+        per_layer_q.append(core.morphserve_set_level(1)["transition"]["worker_seconds"])
+        per_layer_r.append(core.morphserve_set_level(0)["transition"]["worker_seconds"])
+    result["per_layer_ms"] = {"quantize": 1000 * statistics.median(per_layer_q),
+                              "restore": 1000 * statistics.median(per_layer_r)}
+    transitions = {}
+    for k in sorted({L // 4, L // 2, L}):
+        q, r = [], []
+        for _ in range(5):
+            q.append(core.morphserve_set_level(k)["transition"]["seconds"])
+            r.append(core.morphserve_set_level(0)["transition"]["seconds"])
+        transitions[str(k)] = {"quantize_ms": 1000 * statistics.median(q), "restore_ms": 1000 * statistics.median(r)}
+    result["transition_ms"] = transitions
+    result["decode_step_ms"] = {"level_0": _decode_step_ms(llm, batch)}
+    core.morphserve_set_level(L)
+    result["decode_step_ms"][f"level_{L}"] = _decode_step_ms(llm, batch)
+    core.morphserve_set_level(0)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--pack", required=True)
+    ap.add_argument("--batch", type=int, default=8, help="concurrent requests in the throughput workload")
+    ap.add_argument("--tokens", type=int, default=64, help="decode tokens per request")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=None, help="write all figures here as JSON")
+    ap.add_argument("--child", choices=("plain", "morph", "swap"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print("RESULT " + json.dumps(child(args.child, args.model, args.pack, args.batch, args.tokens, args.repeats)))
+        return 0
+    results = {}
+    for mode in ("plain", "morph", "swap"):
+        print(f"[bench] {mode} ...", file=sys.stderr, flush=True)
+        proc = subprocess.run([sys.executable, __file__, "--child", mode, "--model", args.model, "--pack", args.pack,
+                               "--batch", str(args.batch), "--tokens", str(args.tokens), "--repeats", str(args.repeats)],
+                              capture_output=True, text=True, cwd=REPO)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            return 1
+        results[mode] = json.loads(line[len("RESULT "):])
+    plain = results["plain"]["throughput"]["tok_s_median"]
+    morph = results["morph"]["throughput"]["tok_s_median"]
+    swap = results["swap"]
+    print(f"steady-state decode, batch {args.batch} x {args.tokens} tokens (median of {args.repeats}):")
+    print(f"  plain vLLM {plain:.1f} tok/s | MorphServe active, level 0 {morph:.1f} tok/s | ratio {morph / plain:.3f}")
+    print(f"per-layer swap (median of 20): quantize {swap['per_layer_ms']['quantize']:.2f} ms, "
+          f"restore {swap['per_layer_ms']['restore']:.2f} ms")
+    print("whole transitions (median of 5):")
+    for k, v in swap["transition_ms"].items():
+        print(f"  0 -> {k}: {v['quantize_ms']:.1f} ms | {k} -> 0: {v['restore_ms']:.1f} ms")
+    print("decode step (median, batch %d): " % args.batch
+          + ", ".join(f"{k} {v:.1f} ms" for k, v in swap["decode_step_ms"].items()))
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

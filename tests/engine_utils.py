@@ -1,0 +1,57 @@
+"""Helpers for tests that drive the real vLLM engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+    "To make a cup of tea, first",
+    "import numpy as np\n",
+]
+
+
+def plain_vllm(model: Path, prompts: list[str], max_tokens: int, tmp: Path, windows=None) -> dict:
+    out = tmp / "plain.json"
+    cmd = [sys.executable, str(REPO / "tests" / "plain_vllm.py"), str(model), str(out),
+           "--prompts-json", json.dumps(prompts), "--max-tokens", str(max_tokens)]
+    if windows is not None:
+        (tmp / "windows.json").write_text(json.dumps(windows))
+        cmd += ["--windows-json", str(tmp / "windows.json")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def score_windows(llm, windows: list[list[int]]) -> tuple[float, int]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    outs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows],
+                        SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0), use_tqdm=False)
+    nll, count = 0.0, 0
+    for w, o in zip(windows, outs):
+        for pos, entry in enumerate(o.prompt_logprobs[1:], start=1):
+            nll -= entry[w[pos]].logprob
+            count += 1
+    return nll, count
+
+
+def morph_llm(model: Path, pack: Path, twin: str, **kw):
+    """An in-process engine core (the scheduler and controller are reachable) with MorphServe on."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM
+
+    llm = LLM(model=str(model), dtype="bfloat16", max_model_len=1100, seed=0,
+              additional_config={"morphserve": {"pack": str(pack), "twin": twin}}, **kw)
+    return llm, llm.llm_engine.engine_core.engine_core

@@ -1,0 +1,40 @@
+"""Plain vLLM (no MorphServe) in a fresh process: the baseline the engine tests compare with.
+
+    python tests/plain_vllm.py MODEL OUT.json --prompts-json '[...]' --max-tokens N [--ppl-text FILE]
+Run as a subprocess so the baseline engine never shares a process with the engine under test.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ["VLLM_PLUGINS"] = ""  # load no general plugin: this is plain vLLM
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("out")
+    ap.add_argument("--prompts-json", required=True)
+    ap.add_argument("--max-tokens", type=int, required=True)
+    ap.add_argument("--windows-json", default=None, help="token windows to score with prompt_logprobs")
+    args = ap.parse_args()
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=args.model, dtype="bfloat16", enforce_eager=True, max_model_len=1100, seed=0)
+    outs = llm.generate(json.loads(args.prompts_json),
+                        SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    result = {"token_ids": [list(o.outputs[0].token_ids) for o in outs]}
+    if args.windows_json:
+        from tests.engine_utils import score_windows
+
+        result["nll"], result["tokens"] = score_windows(llm, json.loads(Path(args.windows_json).read_text()))
+    Path(args.out).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

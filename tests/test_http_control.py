@@ -1,0 +1,139 @@
+"""The control surface on a real `morphserve serve` server, and startup refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.engine_utils import REPO
+
+pytestmark = [pytest.mark.engine, pytest.mark.quant]
+KEY = "test-key"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _request(url: str, body=None, key: str | None = KEY, raw: bytes | None = None):
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    if key:
+        req.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, pack_dir, tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "morphserve.cli", "serve", str(model_dir), "--pack", str(pack_dir),
+                                 "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY, "--max-model-len", "1024"],
+                                cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {log.read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(base + "/health", timeout=2)
+            break
+        except OSError:
+            time.sleep(2)
+    else:
+        proc.kill()
+        pytest.fail("server did not come up in 240 s")
+    yield base
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def test_state_requires_the_api_key(server):
+    assert _request(server + "/morphserve/state", key=None)[0] == 401
+    assert _request(server + "/morphserve/state", key="wrong")[0] == 401
+    status, state = _request(server + "/morphserve/state")
+    assert status == 200
+    for field in ("quantized_layers", "swappable_layers", "quantized_layer_ids", "kv_capacity_blocks",
+                  "kv_capacity_tokens", "policy", "transitions"):
+        assert field in state
+    assert state["swappable_layers"] == 30
+
+
+def test_forcing_a_level_swaps_and_serving_continues(server, model_dir):
+    status, result = _request(server + "/morphserve/level", {"quantized_layers": 12})
+    assert status == 200 and result["quantized_layers"] == 12 and result["policy"] == "manual"
+    assert result["transition"]["fp_bytes_freed"] == 12 * 7_077_888
+    status, completion = _request(server + "/v1/completions", {
+        "model": str(model_dir), "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0})
+    assert status == 200 and completion["choices"][0]["text"], completion
+    status, result = _request(server + "/morphserve/level", {"quantized_layers": None})
+    assert status == 200 and result["forced_level"] is None and result["policy"] == "none"
+
+
+@pytest.mark.parametrize("body", [{"quantized_layers": 31}, {"quantized_layers": -1}, {"quantized_layers": "3"},
+                                  {"level": 3}, [3], None])
+def test_bad_bodies_get_400_and_change_nothing(server, body):
+    before = _request(server + "/morphserve/state")[1]
+    raw = b"not json" if body is None else None
+    status, result = _request(server + "/morphserve/level", body, raw=raw)
+    assert status == 400 and result["error"]
+    after = _request(server + "/morphserve/state")[1]
+    assert after["quantized_layer_ids"] == before["quantized_layer_ids"]
+    assert after["transitions"] == before["transitions"]
+
+
+def _broken_pack(pack_dir, tmp_path, **changes):
+    bad = tmp_path / "bad-pack"
+    shutil.copytree(pack_dir, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest.update(changes)
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    return bad
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"model_sha256": "0" * 64}, "different weights"),
+    ({"architecture": "MistralForCausalLM"}, "does not match the served model"),
+])
+def test_serve_refuses_a_pack_for_another_model(model_dir, pack_dir, tmp_path, changes, message):
+    bad = _broken_pack(pack_dir, tmp_path, **changes)
+    proc = subprocess.run([sys.executable, "-m", "morphserve.cli", "serve", str(model_dir), "--pack", str(bad)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+
+
+def test_offline_api_refuses_a_bad_config_before_starting(model_dir, pack_dir, tmp_path):
+    from morphserve.errors import MorphServeError
+    from morphserve.plugin import register
+    from vllm.engine.arg_utils import EngineArgs
+
+    register()
+    bad = _broken_pack(pack_dir, tmp_path, model_sha256="0" * 64)
+    with pytest.raises(MorphServeError, match="different weights"):
+        EngineArgs(model=str(model_dir), additional_config={"morphserve": {"pack": str(bad)}}).create_engine_config()
+    with pytest.raises(MorphServeError, match="morphserve.bogus"):
+        EngineArgs(model=str(model_dir),
+                   additional_config={"morphserve": {"pack": str(pack_dir), "bogus": 1}}).create_engine_config()
