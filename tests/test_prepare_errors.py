@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import morphserve_cli
+from tests.conftest import morphserve_cli
 
 
 def _fails_cleanly(proc, out: Path, match: str) -> None:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from tests.conftest import REPO
 
 pytestmark = [pytest.mark.quant, pytest.mark.engine]
 
