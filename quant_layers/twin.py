@@ -164,7 +164,8 @@ def run_gptq(model_dir: Path, out: Path, bits: int, group_size: int, calib: Path
     cmd = [str(quant_python()), str(GPTQ_JOB), "--model", str(model_dir), "--out", str(out),
            "--bits", str(bits), "--group-size", str(group_size), "--calib", str(calib),
            "--samples", str(samples), "--seq-len", str(seq_len)]
-    env = {**os.environ, "PYTHONPATH": ""}
+    # Per-module INFO/METRIC lines drown the progress bars; set LLM_COMPRESSOR_LOG_LEVEL to see them.
+    env = {"LLM_COMPRESSOR_LOG_LEVEL": "WARNING", **os.environ, "PYTHONPATH": ""}
     # Its progress bars go straight to the user's terminal; stdout is folded into stderr so
     # that MorphServe's own stdout stays machine-readable.
     proc = subprocess.run(cmd, env=env, stdout=sys.stderr)
