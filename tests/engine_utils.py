@@ -26,10 +26,15 @@ def plain_vllm(model: Path, prompts: list[str], max_tokens: int, tmp: Path, wind
     if windows is not None:
         (tmp / "windows.json").write_text(json.dumps(windows))
         cmd += ["--windows-json", str(tmp / "windows.json")]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(out.read_text())
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    for attempt in range(2):
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+        if proc.returncode == 0 and out.exists():
+            return json.loads(out.read_text())
+        # Seen once in CI: the baseline engine aborted during start-up in C++ ("terminate
+        # called without an active exception") while another engine lived in the parent.
+        # The baseline is not what is under test, so it gets one more try.
+    raise AssertionError(f"plain vLLM baseline failed twice:\n{proc.stderr[-3000:]}")
 
 
 def score_windows(llm, windows: list[list[int]]) -> tuple[float, int]:
