@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -93,6 +95,21 @@ def child(mode: str, model: str, pack: str, batch: int, tokens: int, repeats: in
     return result
 
 
+def _run_child(cmd: list[str]) -> tuple[str, int]:
+    """Run one measurement process in its own group; reap vLLM's children, which can outlive it."""
+    with tempfile.TemporaryFile("w+") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            returncode = proc.wait()
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        f.seek(0)
+        return f.read(), returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -110,12 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for mode in ("plain", "morph", "swap"):
         print(f"[bench] {mode} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--child", mode, "--model", args.model, "--pack", args.pack,
-                               "--batch", str(args.batch), "--tokens", str(args.tokens), "--repeats", str(args.repeats)],
-                              capture_output=True, text=True, cwd=REPO)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            print(proc.stderr[-3000:], file=sys.stderr)
+        cmd = [sys.executable, __file__, "--child", mode, "--model", args.model, "--pack", args.pack,
+               "--batch", str(args.batch), "--tokens", str(args.tokens), "--repeats", str(args.repeats)]
+        text, returncode = _run_child(cmd)
+        line = next((ln for ln in text.splitlines() if ln.startswith("RESULT ")), None)
+        if returncode != 0 or line is None:
+            print(text[-3000:], file=sys.stderr)
             return 1
         results[mode] = json.loads(line[len("RESULT "):])
     plain = results["plain"]["throughput"]["tok_s_median"]

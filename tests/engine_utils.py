@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,14 +28,33 @@ def plain_vllm(model: Path, prompts: list[str], max_tokens: int, tmp: Path, wind
         (tmp / "windows.json").write_text(json.dumps(windows))
         cmd += ["--windows-json", str(tmp / "windows.json")]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    log = tmp / "plain.log"
     for attempt in range(2):
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
-        if proc.returncode == 0 and out.exists():
+        returncode = run_in_own_group(cmd, env, log)
+        if returncode == 0 and out.exists():
             return json.loads(out.read_text())
         # Seen once in CI: the baseline engine aborted during start-up in C++ ("terminate
         # called without an active exception") while another engine lived in the parent.
         # The baseline is not what is under test, so it gets one more try.
-    raise AssertionError(f"plain vLLM baseline failed twice:\n{proc.stderr[-3000:]}")
+    raise AssertionError(f"plain vLLM baseline failed twice:\n{log.read_text()[-3000:]}")
+
+
+def run_in_own_group(cmd: list[str], env: dict, log: Path, timeout: float = 600) -> int:
+    """Run a vLLM process in its own process group and reap the whole group afterwards.
+
+    vLLM's engine-core and worker processes can outlive their parent; output goes to a
+    file, not a pipe, so such orphans cannot keep us waiting for EOF.
+    """
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
 
 
 def score_windows(llm, windows: list[list[int]]) -> tuple[float, int]:

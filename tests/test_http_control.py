@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -48,7 +49,7 @@ def server(model_dir, pack_dir, tmp_path_factory):
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "morphserve.cli", "serve", str(model_dir), "--pack", str(pack_dir),
                                  "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY, "--max-model-len", "1024"],
-                                cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+                                cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
@@ -67,7 +68,12 @@ def server(model_dir, pack_dir, tmp_path_factory):
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        pass
+    try:  # the engine core and worker can outlive the API server; reap the whole group
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def test_state_requires_the_api_key(server):
