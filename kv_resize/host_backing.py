@@ -1,0 +1,65 @@
+"""Host (CPU) KV backing: reserve address space for the largest KV, back only what is used.
+
+vLLM allocates its KV cache as one zero-filled int8 buffer (`torch.zeros`), which touches
+and so commits every page. We give vLLM an anonymous private mmap instead: its pages are
+zero on first touch and cost no memory until written, so reserving room for the most
+quantized level is free. When the pool shrinks, `release` hands the pages of the dropped
+blocks back with madvise(MADV_DONTNEED); they read as zeros if ever used again.
+Python's mmap exposes exactly these two calls, so no native code is needed.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+import torch
+
+PAGE = mmap.PAGESIZE
+
+
+class HostKVBacking:
+    def __init__(self, size: int):
+        self.size = size
+        self._map = mmap.mmap(-1, max(size, PAGE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.tensor = torch.frombuffer(self._map, dtype=torch.int8, count=size)
+
+    def release(self, ranges: list[tuple[int, int]]) -> int:
+        """Give back the pages inside each [start, end) byte range; returns bytes advised."""
+        advised = 0
+        for start, end in ranges:
+            lo = -(-start // PAGE) * PAGE  # only whole pages inside the range
+            hi = min(end, self.size) // PAGE * PAGE
+            if hi > lo:
+                self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+                advised += hi - lo
+        return advised
+
+
+def tail_ranges(tensors, first_block: int, last_block: int) -> list[tuple[int, int]]:
+    """Byte ranges of blocks first_block..last_block in every layer of vLLM's KV tensors.
+
+    vLLM's KVCacheTensor places layer l's block b at offset + l*layer_stride + b*block_stride;
+    in the CPU backend's layer-outermost layout each layer's tail is one contiguous run.
+    """
+    ranges = []
+    if last_block < first_block:
+        return ranges
+    for t in tensors:
+        for layer in range(len(t.layers)):
+            base = t.offset + layer * t.layer_stride
+            if t.block_stride < t.layer_stride:  # layer-outermost: one run per layer
+                ranges.append((base + first_block * t.block_stride, base + (last_block + 1) * t.block_stride))
+            else:  # block-outermost: one page per block per layer
+                ranges.extend((base + b * t.block_stride, base + b * t.block_stride + t.layer_stride)
+                              for b in range(first_block, last_block + 1))
+    return _merge(ranges)
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if merged and lo <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
+        else:
+            merged.append((lo, hi))
+    return merged

@@ -1,0 +1,45 @@
+"""The mmap backing really costs no memory until touched and gives it back on release."""
+
+from dataclasses import dataclass
+
+from kv_resize.host_backing import HostKVBacking, tail_ranges
+
+MB = 2**20
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def test_reserved_pages_cost_nothing_until_written_and_are_released():
+    base = _rss()
+    backing = HostKVBacking(256 * MB)
+    assert _rss() - base < 8 * MB, "reserving must not commit memory"
+    backing.tensor[: 128 * MB].fill_(1)
+    touched = _rss()
+    assert touched - base > 120 * MB
+    advised = backing.release([(64 * MB, 128 * MB)])
+    assert advised == 64 * MB
+    assert touched - _rss() > 60 * MB, "released pages must leave RSS"
+    assert int(backing.tensor[64 * MB + 5]) == 0 and int(backing.tensor[5]) == 1
+
+
+@dataclass
+class _T:  # the fields of vLLM's KVCacheTensor that matter here
+    layers: list
+    layer_stride: int
+    block_stride: int
+    offset: int = 0
+
+
+def test_tail_ranges_layer_outermost():
+    t = _T(layers=["a", "b"], layer_stride=10 * 4096, block_stride=4096)
+    assert tail_ranges([t], 7, 9) == [(7 * 4096, 10 * 4096), (17 * 4096, 20 * 4096)]
+    assert tail_ranges([t], 9, 8) == []
+
+
+def test_tail_ranges_merge_adjacent_layers():
+    t = _T(layers=["a", "b"], layer_stride=4 * 4096, block_stride=4096)
+    assert tail_ranges([t], 2, 3) == [(2 * 4096, 4 * 4096), (6 * 4096, 8 * 4096)]
+    assert tail_ranges([t], 0, 3) == [(0, 8 * 4096)]
