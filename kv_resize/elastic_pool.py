@@ -92,6 +92,15 @@ class ElasticBlockPool:
         self._sync_vllm_view()
         return DrainResult(not busy, hidden_now, tuple(busy))
 
+    def hide_detached(self, ids) -> None:
+        """Hide blocks that left their requests without passing through the free queue
+        (the source blocks of a migration)."""
+        for i in ids:
+            block = self.pool.blocks[i]
+            assert i > self.limit and block.ref_cnt == 0 and block.prev_free_block is None, i
+            self.pool._maybe_evict_cached_block(block)
+            self.hidden.add(i)
+
     # -- views -----------------------------------------------------------------------
     @property
     def visible(self) -> int:

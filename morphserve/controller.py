@@ -1,9 +1,17 @@
-"""Engine-core side of MorphServe: owns the morph level and executes transitions.
+"""Engine-core side of MorphServe: owns the morph level, the KV budget and the elastic
+block pool, and executes transitions.
 
 It lives in the engine-core process, next to the scheduler and the executor. Transitions
 run only at step boundaries: from the post_step hook, or from a utility call (which vLLM
 handles between steps on the same thread). Layers are quantized in the pack's swap order
 and restored last-in-first-out.
+
+Memory order (DESIGN.md, runtime flow):
+- quantize: workers swap layers in (freeing fp16 weights), then the block pool grows;
+- restore: the block pool shrinks first (free tail blocks are hidden; blocks in use are
+  waited for, preempted or migrated, per `shrink_strategy`), then the workers release the
+  tail's KV pages, then copy fp16 back. A restore that must wait stays pending and is
+  retried at every step boundary.
 """
 
 from __future__ import annotations
@@ -15,8 +23,10 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from kv_resize.budget import BudgetError, KVBudget
+from kv_resize.elastic_pool import DrainResult, ElasticBlockPool
 from morphserve import pack as packfmt
-from morphserve import vllm_patches as vp
+from morphserve import vllm_sched as vs
 from morphserve.errors import MorphServeError
 
 log = logging.getLogger("morphserve")
@@ -36,6 +46,17 @@ def plan_transition(order: list[int], current: list[int], level: int) -> Transit
     return TransitionPlan(quantize, restore)
 
 
+def preemption_order(busy: list[int], owners: dict[int, list[str]], progress: dict[str, int]) -> list[str]:
+    """Every request holding a busy tail block must go; least progress first loses least work."""
+    victims = {r for b in busy for r in owners.get(b, ())}
+    return sorted(victims, key=lambda r: (progress.get(r, 0), r))
+
+
+def model_weight_bytes(model_dir: Path) -> int:
+    """Bytes of the served weights as stored (safetensors); what vLLM holds at level 0."""
+    return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+
+
 class MorphController:
     def __init__(self, cfg: dict, engine_core, manifest: packfmt.Manifest):
         self.cfg = cfg
@@ -46,8 +67,11 @@ class MorphController:
         self.forced_level: int | None = None
         self.pending_level: int | None = None
         self.transitions = 0
+        self.deferrals = 0
         self.recent: deque[dict] = deque(maxlen=50)
         self.log_path = Path(cfg["transition_log"]) if cfg.get("transition_log") else None
+        self.budget: KVBudget | None = None
+        self.pool: ElasticBlockPool | None = None
 
     @classmethod
     def start(cls, cfg: dict, engine_core) -> "MorphController":
@@ -61,38 +85,153 @@ class MorphController:
     def num_layers(self) -> int:
         return len(self.order)
 
+    # -- start-up: KV sizing ---------------------------------------------------------
+    def plan_kv(self, fp16_kv_bytes: int, block_bytes: int) -> int:
+        """Fix the budget from vLLM's measurement; return the KV bytes to reserve."""
+        by_layer = {b.layer: b.fp16 - b.quantized for b in self.manifest.layer_bytes}
+        savings = [by_layer[i] for i in self.order]
+        weights = model_weight_bytes(Path(self.core.vllm_config.model_config.model))
+        try:
+            if self.cfg.get("memory_budget_gb"):
+                self.budget = KVBudget(int(self.cfg["memory_budget_gb"] * 2**30), weights, tuple(savings), block_bytes)
+            else:
+                self.budget = KVBudget.from_fp16_kv(fp16_kv_bytes, weights, savings, block_bytes)
+        except BudgetError as e:
+            raise MorphServeError(f"memory_budget_gb: {e}") from None
+        log.info("MorphServe: budget %.1f MiB; KV %d..%d blocks from 0..%d quantized layers",
+                 self.budget.budget_bytes / 2**20, self.budget.usable_blocks(0),
+                 self.budget.usable_blocks(self.num_layers), self.num_layers)
+        return self.budget.reserve_bytes()
+
+    def attach_scheduler(self) -> None:
+        scheduler = self.core.scheduler
+        vs.check_single_group(scheduler)
+        pool = vs.block_pool(scheduler)
+        self.max_usable = len(pool.blocks) - 1
+        cap0 = self.capacity(0)
+        max_len = self.core.vllm_config.model_config.max_model_len
+        if cap0 * scheduler.block_size < max_len:
+            raise MorphServeError(
+                f"the memory budget leaves {cap0 * scheduler.block_size} KV tokens at full precision, fewer than "
+                f"max_model_len {max_len}; raise the budget or lower --max-model-len")
+        self.pool = ElasticBlockPool(pool, cap0)
+        vs.sync_capacity_view(self.core, self.pool.visible)
+
+    def capacity(self, level: int) -> int:
+        return min(self.budget.usable_blocks(level), self.max_usable)
+
     # -- step boundary -------------------------------------------------------------
     def on_step_boundary(self) -> None:
-        if self.pending_level is not None and self.pending_level != len(self.quantized):
-            level, self.pending_level = self.pending_level, None
-            self.transition(level, reason="pending plan")
+        if self.pending_level is not None:
+            level = self.pending_level
+            if level == len(self.quantized):
+                self.pending_level = None
+            else:
+                self.transition(level, reason="pending")
 
     def transition(self, level: int, reason: str) -> dict:
-        plan = plan_transition(self.order, self.quantized, level)
-        if not plan.quantize and not plan.restore:
-            return {"ok": True, "quantized_layers": len(self.quantized), "changed": False}
         t0 = time.monotonic()
-        before = list(self.quantized)
-        try:
-            results = self.core.model_executor.collective_rpc(
-                "morphserve_apply", args=(plan.quantize, plan.restore))
-        except Exception as e:  # the worker rolled its own swaps back; resync to be sure
-            self.quantized = self._worker_quantized()
-            log.error("MorphServe: transition to %d failed (%s); serving at %d", level, e, len(self.quantized))
-            raise MorphServeError(f"transition to {level} quantized layers failed: {e}") from e
-        self.quantized = [i for i in self.order if i in results[0]["quantized"]]
-        record = {
-            "time": time.time(), "from": len(before), "to": len(self.quantized),
-            "quantized_layer_ids": plan.quantize, "restored_layer_ids": plan.restore,
-            "fp_bytes_freed": results[0]["fp_bytes_freed"], "rss_delta": results[0]["rss_delta"],
-            "worker_seconds": results[0]["seconds"], "seconds": time.monotonic() - t0, "reason": reason,
-        }
+        before_level, before_blocks = len(self.quantized), self.pool.visible
+        if level >= before_level and self.pool.limit < self.capacity(before_level):
+            self.pool.grow(self.capacity(before_level))  # a pending restore is called off
+        plan = plan_transition(self.order, self.quantized, level)
+        self.pending_level = None
+        if not plan.quantize and not plan.restore:
+            vs.sync_capacity_view(self.core, self.pool.visible)
+            return {"ok": True, "quantized_layers": len(self.quantized), "changed": False}
+        record = {"time": time.time(), "from": before_level, "to": level, "reason": reason,
+                  "quantized_layer_ids": plan.quantize, "restored_layer_ids": plan.restore}
+        if plan.quantize:
+            worker = self._apply(plan.quantize, [], level)
+            self.pool.grow(self.capacity(len(self.quantized)))
+        else:
+            kv = self._shrink_kv(self.capacity(level))
+            record["kv"] = kv
+            if not kv["done"]:
+                self.deferrals += self.pending_level != level  # count a restore once, not per retry
+                self.pending_level = level
+                vs.sync_capacity_view(self.core, self.pool.visible)
+                return {"ok": True, "deferred": True, "quantized_layers": len(self.quantized),
+                        "busy_blocks": kv["busy"], "changed": False}
+            try:
+                worker = self._apply([], plan.restore, level)
+            except MorphServeError:
+                self.pool.grow(self.capacity(len(self.quantized)))  # weights stayed quantized
+                vs.sync_capacity_view(self.core, self.pool.visible)
+                raise
+        vs.sync_capacity_view(self.core, self.pool.visible)
+        record.update({
+            "to": len(self.quantized), "kv_blocks_before": before_blocks, "kv_blocks_after": self.pool.visible,
+            "fp_bytes_freed": worker["fp_bytes_freed"], "rss_delta": worker["rss_delta"],
+            "worker_seconds": worker["seconds"], "seconds": time.monotonic() - t0,
+        })
         self.transitions += 1
         self.recent.append(record)
         if self.log_path:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         return {"ok": True, "quantized_layers": len(self.quantized), "changed": True, "transition": record}
+
+    def _apply(self, quantize: list[int], restore: list[int], level: int) -> dict:
+        try:
+            results = self.core.model_executor.collective_rpc("morphserve_apply", args=(quantize, restore))
+        except Exception as e:  # the worker rolled its own swaps back; resync to be sure
+            self.quantized = self._worker_quantized()
+            log.error("MorphServe: transition to %d failed (%s); serving at %d", level, e, len(self.quantized))
+            raise MorphServeError(f"transition to {level} quantized layers failed: {e}") from e
+        self.quantized = [i for i in self.order if i in results[0]["quantized"]]
+        return results[0]
+
+    # -- KV shrink ---------------------------------------------------------------------
+    def _shrink_kv(self, target: int) -> dict:
+        committed_before = self.pool.committed
+        self.pool.set_limit(target)
+        result = self.pool.drain()
+        action: dict = {}
+        strategy = self.cfg.get("shrink_strategy", "wait")
+        if not result.done and strategy == "preempt":
+            result, action = self._preempt_tail(result)
+        elif not result.done and strategy == "migrate":
+            result, action = self._migrate_tail(result)
+        out = {"done": result.done, "busy": len(result.busy), "strategy": strategy, **action}
+        if result.done and committed_before > self.pool.committed:
+            rel = self.core.model_executor.collective_rpc(
+                "morphserve_kv_release", args=(self.pool.committed + 1, committed_before))[0]
+            out.update(released_blocks=committed_before - self.pool.committed,
+                       released_bytes=rel["advised"], kv_rss_delta=rel["rss_delta"])
+        return out
+
+    def _preempt_tail(self, result: DrainResult) -> tuple[DrainResult, dict]:
+        scheduler = self.core.scheduler
+        owners = vs.block_owners(scheduler)
+        victims = preemption_order(list(result.busy), owners,
+                                   vs.request_progress(scheduler, {r for b in result.busy for r in owners[b]}))
+        preempted = vs.preempt(scheduler, victims)
+        log.info("MorphServe: preempted %d request(s) holding %d KV blocks above the new capacity",
+                 len(preempted), len(result.busy))
+        return self.pool.drain(), {"preempted": preempted}
+
+    def _migrate_tail(self, result: DrainResult) -> tuple[DrainResult, dict]:
+        busy = list(result.busy)
+        free_low = self.pool.free_low_blocks()
+        if len(free_low) < len(busy):
+            msg = (f"migrate does not fit: {len(busy)} KV blocks in use above the new capacity, "
+                   f"{len(free_low)} free below it; waiting instead")
+            log.info("MorphServe: %s", msg)
+            return result, {"migrate_fit": False, "note": msg}
+        scheduler = self.core.scheduler
+        dst = free_low[: len(busy)]
+        moves = {src: b.block_id for src, b in zip(busy, dst)}
+        vs.take_free_blocks(scheduler, dst)
+        vs.remap_blocks(scheduler, moves)
+        try:
+            self.core.model_executor.collective_rpc("morphserve_kv_migrate", args=(list(moves.items()),))
+        except Exception as e:
+            vs.remap_blocks(scheduler, {d: s for s, d in moves.items()})
+            vs.block_pool(scheduler).free_block_queue.append_n(dst)
+            raise MorphServeError(f"KV block migration failed, nothing moved: {e}") from e
+        self.pool.hide_detached(moves.keys())
+        return self.pool.drain(), {"migrate_fit": True, "migrated": len(moves)}
 
     def _worker_quantized(self) -> list[int]:
         ids = self.core.model_executor.collective_rpc("morphserve_quantized")[0]
@@ -113,8 +252,23 @@ class MorphController:
             return {"ok": False, "error": str(e), **self.state()}
         return {**result, **self.state()}
 
+    def kv_state(self) -> dict:
+        block_size = self.core.scheduler.block_size
+        return {
+            "kv_capacity_blocks": self.pool.visible,
+            "kv_capacity_tokens": self.pool.visible * block_size,
+            "kv_committed_blocks": self.pool.committed,
+            "kv_target_blocks": self.pool.limit,
+            "kv_reserved_blocks": self.max_usable,
+            "kv_free_blocks": self.pool.pool.get_num_free_blocks(),
+            "memory_budget_bytes": self.budget.budget_bytes,
+            "kv_blocks_by_level": [self.capacity(k) for k in range(self.num_layers + 1)],
+            "shrink_strategy": self.cfg.get("shrink_strategy", "wait"),
+            "pending_level": self.pending_level,
+            "deferred_restores": self.deferrals,
+        }
+
     def state(self) -> dict:
-        blocks, tokens = vp.kv_capacity(self.core.scheduler)
         return {
             "active": True,
             "pack": self.cfg["pack"],
@@ -124,8 +278,7 @@ class MorphController:
             "quantized_layer_ids": list(self.quantized),
             "swap_order": self.order,
             "forced_level": self.forced_level,
-            "kv_capacity_blocks": blocks,
-            "kv_capacity_tokens": tokens,
+            **self.kv_state(),
             "policy": self.cfg.get("policy") or ("manual" if self.forced_level is not None else "none"),
             "transitions": self.transitions,
             "recent_transitions": list(self.recent)[-10:],

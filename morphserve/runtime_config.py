@@ -27,6 +27,11 @@ class MorphConfig(BaseModel):
         default="pack", description="'identity' swaps in an exact bf16 copy instead of W4 (testing aid)")
     verify_hash: bool = Field(default=True, description="check the served weights' sha256 against the pack")
     transition_log: str | None = Field(default=None, description="append every transition here as JSONL")
+    memory_budget_gb: float | None = Field(
+        default=None, gt=0, description="weights + KV budget in GiB; default: what vLLM computed at start-up")
+    shrink_strategy: Literal["wait", "preempt", "migrate"] = Field(
+        default="wait", description="when a restore finds KV blocks in use above the new capacity: wait for "
+        "them to free (the paper), preempt their requests (recompute), or migrate them to free low blocks")
 
 
 def parse(raw) -> MorphConfig:

@@ -9,12 +9,18 @@ Patched or added (all inert unless `additional_config["morphserve"]` is set):
 - `EngineArgs.create_engine_config`: validate the MorphServe config and pack in the
   frontend; add the worker extension; force eager mode (vLLM's CPU compile mode traces
   once and skips guards, so a compiled model would keep running the old layer).
-- `EngineCore._initialize_kv_caches`: load the pack on the workers before KV sizing.
+- `EngineCore._initialize_kv_caches`: load the pack on the workers before KV sizing, and
+  size the KV cache for the most quantized level (the elastic pool caps what is used).
+- `EngineCore.__init__`: put the elastic cap on the scheduler's BlockPool once it exists.
+- `vllm.v1.worker.gpu_model_runner.allocate_kv_cache` (the CPU runner inherits it): place
+  the KV cache on an mmap reserve whose untouched pages cost nothing.
 - `EngineCore.post_step`: the token-boundary hook (between update_from_output of step N
   and schedule() of step N+1).
 - `EngineCore.morphserve_state` / `morphserve_set_level`: utility methods the API server
   calls by name (vLLM's UTILITY request path; no pickled callables).
 - `vllm.entrypoints.launchers.app.attach_endpoint_plugins`: also mount /morphserve/*.
+Scheduler-side reads and writes for KV resizing live in `vllm_sched.py`; worker-side
+ones (block copy, block-table remap) are the helpers at the end of this file.
 Read-only uses: `choose_mp_linear_kernel`, `dispatch_cpu_unquantized_gemm`, the
 scheduler's block pool (for capacity reporting).
 """
@@ -98,13 +104,39 @@ def _patch_create_engine_config(original):
 def _patch_initialize_kv_caches(original):
     def _initialize_kv_caches(self, vllm_config):
         cfg = (vllm_config.additional_config or {}).get("morphserve")
-        if cfg is not None:
-            from morphserve.controller import MorphController
+        if cfg is None:
+            return original(self, vllm_config)
+        from morphserve.controller import MorphController
 
-            self._morphserve = MorphController.start(cfg, self)
-        return original(self, vllm_config)
+        controller = self._morphserve = MorphController.start(cfg, self)
+        executor = self.model_executor
+        measure = executor.determine_available_memory
+
+        def reserve_for_max_capacity():
+            # vLLM sizes the KV cache from this number: we take what it measured as the
+            # FP16 KV (the default budget) and ask for the KV of the most quantized level.
+            # The workers back it with untouched mmap pages; the elastic pool caps use.
+            available = measure()
+            page_bytes = sum(spec.page_size_bytes for spec in executor.get_kv_cache_specs()[0].values())
+            return [controller.plan_kv(available[0], page_bytes)] * len(available)
+
+        executor.determine_available_memory = reserve_for_max_capacity
+        try:
+            return original(self, vllm_config)
+        finally:
+            del executor.determine_available_memory
 
     return _initialize_kv_caches
+
+
+def _patch_engine_core_init(original):
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        controller = getattr(self, "_morphserve", None)
+        if controller is not None:
+            controller.attach_scheduler()  # before any request can be scheduled
+
+    return __init__
 
 
 def _patch_post_step(original):
@@ -150,13 +182,97 @@ def _patch_attach_endpoint_plugins(original):
     return attach_endpoint_plugins
 
 
+# -- worker: KV allocation ---------------------------------------------------------------
+_HOST_KV: dict = {"enabled": False, "backing": None}
+
+
+def enable_host_kv_backing() -> None:
+    """Called in a worker by morphserve_init: this worker's KV cache goes on an mmap."""
+    _HOST_KV["enabled"] = True
+
+
+def host_kv_backing():
+    return _HOST_KV["backing"]
+
+
+def _patch_allocate_kv_cache(original):
+    def allocate_kv_cache(kv_cache_config, device, layout, kernel_block_sizes=None):
+        if not _HOST_KV["enabled"] or device.type != "cpu" or not kv_cache_config.kv_cache_tensors:
+            return original(kv_cache_config, device, layout, kernel_block_sizes)
+        return _allocate_on_host_backing(kv_cache_config, device, layout, kernel_block_sizes)
+
+    return allocate_kv_cache
+
+
+def _allocate_on_host_backing(kv_cache_config, device, layout, kernel_block_sizes):
+    """vllm.v1.worker.utils.allocate_kv_cache (0.32.0) with one line changed: the backing
+    buffer is an anonymous mmap (kv_resize.host_backing) instead of torch.zeros, which
+    would touch, and so commit, the whole reserve. The view-building below is vLLM's."""
+    from kv_resize.host_backing import HostKVBacking
+    from vllm.v1.kv_cache_interface import UniformTypeKVCacheSpecs
+    from vllm.v1.worker.utils import create_kv_cache_views
+
+    sizes = {t.size for t in kv_cache_config.kv_cache_tensors}
+    assert len(sizes) == 1, "KV cache tensors must share one backing allocation."
+    backing = HostKVBacking(sizes.pop())
+    _HOST_KV["backing"] = backing
+    buf = backing.tensor
+    kv_caches = {}
+    for tensor in kv_cache_config.kv_cache_tensors:
+        layer_name = tensor.layers[0]
+        group_id, group = next((gid, g) for gid, g in enumerate(kv_cache_config.kv_cache_groups)
+                               if layer_name in g.layer_names)
+        spec = group.kv_cache_spec
+        if isinstance(spec, UniformTypeKVCacheSpecs):
+            spec = spec.kv_cache_specs[layer_name]
+        if not spec.has_layer_views:
+            kv_caches.update((name, buf) for name in tensor.layers)
+            continue
+        kernel_block_size = None
+        if kernel_block_sizes is not None and group_id < len(kernel_block_sizes):
+            kernel_block_size = kernel_block_sizes[group_id]
+        views = create_kv_cache_views(buf, spec, kv_cache_config.num_blocks_of(tensor), layout, tensor,
+                                      kernel_block_size=kernel_block_size)
+        kv_caches.update(zip(tensor.layers, views))
+    return kv_caches
+
+
+def copy_kv_blocks(model_runner, pairs: list[tuple[int, int]]) -> None:
+    """vLLM's own in-place block copy (the one it uses for copy-on-write)."""
+    from vllm.v1.core.kv_cache_utils import KVCacheBlockCopy
+    from vllm.v1.worker.utils import copy_kv_cache_blocks_inplace
+
+    copies = [KVCacheBlockCopy(src_block_id=s, dst_block_id=d) for s, d in pairs]
+    copy_kv_cache_blocks_inplace(model_runner.kv_caches, model_runner.kv_cache_config.num_blocks, copies)
+
+
+def remap_worker_block_tables(model_runner, moves: dict[int, int]) -> None:
+    """Rewrite the worker's copies of the block tables: each cached request's block_ids
+    and the persistent batch's table (scheduler block ids, one row per request)."""
+    import numpy as np
+
+    for state in model_runner.requests.values():
+        for ids in state.block_ids:
+            ids[:] = [moves.get(i, i) for i in ids]
+    src = np.fromiter(moves.keys(), dtype=np.int64)
+    dst = np.fromiter(moves.values(), dtype=np.int64)
+    for table in model_runner.input_batch.block_table.block_tables:
+        arr = table.block_table.np
+        hit = np.isin(arr, src)
+        if hit.any():
+            lookup = dict(zip(src.tolist(), dst.tolist()))
+            arr[hit] = np.vectorize(lookup.__getitem__, otypes=[arr.dtype])(arr[hit])
+
+
 PATCHES = (
     Patch("vllm.engine.arg_utils", "EngineArgs", "create_engine_config", _patch_create_engine_config),
     Patch("vllm.v1.engine.core", "EngineCore", "_initialize_kv_caches", _patch_initialize_kv_caches),
+    Patch("vllm.v1.engine.core", "EngineCore", "__init__", _patch_engine_core_init),
     Patch("vllm.v1.engine.core", "EngineCore", "post_step", _patch_post_step),
     Patch("vllm.v1.engine.core", "EngineCore", "morphserve_state", _add_state, adds=True),
     Patch("vllm.v1.engine.core", "EngineCore", "morphserve_set_level", _add_set_level, adds=True),
     Patch("vllm.entrypoints.launchers.app", None, "attach_endpoint_plugins", _patch_attach_endpoint_plugins),
+    Patch("vllm.v1.worker.gpu_model_runner", None, "allocate_kv_cache", _patch_allocate_kv_cache),
 )
 
 
@@ -201,10 +317,3 @@ FUSED_LINEARS = (
     ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
     ("mlp.down_proj", ("mlp.down_proj",)),
 )
-
-
-def kv_capacity(scheduler) -> tuple[int, int]:
-    """(usable KV blocks, tokens) of the scheduler's block pool; block 0 is vLLM's null block."""
-    pool = scheduler.kv_cache_manager.block_pool
-    blocks = pool.num_gpu_blocks - 1
-    return blocks, blocks * scheduler.block_size

@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from morphserve import pack as packfmt
 from morphserve import vllm_patches as vp
+from kv_resize.host_backing import tail_ranges
 from quant_layers.model_info import read_model_info
 from quant_layers.swappable import IdentityCompute, PackedShard, SwappableLinear, W4Compute
 from quant_layers.twin import index_safetensors, open_twin
@@ -48,6 +49,7 @@ class MorphWorkerExtension:
         fp_index = index_safetensors(model_path)
         layers = vp.decoder_layers(self.model_runner.model)
         self._morph_layers = {}
+        vp.enable_host_kv_backing()  # the KV cache is allocated after this call
         for i in range(manifest.num_layers):
             block = layers[i]
             swaps = []
@@ -93,6 +95,24 @@ class MorphWorkerExtension:
         _trim_heap()
         return {"fp_bytes_freed": freed, "rss_delta": rss_before - rss_bytes(),
                 "seconds": time.monotonic() - t0, "quantized": self.morphserve_quantized()}
+
+    # -- KV resizing ------------------------------------------------------------------
+    def morphserve_kv_release(self, first_block: int, last_block: int) -> dict:
+        """Hand back the memory of blocks first_block..last_block (already hidden, all free)."""
+        backing = vp.host_kv_backing()
+        if backing is None:
+            return {"advised": 0, "rss_delta": 0, "backing": "none"}
+        rss_before = rss_bytes()
+        ranges = tail_ranges(self.model_runner.kv_cache_config.kv_cache_tensors, first_block, last_block)
+        advised = backing.release(ranges)
+        return {"advised": advised, "rss_delta": rss_before - rss_bytes(), "backing": "host-mmap"}
+
+    def morphserve_kv_migrate(self, pairs: list[tuple[int, int]]) -> dict:
+        """Copy KV blocks src -> dst in every layer and rewrite this worker's block tables."""
+        t0 = time.monotonic()
+        vp.copy_kv_blocks(self.model_runner, pairs)
+        vp.remap_worker_block_tables(self.model_runner, dict(pairs))
+        return {"moved": len(pairs), "seconds": time.monotonic() - t0}
 
     def morphserve_quantized(self) -> list[int]:
         return sorted(i for i, swaps in self._morph_layers.items() if all(s.quantized for s in swaps))

@@ -35,6 +35,8 @@ def model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def pack_dir(model_dir: Path, tmp_path_factory) -> Path:
+    if os.environ.get("MORPHSERVE_TEST_PACK"):  # iterate on engine tests without re-preparing
+        return Path(os.environ["MORPHSERVE_TEST_PACK"]).resolve()
     out = tmp_path_factory.mktemp("pack") / "smollm2"
     morphserve_cli("prepare", str(model_dir), "--out", str(out), *TINY_PREPARE, check=True)
     return out

@@ -20,14 +20,22 @@ PROMPTS = [
 ]
 
 
-def plain_vllm(model: Path, prompts: list[str], max_tokens: int, tmp: Path, windows=None) -> dict:
+def plain_vllm(model: Path, prompts: list, max_tokens, tmp: Path, windows=None, **engine) -> dict:
+    """Plain vLLM in a subprocess. max_tokens: an int or one per prompt. engine: kv_bytes,
+    max_model_len, max_num_seqs (to reproduce the schedule of the engine under test)."""
     out = tmp / "plain.json"
+    lengths = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
     cmd = [sys.executable, str(REPO / "tests" / "plain_vllm.py"), str(model), str(out),
-           "--prompts-json", json.dumps(prompts), "--max-tokens", str(max_tokens)]
+           "--prompts-json", json.dumps(prompts), "--max-tokens", str(lengths[0]),
+           "--max-tokens-json", json.dumps(lengths)]
+    for key, value in engine.items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
     if windows is not None:
         (tmp / "windows.json").write_text(json.dumps(windows))
         cmd += ["--windows-json", str(tmp / "windows.json")]
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    # In-process engine core: every request is added before the first step, as in the
+    # engines under test (batch composition changes bf16 rounding on CPU).
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     log = tmp / "plain.log"
     for attempt in range(2):
         returncode = run_in_own_group(cmd, env, log)
@@ -73,10 +81,14 @@ def score_windows(llm, windows: list[list[int]]) -> tuple[float, int]:
 
 def morph_llm(model: Path, pack: Path, twin: str, **kw):
     """An in-process engine core (the scheduler and controller are reachable) with MorphServe on."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if "kv_cache_memory_bytes" in kw:
+        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override the explicit size
+    else:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM
 
-    llm = LLM(model=str(model), dtype="bfloat16", max_model_len=1100, seed=0,
+    kw.setdefault("max_model_len", 1100)
+    llm = LLM(model=str(model), dtype="bfloat16", seed=0,
               additional_config={"morphserve": {"pack": str(pack), "twin": twin}}, **kw)
     return llm, llm.llm_engine.engine_core.engine_core

@@ -21,13 +21,26 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--prompts-json", required=True)
     ap.add_argument("--max-tokens", type=int, required=True)
+    ap.add_argument("--max-tokens-json", default=None, help="per-prompt max_tokens (overrides --max-tokens)")
+    ap.add_argument("--kv-bytes", type=int, default=None, help="KV cache size (same schedule as the engine under test)")
+    ap.add_argument("--max-model-len", type=int, default=1100)
+    ap.add_argument("--max-num-seqs", type=int, default=None)
     ap.add_argument("--windows-json", default=None, help="token windows to score with prompt_logprobs")
     args = ap.parse_args()
+    if args.kv_bytes:
+        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=args.model, dtype="bfloat16", enforce_eager=True, max_model_len=1100, seed=0)
-    outs = llm.generate(json.loads(args.prompts_json),
-                        SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    extra = {"kv_cache_memory_bytes": args.kv_bytes} if args.kv_bytes else {}
+    if args.max_num_seqs:
+        extra["max_num_seqs"] = args.max_num_seqs
+    llm = LLM(model=args.model, dtype="bfloat16", enforce_eager=True, max_model_len=args.max_model_len, seed=0,
+              **extra)
+    # A prompt is text or a list of token ids.
+    prompts = [p if isinstance(p, str) else {"prompt_token_ids": p} for p in json.loads(args.prompts_json)]
+    lengths = json.loads(args.max_tokens_json) if args.max_tokens_json else [args.max_tokens] * len(prompts)
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in lengths]
+    outs = llm.generate(prompts, params, use_tqdm=False)
     result = {"token_ids": [list(o.outputs[0].token_ids) for o in outs]}
     if args.windows_json:
         from tests.engine_utils import score_windows

