@@ -135,7 +135,7 @@ class MorphController:
         if level >= before_level and self.pool.limit < self.capacity(before_level):
             self.pool.grow(self.capacity(before_level))  # a pending restore is called off
         plan = plan_transition(self.order, self.quantized, level)
-        self.pending_level = None
+        was_pending, self.pending_level = self.pending_level, None
         if not plan.quantize and not plan.restore:
             vs.sync_capacity_view(self.core, self.pool.visible)
             return {"ok": True, "quantized_layers": len(self.quantized), "changed": False}
@@ -148,7 +148,7 @@ class MorphController:
             kv = self._shrink_kv(self.capacity(level))
             record["kv"] = kv
             if not kv["done"]:
-                self.deferrals += self.pending_level != level  # count a restore once, not per retry
+                self.deferrals += was_pending != level  # count a restore once, not per retry
                 self.pending_level = level
                 vs.sync_capacity_view(self.core, self.pool.visible)
                 return {"ok": True, "deferred": True, "quantized_layers": len(self.quantized),

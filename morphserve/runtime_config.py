@@ -61,6 +61,14 @@ def check_pack_matches(cfg: MorphConfig, model_path: str) -> packfmt.Manifest:
             f"pack {pack_dir} does not match the served model {model_path}: pack is {manifest.architecture} with "
             f"{manifest.num_layers} layers, model is {info.config.get('architectures')} with {info.num_layers}")
     open_twin(pack_dir / manifest.quantized_dir, info)
+    if cfg.memory_budget_gb is not None:
+        from morphserve.controller import model_weight_bytes
+
+        weights = model_weight_bytes(model_dir)
+        if cfg.memory_budget_gb * 2**30 <= weights:
+            raise MorphServeError(
+                f"memory_budget_gb {cfg.memory_budget_gb} is below the fp16 weights of {model_path} "
+                f"({weights / 2**30:.3f} GiB); the budget covers weights plus KV cache")
     if cfg.verify_hash and info.weights_sha256() != manifest.model_sha256:
         raise MorphServeError(
             f"pack {pack_dir} was prepared from different weights than {model_path} (sha256 mismatch); "

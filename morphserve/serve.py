@@ -36,12 +36,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--twin", choices=("pack", "identity"), default="pack",
                    help="'identity' swaps in exact bf16 copies instead of W4 (for testing the mechanism)")
     p.add_argument("--transition-log", default=None, metavar="FILE", help="append each transition here as JSONL")
+    p.add_argument("--memory-budget-gb", type=float, default=None, metavar="GiB",
+                   help="one budget for weights + KV cache; default: fp16 weights + the KV vLLM sizes at "
+                        "start-up (VLLM_CPU_KVCACHE_SPACE / --kv-cache-memory-bytes on CPU)")
+    p.add_argument("--shrink-strategy", choices=("wait", "preempt", "migrate"), default="wait",
+                   help="a restore that finds KV blocks in use above the smaller capacity: wait until they "
+                        "free (default, as in the paper), preempt their requests (vLLM recompute), or "
+                        "migrate them into free blocks below the new capacity")
     p.add_argument("--dry-run", action="store_true", help="print the vLLM command instead of running it")
     p.set_defaults(func=run, passthrough=True)
 
 
 def build_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
-    cfg = {"pack": os.path.abspath(args.pack), "twin": args.twin}
+    cfg = {"pack": os.path.abspath(args.pack), "twin": args.twin, "shrink_strategy": args.shrink_strategy}
+    if args.memory_budget_gb is not None:
+        cfg["memory_budget_gb"] = args.memory_budget_gb
     if args.policy:
         cfg["policy"] = args.policy
     if args.transition_log:

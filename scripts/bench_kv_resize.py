@@ -1,0 +1,141 @@
+"""KV resizing on the real engine: concurrency by level, restore under load per shrink
+strategy, and the memory a shrink gives back. Plain vLLM runs beside it on the same
+model, prompts and memory budget.
+
+    python scripts/bench_kv_resize.py --model MODEL_DIR --pack PACK_DIR [--out results.json]
+
+Budget: SmolLM2's bf16 weights plus --fp16-blocks KV blocks (default 10: 3 requests of
+300 + 60 tokens fit at full precision). Each child runs in its own process group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench_swap import _run_child  # noqa: E402
+
+BLOCK_BYTES = 30 * 2 * 3 * 64 * 128 * 2  # SmolLM2 KV block of 128 tokens, all layers, bf16
+PROMPT_TOKENS, MAX_TOKENS, REQUESTS = 300, 60, 24
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def _prompts(model: str, n: int, salt: int) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(model)((SHARED / "data/wikitext-2/valid.txt").read_text()[:400_000])["input_ids"]
+    return [ids[(salt * 24 + i) * 353:(salt * 24 + i) * 353 + PROMPT_TOKENS] for i in range(n)]
+
+
+def _engine(model: str, pack: str | None, fp16_blocks: int):
+    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if pack is None:
+        os.environ["VLLM_PLUGINS"] = ""
+    from vllm import LLM
+
+    extra = {"additional_config": {"morphserve": {"pack": pack}}} if pack else {}
+    llm = LLM(model=model, dtype="bfloat16", enforce_eager=True, max_model_len=1024, seed=0, max_num_seqs=32,
+              kv_cache_memory_bytes=fp16_blocks * BLOCK_BYTES, **extra)
+    return llm, llm.llm_engine.engine_core.engine_core
+
+
+def _run(llm, core, prompts, tag, at_step=None, action=None, max_tokens=None) -> dict:
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    for i, p in enumerate(prompts):
+        n = max_tokens[i] if max_tokens else MAX_TOKENS
+        engine.add_request(f"{tag}{i}", {"prompt_token_ids": p}, SamplingParams(max_tokens=n, temperature=0.0,
+                                                                                   ignore_eos=True))
+    peak, steps, done, result, t0, restore_done = 0, 0, 0, None, time.perf_counter(), None
+    start_level = getattr(core, "_morphserve", None) and len(core._morphserve.quantized)
+    while engine.has_unfinished_requests():
+        done += sum(o.finished for o in engine.step())
+        steps += 1
+        peak = max(peak, core.scheduler.get_request_counts()[0])
+        if at_step is not None and steps == at_step:
+            result = action()
+        if result is not None and restore_done is None and len(core._morphserve.quantized) != start_level:
+            restore_done = steps
+    return {"requests": len(prompts), "completed": done, "peak_running": peak, "steps": steps,
+            "seconds": time.perf_counter() - t0, "action": result, "restore_done_step": restore_done}
+
+
+def child(mode: str, model: str, pack: str, fp16_blocks: int) -> dict:
+    llm, core = _engine(model, pack if mode == "morph" else None, fp16_blocks)
+    prompts = _prompts(model, REQUESTS, salt=1)
+    if mode == "plain":
+        return {"capacity_blocks": core.scheduler.kv_cache_manager.block_pool.num_gpu_blocks - 1,
+                "run": _run(llm, core, prompts, "p-")}
+    ctl = core._morphserve
+    rss = lambda: core.model_executor.collective_rpc("morphserve_rss")[0]  # noqa: E731
+    out: dict = {"kv_blocks_by_level": ctl.kv_state()["kv_blocks_by_level"], "levels": {}, "restore": {}}
+    for level in (0, 8, 15, 22, 30):
+        core.morphserve_set_level(level)
+        out["levels"][level] = {"capacity_blocks": ctl.pool.visible, "run": _run(llm, core, prompts, f"l{level}-"),
+                                "worker_rss": rss()}
+    for k, strategy in enumerate(("wait", "preempt", "migrate")):
+        ctl.cfg["shrink_strategy"] = strategy
+        core.morphserve_set_level(30)
+        before = rss()
+        lengths = [MAX_TOKENS] * 14 + [200, 200] if strategy == "migrate" else None
+        run = _run(llm, core, _prompts(model, 16, salt=2 + k), f"{strategy}-", at_step=80 if lengths else 8,
+                   action=lambda: core.morphserve_set_level(0), max_tokens=lengths)
+        record = ctl.recent[-1]
+        out["restore"][strategy] = {"run": run, "kv": record.get("kv"), "worker_rss_before": before,
+                                    "worker_rss_after": rss(), "transition_seconds": record["seconds"]}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="the bf16 model folder")
+    ap.add_argument("--pack", required=True, help="its pack from `morphserve prepare`")
+    ap.add_argument("--fp16-blocks", type=int, default=10, help="KV blocks at full precision (sets the budget)")
+    ap.add_argument("--out", type=Path, default=None, help="write all figures here as JSON")
+    ap.add_argument("--child", choices=("plain", "morph"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print("RESULT " + json.dumps(child(args.child, args.model, args.pack, args.fp16_blocks)), flush=True)
+        os._exit(0)
+    results = {}
+    for mode in ("plain", "morph"):
+        print(f"[bench] {mode} ...", file=sys.stderr, flush=True)
+        text, rc = _run_child([sys.executable, __file__, "--child", mode, "--model", args.model, "--pack", args.pack,
+                               "--fp16-blocks", str(args.fp16_blocks)])
+        line = next((ln for ln in text.splitlines() if ln.startswith("RESULT ")), None)
+        if rc != 0 or line is None:
+            print(text[-3000:], file=sys.stderr)
+            return 1
+        results[mode] = json.loads(line[len("RESULT "):])
+    plain, morph = results["plain"], results["morph"]
+    print(f"{REQUESTS} requests of {PROMPT_TOKENS}+{MAX_TOKENS} tokens, budget = bf16 weights + {args.fp16_blocks} KV blocks")
+    print(f"plain vLLM: {plain['capacity_blocks']} blocks, peak running {plain['run']['peak_running']}, "
+          f"{plain['run']['seconds']:.1f} s")
+    for level, r in morph["levels"].items():
+        print(f"MorphServe at {level:>2} quantized layers: {r['capacity_blocks']} blocks, peak running "
+              f"{r['run']['peak_running']} ({r['run']['peak_running'] / plain['run']['peak_running']:.2f}x plain), "
+              f"{r['run']['seconds']:.1f} s ({plain['run']['seconds'] / r['run']['seconds']:.2f}x plain speed), "
+              f"worker RSS {r['worker_rss'] / 2**20:.0f} MiB, completed {r['run']['completed']}/{r['run']['requests']}")
+    for strategy, r in morph["restore"].items():
+        kv = r["kv"] or {}
+        print(f"restore 30 -> 0 under load, {strategy}: requested at step {8 if strategy != 'migrate' else 80}, "
+              f"done at step {r['run']['restore_done_step']}; preempted {len(kv.get('preempted', []))}, "
+              f"migrated {kv.get('migrated', 0)}; released {kv.get('released_blocks')} blocks, KV pages "
+              f"{kv.get('kv_rss_delta', 0) / 2**20:.0f} MiB out of RSS; worker RSS "
+              f"{r['worker_rss_before'] / 2**20:.0f} -> {r['worker_rss_after'] / 2**20:.0f} MiB; "
+              f"completed {r['run']['completed']}/{r['run']['requests']}")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
