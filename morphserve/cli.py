@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     from morphserve.serve import add_parser as add_serve
 
     add_serve(sub)
+    from morphserve.policy_cli import add_parser as add_policy
+
+    add_policy(sub)
     return ap
 
 

@@ -23,11 +23,15 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from dataclasses import replace
+
 from kv_resize.budget import BudgetError, KVBudget
 from kv_resize.elastic_pool import DrainResult, ElasticBlockPool
 from morphserve import pack as packfmt
 from morphserve import vllm_sched as vs
 from morphserve.errors import MorphServeError
+from morphserve.metrics import TransitionHistogram
+from policies import PolicyState, SignalTracker, load_policy, make_policy
 
 log = logging.getLogger("morphserve")
 
@@ -72,6 +76,16 @@ class MorphController:
         self.log_path = Path(cfg["transition_log"]) if cfg.get("transition_log") else None
         self.budget: KVBudget | None = None
         self.pool: ElasticBlockPool | None = None
+        self.policy = None
+        self.policy_name = "none"
+        self.policy_state = PolicyState()
+        self.policy_target: int | None = None
+        self.tracker: SignalTracker | None = None
+        self.sampler = vs.StepSampler()
+        self.signals = None
+        self.decision_seconds: deque[float] = deque(maxlen=2000)
+        self.by_direction = {"quantize": 0, "restore": 0}
+        self.histogram = TransitionHistogram()
 
     @classmethod
     def start(cls, cfg: dict, engine_core) -> "MorphController":
@@ -116,18 +130,46 @@ class MorphController:
                 f"max_model_len {max_len}; raise the budget or lower --max-model-len")
         self.pool = ElasticBlockPool(pool, cap0)
         vs.sync_capacity_view(self.core, self.pool.visible)
+        if self.cfg.get("policy"):
+            self._start_policy(self.cfg["policy"])
+
+    def _start_policy(self, ref: str) -> None:
+        pcfg, path = load_policy(ref)
+        quality_file = Path(self.cfg["pack"]) / "quality.json"
+        quality = json.loads(quality_file.read_text()) if quality_file.exists() else None
+        cap = pcfg.level_cap(self.num_layers, quality)
+        self.policy = make_policy(pcfg, [self.capacity(k) for k in range(self.num_layers + 1)], cap)
+        self.policy_name = f"{pcfg.policy}:{path.stem}"
+        self.tracker = SignalTracker(pcfg.window_s)
+        log.info("MorphServe: policy %s from %s, at most %d quantized layers", pcfg.policy, path, cap)
 
     def capacity(self, level: int) -> int:
         return min(self.budget.usable_blocks(level), self.max_usable)
 
     # -- step boundary -------------------------------------------------------------
     def on_step_boundary(self) -> None:
-        if self.pending_level is not None:
-            level = self.pending_level
-            if level == len(self.quantized):
-                self.pending_level = None
-            else:
-                self.transition(level, reason="pending")
+        try:
+            if self.tracker is not None:
+                self._decide()
+            if self.pending_level is not None:
+                level = self.pending_level
+                if level == len(self.quantized):
+                    self.pending_level = None
+                else:
+                    self.transition(level, reason="pending")
+        except MorphServeError as e:  # the engine keeps serving at the level it is at
+            log.error("MorphServe: %s", e)
+
+    def _decide(self) -> None:
+        t0 = time.perf_counter()
+        self.signals = self.tracker.add(self.sampler.sample(self.core.scheduler, self.pool))
+        if self.forced_level is not None or self.policy is None:
+            return
+        decision = self.policy.decide(self.signals, replace(self.policy_state, level=len(self.quantized)))
+        self.decision_seconds.append(time.perf_counter() - t0)
+        self.policy_state, self.policy_target = decision.state, decision.target
+        if decision.target != len(self.quantized) and decision.target != self.pending_level:
+            self.transition(decision.target, reason=decision.reason)
 
     def transition(self, level: int, reason: str) -> dict:
         t0 = time.monotonic()
@@ -140,7 +182,8 @@ class MorphController:
             vs.sync_capacity_view(self.core, self.pool.visible)
             return {"ok": True, "quantized_layers": len(self.quantized), "changed": False}
         record = {"time": time.time(), "from": before_level, "to": level, "reason": reason,
-                  "quantized_layer_ids": plan.quantize, "restored_layer_ids": plan.restore}
+                  "policy": self.policy_name, "quantized_layer_ids": plan.quantize, "restored_layer_ids": plan.restore,
+                  "signals": self.signals.as_dict() if self.signals is not None else None}
         if plan.quantize:
             worker = self._apply(plan.quantize, [], level)
             self.pool.grow(self.capacity(len(self.quantized)))
@@ -166,6 +209,8 @@ class MorphController:
             "worker_seconds": worker["seconds"], "seconds": time.monotonic() - t0,
         })
         self.transitions += 1
+        self.by_direction["quantize" if plan.quantize else "restore"] += 1
+        self.histogram.observe(record["seconds"])
         self.recent.append(record)
         if self.log_path:
             with open(self.log_path, "a") as f:
@@ -233,6 +278,13 @@ class MorphController:
         self.pool.hide_detached(moves.keys())
         return self.pool.drain(), {"migrate_fit": True, "migrated": len(moves)}
 
+    def _decision_us(self) -> dict | None:
+        times = sorted(self.decision_seconds)
+        if not times:
+            return None
+        return {"n": len(times), "p50": times[len(times) // 2] * 1e6, "p99": times[int(0.99 * (len(times) - 1))] * 1e6,
+                "max": times[-1] * 1e6}
+
     def _worker_quantized(self) -> list[int]:
         ids = self.core.model_executor.collective_rpc("morphserve_quantized")[0]
         return [i for i in self.order if i in ids]
@@ -279,7 +331,13 @@ class MorphController:
             "swap_order": self.order,
             "forced_level": self.forced_level,
             **self.kv_state(),
-            "policy": self.cfg.get("policy") or ("manual" if self.forced_level is not None else "none"),
+            "policy": "manual" if self.forced_level is not None else self.policy_name,
+            "policy_target": self.policy_target,
+            "policy_max_level": self.policy.max_level if self.policy else None,
+            "signals": self.signals.as_dict() if self.signals is not None else None,
+            "decision_us": self._decision_us(),
             "transitions": self.transitions,
+            "transitions_by_direction": dict(self.by_direction),
+            "transition_seconds": self.histogram.as_dict(),
             "recent_transitions": list(self.recent)[-10:],
         }

@@ -76,10 +76,29 @@ def check_pack_matches(cfg: MorphConfig, model_path: str) -> packfmt.Manifest:
     return manifest
 
 
+def check_policy(cfg: MorphConfig) -> None:
+    """A bad policy stops start-up here, with the file and the key named."""
+    import json
+
+    from policies.config import PRESETS, PolicyError, load_policy
+
+    if cfg.policy is None:
+        return
+    try:
+        pcfg, path = load_policy(cfg.policy)
+        quality = Path(cfg.pack) / "quality.json"
+        pcfg.level_cap(1, json.loads(quality.read_text()) if quality.exists() else None)
+    except PolicyError as e:
+        raise MorphServeError(f"policy: {e}") from None
+    if cfg.policy not in PRESETS:
+        cfg.policy = str(path.resolve())  # the engine core may not share our working directory
+
+
 def activate(raw, model_path: str) -> MorphConfig:
     global ACTIVE
     cfg = parse(raw)
     cfg.pack = str(Path(cfg.pack).resolve())
     check_pack_matches(cfg, model_path)
+    check_policy(cfg)
     ACTIVE = cfg
     return cfg

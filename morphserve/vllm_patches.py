@@ -174,9 +174,11 @@ def _patch_attach_endpoint_plugins(original):
         from morphserve import runtime_config
 
         if runtime_config.ACTIVE is not None:
+            from morphserve import metrics
             from morphserve.http_api import router
 
             app.include_router(router)
+            metrics.install(app)
         return result
 
     return attach_endpoint_plugins

@@ -99,3 +99,51 @@ def sync_capacity_view(engine_core, usable_blocks: int) -> None:
     manager.watermark_blocks = int(scheduler.scheduler_config.watermark * num_blocks)
     engine_core.vllm_config.cache_config.num_gpu_blocks = num_blocks
     scheduler.cache_config.num_gpu_blocks = num_blocks
+
+
+class StepSampler:
+    """Reads one policies.StepSample from the scheduler at each step boundary.
+
+    O(requests) per step. vLLM's Request.arrival_time is wall-clock time (set by the
+    frontend), so ages and TTFTs use time.time(); the sample's own clock is monotonic.
+    TTFT is observed at the first boundary after a request's first token.
+    """
+
+    def __init__(self):
+        self._known: set[str] = set()
+        self._first_token: set[str] = set()
+        self._preemptions = 0
+
+    def sample(self, scheduler, pool):
+        from policies.signals import StepSample
+
+        now, wall = time.monotonic(), time.time()
+        requests = scheduler.requests
+        ids = set(requests)
+        arrivals = len(ids - self._known)
+        self._known = ids
+        self._first_token &= ids
+        ttfts = []
+        for r in scheduler.running:
+            if r.num_output_tokens >= 1 and r.request_id not in self._first_token:
+                self._first_token.add(r.request_id)
+                ttfts.append(max(0.0, wall - r.arrival_time))
+        preemptions = sum(r.num_preemptions for r in requests.values())
+        new_preemptions, self._preemptions = max(0, preemptions - self._preemptions), preemptions
+        waiting = list(scheduler.waiting)
+        block = scheduler.block_size
+        running = scheduler.running
+        remaining = [r.max_tokens - r.num_output_tokens for r in running]
+        return StepSample(
+            time=now,
+            waiting=len(waiting),
+            oldest_wait_s=max((wall - r.arrival_time for r in waiting), default=0.0),
+            running=len(running),
+            used_blocks=pool.visible - pool.pool.get_num_free_blocks(),
+            capacity_blocks=pool.visible,
+            arrivals=arrivals,
+            preemptions=new_preemptions,
+            ttfts=tuple(ttfts),
+            waiting_blocks=sum(-(-r.num_prompt_tokens // block) for r in waiting),
+            remaining_tokens=sum(remaining) / len(remaining) if remaining else 0.0,
+        )

@@ -1,0 +1,113 @@
+"""Policy YAML: schema, presets, and loading with one clear error per problem.
+
+A policy reference is a preset name (accuracy, default, performance: the files next to
+this module) or a path to a YAML file. YAML is parsed with yaml.safe_load only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+PRESETS = ("accuracy", "default", "performance")
+
+
+class PolicyError(ValueError):
+    pass
+
+
+class PolicyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    policy: Literal["threshold", "slo"] = Field(description="threshold (the paper's) or slo (predictive)")
+    # quality guard: the tightest of these bounds the level
+    max_quantized_fraction: float = Field(1.0, ge=0.0, le=1.0, description="of the swappable layers")
+    max_quantized_layers: int | None = Field(None, ge=0)
+    max_ppl_increase: float | None = Field(
+        None, gt=0.0, description="relative, read against the pack's quality.json (0.05 = +5%)")
+    # transitions
+    step_layers: int = Field(4, ge=1, description="layers per transition")
+    cooldown_s: float = Field(1.0, ge=0.0, description="minimum time between transitions")
+    calm_s: float = Field(2.0, ge=0.0, description="how long load must stay low before a restore")
+    window_s: float = Field(2.0, gt=0.0, description="signal smoothing window")
+    # threshold policy
+    kv_high: float = Field(0.85, gt=0.0, le=1.0, description="quantize when KV usage reaches this")
+    kv_low: float = Field(0.7, ge=0.0, lt=1.0, description="restore only if usage after it stays below this")
+    queue_delay_high_s: float = Field(0.1, gt=0.0, description="quantize when the oldest waiting request is this old")
+    # slo policy
+    ttft_slo_s: float = Field(2.0, gt=0.0)
+    tpot_slo_s: float = Field(0.2, gt=0.0)
+    slo_margin: float = Field(0.8, gt=0.0, le=1.0, description="aim at this fraction of the SLOs")
+    restore_margin: float = Field(0.5, gt=0.0, le=1.0, description="restore only if predictions stay under this fraction")
+    horizon_s: float = Field(5.0, gt=0.0, description="how far ahead arrivals are projected")
+
+    @model_validator(mode="after")
+    def _bands(self):
+        if self.kv_low >= self.kv_high:
+            raise ValueError(f"kv_low ({self.kv_low}) must be below kv_high ({self.kv_high}): that gap is the hysteresis")
+        if self.restore_margin > self.slo_margin:
+            raise ValueError("restore_margin must not exceed slo_margin: that gap is the hysteresis")
+        return self
+
+    def level_cap(self, num_layers: int, quality: dict | None) -> int:
+        """The largest level the quality guard allows."""
+        cap = int(self.max_quantized_fraction * num_layers + 1e-9)
+        if self.max_quantized_layers is not None:
+            cap = min(cap, self.max_quantized_layers)
+        if self.max_ppl_increase is not None:
+            cap = min(cap, ppl_cap(quality, self.max_ppl_increase))
+        return max(0, min(cap, num_layers))
+
+
+def ppl_cap(quality: dict | None, max_increase: float) -> int:
+    try:
+        curve = {int(k): float(v) for k, v in quality["orders"]["lis"]["ppl"].items()}
+    except (TypeError, KeyError, ValueError):
+        raise PolicyError("max_ppl_increase needs the pack's quality.json (orders.lis.ppl)") from None
+    base = curve[0]
+    cap = 0
+    for k in sorted(curve):  # the levels the runtime passes through, in order
+        if curve[k] > base * (1 + max_increase):
+            break
+        cap = k
+    return cap
+
+
+def _resolve(ref: str) -> Path:
+    if ref in PRESETS:
+        return PRESETS_DIR / f"{ref}.yaml"
+    path = Path(ref)
+    if not path.exists():
+        raise PolicyError(f"policy {ref!r}: not a preset ({', '.join(PRESETS)}) and no such file")
+    return path
+
+
+def load_policy(ref: str) -> tuple[PolicyConfig, Path]:
+    path = _resolve(ref)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise PolicyError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise PolicyError(f"{path}: cannot read: {e}") from None
+    if not isinstance(raw, dict):
+        raise PolicyError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
+    try:
+        return PolicyConfig.model_validate(raw), path
+    except ValidationError as e:
+        first = e.errors()[0]
+        if not first["loc"]:  # a cross-field rule: its message names the keys
+            raise PolicyError(f"{path}: {first['msg'].removeprefix('Value error, ')}") from None
+        key = ".".join(str(p) for p in first["loc"])
+        if first["type"] == "extra_forbidden":
+            known = ", ".join(PolicyConfig.model_fields)
+            raise PolicyError(f"{path}: unknown key {key!r} (known keys: {known})") from None
+        value = f" (got {json.dumps(first['input'], default=str)})" if first["type"] != "missing" else ""
+        raise PolicyError(f"{path}: {key}: {first['msg']}{value}") from None

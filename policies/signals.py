@@ -1,0 +1,99 @@
+"""Load and memory-pressure signals, sampled at every step boundary and smoothed.
+
+`StepSample` is one raw reading taken from the scheduler (see morphserve/vllm_sched.py);
+`SignalTracker` turns the stream into `Signals` over a sliding time window. Plain Python:
+the policies and their tests never touch vLLM.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class StepSample:
+    time: float  # seconds, monotonic
+    waiting: int
+    oldest_wait_s: float  # age of the oldest waiting request (queue delay)
+    running: int
+    used_blocks: int
+    capacity_blocks: int
+    arrivals: int = 0  # requests that arrived since the previous sample
+    preemptions: int = 0  # since the previous sample
+    ttfts: tuple[float, ...] = ()  # first tokens produced since the previous sample
+    waiting_blocks: int = 0  # blocks the waiting requests' prompts need
+    remaining_tokens: float = 0.0  # mean tokens still to generate per running request
+
+
+@dataclass(frozen=True)
+class Signals:
+    time: float = 0.0
+    queue_len: float = 0.0
+    queue_delay_s: float = 0.0
+    kv_usage: float = 0.0
+    running: float = 0.0
+    used_blocks: int = 0
+    capacity_blocks: int = 0
+    waiting_blocks: int = 0
+    arrival_rate: float = 0.0  # requests/s, EWMA
+    p95_ttft_s: float = 0.0
+    p95_tpot_s: float = 0.0  # p95 of step times with running requests (one token per step each)
+    step_time_s: float = 0.0
+    preemptions: int = 0
+    blocks_per_request: float = 0.0
+    remaining_tokens: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def p95(values) -> float:
+    values = sorted(values)
+    if not values:
+        return 0.0
+    return values[min(len(values) - 1, math.ceil(0.95 * len(values)) - 1)]
+
+
+@dataclass
+class SignalTracker:
+    window_s: float = 2.0
+    _samples: deque = field(default_factory=deque)
+    _ttfts: deque = field(default_factory=deque)  # (time, ttft)
+    _rate: float = 0.0
+    _last_time: float | None = None
+
+    def add(self, s: StepSample) -> Signals:
+        dt = 0.0 if self._last_time is None else max(s.time - self._last_time, 0.0)
+        self._last_time = s.time
+        if dt > 0:  # EWMA of the arrival rate with time constant window_s
+            alpha = 1.0 - math.exp(-dt / self.window_s)
+            self._rate += alpha * (s.arrivals / dt - self._rate)
+        self._samples.append((s, dt))
+        self._ttfts.extend((s.time, t) for t in s.ttfts)
+        horizon = s.time - self.window_s
+        while self._samples and self._samples[0][0].time < horizon:
+            self._samples.popleft()
+        while self._ttfts and self._ttfts[0][0] < horizon:
+            self._ttfts.popleft()
+        samples = [x for x, _ in self._samples]
+        n = len(samples)
+        steps = [d for x, d in self._samples if d > 0 and x.running > 0]
+        return Signals(
+            time=s.time,
+            queue_len=sum(x.waiting for x in samples) / n,
+            queue_delay_s=s.oldest_wait_s,  # the current age, not an average: it only grows while stuck
+            kv_usage=s.used_blocks / s.capacity_blocks if s.capacity_blocks else 0.0,
+            running=sum(x.running for x in samples) / n,
+            used_blocks=s.used_blocks,
+            capacity_blocks=s.capacity_blocks,
+            waiting_blocks=s.waiting_blocks,
+            arrival_rate=self._rate,
+            p95_ttft_s=p95(t for _, t in self._ttfts),
+            p95_tpot_s=p95(steps),
+            step_time_s=sum(steps) / len(steps) if steps else 0.0,
+            preemptions=sum(x.preemptions for x in samples),
+            blocks_per_request=s.used_blocks / s.running if s.running else 0.0,
+            remaining_tokens=s.remaining_tokens,
+        )

@@ -1,0 +1,133 @@
+"""Every policy on synthetic load: a burst, a ramp, a sawtooth and noisy oscillation.
+
+A small plant closes the loop: demand (in KV blocks) is exogenous; capacity follows the
+policy's level; what does not fit waits, and the oldest waiter ages. The bound under test:
+at most one transition per cooldown_s, and a restore only after calm_s of calm, so over
+T seconds: transitions <= T / cooldown_s + 1 and restores <= T / max(calm_s, cooldown_s) + 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+
+import pytest
+
+from policies import PolicyState, SignalTracker, StepSample, load_policy, make_policy
+from policies.config import PolicyConfig, PolicyError
+
+# SmolLM2 under the capacity-bound test budget: 9 blocks at FP16 .. 61 at 30 layers.
+CAPACITY = [9, 10, 12, 14, 16, 17, 19, 21, 23, 24, 26, 28, 30, 31, 33, 35, 37, 38, 40, 42, 44, 46, 47, 49, 51,
+            53, 54, 56, 58, 60, 61]
+DT = 0.05  # one engine step
+BLOCKS_PER_REQ = 3
+
+
+def simulate(policy, demand, seconds: float):
+    tracker, state = SignalTracker(policy.cfg.window_s), PolicyState()
+    levels, transitions, restores = [], 0, 0
+    waiting_since = None
+    for i in range(int(seconds / DT)):
+        t = i * DT
+        d = max(0, int(demand(t)))
+        cap = CAPACITY[state.level]
+        used = min(d, cap // BLOCKS_PER_REQ * BLOCKS_PER_REQ)
+        waiting_blocks = d - used
+        waiting_since = (waiting_since if waiting_since is not None else t) if waiting_blocks else None
+        sample = StepSample(time=t, waiting=waiting_blocks // BLOCKS_PER_REQ,
+                            oldest_wait_s=t - waiting_since if waiting_since is not None else 0.0,
+                            running=used // BLOCKS_PER_REQ, used_blocks=used, capacity_blocks=cap,
+                            arrivals=0, waiting_blocks=waiting_blocks, remaining_tokens=40)
+        signals = tracker.add(sample)
+        decision = policy.decide(signals, state)
+        if decision.target != state.level:
+            transitions += 1
+            restores += decision.target < state.level
+        state = decision.state
+        levels.append(state.level)
+    return levels, transitions, restores
+
+
+def bound(cfg: PolicyConfig, seconds: float) -> tuple[int, int]:
+    return math.floor(seconds / max(cfg.cooldown_s, 1e-9)) + 1, math.floor(seconds / max(cfg.calm_s, cfg.cooldown_s)) + 1
+
+
+POLICIES = ["default", "accuracy", "performance"]
+
+
+def _policy(name):
+    cfg, _ = load_policy(name)
+    cfg = cfg.model_copy(update={"max_ppl_increase": None})  # no pack here: cap by fraction only
+    return make_policy(cfg, CAPACITY, cfg.level_cap(30, None))
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_burst_quantizes_then_restores_fully(name):
+    policy = _policy(name)
+    levels, transitions, _ = simulate(policy, lambda t: 45 if 2 <= t < 12 else 6, 40)
+    burst = levels[int(2 / DT):int(12 / DT)]
+    assert max(burst) > 0, "the burst must quantize"
+    assert levels[-1] == 0, "after the burst it must restore fully"
+    assert transitions <= bound(policy.cfg, 40)[0]
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_ramp_only_goes_up(name):
+    policy = _policy(name)
+    levels, _, restores = simulate(policy, lambda t: 2 + 2 * t, 30)  # 2 -> 62 blocks
+    assert restores == 0 and levels == sorted(levels) and levels[-1] == policy.max_level
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_sawtooth_faster_than_calm_does_not_flap(name):
+    policy = _policy(name)
+    period = policy.cfg.calm_s * 0.75
+    levels, transitions, restores = simulate(policy, lambda t: 40 if (t % period) < period / 2 else 5, 30)
+    assert restores == 0, "load returns before calm_s has passed: no restore"
+    assert transitions <= math.ceil(policy.max_level / policy.cfg.step_layers)
+
+
+@pytest.mark.parametrize("name", POLICIES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_noisy_oscillation_respects_the_bound(name, seed):
+    policy = _policy(name)
+    rng = random.Random(seed)
+    seconds = 60.0
+    levels, transitions, restores = simulate(policy, lambda t: 8 + rng.uniform(-4, 4), seconds)
+    max_transitions, max_restores = bound(policy.cfg, seconds)
+    assert transitions <= max_transitions and restores <= max_restores
+
+
+def test_threshold_waits_for_calm_and_cooldown():
+    cfg, _ = load_policy("default")
+    policy = make_policy(cfg, CAPACITY, 15)
+    tracker = SignalTracker(cfg.window_s)
+    hot = tracker.add(StepSample(time=0.0, waiting=3, oldest_wait_s=0.5, running=3, used_blocks=9, capacity_blocks=9,
+                                 waiting_blocks=9))
+    d = policy.decide(hot, PolicyState())
+    assert d.target == cfg.step_layers and "queue_delay" in d.reason
+    again = policy.decide(dataclasses.replace(hot, time=0.1), d.state)
+    assert again.target == d.target and "cooldown" in again.reason
+
+
+def test_quality_guard_from_the_pack_curve():
+    quality = {"orders": {"lis": {"ppl": {"0": 20.0, "1": 20.2, "2": 20.5, "3": 20.4, "4": 21.5}}}}
+    cfg = PolicyConfig(policy="threshold", max_ppl_increase=0.03)
+    assert cfg.level_cap(4, quality) == 3
+    assert PolicyConfig(policy="threshold", max_quantized_layers=1).level_cap(4, quality) == 1
+    with pytest.raises(PolicyError):
+        cfg.level_cap(4, None)
+
+
+def test_slo_policy_predicts_more_capacity_means_less_waiting():
+    cfg, _ = load_policy("performance")
+    policy = make_policy(cfg, CAPACITY, 30)
+    tracker = SignalTracker(cfg.window_s)
+    s = tracker.add(StepSample(time=0.0, waiting=10, oldest_wait_s=1.0, running=3, used_blocks=9, capacity_blocks=9,
+                               waiting_blocks=30, remaining_tokens=50))
+    s = tracker.add(StepSample(time=0.05, waiting=10, oldest_wait_s=1.05, running=3, used_blocks=9, capacity_blocks=9,
+                               waiting_blocks=30, remaining_tokens=50))
+    ttfts = [policy.predict_ttft(s, k) for k in (0, 15, 30)]
+    assert ttfts[0] > ttfts[1] > ttfts[2]
+    assert policy.decide(s, PolicyState()).target > 0
