@@ -117,8 +117,8 @@ class MorphController:
                  self.budget.usable_blocks(self.num_layers), self.num_layers)
         return self.budget.reserve_bytes()
 
-    def attach_scheduler(self) -> None:
-        scheduler = self.core.scheduler
+    def attach_scheduler(self, scheduler) -> None:
+        """Called as the scheduler is built (before EngineCore.scheduler is even set)."""
         vs.check_single_group(scheduler)
         pool = vs.block_pool(scheduler)
         self.max_usable = len(pool.blocks) - 1
@@ -129,7 +129,7 @@ class MorphController:
                 f"the memory budget leaves {cap0 * scheduler.block_size} KV tokens at full precision, fewer than "
                 f"max_model_len {max_len}; raise the budget or lower --max-model-len")
         self.pool = ElasticBlockPool(pool, cap0)
-        vs.sync_capacity_view(self.core, self.pool.visible)
+        vs.sync_capacity_view(self.core.vllm_config, scheduler, self.pool.visible)
         if self.cfg.get("policy"):
             self._start_policy(self.cfg["policy"])
 
@@ -147,6 +147,13 @@ class MorphController:
         return min(self.budget.usable_blocks(level), self.max_usable)
 
     # -- step boundary -------------------------------------------------------------
+    idle_tick_s = 0.1
+
+    def wants_idle_ticks(self) -> bool:
+        """Idle boundaries matter only while something could still be restored."""
+        return self.policy is not None and self.forced_level is None and (
+            len(self.quantized) > 0 or self.pending_level is not None)
+
     def on_step_boundary(self) -> None:
         try:
             if self.tracker is not None:
@@ -179,7 +186,7 @@ class MorphController:
         plan = plan_transition(self.order, self.quantized, level)
         was_pending, self.pending_level = self.pending_level, None
         if not plan.quantize and not plan.restore:
-            vs.sync_capacity_view(self.core, self.pool.visible)
+            vs.sync_capacity_view(self.core.vllm_config, self.core.scheduler, self.pool.visible)
             return {"ok": True, "quantized_layers": len(self.quantized), "changed": False}
         record = {"time": time.time(), "from": before_level, "to": level, "reason": reason,
                   "policy": self.policy_name, "quantized_layer_ids": plan.quantize, "restored_layer_ids": plan.restore,
@@ -193,16 +200,16 @@ class MorphController:
             if not kv["done"]:
                 self.deferrals += was_pending != level  # count a restore once, not per retry
                 self.pending_level = level
-                vs.sync_capacity_view(self.core, self.pool.visible)
+                vs.sync_capacity_view(self.core.vllm_config, self.core.scheduler, self.pool.visible)
                 return {"ok": True, "deferred": True, "quantized_layers": len(self.quantized),
                         "busy_blocks": kv["busy"], "changed": False}
             try:
                 worker = self._apply([], plan.restore, level)
             except MorphServeError:
                 self.pool.grow(self.capacity(len(self.quantized)))  # weights stayed quantized
-                vs.sync_capacity_view(self.core, self.pool.visible)
+                vs.sync_capacity_view(self.core.vllm_config, self.core.scheduler, self.pool.visible)
                 raise
-        vs.sync_capacity_view(self.core, self.pool.visible)
+        vs.sync_capacity_view(self.core.vllm_config, self.core.scheduler, self.pool.visible)
         record.update({
             "to": len(self.quantized), "kv_blocks_before": before_blocks, "kv_blocks_after": self.pool.visible,
             "fp_bytes_freed": worker["fp_bytes_freed"], "rss_delta": worker["rss_delta"],

@@ -32,7 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", metavar="MODEL", help="full-precision model folder, the one the pack was prepared from")
     p.add_argument("--pack", required=True, metavar="PACK_DIR", help="pack written by `morphserve prepare`")
-    p.add_argument("--policy", default=None, metavar="NAME|FILE", help="policy preset or YAML (policy issue)")
+    p.add_argument("--policy", default=None, metavar="NAME|FILE",
+                   help="policy preset (accuracy, default, performance) or YAML file; without one the level "
+                        "changes only through POST /morphserve/level")
     p.add_argument("--twin", choices=("pack", "identity"), default="pack",
                    help="'identity' swaps in exact bf16 copies instead of W4 (for testing the mechanism)")
     p.add_argument("--transition-log", default=None, metavar="FILE", help="append each transition here as JSONL")
@@ -52,7 +54,7 @@ def build_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
     if args.memory_budget_gb is not None:
         cfg["memory_budget_gb"] = args.memory_budget_gb
     if args.policy:
-        cfg["policy"] = args.policy
+        cfg["policy"] = args.policy if args.policy in ("accuracy", "default", "performance") else os.path.abspath(args.policy)
     if args.transition_log:
         cfg["transition_log"] = os.path.abspath(args.transition_log)
     cmd = [sys.executable, "-m", VLLM_SERVER_MODULE, "--model", args.model,
@@ -66,8 +68,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if any(a == "--additional-config" or a.startswith("--additional-config=") for a in extra):
         raise MorphServeError("morphserve serve builds --additional-config itself; do not pass it")
     cmd = build_command(args, extra)
-    runtime_config.check_pack_matches(runtime_config.parse(json.loads(cmd[cmd.index("--additional-config") + 1])["morphserve"]),
-                                      args.model)
+    cfg = runtime_config.parse(json.loads(cmd[cmd.index("--additional-config") + 1])["morphserve"])
+    runtime_config.check_pack_matches(cfg, args.model)
+    runtime_config.check_policy(cfg)
     print("morphserve: " + " ".join(cmd[1:]), file=sys.stderr)
     print("morphserve: --enforce-eager because a compiled graph would not see layer swaps", file=sys.stderr)
     if args.dry_run:

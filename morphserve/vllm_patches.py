@@ -11,11 +11,13 @@ Patched or added (all inert unless `additional_config["morphserve"]` is set):
   once and skips guards, so a compiled model would keep running the old layer).
 - `EngineCore._initialize_kv_caches`: load the pack on the workers before KV sizing, and
   size the KV cache for the most quantized level (the elastic pool caps what is used).
-- `EngineCore.__init__`: put the elastic cap on the scheduler's BlockPool once it exists.
+- `Scheduler.__init__`: put the elastic cap on the new scheduler's BlockPool.
 - `vllm.v1.worker.gpu_model_runner.allocate_kv_cache` (the CPU runner inherits it): place
   the KV cache on an mmap reserve whose untouched pages cost nothing.
 - `EngineCore.post_step`: the token-boundary hook (between update_from_output of step N
   and schedule() of step N+1).
+- `EngineCoreProc._process_input_queue`: while the policy may still restore, wait for
+  input with a timeout and tick the controller when idle (vLLM would block forever).
 - `EngineCore.morphserve_state` / `morphserve_set_level`: utility methods the API server
   calls by name (vLLM's UTILITY request path; no pickled callables).
 - `vllm.entrypoints.launchers.app.attach_endpoint_plugins`: also mount /morphserve/*.
@@ -122,19 +124,27 @@ def _patch_initialize_kv_caches(original):
 
         executor.determine_available_memory = reserve_for_max_capacity
         try:
-            return original(self, vllm_config)
+            result = original(self, vllm_config)
         finally:
             del executor.determine_available_memory
+        _AWAITING_SCHEDULER.append(controller)
+        return result
 
     return _initialize_kv_caches
 
 
-def _patch_engine_core_init(original):
+# The controller waiting for its scheduler. EngineCore.__init__ builds the scheduler right
+# after _initialize_kv_caches; the pool is capped the moment it exists, before any request.
+# (Wrapping EngineCore.__init__ instead would not work: vLLM loads plugins inside it, so
+# the first engine core runs the unpatched __init__.)
+_AWAITING_SCHEDULER: list = []
+
+
+def _patch_scheduler_init(original):
     def __init__(self, *args, **kwargs):
         original(self, *args, **kwargs)
-        controller = getattr(self, "_morphserve", None)
-        if controller is not None:
-            controller.attach_scheduler()  # before any request can be scheduled
+        if _AWAITING_SCHEDULER:
+            _AWAITING_SCHEDULER.pop().attach_scheduler(self)
 
     return __init__
 
@@ -147,6 +157,25 @@ def _patch_post_step(original):
             controller.on_step_boundary()
 
     return post_step
+
+
+def _patch_process_input_queue(original):
+    def _process_input_queue(self):
+        # Idle, vLLM blocks on its input queue and no step boundary ever comes, so a
+        # policy could never restore after a burst. While the controller wants ticks we
+        # wait with a timeout instead and give it an idle boundary on each timeout.
+        import queue
+
+        controller = getattr(self, "_morphserve", None)
+        while (controller is not None and controller.wants_idle_ticks()
+               and not self.has_work() and self.is_running()):
+            try:
+                self._handle_client_request(*self.input_queue.get(timeout=controller.idle_tick_s))
+            except queue.Empty:
+                controller.on_step_boundary()
+        return original(self)
+
+    return _process_input_queue
 
 
 def _add_state(_):
@@ -269,8 +298,9 @@ def remap_worker_block_tables(model_runner, moves: dict[int, int]) -> None:
 PATCHES = (
     Patch("vllm.engine.arg_utils", "EngineArgs", "create_engine_config", _patch_create_engine_config),
     Patch("vllm.v1.engine.core", "EngineCore", "_initialize_kv_caches", _patch_initialize_kv_caches),
-    Patch("vllm.v1.engine.core", "EngineCore", "__init__", _patch_engine_core_init),
+    Patch("vllm.v1.core.sched.scheduler", "Scheduler", "__init__", _patch_scheduler_init),
     Patch("vllm.v1.engine.core", "EngineCore", "post_step", _patch_post_step),
+    Patch("vllm.v1.engine.core", "EngineCoreProc", "_process_input_queue", _patch_process_input_queue),
     Patch("vllm.v1.engine.core", "EngineCore", "morphserve_state", _add_state, adds=True),
     Patch("vllm.v1.engine.core", "EngineCore", "morphserve_set_level", _add_set_level, adds=True),
     Patch("vllm.entrypoints.launchers.app", None, "attach_endpoint_plugins", _patch_attach_endpoint_plugins),

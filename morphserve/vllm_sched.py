@@ -87,17 +87,16 @@ def take_free_blocks(scheduler, blocks) -> None:
         pool.free_block_queue.remove(b)
 
 
-def sync_capacity_view(engine_core, usable_blocks: int) -> None:
+def sync_capacity_view(vllm_config, scheduler, usable_blocks: int) -> None:
     """Keep vLLM's other views of the pool size in line with the elastic pool.
 
     BlockPool.num_gpu_blocks is kept by ElasticBlockPool; here: the watermark (a fraction
     of the pool) and cache_config.num_gpu_blocks (engine and scheduler copies).
     """
-    scheduler = engine_core.scheduler
     num_blocks = usable_blocks + 1
     manager = scheduler.kv_cache_manager
     manager.watermark_blocks = int(scheduler.scheduler_config.watermark * num_blocks)
-    engine_core.vllm_config.cache_config.num_gpu_blocks = num_blocks
+    vllm_config.cache_config.num_gpu_blocks = num_blocks
     scheduler.cache_config.num_gpu_blocks = num_blocks
 
 

@@ -1,0 +1,137 @@
+"""The closed loop on a real `morphserve serve` server: a burst makes the threshold policy
+quantize and the KV capacity grow; after the burst it restores fully. The transitions are
+in the JSONL log and the metrics on vLLM's /metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.conftest import SHARED
+from tests.engine_utils import REPO
+from tests.test_http_control import KEY, _free_port, _request
+
+pytestmark = [pytest.mark.engine, pytest.mark.quant]
+BLOCK_BYTES = 30 * 2 * 3 * 64 * 128 * 2
+POLICY = """\
+policy: threshold
+max_quantized_fraction: 1.0
+step_layers: 10
+cooldown_s: 0.5
+calm_s: 1.5
+window_s: 1.0
+kv_high: 0.85
+kv_low: 0.7
+queue_delay_high_s: 0.2
+"""
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, pack_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("policy")
+    (tmp / "burst.yaml").write_text(POLICY)
+    port, log, transitions = _free_port(), tmp / "server.log", tmp / "transitions.jsonl"
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+    with open(log, "w") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "morphserve.cli", "serve", str(model_dir), "--pack", str(pack_dir),
+             "--policy", str(tmp / "burst.yaml"), "--transition-log", str(transitions),
+             "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY, "--max-model-len", "1024",
+             "--max-num-seqs", "32", "--kv-cache-memory-bytes", str(10 * BLOCK_BYTES)],
+            cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {log.read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(base + "/health", timeout=2)
+            break
+        except OSError:
+            time.sleep(2)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("server did not come up in 240 s")
+    yield base, transitions
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _complete(base: str, prompt: str) -> dict:
+    body = json.dumps({"prompt": prompt, "max_tokens": 60, "temperature": 0, "ignore_eos": True}).encode()
+    req = urllib.request.Request(base + "/v1/completions", data=body, method="POST",
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        return json.loads(r.read())
+
+
+def _metrics(base: str) -> str:
+    with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
+        return r.read().decode()
+
+
+def test_a_burst_quantizes_grows_kv_and_restores_fully_afterwards(server):
+    base, log_path = server
+    state = _request(base + "/morphserve/state")[1]
+    assert state["policy"].startswith("threshold:") and state["quantized_layers"] == 0
+    cap0 = state["kv_capacity_blocks"]
+    text = (SHARED / "data/wikitext-2/valid.txt").read_text()
+    prompts = [text[i * 5000:i * 5000 + 1300] for i in range(16)]
+    peak_level, peak_cap = 0, cap0
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(_complete, base, p) for p in prompts]
+        while not all(f.done() for f in futures):
+            s = _request(base + "/morphserve/state")[1]
+            peak_level, peak_cap = max(peak_level, s["quantized_layers"]), max(peak_cap, s["kv_capacity_blocks"])
+            time.sleep(0.2)
+        results = [f.result() for f in futures]
+    assert all(len(r["choices"][0]["text"]) > 0 for r in results) and len(results) == 16
+    assert peak_level > 0 and peak_cap > cap0, "the burst must quantize and grow the KV capacity"
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        s = _request(base + "/morphserve/state")[1]
+        if s["quantized_layers"] == 0 and s["pending_level"] is None:
+            break
+        time.sleep(0.5)
+    assert s["quantized_layers"] == 0 and s["kv_capacity_blocks"] == cap0, "after the burst it restores fully"
+    assert s["signals"] is not None and s["decision_us"]["n"] > 0
+
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    ups = [r for r in records if r["to"] > r["from"]]
+    downs = [r for r in records if r["to"] < r["from"]]
+    assert ups and downs and records[-1]["to"] == 0
+    for r in records:
+        assert r["reason"] and r["signals"] and r["policy"].startswith("threshold:") and r["seconds"] > 0
+        assert r["quantized_layer_ids"] or r["restored_layer_ids"]
+    assert any("kv_usage" in r["reason"] or "queue_delay" in r["reason"] or "waiting" in r["reason"] for r in ups)
+
+    metrics = _metrics(base)
+    value = lambda name: float(re.search(rf"^{re.escape(name)} (\S+)$", metrics, re.M).group(1))  # noqa: E731
+    assert value("morphserve_quantized_layers") == 0
+    assert value("morphserve_kv_capacity_blocks") == cap0
+    assert value("morphserve_policy_target") == 0
+    assert value('morphserve_transitions_total{direction="quantize"}') == len(ups)
+    assert value('morphserve_transitions_total{direction="restore"}') == len(downs)
+    assert value("morphserve_transition_seconds_count") == len(records)
+
+
+def test_a_bad_policy_stops_start_up_with_one_error(model_dir, pack_dir, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("policy: threshold\nkv_high: 2\n")
+    out = subprocess.run([sys.executable, "-m", "morphserve.cli", "serve", str(model_dir), "--pack", str(pack_dir),
+                          "--policy", str(bad)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and str(bad) in out.stderr and "kv_high" in out.stderr
+    assert "Traceback" not in out.stderr
