@@ -84,6 +84,7 @@ class MorphController:
         self.sampler = vs.StepSampler()
         self.signals = None
         self.decision_seconds: deque[float] = deque(maxlen=2000)
+        self.step_seconds: deque[float] = deque(maxlen=2000)  # boundary to boundary, while serving
         self.by_direction = {"quantize": 0, "restore": 0}
         self.histogram = TransitionHistogram()
 
@@ -169,7 +170,10 @@ class MorphController:
 
     def _decide(self) -> None:
         t0 = time.perf_counter()
+        previous = self.signals
         self.signals = self.tracker.add(self.sampler.sample(self.core.scheduler, self.pool))
+        if previous is not None and previous.running and self.signals.running:
+            self.step_seconds.append(self.signals.time - previous.time)
         if self.forced_level is not None or self.policy is None:
             return
         decision = self.policy.decide(self.signals, replace(self.policy_state, level=len(self.quantized)))
@@ -289,8 +293,9 @@ class MorphController:
         times = sorted(self.decision_seconds)
         if not times:
             return None
+        steps = sorted(self.step_seconds)
         return {"n": len(times), "p50": times[len(times) // 2] * 1e6, "p99": times[int(0.99 * (len(times) - 1))] * 1e6,
-                "max": times[-1] * 1e6}
+                "max": times[-1] * 1e6, "step_p50_us": steps[len(steps) // 2] * 1e6 if steps else None}
 
     def _worker_quantized(self) -> list[int]:
         ids = self.core.model_executor.collective_rpc("morphserve_quantized")[0]

@@ -3,6 +3,9 @@
 1. `morphserve prepare`: GPTQ W4A16 twin (llm-compressor), LIS swap order, quality curve.
 2. Plain vLLM serves the FP16 model and the twin statically and scores the same tokens,
    showing that the twin is exactly what vLLM's kernels compute.
+3. The closed loop: `morphserve serve --policy default` under a tight memory budget takes
+   a burst of requests; the policy quantizes layers, the freed memory becomes KV blocks,
+   and once the burst is over everything is restored (transitions and /metrics printed).
 
 Token budgets are smaller than `prepare`'s defaults so the demo stays short; the full-size
 figures are in docs/RESULTS.md.
@@ -30,10 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     t = time.monotonic()
     step = [sys.executable, "-m", "morphserve.cli", "prepare", str(args.model), "--out", str(pack), "--force",
             *DEMO_PREPARE]
-    print(f"== 1/2 morphserve prepare ({' '.join(DEMO_PREPARE)})", flush=True)
+    print(f"== 1/3 morphserve prepare ({' '.join(DEMO_PREPARE)})", flush=True)
     if subprocess.run(step, cwd=REPO).returncode != 0:
         return 1
-    print("\n== 2/2 the twin against plain vLLM serving it statically (prompt_logprobs)", flush=True)
+    print("\n== 2/3 the twin against plain vLLM serving it statically (prompt_logprobs)", flush=True)
     check = [sys.executable, str(REPO / "scripts" / "vllm_perplexity.py"), str(pack),
              "--json", str(args.out / "vllm_agreement.json")]
     log = args.out / "vllm.log"
@@ -44,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(f_lines))
     if proc.returncode != 0:
         print(f"vLLM check failed; its log is in {log}")
+    print("\n== 3/3 a burst against `morphserve serve --policy default` (budget: bf16 weights + 10 KV blocks)",
+          flush=True)
+    loop = [sys.executable, str(REPO / "scripts" / "bench_policy.py"), "--model", str(args.model), "--pack", str(pack),
+            "--policy", "default", "--out", str(args.out / "policy_burst.json")]
+    if subprocess.run(loop, cwd=REPO, env=env).returncode != 0:
+        return 1
     print(f"\ndemo finished in {time.monotonic() - t:.0f} s; pack in {pack}")
     return proc.returncode
 
