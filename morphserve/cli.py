@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     from morphserve.policy_cli import add_parser as add_policy
 
     add_policy(sub)
+    from morphserve.replay import add_parser as add_replay
+
+    add_replay(sub)
     return ap
 
 
