@@ -6,6 +6,8 @@
 3. The closed loop: `morphserve serve --policy default` under a tight memory budget takes
    a burst of requests; the policy quantizes layers, the freed memory becomes KV blocks,
    and once the burst is over everything is restored (transitions and /metrics printed).
+4. A short head-to-head on 20 s of the azure-conv trace: plain vLLM FP16, plain vLLM
+   serving the static W4 twin, MorphServe `default`, same 329 MB budget (the table).
 
 Token budgets are smaller than `prepare`'s defaults so the demo stays short; the full-size
 figures are in docs/RESULTS.md.
@@ -33,10 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     t = time.monotonic()
     step = [sys.executable, "-m", "morphserve.cli", "prepare", str(args.model), "--out", str(pack), "--force",
             *DEMO_PREPARE]
-    print(f"== 1/3 morphserve prepare ({' '.join(DEMO_PREPARE)})", flush=True)
+    print(f"== 1/4 morphserve prepare ({' '.join(DEMO_PREPARE)})", flush=True)
     if subprocess.run(step, cwd=REPO).returncode != 0:
         return 1
-    print("\n== 2/3 the twin against plain vLLM serving it statically (prompt_logprobs)", flush=True)
+    print("\n== 2/4 the twin against plain vLLM serving it statically (prompt_logprobs)", flush=True)
     check = [sys.executable, str(REPO / "scripts" / "vllm_perplexity.py"), str(pack),
              "--json", str(args.out / "vllm_agreement.json")]
     log = args.out / "vllm.log"
@@ -47,11 +49,18 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(f_lines))
     if proc.returncode != 0:
         print(f"vLLM check failed; its log is in {log}")
-    print("\n== 3/3 a burst against `morphserve serve --policy default` (budget: bf16 weights + 10 KV blocks)",
+    print("\n== 3/4 a burst against `morphserve serve --policy default` (budget: bf16 weights + 10 KV blocks)",
           flush=True)
     loop = [sys.executable, str(REPO / "scripts" / "bench_policy.py"), "--model", str(args.model), "--pack", str(pack),
             "--policy", "default", "--out", str(args.out / "policy_burst.json")]
     if subprocess.run(loop, cwd=REPO, env=env).returncode != 0:
+        return 1
+    print("\n== 4/4 azure-conv 1640:20 replayed against plain FP16, plain static W4 and MorphServe default "
+          "(budget 329 MB)", flush=True)
+    evaluate = [sys.executable, str(REPO / "scripts" / "evaluate.py"), "--model", str(args.model), "--pack", str(pack),
+                "--out", str(args.out / "evaluate"), "--trace", "azure-conv", "--window", "1640:20",
+                "--systems", "fp16,w4,default"]
+    if subprocess.run(evaluate, cwd=REPO, env=env).returncode != 0:
         return 1
     print(f"\ndemo finished in {time.monotonic() - t:.0f} s; pack in {pack}")
     return proc.returncode

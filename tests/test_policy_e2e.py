@@ -135,3 +135,25 @@ def test_a_bad_policy_stops_start_up_with_one_error(model_dir, pack_dir, tmp_pat
                           "--policy", str(bad)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and str(bad) in out.stderr and "kv_high" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_replay_writes_summary_requests_and_timeline(server, model_dir, tmp_path):
+    base, _ = server
+    trace_file = tmp_path / "trace.jsonl"
+    trace_file.write_text("".join(json.dumps({"timestamp": i * 0.2, "input_length": 200 + 10 * i, "output_length": 8})
+                                  + "\n" for i in range(6)))
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "morphserve.cli", "replay", "--trace", str(trace_file), "--window", "0:10",
+                           "--url", base, "--api-key", KEY, "--out", str(out), "--tokenizer", str(model_dir),
+                           "--system", "morphserve-test"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:] + (out / "bench.log").read_text()[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("system", "requests", "completed", "failed", "slo_attainment_ttft", "slo_attainment", "ttft_p50",
+                "ttft_p95", "ttft_p99", "tpot_p50", "tpot_p95", "tpot_p99", "throughput_tok_s", "goodput_req_s"):
+        assert key in summary
+    assert summary["requests"] == 6 and summary["completed"] == 6 and summary["system"] == "morphserve-test"
+    rows = [json.loads(x) for x in (out / "requests.jsonl").read_text().splitlines()]
+    assert [r["input_len"] for r in rows] == [200 + 10 * i for i in range(6)]  # exact prompt lengths
+    assert all(r["output_len"] == 8 and r["ok"] for r in rows)  # outputs forced to the trace's lengths
+    assert (out / "timeline.png").stat().st_size > 10_000
+    assert json.loads((out / "timeline.json").read_text()), "the MorphServe state was polled"
