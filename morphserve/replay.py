@@ -109,7 +109,11 @@ def run(args: argparse.Namespace) -> int:
     summary = replay_stats.summarize(system, rows, bench["duration"], args.slo_ttft, args.slo_tpot)
     summary.update(trace=args.trace, window=args.window, rate_scale=args.rate_scale, length_scale=args.length_scale,
                    output_scale=args.output_scale, url=args.url)
-    timeline = [{**s, "t": s["t"] - t0} for s in poller.samples]
+    # Put the timeline on the trace's clock: the load generator sends request i at its trace
+    # timestamp after its own start-up, and both sides read CLOCK_MONOTONIC.
+    sent = [r for r in rows if r["start_mono"] is not None and r["arrival_s"] is not None]
+    origin = min(r["start_mono"] - r["arrival_s"] for r in sent) if sent else None
+    timeline = [{**s, "t": s["mono"] - origin if origin is not None else s["t"] - t0} for s in poller.samples]
     (args.out / "timeline.json").write_text(json.dumps(timeline))
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     from morphserve.replay_plot import plot_timeline

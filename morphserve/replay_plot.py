@@ -38,7 +38,7 @@ def plot_timeline(rows: list[dict], timeline: list[dict], slo_ttft: float, path:
         axes[2].text(0.5, 0.5, "no MorphServe state (plain vLLM)", ha="center", va="center",
                      transform=axes[2].transAxes)
     axes[2].set_ylabel("quantized layers")
-    axes[2].set_xlabel("seconds from the start of the replay")
+    axes[2].set_xlabel("seconds into the trace window")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
