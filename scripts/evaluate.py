@@ -120,9 +120,11 @@ def table(results: dict) -> str:
              "P99 TTFT (s) | P95 TPOT (s) | throughput (tok/s) | perplexity | increase |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in results.items():
-        v_ratio = (f"{1 - s['slo_violations'] / fp16['slo_violations']:+.0%} fewer" if fp16 and fp16["slo_violations"]
-                   else "-")
-        t_ratio = f"{fp16['ttft_p95'] / s['ttft_p95']:.2f}x" if fp16 and s["ttft_p95"] else "-"
+        v_ratio = "-"
+        if fp16 and fp16["slo_violations"] and s is not fp16:
+            change = 1 - s["slo_violations"] / fp16["slo_violations"]
+            v_ratio = f"{change:.0%} fewer" if change >= 0 else f"{-change:.0%} more"
+        t_ratio = f"{fp16['ttft_p95'] / s['ttft_p95']:.2f}x" if fp16 and s["ttft_p95"] and s is not fp16 else "-"
         lines.append(f"| {name} | {s['completed']}/{s['requests']} | {s['slo_attainment']:.1%} | {s['slo_violations']} | "
                      f"{v_ratio} | {s['ttft_p95']:.2f} | {t_ratio} | {s['ttft_p99']:.2f} | {s['tpot_p95']:.3f} | "
                      f"{s['throughput_tok_s']:.1f} | {s['ppl']:.2f} | {s['ppl_increase']:+.1%} |")
