@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -92,3 +93,38 @@ def morph_llm(model: Path, pack: Path, twin: str, **kw):
     llm = LLM(model=str(model), dtype="bfloat16", seed=0,
               additional_config={"morphserve": {"pack": str(pack), "twin": twin}}, **kw)
     return llm, llm.llm_engine.engine_core.engine_core
+
+
+@contextlib.contextmanager
+def running_server(args: list[str], env: dict, log: Path, port: int, timeout: float = 240):
+    """`morphserve serve ARGS` in its own process group: yields the base URL once /health
+    answers; kills the whole group (API server, engine core, workers) afterwards."""
+    import time
+    import urllib.request
+
+    import pytest
+
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "morphserve.cli", "serve", *args, "--host", "127.0.0.1",
+                                 "--port", str(port)], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited: {log.read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"server did not come up in {timeout:.0f} s")
+                time.sleep(2)
+        yield base
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()

@@ -5,17 +5,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from tests.engine_utils import REPO
+from tests.engine_utils import REPO, running_server
 
 pytestmark = [pytest.mark.engine, pytest.mark.quant]
 KEY = "test-key"
@@ -46,34 +44,9 @@ def server(model_dir, pack_dir, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "morphserve.cli", "serve", str(model_dir), "--pack", str(pack_dir),
-                                 "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY, "--max-model-len", "1024"],
-                                cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {log.read_text()[-3000:]}")
-        try:
-            urllib.request.urlopen(base + "/health", timeout=2)
-            break
-        except OSError:
-            time.sleep(2)
-    else:
-        proc.kill()
-        pytest.fail("server did not come up in 240 s")
-    yield base
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pass
-    try:  # the engine core and worker can outlive the API server; reap the whole group
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
+    args = [str(model_dir), "--pack", str(pack_dir), "--api-key", KEY, "--max-model-len", "1024"]
+    with running_server(args, env, log, port) as base:
+        yield base
 
 
 def test_state_requires_the_api_key(server):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.conftest import SHARED
-from tests.engine_utils import REPO
+from tests.engine_utils import REPO, running_server
 from tests.test_http_control import KEY, _free_port, _request
 
 pytestmark = [pytest.mark.engine, pytest.mark.quant]
@@ -41,32 +40,11 @@ def server(model_dir, pack_dir, tmp_path_factory):
     (tmp / "burst.yaml").write_text(POLICY)
     port, log, transitions = _free_port(), tmp / "server.log", tmp / "transitions.jsonl"
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
-    with open(log, "w") as f:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "morphserve.cli", "serve", str(model_dir), "--pack", str(pack_dir),
-             "--policy", str(tmp / "burst.yaml"), "--transition-log", str(transitions),
-             "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY, "--max-model-len", "1024",
-             "--max-num-seqs", "32", "--kv-cache-memory-bytes", str(10 * BLOCK_BYTES)],
-            cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {log.read_text()[-3000:]}")
-        try:
-            urllib.request.urlopen(base + "/health", timeout=2)
-            break
-        except OSError:
-            time.sleep(2)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("server did not come up in 240 s")
-    yield base, transitions
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
+    args = [str(model_dir), "--pack", str(pack_dir), "--policy", str(tmp / "burst.yaml"), "--transition-log",
+            str(transitions), "--api-key", KEY, "--max-model-len", "1024", "--max-num-seqs", "32",
+            "--kv-cache-memory-bytes", str(10 * BLOCK_BYTES)]
+    with running_server(args, env, log, port) as base:
+        yield base, transitions
 
 
 def _complete(base: str, prompt: str) -> dict:
