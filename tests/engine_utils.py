@@ -59,11 +59,16 @@ def run_in_own_group(cmd: list[str], env: dict, log: Path, timeout: float = 600)
         try:
             return proc.wait(timeout=timeout)
         finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+            kill_group(proc)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process's whole group (it was started with start_new_session) and reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def score_windows(llm, windows: list[list[int]]) -> tuple[float, int]:
@@ -123,8 +128,4 @@ def running_server(args: list[str], env: dict, log: Path, port: int, timeout: fl
                 time.sleep(2)
         yield base
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        kill_group(proc)
