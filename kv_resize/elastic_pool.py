@@ -105,7 +105,11 @@ class ElasticBlockPool:
     @property
     def visible(self) -> int:
         """Usable blocks vLLM can see: committed, minus those already hidden while draining."""
-        return self.committed - sum(1 for i in self.hidden if i <= self.committed)
+        # Hidden ids all lie above `limit`, so only a draining range (limit, committed] can
+        # hold hidden blocks below `committed`: O(draining blocks), not O(hidden), per step.
+        if self.limit == self.committed:
+            return self.committed
+        return self.committed - sum(1 for i in range(self.limit + 1, self.committed + 1) if i in self.hidden)
 
     def free_low_blocks(self) -> list:
         """Free blocks at or below `limit`, in the queue's eviction order (migration targets)."""
@@ -129,4 +133,4 @@ class ElasticBlockPool:
         assert max(used, default=0) <= self.committed, "a block beyond capacity is in use"
         for i in self.hidden:
             assert self.pool.blocks[i].block_hash is None, "hidden block still in the prefix cache"
-        assert self.pool.num_gpu_blocks == self.visible + 1
+        assert self.pool.num_gpu_blocks == 1 + self.committed - sum(1 for i in self.hidden if i <= self.committed)
