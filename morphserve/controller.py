@@ -216,7 +216,8 @@ class MorphController:
         vs.sync_capacity_view(self.core.vllm_config, self.core.scheduler, self.pool.visible)
         record.update({
             "to": len(self.quantized), "kv_blocks_before": before_blocks, "kv_blocks_after": self.pool.visible,
-            "fp_bytes_freed": worker["fp_bytes_freed"], "rss_delta": worker["rss_delta"],
+            "fp_bytes_freed": worker["fp_bytes_freed"], "bytes_freed": worker["bytes_freed"],
+            "rss_delta": worker["rss_delta"],
             "worker_seconds": worker["seconds"], "seconds": time.monotonic() - t0,
         })
         self.transitions += 1
@@ -332,6 +333,19 @@ class MorphController:
             "deferred_restores": self.deferrals,
         }
 
+    def memory_state(self) -> dict:
+        """The budget equation, checked live: weights (as computed with, in whichever
+        precision) + resident twins + committed KV pages <= budget. Weights and RSS are
+        read in the worker; the KV figure counts every block that may hold pages (the
+        committed ids and vLLM's null block)."""
+        worker = self.core.model_executor.collective_rpc("morphserve_memory")[0]
+        kv = (self.pool.committed + 1) * self.budget.block_bytes
+        accounted = worker["weights_bytes"] + worker["twin_bytes"] + kv
+        return {"budget_bytes": self.budget.budget_bytes, "weights_bytes": worker["weights_bytes"],
+                "twin_bytes": worker["twin_bytes"], "kv_bytes": kv, "accounted_bytes": accounted,
+                "within_budget": accounted <= self.budget.budget_bytes,
+                "rss_anon_bytes": worker["rss_anon_bytes"], "rss_file_bytes": worker["rss_file_bytes"]}
+
     def state(self) -> dict:
         return {
             "active": True,
@@ -343,6 +357,7 @@ class MorphController:
             "swap_order": self.order,
             "forced_level": self.forced_level,
             **self.kv_state(),
+            "memory": self.memory_state(),
             "policy": "manual" if self.forced_level is not None else self.policy_name,
             "policy_target": self.policy_target,
             "policy_max_level": self.policy.max_level if self.policy else None,

@@ -8,8 +8,12 @@ closure:
 - quantize: install a closure over vLLM's own mixed-precision kernel (chosen by
   `choose_mp_linear_kernel`, CPUWNA16 here) and drop the prepacked bf16 handle, which
   frees its memory;
-- restore: put the bf16 master copy (kept outside the layer) back in `layer.weight` and
-  let vLLM prepack it again with `dispatch_cpu_unquantized_gemm`.
+- restore: read the bf16 master from the model's own safetensors file (a read-only map,
+  see `mapped_checkpoint`), let vLLM prepack it with `dispatch_cpu_unquantized_gemm`, and
+  install the new closure; the fused master is a transient buffer.
+
+The twin's kernel tensors are likewise built from the pack file at quantize time, so the
+only weights held in anonymous memory are the ones the model computes with.
 
 Both states use vLLM's kernels; no GEMM is written here. Every vLLM symbol used is
 imported through `morphserve.vllm_patches` so the coupling surface stays in one place.
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from morphserve import vllm_patches as vp
+from quant_layers.mapped_checkpoint import CheckpointReader
 
 
 @dataclass
@@ -40,7 +45,8 @@ def _param(t: torch.Tensor, **attrs) -> torch.nn.Parameter:
 
 
 class W4Compute:
-    """The W4A16 compute path of one fused linear, prepared once at startup."""
+    """The W4A16 compute path of one fused linear, built from the pack file when the layer
+    is quantized and dropped when it is restored (idle twins stay in the file)."""
 
     def __init__(self, shards: list[PackedShard], in_features: int, group_size: int, dtype: torch.dtype):
         packed = torch.cat([s.weight_packed for s in shards], 0)
@@ -69,42 +75,94 @@ class IdentityCompute:
     """
 
     def __init__(self, master: torch.Tensor):
-        holder = torch.nn.Module()
-        holder.weight = torch.nn.Parameter(master.clone(), requires_grad=False)
-        holder.bias = None
-        vp.prepack_unquantized(holder)
-        self.holder = holder
         self.nbytes = master.numel() * master.element_size()
+        self.cpu_linear = prepack_full(master)
 
     def __call__(self, x, weight, bias):
-        return self.holder.cpu_linear(x, self.holder.weight, bias)
+        return self.cpu_linear(x, weight, bias)
+
+
+def prepack_full(master: torch.Tensor):
+    """vLLM's bf16 prepack of `master` [out, in] into a standalone closure.
+
+    The closure owns vLLM's packed copy (a oneDNN handle, or the sgl packed weight) and
+    ignores the `weight` argument, so it can be built off to the side and installed as a
+    layer's `cpu_linear` later; `master` is not referenced afterwards and can be freed.
+    """
+    holder = torch.nn.Module()
+    holder.weight = torch.nn.Parameter(master, requires_grad=False)
+    holder.bias = None
+    vp.prepack_unquantized(holder)
+    return holder.cpu_linear
+
+
+@dataclass(frozen=True)
+class Readers:
+    """The open file maps of one transition: bf16 masters (the model) and W4 twins (the pack)."""
+
+    masters: CheckpointReader
+    twins: CheckpointReader
+
+
+@dataclass(frozen=True)
+class W4Twin:
+    """Builds the W4A16 compute of one fused linear from the pack's tensors."""
+
+    in_features: int
+    group_size: int
+    dtype: torch.dtype
+
+    def build(self, keys: list[str], readers: Readers) -> W4Compute:
+        shards = [PackedShard(readers.twins.get(f"{k}.weight_packed"), readers.twins.get(f"{k}.weight_scale"))
+                  for k in keys]
+        return W4Compute(shards, self.in_features, self.group_size, self.dtype)
+
+
+class IdentityTwin:
+    def build(self, keys: list[str], readers: Readers) -> IdentityCompute:
+        return IdentityCompute(readers.masters.fused([f"{k}.weight" for k in keys]))
 
 
 class SwappableLinear:
-    """Switches one vLLM linear module between its bf16 prepack and a compute twin."""
+    """Switches one vLLM linear module between its bf16 prepack and a compute twin.
 
-    def __init__(self, layer: torch.nn.Module, master: torch.Tensor, twin):
+    Neither precision is held anywhere but in the layer: the bf16 master is re-read from
+    the model's safetensors file on restore, the twin from the pack's file on quantize.
+    """
+
+    def __init__(self, layer: torch.nn.Module, keys: list[str], twin, fp_bytes: int):
         if not hasattr(layer, "cpu_linear"):
             raise RuntimeError("MorphServe swapping supports vLLM's CPU linear path only (layer has no cpu_linear)")
         self.layer = layer
-        self.master = master  # bf16 [out, in], host memory, outside the layer
+        self.keys = keys  # the HF linears fused into this vLLM module, in vLLM's order
         self.twin = twin
+        self.fp_bytes = fp_bytes
+        self.compute = None  # the live twin while quantized
         self.quantized = False
 
     @property
-    def fp_bytes(self) -> int:
-        return self.master.numel() * self.master.element_size()
+    def live_bytes(self) -> int:
+        return self.compute.nbytes if self.quantized else self.fp_bytes
 
-    def to_quantized(self) -> None:
+    def to_quantized(self, readers: Readers) -> None:
         if self.quantized:
             return
+        compute = self.twin.build(self.keys, readers)
         # Dropping the old closure releases vLLM's prepacked bf16 copy.
-        self.layer.cpu_linear = self.twin
+        self.layer.cpu_linear = compute
+        self.compute = compute
         self.quantized = True
 
-    def to_full(self) -> None:
+    def to_full(self, readers: Readers) -> None:
         if not self.quantized:
             return
-        self.layer.weight = torch.nn.Parameter(self.master, requires_grad=False)
-        vp.prepack_unquantized(self.layer)  # empties layer.weight again, as vLLM does
+        self.commit_full(self.prepare_full(readers))
+
+    def prepare_full(self, readers: Readers):
+        """Read and fuse the master from the file map and prepack it; the layer is untouched."""
+        return prepack_full(readers.masters.fused([f"{k}.weight" for k in self.keys]))
+
+    def commit_full(self, cpu_linear) -> None:
+        self.layer.cpu_linear = cpu_linear
+        self.compute = None  # the twin's tensors go with it
         self.quantized = False

@@ -65,21 +65,41 @@ def _rss(core) -> int:
     return core.model_executor.collective_rpc("morphserve_rss")[0]
 
 
-def test_bytes_freed_per_layer_match_the_bf16_size_and_come_back(engine):
+def test_bytes_freed_per_layer_are_bf16_minus_w4_and_come_back(engine):
+    """No master or idle twin is resident: quantizing a layer frees its bf16 prepack and
+    allocates only its own W4 tensors, so RSS drops by exactly the net bytes."""
     _, core = engine
     core.morphserve_set_level(0)
     layer_bytes = 7_077_888  # SmolLM2 decoder linears in bf16
     before = _rss(core)
     t = core.morphserve_set_level(1)["transition"]
     assert t["fp_bytes_freed"] == layer_bytes
-    assert t["rss_delta"] == pytest.approx(layer_bytes, rel=0.15)
+    w4 = layer_bytes - t["bytes_freed"]
+    assert 0.2 * layer_bytes < w4 < 0.35 * layer_bytes  # int4 + bf16 scales per 64 weights
+    assert t["rss_delta"] == pytest.approx(t["bytes_freed"], rel=0.15)
     t = core.morphserve_set_level(10)["transition"]
     assert t["fp_bytes_freed"] == 9 * layer_bytes
-    assert t["rss_delta"] == pytest.approx(9 * layer_bytes, rel=0.10)
-    assert before - _rss(core) == pytest.approx(10 * layer_bytes, rel=0.10)
+    assert t["rss_delta"] == pytest.approx(t["bytes_freed"], rel=0.10)
+    assert before - _rss(core) == pytest.approx(10 * (layer_bytes - w4), rel=0.10)
     t = core.morphserve_set_level(0)["transition"]
     assert t["fp_bytes_freed"] == -10 * layer_bytes
     assert _rss(core) == pytest.approx(before, rel=0.01)
+
+
+def test_memory_state_holds_the_budget_equation(engine):
+    _, core = engine
+    for level in (0, 15, 30):
+        core.morphserve_set_level(level)
+        mem = core.morphserve_state()["memory"]
+        assert mem["twin_bytes"] == 0
+        assert mem["accounted_bytes"] == mem["weights_bytes"] + mem["twin_bytes"] + mem["kv_bytes"]
+        assert mem["within_budget"], mem
+        assert mem["rss_anon_bytes"] > 0 and mem["rss_file_bytes"] > 0
+    core.morphserve_set_level(0)
+
+
+def _anon(core) -> int:
+    return core.model_executor.collective_rpc("morphserve_memory")[0]["rss_anon_bytes"]
 
 
 def test_one_hundred_round_trips_do_not_leak(engine):
@@ -88,9 +108,11 @@ def test_one_hundred_round_trips_do_not_leak(engine):
     for _ in range(3):  # warm up allocator pools
         core.morphserve_set_level(30)
         core.morphserve_set_level(0)
-    start = _rss(core)
+    start, start_anon = _rss(core), _anon(core)
     for _ in range(100):
         assert core.morphserve_set_level(30)["quantized_layers"] == 30
         assert core.morphserve_set_level(0)["quantized_layers"] == 0
     growth = _rss(core) / start - 1
     assert growth < 0.01, f"RSS grew {growth:.2%} over 100 round trips"
+    anon_growth = _anon(core) / start_anon - 1
+    assert anon_growth < 0.01, f"anonymous memory grew {anon_growth:.2%} over 100 round trips"
