@@ -53,6 +53,12 @@ class MorphServeCollector:
         target = s.get("policy_target")
         yield GaugeMetricFamily("morphserve_policy_target", "Quantized layers the policy last asked for",
                                 value=target if target is not None else s["quantized_layers"])
+        memory = GaugeMetricFamily("morphserve_memory_bytes", "The budget equation's terms and the worker's RSS",
+                                   labels=["kind"])
+        for kind, value in (s.get("memory") or {}).items():
+            if kind.endswith("_bytes"):
+                memory.add_metric([kind[: -len("_bytes")]], value)
+        yield memory
         counter = CounterMetricFamily("morphserve_transitions", "Completed transitions", labels=["direction"])
         for direction, n in s.get("transitions_by_direction", {}).items():
             counter.add_metric([direction], n)

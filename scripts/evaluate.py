@@ -18,42 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from morphserve.controller import model_weight_bytes  # noqa: E402
+from morphserve.server_proc import free_port, start_server, stop_server  # noqa: E402
 from morphserve.replay_stats import tokens_by_level, weighted_ppl  # noqa: E402
 
 SYSTEMS = ("fp16", "w4", "accuracy", "default", "performance")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(cmd: list[str], env: dict, log: Path, port: int) -> subprocess.Popen:
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    for _ in range(150):
-        if proc.poll() is not None:
-            raise SystemExit(f"server for {log.parent.name} exited:\n{log.read_text()[-3000:]}")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            return proc
-        except OSError:
-            time.sleep(2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise SystemExit(f"server for {log.parent.name} did not start")
 
 
 def server_command(system: str, args, port: int, out: Path) -> tuple[list[str], dict]:
@@ -79,10 +55,13 @@ def server_command(system: str, args, port: int, out: Path) -> tuple[list[str], 
 def run_system(system: str, args, quality: dict) -> dict:
     out = args.out / system
     out.mkdir(parents=True, exist_ok=True)
-    port = _port()
+    port = free_port()
     cmd, env = server_command(system, args, port, out)
     print(f"[evaluate] {system}: starting server", file=sys.stderr, flush=True)
-    proc = _start(cmd, env, out / "server.log", port)
+    try:
+        proc = start_server(cmd, env, out / "server.log", port)
+    except RuntimeError as e:
+        raise SystemExit(f"{system}: {e}") from None
     try:
         replay = [sys.executable, "-m", "morphserve.cli", "replay", "--trace", args.trace, "--window", args.window,
                   "--rate-scale", str(args.rate_scale), "--length-scale", str(args.length_scale),
@@ -95,8 +74,7 @@ def run_system(system: str, args, quality: dict) -> dict:
         print(f"[evaluate] {system}: replaying", file=sys.stderr, flush=True)
         subprocess.run(replay, cwd=REPO, check=True)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        stop_server(proc)
     summary = json.loads((out / "summary.json").read_text())
     curve = {int(k): v for k, v in quality["orders"]["lis"]["ppl"].items()}
     if system == "fp16":

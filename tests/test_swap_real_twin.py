@@ -88,6 +88,8 @@ def test_bytes_freed_per_layer_are_bf16_minus_w4_and_come_back(engine):
 
 def test_memory_state_holds_the_budget_equation(engine):
     _, core = engine
+    core.morphserve_set_level(0)
+    file_before = core.morphserve_state()["memory"]["rss_file_bytes"]
     for level in (0, 15, 30):
         core.morphserve_set_level(level)
         mem = core.morphserve_state()["memory"]
@@ -96,6 +98,8 @@ def test_memory_state_holds_the_budget_equation(engine):
         assert mem["within_budget"], mem
         assert mem["rss_anon_bytes"] > 0 and mem["rss_file_bytes"] > 0
     core.morphserve_set_level(0)
+    # No view of the model or pack file outlives a transition: their pages leave RSS.
+    assert core.morphserve_state()["memory"]["rss_file_bytes"] - file_before < 20 * 2**20
 
 
 def _anon(core) -> int:
