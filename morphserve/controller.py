@@ -70,6 +70,7 @@ class MorphController:
         self.quantized: list[int] = []
         self.forced_level: int | None = None
         self.pending_level: int | None = None
+        self.restoring: dict | None = None  # a background restore in progress (see _begin_restore)
         self.transitions = 0
         self.deferrals = 0
         self.recent: deque[dict] = deque(maxlen=50)
@@ -152,11 +153,15 @@ class MorphController:
 
     def wants_idle_ticks(self) -> bool:
         """Idle boundaries matter only while something could still be restored."""
+        if self.restoring is not None:
+            return True  # prepared layers are installed at boundaries, idle ones included
         return self.policy is not None and self.forced_level is None and (
             len(self.quantized) > 0 or self.pending_level is not None)
 
     def on_step_boundary(self) -> None:
         try:
+            if self.restoring is not None:
+                self._commit_restore()
             if self.tracker is not None:
                 self._decide()
             if self.pending_level is not None:
@@ -164,7 +169,8 @@ class MorphController:
                 if level == len(self.quantized):
                     self.pending_level = None
                 else:
-                    self.transition(level, reason="pending")
+                    self.transition(level, reason="pending",
+                                    background=self.cfg.get("restore_mode", "background") == "background")
         except MorphServeError as e:  # the engine keeps serving at the level it is at
             log.error("MorphServe: %s", e)
 
@@ -179,10 +185,17 @@ class MorphController:
         decision = self.policy.decide(self.signals, replace(self.policy_state, level=len(self.quantized)))
         self.decision_seconds.append(time.perf_counter() - t0)
         self.policy_state, self.policy_target = decision.state, decision.target
+        if self.restoring is not None and decision.target <= len(self.quantized):
+            return  # let the restore in progress finish; only a need for capacity interrupts it
         if decision.target != len(self.quantized) and decision.target != self.pending_level:
-            self.transition(decision.target, reason=decision.reason)
+            self.transition(decision.target, reason=decision.reason,
+                            background=self.cfg.get("restore_mode", "background") == "background")
 
-    def transition(self, level: int, reason: str) -> dict:
+    def transition(self, level: int, reason: str, background: bool = False) -> dict:
+        """Move to `level` quantized layers. A restore with `background` only starts here:
+        its KV is shrunk now and the layers are installed at later step boundaries."""
+        if self.restoring is not None:
+            self._cancel_restore()
         t0 = time.monotonic()
         before_level, before_blocks = len(self.quantized), self.pool.visible
         if level >= before_level and self.pool.limit < self.capacity(before_level):
@@ -207,6 +220,8 @@ class MorphController:
                 vs.sync_capacity_view(self.core.vllm_config, self.core.scheduler, self.pool.visible)
                 return {"ok": True, "deferred": True, "quantized_layers": len(self.quantized),
                         "busy_blocks": kv["busy"], "changed": False}
+            if background:
+                return self._begin_restore(plan.restore, level, record, t0, before_blocks)
             try:
                 worker = self._apply([], plan.restore, level)
             except MorphServeError:
@@ -215,19 +230,76 @@ class MorphController:
                 raise
         vs.sync_capacity_view(self.core.vllm_config, self.core.scheduler, self.pool.visible)
         record.update({
-            "to": len(self.quantized), "kv_blocks_before": before_blocks, "kv_blocks_after": self.pool.visible,
             "fp_bytes_freed": worker["fp_bytes_freed"], "bytes_freed": worker["bytes_freed"],
-            "rss_delta": worker["rss_delta"],
-            "worker_seconds": worker["seconds"], "seconds": time.monotonic() - t0,
+            "rss_delta": worker["rss_delta"], "worker_seconds": worker["seconds"],
         })
+        self._finish(record, before_blocks, t0, "quantize" if plan.quantize else "restore")
+        return {"ok": True, "quantized_layers": len(self.quantized), "changed": True, "transition": record}
+
+    def _finish(self, record: dict, before_blocks: int, t0: float, direction: str) -> None:
+        record.update({"to": len(self.quantized), "kv_blocks_before": before_blocks,
+                       "kv_blocks_after": self.pool.visible, "seconds": time.monotonic() - t0})
         self.transitions += 1
-        self.by_direction["quantize" if plan.quantize else "restore"] += 1
+        self.by_direction[direction] += 1
         self.histogram.observe(record["seconds"])
         self.recent.append(record)
         if self.log_path:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-        return {"ok": True, "quantized_layers": len(self.quantized), "changed": True, "transition": record}
+
+    # -- restores prepared in the background ---------------------------------------------
+    def _begin_restore(self, layers: list[int], level: int, record: dict, t0: float, before_blocks: int) -> dict:
+        """The KV is already shrunk to the target's capacity; the workers now prepare the
+        bf16 layers in a thread while the model keeps running them in W4."""
+        try:
+            self.core.model_executor.collective_rpc("morphserve_restore_begin", args=(layers,))
+        except Exception as e:
+            self.pool.grow(self.capacity(len(self.quantized)))  # weights stayed quantized
+            vs.sync_capacity_view(self.core.vllm_config, self.core.scheduler, self.pool.visible)
+            raise MorphServeError(f"could not start the restore to {level}: {e}") from e
+        record.update(mode="background", steps=0, committed_layer_ids=[])
+        self.restoring = {"level": level, "record": record, "t0": t0, "before_blocks": before_blocks,
+                          "commit_seconds": 0.0}
+        vs.sync_capacity_view(self.core.vllm_config, self.core.scheduler, self.pool.visible)
+        return {"ok": True, "restoring": True, "quantized_layers": len(self.quantized), "changed": False}
+
+    def _commit_restore(self) -> None:
+        r = self.restoring
+        t = time.monotonic()
+        try:
+            results = self.core.model_executor.collective_rpc("morphserve_restore_commit")
+        except Exception as e:
+            self._abandon_restore(f"commit failed: {e}")
+            return
+        result = results[0]
+        r["commit_seconds"] += time.monotonic() - t
+        r["record"]["steps"] += 1
+        r["record"]["committed_layer_ids"] += result["committed"]
+        self.quantized = [i for i in self.order if i in result["quantized"]]
+        if result["error"]:
+            self._abandon_restore(result["error"])
+        elif result["done"]:
+            self.restoring = None
+            r["record"]["commit_seconds"] = r["commit_seconds"]
+            self._finish(r["record"], r["before_blocks"], r["t0"], "restore")
+
+    def _abandon_restore(self, why: str) -> None:
+        """Layers not yet installed stay W4, so they keep their KV: the pool grows back."""
+        self.restoring = None
+        self.quantized = self._worker_quantized()
+        self.pool.grow(self.capacity(len(self.quantized)))
+        vs.sync_capacity_view(self.core.vllm_config, self.core.scheduler, self.pool.visible)
+        log.error("MorphServe: background restore stopped (%s); serving at %d", why, len(self.quantized))
+
+    def _cancel_restore(self) -> None:
+        r, self.restoring = self.restoring, None
+        try:
+            ids = self.core.model_executor.collective_rpc("morphserve_restore_cancel")[0]["quantized"]
+        except Exception as e:
+            raise MorphServeError(f"could not cancel the restore in progress: {e}") from e
+        self.quantized = [i for i in self.order if i in ids]
+        r["record"].update(cancelled=True)
+        log.info("MorphServe: restore to %d called off at %d", r["level"], len(self.quantized))
 
     def _apply(self, quantize: list[int], restore: list[int], level: int) -> dict:
         try:
@@ -330,19 +402,22 @@ class MorphController:
             "kv_blocks_by_level": [self.capacity(k) for k in range(self.num_layers + 1)],
             "shrink_strategy": self.cfg.get("shrink_strategy", "wait"),
             "pending_level": self.pending_level,
+            "restoring_to": self.restoring["level"] if self.restoring else None,
             "deferred_restores": self.deferrals,
         }
 
     def memory_state(self) -> dict:
         """The budget equation, checked live: weights (as computed with, in whichever
-        precision) + resident twins + committed KV pages <= budget. Weights and RSS are
+        precision) + resident twins + bf16 layers prepared by a background restore and not
+        yet installed + committed KV pages <= budget. Weights and RSS are
         read in the worker; the KV figure counts every block that may hold pages (the
         committed ids and vLLM's null block)."""
         worker = self.core.model_executor.collective_rpc("morphserve_memory")[0]
         kv = (self.pool.committed + 1) * self.budget.block_bytes
-        accounted = worker["weights_bytes"] + worker["twin_bytes"] + kv
+        accounted = worker["weights_bytes"] + worker["twin_bytes"] + worker["prepared_bytes"] + kv
         return {"budget_bytes": self.budget.budget_bytes, "weights_bytes": worker["weights_bytes"],
-                "twin_bytes": worker["twin_bytes"], "kv_bytes": kv, "accounted_bytes": accounted,
+                "twin_bytes": worker["twin_bytes"], "prepared_bytes": worker["prepared_bytes"], "kv_bytes": kv,
+                "accounted_bytes": accounted,
                 "within_budget": accounted <= self.budget.budget_bytes,
                 "rss_anon_bytes": worker["rss_anon_bytes"], "rss_file_bytes": worker["rss_file_bytes"]}
 

@@ -32,6 +32,10 @@ class MorphConfig(BaseModel):
     shrink_strategy: Literal["wait", "preempt", "migrate"] = Field(
         default="wait", description="when a restore finds KV blocks in use above the new capacity: wait for "
         "them to free (the paper), preempt their requests (recompute), or migrate them to free low blocks")
+    restore_mode: Literal["background", "sync"] = Field(
+        default="background", description="policy-driven restores: prepare the bf16 layers in a worker thread "
+        "and install them at step boundaries (background), or all inside one step boundary (sync). "
+        "Manual POST /morphserve/level transitions are always sync")
 
 
 def parse(raw) -> MorphConfig:

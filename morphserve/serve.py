@@ -45,12 +45,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="a restore that finds KV blocks in use above the smaller capacity: wait until they "
                         "free (default, as in the paper), preempt their requests (vLLM recompute), or "
                         "migrate them into free blocks below the new capacity")
+    p.add_argument("--restore-mode", choices=("background", "sync"), default="background",
+                   help="policy-driven restores: read + prepack the bf16 layers in a worker thread and install "
+                        "them at step boundaries without stalling decoding (default), or all at one boundary")
     p.add_argument("--dry-run", action="store_true", help="print the vLLM command instead of running it")
     p.set_defaults(func=run, passthrough=True)
 
 
 def build_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
-    cfg = {"pack": os.path.abspath(args.pack), "twin": args.twin, "shrink_strategy": args.shrink_strategy}
+    cfg = {"pack": os.path.abspath(args.pack), "twin": args.twin, "shrink_strategy": args.shrink_strategy,
+           "restore_mode": args.restore_mode}
     if args.memory_budget_gb is not None:
         cfg["memory_budget_gb"] = args.memory_budget_gb
     if args.policy:

@@ -23,7 +23,8 @@ Patched or added (all inert unless `additional_config["morphserve"]` is set):
 - `vllm.entrypoints.launchers.app.attach_endpoint_plugins`: also mount /morphserve/*.
 Scheduler-side reads and writes for KV resizing live in `vllm_sched.py`; worker-side
 ones (block copy, block-table remap) are the helpers at the end of this file.
-Read-only uses: `choose_mp_linear_kernel`, `dispatch_cpu_unquantized_gemm`, the
+Read-only uses: `choose_mp_linear_kernel` (and the attributes its CPU W4A16 kernel leaves
+on a layer, `WNA16_LAYER_ATTRS`), `dispatch_cpu_unquantized_gemm`, the
 scheduler's block pool (for capacity reporting).
 """
 
@@ -328,6 +329,25 @@ def make_wna16_kernel(in_features: int, out_features: int, group_size: int, dtyp
     kernel_cls = choose_mp_linear_kernel(cfg)
     return kernel_cls(cfg, w_q_param_name="weight_packed", w_s_param_name="weight_scale",
                       w_zp_param_name="weight_zero_point")
+
+
+# What CPUWNA16LinearKernel.process_weights_after_loading (0.32.0) leaves on a layer besides
+# its parameters; apply_weights reads these. Captured once, restored on every quantize.
+WNA16_LAYER_ATTRS = ("isa_hint", "use_w4a8")
+
+
+def wna16_isa_hint(dtype: torch.dtype) -> str:
+    """The ISA path CPUWNA16 picks for scales of this dtype (part of the twin cache key)."""
+    from vllm.model_executor.kernels.linear.mixed_precision.cpu import _get_isa_hint
+
+    return _get_isa_hint(dtype)
+
+
+def wna16_kernel_state(layer: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    """A processed W4A16 layer as (parameters, plain attributes), to be stored in a file."""
+    tensors = {name: p.data for name, p in layer.named_parameters(recurse=False)}
+    attrs = {a: getattr(layer, a) for a in WNA16_LAYER_ATTRS if hasattr(layer, a)}
+    return tensors, attrs
 
 
 def prepack_unquantized(layer: torch.nn.Module) -> None:

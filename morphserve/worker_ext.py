@@ -17,7 +17,10 @@ from morphserve import vllm_patches as vp
 from kv_resize.host_backing import tail_ranges
 from quant_layers.model_info import read_model_info
 from quant_layers.mapped_checkpoint import MappedCheckpoint
-from quant_layers.swappable import IdentityTwin, Readers, SwappableLinear, W4Twin
+from quant_layers.restore_prep import LayerCost, RestorePreparer
+from morphserve.default_model import cache_root
+from quant_layers.kernel_twins import cache_key, ensure_kernel_twins, kernel_attrs
+from quant_layers.swappable import IdentityTwin, PackedShard, Readers, SwappableLinear, W4Twin, process_for_kernel
 from quant_layers.twin import index_safetensors, open_twin
 
 
@@ -52,9 +55,10 @@ class MorphWorkerExtension:
     def morphserve_init(self, cfg: dict) -> dict:
         """Attach a SwappableLinear to every fused linear of every decoder layer.
 
-        Nothing is copied: the bf16 masters stay in the model's safetensors files and the
-        W4 twins in the pack's, both read through read-only maps when a layer changes
-        precision. Opening the twin checks it against the model (shapes, every tensor).
+        Nothing is kept in RAM: the bf16 masters stay in the model's safetensors files and
+        the W4 twins, once put in the kernel's layout, in a cache file (kernel_twins); both
+        are read through read-only maps when a layer changes precision. Opening the twin
+        checks it against the model (shapes, every tensor).
         """
         t0 = time.monotonic()
         pack_dir = Path(cfg["pack"])
@@ -64,33 +68,52 @@ class MorphWorkerExtension:
         twin_ckpt = open_twin(pack_dir / manifest.quantized_dir, info)
         dtype = self.vllm_config.model_config.dtype
         self._masters = MappedCheckpoint(index_safetensors(model_path))
-        self._twins = MappedCheckpoint(twin_ckpt.tensors)
         layers = vp.decoder_layers(self.model_runner.model)
         elem = torch.empty(0, dtype=dtype).element_size()
+        identity = cfg.get("twin") == "identity"
+        fused = {f"layers.{i}.{vllm_name}": (i, vllm_name, hf_names)
+                 for i in range(manifest.num_layers) for vllm_name, hf_names in vp.FUSED_LINEARS}
+        for i, _, hf_names in fused.values():
+            missing = [n for n in hf_names if f"model.layers.{i}.{n}.weight" not in self._masters.index]
+            if missing:
+                raise RuntimeError(f"model checkpoint {model_path} lacks model.layers.{i}.{missing[0]}.weight")
+
+        twin_ckpt = open_twin(pack_dir / manifest.quantized_dir, info)
+
+        def kernel_layout(name: str):
+            i, _, hf_names = fused[name]
+            keys = [f"model.layers.{i}.{n}" for n in hf_names]
+            with MappedCheckpoint(twin_ckpt.tensors).reading() as pack:
+                shards = [PackedShard(pack.get(f"{k}.weight_packed"), pack.get(f"{k}.weight_scale")) for k in keys]
+                tensors, attrs = process_for_kernel(shards, info.linear_shapes[hf_names[0]][1],
+                                                    twin_ckpt.group_size, dtype)
+            return tensors, {**attrs, "params": sorted(tensors)}
+
+        if identity:
+            self._twins, attrs = MappedCheckpoint({}), {}
+        else:
+            pack_files = sorted(set(twin_ckpt.tensors.values()))
+            key = cache_key(pack_files, vp.SUPPORTED_VLLM, str(dtype), vp.wna16_isa_hint(dtype))
+            path = cache_root() / "kernel-twins" / f"{key}.safetensors"
+            self._twins = ensure_kernel_twins(path, list(fused), kernel_layout)
+            attrs = kernel_attrs(path)
         self._morph_layers = {}
         vp.enable_host_kv_backing()  # the KV cache is allocated after this call
-        for i in range(manifest.num_layers):
-            block = layers[i]
-            swaps = []
-            for vllm_name, hf_names in vp.FUSED_LINEARS:
-                keys = [f"model.layers.{i}.{n}" for n in hf_names]
-                missing = [k for k in keys if f"{k}.weight" not in self._masters.index]
-                if missing:
-                    raise RuntimeError(f"model checkpoint {model_path} lacks {missing[0]}.weight")
-                in_features = info.linear_shapes[hf_names[0]][1]
-                fp_bytes = sum(info.linear_shapes[n][0] for n in hf_names) * in_features * elem
-                twin = IdentityTwin() if cfg.get("twin") == "identity" else W4Twin(
-                    in_features, twin_ckpt.group_size, dtype)
-                swaps.append(SwappableLinear(block.get_submodule(vllm_name), keys, twin, fp_bytes))
-            self._morph_layers[i] = swaps
+        for name, (i, vllm_name, hf_names) in fused.items():
+            in_features = info.linear_shapes[hf_names[0]][1]
+            out_features = sum(info.linear_shapes[n][0] for n in hf_names)
+            twin = IdentityTwin() if identity else W4Twin(name, in_features, out_features,
+                                                           twin_ckpt.group_size, dtype, attrs[name])
+            keys = [f"model.layers.{i}.{n}" for n in hf_names]
+            swap = SwappableLinear(layers[i].get_submodule(vllm_name), keys, twin, out_features * in_features * elem)
+            self._morph_layers.setdefault(i, []).append(swap)
         _trim_heap()
         return {"layers": len(self._morph_layers), "seconds": time.monotonic() - t0, "rss": rss_bytes()}
 
     def morphserve_apply(self, quantize: list[int], restore: list[int]) -> dict:
         """Quantize then restore the given layers; report the bytes and the time it took."""
         t0 = time.monotonic()
-        _trim_heap()  # so the RSS delta below is this swap's, not earlier frees'
-        rss_before = rss_bytes()
+        rss_before = rss_bytes()  # every call ends trimmed, so this delta is this call's
         freed = gross = 0  # net bytes (bf16 - W4) and bf16 bytes
         changed: list[SwappableLinear] = []
         with self._masters.reading() as masters, self._twins.reading() as twins:
@@ -119,13 +142,62 @@ class MorphWorkerExtension:
         return {"fp_bytes_freed": gross, "bytes_freed": freed, "rss_delta": rss_before - rss_bytes(),
                 "seconds": time.monotonic() - t0, "quantized": self.morphserve_quantized()}
 
+    # -- restores prepared in the background ------------------------------------------
+    def morphserve_restore_begin(self, layers: list[int]) -> dict:
+        """Start preparing these layers' bf16 prepacks in a thread; nothing changes yet."""
+        self.morphserve_restore_cancel()
+        swaps = self._morph_layers
+        costs = {i: LayerCost(sum(s.fp_bytes for s in swaps[i]), sum(s.live_bytes for s in swaps[i])) for i in layers}
+
+        def prepare(i: int) -> list:
+            with self._masters.reading() as masters, self._twins.reading() as twins:
+                readers = Readers(masters, twins)
+                return [s.prepare_full(readers) if s.quantized else None for s in swaps[i]]
+
+        self._restore = RestorePreparer(layers, costs, prepare)
+        return {"started": len(layers)}
+
+    def morphserve_restore_commit(self) -> dict:
+        """Install every layer prepared so far (called at a step boundary)."""
+        prep = getattr(self, "_restore", None)
+        if prep is None:
+            return {"active": False, "committed": [], "done": True, "error": None,
+                    "quantized": self.morphserve_quantized()}
+        committed, fp_bytes = [], 0
+        for i, closures in prep.take_ready():
+            for s, closure in zip(self._morph_layers[i], closures):
+                if closure is not None:
+                    fp_bytes += s.fp_bytes
+                    s.commit_full(closure)
+            committed.append(i)
+        error = repr(prep.error) if prep.error is not None else None
+        done = prep.remaining == 0
+        if done or error:
+            prep.cancel()
+            self._restore = None
+        if committed:
+            _trim_heap()
+        return {"active": True, "committed": committed, "fp_bytes_restored": fp_bytes, "done": done,
+                "error": error, "quantized": self.morphserve_quantized()}
+
+    def morphserve_restore_cancel(self) -> dict:
+        """Drop a restore in progress; layers already installed stay bf16."""
+        prep = getattr(self, "_restore", None)
+        if prep is not None:
+            prep.cancel()
+            self._restore = None
+            _trim_heap()
+        return {"quantized": self.morphserve_quantized()}
+
     def morphserve_memory(self) -> dict:
         """What this worker holds: weights the model computes with (in whichever precision),
         twins resident outside the model (none: they stay in the pack file), and its RSS."""
         _trim_heap()
         params = sum(p.numel() * p.element_size() for p in self.model_runner.model.parameters())
         live = sum(s.live_bytes for swaps in self._morph_layers.values() for s in swaps)
-        return {"weights_bytes": params + live, "twin_bytes": 0, **rss_split()}
+        prep = getattr(self, "_restore", None)
+        return {"weights_bytes": params + live, "twin_bytes": 0,
+                "prepared_bytes": prep.prepared_bytes() if prep is not None else 0, **rss_split()}
 
     def morphserve_drop_page_cache(self) -> dict:
         """Evict the model's and the pack's file pages, so the next transition reads cold."""

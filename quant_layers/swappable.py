@@ -44,24 +44,37 @@ def _param(t: torch.Tensor, **attrs) -> torch.nn.Parameter:
     return p
 
 
-class W4Compute:
-    """The W4A16 compute path of one fused linear, built from the pack file when the layer
-    is quantized and dropped when it is restored (idle twins stay in the file)."""
+def process_for_kernel(shards: list[PackedShard], in_features: int, group_size: int,
+                       dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict]:
+    """Run vLLM's own W4A16 weight processing on one fused linear's pack tensors; return
+    what the kernel computes with (see kernel_twins: this runs once, at start-up)."""
+    packed = torch.cat([s.weight_packed for s in shards], 0)
+    scale = torch.cat([s.weight_scale for s in shards], 0).to(dtype)
+    kernel = vp.make_wna16_kernel(in_features, packed.shape[0], group_size, dtype)
+    holder = torch.nn.Module()
+    holder.bias = None
+    # Plain Parameters carrying vLLM's dim attributes are all the kernel reads; vLLM's
+    # own fused loaders produce the same row-wise concatenation of q/k/v (gate/up).
+    holder.weight_packed = _param(packed, input_dim=1, output_dim=0, packed_dim=1)
+    holder.weight_scale = _param(scale, input_dim=1, output_dim=0)
+    kernel.process_weights_after_loading(holder)
+    return vp.wna16_kernel_state(holder)
 
-    def __init__(self, shards: list[PackedShard], in_features: int, group_size: int, dtype: torch.dtype):
-        packed = torch.cat([s.weight_packed for s in shards], 0)
-        scale = torch.cat([s.weight_scale for s in shards], 0).to(dtype)
-        out_features = packed.shape[0]
-        self.kernel = vp.make_wna16_kernel(in_features, out_features, group_size, dtype)
+
+class W4Compute:
+    """The live W4A16 compute path of one fused linear: its own copy of the kernel-layout
+    tensors (anonymous memory, counted as weights) and vLLM's kernel."""
+
+    def __init__(self, kernel, tensors: dict[str, torch.Tensor], attrs: dict):
         holder = torch.nn.Module()
         holder.bias = None
-        # Plain Parameters carrying vLLM's dim attributes are all the kernel reads; vLLM's
-        # own fused loaders produce the same row-wise concatenation of q/k/v (gate/up).
-        holder.weight_packed = _param(packed, input_dim=1, output_dim=0, packed_dim=1)
-        holder.weight_scale = _param(scale, input_dim=1, output_dim=0)
-        self.kernel.process_weights_after_loading(holder)
+        for name, t in tensors.items():
+            setattr(holder, name, torch.nn.Parameter(t, requires_grad=False))
+        for name, value in attrs.items():
+            setattr(holder, name, value)
+        self.kernel = kernel
         self.holder = holder
-        self.nbytes = sum(t.numel() * t.element_size() for t in holder.parameters())
+        self.nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return self.kernel.apply_weights(self.holder, x, bias)
@@ -104,18 +117,19 @@ class Readers:
     twins: CheckpointReader
 
 
-@dataclass(frozen=True)
 class W4Twin:
-    """Builds the W4A16 compute of one fused linear from the pack's tensors."""
+    """Builds the live W4A16 compute of one fused linear from the kernel-layout twin file."""
 
-    in_features: int
-    group_size: int
-    dtype: torch.dtype
+    def __init__(self, name: str, in_features: int, out_features: int, group_size: int, dtype: torch.dtype,
+                 attrs: dict):
+        self.name = name  # the fused linear's key prefix in the twin file
+        self.kernel = vp.make_wna16_kernel(in_features, out_features, group_size, dtype)
+        self.params = attrs["params"]
+        self.attrs = {k: v for k, v in attrs.items() if k != "params"}
 
     def build(self, keys: list[str], readers: Readers) -> W4Compute:
-        shards = [PackedShard(readers.twins.get(f"{k}.weight_packed"), readers.twins.get(f"{k}.weight_scale"))
-                  for k in keys]
-        return W4Compute(shards, self.in_features, self.group_size, self.dtype)
+        tensors = {p: readers.twins.get(f"{self.name}.{p}").clone() for p in self.params}
+        return W4Compute(self.kernel, tensors, self.attrs)
 
 
 class IdentityTwin:

@@ -72,3 +72,37 @@ def test_bad_levels_change_nothing(identity_engine):
     assert after["quantized_layer_ids"] == before["quantized_layer_ids"]
     assert after["transitions"] == before["transitions"]
     assert core.morphserve_set_level(None)["forced_level"] is None
+
+
+def test_background_restore_installs_layers_at_step_boundaries_without_changing_output(
+        identity_engine, model_dir, tmp_path):
+    """A policy-style restore 30 -> 0 is prepared in a worker thread and installed over
+    several step boundaries while requests decode; greedy output stays plain vLLM's."""
+    from vllm import SamplingParams
+
+    llm, core = identity_engine
+    controller = core._morphserve
+    engine = llm.llm_engine
+    core.morphserve_set_level(30)
+    core.morphserve_set_level(None)  # hand control back, as a policy-driven restore would run
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(f"bg{i}", prompt, params)
+    tokens: dict[str, list[int]] = {}
+    levels, steps = [], 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                tokens[out.request_id] = list(out.outputs[0].token_ids)
+        steps += 1
+        if steps == 3:
+            started = controller.transition(0, reason="test", background=True)
+            assert started.get("restoring") and controller.restoring is not None
+            assert core.morphserve_state()["memory"]["within_budget"]
+        levels.append(len(controller.quantized))
+    assert controller.restoring is None and controller.quantized == []
+    record = controller.recent[-1]
+    assert record["mode"] == "background" and record["to"] == 0 and record["steps"] >= 1
+    assert sorted(record["committed_layer_ids"]) == list(range(30))
+    baseline = plain_vllm(model_dir, PROMPTS, MAX_TOKENS, tmp_path)["token_ids"]
+    assert [tokens[f"bg{i}"] for i in range(len(PROMPTS))] == baseline
