@@ -78,8 +78,6 @@ class MorphWorkerExtension:
             if missing:
                 raise RuntimeError(f"model checkpoint {model_path} lacks model.layers.{i}.{missing[0]}.weight")
 
-        twin_ckpt = open_twin(pack_dir / manifest.quantized_dir, info)
-
         def kernel_layout(name: str):
             i, _, hf_names = fused[name]
             keys = [f"model.layers.{i}.{n}" for n in hf_names]
