@@ -169,8 +169,9 @@ class MorphController:
                 if level == len(self.quantized):
                     self.pending_level = None
                 else:
-                    self.transition(level, reason="pending",
-                                    background=self.cfg.get("restore_mode", "background") == "background")
+                    # A deferred manual restore stays synchronous, as the request asked.
+                    self.transition(level, reason="pending", background=self.forced_level is None
+                                    and self.cfg.get("restore_mode", "background") == "background")
         except MorphServeError as e:  # the engine keeps serving at the level it is at
             log.error("MorphServe: %s", e)
 
