@@ -47,7 +47,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "migrate them into free blocks below the new capacity")
     p.add_argument("--restore-mode", choices=("background", "sync"), default="background",
                    help="policy-driven restores: read + prepack the bf16 layers in a worker thread and install "
-                        "them at step boundaries without stalling decoding (default), or all at one boundary")
+                        "them over several step boundaries, so no single step carries the whole restore "
+                        "(default), or do it all at one boundary (sync)")
     p.add_argument("--dry-run", action="store_true", help="print the vLLM command instead of running it")
     p.set_defaults(func=run, passthrough=True)
 
