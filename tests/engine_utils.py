@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
+
+from morphserve.server_proc import stop_server
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = [
@@ -64,11 +65,7 @@ def run_in_own_group(cmd: list[str], env: dict, log: Path, timeout: float = 600)
 
 def kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL the process's whole group (it was started with start_new_session) and reap it."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
+    stop_server(proc)
 
 
 def score_windows(llm, windows: list[list[int]]) -> tuple[float, int]:
