@@ -152,7 +152,9 @@ class MorphWorkerExtension:
                 readers = Readers(masters, twins)
                 return [s.prepare_full(readers) if s.quantized else None for s in swaps[i]]
 
-        self._restore = RestorePreparer(layers, costs, prepare)
+        # One intra-op thread for the preparer (torch's setting is per thread): the forward
+        # pass keeps all of its threads and the two contend for one core, not all of them.
+        self._restore = RestorePreparer(layers, costs, prepare, thread_init=lambda: torch.set_num_threads(1))
         return {"started": len(layers)}
 
     def morphserve_restore_commit(self) -> dict:

@@ -29,8 +29,11 @@ class LayerCost:
 
 
 class RestorePreparer:
-    def __init__(self, layers: list[int], costs: dict[int, LayerCost], prepare: Callable[[int], object]):
-        """`prepare(layer)` returns whatever the caller needs to commit that layer."""
+    def __init__(self, layers: list[int], costs: dict[int, LayerCost], prepare: Callable[[int], object],
+                 thread_init: Callable[[], None] | None = None):
+        """`prepare(layer)` returns whatever the caller needs to commit that layer;
+        `thread_init` runs first on the preparing thread (e.g. to cap its intra-op threads)."""
+        self._thread_init = thread_init
         self.order = list(layers)
         self.costs = costs
         self._prepare = prepare
@@ -50,6 +53,8 @@ class RestorePreparer:
         return held <= freed
 
     def _run(self) -> None:
+        if self._thread_init is not None:
+            self._thread_init()
         for layer in self.order:
             with self._cond:
                 self._cond.wait_for(lambda: self._cancelled or self._allowed(layer))
