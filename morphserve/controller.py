@@ -6,7 +6,7 @@ run only at step boundaries: from the post_step hook, or from a utility call (wh
 handles between steps on the same thread). Layers are quantized in the pack's swap order
 and restored last-in-first-out.
 
-Memory order (DESIGN.md, runtime flow):
+Memory order (README, "The elastic KV cache"):
 - quantize: workers swap layers in (freeing fp16 weights), then the block pool grows;
 - restore: the block pool shrinks first (free tail blocks are hidden; blocks in use are
   waited for, preempted or migrated, per `shrink_strategy`), then the workers release the

@@ -8,7 +8,8 @@ The model, per candidate level k (capacity C_k blocks):
   backlog = Q + max(0, lam - mu_k) * horizon_s, and the last request in it waits
   backlog / mu_k; predicted TTFT = that wait + one step for its prefill;
 - predicted TPOT = the observed p95 step time (the level changes memory, not step cost,
-  within the precision of this model: see DESIGN.md's kernel table).
+  within the precision of this model; docs/RESULTS.md shows where that fails on CPUs
+  without AMX, where the W4 kernel is slower than bf16 at larger batches).
 Restoring uses the same prediction against the tighter `restore_margin` (hysteresis).
 """
 

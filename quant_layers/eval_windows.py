@@ -2,7 +2,7 @@
 
 Both sides must score exactly the same tokens for their perplexities to be comparable:
 each window is scored on its tokens 1..W-1 (token 0 has no context), so `n` windows of
-`W` tokens score n * (W - 1) tokens. This matches DESIGN.md's 16 x 1,024 = 16,368.
+`W` tokens score n * (W - 1) tokens. So 16 windows of 1,024 tokens score 16,368.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ def smollm2_budgets(pack: Path, model: Path) -> list[tuple[str, KVBudget]]:
     return [
         ("SmolLM2-135M, default budget (weights + 1 GiB KV, VLLM_CPU_KVCACHE_SPACE=1)",
          KVBudget.from_fp16_kv(GIB, weights, savings, block)),
-        ("SmolLM2-135M, capacity-bound budget (329 MB, DESIGN.md calibration)",
+        ("SmolLM2-135M, capacity-bound budget (329 MB = bf16 weights + 60 MB KV)",
          KVBudget(329 * 10**6, weights, savings, block)),
     ]
 

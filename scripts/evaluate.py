@@ -142,7 +142,7 @@ def main() -> int:
     ap.add_argument("--output-scale", type=float, default=0.5)
     ap.add_argument("--max-input", type=int, default=1500, help="cap inputs so input + output fits max-model-len")
     ap.add_argument("--max-model-len", type=int, default=2048)
-    ap.add_argument("--budget-mb", type=float, default=329, help="weights + KV, in 10^6 bytes (DESIGN.md's 329 MB)")
+    ap.add_argument("--budget-mb", type=float, default=329, help="weights + KV, in 10^6 bytes (default 329: bf16 weights + 60 MB of KV, the capacity-bound budget of docs/RESULTS.md)")
     ap.add_argument("--slo-ttft", type=float, default=2.0)
     ap.add_argument("--slo-tpot", type=float, default=0.2)
     ap.add_argument("--shrink-strategy", default="wait", choices=("wait", "preempt", "migrate"))
