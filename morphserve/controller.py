@@ -145,6 +145,11 @@ class MorphController:
         self.tracker = SignalTracker(pcfg.window_s)
         log.info("MorphServe: policy %s from %s, at most %d quantized layers", pcfg.policy, path, cap)
 
+    @property
+    def background_restores(self) -> bool:
+        """Policy-driven restores prepare layers in a worker thread (restore_mode)."""
+        return self.cfg.get("restore_mode", "background") == "background"
+
     def capacity(self, level: int) -> int:
         return min(self.budget.usable_blocks(level), self.max_usable)
 
@@ -170,8 +175,8 @@ class MorphController:
                     self.pending_level = None
                 else:
                     # A deferred manual restore stays synchronous, as the request asked.
-                    self.transition(level, reason="pending", background=self.forced_level is None
-                                    and self.cfg.get("restore_mode", "background") == "background")
+                    self.transition(level, reason="pending",
+                                    background=self.forced_level is None and self.background_restores)
         except MorphServeError as e:  # the engine keeps serving at the level it is at
             log.error("MorphServe: %s", e)
 
@@ -190,7 +195,7 @@ class MorphController:
             return  # let the restore in progress finish; only a need for capacity interrupts it
         if decision.target != len(self.quantized) and decision.target != self.pending_level:
             self.transition(decision.target, reason=decision.reason,
-                            background=self.cfg.get("restore_mode", "background") == "background")
+                            background=self.background_restores)
 
     def transition(self, level: int, reason: str, background: bool = False) -> dict:
         """Move to `level` quantized layers. A restore with `background` only starts here:

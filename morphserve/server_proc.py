@@ -61,18 +61,27 @@ def group_pids(pgid: int) -> list[int]:
     return pids
 
 
+def process_rss(pid: int | str = "self") -> dict[str, int]:
+    """RssAnon / RssFile / RssShmem of one process, in bytes (from /proc/PID/status)."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
+                key, value = line.split(":")
+                out[key] = int(value.split()[0]) * 1024
+    return {"rss_anon_bytes": out.get("RssAnon", 0), "rss_file_bytes": out.get("RssFile", 0),
+            "rss_shmem_bytes": out.get("RssShmem", 0)}
+
+
 def group_rss(pgid: int) -> dict[str, int]:
     """RssAnon and RssFile (bytes) summed over every live process of the group."""
     total = {"rss_anon_bytes": 0, "rss_file_bytes": 0, "processes": 0}
     for pid in group_pids(pgid):
         try:
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("RssAnon:"):
-                        total["rss_anon_bytes"] += int(line.split()[1]) * 1024
-                    elif line.startswith("RssFile:"):
-                        total["rss_file_bytes"] += int(line.split()[1]) * 1024
-            total["processes"] += 1
+            rss = process_rss(pid)
         except (FileNotFoundError, ProcessLookupError):
             continue
+        total["rss_anon_bytes"] += rss["rss_anon_bytes"]
+        total["rss_file_bytes"] += rss["rss_file_bytes"]
+        total["processes"] += 1
     return total

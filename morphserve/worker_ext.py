@@ -12,14 +12,15 @@ from pathlib import Path
 
 import torch
 
+from kv_resize.host_backing import tail_ranges
 from morphserve import pack as packfmt
 from morphserve import vllm_patches as vp
-from kv_resize.host_backing import tail_ranges
-from quant_layers.model_info import read_model_info
-from quant_layers.mapped_checkpoint import MappedCheckpoint
-from quant_layers.restore_prep import LayerCost, RestorePreparer
 from morphserve.default_model import cache_root
+from morphserve.server_proc import process_rss
 from quant_layers.kernel_twins import cache_key, ensure_kernel_twins, kernel_attrs
+from quant_layers.mapped_checkpoint import MappedCheckpoint
+from quant_layers.model_info import read_model_info
+from quant_layers.restore_prep import LayerCost, RestorePreparer
 from quant_layers.swappable import IdentityTwin, PackedShard, Readers, SwappableLinear, W4Twin, process_for_kernel
 from quant_layers.twin import index_safetensors, open_twin
 
@@ -27,18 +28,6 @@ from quant_layers.twin import index_safetensors, open_twin
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
-
-
-def rss_split() -> dict[str, int]:
-    """RssAnon / RssFile / RssShmem of this process, in bytes (from /proc/self/status)."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
-                key, value = line.split(":")
-                out[key] = int(value.split()[0]) * 1024
-    return {"rss_anon_bytes": out.get("RssAnon", 0), "rss_file_bytes": out.get("RssFile", 0),
-            "rss_shmem_bytes": out.get("RssShmem", 0)}
 
 
 def _trim_heap() -> None:
@@ -191,13 +180,14 @@ class MorphWorkerExtension:
 
     def morphserve_memory(self) -> dict:
         """What this worker holds: weights the model computes with (in whichever precision),
-        twins resident outside the model (none: they stay in the pack file), and its RSS."""
-        _trim_heap()
+        twins resident outside the model (none: they stay in the pack file), and its RSS.
+        Read on every /morphserve/state and /metrics scrape, so it does not trim the heap
+        (transitions already end trimmed)."""
         params = sum(p.numel() * p.element_size() for p in self.model_runner.model.parameters())
         live = sum(s.live_bytes for swaps in self._morph_layers.values() for s in swaps)
         prep = getattr(self, "_restore", None)
         return {"weights_bytes": params + live, "twin_bytes": 0,
-                "prepared_bytes": prep.prepared_bytes() if prep is not None else 0, **rss_split()}
+                "prepared_bytes": prep.prepared_bytes() if prep is not None else 0, **process_rss()}
 
     def morphserve_drop_page_cache(self) -> dict:
         """Evict the model's and the pack's file pages, so the next transition reads cold."""

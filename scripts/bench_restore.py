@@ -18,12 +18,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_swap import _run_child  # noqa: E402  (runs a vLLM child in its own group and reaps it)
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 
 
@@ -95,13 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for mode in ("sync", "background"):
         print(f"[bench_restore] {mode} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--child", mode, "--model", args.model, "--pack", args.pack,
-                               "--batch", str(args.batch), "--tokens", str(args.tokens),
-                               "--warm-steps", str(args.warm_steps)],
-                              cwd=REPO, capture_output=True, text=True, start_new_session=True)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            print(proc.stdout[-2000:], proc.stderr[-3000:], file=sys.stderr)
+        text, returncode = _run_child([sys.executable, __file__, "--child", mode, "--model", args.model,
+                                       "--pack", args.pack, "--batch", str(args.batch), "--tokens", str(args.tokens),
+                                       "--warm-steps", str(args.warm_steps)])
+        line = next((ln for ln in text.splitlines() if ln.startswith("RESULT ")), None)
+        if returncode != 0 or line is None:
+            print(text[-3000:], file=sys.stderr)
             return 1
         results[mode] = json.loads(line[len("RESULT "):])
     print("| mode | run | median step (ms) | restore on the critical path (ms) | steps spanned | "

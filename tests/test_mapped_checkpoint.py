@@ -3,7 +3,7 @@ MappedCheckpoint moves RssFile, not RssAnon, and leaving the block drops the pag
 
 from __future__ import annotations
 
-from morphserve.worker_ext import rss_split
+from morphserve.server_proc import process_rss
 from quant_layers.mapped_checkpoint import MappedCheckpoint
 from quant_layers.twin import index_safetensors
 
@@ -12,15 +12,15 @@ MiB = 2**20
 
 def test_reading_masters_costs_no_anonymous_memory(model_dir):
     ckpt = MappedCheckpoint(index_safetensors(model_dir))
-    before = rss_split()
+    before = process_rss()
     with ckpt.reading() as reader:
         held = [reader.get(key) for key in ckpt.index]
         for t in held:
             t.sum()  # touch every page
         total = sum(t.numel() * t.element_size() for t in held)
-        during = rss_split()
+        during = process_rss()
         del held, t  # any live view keeps the whole file map, and its touched pages, in RSS
-    after = rss_split()
+    after = process_rss()
     assert total > 200 * MiB
     # All 256 MiB are held and touched, yet they are file pages, not anonymous copies.
     assert during["rss_anon_bytes"] - before["rss_anon_bytes"] < 20 * MiB
