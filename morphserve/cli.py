@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     from morphserve.replay import add_parser as add_replay
 
     add_replay(sub)
+    from morphserve.evaluation.cli import add_parser as add_evaluate
+
+    add_evaluate(sub)
     return ap
 
 

@@ -67,7 +67,11 @@ class MorphController:
         self.core = engine_core
         self.manifest = manifest
         self.order = list(manifest.swap_order)
-        self.quantized: list[int] = []
+        self._quantized: list[int] = []
+        # (monotonic, wall) time and level of every change of the level in force, not yet
+        # written to the transition log: each logged record carries the changes it made, so
+        # an evaluation can tell the precision every token was computed at.
+        self.level_changes: list[list] = []
         self.forced_level: int | None = None
         self.pending_level: int | None = None
         self.restoring: dict | None = None  # a background restore in progress (see _begin_restore)
@@ -96,6 +100,16 @@ class MorphController:
         log.info("MorphServe: %d swappable layers loaded on %d worker(s) in %.1f s",
                  results[0]["layers"], len(results), results[0]["seconds"])
         return cls(cfg, engine_core, manifest)
+
+    @property
+    def quantized(self) -> list[int]:
+        return self._quantized
+
+    @quantized.setter
+    def quantized(self, ids: list[int]) -> None:
+        if len(ids) != len(self._quantized):
+            self.level_changes.append([time.monotonic(), time.time(), len(ids)])
+        self._quantized = ids
 
     @property
     def num_layers(self) -> int:
@@ -249,6 +263,10 @@ class MorphController:
         self.by_direction[direction] += 1
         self.histogram.observe(record["seconds"])
         self.recent.append(record)
+        self._write_log(record)
+
+    def _write_log(self, record: dict) -> None:
+        record["levels"], self.level_changes = self.level_changes, []
         if self.log_path:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -291,10 +309,12 @@ class MorphController:
 
     def _abandon_restore(self, why: str) -> None:
         """Layers not yet installed stay W4, so they keep their KV: the pool grows back."""
-        self.restoring = None
+        r, self.restoring = self.restoring, None
         self.quantized = self._worker_quantized()
         self.pool.grow(self.capacity(len(self.quantized)))
         vs.sync_capacity_view(self.core.vllm_config, self.core.scheduler, self.pool.visible)
+        r["record"].update(outcome=f"abandoned: {why}", to=len(self.quantized))
+        self._write_log(r["record"])
         log.error("MorphServe: background restore stopped (%s); serving at %d", why, len(self.quantized))
 
     def _cancel_restore(self) -> None:
@@ -304,7 +324,8 @@ class MorphController:
         except Exception as e:
             raise MorphServeError(f"could not cancel the restore in progress: {e}") from e
         self.quantized = [i for i in self.order if i in ids]
-        r["record"].update(cancelled=True)
+        r["record"].update(cancelled=True, outcome="cancelled", to=len(self.quantized))
+        self._write_log(r["record"])
         log.info("MorphServe: restore to %d called off at %d", r["level"], len(self.quantized))
 
     def _apply(self, quantize: list[int], restore: list[int], level: int) -> dict:

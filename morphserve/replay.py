@@ -32,6 +32,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trace", required=True, metavar="azure-code|azure-conv|PATH",
                    help="a named Azure LLM 2023 trace or a CSV/JSONL file (timestamp, input_length, output_length)")
     p.add_argument("--window", default="0:60", metavar="START:DURATION", help="seconds of the trace to replay")
+    p.add_argument("--timestamp-unit", choices=tuple(trace.TIMESTAMP_UNITS), default="s",
+                   help="unit of a JSONL trace's timestamps (Mooncake traces: ms); the Azure CSVs carry dates")
+    p.add_argument("--hash-block-size", type=int, default=None, metavar="TOKENS",
+                   help="tokens per hash id of a JSONL trace that carries hash_ids (default: 512, Mooncake's); "
+                        "traces without ids get fresh ids of 16 tokens")
     p.add_argument("--rate-scale", type=float, default=1.0, help="keep this fraction of requests, evenly (timing kept)")
     p.add_argument("--length-scale", type=float, default=1.0, help="multiply input lengths by this")
     p.add_argument("--output-scale", type=float, default=None, help="multiply output lengths by this (default: --length-scale)")
@@ -43,6 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--slo-tpot", type=float, default=0.2, metavar="S", help="TPOT SLO in seconds")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the served model id, if it is a path)")
     p.add_argument("--system", default=None, help="label for summary.json (default: the server's model and state)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the load generator and of each request's sampling")
+    p.add_argument("--no-plot", action="store_true", help="skip timeline.png")
     p.set_defaults(func=run)
 
 
@@ -72,11 +79,13 @@ class StatePoller(threading.Thread):
 
 
 def run(args: argparse.Namespace) -> int:
-    reqs = trace.prepare(trace.load(trace.resolve(args.trace, SHARED)), trace.parse_window(args.window),
-                         args.rate_scale, args.length_scale, args.output_scale, args.max_input)
+    loaded = trace.load(trace.resolve(args.trace, SHARED), trace.TIMESTAMP_UNITS[args.timestamp_unit])
+    reqs = trace.prepare(loaded, trace.parse_window(args.window), args.rate_scale, args.length_scale,
+                         args.output_scale, args.max_input)
+    block = trace.hash_block_size(reqs, args.hash_block_size)
     args.out.mkdir(parents=True, exist_ok=True)
     trace_file = args.out / "trace.jsonl"
-    trace.write_timed_trace(reqs, trace_file)
+    trace.write_timed_trace(reqs, trace_file, block)
     try:
         model = _get(args.url + "/v1/models", args.api_key)["data"][0]["id"]
     except Exception as e:
@@ -85,10 +94,15 @@ def run(args: argparse.Namespace) -> int:
            "--model", model, "--tokenizer", args.tokenizer or model, "--dataset-name", "timed_trace", "--dataset-path", str(trace_file),
            "--num-prompts", str(len(reqs)), "--save-result", "--save-detailed", "--result-dir", str(args.out),
            "--result-filename", "bench.json", "--goodput", f"ttft:{args.slo_ttft * 1000}", f"tpot:{args.slo_tpot * 1000}",
-           "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,95,99"]
+           "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,95,99",
+           "--timed-trace-chunk-hash-size", str(block),
+           # equal work: greedy decoding (timed_trace already forces ignore_eos, so every
+           # request generates exactly the trace's output length), a fixed seed, and no
+           # ready-check request (it would put the first prompt in the prefix cache)
+           "--temperature", "0", "--seed", str(args.seed), "--ready-check-timeout-sec", "0"]
     # vLLM's timed_trace seeds each prompt chunk with Python's hash(): fix the seed so every
     # system sees the same prompts.
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONUNBUFFERED": "1"}
     if args.api_key:
         env["OPENAI_API_KEY"] = args.api_key
     print(f"replaying {len(reqs)} requests from {args.trace} window {args.window} against {args.url}", file=sys.stderr)
@@ -116,9 +130,11 @@ def run(args: argparse.Namespace) -> int:
     timeline = [{**s, "t": s["mono"] - origin if origin is not None else s["t"] - t0} for s in poller.samples]
     (args.out / "timeline.json").write_text(json.dumps(timeline))
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps({k: summary[k] for k in ("system", "requests", "completed", "slo_attainment", "ttft_p95",
+                                              "tpot_p95")}))
+    if args.no_plot:
+        return 0
     from morphserve.replay_plot import plot_timeline
 
     plot_timeline(rows, timeline, args.slo_ttft, args.out / "timeline.png", title=f"{system}: {args.trace} {args.window}")
-    print(json.dumps({k: summary[k] for k in ("system", "requests", "completed", "slo_attainment", "ttft_p95",
-                                              "tpot_p95")}))
     return 0

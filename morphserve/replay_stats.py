@@ -1,5 +1,9 @@
 """From `vllm bench serve --save-detailed` output to MorphServe's summary.json and
-requests.jsonl. Plain Python; percentiles are nearest-rank."""
+requests.jsonl. Plain Python; percentiles are nearest-rank.
+
+A request that failed counts as a violation and as an infinite TTFT and TPOT in every
+percentile: taking percentiles over completed requests only would make a system that
+drops requests look faster."""
 
 from __future__ import annotations
 
@@ -22,20 +26,32 @@ def per_request(bench: dict, arrivals: list[float]) -> list[dict]:
         ok = not error and latency > 0 and out_len > 0
         tpot = (latency - ttft) / (out_len - 1) if ok and out_len > 1 else (0.0 if ok else None)
         starts = bench.get("start_times") or []
+        itls = (bench.get("itls") or [[]] * n)[i] if ok else []
         rows.append({"index": i, "arrival_s": arrivals[i] if i < len(arrivals) else None,
                      # time.perf_counter() of the load generator: CLOCK_MONOTONIC, the same
                      # clock in every process on the machine, so it lines up with the timeline
                      "start_mono": starts[i] if i < len(starts) else None,
                      "input_len": bench["input_lens"][i], "output_len": out_len, "ok": ok,
                      "ttft_s": ttft if ok else None, "tpot_s": tpot, "latency_s": latency if ok else None,
-                     "error": error or None})
+                     "error": error or None,
+                     # seconds after the request's start at which each output token arrived
+                     "token_offsets_s": _token_offsets(ttft, itls) if ok else None})
     return rows
+
+
+def _token_offsets(ttft: float, itls: list[float]) -> list[float]:
+    out, t = [ttft], ttft
+    for gap in itls:
+        t += gap
+        out.append(t)
+    return [round(x, 6) for x in out]
 
 
 def summarize(system: str, rows: list[dict], duration_s: float, slo_ttft: float, slo_tpot: float) -> dict:
     done = [r for r in rows if r["ok"]]
-    ttfts = [r["ttft_s"] for r in done]
-    tpots = [r["tpot_s"] for r in done]
+    inf = float("inf")
+    ttfts = [r["ttft_s"] if r["ok"] else inf for r in rows]
+    tpots = [r["tpot_s"] if r["ok"] else inf for r in rows]
     meets_ttft = [r for r in done if r["ttft_s"] <= slo_ttft]
     meets_both = [r for r in meets_ttft if r["tpot_s"] <= slo_tpot]
     n = len(rows)
@@ -52,43 +68,3 @@ def summarize(system: str, rows: list[dict], duration_s: float, slo_ttft: float,
         for q in (50, 95, 99):
             out[f"{name}_p{q}"] = percentile(values, q)
     return out
-
-
-def tokens_by_level(rows: list[dict], timeline: list[dict]) -> dict[int, float]:
-    """Output tokens generated at each quantization level: each request's tokens are spread
-    evenly over its decode interval [start + ttft, start + latency], and the level at a
-    moment is the last timeline sample before it (`mono` clock)."""
-    samples = sorted((s["mono"], s["quantized_layers"]) for s in timeline if "mono" in s)
-    out: dict[int, float] = {}
-    for r in rows:
-        if not r["ok"] or r["start_mono"] is None or not r["output_len"]:
-            continue
-        a, b = r["start_mono"] + r["ttft_s"], r["start_mono"] + r["latency_s"]
-        if not samples or b <= a:
-            level = _level_at(samples, a)
-            out[level] = out.get(level, 0.0) + r["output_len"]
-            continue
-        points = [a] + [t for t, _ in samples if a < t < b] + [b]
-        for lo, hi in zip(points, points[1:]):
-            level = _level_at(samples, lo)
-            out[level] = out.get(level, 0.0) + r["output_len"] * (hi - lo) / (b - a)
-    return out
-
-
-def _level_at(samples: list[tuple[float, int]], t: float) -> int:
-    level = samples[0][1] if samples else 0
-    for when, k in samples:
-        if when > t:
-            break
-        level = k
-    return level
-
-
-def weighted_ppl(levels: dict[int, float], ppl_by_level: dict[int, float]) -> float | None:
-    """Token-weighted perplexity: exp of the token-weighted mean log-perplexity."""
-    import math as _m
-
-    total = sum(levels.values())
-    if not total:
-        return None
-    return _m.exp(sum(n * _m.log(ppl_by_level[k]) for k, n in levels.items()) / total)

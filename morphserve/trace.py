@@ -14,7 +14,9 @@ from pathlib import Path
 
 from morphserve.errors import MorphServeError
 
-HASH_CHUNK = 16  # vLLM's timed_trace expands each hash id into this many tokens
+HASH_CHUNK = 16  # vLLM's timed_trace default: each generated hash id stands for this many tokens
+MOONCAKE_HASH_BLOCK = 512  # a Mooncake trace's hash ids stand for 512-token blocks
+TIMESTAMP_UNITS = {"s": 1.0, "ms": 0.001}
 NAMED = {"azure-code": "azure_llm_2023_code.csv", "azure-conv": "azure_llm_2023_conv.csv"}
 
 
@@ -23,6 +25,7 @@ class TraceRequest:
     timestamp: float  # seconds from the trace's start
     input_length: int
     output_length: int
+    hash_ids: tuple[int, ...] | None = None  # from the file, when it carries them
 
 
 def resolve(trace: str, shared: Path) -> Path:
@@ -34,8 +37,12 @@ def resolve(trace: str, shared: Path) -> Path:
     return path
 
 
-def load(path: Path) -> list[TraceRequest]:
-    return _load_csv(path) if path.suffix == ".csv" else _load_jsonl(path)
+def load(path: Path, timestamp_multiplier: float = 1.0) -> list[TraceRequest]:
+    """`timestamp_multiplier` turns a JSONL trace's timestamps into seconds (0.001 for ms);
+    the Azure CSVs carry absolute dates and ignore it."""
+    if not (math.isfinite(timestamp_multiplier) and timestamp_multiplier > 0):
+        raise MorphServeError(f"the timestamp multiplier must be positive, got {timestamp_multiplier}")
+    return _load_csv(path) if path.suffix == ".csv" else _load_jsonl(path, timestamp_multiplier)
 
 
 def _load_csv(path: Path) -> list[TraceRequest]:
@@ -58,7 +65,7 @@ def _load_csv(path: Path) -> list[TraceRequest]:
     return _sorted(out, path)
 
 
-def _load_jsonl(path: Path) -> list[TraceRequest]:
+def _load_jsonl(path: Path, multiplier: float = 1.0) -> list[TraceRequest]:
     out = []
     with open(path) as f:
         for line, text in enumerate(f, start=1):
@@ -66,8 +73,12 @@ def _load_jsonl(path: Path) -> list[TraceRequest]:
                 continue
             try:
                 entry = json.loads(text)
-                req = TraceRequest(float(entry["timestamp"]), int(entry["input_length"]), int(entry["output_length"]))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                ids = entry.get("hash_ids")
+                if ids is not None and (not isinstance(ids, list) or not all(isinstance(i, int) for i in ids)):
+                    raise ValueError(f"hash_ids must be a list of integers, got {ids!r:.80}")
+                req = TraceRequest(float(entry["timestamp"]) * multiplier, int(entry["input_length"]),
+                                   int(entry["output_length"]), tuple(ids) if ids else None)
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
                 raise MorphServeError(
                     f"{path}:{line}: expected JSON with timestamp, input_length, output_length: {e}") from None
             if req.input_length < 1 or req.output_length < 1 or not math.isfinite(req.timestamp):
@@ -109,18 +120,34 @@ def prepare(reqs: list[TraceRequest], window: tuple[float, float], rate_scale: f
         inp = max(1, round(r.input_length * length_scale))
         if max_input:
             inp = min(inp, max_input)
-        result.append(TraceRequest(round(r.timestamp - start, 4), inp, max(1, round(r.output_length * out_scale))))
+        result.append(TraceRequest(round(r.timestamp - start, 4), inp, max(1, round(r.output_length * out_scale)),
+                                   r.hash_ids))
     if not result:
         raise MorphServeError(f"window {start}:{duration} at rate scale {rate_scale} leaves no request")
     return result
 
 
-def write_timed_trace(reqs: list[TraceRequest], path: Path) -> None:
-    """One JSON line per request; each gets its own hash ids (no shared prefixes)."""
-    next_id = 0
+def write_timed_trace(reqs: list[TraceRequest], path: Path, hash_block_size: int = HASH_CHUNK) -> None:
+    """One JSON line per request, timestamps in seconds. A request with hash ids from its
+    file keeps them (padded with fresh ids if the prompt needs more blocks than it names:
+    vLLM's generator would otherwise cut the prompt short); the others get fresh ids of
+    their own (no shared prefixes)."""
+    if hash_block_size < 1:
+        raise MorphServeError(f"the hash block size must be at least 1, got {hash_block_size}")
+    next_id = 1 + max((i for r in reqs for i in (r.hash_ids or ())), default=-1)
     with open(path, "w") as f:
         for r in reqs:
-            n = -(-r.input_length // HASH_CHUNK)  # an empty list would make an empty prompt
+            n = -(-r.input_length // hash_block_size)  # an empty list would make an empty prompt
+            ids = list(r.hash_ids or ())[:n]
+            ids += range(next_id, next_id + n - len(ids))
+            next_id += n - min(n, len(r.hash_ids or ()))
             f.write(json.dumps({"timestamp": r.timestamp, "input_length": r.input_length,
-                                "output_length": r.output_length, "hash_ids": list(range(next_id, next_id + n))}) + "\n")
-            next_id += n
+                                "output_length": r.output_length, "hash_ids": ids}) + "\n")
+
+
+def hash_block_size(reqs: list[TraceRequest], given: int | None) -> int:
+    """Tokens per hash id: what the caller says, else Mooncake's 512 when the trace carries
+    its own ids, else vLLM's default of 16 for the ids we generate."""
+    if given is not None:
+        return given
+    return MOONCAKE_HASH_BLOCK if any(r.hash_ids for r in reqs) else HASH_CHUNK

@@ -24,13 +24,38 @@ def test_timed_trace_output_has_one_hash_id_per_16_tokens(tmp_path):
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [len(x["hash_ids"]) for x in lines] == [3, 1]
     assert set(lines[0]["hash_ids"]).isdisjoint(lines[1]["hash_ids"])
-    assert trace.load(out) == [trace.TraceRequest(0.0, 33, 5), trace.TraceRequest(0.5, 16, 1)]
+    assert [(r.timestamp, r.input_length, r.output_length) for r in trace.load(out)] == [(0.0, 33, 5), (0.5, 16, 1)]
+
+
+def test_a_mooncake_trace_replays_with_ms_timestamps_and_its_own_512_token_hash_ids(tmp_path):
+    src = tmp_path / "mooncake.jsonl"
+    src.write_text('{"timestamp": 0, "input_length": 1100, "output_length": 7, "hash_ids": [5, 6, 7]}\n'
+                   '{"timestamp": 1500, "input_length": 600, "output_length": 3, "hash_ids": [5, 9]}\n')
+    reqs = trace.load(src, trace.TIMESTAMP_UNITS["ms"])
+    assert [r.timestamp for r in reqs] == [0.0, 1.5]
+    window = trace.prepare(reqs, (0, 2), 1.0, 1.0)
+    block = trace.hash_block_size(window, None)
+    assert block == 512
+    out = tmp_path / "t.jsonl"
+    trace.write_timed_trace(window, out, block)
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert lines[0]["hash_ids"] == [5, 6, 7] and lines[1]["hash_ids"] == [5, 9]  # the shared prefix is kept
+    assert lines[1]["timestamp"] == 1.5
+    # a prompt scaled up past its ids gets fresh ones, never reused ids
+    longer = trace.prepare(reqs, (0, 2), 1.0, 2.0)
+    trace.write_timed_trace(longer, out, block)
+    ids = [json.loads(x)["hash_ids"] for x in out.read_text().splitlines()]
+    assert ids[0][:3] == [5, 6, 7] and len(ids[0]) == 5 and min(ids[0][3:]) > 9
+    assert len(ids[1]) == 3 and set(ids[0][3:]).isdisjoint(ids[1][2:])
+    with pytest.raises(MorphServeError, match="multiplier"):
+        trace.load(src, 0.0)
 
 
 @pytest.mark.parametrize("suffix, text, where", [
     (".jsonl", '{"timestamp": 0, "input_length": 5, "output_length": 3}\n{"timestamp": 1, "input_length": 5}\n', ":2:"),
     (".jsonl", '{"timestamp": 0, "input_length": 5, "output_length": 3}\nnot json\n', ":2:"),
     (".jsonl", '{"timestamp": 0, "input_length": 0, "output_length": 3}\n', ":1:"),
+    (".jsonl", '{"timestamp": 0, "input_length": 5, "output_length": 3, "hash_ids": "abc"}\n', ":1:"),
     (".csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.97,10,3\n2023-11-16 18:17:04,ten,3\n", ":3:"),
     (".csv", "TIME,ContextTokens\n", ":1:"),
 ])
@@ -61,16 +86,7 @@ def test_summary_counts_failures_as_violations():
     s = summarize("x", rows, 10.0, slo_ttft=2.0, slo_tpot=0.2)
     assert s["completed"] == 2 and s["failed"] == 1
     assert s["slo_attainment_ttft"] == pytest.approx(1 / 3) and s["slo_violations"] == 2
-    assert s["ttft_p50"] == 0.5 and s["ttft_p99"] == 3.0
+    # the failed request is an infinite latency, not a missing one
+    assert s["ttft_p50"] == 3.0 and s["ttft_p99"] == float("inf") and s["tpot_p95"] == float("inf")
+    assert rows[0]["token_offsets_s"][0] == 0.5
     assert percentile([], 50) is None
-
-
-def test_tokens_are_attributed_to_the_level_in_force_while_they_were_generated():
-    from morphserve.replay_stats import tokens_by_level, weighted_ppl
-
-    rows = [{"ok": True, "start_mono": 100.0, "ttft_s": 1.0, "latency_s": 5.0, "output_len": 40}]
-    timeline = [{"mono": 99.0, "quantized_layers": 0}, {"mono": 102.0, "quantized_layers": 8},
-                {"mono": 104.0, "quantized_layers": 0}]
-    levels = tokens_by_level(rows, timeline)
-    assert levels[0] == pytest.approx(20) and levels[8] == pytest.approx(20)
-    assert weighted_ppl(levels, {0: 10.0, 8: 40.0}) == pytest.approx(20.0)

@@ -1,0 +1,90 @@
+"""`morphserve evaluate SUITE.yaml`: run a pre-registered suite against plain vLLM and
+write OUT/report.{md,json,png}. `--report-only` rebuilds the report from finished runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from morphserve.errors import MorphServeError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate", help="run a pre-registered evaluation suite (evaluations/*.yaml) against plain vLLM",
+        description=(
+            "Replays every window of the suite at every budget against fresh servers of every system "
+            "(plain vLLM FP16, eager and compiled; plain vLLM serving the static W4 twin; MorphServe), "
+            "repeated in a rotating order, with the same warm-up, greedy decoding and prompts for all. "
+            "Memory (RssAnon + RssFile of every server process) is sampled during each replay. Failed or "
+            "unfinished requests count as SLO violations with infinite latency. The output folder is "
+            "resumable: finished runs are kept and skipped. Exit status 1 if the systems did not do equal work."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("suite", type=Path, metavar="SUITE.yaml", help="the suite file (see evaluations/)")
+    p.add_argument("--model", type=Path, required=True, metavar="MODEL_DIR", help="the bf16 model folder")
+    p.add_argument("--pack", type=Path, required=True, metavar="PACK_DIR", help="the pack prepared from it")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="results; resumed if it holds runs of this suite")
+    p.add_argument("--report-only", action="store_true", help="do not run anything; rebuild the report from DIR")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from morphserve import pack as packfmt
+    from morphserve.evaluation.runner import check_resumable, evaluate
+    from morphserve.evaluation.suite import load_suite
+
+    suite = load_suite(args.suite)
+    for path, what in ((args.model / "config.json", "a model folder"), (args.pack / packfmt.MANIFEST, "a pack")):
+        if not path.exists():
+            raise MorphServeError(f"{path.parent} is not {what} (no {path.name})")
+    if args.report_only:
+        check_resumable(suite, args.out, args.suite)
+    else:
+        evaluate(suite, args.suite, args.model, args.pack, args.out)
+    report = build_report(suite, args.out)
+    problems = [p for c in report["cells"] for p in c["equal_work_problems"]]
+    print(report_markdown(report))
+    if problems:
+        print("error: the systems did not do equal work:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_report(suite, out: Path) -> dict:
+    from morphserve.evaluation.aggregate import check_equal_work, summarize_cell
+    from morphserve.evaluation.render import figure
+    from morphserve.evaluation.runner import run_dir
+
+    cells = []
+    for window, budget in suite.cells():
+        runs: dict[str, dict[int, dict]] = {}
+        flat = []
+        for system in suite.systems_at(budget):
+            for rep in range(suite.repetitions):
+                path = run_dir(out, rep, window, budget, system) / "run.json"
+                if path.exists():
+                    record = json.loads(path.read_text())
+                    runs.setdefault(system.name, {})[rep + 1] = record
+                    flat.append(record)
+        if not flat:
+            continue
+        cells.append({"window": window.name, "budget": budget.name, "regime": window.regime, "runs": len(flat),
+                      "requests": flat[0]["requests"], "trace_sha256": flat[0]["trace_sha256"],
+                      "equal_work_problems": check_equal_work(flat),
+                      "systems": summarize_cell(runs, suite.baseline, suite.static_quantized)})
+    report = {"suite": suite.name, "fingerprint": suite.fingerprint(), "repetitions": suite.repetitions,
+              "cells": cells}
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "report.md").write_text(report_markdown(report) + "\n")
+    if cells:
+        figure(report, out / "report.png")
+    return report
+
+
+def report_markdown(report: dict) -> str:
+    from morphserve.evaluation.render import equal_work, table
+
+    return (f"suite {report['suite']} ({report['fingerprint']}), {report['repetitions']} repetitions; "
+            f"each figure: median [low, high]\n\n{table(report)}\n\nEqual work:\n{equal_work(report)}")

@@ -1,0 +1,82 @@
+"""The precision every token was computed at, from MorphServe's own transition log, and
+the token-weighted perplexity that follows from the pack's quality curve.
+
+The log records the CLOCK_MONOTONIC time of every change of the level in force; vLLM's
+load generator records each request's start and the arrival of each streamed token on
+the same clock. A prompt is charged at the level in force when its first token arrived
+(the step that finished its prefill), each output token at the level in force when it
+arrived. Plain Python.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+from pathlib import Path
+
+
+def level_changes(transition_log: Path) -> list[tuple[float, int]]:
+    """(monotonic time, level) of every change, in time order, from the JSONL log."""
+    out = []
+    if not transition_log.exists():
+        return out
+    for line in transition_log.read_text().splitlines():
+        if line.strip():
+            out += [(float(t), int(level)) for t, _wall, level in json.loads(line).get("levels", [])]
+    return sorted(out)
+
+
+class LevelAt:
+    def __init__(self, changes: list[tuple[float, int]], initial: int = 0):
+        self.times = [t for t, _ in changes]
+        self.levels = [k for _, k in changes]
+        self.initial = initial
+
+    def __call__(self, t: float) -> int:
+        i = bisect.bisect_right(self.times, t)
+        return self.levels[i - 1] if i else self.initial
+
+
+def tokens_by_level(rows: list[dict], level_at: LevelAt) -> dict[str, dict[int, int]]:
+    """Prompt and output tokens of completed requests, by the level they were computed at."""
+    prompt: dict[int, int] = {}
+    output: dict[int, int] = {}
+    for r in rows:
+        if not r["ok"] or r.get("start_mono") is None:
+            continue
+        offsets = r.get("token_offsets_s") or [r["ttft_s"]]
+        k = level_at(r["start_mono"] + offsets[0])
+        prompt[k] = prompt.get(k, 0) + r["input_len"]
+        for off in offsets[: r["output_len"]]:
+            k = level_at(r["start_mono"] + off)
+            output[k] = output.get(k, 0) + 1
+        # a server that streams several tokens in one chunk reports fewer offsets than tokens
+        missing = r["output_len"] - min(len(offsets), r["output_len"])
+        if missing:
+            k = level_at(r["start_mono"] + offsets[-1])
+            output[k] = output.get(k, 0) + missing
+    return {"prompt": prompt, "output": output}
+
+
+def weighted_ppl(counts: dict[int, int], curve: dict[int, float]) -> float | None:
+    """exp of the token-weighted mean log-perplexity over the levels."""
+    total = sum(counts.values())
+    if not total:
+        return None
+    return math.exp(sum(n * math.log(curve[k]) for k, n in counts.items()) / total)
+
+
+def quality_of_run(rows: list[dict], curve: dict[int, float], changes: list[tuple[float, int]] | None,
+                   static_level: int) -> dict:
+    """`changes` None: a static system, every token at `static_level`."""
+    level_at = LevelAt(changes or [], initial=static_level)
+    counts = tokens_by_level(rows, level_at)
+    both: dict[int, int] = {}
+    for part in counts.values():
+        for k, n in part.items():
+            both[k] = both.get(k, 0) + n
+    ppl = weighted_ppl(both, curve)
+    return {"ppl": ppl, "ppl_increase": ppl / curve[0] - 1 if ppl else None,
+            "ppl_output_tokens": weighted_ppl(counts["output"], curve),
+            "tokens_by_level": {part: {str(k): n for k, n in sorted(c.items())} for part, c in counts.items()}}

@@ -1,0 +1,181 @@
+"""The run loop: for every repetition, every cell (window x budget) and every system in
+a rotating order, a fresh server is started, warmed up the same way, sampled for memory
+while the trace replays, and stopped. Each run's folder is complete only once its
+run.json exists, so an interrupted evaluation resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from morphserve import pack as packfmt
+from morphserve.errors import MorphServeError
+from morphserve.evaluation import quality, systems
+from morphserve.evaluation.suite import Budget, Suite, System, Window
+from morphserve.server_proc import REPO, free_port, group_rss, start_server, stop_server
+
+MIB = 2**20
+
+
+class MemorySampler(threading.Thread):
+    """Peak RssAnon, RssFile and their sum over every process of the server's group."""
+
+    def __init__(self, pgid: int, every: float = 0.25):
+        super().__init__(daemon=True)
+        self.pgid, self.every = pgid, every
+        self.peak = {"anon": 0, "file": 0, "total": 0}
+        self.samples = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            rss = group_rss(self.pgid)
+            anon, file = rss["rss_anon_bytes"], rss["rss_file_bytes"]
+            self.peak = {"anon": max(self.peak["anon"], anon), "file": max(self.peak["file"], file),
+                         "total": max(self.peak["total"], anon + file)}
+            self.samples += 1
+            self.stop.wait(self.every)
+
+
+def run_order(suite: Suite) -> list[tuple[int, Window, Budget, System]]:
+    """Repetition-major, so repetitions are spread over the whole evaluation; inside a cell
+    the systems' order rotates by one each repetition, so none always runs first."""
+    order = []
+    for rep in range(suite.repetitions):
+        for window, budget in suite.cells():
+            present = suite.systems_at(budget)
+            shift = rep % len(present)
+            for system in present[shift:] + present[:shift]:
+                order.append((rep, window, budget, system))
+    return order
+
+
+def run_dir(out: Path, rep: int, window: Window, budget: Budget, system: System) -> Path:
+    return out / window.name / budget.name / system.name / f"rep{rep + 1}"
+
+
+def check_resumable(suite: Suite, out: Path, suite_path: Path) -> None:
+    """An output folder belongs to one suite: resuming with another is refused."""
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / "suite.json"
+    if marker.exists():
+        previous = json.loads(marker.read_text())
+        if previous["fingerprint"] != suite.fingerprint():
+            raise MorphServeError(f"{out} holds runs of a different suite ({previous['file']}); "
+                                  "use another --out or delete it")
+    else:
+        marker.write_text(json.dumps({"file": str(suite_path), "fingerprint": suite.fingerprint(),
+                                      "suite": suite.model_dump()}, indent=2) + "\n")
+
+
+def evaluate(suite: Suite, suite_path: Path, model: Path, pack: Path, out: Path) -> list[Path]:
+    check_resumable(suite, out, suite_path)
+    manifest = packfmt.load_manifest(pack)
+    curve = {int(k): float(v) for k, v in json.loads((pack / packfmt.QUALITY).read_text())["orders"]["lis"]["ppl"].items()}
+    order = run_order(suite)
+    todo = [item for item in order if not (run_dir(out, *item) / "run.json").exists()]
+    if len(todo) < len(order):
+        print(f"resuming: {len(order) - len(todo)} of {len(order)} runs already done in {out}", file=sys.stderr)
+    bar = tqdm(todo, unit="run", desc="evaluate", dynamic_ncols=True)
+    for rep, window, budget, system in bar:
+        bar.set_description(f"{window.name}/{budget.name}/{system.name} rep {rep + 1}/{suite.repetitions}")
+        one_run(suite, rep, window, budget, system, model, pack, manifest.num_layers, curve,
+                run_dir(out, rep, window, budget, system))
+    return [run_dir(out, *item) for item in order]
+
+
+def one_run(suite: Suite, rep: int, window: Window, budget: Budget, system: System, model: Path, pack: Path,
+            num_layers: int, curve: dict[int, float], folder: Path) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in ("transitions.jsonl", "bench.json", "summary.json"):
+        (folder / stale).unlink(missing_ok=True)  # a half-done earlier attempt
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd, env = systems.server_command(system, budget, suite, model, pack, port, folder)
+    t0 = time.monotonic()
+    try:
+        proc = start_server(cmd, env, folder / "server.log", port, timeout=600)
+    except RuntimeError as e:
+        raise MorphServeError(f"{folder}: {system.name} did not start: {e}") from None
+    record: dict = {"system": system.name, "kind": system.kind, "window": window.name, "budget": budget.name,
+                    "repetition": rep + 1, "startup_s": round(time.monotonic() - t0, 1)}
+    sampler = MemorySampler(proc.pid)
+    try:
+        record["warmup"] = systems.warm_up(system, base, suite.warmup_requests, num_layers)
+        record["kv_blocks"] = systems.kv_blocks(system, base)
+        sampler.start()
+        record.update(_replay(suite, window, system, model, base, folder, proc))
+    except (OSError, RuntimeError) as e:
+        raise MorphServeError(f"{folder}: {system.name}: {e}") from None
+    finally:
+        sampler.stop.set()
+        stop_server(proc)
+    summary = json.loads((folder / "summary.json").read_text())
+    rows = [json.loads(x) for x in (folder / "requests.jsonl").read_text().splitlines()]
+    static_level = num_layers if system.kind == "w4" else 0
+    changes = quality.level_changes(folder / "transitions.jsonl") if system.kind == "morphserve" else None
+    record.update(summary)
+    record.update(quality.quality_of_run(rows, curve, changes, static_level))
+    record.update(peak_rss_anon_mib=sampler.peak["anon"] / MIB, peak_rss_file_mib=sampler.peak["file"] / MIB,
+                  peak_rss_total_mib=sampler.peak["total"] / MIB, memory_samples=sampler.samples,
+                  trace_sha256=hashlib.sha256((folder / "trace.jsonl").read_bytes()).hexdigest(),
+                  input_lens=[r["input_len"] for r in rows], output_lens=[r["output_len"] for r in rows],
+                  requested_output_lens=[json.loads(x)["output_length"]
+                                         for x in (folder / "trace.jsonl").read_text().splitlines()],
+                  ok=[r["ok"] for r in rows])
+    if changes is not None:
+        record["transitions"] = sum(1 for line in (folder / "transitions.jsonl").read_text().splitlines()
+                                    if json.loads(line).get("reason") != "manual")
+        record["max_level"] = max([k for _, k in changes] or [0])
+    (folder / "run.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def _replay(suite: Suite, window: Window, system: System, model: Path, base: str, folder: Path,
+            proc: subprocess.Popen) -> dict:
+    """`morphserve replay` with a deadline: once the window plus `drain_s` has passed on the
+    trace's clock, the server is stopped and the requests still running fail (they count
+    as violations with infinite latency)."""
+    cmd = [sys.executable, "-m", "morphserve.cli", "replay", "--trace", window.trace,
+           "--window", f"{window.start_s}:{window.duration_s}", "--rate-scale", repr(window.rate_scale),
+           "--length-scale", repr(window.length_scale), "--output-scale", repr(window.output_scale),
+           "--timestamp-unit", window.timestamp_unit, "--url", base, "--out", str(folder),
+           "--slo-ttft", str(suite.slo_ttft_s), "--slo-tpot", str(suite.slo_tpot_s), "--system", system.name,
+           "--tokenizer", str(model), "--seed", str(suite.seed), "--no-plot"]
+    if window.max_input:
+        cmd += ["--max-input", str(window.max_input)]
+    if window.hash_block_size:
+        cmd += ["--hash-block-size", str(window.hash_block_size)]
+    bench_log = folder / "bench.log"
+    bench_log.unlink(missing_ok=True)
+    with open(folder / "replay.log", "w") as log:
+        replay = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        started = _wait_for_start(replay, bench_log)
+        deadline = started + window.duration_s + suite.drain_s
+        cut = False
+        while replay.poll() is None:
+            if time.monotonic() > deadline and not cut:
+                stop_server(proc)  # in-flight requests fail; vLLM's load generator then finishes
+                cut = True
+            time.sleep(0.2)
+    if replay.returncode != 0:
+        raise RuntimeError(f"replay failed (exit {replay.returncode}); see {folder / 'replay.log'}")
+    return {"cut_at_deadline": cut, "replay_wall_s": round(time.monotonic() - started, 1)}
+
+
+def _wait_for_start(replay: subprocess.Popen, bench_log: Path, timeout: float = 300) -> float:
+    """The trace's clock starts when vLLM's load generator says so."""
+    until = time.monotonic() + timeout
+    while time.monotonic() < until and replay.poll() is None:
+        if bench_log.exists() and "Starting main benchmark run" in bench_log.read_text(errors="replace"):
+            return time.monotonic()
+        time.sleep(0.1)
+    return time.monotonic()

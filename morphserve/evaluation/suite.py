@@ -1,0 +1,154 @@
+"""The evaluation suite file: every window, budget, SLO, system and repetition count,
+written down before anything runs. YAML is parsed with yaml.safe_load and validated
+with pydantic; a mistake is one line naming the file and the key."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from morphserve.errors import MorphServeError
+
+SYSTEM_KINDS = ("fp16", "fp16-compiled", "w4", "morphserve")
+
+
+class Window(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="folder-safe label")
+    trace: str = Field(description="azure-code, azure-conv or a CSV/JSONL path")
+    start_s: float = Field(ge=0)
+    duration_s: float = Field(gt=0)
+    rate_scale: float = Field(gt=0, le=1, description="keep this fraction of requests, evenly")
+    length_scale: float = Field(gt=0, description="input lengths are multiplied by this")
+    output_scale: float = Field(gt=0, description="output lengths are multiplied by this")
+    max_input: int | None = Field(None, ge=1)
+    timestamp_unit: Literal["s", "ms"] = "s"
+    hash_block_size: int | None = Field(None, ge=1)
+    regime: Literal["capacity", "compute", "light"] = Field(description="what the window is meant to bind on")
+    why: str = Field(description="the reason for the choice, written before the run")
+
+
+class Budget(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    # weights + KV in 10^6 bytes; or the FP16 weights plus kv_gib of KV
+    total_mb: float | None = Field(None, gt=0)
+    kv_gib: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.total_mb is None) == (self.kv_gib is None):
+            raise ValueError(f"budget {self.name!r}: give exactly one of total_mb and kv_gib")
+        return self
+
+    def total_bytes(self, bf16_weight_bytes: int) -> int:
+        if self.total_mb is not None:
+            return int(self.total_mb * 10**6)
+        return bf16_weight_bytes + int(self.kv_gib * 2**30)
+
+
+class System(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    kind: Literal["fp16", "fp16-compiled", "w4", "morphserve"]
+    policy: str | None = Field(None, description="MorphServe only: a preset or policy YAML")
+    budgets: list[str] | None = Field(None, description="run only at these budgets (default: all)")
+
+    @model_validator(mode="after")
+    def _policy(self):
+        if self.kind == "morphserve" and not self.policy:
+            raise ValueError(f"system {self.name!r}: a morphserve system needs a policy")
+        if self.kind != "morphserve" and self.policy:
+            raise ValueError(f"system {self.name!r}: only a morphserve system takes a policy")
+        return self
+
+
+class Suite(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    windows: list[Window] = Field(min_length=1)
+    budgets: list[Budget] = Field(min_length=1)
+    systems: list[System] = Field(min_length=1)
+    baseline: str = Field("fp16", description="the system every ratio is taken against")
+    static_quantized: str | None = Field("w4", description="the static W4 system the quality target refers to")
+    repetitions: int = Field(3, ge=1, le=20)
+    slo_ttft_s: float = Field(2.0, gt=0)
+    slo_tpot_s: float = Field(0.2, gt=0)
+    drain_s: float = Field(60.0, gt=0, description="after the window ends, how long unfinished requests may run "
+                                                    "before the server is stopped and they count as failed")
+    max_model_len: int = Field(2048, ge=128)
+    max_num_seqs: int = Field(64, ge=1)
+    shrink_strategy: Literal["wait", "preempt", "migrate"] = "wait"
+    seed: int = 0
+    warmup_requests: int = Field(4, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _names(self):
+        for what, items in (("window", self.windows), ("budget", self.budgets), ("system", self.systems)):
+            names = [x.name for x in items]
+            dup = {n for n in names if names.count(n) > 1}
+            if dup:
+                raise ValueError(f"{what} names must be unique, repeated: {', '.join(sorted(dup))}")
+        systems = {s.name: s for s in self.systems}
+        budgets = {b.name for b in self.budgets}
+        if self.baseline not in systems:
+            raise ValueError(f"baseline {self.baseline!r} is not one of the systems")
+        if self.static_quantized is not None and self.static_quantized not in systems:
+            raise ValueError(f"static_quantized {self.static_quantized!r} is not one of the systems")
+        for s in self.systems:
+            unknown = set(s.budgets or ()) - budgets
+            if unknown:
+                raise ValueError(f"system {s.name!r}: unknown budget(s) {', '.join(sorted(unknown))}")
+        if systems[self.baseline].budgets is not None:
+            raise ValueError("the baseline must run at every budget")
+        return self
+
+    def cells(self) -> list[tuple[Window, Budget]]:
+        return [(w, b) for w in self.windows for b in self.budgets]
+
+    def systems_at(self, budget: Budget) -> list[System]:
+        return [s for s in self.systems if s.budgets is None or budget.name in s.budgets]
+
+    def fingerprint(self) -> str:
+        """What a resumed run must match: the suite's content, not its file's layout."""
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_suite(path: Path) -> Suite:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise MorphServeError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise MorphServeError(f"{path}: cannot read: {e}") from None
+    if not isinstance(raw, dict):
+        raise MorphServeError(f"{path}: expected a mapping, got {type(raw).__name__}")
+    try:
+        return Suite.model_validate(raw)
+    except ValidationError as e:
+        raise MorphServeError(f"{path}: {first_error(e)}") from None
+
+
+def first_error(e: ValidationError) -> str:
+    first = e.errors()[0]
+    msg = first["msg"].removeprefix("Value error, ")
+    if not first["loc"]:
+        return msg
+    key = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"unknown key {key!r}"
+    value = f" (got {json.dumps(first['input'], default=str)[:80]})" if first["type"] != "missing" else ""
+    return f"{key}: {msg}{value}"

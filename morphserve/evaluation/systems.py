@@ -1,0 +1,104 @@
+"""How each evaluated system is started, and the warm-up every one of them gets.
+
+Every system is a fresh vLLM OpenAI server on the same model, with the same scheduler
+limits, seed and weights+KV budget:
+- fp16: plain vLLM (MorphServe not even loaded), eager, KV = budget - bf16 weights;
+- fp16-compiled: the same without --enforce-eager (MorphServe must run eager: a compiled
+  graph would keep a swapped layer), so the table shows what eager costs;
+- w4: plain vLLM serving the pack's static W4A16 twin, KV = budget - W4 weights (the bytes
+  quantization frees become KV);
+- morphserve: `morphserve serve` with a policy, the budget given as its memory budget.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import urllib.request
+from pathlib import Path
+
+from morphserve.controller import model_weight_bytes
+from morphserve.evaluation.suite import Budget, Suite, System
+
+WARMUP_PROMPT = "Summarize the following: " + " ".join(f"item {i}" for i in range(40))
+
+
+def server_command(system: System, budget: Budget, suite: Suite, model: Path, pack: Path, port: int,
+                   out: Path) -> tuple[list[str], dict]:
+    total = budget.total_bytes(model_weight_bytes(model))
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+    # /reset_prefix_cache is a dev-mode route; the server only listens on loopback here
+    env.update(VLLM_LOGGING_LEVEL="WARNING", VLLM_SERVER_DEV_MODE="1")
+    common = ["--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(suite.max_model_len),
+              "--max-num-seqs", str(suite.max_num_seqs), "--served-model-name", "model", "--seed", str(suite.seed)]
+    if system.kind in ("fp16", "fp16-compiled", "w4"):
+        env["VLLM_PLUGINS"] = ""  # plain vLLM: MorphServe not loaded at all
+        served = model if system.kind != "w4" else pack / "quantized"
+        kv = total - model_weight_bytes(served)
+        cmd = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", str(served),
+               "--tokenizer", str(model), "--kv-cache-memory-bytes", str(kv), *common]
+        if system.kind != "fp16-compiled":
+            cmd.append("--enforce-eager")
+        return cmd, env
+    cmd = [sys.executable, "-m", "morphserve.cli", "serve", str(model), "--pack", str(pack),
+           "--policy", system.policy, "--memory-budget-gb", repr(total / 2**30),
+           "--shrink-strategy", suite.shrink_strategy, "--transition-log", str(out / "transitions.jsonl"),
+           "--kv-cache-memory-bytes", str(total - model_weight_bytes(model)), "--enforce-eager", *common]
+    return cmd, env
+
+
+def _request(url: str, body: dict | None = None, method: str | None = None, timeout: float = 120) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method or ("POST" if data is not None else "GET"),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        text = r.read()
+    return json.loads(text) if text.strip().startswith(b"{") else {}
+
+
+def _complete(base: str, n: int, max_tokens: int = 16) -> None:
+    for i in range(n):
+        _request(f"{base}/v1/completions", {"model": "model", "prompt": f"{i}. {WARMUP_PROMPT}",
+                                            "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True})
+
+
+def warm_up(system: System, base: str, n_requests: int, num_layers: int | None) -> dict:
+    """The same requests for every system; MorphServe also runs each kernel once
+    (0 -> L -> 0, then control goes back to its policy). The prefix cache is reset last so
+    that no system starts the trace with cached blocks."""
+    done = {"requests": n_requests}
+    if system.kind == "morphserve":
+        half = n_requests // 2
+        _request(f"{base}/morphserve/level", {"quantized_layers": num_layers})
+        _complete(base, half)
+        _request(f"{base}/morphserve/level", {"quantized_layers": 0})
+        _complete(base, n_requests - half)
+        state = _request(f"{base}/morphserve/level", {"quantized_layers": None})
+        if state.get("quantized_layers") != 0:
+            raise RuntimeError(f"warm-up left MorphServe at {state.get('quantized_layers')} quantized layers")
+        done["levels"] = [num_layers, 0]
+    else:
+        _complete(base, n_requests)
+    _request(f"{base}/reset_prefix_cache", method="POST")
+    return done
+
+
+def kv_blocks(system: System, base: str) -> dict:
+    """The KV blocks the server can use: vLLM's own count from /metrics, or, for
+    MorphServe, its capacity at every level."""
+    if system.kind == "morphserve":
+        state = _request(f"{base}/morphserve/state")
+        by_level = state["kv_blocks_by_level"]
+        return {"level0": by_level[0], "max_level": by_level[-1], "by_level": by_level,
+                "swappable_layers": state["swappable_layers"]}
+    with urllib.request.urlopen(f"{base}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    for line in text.splitlines():
+        if line.startswith("vllm:cache_config_info"):
+            for part in line[line.index("{") + 1: line.index("}")].split(","):
+                key, _, value = part.partition("=")
+                if key == "num_gpu_blocks":
+                    # vLLM counts its null block too; it never holds KV
+                    return {"level0": int(value.strip('"')) - 1}
+    return {}

@@ -1,0 +1,144 @@
+"""The evaluation's pure logic: suite validation, run order, quality from the record,
+medians/ranges/ties, targets and the equal-work check (no server)."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from morphserve.errors import MorphServeError
+from morphserve.evaluation import aggregate, quality
+from morphserve.evaluation.runner import run_order
+from morphserve.evaluation.suite import load_suite
+
+REPO = Path(__file__).resolve().parent.parent
+SUITE = """
+name: t
+windows:
+  - {name: a, trace: azure-conv, start_s: 0, duration_s: 10, rate_scale: 0.5, length_scale: 1, output_scale: 1,
+     regime: capacity, why: test}
+budgets:
+  - {name: small, total_mb: 329}
+  - {name: big, kv_gib: 1}
+systems:
+  - {name: fp16, kind: fp16}
+  - {name: fp16-compiled, kind: fp16-compiled, budgets: [small]}
+  - {name: w4, kind: w4}
+  - {name: ms, kind: morphserve, policy: accuracy}
+"""
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "suite.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_suites_are_valid():
+    for path in sorted((REPO / "evaluations").glob("*.yaml")):
+        suite = load_suite(path)
+        assert suite.cells(), path
+
+
+def test_the_reported_suite_has_the_windows_and_budgets_it_promises():
+    suite = load_suite(REPO / "evaluations" / "suite.yaml")
+    regimes = [w.regime for w in suite.windows]
+    assert regimes.count("capacity") >= 2 and regimes.count("compute") >= 1
+    assert {w.trace for w in suite.windows} == {"azure-code", "azure-conv"}
+    assert any(b.total_mb == 329 for b in suite.budgets) and any(b.kv_gib for b in suite.budgets)
+    assert suite.repetitions >= 3
+    assert {s.kind for s in suite.systems} == {"fp16", "fp16-compiled", "w4", "morphserve"}
+
+
+@pytest.mark.parametrize("change, message", [
+    ("repetitions: 0", "repetitions"),
+    ("baseline: nope", "baseline 'nope'"),
+    ("drain_s: -1", "drain_s"),
+    ("colour: red", "unknown key 'colour'"),
+])
+def test_suite_errors_name_the_file_and_the_key(tmp_path, change, message):
+    path = _write(tmp_path, SUITE + change + "\n")
+    with pytest.raises(MorphServeError) as e:
+        load_suite(path)
+    assert str(path) in str(e.value) and message in str(e.value)
+
+
+def test_suite_cross_field_rules(tmp_path):
+    bad_budget = SUITE.replace("{name: big, kv_gib: 1}", "{name: big, kv_gib: 1, total_mb: 3}")
+    with pytest.raises(MorphServeError, match="exactly one of total_mb and kv_gib"):
+        load_suite(_write(tmp_path, bad_budget))
+    with pytest.raises(MorphServeError, match="needs a policy"):
+        load_suite(_write(tmp_path, SUITE.replace("policy: accuracy", "budgets: [big]")))
+    with pytest.raises(MorphServeError, match="not valid YAML at line"):
+        load_suite(_write(tmp_path, "name: [unclosed\n"))
+    with pytest.raises(MorphServeError, match="unknown budget"):
+        load_suite(_write(tmp_path, SUITE.replace("budgets: [small]", "budgets: [tiny]")))
+
+
+def test_runs_rotate_so_no_system_always_goes_first(tmp_path):
+    suite = load_suite(_write(tmp_path, SUITE))
+    order = run_order(suite)
+    assert len(order) == 3 * (4 + 3)
+    firsts = {rep: [s.name for r, w, b, s in order if r == rep and b.name == "small"][0] for rep in range(3)}
+    assert len(set(firsts.values())) == 3
+    # repetition-major: every cell's first repetition runs before any second one
+    reps = [r for r, *_ in order]
+    assert reps == sorted(reps)
+    assert suite.budgets[1].total_bytes(269_000_000) == 269_000_000 + 2**30
+
+
+def test_quality_charges_prompts_and_tokens_at_the_level_in_force(tmp_path):
+    log = tmp_path / "transitions.jsonl"
+    log.write_text(json.dumps({"levels": [[100.0, 0.0, 30], [101.0, 0.0, 0]]}) + "\n" +  # warm-up
+                   json.dumps({"levels": [[205.0, 0.0, 8]]}) + "\n" +
+                   json.dumps({"levels": [[207.5, 0.0, 4], [208.5, 0.0, 0]]}) + "\n")
+    changes = quality.level_changes(log)
+    assert changes[0] == (100.0, 30) and changes[-1] == (208.5, 0)
+    rows = [{"ok": True, "start_mono": 200.0, "input_len": 100, "output_len": 5, "ttft_s": 4.0,
+             "token_offsets_s": [4.0, 5.5, 6.0, 8.0, 9.0]},  # at 204 (0), 205.5 (8), 206 (8), 208 (4), 209 (0)
+            {"ok": False, "start_mono": 200.0, "input_len": 50, "output_len": 0, "ttft_s": None}]
+    counts = quality.tokens_by_level(rows, quality.LevelAt(changes))
+    assert counts == {"prompt": {0: 100}, "output": {0: 2, 8: 2, 4: 1}}
+    curve = {0: 10.0, 4: 11.0, 8: 12.0, 30: 20.0}
+    q = quality.quality_of_run(rows, curve, changes, 0)
+    expected = math.exp((102 * math.log(10) + 2 * math.log(12) + math.log(11)) / 105)
+    assert q["ppl"] == pytest.approx(expected) and q["ppl_increase"] == pytest.approx(expected / 10 - 1)
+    static = quality.quality_of_run(rows, curve, None, 30)
+    assert static["ppl"] == pytest.approx(20.0)
+
+
+def _run(system, rep, violations, ttft, tpot=0.1, mem=2000.0, ppl=0.0):
+    return {"system": system, "repetition": rep, "requests": 10, "completed": 10, "slo_violations": violations,
+            "slo_attainment": 1 - violations / 10, "ttft_p50": ttft / 2, "ttft_p95": ttft, "ttft_p99": ttft,
+            "tpot_p95": tpot, "throughput_tok_s": 10.0, "peak_rss_anon_mib": mem, "peak_rss_file_mib": 100.0,
+            "peak_rss_total_mib": mem + 100, "ppl_increase": ppl}
+
+
+def test_ratios_are_paired_by_repetition_and_overlapping_ranges_are_ties():
+    runs = {"fp16": {1: _run("fp16", 1, 10, 8.0), 2: _run("fp16", 2, 9, 6.0), 3: _run("fp16", 3, 10, 7.0)},
+            "w4": {1: _run("w4", 1, 10, 9.0, ppl=0.2), 2: _run("w4", 2, 8, 5.0, ppl=0.2), 3: _run("w4", 3, 10, 7.0, ppl=0.2)},
+            "ms": {1: _run("ms", 1, 1, 2.0, ppl=0.05), 2: _run("ms", 2, 0, 2.0, ppl=0.05),
+                   3: _run("ms", 3, 0, math.inf, ppl=0.05)}}
+    out = aggregate.summarize_cell(runs, "fp16", "w4")
+    w4 = out["w4"]["vs_baseline"]
+    assert w4["ttft_p95_speedup"]["verdict"] == "tie"  # 0.89x .. 1.2x straddles 1
+    ms = out["ms"]["vs_baseline"]
+    assert ms["ttft_p95_speedup"]["low"] == 0.0 and ms["ttft_p95_speedup"]["verdict"] == "tie"
+    assert ms["violations_fewer"]["median"] == 1.0 and ms["violations_fewer"]["low"] == pytest.approx(0.9)
+    assert ms["violations_fewer"]["verdict"] == "better"
+    t = out["ms"]["targets"]
+    assert t["violations_90pct_fewer"] is True and t["ttft_p95_2x"] is False  # the worst repetition decides
+    assert t["quality_third_of_static"] is True
+    assert out["fp16"]["ttft_p95"]["median"] == 7.0 and out["fp16"]["ttft_p95"]["low"] == 6.0
+    assert "vs_baseline" not in out["fp16"]
+
+
+def test_unequal_work_is_caught():
+    base = {"system": "fp16", "repetition": 1, "trace_sha256": "x", "input_lens": [5, 6], "ok": [True, True],
+            "output_lens": [3, 4], "requested_output_lens": [3, 4]}
+    assert aggregate.check_equal_work([base, {**base, "system": "ms", "ok": [True, False], "output_lens": [3, 0]}]) == []
+    problems = aggregate.check_equal_work([base, {**base, "system": "ms", "output_lens": [3, 2]},
+                                           {**base, "system": "w4", "trace_sha256": "y", "input_lens": [5, 7]}])
+    assert any("request 1 generated 2 tokens" in p for p in problems)
+    assert any("different trace" in p for p in problems) and any("prompt lengths differ" in p for p in problems)
