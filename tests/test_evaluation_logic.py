@@ -81,6 +81,7 @@ def test_runs_rotate_so_no_system_always_goes_first(tmp_path):
     order = run_order(suite)
     assert len(order) == 3 * (4 + 3)
     firsts = {rep: [s.name for r, w, b, s in order if r == rep and b.name == "small"][0] for rep in range(3)}
+    assert [s.name for s in suite.systems_at(suite.windows[0], suite.budgets[1])] == ["fp16", "w4", "ms"]
     assert len(set(firsts.values())) == 3
     # repetition-major: every cell's first repetition runs before any second one
     reps = [r for r, *_ in order]

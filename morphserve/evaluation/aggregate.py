@@ -54,6 +54,8 @@ def verdict(ratios: Spread, lower_is_better: bool = True) -> str:
     """'better', 'worse' or 'tie' from the range of ratios system/baseline."""
     if ratios.n == 0 or ratios.low is None:
         return "n/a"
+    if ratios.n < 3:
+        return f"no claim (n={ratios.n})"
     if ratios.low <= 1.0 <= ratios.high:
         return "tie"
     better = ratios.high < 1.0 if lower_is_better else ratios.low > 1.0
@@ -109,6 +111,8 @@ def _fewer(v: int, v_base: int) -> float | None:
 def _fewer_verdict(s: Spread) -> str:
     if s.n == 0 or s.low is None:
         return "n/a"
+    if s.n < 3:
+        return f"no claim (n={s.n})"
     if s.low <= 0.0 <= s.high:
         return "tie"
     return "better" if s.low > 0 else "worse"

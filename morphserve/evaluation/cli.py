@@ -61,7 +61,7 @@ def build_report(suite, out: Path) -> dict:
     for window, budget in suite.cells():
         runs: dict[str, dict[int, dict]] = {}
         flat = []
-        for system in suite.systems_at(budget):
+        for system in suite.systems_at(window, budget):
             for rep in range(suite.repetitions):
                 path = run_dir(out, rep, window, budget, system) / "run.json"
                 if path.exists():

@@ -51,7 +51,7 @@ def run_order(suite: Suite) -> list[tuple[int, Window, Budget, System]]:
     order = []
     for rep in range(suite.repetitions):
         for window, budget in suite.cells():
-            present = suite.systems_at(budget)
+            present = suite.systems_at(window, budget)
             shift = rep % len(present)
             for system in present[shift:] + present[:shift]:
                 order.append((rep, window, budget, system))
@@ -134,7 +134,7 @@ def one_run(suite: Suite, rep: int, window: Window, budget: Budget, system: Syst
     if changes is not None:
         record["transitions"] = sum(1 for line in (folder / "transitions.jsonl").read_text().splitlines()
                                     if json.loads(line).get("reason") != "manual")
-        record["max_level"] = max([k for _, k in changes] or [0])
+        record["max_level_serving"] = max(int(k) for part in record["tokens_by_level"].values() for k in part)
     (folder / "run.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
 

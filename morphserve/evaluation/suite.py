@@ -61,6 +61,7 @@ class System(BaseModel):
     kind: Literal["fp16", "fp16-compiled", "w4", "morphserve"]
     policy: str | None = Field(None, description="MorphServe only: a preset or policy YAML")
     budgets: list[str] | None = Field(None, description="run only at these budgets (default: all)")
+    windows: list[str] | None = Field(None, description="run only in these windows (default: all)")
 
     @model_validator(mode="after")
     def _policy(self):
@@ -105,19 +106,22 @@ class Suite(BaseModel):
             raise ValueError(f"baseline {self.baseline!r} is not one of the systems")
         if self.static_quantized is not None and self.static_quantized not in systems:
             raise ValueError(f"static_quantized {self.static_quantized!r} is not one of the systems")
+        windows = {w.name for w in self.windows}
         for s in self.systems:
-            unknown = set(s.budgets or ()) - budgets
-            if unknown:
-                raise ValueError(f"system {s.name!r}: unknown budget(s) {', '.join(sorted(unknown))}")
-        if systems[self.baseline].budgets is not None:
-            raise ValueError("the baseline must run at every budget")
+            for what, given, known in (("budget", s.budgets, budgets), ("window", s.windows, windows)):
+                unknown = set(given or ()) - known
+                if unknown:
+                    raise ValueError(f"system {s.name!r}: unknown {what}(s) {', '.join(sorted(unknown))}")
+        if systems[self.baseline].budgets is not None or systems[self.baseline].windows is not None:
+            raise ValueError("the baseline must run in every cell")
         return self
 
     def cells(self) -> list[tuple[Window, Budget]]:
         return [(w, b) for w in self.windows for b in self.budgets]
 
-    def systems_at(self, budget: Budget) -> list[System]:
-        return [s for s in self.systems if s.budgets is None or budget.name in s.budgets]
+    def systems_at(self, window: Window, budget: Budget) -> list[System]:
+        return [s for s in self.systems if (s.budgets is None or budget.name in s.budgets)
+                and (s.windows is None or window.name in s.windows)]
 
     def fingerprint(self) -> str:
         """What a resumed run must match: the suite's content, not its file's layout."""
