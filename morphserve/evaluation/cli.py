@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -36,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from morphserve.evaluation.suite import load_suite
 
     suite = load_suite(args.suite)
+    signal.signal(signal.SIGTERM, _interrupt)  # so the server being measured is reaped, not orphaned
     for path, what in ((args.model / "config.json", "a model folder"), (args.pack / packfmt.MANIFEST, "a pack")):
         if not path.exists():
             raise MorphServeError(f"{path.parent} is not {what} (no {path.name})")
@@ -50,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
         print("error: the systems did not do equal work:\n  " + "\n  ".join(problems), file=sys.stderr)
         return 1
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def build_report(suite, out: Path) -> dict:

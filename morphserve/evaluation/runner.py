@@ -134,7 +134,8 @@ def one_run(suite: Suite, rep: int, window: Window, budget: Budget, system: Syst
     if changes is not None:
         record["transitions"] = sum(1 for line in (folder / "transitions.jsonl").read_text().splitlines()
                                     if json.loads(line).get("reason") != "manual")
-        record["max_level_serving"] = max(int(k) for part in record["tokens_by_level"].values() for k in part)
+        record["max_level_serving"] = max((int(k) for part in record["tokens_by_level"].values() for k in part),
+                                          default=0)
     (folder / "run.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
 
