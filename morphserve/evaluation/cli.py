@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         if not path.exists():
             raise MorphServeError(f"{path.parent} is not {what} (no {path.name})")
     if args.report_only:
-        check_resumable(suite, args.out, args.suite)
+        check_resumable(suite, args.out, args.suite, args.pack)
     else:
         evaluate(suite, args.suite, args.model, args.pack, args.out)
     report = build_report(suite, args.out)

@@ -62,22 +62,26 @@ def run_dir(out: Path, rep: int, window: Window, budget: Budget, system: System)
     return out / window.name / budget.name / system.name / f"rep{rep + 1}"
 
 
-def check_resumable(suite: Suite, out: Path, suite_path: Path) -> None:
-    """An output folder belongs to one suite: resuming with another is refused."""
+def check_resumable(suite: Suite, out: Path, suite_path: Path, pack: Path) -> None:
+    """An output folder belongs to one suite and one pack: resuming with another is refused."""
     out.mkdir(parents=True, exist_ok=True)
     marker = out / "suite.json"
+    pack_id = hashlib.sha256((pack / packfmt.MANIFEST).read_bytes()).hexdigest()[:16]
     if marker.exists():
         previous = json.loads(marker.read_text())
         if previous["fingerprint"] != suite.fingerprint():
             raise MorphServeError(f"{out} holds runs of a different suite ({previous['file']}); "
                                   "use another --out or delete it")
+        if previous.get("pack_manifest_sha256", pack_id) != pack_id:
+            raise MorphServeError(f"{out} holds runs made with a different pack than {pack}; "
+                                  "use another --out or delete it")
     else:
         marker.write_text(json.dumps({"file": str(suite_path), "fingerprint": suite.fingerprint(),
-                                      "suite": suite.model_dump()}, indent=2) + "\n")
+                                      "pack_manifest_sha256": pack_id, "suite": suite.model_dump()}, indent=2) + "\n")
 
 
 def evaluate(suite: Suite, suite_path: Path, model: Path, pack: Path, out: Path) -> list[Path]:
-    check_resumable(suite, out, suite_path)
+    check_resumable(suite, out, suite_path, pack)
     manifest = packfmt.load_manifest(pack)
     curve = {int(k): float(v) for k, v in json.loads((pack / packfmt.QUALITY).read_text())["orders"]["lis"]["ppl"].items()}
     order = run_order(suite)

@@ -1,0 +1,95 @@
+"""`morphserve evaluate` end to end on real servers: plain vLLM FP16 and MorphServe, a
+millisecond-stamped JSONL trace, equal work checked, memory sampled, quality from the
+transition log, and a resumed run that skips what is done."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.engine_utils import REPO
+
+pytestmark = [pytest.mark.engine, pytest.mark.quant]
+
+SUITE = """
+name: e2e
+repetitions: 1
+drain_s: 30
+max_model_len: 1024
+windows:
+  - {{name: burst, trace: {trace}, timestamp_unit: ms, start_s: 0, duration_s: 4, rate_scale: 1,
+     length_scale: 1, output_scale: 1, regime: capacity, why: test}}
+budgets:
+  - {{name: tight, total_mb: 300}}
+systems:
+  - {{name: fp16, kind: fp16}}
+  - {{name: ms, kind: morphserve, policy: default}}
+static_quantized: null
+"""
+
+
+def _evaluate(*args):
+    return subprocess.run([sys.executable, "-m", "morphserve.cli", "evaluate", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def evaluated(model_dir, pack_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("evaluate")
+    trace = tmp / "trace.jsonl"
+    trace.write_text("".join(json.dumps({"timestamp": 250 * i, "input_length": 300 + 20 * i, "output_length": 12})
+                             + "\n" for i in range(12)))
+    suite = tmp / "suite.yaml"
+    suite.write_text(SUITE.format(trace=trace))
+    out = tmp / "out"
+    proc = _evaluate(suite, "--model", model_dir, "--pack", pack_dir, "--out", out)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return suite, out, proc
+
+
+def test_report_has_every_row_and_equal_work(evaluated):
+    _, out, proc = evaluated
+    report = json.loads((out / "report.json").read_text())
+    [cell] = report["cells"]
+    assert set(cell["systems"]) == {"fp16", "ms"} and cell["equal_work_problems"] == []
+    assert "prompt and output lengths identical" in proc.stdout
+    assert (out / "report.png").stat().st_size > 10_000
+
+
+def test_runs_record_memory_capacity_and_quality(evaluated, pack_dir):
+    _, out, _ = evaluated
+    fp16 = json.loads((out / "burst/tight/fp16/rep1/run.json").read_text())
+    ms = json.loads((out / "burst/tight/ms/rep1/run.json").read_text())
+    trace = [json.loads(x) for x in (out / "burst/tight/fp16/rep1/trace.jsonl").read_text().splitlines()]
+    assert [t["timestamp"] for t in trace][:3] == [0.0, 0.25, 0.5]  # milliseconds read as such
+    for run in (fp16, ms):
+        assert run["requests"] == 12 and run["peak_rss_anon_mib"] > 1000 and run["peak_rss_file_mib"] > 0
+        assert run["memory_samples"] > 5
+        tokens = run["tokens_by_level"]
+        assert sum(tokens["prompt"].values()) == sum(l for l, ok in zip(run["input_lens"], run["ok"]) if ok)
+        assert sum(tokens["output"].values()) == sum(l for l, ok in zip(run["output_lens"], run["ok"]) if ok)
+    assert fp16["ppl_increase"] == 0.0 and set(fp16["tokens_by_level"]["output"]) == {"0"}
+    assert ms["kv_blocks"]["level0"] < ms["kv_blocks"]["max_level"]
+    assert ms["warmup"]["levels"] == [30, 0]
+    quality = json.loads((pack_dir / "quality.json").read_text())
+    assert ms["ppl"] >= quality["fp16_ppl"] * 0.999
+
+
+def test_resume_skips_done_runs_and_refuses_another_suite(evaluated, model_dir, pack_dir, tmp_path):
+    suite, out, _ = evaluated
+    again = _evaluate(suite, "--model", model_dir, "--pack", pack_dir, "--out", out)
+    assert again.returncode == 0 and "2 of 2 runs already done" in again.stderr
+    other = tmp_path / "other.yaml"
+    other.write_text(suite.read_text().replace("repetitions: 1", "repetitions: 2"))
+    refused = _evaluate(other, "--model", model_dir, "--pack", pack_dir, "--out", out)
+    assert refused.returncode == 2 and "different suite" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_bad_suite_is_one_error_line(tmp_path, model_dir, pack_dir):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nwindows: []\nbudgets: []\nsystems: []\n")
+    proc = _evaluate(bad, "--model", model_dir, "--pack", pack_dir, "--out", tmp_path / "o")
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {bad}: windows") and "Traceback" not in proc.stderr
