@@ -8,7 +8,8 @@ a hook that cannot be installed stops startup instead of silently running unpatc
 Patched or added (all inert unless `additional_config["morphserve"]` is set):
 - `EngineArgs.create_engine_config`: validate the MorphServe config and pack in the
   frontend; add the worker extension; force eager mode (vLLM's CPU compile mode traces
-  once and skips guards, so a compiled model would keep running the old layer).
+  once and skips guards, so a compiled model would keep running the old layer); pin the
+  W4A16 kernel (`W4A16_ENV`, see `pin_w4a16_kernel`).
 - `EngineCore._initialize_kv_caches`: load the pack on the workers before KV sizing, and
   size the KV cache for the most quantized level (the elastic pool caps what is used).
 - `Scheduler.__init__`: put the elastic cap on the new scheduler's BlockPool.
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -94,6 +96,7 @@ def _patch_create_engine_config(original):
                     f"MorphServe needs --worker-extension-cls {WORKER_EXTENSION}; got {self.worker_extension_cls}"
                 )
             self.worker_extension_cls = WORKER_EXTENSION
+            pin_w4a16_kernel()
             if not self.enforce_eager:
                 log.warning("MorphServe: enabling --enforce-eager (a compiled model would not see layer swaps)")
                 self.enforce_eager = True
@@ -313,6 +316,40 @@ def apply_patches() -> None:
     check_vllm_version()
     for patch in PATCHES:
         patch.apply()
+
+
+# -- which 4-bit kernel vLLM runs --------------------------------------------------------
+# On CPUs with AMX, vLLM 0.32's CPUWNA16 kernel serves 4-bit layers as W4A8 (activations
+# quantized to int8 per token) unless VLLM_CPU_INT4_W4A8=0. A pack's quality curve measures
+# W4A16 (bf16 activations); on SmolLM2 the all-layers W4A8 perplexity is about 7% above it.
+# MorphServe serves what its curve measured, and every 4-bit baseline it is compared with
+# runs under the same setting.
+W4A16_ENV = {"VLLM_CPU_INT4_W4A8": "0"}
+
+
+def pin_w4a16_kernel() -> None:
+    """Set W4A16_ENV in this process (engine cores and workers inherit it), or refuse if the
+    operator asked for W4A8, whose quality the pack does not describe."""
+    from vllm import envs
+
+    from morphserve.errors import MorphServeError
+
+    for key, value in W4A16_ENV.items():
+        if os.environ.get(key, value) != value:
+            raise MorphServeError(f"MorphServe serves the W4A16 kernel its pack's quality curve measured; "
+                                  f"unset {key} (it is {os.environ[key]!r})")
+        os.environ[key] = value
+    if envs._is_envs_cache_enabled():  # an earlier engine in this process froze vLLM's env reads
+        envs.__getattr__.cache_clear()
+
+
+def wna16_variant(dtype: torch.dtype) -> str:
+    """The CPUWNA16 path a 4-bit layer gets (ISA and W4A8 or W4A16): part of the twin cache
+    key, since the two lay out their tensors differently."""
+    from vllm import envs
+
+    w4a8 = envs.VLLM_CPU_INT4_W4A8 and dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported()
+    return f"{wna16_isa_hint(dtype)}-{'w4a8' if w4a8 else 'w4a16'}"
 
 
 # -- read-only helpers over vLLM kernels -------------------------------------------------

@@ -80,7 +80,7 @@ class MorphWorkerExtension:
             self._twins, attrs = MappedCheckpoint({}), {}
         else:
             pack_files = sorted(set(twin_ckpt.tensors.values()))
-            key = cache_key(pack_files, vp.SUPPORTED_VLLM, str(dtype), vp.wna16_isa_hint(dtype))
+            key = cache_key(pack_files, vp.SUPPORTED_VLLM, str(dtype), vp.wna16_variant(dtype))
             path = cache_root() / "kernel-twins" / f"{key}.safetensors"
             self._twins = ensure_kernel_twins(path, list(fused), kernel_layout)
             attrs = kernel_attrs(path)

@@ -21,6 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_swap import _run_child  # noqa: E402
 
+from morphserve.vllm_patches import W4A16_ENV  # noqa: E402
+
 BLOCK_BYTES = 30 * 2 * 3 * 64 * 128 * 2  # SmolLM2 KV block of 128 tokens, all layers, bf16
 PROMPT_TOKENS, MAX_TOKENS, REQUESTS = 300, 60, 24
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -38,6 +40,7 @@ def _engine(model: str, pack: str | None, fp16_blocks: int):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if pack is None:
         os.environ["VLLM_PLUGINS"] = ""
+    os.environ.update(W4A16_ENV)  # the 4-bit kernel MorphServe serves
     from vllm import LLM
 
     extra = {"additional_config": {"morphserve": {"pack": pack}}} if pack else {}

@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))
 from morphserve.controller import model_weight_bytes  # noqa: E402
 from morphserve.default_model import cache_root  # noqa: E402
 from morphserve.server_proc import free_port, group_rss, start_server, stop_server  # noqa: E402
+from morphserve.vllm_patches import W4A16_ENV  # noqa: E402
 from quant_layers.mapped_checkpoint import MappedCheckpoint  # noqa: E402
 from quant_layers.twin import index_safetensors  # noqa: E402
 
@@ -116,7 +117,7 @@ def kv_token_bytes(model: Path) -> int:
 def measure_plain(name: str, model: Path, tokenizer: Path, kv_bytes: int, args, token_bytes: int) -> dict:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
-    env.update(VLLM_PLUGINS="", VLLM_LOGGING_LEVEL="WARNING")
+    env.update(VLLM_PLUGINS="", VLLM_LOGGING_LEVEL="WARNING", **W4A16_ENV)  # the kernel MorphServe serves
     cmd = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", str(model),
            "--tokenizer", str(tokenizer), "--kv-cache-memory-bytes", str(kv_bytes), *common_args(args, port)]
     proc = start_server(cmd, env, args.logs / f"{name}.log", port)

