@@ -20,7 +20,7 @@ from morphserve import pack as packfmt
 from morphserve.errors import MorphServeError
 from morphserve.evaluation import quality, systems
 from morphserve.evaluation.suite import Budget, Suite, System, Window
-from morphserve.server_proc import REPO, free_port, group_rss, start_server, stop_server
+from morphserve.server_proc import free_port, group_rss, start_server, stop_server
 
 MIB = 2**20
 
@@ -162,7 +162,7 @@ def _replay(suite: Suite, window: Window, system: System, model: Path, base: str
     bench_log = folder / "bench.log"
     bench_log.unlink(missing_ok=True)
     with open(folder / "replay.log", "w") as log:
-        replay = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        replay = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         started = _wait_for_start(replay, bench_log)
         deadline = started + window.duration_s + suite.drain_s
         cut = False
