@@ -22,8 +22,8 @@ pytestmark = [pytest.mark.engine, pytest.mark.quant]
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist")
-    # --no-isolation: build with the venv's pinned setuptools instead of fetching one
-    proc = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(REPO)],
+    # build's isolated environment takes setuptools and wheel from the package index, as pip does
+    proc = subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(out), str(REPO)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     [whl] = out.glob("morphserve-*.whl")

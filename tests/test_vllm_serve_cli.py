@@ -37,6 +37,8 @@ def _serve(model_dir, pack_dir, tmp_path, plugins: str | None):
     cmd = [str(VLLM), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "1024",
            "--kv-cache-memory-bytes", str(12 * BLOCK_BYTES), "--served-model-name", "model",
            "--additional-config", json.dumps({"morphserve": {"pack": str(pack_dir)}})]
+    if plugins is not None:
+        cmd.append("--enforce-eager")  # MorphServe forces it when active; a compile would only cost time here
     return start_server(cmd, env, tmp_path / "server.log", port), f"http://127.0.0.1:{port}"
 
 

@@ -126,7 +126,8 @@ def one_run(suite: Suite, rep: int, window: Window, budget: Budget, system: Syst
     rows = [json.loads(x) for x in (folder / "requests.jsonl").read_text().splitlines()]
     static_level = num_layers if system.kind == "w4" else 0
     changes = quality.level_changes(folder / "transitions.jsonl") if system.kind == "morphserve" else None
-    record.update(summary)
+    record.update({k: v for k, v in summary.items() if k not in ("system", "window")})
+    record["trace_window"] = summary["window"]  # START:DURATION; record["window"] stays the suite's name
     record.update(quality.quality_of_run(rows, curve, changes, static_level))
     record.update(peak_rss_anon_mib=sampler.peak["anon"] / MIB, peak_rss_file_mib=sampler.peak["file"] / MIB,
                   peak_rss_total_mib=sampler.peak["total"] / MIB, memory_samples=sampler.samples,
