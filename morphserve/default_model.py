@@ -23,11 +23,16 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cache_root() -> Path:
-    """`MORPHSERVE_CACHE`, else `.cache/` at the repository root (where the Makefile puts it)."""
+    """`MORPHSERVE_CACHE`; else `.cache/` at the repository root (where the Makefile puts
+    it) when running from a checkout; else the user's cache folder (an installed package
+    must not write into site-packages)."""
     env = os.environ.get("MORPHSERVE_CACHE")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / ".cache"
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").exists():
+        return checkout / ".cache"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "morphserve"
 
 
 def default_model_dir() -> Path:

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 import morphserve
 from morphserve import pack as packfmt
+from morphserve.datafiles import wikitext
 from morphserve.errors import MorphServeError
 from quant_layers import quality, twin
 from quant_layers.eval_windows import load_windows
@@ -25,9 +26,8 @@ from quant_layers.importance import greedy_lis_order
 from quant_layers.layer_runner import SwitchableModel, mean_cosine
 from quant_layers.model_info import check_group_size, default_group_size, read_model_info
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_CALIB = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
-DEFAULT_EVAL = REPO.parent / "shared" / "data" / "wikitext-2" / "test.txt"
+DEFAULT_CALIB = wikitext("valid")
+DEFAULT_EVAL = wikitext("test")
 
 
 @dataclass

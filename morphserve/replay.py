@@ -20,10 +20,9 @@ import urllib.request
 from pathlib import Path
 
 from morphserve import replay_stats, trace
+from morphserve.datafiles import traces_dir
 from morphserve.errors import MorphServeError
 
-# The named traces live in the shared data folder next to the checkout (MORPHSERVE_SHARED overrides).
-SHARED = Path(os.environ.get("MORPHSERVE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -79,7 +78,7 @@ class StatePoller(threading.Thread):
 
 
 def run(args: argparse.Namespace) -> int:
-    loaded = trace.load(trace.resolve(args.trace, SHARED), trace.TIMESTAMP_UNITS[args.timestamp_unit])
+    loaded = trace.load(trace.resolve(args.trace, traces_dir()), trace.TIMESTAMP_UNITS[args.timestamp_unit])
     reqs = trace.prepare(loaded, trace.parse_window(args.window), args.rate_scale, args.length_scale,
                          args.output_scale, args.max_input)
     block = trace.hash_block_size(reqs, args.hash_block_size)

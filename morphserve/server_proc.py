@@ -24,10 +24,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(cmd: list[str], env: dict, log: Path, port: int, timeout: float = 300) -> subprocess.Popen:
-    """Start `cmd` in its own session; return once /health answers, or raise with the log's tail."""
+def start_server(cmd: list[str], env: dict, log: Path, port: int, timeout: float = 300,
+                 cwd: Path | None = None) -> subprocess.Popen:
+    """Start `cmd` in its own session (in `cwd`, default: the checkout when there is one);
+    return once /health answers, or raise with the log's tail."""
+    if cwd is None and (REPO / "pyproject.toml").exists():
+        cwd = REPO
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -28,9 +28,9 @@ class TraceRequest:
     hash_ids: tuple[int, ...] | None = None  # from the file, when it carries them
 
 
-def resolve(trace: str, shared: Path) -> Path:
+def resolve(trace: str, traces_dir: Path) -> Path:
     if trace in NAMED:
-        return shared / "traces" / NAMED[trace]
+        return traces_dir / NAMED[trace]
     path = Path(trace)
     if not path.exists():
         raise MorphServeError(f"trace {trace!r}: not one of {', '.join(NAMED)} and no such file")

@@ -21,17 +21,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_swap import _run_child  # noqa: E402
 
+from morphserve.datafiles import wikitext  # noqa: E402
 from morphserve.vllm_patches import W4A16_ENV  # noqa: E402
 
 BLOCK_BYTES = 30 * 2 * 3 * 64 * 128 * 2  # SmolLM2 KV block of 128 tokens, all layers, bf16
 PROMPT_TOKENS, MAX_TOKENS, REQUESTS = 300, 60, 24
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
 def _prompts(model: str, n: int, salt: int) -> list[list[int]]:
     from transformers import AutoTokenizer
 
-    ids = AutoTokenizer.from_pretrained(model)((SHARED / "data/wikitext-2/valid.txt").read_text()[:400_000])["input_ids"]
+    ids = AutoTokenizer.from_pretrained(model)(wikitext("valid").read_text()[:400_000])["input_ids"]
     return [ids[(salt * 24 + i) * 353:(salt * 24 + i) * 353 + PROMPT_TOKENS] for i in range(n)]
 
 

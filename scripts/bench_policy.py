@@ -27,8 +27,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from morphserve.datafiles import wikitext  # noqa: E402
 BLOCK_BYTES = 30 * 2 * 3 * 64 * 128 * 2
-SHARED = REPO.parent / "shared"
 
 
 def decide_cost() -> dict:
@@ -87,7 +87,7 @@ def live(args) -> dict:
                 break
             except OSError:
                 time.sleep(2)
-        text = (SHARED / "data/wikitext-2/valid.txt").read_text()
+        text = wikitext("valid").read_text()
         prompts = [text[i * 5000:i * 5000 + 1300] for i in range(args.burst)]
         t0 = time.time()
         with ThreadPoolExecutor(args.burst) as pool:

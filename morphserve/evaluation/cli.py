@@ -37,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
     from morphserve.evaluation.suite import load_suite
 
     suite = load_suite(args.suite)
+    # servers and the load generator run with other working folders: make every path absolute
+    args.model, args.pack, args.out = args.model.resolve(), args.pack.resolve(), args.out.resolve()
     signal.signal(signal.SIGTERM, _interrupt)  # so the server being measured is reaped, not orphaned
     for path, what in ((args.model / "config.json", "a model folder"), (args.pack / packfmt.MANIFEST, "a pack")):
         if not path.exists():

@@ -20,7 +20,7 @@ from morphserve import pack as packfmt
 from morphserve.errors import MorphServeError
 from morphserve.evaluation import quality, systems
 from morphserve.evaluation.suite import Budget, Suite, System, Window
-from morphserve.server_proc import REPO, free_port, group_rss, start_server, stop_server
+from morphserve.server_proc import free_port, group_rss, start_server, stop_server
 
 MIB = 2**20
 
@@ -126,7 +126,8 @@ def one_run(suite: Suite, rep: int, window: Window, budget: Budget, system: Syst
     rows = [json.loads(x) for x in (folder / "requests.jsonl").read_text().splitlines()]
     static_level = num_layers if system.kind == "w4" else 0
     changes = quality.level_changes(folder / "transitions.jsonl") if system.kind == "morphserve" else None
-    record.update(summary)
+    record.update({k: v for k, v in summary.items() if k not in ("system", "window")})
+    record["trace_window"] = summary["window"]  # START:DURATION; record["window"] stays the suite's name
     record.update(quality.quality_of_run(rows, curve, changes, static_level))
     record.update(peak_rss_anon_mib=sampler.peak["anon"] / MIB, peak_rss_file_mib=sampler.peak["file"] / MIB,
                   peak_rss_total_mib=sampler.peak["total"] / MIB, memory_samples=sampler.samples,
@@ -162,7 +163,7 @@ def _replay(suite: Suite, window: Window, system: System, model: Path, base: str
     bench_log = folder / "bench.log"
     bench_log.unlink(missing_ok=True)
     with open(folder / "replay.log", "w") as log:
-        replay = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        replay = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         started = _wait_for_start(replay, bench_log)
         deadline = started + window.duration_s + suite.drain_s
         cut = False
