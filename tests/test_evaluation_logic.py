@@ -143,3 +143,14 @@ def test_unequal_work_is_caught():
                                            {**base, "system": "w4", "trace_sha256": "y", "input_lens": [5, 7]}])
     assert any("request 1 generated 2 tokens" in p for p in problems)
     assert any("different trace" in p for p in problems) and any("prompt lengths differ" in p for p in problems)
+
+
+def test_machine_record_reads_cpu_isa_and_memory():
+    from morphserve.evaluation.machine import describe, label
+
+    cpu = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu avx512f amx_tile amx_bf16\n"
+    m = describe(cpu, "MemTotal:       24000000 kB\n")
+    assert (m["cpu"], m["amx"], m["avx512"], m["mem_gib"]) == ("Intel(R) Xeon(R) Processor", True, True, 23)
+    assert "(AMX)" in label(m)
+    m = describe("model name\t: AMD EPYC\nflags\t: fpu avx512f\n", "")
+    assert not m["amx"] and "no AMX" in label(m)

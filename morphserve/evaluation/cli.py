@@ -82,8 +82,10 @@ def build_report(suite, out: Path) -> dict:
                       "requests": flat[0]["requests"], "trace_sha256": flat[0]["trace_sha256"],
                       "equal_work_problems": check_equal_work(flat),
                       "systems": summarize_cell(runs, suite.baseline, suite.static_quantized)})
+    marker = out / "suite.json"
+    ran_on = json.loads(marker.read_text()).get("machine") if marker.exists() else None
     report = {"suite": suite.name, "fingerprint": suite.fingerprint(), "repetitions": suite.repetitions,
-              "cells": cells}
+              "machine": ran_on, "cells": cells}
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(report_markdown(report) + "\n")
     if cells:
@@ -92,7 +94,9 @@ def build_report(suite, out: Path) -> dict:
 
 
 def report_markdown(report: dict) -> str:
+    from morphserve.evaluation.machine import label
     from morphserve.evaluation.render import equal_work, table
 
-    return (f"suite {report['suite']} ({report['fingerprint']}), {report['repetitions']} repetitions; "
+    ran_on = f" on {label(report['machine'])}" if report.get("machine") else " (machine not recorded)"
+    return (f"suite {report['suite']} ({report['fingerprint']}), {report['repetitions']} repetitions{ran_on}; "
             f"each figure: median [low, high]\n\n{table(report)}\n\nEqual work:\n{equal_work(report)}")

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from morphserve import pack as packfmt
 from morphserve.errors import MorphServeError
-from morphserve.evaluation import quality, systems
+from morphserve.evaluation import machine, quality, systems
 from morphserve.evaluation.suite import Budget, Suite, System, Window
 from morphserve.server_proc import free_port, group_rss, start_server, stop_server
 
@@ -75,9 +75,14 @@ def check_resumable(suite: Suite, out: Path, suite_path: Path, pack: Path) -> No
         if previous.get("pack_manifest_sha256", pack_id) != pack_id:
             raise MorphServeError(f"{out} holds runs made with a different pack than {pack}; "
                                   "use another --out or delete it")
+        here = machine.describe()
+        if "machine" in previous and (previous["machine"]["cpu"], previous["machine"]["amx"]) != (here["cpu"], here["amx"]):
+            raise MorphServeError(f"{out} holds runs made on {machine.label(previous['machine'])}, not on this "
+                                  f"{machine.label(here)}; use another --out")
     else:
         marker.write_text(json.dumps({"file": str(suite_path), "fingerprint": suite.fingerprint(),
-                                      "pack_manifest_sha256": pack_id, "suite": suite.model_dump()}, indent=2) + "\n")
+                                      "pack_manifest_sha256": pack_id, "machine": machine.describe(),
+                                      "suite": suite.model_dump()}, indent=2) + "\n")
 
 
 def evaluate(suite: Suite, suite_path: Path, model: Path, pack: Path, out: Path) -> list[Path]:
