@@ -348,6 +348,7 @@ def wna16_variant(dtype: torch.dtype) -> str:
     key, since the two lay out their tensors differently."""
     from vllm import envs
 
+    # mirrors layer.use_w4a8 in CPUWNA16LinearKernel.process_weights_after_loading (x86 branch)
     w4a8 = envs.VLLM_CPU_INT4_W4A8 and dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported()
     return f"{wna16_isa_hint(dtype)}-{'w4a8' if w4a8 else 'w4a16'}"
 
