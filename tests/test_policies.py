@@ -131,3 +131,20 @@ def test_slo_policy_predicts_more_capacity_means_less_waiting():
     ttfts = [policy.predict_ttft(s, k) for k in (0, 15, 30)]
     assert ttfts[0] > ttfts[1] > ttfts[2]
     assert policy.decide(s, PolicyState()).target > 0
+
+
+def test_slo_policy_quantizes_for_arrivals_the_current_capacity_cannot_serve():
+    """Same queue, same memory: only the arrival rate differs. At level 0 the 3 slots serve
+    1.5 requests/s; 3 requests/s over the 5 s horizon would queue 7.5 requests (a 5 s wait),
+    so the predictive policy must quantize now, before any queue exists."""
+    from policies import Signals
+
+    cfg, _ = load_policy("performance")
+    policy = make_policy(cfg, CAPACITY, 30)
+    calm = Signals(time=10.0, queue_len=0.0, used_blocks=9, capacity_blocks=9, step_time_s=DT,
+                   p95_tpot_s=DT, blocks_per_request=BLOCKS_PER_REQ, remaining_tokens=40, arrival_rate=0.0)
+    assert policy.decide(calm, PolicyState()).target == 0
+    busy = dataclasses.replace(calm, arrival_rate=3.0)
+    assert policy.predict_ttft(busy, 0) > cfg.ttft_slo_s > policy.predict_ttft(calm, 0)
+    decision = policy.decide(busy, PolicyState())
+    assert decision.target > 0 and "layers needed" in decision.reason
