@@ -55,10 +55,10 @@ def _log(msg: str) -> None:
 
 
 def _check_inputs(opt: PrepareOptions):
+    if opt.bits != twin.SERVED_BITS:
+        raise MorphServeError(f"--bits {opt.bits} is not supported: {twin.SERVED}")
     info = read_model_info(opt.model)
     twin.index_safetensors(Path(opt.model))  # a corrupt weight file fails here, not after GPTQ
-    if opt.bits not in (4, 8):
-        raise MorphServeError(f"--bits {opt.bits} is not supported; vLLM's WNA16 kernels take 4 or 8")
     if opt.group_size is None:
         opt.group_size = default_group_size(info.input_sizes())
     else:
@@ -70,7 +70,7 @@ def _check_inputs(opt: PrepareOptions):
     if out.exists() and any(out.iterdir()) and not opt.force:
         raise MorphServeError(f"{out} already exists and is not empty; pass --force to replace it")
     if opt.quantized is not None:
-        twin.open_twin(opt.quantized, info)  # fail before any slow work
+        twin.check_servable_twin(twin.open_twin(opt.quantized, info))  # fail before any slow work
     return info
 
 

@@ -49,8 +49,22 @@ def parse(raw) -> MorphConfig:
         raise MorphServeError(f"invalid --additional-config morphserve.{where}: {first['msg']}") from None
 
 
+def check_servable(manifest: packfmt.Manifest, tw) -> None:
+    """The pack must be what the runtime's single W4 kernel computes, and its manifest must
+    describe the twin it ships (a hand-edited or mixed-up pack is caught here)."""
+    from quant_layers.twin import SERVED, SERVED_BITS, check_servable_twin
+
+    check_servable_twin(tw)
+    if manifest.bits != SERVED_BITS:
+        raise MorphServeError(f"pack {tw.path.parent}: manifest says {manifest.bits}-bit; {SERVED}")
+    if manifest.group_size != tw.group_size:
+        raise MorphServeError(
+            f"pack {tw.path.parent}: manifest says group size {manifest.group_size}, the twin's "
+            f"quantization_config says {tw.group_size}; re-run `morphserve prepare`")
+
+
 def check_pack_matches(cfg: MorphConfig, model_path: str) -> packfmt.Manifest:
-    """Architecture, layer count, every tensor shape, and (optionally) the weight hash."""
+    """Servable format, architecture, layer count, every tensor shape, and (optionally) the weight hash."""
     from quant_layers.model_info import read_model_info
     from quant_layers.twin import open_twin
 
@@ -64,7 +78,7 @@ def check_pack_matches(cfg: MorphConfig, model_path: str) -> packfmt.Manifest:
         raise MorphServeError(
             f"pack {pack_dir} does not match the served model {model_path}: pack is {manifest.architecture} with "
             f"{manifest.num_layers} layers, model is {info.config.get('architectures')} with {info.num_layers}")
-    open_twin(pack_dir / manifest.quantized_dir, info)
+    check_servable(manifest, open_twin(pack_dir / manifest.quantized_dir, info))
     if cfg.memory_budget_gb is not None:
         from morphserve.controller import model_weight_bytes
 

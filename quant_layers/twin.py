@@ -23,6 +23,10 @@ from morphserve.errors import MorphServeError
 from quant_layers.model_info import LINEAR_NAMES, ModelInfo, linear_key
 
 PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
+# The runtime swaps layers through one kernel configuration: vLLM scalar type uint4b8 with
+# no zero points (vllm_patches.make_wna16_kernel). Every other twin is refused up front.
+SERVED_BITS = 4
+SERVED = "the runtime serves symmetric 4-bit (W4A16, no zero points) twins only"
 GPTQ_JOB = Path(__file__).with_name("gptq_job.py")
 
 
@@ -144,6 +148,18 @@ def open_twin(ckpt: Path, model: ModelInfo) -> TwinCheckpoint:
         path=ckpt, bits=w.num_bits, group_size=w.group_size, symmetric=w.symmetric,
         scheme=scheme, tensors=tensors,
     )
+
+
+def check_servable_twin(tw: TwinCheckpoint) -> None:
+    """An 8-bit or asymmetric twin would load into the uint4b8 kernel and compute wrong
+    numbers without any error, so it must be stopped before it is served."""
+    where = f"quantized checkpoint {tw.path}"
+    if tw.bits != SERVED_BITS:
+        raise MorphServeError(f"{where}: twin is {tw.bits}-bit; {SERVED}")
+    if not tw.symmetric:
+        raise MorphServeError(f"{where}: twin is asymmetric (symmetric: false); {SERVED}")
+    if any(key.endswith(".weight_zero_point") for key in tw.tensors):
+        raise MorphServeError(f"{where}: twin is asymmetric (it holds zero points, weight_zero_point); {SERVED}")
 
 
 def quant_python() -> Path:
