@@ -10,8 +10,10 @@ Python's mmap exposes exactly these two calls, so no native code is needed.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 
+import numpy as np
 import torch
 
 PAGE = mmap.PAGESIZE
@@ -22,6 +24,18 @@ class HostKVBacking:
         self.size = size
         self._map = mmap.mmap(-1, max(size, PAGE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.tensor = torch.frombuffer(self._map, dtype=torch.int8, count=size)
+
+    def resident_bytes(self) -> int:
+        """Bytes of the reserve backed by memory now (mincore), so a soak can tell KV pages
+        that were touched and kept from memory that leaks. Python's mmap has no mincore."""
+        pages = -(-max(self.size, PAGE) // PAGE)
+        vec = (ctypes.c_ubyte * pages)()
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+        if libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(pages * PAGE), vec) != 0:
+            return -1
+        return int((np.frombuffer(vec, dtype=np.uint8) & 1).sum()) * PAGE
 
     def release(self, ranges: list[tuple[int, int]]) -> int:
         """Give back the pages inside each [start, end) byte range; returns bytes advised."""

@@ -92,6 +92,10 @@ class MorphController:
         self.step_seconds: deque[float] = deque(maxlen=2000)  # boundary to boundary, while serving
         self.by_direction = {"quantize": 0, "restore": 0}
         self.histogram = TransitionHistogram()
+        self.errors = 0
+        self.last_error: dict | None = None
+        self.pinned_by_error = False
+        self._last_manual = float("-inf")
 
     @classmethod
     def start(cls, cfg: dict, engine_core) -> "MorphController":
@@ -191,8 +195,8 @@ class MorphController:
                     # A deferred manual restore stays synchronous, as the request asked.
                     self.transition(level, reason="pending",
                                     background=self.forced_level is None and self.background_restores)
-        except MorphServeError as e:  # the engine keeps serving at the level it is at
-            log.error("MorphServe: %s", e)
+        except Exception as e:  # nothing may escape into vLLM's engine loop: it would kill the engine
+            self._recover(e, "a step-boundary transition")
 
     def _decide(self) -> None:
         t0 = time.perf_counter()
@@ -268,8 +272,52 @@ class MorphController:
     def _write_log(self, record: dict) -> None:
         record["levels"], self.level_changes = self.level_changes, []
         if self.log_path:
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:  # a full disk must not fail a transition that already happened
+                log.warning("MorphServe: could not append to the transition log %s: %s", self.log_path, e)
+
+    # -- failures --------------------------------------------------------------------
+    def _recover(self, error: BaseException, during: str) -> None:
+        """After any failure: take the level the workers actually serve (each layer is
+        wholly bf16 or W4: the workers roll back their own partial swaps), give the KV pool
+        that level's capacity, and pin it, so the policy does not retry a failing
+        transition at every step. An operator unpins with POST {"quantized_layers": null}."""
+        try:
+            self.errors += 1
+            log.error("MorphServe: %s failed: %s", during, error, exc_info=not isinstance(error, MorphServeError))
+            self.pending_level = None
+            if self.restoring is not None:
+                self.restoring = None
+                self._try_rpc("morphserve_restore_cancel")
+            ids = self._try_rpc("morphserve_quantized")
+            if ids is not None:
+                self.quantized = [i for i in self.order if i in ids]
+            level = len(self.quantized)
+            cap = self.capacity(level)
+            if self.pool.limit < cap:
+                self.pool.grow(cap)  # a shrink for a restore that did not happen is called off
+            elif self.pool.limit > cap:  # fewer layers W4 than the pool was sized for
+                self.pool.set_limit(cap)
+                self.pool.drain()
+            vs.sync_capacity_view(self.core.vllm_config, self.core.scheduler, self.pool.visible)
+            self.forced_level, self.pinned_by_error = level, True
+            self.last_error = {"time": time.time(), "during": during, "error": f"{type(error).__name__}: {error}",
+                               "serving_level": level}
+            self._write_log({"time": time.time(), "outcome": "failed", "during": during,
+                             "error": self.last_error["error"], "to": level, "policy": self.policy_name})
+        except Exception:  # the last line: log, never raise into vLLM
+            log.critical("MorphServe: recovery after %s failed; level and KV view may disagree", during,
+                         exc_info=True)
+
+    def _try_rpc(self, method: str):
+        """A worker call during recovery: its failure is logged, not raised."""
+        try:
+            return self.core.model_executor.collective_rpc(method)[0]
+        except Exception as e:
+            log.error("MorphServe: %s failed during recovery: %s", method, e)
+            return None
 
     # -- restores prepared in the background ---------------------------------------------
     def _begin_restore(self, layers: list[int], level: int, record: dict, t0: float, before_blocks: int) -> dict:
@@ -310,6 +358,7 @@ class MorphController:
     def _abandon_restore(self, why: str) -> None:
         """Layers not yet installed stay W4, so they keep their KV: the pool grows back."""
         r, self.restoring = self.restoring, None
+        self._try_rpc("morphserve_restore_cancel")  # a preparer left running would hold memory
         self.quantized = self._worker_quantized()
         self.pool.grow(self.capacity(len(self.quantized)))
         vs.sync_capacity_view(self.core.vllm_config, self.core.scheduler, self.pool.visible)
@@ -405,15 +454,26 @@ class MorphController:
     def set_level_request(self, level) -> dict:
         """POST /morphserve/level: an int forces a level (policy paused); None hands control back."""
         if level is None:
-            self.forced_level = None
+            self.forced_level, self.pinned_by_error = None, False
             return {"ok": True, **self.state()}
         if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= self.num_layers:
-            return {"ok": False, "error": f"quantized_layers must be an integer in 0..{self.num_layers}, got {level!r}"}
-        self.forced_level = level
+            return {"ok": False, "status": 400,
+                    "error": f"quantized_layers must be an integer in 0..{self.num_layers}, got {level!r}"}
+        now = time.monotonic()
+        wait = self._last_manual + float(self.cfg.get("manual_min_interval_s", 1.0)) - now
+        if wait > 0 and level != len(self.quantized):
+            return {"ok": False, "status": 429, "retry_after_s": round(wait, 3),
+                    "error": f"manual level changes are limited to one per {self.cfg.get('manual_min_interval_s', 1.0)} s "
+                             f"(manual_min_interval_s); retry in {wait:.2f} s"}
+        self._last_manual = now
+        self.forced_level, self.pinned_by_error = level, False
         try:
             result = self.transition(level, reason="manual")
-        except MorphServeError as e:
-            return {"ok": False, "error": str(e), **self.state()}
+        except Exception as e:
+            self._recover(e, f"manual transition to {level}")
+            return {"ok": False, "status": 503, **self.state(),
+                    "error": f"transition to {level} failed and was rolled back; serving at "
+                             f"{len(self.quantized)} quantized layers: {e}"}
         return {**result, **self.state()}
 
     def kv_state(self) -> dict:
@@ -439,13 +499,17 @@ class MorphController:
         yet installed + committed KV pages <= budget. Weights and RSS are
         read in the worker; the KV figure counts every block that may hold pages (the
         committed ids and vLLM's null block)."""
-        worker = self.core.model_executor.collective_rpc("morphserve_memory")[0]
+        try:
+            worker = self.core.model_executor.collective_rpc("morphserve_memory")[0]
+        except Exception as e:  # a state read must not fail because one figure could not be read
+            return {"error": f"worker memory query failed: {e}"}
         kv = (self.pool.committed + 1) * self.budget.block_bytes
         accounted = worker["weights_bytes"] + worker["twin_bytes"] + worker["prepared_bytes"] + kv
         return {"budget_bytes": self.budget.budget_bytes, "weights_bytes": worker["weights_bytes"],
                 "twin_bytes": worker["twin_bytes"], "prepared_bytes": worker["prepared_bytes"], "kv_bytes": kv,
                 "accounted_bytes": accounted,
                 "within_budget": accounted <= self.budget.budget_bytes,
+                "kv_resident_bytes": worker["kv_resident_bytes"],
                 "rss_anon_bytes": worker["rss_anon_bytes"], "rss_file_bytes": worker["rss_file_bytes"]}
 
     def state(self) -> dict:
@@ -466,6 +530,9 @@ class MorphController:
             "signals": self.signals.as_dict() if self.signals is not None else None,
             "decision_us": self._decision_us(),
             "transitions": self.transitions,
+            "errors": self.errors,
+            "last_error": self.last_error,
+            "pinned_by_error": self.pinned_by_error,
             "transitions_by_direction": dict(self.by_direction),
             "transition_seconds": self.histogram.as_dict(),
             "recent_transitions": list(self.recent)[-10:],

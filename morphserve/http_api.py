@@ -2,12 +2,20 @@
 
 vLLM's own AuthenticationMiddleware guards only /v1-style prefixes, so these routes check
 the bearer token themselves, against the same keys (`--api-key`, else VLLM_API_KEY) and
-with the same constant-time comparison. They reach the engine core by utility-method
-*name* (vLLM's UTILITY request path); nothing is pickled.
+with the same constant-time comparison. Without any key, reading the state stays open
+(like vLLM's /metrics) but changing the level is allowed only from this host (loopback):
+vLLM listens on every interface by default, and a level change costs decode steps.
+
+They reach the engine core by utility-method *name* (vLLM's UTILITY request path; nothing
+is pickled), with a timeout, so a stuck engine gives a 504 instead of a hung request.
+Every body is checked here before anything is sent: a bad one gets a 400 and changes
+nothing; no body can produce a 500.
 """
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import json
 import secrets
 
@@ -15,15 +23,21 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 router = APIRouter()
+MAX_BODY_BYTES = 1024  # {"quantized_layers": N} is about 25 bytes
+MAX_LEVEL = 1 << 20  # far above any model's layer count, far below msgpack's 2**64 limit
+STATE_TIMEOUT_S = 10.0
+LEVEL_TIMEOUT_S = 120.0  # a synchronous 0 <-> L transition of a large model takes seconds
+BODY_HELP = 'body must be exactly {"quantized_layers": <int or null>}'
 
 
-def _authorized(request: Request) -> bool:
+def _keys(request: Request) -> list[str]:
     import vllm.envs as envs
 
     args = getattr(request.app.state, "args", None)
-    keys = [k for k in ((getattr(args, "api_key", None) or []) or [envs.VLLM_API_KEY]) if k]
-    if not keys:
-        return True
+    return [k for k in ((getattr(args, "api_key", None) or []) or [envs.VLLM_API_KEY]) if k]
+
+
+def _key_matches(request: Request, keys: list[str]) -> bool:
     header = request.headers.get("Authorization", "")
     given = header[len("Bearer "):] if header.startswith("Bearer ") else ""
     ok = False
@@ -32,36 +46,80 @@ def _authorized(request: Request) -> bool:
     return ok
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _from_loopback(request: Request) -> bool:
+    host = request.client.host if request.client else ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
-async def _call(request: Request, method: str, *args):
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+async def _call(request: Request, method: str, *args, timeout: float):
+    """The engine core's answer, or an error response (never an exception)."""
     client = request.app.state.engine_client
-    return await client.engine_core.call_utility_async(method, *args)
+    try:
+        return await asyncio.wait_for(client.engine_core.call_utility_async(method, *args), timeout)
+    except asyncio.TimeoutError:
+        return _error(504, f"the engine did not answer {method} within {timeout:.0f} s")
+    except Exception as e:  # engine dead or shutting down
+        return _error(503, f"the engine could not answer {method}: {e}")
 
 
 @router.get("/morphserve/state")
 async def get_state(request: Request):
-    if not _authorized(request):
+    keys = _keys(request)
+    if keys and not _key_matches(request, keys):
         return _error(401, "Unauthorized")
-    return JSONResponse(await _call(request, "morphserve_state"))
+    result = await _call(request, "morphserve_state", timeout=STATE_TIMEOUT_S)
+    return result if isinstance(result, JSONResponse) else JSONResponse(result)
+
+
+def parse_level_body(raw: bytes):
+    """The requested level (int or None), or a 400 message. Pure, so it is fuzzed directly."""
+    if len(raw) > MAX_BODY_BYTES:
+        return None, f"body is {len(raw)} bytes; {BODY_HELP}"
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError, UnicodeDecodeError) as e:  # ValueError: bad JSON, 4,300+ digit ints
+        return None, f"{BODY_HELP}: {str(e)[:200]}"
+    if not isinstance(body, dict) or set(body) != {"quantized_layers"}:
+        return None, BODY_HELP
+    level = body["quantized_layers"]
+    if level is not None and (isinstance(level, bool) or not isinstance(level, int)):
+        return None, f"quantized_layers must be an integer or null, got {str(level)[:50]!r}"
+    if level is not None and not 0 <= level <= MAX_LEVEL:
+        return None, "quantized_layers must be between 0 and the number of swappable layers"
+    return level, None
 
 
 @router.post("/morphserve/level")
 async def post_level(request: Request):
-    if not _authorized(request):
+    keys = _keys(request)
+    if keys and not _key_matches(request, keys):
         return _error(401, "Unauthorized")
-    try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return _error(400, f"body must be JSON like {{\"quantized_layers\": 4}}: {e}")
-    if not isinstance(body, dict) or set(body) != {"quantized_layers"}:
-        return _error(400, 'body must be exactly {"quantized_layers": <int or null>}')
-    level = body["quantized_layers"]
-    if level is not None and (isinstance(level, bool) or not isinstance(level, int)):
-        return _error(400, f"quantized_layers must be an integer or null, got {level!r}")
-    result = await _call(request, "morphserve_set_level", level)
+    if not keys and not _from_loopback(request):
+        return _error(403, "changing the level needs --api-key (or VLLM_API_KEY) when the caller is not on "
+                           "this host")
+    declared = request.headers.get("content-length", "0")
+    if not declared.isdigit() or int(declared) > MAX_BODY_BYTES:
+        return _error(413 if declared.isdigit() else 400, f"body must be at most {MAX_BODY_BYTES} bytes")
+    raw = b""
+    async for chunk in request.stream():  # stop reading at the cap whatever the header said
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            return _error(413, f"body must be at most {MAX_BODY_BYTES} bytes")
+    level, problem = parse_level_body(raw)
+    if problem:
+        return _error(400, problem)
+    result = await _call(request, "morphserve_set_level", level, timeout=LEVEL_TIMEOUT_S)
+    if isinstance(result, JSONResponse):
+        return result
     if not result.get("ok"):
-        return _error(400 if "must be" in result.get("error", "") else 500, result.get("error", "failed"))
+        status = int(result.get("status", 500))
+        headers = {"Retry-After": str(max(1, round(result["retry_after_s"])))} if status == 429 else None
+        return JSONResponse(result, status_code=status, headers=headers)
     return JSONResponse(result)

@@ -4,10 +4,20 @@ The numbers live in the engine-core process (the controller); /metrics is served
 API server. A custom collector in prometheus_client's default registry (the one vLLM
 serves unless PROMETHEUS_MULTIPROC_DIR is set) exports the last state it was given, and a
 middleware refreshes that state from the engine core, by utility-method name, right
-before each /metrics scrape. So the figures are as fresh as the scrape.
+before each /metrics scrape. So the figures are as fresh as the scrape. A refresh that
+fails or times out exports no stale figures: `morphserve_up` drops to 0, the error is
+counted in `morphserve_scrape_errors_total` and logged, and vLLM's own metrics are still
+served.
 """
 
 from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+log = logging.getLogger("morphserve")
+SCRAPE_TIMEOUT_S = 5.0
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -39,13 +49,30 @@ class TransitionHistogram:
 class MorphServeCollector:
     def __init__(self):
         self.state: dict = {}
+        self.up = False
+        self.scrape_errors = 0
+        self._last_warning = float("-inf")
+
+    def refresh_failed(self, error: BaseException) -> None:
+        self.state, self.up = {}, False
+        self.scrape_errors += 1
+        if time.monotonic() - self._last_warning > 60:  # one line a minute, not one per scrape
+            self._last_warning = time.monotonic()
+            log.warning("MorphServe: /metrics could not read the engine's state (%s: %s); its gauges are "
+                        "omitted until it answers", type(error).__name__, error)
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+        yield GaugeMetricFamily("morphserve_up", "1 if the last scrape read MorphServe's state from the engine",
+                                value=1 if self.up else 0)
+        yield CounterMetricFamily("morphserve_scrape_errors", "Scrapes that could not read the engine's state",
+                                  value=self.scrape_errors)
         s = self.state
         if not s.get("active"):
             return
+        yield CounterMetricFamily("morphserve_errors", "Failed transitions (each rolled back and pinned)",
+                                  value=s.get("errors", 0))
         yield GaugeMetricFamily("morphserve_quantized_layers", "Decoder layers now served by their W4 twin",
                                 value=s["quantized_layers"])
         yield GaugeMetricFamily("morphserve_kv_capacity_blocks", "KV blocks usable now (elastic pool)",
@@ -86,7 +113,9 @@ def install(app) -> None:
         if request.url.path.startswith("/metrics"):
             try:
                 client = request.app.state.engine_client
-                COLLECTOR.state = await client.engine_core.call_utility_async("morphserve_state")
-            except Exception:  # a scrape must not fail because the engine is busy or gone
-                pass
+                COLLECTOR.state = await asyncio.wait_for(
+                    client.engine_core.call_utility_async("morphserve_state"), SCRAPE_TIMEOUT_S)
+                COLLECTOR.up = True
+            except Exception as e:  # vLLM's own metrics are still served
+                COLLECTOR.refresh_failed(e)
         return await call_next(request)

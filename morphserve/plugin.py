@@ -5,13 +5,25 @@ It installs MorphServe's hooks (morphserve/vllm_patches.py). They are inert unle
 `--additional-config '{"morphserve": {...}}'` activates MorphServe, so a server that merely
 has the package installed behaves exactly like plain vLLM. A hook that cannot be
 installed is an error, never a silent fallback.
+
+On a vLLM other than the one MorphServe was written against, the package must not break
+a plain server: only a guard is installed, which refuses to start an engine that asks for
+MorphServe, and plain engines run untouched.
 """
 
 import logging
 
+log = logging.getLogger("morphserve")
+
 
 def register() -> None:
-    from morphserve.vllm_patches import apply_patches
+    from morphserve.vllm_patches import PatchError, apply_patches, check_vllm_version, install_version_guard
 
+    try:
+        check_vllm_version()
+    except PatchError as e:
+        log.warning("%s; MorphServe's hooks are not installed (plain vLLM is unaffected)", e)
+        install_version_guard(str(e))
+        return
     apply_patches()
-    logging.getLogger("morphserve").debug("MorphServe hooks installed")
+    log.debug("MorphServe hooks installed")

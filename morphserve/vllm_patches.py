@@ -101,9 +101,38 @@ def _patch_create_engine_config(original):
                 log.warning("MorphServe: enabling --enforce-eager (a compiled model would not see layer swaps)")
                 self.enforce_eager = True
             extra["morphserve"] = cfg.model_dump()
+            config = original(self, *args, **kwargs)
+            check_supported(config)
+            return config
         return original(self, *args, **kwargs)
 
     return create_engine_config
+
+
+def check_supported(vllm_config) -> None:
+    """Refuse, with one line, the setups in which a swap would not be safe.
+
+    - Not CPU: the layer swap and the KV backing are built for vLLM's CPU worker only.
+    - More than one rank (tensor, pipeline or data parallel): a transition would have to
+      commit on every rank at the same boundary, and the controller drives one worker.
+    - Async scheduling or any batch queue (max_concurrent_batches > 1): post_step would run
+      while the next batch is already executing, so a swap could land mid-forward.
+    """
+    from vllm.platforms import current_platform
+
+    from morphserve.errors import MorphServeError
+
+    par, sched = vllm_config.parallel_config, vllm_config.scheduler_config
+    if not current_platform.is_cpu():
+        raise MorphServeError(f"MorphServe runs on vLLM's CPU backend only; this is {current_platform.device_name}")
+    ranks = {"tensor_parallel_size": par.tensor_parallel_size, "pipeline_parallel_size": par.pipeline_parallel_size,
+             "data_parallel_size": par.data_parallel_size}
+    for name, size in ranks.items():
+        if size != 1:
+            raise MorphServeError(f"MorphServe needs a single rank; --{name.replace('_', '-')} is {size}")
+    if sched.async_scheduling or vllm_config.max_concurrent_batches != 1:
+        raise MorphServeError("MorphServe swaps layers between steps; turn off async scheduling "
+                              "(--no-async-scheduling) and any batch queue")
 
 
 # -- engine core -----------------------------------------------------------------------
@@ -114,6 +143,8 @@ def _patch_initialize_kv_caches(original):
             return original(self, vllm_config)
         from morphserve.controller import MorphController
 
+        check_supported(vllm_config)  # again here: an engine may be built without our frontend
+        _AWAITING_SCHEDULER.clear()  # a controller from an engine that failed to start
         controller = self._morphserve = MorphController.start(cfg, self)
         executor = self.model_executor
         measure = executor.determine_available_memory
@@ -140,17 +171,27 @@ def _patch_initialize_kv_caches(original):
 # The controller waiting for its scheduler. EngineCore.__init__ builds the scheduler right
 # after _initialize_kv_caches; the pool is capped the moment it exists, before any request.
 # (Wrapping EngineCore.__init__ instead would not work: vLLM loads plugins inside it, so
-# the first engine core runs the unpatched __init__.)
+# the first engine core runs the unpatched __init__.) A controller attaches only to the
+# scheduler of its own engine (the same VllmConfig object), never to a later engine's.
 _AWAITING_SCHEDULER: list = []
 
 
 def _patch_scheduler_init(original):
     def __init__(self, *args, **kwargs):
         original(self, *args, **kwargs)
-        if _AWAITING_SCHEDULER:
-            _AWAITING_SCHEDULER.pop().attach_scheduler(self)
+        controller = take_awaiting_controller(self.vllm_config)
+        if controller is not None:
+            controller.attach_scheduler(self)
 
     return __init__
+
+
+def take_awaiting_controller(vllm_config):
+    """The controller built for this engine's config, if one waits for its scheduler."""
+    for i, controller in enumerate(_AWAITING_SCHEDULER):
+        if controller.core.vllm_config is vllm_config:
+            return _AWAITING_SCHEDULER.pop(i)
+    return None
 
 
 def _patch_post_step(original):
@@ -194,8 +235,12 @@ def _add_set_level(_):
     def morphserve_set_level(self, level) -> dict:
         controller = getattr(self, "_morphserve", None)
         if controller is None:
-            return {"ok": False, "error": "MorphServe is not active on this engine"}
-        return controller.set_level_request(level)
+            return {"ok": False, "status": 404, "error": "MorphServe is not active on this engine"}
+        try:
+            return controller.set_level_request(level)
+        except Exception as e:  # an answer, not an exception through vLLM's utility path
+            log.exception("MorphServe: level request %r failed", level)
+            return {"ok": False, "status": 500, "error": f"internal error: {e}"}
 
     return morphserve_set_level
 
@@ -222,8 +267,10 @@ _HOST_KV: dict = {"enabled": False, "backing": None}
 
 
 def enable_host_kv_backing() -> None:
-    """Called in a worker by morphserve_init: this worker's KV cache goes on an mmap."""
-    _HOST_KV["enabled"] = True
+    """Called in a worker by morphserve_init: this worker's next KV allocation (and only
+    that one, so a later plain engine in the same process allocates as vLLM does) goes on
+    an mmap."""
+    _HOST_KV["enabled"], _HOST_KV["backing"] = True, None
 
 
 def host_kv_backing():
@@ -232,7 +279,8 @@ def host_kv_backing():
 
 def _patch_allocate_kv_cache(original):
     def allocate_kv_cache(kv_cache_config, device, layout, kernel_block_sizes=None):
-        if not _HOST_KV["enabled"] or device.type != "cpu" or not kv_cache_config.kv_cache_tensors:
+        enabled, _HOST_KV["enabled"] = _HOST_KV["enabled"], False
+        if not enabled or device.type != "cpu" or not kv_cache_config.kv_cache_tensors:
             return original(kv_cache_config, device, layout, kernel_block_sizes)
         return _allocate_on_host_backing(kv_cache_config, device, layout, kernel_block_sizes)
 
@@ -316,6 +364,27 @@ def apply_patches() -> None:
     check_vllm_version()
     for patch in PATCHES:
         patch.apply()
+
+
+def install_version_guard(reason: str) -> None:
+    """On an unsupported vLLM: an engine that asks for MorphServe stops with `reason`
+    instead of silently serving without it. EngineArgs.create_engine_config is vLLM's
+    public way to build an engine config, so it is the one attribute assumed to exist."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = getattr(EngineArgs, "create_engine_config", None)
+    if original is None or getattr(original, MARKER, False):
+        return
+
+    def create_engine_config(self, *args, **kwargs):
+        from morphserve.errors import MorphServeError
+
+        if isinstance(self.additional_config, dict) and "morphserve" in self.additional_config:
+            raise MorphServeError(reason)
+        return original(self, *args, **kwargs)
+
+    setattr(create_engine_config, MARKER, True)
+    EngineArgs.create_engine_config = create_engine_config
 
 
 # -- which 4-bit kernel vLLM runs --------------------------------------------------------

@@ -14,6 +14,7 @@ import torch
 
 from kv_resize.host_backing import tail_ranges
 from morphserve import pack as packfmt
+from morphserve.faults import maybe_fail
 from morphserve import vllm_patches as vp
 from morphserve.default_model import cache_root
 from morphserve.server_proc import process_rss
@@ -113,11 +114,13 @@ class MorphWorkerExtension:
                             gross -= s.fp_bytes
                             s.to_full(readers)
                             changed.append(s)
+                            maybe_fail("restore")
                 for i in quantize:
                     for s in self._morph_layers[i]:
                         if not s.quantized:
                             s.to_quantized(readers)
                             changed.append(s)
+                            maybe_fail("quantize")
                             freed += s.fp_bytes - s.live_bytes
                             gross += s.fp_bytes
             except Exception:
@@ -159,6 +162,7 @@ class MorphWorkerExtension:
                     fp_bytes += s.fp_bytes
                     s.commit_full(closure)
             committed.append(i)
+            maybe_fail("restore_commit")  # this layer is installed whole; the rest stay W4
         error = repr(prep.error) if prep.error is not None else None
         done = prep.remaining == 0
         if done or error:
@@ -186,8 +190,10 @@ class MorphWorkerExtension:
         params = sum(p.numel() * p.element_size() for p in self.model_runner.model.parameters())
         live = sum(s.live_bytes for swaps in self._morph_layers.values() for s in swaps)
         prep = getattr(self, "_restore", None)
+        backing = vp.host_kv_backing()
         return {"weights_bytes": params + live, "twin_bytes": 0,
-                "prepared_bytes": prep.prepared_bytes() if prep is not None else 0, **process_rss()}
+                "prepared_bytes": prep.prepared_bytes() if prep is not None else 0,
+                "kv_resident_bytes": backing.resident_bytes() if backing is not None else -1, **process_rss()}
 
     def morphserve_drop_page_cache(self) -> dict:
         """Evict the model's and the pack's file pages, so the next transition reads cold."""
@@ -202,6 +208,7 @@ class MorphWorkerExtension:
         if backing is None:
             return {"advised": 0, "rss_delta": 0, "backing": "none"}
         rss_before = rss_bytes()
+        maybe_fail("kv_release")
         ranges = tail_ranges(self.model_runner.kv_cache_config.kv_cache_tensors, first_block, last_block)
         advised = backing.release(ranges)
         return {"advised": advised, "rss_delta": rss_before - rss_bytes(), "backing": "host-mmap"}

@@ -142,7 +142,7 @@ def morph_llm(model: Path, pack: Path, twin: str, **kw):
 
 
 @contextlib.contextmanager
-def running_server(args: list[str], env: dict, log: Path, port: int, timeout: float = 240):
+def running_server(args: list[str], env: dict, log: Path, port: int, timeout: float = 240, host: str = "127.0.0.1"):
     """`morphserve serve ARGS` in its own process group: yields the base URL once /health
     answers; kills the whole group (API server, engine core, workers) afterwards."""
     import time
@@ -151,7 +151,7 @@ def running_server(args: list[str], env: dict, log: Path, port: int, timeout: fl
     import pytest
 
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "morphserve.cli", "serve", *args, "--host", "127.0.0.1",
+        proc = subprocess.Popen([sys.executable, "-m", "morphserve.cli", "serve", *args, "--host", host,
                                  "--port", str(port)], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     base = f"http://127.0.0.1:{port}"

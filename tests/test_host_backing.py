@@ -25,6 +25,15 @@ def test_reserved_pages_cost_nothing_until_written_and_are_released():
     assert int(backing.tensor[64 * MB + 5]) == 0 and int(backing.tensor[5]) == 1
 
 
+def test_resident_bytes_counts_touched_pages_only():
+    backing = HostKVBacking(64 * MB)
+    assert backing.resident_bytes() == 0
+    backing.tensor[: 10 * MB].fill_(1)
+    assert backing.resident_bytes() == 10 * MB
+    backing.release([(0, 4 * MB)])
+    assert backing.resident_bytes() == 6 * MB
+
+
 @dataclass
 class _T:  # the fields of vLLM's KVCacheTensor that matter here
     layers: list
