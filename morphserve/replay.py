@@ -41,7 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-scale", type=float, default=None, help="multiply output lengths by this (default: --length-scale)")
     p.add_argument("--max-input", type=int, default=None, help="cap input lengths (the server's max-model-len minus outputs)")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server")
-    p.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY"), help="bearer token, if the server wants one")
+    # SUPPRESS, not the variable's value: the defaults formatter would print the key in --help.
+    p.add_argument("--api-key", default=argparse.SUPPRESS,
+                   help="bearer token, if the server wants one (default: $VLLM_API_KEY if set)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="where results go")
     p.add_argument("--slo-ttft", type=float, default=2.0, metavar="S", help="TTFT SLO in seconds (the paper's)")
     p.add_argument("--slo-tpot", type=float, default=0.2, metavar="S", help="TPOT SLO in seconds")
@@ -50,6 +52,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the load generator and of each request's sampling")
     p.add_argument("--no-plot", action="store_true", help="skip timeline.png")
     p.set_defaults(func=run)
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else $VLLM_API_KEY, read at run time so the key never becomes a parser default."""
+    return getattr(args, "api_key", None) or os.environ.get("VLLM_API_KEY") or None
 
 
 def _get(url: str, key: str | None, timeout: float = 10):
@@ -78,6 +85,7 @@ class StatePoller(threading.Thread):
 
 
 def run(args: argparse.Namespace) -> int:
+    args.api_key = api_key(args)
     loaded = trace.load(trace.resolve(args.trace, traces_dir()), trace.TIMESTAMP_UNITS[args.timestamp_unit])
     reqs = trace.prepare(loaded, trace.parse_window(args.window), args.rate_scale, args.length_scale,
                          args.output_scale, args.max_input)

@@ -22,6 +22,8 @@ from morphserve import runtime_config
 from morphserve.errors import MorphServeError
 
 VLLM_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
+# vLLM flags whose values are credentials (--api-key takes one or more keys).
+SECRET_FLAGS = ("--api-key", "--hf-token")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -49,7 +51,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="policy-driven restores: read + prepack the bf16 layers in a worker thread and install "
                         "them over several step boundaries, so no single step carries the whole restore "
                         "(default), or do it all at one boundary (sync)")
-    p.add_argument("--dry-run", action="store_true", help="print the vLLM command instead of running it")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the vLLM command instead of running it (secret values shown as ***)")
     p.set_defaults(func=run, passthrough=True)
 
 
@@ -69,6 +72,22 @@ def build_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
     return cmd + extra
 
 
+def redact_argv(argv: list[str]) -> list[str]:
+    """The echoed command ends up in terminals, CI logs and bug reports that outlive the
+    server, so the values of secret flags are masked: every value up to the next option,
+    which is also where argparse stops reading them."""
+    out: list[str] = []
+    hiding = False
+    for arg in argv:
+        if hiding and not arg.startswith("-"):
+            out.append("***")
+            continue
+        flag, eq, _ = arg.partition("=")
+        hiding = flag in SECRET_FLAGS and not eq
+        out.append(f"{flag}=***" if flag in SECRET_FLAGS and eq else arg)
+    return out
+
+
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     if any(a == "--additional-config" or a.startswith("--additional-config=") for a in extra):
         raise MorphServeError("morphserve serve builds --additional-config itself; do not pass it")
@@ -76,10 +95,11 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     cfg = runtime_config.parse(json.loads(cmd[cmd.index("--additional-config") + 1])["morphserve"])
     runtime_config.check_pack_matches(cfg, args.model)
     runtime_config.check_policy(cfg)
-    print("morphserve: " + " ".join(cmd[1:]), file=sys.stderr)
+    shown = redact_argv(cmd)
+    print("morphserve: " + " ".join(shown[1:]), file=sys.stderr)
     print("morphserve: --enforce-eager because a compiled graph would not see layer swaps", file=sys.stderr)
     if args.dry_run:
-        print(" ".join(cmd))
+        print(" ".join(shown))
         return 0
     sys.stdout.flush()
     os.execv(cmd[0], cmd)
