@@ -1,0 +1,263 @@
+"""Soak: a real `morphserve serve` under a replayed trace while the level is forced to
+random values every few seconds, with the policy in charge in between.
+
+    python scripts/soak.py --model MODEL_DIR --pack PACK_DIR [--duration 600] [--out soak.json]
+
+Checks (exit 1 if any fails; all are decided here, before a run):
+- no request fails, and every output has exactly the requested length (ignore_eos);
+- the server stays healthy and MorphServe reports no failed transition;
+- memory does not grow: after the warm-up, the median over the last window of the
+  anonymous memory that the budget does not explain (RssAnon of every server process,
+  minus the KV pages resident in the reserve, minus the weights as computed with, minus
+  layers prepared by a background restore) is < 1% above its median over the first window;
+- the number of memory mappings of the server's processes grows by < 2% the same way;
+- the number of server processes never changes, and none survives the server's stop.
+Load is closed-loop (at most --concurrency requests in flight), so a slow machine gets
+fewer requests, never an ever-growing queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import secrets
+import statistics
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from morphserve import trace
+from morphserve.datafiles import traces_dir
+from morphserve.server_proc import free_port, group_pids, group_rss, start_server, stop_server
+
+MEMORY_GROWTH_LIMIT = 0.01
+MAPPINGS_GROWTH_LIMIT = 0.02
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="full-precision model folder")
+    p.add_argument("--pack", required=True, help="pack written by `morphserve prepare`")
+    p.add_argument("--duration", type=float, default=600, help="seconds of load after the server is up")
+    p.add_argument("--warmup", type=float, default=60, help="seconds excluded from the memory comparison")
+    p.add_argument("--window", type=float, default=60, help="seconds in each compared memory window")
+    p.add_argument("--force-every", type=float, default=4.0,
+                   help="seconds between level events: force a random level, then hand back to the policy")
+    p.add_argument("--policy", default="default", help="policy between forced levels")
+    p.add_argument("--concurrency", type=int, default=6, help="requests in flight at most")
+    p.add_argument("--max-input", type=int, default=600, help="cap on a trace request's prompt tokens")
+    p.add_argument("--max-output", type=int, default=96, help="cap on a trace request's output tokens")
+    p.add_argument("--sample-every", type=float, default=2.0, help="seconds between memory samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="write the figures here as JSON")
+    return p.parse_args(argv)
+
+
+class Client:
+    def __init__(self, base: str, key: str):
+        self.base, self.key = base, key
+
+    def call(self, path: str, body: dict | None = None, timeout: float = 300) -> tuple[int, dict]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.base + path, data=data, method="POST" if data else "GET",
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": f"Bearer {self.key}"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                text = r.read()
+                return r.status, json.loads(text) if text.strip() else {}
+        except urllib.error.HTTPError as e:
+            return e.code, {"error": e.read().decode(errors="replace")[:300]}
+        except OSError as e:
+            return 0, {"error": str(e)}
+
+
+class Load:
+    """Trace requests (prompt and output lengths) sent back to back by a few threads."""
+
+    def __init__(self, client: Client, model: str, requests: list[trace.TraceRequest], args, rng: random.Random):
+        self.client, self.model, self.args = client, model, args
+        self.requests, self.rng = requests, rng
+        self.next = 0
+        self.lock = threading.Lock()
+        self.sent = self.completed = 0
+        self.failures: list[str] = []
+        self.wrong_length: list[str] = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(args.concurrency)]
+
+    def _take(self) -> tuple[list[int], int]:
+        with self.lock:
+            r = self.requests[self.next % len(self.requests)]
+            self.next += 1
+            self.sent += 1
+            n_in = max(1, min(r.input_length, self.args.max_input))
+            prompt = [self.rng.randrange(1000, 40000) for _ in range(n_in)]
+        return prompt, max(1, min(r.output_length, self.args.max_output))
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            prompt, n_out = self._take()
+            status, out = self.client.call("/v1/completions", {
+                "model": self.model, "prompt": prompt, "max_tokens": n_out, "temperature": 0,
+                "ignore_eos": True})
+            with self.lock:
+                if status != 200:
+                    self.failures.append(f"{status}: {out.get('error', out)}"[:300])
+                elif out["usage"]["completion_tokens"] != n_out:
+                    self.wrong_length.append(f"asked {n_out}, got {out['usage']['completion_tokens']}")
+                else:
+                    self.completed += 1
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def finish(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=600)
+
+
+def map_count(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
+
+
+def sample(client: Client, pgid: int) -> dict | None:
+    status, state = client.call("/morphserve/state", timeout=60)
+    if status != 200:
+        return None
+    rss = group_rss(pgid)
+    pids = group_pids(pgid)
+    mem = state["memory"]
+    explained = mem["kv_resident_bytes"] + mem["weights_bytes"] + mem["prepared_bytes"]
+    return {"t": time.monotonic(), "level": state["quantized_layers"], "rss_anon": rss["rss_anon_bytes"],
+            "unexplained_anon": rss["rss_anon_bytes"] - explained, "kv_resident": mem["kv_resident_bytes"],
+            "processes": len(pids), "mappings": sum(map_count(p) for p in pids), "errors": state["errors"]}
+
+
+def growth(samples: list[dict], key: str, first: tuple[float, float], last: tuple[float, float]) -> dict:
+    a = [s[key] for s in samples if first[0] <= s["t"] < first[1]]
+    b = [s[key] for s in samples if last[0] <= s["t"] <= last[1]]
+    if not a or not b:
+        return {"first": None, "last": None, "growth": None}
+    m0, m1 = statistics.median(a), statistics.median(b)
+    return {"first": m0, "last": m1, "growth": (m1 - m0) / m0, "n": [len(a), len(b)]}
+
+
+def run(args: argparse.Namespace) -> dict:
+    rng = random.Random(args.seed)
+    key = secrets.token_hex(16)
+    port = free_port()
+    reqs = trace.load(trace.resolve("azure-conv", traces_dir()))
+    log = Path(args.out).with_suffix(".server.log") if args.out else Path(f"/tmp/morphserve-soak-{port}.log")
+    cmd = [sys.executable, "-m", "morphserve.cli", "serve", args.model, "--pack", args.pack,
+           "--policy", args.policy, "--api-key", key, "--host", "127.0.0.1", "--port", str(port),
+           "--max-model-len", "1024", "--max-num-seqs", str(args.concurrency)]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    proc = start_server(cmd, env, log, port)
+    pgid = proc.pid
+    client = Client(f"http://127.0.0.1:{port}", key)
+    samples: list[dict] = []
+    forced = {"events": 0, "statuses": {}}
+    health_failures = 0
+    try:
+        num_layers = client.call("/morphserve/state")[1]["swappable_layers"]
+        load = Load(client, args.model, reqs, args, rng)
+        t0 = time.monotonic()
+        load.start()
+        next_force = t0 + args.force_every
+        next_sample = t0
+        holding = False
+        while time.monotonic() < t0 + args.duration:
+            now = time.monotonic()
+            if now >= next_force:
+                body = {"quantized_layers": None if holding else rng.randint(0, num_layers)}
+                status, _ = client.call("/morphserve/level", body)
+                forced["events"] += 1
+                forced["statuses"][str(status)] = forced["statuses"].get(str(status), 0) + 1
+                holding = not holding
+                next_force = now + args.force_every
+            if now >= next_sample:
+                s = sample(client, pgid)
+                if s is None:
+                    health_failures += 1
+                else:
+                    s["t"] -= t0
+                    samples.append(s)
+                next_sample = now + args.sample_every
+                print(f"[soak] {now - t0:5.0f}s sent {load.sent} done {load.completed} failed {len(load.failures)} "
+                      f"level {s['level'] if s else '?'} unexplained anon "
+                      f"{s['unexplained_anon'] / 2**20 if s else 0:.0f} MiB", file=sys.stderr, flush=True)
+            time.sleep(0.1)
+        load.finish()
+        status, state = client.call("/morphserve/state")
+        final_health = client.call("/health")[0]
+    finally:
+        stop_server(proc)
+    time.sleep(2)
+    survivors = group_pids(pgid)
+
+    first = (args.warmup, args.warmup + args.window)
+    last = (args.duration - args.window, args.duration)
+    memory = growth(samples, "unexplained_anon", first, last)
+    mappings = growth(samples, "mappings", first, last)
+    processes = sorted({s["processes"] for s in samples})
+    checks = {
+        "no failed request": not load.failures,
+        "every output has the requested length": not load.wrong_length,
+        "server healthy throughout": health_failures == 0 and final_health == 200,
+        "no failed transition": state.get("errors") == 0,
+        "level events accepted": set(forced["statuses"]) == {"200"},
+        f"unexplained anonymous memory grows < {MEMORY_GROWTH_LIMIT:.0%}":
+            memory["growth"] is not None and memory["growth"] < MEMORY_GROWTH_LIMIT,
+        f"mappings grow < {MAPPINGS_GROWTH_LIMIT:.0%}":
+            mappings["growth"] is not None and mappings["growth"] < MAPPINGS_GROWTH_LIMIT,
+        "process count constant": len(processes) == 1,
+        "no process survives the stop": not survivors,
+    }
+    return {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "requests": {"sent": load.sent, "completed": load.completed, "failed": len(load.failures),
+                     "wrong_length": len(load.wrong_length), "examples": (load.failures + load.wrong_length)[:5]},
+        "level_events": forced, "transitions": state.get("transitions"),
+        "transitions_by_direction": state.get("transitions_by_direction"),
+        "memory_unexplained_anon": memory, "mappings": mappings, "processes": processes,
+        "survivors": survivors, "samples": samples, "checks": checks, "passed": all(checks.values()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.duration < args.warmup + 2 * args.window:
+        print(f"soak: --duration must be at least --warmup + 2 x --window ({args.warmup + 2 * args.window:.0f} s)",
+              file=sys.stderr)
+        return 2
+    result = run(args)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    r, m, mp = result["requests"], result["memory_unexplained_anon"], result["mappings"]
+    print(f"requests: {r['completed']} completed of {r['sent']} sent, {r['failed']} failed, "
+          f"{r['wrong_length']} of the wrong length")
+    print(f"level events: {result['level_events']}; transitions {result['transitions']} "
+          f"{result['transitions_by_direction']}")
+    if m["growth"] is not None:
+        print(f"unexplained anon memory: {m['first'] / 2**20:.1f} -> {m['last'] / 2**20:.1f} MiB "
+              f"({m['growth']:+.2%}); mappings {mp['first']:.0f} -> {mp['last']:.0f} ({mp['growth']:+.2%})")
+    for name, ok in result["checks"].items():
+        print(f"  [{'ok' if ok else 'FAIL'}] {name}")
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

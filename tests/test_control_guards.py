@@ -1,0 +1,151 @@
+"""Pure guards of the control surface and the start-up refusals (no engine: milliseconds).
+
+The same checks run against a real server in test_failure_recovery.py; here they are
+fuzzed with many more bodies than a server could take in a test run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from morphserve.errors import MorphServeError
+from morphserve.http_api import MAX_BODY_BYTES, MAX_LEVEL, parse_level_body
+from tests.engine_utils import REPO
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True) | st.text(),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=30), inner, max_size=5),
+    max_leaves=20)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.one_of(json_values.map(lambda v: json.dumps({"quantized_layers": v}).encode()),
+                 json_values.map(lambda v: json.dumps(v).encode()), st.binary(max_size=2000)))
+def test_every_body_parses_to_a_level_or_a_400_message(raw):
+    level, problem = parse_level_body(raw)
+    if problem is None:
+        assert level is None or (type(level) is int and 0 <= level <= MAX_LEVEL)
+        assert json.loads(raw) == {"quantized_layers": level}
+    else:
+        assert isinstance(problem, str) and problem and level is None
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"quantized_layers": %d}' % 2**64,  # passed validation, then failed in msgpack
+    b'{"quantized_layers": ' + b"9" * 4301 + b"}",  # int() digit limit: ValueError
+    b"[" * 500 + b"]" * 500,
+    b'{"quantized_layers": 1}' + b" " * MAX_BODY_BYTES,
+    b'{"quantized_layers": 1e400}', b'{"quantized_layers": NaN}', b'{"quantized_layers": true}',
+    b'\xff\xfe', b"",
+])
+def test_adversarial_bodies_are_400s(raw):
+    level, problem = parse_level_body(raw)
+    assert problem and level is None
+
+
+def test_deep_nesting_under_the_size_cap_is_a_400():
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(200)  # json's C decoder recurses: a deep body raises RecursionError
+    try:
+        assert "recursion" in parse_level_body(b"[" * 400 + b"]" * 400)[1]
+    finally:
+        sys.setrecursionlimit(old)
+
+
+def _vllm_config(platform_ok=True, tp=1, pp=1, dp=1, async_scheduling=False, batches=1):
+    return SimpleNamespace(
+        parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=pp, data_parallel_size=dp),
+        scheduler_config=SimpleNamespace(async_scheduling=async_scheduling), max_concurrent_batches=batches)
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"tp": 2}, "--tensor-parallel-size is 2"),
+    ({"pp": 2}, "--pipeline-parallel-size is 2"),
+    ({"dp": 2}, "--data-parallel-size is 2"),
+    ({"async_scheduling": True}, "async scheduling"),
+    ({"batches": 2}, "batch queue"),
+])
+def test_unsafe_engine_setups_are_refused_in_one_line(changes, message):
+    from morphserve.vllm_patches import check_supported
+
+    check_supported(_vllm_config())
+    with pytest.raises(MorphServeError, match=message) as e:
+        check_supported(_vllm_config(**changes))
+    assert "\n" not in str(e.value)
+
+
+def test_a_non_cpu_platform_is_refused(monkeypatch):
+    from vllm import platforms
+
+    from morphserve.vllm_patches import check_supported
+
+    fake = SimpleNamespace(is_cpu=lambda: False, device_name="cuda")
+    monkeypatch.setattr(platforms, "current_platform", fake, raising=False)
+    with pytest.raises(MorphServeError, match="CPU backend only"):
+        check_supported(_vllm_config())
+
+
+def test_a_controller_attaches_only_to_its_own_engine():
+    from morphserve import vllm_patches as vp
+
+    mine, other = object(), object()
+    controller = SimpleNamespace(core=SimpleNamespace(vllm_config=mine))
+    vp._AWAITING_SCHEDULER.append(controller)
+    try:
+        assert vp.take_awaiting_controller(other) is None  # a later, plain engine
+        assert vp.take_awaiting_controller(mine) is controller
+        assert vp.take_awaiting_controller(mine) is None
+    finally:
+        vp._AWAITING_SCHEDULER.clear()
+
+
+def test_the_host_kv_backing_serves_one_allocation_only():
+    from morphserve import vllm_patches as vp
+
+    calls = []
+    allocate = vp._patch_allocate_kv_cache(lambda *a: calls.append("vllm") or {})
+    config = SimpleNamespace(kv_cache_tensors=[])  # empty: both paths end in vLLM's original
+    vp.enable_host_kv_backing()
+    assert vp._HOST_KV["enabled"]
+    allocate(config, SimpleNamespace(type="cpu"), None)
+    assert not vp._HOST_KV["enabled"], "a later engine in this process would get the mmap backing"
+
+
+def test_a_failed_metrics_refresh_exports_no_stale_gauges():
+    from morphserve.metrics import MorphServeCollector
+
+    c = MorphServeCollector()
+    c.state, c.up = {"active": True, "quantized_layers": 7, "kv_capacity_blocks": 10, "errors": 2}, True
+    c.refresh_failed(TimeoutError("engine busy"))
+    names = {m.name: m for m in c.collect()}
+    assert "morphserve_quantized_layers" not in names
+    assert names["morphserve_up"].samples[0].value == 0
+    assert names["morphserve_scrape_errors"].samples[0].value == 1
+
+
+def test_an_unsupported_vllm_leaves_plain_engines_alone_and_refuses_morphserve():
+    """In a fresh process: vLLM reports another version; register() must not raise."""
+    code = """
+import vllm
+vllm.__version__ = "0.99.0"
+from morphserve.plugin import register
+register()
+from vllm.engine.arg_utils import EngineArgs
+from morphserve.errors import MorphServeError
+from morphserve.vllm_patches import PATCHES, MARKER
+import importlib
+assert not getattr(importlib.import_module("vllm.v1.engine.core").EngineCore, "morphserve_state", None)
+try:
+    EngineArgs(model="x", additional_config={"morphserve": {"pack": "p"}}).create_engine_config()
+except MorphServeError as e:
+    print("refused:", e)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "refused: MorphServe supports vLLM 0.32.0 only; found 0.99.0" in proc.stdout
