@@ -1,0 +1,29 @@
+"""A 60-second soak of a real server (scripts/soak.py, whose 10-minute run is in
+docs/RESULTS.md): a replayed trace, a random level forced every few seconds, the policy in
+between; no failed request, exact output lengths, flat memory, no leaked process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.engine_utils import REPO
+
+pytestmark = [pytest.mark.engine, pytest.mark.quant]
+
+
+def test_one_minute_soak(model_dir, pack_dir, tmp_path):
+    out = tmp_path / "soak.json"
+    proc = subprocess.run([sys.executable, "scripts/soak.py", "--model", str(model_dir), "--pack", str(pack_dir),
+                           "--duration", "60", "--warmup", "20", "--window", "15", "--force-every", "3",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.exists(), proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    failed = [name for name, ok in result["checks"].items() if not ok]
+    assert proc.returncode == 0 and not failed, (failed, proc.stdout, proc.stderr[-2000:])
+    assert result["requests"]["completed"] >= 20
+    assert result["level_events"]["events"] >= 15
+    assert sum(result["transitions_by_direction"].values()) >= 10
