@@ -1,13 +1,19 @@
 """What MorphServe needs to know about a Llama-family HF model folder, read without loading it.
 
 Shapes come from config.json and sizes from the safetensors headers, so checking a pack
-or a checkpoint against a model costs milliseconds, not a model load.
+or a checkpoint against a model costs milliseconds, not a model load. The one full read,
+the weight hash, is cached by file stat (see `verified`), so an unchanged model is hashed
+once, not at every start.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,13 +50,66 @@ class ModelInfo:
 
     def weights_sha256(self) -> str:
         """Content hash of the weights, so a pack can prove which model it was made from."""
-        h = hashlib.sha256()
-        for file in self.weight_files:
-            h.update(file.name.encode())
-            with open(file, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 22), b""):
-                    h.update(chunk)
-        return h.hexdigest()
+        files = self.weight_files
+        return verified("sha256", (*files, self.path / "config.json"), "", lambda: hash_files(files))
+
+
+def hash_files(files: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    for file in files:
+        h.update(file.name.encode())
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+# A file changed twice within one timestamp tick keeps its stat; results about files this
+# young are not cached (git's "racily clean" rule), so such a change is never missed.
+RACY_NS = 2_000_000_000
+
+
+def _stats(files: Sequence[Path]) -> list[list]:
+    # ctime as well as mtime: tools that preserve mtime (cp -p, rsync -t) cannot set it
+    return [[str(f), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+            for f, st in ((Path(f).resolve(), os.stat(f)) for f in files)]
+
+
+def verified(kind: str, files: Sequence[Path], key: str, compute: Callable[[], str]) -> str:
+    """`compute()`, or its result from an earlier run while `files` are unchanged.
+
+    Start-up verifies the same model in several processes (`morphserve serve`, the
+    engine, its workers); for a 70B model each full read is hundreds of GB. The result is
+    stored under the MorphServe cache folder with the stat of every file it depends on;
+    any change to one (size, mtime, ctime, inode) misses the cache. Stats are taken before
+    computing, so a file changed meanwhile is verified again next time; files younger than
+    RACY_NS are not cached at all. A cache that cannot be read or written only costs the
+    recomputation.
+    """
+    from morphserve.default_model import cache_root
+
+    now = time.time_ns()
+    stats = _stats(files)
+    name = hashlib.sha256(json.dumps([kind, [s[0] for s in stats], key]).encode()).hexdigest()[:32]
+    path = cache_root() / "verified" / f"{kind}-{name}.json"
+    try:
+        entry = json.loads(path.read_text())
+        if entry["stats"] == stats and entry["key"] == key:
+            return entry["value"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    value = compute()
+    if now - max(max(s[4], s[5]) for s in stats) < RACY_NS:
+        return value
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"kind": kind, "key": key, "stats": stats, "value": value}))
+        os.replace(tmp, path)  # readers see the old entry or the new one, never half
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    return value
 
 
 def read_model_info(model_dir: Path) -> ModelInfo:

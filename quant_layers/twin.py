@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from morphserve.errors import MorphServeError
-from quant_layers.model_info import LINEAR_NAMES, ModelInfo, linear_key
+from quant_layers.model_info import LINEAR_NAMES, ModelInfo, linear_key, verified
 
 PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
 # The runtime swaps layers through one kernel configuration: vLLM scalar type uint4b8 with
@@ -127,27 +128,38 @@ def open_twin(ckpt: Path, model: ModelInfo) -> TwinCheckpoint:
     if w is None or scheme.input_activations is not None or w.group_size is None:
         raise MorphServeError(f"quantized checkpoint {ckpt} is not weight-only grouped (W4A16) quantization")
     tensors = index_safetensors(ckpt)
-    for layer in range(model.num_layers):
-        for name in LINEAR_NAMES:
-            prefix = linear_key(layer, name)
-            for suffix in ("weight_packed", "weight_scale", "weight_shape"):
-                if f"{prefix}.{suffix}" not in tensors:
-                    raise MorphServeError(f"quantized checkpoint {ckpt} lacks tensor {prefix}.{suffix}")
-            with safe_open(tensors[f"{prefix}.weight_shape"], "pt") as f:
-                shape = tuple(int(x) for x in f.get_tensor(f"{prefix}.weight_shape").tolist())
-            with safe_open(tensors[f"{prefix}.weight_packed"], "pt") as f:
-                packed_shape = tuple(f.get_slice(f"{prefix}.weight_packed").get_shape())
-            expected = model.linear_shapes[name]
-            pack = 32 // w.num_bits
-            if shape != expected or packed_shape != (expected[0], expected[1] // pack):
-                raise MorphServeError(
-                    f"quantized checkpoint {ckpt} does not match the model: {prefix} has shape "
-                    f"{shape} (packed {packed_shape}), the model has {expected}"
-                )
+    # Every process of one start-up opens the twin; its shapes are checked once per change
+    # of its files (or of the model's shapes), not once per process.
+    model_key = json.dumps([model.num_layers, sorted(model.linear_shapes.items())])
+    verified("twin-shapes", (*sorted(set(tensors.values())), ckpt / "config.json"), model_key,
+             lambda: _check_shapes(ckpt, tensors, model, w.num_bits))
     return TwinCheckpoint(
         path=ckpt, bits=w.num_bits, group_size=w.group_size, symmetric=w.symmetric,
         scheme=scheme, tensors=tensors,
     )
+
+
+def _check_shapes(ckpt: Path, tensors: dict[str, Path], model: ModelInfo, bits: int) -> str:
+    """Every linear's logical and packed shape against the model's; each file opened once
+    (a header parse per tensor would cost seconds on a 70B twin)."""
+    with ExitStack() as stack:
+        handles = {file: stack.enter_context(safe_open(file, "pt")) for file in sorted(set(tensors.values()))}
+        for layer in range(model.num_layers):
+            for name in LINEAR_NAMES:
+                prefix = linear_key(layer, name)
+                for suffix in ("weight_packed", "weight_scale", "weight_shape"):
+                    if f"{prefix}.{suffix}" not in tensors:
+                        raise MorphServeError(f"quantized checkpoint {ckpt} lacks tensor {prefix}.{suffix}")
+                shape_key, packed_key = f"{prefix}.weight_shape", f"{prefix}.weight_packed"
+                shape = tuple(int(x) for x in handles[tensors[shape_key]].get_tensor(shape_key).tolist())
+                packed_shape = tuple(handles[tensors[packed_key]].get_slice(packed_key).get_shape())
+                expected = model.linear_shapes[name]
+                if shape != expected or packed_shape != (expected[0], expected[1] // (32 // bits)):
+                    raise MorphServeError(
+                        f"quantized checkpoint {ckpt} does not match the model: {prefix} has shape "
+                        f"{shape} (packed {packed_shape}), the model has {expected}"
+                    )
+    return "ok"
 
 
 def check_servable_twin(tw: TwinCheckpoint) -> None:

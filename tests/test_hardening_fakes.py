@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -21,6 +22,14 @@ CONFIG = {
     "torch_dtype": "bfloat16",
 }
 GROUP_SIZE = 32
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch) -> Path:
+    """Import into a test module: verification results of fake models stay in tmp_path."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("MORPHSERVE_CACHE", str(path))
+    return path
 
 
 def make_model(folder: Path) -> Path:

@@ -14,7 +14,7 @@ from morphserve.prepare import PrepareOptions, _check_inputs
 from quant_layers.model_info import read_model_info
 from quant_layers.twin import open_twin
 from tests.conftest import morphserve_cli
-from tests.test_hardening_fakes import GROUP_SIZE, make_manifest, make_model, make_pack, make_twin
+from tests.test_hardening_fakes import GROUP_SIZE, isolated_cache, make_manifest, make_model, make_pack, make_twin  # noqa: F401
 
 
 @pytest.fixture

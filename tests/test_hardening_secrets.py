@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from morphserve import cli, replay, serve
-from tests.test_hardening_fakes import make_model, make_pack
+from tests.test_hardening_fakes import isolated_cache, make_model, make_pack  # noqa: F401
 
 SECRET = "sekrit-7f3a"
 
