@@ -6,6 +6,8 @@ when complete, so a failed or interrupted run leaves no partial pack behind.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import shutil
 import sys
@@ -184,8 +186,41 @@ def run_prepare(opt: PrepareOptions) -> packfmt.Manifest:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+AT_FDCWD = -100
+RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 RENAME_EXCHANGE); False where
+    that is unavailable: not Linux, a libc without renameat2, or ENOSYS/EINVAL from a
+    kernel or filesystem that cannot exchange."""
+    if sys.platform != "linux":
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    renameat2.restype = ctypes.c_int
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
 def _publish(tmp: Path, out: Path) -> None:
-    """Swap the finished pack into place; an old pack (with --force) goes only after."""
+    """Put the finished pack at `out` so that a crash at any moment leaves a whole pack there.
+
+    Replacing an existing pack (--force) is one atomic exchange of the two folders, after
+    which the old pack sits at `tmp` and is deleted. Without renameat2 it falls back to two
+    renames (old aside, new in), which leaves no pack at `out` if the process dies between
+    them: the best POSIX rename offers, since it cannot replace a non-empty folder.
+    """
+    if out.exists() and _exchange(tmp, out):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
