@@ -62,8 +62,11 @@ def test_a_crash_while_publishing_leaves_a_whole_pack(old_and_new, monkeypatch):
             raise KeyboardInterrupt("killed")
         return real(src, dst)
 
+    def dying_rmtree(*args, **kwargs):  # or it dies while deleting the old pack
+        raise KeyboardInterrupt("killed")
+
     monkeypatch.setattr(os, "replace", dying_replace)
-    monkeypatch.setattr(shutil, "rmtree", lambda *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+    monkeypatch.setattr(shutil, "rmtree", dying_rmtree)
     try:
         prepare._publish(tmp, out)
     except KeyboardInterrupt:
