@@ -29,7 +29,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", type=Path, metavar="MODEL_DIR", help="full-precision HF model folder (Llama family)")
     p.add_argument("--out", type=Path, required=True, metavar="PACK_DIR", help="where to write the pack")
-    p.add_argument("--bits", type=int, default=4, choices=(4, 8), help="weight bits of the twin (activations stay 16-bit)")
+    p.add_argument("--bits", type=int, default=4,
+                   help="weight bits of the twin; the runtime serves symmetric 4-bit (W4A16) only")
     p.add_argument("--group-size", type=int, default=None,
                    help="quantization group size; default: the largest of 128, 64, 32 dividing every "
                         "linear input size (SmolLM2's 576 needs 64)")

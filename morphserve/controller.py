@@ -356,15 +356,10 @@ class MorphController:
             self._finish(r["record"], r["before_blocks"], r["t0"], "restore")
 
     def _abandon_restore(self, why: str) -> None:
-        """Layers not yet installed stay W4, so they keep their KV: the pool grows back."""
-        r, self.restoring = self.restoring, None
-        self._try_rpc("morphserve_restore_cancel")  # a preparer left running would hold memory
-        self.quantized = self._worker_quantized()
-        self.pool.grow(self.capacity(len(self.quantized)))
-        vs.sync_capacity_view(self.core.vllm_config, self.core.scheduler, self.pool.visible)
-        r["record"].update(outcome=f"abandoned: {why}", to=len(self.quantized))
-        self._write_log(r["record"])
-        log.error("MorphServe: background restore stopped (%s); serving at %d", why, len(self.quantized))
+        """A failed commit or preparer: layers already installed stay bf16, the rest stay W4
+        (and keep their KV: the pool grows back); the level is pinned like any failure."""
+        level = self.restoring["level"]
+        self._recover(MorphServeError(f"background restore to {level} stopped: {why}"), "a background restore")
 
     def _cancel_restore(self) -> None:
         r, self.restoring = self.restoring, None
@@ -451,8 +446,10 @@ class MorphController:
         return [i for i in self.order if i in ids]
 
     # -- control surface -------------------------------------------------------------
-    def set_level_request(self, level) -> dict:
-        """POST /morphserve/level: an int forces a level (policy paused); None hands control back."""
+    def set_level_request(self, level, rate_limited: bool = False) -> dict:
+        """POST /morphserve/level: an int forces a level (policy paused); None hands control back.
+        Requests over HTTP (`rate_limited`) may change the level at most once per
+        manual_min_interval_s: each costs decode steps, so a caller in a loop could stall serving."""
         if level is None:
             self.forced_level, self.pinned_by_error = None, False
             return {"ok": True, **self.state()}
@@ -461,11 +458,12 @@ class MorphController:
                     "error": f"quantized_layers must be an integer in 0..{self.num_layers}, got {level!r}"}
         now = time.monotonic()
         wait = self._last_manual + float(self.cfg.get("manual_min_interval_s", 1.0)) - now
-        if wait > 0 and level != len(self.quantized):
+        if rate_limited and wait > 0 and level != len(self.quantized):
             return {"ok": False, "status": 429, "retry_after_s": round(wait, 3),
                     "error": f"manual level changes are limited to one per {self.cfg.get('manual_min_interval_s', 1.0)} s "
                              f"(manual_min_interval_s); retry in {wait:.2f} s"}
-        self._last_manual = now
+        if rate_limited:
+            self._last_manual = now
         self.forced_level, self.pinned_by_error = level, False
         try:
             result = self.transition(level, reason="manual")

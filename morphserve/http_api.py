@@ -115,7 +115,7 @@ async def post_level(request: Request):
     level, problem = parse_level_body(raw)
     if problem:
         return _error(400, problem)
-    result = await _call(request, "morphserve_set_level", level, timeout=LEVEL_TIMEOUT_S)
+    result = await _call(request, "morphserve_set_level", level, True, timeout=LEVEL_TIMEOUT_S)
     if isinstance(result, JSONResponse):
         return result
     if not result.get("ok"):

@@ -32,6 +32,9 @@ class MorphConfig(BaseModel):
     shrink_strategy: Literal["wait", "preempt", "migrate"] = Field(
         default="wait", description="when a restore finds KV blocks in use above the new capacity: wait for "
         "them to free (the paper), preempt their requests (recompute), or migrate them to free low blocks")
+    manual_min_interval_s: float = Field(
+        default=1.0, ge=0, le=3600, description="POST /morphserve/level may change the level at most once per this "
+        "many seconds (429 otherwise); 0 turns the limit off")
     restore_mode: Literal["background", "sync"] = Field(
         default="background", description="policy-driven restores: prepare the bf16 layers in a worker thread "
         "and install them at step boundaries (background), or all inside one step boundary (sync). "

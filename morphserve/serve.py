@@ -51,6 +51,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="policy-driven restores: read + prepack the bf16 layers in a worker thread and install "
                         "them over several step boundaries, so no single step carries the whole restore "
                         "(default), or do it all at one boundary (sync)")
+    p.add_argument("--manual-min-interval", type=float, default=1.0, metavar="S",
+                   help="POST /morphserve/level may change the level at most once per S seconds (429 "
+                        "otherwise), since each change costs decode steps; 0 turns the limit off")
     p.add_argument("--dry-run", action="store_true",
                    help="print the vLLM command instead of running it (secret values shown as ***)")
     p.set_defaults(func=run, passthrough=True)
@@ -58,7 +61,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def build_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
     cfg = {"pack": os.path.abspath(args.pack), "twin": args.twin, "shrink_strategy": args.shrink_strategy,
-           "restore_mode": args.restore_mode}
+           "restore_mode": args.restore_mode, "manual_min_interval_s": args.manual_min_interval}
     if args.memory_budget_gb is not None:
         cfg["memory_budget_gb"] = args.memory_budget_gb
     if args.policy:

@@ -207,18 +207,26 @@ def _patch_post_step(original):
 def _patch_process_input_queue(original):
     def _process_input_queue(self):
         # Idle, vLLM blocks on its input queue and no step boundary ever comes, so a
-        # policy could never restore after a burst. While the controller wants ticks we
-        # wait with a timeout instead and give it an idle boundary on each timeout.
+        # policy could never restore after a burst. With MorphServe active the idle wait is
+        # the same loop as vLLM's (idle callbacks, stale aborts dropped) but with a timeout:
+        # each timeout re-reads whether the controller wants ticks (a utility call such as
+        # POST /morphserve/level may have changed that) and gives it an idle boundary.
         import queue
 
         controller = getattr(self, "_morphserve", None)
-        while (controller is not None and controller.wants_idle_ticks()
-               and not self.has_work() and self.is_running()):
+        if controller is None or not self.process_input_queue_block:
+            return original(self)
+        while not self.has_work() and self.is_running():
+            self._notify_idle_state_callbacks()
+            if self.input_queue.empty():
+                with self.aborts_queue.mutex:
+                    self.aborts_queue.queue.clear()
             try:
                 self._handle_client_request(*self.input_queue.get(timeout=controller.idle_tick_s))
             except queue.Empty:
-                controller.on_step_boundary()
-        return original(self)
+                if controller.wants_idle_ticks():
+                    controller.on_step_boundary()
+        return original(self)  # handles what else is queued; its own idle loop is skipped
 
     return _process_input_queue
 
@@ -232,12 +240,12 @@ def _add_state(_):
 
 
 def _add_set_level(_):
-    def morphserve_set_level(self, level) -> dict:
+    def morphserve_set_level(self, level, rate_limited: bool = False) -> dict:
         controller = getattr(self, "_morphserve", None)
         if controller is None:
             return {"ok": False, "status": 404, "error": "MorphServe is not active on this engine"}
         try:
-            return controller.set_level_request(level)
+            return controller.set_level_request(level, rate_limited)
         except Exception as e:  # an answer, not an exception through vLLM's utility path
             log.exception("MorphServe: level request %r failed", level)
             return {"ok": False, "status": 500, "error": f"internal error: {e}"}

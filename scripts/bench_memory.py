@@ -147,7 +147,7 @@ def measure_morphserve(args, bf16: int) -> dict:
     env.update(VLLM_LOGGING_LEVEL="WARNING", PYTHONPATH=str(args.code))
     cmd = [sys.executable, "-m", "morphserve.cli", "serve", str(args.model), "--pack", str(args.pack),
            "--memory-budget-gb", str(budget / 2**30), "--kv-cache-memory-bytes", str(budget - bf16),
-           *common_args(args, port)]
+           "--manual-min-interval", "0", *common_args(args, port)]  # it times transitions back to back
     proc = start_server(cmd, env, args.logs / "morphserve.log", port)
     base = f"http://127.0.0.1:{port}"
     out: dict = {"system": "morphserve", "code": str(args.code), "levels": []}

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -69,6 +70,18 @@ def test_forcing_a_level_swaps_and_serving_continues(server, model_dir):
     assert status == 200 and completion["choices"][0]["text"], completion
     status, result = _request(server + "/morphserve/level", {"quantized_layers": None})
     assert status == 200 and result["forced_level"] is None and result["policy"] == "none"
+
+
+def test_level_changes_over_http_are_rate_limited(server):
+    time.sleep(1.1)  # past the previous test's change
+    status, result = _request(server + "/morphserve/level", {"quantized_layers": 2})
+    assert status == 200 and result["quantized_layers"] == 2
+    status, result = _request(server + "/morphserve/level", {"quantized_layers": 3})
+    assert status == 429 and result["retry_after_s"] > 0 and "manual_min_interval_s" in result["error"]
+    assert _request(server + "/morphserve/state")[1]["quantized_layers"] == 2
+    time.sleep(1.1)
+    assert _request(server + "/morphserve/level", {"quantized_layers": 0})[0] == 200
+    assert _request(server + "/morphserve/level", {"quantized_layers": None})[0] == 200
 
 
 @pytest.mark.parametrize("body", [{"quantized_layers": 31}, {"quantized_layers": -1}, {"quantized_layers": "3"},

@@ -46,7 +46,8 @@ def server_command(system: System, budget: Budget, suite: Suite, model: Path, pa
     cmd = [sys.executable, "-m", "morphserve.cli", "serve", str(model), "--pack", str(pack),
            "--policy", system.policy, "--memory-budget-gb", repr(total / 2**30),
            "--shrink-strategy", suite.shrink_strategy, "--transition-log", str(out / "transitions.jsonl"),
-           "--kv-cache-memory-bytes", str(total - model_weight_bytes(model)), "--enforce-eager", *common]
+           "--kv-cache-memory-bytes", str(total - model_weight_bytes(model)), "--enforce-eager",
+           "--manual-min-interval", "0", *common]  # the warm-up forces 0 -> L -> 0 back to back
     return cmd, env
 
 
