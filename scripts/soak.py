@@ -6,10 +6,13 @@ random values every few seconds, with the policy in charge in between.
 Checks (exit 1 if any fails; all are decided here, before a run):
 - no request fails, and every output has exactly the requested length (ignore_eos);
 - the server stays healthy and MorphServe reports no failed transition;
-- memory does not grow: after the warm-up, the median over the last window of the
-  anonymous memory that the budget does not explain (RssAnon of every server process,
-  minus the KV pages resident in the reserve, minus the weights as computed with, minus
-  layers prepared by a background restore) is < 1% above its median over the first window;
+- memory does not grow. Every --checkpoint-every seconds the load pauses, in-flight
+  requests finish, level 0 is forced and, a second later, the anonymous memory that the
+  budget does not explain is read: RssAnon of every server process, minus the KV pages
+  resident in the reserve, minus the weights as computed with, minus layers prepared by a
+  background restore. (Read under load it swings by a few percent with the batch's
+  activations, which would hide a leak.) The median of the last 3 checkpoints must be
+  < 1% above the median of the first 3 after the warm-up;
 - the number of memory mappings of the server's processes grows by < 2% the same way;
 - the number of server processes never changes, and none survives the server's stop.
 Load is closed-loop (at most --concurrency requests in flight), so a slow machine gets
@@ -33,7 +36,7 @@ from pathlib import Path
 
 from morphserve import trace
 from morphserve.datafiles import traces_dir
-from morphserve.server_proc import free_port, group_pids, group_rss, start_server, stop_server
+from morphserve.server_proc import free_port, group_pids, group_rss, process_rss, start_server, stop_server
 
 MEMORY_GROWTH_LIMIT = 0.01
 MAPPINGS_GROWTH_LIMIT = 0.02
@@ -45,10 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pack", required=True, help="pack written by `morphserve prepare`")
     p.add_argument("--duration", type=float, default=600, help="seconds of load after the server is up")
     p.add_argument("--warmup", type=float, default=60, help="seconds excluded from the memory comparison")
-    p.add_argument("--window", type=float, default=60, help="seconds in each compared memory window")
+    p.add_argument("--checkpoint-every", type=float, default=30,
+                   help="seconds between quiescent memory checkpoints (load paused, level 0)")
     p.add_argument("--force-every", type=float, default=4.0,
-                   help="seconds between level events: force a random level, then hand back to the policy")
-    p.add_argument("--policy", default="default", help="policy between forced levels")
+                   help="seconds between level events: force a random level, then hand back to the policy "
+                        "(0: never)")
+    p.add_argument("--policy", default="default", help="policy between forced levels ('none': no policy)")
     p.add_argument("--concurrency", type=int, default=6, help="requests in flight at most")
     p.add_argument("--max-input", type=int, default=600, help="cap on a trace request's prompt tokens")
     p.add_argument("--max-output", type=int, default=96, help="cap on a trace request's output tokens")
@@ -89,10 +94,15 @@ class Load:
         self.failures: list[str] = []
         self.wrong_length: list[str] = []
         self.stop = threading.Event()
+        self.running = threading.Event()
+        self.running.set()
+        self.in_flight = 0
         self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(args.concurrency)]
 
     def _take(self) -> tuple[list[int], int]:
+        self.running.wait()
         with self.lock:
+            self.in_flight += 1
             r = self.requests[self.next % len(self.requests)]
             self.next += 1
             self.sent += 1
@@ -107,6 +117,7 @@ class Load:
                 "model": self.model, "prompt": prompt, "max_tokens": n_out, "temperature": 0,
                 "ignore_eos": True})
             with self.lock:
+                self.in_flight -= 1
                 if status != 200:
                     self.failures.append(f"{status}: {out.get('error', out)}"[:300])
                 elif out["usage"]["completion_tokens"] != n_out:
@@ -118,7 +129,18 @@ class Load:
         for t in self.threads:
             t.start()
 
+    def pause(self, timeout: float = 300) -> None:
+        """Stop sending and wait for every request in flight to finish."""
+        self.running.clear()
+        deadline = time.monotonic() + timeout
+        while self.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def resume(self) -> None:
+        self.running.set()
+
     def finish(self) -> None:
+        self.running.set()
         self.stop.set()
         for t in self.threads:
             t.join(timeout=600)
@@ -140,18 +162,37 @@ def sample(client: Client, pgid: int) -> dict | None:
     pids = group_pids(pgid)
     mem = state["memory"]
     explained = mem["kv_resident_bytes"] + mem["weights_bytes"] + mem["prepared_bytes"]
+    by_process = {}
+    for pid in pids:
+        try:
+            by_process[str(pid)] = process_rss(pid)["rss_anon_bytes"]
+        except OSError:
+            continue
     return {"t": time.monotonic(), "level": state["quantized_layers"], "rss_anon": rss["rss_anon_bytes"],
+            "rss_anon_by_process": by_process,
             "unexplained_anon": rss["rss_anon_bytes"] - explained, "kv_resident": mem["kv_resident_bytes"],
             "processes": len(pids), "mappings": sum(map_count(p) for p in pids), "errors": state["errors"]}
 
 
-def growth(samples: list[dict], key: str, first: tuple[float, float], last: tuple[float, float]) -> dict:
-    a = [s[key] for s in samples if first[0] <= s["t"] < first[1]]
-    b = [s[key] for s in samples if last[0] <= s["t"] <= last[1]]
-    if not a or not b:
-        return {"first": None, "last": None, "growth": None}
-    m0, m1 = statistics.median(a), statistics.median(b)
-    return {"first": m0, "last": m1, "growth": (m1 - m0) / m0, "n": [len(a), len(b)]}
+def growth(checkpoints: list[dict], key: str, warmup: float, k: int = 3) -> dict:
+    after = [c[key] for c in checkpoints if c["t"] >= warmup]
+    if len(after) < 2:
+        return {"first": None, "last": None, "growth": None, "n": len(after)}
+    k = min(k, len(after) // 2)
+    m0, m1 = statistics.median(after[:k]), statistics.median(after[-k:])
+    return {"first": m0, "last": m1, "growth": (m1 - m0) / m0, "n": len(after), "k": k}
+
+
+def checkpoint(client: Client, pgid: int, load: Load, t0: float) -> dict | None:
+    """Quiescent reading: no request in flight, level 0, a second to settle."""
+    load.pause()
+    client.call("/morphserve/level", {"quantized_layers": 0})
+    time.sleep(1.0)
+    c = sample(client, pgid)
+    load.resume()
+    if c is not None:
+        c["t"] -= t0
+    return c
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -160,14 +201,16 @@ def run(args: argparse.Namespace) -> dict:
     port = free_port()
     reqs = trace.load(trace.resolve("azure-conv", traces_dir()))
     log = Path(args.out).with_suffix(".server.log") if args.out else Path(f"/tmp/morphserve-soak-{port}.log")
+    log.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "morphserve.cli", "serve", args.model, "--pack", args.pack,
-           "--policy", args.policy, "--api-key", key, "--host", "127.0.0.1", "--port", str(port),
+           *(["--policy", args.policy] if args.policy != "none" else []), "--api-key", key, "--host", "127.0.0.1", "--port", str(port),
            "--max-model-len", "1024", "--max-num-seqs", str(args.concurrency)]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     proc = start_server(cmd, env, log, port)
     pgid = proc.pid
     client = Client(f"http://127.0.0.1:{port}", key)
     samples: list[dict] = []
+    checkpoints: list[dict] = []
     forced = {"events": 0, "statuses": {}}
     health_failures = 0
     try:
@@ -177,10 +220,23 @@ def run(args: argparse.Namespace) -> dict:
         load.start()
         next_force = t0 + args.force_every
         next_sample = t0
+        next_checkpoint = t0 + args.checkpoint_every
         holding = False
         while time.monotonic() < t0 + args.duration:
             now = time.monotonic()
-            if now >= next_force:
+            if now >= next_checkpoint:
+                c = checkpoint(client, pgid, load, t0)
+                if c is None:
+                    health_failures += 1
+                else:
+                    checkpoints.append(c)
+                    print(f"[soak] checkpoint at {c['t']:.0f}s: unexplained anon {c['unexplained_anon'] / 2**20:.1f} MiB, "
+                          f"{c['mappings']} mappings", file=sys.stderr, flush=True)
+                holding = True  # level 0 is forced now: the next event hands control back
+                next_checkpoint = time.monotonic() + args.checkpoint_every
+                next_force = time.monotonic() + args.force_every
+                continue
+            if now >= next_force and args.force_every > 0:
                 body = {"quantized_layers": None if holding else rng.randint(0, num_layers)}
                 status, _ = client.call("/morphserve/level", body)
                 forced["events"] += 1
@@ -207,10 +263,8 @@ def run(args: argparse.Namespace) -> dict:
     time.sleep(2)
     survivors = group_pids(pgid)
 
-    first = (args.warmup, args.warmup + args.window)
-    last = (args.duration - args.window, args.duration)
-    memory = growth(samples, "unexplained_anon", first, last)
-    mappings = growth(samples, "mappings", first, last)
+    memory = growth(checkpoints, "unexplained_anon", args.warmup)
+    mappings = growth(checkpoints, "mappings", args.warmup)
     processes = sorted({s["processes"] for s in samples})
     checks = {
         "no failed request": not load.failures,
@@ -232,15 +286,15 @@ def run(args: argparse.Namespace) -> dict:
         "level_events": forced, "transitions": state.get("transitions"),
         "transitions_by_direction": state.get("transitions_by_direction"),
         "memory_unexplained_anon": memory, "mappings": mappings, "processes": processes,
-        "survivors": survivors, "samples": samples, "checks": checks, "passed": all(checks.values()),
+        "survivors": survivors, "checkpoints": checkpoints, "samples": samples, "checks": checks, "passed": all(checks.values()),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.duration < args.warmup + 2 * args.window:
-        print(f"soak: --duration must be at least --warmup + 2 x --window ({args.warmup + 2 * args.window:.0f} s)",
-              file=sys.stderr)
+    if args.duration < args.warmup + 2 * args.checkpoint_every:
+        print(f"soak: --duration must leave at least 2 checkpoints after the warm-up "
+              f"(>= {args.warmup + 2 * args.checkpoint_every:.0f} s)", file=sys.stderr)
         return 2
     result = run(args)
     if args.out:

@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.engine, pytest.mark.quant]
 def test_one_minute_soak(model_dir, pack_dir, tmp_path):
     out = tmp_path / "soak.json"
     proc = subprocess.run([sys.executable, "scripts/soak.py", "--model", str(model_dir), "--pack", str(pack_dir),
-                           "--duration", "60", "--warmup", "20", "--window", "15", "--force-every", "3",
+                           "--duration", "60", "--warmup", "15", "--checkpoint-every", "8", "--force-every", "2",
                            "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.exists(), proc.stderr[-3000:]
     result = json.loads(out.read_text())
