@@ -149,3 +149,68 @@ except MorphServeError as e:
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "refused: MorphServe supports vLLM 0.32.0 only; found 0.99.0" in proc.stdout
+
+
+class _StuckEngine:
+    """An engine client whose utility calls never answer (or fail), for the route's timeouts."""
+
+    def __init__(self, fail: bool = False):
+        self.fail = fail
+
+    async def call_utility_async(self, method, *args):
+        import asyncio
+
+        if self.fail:
+            raise ConnectionError("engine core died")
+        await asyncio.sleep(60)
+
+
+def _app(engine, monkeypatch, key=None):
+    from fastapi import FastAPI
+
+    from morphserve import http_api, metrics
+
+    monkeypatch.setattr(http_api, "STATE_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(http_api, "LEVEL_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(metrics, "SCRAPE_TIMEOUT_S", 0.2)
+    monkeypatch.setenv("VLLM_API_KEY", "")
+    app = FastAPI()
+    app.include_router(http_api.router)
+    app.state.engine_client = SimpleNamespace(engine_core=engine)
+    app.state.args = SimpleNamespace(api_key=[key] if key else None)
+
+    @app.get("/metrics")
+    async def _metrics():
+        from fastapi.responses import PlainTextResponse
+        from prometheus_client import generate_latest
+        from prometheus_client.registry import CollectorRegistry
+
+        registry = CollectorRegistry()
+        registry.register(metrics.COLLECTOR)
+        return PlainTextResponse(generate_latest(registry).decode())
+
+    metrics.install(app)
+    return app
+
+
+@pytest.mark.parametrize("fail,status", [(False, 504), (True, 503)])
+def test_a_stuck_or_dead_engine_gives_504_or_503_not_a_hang(monkeypatch, fail, status):
+    from fastapi.testclient import TestClient
+
+    client = TestClient(_app(_StuckEngine(fail), monkeypatch), client=("127.0.0.1", 5000))
+    assert client.get("/morphserve/state").status_code == status
+    assert client.post("/morphserve/level", json={"quantized_layers": 1}).status_code == status
+    text = client.get("/metrics").text
+    assert "morphserve_up 0.0" in text and "morphserve_quantized_layers" not in text
+
+
+def test_without_a_key_only_loopback_callers_change_the_level(monkeypatch):
+    from fastapi.testclient import TestClient
+
+    app = _app(_StuckEngine(fail=True), monkeypatch)
+    remote = TestClient(app, client=("203.0.113.9", 5000))
+    assert remote.post("/morphserve/level", json={"quantized_layers": 1}).status_code == 403
+    local = TestClient(app, client=("127.0.0.1", 5000))
+    assert local.post("/morphserve/level", json={"quantized_layers": 1}).status_code == 503  # reached the engine
+    keyed = TestClient(_app(_StuckEngine(fail=True), monkeypatch, key="k"), client=("127.0.0.1", 5000))
+    assert keyed.post("/morphserve/level", json={"quantized_layers": 1}).status_code == 401
