@@ -39,8 +39,17 @@ def main() -> int:
     alias_vllm_version()
     from vllm.entrypoints.cli.main import main as vllm_main
 
+    from morphserve.vllm_server import refusal
+
     sys.argv[0] = "vllm"
-    return vllm_main() or 0
+    try:
+        return vllm_main() or 0
+    except Exception as e:  # MorphServe's start-up refusals: one line, not a traceback
+        why = refusal(e)
+        if why is None:
+            raise
+        print(f"error: {why}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

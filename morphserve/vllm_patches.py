@@ -96,6 +96,9 @@ def _patch_create_engine_config(original):
                     f"MorphServe needs --worker-extension-cls {WORKER_EXTENSION}; got {self.worker_extension_cls}"
                 )
             self.worker_extension_cls = WORKER_EXTENSION
+            refuse_multiple_ranks({n: getattr(self, n, 1) for n in RANK_ARGS})  # before vLLM's own checks
+            if self.async_scheduling:
+                raise MorphServeError(ASYNC_REFUSAL)
             pin_w4a16_kernel()
             if not self.enforce_eager:
                 log.warning("MorphServe: enabling --enforce-eager (a compiled model would not see layer swaps)")
@@ -125,14 +128,22 @@ def check_supported(vllm_config) -> None:
     par, sched = vllm_config.parallel_config, vllm_config.scheduler_config
     if not current_platform.is_cpu():
         raise MorphServeError(f"MorphServe runs on vLLM's CPU backend only; this is {current_platform.device_name}")
-    ranks = {"tensor_parallel_size": par.tensor_parallel_size, "pipeline_parallel_size": par.pipeline_parallel_size,
-             "data_parallel_size": par.data_parallel_size}
-    for name, size in ranks.items():
-        if size != 1:
-            raise MorphServeError(f"MorphServe needs a single rank; --{name.replace('_', '-')} is {size}")
+    refuse_multiple_ranks({name: getattr(par, name) for name in RANK_ARGS})
     if sched.async_scheduling or vllm_config.max_concurrent_batches != 1:
-        raise MorphServeError("MorphServe swaps layers between steps; turn off async scheduling "
-                              "(--no-async-scheduling) and any batch queue")
+        raise MorphServeError(ASYNC_REFUSAL)
+
+
+RANK_ARGS = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
+ASYNC_REFUSAL = ("MorphServe swaps layers between steps; turn off async scheduling (--no-async-scheduling) "
+                 "and any batch queue")
+
+
+def refuse_multiple_ranks(ranks: dict) -> None:
+    from morphserve.errors import MorphServeError
+
+    for name, size in ranks.items():
+        if size not in (None, 1):
+            raise MorphServeError(f"MorphServe needs a single rank; --{name.replace('_', '-')} is {size}")
 
 
 # -- engine core -----------------------------------------------------------------------

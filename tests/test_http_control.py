@@ -129,3 +129,14 @@ def test_offline_api_refuses_a_bad_config_before_starting(model_dir, pack_dir, t
     with pytest.raises(MorphServeError, match="morphserve.bogus"):
         EngineArgs(model=str(model_dir),
                    additional_config={"morphserve": {"pack": str(pack_dir), "bogus": 1}}).create_engine_config()
+
+
+def test_serve_refuses_more_than_one_rank_in_one_line(model_dir, pack_dir):
+    """Refused by MorphServe before vLLM's own validation (SmolLM2's 9 heads would fail TP 2)."""
+    proc = subprocess.run([sys.executable, "-m", "morphserve.cli", "serve", str(model_dir), "--pack", str(pack_dir),
+                           "--tensor-parallel-size", "2", "--port", str(_free_port())],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last == "error: MorphServe needs a single rank; --tensor-parallel-size is 2", \
+        proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

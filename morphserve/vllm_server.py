@@ -1,0 +1,40 @@
+"""vLLM's OpenAI server entry (`vllm.entrypoints.launchers.api_server.entry`), unchanged,
+except that MorphServe's start-up refusals (a pack it cannot serve, more than one rank,
+async scheduling, ...) end with one `error:` line and exit status 2 instead of a traceback.
+`morphserve serve` execs this module; `bin/vllm` (morphserve/vllm_cli.py) does the same.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from morphserve.errors import MorphServeError
+
+
+def refusal(error: BaseException) -> MorphServeError | None:
+    """The MorphServeError behind `error`, if any (vLLM may wrap or chain it)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, MorphServeError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def main() -> int:
+    from vllm.entrypoints.launchers.api_server.entry import main as vllm_main
+
+    try:
+        vllm_main()
+    except Exception as e:
+        why = refusal(e)
+        if why is None:
+            raise
+        print(f"error: {why}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # vLLM's spawned processes re-import this file as __mp_main__
+    sys.exit(main())
