@@ -245,7 +245,13 @@ def _patch_process_input_queue(original):
 def _add_state(_):
     def morphserve_state(self) -> dict:
         controller = getattr(self, "_morphserve", None)
-        return controller.state() if controller else {"active": False}
+        if controller is None:
+            return {"active": False}
+        try:
+            return controller.state()
+        except Exception as e:  # an answer, not an exception through vLLM's utility path
+            log.exception("MorphServe: reading the state failed")
+            return {"active": False, "error": f"internal error: {e}"}
 
     return morphserve_state
 
