@@ -96,6 +96,7 @@ class MorphController:
         self.last_error: dict | None = None
         self.pinned_by_error = False
         self._last_manual = float("-inf")
+        self._recovery_shrink_from: int | None = None
 
     @classmethod
     def start(cls, cfg: dict, engine_core) -> "MorphController":
@@ -176,13 +177,15 @@ class MorphController:
 
     def wants_idle_ticks(self) -> bool:
         """Idle boundaries matter only while something could still be restored."""
-        if self.restoring is not None:
-            return True  # prepared layers are installed at boundaries, idle ones included
+        if self.restoring is not None or self._recovery_shrink_from is not None:
+            return True  # prepared layers (or a recovery's shrink) progress at boundaries, idle ones too
         return self.policy is not None and self.forced_level is None and (
             len(self.quantized) > 0 or self.pending_level is not None)
 
     def on_step_boundary(self) -> None:
         try:
+            if self._recovery_shrink_from is not None and self.restoring is None:
+                self._finish_recovery_shrink()
             if self.restoring is not None:
                 self._commit_restore()
             if self.tracker is not None:
@@ -220,6 +223,7 @@ class MorphController:
         its KV is shrunk now and the layers are installed at later step boundaries."""
         if self.restoring is not None:
             self._cancel_restore()
+        self._recovery_shrink_from = None  # this transition's own shrink or grow accounts for the pool now
         t0 = time.monotonic()
         before_level, before_blocks = len(self.quantized), self.pool.visible
         if level >= before_level and self.pool.limit < self.capacity(before_level):
@@ -299,8 +303,9 @@ class MorphController:
             if self.pool.limit < cap:
                 self.pool.grow(cap)  # a shrink for a restore that did not happen is called off
             elif self.pool.limit > cap:  # fewer layers W4 than the pool was sized for
+                self._recovery_shrink_from = self.pool.committed
                 self.pool.set_limit(cap)
-                self.pool.drain()
+                self._finish_recovery_shrink()
             vs.sync_capacity_view(self.core.vllm_config, self.core.scheduler, self.pool.visible)
             self.forced_level, self.pinned_by_error = level, True
             self.last_error = {"time": time.time(), "during": during, "error": f"{type(error).__name__}: {error}",
@@ -311,10 +316,21 @@ class MorphController:
             log.critical("MorphServe: recovery after %s failed; level and KV view may disagree", during,
                          exc_info=True)
 
-    def _try_rpc(self, method: str):
+    def _finish_recovery_shrink(self) -> None:
+        """After a failed rollback left more bf16 layers than the pool was sized for, the
+        blocks above the smaller capacity are hidden as they free (at each boundary, even
+        while pinned) and their pages released once none is in use."""
+        if self._recovery_shrink_from is None or self.pool.drain().done is False:
+            return
+        first, last = self.pool.committed + 1, self._recovery_shrink_from
+        self._recovery_shrink_from = None
+        if last >= first:
+            self._try_rpc("morphserve_kv_release", first, last)
+
+    def _try_rpc(self, method: str, *args):
         """A worker call during recovery: its failure is logged, not raised."""
         try:
-            return self.core.model_executor.collective_rpc(method)[0]
+            return self.core.model_executor.collective_rpc(method, args=args)[0]
         except Exception as e:
             log.error("MorphServe: %s failed during recovery: %s", method, e)
             return None
@@ -362,11 +378,12 @@ class MorphController:
         self._recover(MorphServeError(f"background restore to {level} stopped: {why}"), "a background restore")
 
     def _cancel_restore(self) -> None:
-        r, self.restoring = self.restoring, None
+        r = self.restoring
         try:
             ids = self.core.model_executor.collective_rpc("morphserve_restore_cancel")[0]["quantized"]
-        except Exception as e:
+        except Exception as e:  # still `restoring`: recovery tries the cancel again
             raise MorphServeError(f"could not cancel the restore in progress: {e}") from e
+        self.restoring = None
         self.quantized = [i for i in self.order if i in ids]
         r["record"].update(cancelled=True, outcome="cancelled", to=len(self.quantized))
         self._write_log(r["record"])
@@ -491,14 +508,14 @@ class MorphController:
             "deferred_restores": self.deferrals,
         }
 
-    def memory_state(self) -> dict:
+    def memory_state(self, kv_resident: bool = False) -> dict:
         """The budget equation, checked live: weights (as computed with, in whichever
         precision) + resident twins + bf16 layers prepared by a background restore and not
         yet installed + committed KV pages <= budget. Weights and RSS are
         read in the worker; the KV figure counts every block that may hold pages (the
         committed ids and vLLM's null block)."""
         try:
-            worker = self.core.model_executor.collective_rpc("morphserve_memory")[0]
+            worker = self.core.model_executor.collective_rpc("morphserve_memory", args=(kv_resident,))[0]
         except Exception as e:  # a state read must not fail because one figure could not be read
             return {"error": f"worker memory query failed: {e}"}
         kv = (self.pool.committed + 1) * self.budget.block_bytes
@@ -510,7 +527,7 @@ class MorphController:
                 "kv_resident_bytes": worker["kv_resident_bytes"],
                 "rss_anon_bytes": worker["rss_anon_bytes"], "rss_file_bytes": worker["rss_file_bytes"]}
 
-    def state(self) -> dict:
+    def state(self, kv_resident: bool = False) -> dict:
         return {
             "active": True,
             "pack": self.cfg["pack"],
@@ -521,7 +538,7 @@ class MorphController:
             "swap_order": self.order,
             "forced_level": self.forced_level,
             **self.kv_state(),
-            "memory": self.memory_state(),
+            "memory": self.memory_state(kv_resident),
             "policy": "manual" if self.forced_level is not None else self.policy_name,
             "policy_target": self.policy_target,
             "policy_max_level": self.policy.max_level if self.policy else None,

@@ -46,12 +46,21 @@ def _key_matches(request: Request, keys: list[str]) -> bool:
     return ok
 
 
+FORWARDING_HEADERS = ("x-forwarded-for", "forwarded", "x-real-ip")
+
+
 def _from_loopback(request: Request) -> bool:
+    """A direct caller on this host. A request that passed through a proxy (any forwarding
+    header: uvicorn may already have rewritten the client address from it) is not one."""
+    if any(h in request.headers for h in FORWARDING_HEADERS):
+        return False
     host = request.client.host if request.client else ""
     try:
-        return ipaddress.ip_address(host).is_loopback
+        ip = ipaddress.ip_address(host)
     except ValueError:
         return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -74,7 +83,10 @@ async def get_state(request: Request):
     keys = _keys(request)
     if keys and not _key_matches(request, keys):
         return _error(401, "Unauthorized")
-    result = await _call(request, "morphserve_state", timeout=STATE_TIMEOUT_S)
+    # ?kv_resident=1 also counts the KV pages resident in the reserve (mincore over the whole
+    # reserve, on the engine's thread: too slow for every scrape, meant for soaks and audits)
+    detail = request.query_params.get("kv_resident") == "1"
+    result = await _call(request, "morphserve_state", detail, timeout=STATE_TIMEOUT_S)
     return result if isinstance(result, JSONResponse) else JSONResponse(result)
 
 
@@ -105,8 +117,10 @@ async def post_level(request: Request):
         return _error(403, "changing the level needs --api-key (or VLLM_API_KEY) when the caller is not on "
                            "this host")
     declared = request.headers.get("content-length", "0")
-    if not declared.isdigit() or int(declared) > MAX_BODY_BYTES:
-        return _error(413 if declared.isdigit() else 400, f"body must be at most {MAX_BODY_BYTES} bytes")
+    if not (declared.isascii() and declared.isdigit()):
+        return _error(400, "bad Content-Length")
+    if len(declared) > 9 or int(declared) > MAX_BODY_BYTES:  # never int() a 4,300-digit header
+        return _error(413, f"body must be at most {MAX_BODY_BYTES} bytes")
     raw = b""
     async for chunk in request.stream():  # stop reading at the cap whatever the header said
         raw += chunk

@@ -217,7 +217,10 @@ def _publish(tmp: Path, out: Path) -> None:
     which the old pack sits at `tmp` and is deleted. Without renameat2 it falls back to two
     renames (old aside, new in), which leaves no pack at `out` if the process dies between
     them: the best POSIX rename offers, since it cannot replace a non-empty folder.
+    The new pack's files are flushed to disk first, so that "whole" also holds after a
+    power loss, not only after a killed process.
     """
+    _fsync_tree(tmp)
     if out.exists() and _exchange(tmp, out):
         shutil.rmtree(tmp, ignore_errors=True)
         return
@@ -228,6 +231,15 @@ def _publish(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*"), reverse=True) + [root, root.parent]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _tokenizer(model_dir: Path):

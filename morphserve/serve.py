@@ -88,9 +88,19 @@ def redact_argv(argv: list[str]) -> list[str]:
             out.append("***")
             continue
         flag, eq, _ = arg.partition("=")
-        hiding = flag in SECRET_FLAGS and not eq
-        out.append(f"{flag}=***" if flag in SECRET_FLAGS and eq else arg)
+        secret = _is_secret_flag(flag)
+        hiding = secret and not eq
+        out.append(f"{flag}=***" if secret and eq else arg)
     return out
+
+
+def _is_secret_flag(flag: str) -> bool:
+    """vLLM's parser reads `--api_key` as `--api-key` and, like argparse, takes unambiguous
+    prefixes (`--api-k`), so a secret flag is any spelling argparse could resolve to one."""
+    if not flag.startswith("--") or len(flag) < 5:
+        return False
+    name = flag.replace("_", "-")
+    return any(secret.startswith(name) for secret in SECRET_FLAGS)
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:

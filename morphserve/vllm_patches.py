@@ -129,6 +129,8 @@ def check_supported(vllm_config) -> None:
     if not current_platform.is_cpu():
         raise MorphServeError(f"MorphServe runs on vLLM's CPU backend only; this is {current_platform.device_name}")
     refuse_multiple_ranks({name: getattr(par, name) for name in RANK_ARGS})
+    if getattr(par, "world_size", 1) != 1:  # any other kind of parallelism multiplies it too
+        raise MorphServeError(f"MorphServe needs a single rank; this engine's world size is {par.world_size}")
     if sched.async_scheduling or vllm_config.max_concurrent_batches != 1:
         raise MorphServeError(ASYNC_REFUSAL)
 
@@ -243,12 +245,12 @@ def _patch_process_input_queue(original):
 
 
 def _add_state(_):
-    def morphserve_state(self) -> dict:
+    def morphserve_state(self, kv_resident: bool = False) -> dict:
         controller = getattr(self, "_morphserve", None)
         if controller is None:
             return {"active": False}
         try:
-            return controller.state()
+            return controller.state(kv_resident)
         except Exception as e:  # an answer, not an exception through vLLM's utility path
             log.exception("MorphServe: reading the state failed")
             return {"active": False, "error": f"internal error: {e}"}

@@ -182,7 +182,7 @@ class MorphWorkerExtension:
             _trim_heap()
         return {"quantized": self.morphserve_quantized()}
 
-    def morphserve_memory(self) -> dict:
+    def morphserve_memory(self, kv_resident: bool = False) -> dict:
         """What this worker holds: weights the model computes with (in whichever precision),
         twins resident outside the model (none: they stay in the pack file), and its RSS.
         Read on every /morphserve/state and /metrics scrape, so it does not trim the heap
@@ -193,7 +193,8 @@ class MorphWorkerExtension:
         backing = vp.host_kv_backing()
         return {"weights_bytes": params + live, "twin_bytes": 0,
                 "prepared_bytes": prep.prepared_bytes() if prep is not None else 0,
-                "kv_resident_bytes": backing.resident_bytes() if backing is not None else -1, **process_rss()}
+                "kv_resident_bytes": backing.resident_bytes() if kv_resident and backing is not None else None,
+                **process_rss()}
 
     def morphserve_drop_page_cache(self) -> dict:
         """Evict the model's and the pack's file pages, so the next transition reads cold."""

@@ -102,9 +102,13 @@ class Load:
         self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(args.concurrency)]
 
     def _take(self) -> tuple[list[int], int]:
-        self.running.wait()
+        while True:  # counted in flight under the lock that pause() clears `running` under
+            self.running.wait()
+            with self.lock:
+                if self.running.is_set():
+                    self.in_flight += 1
+                    break
         with self.lock:
-            self.in_flight += 1
             r = self.requests[self.next % len(self.requests)]
             self.next += 1
             self.sent += 1
@@ -133,7 +137,8 @@ class Load:
 
     def pause(self, timeout: float = 300) -> None:
         """Stop sending and wait for every request in flight to finish."""
-        self.running.clear()
+        with self.lock:
+            self.running.clear()
         deadline = time.monotonic() + timeout
         while self.in_flight and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -159,8 +164,8 @@ def map_count(pid: int) -> int:
 def sample(client: Client, pgid: int, plain: bool) -> dict | None:
     """Plain vLLM allocates its KV cache with torch.zeros (all resident from the start) and
     never changes its weights, so there all of RssAnon is compared."""
-    status, state = client.call("/health" if plain else "/morphserve/state", timeout=60)
-    if status != 200:
+    status, state = client.call("/health" if plain else "/morphserve/state?kv_resident=1", timeout=60)
+    if status != 200 or (not plain and "error" in state.get("memory", {})):
         return None
     rss = group_rss(pgid)
     pids = group_pids(pgid)
@@ -195,8 +200,9 @@ def growth(checkpoints: list[dict], key: str, warmup: float, k: int = 3) -> dict
 def checkpoint(client: Client, pgid: int, load: Load, t0: float, plain: bool) -> dict | None:
     """Quiescent reading: no request in flight, level 0, a second to settle."""
     load.pause()
-    if not plain:
-        client.call("/morphserve/level", {"quantized_layers": 0})
+    if not plain and client.call("/morphserve/level", {"quantized_layers": 0})[0] != 200:
+        load.resume()
+        return None
     time.sleep(1.0)
     c = sample(client, pgid, plain)
     load.resume()
@@ -221,7 +227,8 @@ def run(args: argparse.Namespace) -> dict:
         env["VLLM_PLUGINS"] = ""
     else:
         cmd = [sys.executable, "-m", "morphserve.cli", "serve", args.model, "--pack", args.pack,
-               *(["--policy", args.policy] if args.policy != "none" else []), *common]
+               *(["--policy", args.policy] if args.policy != "none" else []),
+               "--manual-min-interval", "0", *common]  # its level events and checkpoints are scripted
     proc = start_server(cmd, env, log, port)
     pgid = proc.pid
     client = Client(f"http://127.0.0.1:{port}", key)

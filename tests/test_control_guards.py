@@ -105,16 +105,17 @@ def test_a_controller_attaches_only_to_its_own_engine():
         vp._AWAITING_SCHEDULER.clear()
 
 
-def test_the_host_kv_backing_serves_one_allocation_only():
+def test_the_host_kv_backing_serves_one_allocation_only(monkeypatch):
     from morphserve import vllm_patches as vp
 
     calls = []
+    monkeypatch.setattr(vp, "_allocate_on_host_backing", lambda *a: calls.append("mmap") or {})
     allocate = vp._patch_allocate_kv_cache(lambda *a: calls.append("vllm") or {})
-    config = SimpleNamespace(kv_cache_tensors=[])  # empty: both paths end in vLLM's original
+    config = SimpleNamespace(kv_cache_tensors=["one tensor"])
     vp.enable_host_kv_backing()
-    assert vp._HOST_KV["enabled"]
     allocate(config, SimpleNamespace(type="cpu"), None)
-    assert not vp._HOST_KV["enabled"], "a later engine in this process would get the mmap backing"
+    allocate(config, SimpleNamespace(type="cpu"), None)  # a later engine in the same process
+    assert calls == ["mmap", "vllm"]
 
 
 def test_a_failed_metrics_refresh_exports_no_stale_gauges():
@@ -214,3 +215,38 @@ def test_without_a_key_only_loopback_callers_change_the_level(monkeypatch):
     assert local.post("/morphserve/level", json={"quantized_layers": 1}).status_code == 503  # reached the engine
     keyed = TestClient(_app(_StuckEngine(fail=True), monkeypatch, key="k"), client=("127.0.0.1", 5000))
     assert keyed.post("/morphserve/level", json={"quantized_layers": 1}).status_code == 401
+
+
+@pytest.mark.parametrize("headers", [{"X-Forwarded-For": "127.0.0.1"}, {"Forwarded": "for=127.0.0.1"},
+                                     {"X-Real-IP": "127.0.0.1"}])
+def test_without_a_key_a_proxied_request_is_not_local(monkeypatch, headers):
+    """uvicorn may rewrite the client address from these headers; a proxied caller is remote."""
+    from fastapi.testclient import TestClient
+
+    local = TestClient(_app(_StuckEngine(fail=True), monkeypatch), client=("127.0.0.1", 5000))
+    assert local.post("/morphserve/level", json={"quantized_layers": 1}, headers=headers).status_code == 403
+
+
+def test_an_ipv4_mapped_loopback_caller_is_local(monkeypatch):
+    from fastapi.testclient import TestClient
+
+    mapped = TestClient(_app(_StuckEngine(fail=True), monkeypatch), client=("::ffff:127.0.0.1", 5000))
+    assert mapped.post("/morphserve/level", json={"quantized_layers": 1}).status_code == 503  # reached the engine
+
+
+@pytest.mark.parametrize("length,status", [("0" * 4400 + "4", 413), ("١٢", 400), ("-1", 400), ("99999999999", 413)])
+def test_odd_content_lengths_are_4xx(monkeypatch, length, status):
+    from morphserve import http_api
+
+    scope = {"type": "http", "method": "POST", "path": "/morphserve/level", "headers": [
+        (b"content-length", length.encode()), (b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 5000), "query_string": b"", "app": _app(_StuckEngine(), monkeypatch)}
+    import asyncio
+
+    from starlette.requests import Request
+
+    async def receive():
+        return {"type": "http.request", "body": b'{"quantized_layers": 1}', "more_body": False}
+
+    response = asyncio.run(http_api.post_level(Request(scope, receive)))
+    assert response.status_code == status

@@ -19,6 +19,8 @@ SECRET = "sekrit-7f3a"
     (["--api-key", "k1", SECRET, "--port", "1"], ["--api-key", "***", "***", "--port", "1"]),  # vLLM takes several
     (["--hf-token", SECRET, "--api-key"], ["--hf-token", "***", "--api-key"]),  # a trailing flag: nothing to hide
     (["--model", "m", "--additional-config", '{"pack": "p"}'], ["--model", "m", "--additional-config", '{"pack": "p"}']),
+    (["--api_key", SECRET, "--hf_token=" + SECRET], ["--api_key", "***", "--hf_token=***"]),  # vLLM maps _ to -
+    (["--api-k", SECRET, "--apix", "1"], ["--api-k", "***", "--apix", "1"]),  # an argparse abbreviation
 ])
 def test_redact_argv(argv, expected):
     before = list(argv)
