@@ -71,6 +71,16 @@ class MorphServeCollector:
         s = self.state
         if not s.get("active"):
             return
+        try:  # built in full first: a bad figure must not break vLLM's own /metrics page
+            families = list(self._families(s))
+        except Exception as e:
+            log.warning("MorphServe: could not export its metrics: %s: %s", type(e).__name__, e)
+            return
+        yield from families
+
+    def _families(self, s: dict):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
         yield CounterMetricFamily("morphserve_errors", "Failed transitions (each rolled back and pinned)",
                                   value=s.get("errors", 0))
         yield GaugeMetricFamily("morphserve_quantized_layers", "Decoder layers now served by their W4 twin",
@@ -83,16 +93,17 @@ class MorphServeCollector:
         memory = GaugeMetricFamily("morphserve_memory_bytes", "The budget equation's terms and the worker's RSS",
                                    labels=["kind"])
         for kind, value in (s.get("memory") or {}).items():
-            if kind.endswith("_bytes"):
+            if kind.endswith("_bytes") and isinstance(value, (int, float)):  # None: not measured this time
                 memory.add_metric([kind[: -len("_bytes")]], value)
         yield memory
         counter = CounterMetricFamily("morphserve_transitions", "Completed transitions", labels=["direction"])
         for direction, n in s.get("transitions_by_direction", {}).items():
             counter.add_metric([direction], n)
         yield counter
-        h = s.get("transition_seconds") or {"buckets": [], "sum": 0.0}
-        yield HistogramMetricFamily("morphserve_transition_seconds", "Duration of a transition",
-                                    buckets=[(le, n) for le, n in h["buckets"]], sum_value=h["sum"])
+        h = s.get("transition_seconds")
+        if h and h.get("buckets"):
+            yield HistogramMetricFamily("morphserve_transition_seconds", "Duration of a transition",
+                                        buckets=[(le, n) for le, n in h["buckets"]], sum_value=h["sum"])
 
 
 COLLECTOR = MorphServeCollector()

@@ -250,3 +250,23 @@ def test_odd_content_lengths_are_4xx(monkeypatch, length, status):
 
     response = asyncio.run(http_api.post_level(Request(scope, receive)))
     assert response.status_code == status
+
+
+def test_metrics_render_with_figures_left_unmeasured():
+    """A None in the state (e.g. kv_resident_bytes, read only on request) must not break
+    the whole /metrics page, vLLM's own metrics included."""
+    from prometheus_client import generate_latest
+    from prometheus_client.registry import CollectorRegistry
+
+    from morphserve.metrics import MorphServeCollector
+
+    c = MorphServeCollector()
+    c.up = True
+    c.state = {"active": True, "quantized_layers": 3, "kv_capacity_blocks": 10, "policy_target": None, "errors": 1,
+               "memory": {"budget_bytes": 10, "kv_resident_bytes": None, "error": "x"},
+               "transitions_by_direction": {"quantize": 1}, "transition_seconds": None}
+    registry = CollectorRegistry()
+    registry.register(c)
+    text = generate_latest(registry).decode()
+    assert 'morphserve_memory_bytes{kind="budget"} 10.0' in text and "kv_resident" not in text
+    assert "morphserve_errors_total 1.0" in text
