@@ -474,10 +474,11 @@ class MorphController:
             return {"ok": False, "status": 400,
                     "error": f"quantized_layers must be an integer in 0..{self.num_layers}, got {level!r}"}
         now = time.monotonic()
-        wait = self._last_manual + float(self.cfg.get("manual_min_interval_s", 1.0)) - now
+        interval = float(self.cfg.get("manual_min_interval_s", 1.0))
+        wait = self._last_manual + interval - now
         if rate_limited and wait > 0 and level != len(self.quantized):
             return {"ok": False, "status": 429, "retry_after_s": round(wait, 3),
-                    "error": f"manual level changes are limited to one per {self.cfg.get('manual_min_interval_s', 1.0)} s "
+                    "error": f"manual level changes are limited to one per {interval} s "
                              f"(manual_min_interval_s); retry in {wait:.2f} s"}
         if rate_limited:
             self._last_manual = now
