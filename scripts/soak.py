@@ -34,9 +34,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from morphserve import trace
-from morphserve.datafiles import traces_dir
-from morphserve.server_proc import free_port, group_pids, group_rss, process_rss, start_server, stop_server
+from morphserve.replay.run import trace
+from morphserve.offline.datafiles import traces_dir
+from morphserve.harness.servers import free_port, group_pids, group_rss, process_rss, start_server, stop_server
 
 MEMORY_GROWTH_LIMIT = 0.01
 MAPPINGS_GROWTH_LIMIT = 0.02

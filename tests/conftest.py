@@ -28,7 +28,7 @@ def morphserve_cli(*args: str, check: bool = False) -> subprocess.CompletedProce
 
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
-    from morphserve.default_model import ensure_default_model
+    from morphserve.offline.default_model import ensure_default_model
 
     return ensure_default_model()
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from morphserve.server_proc import stop_server
+from morphserve.harness.servers import stop_server
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = [

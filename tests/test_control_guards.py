@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from morphserve.errors import MorphServeError
-from morphserve.http_api import MAX_BODY_BYTES, MAX_LEVEL, parse_level_body
+from morphserve.vllm.http_api import MAX_BODY_BYTES, MAX_LEVEL, parse_level_body
 from tests.engine_utils import REPO
 
 json_values = st.recursive(
@@ -72,7 +72,7 @@ def _vllm_config(platform_ok=True, tp=1, pp=1, dp=1, async_scheduling=False, bat
     ({"batches": 2}, "batch queue"),
 ])
 def test_unsafe_engine_setups_are_refused_in_one_line(changes, message):
-    from morphserve.vllm_patches import check_supported
+    from morphserve.vllm.patches import check_supported
 
     check_supported(_vllm_config())
     with pytest.raises(MorphServeError, match=message) as e:
@@ -83,7 +83,7 @@ def test_unsafe_engine_setups_are_refused_in_one_line(changes, message):
 def test_a_non_cpu_platform_is_refused(monkeypatch):
     from vllm import platforms
 
-    from morphserve.vllm_patches import check_supported
+    from morphserve.vllm.patches import check_supported
 
     fake = SimpleNamespace(is_cpu=lambda: False, device_name="cuda")
     monkeypatch.setattr(platforms, "current_platform", fake, raising=False)
@@ -92,8 +92,7 @@ def test_a_non_cpu_platform_is_refused(monkeypatch):
 
 
 def test_a_controller_attaches_only_to_its_own_engine():
-    from morphserve import vllm_patches as vp
-
+    from morphserve.vllm import patches as vp
     mine, other = object(), object()
     controller = SimpleNamespace(core=SimpleNamespace(vllm_config=mine))
     vp._AWAITING_SCHEDULER.append(controller)
@@ -106,8 +105,7 @@ def test_a_controller_attaches_only_to_its_own_engine():
 
 
 def test_the_host_kv_backing_serves_one_allocation_only(monkeypatch):
-    from morphserve import vllm_patches as vp
-
+    from morphserve.vllm import patches as vp
     calls = []
     monkeypatch.setattr(vp, "_allocate_on_host_backing", lambda *a: calls.append("mmap") or {})
     allocate = vp._patch_allocate_kv_cache(lambda *a: calls.append("vllm") or {})
@@ -119,7 +117,7 @@ def test_the_host_kv_backing_serves_one_allocation_only(monkeypatch):
 
 
 def test_a_failed_metrics_refresh_exports_no_stale_gauges():
-    from morphserve.metrics import MorphServeCollector
+    from morphserve.vllm.metrics import MorphServeCollector
 
     c = MorphServeCollector()
     c.state, c.up = {"active": True, "quantized_layers": 7, "kv_capacity_blocks": 10, "errors": 2}, True
@@ -135,11 +133,11 @@ def test_an_unsupported_vllm_leaves_plain_engines_alone_and_refuses_morphserve()
     code = """
 import vllm
 vllm.__version__ = "0.99.0"
-from morphserve.plugin import register
+from morphserve.vllm.plugin import register
 register()
 from vllm.engine.arg_utils import EngineArgs
 from morphserve.errors import MorphServeError
-from morphserve.vllm_patches import PATCHES, MARKER
+from morphserve.vllm.patches import PATCHES, MARKER
 import importlib
 assert not getattr(importlib.import_module("vllm.v1.engine.core").EngineCore, "morphserve_state", None)
 try:
@@ -169,7 +167,7 @@ class _StuckEngine:
 def _app(engine, monkeypatch, key=None):
     from fastapi import FastAPI
 
-    from morphserve import http_api, metrics
+    from morphserve.vllm import http_api, metrics
 
     monkeypatch.setattr(http_api, "STATE_TIMEOUT_S", 0.2)
     monkeypatch.setattr(http_api, "LEVEL_TIMEOUT_S", 0.2)
@@ -236,8 +234,7 @@ def test_an_ipv4_mapped_loopback_caller_is_local(monkeypatch):
 
 @pytest.mark.parametrize("length,status", [("0" * 4400 + "4", 413), ("١٢", 400), ("-1", 400), ("99999999999", 413)])
 def test_odd_content_lengths_are_4xx(monkeypatch, length, status):
-    from morphserve import http_api
-
+    from morphserve.vllm import http_api
     scope = {"type": "http", "method": "POST", "path": "/morphserve/level", "headers": [
         (b"content-length", length.encode()), (b"content-type", b"application/json")],
         "client": ("127.0.0.1", 5000), "query_string": b"", "app": _app(_StuckEngine(), monkeypatch)}
@@ -258,7 +255,7 @@ def test_metrics_render_with_figures_left_unmeasured():
     from prometheus_client import generate_latest
     from prometheus_client.registry import CollectorRegistry
 
-    from morphserve.metrics import MorphServeCollector
+    from morphserve.vllm.metrics import MorphServeCollector
 
     c = MorphServeCollector()
     c.up = True

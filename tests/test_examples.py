@@ -31,7 +31,7 @@ def _exported() -> set[str]:
     import vllm.v1.metrics.loggers as loggers
 
     names = set(re.findall(r'"(vllm:[a-z_]+)"', Path(loggers.__file__).read_text()))
-    source = (REPO / "morphserve" / "metrics.py").read_text()
+    source = (REPO / "morphserve" / "vllm" / "metrics.py").read_text()
     names |= set(re.findall(r'"(morphserve_[a-z_]+)"', source))
     return names
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from morphserve import pack as packfmt
+from morphserve.offline import pack as packfmt
 from quant_layers.model_info import LINEAR_NAMES, linear_key, read_model_info
 
 CONFIG = {

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from morphserve import runtime_config
+from morphserve.runtime import config as runtime_config
 from morphserve.errors import MorphServeError
-from morphserve.prepare import PrepareOptions, _check_inputs
+from morphserve.offline.prepare import PrepareOptions, _check_inputs
 from quant_layers.model_info import read_model_info
 from quant_layers.twin import open_twin
 from tests.conftest import morphserve_cli

@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from morphserve import prepare
-
-
+from morphserve.offline import prepare
 def _pack(folder: Path, label: str) -> Path:
     (folder / "quantized").mkdir(parents=True)
     (folder / "manifest.json").write_text(label)

@@ -6,7 +6,8 @@ import argparse
 
 import pytest
 
-from morphserve import cli, replay, serve
+from morphserve.cli import commands as cli, serve
+from morphserve.replay import run as replay
 from tests.test_hardening_fakes import isolated_cache, make_model, make_pack  # noqa: F401
 
 SECRET = "sekrit-7f3a"

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import quant_layers.model_info as model_info
 import quant_layers.twin as twin
-from morphserve import runtime_config
+from morphserve.runtime import config as runtime_config
 from morphserve.errors import MorphServeError
 from tests.test_hardening_fakes import make_model, make_pack
 

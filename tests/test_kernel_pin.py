@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from morphserve import vllm_patches as vp
+from morphserve.vllm import patches as vp
 from morphserve.errors import MorphServeError
 
 

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from morphserve.controller import preemption_order
+from morphserve.runtime.controller import preemption_order
 from morphserve.errors import MorphServeError
-from morphserve.runtime_config import parse
+from morphserve.runtime.config import parse
 from tests.conftest import morphserve_cli
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from morphserve.server_proc import free_port, start_server, stop_server
+from morphserve.harness.servers import free_port, start_server, stop_server
 from tests.engine_utils import REPO
 
 pytestmark = [pytest.mark.engine, pytest.mark.quant]
@@ -32,16 +32,16 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_wheel_contents(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    for needed in ("morphserve/cli.py", "morphserve/vllm_cli.py", "morphserve/data/NOTICE",
-                   "morphserve/data/wikitext-2/valid.txt", "morphserve/data/wikitext-2/test.txt",
-                   "morphserve/data/traces/azure_llm_2023_code.csv", "morphserve/data/traces/azure_llm_2023_conv.csv",
+    for needed in ("morphserve/cli/commands.py", "morphserve/vllm/command.py", "morphserve/offline/data/NOTICE",
+                   "morphserve/offline/data/wikitext-2/valid.txt", "morphserve/offline/data/wikitext-2/test.txt",
+                   "morphserve/offline/data/traces/azure_llm_2023_code.csv", "morphserve/offline/data/traces/azure_llm_2023_conv.csv",
                    "morphserve/evaluation/runner.py", "policies/presets/default.yaml", "quant_layers/gptq_job.py",
                    "kv_resize/elastic_pool.py"):
         assert needed in names, needed
     assert not any(n.startswith(("tests/", "scripts/", "evaluations/", "docs/")) for n in names)
     meta = [n for n in names if n.endswith("entry_points.txt")]
     entry_points = zipfile.ZipFile(wheel).read(meta[0]).decode()
-    assert "[vllm.general_plugins]" in entry_points and "morphserve.plugin:register" in entry_points
+    assert "[vllm.general_plugins]" in entry_points and "morphserve.vllm.plugin:register" in entry_points
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_installed_wheel_prepares_serves_and_replays_from_anywhere(fresh_venv, m
                 "--eval-window", "1024")
     assert proc.returncode == 0, proc.stderr[-3000:]
     quality = json.loads((pack / "quality.json").read_text())
-    assert quality["eval_text"].endswith("morphserve/data/wikitext-2/test.txt") and str(fresh_venv) in quality["eval_text"]
+    assert quality["eval_text"].endswith("morphserve/offline/data/wikitext-2/test.txt") and str(fresh_venv) in quality["eval_text"]
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("VLLM_CPU_KVCACHE_SPACE", "PYTHONPATH")}
     env["MORPHSERVE_CACHE"] = str(tmp_path / "cache")

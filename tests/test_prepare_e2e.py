@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from morphserve.pack import load_manifest
+from morphserve.offline.pack import load_manifest
 from quant_layers.model_info import read_model_info
 
 pytestmark = pytest.mark.quant
@@ -57,7 +57,7 @@ def test_quality_curve_covers_every_level_and_the_baseline_orders(pack_dir):
 
 
 def test_summary_prints_order_and_curve(pack_dir):
-    from morphserve.report import summarize_pack
+    from morphserve.offline.report import summarize_pack
 
     text = summarize_pack(pack_dir)
     assert "swap order" in text and "front->back" in text

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from morphserve.errors import MorphServeError
-from morphserve.pack import LayerBytes, Manifest, load_manifest
+from morphserve.offline.pack import LayerBytes, Manifest, load_manifest
 from quant_layers.eval_windows import plan_windows
 from quant_layers.model_info import check_group_size, default_group_size
 from quant_layers.quality import checkpoints

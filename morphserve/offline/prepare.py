@@ -19,8 +19,8 @@ import torch
 from tqdm import tqdm
 
 import morphserve
-from morphserve import pack as packfmt
-from morphserve.datafiles import wikitext
+from morphserve.offline import pack as packfmt
+from morphserve.offline.datafiles import wikitext
 from morphserve.errors import MorphServeError
 from quant_layers import quality, twin
 from quant_layers.eval_windows import load_windows

@@ -14,7 +14,7 @@ from morphserve.errors import MorphServeError
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
-    from morphserve.prepare import DEFAULT_CALIB, DEFAULT_EVAL
+    from morphserve.offline.prepare import DEFAULT_CALIB, DEFAULT_EVAL
 
     p = sub.add_parser(
         "prepare",
@@ -55,8 +55,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from morphserve.prepare import PrepareOptions, run_prepare
-    from morphserve.report import summarize_pack
+    from morphserve.offline.prepare import PrepareOptions, run_prepare
+    from morphserve.offline.report import summarize_pack
 
     opt = PrepareOptions(
         model=args.model, out=args.out, bits=args.bits, group_size=args.group_size, calib=args.calib,
@@ -77,13 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_prepare(sub)
-    from morphserve.serve import add_parser as add_serve
+    from morphserve.cli.serve import add_parser as add_serve
 
     add_serve(sub)
-    from morphserve.policy_cli import add_parser as add_policy
+    from morphserve.cli.policy import add_parser as add_policy
 
     add_policy(sub)
-    from morphserve.replay import add_parser as add_replay
+    from morphserve.replay.run import add_parser as add_replay
 
     add_replay(sub)
     from morphserve.evaluation.cli import add_parser as add_evaluate

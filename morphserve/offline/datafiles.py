@@ -1,7 +1,7 @@
 """The data `prepare` and `replay` use by default, shipped inside the package so a plain
 (non-editable) install works from any directory: WikiText-2 (CC BY-SA 3.0) for
 calibration and perplexity, and the Azure LLM inference trace 2023 (CC BY 4.0), code and
-conversation. See morphserve/data/NOTICE. `MORPHSERVE_SHARED=DIR` points at another copy
+conversation. See morphserve/offline/data/NOTICE. `MORPHSERVE_SHARED=DIR` points at another copy
 laid out as DIR/data/wikitext-2/{valid,test}.txt and DIR/traces/*.csv.
 """
 

@@ -40,7 +40,7 @@ from typing import Any, Callable
 import torch
 
 SUPPORTED_VLLM = "0.32.0"
-WORKER_EXTENSION = "morphserve.worker_ext.MorphWorkerExtension"
+WORKER_EXTENSION = "morphserve.vllm.worker_ext.MorphWorkerExtension"
 MARKER = "__morphserve_patch__"
 log = logging.getLogger("morphserve")
 
@@ -85,7 +85,7 @@ def check_vllm_version() -> None:
 # -- frontend: config ------------------------------------------------------------------
 def _patch_create_engine_config(original):
     def create_engine_config(self, *args, **kwargs):
-        from morphserve import runtime_config
+        from morphserve.runtime import config as runtime_config
         from morphserve.errors import MorphServeError
 
         extra = self.additional_config or {}
@@ -154,7 +154,7 @@ def _patch_initialize_kv_caches(original):
         cfg = (vllm_config.additional_config or {}).get("morphserve")
         if cfg is None:
             return original(self, vllm_config)
-        from morphserve.controller import MorphController
+        from morphserve.runtime.controller import MorphController
 
         check_supported(vllm_config)  # again here: an engine may be built without our frontend
         _AWAITING_SCHEDULER.clear()  # a controller from an engine that failed to start
@@ -276,11 +276,10 @@ def _add_set_level(_):
 def _patch_attach_endpoint_plugins(original):
     def attach_endpoint_plugins(app, *args, **kwargs):
         result = original(app, *args, **kwargs)
-        from morphserve import runtime_config
-
+        from morphserve.runtime import config as runtime_config
         if runtime_config.ACTIVE is not None:
-            from morphserve import metrics
-            from morphserve.http_api import router
+            from morphserve.vllm import metrics
+            from morphserve.vllm.http_api import router
 
             app.include_router(router)
             metrics.install(app)

@@ -39,7 +39,7 @@ def main() -> int:
     alias_vllm_version()
     from vllm.entrypoints.cli.main import main as vllm_main
 
-    from morphserve.vllm_server import refusal
+    from morphserve.vllm.server import refusal
 
     sys.argv[0] = "vllm"
     try:

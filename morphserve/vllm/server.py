@@ -1,7 +1,7 @@
 """vLLM's OpenAI server entry (`vllm.entrypoints.launchers.api_server.entry`), unchanged,
 except that MorphServe's start-up refusals (a pack it cannot serve, more than one rank,
 async scheduling, ...) end with one `error:` line and exit status 2 instead of a traceback.
-`morphserve serve` execs this module; `bin/vllm` (morphserve/vllm_cli.py) does the same.
+`morphserve serve` execs this module; `bin/vllm` (morphserve/vllm/command.py) does the same.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from morphserve.pack import load_manifest
+    from morphserve.offline.pack import load_manifest
     from policies.config import PolicyError, load_policy
 
     try:

@@ -1,0 +1,5 @@
+import sys
+
+from morphserve.cli.commands import main
+
+sys.exit(main())
