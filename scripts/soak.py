@@ -36,7 +36,8 @@ from pathlib import Path
 
 from morphserve.replay.run import trace
 from morphserve.offline.datafiles import traces_dir
-from morphserve.harness.servers import free_port, group_pids, group_rss, process_rss, start_server, stop_server
+from morphserve.harness.servers import free_port, group_pids, group_rss, start_server, stop_server
+from morphserve.runtime.proc_memory import process_rss
 
 MEMORY_GROWTH_LIMIT = 0.01
 MAPPINGS_GROWTH_LIMIT = 0.02

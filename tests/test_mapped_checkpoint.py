@@ -3,7 +3,7 @@ MappedCheckpoint moves RssFile, not RssAnon, and leaving the block drops the pag
 
 from __future__ import annotations
 
-from morphserve.harness.servers import process_rss
+from morphserve.runtime.proc_memory import process_rss
 from quant_layers.mapped_checkpoint import MappedCheckpoint
 from quant_layers.twin import index_safetensors
 

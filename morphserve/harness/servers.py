@@ -15,6 +15,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from morphserve.runtime.proc_memory import process_rss
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -63,18 +65,6 @@ def group_pids(pgid: int) -> list[int]:
             except ProcessLookupError:
                 continue
     return pids
-
-
-def process_rss(pid: int | str = "self") -> dict[str, int]:
-    """RssAnon / RssFile / RssShmem of one process, in bytes (from /proc/PID/status)."""
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
-                key, value = line.split(":")
-                out[key] = int(value.split()[0]) * 1024
-    return {"rss_anon_bytes": out.get("RssAnon", 0), "rss_file_bytes": out.get("RssFile", 0),
-            "rss_shmem_bytes": out.get("RssShmem", 0)}
 
 
 def group_rss(pgid: int) -> dict[str, int]:

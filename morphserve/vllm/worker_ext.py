@@ -17,7 +17,7 @@ from morphserve.offline import pack as packfmt
 from morphserve.runtime.faults import maybe_fail
 from morphserve.vllm import patches as vp
 from morphserve.offline.default_model import cache_root
-from morphserve.harness.servers import process_rss
+from morphserve.runtime.proc_memory import process_rss
 from quant_layers.kernel_twins import cache_key, ensure_kernel_twins, kernel_attrs
 from quant_layers.mapped_checkpoint import MappedCheckpoint
 from quant_layers.model_info import read_model_info
