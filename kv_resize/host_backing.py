@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -49,17 +50,28 @@ class HostKVBacking:
         return advised
 
 
-def tail_ranges(tensors, first_block: int, last_block: int) -> list[tuple[int, int]]:
-    """Byte ranges of blocks first_block..last_block in every layer of vLLM's KV tensors.
+@dataclass(frozen=True)
+class KVTensorLayout:
+    """Where one KV tensor's blocks lie in the backing: layer l's block b starts at
+    offset + l*layer_stride + b*block_stride (vLLM's KVCacheTensor, read by the boundary's
+    morphserve.vllm.kv_cache.tensor_layouts)."""
 
-    vLLM's KVCacheTensor places layer l's block b at offset + l*layer_stride + b*block_stride;
-    in the CPU backend's layer-outermost layout each layer's tail is one contiguous run.
+    offset: int
+    layer_stride: int
+    block_stride: int
+    num_layers: int
+
+
+def tail_ranges(tensors: list[KVTensorLayout], first_block: int, last_block: int) -> list[tuple[int, int]]:
+    """Byte ranges of blocks first_block..last_block in every layer of the KV tensors.
+
+    In the CPU backend's layer-outermost layout each layer's tail is one contiguous run.
     """
     ranges = []
     if last_block < first_block:
         return ranges
     for t in tensors:
-        for layer in range(len(t.layers)):
+        for layer in range(t.num_layers):
             base = t.offset + layer * t.layer_stride
             if t.block_stride < t.layer_stride:  # layer-outermost: one run per layer
                 ranges.append((base + first_block * t.block_stride, base + (last_block + 1) * t.block_stride))

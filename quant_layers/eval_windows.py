@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from morphserve.errors import MorphServeError
+from quant_layers.errors import QuantLayersError
 
 
 @dataclass(frozen=True)
@@ -30,10 +30,10 @@ def plan_windows(num_ids: int, window: int, max_scored_tokens: int) -> list[tupl
     The count is bounded by `max_scored_tokens` (the `--eval-tokens` knob) and by the text.
     """
     if window < 2:
-        raise MorphServeError(f"eval window must be at least 2 tokens, got {window}")
+        raise QuantLayersError(f"eval window must be at least 2 tokens, got {window}")
     n = min(num_ids // window, math.ceil(max_scored_tokens / (window - 1)))
     if n < 1:
-        raise MorphServeError(
+        raise QuantLayersError(
             f"evaluation text has {num_ids} tokens, fewer than one {window}-token window"
         )
     return [(i * window, (i + 1) * window) for i in range(n)]
@@ -43,7 +43,7 @@ def load_windows(text_path: Path, tokenizer, window: int, max_scored_tokens: int
     try:
         text = Path(text_path).read_text(encoding="utf-8")
     except OSError as e:
-        raise MorphServeError(f"cannot read evaluation text {text_path}: {e.strerror}") from None
+        raise QuantLayersError(f"cannot read evaluation text {text_path}: {e.strerror}") from None
     ids: Sequence[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
     spans = plan_windows(len(ids), window, max_scored_tokens)
     return Windows([list(ids[a:b]) for a, b in spans])

@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from morphserve.errors import MorphServeError
+from quant_layers.cache_dir import cache_root
+from quant_layers.errors import QuantLayersError
 
 # The seven linears of a Llama decoder layer, in HF naming; vLLM fuses them into
 # qkv_proj and gate_up_proj, which the runtime side maps back.
@@ -86,8 +87,6 @@ def verified(kind: str, files: Sequence[Path], key: str, compute: Callable[[], s
     RACY_NS are not cached at all. A cache that cannot be read or written only costs the
     recomputation.
     """
-    from morphserve.offline.default_model import cache_root
-
     now = time.time_ns()
     stats = _stats(files)
     name = hashlib.sha256(json.dumps([kind, [s[0] for s in stats], key]).encode()).hexdigest()[:32]
@@ -116,21 +115,21 @@ def read_model_info(model_dir: Path) -> ModelInfo:
     model_dir = Path(model_dir)
     cfg_path = model_dir / "config.json"
     if not model_dir.is_dir():
-        raise MorphServeError(f"model folder {model_dir} does not exist")
+        raise QuantLayersError(f"model folder {model_dir} does not exist")
     if not cfg_path.is_file():
-        raise MorphServeError(f"model folder {model_dir} has no config.json (is it a HF model folder?)")
+        raise QuantLayersError(f"model folder {model_dir} has no config.json (is it a HF model folder?)")
     try:
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
-        raise MorphServeError(f"{cfg_path} is not valid JSON: {e}") from None
+        raise QuantLayersError(f"{cfg_path} is not valid JSON: {e}") from None
     archs = config.get("architectures") or []
     if not any(a in SUPPORTED_ARCHS for a in archs):
-        raise MorphServeError(f"model {model_dir} has architecture {archs}; MorphServe supports {list(SUPPORTED_ARCHS)}")
+        raise QuantLayersError(f"model {model_dir} has architecture {archs}; MorphServe supports {list(SUPPORTED_ARCHS)}")
     if config.get("quantization_config"):
-        raise MorphServeError(f"model {model_dir} is already quantized; give the full-precision model")
+        raise QuantLayersError(f"model {model_dir} is already quantized; give the full-precision model")
     files = tuple(sorted(model_dir.glob("*.safetensors")))
     if not files:
-        raise MorphServeError(f"model folder {model_dir} holds no .safetensors weights")
+        raise QuantLayersError(f"model folder {model_dir} holds no .safetensors weights")
     hidden = int(config["hidden_size"])
     inter = int(config["intermediate_size"])
     heads = int(config["num_attention_heads"])
@@ -158,13 +157,13 @@ def default_group_size(input_sizes: set[int], candidates: tuple[int, ...] = (128
     for g in candidates:
         if all(size % g == 0 for size in input_sizes):
             return g
-    raise MorphServeError(f"no group size in {candidates} divides every input size {sorted(input_sizes)}")
+    raise QuantLayersError(f"no group size in {candidates} divides every input size {sorted(input_sizes)}")
 
 
 def check_group_size(group_size: int, input_sizes: set[int]) -> None:
     bad = sorted(s for s in input_sizes if s % group_size)
     if bad:
-        raise MorphServeError(
+        raise QuantLayersError(
             f"--group-size {group_size} does not divide linear input size(s) {bad}; "
             f"use {default_group_size(input_sizes)} (or leave --group-size unset)"
         )

@@ -15,18 +15,40 @@ closure:
 The twin's kernel tensors are likewise built from the pack file at quantize time, so the
 only weights held in anonymous memory are the ones the model computes with.
 
-Both states use vLLM's kernels; no GEMM is written here. Every vLLM symbol used is
-imported through `morphserve.vllm.patches` so the coupling surface stays in one place.
+Both states use the serving engine's kernels; no GEMM is written here. This room does not
+import vLLM: the kernels and the layer's forward slot come in as `LinearKernels`, which
+the vLLM boundary implements (morphserve.vllm.kernels.VllmCpuKernels).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import torch
 
-from morphserve.vllm import patches as vp
 from quant_layers.mapped_checkpoint import CheckpointReader
+
+Forward = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+class LinearKernels(Protocol):
+    """What a serving engine lends a swappable linear: its kernels and its forward slot."""
+
+    def make_w4(self, in_features: int, out_features: int, group_size: int, dtype: torch.dtype):
+        """The engine's W4A16 kernel for this shape (process_weights_after_loading, apply_weights)."""
+
+    def w4_state(self, holder: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+        """A processed W4A16 holder as (tensors, plain attributes), to be stored in a file."""
+
+    def prepack_bf16(self, master: torch.Tensor) -> Forward:
+        """The engine's full-precision prepack of `master` [out, in] as a standalone forward."""
+
+    def has_slot(self, layer: torch.nn.Module) -> bool:
+        """Whether `layer` computes through a replaceable forward closure."""
+
+    def install(self, layer: torch.nn.Module, forward: Forward) -> None:
+        """Make `layer` compute with `forward` from its next call on."""
 
 
 @dataclass
@@ -45,12 +67,12 @@ def _param(t: torch.Tensor, **attrs) -> torch.nn.Parameter:
 
 
 def process_for_kernel(shards: list[PackedShard], in_features: int, group_size: int,
-                       dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict]:
+                       dtype: torch.dtype, kernels: LinearKernels) -> tuple[dict[str, torch.Tensor], dict]:
     """Run vLLM's own W4A16 weight processing on one fused linear's pack tensors; return
     what the kernel computes with (see kernel_twins: this runs once, at start-up)."""
     packed = torch.cat([s.weight_packed for s in shards], 0)
     scale = torch.cat([s.weight_scale for s in shards], 0).to(dtype)
-    kernel = vp.make_wna16_kernel(in_features, packed.shape[0], group_size, dtype)
+    kernel = kernels.make_w4(in_features, packed.shape[0], group_size, dtype)
     holder = torch.nn.Module()
     holder.bias = None
     # Plain Parameters carrying vLLM's dim attributes are all the kernel reads; vLLM's
@@ -58,7 +80,7 @@ def process_for_kernel(shards: list[PackedShard], in_features: int, group_size: 
     holder.weight_packed = _param(packed, input_dim=1, output_dim=0, packed_dim=1)
     holder.weight_scale = _param(scale, input_dim=1, output_dim=0)
     kernel.process_weights_after_loading(holder)
-    return vp.wna16_kernel_state(holder)
+    return kernels.w4_state(holder)
 
 
 class W4Compute:
@@ -87,26 +109,12 @@ class IdentityCompute:
     stay bit-identical to plain vLLM.
     """
 
-    def __init__(self, master: torch.Tensor):
+    def __init__(self, master: torch.Tensor, kernels: LinearKernels):
         self.nbytes = master.numel() * master.element_size()
-        self.cpu_linear = prepack_full(master)
+        self.forward = kernels.prepack_bf16(master)
 
     def __call__(self, x, weight, bias):
-        return self.cpu_linear(x, weight, bias)
-
-
-def prepack_full(master: torch.Tensor):
-    """vLLM's bf16 prepack of `master` [out, in] into a standalone closure.
-
-    The closure owns vLLM's packed copy (a oneDNN handle, or the sgl packed weight) and
-    ignores the `weight` argument, so it can be built off to the side and installed as a
-    layer's `cpu_linear` later; `master` is not referenced afterwards and can be freed.
-    """
-    holder = torch.nn.Module()
-    holder.weight = torch.nn.Parameter(master, requires_grad=False)
-    holder.bias = None
-    vp.prepack_unquantized(holder)
-    return holder.cpu_linear
+        return self.forward(x, weight, bias)
 
 
 @dataclass(frozen=True)
@@ -121,9 +129,9 @@ class W4Twin:
     """Builds the live W4A16 compute of one fused linear from the kernel-layout twin file."""
 
     def __init__(self, name: str, in_features: int, out_features: int, group_size: int, dtype: torch.dtype,
-                 attrs: dict):
+                 attrs: dict, kernels: LinearKernels):
         self.name = name  # the fused linear's key prefix in the twin file
-        self.kernel = vp.make_wna16_kernel(in_features, out_features, group_size, dtype)
+        self.kernel = kernels.make_w4(in_features, out_features, group_size, dtype)
         self.params = attrs["params"]
         self.attrs = {k: v for k, v in attrs.items() if k != "params"}
 
@@ -133,8 +141,11 @@ class W4Twin:
 
 
 class IdentityTwin:
+    def __init__(self, kernels: LinearKernels):
+        self.kernels = kernels
+
     def build(self, keys: list[str], readers: Readers) -> IdentityCompute:
-        return IdentityCompute(readers.masters.fused([f"{k}.weight" for k in keys]))
+        return IdentityCompute(readers.masters.fused([f"{k}.weight" for k in keys]), self.kernels)
 
 
 class SwappableLinear:
@@ -144,9 +155,10 @@ class SwappableLinear:
     the model's safetensors file on restore, the twin from the pack's file on quantize.
     """
 
-    def __init__(self, layer: torch.nn.Module, keys: list[str], twin, fp_bytes: int):
-        if not hasattr(layer, "cpu_linear"):
+    def __init__(self, layer: torch.nn.Module, keys: list[str], twin, fp_bytes: int, kernels: LinearKernels):
+        if not kernels.has_slot(layer):
             raise RuntimeError("MorphServe swapping supports vLLM's CPU linear path only (layer has no cpu_linear)")
+        self.kernels = kernels
         self.layer = layer
         self.keys = keys  # the HF linears fused into this vLLM module, in vLLM's order
         self.twin = twin
@@ -163,7 +175,7 @@ class SwappableLinear:
             return
         compute = self.twin.build(self.keys, readers)
         # Dropping the old closure releases vLLM's prepacked bf16 copy.
-        self.layer.cpu_linear = compute
+        self.kernels.install(self.layer, compute)
         self.compute = compute
         self.quantized = True
 
@@ -174,9 +186,9 @@ class SwappableLinear:
 
     def prepare_full(self, readers: Readers):
         """Read and fuse the master from the file map and prepack it; the layer is untouched."""
-        return prepack_full(readers.masters.fused([f"{k}.weight" for k in self.keys]))
+        return self.kernels.prepack_bf16(readers.masters.fused([f"{k}.weight" for k in self.keys]))
 
-    def commit_full(self, cpu_linear) -> None:
-        self.layer.cpu_linear = cpu_linear
+    def commit_full(self, forward: Forward) -> None:
+        self.kernels.install(self.layer, forward)
         self.compute = None  # the twin's tensors go with it
         self.quantized = False

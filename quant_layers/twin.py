@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from morphserve.errors import MorphServeError
+from quant_layers.errors import QuantLayersError
 from quant_layers.model_info import LINEAR_NAMES, ModelInfo, linear_key, verified
 
 PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
@@ -80,16 +80,16 @@ def _read_json(path: Path, what: str) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise MorphServeError(f"{what} {path.parent} has no {path.name}") from None
+        raise QuantLayersError(f"{what} {path.parent} has no {path.name}") from None
     except json.JSONDecodeError as e:
-        raise MorphServeError(f"{path} is not valid JSON: {e}") from None
+        raise QuantLayersError(f"{path} is not valid JSON: {e}") from None
 
 
 def index_safetensors(folder: Path) -> dict[str, Path]:
     """Map every tensor name to its file, opening each file so corruption surfaces here."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise MorphServeError(f"{folder} holds no .safetensors files")
+        raise QuantLayersError(f"{folder} holds no .safetensors files")
     index: dict[str, Path] = {}
     for file in files:
         try:
@@ -97,7 +97,7 @@ def index_safetensors(folder: Path) -> dict[str, Path]:
                 for key in f.keys():
                     index[key] = file
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise MorphServeError(f"corrupt safetensors file {file}: {e}") from None
+            raise QuantLayersError(f"corrupt safetensors file {file}: {e}") from None
     return index
 
 
@@ -105,18 +105,18 @@ def open_twin(ckpt: Path, model: ModelInfo) -> TwinCheckpoint:
     """Open a W4A16 checkpoint and prove it twins `model`: same architecture, same shapes."""
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
-        raise MorphServeError(f"quantized checkpoint {ckpt} does not exist or is not a folder")
+        raise QuantLayersError(f"quantized checkpoint {ckpt} does not exist or is not a folder")
     config = _read_json(ckpt / "config.json", "quantized checkpoint")
     for key in ("architectures", "num_hidden_layers", "hidden_size", "intermediate_size",
                 "num_attention_heads", "num_key_value_heads", "vocab_size"):
         if config.get(key) != model.config.get(key):
-            raise MorphServeError(
+            raise QuantLayersError(
                 f"quantized checkpoint {ckpt} is for a different model: "
                 f"{key} is {config.get(key)!r}, the model has {model.config.get(key)!r}"
             )
     qcfg = config.get("quantization_config") or {}
     if qcfg.get("format") != "pack-quantized" or not qcfg.get("config_groups"):
-        raise MorphServeError(
+        raise QuantLayersError(
             f"quantized checkpoint {ckpt} is not compressed-tensors pack-quantized "
             f"(format={qcfg.get('format')!r}); MorphServe needs W4A16 pack-quantized weights"
         )
@@ -126,7 +126,7 @@ def open_twin(ckpt: Path, model: ModelInfo) -> TwinCheckpoint:
     scheme = QuantizationScheme.model_validate(group)
     w = scheme.weights
     if w is None or scheme.input_activations is not None or w.group_size is None:
-        raise MorphServeError(f"quantized checkpoint {ckpt} is not weight-only grouped (W4A16) quantization")
+        raise QuantLayersError(f"quantized checkpoint {ckpt} is not weight-only grouped (W4A16) quantization")
     tensors = index_safetensors(ckpt)
     # Every process of one start-up opens the twin; its shapes are checked once per change
     # of its files (or of the model's shapes), not once per process.
@@ -149,13 +149,13 @@ def _check_shapes(ckpt: Path, tensors: dict[str, Path], model: ModelInfo, bits: 
                 prefix = linear_key(layer, name)
                 for suffix in ("weight_packed", "weight_scale", "weight_shape"):
                     if f"{prefix}.{suffix}" not in tensors:
-                        raise MorphServeError(f"quantized checkpoint {ckpt} lacks tensor {prefix}.{suffix}")
+                        raise QuantLayersError(f"quantized checkpoint {ckpt} lacks tensor {prefix}.{suffix}")
                 shape_key, packed_key = f"{prefix}.weight_shape", f"{prefix}.weight_packed"
                 shape = tuple(int(x) for x in handles[tensors[shape_key]].get_tensor(shape_key).tolist())
                 packed_shape = tuple(handles[tensors[packed_key]].get_slice(packed_key).get_shape())
                 expected = model.linear_shapes[name]
                 if shape != expected or packed_shape != (expected[0], expected[1] // (32 // bits)):
-                    raise MorphServeError(
+                    raise QuantLayersError(
                         f"quantized checkpoint {ckpt} does not match the model: {prefix} has shape "
                         f"{shape} (packed {packed_shape}), the model has {expected}"
                     )
@@ -167,11 +167,11 @@ def check_servable_twin(tw: TwinCheckpoint) -> None:
     numbers without any error, so it must be stopped before it is served."""
     where = f"quantized checkpoint {tw.path}"
     if tw.bits != SERVED_BITS:
-        raise MorphServeError(f"{where}: twin is {tw.bits}-bit; {SERVED}")
+        raise QuantLayersError(f"{where}: twin is {tw.bits}-bit; {SERVED}")
     if not tw.symmetric:
-        raise MorphServeError(f"{where}: twin is asymmetric (symmetric: false); {SERVED}")
+        raise QuantLayersError(f"{where}: twin is asymmetric (symmetric: false); {SERVED}")
     if any(key.endswith(".weight_zero_point") for key in tw.tensors):
-        raise MorphServeError(f"{where}: twin is asymmetric (it holds zero points, weight_zero_point); {SERVED}")
+        raise QuantLayersError(f"{where}: twin is asymmetric (it holds zero points, weight_zero_point); {SERVED}")
 
 
 def quant_python() -> Path:
@@ -179,7 +179,7 @@ def quant_python() -> Path:
     env = os.environ.get("MORPHSERVE_QUANT_PYTHON")
     path = Path(env) if env else Path(__file__).resolve().parent.parent / ".venv-quant" / "bin" / "python"
     if not path.exists():
-        raise MorphServeError(
+        raise QuantLayersError(
             f"llm-compressor environment not found at {path}; run `make setup`, set "
             "MORPHSERVE_QUANT_PYTHON, or pass --quantized with an existing W4A16 checkpoint"
         )
@@ -198,4 +198,4 @@ def run_gptq(model_dir: Path, out: Path, bits: int, group_size: int, calib: Path
     # that MorphServe's own stdout stays machine-readable.
     proc = subprocess.run(cmd, env=env, stdout=sys.stderr)
     if proc.returncode != 0:
-        raise MorphServeError(f"llm-compressor GPTQ failed (exit {proc.returncode}); its output is above")
+        raise QuantLayersError(f"llm-compressor GPTQ failed (exit {proc.returncode}); its output is above")

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_swap import _run_child  # noqa: E402
 
 from morphserve.offline.datafiles import wikitext  # noqa: E402
-from morphserve.vllm.patches import W4A16_ENV  # noqa: E402
+from morphserve.vllm.kernels import W4A16_ENV  # noqa: E402
 
 BLOCK_BYTES = 30 * 2 * 3 * 64 * 128 * 2  # SmolLM2 KV block of 128 tokens, all layers, bf16
 PROMPT_TOKENS, MAX_TOKENS, REQUESTS = 300, 60, 24

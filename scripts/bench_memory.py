@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 from morphserve.runtime.controller import model_weight_bytes  # noqa: E402
 from morphserve.offline.default_model import cache_root  # noqa: E402
 from morphserve.harness.servers import free_port, group_rss, start_server, stop_server  # noqa: E402
-from morphserve.vllm.patches import W4A16_ENV  # noqa: E402
+from morphserve.vllm.kernels import W4A16_ENV  # noqa: E402
 from quant_layers.mapped_checkpoint import MappedCheckpoint  # noqa: E402
 from quant_layers.twin import index_safetensors  # noqa: E402
 

@@ -31,7 +31,7 @@ def _engine(model: str, pack: str | None):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if pack is None:
         os.environ["VLLM_PLUGINS"] = ""  # plain vLLM: no general plugin at all
-    from morphserve.vllm.patches import W4A16_ENV
+    from morphserve.vllm.kernels import W4A16_ENV
 
     os.environ.update(W4A16_ENV)  # the 4-bit kernel MorphServe serves
     from vllm import LLM

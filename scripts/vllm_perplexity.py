@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from morphserve.offline import pack as packfmt  # noqa: E402
-from morphserve.vllm.patches import W4A16_ENV  # noqa: E402
+from morphserve.vllm.kernels import W4A16_ENV  # noqa: E402
 from quant_layers.eval_windows import load_windows  # noqa: E402
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ["VLLM_PLUGINS"] = ""  # load no general plugin: this is plain vLLM
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from morphserve.vllm.patches import W4A16_ENV  # noqa: E402
+from morphserve.vllm.kernels import W4A16_ENV  # noqa: E402
 
 os.environ.update(W4A16_ENV)  # static W4 baselines run the 4-bit kernel MorphServe serves
 

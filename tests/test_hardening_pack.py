@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from morphserve.runtime import config as runtime_config
-from morphserve.errors import MorphServeError
+from morphserve.errors import USER_ERRORS
 from morphserve.offline.prepare import PrepareOptions, _check_inputs
 from quant_layers.model_info import read_model_info
 from quant_layers.twin import open_twin
@@ -23,7 +23,7 @@ def model(tmp_path):
 
 
 def _refused(pack, model, match: str) -> None:
-    with pytest.raises(MorphServeError, match=match) as e:
+    with pytest.raises(USER_ERRORS, match=match) as e:
         runtime_config.check_pack_matches(runtime_config.parse(str(pack)), str(model))
     assert "\n" not in str(e.value)
 
@@ -59,7 +59,7 @@ def test_check_servable(model, tmp_path, twin_kw, manifest_kw, match):
     if match is None:
         runtime_config.check_servable(manifest, tw)
         return
-    with pytest.raises(MorphServeError, match=match) as e:
+    with pytest.raises(USER_ERRORS, match=match) as e:
         runtime_config.check_servable(manifest, tw)
     assert "\n" not in str(e.value)
 
@@ -67,7 +67,7 @@ def test_check_servable(model, tmp_path, twin_kw, manifest_kw, match):
 def test_prepare_refuses_8_bits_before_any_work(tmp_path):
     # the model does not even exist: the bits refusal must come first
     opt = PrepareOptions(model=tmp_path / "nope", out=tmp_path / "pack", bits=8)
-    with pytest.raises(MorphServeError, match="--bits 8.*symmetric 4-bit"):
+    with pytest.raises(USER_ERRORS, match="--bits 8.*symmetric 4-bit"):
         _check_inputs(opt)
 
 
@@ -87,5 +87,5 @@ def test_prepare_cli_refuses_8_bits_in_one_line(tmp_path):
 def test_prepare_refuses_an_unservable_quantized_checkpoint(model, tmp_path, twin_kw, match):
     ckpt = make_twin(tmp_path / "ckpt", model, **twin_kw)
     opt = PrepareOptions(model=model, out=tmp_path / "pack", quantized=ckpt, group_size=GROUP_SIZE)
-    with pytest.raises(MorphServeError, match=match):
+    with pytest.raises(USER_ERRORS, match=match):
         _check_inputs(opt)

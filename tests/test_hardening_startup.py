@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 import quant_layers.model_info as model_info
 import quant_layers.twin as twin
 from morphserve.runtime import config as runtime_config
-from morphserve.errors import MorphServeError
+from morphserve.errors import USER_ERRORS
 from tests.test_hardening_fakes import make_model, make_pack
 
 
@@ -96,7 +96,7 @@ def test_changed_weights_with_the_old_size_and_mtime_are_still_caught(cache, tmp
     save_file(tensors, file, metadata={"format": "pt"})
     os.utime(file, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert file.stat().st_size == st.st_size
-    with pytest.raises(MorphServeError, match="sha256 mismatch"):
+    with pytest.raises(USER_ERRORS, match="sha256 mismatch"):
         _check(pack, model)
 
 
@@ -124,7 +124,7 @@ def test_the_twin_shapes_are_checked_once_per_change(cache, tmp_path, twin_opens
     key = "model.layers.1.mlp.down_proj"
     tensors[f"{key}.weight_packed"] = tensors[f"{key}.weight_packed"][:, :8].contiguous()
     save_file(tensors, file, metadata={"format": "pt"})
-    with pytest.raises(MorphServeError, match=f"{key} has shape"):
+    with pytest.raises(USER_ERRORS, match=f"{key} has shape"):
         twin.open_twin(pack / "quantized", info)
 
 

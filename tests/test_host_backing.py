@@ -1,8 +1,7 @@
 """The mmap backing really costs no memory until touched and gives it back on release."""
 
-from dataclasses import dataclass
 
-from kv_resize.host_backing import HostKVBacking, tail_ranges
+from kv_resize.host_backing import HostKVBacking, KVTensorLayout, tail_ranges
 
 MB = 2**20
 
@@ -34,12 +33,9 @@ def test_resident_bytes_counts_touched_pages_only():
     assert backing.resident_bytes() == 6 * MB
 
 
-@dataclass
-class _T:  # the fields of vLLM's KVCacheTensor that matter here
-    layers: list
-    layer_stride: int
-    block_stride: int
-    offset: int = 0
+def _T(layers: list, layer_stride: int, block_stride: int, offset: int = 0) -> KVTensorLayout:
+    """A KV tensor shared by `layers` (as vLLM's KVCacheTensor lists them)."""
+    return KVTensorLayout(offset=offset, layer_stride=layer_stride, block_stride=block_stride, num_layers=len(layers))
 
 
 def test_tail_ranges_layer_outermost():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from morphserve.vllm import patches as vp
+from morphserve.vllm import kernels as vp
 from morphserve.errors import MorphServeError
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from morphserve.errors import MorphServeError
+from morphserve.errors import USER_ERRORS
 from morphserve.offline.pack import LayerBytes, Manifest, load_manifest
 from quant_layers.eval_windows import plan_windows
 from quant_layers.model_info import check_group_size, default_group_size
@@ -14,12 +14,12 @@ from quant_layers.quality import checkpoints
 def test_group_size_defaults_to_largest_divisor():
     assert default_group_size({576, 1536}) == 64  # SmolLM2
     assert default_group_size({4096, 11008}) == 128  # Llama-2-7B
-    with pytest.raises(MorphServeError):
+    with pytest.raises(USER_ERRORS):
         default_group_size({100})
 
 
 def test_group_size_128_is_refused_for_smollm2_with_a_hint():
-    with pytest.raises(MorphServeError, match=r"576.*use 64"):
+    with pytest.raises(USER_ERRORS, match=r"576.*use 64"):
         check_group_size(128, {576, 1536})
     check_group_size(64, {576, 1536})
 
@@ -28,7 +28,7 @@ def test_windows_are_bounded_by_budget_and_text():
     assert plan_windows(10_000, 1024, 16_368) == [(i * 1024, (i + 1) * 1024) for i in range(9)]
     assert len(plan_windows(100_000, 1024, 16_368)) == 16  # 16 x 1023 = 16,368 scored tokens
     assert len(plan_windows(100_000, 1024, 1)) == 1
-    with pytest.raises(MorphServeError):
+    with pytest.raises(USER_ERRORS):
         plan_windows(100, 1024, 4096)
 
 
@@ -52,8 +52,8 @@ def test_manifest_rejects_an_order_that_is_not_a_permutation():
 
 
 def test_load_manifest_gives_one_line_errors(tmp_path):
-    with pytest.raises(MorphServeError, match="not a MorphServe pack"):
+    with pytest.raises(USER_ERRORS, match="not a MorphServe pack"):
         load_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"tool_version": "0"}))
-    with pytest.raises(MorphServeError, match="invalid manifest"):
+    with pytest.raises(USER_ERRORS, match="invalid manifest"):
         load_manifest(tmp_path)

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from morphserve.errors import MorphServeError
+from morphserve.errors import USER_ERRORS
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args, extra) if getattr(args, "passthrough", False) else args.func(args)
-    except MorphServeError as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -12,7 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from morphserve.errors import MorphServeError
+from morphserve.errors import MorphServeError, first_field_error
 
 SYSTEM_KINDS = ("fp16", "fp16-compiled", "w4", "morphserve")
 
@@ -147,12 +147,9 @@ def load_suite(path: Path) -> Suite:
 
 
 def first_error(e: ValidationError) -> str:
-    first = e.errors()[0]
-    msg = first["msg"].removeprefix("Value error, ")
-    if not first["loc"]:
+    key, msg, kind, given = first_field_error(e)
+    if not key:
         return msg
-    key = ".".join(str(p) for p in first["loc"])
-    if first["type"] == "extra_forbidden":
+    if kind == "extra_forbidden":
         return f"unknown key {key!r}"
-    value = f" (got {json.dumps(first['input'], default=str)[:80]})" if first["type"] != "missing" else ""
-    return f"{key}: {msg}{value}"
+    return f"{key}: {msg}" + (f" (got {given})" if given is not None else "")

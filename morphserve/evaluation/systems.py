@@ -20,7 +20,7 @@ from pathlib import Path
 
 from morphserve.runtime.controller import model_weight_bytes
 from morphserve.evaluation.suite import Budget, Suite, System
-from morphserve.vllm.patches import W4A16_ENV
+from morphserve.vllm.kernels import W4A16_ENV
 
 WARMUP_PROMPT = "Summarize the following: " + " ".join(f"item {i}" for i in range(40))
 

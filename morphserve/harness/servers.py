@@ -17,7 +17,7 @@ from pathlib import Path
 
 from morphserve.runtime.proc_memory import process_rss
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:

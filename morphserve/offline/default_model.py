@@ -16,23 +16,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from morphserve.errors import MorphServeError
+from morphserve.errors import USER_ERRORS, MorphServeError
+from quant_layers.cache_dir import cache_root
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_root() -> Path:
-    """`MORPHSERVE_CACHE`; else `.cache/` at the repository root (where the Makefile puts
-    it) when running from a checkout; else the user's cache folder (an installed package
-    must not write into site-packages)."""
-    env = os.environ.get("MORPHSERVE_CACHE")
-    if env:
-        return Path(env)
-    checkout = Path(__file__).resolve().parent.parent
-    if (checkout / "pyproject.toml").exists():
-        return checkout / ".cache"
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "morphserve"
 
 
 def default_model_dir() -> Path:
@@ -81,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         path = ensure_default_model(args.out)
-    except MorphServeError as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(path)

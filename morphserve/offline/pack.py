@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from morphserve.errors import MorphServeError
+from morphserve.errors import MorphServeError, first_field_error
 
 MANIFEST = "manifest.json"
 IMPORTANCE = "importance.json"
@@ -68,6 +68,5 @@ def load_manifest(pack_dir: Path) -> Manifest:
     except FileNotFoundError:
         raise MorphServeError(f"{pack_dir} is not a MorphServe pack: {MANIFEST} is missing") from None
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(root)"
-        raise MorphServeError(f"{path}: invalid manifest at {where}: {first['msg']}") from None
+        where, msg, _, _ = first_field_error(e)
+        raise MorphServeError(f"{path}: invalid manifest at {where or '(root)'}: {msg}") from None

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from morphserve.offline import pack as packfmt
-from morphserve.errors import MorphServeError
+from morphserve.errors import MorphServeError, first_field_error
 
 # The config accepted in this process, if MorphServe was activated here (the API server
 # mounts /morphserve/* only then).
@@ -47,9 +47,8 @@ def parse(raw) -> MorphConfig:
     try:
         return MorphConfig.model_validate(raw)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "morphserve"
-        raise MorphServeError(f"invalid --additional-config morphserve.{where}: {first['msg']}") from None
+        where, msg, _, _ = first_field_error(e)
+        raise MorphServeError(f"invalid --additional-config morphserve.{where or 'morphserve'}: {msg}") from None
 
 
 def check_servable(manifest: packfmt.Manifest, tw) -> None:

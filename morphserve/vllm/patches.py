@@ -33,11 +33,9 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import torch
 
 SUPPORTED_VLLM = "0.32.0"
 WORKER_EXTENSION = "morphserve.vllm.worker_ext.MorphWorkerExtension"
@@ -99,6 +97,8 @@ def _patch_create_engine_config(original):
             refuse_multiple_ranks({n: getattr(self, n, 1) for n in RANK_ARGS})  # before vLLM's own checks
             if self.async_scheduling:
                 raise MorphServeError(ASYNC_REFUSAL)
+            from morphserve.vllm.kernels import pin_w4a16_kernel
+
             pin_w4a16_kernel()
             if not self.enforce_eager:
                 log.warning("MorphServe: enabling --enforce-eager (a compiled model would not see layer swaps)")
@@ -289,88 +289,15 @@ def _patch_attach_endpoint_plugins(original):
 
 
 # -- worker: KV allocation ---------------------------------------------------------------
-_HOST_KV: dict = {"enabled": False, "backing": None}
-
-
-def enable_host_kv_backing() -> None:
-    """Called in a worker by morphserve_init: this worker's next KV allocation (and only
-    that one, so a later plain engine in the same process allocates as vLLM does) goes on
-    an mmap."""
-    _HOST_KV["enabled"], _HOST_KV["backing"] = True, None
-
-
-def host_kv_backing():
-    return _HOST_KV["backing"]
-
-
 def _patch_allocate_kv_cache(original):
     def allocate_kv_cache(kv_cache_config, device, layout, kernel_block_sizes=None):
-        enabled, _HOST_KV["enabled"] = _HOST_KV["enabled"], False
-        if not enabled or device.type != "cpu" or not kv_cache_config.kv_cache_tensors:
+        from morphserve.vllm import kv_cache
+
+        if not kv_cache.take_host_backing_request() or device.type != "cpu" or not kv_cache_config.kv_cache_tensors:
             return original(kv_cache_config, device, layout, kernel_block_sizes)
-        return _allocate_on_host_backing(kv_cache_config, device, layout, kernel_block_sizes)
+        return kv_cache.allocate_on_host_backing(kv_cache_config, device, layout, kernel_block_sizes)
 
     return allocate_kv_cache
-
-
-def _allocate_on_host_backing(kv_cache_config, device, layout, kernel_block_sizes):
-    """vllm.v1.worker.utils.allocate_kv_cache (0.32.0) with one line changed: the backing
-    buffer is an anonymous mmap (kv_resize.host_backing) instead of torch.zeros, which
-    would touch, and so commit, the whole reserve. The view-building below is vLLM's."""
-    from kv_resize.host_backing import HostKVBacking
-    from vllm.v1.kv_cache_interface import UniformTypeKVCacheSpecs
-    from vllm.v1.worker.utils import create_kv_cache_views
-
-    sizes = {t.size for t in kv_cache_config.kv_cache_tensors}
-    assert len(sizes) == 1, "KV cache tensors must share one backing allocation."
-    backing = HostKVBacking(sizes.pop())
-    _HOST_KV["backing"] = backing
-    buf = backing.tensor
-    kv_caches = {}
-    for tensor in kv_cache_config.kv_cache_tensors:
-        layer_name = tensor.layers[0]
-        group_id, group = next((gid, g) for gid, g in enumerate(kv_cache_config.kv_cache_groups)
-                               if layer_name in g.layer_names)
-        spec = group.kv_cache_spec
-        if isinstance(spec, UniformTypeKVCacheSpecs):
-            spec = spec.kv_cache_specs[layer_name]
-        if not spec.has_layer_views:
-            kv_caches.update((name, buf) for name in tensor.layers)
-            continue
-        kernel_block_size = None
-        if kernel_block_sizes is not None and group_id < len(kernel_block_sizes):
-            kernel_block_size = kernel_block_sizes[group_id]
-        views = create_kv_cache_views(buf, spec, kv_cache_config.num_blocks_of(tensor), layout, tensor,
-                                      kernel_block_size=kernel_block_size)
-        kv_caches.update(zip(tensor.layers, views))
-    return kv_caches
-
-
-def copy_kv_blocks(model_runner, pairs: list[tuple[int, int]]) -> None:
-    """vLLM's own in-place block copy (the one it uses for copy-on-write)."""
-    from vllm.v1.core.kv_cache_utils import KVCacheBlockCopy
-    from vllm.v1.worker.utils import copy_kv_cache_blocks_inplace
-
-    copies = [KVCacheBlockCopy(src_block_id=s, dst_block_id=d) for s, d in pairs]
-    copy_kv_cache_blocks_inplace(model_runner.kv_caches, model_runner.kv_cache_config.num_blocks, copies)
-
-
-def remap_worker_block_tables(model_runner, moves: dict[int, int]) -> None:
-    """Rewrite the worker's copies of the block tables: each cached request's block_ids
-    and the persistent batch's table (scheduler block ids, one row per request)."""
-    import numpy as np
-
-    for state in model_runner.requests.values():
-        for ids in state.block_ids:
-            ids[:] = [moves.get(i, i) for i in ids]
-    src = np.fromiter(moves.keys(), dtype=np.int64)
-    dst = np.fromiter(moves.values(), dtype=np.int64)
-    for table in model_runner.input_batch.block_table.block_tables:
-        arr = table.block_table.np
-        hit = np.isin(arr, src)
-        if hit.any():
-            lookup = dict(zip(src.tolist(), dst.tolist()))
-            arr[hit] = np.vectorize(lookup.__getitem__, otypes=[arr.dtype])(arr[hit])
 
 
 PATCHES = (
@@ -387,7 +314,13 @@ PATCHES = (
 
 
 def apply_patches() -> None:
+    from morphserve.vllm.kv_cache import check_upstream_allocate
+
     check_vllm_version()
+    try:
+        check_upstream_allocate()
+    except Exception as e:
+        raise PatchError(str(e)) from None
     for patch in PATCHES:
         patch.apply()
 
@@ -413,92 +346,3 @@ def install_version_guard(reason: str) -> None:
     EngineArgs.create_engine_config = create_engine_config
 
 
-# -- which 4-bit kernel vLLM runs --------------------------------------------------------
-# On CPUs with AMX, vLLM 0.32's CPUWNA16 kernel serves 4-bit layers as W4A8 (activations
-# quantized to int8 per token) unless VLLM_CPU_INT4_W4A8=0. A pack's quality curve measures
-# W4A16 (bf16 activations); on SmolLM2 the all-layers W4A8 perplexity is about 7% above it.
-# MorphServe serves what its curve measured, and every 4-bit baseline it is compared with
-# runs under the same setting.
-W4A16_ENV = {"VLLM_CPU_INT4_W4A8": "0"}
-
-
-def pin_w4a16_kernel() -> None:
-    """Set W4A16_ENV in this process (engine cores and workers inherit it), or refuse if the
-    operator asked for W4A8, whose quality the pack does not describe."""
-    from vllm import envs
-
-    from morphserve.errors import MorphServeError
-
-    for key, value in W4A16_ENV.items():
-        if os.environ.get(key, value) != value:
-            raise MorphServeError(f"MorphServe serves the W4A16 kernel its pack's quality curve measured; "
-                                  f"unset {key} (it is {os.environ[key]!r})")
-        os.environ[key] = value
-    if envs._is_envs_cache_enabled():  # an earlier engine in this process froze vLLM's env reads
-        envs.__getattr__.cache_clear()
-
-
-def wna16_variant(dtype: torch.dtype) -> str:
-    """The CPUWNA16 path a 4-bit layer gets (ISA and W4A8 or W4A16): part of the twin cache
-    key, since the two lay out their tensors differently."""
-    from vllm import envs
-
-    # mirrors layer.use_w4a8 in CPUWNA16LinearKernel.process_weights_after_loading (x86 branch)
-    w4a8 = envs.VLLM_CPU_INT4_W4A8 and dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported()
-    return f"{wna16_isa_hint(dtype)}-{'w4a8' if w4a8 else 'w4a16'}"
-
-
-# -- read-only helpers over vLLM kernels -------------------------------------------------
-def make_wna16_kernel(in_features: int, out_features: int, group_size: int, dtype: torch.dtype):
-    """vLLM's own choice of W4A16 kernel for this shape (CPUWNA16 on CPU)."""
-    from vllm.model_executor.kernels.linear import choose_mp_linear_kernel
-    from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import MPLinearLayerConfig
-    from vllm.scalar_type import scalar_types
-
-    cfg = MPLinearLayerConfig(
-        full_weight_shape=(in_features, out_features), partition_weight_shape=(in_features, out_features),
-        weight_type=scalar_types.uint4b8, act_type=dtype, group_size=group_size, zero_points=False,
-    )
-    kernel_cls = choose_mp_linear_kernel(cfg)
-    return kernel_cls(cfg, w_q_param_name="weight_packed", w_s_param_name="weight_scale",
-                      w_zp_param_name="weight_zero_point")
-
-
-# What CPUWNA16LinearKernel.process_weights_after_loading (0.32.0) leaves on a layer besides
-# its parameters; apply_weights reads these. Captured once, restored on every quantize.
-WNA16_LAYER_ATTRS = ("isa_hint", "use_w4a8")
-
-
-def wna16_isa_hint(dtype: torch.dtype) -> str:
-    """The ISA path CPUWNA16 picks for scales of this dtype (part of the twin cache key)."""
-    from vllm.model_executor.kernels.linear.mixed_precision.cpu import _get_isa_hint
-
-    return _get_isa_hint(dtype)
-
-
-def wna16_kernel_state(layer: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
-    """A processed W4A16 layer as (parameters, plain attributes), to be stored in a file."""
-    tensors = {name: p.data for name, p in layer.named_parameters(recurse=False)}
-    attrs = {a: getattr(layer, a) for a in WNA16_LAYER_ATTRS if hasattr(layer, a)}
-    return tensors, attrs
-
-
-def prepack_unquantized(layer: torch.nn.Module) -> None:
-    """vLLM's CPU bf16 prepack: sets layer.cpu_linear and empties layer.weight."""
-    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
-
-    dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
-
-
-def decoder_layers(model: torch.nn.Module):
-    """vLLM's Llama decoder layers (model.model.layers)."""
-    return model.model.layers
-
-
-# vLLM fuses HF linears: (vLLM module path inside a decoder layer, HF names in order).
-FUSED_LINEARS = (
-    ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    ("self_attn.o_proj", ("self_attn.o_proj",)),
-    ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
-    ("mlp.down_proj", ("mlp.down_proj",)),
-)

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import sys
 
-from morphserve.errors import MorphServeError
+from morphserve.errors import USER_ERRORS
 
 
-def refusal(error: BaseException) -> MorphServeError | None:
-    """The MorphServeError behind `error`, if any (vLLM may wrap or chain it)."""
+def refusal(error: BaseException) -> Exception | None:
+    """The user error (USER_ERRORS) behind `error`, if any (vLLM may wrap or chain it)."""
     seen = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, MorphServeError):
+        if isinstance(error, USER_ERRORS):
             return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__

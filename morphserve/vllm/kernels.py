@@ -1,0 +1,131 @@
+"""vLLM's linear kernels as MorphServe uses them (vLLM 0.32.0, CPU): which 4-bit kernel
+runs (W4A16, pinned), the kernel objects, the bf16 prepack, and the `cpu_linear` slot a
+swap replaces. `VllmCpuKernels` is the `quant_layers.swappable.LinearKernels` the worker
+hands to every swappable linear.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# On CPUs with AMX, vLLM 0.32's CPUWNA16 kernel serves 4-bit layers as W4A8 (activations
+# quantized to int8 per token) unless VLLM_CPU_INT4_W4A8=0. A pack's quality curve measures
+# W4A16 (bf16 activations); on SmolLM2 the all-layers W4A8 perplexity is about 7% above it.
+# MorphServe serves what its curve measured, and every 4-bit baseline it is compared with
+# runs under the same setting.
+W4A16_ENV = {"VLLM_CPU_INT4_W4A8": "0"}
+
+
+def pin_w4a16_kernel() -> None:
+    """Set W4A16_ENV in this process (engine cores and workers inherit it), or refuse if the
+    operator asked for W4A8, whose quality the pack does not describe."""
+    from vllm import envs
+
+    from morphserve.errors import MorphServeError
+
+    for key, value in W4A16_ENV.items():
+        if os.environ.get(key, value) != value:
+            raise MorphServeError(f"MorphServe serves the W4A16 kernel its pack's quality curve measured; "
+                                  f"unset {key} (it is {os.environ[key]!r})")
+        os.environ[key] = value
+    if envs._is_envs_cache_enabled():  # an earlier engine in this process froze vLLM's env reads
+        envs.__getattr__.cache_clear()
+
+
+def wna16_variant(dtype: torch.dtype) -> str:
+    """The CPUWNA16 path a 4-bit layer gets (ISA and W4A8 or W4A16): part of the twin cache
+    key, since the two lay out their tensors differently."""
+    from vllm import envs
+
+    # mirrors layer.use_w4a8 in CPUWNA16LinearKernel.process_weights_after_loading (x86 branch)
+    w4a8 = envs.VLLM_CPU_INT4_W4A8 and dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported()
+    return f"{wna16_isa_hint(dtype)}-{'w4a8' if w4a8 else 'w4a16'}"
+
+
+# -- read-only helpers over vLLM kernels -------------------------------------------------
+def make_wna16_kernel(in_features: int, out_features: int, group_size: int, dtype: torch.dtype):
+    """vLLM's own choice of W4A16 kernel for this shape (CPUWNA16 on CPU)."""
+    from vllm.model_executor.kernels.linear import choose_mp_linear_kernel
+    from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import MPLinearLayerConfig
+    from vllm.scalar_type import scalar_types
+
+    cfg = MPLinearLayerConfig(
+        full_weight_shape=(in_features, out_features), partition_weight_shape=(in_features, out_features),
+        weight_type=scalar_types.uint4b8, act_type=dtype, group_size=group_size, zero_points=False,
+    )
+    kernel_cls = choose_mp_linear_kernel(cfg)
+    return kernel_cls(cfg, w_q_param_name="weight_packed", w_s_param_name="weight_scale",
+                      w_zp_param_name="weight_zero_point")
+
+
+# What CPUWNA16LinearKernel.process_weights_after_loading (0.32.0) leaves on a layer besides
+# its parameters; apply_weights reads these. Captured once, restored on every quantize.
+WNA16_LAYER_ATTRS = ("isa_hint", "use_w4a8")
+
+
+def wna16_isa_hint(dtype: torch.dtype) -> str:
+    """The ISA path CPUWNA16 picks for scales of this dtype (part of the twin cache key)."""
+    from vllm.model_executor.kernels.linear.mixed_precision.cpu import _get_isa_hint
+
+    return _get_isa_hint(dtype)
+
+
+def wna16_kernel_state(layer: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    """A processed W4A16 layer as (parameters, plain attributes), to be stored in a file."""
+    tensors = {name: p.data for name, p in layer.named_parameters(recurse=False)}
+    attrs = {a: getattr(layer, a) for a in WNA16_LAYER_ATTRS if hasattr(layer, a)}
+    return tensors, attrs
+
+
+def prepack_unquantized(layer: torch.nn.Module) -> None:
+    """vLLM's CPU bf16 prepack: sets layer.cpu_linear and empties layer.weight."""
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
+
+
+def decoder_layers(model: torch.nn.Module):
+    """vLLM's Llama decoder layers (model.model.layers)."""
+    return model.model.layers
+
+
+# vLLM fuses HF linears: (vLLM module path inside a decoder layer, HF names in order).
+FUSED_LINEARS = (
+    ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("self_attn.o_proj", ("self_attn.o_proj",)),
+    ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp.down_proj", ("mlp.down_proj",)),
+)
+
+
+class VllmCpuKernels:
+    """quant_layers.swappable.LinearKernels over vLLM's CPU path.
+
+    On CPU, vLLM's `UnquantizedLinearMethod` prepacks the bf16 weight into
+    `layer.cpu_linear` (a closure over a oneDNN handle) and calls it on every forward; a
+    swap replaces that closure.
+    """
+
+    def make_w4(self, in_features: int, out_features: int, group_size: int, dtype: torch.dtype):
+        return make_wna16_kernel(in_features, out_features, group_size, dtype)
+
+    def w4_state(self, holder: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+        return wna16_kernel_state(holder)
+
+    def prepack_bf16(self, master: torch.Tensor):
+        """The closure owns vLLM's packed copy (a oneDNN handle, or the sgl packed weight)
+        and ignores its `weight` argument, so it can be built off to the side and installed
+        later; `master` is not referenced afterwards and can be freed."""
+        holder = torch.nn.Module()
+        holder.weight = torch.nn.Parameter(master, requires_grad=False)
+        holder.bias = None
+        prepack_unquantized(holder)
+        return holder.cpu_linear
+
+    def has_slot(self, layer: torch.nn.Module) -> bool:
+        return hasattr(layer, "cpu_linear")
+
+    def install(self, layer: torch.nn.Module, forward) -> None:
+        layer.cpu_linear = forward
