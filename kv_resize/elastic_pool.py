@@ -1,5 +1,7 @@
 """An elastic cap over vLLM's BlockPool.
 
+It sees the pool only through `BlockStore` (block ids in, block ids out), which the vLLM
+boundary implements over vLLM's BlockPool (morphserve.vllm.scheduler.VllmBlockStore).
 vLLM sizes its BlockPool once. We create it at the largest capacity MorphServe can reach
 and hide the blocks above the current capacity by taking them out of the free queue, so
 vLLM cannot hand them out. Block ids 1..committed are backed by memory; the null block
@@ -23,6 +25,7 @@ is hidden at the next step boundary, before the next schedule().
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -32,11 +35,28 @@ class DrainResult:
     busy: tuple[int, ...]  # in-use block ids still above limit
 
 
+class BlockStore(Protocol):
+    """The block pool as the elastic cap needs it; ids 1..num_usable (0 is the null block)."""
+
+    num_usable: int
+
+    def ref_cnt(self, block_id: int) -> int: ...
+    def cached_hash(self, block_id: int): ...  # None unless the block is in the prefix cache
+    def in_free_queue(self, block_id: int) -> bool: ...
+    def take_free(self, block_id: int) -> None: ...  # out of the prefix cache and the free queue
+    def forget_cached(self, block_id: int) -> None: ...  # out of the prefix cache only
+    def give_back(self, block_ids: list[int]) -> None: ...  # to the back of the free queue
+    def free_ids(self) -> list[int]: ...  # in the free queue's eviction order
+    def num_free(self) -> int: ...
+    def set_visible_total(self, num_blocks: int) -> None: ...  # the pool size the engine reports
+    def visible_total(self) -> int: ...
+
+
 class ElasticBlockPool:
-    def __init__(self, pool, committed: int):
-        """`pool` is a vLLM BlockPool sized for the maximum capacity, all blocks free."""
-        self.pool = pool
-        self.max_usable = len(pool.blocks) - 1
+    def __init__(self, store: BlockStore, committed: int):
+        """`store` is the engine's block pool sized for the maximum capacity, all blocks free."""
+        self.store = store
+        self.max_usable = store.num_usable
         if not 0 < committed <= self.max_usable:
             raise ValueError(f"committed {committed} outside 1..{self.max_usable}")
         self.hidden: set[int] = set()
@@ -54,9 +74,7 @@ class ElasticBlockPool:
         revived = sorted(i for i in self.hidden if i <= target)
         for i in revived:
             self.hidden.remove(i)
-        # Appended at the back: vLLM hands out free blocks from the front, so recently
-        # freed (cache-warm) blocks are still reused first.
-        self.pool.free_block_queue.append_n([self.pool.blocks[i] for i in revived])
+        self.store.give_back(revived)
         self.committed = max(self.committed, target)
         self.limit = target
         self._sync_vllm_view()
@@ -78,13 +96,10 @@ class ElasticBlockPool:
         for i in range(self.limit + 1, self.committed + 1):
             if i in self.hidden:
                 continue
-            block = self.pool.blocks[i]
-            if block.ref_cnt > 0:
+            if self.store.ref_cnt(i) > 0:
                 busy.append(i)
                 continue
-            # Evict first: a hidden block must not be found by a prefix-cache lookup.
-            self.pool._maybe_evict_cached_block(block)
-            self.pool.free_block_queue.remove(block)
+            self.store.take_free(i)  # evicted from the prefix cache first
             self.hidden.add(i)
             hidden_now += 1
         if not busy:
@@ -96,9 +111,8 @@ class ElasticBlockPool:
         """Hide blocks that left their requests without passing through the free queue
         (the source blocks of a migration)."""
         for i in ids:
-            block = self.pool.blocks[i]
-            assert i > self.limit and block.ref_cnt == 0 and block.prev_free_block is None, i
-            self.pool._maybe_evict_cached_block(block)
+            assert i > self.limit and self.store.ref_cnt(i) == 0 and not self.store.in_free_queue(i), i
+            self.store.forget_cached(i)
             self.hidden.add(i)
 
     # -- views -----------------------------------------------------------------------
@@ -111,19 +125,17 @@ class ElasticBlockPool:
             return self.committed
         return self.committed - sum(1 for i in range(self.limit + 1, self.committed + 1) if i in self.hidden)
 
-    def free_low_blocks(self) -> list:
-        """Free blocks at or below `limit`, in the queue's eviction order (migration targets)."""
-        return [b for b in self.pool.free_block_queue.get_all_free_blocks() if b.block_id <= self.limit]
+    def free_low_blocks(self) -> list[int]:
+        """Free block ids at or below `limit`, in the queue's eviction order (migration targets)."""
+        return [i for i in self.store.free_ids() if i <= self.limit]
 
     def _sync_vllm_view(self) -> None:
-        # BlockPool.get_usage() divides by num_gpu_blocks - 1, and reset_prefix_cache()
-        # compares against it: both must count only blocks vLLM can see.
-        self.pool.num_gpu_blocks = self.visible + 1
+        self.store.set_visible_total(self.visible + 1)
 
     def check(self) -> None:
         """Assert the invariants in the module docstring (tests and debug runs)."""
-        free = {b.block_id for b in self.pool.free_block_queue.get_all_free_blocks()}
-        used = {b.block_id for b in self.pool.blocks[1:] if b.ref_cnt > 0}
+        free = set(self.store.free_ids())
+        used = {i for i in range(1, self.max_usable + 1) if self.store.ref_cnt(i) > 0}
         assert not (free & used), f"blocks both free and used: {sorted(free & used)[:5]}"
         assert not (self.hidden & free), "hidden block in the free queue"
         assert not (self.hidden & used), "hidden block in use"
@@ -132,5 +144,5 @@ class ElasticBlockPool:
         assert set(range(self.committed + 1, self.max_usable + 1)) <= self.hidden, "uncommitted block visible"
         assert max(used, default=0) <= self.committed, "a block beyond capacity is in use"
         for i in self.hidden:
-            assert self.pool.blocks[i].block_hash is None, "hidden block still in the prefix cache"
-        assert self.pool.num_gpu_blocks == 1 + self.committed - sum(1 for i in self.hidden if i <= self.committed)
+            assert self.store.cached_hash(i) is None, "hidden block still in the prefix cache"
+        assert self.store.visible_total() == 1 + self.committed - sum(1 for i in self.hidden if i <= self.committed)

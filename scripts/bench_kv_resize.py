@@ -85,13 +85,13 @@ def child(mode: str, model: str, pack: str, fp16_blocks: int) -> dict:
         out["levels"][level] = {"capacity_blocks": ctl.pool.visible, "run": _run(llm, core, prompts, f"l{level}-"),
                                 "worker_rss": rss()}
     for k, strategy in enumerate(("wait", "preempt", "migrate")):
-        ctl.cfg["shrink_strategy"] = strategy
+        ctl.moves.shrink_strategy = strategy
         core.morphserve_set_level(30)
         before = rss()
         lengths = [MAX_TOKENS] * 14 + [200, 200] if strategy == "migrate" else None
         run = _run(llm, core, _prompts(model, 16, salt=2 + k), f"{strategy}-", at_step=80 if lengths else 8,
                    action=lambda: core.morphserve_set_level(0), max_tokens=lengths)
-        record = ctl.recent[-1]
+        record = ctl.recorder.recent[-1]
         out["restore"][strategy] = {"run": run, "kv": record.get("kv"), "worker_rss_before": before,
                                     "worker_rss_after": rss(), "transition_seconds": record["seconds"]}
     return out

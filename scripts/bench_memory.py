@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from morphserve.runtime.controller import model_weight_bytes  # noqa: E402
+from morphserve.runtime.kv_sizing import model_weight_bytes  # noqa: E402
 from morphserve.offline.default_model import cache_root  # noqa: E402
 from morphserve.harness.servers import free_port, group_rss, start_server, stop_server  # noqa: E402
 from morphserve.vllm.kernels import W4A16_ENV  # noqa: E402

@@ -52,13 +52,13 @@ def child(model: str, pack: str, mode: str, batch: int, tokens: int, warm_steps:
         while engine.has_unfinished_requests():
             if len(steps) == warm_steps:
                 t = time.perf_counter()
-                controller.transition(0, reason="bench", background=mode == "background")
+                controller.moves.to(0, reason="bench", background=mode == "background")
                 start = (len(steps), time.perf_counter() - t)
             t = time.perf_counter()
             engine.step()  # includes post_step: background commits happen here
             steps.append(time.perf_counter() - t)
             levels.append(len(controller.quantized))
-        record = controller.recent[-1]
+        record = controller.recorder.recent[-1]
         runs.append({"steps": steps, "levels": levels, "start_index": start[0], "start_seconds": start[1],
                      "record": {k: record.get(k) for k in ("mode", "seconds", "worker_seconds", "commit_seconds",
                                                            "steps", "to")}})

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kv_resize.budget import KVBudget  # noqa: E402
 from kv_resize.capacity import (GIB, LLAMA_2_7B, LLAMA_3_8B, budget_for_shape, capacity_rows,  # noqa: E402
                                 gpu_budget)
-from morphserve.runtime.controller import model_weight_bytes  # noqa: E402
+from morphserve.runtime.kv_sizing import model_weight_bytes  # noqa: E402
 from morphserve.offline.pack import load_manifest  # noqa: E402
 
 SMOL_KV_BYTES_PER_TOKEN = 2 * 30 * 3 * 64 * 2  # (K,V) x layers x KV heads x head dim x bf16

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from render_dashboard import render  # noqa: E402
 
-from morphserve.runtime.controller import model_weight_bytes  # noqa: E402
+from morphserve.runtime.kv_sizing import model_weight_bytes  # noqa: E402
 from morphserve.harness.servers import free_port, start_server, stop_server  # noqa: E402
 
 PROM_CONFIG = """global:

@@ -94,8 +94,8 @@ def test_a_non_cpu_platform_is_refused(monkeypatch):
 def test_a_controller_attaches_only_to_its_own_engine():
     from morphserve.vllm import patches as vp
     mine, other = object(), object()
-    controller = SimpleNamespace(core=SimpleNamespace(vllm_config=mine))
-    vp._AWAITING_SCHEDULER.append(controller)
+    controller = object()
+    vp._AWAITING_SCHEDULER.append((mine, controller))
     try:
         assert vp.take_awaiting_controller(other) is None  # a later, plain engine
         assert vp.take_awaiting_controller(mine) is controller

@@ -21,8 +21,10 @@ MAX_USABLE = 24
 def _new_pool(committed: int):
     from vllm.v1.core.block_pool import BlockPool
 
+    from morphserve.vllm.scheduler import VllmBlockStore
+
     pool = BlockPool(num_gpu_blocks=MAX_USABLE + 1, enable_caching=True, hash_block_size=16)
-    return ElasticBlockPool(pool, committed)
+    return ElasticBlockPool(VllmBlockStore(pool), committed)
 
 
 ops = st.lists(
@@ -35,7 +37,7 @@ ops = st.lists(
 @given(start=st.integers(1, MAX_USABLE), steps=ops)
 def test_random_interleavings_keep_the_invariants(start, steps):
     elastic = _new_pool(start)
-    pool = elastic.pool
+    pool = elastic.store.vllm_pool
     held: list[list] = []  # allocations still owned by "requests"
     released_ranges: list[tuple[int, int]] = []
     from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id
@@ -86,12 +88,12 @@ def test_random_interleavings_keep_the_invariants(start, steps):
     assert elastic.drain().done
     elastic.check()
     assert pool.get_num_free_blocks() == 1
-    assert elastic.pool.get_usage() == 0.0
+    assert elastic.store.vllm_pool.get_usage() == 0.0
 
 
 def test_shrink_waits_for_a_busy_tail_block_and_completes_when_it_is_freed():
     elastic = _new_pool(MAX_USABLE)
-    pool = elastic.pool
+    pool = elastic.store.vllm_pool
     blocks = pool.get_new_blocks(MAX_USABLE)  # ids 1..24 in order
     tail = [b for b in blocks if b.block_id > 8]
     pool.free_blocks([b for b in blocks if b.block_id <= 8])
@@ -108,7 +110,7 @@ def test_shrink_waits_for_a_busy_tail_block_and_completes_when_it_is_freed():
 
 def test_usage_counts_only_visible_blocks():
     elastic = _new_pool(10)
-    pool = elastic.pool
+    pool = elastic.store.vllm_pool
     pool.get_new_blocks(5)
     assert pool.get_usage() == pytest.approx(0.5)
     elastic.grow(20)
@@ -119,7 +121,7 @@ def test_cached_blocks_in_the_tail_are_evicted_before_hiding():
     from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id
 
     elastic = _new_pool(MAX_USABLE)
-    pool = elastic.pool
+    pool = elastic.store.vllm_pool
     blocks = pool.get_new_blocks(MAX_USABLE)
     key = make_block_hash_with_group_id(b"prefix!!", 0)
     pool._insert_block_hash(key, blocks[-1], None)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from morphserve.runtime.controller import preemption_order
+from morphserve.runtime.shrink import preemption_order
 from morphserve.errors import MorphServeError
 from morphserve.runtime.config import parse
 from tests.conftest import morphserve_cli

@@ -102,7 +102,7 @@ def test_quantizing_raises_concurrency_to_the_new_capacity_and_restoring_brings_
 @pytest.mark.parametrize("strategy", ["wait", "preempt", "migrate"])
 def test_restore_under_load_completes_every_request(engine, model_dir, tmp_path, strategy):
     llm, core = engine
-    core._morphserve.cfg["shrink_strategy"] = strategy
+    core._morphserve.moves.shrink_strategy = strategy
     assert core.morphserve_set_level(30)["kv_capacity_blocks"] > 9
     prompts = _prompts(model_dir, 16, salt=2 + ["wait", "preempt", "migrate"].index(strategy))
     # migrate needs room below the new capacity: two long requests outlive fourteen short ones.

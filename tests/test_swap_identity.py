@@ -97,12 +97,12 @@ def test_background_restore_installs_layers_at_step_boundaries_without_changing_
                 tokens[out.request_id] = list(out.outputs[0].token_ids)
         steps += 1
         if steps == 3:
-            started = controller.transition(0, reason="test", background=True)
-            assert started.get("restoring") and controller.restoring is not None
+            started = controller.moves.to(0, reason="test", background=True)
+            assert started.get("restoring") and controller.moves.restoring is not None
             assert core.morphserve_state()["memory"]["within_budget"]
         levels.append(len(controller.quantized))
-    assert controller.restoring is None and controller.quantized == []
-    record = controller.recent[-1]
+    assert controller.moves.restoring is None and controller.quantized == []
+    record = controller.recorder.recent[-1]
     assert record["mode"] == "background" and record["to"] == 0 and record["steps"] >= 1
     assert sorted(record["committed_layer_ids"]) == list(range(30))
     baseline = plain_vllm(model_dir, PROMPTS, MAX_TOKENS, tmp_path)["token_ids"]

@@ -18,7 +18,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from morphserve.runtime.controller import model_weight_bytes
+from morphserve.runtime.kv_sizing import model_weight_bytes
 from morphserve.evaluation.suite import Budget, Suite, System
 from morphserve.vllm.kernels import W4A16_ENV
 

@@ -82,7 +82,7 @@ def check_pack_matches(cfg: MorphConfig, model_path: str) -> packfmt.Manifest:
             f"{manifest.num_layers} layers, model is {info.config.get('architectures')} with {info.num_layers}")
     check_servable(manifest, open_twin(pack_dir / manifest.quantized_dir, info))
     if cfg.memory_budget_gb is not None:
-        from morphserve.runtime.controller import model_weight_bytes
+        from morphserve.runtime.kv_sizing import model_weight_bytes
 
         weights = model_weight_bytes(model_dir)
         if cfg.memory_budget_gb * 2**30 <= weights:

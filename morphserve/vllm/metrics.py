@@ -19,33 +19,6 @@ import time
 log = logging.getLogger("morphserve")
 SCRAPE_TIMEOUT_S = 5.0
 
-BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-class TransitionHistogram:
-    """Cumulative-bucket histogram of transition durations (engine side, plain Python)."""
-
-    def __init__(self):
-        self.counts = [0] * (len(BUCKETS) + 1)
-        self.sum = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.sum += seconds
-        for i, le in enumerate(BUCKETS):
-            if seconds <= le:
-                self.counts[i] += 1
-                return
-        self.counts[-1] += 1
-
-    def as_dict(self) -> dict:
-        cumulative, total = [], 0
-        for c in self.counts:
-            total += c
-            cumulative.append(total)
-        return {"buckets": [[str(le), n] for le, n in zip([*map(str, BUCKETS), "+Inf"], cumulative)],
-                "sum": self.sum, "count": total}
-
-
 class MorphServeCollector:
     def __init__(self):
         self.state: dict = {}

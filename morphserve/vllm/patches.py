@@ -22,11 +22,10 @@ Patched or added (all inert unless `additional_config["morphserve"]` is set):
 - `EngineCore.morphserve_state` / `morphserve_set_level`: utility methods the API server
   calls by name (vLLM's UTILITY request path; no pickled callables).
 - `vllm.entrypoints.launchers.app.attach_endpoint_plugins`: also mount /morphserve/*.
-Scheduler-side reads and writes for KV resizing live in `vllm_sched.py`; worker-side
-ones (block copy, block-table remap) are the helpers at the end of this file.
-Read-only uses: `choose_mp_linear_kernel` (and the attributes its CPU W4A16 kernel leaves
-on a layer, `WNA16_LAYER_ATTRS`), `dispatch_cpu_unquantized_gemm`, the
-scheduler's block pool (for capacity reporting).
+The rest of the boundary (morphserve/vllm/__init__.py lists it): scheduler.py (block pool
+and scheduler adapters), engine.py (worker calls), kv_cache.py (the KV allocation, block
+copies and remaps on the worker), kernels.py (vLLM's linear kernels and the cpu_linear
+slot), worker_ext.py, http_api.py, metrics.py.
 """
 
 from __future__ import annotations
@@ -155,10 +154,12 @@ def _patch_initialize_kv_caches(original):
         if cfg is None:
             return original(self, vllm_config)
         from morphserve.runtime.controller import MorphController
+        from morphserve.vllm.engine import EngineLink
+        from morphserve.vllm.scheduler import StepSampler
 
         check_supported(vllm_config)  # again here: an engine may be built without our frontend
         _AWAITING_SCHEDULER.clear()  # a controller from an engine that failed to start
-        controller = self._morphserve = MorphController.start(cfg, self)
+        controller = self._morphserve = MorphController.start(cfg, EngineLink(self), StepSampler())
         executor = self.model_executor
         measure = executor.determine_available_memory
 
@@ -175,7 +176,7 @@ def _patch_initialize_kv_caches(original):
             result = original(self, vllm_config)
         finally:
             del executor.determine_available_memory
-        _AWAITING_SCHEDULER.append(controller)
+        _AWAITING_SCHEDULER.append((vllm_config, controller))
         return result
 
     return _initialize_kv_caches
@@ -194,16 +195,18 @@ def _patch_scheduler_init(original):
         original(self, *args, **kwargs)
         controller = take_awaiting_controller(self.vllm_config)
         if controller is not None:
-            controller.attach_scheduler(self)
+            from morphserve.vllm.scheduler import SchedulerView
+
+            controller.attach_scheduler(SchedulerView(self, self.vllm_config))
 
     return __init__
 
 
 def take_awaiting_controller(vllm_config):
     """The controller built for this engine's config, if one waits for its scheduler."""
-    for i, controller in enumerate(_AWAITING_SCHEDULER):
-        if controller.core.vllm_config is vllm_config:
-            return _AWAITING_SCHEDULER.pop(i)
+    for i, (config, controller) in enumerate(_AWAITING_SCHEDULER):
+        if config is vllm_config:
+            return _AWAITING_SCHEDULER.pop(i)[1]
     return None
 
 

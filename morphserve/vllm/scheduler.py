@@ -1,8 +1,10 @@
 """Scheduler-side touches on vLLM internals for KV resizing, for vLLM 0.32.0 only.
 
-Together with vllm_patches.py (hooks) this is MorphServe's whole coupling surface on the
-engine-core side. Everything here runs at a step boundary: after update_from_output of
-step N and before schedule() of step N+1, on the engine-core thread.
+Everything here runs at a step boundary: after update_from_output of step N and before
+schedule() of step N+1, on the engine-core thread. The runtime sees only the adapters:
+`VllmBlockStore` (kv_resize.elastic_pool.BlockStore over vLLM's BlockPool),
+`SchedulerView` (what the controller reads and changes in the scheduler) and
+`StepSampler` (one policies.StepSample per boundary).
 """
 
 from __future__ import annotations
@@ -11,6 +13,56 @@ import time
 from collections import defaultdict
 
 from morphserve.errors import MorphServeError
+
+
+class VllmBlockStore:
+    """kv_resize.elastic_pool.BlockStore over vLLM's BlockPool (0.32.0), by block id."""
+
+    def __init__(self, pool):
+        self.vllm_pool = pool
+
+    @property
+    def num_usable(self) -> int:
+        return len(self.vllm_pool.blocks) - 1  # block 0 is vLLM's null block
+
+    def ref_cnt(self, block_id: int) -> int:
+        return self.vllm_pool.blocks[block_id].ref_cnt
+
+    def cached_hash(self, block_id: int):
+        return self.vllm_pool.blocks[block_id].block_hash
+
+    def in_free_queue(self, block_id: int) -> bool:
+        return self.vllm_pool.blocks[block_id].prev_free_block is not None
+
+    def take_free(self, block_id: int) -> None:
+        """Out of the free queue, and first out of the prefix cache: a block vLLM cannot
+        hand out must not be found by a prefix-cache lookup either."""
+        block = self.vllm_pool.blocks[block_id]
+        self.vllm_pool._maybe_evict_cached_block(block)
+        self.vllm_pool.free_block_queue.remove(block)
+
+    def forget_cached(self, block_id: int) -> None:
+        self.vllm_pool._maybe_evict_cached_block(self.vllm_pool.blocks[block_id])
+
+    def give_back(self, block_ids: list[int]) -> None:
+        """Append at the back: vLLM hands out free blocks from the front, so recently freed
+        (cache-warm) blocks are still reused first."""
+        self.vllm_pool.free_block_queue.append_n([self.vllm_pool.blocks[i] for i in block_ids])
+
+    def free_ids(self) -> list[int]:
+        """Free block ids in the queue's eviction order."""
+        return [b.block_id for b in self.vllm_pool.free_block_queue.get_all_free_blocks()]
+
+    def num_free(self) -> int:
+        return self.vllm_pool.get_num_free_blocks()
+
+    def set_visible_total(self, num_blocks: int) -> None:
+        # BlockPool.get_usage() divides by num_gpu_blocks - 1, and reset_prefix_cache()
+        # compares against it: both must count only blocks vLLM can see.
+        self.vllm_pool.num_gpu_blocks = num_blocks
+
+    def visible_total(self) -> int:
+        return self.vllm_pool.num_gpu_blocks
 
 
 def block_pool(scheduler):
@@ -78,13 +130,17 @@ def remap_blocks(scheduler, moves: dict[int, int]) -> None:
             pool.move_block_hashes(src, dst)
 
 
-def take_free_blocks(scheduler, blocks) -> None:
+def take_free_blocks(scheduler, block_ids: list[int]) -> None:
     """Remove specific free blocks from the free queue (migration destinations)."""
-    pool = block_pool(scheduler)
-    for b in blocks:
-        assert b.ref_cnt == 0
-        pool._maybe_evict_cached_block(b)
-        pool.free_block_queue.remove(b)
+    store = VllmBlockStore(block_pool(scheduler))
+    for i in block_ids:
+        assert store.ref_cnt(i) == 0
+        store.take_free(i)
+
+
+def return_free_blocks(scheduler, block_ids: list[int]) -> None:
+    """Undo take_free_blocks (a migration that did not happen)."""
+    VllmBlockStore(block_pool(scheduler)).give_back(block_ids)
 
 
 def sync_capacity_view(vllm_config, scheduler, usable_blocks: int) -> None:
@@ -98,6 +154,48 @@ def sync_capacity_view(vllm_config, scheduler, usable_blocks: int) -> None:
     manager.watermark_blocks = int(scheduler.scheduler_config.watermark * num_blocks)
     vllm_config.cache_config.num_gpu_blocks = num_blocks
     scheduler.cache_config.num_gpu_blocks = num_blocks
+
+
+class SchedulerView:
+    """The controller's handle on its engine's scheduler (attached as the scheduler is built)."""
+
+    def __init__(self, scheduler, vllm_config):
+        self._scheduler = scheduler
+        self._vllm_config = vllm_config
+
+    @property
+    def block_size(self) -> int:
+        return self._scheduler.block_size
+
+    def check_single_group(self) -> None:
+        check_single_group(self._scheduler)
+
+    def block_store(self) -> VllmBlockStore:
+        return VllmBlockStore(block_pool(self._scheduler))
+
+    def block_owners(self) -> dict[int, list[str]]:
+        return block_owners(self._scheduler)
+
+    def request_progress(self, req_ids) -> dict[str, int]:
+        return request_progress(self._scheduler, req_ids)
+
+    def preempt(self, req_ids: list[str]) -> list[str]:
+        return preempt(self._scheduler, req_ids)
+
+    def remap_blocks(self, moves: dict[int, int]) -> None:
+        remap_blocks(self._scheduler, moves)
+
+    def take_free_blocks(self, block_ids: list[int]) -> None:
+        take_free_blocks(self._scheduler, block_ids)
+
+    def return_free_blocks(self, block_ids: list[int]) -> None:
+        return_free_blocks(self._scheduler, block_ids)
+
+    def sync_capacity_view(self, usable_blocks: int) -> None:
+        sync_capacity_view(self._vllm_config, self._scheduler, usable_blocks)
+
+    def sample(self, sampler: "StepSampler", pool):
+        return sampler.sample(self._scheduler, pool)
 
 
 class StepSampler:
@@ -138,7 +236,7 @@ class StepSampler:
             waiting=len(waiting),
             oldest_wait_s=max((wall - r.arrival_time for r in waiting), default=0.0),
             running=len(running),
-            used_blocks=pool.visible - pool.pool.get_num_free_blocks(),
+            used_blocks=pool.visible - pool.store.num_free(),
             capacity_blocks=pool.visible,
             arrivals=arrivals,
             preemptions=new_preemptions,

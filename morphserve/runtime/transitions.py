@@ -1,0 +1,251 @@
+"""Planning and executing transitions, and putting things right when one fails.
+
+Memory order (docs/ARCHITECTURE.md, "One transition"):
+- quantize: workers swap layers in (freeing bf16 weights), then the block pool grows;
+- restore: the block pool shrinks first (free tail blocks are hidden; blocks in use are
+  waited for, preempted or migrated, per `shrink_strategy`), then the workers release the
+  tail's KV pages, then copy bf16 back. A restore that must wait stays pending and is
+  retried at every step boundary. A background restore prepares the bf16 layers in a
+  worker thread and installs them at later boundaries.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from kv_resize.elastic_pool import ElasticBlockPool
+from morphserve.errors import MorphServeError
+from morphserve.runtime.policy_loop import PolicyLoop
+from morphserve.runtime.recorder import Recorder
+from morphserve.runtime.shrink import shrink_kv
+
+log = logging.getLogger("morphserve")
+
+
+@dataclass(frozen=True)
+class TransitionPlan:
+    quantize: list[int]
+    restore: list[int]
+
+
+def plan_transition(order: list[int], current: list[int], level: int) -> TransitionPlan:
+    """Layers to quantize (in swap order) and restore (LIFO) to reach `level` quantized layers."""
+    target = order[:level]
+    quantize = [i for i in target if i not in current]
+    restore = [i for i in reversed(order) if i in current and i not in target]
+    return TransitionPlan(quantize, restore)
+
+
+class TransitionFailed(MorphServeError):
+    """A transition stopped part-way; `during` names what was under way."""
+
+    def __init__(self, message: str, during: str):
+        super().__init__(message)
+        self.during = during
+
+
+class Transitions:
+    """The level the workers serve, and every move between levels.
+
+    `rpc(method, *args)` calls the workers by method name (their results, one per worker);
+    `scheduler` is the boundary's SchedulerView; `capacity(level)` the usable KV blocks.
+    """
+
+    def __init__(self, order: list[int], rpc: Callable, pool: ElasticBlockPool, scheduler,
+                 capacity: Callable[[int], int], recorder: Recorder, policy: PolicyLoop, shrink_strategy: str):
+        self.order = order
+        self.rpc = rpc
+        self.pool = pool
+        self.scheduler = scheduler
+        self.capacity = capacity
+        self.recorder = recorder
+        self.policy = policy
+        self.shrink_strategy = shrink_strategy
+        self._quantized: list[int] = []
+        self.pending_level: int | None = None
+        self.restoring: dict | None = None  # a background restore in progress (see _begin_restore)
+        self.deferrals = 0
+        self.recovery_shrink_from: int | None = None
+
+    @property
+    def quantized(self) -> list[int]:
+        return self._quantized
+
+    @quantized.setter
+    def quantized(self, ids: list[int]) -> None:
+        if len(ids) != len(self._quantized):
+            self.recorder.level_changed(len(ids))
+        self._quantized = ids
+
+    @property
+    def level(self) -> int:
+        return len(self._quantized)
+
+    def sync_view(self) -> None:
+        self.scheduler.sync_capacity_view(self.pool.visible)
+
+    def to(self, level: int, reason: str, background: bool = False) -> dict:
+        """Move to `level` quantized layers. A restore with `background` only starts here:
+        its KV is shrunk now and the layers are installed at later step boundaries."""
+        if self.restoring is not None:
+            self._cancel_restore()
+        self.recovery_shrink_from = None  # this transition's own shrink or grow accounts for the pool now
+        t0 = time.monotonic()
+        before_level, before_blocks = self.level, self.pool.visible
+        if level >= before_level and self.pool.limit < self.capacity(before_level):
+            self.pool.grow(self.capacity(before_level))  # a pending restore is called off
+        plan = plan_transition(self.order, self.quantized, level)
+        was_pending, self.pending_level = self.pending_level, None
+        if not plan.quantize and not plan.restore:
+            self.sync_view()
+            return {"ok": True, "quantized_layers": self.level, "changed": False}
+        record = {"time": time.time(), "from": before_level, "to": level, "reason": reason,
+                  "policy": self.policy.name, "quantized_layer_ids": plan.quantize, "restored_layer_ids": plan.restore,
+                  "signals": self.policy.signals_dict()}
+        if plan.quantize:
+            worker = self._apply(plan.quantize, [], level)
+            self.pool.grow(self.capacity(self.level))
+        else:
+            kv = shrink_kv(self.pool, self.scheduler, self.rpc, self.capacity(level), self.shrink_strategy)
+            record["kv"] = kv
+            if not kv["done"]:
+                self.deferrals += was_pending != level  # count a restore once, not per retry
+                self.pending_level = level
+                self.sync_view()
+                return {"ok": True, "deferred": True, "quantized_layers": self.level,
+                        "busy_blocks": kv["busy"], "changed": False}
+            if background:
+                return self._begin_restore(plan.restore, level, record, t0, before_blocks)
+            try:
+                worker = self._apply([], plan.restore, level)
+            except MorphServeError:
+                self.pool.grow(self.capacity(self.level))  # weights stayed quantized
+                self.sync_view()
+                raise
+        self.sync_view()
+        record.update({
+            "fp_bytes_freed": worker["fp_bytes_freed"], "bytes_freed": worker["bytes_freed"],
+            "rss_delta": worker["rss_delta"], "worker_seconds": worker["seconds"],
+        })
+        self._finish(record, before_blocks, t0, "quantize" if plan.quantize else "restore")
+        return {"ok": True, "quantized_layers": self.level, "changed": True, "transition": record}
+
+    def _finish(self, record: dict, before_blocks: int, t0: float, direction: str) -> None:
+        record.update({"to": self.level, "kv_blocks_before": before_blocks,
+                       "kv_blocks_after": self.pool.visible, "seconds": time.monotonic() - t0})
+        self.recorder.finish(record, direction)
+
+    def _apply(self, quantize: list[int], restore: list[int], level: int) -> dict:
+        try:
+            results = self.rpc("morphserve_apply", quantize, restore)
+        except Exception as e:  # the worker rolled its own swaps back; resync to be sure
+            self.quantized = self._worker_quantized()
+            log.error("MorphServe: transition to %d failed (%s); serving at %d", level, e, self.level)
+            raise MorphServeError(f"transition to {level} quantized layers failed: {e}") from e
+        self.quantized = [i for i in self.order if i in results[0]["quantized"]]
+        return results[0]
+
+    def _worker_quantized(self) -> list[int]:
+        ids = self.rpc("morphserve_quantized")[0]
+        return [i for i in self.order if i in ids]
+
+    # -- restores prepared in the background ---------------------------------------------
+    def _begin_restore(self, layers: list[int], level: int, record: dict, t0: float, before_blocks: int) -> dict:
+        """The KV is already shrunk to the target's capacity; the workers now prepare the
+        bf16 layers in a thread while the model keeps running them in W4."""
+        try:
+            self.rpc("morphserve_restore_begin", layers)
+        except Exception as e:
+            self.pool.grow(self.capacity(self.level))  # weights stayed quantized
+            self.sync_view()
+            raise MorphServeError(f"could not start the restore to {level}: {e}") from e
+        record.update(mode="background", steps=0, committed_layer_ids=[])
+        self.restoring = {"level": level, "record": record, "t0": t0, "before_blocks": before_blocks,
+                          "commit_seconds": 0.0}
+        self.sync_view()
+        return {"ok": True, "restoring": True, "quantized_layers": self.level, "changed": False}
+
+    def commit_restore(self) -> None:
+        """Install what the workers have prepared; raises TransitionFailed if the restore
+        stopped (layers already installed stay bf16, the rest W4)."""
+        r = self.restoring
+        t = time.monotonic()
+        try:
+            results = self.rpc("morphserve_restore_commit")
+        except Exception as e:
+            raise self._stopped(f"commit failed: {e}") from e
+        result = results[0]
+        r["commit_seconds"] += time.monotonic() - t
+        r["record"]["steps"] += 1
+        r["record"]["committed_layer_ids"] += result["committed"]
+        self.quantized = [i for i in self.order if i in result["quantized"]]
+        if result["error"]:
+            raise self._stopped(result["error"])
+        if result["done"]:
+            self.restoring = None
+            r["record"]["commit_seconds"] = r["commit_seconds"]
+            self._finish(r["record"], r["before_blocks"], r["t0"], "restore")
+
+    def _stopped(self, why: str) -> TransitionFailed:
+        return TransitionFailed(f"background restore to {self.restoring['level']} stopped: {why}",
+                                "a background restore")
+
+    def _cancel_restore(self) -> None:
+        r = self.restoring
+        try:
+            ids = self.rpc("morphserve_restore_cancel")[0]["quantized"]
+        except Exception as e:  # still `restoring`: recovery tries the cancel again
+            raise MorphServeError(f"could not cancel the restore in progress: {e}") from e
+        self.restoring = None
+        self.quantized = [i for i in self.order if i in ids]
+        r["record"].update(cancelled=True, outcome="cancelled", to=self.level)
+        self.recorder.write(r["record"])
+        log.info("MorphServe: restore to %d called off at %d", r["level"], self.level)
+
+    # -- failures --------------------------------------------------------------------
+    def resync_after_failure(self) -> int:
+        """Take the level the workers actually serve (each layer is wholly bf16 or W4: the
+        workers roll back their own partial swaps) and give the KV pool its capacity."""
+        self.pending_level = None
+        if self.restoring is not None:
+            self.restoring = None
+            self._try_rpc("morphserve_restore_cancel")
+        ids = self._try_rpc("morphserve_quantized")
+        if ids is not None:
+            self.quantized = [i for i in self.order if i in ids]
+        cap = self.capacity(self.level)
+        if self.pool.limit < cap:
+            self.pool.grow(cap)  # a shrink for a restore that did not happen is called off
+        elif self.pool.limit > cap:  # fewer layers W4 than the pool was sized for
+            self.recovery_shrink_from = self.pool.committed
+            self.pool.set_limit(cap)
+            self.finish_recovery_shrink()
+        self.sync_view()
+        return self.level
+
+    def finish_recovery_shrink(self) -> None:
+        """After a failed rollback left more bf16 layers than the pool was sized for, the
+        blocks above the smaller capacity are hidden as they free (at each boundary, even
+        while pinned) and their pages released once none is in use."""
+        if self.recovery_shrink_from is None or self.pool.drain().done is False:
+            return
+        first, last = self.pool.committed + 1, self.recovery_shrink_from
+        self.recovery_shrink_from = None
+        if last >= first:
+            self._try_rpc("morphserve_kv_release", first, last)
+
+    def _try_rpc(self, method: str, *args):
+        """A worker call during recovery: its failure is logged, not raised."""
+        try:
+            return self.rpc(method, *args)[0]
+        except Exception as e:
+            log.error("MorphServe: %s failed during recovery: %s", method, e)
+            return None
+
+    def kv_state(self) -> dict:
+        return {"pending_level": self.pending_level,
+                "restoring_to": self.restoring["level"] if self.restoring else None,
+                "deferred_restores": self.deferrals}
