@@ -21,6 +21,7 @@ from pathlib import Path
 from morphserve.runtime.kv_sizing import model_weight_bytes
 from morphserve.evaluation.suite import Budget, Suite, System
 from morphserve.vllm.kernels import W4A16_ENV
+from morphserve.vllm.server import PLAIN_VLLM_SERVER
 
 WARMUP_PROMPT = "Summarize the following: " + " ".join(f"item {i}" for i in range(40))
 
@@ -38,7 +39,7 @@ def server_command(system: System, budget: Budget, suite: Suite, model: Path, pa
         env["VLLM_PLUGINS"] = ""  # plain vLLM: MorphServe not loaded at all
         served = model if system.kind != "w4" else pack / "quantized"
         kv = total - model_weight_bytes(served)
-        cmd = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", str(served),
+        cmd = [sys.executable, "-m", PLAIN_VLLM_SERVER, "--model", str(served),
                "--tokenizer", str(model), "--kv-cache-memory-bytes", str(kv), *common]
         if system.kind != "fp16-compiled":
             cmd.append("--enforce-eager")

@@ -10,6 +10,10 @@ import sys
 
 from morphserve.errors import USER_ERRORS
 
+# Plain vLLM's OpenAI server, as `vllm serve` runs it: the baseline every comparison starts
+# (`python -m PLAIN_VLLM_SERVER --model ...`); this module wraps the same entry.
+PLAIN_VLLM_SERVER = "vllm.entrypoints.launchers.api_server.entry"
+
 
 def refusal(error: BaseException) -> Exception | None:
     """The user error (USER_ERRORS) behind `error`, if any (vLLM may wrap or chain it)."""
@@ -23,7 +27,9 @@ def refusal(error: BaseException) -> Exception | None:
 
 
 def main() -> int:
-    from vllm.entrypoints.launchers.api_server.entry import main as vllm_main
+    import importlib
+
+    vllm_main = importlib.import_module(PLAIN_VLLM_SERVER).main
 
     try:
         vllm_main()
