@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_swap import _run_child  # noqa: E402
-
+from morphserve.harness.children import emit_result, run_children  # noqa: E402
+from morphserve.harness.kv_shape import kv_block_bytes  # noqa: E402
 from morphserve.offline.datafiles import wikitext  # noqa: E402
-from morphserve.vllm.kernels import W4A16_ENV  # noqa: E402
+from morphserve.vllm.offline_engine import (controller_of, engine_core_of, in_process_llm, kv_capacity_blocks,  # noqa: E402
+                                             run_greedy, running_requests, worker_call)
 
-BLOCK_BYTES = 30 * 2 * 3 * 64 * 128 * 2  # SmolLM2 KV block of 128 tokens, all layers, bf16
 PROMPT_TOKENS, MAX_TOKENS, REQUESTS = 300, 60, 24
 
 
@@ -36,49 +34,40 @@ def _prompts(model: str, n: int, salt: int) -> list[list[int]]:
 
 
 def _engine(model: str, pack: str | None, fp16_blocks: int):
-    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    if pack is None:
-        os.environ["VLLM_PLUGINS"] = ""
-    os.environ.update(W4A16_ENV)  # the 4-bit kernel MorphServe serves
-    from vllm import LLM
-
-    extra = {"additional_config": {"morphserve": {"pack": pack}}} if pack else {}
-    llm = LLM(model=model, dtype="bfloat16", enforce_eager=True, max_model_len=1024, seed=0, max_num_seqs=32,
-              kv_cache_memory_bytes=fp16_blocks * BLOCK_BYTES, **extra)
-    return llm, llm.llm_engine.engine_core.engine_core
+    llm = in_process_llm(model, pack, enforce_eager=True, max_model_len=1024, max_num_seqs=32,
+                         kv_cache_memory_bytes=fp16_blocks * kv_block_bytes(model, "bfloat16"))
+    return llm, engine_core_of(llm)
 
 
 def _run(llm, core, prompts, tag, at_step=None, action=None, max_tokens=None) -> dict:
-    from vllm import SamplingParams
+    peak, result, restore_done = 0, None, None
+    start_level = controller_of(core) and len(controller_of(core).quantized)
 
-    engine = llm.llm_engine
-    for i, p in enumerate(prompts):
-        n = max_tokens[i] if max_tokens else MAX_TOKENS
-        engine.add_request(f"{tag}{i}", {"prompt_token_ids": p}, SamplingParams(max_tokens=n, temperature=0.0,
-                                                                                   ignore_eos=True))
-    peak, steps, done, result, t0, restore_done = 0, 0, 0, None, time.perf_counter(), None
-    start_level = getattr(core, "_morphserve", None) and len(core._morphserve.quantized)
-    while engine.has_unfinished_requests():
-        done += sum(o.finished for o in engine.step())
-        steps += 1
-        peak = max(peak, core.scheduler.get_request_counts()[0])
+    def after_step(steps: int) -> None:
+        nonlocal peak, result, restore_done
+        peak = max(peak, running_requests(core))
         if at_step is not None and steps == at_step:
             result = action()
-        if result is not None and restore_done is None and len(core._morphserve.quantized) != start_level:
+        if result is not None and restore_done is None and len(controller_of(core).quantized) != start_level:
             restore_done = steps
-    return {"requests": len(prompts), "completed": done, "peak_running": peak, "steps": steps,
-            "seconds": time.perf_counter() - t0, "action": result, "restore_done_step": restore_done}
+
+    ids = [f"{tag}{i}" for i in range(len(prompts))]
+    t0 = time.perf_counter()
+    run = run_greedy(llm, dict(zip(ids, prompts)), dict(zip(ids, max_tokens)) if max_tokens else MAX_TOKENS,
+                     after_step)
+    return {"requests": len(prompts), "completed": len(run.tokens), "peak_running": peak,
+            "steps": len(run.step_seconds), "seconds": time.perf_counter() - t0, "action": result,
+            "restore_done_step": restore_done}
 
 
 def child(mode: str, model: str, pack: str, fp16_blocks: int) -> dict:
     llm, core = _engine(model, pack if mode == "morph" else None, fp16_blocks)
     prompts = _prompts(model, REQUESTS, salt=1)
     if mode == "plain":
-        return {"capacity_blocks": core.scheduler.kv_cache_manager.block_pool.num_gpu_blocks - 1,
+        return {"capacity_blocks": kv_capacity_blocks(core),
                 "run": _run(llm, core, prompts, "p-")}
-    ctl = core._morphserve
-    rss = lambda: core.model_executor.collective_rpc("morphserve_rss")[0]  # noqa: E731
+    ctl = controller_of(core)
+    rss = lambda: worker_call(core, "morphserve_rss")  # noqa: E731
     out: dict = {"kv_blocks_by_level": ctl.kv_state()["kv_blocks_by_level"], "levels": {}, "restore": {}}
     for level in (0, 8, 15, 22, 30):
         core.morphserve_set_level(level)
@@ -106,18 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--child", choices=("plain", "morph"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        print("RESULT " + json.dumps(child(args.child, args.model, args.pack, args.fp16_blocks)), flush=True)
-        os._exit(0)
-    results = {}
-    for mode in ("plain", "morph"):
-        print(f"[bench] {mode} ...", file=sys.stderr, flush=True)
-        text, rc = _run_child([sys.executable, __file__, "--child", mode, "--model", args.model, "--pack", args.pack,
-                               "--fp16-blocks", str(args.fp16_blocks)])
-        line = next((ln for ln in text.splitlines() if ln.startswith("RESULT ")), None)
-        if rc != 0 or line is None:
-            print(text[-3000:], file=sys.stderr)
-            return 1
-        results[mode] = json.loads(line[len("RESULT "):])
+        emit_result(child(args.child, args.model, args.pack, args.fp16_blocks))
+    results = run_children(__file__, ("plain", "morph"),
+                           ["--model", args.model, "--pack", args.pack, "--fp16-blocks", str(args.fp16_blocks)],
+                           "bench")
+    if results is None:
+        return 1
     plain, morph = results["plain"], results["morph"]
     print(f"{REQUESTS} requests of {PROMPT_TOKENS}+{MAX_TOKENS} tokens, budget = bf16 weights + {args.fp16_blocks} KV blocks")
     print(f"plain vLLM: {plain['capacity_blocks']} blocks, peak running {plain['run']['peak_running']}, "

@@ -14,9 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,8 +24,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from morphserve.harness.kv_shape import kv_block_bytes  # noqa: E402
+from morphserve.harness.servers import ServerStartError, free_port, serving  # noqa: E402
 from morphserve.offline.datafiles import wikitext  # noqa: E402
-BLOCK_BYTES = 30 * 2 * 3 * 64 * 128 * 2
 
 
 def decide_cost() -> dict:
@@ -48,12 +46,6 @@ def decide_cost() -> dict:
     return out
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str) -> bytes:
     with urllib.request.urlopen(url, timeout=60) as r:
         return r.read()
@@ -69,45 +61,38 @@ def _complete(base: str, prompt: str, max_tokens: int) -> float:
 
 def live(args) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="bench_policy-"))
-    log, port = tmp / "transitions.jsonl", _port()
+    log, port = tmp / "transitions.jsonl", free_port()
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
-    with open(tmp / "server.log", "w") as f:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "morphserve.cli", "serve", args.model, "--pack", args.pack, "--policy", args.policy,
-             "--transition-log", str(log), "--port", str(port), "--max-model-len", "1024", "--max-num-seqs", "32",
-             "--kv-cache-memory-bytes", str(args.fp16_blocks * BLOCK_BYTES)],
-            cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "morphserve.cli", "serve", args.model, "--pack", args.pack, "--policy", args.policy,
+           "--transition-log", str(log), "--port", str(port), "--max-model-len", "1024", "--max-num-seqs", "32",
+           "--kv-cache-memory-bytes", str(args.fp16_blocks * kv_block_bytes(args.model, "bfloat16"))]
     try:
-        for _ in range(150):
-            if proc.poll() is not None:
-                raise SystemExit(f"server exited:\n{(tmp / 'server.log').read_text()[-3000:]}")
-            try:
-                _get(base + "/health")
-                break
-            except OSError:
-                time.sleep(2)
-        text = wikitext("valid").read_text()
-        prompts = [text[i * 5000:i * 5000 + 1300] for i in range(args.burst)]
-        t0 = time.time()
-        with ThreadPoolExecutor(args.burst) as pool:
-            latencies = list(pool.map(lambda p: _complete(base, p, 60), prompts))
-        burst_s = time.time() - t0
-        for _ in range(120):
-            state = json.loads(_get(base + "/morphserve/state"))
-            if state["quantized_layers"] == 0 and state["pending_level"] is None:
-                break
-            time.sleep(0.5)
-        metrics = [ln for ln in _get(base + "/metrics").decode().splitlines()
-                   if ln.startswith("morphserve_") and "_bucket" not in ln]
-        records = [json.loads(ln) for ln in log.read_text().splitlines()] if log.exists() else []
-        return {"burst_seconds": burst_s, "latencies": latencies, "state": state, "metrics": metrics,
-                "transitions": [{"t": round(r["time"] - t0, 2), "from": r["from"], "to": r["to"],
-                                 "kv_blocks": [r.get("kv_blocks_before"), r.get("kv_blocks_after")],
-                                 "seconds": round(r["seconds"], 3), "reason": r["reason"]} for r in records]}
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        with serving(cmd, env, tmp / "server.log", port, timeout=300, cwd=REPO) as server:
+            return _burst(args, server.url, log)
+    except ServerStartError as e:  # the message has the log's tail
+        raise SystemExit(str(e)) from None
+
+
+def _burst(args, base: str, log: Path) -> dict:
+    """Send the burst, wait for the full restore; the state, metrics and transitions."""
+    text = wikitext("valid").read_text()
+    prompts = [text[i * 5000:i * 5000 + 1300] for i in range(args.burst)]
+    t0 = time.time()
+    with ThreadPoolExecutor(args.burst) as pool:
+        latencies = list(pool.map(lambda p: _complete(base, p, 60), prompts))
+    burst_s = time.time() - t0
+    for _ in range(120):
+        state = json.loads(_get(base + "/morphserve/state"))
+        if state["quantized_layers"] == 0 and state["pending_level"] is None:
+            break
+        time.sleep(0.5)
+    metrics = [ln for ln in _get(base + "/metrics").decode().splitlines()
+               if ln.startswith("morphserve_") and "_bucket" not in ln]
+    records = [json.loads(ln) for ln in log.read_text().splitlines()] if log.exists() else []
+    return {"burst_seconds": burst_s, "latencies": latencies, "state": state, "metrics": metrics,
+            "transitions": [{"t": round(r["time"] - t0, 2), "from": r["from"], "to": r["to"],
+                             "kv_blocks": [r.get("kv_blocks_before"), r.get("kv_blocks_after")],
+                             "seconds": round(r["seconds"], 3), "reason": r["reason"]} for r in records]}
 
 
 def main() -> int:

@@ -16,48 +16,46 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_swap import _run_child  # noqa: E402  (runs a vLLM child in its own group and reaps it)
+sys.path.insert(0, str(REPO))
+from morphserve.harness.children import emit_result, run_children  # noqa: E402
+from morphserve.vllm.offline_engine import controller_of, engine_core_of, in_process_llm, run_greedy  # noqa: E402
+
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 
 
 def child(model: str, pack: str, mode: str, batch: int, tokens: int, warm_steps: int) -> dict:
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
-    llm = LLM(model=model, dtype="bfloat16", max_model_len=1024, seed=0,
-              additional_config={"morphserve": {"pack": pack}})
-    core = llm.llm_engine.engine_core.engine_core
-    controller = core._morphserve
-    engine = llm.llm_engine
+    llm = in_process_llm(model, pack, max_model_len=1024)
+    core = engine_core_of(llm)
+    controller = controller_of(core)
     L = controller.num_layers
     llm.generate([PROMPT] * batch, SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
     runs = []
     for rep in range(3):
         core.morphserve_set_level(L)
         core.morphserve_set_level(None)
-        params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-        for i in range(batch):
-            engine.add_request(f"r{rep}-{i}", PROMPT, params)
-        engine.step()  # prefill
-        steps, levels, start = [], [], None
-        while engine.has_unfinished_requests():
-            if len(steps) == warm_steps:
+        levels, start = [], None
+
+        def after_step(n: int) -> None:
+            """Step 1 is the prefill; after `warm_steps` decode steps the restore starts."""
+            nonlocal start
+            if n > 1:
+                levels.append(len(controller.quantized))
+            if n == warm_steps + 1:
                 t = time.perf_counter()
                 controller.moves.to(0, reason="bench", background=mode == "background")
-                start = (len(steps), time.perf_counter() - t)
-            t = time.perf_counter()
-            engine.step()  # includes post_step: background commits happen here
-            steps.append(time.perf_counter() - t)
-            levels.append(len(controller.quantized))
+                start = (warm_steps, time.perf_counter() - t)
+
+        # each step includes post_step: background commits happen there
+        run = run_greedy(llm, {f"r{rep}-{i}": PROMPT for i in range(batch)}, tokens, after_step)
+        steps = run.step_seconds[1:]  # decode steps only
         record = controller.recorder.recent[-1]
         runs.append({"steps": steps, "levels": levels, "start_index": start[0], "start_seconds": start[1],
                      "record": {k: record.get(k) for k in ("mode", "seconds", "worker_seconds", "commit_seconds",
@@ -90,20 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--child", choices=("sync", "background"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        result = child(args.model, args.pack, args.child, args.batch, args.tokens, args.warm_steps)
-        print("RESULT " + json.dumps(result), flush=True)
-        os._exit(0)  # skip vLLM's CPU engine teardown, which can abort in C++ after the work is done
-    results = {}
-    for mode in ("sync", "background"):
-        print(f"[bench_restore] {mode} ...", file=sys.stderr, flush=True)
-        text, returncode = _run_child([sys.executable, __file__, "--child", mode, "--model", args.model,
-                                       "--pack", args.pack, "--batch", str(args.batch), "--tokens", str(args.tokens),
-                                       "--warm-steps", str(args.warm_steps)])
-        line = next((ln for ln in text.splitlines() if ln.startswith("RESULT ")), None)
-        if returncode != 0 or line is None:
-            print(text[-3000:], file=sys.stderr)
-            return 1
-        results[mode] = json.loads(line[len("RESULT "):])
+        emit_result(child(args.model, args.pack, args.child, args.batch, args.tokens, args.warm_steps))
+    results = run_children(__file__, ("sync", "background"),
+                           ["--model", args.model, "--pack", args.pack, "--batch", str(args.batch),
+                            "--tokens", str(args.tokens), "--warm-steps", str(args.warm_steps)], "bench_restore")
+    if results is None:
+        return 1
     print("| mode | run | median step (ms) | restore on the critical path (ms) | steps spanned | "
           "slowest step (ms) | steps stalled |")
     print("|---|---|---|---|---|---|---|")

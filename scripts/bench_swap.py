@@ -13,32 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from morphserve.harness.children import emit_result, run_children  # noqa: E402
+from morphserve.vllm.offline_engine import engine_core_of, in_process_llm, run_greedy  # noqa: E402
+
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
-
-
-def _engine(model: str, pack: str | None):
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    if pack is None:
-        os.environ["VLLM_PLUGINS"] = ""  # plain vLLM: no general plugin at all
-    from morphserve.vllm.kernels import W4A16_ENV
-
-    os.environ.update(W4A16_ENV)  # the 4-bit kernel MorphServe serves
-    from vllm import LLM
-
-    extra = {"additional_config": {"morphserve": {"pack": pack}}} if pack else {}
-    llm = LLM(model=model, dtype="bfloat16", enforce_eager=True, max_model_len=1024, seed=0, **extra)
-    return llm
 
 
 def _throughput(llm, batch: int, tokens: int, repeats: int) -> dict:
@@ -55,27 +40,18 @@ def _throughput(llm, batch: int, tokens: int, repeats: int) -> dict:
 
 
 def _decode_step_ms(llm, batch: int) -> float:
-    from vllm import SamplingParams
-
-    engine = llm.llm_engine
-    params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
-    for i in range(batch):
-        engine.add_request(f"s{time.monotonic_ns()}-{i}", PROMPT, params)
-    engine.step()  # prefill
-    times = []
-    while engine.has_unfinished_requests():
-        t = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - t)
+    prompts = {f"s{time.monotonic_ns()}-{i}": PROMPT for i in range(batch)}
+    times = run_greedy(llm, prompts, 48).step_seconds[1:]  # the first step is the prefill
     return 1000 * statistics.median(times)
 
 
 def child(mode: str, model: str, pack: str, batch: int, tokens: int, repeats: int) -> dict:
-    llm = _engine(model, None if mode == "plain" else pack)
+    # plain: no pack, so no general plugin loads at all
+    llm = in_process_llm(model, None if mode == "plain" else pack, enforce_eager=True, max_model_len=1024)
     result = {"mode": mode, "throughput": _throughput(llm, batch, tokens, repeats)}
     if mode != "swap":
         return result
-    core = llm.llm_engine.engine_core.engine_core
+    core = engine_core_of(llm)
     L = core.morphserve_state()["swappable_layers"]
     per_layer_q, per_layer_r = [], []
     for _ in range(20):
@@ -98,21 +74,6 @@ def child(mode: str, model: str, pack: str, batch: int, tokens: int, repeats: in
     return result
 
 
-def _run_child(cmd: list[str]) -> tuple[str, int]:
-    """Run one measurement process in its own group; reap vLLM's children, which can outlive it."""
-    with tempfile.TemporaryFile("w+") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            returncode = proc.wait()
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        f.seek(0)
-        return f.read(), returncode
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -124,20 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--child", choices=("plain", "morph", "swap"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        print("RESULT " + json.dumps(child(args.child, args.model, args.pack, args.batch, args.tokens, args.repeats)),
-              flush=True)
-        os._exit(0)  # skip vLLM's CPU engine teardown, which can abort in C++ after the work is done
-    results = {}
-    for mode in ("plain", "morph", "swap"):
-        print(f"[bench] {mode} ...", file=sys.stderr, flush=True)
-        cmd = [sys.executable, __file__, "--child", mode, "--model", args.model, "--pack", args.pack,
-               "--batch", str(args.batch), "--tokens", str(args.tokens), "--repeats", str(args.repeats)]
-        text, returncode = _run_child(cmd)
-        line = next((ln for ln in text.splitlines() if ln.startswith("RESULT ")), None)
-        if returncode != 0 or line is None:
-            print(text[-3000:], file=sys.stderr)
-            return 1
-        results[mode] = json.loads(line[len("RESULT "):])
+        emit_result(child(args.child, args.model, args.pack, args.batch, args.tokens, args.repeats))
+    results = run_children(__file__, ("plain", "morph", "swap"),
+                           ["--model", args.model, "--pack", args.pack, "--batch", str(args.batch),
+                            "--tokens", str(args.tokens), "--repeats", str(args.repeats)], "bench")
+    if results is None:
+        return 1
     plain = results["plain"]["throughput"]["tok_s_median"]
     morph = results["morph"]["throughput"]["tok_s_median"]
     swap = results["swap"]

@@ -20,10 +20,10 @@ from kv_resize.budget import KVBudget  # noqa: E402
 from kv_resize.capacity import (GIB, LLAMA_2_7B, LLAMA_3_8B, budget_for_shape, capacity_rows,  # noqa: E402
                                 gpu_budget)
 from morphserve.runtime.kv_sizing import model_weight_bytes  # noqa: E402
+from morphserve.harness.kv_shape import CPU_BLOCK_TOKENS, kv_block_bytes  # noqa: E402
 from morphserve.offline.pack import load_manifest  # noqa: E402
 
-SMOL_KV_BYTES_PER_TOKEN = 2 * 30 * 3 * 64 * 2  # (K,V) x layers x KV heads x head dim x bf16
-CPU_BLOCK, GPU_BLOCK = 128, 16
+GPU_BLOCK = 16  # vLLM's default KV block on GPUs, in tokens
 
 
 def smollm2_budgets(pack: Path, model: Path) -> list[tuple[str, KVBudget]]:
@@ -31,7 +31,7 @@ def smollm2_budgets(pack: Path, model: Path) -> list[tuple[str, KVBudget]]:
     by_layer = {b.layer: b.fp16 - b.quantized for b in manifest.layer_bytes}
     savings = tuple(by_layer[i] for i in manifest.swap_order)
     weights = model_weight_bytes(model)
-    block = CPU_BLOCK * SMOL_KV_BYTES_PER_TOKEN
+    block = kv_block_bytes(model, "bfloat16")  # served in bf16
     return [
         ("SmolLM2-135M, default budget (weights + 1 GiB KV, VLLM_CPU_KVCACHE_SPACE=1)",
          KVBudget.from_fp16_kv(GIB, weights, savings, block)),
@@ -49,7 +49,7 @@ def main() -> None:
     args = ap.parse_args()
     tables: list[tuple[str, KVBudget, int]] = []
     if (args.pack / "manifest.json").exists():
-        tables += [(name, b, CPU_BLOCK) for name, b in smollm2_budgets(args.pack, args.model)]
+        tables += [(name, b, CPU_BLOCK_TOKENS) for name, b in smollm2_budgets(args.pack, args.model)]
     else:
         print(f"(no pack at {args.pack}: SmolLM2 rows skipped)", file=sys.stderr)
     for shape in (LLAMA_2_7B, LLAMA_3_8B):

@@ -29,8 +29,7 @@ def vllm_perplexity(model: str, windows: list[list[int]], kv_gib: int = 1) -> tu
     """Run vLLM in-process on `windows`; return (perplexity, scored tokens, seconds)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_gib))
     os.environ.update(W4A16_ENV)  # the 4-bit kernel MorphServe serves and prepare's curve measures
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    from vllm import LLM, SamplingParams, TokensPrompt
 
     llm = LLM(model=model, dtype="bfloat16", enforce_eager=True, max_model_len=max(len(w) for w in windows) + 8,
               seed=0)

@@ -34,6 +34,15 @@ def model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def block_bytes(model_dir: Path) -> int:
+    """One KV block of the test model as vLLM's CPU backend allocates it (engine tests size
+    the KV cache in whole blocks for an exact schedule)."""
+    from morphserve.harness.kv_shape import kv_block_bytes
+
+    return kv_block_bytes(model_dir, "bfloat16")
+
+
+@pytest.fixture(scope="session")
 def pack_dir(model_dir: Path, tmp_path_factory) -> Path:
     if os.environ.get("MORPHSERVE_TEST_PACK"):  # iterate on engine tests without re-preparing
         return Path(os.environ["MORPHSERVE_TEST_PACK"]).resolve()

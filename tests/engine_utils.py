@@ -5,11 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
-from morphserve.harness.servers import stop_server
+from morphserve.harness.servers import run_in_group, serving
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = [
@@ -44,32 +44,13 @@ def plain_vllm(model: Path, prompts: list, max_tokens, tmp: Path, windows=None, 
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     log = tmp / "plain.log"
     for attempt in range(2):
-        returncode = run_in_own_group(cmd, env, log)
+        returncode = run_in_group(cmd, log, env=env, timeout=600)
         if returncode == 0 and out.exists():
             return json.loads(out.read_text())
         # Seen once in CI: the baseline engine aborted during start-up in C++ ("terminate
         # called without an active exception") while another engine lived in the parent.
         # The baseline is not what is under test, so it gets one more try.
     raise AssertionError(f"plain vLLM baseline failed twice:\n{log.read_text()[-3000:]}")
-
-
-def run_in_own_group(cmd: list[str], env: dict, log: Path, timeout: float = 600) -> int:
-    """Run a vLLM process in its own process group and reap the whole group afterwards.
-
-    vLLM's engine-core and worker processes can outlive their parent; output goes to a
-    file, not a pipe, so such orphans cannot keep us waiting for EOF.
-    """
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            return proc.wait(timeout=timeout)
-        finally:
-            kill_group(proc)
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the process's whole group (it was started with start_new_session) and reap it."""
-    stop_server(proc)
 
 
 # How far below plain vLLM's best a diverging greedy token may be and still count as a tie
@@ -126,47 +107,20 @@ def score_windows(llm, windows: list[list[int]]) -> tuple[float, int]:
     return nll, count
 
 
-def morph_llm(model: Path, pack: Path, twin: str, **kw):
+def morph_llm(model: Path, pack: Path, twin: str, **kw) -> tuple:
     """An in-process engine core (the scheduler and controller are reachable) with MorphServe on."""
-    if "kv_cache_memory_bytes" in kw:
-        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override the explicit size
-    else:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from vllm import LLM
+    from morphserve.vllm.offline_engine import engine_core_of, in_process_llm
 
     kw.setdefault("max_model_len", 1100)
-    llm = LLM(model=str(model), dtype="bfloat16", seed=0,
-              additional_config={"morphserve": {"pack": str(pack), "twin": twin}}, **kw)
-    return llm, llm.llm_engine.engine_core.engine_core
+    llm = in_process_llm(model, pack, twin=twin, **kw)
+    return llm, engine_core_of(llm)
 
 
 @contextlib.contextmanager
-def running_server(args: list[str], env: dict, log: Path, port: int, timeout: float = 240, host: str = "127.0.0.1"):
+def running_server(args: list[str], env: dict, log: Path, port: int, timeout: float = 240,
+                   host: str = "127.0.0.1") -> Iterator[str]:
     """`morphserve serve ARGS` in its own process group: yields the base URL once /health
     answers; kills the whole group (API server, engine core, workers) afterwards."""
-    import time
-    import urllib.request
-
-    import pytest
-
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "morphserve.cli", "serve", *args, "--host", host,
-                                 "--port", str(port)], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited: {log.read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(base + "/health", timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"server did not come up in {timeout:.0f} s")
-                time.sleep(2)
-        yield base
-    finally:
-        kill_group(proc)
+    cmd = [sys.executable, "-m", "morphserve.cli", "serve", *args, "--host", host, "--port", str(port)]
+    with serving(cmd, env, log, port, timeout=timeout, cwd=REPO) as server:
+        yield server.url

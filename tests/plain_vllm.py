@@ -10,12 +10,8 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ["VLLM_PLUGINS"] = ""  # load no general plugin: this is plain vLLM
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from morphserve.vllm.kernels import W4A16_ENV  # noqa: E402
-
-os.environ.update(W4A16_ENV)  # static W4 baselines run the 4-bit kernel MorphServe serves
+from morphserve.vllm.offline_engine import in_process_llm  # noqa: E402
 
 
 def main() -> None:
@@ -32,15 +28,13 @@ def main() -> None:
     ap.add_argument("--gaps-json", default=None,
                     help="token sequences; report how far each one's last token is below vLLM's best (nats)")
     args = ap.parse_args()
-    if args.kv_bytes:
-        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
-    from vllm import LLM, SamplingParams
-
     extra = {"kv_cache_memory_bytes": args.kv_bytes} if args.kv_bytes else {}
     if args.max_num_seqs:
         extra["max_num_seqs"] = args.max_num_seqs
-    llm = LLM(model=args.model, dtype="bfloat16", enforce_eager=True, max_model_len=args.max_model_len, seed=0,
-              **extra)
+    # No pack: no general plugin loads (plain vLLM); static W4 baselines run the 4-bit
+    # kernel MorphServe serves (in_process_llm sets it).
+    llm = in_process_llm(args.model, None, enforce_eager=True, max_model_len=args.max_model_len, **extra)
+    from vllm import SamplingParams
     # A prompt is text or a list of token ids.
     prompts = [p if isinstance(p, str) else {"prompt_token_ids": p} for p in json.loads(args.prompts_json)]
     lengths = json.loads(args.max_tokens_json) if args.max_tokens_json else [args.max_tokens] * len(prompts)
@@ -59,7 +53,7 @@ def main() -> None:
     sys.stdout.flush()
     # vLLM 0.32's CPU engine teardown sometimes aborts in C++ ("terminate called without an
     # active exception"); the result is already written, so skip it. The caller reaps the
-    # engine's child processes (tests/engine_utils.run_in_own_group).
+    # engine's child processes (morphserve.harness.servers.run_in_group).
     os._exit(0)
 
 

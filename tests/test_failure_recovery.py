@@ -17,8 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from morphserve.harness.servers import free_port
 from tests.engine_utils import running_server
-from tests.test_http_control import _free_port, _request
+from tests.test_http_control import _request
 
 pytestmark = [pytest.mark.engine, pytest.mark.quant]
 FAULTS = "quantize,restore,kv_release,restore_commit"
@@ -29,7 +30,7 @@ MAX_TOKENS = 48
 def server(model_dir, pack_dir, tmp_path_factory):
     """No API key: reads are open, level changes only from this host. Default policy, so a
     background restore (the restore_commit fault) happens when control is handed back."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("faults") / "server.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "MORPHSERVE_TEST_FAULTS": FAULTS}
     env.pop("VLLM_API_KEY", None)

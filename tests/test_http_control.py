@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -14,16 +13,11 @@ import urllib.request
 
 import pytest
 
+from morphserve.harness.servers import free_port
 from tests.engine_utils import REPO, running_server
 
 pytestmark = [pytest.mark.engine, pytest.mark.quant]
 KEY = "test-key"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _request(url: str, body=None, key: str | None = KEY, raw: bytes | None = None):
@@ -42,7 +36,7 @@ def _request(url: str, body=None, key: str | None = KEY, raw: bytes | None = Non
 
 @pytest.fixture(scope="module")
 def server(model_dir, pack_dir, tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
     args = [str(model_dir), "--pack", str(pack_dir), "--api-key", KEY, "--max-model-len", "1024"]
@@ -134,7 +128,7 @@ def test_offline_api_refuses_a_bad_config_before_starting(model_dir, pack_dir, t
 def test_serve_refuses_more_than_one_rank_in_one_line(model_dir, pack_dir):
     """Refused by MorphServe before vLLM's own validation (SmolLM2's 9 heads would fail TP 2)."""
     proc = subprocess.run([sys.executable, "-m", "morphserve.cli", "serve", str(model_dir), "--pack", str(pack_dir),
-                           "--tensor-parallel-size", "2", "--port", str(_free_port())],
+                           "--tensor-parallel-size", "2", "--port", str(free_port())],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and last == "error: MorphServe needs a single rank; --tensor-parallel-size is 2", \

@@ -9,16 +9,15 @@ load is tried with each shrink strategy; every request must complete.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
+from morphserve.vllm.offline_engine import controller_of, run_greedy
 from tests.conftest import SHARED
 from tests.engine_utils import assert_same_or_near_ties, morph_llm, plain_vllm
 
 pytestmark = [pytest.mark.engine, pytest.mark.quant]
 
-BLOCK_BYTES = 30 * 2 * 3 * 64 * 128 * 2  # SmolLM2: layers x (K,V) x kv heads x head dim x block x bf16
 PROMPT_TOKENS, MAX_TOKENS = 300, 60  # 360 tokens: exactly 3 blocks of 128, from admission on
 BLOCKS_PER_REQ = 3
 
@@ -35,8 +34,8 @@ def _prompts(model_dir, n: int, salt: int) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def engine(model_dir, pack_dir):
-    llm, core = morph_llm(model_dir, pack_dir, "identity", kv_cache_memory_bytes=10 * BLOCK_BYTES,
+def engine(model_dir, pack_dir, block_bytes):
+    llm, core = morph_llm(model_dir, pack_dir, "identity", kv_cache_memory_bytes=10 * block_bytes,
                           max_model_len=1024, max_num_seqs=32)
     yield llm, core
     del llm
@@ -44,29 +43,25 @@ def engine(model_dir, pack_dir):
 
 def _run(llm, core, prompts, tag, at_step=None, action=None, max_tokens=None):
     """Drive the engine step by step; return tokens per request, peak running, results."""
-    from vllm import SamplingParams
+    peak, result = 0, None
 
-    engine = llm.llm_engine
-    for i, p in enumerate(prompts):
-        n = max_tokens[i] if max_tokens else MAX_TOKENS
-        engine.add_request(f"{tag}{i}", {"prompt_token_ids": p},
-                           SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
-    tokens, peak, steps, result = {}, 0, 0, None
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                tokens[out.request_id] = list(out.outputs[0].token_ids)
-        steps += 1
+    def check_and_act(steps: int) -> None:
+        nonlocal peak, result
         running, _ = core.scheduler.get_request_counts()
         peak = max(peak, running)
         assert 0.0 <= core.scheduler.get_kv_cache_usage() <= 1.0
-        core._morphserve.pool.check()
+        controller_of(core).pool.check()
         if at_step is not None and steps == at_step:
             result = action()
-    return [tokens[f"{tag}{i}"] for i in range(len(prompts))], peak, result
+
+    ids = [f"{tag}{i}" for i in range(len(prompts))]
+    lengths = dict(zip(ids, max_tokens)) if max_tokens else MAX_TOKENS
+    tokens = run_greedy(llm, dict(zip(ids, prompts)), lengths, check_and_act).tokens
+    return [tokens[i] for i in ids], peak, result
 
 
-def test_quantizing_raises_concurrency_to_the_new_capacity_and_restoring_brings_it_back(engine, model_dir, tmp_path):
+def test_quantizing_raises_concurrency_to_the_new_capacity_and_restoring_brings_it_back(
+        engine, model_dir, block_bytes, tmp_path):
     llm, core = engine
     prompts = _prompts(model_dir, 24, salt=1)
     state = core.morphserve_state()
@@ -90,19 +85,19 @@ def test_quantizing_raises_concurrency_to_the_new_capacity_and_restoring_brings_
     # the same KV capacity (hence the same schedule): 10 blocks, then capL + 1. The phase
     # after the round trip also finds its prompts in the prefix cache, whose reuse changes
     # rounding on AMX: outputs must match up to near-ties.
-    small = plain_vllm(model_dir, prompts[:12], MAX_TOKENS, tmp_path, kv_bytes=10 * BLOCK_BYTES,
+    small = plain_vllm(model_dir, prompts[:12], MAX_TOKENS, tmp_path, kv_bytes=10 * block_bytes,
                        max_model_len=1024, max_num_seqs=32)["token_ids"]
     assert_same_or_near_ties(model_dir, prompts[:12], fp16, small, tmp_path, "before")
     assert_same_or_near_ties(model_dir, prompts[:12], again, small, tmp_path, "after the round trip")
-    large = plain_vllm(model_dir, prompts, MAX_TOKENS, tmp_path, kv_bytes=(capL + 1) * BLOCK_BYTES,
+    large = plain_vllm(model_dir, prompts, MAX_TOKENS, tmp_path, kv_bytes=(capL + 1) * block_bytes,
                        max_model_len=1024, max_num_seqs=32)["token_ids"]
     assert_same_or_near_ties(model_dir, prompts, quant, large, tmp_path, "quantized")
 
 
 @pytest.mark.parametrize("strategy", ["wait", "preempt", "migrate"])
-def test_restore_under_load_completes_every_request(engine, model_dir, tmp_path, strategy):
+def test_restore_under_load_completes_every_request(engine, model_dir, block_bytes, tmp_path, strategy):
     llm, core = engine
-    core._morphserve.moves.shrink_strategy = strategy
+    controller_of(core).moves.shrink_strategy = strategy
     assert core.morphserve_set_level(30)["kv_capacity_blocks"] > 9
     prompts = _prompts(model_dir, 16, salt=2 + ["wait", "preempt", "migrate"].index(strategy))
     # migrate needs room below the new capacity: two long requests outlive fourteen short ones.
@@ -122,7 +117,7 @@ def test_restore_under_load_completes_every_request(engine, model_dir, tmp_path,
     else:
         assert result["changed"] and record["kv"]["migrate_fit"] and record["kv"]["migrated"] > 0, result
     assert record["kv"]["released_blocks"] == state["kv_blocks_by_level"][-1] - 9
-    assert record["kv"]["kv_rss_delta"] > 8 * BLOCK_BYTES, "the released KV pages must leave RSS"
+    assert record["kv"]["kv_rss_delta"] > 8 * block_bytes, "the released KV pages must leave RSS"
 
     # wait and migrate leave the schedule as plain vLLM's with ample KV (all 16 admitted at
     # once). Preempted requests are recomputed in other batches, and their absence changes

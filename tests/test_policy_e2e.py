@@ -15,12 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from morphserve.harness.servers import free_port
 from tests.conftest import SHARED
 from tests.engine_utils import REPO, running_server
-from tests.test_http_control import KEY, _free_port, _request
+from tests.test_http_control import KEY, _request
 
 pytestmark = [pytest.mark.engine, pytest.mark.quant]
-BLOCK_BYTES = 30 * 2 * 3 * 64 * 128 * 2
 POLICY = """\
 policy: threshold
 max_quantized_fraction: 1.0
@@ -35,14 +35,14 @@ queue_delay_high_s: 0.2
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, pack_dir, tmp_path_factory):
+def server(model_dir, pack_dir, block_bytes, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("policy")
     (tmp / "burst.yaml").write_text(POLICY)
-    port, log, transitions = _free_port(), tmp / "server.log", tmp / "transitions.jsonl"
+    port, log, transitions = free_port(), tmp / "server.log", tmp / "transitions.jsonl"
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
     args = [str(model_dir), "--pack", str(pack_dir), "--policy", str(tmp / "burst.yaml"), "--transition-log",
             str(transitions), "--api-key", KEY, "--max-model-len", "1024", "--max-num-seqs", "32",
-            "--kv-cache-memory-bytes", str(10 * BLOCK_BYTES)]
+            "--kv-cache-memory-bytes", str(10 * block_bytes)]
     with running_server(args, env, log, port) as base:
         yield base, transitions
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 
+from morphserve.harness.kv_shape import CPU_BLOCK_TOKENS
+from morphserve.vllm.offline_engine import controller_of, run_greedy
 from tests.engine_utils import PROMPTS, morph_llm, plain_vllm
 
 pytestmark = [pytest.mark.engine, pytest.mark.quant]
@@ -24,25 +26,18 @@ def identity_engine(model_dir, pack_dir):
 
 
 def test_flipping_levels_mid_request_keeps_greedy_output_identical(identity_engine, model_dir, tmp_path):
-    from vllm import SamplingParams
-
     llm, core = identity_engine
-    engine = llm.llm_engine
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
-    for i, prompt in enumerate(PROMPTS):
-        engine.add_request(str(i), prompt, params)
-    tokens: dict[str, list[int]] = {}
-    steps, flips_in_flight = 0, 0
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                tokens[out.request_id] = list(out.outputs[0].token_ids)
-        steps += 1
+    flips_in_flight = 0
+
+    def flip_every_third_step(steps: int) -> None:
+        nonlocal flips_in_flight
         if steps % 3 == 0:
             running = len(core.scheduler.running)
             result = core.morphserve_set_level(LEVELS[(steps // 3) % len(LEVELS)])
             assert result["ok"], result
             flips_in_flight += running > 0 and result["changed"]
+
+    tokens = run_greedy(llm, {str(i): p for i, p in enumerate(PROMPTS)}, MAX_TOKENS, flip_every_third_step).tokens
     core.morphserve_set_level(0)
     baseline = plain_vllm(model_dir, PROMPTS, MAX_TOKENS, tmp_path)["token_ids"]
     assert flips_in_flight >= 10, "the test must swap while requests are running"
@@ -56,7 +51,8 @@ def test_state_reports_the_level_and_layers(identity_engine):
     assert state["quantized_layers"] == 4
     assert state["quantized_layer_ids"] == state["swap_order"][:4]
     assert state["swappable_layers"] == 30
-    assert state["kv_capacity_blocks"] > 0 and state["kv_capacity_tokens"] == state["kv_capacity_blocks"] * 128
+    assert state["kv_capacity_blocks"] > 0
+    assert state["kv_capacity_tokens"] == state["kv_capacity_blocks"] * CPU_BLOCK_TOKENS
     assert state["policy"] == "manual" and state["transitions"] >= 1
     # an unchanged level carries no "transition" record, so the guard must come first
     assert not result["changed"] or result["transition"]["quantized_layer_ids"] == state["swap_order"][:4]
@@ -79,28 +75,20 @@ def test_background_restore_installs_layers_at_step_boundaries_without_changing_
         identity_engine, model_dir, tmp_path):
     """A policy-style restore 30 -> 0 is prepared in a worker thread and installed over
     several step boundaries while requests decode; greedy output stays plain vLLM's."""
-    from vllm import SamplingParams
-
     llm, core = identity_engine
-    controller = core._morphserve
-    engine = llm.llm_engine
+    controller = controller_of(core)
     core.morphserve_set_level(30)
     core.morphserve_set_level(None)  # hand control back, as a policy-driven restore would run
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
-    for i, prompt in enumerate(PROMPTS):
-        engine.add_request(f"bg{i}", prompt, params)
-    tokens: dict[str, list[int]] = {}
-    levels, steps = [], 0
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                tokens[out.request_id] = list(out.outputs[0].token_ids)
-        steps += 1
+    levels = []
+
+    def restore_at_step_3(steps: int) -> None:
         if steps == 3:
             started = controller.moves.to(0, reason="test", background=True)
             assert started.get("restoring") and controller.moves.restoring is not None
             assert core.morphserve_state()["memory"]["within_budget"]
         levels.append(len(controller.quantized))
+
+    tokens = run_greedy(llm, {f"bg{i}": p for i, p in enumerate(PROMPTS)}, MAX_TOKENS, restore_at_step_3).tokens
     assert controller.moves.restoring is None and controller.quantized == []
     record = controller.recorder.recent[-1]
     assert record["mode"] == "background" and record["to"] == 0 and record["steps"] >= 1

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from morphserve.vllm.offline_engine import worker_call
 from tests.engine_utils import PROMPTS, morph_llm, plain_vllm, score_windows
 
 pytestmark = [pytest.mark.engine, pytest.mark.quant]
@@ -62,7 +63,7 @@ def test_restoring_returns_full_precision_outputs(engine, model_dir):
 
 
 def _rss(core) -> int:
-    return core.model_executor.collective_rpc("morphserve_rss")[0]
+    return worker_call(core, "morphserve_rss")
 
 
 def test_bytes_freed_per_layer_are_bf16_minus_w4_and_come_back(engine):
@@ -103,7 +104,7 @@ def test_memory_state_holds_the_budget_equation(engine):
 
 
 def _anon(core) -> int:
-    return core.model_executor.collective_rpc("morphserve_memory")[0]["rss_anon_bytes"]
+    return worker_call(core, "morphserve_memory")["rss_anon_bytes"]
 
 
 def test_one_hundred_round_trips_do_not_leak(engine):

@@ -1,4 +1,4 @@
-"""Start, watch and reap vLLM server processes for benchmarks and evaluations.
+"""Start, watch and reap vLLM processes for tests, benchmarks and evaluations.
 
 A vLLM server is several processes (API server, engine core, workers), so each is started
 in its own session: the group id names all of them, memory is summed over the group, and
@@ -7,6 +7,7 @@ the whole group is killed at the end (engine processes can outlive their parent)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -14,13 +15,19 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
+from typing import Iterator, NamedTuple
 
 from morphserve.runtime.proc_memory import process_rss
 
 REPO = Path(__file__).resolve().parents[2]
 
 
+class ServerStartError(RuntimeError):
+    """The server exited or did not answer /health in time; the message has the log's tail."""
+
+
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS picks it), for a server about to start."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -29,25 +36,71 @@ def free_port() -> int:
 def start_server(cmd: list[str], env: dict, log: Path, port: int, timeout: float = 300,
                  cwd: Path | None = None) -> subprocess.Popen:
     """Start `cmd` in its own session (in `cwd`, default: the checkout when there is one);
-    return once /health answers, or raise with the log's tail."""
-    if cwd is None and (REPO / "pyproject.toml").exists():
-        cwd = REPO
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    return once /health answers, or reap the whole group and raise with the log's tail
+    (engine processes of a server that died in start-up can outlive it)."""
+    proc = _spawn(cmd, env, log, cwd)
+    try:
+        _wait_for_health(proc, log, port, timeout)
+    except BaseException:
+        stop_server(proc)
+        raise
+    return proc
+
+
+def _wait_for_health(proc: subprocess.Popen, log: Path, port: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited (log {log}):\n{log.read_text()[-3000:]}")
+            raise ServerStartError(f"server exited (log {log}):\n{log.read_text()[-3000:]}")
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            return proc
+            return
         except OSError:
             time.sleep(1)
-    stop_server(proc)
-    raise RuntimeError(f"server did not answer /health within {timeout:.0f} s (log {log})")
+    raise ServerStartError(f"server did not answer /health within {timeout:.0f} s (log {log})")
+
+
+class Server(NamedTuple):
+    proc: subprocess.Popen
+    url: str  # http://127.0.0.1:PORT
+
+
+@contextlib.contextmanager
+def serving(cmd: list[str], env: dict, log: Path, port: int, timeout: float = 300,
+            cwd: Path | None = None) -> Iterator[Server]:
+    """`start_server` as a context: yields once /health answers and reaps the whole group
+    on the way out, however the block ends."""
+    proc = start_server(cmd, env, log, port, timeout, cwd)
+    try:
+        yield Server(proc, f"http://127.0.0.1:{port}")
+    finally:
+        stop_server(proc)
+
+
+def run_in_group(cmd: list[str], log: Path, env: dict | None = None, timeout: float | None = None,
+                 cwd: Path | None = None) -> int:
+    """Run `cmd` to its end in its own session, output to `log`; return its exit status.
+    The group is reaped afterwards: vLLM's engine-core and worker processes can outlive
+    their parent, and as output goes to a file, not a pipe, such orphans cannot keep us
+    waiting for EOF."""
+    proc = _spawn(cmd, env, log, cwd)
+    try:
+        return proc.wait(timeout=timeout)
+    finally:
+        stop_server(proc)
+
+
+def _spawn(cmd: list[str], env: dict | None, log: Path, cwd: Path | None) -> subprocess.Popen:
+    """`cmd` in a new session (its own process group), output to `log`, in `cwd` (default:
+    the checkout when there is one, so `-m morphserve...` imports it)."""
+    if cwd is None and (REPO / "pyproject.toml").exists():
+        cwd = REPO
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def stop_server(proc: subprocess.Popen) -> None:
+    """SIGKILL the process's whole group (it was started in its own session) and reap it."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
