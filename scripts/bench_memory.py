@@ -40,6 +40,7 @@ from morphserve.runtime.kv_sizing import model_weight_bytes  # noqa: E402
 from morphserve.offline.default_model import cache_root  # noqa: E402
 from morphserve.harness.servers import free_port, group_rss, start_server, stop_server  # noqa: E402
 from morphserve.vllm.kernels import W4A16_ENV  # noqa: E402
+from morphserve.vllm.server import PLAIN_VLLM_SERVER  # noqa: E402
 from quant_layers.mapped_checkpoint import MappedCheckpoint  # noqa: E402
 from quant_layers.twin import index_safetensors  # noqa: E402
 
@@ -118,7 +119,7 @@ def measure_plain(name: str, model: Path, tokenizer: Path, kv_bytes: int, args, 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
     env.update(VLLM_PLUGINS="", VLLM_LOGGING_LEVEL="WARNING", **W4A16_ENV)  # the kernel MorphServe serves
-    cmd = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", str(model),
+    cmd = [sys.executable, "-m", PLAIN_VLLM_SERVER, "--model", str(model),
            "--tokenizer", str(tokenizer), "--kv-cache-memory-bytes", str(kv_bytes), *common_args(args, port)]
     proc = start_server(cmd, env, args.logs / f"{name}.log", port)
     base = f"http://127.0.0.1:{port}"

@@ -38,6 +38,7 @@ from morphserve.replay.run import trace
 from morphserve.offline.datafiles import traces_dir
 from morphserve.harness.servers import free_port, group_pids, group_rss, start_server, stop_server
 from morphserve.runtime.proc_memory import process_rss
+from morphserve.vllm.server import PLAIN_VLLM_SERVER
 
 MEMORY_GROWTH_LIMIT = 0.01
 MAPPINGS_GROWTH_LIMIT = 0.02
@@ -223,7 +224,7 @@ def run(args: argparse.Namespace) -> dict:
               "--max-num-seqs", str(args.concurrency)]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     if args.plain:  # the same server without the plugin, for comparison
-        cmd = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", args.model,
+        cmd = [sys.executable, "-m", PLAIN_VLLM_SERVER, "--model", args.model,
                "--enforce-eager", *common]
         env["VLLM_PLUGINS"] = ""
     else:
