@@ -62,7 +62,7 @@ NEAR_TIE_NATS = 0.25
 def last_token_gaps(llm, sequences: list[list[int]]) -> list[float]:
     """For each sequence, (best logprob - logprob of its last token) at the last position."""
     from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
+    from vllm import TokensPrompt
 
     outs = llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences],
                         SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0.0), use_tqdm=False)
@@ -95,7 +95,7 @@ def assert_same_or_near_ties(model: Path, prompts: list[list[int]], ours: list[l
 
 def score_windows(llm, windows: list[list[int]]) -> tuple[float, int]:
     from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
+    from vllm import TokensPrompt
 
     outs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows],
                         SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0), use_tqdm=False)

@@ -114,7 +114,7 @@ def test_serve_refuses_a_pack_for_another_model(model_dir, pack_dir, tmp_path, c
 def test_offline_api_refuses_a_bad_config_before_starting(model_dir, pack_dir, tmp_path):
     from morphserve.errors import MorphServeError
     from morphserve.vllm.plugin import register
-    from vllm.engine.arg_utils import EngineArgs
+    from vllm import EngineArgs
 
     register()
     bad = _broken_pack(pack_dir, tmp_path, model_sha256="0" * 64)
