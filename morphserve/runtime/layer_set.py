@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from morphserve.offline import pack as packfmt
+from morphserve.runtime.config import MorphConfig
 from morphserve.runtime.faults import maybe_fail
 from quant_layers.cache_dir import cache_root
 from quant_layers.kernel_twins import cache_key, ensure_kernel_twins, kernel_attrs
@@ -45,7 +46,7 @@ class LayerSet:
         self.restore: RestorePreparer | None = None
 
     @classmethod
-    def build(cls, cfg: dict, model_path: Path, dtype: torch.dtype, decoder_layers, fused_linears,
+    def build(cls, config: MorphConfig, model_path: Path, dtype: torch.dtype, decoder_layers, fused_linears,
               kernels: LinearKernels, twin_cache_tag: tuple[str, str]) -> "LayerSet":
         """Attach a SwappableLinear to every fused linear of every decoder layer.
 
@@ -56,13 +57,13 @@ class LayerSet:
         (module path, HF names) per fused linear; `twin_cache_tag` (engine version, kernel
         variant) keys the kernel-layout cache.
         """
-        pack_dir = Path(cfg["pack"])
+        pack_dir = Path(config.pack)
         manifest = packfmt.load_manifest(pack_dir)
         info = read_model_info(model_path)
         twin_ckpt = open_twin(pack_dir / manifest.quantized_dir, info)
         masters = MappedCheckpoint(index_safetensors(model_path))
         elem = torch.empty(0, dtype=dtype).element_size()
-        identity = cfg.get("twin") == "identity"
+        identity = config.twin == "identity"
         fused = {f"layers.{i}.{vllm_name}": (i, vllm_name, hf_names)
                  for i in range(manifest.num_layers) for vllm_name, hf_names in fused_linears}
         for i, _, hf_names in fused.values():

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from kv_resize.host_backing import tail_ranges
 from morphserve.runtime.faults import maybe_fail
+from morphserve.runtime.config import MorphConfig
 from morphserve.runtime.layer_set import LayerSet, rss_bytes, trim_heap
 from morphserve.runtime.proc_memory import process_rss
 from morphserve.vllm import kernels, kv_cache
@@ -26,7 +27,7 @@ class MorphWorkerExtension:
         t0 = time.monotonic()
         dtype = self.vllm_config.model_config.dtype
         self._morph = LayerSet.build(
-            cfg, Path(self.vllm_config.model_config.model), dtype, kernels.decoder_layers(self.model_runner.model),
+            MorphConfig.model_validate(cfg), Path(self.vllm_config.model_config.model), dtype, kernels.decoder_layers(self.model_runner.model),
             kernels.FUSED_LINEARS, kernels.VllmCpuKernels(), (SUPPORTED_VLLM, kernels.wna16_variant(dtype)))
         kv_cache.enable_host_kv_backing()  # the KV cache is allocated after this call
         trim_heap()
