@@ -30,6 +30,8 @@ def _check(result):
 
 
 class CudaVMMBacking:
+    kind = "cuda-vmm"
+
     def __init__(self, size: int, device: int = 0):
         import torch
 
@@ -93,6 +95,9 @@ class CudaVMMBacking:
     @property
     def committed_bytes(self) -> int:
         return len(self._handles) * self.granularity
+
+    def resident_bytes(self) -> int:
+        return self.committed_bytes
 
     def close(self) -> None:
         self.release([(0, self.size)])

@@ -21,6 +21,8 @@ PAGE = mmap.PAGESIZE
 
 
 class HostKVBacking:
+    kind = "host-mmap"
+
     def __init__(self, size: int):
         self.size = size
         self._map = mmap.mmap(-1, max(size, PAGE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -37,6 +39,10 @@ class HostKVBacking:
         if libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(pages * PAGE), vec) != 0:
             return -1
         return int((np.frombuffer(vec, dtype=np.uint8) & 1).sum()) * PAGE
+
+    def commit(self, ranges: list[tuple[int, int]]) -> int:
+        """Nothing to do: anonymous pages are committed by the first write to them."""
+        return 0
 
     def release(self, ranges: list[tuple[int, int]]) -> int:
         """Give back the pages inside each [start, end) byte range; returns bytes advised."""

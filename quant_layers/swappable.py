@@ -44,6 +44,9 @@ class LinearKernels(Protocol):
     def prepack_bf16(self, master: torch.Tensor) -> Forward:
         """The engine's full-precision prepack of `master` [out, in] as a standalone forward."""
 
+    def place(self, t: torch.Tensor) -> torch.Tensor:
+        """An own copy of `t` on the compute device (`t` may be a read-only file map)."""
+
     def has_slot(self, layer: torch.nn.Module) -> bool:
         """Whether `layer` computes through a replaceable forward closure."""
 
@@ -70,8 +73,8 @@ def process_for_kernel(shards: list[PackedShard], in_features: int, group_size: 
                        dtype: torch.dtype, kernels: LinearKernels) -> tuple[dict[str, torch.Tensor], dict]:
     """Run vLLM's own W4A16 weight processing on one fused linear's pack tensors; return
     what the kernel computes with (see kernel_twins: this runs once, at start-up)."""
-    packed = torch.cat([s.weight_packed for s in shards], 0)
-    scale = torch.cat([s.weight_scale for s in shards], 0).to(dtype)
+    packed = kernels.place(torch.cat([s.weight_packed for s in shards], 0))
+    scale = kernels.place(torch.cat([s.weight_scale for s in shards], 0).to(dtype))
     kernel = kernels.make_w4(in_features, packed.shape[0], group_size, dtype)
     holder = torch.nn.Module()
     holder.bias = None
@@ -131,12 +134,13 @@ class W4Twin:
     def __init__(self, name: str, in_features: int, out_features: int, group_size: int, dtype: torch.dtype,
                  attrs: dict, kernels: LinearKernels):
         self.name = name  # the fused linear's key prefix in the twin file
+        self.kernels = kernels
         self.kernel = kernels.make_w4(in_features, out_features, group_size, dtype)
         self.params = attrs["params"]
         self.attrs = {k: v for k, v in attrs.items() if k != "params"}
 
     def build(self, keys: list[str], readers: Readers) -> W4Compute:
-        tensors = {p: readers.twins.get(f"{self.name}.{p}").clone() for p in self.params}
+        tensors = {p: self.kernels.place(readers.twins.get(f"{self.name}.{p}")) for p in self.params}
         return W4Compute(self.kernel, tensors, self.attrs)
 
 

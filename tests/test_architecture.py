@@ -79,6 +79,7 @@ INTERNAL_IMPORT_EXCEPTIONS = {
     "tests/test_control_guards.py": "the boundary's refusals and version guard against vLLM's own objects",
     "tests/test_kernel_pin.py": "the W4A16 pin against vLLM's env cache",
     "tests/test_examples.py": "the dashboard queries only names vLLM's loggers export",
+    "tests/test_backends.py": "the CUDA opt-in and kernel prediction against vLLM's platform object",
 }
 
 

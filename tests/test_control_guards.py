@@ -108,10 +108,12 @@ def test_the_host_kv_backing_serves_one_allocation_only(monkeypatch):
     from morphserve.vllm import kv_cache
     from morphserve.vllm import patches as vp
     calls = []
-    monkeypatch.setattr(kv_cache, "allocate_on_host_backing", lambda *a: calls.append("mmap") or {})
+    monkeypatch.setattr(kv_cache, "allocate_on_backing", lambda *a: calls.append("mmap") or {})
     allocate = vp._patch_allocate_kv_cache(lambda *a: calls.append("vllm") or {})
     config = SimpleNamespace(kv_cache_tensors=["one tensor"])
-    kv_cache.enable_host_kv_backing()
+    from morphserve.vllm.backends import CpuBackend
+
+    kv_cache.enable_kv_backing(CpuBackend())
     allocate(config, SimpleNamespace(type="cpu"), None)
     allocate(config, SimpleNamespace(type="cpu"), None)  # a later engine in the same process
     assert calls == ["mmap", "vllm"]

@@ -124,6 +124,9 @@ class VllmCpuKernels:
         prepack_unquantized(holder)
         return holder.cpu_linear
 
+    def place(self, t: torch.Tensor) -> torch.Tensor:
+        return t.clone()
+
     def has_slot(self, layer: torch.nn.Module) -> bool:
         return hasattr(layer, "cpu_linear")
 

@@ -14,38 +14,38 @@ import inspect
 from kv_resize.host_backing import KVTensorLayout
 from morphserve.errors import MorphServeError
 
-_HOST_KV: dict = {"enabled": False, "backing": None}
+_KV_BACKING: dict = {"backend": None, "backing": None}
 
 
-def take_host_backing_request() -> bool:
-    """Whether this allocation is the one morphserve_init asked for (then cleared)."""
-    enabled, _HOST_KV["enabled"] = _HOST_KV["enabled"], False
-    return enabled
+def take_backing_request():
+    """The backend morphserve_init asked to back this allocation, if any (then cleared)."""
+    backend, _KV_BACKING["backend"] = _KV_BACKING["backend"], None
+    return backend
 
 
-def enable_host_kv_backing() -> None:
+def enable_kv_backing(backend) -> None:
     """Called in a worker by morphserve_init: this worker's next KV allocation (and only
     that one, so a later plain engine in the same process allocates as vLLM does) goes on
-    an mmap."""
-    _HOST_KV["enabled"], _HOST_KV["backing"] = True, None
+    the backend's reserve-then-commit backing."""
+    _KV_BACKING["backend"], _KV_BACKING["backing"] = backend, None
 
 
-def host_kv_backing():
-    return _HOST_KV["backing"]
+def kv_backing():
+    return _KV_BACKING["backing"]
 
 
-def allocate_on_host_backing(kv_cache_config, device, layout, kernel_block_sizes):
+def allocate_on_backing(backend, kv_cache_config, device, layout, kernel_block_sizes):
     """vllm.v1.worker.utils.allocate_kv_cache (0.32.0) with one line changed: the backing
-    buffer is an anonymous mmap (kv_resize.host_backing) instead of torch.zeros, which
-    would touch, and so commit, the whole reserve. The view-building below is vLLM's."""
-    from kv_resize.host_backing import HostKVBacking
+    buffer is the backend's reserve (on CPU an anonymous mmap, kv_resize.host_backing)
+    instead of torch.zeros, which would touch, and so commit, the whole reserve. The
+    view-building below is vLLM's."""
     from vllm.v1.kv_cache_interface import UniformTypeKVCacheSpecs
     from vllm.v1.worker.utils import create_kv_cache_views
 
     sizes = {t.size for t in kv_cache_config.kv_cache_tensors}
     assert len(sizes) == 1, "KV cache tensors must share one backing allocation."
-    backing = HostKVBacking(sizes.pop())
-    _HOST_KV["backing"] = backing
+    backing = backend.new_kv_backing(sizes.pop())
+    _KV_BACKING["backing"] = backing
     buf = backing.tensor
     kv_caches = {}
     for tensor in kv_cache_config.kv_cache_tensors:
@@ -97,7 +97,7 @@ def remap_worker_block_tables(model_runner, moves: dict[int, int]) -> None:
 
 
 # sha256 of inspect.getsource(vllm.v1.worker.utils.allocate_kv_cache) in vLLM 0.32.0, the
-# function `_allocate_on_host_backing` copies.
+# function `allocate_on_backing` copies.
 UPSTREAM_ALLOCATE_SHA256 = "b1f3e24311485a090404f9ca264b1325cc0a965023221a46c18f45acf3c0ddfd"
 
 

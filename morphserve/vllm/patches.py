@@ -114,7 +114,8 @@ def _patch_create_engine_config(original):
 def check_supported(vllm_config) -> None:
     """Refuse, with one line, the setups in which a swap would not be safe.
 
-    - Not CPU: the layer swap and the KV backing are built for vLLM's CPU worker only.
+    - Not CPU: the layer swap and the KV backing are verified on vLLM's CPU worker only; the
+      CUDA backend (backends.CudaBackend) has never run and needs an explicit opt-in.
     - More than one rank (tensor, pipeline or data parallel): a transition would have to
       commit on every rank at the same boundary, and the controller drives one worker.
     - Async scheduling or any batch queue (max_concurrent_batches > 1): post_step would run
@@ -126,7 +127,13 @@ def check_supported(vllm_config) -> None:
 
     par, sched = vllm_config.parallel_config, vllm_config.scheduler_config
     if not current_platform.is_cpu():
-        raise MorphServeError(f"MorphServe runs on vLLM's CPU backend only; this is {current_platform.device_name}")
+        from morphserve.vllm.backends import CUDA_REFUSAL, cuda_opted_in
+
+        is_cuda = getattr(current_platform, "is_cuda", lambda: False)()
+        if not (is_cuda and cuda_opted_in()):
+            raise MorphServeError(f"MorphServe runs on vLLM's CPU backend only; this is "
+                                  f"{current_platform.device_name}" + (f". {CUDA_REFUSAL}" if is_cuda else ""))
+        log.warning("MorphServe: running the UNVERIFIED CUDA backend (MORPHSERVE_UNVERIFIED_CUDA=1)")
     refuse_multiple_ranks({name: getattr(par, name) for name in RANK_ARGS})
     if getattr(par, "world_size", 1) != 1:  # any other kind of parallelism multiplies it too
         raise MorphServeError(f"MorphServe needs a single rank; this engine's world size is {par.world_size}")
@@ -296,9 +303,10 @@ def _patch_allocate_kv_cache(original):
     def allocate_kv_cache(kv_cache_config, device, layout, kernel_block_sizes=None):
         from morphserve.vllm import kv_cache
 
-        if not kv_cache.take_host_backing_request() or device.type != "cpu" or not kv_cache_config.kv_cache_tensors:
+        backend = kv_cache.take_backing_request()
+        if backend is None or device.type != backend.name or not kv_cache_config.kv_cache_tensors:
             return original(kv_cache_config, device, layout, kernel_block_sizes)
-        return kv_cache.allocate_on_host_backing(kv_cache_config, device, layout, kernel_block_sizes)
+        return kv_cache.allocate_on_backing(backend, kv_cache_config, device, layout, kernel_block_sizes)
 
     return allocate_kv_cache
 

@@ -17,6 +17,7 @@ from morphserve.runtime.config import MorphConfig
 from morphserve.runtime.layer_set import LayerSet, rss_bytes, trim_heap
 from morphserve.runtime.proc_memory import process_rss
 from morphserve.vllm import kernels, kv_cache
+from morphserve.vllm.backends import backend_for
 from morphserve.vllm.patches import SUPPORTED_VLLM
 
 
@@ -26,10 +27,13 @@ class MorphWorkerExtension:
     def morphserve_init(self, cfg: dict) -> dict:
         t0 = time.monotonic()
         dtype = self.vllm_config.model_config.dtype
+        backend = backend_for(self.device.type)
+        variant = kernels.wna16_variant(dtype) if backend.name == "cpu" else backend.name
         self._morph = LayerSet.build(
-            MorphConfig.model_validate(cfg), Path(self.vllm_config.model_config.model), dtype, kernels.decoder_layers(self.model_runner.model),
-            kernels.FUSED_LINEARS, kernels.VllmCpuKernels(), (SUPPORTED_VLLM, kernels.wna16_variant(dtype)))
-        kv_cache.enable_host_kv_backing()  # the KV cache is allocated after this call
+            MorphConfig.model_validate(cfg), Path(self.vllm_config.model_config.model), dtype,
+            kernels.decoder_layers(self.model_runner.model), kernels.FUSED_LINEARS, backend.kernels,
+            (SUPPORTED_VLLM, variant))
+        kv_cache.enable_kv_backing(backend)  # the KV cache is allocated after this call
         trim_heap()
         return {"layers": len(self._morph.layers), "seconds": time.monotonic() - t0, "rss": rss_bytes()}
 
@@ -57,7 +61,7 @@ class MorphWorkerExtension:
         Read on every /morphserve/state and /metrics scrape, so it does not trim the heap
         (transitions already end trimmed)."""
         params = sum(p.numel() * p.element_size() for p in self.model_runner.model.parameters())
-        backing = kv_cache.host_kv_backing()
+        backing = kv_cache.kv_backing()
         return {"weights_bytes": params + self._morph.live_bytes(), "twin_bytes": 0,
                 "prepared_bytes": self._morph.prepared_bytes(),
                 "kv_resident_bytes": backing.resident_bytes() if kv_resident and backing is not None else None,
@@ -66,14 +70,14 @@ class MorphWorkerExtension:
     # -- KV resizing ------------------------------------------------------------------
     def morphserve_kv_release(self, first_block: int, last_block: int) -> dict:
         """Hand back the memory of blocks first_block..last_block (already hidden, all free)."""
-        backing = kv_cache.host_kv_backing()
+        backing = kv_cache.kv_backing()
         if backing is None:
             return {"advised": 0, "rss_delta": 0, "backing": "none"}
         rss_before = rss_bytes()
         maybe_fail("kv_release")
         ranges = tail_ranges(kv_cache.tensor_layouts(self.model_runner.kv_cache_config), first_block, last_block)
         advised = backing.release(ranges)
-        return {"advised": advised, "rss_delta": rss_before - rss_bytes(), "backing": "host-mmap"}
+        return {"advised": advised, "rss_delta": rss_before - rss_bytes(), "backing": backing.kind}
 
     def morphserve_kv_migrate(self, pairs: list[tuple[int, int]]) -> dict:
         """Copy KV blocks src -> dst in every layer and rewrite this worker's block tables."""
