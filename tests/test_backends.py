@@ -83,3 +83,34 @@ def test_below_marlin_vllm_falls_back_to_triton_or_exllama():
 
     assert predict_w4a16_kernel(4096, 4096, 128, torch.bfloat16, 70) == "TritonW4A16LinearKernel"
     assert predict_w4a16_kernel(4096, 4096, 128, torch.float16, 70) == "ExllamaLinearKernel"
+
+
+def test_a_backing_that_does_not_commit_on_touch_is_mapped_before_its_blocks_show():
+    """Pure logic with a stand-in pool: the commit call precedes the grow, covers only the
+    blocks not yet committed, and a commit-on-touch backing (CPU) makes no call at all."""
+    from morphserve.runtime.policy_loop import PolicyLoop
+    from morphserve.runtime.recorder import Recorder
+    from morphserve.runtime.transitions import Transitions
+
+    calls: list[tuple] = []
+
+    class Pool:
+        committed = 10
+
+        def grow(self, target: int) -> None:
+            calls.append(("grow", target))
+            self.committed = max(self.committed, target)
+
+    def rpc(method: str, *args):
+        calls.append((method, *args))
+        return [{}]
+
+    moves = Transitions([0, 1], rpc, Pool(), None, lambda level: 10, Recorder(None), PolicyLoop(None), "wait",
+                        commits_on_touch=False)
+    moves.grow(14)
+    moves.grow(12)  # already committed: no mapping
+    assert calls == [("morphserve_kv_commit", 11, 14), ("grow", 14), ("grow", 12)]
+    calls.clear()
+    moves.commits_on_touch = True
+    moves.grow(20)
+    assert calls == [("grow", 20)]

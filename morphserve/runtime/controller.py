@@ -53,15 +53,18 @@ class MorphController:
         self.last_error: dict | None = None
         self.pinned_by_error = False
         self._last_manual = float("-inf")
+        self.commits_on_touch = True  # the workers' KV backing; set from morphserve_init
 
     @classmethod
     def start(cls, raw_config: dict, engine, sampler) -> "MorphController":
         config = MorphConfig.model_validate(raw_config)
         manifest = packfmt.load_manifest(Path(config.pack))
         results = engine.rpc("morphserve_init", config.model_dump())
-        log.info("MorphServe: %d swappable layers loaded on %d worker(s) in %.1f s",
-                 results[0]["layers"], len(results), results[0]["seconds"])
-        return cls(config, engine, manifest, sampler)
+        log.info("MorphServe: %d swappable layers loaded on %d worker(s) in %.1f s (%s backend)",
+                 results[0]["layers"], len(results), results[0]["seconds"], results[0]["backend"])
+        controller = cls(config, engine, manifest, sampler)
+        controller.commits_on_touch = results[0]["commits_on_touch"]
+        return controller
 
     @property
     def num_layers(self) -> int:
@@ -91,9 +94,11 @@ class MorphController:
                 f"the memory budget leaves {cap0 * scheduler.block_size} KV tokens at full precision, fewer than "
                 f"max_model_len {max_len}; raise the budget or lower --max-model-len")
         self.scheduler = scheduler
+        if not self.commits_on_touch:  # the null block and level 0's blocks are mapped before any use
+            self.engine.rpc("morphserve_kv_commit", 0, cap0)
         self.pool = ElasticBlockPool(store, cap0)
         self.moves = Transitions(self.order, self.engine.rpc, self.pool, scheduler, self.capacity, self.recorder,
-                                 self.loop, self.config.shrink_strategy)
+                                 self.loop, self.config.shrink_strategy, self.commits_on_touch)
         self.moves.sync_view()
         if self.config.policy:
             self.loop.start(self.config.policy, Path(self.config.pack),

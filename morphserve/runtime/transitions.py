@@ -55,7 +55,8 @@ class Transitions:
     """
 
     def __init__(self, order: list[int], rpc: Callable, pool: ElasticBlockPool, scheduler,
-                 capacity: Callable[[int], int], recorder: Recorder, policy: PolicyLoop, shrink_strategy: str):
+                 capacity: Callable[[int], int], recorder: Recorder, policy: PolicyLoop, shrink_strategy: str,
+                 commits_on_touch: bool = True):
         self.order = order
         self.rpc = rpc
         self.pool = pool
@@ -64,6 +65,7 @@ class Transitions:
         self.recorder = recorder
         self.policy = policy
         self.shrink_strategy = shrink_strategy
+        self.commits_on_touch = commits_on_touch  # the workers' KV backing (runtime.backend)
         self._quantized: list[int] = []
         self.pending_level: int | None = None
         self.restoring: dict | None = None  # a background restore in progress (see _begin_restore)
@@ -84,6 +86,14 @@ class Transitions:
     def level(self) -> int:
         return len(self._quantized)
 
+    def grow(self, target: int) -> None:
+        """Let the pool show blocks up to `target`. A backing that does not commit on first
+        touch (CUDA virtual memory) maps the new blocks' pages first: no block may be
+        visible before its memory exists."""
+        if not self.commits_on_touch and target > self.pool.committed:
+            self.rpc("morphserve_kv_commit", self.pool.committed + 1, target)
+        self.pool.grow(target)
+
     def sync_view(self) -> None:
         self.scheduler.sync_capacity_view(self.pool.visible)
 
@@ -96,7 +106,7 @@ class Transitions:
         t0 = time.monotonic()
         before_level, before_blocks = self.level, self.pool.visible
         if level >= before_level and self.pool.limit < self.capacity(before_level):
-            self.pool.grow(self.capacity(before_level))  # a pending restore is called off
+            self.grow(self.capacity(before_level))  # a pending restore is called off
         plan = plan_transition(self.order, self.quantized, level)
         was_pending, self.pending_level = self.pending_level, None
         if not plan.quantize and not plan.restore:
@@ -107,7 +117,7 @@ class Transitions:
                   "signals": self.policy.signals_dict()}
         if plan.quantize:
             worker = self._apply(plan.quantize, [], level)
-            self.pool.grow(self.capacity(self.level))
+            self.grow(self.capacity(self.level))
         else:
             kv = shrink_kv(self.pool, self.scheduler, self.rpc, self.capacity(level), self.shrink_strategy)
             record["kv"] = kv
@@ -122,7 +132,7 @@ class Transitions:
             try:
                 worker = self._apply([], plan.restore, level)
             except MorphServeError:
-                self.pool.grow(self.capacity(self.level))  # weights stayed quantized
+                self.grow(self.capacity(self.level))  # weights stayed quantized
                 self.sync_view()
                 raise
         self.sync_view()
@@ -159,7 +169,7 @@ class Transitions:
         try:
             self.rpc("morphserve_restore_begin", layers)
         except Exception as e:
-            self.pool.grow(self.capacity(self.level))  # weights stayed quantized
+            self.grow(self.capacity(self.level))  # weights stayed quantized
             self.sync_view()
             raise MorphServeError(f"could not start the restore to {level}: {e}") from e
         record.update(mode="background", steps=0, committed_layer_ids=[])
@@ -218,7 +228,7 @@ class Transitions:
             self.quantized = [i for i in self.order if i in ids]
         cap = self.capacity(self.level)
         if self.pool.limit < cap:
-            self.pool.grow(cap)  # a shrink for a restore that did not happen is called off
+            self.grow(cap)  # a shrink for a restore that did not happen is called off
         elif self.pool.limit > cap:  # fewer layers W4 than the pool was sized for
             self.recovery_shrink_from = self.pool.committed
             self.pool.set_limit(cap)

@@ -35,7 +35,8 @@ class MorphWorkerExtension:
             (SUPPORTED_VLLM, variant))
         kv_cache.enable_kv_backing(backend)  # the KV cache is allocated after this call
         trim_heap()
-        return {"layers": len(self._morph.layers), "seconds": time.monotonic() - t0, "rss": rss_bytes()}
+        return {"layers": len(self._morph.layers), "seconds": time.monotonic() - t0, "rss": rss_bytes(),
+                "backend": backend.name, "commits_on_touch": backend.commits_on_touch}
 
     def morphserve_apply(self, quantize: list[int], restore: list[int]) -> dict:
         return self._morph.apply(quantize, restore)
@@ -78,6 +79,13 @@ class MorphWorkerExtension:
         ranges = tail_ranges(kv_cache.tensor_layouts(self.model_runner.kv_cache_config), first_block, last_block)
         advised = backing.release(ranges)
         return {"advised": advised, "rss_delta": rss_before - rss_bytes(), "backing": backing.kind}
+
+    def morphserve_kv_commit(self, first_block: int, last_block: int) -> dict:
+        """Back blocks first_block..last_block with memory before the pool shows them (only
+        called for a backing that does not commit on first touch)."""
+        backing = kv_cache.kv_backing()
+        ranges = tail_ranges(kv_cache.tensor_layouts(self.model_runner.kv_cache_config), first_block, last_block)
+        return {"committed": backing.commit(ranges), "backing": backing.kind}
 
     def morphserve_kv_migrate(self, pairs: list[tuple[int, int]]) -> dict:
         """Copy KV blocks src -> dst in every layer and rewrite this worker's block tables."""
