@@ -80,6 +80,17 @@ def test_unsafe_engine_setups_are_refused_in_one_line(changes, message):
     assert "\n" not in str(e.value)
 
 
+def test_a_vllm_whose_kv_allocation_drifted_is_refused_per_engine(monkeypatch):
+    from morphserve.vllm import kv_cache
+    from morphserve.vllm.patches import check_supported
+
+    check_supported(_vllm_config())  # the installed vLLM matches the pinned copy
+    monkeypatch.setattr(kv_cache, "UPSTREAM_ALLOCATE_SHA256", "0" * 64)
+    with pytest.raises(MorphServeError, match="allocate_kv_cache differs") as e:
+        check_supported(_vllm_config())
+    assert "\n" not in str(e.value)
+
+
 def test_a_non_cpu_platform_is_refused(monkeypatch):
     from vllm import platforms
 

@@ -3,7 +3,8 @@ block-table remaps, and the layout of vLLM's KV tensors as plain data (for vLLM 
 
 `allocate_kv_cache` is a copy of vLLM's with one line changed, so its upstream source is
 pinned by hash: if vLLM's function changes, `check_upstream_allocate()` (run by
-`apply_patches`) stops start-up instead of running a stale copy.
+`patches.check_supported` for every MorphServe engine) stops its start-up with one line
+instead of running a stale copy; plain engines are untouched.
 """
 
 from __future__ import annotations

@@ -120,6 +120,8 @@ def check_supported(vllm_config) -> None:
       commit on every rank at the same boundary, and the controller drives one worker.
     - Async scheduling or any batch queue (max_concurrent_batches > 1): post_step would run
       while the next batch is already executing, so a swap could land mid-forward.
+    - A vLLM whose allocate_kv_cache differs from the one kv_cache copies (checked here, per
+      MorphServe engine, not at plugin load: a plain engine never runs the copy).
     """
     from vllm.platforms import current_platform
 
@@ -139,6 +141,9 @@ def check_supported(vllm_config) -> None:
         raise MorphServeError(f"MorphServe needs a single rank; this engine's world size is {par.world_size}")
     if sched.async_scheduling or vllm_config.max_concurrent_batches != 1:
         raise MorphServeError(ASYNC_REFUSAL)
+    from morphserve.vllm.kv_cache import check_upstream_allocate
+
+    check_upstream_allocate()
 
 
 RANK_ARGS = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
@@ -325,13 +330,7 @@ PATCHES = (
 
 
 def apply_patches() -> None:
-    from morphserve.vllm.kv_cache import check_upstream_allocate
-
     check_vllm_version()
-    try:
-        check_upstream_allocate()
-    except Exception as e:
-        raise PatchError(str(e)) from None
     for patch in PATCHES:
         patch.apply()
 
