@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
 
 # Small but real settings: every stage runs (GPTQ through llm-compressor, the full greedy
 # LIS search over all 30 layers, perplexity at every k) on fewer tokens than the default.

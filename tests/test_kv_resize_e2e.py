@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from morphserve.vllm.offline_engine import controller_of, run_greedy
-from tests.conftest import SHARED
+from morphserve.offline.datafiles import wikitext
 from tests.engine_utils import assert_same_or_near_ties, morph_llm, plain_vllm
 
 pytestmark = [pytest.mark.engine, pytest.mark.quant]
@@ -26,7 +26,7 @@ def _prompts(model_dir, n: int, salt: int) -> list[list[int]]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    text = SHARED / "data/wikitext-2/valid.txt"
+    text = wikitext("valid")
     ids = tok(text.read_text()[:400_000])["input_ids"]
     starts = [(salt * 24 + i) * 353 for i in range(n)]  # disjoint slices: no shared prefixes
     assert starts[-1] + PROMPT_TOKENS <= len(ids)

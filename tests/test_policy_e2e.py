@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from morphserve.harness.servers import free_port
-from tests.conftest import SHARED
+from morphserve.offline.datafiles import wikitext
 from tests.engine_utils import REPO, running_server
 from tests.test_http_control import KEY, _request
 
@@ -65,7 +65,7 @@ def test_a_burst_quantizes_grows_kv_and_restores_fully_afterwards(server):
     state = _request(base + "/morphserve/state")[1]
     assert state["policy"].startswith("threshold:") and state["quantized_layers"] == 0
     cap0 = state["kv_capacity_blocks"]
-    text = (SHARED / "data/wikitext-2/valid.txt").read_text()
+    text = wikitext("valid").read_text()
     prompts = [text[i * 5000:i * 5000 + 1300] for i in range(16)]
     peak_level, peak_cap = 0, cap0
     with ThreadPoolExecutor(16) as pool:

@@ -7,11 +7,11 @@ import pytest
 from morphserve.replay.run import trace
 from morphserve.errors import MorphServeError
 from morphserve.replay.stats import per_request, percentile, summarize
-from tests.conftest import SHARED
+from morphserve.offline.datafiles import traces_dir
 
 
 def test_azure_conv_window_matches_the_calibration_in_design_md():
-    reqs = trace.load(SHARED / "traces/azure_llm_2023_conv.csv")
+    reqs = trace.load(traces_dir() / "azure_llm_2023_conv.csv")
     window = trace.prepare(reqs, (1640, 60), 1 / 7, 0.25, 0.5)
     assert len(window) == 72
     assert 300 < sum(r.input_length for r in window) / 72 < 330

@@ -10,7 +10,6 @@ instead of running a stale copy; plain engines are untouched.
 from __future__ import annotations
 
 import hashlib
-import inspect
 
 from kv_resize.host_backing import KVTensorLayout
 from morphserve.errors import MorphServeError
@@ -97,15 +96,27 @@ def remap_worker_block_tables(model_runner, moves: dict[int, int]) -> None:
 
 
 
-# sha256 of inspect.getsource(vllm.v1.worker.utils.allocate_kv_cache) in vLLM 0.32.0, the
+# sha256 of allocate_kv_cache's source lines in vllm/v1/worker/utils.py (vLLM 0.32.0), the
 # function `allocate_on_backing` copies.
 UPSTREAM_ALLOCATE_SHA256 = "b1f3e24311485a090404f9ca264b1325cc0a965023221a46c18f45acf3c0ddfd"
 
 
 def upstream_allocate_sha256() -> str:
-    from vllm.v1.worker import utils
+    """The hash of allocate_kv_cache's source lines as vLLM ships them, read from the file
+    rather than imported: importing vllm.v1.worker.utils here would bind whatever
+    `current_platform` is at that moment into it for good (the API server never needs it)."""
+    import ast
+    import importlib.util
+    from pathlib import Path
 
-    return hashlib.sha256(inspect.getsource(utils.allocate_kv_cache).encode()).hexdigest()
+    root = Path(importlib.util.find_spec("vllm").submodule_search_locations[0])
+    source = (root / "v1" / "worker" / "utils.py").read_text()
+    lines = source.splitlines(keepends=True)
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.FunctionDef) and node.name == "allocate_kv_cache":
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            return hashlib.sha256("".join(lines[first - 1:node.end_lineno]).encode()).hexdigest()
+    return "missing"
 
 
 def check_upstream_allocate() -> None:
