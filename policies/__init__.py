@@ -10,12 +10,28 @@ from policies.config import PolicyConfig, load_policy
 from policies.signals import Signals, SignalTracker, StepSample
 
 __all__ = ["Decision", "PolicyState", "PolicyConfig", "load_policy", "Signals", "SignalTracker", "StepSample",
-           "make_policy"]
+           "make_policy", "make_tracker"]
 
 
-def make_policy(cfg: PolicyConfig, capacity_by_level: list[int], max_level: int):
+def make_policy(cfg: PolicyConfig, capacity_by_level: list[int], max_level: int,
+                log_ratios: list[float] | None = None):
+    """`log_ratios`: log(ppl_k / ppl_0) per level, for the demand policy's quality budget."""
+    from policies.demand import DemandPolicy
     from policies.slo import SLOPolicy
     from policies.threshold import ThresholdPolicy
 
-    cls = {"threshold": ThresholdPolicy, "slo": SLOPolicy}[cfg.policy]
-    return cls(cfg, capacity_by_level, max_level)
+    if cfg.policy == "demand":
+        return DemandPolicy(cfg, capacity_by_level, max_level, log_ratios)
+    return {"threshold": ThresholdPolicy, "slo": SLOPolicy}[cfg.policy](cfg, capacity_by_level, max_level)
+
+
+def make_tracker(cfg: PolicyConfig, num_layers: int, log_ratios: list[float] | None = None) -> SignalTracker:
+    """The signal tracker a policy needs: the demand policy also learns step times and keeps
+    the quality ledger (when the config sets a budget and the pack has a curve)."""
+    from policies.quality_budget import QualityLedger
+    from policies.step_model import StepTimeModel
+
+    if cfg.policy != "demand":
+        return SignalTracker(cfg.window_s)
+    ledger = QualityLedger(cfg.quality_window_s) if log_ratios is not None else None
+    return SignalTracker(cfg.window_s, step_model=StepTimeModel(num_layers), ledger=ledger, log_ratios=log_ratios)

@@ -52,6 +52,18 @@ class PolicyBase:
         target = max(0, state.level - self.cfg.step_layers)
         return Decision(target, reason, PolicyState(target, now, None))
 
+    def _down_to(self, state: PolicyState, now: float, target: int, reason: str, need_calm: bool = True) -> Decision:
+        """Restore to `target` in one plan: after calm_s of calm (unless the quality budget
+        forces it) and never within cooldown_s of the last transition."""
+        if target >= state.level:
+            return Decision(state.level, "hold", replace(state, calm_since=None))
+        calm_since = state.calm_since if state.calm_since is not None else now
+        waiting = need_calm and now - calm_since < self.cfg.calm_s
+        if waiting or now - state.last_change < self.cfg.cooldown_s:
+            return Decision(state.level, "hold: waiting for calm" if waiting else "hold: cooldown",
+                            replace(state, calm_since=calm_since))
+        return Decision(target, reason, PolicyState(target, now, None))
+
     def fits_after_restore(self, signals, level: int, fraction: float) -> bool:
         """Would the blocks in use stay under `fraction` of the capacity at `level`?"""
         return signals.used_blocks + signals.waiting_blocks <= fraction * self.capacity[level]

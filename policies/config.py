@@ -7,6 +7,7 @@ this module) or a path to a YAML file. YAML is parsed with yaml.safe_load only.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -24,7 +25,9 @@ class PolicyError(ValueError):
 class PolicyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    policy: Literal["threshold", "slo"] = Field(description="threshold (the paper's) or slo (predictive)")
+    policy: Literal["threshold", "slo", "demand"] = Field(
+        description="threshold (the paper's), slo (predictive, staircase) or demand (jumps to the level the "
+                    "demand needs, weighs step time and a quality budget over time)")
     # quality guard: the tightest of these bounds the level
     max_quantized_fraction: float = Field(1.0, ge=0.0, le=1.0, description="of the swappable layers")
     max_quantized_layers: int | None = Field(None, ge=0)
@@ -45,6 +48,16 @@ class PolicyConfig(BaseModel):
     slo_margin: float = Field(0.8, gt=0.0, le=1.0, description="aim at this fraction of the SLOs")
     restore_margin: float = Field(0.5, gt=0.0, le=1.0, description="restore only if predictions stay under this fraction")
     horizon_s: float = Field(5.0, gt=0.0, description="how far ahead arrivals are projected")
+    # demand policy
+    headroom: float = Field(0.1, ge=0.0, description="quantize until capacity >= demand x (1 + headroom)")
+    restore_headroom: float = Field(
+        0.3, ge=0.0, description="restore only to a level whose capacity >= demand x (1 + restore_headroom)")
+    max_avg_ppl_increase: float | None = Field(
+        None, gt=0.0, description="quality budget over time: token-weighted perplexity increase accepted over "
+                                  "quality_window_s (0.05 = +5%), read against the pack's quality.json")
+    quality_window_s: float = Field(300.0, gt=0.0, description="the window the quality budget is averaged over")
+    expected_output_tokens: int = Field(
+        256, ge=1, description="output length assumed for a request until finished requests teach the real one")
 
     @model_validator(mode="after")
     def _bands(self):
@@ -52,6 +65,9 @@ class PolicyConfig(BaseModel):
             raise ValueError(f"kv_low ({self.kv_low}) must be below kv_high ({self.kv_high}): that gap is the hysteresis")
         if self.restore_margin > self.slo_margin:
             raise ValueError("restore_margin must not exceed slo_margin: that gap is the hysteresis")
+        if self.restore_headroom < self.headroom:
+            raise ValueError(f"restore_headroom ({self.restore_headroom}) must not be below headroom "
+                             f"({self.headroom}): that gap is the hysteresis")
         return self
 
     def level_cap(self, num_layers: int, quality: dict | None) -> int:
@@ -64,11 +80,31 @@ class PolicyConfig(BaseModel):
         return max(0, min(cap, num_layers))
 
 
-def ppl_cap(quality: dict | None, max_increase: float) -> int:
+def quality_curve(quality: dict | None, needed_by: str = "max_ppl_increase") -> dict[int, float]:
+    """Perplexity at each level of the pack's swap order (quality.json, orders.lis.ppl)."""
     try:
         curve = {int(k): float(v) for k, v in quality["orders"]["lis"]["ppl"].items()}
-    except (TypeError, KeyError, ValueError):
-        raise PolicyError("max_ppl_increase needs the pack's quality.json (orders.lis.ppl)") from None
+        if 0 not in curve or curve[0] <= 0:
+            raise ValueError
+    except (TypeError, KeyError, ValueError, AttributeError):
+        raise PolicyError(f"{needed_by} needs the pack's quality.json (orders.lis.ppl)") from None
+    return curve
+
+
+def log_ppl_ratios(quality: dict | None, num_layers: int) -> list[float]:
+    """log(ppl_k / ppl_0) for k = 0..num_layers; a level the curve skips takes the next one
+    measured above it (the dearer neighbour)."""
+    curve = quality_curve(quality, "max_avg_ppl_increase")
+    known = sorted(curve)
+    out = []
+    for k in range(num_layers + 1):
+        above = next((m for m in known if m >= k), known[-1])
+        out.append(math.log(curve[above] / curve[0]))
+    return out
+
+
+def ppl_cap(quality: dict | None, max_increase: float) -> int:
+    curve = quality_curve(quality)
     base = curve[0]
     cap = 0
     for k in sorted(curve):  # the levels the runtime passes through, in order

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
+
+from policies.quality_budget import QualityLedger
+from policies.step_model import StepTimeModel
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,11 @@ class StepSample:
     ttfts: tuple[float, ...] = ()  # first tokens produced since the previous sample
     waiting_blocks: int = 0  # blocks the waiting requests' prompts need
     remaining_tokens: float = 0.0  # mean tokens still to generate per running request
+    # blocks the running / waiting requests will hold when they finish (prompt + expected output)
+    running_need_blocks: int = 0
+    waiting_need_blocks: int = 0
+    tokens: int = 0  # tokens computed (prefill and decode) since the previous sample
+    level: int = 0  # quantized layers in force at this sample (set by the controller)
 
 
 @dataclass(frozen=True)
@@ -44,9 +52,24 @@ class Signals:
     preemptions: int = 0
     blocks_per_request: float = 0.0
     remaining_tokens: float = 0.0
+    need_blocks: int = 0  # running + waiting requests' blocks at completion
+    waiting_need_blocks: int = 0
+    need_per_request: float = 0.0  # blocks one request holds at completion (mean)
+    token_rate: float = 0.0  # tokens/s computed, EWMA
+    level: int = 0
+    quality_increase: float = 0.0  # token-weighted perplexity increase over the quality window
+    # learned state, shared by reference (not part of the logged record)
+    step_model: StepTimeModel | None = field(default=None, compare=False, repr=False)
+    ledger: QualityLedger | None = field(default=None, compare=False, repr=False)
 
     def as_dict(self) -> dict:
-        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("step_model", "ledger"):
+                continue
+            out[f.name] = round(v, 4) if isinstance(v, float) else v
+        return out
 
 
 def p95(values) -> float:
@@ -59,17 +82,31 @@ def p95(values) -> float:
 @dataclass
 class SignalTracker:
     window_s: float = 2.0
+    # optional learned state: a step-time model (needs the number of swappable layers) and
+    # a quality ledger (needs each level's log-perplexity ratio from the pack's curve)
+    step_model: StepTimeModel | None = None
+    ledger: QualityLedger | None = None
+    log_ratios: list[float] | None = None
     _samples: deque = field(default_factory=deque)
     _ttfts: deque = field(default_factory=deque)  # (time, ttft)
     _rate: float = 0.0
+    _token_rate: float = 0.0
     _last_time: float | None = None
+    _last_level: int | None = None
 
     def add(self, s: StepSample) -> Signals:
         dt = 0.0 if self._last_time is None else max(s.time - self._last_time, 0.0)
         self._last_time = s.time
-        if dt > 0:  # EWMA of the arrival rate with time constant window_s
+        if dt > 0:  # EWMAs of the arrival and token rates with time constant window_s
             alpha = 1.0 - math.exp(-dt / self.window_s)
             self._rate += alpha * (s.arrivals / dt - self._rate)
+            self._token_rate += alpha * (s.tokens / dt - self._token_rate)
+        # a step that spans a level change also timed the transition: it teaches nothing
+        if self.step_model is not None and dt > 0 and s.running > 0 and s.level == self._last_level:
+            self.step_model.observe(s.level, s.running, dt)
+        self._last_level = s.level
+        if self.ledger is not None and self.log_ratios:
+            self.ledger.add(s.time, s.tokens, self.log_ratios[min(s.level, len(self.log_ratios) - 1)])
         self._samples.append((s, dt))
         self._ttfts.extend((s.time, t) for t in s.ttfts)
         horizon = s.time - self.window_s
@@ -96,4 +133,13 @@ class SignalTracker:
             preemptions=sum(x.preemptions for x in samples),
             blocks_per_request=s.used_blocks / s.running if s.running else 0.0,
             remaining_tokens=s.remaining_tokens,
+            need_blocks=s.running_need_blocks + s.waiting_need_blocks,
+            waiting_need_blocks=s.waiting_need_blocks,
+            need_per_request=((s.running_need_blocks + s.waiting_need_blocks) / (s.running + s.waiting)
+                              if s.running + s.waiting else 0.0),
+            token_rate=self._token_rate,
+            level=s.level,
+            quality_increase=self.ledger.average_increase() if self.ledger is not None else 0.0,
+            step_model=self.step_model,
+            ledger=self.ledger,
         )

@@ -14,18 +14,27 @@ import random
 
 import pytest
 
-from policies import PolicyState, SignalTracker, StepSample, load_policy, make_policy
-from policies.config import PolicyConfig, PolicyError
+from policies import PolicyState, SignalTracker, StepSample, load_policy, make_policy, make_tracker
+from policies.config import PolicyConfig, PolicyError, log_ppl_ratios
 
 # SmolLM2 under the capacity-bound test budget: 9 blocks at FP16 .. 61 at 30 layers.
 CAPACITY = [9, 10, 12, 14, 16, 17, 19, 21, 23, 24, 26, 28, 30, 31, 33, 35, 37, 38, 40, 42, 44, 46, 47, 49, 51,
             53, 54, 56, 58, 60, 61]
 DT = 0.05  # one engine step
 BLOCKS_PER_REQ = 3
+# a synthetic quality curve: +20% perplexity with every layer quantized, linear in the level
+QUALITY = {"orders": {"lis": {"ppl": {str(k): 20.0 * (1 + 0.2 * k / 30) for k in range(31)}}}}
+RATIOS = log_ppl_ratios(QUALITY, 30)
+
+
+REMAINING_TOKENS = 40
 
 
 def simulate(policy, demand, seconds: float):
-    tracker, state = SignalTracker(policy.cfg.window_s), PolicyState()
+    """Arrivals follow the demand curve: requests that replace finished ones (a running
+    request finishes after REMAINING_TOKENS steps) plus those that make demand grow."""
+    tracker, state = make_tracker(policy.cfg, 30, RATIOS), PolicyState()
+    previous_demand, arrived = None, 0.0
     levels, transitions, restores = [], 0, 0
     waiting_since = None
     for i in range(int(seconds / DT)):
@@ -35,10 +44,17 @@ def simulate(policy, demand, seconds: float):
         used = min(d, cap // BLOCKS_PER_REQ * BLOCKS_PER_REQ)
         waiting_blocks = d - used
         waiting_since = (waiting_since if waiting_since is not None else t) if waiting_blocks else None
+        running = used // BLOCKS_PER_REQ
+        growth = max(0, d - previous_demand) / BLOCKS_PER_REQ if previous_demand is not None else 0.0
+        previous_demand = d
+        before, arrived = arrived, arrived + running / REMAINING_TOKENS + growth
+        arrivals = int(arrived) - int(before)
         sample = StepSample(time=t, waiting=waiting_blocks // BLOCKS_PER_REQ,
                             oldest_wait_s=t - waiting_since if waiting_since is not None else 0.0,
-                            running=used // BLOCKS_PER_REQ, used_blocks=used, capacity_blocks=cap,
-                            arrivals=0, waiting_blocks=waiting_blocks, remaining_tokens=40)
+                            running=running, used_blocks=used, capacity_blocks=cap,
+                            arrivals=arrivals, waiting_blocks=waiting_blocks, remaining_tokens=REMAINING_TOKENS,
+                            running_need_blocks=used, waiting_need_blocks=waiting_blocks, tokens=running,
+                            level=state.level)
         signals = tracker.add(sample)
         decision = policy.decide(signals, state)
         if decision.target != state.level:
@@ -56,10 +72,13 @@ def bound(cfg: PolicyConfig, seconds: float) -> tuple[int, int]:
 POLICIES = ["default", "accuracy", "performance"]
 
 
-def _policy(name):
+def _policy(name, budget: bool = False):
+    """The shape tests check the anti-flapping rules, so by default without the quality
+    budget over time (which may bring the level down under load; tested on its own)."""
     cfg, _ = load_policy(name)
-    cfg = cfg.model_copy(update={"max_ppl_increase": None})  # no pack here: cap by fraction only
-    return make_policy(cfg, CAPACITY, cfg.level_cap(30, None))
+    cfg = cfg.model_copy(update={"max_ppl_increase": None,  # no pack here: cap by fraction only
+                                 **({} if budget else {"max_avg_ppl_increase": None})})
+    return make_policy(cfg, CAPACITY, cfg.level_cap(30, None), RATIOS)
 
 
 @pytest.mark.parametrize("name", POLICIES)
@@ -100,7 +119,7 @@ def test_noisy_oscillation_respects_the_bound(name, seed):
 
 
 def test_threshold_waits_for_calm_and_cooldown():
-    cfg, _ = load_policy("default")
+    cfg = PolicyConfig(policy="threshold", step_layers=4)
     policy = make_policy(cfg, CAPACITY, 15)
     tracker = SignalTracker(cfg.window_s)
     hot = tracker.add(StepSample(time=0.0, waiting=3, oldest_wait_s=0.5, running=3, used_blocks=9, capacity_blocks=9,
@@ -120,8 +139,12 @@ def test_quality_guard_from_the_pack_curve():
         cfg.level_cap(4, None)
 
 
+SLO_CFG = PolicyConfig(policy="slo", step_layers=8, cooldown_s=0.5, calm_s=4.0, slo_margin=0.7,
+                       restore_margin=0.35, horizon_s=5.0)
+
+
 def test_slo_policy_predicts_more_capacity_means_less_waiting():
-    cfg, _ = load_policy("performance")
+    cfg = SLO_CFG
     policy = make_policy(cfg, CAPACITY, 30)
     tracker = SignalTracker(cfg.window_s)
     s = tracker.add(StepSample(time=0.0, waiting=10, oldest_wait_s=1.0, running=3, used_blocks=9, capacity_blocks=9,
@@ -139,7 +162,7 @@ def test_slo_policy_quantizes_for_arrivals_the_current_capacity_cannot_serve():
     so the predictive policy must quantize now, before any queue exists."""
     from policies import Signals
 
-    cfg, _ = load_policy("performance")
+    cfg = SLO_CFG
     policy = make_policy(cfg, CAPACITY, 30)
     calm = Signals(time=10.0, queue_len=0.0, used_blocks=9, capacity_blocks=9, step_time_s=DT,
                    p95_tpot_s=DT, blocks_per_request=BLOCKS_PER_REQ, remaining_tokens=40, arrival_rate=0.0)

@@ -12,20 +12,21 @@ from tests.conftest import morphserve_cli
 def test_presets_are_valid_and_ordered_like_the_paper_modes(preset):
     cfg, path = load_policy(preset)
     assert path.name == f"{preset}.yaml"
-    # PRESETS lists the modes from most careful to most aggressive; this preset's own cap
-    # must sit strictly between its neighbours' caps.
+    # PRESETS lists the modes from most careful to most aggressive; this preset's quality
+    # budget over time must sit strictly between its neighbours' budgets.
     i = PRESETS.index(preset)
-    below = [load_policy(p)[0].max_quantized_fraction for p in PRESETS[:i]]
-    above = [load_policy(p)[0].max_quantized_fraction for p in PRESETS[i + 1:]]
-    assert all(c < cfg.max_quantized_fraction for c in below)
-    assert all(cfg.max_quantized_fraction < c for c in above)
+    below = [load_policy(p)[0].max_avg_ppl_increase for p in PRESETS[:i]]
+    above = [load_policy(p)[0].max_avg_ppl_increase for p in PRESETS[i + 1:]]
+    assert cfg.policy == "demand" and cfg.max_avg_ppl_increase is not None
+    assert all(c < cfg.max_avg_ppl_increase for c in below)
+    assert all(cfg.max_avg_ppl_increase < c for c in above)
 
 
 @pytest.mark.parametrize("text, message", [
     ("policy: threshold\nkv_high: 1.5\n", "kv_high: Input should be less than or equal to 1"),
     ("policy: threshold\nkv_hgh: 0.5\n", "unknown key 'kv_hgh'"),
     ("policy: threshold\nstep_layers: two\n", "step_layers: Input should be a valid integer"),
-    ("policy: thresh\n", "policy: Input should be 'threshold' or 'slo'"),
+    ("policy: thresh\n", "policy: Input should be 'threshold', 'slo' or 'demand'"),
     ("policy: threshold\nkv_low: 0.9\n", "kv_low (0.9) must be below kv_high"),
     ("kv_high: 0.5\n", "policy: Field required"),
     ("policy: [threshold\n", "not valid YAML at line"),
@@ -42,7 +43,7 @@ def test_bad_policy_files_get_one_error_naming_file_and_key(tmp_path, text, mess
 
 def test_policy_check_cli(tmp_path):
     good = morphserve_cli("policy", "check", "default")
-    assert good.returncode == 0 and "valid threshold policy" in good.stdout and "kv_high: 0.85" in good.stdout
+    assert good.returncode == 0 and "valid demand policy" in good.stdout and "max_avg_ppl_increase: 0.05" in good.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text("policy: slo\ncooldown_s: -1\n")
     out = morphserve_cli("policy", "check", str(bad))

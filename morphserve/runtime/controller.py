@@ -146,7 +146,7 @@ class MorphController:
 
     def _decide(self) -> None:
         t0 = time.perf_counter()
-        self.loop.observe(self.scheduler, self.pool, self.recorder)
+        self.loop.observe(self.scheduler, self.pool, self.recorder, self.moves.level)
         if self.forced_level is not None or self.loop.policy is None:
             return
         moves = self.moves

@@ -10,7 +10,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from morphserve.runtime.recorder import Recorder
-from policies import Decision, PolicyState, SignalTracker, load_policy, make_policy
+from policies import Decision, PolicyState, load_policy, make_policy, make_tracker
+from policies.config import log_ppl_ratios
 
 log = logging.getLogger("morphserve")
 
@@ -24,6 +25,7 @@ class PolicyLoop:
         self.tracker: SignalTracker | None = None
         self.sampler = sampler  # the boundary's StepSampler: it reads the scheduler
         self.signals = None
+        self.expected_output_tokens = 256
 
     def start(self, ref: str, pack_dir: Path, capacities: list[int]) -> None:
         """`capacities`: usable KV blocks at each level 0..N."""
@@ -32,19 +34,22 @@ class PolicyLoop:
         quality = json.loads(quality_file.read_text()) if quality_file.exists() else None
         num_layers = len(capacities) - 1
         cap = pcfg.level_cap(num_layers, quality)
-        self.policy = make_policy(pcfg, capacities, cap)
+        ratios = log_ppl_ratios(quality, num_layers) if pcfg.max_avg_ppl_increase is not None else None
+        self.policy = make_policy(pcfg, capacities, cap, ratios)
         self.name = f"{pcfg.policy}:{path.stem}"
-        self.tracker = SignalTracker(pcfg.window_s)
+        self.tracker = make_tracker(pcfg, num_layers, ratios)
+        self.expected_output_tokens = pcfg.expected_output_tokens
         log.info("MorphServe: policy %s from %s, at most %d quantized layers", pcfg.policy, path, cap)
 
     @property
     def sampling(self) -> bool:
         return self.tracker is not None
 
-    def observe(self, scheduler, pool, recorder: Recorder) -> None:
+    def observe(self, scheduler, pool, recorder: Recorder, level: int) -> None:
         """Sample the scheduler at this boundary (also while a manual level is in force)."""
         previous = self.signals
-        self.signals = self.tracker.add(scheduler.sample(self.sampler, pool))
+        sample = scheduler.sample(self.sampler, pool, self.expected_output_tokens)
+        self.signals = self.tracker.add(replace(sample, level=level))
         if previous is not None and previous.running and self.signals.running:
             recorder.step_seconds.append(self.signals.time - previous.time)
 

@@ -194,8 +194,8 @@ class SchedulerView:
     def sync_capacity_view(self, usable_blocks: int) -> None:
         sync_capacity_view(self._vllm_config, self._scheduler, usable_blocks)
 
-    def sample(self, sampler: "StepSampler", pool):
-        return sampler.sample(self._scheduler, pool)
+    def sample(self, sampler: "StepSampler", pool, expected_output_tokens: int = 256):
+        return sampler.sample(self._scheduler, pool, expected_output_tokens)
 
 
 class StepSampler:
@@ -204,33 +204,58 @@ class StepSampler:
     O(requests) per step. vLLM's Request.arrival_time is wall-clock time (set by the
     frontend), so ages and TTFTs use time.time(); the sample's own clock is monotonic.
     TTFT is observed at the first boundary after a request's first token.
+    A request's demand at completion counts its output as the smaller of what max_tokens
+    leaves and the output length learned from finished requests (an EWMA; the policy's
+    `expected_output_tokens` until one finishes): clients often leave max_tokens at the
+    model's whole context.
     """
 
     def __init__(self):
         self._known: set[str] = set()
         self._first_token: set[str] = set()
         self._preemptions = 0
+        self._computed: dict[str, int] = {}  # request id -> tokens computed at the last sample
+        self._outputs: dict[str, int] = {}  # request id -> output tokens at the last sample
+        self._mean_output: float | None = None
 
-    def sample(self, scheduler, pool):
+    def _learn_finished(self, gone: set[str]) -> None:
+        for rid in gone:
+            n = self._outputs.pop(rid, None)
+            self._computed.pop(rid, None)
+            if n:
+                self._mean_output = n if self._mean_output is None else self._mean_output + 0.1 * (n - self._mean_output)
+
+    def sample(self, scheduler, pool, expected_output_tokens: int = 256):
         from policies.signals import StepSample
 
         now, wall = time.monotonic(), time.time()
         requests = scheduler.requests
         ids = set(requests)
         arrivals = len(ids - self._known)
+        self._learn_finished(self._known - ids)
         self._known = ids
         self._first_token &= ids
         ttfts = []
+        tokens = 0
         for r in scheduler.running:
             if r.num_output_tokens >= 1 and r.request_id not in self._first_token:
                 self._first_token.add(r.request_id)
                 ttfts.append(max(0.0, wall - r.arrival_time))
+            tokens += max(0, r.num_computed_tokens - self._computed.get(r.request_id, 0))
+            self._computed[r.request_id] = r.num_computed_tokens
+            self._outputs[r.request_id] = r.num_output_tokens
         preemptions = sum(r.num_preemptions for r in requests.values())
         new_preemptions, self._preemptions = max(0, preemptions - self._preemptions), preemptions
         waiting = list(scheduler.waiting)
         block = scheduler.block_size
         running = scheduler.running
         remaining = [r.max_tokens - r.num_output_tokens for r in running]
+        expected = self._mean_output if self._mean_output is not None else expected_output_tokens
+
+        def need(r) -> int:  # blocks the request holds when it finishes
+            left = max(0.0, min(r.max_tokens - r.num_output_tokens, expected - r.num_output_tokens))
+            return -(-int(r.num_prompt_tokens + r.num_output_tokens + left) // block)
+
         return StepSample(
             time=now,
             waiting=len(waiting),
@@ -243,4 +268,7 @@ class StepSampler:
             ttfts=tuple(ttfts),
             waiting_blocks=sum(-(-r.num_prompt_tokens // block) for r in waiting),
             remaining_tokens=sum(remaining) / len(remaining) if remaining else 0.0,
+            running_need_blocks=sum(need(r) for r in running),
+            waiting_need_blocks=sum(need(r) for r in waiting),
+            tokens=tokens,
         )
