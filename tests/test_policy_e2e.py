@@ -1,6 +1,10 @@
-"""The closed loop on a real `morphserve serve` server: a burst makes the threshold policy
-quantize and the KV capacity grow; after the burst it restores fully. The transitions are
-in the JSONL log and the metrics on vLLM's /metrics."""
+"""The closed loop on a real `morphserve serve` server: a burst makes the demand policy
+(the presets' policy) jump to the level the burst needs in one transition and the KV
+capacity grow; after the burst it restores fully. The signals it decided on come from the
+real scheduler (demand at completion, tokens computed, the learned step times and the
+quality ledger); the transitions are in the JSONL log, `morphserve policy explain` reads
+it, and the metrics are on vLLM's /metrics. (The threshold and slo policies are the same
+loop with another decide(): tests/test_policies.py.)"""
 
 from __future__ import annotations
 
@@ -22,15 +26,12 @@ from tests.test_http_control import KEY, _request
 
 pytestmark = [pytest.mark.engine, pytest.mark.quant]
 POLICY = """\
-policy: threshold
-max_quantized_fraction: 1.0
-step_layers: 10
+policy: demand
+max_avg_ppl_increase: 0.3
 cooldown_s: 0.5
 calm_s: 1.5
 window_s: 1.0
-kv_high: 0.85
-kv_low: 0.7
-queue_delay_high_s: 0.2
+tpot_slo_s: 5.0
 """
 
 
@@ -63,7 +64,7 @@ def _metrics(base: str) -> str:
 def test_a_burst_quantizes_grows_kv_and_restores_fully_afterwards(server):
     base, log_path = server
     state = _request(base + "/morphserve/state")[1]
-    assert state["policy"].startswith("threshold:") and state["quantized_layers"] == 0
+    assert state["policy"].startswith("demand:") and state["quantized_layers"] == 0
     cap0 = state["kv_capacity_blocks"]
     text = wikitext("valid").read_text()
     prompts = [text[i * 5000:i * 5000 + 1300] for i in range(16)]
@@ -86,15 +87,29 @@ def test_a_burst_quantizes_grows_kv_and_restores_fully_afterwards(server):
         time.sleep(0.5)
     assert s["quantized_layers"] == 0 and s["kv_capacity_blocks"] == cap0, "after the burst it restores fully"
     assert s["signals"] is not None and s["decision_us"]["n"] > 0
+    assert 0 < s["signals"]["quality_increase"] < 0.3, "the ledger charged the burst's tokens, within the budget"
 
     records = [json.loads(line) for line in log_path.read_text().splitlines()]
     ups = [r for r in records if r["to"] > r["from"]]
     downs = [r for r in records if r["to"] < r["from"]]
     assert ups and downs and records[-1]["to"] == 0
     for r in records:
-        assert r["reason"] and r["signals"] and r["policy"].startswith("threshold:") and r["seconds"] > 0
+        assert r["reason"] and r["signals"] and r["policy"].startswith("demand:") and r["seconds"] > 0
         assert r["quantized_layer_ids"] or r["restored_layer_ids"]
-    assert any("kv_usage" in r["reason"] or "queue_delay" in r["reason"] or "waiting" in r["reason"] for r in ups)
+    first = ups[0]
+    # 16 prompts of ~300 tokens + 60 outputs need ~370 blocks: more than every layer
+    # quantized gives, so the first decision goes straight to the top
+    assert "demand" in first["reason"] and first["to"] == peak_level == 30, first["reason"]
+    assert first["signals"]["need_blocks"] > first["signals"]["capacity_blocks"]
+    assert first["signals"]["waiting_need_blocks"] > 0
+    assert any(r["signals"]["token_rate"] > 0 for r in records)
+
+    explained = subprocess.run([sys.executable, "-m", "morphserve.cli", "policy", "explain", str(log_path), "--json"],
+                               cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert explained.returncode == 0, explained.stderr
+    summary = json.loads(explained.stdout)
+    assert summary["bursts"][0]["transitions"] == 1 and summary["bursts"][0]["to_level"] == 30
+    assert summary["by_direction"] == {"quantize": len(ups), "restore": len(downs)}
 
     metrics = _metrics(base)
     value = lambda name: float(re.search(rf"^{re.escape(name)} (\S+)$", metrics, re.M).group(1))  # noqa: E731

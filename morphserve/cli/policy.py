@@ -10,7 +10,7 @@ from morphserve.errors import MorphServeError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("policy", help="work with policy YAML files (check)",
+    p = sub.add_parser("policy", help="work with policy YAML files (check) and transition logs (explain)",
                        description="Policy files tune when MorphServe quantizes and restores layers.")
     psub = p.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
     c = psub.add_parser("check", help="validate a policy YAML or preset; exit 0 if valid, 2 otherwise",
@@ -18,13 +18,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                     "effective settings, defaults filled in. Starts nothing.")
     c.add_argument("policy", metavar="FILE|PRESET", help="a YAML file, or accuracy / default / performance")
     c.add_argument("--pack", type=Path, default=None, metavar="PACK_DIR",
-                   help="also resolve max_ppl_increase against this pack's quality.json and print the level cap")
+                   help="also resolve max_ppl_increase and max_avg_ppl_increase against this pack's "
+                        "quality.json and print the level cap")
     c.set_defaults(func=_check)
+    x = psub.add_parser("explain", help="summarise a transition log: time per level, reasons, bursts, tokens",
+                        description="Summarise what the controller did, from the transition log that "
+                                    "`morphserve serve --transition-log` writes: time at each level, transitions "
+                                    "by direction and reason, and each burst's response time (from the oldest "
+                                    "waiting request to the capacity in place). With --requests (a replay's "
+                                    "requests.jsonl), also tokens per level; with --pack as well, the "
+                                    "token-weighted perplexity increase.")
+    x.add_argument("log", type=Path, metavar="LOG.jsonl", help="the transition log")
+    x.add_argument("--requests", type=Path, default=None, metavar="REQUESTS.jsonl",
+                   help="the replay's per-request records (morphserve replay / evaluate write requests.jsonl)")
+    x.add_argument("--pack", type=Path, default=None, metavar="PACK_DIR",
+                   help="read the quality curve from this pack's quality.json (needs --requests)")
+    x.add_argument("--json", action="store_true", help="print the summary as JSON instead of text")
+    x.set_defaults(func=_explain)
 
 
 def _check(args: argparse.Namespace) -> int:
     from morphserve.offline.pack import load_manifest
-    from policies.config import PolicyError, load_policy
+    from policies.config import PolicyError, load_policy, log_ppl_ratios
 
     try:
         cfg, path = load_policy(args.policy)
@@ -34,6 +49,9 @@ def _check(args: argparse.Namespace) -> int:
             quality_file = args.pack / "quality.json"
             quality = json.loads(quality_file.read_text()) if quality_file.exists() else None
             cap_line = f"level cap with {args.pack}: {cfg.level_cap(manifest.num_layers, quality)} of {manifest.num_layers} layers"
+            if cfg.max_avg_ppl_increase is not None:
+                log_ppl_ratios(quality, manifest.num_layers)  # the pack must have a curve for the budget
+                cap_line += f"; quality budget over time: {cfg.max_avg_ppl_increase:.1%} over {cfg.quality_window_s:.0f} s"
         elif cfg.max_ppl_increase is not None:
             cap_line = "max_ppl_increase is resolved against a pack's quality.json at start-up (--pack to see it now)"
     except PolicyError as e:
@@ -43,4 +61,37 @@ def _check(args: argparse.Namespace) -> int:
         print(f"  {key}: {value}")
     if cap_line:
         print(cap_line)
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from morphserve.evaluation.explain import explain, render
+    from policies.config import PolicyError, quality_curve
+
+    if not args.log.is_file():
+        raise MorphServeError(f"{args.log}: no such transition log")
+    if args.pack is not None and args.requests is None:
+        raise MorphServeError("--pack needs --requests: perplexity is weighted by the tokens served at each level")
+    curve = None
+    if args.pack is not None:
+        quality_file = args.pack / "quality.json"
+        try:
+            curve = quality_curve(json.loads(quality_file.read_text()), "--pack")
+        except (OSError, json.JSONDecodeError) as e:
+            raise MorphServeError(f"{quality_file}: cannot read the quality curve: {e}") from None
+        except PolicyError as e:
+            raise MorphServeError(str(e)) from None
+    e = explain(args.log, args.requests, curve)
+    if args.json:
+        out = {"records": e.records, "failed": e.failed, "by_direction": dict(e.by_direction),
+               "reasons": dict(e.reasons), "seconds_at_level": {str(k): v for k, v in e.seconds_at_level.items()},
+               "bursts": [{**asdict(b), "response_s": b.response_s} for b in e.bursts],
+               "tokens_at_level": ({str(k): v for k, v in e.tokens_at_level.items()}
+                                   if e.tokens_at_level is not None else None),
+               "ppl_increase": e.ppl_increase}
+        print(json.dumps(out, indent=1))
+    else:
+        print(render(e))
     return 0

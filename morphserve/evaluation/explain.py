@@ -1,0 +1,165 @@
+"""`morphserve policy explain`: what a transition log says the controller did.
+
+From the JSONL log alone: time at each level, transitions by direction and by reason, and
+how fast each burst got its capacity. With the replay's requests.jsonl as well: tokens
+computed at each level, and the token-weighted perplexity increase when a pack's curve
+is given. Plain Python over files; it never starts an engine.
+
+A burst is a run of policy-driven quantize transitions with no restore between them. Its
+response time runs from the arrival of the oldest request waiting when the first of them
+was decided (the decision's `queue_delay_s` before it; the decision itself when nothing
+waited yet, i.e. the policy acted on projected demand) to the end of the last of them,
+when the capacity that serves the burst exists.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from morphserve.errors import MorphServeError
+from morphserve.evaluation.quality import LevelAt, level_changes, tokens_by_level, weighted_ppl
+
+
+@dataclass
+class Burst:
+    start: float  # wall time the oldest waiting request arrived (or the decision, if none waited)
+    served: float  # wall time the last quantize transition of the climb finished
+    transitions: int
+    from_level: int
+    to_level: int
+
+    @property
+    def response_s(self) -> float:
+        return self.served - self.start
+
+
+@dataclass
+class Explanation:
+    records: int = 0
+    failed: int = 0
+    by_direction: Counter = field(default_factory=Counter)
+    reasons: Counter = field(default_factory=Counter)
+    seconds_at_level: dict[int, float] = field(default_factory=dict)
+    bursts: list[Burst] = field(default_factory=list)
+    tokens_at_level: dict[int, int] | None = None
+    ppl_increase: float | None = None
+
+
+def read_log(path: Path) -> list[dict]:
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MorphServeError(f"{path}: cannot read the transition log: {e}") from None
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MorphServeError(f"{path}:{n}: not a JSON line ({e.msg}); is this a MorphServe transition log?") \
+                from None
+        if not isinstance(record, dict) or "time" not in record:
+            raise MorphServeError(f"{path}:{n}: not a transition record (no 'time')")
+        records.append(record)
+    return records
+
+
+def reason_kind(reason: str) -> str:
+    """The reason without its numbers, so that like decisions count together."""
+    head = reason.split(";")[0].split(":")[0]
+    return re.sub(r"[-+]?\d+(\.\d+)?%?s?", "N", head).strip()
+
+
+def bursts_of(records: list[dict]) -> list[Burst]:
+    bursts: list[Burst] = []
+    current: Burst | None = None
+    for r in records:
+        if r.get("outcome") == "failed" or "from" not in r:
+            continue
+        up = r["to"] > r["from"]
+        policy_driven = r.get("signals") is not None and r.get("reason") not in ("manual", "pending")
+        if up and policy_driven:
+            end = r["time"] + r.get("seconds", 0.0)
+            if current is None:
+                wait = (r.get("signals") or {}).get("queue_delay_s", 0.0) or 0.0
+                current = Burst(r["time"] - wait, end, 1, r["from"], r["to"])
+            else:
+                current.served, current.transitions, current.to_level = end, current.transitions + 1, r["to"]
+        elif not up and current is not None:
+            bursts.append(current)
+            current = None
+    if current is not None:
+        bursts.append(current)
+    return bursts
+
+
+def seconds_at_level(records: list[dict]) -> dict[int, float]:
+    changes = [(t, k) for r in records for t, _wall, k in r.get("levels", [])]
+    changes.sort()
+    out: dict[int, float] = {}
+    for (t0, k), (t1, _) in zip(changes, changes[1:]):
+        out[k] = out.get(k, 0.0) + (t1 - t0)
+    return out
+
+
+def explain(log: Path, requests: Path | None = None, curve: dict[int, float] | None = None) -> Explanation:
+    records = read_log(log)
+    e = Explanation(records=len(records))
+    for r in records:
+        if r.get("outcome") == "failed":
+            e.failed += 1
+            continue
+        if "from" in r and r["to"] != r["from"]:
+            e.by_direction["quantize" if r["to"] > r["from"] else "restore"] += 1
+            e.reasons[reason_kind(str(r.get("reason", "")))] += 1
+    e.seconds_at_level = seconds_at_level(records)
+    e.bursts = bursts_of(records)
+    if requests is not None:
+        try:
+            rows = [json.loads(line) for line in requests.read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise MorphServeError(f"{requests}: cannot read the replay's requests: {err}") from None
+        counts = tokens_by_level(rows, LevelAt(level_changes(log)))
+        both: dict[int, int] = {}
+        for part in counts.values():
+            for k, n in part.items():
+                both[k] = both.get(k, 0) + n
+        e.tokens_at_level = dict(sorted(both.items()))
+        if curve is not None and both:
+            missing = sorted(set(both) - set(curve))
+            if missing:
+                raise MorphServeError(f"the pack's quality curve has no perplexity for levels {missing}")
+            e.ppl_increase = weighted_ppl(both, curve) / curve[0] - 1
+    return e
+
+
+def render(e: Explanation) -> str:
+    lines = [f"{e.records} records: {e.by_direction['quantize']} quantize, {e.by_direction['restore']} restore, "
+             f"{e.failed} failed"]
+    total = sum(e.seconds_at_level.values())
+    if total:
+        lines.append("time at each level (between the first and the last change):")
+        for k, s in sorted(e.seconds_at_level.items()):
+            lines.append(f"  {k:>3} layers  {s:8.1f} s  {s / total:6.1%}")
+    if e.reasons:
+        lines.append("reasons:")
+        for reason, n in e.reasons.most_common():
+            lines.append(f"  {n:>4}  {reason}")
+    if e.bursts:
+        lines.append("bursts (oldest waiting request -> capacity in place):")
+        for b in e.bursts:
+            lines.append(f"  {b.from_level:>2} -> {b.to_level:>2} layers in {b.transitions} transition(s), "
+                         f"{b.response_s:.2f} s")
+    if e.tokens_at_level is not None:
+        n = sum(e.tokens_at_level.values())
+        lines.append(f"tokens at each level ({n} in all):")
+        for k, c in e.tokens_at_level.items():
+            lines.append(f"  {k:>3} layers  {c:8d}  {c / n:6.1%}" if n else f"  {k:>3} layers  {c}")
+    if e.ppl_increase is not None:
+        lines.append(f"token-weighted perplexity increase: {e.ppl_increase:+.2%}")
+    return "\n".join(lines)

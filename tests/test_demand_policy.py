@@ -1,0 +1,149 @@
+"""The demand policy's own terms, on synthetic signals (plain Python, milliseconds):
+the jump to the need in one transition, the learned step-time limit on both kinds of CPU
+with one config, the quality budget over time, and the hysteresis between headrooms."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from policies import PolicyState, Signals, make_policy
+from policies.config import PolicyConfig, log_ppl_ratios
+from policies.quality_budget import QualityLedger
+from policies.step_model import StepTimeModel
+from tests.test_policies import CAPACITY, DT, QUALITY, RATIOS, simulate
+
+CFG = PolicyConfig(policy="demand", headroom=0.1, restore_headroom=0.3, horizon_s=3.0, cooldown_s=1.0, calm_s=3.0,
+                   tpot_slo_s=0.2, slo_margin=0.8)
+
+
+def demand_policy(cfg=CFG, cap=30):
+    return make_policy(cfg, CAPACITY, cap, RATIOS)
+
+
+def busy(need_blocks=45, **kw) -> Signals:
+    """A queue that the 9 blocks at level 0 cannot hold: 15 requests of 3 blocks."""
+    base = dict(time=10.0, queue_len=12.0, used_blocks=9, capacity_blocks=9, waiting_blocks=36, running=3,
+                need_blocks=need_blocks, need_per_request=3.0, blocks_per_request=3.0, step_time_s=DT,
+                remaining_tokens=40, arrival_rate=0.0, token_rate=60.0)
+    return Signals(**{**base, **kw})
+
+
+def test_a_burst_is_met_in_one_transition_where_the_paper_climbs_a_staircase():
+    need = next(k for k, c in enumerate(CAPACITY) if c >= 45 * 1.1)
+    d = demand_policy().decide(busy(), PolicyState())
+    assert d.target == need and "cover it" in d.reason
+
+    def first_time_at(levels, level):
+        return next(i for i, k in enumerate(levels) if k >= level) * DT
+
+    demand = lambda t: 45 if 2 <= t < 12 else 6  # noqa: E731
+    jumped, _, _ = simulate(demand_policy(), demand, 8)
+    staircase = make_policy(PolicyConfig(policy="threshold", step_layers=4, cooldown_s=1.0), CAPACITY, 30)
+    stepped, _, _ = simulate(staircase, demand, 12)
+    # demand 45 needs 24 layers (49 blocks): one boundary after the burst for the jump,
+    # five cooldowns for the staircase
+    first_change = next(k for k in jumped if k)
+    assert first_time_at(jumped, 24) - 2 <= 2 * DT and first_change >= 24
+    assert first_time_at(stepped, 24) - 2 >= 4 * staircase.cfg.cooldown_s
+
+
+def test_arrivals_alone_raise_the_level_before_any_queue():
+    calm = busy(need_blocks=6, queue_len=0.0, waiting_blocks=0, used_blocks=6, running=2)
+    assert demand_policy().decide(calm, PolicyState()).target == 0
+    # 4 requests/s arrive; 2 running ones finish at 1/s; less the noise floor (0.5/s), a
+    # surplus of 2.5/s over 3 s is 7.5 requests of 3 blocks
+    rising = dataclasses.replace(calm, arrival_rate=4.0)
+    d = demand_policy().decide(rising, PolicyState())
+    assert d.target > 0 and CAPACITY[d.target] >= (6 + 2.5 * 3 * 3) * 1.1 > CAPACITY[d.target - 1]
+
+
+def _model(quantized_cost_per_request: float) -> StepTimeModel:
+    """Level 0 learned at batches 2..6 (20 ms + 6 ms per request); the top third of the
+    levels learned with its own cost per request."""
+    m = StepTimeModel(30)
+    for i in range(60):
+        n = 2 + i % 5
+        m.observe(0, n, 0.02 + 0.006 * n)
+        m.observe(30, n, 0.02 + quantized_cost_per_request * n)
+    return m
+
+
+def test_the_step_time_model_stops_quantizing_where_the_batch_breaks_tpot():
+    """One config, two CPUs: where a quantized layer is dear (bf16 with AMX against a 4-bit
+    kernel) the level stops where the batch it admits would break 80% of the TPOT SLO;
+    where it is cheap (int8 without AMX) the same config goes to the full need."""
+    policy = demand_policy()
+    dear = busy(step_model=_model(0.012))
+    cheap = busy(step_model=_model(0.004))
+    need = next(k for k, c in enumerate(CAPACITY) if c >= 45 * 1.1)
+    d_cheap = policy.decide(cheap, PolicyState())
+    assert d_cheap.target == need
+    d_dear = policy.decide(dear, PolicyState())
+    # the top third (21..30 layers) costs 12 ms per request: 15 requests make 0.2 s steps
+    assert d_dear.target == 20 < need and "compute-bound above 20" in d_dear.reason
+    bound = CFG.tpot_slo_s * CFG.slo_margin
+    assert policy.predicted_step(dear, d_dear.target + 1) > bound
+    # levels 1..20 were never measured: the model does not guess them from level 0's steps
+    assert policy.predicted_step(dear, d_dear.target) is None
+
+
+def test_the_step_model_learns_a_line_and_borrows_a_lower_bucket():
+    m = StepTimeModel(30)
+    assert m.predict(0, 4) is None
+    for n in (1, 2, 3, 4) * 10:
+        m.observe(0, n, 0.01 + 0.005 * n)
+    assert math.isclose(m.predict(0, 10), 0.06, rel_tol=1e-6)
+    assert m.predict(25, 10) == m.predict(0, 10) and not m.known(25)
+
+
+def ledger_with(tokens_at_level: list[tuple[int, int]]) -> QualityLedger:
+    ledger, t = QualityLedger(300.0), 0.0
+    for level, n in tokens_at_level:
+        for _ in range(n // 100):
+            t += 1.0
+            ledger.add(t, 100, RATIOS[level])
+    return ledger
+
+
+def test_the_quality_budget_lets_a_short_burst_go_deep_after_calm_full_precision_traffic():
+    budget_cfg = CFG.model_copy(update={"max_avg_ppl_increase": 0.05})
+    policy = demand_policy(budget_cfg)
+    # +5% on the synthetic curve is level 7 if every token paid it; after 6,000 tokens at
+    # full precision, the next 3 s of tokens (60/s) may run far deeper
+    rested = busy(need_blocks=90, ledger=ledger_with([(0, 6000)]), time=61.0)
+    d = policy.decide(rested, PolicyState())
+    assert d.target == 30
+    # the same burst with no history may only go as deep as the budget itself
+    fresh = busy(need_blocks=90, ledger=QualityLedger(300.0))
+    assert policy.decide(fresh, PolicyState()).target == 7
+
+
+def test_a_spent_budget_brings_the_level_down_even_under_load():
+    budget_cfg = CFG.model_copy(update={"max_avg_ppl_increase": 0.05})
+    policy = demand_policy(budget_cfg)
+    spent = ledger_with([(0, 1000), (30, 2000)])
+    assert spent.average_increase() > 0.05
+    s = busy(need_blocks=90, ledger=spent, time=40.0, quality_increase=spent.average_increase())
+    d = policy.decide(s, PolicyState(level=30, last_change=30.0))
+    assert d.target < 30 and "quality budget" in d.reason
+    assert policy.decide(s, PolicyState(level=30, last_change=39.9)).target == 30  # cooldown still holds
+
+
+def test_demand_between_the_two_headrooms_holds_the_level():
+    policy = demand_policy()
+    calm = busy(need_blocks=38, queue_len=0.0, waiting_blocks=0, used_blocks=30)
+    d = policy.decide(calm, PolicyState(level=27, last_change=0.0, calm_since=0.0))
+    lower = next(k for k, c in enumerate(CAPACITY) if c >= 38 * 1.3)  # 24
+    assert d.target == lower  # restores in one plan, only to where the wider headroom holds
+    # at 24 layers, demand 41 needs 22 with 10% headroom (no quantizing) and 26 with 30%
+    # (no restoring): the level holds
+    held = policy.decide(dataclasses.replace(calm, need_blocks=41), PolicyState(level=lower, calm_since=0.0))
+    assert held.target == lower
+
+
+def test_log_ratios_take_the_dearer_neighbour_for_unmeasured_levels():
+    sparse = {"orders": {"lis": {"ppl": {"0": 20.0, "10": 22.0, "30": 24.0}}}}
+    r = log_ppl_ratios(sparse, 30)
+    assert r[0] == 0 and math.isclose(r[5], math.log(1.1)) and math.isclose(r[11], math.log(1.2))
+    assert len(log_ppl_ratios(QUALITY, 30)) == 31
