@@ -14,9 +14,9 @@ burst is seconds old by the time a staircase arrives. Three limits, tightest fir
 - compute: the learned step-time model predicts the step at each level with the batch
   that level's capacity admits; a level whose predicted step breaks the TPOT SLO (times
   `slo_margin`) is not taken, because there more KV only trades TTFT violations for TPOT
-  ones. Only levels whose bucket the model has measured are judged: extrapolating from
-  full-precision steps would guess exactly the cost the model exists to learn, so the
-  first burst may go deep once, and later ones know.
+  ones. A level the model has not measured borrows a lower level's fit: the cost of the
+  bigger batch is extrapolated, the quantized kernel's own cost is learned once the
+  level has run. Before any data it does not limit.
 Restores go to the smallest level whose capacity covers the present demand x (1 +
 restore_headroom) (the gap to `headroom`, and leaving out projected arrivals, is the
 hysteresis), only with an empty queue held for `calm_s`.
@@ -74,7 +74,7 @@ class DemandPolicy(PolicyBase):
 
     def predicted_step(self, s, level: int) -> float | None:
         model = s.step_model
-        if model is None or not model.known(level):
+        if model is None:
             return None
         per_request = s.need_per_request or s.blocks_per_request or 1.0
         wanting = s.running + s.queue_len + s.arrival_rate * self.cfg.horizon_s

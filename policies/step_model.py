@@ -8,8 +8,10 @@ actually runs, and the policy asks it before it adds concurrency or quantized la
 
 Per level bucket (level 0, and thirds of the swappable layers above it) it keeps an
 exponentially weighted least-squares fit of step time = a + b * running requests. A
-bucket with too little data borrows the nearest lower bucket's fit (optimistic: the
-policy may try a level once, and then knows).
+bucket with too little data borrows the nearest lower bucket's fit: the batch's cost is
+extrapolated, the quantized kernel's own cost is not assumed (the policy may try a level
+once, and then knows). With no spread of batch sizes yet, it predicts the mean (no slope
+is guessed).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-MIN_WEIGHT = 5.0  # effective samples a bucket needs before it predicts on its own
+MIN_WEIGHT = 20.0  # effective samples a bucket needs before it predicts on its own (a forced warm-up is a few)
 
 
 @dataclass
@@ -38,8 +40,8 @@ class _Fit:
     def predict(self, x: float) -> float:
         mx, my = self.sx / self.w, self.sy / self.w
         var = self.sxx / self.w - mx * mx
-        if var < 1e-6:  # one batch size seen so far: scale through the origin
-            return my * x / mx if mx > 0 else my
+        if var < 1e-2:  # (nearly) one batch size seen so far: no slope to learn yet
+            return my
         slope = max(0.0, (self.sxy / self.w - mx * my) / var)  # a bigger batch is never faster
         return max(1e-4, my + slope * (x - mx))
 

@@ -83,9 +83,21 @@ def test_the_step_time_model_stops_quantizing_where_the_batch_breaks_tpot():
     # the top third (21..30 layers) costs 12 ms per request: 15 requests make 0.2 s steps
     assert d_dear.target == 20 < need and "compute-bound above 20" in d_dear.reason
     bound = CFG.tpot_slo_s * CFG.slo_margin
-    assert policy.predicted_step(dear, d_dear.target + 1) > bound
-    # levels 1..20 were never measured: the model does not guess them from level 0's steps
-    assert policy.predicted_step(dear, d_dear.target) is None
+    # levels 1..20 were never measured: they borrow level 0's line (the batch's cost only)
+    assert policy.predicted_step(dear, d_dear.target) <= bound < policy.predicted_step(dear, d_dear.target + 1)
+
+
+def test_a_bigger_batch_alone_can_make_a_level_compute_bound():
+    """Only level 0 measured, at 25 ms + 10 ms per request: a level whose capacity admits
+    more than 13.5 requests would break 80% of the TPOT SLO, whatever its kernel."""
+    m = StepTimeModel(30)
+    for i in range(60):
+        n = 2 + i % 5
+        m.observe(0, n, 0.025 + 0.01 * n)
+    policy = demand_policy()
+    d = policy.decide(busy(need_blocks=90, queue_len=30.0, waiting_blocks=81, step_model=m), PolicyState())
+    assert "compute-bound" in d.reason
+    assert CAPACITY[d.target] / 3 <= 13.5 < CAPACITY[d.target + 1] / 3
 
 
 def test_the_step_model_learns_a_line_and_borrows_a_lower_bucket():

@@ -51,6 +51,21 @@ def test_the_reported_suite_has_the_windows_and_budgets_it_promises():
     assert {s.kind for s in suite.systems} == {"fp16", "fp16-compiled", "w4", "morphserve"}
 
 
+def test_suite_v2_runs_the_calibrated_windows_at_their_budgets():
+    suite = load_suite(REPO / "evaluations" / "suite-v2.yaml")
+    cells = {(w.name, b.name) for w, b in suite.cells()}
+    assert cells == {("conv-2130-x2", "329MB"), ("conv-1640-x1.5", "329MB"), ("conv-1640-x3", "329MB"),
+                     ("conv-1640-x3", "bf16-plus-1GiB")}
+    assert [w.regime for w in suite.windows] == ["capacity", "capacity", "compute"]
+    assert {s.policy for s in suite.systems if s.kind == "morphserve"} == {"accuracy", "default", "performance"}
+    assert suite.repetitions >= 3
+
+
+def test_a_field_added_later_keeps_old_suites_fingerprints():
+    recorded = json.loads((REPO / "evaluations/results/suite-v1/suite.json").read_text())["fingerprint"]
+    assert load_suite(REPO / "evaluations" / "suite.yaml").fingerprint() == recorded
+
+
 @pytest.mark.parametrize("change, message", [
     ("repetitions: 0", "repetitions"),
     ("baseline: nope", "baseline 'nope'"),

@@ -47,6 +47,8 @@ class Explanation:
     bursts: list[Burst] = field(default_factory=list)
     tokens_at_level: dict[int, int] | None = None
     ppl_increase: float | None = None
+    # background restores: seconds spent inside step boundaries installing prepared layers
+    restore_commits: list[dict] = field(default_factory=list)
 
 
 def read_log(path: Path) -> list[dict]:
@@ -117,6 +119,9 @@ def explain(log: Path, requests: Path | None = None, curve: dict[int, float] | N
         if "from" in r and r["to"] != r["from"]:
             e.by_direction["quantize" if r["to"] > r["from"] else "restore"] += 1
             e.reasons[reason_kind(str(r.get("reason", "")))] += 1
+        if r.get("mode") == "background" and "commit_seconds" in r:
+            e.restore_commits.append({"from": r["from"], "to": r["to"], "steps": r.get("steps", 0),
+                                      "commit_seconds": r["commit_seconds"], "seconds": r.get("seconds")})
     e.seconds_at_level = seconds_at_level(records)
     e.bursts = bursts_of(records)
     if requests is not None:
@@ -155,6 +160,11 @@ def render(e: Explanation) -> str:
         for b in e.bursts:
             lines.append(f"  {b.from_level:>2} -> {b.to_level:>2} layers in {b.transitions} transition(s), "
                          f"{b.response_s:.2f} s")
+    if e.restore_commits:
+        lines.append("background restores (time inside step boundaries, i.e. what decoding paid):")
+        for c in e.restore_commits:
+            lines.append(f"  {c['from']:>2} -> {c['to']:>2} layers: {c['commit_seconds'] * 1000:.1f} ms over "
+                         f"{c['steps']} boundaries")
     if e.tokens_at_level is not None:
         n = sum(e.tokens_at_level.values())
         lines.append(f"tokens at each level ({n} in all):")

@@ -32,6 +32,7 @@ class Window(BaseModel):
     hash_block_size: int | None = Field(None, ge=1)
     regime: Literal["capacity", "compute", "light"] = Field(description="what the window is meant to bind on")
     why: str = Field(description="the reason for the choice, written before the run")
+    budgets: list[str] | None = Field(None, description="run this window only at these budgets (default: all)")
 
 
 class Budget(BaseModel):
@@ -107,6 +108,10 @@ class Suite(BaseModel):
         if self.static_quantized is not None and self.static_quantized not in systems:
             raise ValueError(f"static_quantized {self.static_quantized!r} is not one of the systems")
         windows = {w.name for w in self.windows}
+        for w in self.windows:
+            unknown = set(w.budgets or ()) - budgets
+            if unknown:
+                raise ValueError(f"window {w.name!r}: unknown budget(s) {', '.join(sorted(unknown))}")
         for s in self.systems:
             for what, given, known in (("budget", s.budgets, budgets), ("window", s.windows, windows)):
                 unknown = set(given or ()) - known
@@ -117,7 +122,7 @@ class Suite(BaseModel):
         return self
 
     def cells(self) -> list[tuple[Window, Budget]]:
-        return [(w, b) for w in self.windows for b in self.budgets]
+        return [(w, b) for w in self.windows for b in self.budgets if w.budgets is None or b.name in w.budgets]
 
     def systems_at(self, window: Window, budget: Budget) -> list[System]:
         return [s for s in self.systems if (s.budgets is None or budget.name in s.budgets)
@@ -125,7 +130,11 @@ class Suite(BaseModel):
 
     def fingerprint(self) -> str:
         """What a resumed run must match: the suite's content, not its file's layout."""
-        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+        dump = self.model_dump()
+        for w in dump["windows"]:  # a field added later: suites that do not use it keep their fingerprint
+            if w["budgets"] is None:
+                del w["budgets"]
+        return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_suite(path: Path) -> Suite:

@@ -1,0 +1,83 @@
+"""`morphserve policy explain` over hand-written transition logs (plain Python, no engine)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from morphserve.errors import MorphServeError
+from morphserve.evaluation.explain import explain, reason_kind, render
+from tests.conftest import morphserve_cli
+
+
+def _write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _up(t, a, b, wait=0.0, seconds=0.05, reason="demand 40 blocks (+10%) > capacity 9 at 0 layers"):
+    return {"time": t, "from": a, "to": b, "reason": reason, "signals": {"queue_delay_s": wait},
+            "seconds": seconds, "levels": [[t + 100.0, t, b]]}
+
+
+def _down(t, a, b, commit=0.006, steps=2):
+    return {"time": t, "from": a, "to": b, "reason": "calm: demand 5 blocks", "signals": {"queue_delay_s": 0.0},
+            "seconds": 1.0, "mode": "background", "steps": steps, "commit_seconds": commit,
+            "levels": [[t + 100.0, t, b]]}
+
+
+def test_a_staircase_and_a_jump_are_told_apart(tmp_path):
+    log = _write(tmp_path / "t.jsonl", [
+        _up(10.0, 0, 4, wait=0.5), _up(11.0, 4, 8), _up(12.0, 8, 12), _down(20.0, 12, 0),
+        _up(30.0, 0, 24, wait=0.2), _down(40.0, 24, 0),
+    ])
+    e = explain(log)
+    assert [(b.from_level, b.to_level, b.transitions) for b in e.bursts] == [(0, 12, 3), (0, 24, 1)]
+    assert e.bursts[0].response_s == pytest.approx(12.05 - 9.5)
+    assert e.bursts[1].response_s == pytest.approx(0.25)
+    assert e.by_direction == {"quantize": 4, "restore": 2}
+    assert e.reasons[reason_kind("demand 41 blocks (+10%) > capacity 10 at 0 layers")] == 4
+    assert e.seconds_at_level == {4: 1.0, 8: 1.0, 12: 8.0, 0: 10.0, 24: 10.0}
+    assert [c["commit_seconds"] for c in e.restore_commits] == [0.006, 0.006]
+    text = render(e)
+    assert "0 -> 12 layers in 3 transition(s), 2.55 s" in text and "6.0 ms over 2 boundaries" in text
+
+
+def test_manual_levels_are_not_bursts(tmp_path):
+    manual = {"time": 1.0, "from": 0, "to": 30, "reason": "manual", "signals": None, "seconds": 0.05, "levels": []}
+    e = explain(_write(tmp_path / "t.jsonl", [manual]))
+    assert e.bursts == [] and e.by_direction["quantize"] == 1
+
+
+def test_tokens_and_perplexity_from_the_requests(tmp_path):
+    log = _write(tmp_path / "t.jsonl", [_up(10.0, 0, 30)])  # level 30 from monotonic 110
+    rows = [{"ok": True, "start_mono": 100.0, "ttft_s": 1.0, "token_offsets_s": [1.0, 2.0], "input_len": 8,
+             "output_len": 2},
+            {"ok": True, "start_mono": 109.0, "ttft_s": 2.0, "token_offsets_s": [2.0, 3.0], "input_len": 8,
+             "output_len": 2}]
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    e = explain(log, requests, {0: 10.0, 30: 20.0})
+    assert e.tokens_at_level == {0: 10, 30: 10}
+    assert e.ppl_increase == pytest.approx((10.0 ** 0.5 * 20.0 ** 0.5) / 10.0 - 1)
+
+
+def test_a_file_that_is_not_a_transition_log_gets_one_error(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"time": 1}\nnot json\n')
+    with pytest.raises(MorphServeError, match="bad.jsonl:2: not a JSON line"):
+        explain(bad)
+    (tmp_path / "odd.jsonl").write_text('[1, 2]\n')
+    with pytest.raises(MorphServeError, match="not a transition record"):
+        explain(tmp_path / "odd.jsonl")
+
+
+def test_the_cli_refuses_a_missing_log_with_one_line(tmp_path):
+    out = morphserve_cli("policy", "explain", str(tmp_path / "nope.jsonl"))
+    assert out.returncode == 2 and out.stderr.startswith("error: ") and "no such transition log" in out.stderr
+    log = _write(tmp_path / "t.jsonl", [_up(10.0, 0, 4)])
+    lonely = morphserve_cli("policy", "explain", str(log), "--pack", str(tmp_path))
+    assert lonely.returncode == 2 and "--pack needs --requests" in lonely.stderr
+    ok = morphserve_cli("policy", "explain", str(log), "--json")
+    assert ok.returncode == 0 and json.loads(ok.stdout)["bursts"][0]["to_level"] == 4
