@@ -101,8 +101,12 @@ class SignalTracker:
             alpha = 1.0 - math.exp(-dt / self.window_s)
             self._rate += alpha * (s.arrivals / dt - self._rate)
             self._token_rate += alpha * (s.tokens / dt - self._token_rate)
-        # a step that spans a level change also timed the transition: it teaches nothing
-        if self.step_model is not None and dt > 0 and s.running > 0 and s.level == self._last_level:
+        # The step model learns decode steps only (each running request computed one token):
+        # a step with a prefill chunk costs what that prompt costs at any level, and would
+        # teach the model that more requests make steps slow when it is the prompts. A step
+        # that spans a level change also timed the transition: it teaches nothing.
+        decode_only = 0 < s.tokens <= s.running
+        if self.step_model is not None and dt > 0 and decode_only and s.level == self._last_level:
             self.step_model.observe(s.level, s.running, dt)
         self._last_level = s.level
         if self.ledger is not None and self.log_ratios:

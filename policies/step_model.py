@@ -1,5 +1,5 @@
-"""A step-time model learned online: how long one engine step takes at each level, as a
-function of how many requests are in the batch.
+"""A step-time model learned online: how long one decode step takes at each level, as a
+function of how many requests are in the batch (the tracker feeds it decode-only steps).
 
 Why it exists: whether a quantized layer is cheaper or dearer than a bf16 one depends on
 the CPU (with AMX, bf16 matmuls are fast and the 4-bit kernel is not; without it, int8

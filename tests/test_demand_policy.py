@@ -159,3 +159,20 @@ def test_log_ratios_take_the_dearer_neighbour_for_unmeasured_levels():
     r = log_ppl_ratios(sparse, 30)
     assert r[0] == 0 and math.isclose(r[5], math.log(1.1)) and math.isclose(r[11], math.log(1.2))
     assert len(log_ppl_ratios(QUALITY, 30)) == 31
+
+
+def test_the_tracker_teaches_the_step_model_decode_steps_only():
+    """A prefill chunk's cost is the prompt's at any level: steps with one are not learned,
+    nor is the step that spans a level change."""
+    from policies import StepSample, make_tracker
+
+    tracker = make_tracker(CFG, 30)
+    t = 0.0
+    for i in range(100):
+        prefill = i % 4 == 0
+        t += 0.5 if prefill else 0.05
+        level = 0 if i < 99 else 30
+        tracker.add(StepSample(time=t, waiting=0, oldest_wait_s=0.0, running=2 + i % 3, used_blocks=6,
+                               capacity_blocks=9, tokens=(500 if prefill else 2 + i % 3), level=level))
+    assert math.isclose(tracker.step_model.predict(0, 3), 0.05, rel_tol=1e-6)
+    assert not tracker.step_model.known(30)
