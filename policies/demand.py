@@ -11,10 +11,13 @@ burst is seconds old by the time a staircase arrives. Three limits, tightest fir
   `quality_window_s`): a level is allowed while serving the next horizon's tokens at it
   keeps the window's average inside the budget; if the average drifts past it, the level
   comes down even under load;
-- compute: the learned step-time model predicts the step at each level with the batch
-  that level's capacity admits; a level whose predicted step breaks the TPOT SLO (times
-  `slo_margin`) is not taken, because there more KV only trades TTFT violations for TPOT
-  ones. A level the model has not measured borrows a lower level's fit: the cost of the
+- compute: the learned step-time model predicts the decode step at each level with the
+  batch that level's capacity admits; a level whose predicted step breaks the TPOT SLO
+  (times `slo_margin`) is not taken, because there more KV only trades TTFT violations
+  for TPOT ones. And while the mean step of the last `window_s`, prefill chunks included,
+  already breaks that bound, the level does not go up at all: each admitted prompt's
+  prefill lands between every running request's tokens (measured on a prefill-heavy
+  trace, quantizing past that point turned TTFT violations into TPOT ones). A level the model has not measured borrows a lower level's fit: the cost of the
   bigger batch is extrapolated, the quantized kernel's own cost is learned once the
   level has run. Before any data it does not limit.
 Restores go to the smallest level whose capacity covers the present demand x (1 +
@@ -83,6 +86,10 @@ class DemandPolicy(PolicyBase):
 
     def compute_limit(self, s, level: int, target: int) -> tuple[int, str]:
         bound = self.cfg.tpot_slo_s * self.cfg.slo_margin
+        if s.step_time_s > bound:
+            # What requests feel now, prefill chunks included: more admissions only add
+            # prefills between everyone's tokens.
+            return level, f"; compute-bound: mean step {s.step_time_s:.3f}s > {bound:.3f}s now"
         for k in range(level + 1, target + 1):
             step = self.predicted_step(s, k)
             if step is not None and step > bound:

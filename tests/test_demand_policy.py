@@ -176,3 +176,10 @@ def test_the_tracker_teaches_the_step_model_decode_steps_only():
                                capacity_blocks=9, tokens=(500 if prefill else 2 + i % 3), level=level))
     assert math.isclose(tracker.step_model.predict(0, 3), 0.05, rel_tol=1e-6)
     assert not tracker.step_model.known(30)
+
+
+def test_steps_already_too_slow_hold_the_level():
+    """Prefill chunks make the last window's mean step 0.3 s: no level can help TPOT, and
+    more admissions would add prefills between every running request's tokens."""
+    d = demand_policy().decide(busy(step_time_s=0.3), PolicyState(level=4))
+    assert d.target == 4 and "compute-bound: mean step 0.300s" in d.reason
