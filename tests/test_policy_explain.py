@@ -16,9 +16,11 @@ def _write(path, records):
     return path
 
 
-def _up(t, a, b, wait=0.0, seconds=0.05, reason="demand 40 blocks (+10%) > capacity 9 at 0 layers"):
-    return {"time": t, "from": a, "to": b, "reason": reason, "signals": {"queue_delay_s": wait},
-            "seconds": seconds, "levels": [[t + 100.0, t, b]]}
+def _up(t, a, b, wait=0.0, seconds=0.05, reason="demand 40 blocks (+10%) > capacity 9 at 0 layers",
+        wanted=0, after=0):
+    return {"time": t, "from": a, "to": b, "reason": reason,
+            "signals": {"queue_delay_s": wait, "used_blocks": wanted, "waiting_blocks": 0},
+            "seconds": seconds, "kv_blocks_after": after, "levels": [[t + 100.0, t, b]]}
 
 
 def _down(t, a, b, commit=0.006, steps=2):
@@ -42,6 +44,16 @@ def test_a_staircase_and_a_jump_are_told_apart(tmp_path):
     assert [c["commit_seconds"] for c in e.restore_commits] == [0.006, 0.006]
     text = render(e)
     assert "0 -> 12 layers in 3 transition(s), 2.55 s" in text and "6.0 ms over 2 boundaries" in text
+
+
+def test_the_wait_for_service_ends_at_the_transition_that_covers_the_queue(tmp_path):
+    # a staircase: 20 blocks wanted at the first decision, covered only by the third step
+    stairs = explain(_write(tmp_path / "s.jsonl", [
+        _up(10.0, 0, 2, wait=0.4, wanted=20, after=12), _up(12.0, 2, 4, wanted=20, after=16),
+        _up(14.0, 4, 6, wait=1.0, wanted=22, after=21)]))
+    assert stairs.service_waits == [pytest.approx(14.05 - 9.6)]  # the third step's own queue is never covered
+    jump = explain(_write(tmp_path / "j.jsonl", [_up(10.0, 0, 6, wait=0.4, wanted=20, after=21)]))
+    assert jump.service_waits == [pytest.approx(0.45)]
 
 
 def test_manual_levels_are_not_bursts(tmp_path):

@@ -90,7 +90,8 @@ def _explain(args: argparse.Namespace) -> int:
                "bursts": [{**asdict(b), "response_s": b.response_s} for b in e.bursts],
                "tokens_at_level": ({str(k): v for k, v in e.tokens_at_level.items()}
                                    if e.tokens_at_level is not None else None),
-               "ppl_increase": e.ppl_increase, "restore_commits": e.restore_commits}
+               "ppl_increase": e.ppl_increase, "restore_commits": e.restore_commits,
+               "service_waits": e.service_waits}
         print(json.dumps(out, indent=1))
     else:
         print(render(e))

@@ -6,10 +6,13 @@ computed at each level, and the token-weighted perplexity increase when a pack's
 is given. Plain Python over files; it never starts an engine.
 
 A burst is a run of policy-driven quantize transitions with no restore between them. Its
-response time runs from the arrival of the oldest request waiting when the first of them
-was decided (the decision's `queue_delay_s` before it; the decision itself when nothing
-waited yet, i.e. the policy acted on projected demand) to the end of the last of them,
-when the capacity that serves the burst exists.
+climb runs from the arrival of the oldest request waiting when the first of them was
+decided (the decision's `queue_delay_s` before it; the decision itself when nothing
+waited yet, i.e. the policy acted on projected demand) to the end of the last of them.
+Under load that keeps growing, the climb also follows new arrivals, so the figure that
+measures responsiveness is the wait for service: for every quantize decision taken while
+requests waited, the time from the oldest waiting request's arrival to the end of the
+first transition whose capacity covers the blocks then in use plus those waiting.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ class Explanation:
     ppl_increase: float | None = None
     # background restores: seconds spent inside step boundaries installing prepared layers
     restore_commits: list[dict] = field(default_factory=list)
+    # waits for service (see the module docstring), seconds
+    service_waits: list[float] = field(default_factory=list)
 
 
 def read_log(path: Path) -> list[dict]:
@@ -100,6 +105,22 @@ def bursts_of(records: list[dict]) -> list[Burst]:
     return bursts
 
 
+def service_waits(records: list[dict]) -> list[float]:
+    ups = [r for r in records if r.get("outcome") != "failed" and "from" in r and r["to"] > r["from"]
+           and r.get("signals") is not None and r.get("reason") not in ("manual", "pending")]
+    waits = []
+    for i, r in enumerate(ups):
+        sig = r["signals"]
+        if not sig.get("queue_delay_s"):
+            continue
+        wanted = sig.get("used_blocks", 0) + sig.get("waiting_blocks", 0)
+        arrival = r["time"] - sig["queue_delay_s"]
+        served = next((u for u in ups[i:] if u.get("kv_blocks_after", 0) >= wanted), None)
+        if served is not None:
+            waits.append(served["time"] + served.get("seconds", 0.0) - arrival)
+    return waits
+
+
 def seconds_at_level(records: list[dict]) -> dict[int, float]:
     changes = [(t, k) for r in records for t, _wall, k in r.get("levels", [])]
     changes.sort()
@@ -124,6 +145,7 @@ def explain(log: Path, requests: Path | None = None, curve: dict[int, float] | N
                                       "commit_seconds": r["commit_seconds"], "seconds": r.get("seconds")})
     e.seconds_at_level = seconds_at_level(records)
     e.bursts = bursts_of(records)
+    e.service_waits = service_waits(records)
     if requests is not None:
         try:
             rows = [json.loads(line) for line in requests.read_text().splitlines() if line.strip()]
@@ -160,6 +182,10 @@ def render(e: Explanation) -> str:
         for b in e.bursts:
             lines.append(f"  {b.from_level:>2} -> {b.to_level:>2} layers in {b.transitions} transition(s), "
                          f"{b.response_s:.2f} s")
+    if e.service_waits:
+        w = sorted(e.service_waits)
+        lines.append(f"waits for service ({len(w)} quantize decisions with requests waiting): median "
+                     f"{w[len(w) // 2]:.2f} s, max {w[-1]:.2f} s")
     if e.restore_commits:
         lines.append("background restores (time inside step boundaries, i.e. what decoding paid):")
         for c in e.restore_commits:
