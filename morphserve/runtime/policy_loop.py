@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from morphserve.runtime.recorder import Recorder
-from policies import Decision, PolicyState, load_policy, make_policy, make_tracker
+from policies import Decision, PolicyState, SignalTracker, load_policy, make_policy, make_tracker
 from policies.config import log_ppl_ratios
 
 log = logging.getLogger("morphserve")
