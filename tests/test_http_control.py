@@ -53,6 +53,9 @@ def test_state_requires_the_api_key(server):
                   "kv_capacity_tokens", "policy", "transitions"):
         assert field in state
     assert state["swappable_layers"] == 30
+    assert state["memory"]["budget_bytes"] > 0
+    light = _request(server + "/morphserve/state?memory=0")[1]  # pollers: no worker call
+    assert light["memory"] is None and light["quantized_layers"] == state["quantized_layers"]
 
 
 def test_forcing_a_level_swaps_and_serving_continues(server, model_dir):

@@ -75,7 +75,7 @@ class StatePoller(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set():
             try:
-                s = _get(self.url + "/morphserve/state", self.key, timeout=5)
+                s = _get(self.url + "/morphserve/state?memory=0", self.key, timeout=5)  # no worker call
                 self.samples.append({"t": time.time(), "mono": time.perf_counter(),
                                      "quantized_layers": s["quantized_layers"],
                                      "kv_capacity_blocks": s["kv_capacity_blocks"]})

@@ -239,7 +239,8 @@ class MorphController:
                 "kv_resident_bytes": worker["kv_resident_bytes"],
                 "rss_anon_bytes": worker["rss_anon_bytes"], "rss_file_bytes": worker["rss_file_bytes"]}
 
-    def state(self, kv_resident: bool = False) -> dict:
+    def state(self, kv_resident: bool = False, memory: bool = True) -> dict:
+        """`memory` False: leave out the worker's memory figures (a worker call each)."""
         return {
             "active": True,
             "pack": self.config.pack,
@@ -250,7 +251,7 @@ class MorphController:
             "swap_order": self.order,
             "forced_level": self.forced_level,
             **self.kv_state(),
-            "memory": self.memory_state(kv_resident),
+            "memory": self.memory_state(kv_resident) if memory else None,
             "policy": "manual" if self.forced_level is not None else self.loop.name,
             "policy_target": self.loop.target,
             "policy_max_level": self.loop.policy.max_level if self.loop.policy else None,
