@@ -97,9 +97,12 @@ def test_a_burst_quantizes_grows_kv_and_restores_fully_afterwards(server):
         assert r["reason"] and r["signals"] and r["policy"].startswith("demand:") and r["seconds"] > 0
         assert r["quantized_layer_ids"] or r["restored_layer_ids"]
     first = ups[0]
-    # 16 prompts of ~300 tokens + 60 outputs need ~370 blocks: more than every layer
-    # quantized gives, so the first decision goes straight to the top
-    assert "demand" in first["reason"] and first["to"] == peak_level == 30, first["reason"]
+    # every quantize decision goes, in one transition, to a level whose capacity covers the
+    # demand it saw (x 1.1 headroom), or to the top when nothing covers it
+    for r in ups:
+        need = r["signals"]["need_blocks"]
+        assert "demand" in r["reason"] and (r["kv_blocks_after"] >= need * 1.1 or r["to"] == 30), r["reason"]
+    assert max(r["to"] for r in ups) == 30
     assert first["signals"]["need_blocks"] > first["signals"]["capacity_blocks"]
     assert first["signals"]["waiting_need_blocks"] > 0
     assert any(r["signals"]["token_rate"] > 0 for r in records)
@@ -108,7 +111,7 @@ def test_a_burst_quantizes_grows_kv_and_restores_fully_afterwards(server):
                                cwd=REPO, capture_output=True, text=True, timeout=60)
     assert explained.returncode == 0, explained.stderr
     summary = json.loads(explained.stdout)
-    assert summary["bursts"][0]["transitions"] == 1 and summary["bursts"][0]["to_level"] == 30
+    assert summary["bursts"][0]["to_level"] == 30
     assert summary["by_direction"] == {"quantize": len(ups), "restore": len(downs)}
 
     metrics = _metrics(base)
