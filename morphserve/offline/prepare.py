@@ -1,4 +1,8 @@
-"""`morphserve prepare`: build the W4 twin, rank layers by importance, measure quality.
+"""`morphserve prepare`: build the twins, rank layers by importance, measure quality.
+
+With `--tiers w8a8,w4a16` a W8A8 twin is built beside the W4A16 one; each tier gets its
+own importance order, and the tiered ladder (morphserve.offline.ladder) is measured at
+every level.
 
 Everything is written into a temporary sibling of PACK_DIR and renamed into place only
 when complete, so a failed or interrupted run leaves no partial pack behind.
@@ -22,10 +26,14 @@ import morphserve
 from morphserve.offline import pack as packfmt
 from morphserve.offline.datafiles import wikitext
 from morphserve.errors import MorphServeError
+from morphserve.offline.ladder import Ladder
 from quant_layers import quality, twin
 from quant_layers.eval_windows import load_windows
 from quant_layers.importance import greedy_lis_order
-from quant_layers.layer_runner import SwitchableModel, mean_cosine
+from quant_layers.layer_runner import BASE, SwitchableModel, mean_cosine
+from quant_layers.w8_twin import open_w8_twin
+
+W8_DIR = "quantized-w8a8"
 from quant_layers.model_info import check_group_size, default_group_size, read_model_info
 
 DEFAULT_CALIB = wikitext("valid")
@@ -49,6 +57,9 @@ class PrepareOptions:
     gptq_seq_len: int = 512
     force: bool = False
     threads: int | None = None
+    tiers: str = "w4a16"
+    w8a8_method: str = "gptq"
+    quantized_w8a8: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -73,6 +84,16 @@ def _check_inputs(opt: PrepareOptions):
         raise MorphServeError(f"{out} already exists and is not empty; pass --force to replace it")
     if opt.quantized is not None:
         twin.check_servable_twin(twin.open_twin(opt.quantized, info))  # fail before any slow work
+    tiers = [t.strip() for t in opt.tiers.split(",") if t.strip()]
+    unknown = [t for t in tiers if t not in packfmt.TIER_NAMES]
+    if unknown or packfmt.BASE_TIER not in tiers or len(set(tiers)) != len(tiers):
+        raise MorphServeError(f"--tiers {opt.tiers!r}: give 'w4a16' or 'w8a8,w4a16' (W4A16 is the base tier; "
+                              f"known tiers: {', '.join(packfmt.TIER_NAMES)})")
+    opt.tiers = ",".join(t for t in packfmt.TIER_NAMES if t in tiers)
+    if opt.quantized_w8a8 is not None:
+        if "w8a8" not in tiers:
+            raise MorphServeError("--quantized-w8a8 needs --tiers w8a8,w4a16")
+        open_w8_twin(opt.quantized_w8a8, info)
     return info
 
 
@@ -83,7 +104,7 @@ def _copy_checkpoint(src: Path, dst: Path) -> None:
             shutil.copy2(item, dst / item.name)
 
 
-def _importance(model: SwitchableModel, windows, num_layers: int):
+def _importance(model: SwitchableModel, windows, num_layers: int, tier: str = BASE):
     ids = torch.tensor(windows.windows)
     model.set_quantized(())
     fp_inputs = model.layer_inputs(ids)
@@ -91,24 +112,25 @@ def _importance(model: SwitchableModel, windows, num_layers: int):
     for p in tqdm(range(num_layers), desc="LTS/LRS", file=sys.stderr):
         x = fp_inputs[p]
         out_fp = fp_inputs[p + 1]
-        model.set_quantized({p})
+        model.set_config({p: tier})
         out_q = model.run_layer(p, x)
         lts[p] = mean_cosine(out_fp, x)
         lrs[p] = mean_cosine(out_fp, out_q)
     model.set_quantized(())
 
-    bar = tqdm(total=num_layers * (num_layers + 1) // 2, desc="greedy MDS", file=sys.stderr)
+    bar = tqdm(total=num_layers * (num_layers + 1) // 2, desc=f"greedy MDS ({tier if tier != BASE else 'w4a16'})",
+               file=sys.stderr)
 
     def mds_for_round(q: frozenset[int], candidates) -> dict[int, float]:
-        model.set_quantized(q)
+        model.set_config({i: tier for i in q})
         inputs = model.layer_inputs(ids)  # layer inputs under the current Q
         reference = model.final(inputs[-1])
         mds = {}
         for p in candidates:
-            model.set_quantized(q | {p})
+            model.set_config({i: tier for i in q | {p}})
             mds[p] = mean_cosine(reference, model.run_from(p, inputs[p]))
             bar.update(1)
-        model.set_quantized(q)
+        model.set_config({i: tier for i in q})
         return mds
 
     result = greedy_lis_order(list(range(num_layers)), lts, lrs, mds_for_round)
@@ -146,9 +168,11 @@ def run_prepare(opt: PrepareOptions) -> packfmt.Manifest:
             _log(f"checkpoint is W{tw.bits} g{tw.group_size}; recording that in the manifest")
             opt.bits, opt.group_size = tw.bits, tw.group_size
 
+        w8, w8_source = _w8_twin(opt, tmp, info) if "w8a8" in opt.tiers.split(",") else (None, "")
         t = time.monotonic()
+        extra = {"w8a8": lambda i: w8.dequantized_layer(i, torch.bfloat16)} if w8 else {}
         model = SwitchableModel(opt.model, lambda i: tw.dequantized_layer(i, torch.bfloat16),
-                                info.num_layers, threads=opt.threads)
+                                info.num_layers, threads=opt.threads, tiers=extra, act_quant_tiers=frozenset(extra))
         tokenizer = _tokenizer(opt.model)
         opt.timings["load"] = time.monotonic() - t
 
@@ -156,12 +180,19 @@ def run_prepare(opt: PrepareOptions) -> packfmt.Manifest:
         calib = load_windows(opt.calib, tokenizer, opt.lis_window, opt.lis_tokens)
         _log(f"layer importance on {len(calib.windows)} x {opt.lis_window} calibration tokens")
         importance = _importance(model, calib, info.num_layers)
+        w8_importance = _importance(model, calib, info.num_layers, "w8a8") if w8 else None
         opt.timings["importance"] = time.monotonic() - t
 
         t = time.monotonic()
         evalw = load_windows(opt.eval_text, tokenizer, opt.eval_window, opt.eval_tokens)
         _log(f"perplexity on {evalw.scored_tokens} tokens ({len(evalw.windows)} x {opt.eval_window})")
         qual = quality.quality_curves(model, evalw, importance.order, opt.eval_text, opt.eval_window)
+        tiers = []
+        if w8 is not None:
+            tiers.append(packfmt.TierManifest(
+                name="w8a8", format=packfmt.TIER_FORMATS["w8a8"], quantized_dir=W8_DIR,
+                quantization_source=w8_source, swap_order=w8_importance.order,
+                layer_bytes=[w8.layer_bytes(i) for i in range(info.num_layers)]))
         opt.timings["quality"] = time.monotonic() - t
 
         manifest = packfmt.Manifest(
@@ -174,10 +205,23 @@ def run_prepare(opt: PrepareOptions) -> packfmt.Manifest:
             swap_order=importance.order,
             layer_bytes=[packfmt.LayerBytes(layer=i, fp16=info.layer_fp_bytes(), quantized=tw.layer_bytes(i))
                          for i in range(info.num_layers)],
+            tiers=tiers,
         )
+        if tiers:
+            t = time.monotonic()
+            _log(f"tiered ladder: perplexity at each of {2 * info.num_layers} levels")
+            qual.update(quality.tier_curves(model, evalw, Ladder.from_manifest(manifest), w8_importance.order,
+                                            qual["orders"]["lis"]["ppl"]))
+            if not qual["ladder"]["check"]["ladder_cheaper"]:
+                _log("warning: at the bytes all-W8A8 frees, W4A16 alone costs less perplexity on this model; "
+                     "the ladder (W8A8 first) is not the cheaper path here (quality.json ladder.check)")
+            opt.timings["quality"] += time.monotonic() - t
         opt.timings["total"] = time.monotonic() - t_start
         manifest.timings_s = {k: round(v, 1) for k, v in opt.timings.items()}
-        packfmt.write_json(tmp / packfmt.IMPORTANCE, importance.to_json())
+        imp = importance.to_json()
+        if w8_importance is not None:
+            imp["tiers"] = {"w8a8": w8_importance.to_json()}
+        packfmt.write_json(tmp / packfmt.IMPORTANCE, imp)
         packfmt.write_json(tmp / packfmt.QUALITY, qual)
         packfmt.write_json(tmp / packfmt.MANIFEST, manifest.model_dump())
         _publish(tmp, out)
@@ -185,6 +229,22 @@ def run_prepare(opt: PrepareOptions) -> packfmt.Manifest:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+
+def _w8_twin(opt: PrepareOptions, tmp: Path, info):  # -> (W8Checkpoint, source)
+    """The W8A8 twin in tmp/quantized-w8a8: llm-compressor's W8A8 preset, or --quantized-w8a8."""
+    qdir = tmp / W8_DIR
+    t = time.monotonic()
+    if opt.quantized_w8a8 is not None:
+        _log(f"using existing W8A8 checkpoint {opt.quantized_w8a8}")
+        _copy_checkpoint(opt.quantized_w8a8, qdir)
+        source = str(Path(opt.quantized_w8a8).resolve())
+    else:
+        _log(f"W8A8 ({opt.w8a8_method}) via llm-compressor ({opt.gptq_samples} x {opt.gptq_seq_len} calibration tokens)")
+        twin.run_gptq(opt.model, qdir, 8, None, opt.calib, opt.gptq_samples, opt.gptq_seq_len,
+                      scheme="w8a8", method=opt.w8a8_method)
+        source = f"{opt.w8a8_method} (llm-compressor W8A8)"
+    opt.timings["quantize_w8a8"] = time.monotonic() - t
+    return open_w8_twin(qdir, info), source
 
 AT_FDCWD = -100
 RENAME_EXCHANGE = 2

@@ -1,0 +1,111 @@
+"""The ladder of configurations a pack is served along: level k = its first k rungs.
+
+A configuration says, for every decoder layer, which precision it computes in. A rung
+moves one layer one tier down (bf16 -> W8A8, W8A8 -> W4A16, or bf16 -> W4A16 in a pack
+without tiers) and frees the bytes between the two. With tiers the ladder is every layer
+to W8A8 in the W8A8 order, then every layer to W4A16 in the W4A16 order: per byte freed,
+a W8A8 rung costs far less quality than a W4A16 one (prepare measures the whole ladder and
+records whether that held; docs/POLICIES.md), so the cheapest configuration for a given
+capacity lies on it. A level is therefore still one integer, and every layer is wholly in
+one tier at every level. Plain Python, no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from morphserve.offline.pack import BASE_TIER, Manifest
+
+BF16 = "bf16"
+RANK = {BF16: 0, "w8a8": 1, "w4a16": 2}  # how compressed: a higher rank frees more
+
+
+@dataclass(frozen=True)
+class Rung:
+    layer: int
+    tier: str
+    saving: int  # bytes this rung frees
+
+
+@dataclass(frozen=True)
+class LadderPlan:
+    compress: list[tuple[int, str]]  # (layer, tier), in ladder order
+    decompress: list[tuple[int, str]]  # (layer, tier it returns to), last rung first
+
+
+class Ladder:
+    def __init__(self, rungs: list[Rung]):
+        self.rungs = list(rungs)
+        self._configs = [{}]
+        for r in self.rungs:
+            self._configs.append({**self._configs[-1], r.layer: r.tier})
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest) -> "Ladder":
+        fp = {b.layer: b.fp16 for b in manifest.layer_bytes}
+        w4 = {b.layer: b.quantized for b in manifest.layer_bytes}
+        w8 = manifest.tier("w8a8")
+        if w8 is None:
+            return cls([Rung(i, BASE_TIER, fp[i] - w4[i]) for i in manifest.swap_order])
+        w8_bytes = dict(enumerate(w8.layer_bytes))
+        return cls([Rung(i, "w8a8", fp[i] - w8_bytes[i]) for i in w8.swap_order]
+                   + [Rung(i, BASE_TIER, w8_bytes[i] - w4[i]) for i in manifest.swap_order])
+
+    @property
+    def top(self) -> int:
+        return len(self.rungs)
+
+    @property
+    def savings(self) -> list[int]:
+        return [r.saving for r in self.rungs]
+
+    @property
+    def tiered(self) -> bool:
+        return any(r.tier != BASE_TIER for r in self.rungs)
+
+    def config(self, level: int) -> dict[int, str]:
+        """layer -> tier at `level` (a layer not listed is bf16)."""
+        return dict(self._configs[level])
+
+    def counts(self, level: int) -> dict[str, int]:
+        """How many layers compute in each tier at `level`."""
+        out: dict[str, int] = {}
+        for tier in self._configs[level].values():
+            out[tier] = out.get(tier, 0) + 1
+        return out
+
+    def level_of(self, config: dict[int, str]) -> int | None:
+        """The level whose configuration this is; None off the ladder."""
+        clean = {layer: tier for layer, tier in config.items() if tier != BF16}
+        for level, c in enumerate(self._configs):
+            if c == clean:
+                return level
+        return None
+
+    def nearest_level(self, config: dict[int, str]) -> int:
+        """The highest level every layer of `config` is at least as compressed as: where
+        a partial state (a restore stopped half-way) is accounted from, so the KV pool is
+        never sized for more memory than the layers have freed."""
+        def covered(c: dict[int, str]) -> bool:
+            return all(RANK[config.get(layer, BF16)] >= RANK[tier] for layer, tier in c.items())
+
+        return max(level for level, c in enumerate(self._configs) if covered(c))
+
+    def plan(self, current: dict[int, str], level: int) -> LadderPlan:
+        target = self._configs[level]
+        layers = sorted(set(current) | set(target), key=self._position)
+        compress, decompress = [], []
+        for layer in layers:
+            have, want = current.get(layer, BF16), target.get(layer, BF16)
+            if RANK[want] > RANK[have]:
+                compress.append((layer, want))
+            elif RANK[want] < RANK[have]:
+                decompress.append((layer, want))
+        return LadderPlan(compress, list(reversed(decompress)))
+
+    def _position(self, layer: int) -> int:
+        """Where `layer` first appears on the ladder (ties keep the ladder's order)."""
+        for k, r in enumerate(self.rungs):
+            if r.layer == layer:
+                return k
+        return len(self.rungs)
