@@ -81,9 +81,11 @@ class PolicyConfig(BaseModel):
 
 
 def quality_curve(quality: dict | None, needed_by: str = "max_ppl_increase") -> dict[int, float]:
-    """Perplexity at each level of the pack's swap order (quality.json, orders.lis.ppl)."""
+    """Perplexity at each level: the tiered ladder's curve (quality.json, ladder.ppl) in a
+    pack with tiers, else the W4A16 swap order's (orders.lis.ppl)."""
     try:
-        curve = {int(k): float(v) for k, v in quality["orders"]["lis"]["ppl"].items()}
+        source = quality["ladder"] if "ladder" in quality else quality["orders"]["lis"]
+        curve = {int(k): float(v) for k, v in source["ppl"].items()}
         if 0 not in curve or curve[0] <= 0:
             raise ValueError
     except (TypeError, KeyError, ValueError, AttributeError):

@@ -20,6 +20,11 @@ burst is seconds old by the time a staircase arrives. Three limits, tightest fir
   trace, quantizing past that point turned TTFT violations into TPOT ones). A level the model has not measured borrows a lower level's fit: the cost of the
   bigger batch is extrapolated, the quantized kernel's own cost is learned once the
   level has run. Before any data it does not limit.
+Compute relief: where a quantized kernel is *faster* than bf16 (int8 on a CPU without
+AMX), a higher level also relieves compute. While the mean step breaks the bound, the
+policy goes to the level (within the quality limits) whose own measured step, at the
+present batch, is the lowest and at least `RELIEF` below the present level's; only levels
+the step model has measured count, never an extrapolated one.
 Restores go to the smallest level whose capacity covers the present demand x (1 +
 restore_headroom) (the gap to `headroom`, and leaving out projected arrivals, is the
 hysteresis), only with an empty queue held for `calm_s`.
@@ -28,6 +33,8 @@ hysteresis), only with an empty queue held for `calm_s`.
 from __future__ import annotations
 
 from policies.base import Decision, PolicyBase, PolicyState
+
+RELIEF = 0.10  # a measured level must beat the present step by this fraction to be taken for speed
 
 
 class DemandPolicy(PolicyBase):
@@ -96,6 +103,25 @@ class DemandPolicy(PolicyBase):
                 return k - 1, f"; compute-bound above {k - 1}: predicted step {step:.3f}s at {k} > {bound:.3f}s"
         return target, ""
 
+    def compute_relief(self, s, level: int, top: int) -> tuple[int, str]:
+        """The level, at or below `top`, whose measured step at the present batch is the
+        fastest and beats the present level's by RELIEF; `level` if none."""
+        bound = self.cfg.tpot_slo_s * self.cfg.slo_margin
+        model = s.step_model
+        if model is None or s.step_time_s <= bound or not model.known(level):
+            return level, ""
+        batch = max(1.0, float(s.running))
+        here = model.predict(level, batch)
+        best, best_step = level, here * (1 - RELIEF)
+        for k in range(0, top + 1):
+            if k != level and model.known(k) and model.bucket(k) != model.bucket(level):
+                step = model.predict(k, batch)
+                if step < best_step:
+                    best, best_step = k, step
+        if best == level:
+            return level, ""
+        return best, f"compute relief: measured step {best_step:.3f}s at {best} vs {here:.3f}s at {level}"
+
     # -- the decision ----------------------------------------------------------------------
     def decide(self, s, state: PolicyState) -> Decision:
         c, now, level = self.cfg, s.time, state.level
@@ -109,6 +135,9 @@ class DemandPolicy(PolicyBase):
                                  f"{c.max_avg_ppl_increase:.1%} allowed; at most {quality_top} layers",
                                  need_calm=False)
         need = self.level_for(demand, c.headroom, quality_top)
+        relief, relief_note = self.compute_relief(s, level, quality_top)
+        if relief > max(level, need):
+            return self._up(state, now, relief, relief_note)
         if need > level:
             target, compute_note = self.compute_limit(s, level, need)
             reason = (f"demand {demand:.0f} blocks (+{c.headroom:.0%}) > capacity {self.capacity[level]} at "
@@ -119,7 +148,8 @@ class DemandPolicy(PolicyBase):
         # calm at `lower`: the present demand fits it with the wider restore headroom, and
         # the projected demand fits it too (so a burst still arriving resets the calm)
         present = self.demand_blocks(s, projected=False)
-        lower = max(self.level_for(present, c.restore_headroom, level), need)
+        lower = max(self.level_for(present, c.restore_headroom, level), need,
+                    min(relief, level) if relief_note else 0)  # a level kept for speed is not restored
         safe = lower < level and s.queue_len == 0 and s.waiting_blocks == 0
         return self._down_to(state, now, lower if safe else level,
                              f"calm: demand {present:.0f} blocks fits {self.capacity[lower]} at {lower} layers "

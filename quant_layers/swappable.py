@@ -38,6 +38,9 @@ class LinearKernels(Protocol):
     def make_w4(self, in_features: int, out_features: int, group_size: int, dtype: torch.dtype):
         """The engine's W4A16 kernel for this shape (process_weights_after_loading, apply_weights)."""
 
+    def make_w8(self):
+        """The engine's int8 W8A8 kernel (dynamic per-token activations), one per linear."""
+
     def w4_state(self, holder: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
         """A processed W4A16 holder as (tensors, plain attributes), to be stored in a file."""
 
@@ -105,6 +108,30 @@ class W4Compute:
         return self.kernel.apply_weights(self.holder, x, bias)
 
 
+class W8Compute:
+    """The live W8A8 compute of one fused linear: vLLM's int8 kernel over its own holder,
+    processed exactly as vLLM processes a static W8A8 checkpoint's layer."""
+
+    def __init__(self, kernel, weight: torch.Tensor, scale: torch.Tensor, logical_widths: list[int]):
+        holder = torch.nn.Module()
+        holder.bias = None
+        holder.logical_widths = logical_widths
+        holder.weight = torch.nn.Parameter(weight, requires_grad=False)
+        holder.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
+        for name in ("input_scale", "input_zero_point", "azp_adj"):
+            holder.register_parameter(name, None)
+        n, k = weight.shape
+        kernel.process_weights_after_loading(holder)
+        self.kernel = kernel
+        self.holder = holder
+        # The oneDNN path moves the weight into its handle (holder.weight becomes None).
+        held = sum(p.numel() * p.element_size() for p in holder.parameters())
+        self.nbytes = held if holder.weight is not None else held + n * k
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.kernel.apply_weights(self.holder, x, bias)
+
+
 class IdentityCompute:
     """A 'twin' that computes exactly what full precision computes (a fresh bf16 prepack).
 
@@ -126,6 +153,7 @@ class Readers:
 
     masters: CheckpointReader
     twins: CheckpointReader
+    w8: CheckpointReader | None = None  # the pack's W8A8 checkpoint (a tiered pack only)
 
 
 class W4Twin:
@@ -144,6 +172,21 @@ class W4Twin:
         return W4Compute(self.kernel, tensors, self.attrs)
 
 
+class W8Twin:
+    """Builds the live W8A8 compute of one fused linear from the pack's int8 checkpoint: the
+    q/k/v (gate/up) rows fused as vLLM's loader fuses them, scales widened to fp32 as
+    vLLM's ChannelQuantScaleParameter stores them."""
+
+    def __init__(self, kernels: LinearKernels):
+        self.kernels = kernels
+
+    def build(self, keys: list[str], readers: Readers) -> W8Compute:
+        weight = readers.w8.fused([f"{k}.weight" for k in keys])
+        scale = readers.w8.fused([f"{k}.weight_scale" for k in keys]).to(torch.float32)
+        widths = [readers.w8.get(f"{k}.weight").shape[0] for k in keys]
+        return W8Compute(self.kernels.make_w8(), self.kernels.place(weight), self.kernels.place(scale), widths)
+
+
 class IdentityTwin:
     def __init__(self, kernels: LinearKernels):
         self.kernels = kernels
@@ -153,46 +196,61 @@ class IdentityTwin:
 
 
 class SwappableLinear:
-    """Switches one vLLM linear module between its bf16 prepack and a compute twin.
+    """Switches one vLLM linear module between its bf16 prepack and a compute twin per tier.
 
     Neither precision is held anywhere but in the layer: the bf16 master is re-read from
-    the model's safetensors file on restore, the twin from the pack's file on quantize.
+    the model's safetensors file on restore, a twin from the pack's file on quantize.
+    `twins` maps a tier name to its twin; the first one is the base tier (`to_quantized`).
     """
 
-    def __init__(self, layer: torch.nn.Module, keys: list[str], twin, fp_bytes: int, kernels: LinearKernels):
+    FULL = "bf16"
+
+    def __init__(self, layer: torch.nn.Module, keys: list[str], twins, fp_bytes: int, kernels: LinearKernels):
         if not kernels.has_slot(layer):
             raise RuntimeError("MorphServe swapping supports vLLM's CPU linear path only (layer has no cpu_linear)")
         self.kernels = kernels
         self.layer = layer
         self.keys = keys  # the HF linears fused into this vLLM module, in vLLM's order
-        self.twin = twin
+        self.twins = twins if isinstance(twins, dict) else {"w4a16": twins}
+        self.base_tier = next(iter(self.twins))
         self.fp_bytes = fp_bytes
+        self.tier_bytes = {self.FULL: fp_bytes}  # what a restore to each tier will hold
         self.compute = None  # the live twin while quantized
-        self.quantized = False
+        self.tier = self.FULL
+
+    @property
+    def quantized(self) -> bool:
+        return self.tier != self.FULL
 
     @property
     def live_bytes(self) -> int:
         return self.compute.nbytes if self.quantized else self.fp_bytes
 
     def to_quantized(self, readers: Readers) -> None:
-        if self.quantized:
+        self.to_tier(self.base_tier, readers)
+
+    def to_tier(self, tier: str, readers: Readers) -> None:
+        if tier == self.tier:
             return
-        compute = self.twin.build(self.keys, readers)
-        # Dropping the old closure releases vLLM's prepacked bf16 copy.
-        self.kernels.install(self.layer, compute)
-        self.compute = compute
-        self.quantized = True
+        self.commit(tier, self.prepare(tier, readers))
 
     def to_full(self, readers: Readers) -> None:
-        if not self.quantized:
-            return
-        self.commit_full(self.prepare_full(readers))
+        self.to_tier(self.FULL, readers)
+
+    def prepare(self, tier: str, readers: Readers):
+        """Build `tier`'s compute (bf16: read, fuse and prepack the master); the layer is untouched."""
+        if tier == self.FULL:
+            return self.prepare_full(readers)
+        return self.twins[tier].build(self.keys, readers)
 
     def prepare_full(self, readers: Readers):
-        """Read and fuse the master from the file map and prepack it; the layer is untouched."""
         return self.kernels.prepack_bf16(readers.masters.fused([f"{k}.weight" for k in self.keys]))
 
+    def commit(self, tier: str, compute) -> None:
+        # Dropping the old closure releases the previous precision's memory.
+        self.kernels.install(self.layer, compute)
+        self.compute = None if tier == self.FULL else compute
+        self.tier = tier
+
     def commit_full(self, forward: Forward) -> None:
-        self.kernels.install(self.layer, forward)
-        self.compute = None  # the twin's tensors go with it
-        self.quantized = False
+        self.commit(self.FULL, forward)

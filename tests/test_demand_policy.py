@@ -183,3 +183,21 @@ def test_steps_already_too_slow_hold_the_level():
     more admissions would add prefills between every running request's tokens."""
     d = demand_policy().decide(busy(step_time_s=0.3), PolicyState(level=4))
     assert d.target == 4 and "compute-bound: mean step 0.300s" in d.reason
+
+
+def test_compute_bound_load_moves_to_a_measured_faster_level_within_the_quality_budget():
+    """Where the quantized kernel is faster (int8 without AMX), a compute-bound server with
+    no capacity shortage goes to the fastest *measured* level; where it is slower (or not yet
+    measured) it holds; and the quality cap still bounds the choice."""
+    slow_now = busy(need_blocks=6, queue_len=0.0, waiting_blocks=0, used_blocks=6, running=6, step_time_s=0.25)
+    fast = _model(0.002)  # the top third measured at 20 ms + 2 ms per request, against 6 ms at level 0
+    d = demand_policy().decide(dataclasses.replace(slow_now, step_model=fast), PolicyState())
+    assert d.target >= 21 and "compute relief" in d.reason
+    slower = _model(0.012)
+    assert demand_policy().decide(dataclasses.replace(slow_now, step_model=slower), PolicyState()).target == 0
+    unmeasured = StepTimeModel(30)
+    for i in range(60):
+        unmeasured.observe(0, 2 + i % 5, 0.02 + 0.006 * (2 + i % 5))
+    assert demand_policy().decide(dataclasses.replace(slow_now, step_model=unmeasured), PolicyState()).target == 0
+    capped = demand_policy(cap=10).decide(dataclasses.replace(slow_now, step_model=fast), PolicyState())
+    assert capped.target <= 10

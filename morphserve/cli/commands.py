@@ -48,6 +48,9 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--w8a8-method", choices=("gptq", "rtn", "smoothquant-gptq"), default="gptq",
                    help="how llm-compressor picks the W8A8 int8 weights (SmoothQuant changes the RMSNorm "
                         "weights a layer shares with its bf16 self, so a smoothed twin cannot be swapped per layer)")
+    p.add_argument("--w8a8-order", choices=("lis", "w4a16"), default="lis",
+                   help="the W8A8 tier's swap order: its own greedy LIS search ('lis', as long again as the "
+                        "W4A16 one) or the W4A16 tier's order ('w4a16': quick packs and tests)")
     p.add_argument("--quantized-w8a8", type=Path, default=None, metavar="CKPT",
                    help="use this existing compressed-tensors int-quantized W8A8 checkpoint instead of running "
                         "llm-compressor (checked for architecture, scheme and shapes)")
@@ -73,7 +76,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         eval_text=args.eval_text, quantized=args.quantized, eval_tokens=args.eval_tokens,
         eval_window=args.eval_window, lis_tokens=args.lis_tokens, lis_window=args.lis_window,
         gptq_samples=args.gptq_samples, gptq_seq_len=args.gptq_seq_len, force=args.force,
-        threads=args.threads, tiers=args.tiers, w8a8_method=args.w8a8_method, quantized_w8a8=args.quantized_w8a8,
+        threads=args.threads, tiers=args.tiers, w8a8_method=args.w8a8_method, w8a8_order=args.w8a8_order, quantized_w8a8=args.quantized_w8a8,
     )
     run_prepare(opt)
     print(summarize_pack(args.out))

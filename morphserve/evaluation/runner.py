@@ -17,6 +17,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from morphserve.offline import pack as packfmt
+from morphserve.offline.ladder import Ladder
+from policies.config import quality_curve
 from morphserve.errors import MorphServeError
 from morphserve.evaluation import machine, quality, systems
 from morphserve.evaluation.suite import Budget, Suite, System, Window
@@ -88,7 +90,7 @@ def check_resumable(suite: Suite, out: Path, suite_path: Path, pack: Path) -> No
 def evaluate(suite: Suite, suite_path: Path, model: Path, pack: Path, out: Path) -> list[Path]:
     check_resumable(suite, out, suite_path, pack)
     manifest = packfmt.load_manifest(pack)
-    curve = {int(k): float(v) for k, v in json.loads((pack / packfmt.QUALITY).read_text())["orders"]["lis"]["ppl"].items()}
+    curve = quality_curve(json.loads((pack / packfmt.QUALITY).read_text()))
     order = run_order(suite)
     todo = [item for item in order if not (run_dir(out, *item) / "run.json").exists()]
     if len(todo) < len(order):
@@ -96,13 +98,14 @@ def evaluate(suite: Suite, suite_path: Path, model: Path, pack: Path, out: Path)
     bar = tqdm(todo, unit="run", desc="evaluate", dynamic_ncols=True)
     for rep, window, budget, system in bar:
         bar.set_description(f"{window.name}/{budget.name}/{system.name} rep {rep + 1}/{suite.repetitions}")
-        one_run(suite, rep, window, budget, system, model, pack, manifest.num_layers, curve,
+        one_run(suite, rep, window, budget, system, model, pack, Ladder.from_manifest(manifest).top, curve,
                 run_dir(out, rep, window, budget, system))
     return [run_dir(out, *item) for item in order]
 
 
 def one_run(suite: Suite, rep: int, window: Window, budget: Budget, system: System, model: Path, pack: Path,
-            num_layers: int, curve: dict[int, float], folder: Path) -> dict:
+            top_level: int, curve: dict[int, float], folder: Path) -> dict:
+    """`top_level`: the pack's ladder top (every layer W4A16); `curve`: perplexity per level."""
     folder.mkdir(parents=True, exist_ok=True)
     for stale in ("transitions.jsonl", "bench.json", "summary.json"):
         (folder / stale).unlink(missing_ok=True)  # a half-done earlier attempt
@@ -118,7 +121,7 @@ def one_run(suite: Suite, rep: int, window: Window, budget: Budget, system: Syst
                     "repetition": rep + 1, "startup_s": round(time.monotonic() - t0, 1)}
     sampler = MemorySampler(proc.pid)
     try:
-        record["warmup"] = systems.warm_up(system, base, suite.warmup_requests, num_layers)
+        record["warmup"] = systems.warm_up(system, base, suite.warmup_requests, top_level)
         record["kv_blocks"] = systems.kv_blocks(system, base)
         sampler.start()
         record.update(_replay(suite, window, system, model, base, folder, proc))
@@ -129,7 +132,9 @@ def one_run(suite: Suite, rep: int, window: Window, budget: Budget, system: Syst
         stop_server(proc)
     summary = json.loads((folder / "summary.json").read_text())
     rows = [json.loads(x) for x in (folder / "requests.jsonl").read_text().splitlines()]
-    static_level = num_layers if system.kind == "w4" else 0
+    # A static system's level on the ladder: all-W4A16 is the top; all-W8A8 is the end of
+    # the W8A8 rungs (the ladder's first half).
+    static_level = {"w4": top_level, "w8a8": top_level // 2}.get(system.kind, 0)
     changes = quality.level_changes(folder / "transitions.jsonl") if system.kind == "morphserve" else None
     record.update({k: v for k, v in summary.items() if k not in ("system", "window")})
     record["trace_window"] = summary["window"]  # START:DURATION; record["window"] stays the suite's name

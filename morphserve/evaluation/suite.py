@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from morphserve.errors import MorphServeError, first_field_error
 
-SYSTEM_KINDS = ("fp16", "fp16-compiled", "w4", "morphserve")
+SYSTEM_KINDS = ("fp16", "fp16-compiled", "w4", "w8a8", "morphserve")
 
 
 class Window(BaseModel):
@@ -59,7 +59,8 @@ class System(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    kind: Literal["fp16", "fp16-compiled", "w4", "morphserve"]
+    kind: Literal["fp16", "fp16-compiled", "w4", "w8a8", "morphserve"] = Field(
+        description="w4 / w8a8: plain vLLM serving the pack's W4A16 / W8A8 checkpoint statically")
     policy: str | None = Field(None, description="MorphServe only: a preset or policy YAML")
     budgets: list[str] | None = Field(None, description="run only at these budgets (default: all)")
     windows: list[str] | None = Field(None, description="run only in these windows (default: all)")

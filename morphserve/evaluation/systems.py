@@ -18,6 +18,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
+from morphserve.errors import MorphServeError
+from morphserve.offline import pack as packfmt
 from morphserve.runtime.kv_sizing import model_weight_bytes
 from morphserve.evaluation.suite import Budget, Suite, System
 from morphserve.vllm.kernels import W4A16_ENV
@@ -35,9 +37,9 @@ def server_command(system: System, budget: Budget, suite: Suite, model: Path, pa
     env.update(W4A16_ENV)  # every 4-bit system runs the kernel the pack's quality curve measured
     common = ["--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(suite.max_model_len),
               "--max-num-seqs", str(suite.max_num_seqs), "--served-model-name", "model", "--seed", str(suite.seed)]
-    if system.kind in ("fp16", "fp16-compiled", "w4"):
+    if system.kind in ("fp16", "fp16-compiled", "w4", "w8a8"):
         env["VLLM_PLUGINS"] = ""  # plain vLLM: MorphServe not loaded at all
-        served = model if system.kind != "w4" else pack / "quantized"
+        served = {"w4": pack / "quantized", "w8a8": static_w8a8_dir(pack)}.get(system.kind, model)
         kv = total - model_weight_bytes(served)
         cmd = [sys.executable, "-m", PLAIN_VLLM_SERVER, "--model", str(served),
                "--tokenizer", str(model), "--kv-cache-memory-bytes", str(kv), *common]
@@ -50,6 +52,14 @@ def server_command(system: System, budget: Budget, suite: Suite, model: Path, pa
            "--kv-cache-memory-bytes", str(total - model_weight_bytes(model)), "--enforce-eager",
            "--manual-min-interval", "0", *common]  # the warm-up forces 0 -> L -> 0 back to back
     return cmd, env
+
+
+def static_w8a8_dir(pack: Path) -> Path:
+    tier = packfmt.load_manifest(pack).tier("w8a8")
+    if tier is None:
+        raise MorphServeError(f"a w8a8 system needs a pack with a W8A8 tier; {pack} has none "
+                              "(prepare it with --tiers w8a8,w4a16)")
+    return pack / tier.quantized_dir
 
 
 def _request(url: str, body: dict | None = None, method: str | None = None, timeout: float = 120) -> dict:
@@ -73,15 +83,18 @@ def warm_up(system: System, base: str, n_requests: int, num_layers: int | None) 
     that no system starts the trace with cached blocks."""
     done = {"requests": n_requests}
     if system.kind == "morphserve":
-        half = n_requests // 2
-        _request(f"{base}/morphserve/level", {"quantized_layers": num_layers})
-        _complete(base, half)
-        _request(f"{base}/morphserve/level", {"quantized_layers": 0})
-        _complete(base, n_requests - half)
+        state = _request(f"{base}/morphserve/state?memory=0")
+        tiered = state.get("levels", state["swappable_layers"]) != state["swappable_layers"]
+        # A tiered pack also runs all-W8A8 (the middle of its ladder) once.
+        levels = [num_layers, num_layers // 2, 0] if tiered else [num_layers, 0]
+        share = max(1, n_requests // len(levels))
+        for k, level in enumerate(levels):
+            _request(f"{base}/morphserve/level", {"quantized_layers": level})
+            _complete(base, share if k < len(levels) - 1 else n_requests - share * (len(levels) - 1))
         state = _request(f"{base}/morphserve/level", {"quantized_layers": None})
         if state.get("quantized_layers") != 0:
             raise RuntimeError(f"warm-up left MorphServe at {state.get('quantized_layers')} quantized layers")
-        done["levels"] = [num_layers, 0]
+        done["levels"] = levels
     else:
         _complete(base, n_requests)
     _request(f"{base}/reset_prefix_cache", method="POST")

@@ -92,20 +92,20 @@ class Ladder:
         return max(level for level, c in enumerate(self._configs) if covered(c))
 
     def plan(self, current: dict[int, str], level: int) -> LadderPlan:
+        """Compressions ordered by the rung they reach, decompressions by the rung they
+        leave, last first: a plan between two levels passes through the rungs between."""
         target = self._configs[level]
-        layers = sorted(set(current) | set(target), key=self._position)
         compress, decompress = [], []
-        for layer in layers:
+        for layer in set(current) | set(target):
             have, want = current.get(layer, BF16), target.get(layer, BF16)
             if RANK[want] > RANK[have]:
-                compress.append((layer, want))
+                compress.append((self._rung_of(layer, want), (layer, want)))
             elif RANK[want] < RANK[have]:
-                decompress.append((layer, want))
-        return LadderPlan(compress, list(reversed(decompress)))
+                decompress.append((self._rung_of(layer, have), (layer, want)))
+        return LadderPlan([m for _, m in sorted(compress)], [m for _, m in sorted(decompress, reverse=True)])
 
-    def _position(self, layer: int) -> int:
-        """Where `layer` first appears on the ladder (ties keep the ladder's order)."""
+    def _rung_of(self, layer: int, tier: str) -> int:
         for k, r in enumerate(self.rungs):
-            if r.layer == layer:
+            if r.layer == layer and r.tier == tier:
                 return k
-        return len(self.rungs)
+        raise ValueError(f"layer {layer} has no {tier} rung on this ladder")

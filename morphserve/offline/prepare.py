@@ -59,6 +59,7 @@ class PrepareOptions:
     threads: int | None = None
     tiers: str = "w4a16"
     w8a8_method: str = "gptq"
+    w8a8_order: str = "lis"  # or "w4a16": reuse the base tier's order
     quantized_w8a8: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -180,7 +181,10 @@ def run_prepare(opt: PrepareOptions) -> packfmt.Manifest:
         calib = load_windows(opt.calib, tokenizer, opt.lis_window, opt.lis_tokens)
         _log(f"layer importance on {len(calib.windows)} x {opt.lis_window} calibration tokens")
         importance = _importance(model, calib, info.num_layers)
-        w8_importance = _importance(model, calib, info.num_layers, "w8a8") if w8 else None
+        w8_importance = None
+        if w8 is not None:
+            w8_importance = (_importance(model, calib, info.num_layers, "w8a8") if opt.w8a8_order == "lis"
+                             else importance)
         opt.timings["importance"] = time.monotonic() - t
 
         t = time.monotonic()
@@ -220,7 +224,8 @@ def run_prepare(opt: PrepareOptions) -> packfmt.Manifest:
         manifest.timings_s = {k: round(v, 1) for k, v in opt.timings.items()}
         imp = importance.to_json()
         if w8_importance is not None:
-            imp["tiers"] = {"w8a8": w8_importance.to_json()}
+            imp["tiers"] = {"w8a8": w8_importance.to_json() if w8_importance is not importance
+                            else {"order_from": "w4a16", "order": importance.order}}
         packfmt.write_json(tmp / packfmt.IMPORTANCE, imp)
         packfmt.write_json(tmp / packfmt.QUALITY, qual)
         packfmt.write_json(tmp / packfmt.MANIFEST, manifest.model_dump())

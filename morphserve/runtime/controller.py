@@ -3,8 +3,9 @@
 It lives in the engine-core process, next to the scheduler and the executor, and owns
 the level, the KV budget and the elastic block pool. Transitions run only at step
 boundaries: from the post_step hook, or from a utility call (which vLLM handles between
-steps on the same thread). Layers are quantized in the pack's swap order and restored
-last-in-first-out. The parts, one job each:
+steps on the same thread). Levels are rungs of the pack's ladder (morphserve.offline.ladder:
+the W4A16 swap order, or W8A8 then W4A16 in a tiered pack); moves down are undone last-in-
+first-out. The parts, one job each:
 - kv_sizing: the budget equation and the KV blocks per level (start-up);
 - policy_loop: signals at every boundary, the policy's decision;
 - transitions: plans, executes and rolls back moves between levels (and shrink, the
@@ -24,6 +25,7 @@ from kv_resize.budget import KVBudget
 from kv_resize.elastic_pool import ElasticBlockPool
 from morphserve.errors import MorphServeError
 from morphserve.offline import pack as packfmt
+from morphserve.offline.ladder import Ladder
 from morphserve.runtime.config import MorphConfig
 from morphserve.runtime.kv_sizing import plan_budget
 from morphserve.runtime.policy_loop import PolicyLoop
@@ -41,7 +43,8 @@ class MorphController:
         self.config = config
         self.engine = engine
         self.manifest = manifest
-        self.order = list(manifest.swap_order)
+        self.ladder = Ladder.from_manifest(manifest)
+        self.order = list(dict.fromkeys(r.layer for r in self.ladder.rungs))
         self.recorder = Recorder(config.transition_log)
         self.loop = PolicyLoop(sampler)
         self.moves: Transitions | None = None  # set once the scheduler exists
@@ -68,7 +71,8 @@ class MorphController:
 
     @property
     def num_layers(self) -> int:
-        return len(self.order)
+        """The top level: the number of rungs (swappable layers, twice that with tiers)."""
+        return self.ladder.top
 
     @property
     def quantized(self) -> list[int]:
@@ -77,7 +81,7 @@ class MorphController:
     # -- start-up: KV sizing ---------------------------------------------------------
     def plan_kv(self, fp16_kv_bytes: int, block_bytes: int) -> int:
         """Fix the budget from vLLM's measurement; return the KV bytes to reserve."""
-        self.budget = plan_budget(self.manifest, self.order, self.config.memory_budget_gb, self.engine.model_path,
+        self.budget = plan_budget(self.ladder.savings, self.config.memory_budget_gb, self.engine.model_path,
                                   fp16_kv_bytes, block_bytes)
         return self.budget.reserve_bytes()
 
@@ -97,7 +101,7 @@ class MorphController:
         if not self.commits_on_touch:  # the null block and level 0's blocks are mapped before any use
             self.engine.rpc("morphserve_kv_commit", 0, cap0)
         self.pool = ElasticBlockPool(store, cap0)
-        self.moves = Transitions(self.order, self.engine.rpc, self.pool, scheduler, self.capacity, self.recorder,
+        self.moves = Transitions(self.ladder, self.engine.rpc, self.pool, scheduler, self.capacity, self.recorder,
                                  self.loop, self.config.shrink_strategy, self.commits_on_touch)
         self.moves.sync_view()
         if self.config.policy:
@@ -246,9 +250,13 @@ class MorphController:
             "pack": self.config.pack,
             "twin": self.config.twin,
             "quantized_layers": self.moves.level,
-            "swappable_layers": self.num_layers,
+            "swappable_layers": len(self.order),
+            "levels": self.num_layers,
             "quantized_layer_ids": list(self.moves.quantized),
             "swap_order": self.order,
+            "layer_tiers": {str(i): t for i, t in sorted(self.moves.config.items())},
+            "tier_counts": self.moves.tier_counts(),
+            "tiers": ["bf16", *self.manifest.tier_names],
             "forced_level": self.forced_level,
             **self.kv_state(),
             "memory": self.memory_state(kv_resident) if memory else None,

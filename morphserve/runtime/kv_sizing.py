@@ -8,7 +8,6 @@ from pathlib import Path
 
 from kv_resize.budget import BudgetError, KVBudget
 from morphserve.errors import MorphServeError
-from morphserve.offline import pack as packfmt
 
 log = logging.getLogger("morphserve")
 
@@ -18,11 +17,10 @@ def model_weight_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
 
 
-def plan_budget(manifest: packfmt.Manifest, order: list[int], memory_budget_gb: float | None, model_dir: Path,
+def plan_budget(savings: list[int], memory_budget_gb: float | None, model_dir: Path,
                 fp16_kv_bytes: int, block_bytes: int) -> KVBudget:
-    """The budget from `memory_budget_gb`, else from the KV vLLM would give the bf16 model."""
-    by_layer = {b.layer: b.fp16 - b.quantized for b in manifest.layer_bytes}
-    savings = [by_layer[i] for i in order]
+    """The budget from `memory_budget_gb`, else from the KV vLLM would give the bf16 model;
+    `savings` are the bytes each rung of the ladder frees."""
     weights = model_weight_bytes(model_dir)
     try:
         if memory_budget_gb:
@@ -32,5 +30,5 @@ def plan_budget(manifest: packfmt.Manifest, order: list[int], memory_budget_gb: 
     except BudgetError as e:
         raise MorphServeError(f"memory_budget_gb: {e}") from None
     log.info("MorphServe: budget %.1f MiB; KV %d..%d blocks from 0..%d quantized layers",
-             budget.budget_bytes / 2**20, budget.usable_blocks(0), budget.usable_blocks(len(order)), len(order))
+             budget.budget_bytes / 2**20, budget.usable_blocks(0), budget.usable_blocks(len(savings)), len(savings))
     return budget

@@ -1,11 +1,12 @@
 """The worker's swappable layers: every fused linear of every decoder layer, switched
-between bf16 and its W4 twin, wholly or not at all, at the step boundaries the
-controller chooses. Plain torch over quant_layers; the vLLM worker extension
+between bf16 and its twins (W4A16; W8A8 too in a tiered pack), a layer wholly in one
+tier at a time, at the step boundaries the controller chooses. Plain torch over quant_layers; the vLLM worker extension
 (morphserve.vllm.worker_ext) builds it from the model runner and calls it by name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import time
 from pathlib import Path
@@ -21,8 +22,18 @@ from quant_layers.mapped_checkpoint import MappedCheckpoint
 from quant_layers.model_info import read_model_info
 from quant_layers.restore_prep import LayerCost, RestorePreparer
 from quant_layers.swappable import (IdentityTwin, LinearKernels, PackedShard, Readers, SwappableLinear, W4Twin,
-                                    process_for_kernel)
+                                    W8Twin, process_for_kernel)
 from quant_layers.twin import index_safetensors, open_twin
+from quant_layers.w8_twin import open_w8_twin
+
+FULL = SwappableLinear.FULL
+
+
+def _change(item, default_tier: str) -> tuple[int, str]:
+    """A transition entry: a layer id (to `default_tier`) or [layer, tier]."""
+    if isinstance(item, (list, tuple)):
+        return int(item[0]), str(item[1])
+    return int(item), default_tier
 
 
 def rss_bytes() -> int:
@@ -39,11 +50,22 @@ def trim_heap() -> None:
 
 
 class LayerSet:
-    def __init__(self, layers: dict[int, list[SwappableLinear]], masters: MappedCheckpoint, twins: MappedCheckpoint):
+    def __init__(self, layers: dict[int, list[SwappableLinear]], masters: MappedCheckpoint, twins: MappedCheckpoint,
+                 w8: MappedCheckpoint | None = None):
         self.layers = layers
         self.masters = masters
         self.twins = twins
+        self.w8 = w8
         self.restore: RestorePreparer | None = None
+        self.restore_targets: dict[int, str] = {}
+
+    @contextlib.contextmanager
+    def _readers(self):
+        with contextlib.ExitStack() as stack:
+            masters = stack.enter_context(self.masters.reading())
+            twins = stack.enter_context(self.twins.reading())
+            w8 = stack.enter_context(self.w8.reading()) if self.w8 is not None else None
+            yield Readers(masters, twins, w8)
 
     @classmethod
     def build(cls, config: MorphConfig, model_path: Path, dtype: torch.dtype, decoder_layers, fused_linears,
@@ -61,6 +83,8 @@ class LayerSet:
         manifest = packfmt.load_manifest(pack_dir)
         info = read_model_info(model_path)
         twin_ckpt = open_twin(pack_dir / manifest.quantized_dir, info)
+        w8_tier = manifest.tier("w8a8")
+        w8_ckpt = open_w8_twin(pack_dir / w8_tier.quantized_dir, info) if w8_tier is not None else None
         masters = MappedCheckpoint(index_safetensors(model_path))
         elem = torch.empty(0, dtype=dtype).element_size()
         identity = config.twin == "identity"
@@ -95,77 +119,82 @@ class LayerSet:
             out_features = sum(info.linear_shapes[n][0] for n in hf_names)
             twin = IdentityTwin(kernels) if identity else W4Twin(name, in_features, out_features,
                                                                   twin_ckpt.group_size, dtype, attrs[name], kernels)
+            tiers = {packfmt.BASE_TIER: twin}
+            if w8_ckpt is not None:
+                tiers["w8a8"] = W8Twin(kernels)
             keys = [f"model.layers.{i}.{n}" for n in hf_names]
-            swap = SwappableLinear(decoder_layers[i].get_submodule(vllm_name), keys, twin,
+            swap = SwappableLinear(decoder_layers[i].get_submodule(vllm_name), keys, tiers,
                                    out_features * in_features * elem, kernels)
+            swap.tier_bytes["w8a8"] = out_features * (in_features + 4)  # int8 weight, fp32 scales
             layers.setdefault(i, []).append(swap)
-        return cls(layers, masters, twins)
+        return cls(layers, masters, twins, MappedCheckpoint(w8_ckpt.tensors) if w8_ckpt is not None else None)
 
-    def apply(self, quantize: list[int], restore: list[int]) -> dict:
-        """Quantize then restore the given layers; report the bytes and the time it took."""
+    def apply(self, quantize: list, restore: list) -> dict:
+        """Restore then quantize the given layers (a layer id, or [layer, tier]: a plain id
+        quantizes to the base W4A16 tier and restores to bf16); report the bytes and time."""
         t0 = time.monotonic()
         rss_before = rss_bytes()  # every call ends trimmed, so this delta is this call's
-        freed = gross = 0  # net bytes (bf16 - W4) and bf16 bytes
-        changed: list[SwappableLinear] = []
-        with self.masters.reading() as masters, self.twins.reading() as twins:
-            readers = Readers(masters, twins)
+        freed = gross = 0  # net bytes (old - new precision) and bf16 bytes
+        changed: list[tuple[SwappableLinear, str]] = []  # (swap, tier it had)
+        moves = ([_change(x, FULL) for x in restore], "restore"), ([_change(x, packfmt.BASE_TIER) for x in quantize],
+                                                                   "quantize")
+        with self._readers() as readers:
             try:
-                for i in restore:
-                    for s in self.layers[i]:
-                        if s.quantized:
-                            freed -= s.fp_bytes - s.live_bytes
-                            gross -= s.fp_bytes
-                            s.to_full(readers)
-                            changed.append(s)
-                            maybe_fail("restore")
-                for i in quantize:
-                    for s in self.layers[i]:
-                        if not s.quantized:
-                            s.to_quantized(readers)
-                            changed.append(s)
-                            maybe_fail("quantize")
-                            freed += s.fp_bytes - s.live_bytes
-                            gross += s.fp_bytes
+                for batch, fault in moves:
+                    for i, tier in batch:
+                        for s in self.layers[i]:
+                            if s.tier == tier:
+                                continue
+                            before, was = s.live_bytes, s.tier
+                            s.to_tier(tier, readers)
+                            changed.append((s, was))
+                            maybe_fail(fault)
+                            freed += before - s.live_bytes
+                            gross += s.fp_bytes * ((was == FULL) - (tier == FULL))
             except Exception:
-                # Undo this call's swaps so every layer is wholly in one state again.
-                for s in reversed(changed):
-                    s.to_full(readers) if s.quantized else s.to_quantized(readers)
+                # Undo this call's swaps so every layer is wholly in one tier again.
+                for s, was in reversed(changed):
+                    s.to_tier(was, readers)
                 raise
         trim_heap()
         return {"fp_bytes_freed": gross, "bytes_freed": freed, "rss_delta": rss_before - rss_bytes(),
-                "seconds": time.monotonic() - t0, "quantized": self.quantized()}
+                "seconds": time.monotonic() - t0, "quantized": self.quantized(), "tiers": self.tiers()}
 
     # -- restores prepared in the background ------------------------------------------
-    def restore_begin(self, layers: list[int]) -> dict:
-        """Start preparing these layers' bf16 prepacks in a thread; nothing changes yet."""
+    def restore_begin(self, layers: list) -> dict:
+        """Start preparing these layers' less compressed precision (a layer id: bf16, or
+        [layer, tier]) in a thread; nothing changes yet."""
         self.restore_cancel()
         swaps = self.layers
-        costs = {i: LayerCost(sum(s.fp_bytes for s in swaps[i]), sum(s.live_bytes for s in swaps[i])) for i in layers}
+        targets = dict(_change(x, FULL) for x in layers)
+        costs = {i: LayerCost(sum(s.tier_bytes.get(t, s.fp_bytes) for s in swaps[i]),
+                              sum(s.live_bytes for s in swaps[i])) for i, t in targets.items()}
 
         def prepare(i: int) -> list:
-            with self.masters.reading() as masters, self.twins.reading() as twins:
-                readers = Readers(masters, twins)
-                return [s.prepare_full(readers) if s.quantized else None for s in swaps[i]]
+            with self._readers() as readers:
+                return [s.prepare(targets[i], readers) if s.tier != targets[i] else None for s in swaps[i]]
 
         # One intra-op thread for the preparer (torch's setting is per thread): the forward
         # pass keeps all of its threads and the two contend for one core, not all of them.
-        self.restore = RestorePreparer(layers, costs, prepare, thread_init=lambda: torch.set_num_threads(1))
-        return {"started": len(layers)}
+        self.restore = RestorePreparer(list(targets), costs, prepare, thread_init=lambda: torch.set_num_threads(1))
+        self.restore_targets = targets
+        return {"started": len(targets)}
 
     def restore_commit(self) -> dict:
         """Install every layer prepared so far (called at a step boundary)."""
         prep = self.restore
         if prep is None:
             return {"active": False, "committed": [], "done": True, "error": None,
-                    "quantized": self.quantized()}
+                    "quantized": self.quantized(), "tiers": self.tiers()}
         committed, fp_bytes = [], 0
-        for i, closures in prep.take_ready():
-            for s, closure in zip(self.layers[i], closures):
-                if closure is not None:
-                    fp_bytes += s.fp_bytes
-                    s.commit_full(closure)
+        for i, computes in prep.take_ready():
+            tier = self.restore_targets[i]
+            for s, compute in zip(self.layers[i], computes):
+                if compute is not None:
+                    fp_bytes += s.fp_bytes if tier == FULL else 0
+                    s.commit(tier, compute)
             committed.append(i)
-            maybe_fail("restore_commit")  # this layer is installed whole; the rest stay W4
+            maybe_fail("restore_commit")  # this layer is installed whole; the rest stay as they were
         error = repr(prep.error) if prep.error is not None else None
         done = prep.remaining == 0
         if done or error:
@@ -174,25 +203,30 @@ class LayerSet:
         if committed:
             trim_heap()
         return {"active": True, "committed": committed, "fp_bytes_restored": fp_bytes, "done": done,
-                "error": error, "quantized": self.quantized()}
+                "error": error, "quantized": self.quantized(), "tiers": self.tiers()}
 
     def restore_cancel(self) -> dict:
-        """Drop a restore in progress; layers already installed stay bf16."""
+        """Drop a restore in progress; layers already installed keep their new precision."""
         prep = self.restore
         if prep is not None:
             prep.cancel()
             self.restore = None
             trim_heap()
-        return {"quantized": self.quantized()}
+        return {"quantized": self.quantized(), "tiers": self.tiers()}
 
     def drop_page_cache(self) -> dict:
         """Evict the model's and the pack's file pages, so the next transition reads cold."""
-        self.masters.drop_page_cache()
-        self.twins.drop_page_cache()
-        return {"files": len(self.masters.files()) + len(self.twins.files())}
+        maps = [m for m in (self.masters, self.twins, self.w8) if m is not None]
+        for m in maps:
+            m.drop_page_cache()
+        return {"files": sum(len(m.files()) for m in maps)}
 
     def quantized(self) -> list[int]:
         return sorted(i for i, swaps in self.layers.items() if all(s.quantized for s in swaps))
+
+    def tiers(self) -> dict[str, str]:
+        """layer -> tier of every layer not in bf16 (JSON keys: strings)."""
+        return {str(i): swaps[0].tier for i, swaps in sorted(self.layers.items()) if swaps[0].tier != FULL}
 
     def live_bytes(self) -> int:
         """Bytes of the swappable linears' weights as they compute now (bf16 or W4)."""

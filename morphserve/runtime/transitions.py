@@ -18,6 +18,7 @@ from typing import Callable
 
 from kv_resize.elastic_pool import ElasticBlockPool
 from morphserve.errors import MorphServeError
+from morphserve.offline.ladder import Ladder, Rung
 from morphserve.runtime.policy_loop import PolicyLoop
 from morphserve.runtime.recorder import Recorder
 from morphserve.runtime.shrink import shrink_kv
@@ -50,14 +51,19 @@ class TransitionFailed(MorphServeError):
 class Transitions:
     """The level the workers serve, and every move between levels.
 
-    `rpc(method, *args)` calls the workers by method name (their results, one per worker);
-    `scheduler` is the boundary's SchedulerView; `capacity(level)` the usable KV blocks.
+    `ladder` is the pack's ladder of configurations (a list of layer ids, for a pack
+    without tiers, is its W4A16 swap order). `rpc(method, *args)` calls the workers by
+    method name (their results, one per worker); `scheduler` is the boundary's
+    SchedulerView; `capacity(level)` the usable KV blocks.
     """
 
-    def __init__(self, order: list[int], rpc: Callable, pool: ElasticBlockPool, scheduler,
+    def __init__(self, ladder: Ladder | list[int], rpc: Callable, pool: ElasticBlockPool, scheduler,
                  capacity: Callable[[int], int], recorder: Recorder, policy: PolicyLoop, shrink_strategy: str,
                  commits_on_touch: bool = True):
-        self.order = order
+        if not isinstance(ladder, Ladder):
+            ladder = Ladder([Rung(i, "w4a16", 0) for i in ladder])
+        self.ladder = ladder
+        self.order = list(dict.fromkeys(r.layer for r in ladder.rungs))  # layers, first rung first
         self.rpc = rpc
         self.pool = pool
         self.scheduler = scheduler
@@ -66,7 +72,8 @@ class Transitions:
         self.policy = policy
         self.shrink_strategy = shrink_strategy
         self.commits_on_touch = commits_on_touch  # the workers' KV backing (runtime.backend)
-        self._quantized: list[int] = []
+        self.config: dict[int, str] = {}  # layer -> tier, every layer not in bf16
+        self._level = 0
         self.pending_level: int | None = None
         self.restoring: dict | None = None  # a background restore in progress (see _begin_restore)
         self.deferrals = 0
@@ -74,17 +81,27 @@ class Transitions:
 
     @property
     def quantized(self) -> list[int]:
-        return self._quantized
+        """Layers not in bf16, in ladder order."""
+        return [i for i in self.order if i in self.config]
 
-    @quantized.setter
-    def quantized(self, ids: list[int]) -> None:
-        if len(ids) != len(self._quantized):
-            self.recorder.level_changed(len(ids))
-        self._quantized = ids
+    def set_tiers(self, tiers: dict) -> None:
+        """Take the workers' layer -> tier map; the level is the highest rung every layer
+        has reached (exactly the level whenever the workers are on the ladder)."""
+        self.config = {int(k): v for k, v in tiers.items()}
+        level = self.ladder.nearest_level(self.config)
+        if level != self._level:
+            self.recorder.level_changed(level)
+        self._level = level
 
     @property
     def level(self) -> int:
-        return len(self._quantized)
+        return self._level
+
+    def tier_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for tier in self.config.values():
+            out[tier] = out.get(tier, 0) + 1
+        return out
 
     def grow(self, target: int) -> None:
         """Let the pool show blocks up to `target`. A backing that does not commit on first
@@ -107,14 +124,17 @@ class Transitions:
         before_level, before_blocks = self.level, self.pool.visible
         if level >= before_level and self.pool.limit < self.capacity(before_level):
             self.grow(self.capacity(before_level))  # a pending restore is called off
-        plan = plan_transition(self.order, self.quantized, level)
+        ladder_plan = self.ladder.plan(self.config, level)
+        plan = TransitionPlan([[i, t] for i, t in ladder_plan.compress], [[i, t] for i, t in ladder_plan.decompress])
         was_pending, self.pending_level = self.pending_level, None
         if not plan.quantize and not plan.restore:
             self.sync_view()
             return {"ok": True, "quantized_layers": self.level, "changed": False}
         record = {"time": time.time(), "from": before_level, "to": level, "reason": reason,
-                  "policy": self.policy.name, "quantized_layer_ids": plan.quantize, "restored_layer_ids": plan.restore,
-                  "signals": self.policy.signals_dict()}
+                  "policy": self.policy.name, "quantized_layer_ids": [i for i, _ in plan.quantize],
+                  "restored_layer_ids": [i for i, _ in plan.restore], "signals": self.policy.signals_dict()}
+        if self.ladder.tiered:
+            record["tiers_to"] = self.ladder.counts(level)
         if plan.quantize:
             worker = self._apply(plan.quantize, [], level)
             self.grow(self.capacity(self.level))
@@ -148,19 +168,15 @@ class Transitions:
                        "kv_blocks_after": self.pool.visible, "seconds": time.monotonic() - t0})
         self.recorder.finish(record, direction)
 
-    def _apply(self, quantize: list[int], restore: list[int], level: int) -> dict:
+    def _apply(self, quantize: list, restore: list, level: int) -> dict:
         try:
             results = self.rpc("morphserve_apply", quantize, restore)
         except Exception as e:  # the worker rolled its own swaps back; resync to be sure
-            self.quantized = self._worker_quantized()
+            self.set_tiers(self.rpc("morphserve_tiers")[0])
             log.error("MorphServe: transition to %d failed (%s); serving at %d", level, e, self.level)
             raise MorphServeError(f"transition to {level} quantized layers failed: {e}") from e
-        self.quantized = [i for i in self.order if i in results[0]["quantized"]]
+        self.set_tiers(results[0]["tiers"])
         return results[0]
-
-    def _worker_quantized(self) -> list[int]:
-        ids = self.rpc("morphserve_quantized")[0]
-        return [i for i in self.order if i in ids]
 
     # -- restores prepared in the background ---------------------------------------------
     def _begin_restore(self, layers: list[int], level: int, record: dict, t0: float, before_blocks: int) -> dict:
@@ -191,7 +207,7 @@ class Transitions:
         r["commit_seconds"] += time.monotonic() - t
         r["record"]["steps"] += 1
         r["record"]["committed_layer_ids"] += result["committed"]
-        self.quantized = [i for i in self.order if i in result["quantized"]]
+        self.set_tiers(result["tiers"])
         if result["error"]:
             raise self._stopped(result["error"])
         if result["done"]:
@@ -206,11 +222,11 @@ class Transitions:
     def _cancel_restore(self) -> None:
         r = self.restoring
         try:
-            ids = self.rpc("morphserve_restore_cancel")[0]["quantized"]
+            tiers = self.rpc("morphserve_restore_cancel")[0]["tiers"]
         except Exception as e:  # still `restoring`: recovery tries the cancel again
             raise MorphServeError(f"could not cancel the restore in progress: {e}") from e
         self.restoring = None
-        self.quantized = [i for i in self.order if i in ids]
+        self.set_tiers(tiers)
         r["record"].update(cancelled=True, outcome="cancelled", to=self.level)
         self.recorder.write(r["record"])
         log.info("MorphServe: restore to %d called off at %d", r["level"], self.level)
@@ -223,9 +239,9 @@ class Transitions:
         if self.restoring is not None:
             self.restoring = None
             self._try_rpc("morphserve_restore_cancel")
-        ids = self._try_rpc("morphserve_quantized")
-        if ids is not None:
-            self.quantized = [i for i in self.order if i in ids]
+        tiers = self._try_rpc("morphserve_tiers")
+        if tiers is not None:
+            self.set_tiers(tiers)
         cap = self.capacity(self.level)
         if self.pool.limit < cap:
             self.grow(cap)  # a shrink for a restore that did not happen is called off

@@ -60,6 +60,18 @@ def make_wna16_kernel(in_features: int, out_features: int, group_size: int, dtyp
                       w_zp_param_name="weight_zero_point")
 
 
+def make_int8_kernel():
+    """vLLM's own choice of int8 W8A8 kernel, configured exactly as its
+    CompressedTensorsW8A8Int8 scheme configures it for llm-compressor's W8A8 preset
+    (per-channel weights, dynamic symmetric per-token activations):
+    `choose_scaled_mm_linear_kernel` -> CPUInt8ScaledMMLinearKernel on CPU. One per fused
+    linear: the kernel object keeps per-layer state (the path it picked, a oneDNN handle)."""
+    from vllm.model_executor.kernels.linear import init_int8_linear_kernel
+
+    return init_int8_linear_kernel(is_channelwise=True, is_static_input_scheme=False, input_symmetric=True,
+                                   module_name="MorphServe W8A8 twin")
+
+
 # What CPUWNA16LinearKernel.process_weights_after_loading (0.32.0) leaves on a layer besides
 # its parameters; apply_weights reads these. Captured once, restored on every quantize.
 WNA16_LAYER_ATTRS = ("isa_hint", "use_w4a8")
@@ -110,6 +122,9 @@ class VllmCpuKernels:
 
     def make_w4(self, in_features: int, out_features: int, group_size: int, dtype: torch.dtype):
         return make_wna16_kernel(in_features, out_features, group_size, dtype)
+
+    def make_w8(self):
+        return make_int8_kernel()
 
     def w4_state(self, holder: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
         return wna16_kernel_state(holder)

@@ -38,10 +38,11 @@ class MorphWorkerExtension:
         return {"layers": len(self._morph.layers), "seconds": time.monotonic() - t0, "rss": rss_bytes(),
                 "backend": backend.name, "commits_on_touch": backend.commits_on_touch}
 
-    def morphserve_apply(self, quantize: list[int], restore: list[int]) -> dict:
+    def morphserve_apply(self, quantize: list, restore: list) -> dict:
+        """Entries: a layer id, or [layer, tier] in a tiered pack."""
         return self._morph.apply(quantize, restore)
 
-    def morphserve_restore_begin(self, layers: list[int]) -> dict:
+    def morphserve_restore_begin(self, layers: list) -> dict:
         return self._morph.restore_begin(layers)
 
     def morphserve_restore_commit(self) -> dict:
@@ -52,6 +53,9 @@ class MorphWorkerExtension:
 
     def morphserve_quantized(self) -> list[int]:
         return self._morph.quantized()
+
+    def morphserve_tiers(self) -> dict[str, str]:
+        return self._morph.tiers()
 
     def morphserve_drop_page_cache(self) -> dict:
         return self._morph.drop_page_cache()

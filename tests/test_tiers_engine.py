@@ -1,0 +1,111 @@
+"""A tiered pack (W8A8 + W4A16) served by the real engine: the all-W8A8 rung computes what
+plain vLLM computes from the static W8A8 checkpoint, every rung is accounted in memory, and
+going back down is bit-exact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from morphserve.vllm.offline_engine import worker_call
+from tests.conftest import TINY_PREPARE, morphserve_cli
+from tests.engine_utils import PROMPTS, morph_llm, plain_vllm, score_windows
+
+pytestmark = [pytest.mark.engine, pytest.mark.quant]
+MAX_TOKENS = 32
+L = 30
+LAYER_BF16 = 7_077_888  # SmolLM2 decoder linears in bf16
+
+
+@pytest.fixture(scope="module")
+def tiered_pack(model_dir, pack_dir, tmp_path_factory):
+    """The session pack's W4A16 twin plus a W8A8 twin from llm-compressor (GPTQ), the W8A8
+    order taken from the W4A16 one to keep the test's prepare short."""
+    out = tmp_path_factory.mktemp("tiered") / "pack"
+    morphserve_cli("prepare", str(model_dir), "--out", str(out), "--tiers", "w8a8,w4a16",
+                   "--quantized", str(pack_dir / "quantized"), "--w8a8-order", "w4a16", *TINY_PREPARE, check=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir, tiered_pack):
+    llm, core = morph_llm(model_dir, tiered_pack, "pack")
+    yield llm, core
+    del llm
+
+
+def _generate(llm):
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    return [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+
+
+def test_the_pack_records_both_tiers_and_the_ladder(tiered_pack):
+    manifest = json.loads((tiered_pack / "manifest.json").read_text())
+    (tier,) = manifest["tiers"]
+    assert tier["name"] == "w8a8" and tier["swap_order"] == manifest["swap_order"]
+    # int8 weights + fp32 per-channel scales: a little over half of bf16
+    assert all(0.5 * LAYER_BF16 < b < 0.52 * LAYER_BF16 for b in tier["layer_bytes"])
+    quality = json.loads((tiered_pack / "quality.json").read_text())
+    assert sorted(map(int, quality["ladder"]["ppl"])) == list(range(2 * L + 1))
+    assert quality["ladder"]["ppl"][str(2 * L)] == pytest.approx(quality["all_quantized_ppl"], rel=1e-6)
+    assert quality["tiers"]["w8a8"]["ppl"][str(L)] == quality["ladder"]["ppl"][str(L)]
+
+
+def test_all_w8a8_matches_static_w8a8_serving(engine, tiered_pack, tmp_path):
+    llm, core = engine
+    q = json.loads((tiered_pack / "quality.json").read_text())
+    from transformers import AutoTokenizer
+
+    from quant_layers.eval_windows import load_windows
+
+    windows = load_windows(q["eval_text"], AutoTokenizer.from_pretrained(json.loads(
+        (tiered_pack / "manifest.json").read_text())["model_path"]), q["window"], q["tokens"]).windows
+    state = core.morphserve_set_level(L)
+    assert state["quantized_layers"] == L and state["tier_counts"] == {"w8a8": L}
+    ours = _generate(llm)
+    nll, count = score_windows(llm, windows)
+    core.morphserve_set_level(0)
+    static = plain_vllm(tiered_pack / "quantized-w8a8", PROMPTS, MAX_TOKENS, tmp_path, windows=windows)
+    assert ours == static["token_ids"]
+    assert count == static["tokens"]
+    assert nll / count == pytest.approx(static["nll"] / static["tokens"], rel=1e-3)
+
+
+def test_every_tier_restores_bit_exact(engine):
+    llm, core = engine
+    core.morphserve_set_level(0)
+    fp = _generate(llm)
+    core.morphserve_set_level(L)
+    w8 = _generate(llm)
+    assert core.morphserve_set_level(2 * L)["tier_counts"] == {"w4a16": L}  # W8A8 -> W4A16 for every layer
+    w4 = _generate(llm)
+    assert core.morphserve_set_level(L)["tier_counts"] == {"w8a8": L}  # and back to W8A8
+    assert _generate(llm) == w8
+    core.morphserve_set_level(0)
+    assert _generate(llm) == fp
+    assert w8 != w4
+
+
+def _rss(core) -> int:
+    return worker_call(core, "morphserve_rss")
+
+
+def test_each_rung_frees_its_bytes_and_they_come_back(engine):
+    _, core = engine
+    core.morphserve_set_level(0)
+    before = _rss(core)
+    t = core.morphserve_set_level(5)["transition"]  # five layers bf16 -> W8A8
+    w8 = LAYER_BF16 - t["bytes_freed"] / 5
+    assert 0.5 * LAYER_BF16 < w8 < 0.52 * LAYER_BF16
+    assert t["fp_bytes_freed"] == 5 * LAYER_BF16
+    assert t["rss_delta"] == pytest.approx(t["bytes_freed"], rel=0.15)
+    t = core.morphserve_set_level(2 * L)["transition"]  # 25 layers bf16 -> W4, 5 layers W8A8 -> W4
+    assert t["fp_bytes_freed"] == 25 * LAYER_BF16
+    mem = core.morphserve_state()["memory"]
+    assert mem["accounted_bytes"] == mem["weights_bytes"] + mem["twin_bytes"] + mem["kv_bytes"]
+    assert mem["within_budget"], mem
+    core.morphserve_set_level(0)
+    assert _rss(core) == pytest.approx(before, rel=0.01)
