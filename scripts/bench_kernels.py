@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("pack", type=Path, help="a pack with a W8A8 tier (morphserve prepare --tiers w8a8,w4a16)")
     ap.add_argument("--repeats", type=int, default=2, help="runs per cell; the best is kept (default 2)")
     ap.add_argument("--json", type=Path, default=None, help="also write the table here")
+    ap.add_argument("--also", action="append", default=[], metavar="LABEL=CKPT",
+                    help="another checkpoint to measure the same way (e.g. a W8A8 made by another method)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child mode: one checkpoint
     ap.add_argument("--windows", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -111,10 +113,18 @@ def main(argv: list[str] | None = None) -> int:
     windows = load_windows(Path(quality["eval_text"]), tokenizer, quality["window"], quality["tokens"])
     wfile = args.pack.parent / f".bench-kernels-windows-{os.getpid()}.json"
     wfile.write_text(json.dumps(windows.windows))
+    runs = [("bf16", manifest.model_path), (f"W8A8 int8 ({manifest.tier('w8a8').quantization_source})",
+                                            str(tiers["w8a8"])),
+            (f"W4A16 g{manifest.group_size}", str(tiers["w4a16"]))]
+    for item in args.also:
+        label, sep, path = item.partition("=")
+        if not sep or not Path(path).is_dir():
+            print(f"error: --also {item!r}: give LABEL=CHECKPOINT_DIR", file=sys.stderr)
+            return 2
+        runs.append((label, path))
     rows = []
     try:
-        for label, path in (("bf16", manifest.model_path), ("W8A8 int8", str(tiers["w8a8"])),
-                            (f"W4A16 g{manifest.group_size}", str(tiers["w4a16"]))):
+        for label, path in runs:
             print(f"[bench_kernels] {label}: {path}", file=sys.stderr, flush=True)
             proc = subprocess.run([sys.executable, __file__, str(args.pack), "--one", path, "--windows", str(wfile),
                                    "--repeats", str(args.repeats)], capture_output=True, text=True)

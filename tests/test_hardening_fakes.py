@@ -80,3 +80,40 @@ def make_pack(folder: Path, model: Path, manifest_bits: int = 4, **twin_kw) -> P
     make_twin(folder / packfmt.QUANTIZED_DIR, model, **twin_kw)
     packfmt.write_json(folder / packfmt.MANIFEST, make_manifest(model, bits=manifest_bits).model_dump())
     return folder
+
+
+def make_w8_twin(folder: Path, model: Path, strategy: str = "channel", dynamic: bool = True,
+                 bad_shape: bool = False) -> Path:
+    """An int-quantized W8A8 twin of `model` (zeros), in llm-compressor's W8A8 layout."""
+    info = read_model_info(model)
+    folder.mkdir(parents=True)
+    weights = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": strategy, "dynamic": False}
+    acts = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": dynamic}
+    qcfg = {"format": "int-quantized", "quant_method": "compressed-tensors", "ignore": ["lm_head"],
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts,
+                                          "format": "int-quantized"}}}
+    (folder / "config.json").write_text(json.dumps({**CONFIG, "quantization_config": qcfg}))
+    tensors = {}
+    for layer in range(info.num_layers):
+        for name in LINEAR_NAMES:
+            out_f, in_f = info.linear_shapes[name]
+            prefix = linear_key(layer, name)
+            tensors[f"{prefix}.weight"] = torch.zeros(out_f, in_f + (8 if bad_shape else 0), dtype=torch.int8)
+            tensors[f"{prefix}.weight_scale"] = torch.ones(out_f, 1, dtype=torch.bfloat16)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def make_tiered_pack(folder: Path, model: Path, **w8_kw) -> Path:
+    """make_pack plus a W8A8 tier whose manifest bytes match the fake twin."""
+    make_pack(folder, model)
+    make_w8_twin(folder / "quantized-w8a8", model, **w8_kw)
+    info = read_model_info(model)
+    per_layer = sum(o * i + o * 4 for o, i in (info.linear_shapes[n] for n in LINEAR_NAMES))
+    manifest = packfmt.load_manifest(folder)
+    manifest.tiers = [packfmt.TierManifest(name="w8a8", format=packfmt.TIER_FORMATS["w8a8"],
+                                           quantized_dir="quantized-w8a8", quantization_source="test",
+                                           swap_order=list(range(info.num_layers)),
+                                           layer_bytes=[per_layer] * info.num_layers)]
+    packfmt.write_json(folder / packfmt.MANIFEST, manifest.model_dump())
+    return folder

@@ -89,3 +89,32 @@ def test_prepare_refuses_an_unservable_quantized_checkpoint(model, tmp_path, twi
     opt = PrepareOptions(model=model, out=tmp_path / "pack", quantized=ckpt, group_size=GROUP_SIZE)
     with pytest.raises(USER_ERRORS, match=match):
         _check_inputs(opt)
+
+
+def test_a_tiered_pack_is_accepted_and_each_tier_is_checked(model, tmp_path):
+    from tests.test_hardening_fakes import make_tiered_pack
+
+    pack = make_tiered_pack(tmp_path / "ok", model)
+    assert runtime_config.check_pack_matches(runtime_config.parse(str(pack)), str(model)).tier_names == [
+        "w8a8", "w4a16"]
+    _refused(make_tiered_pack(tmp_path / "static", model, dynamic=False), model, "per-token")
+    _refused(make_tiered_pack(tmp_path / "tensor", model, strategy="tensor"), model, "per-channel")
+    _refused(make_tiered_pack(tmp_path / "shape", model, bad_shape=True), model, "does not match the model")
+
+
+def test_a_tiered_pack_with_a_corrupt_or_missing_w8_file_is_refused(model, tmp_path):
+    from tests.test_hardening_fakes import make_tiered_pack
+
+    pack = make_tiered_pack(tmp_path / "corrupt", model)
+    (pack / "quantized-w8a8" / "model.safetensors").write_bytes(b"\x00" * 64)
+    _refused(pack, model, "corrupt safetensors")
+    gone = make_tiered_pack(tmp_path / "gone", model)
+    import shutil
+
+    shutil.rmtree(gone / "quantized-w8a8")
+    _refused(gone, model, "does not exist")
+
+
+def test_prepare_refuses_tiers_without_the_base_tier_in_one_line(tmp_path):
+    proc = morphserve_cli("prepare", str(tmp_path), "--out", str(tmp_path / "p"), "--tiers", "w8a8")
+    assert proc.returncode != 0 and "W4A16 is the base tier" in proc.stderr

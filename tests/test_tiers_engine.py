@@ -20,11 +20,12 @@ LAYER_BF16 = 7_077_888  # SmolLM2 decoder linears in bf16
 
 @pytest.fixture(scope="module")
 def tiered_pack(model_dir, pack_dir, tmp_path_factory):
-    """The session pack's W4A16 twin plus a W8A8 twin from llm-compressor (GPTQ), the W8A8
+    """The session pack's W4A16 twin plus a W8A8 twin from llm-compressor (round-to-nearest), the W8A8
     order taken from the W4A16 one to keep the test's prepare short."""
     out = tmp_path_factory.mktemp("tiered") / "pack"
     morphserve_cli("prepare", str(model_dir), "--out", str(out), "--tiers", "w8a8,w4a16",
-                   "--quantized", str(pack_dir / "quantized"), "--w8a8-order", "w4a16", *TINY_PREPARE, check=True)
+                   "--quantized", str(pack_dir / "quantized"), "--w8a8-order", "w4a16", "--w8a8-method", "rtn",
+                   *TINY_PREPARE, check=True)
     return out
 
 

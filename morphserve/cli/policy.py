@@ -45,12 +45,16 @@ def _check(args: argparse.Namespace) -> int:
         cfg, path = load_policy(args.policy)
         cap_line = ""
         if args.pack is not None:
+            from morphserve.offline.ladder import Ladder
+
             manifest = load_manifest(args.pack)
+            top = Ladder.from_manifest(manifest).top  # levels: layers, or twice that with tiers
             quality_file = args.pack / "quality.json"
             quality = json.loads(quality_file.read_text()) if quality_file.exists() else None
-            cap_line = f"level cap with {args.pack}: {cfg.level_cap(manifest.num_layers, quality)} of {manifest.num_layers} layers"
+            unit = "levels (W8A8 then W4A16 rungs)" if manifest.tiers else "layers"
+            cap_line = f"level cap with {args.pack}: {cfg.level_cap(top, quality)} of {top} {unit}"
             if cfg.max_avg_ppl_increase is not None:
-                log_ppl_ratios(quality, manifest.num_layers)  # the pack must have a curve for the budget
+                log_ppl_ratios(quality, top)  # the pack must have a curve for the budget
                 cap_line += f"; quality budget over time: {cfg.max_avg_ppl_increase:.1%} over {cfg.quality_window_s:.0f} s"
         elif cfg.max_ppl_increase is not None:
             cap_line = "max_ppl_increase is resolved against a pack's quality.json at start-up (--pack to see it now)"

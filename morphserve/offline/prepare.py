@@ -71,6 +71,12 @@ def _log(msg: str) -> None:
 def _check_inputs(opt: PrepareOptions):
     if opt.bits != twin.SERVED_BITS:
         raise MorphServeError(f"--bits {opt.bits} is not supported: {twin.SERVED}")
+    tiers = [t.strip() for t in opt.tiers.split(",") if t.strip()]
+    unknown = [t for t in tiers if t not in packfmt.TIER_NAMES]
+    if unknown or packfmt.BASE_TIER not in tiers or len(set(tiers)) != len(tiers):
+        raise MorphServeError(f"--tiers {opt.tiers!r}: give 'w4a16' or 'w8a8,w4a16' (W4A16 is the base tier; "
+                              f"known tiers: {', '.join(packfmt.TIER_NAMES)})")
+    opt.tiers = ",".join(t for t in packfmt.TIER_NAMES if t in tiers)
     info = read_model_info(opt.model)
     twin.index_safetensors(Path(opt.model))  # a corrupt weight file fails here, not after GPTQ
     if opt.group_size is None:
@@ -85,12 +91,6 @@ def _check_inputs(opt: PrepareOptions):
         raise MorphServeError(f"{out} already exists and is not empty; pass --force to replace it")
     if opt.quantized is not None:
         twin.check_servable_twin(twin.open_twin(opt.quantized, info))  # fail before any slow work
-    tiers = [t.strip() for t in opt.tiers.split(",") if t.strip()]
-    unknown = [t for t in tiers if t not in packfmt.TIER_NAMES]
-    if unknown or packfmt.BASE_TIER not in tiers or len(set(tiers)) != len(tiers):
-        raise MorphServeError(f"--tiers {opt.tiers!r}: give 'w4a16' or 'w8a8,w4a16' (W4A16 is the base tier; "
-                              f"known tiers: {', '.join(packfmt.TIER_NAMES)})")
-    opt.tiers = ",".join(t for t in packfmt.TIER_NAMES if t in tiers)
     if opt.quantized_w8a8 is not None:
         if "w8a8" not in tiers:
             raise MorphServeError("--quantized-w8a8 needs --tiers w8a8,w4a16")

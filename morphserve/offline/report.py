@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 from morphserve.offline import pack as packfmt
+
+
 def summarize_pack(pack_dir: Path) -> str:
     pack_dir = Path(pack_dir)
     m = packfmt.load_manifest(pack_dir)
@@ -28,6 +30,22 @@ def summarize_pack(pack_dir: Path) -> str:
             v = orders[name]["ppl"].get(k)
             cells.append(f"{v:.3f} ({v / q['fp16_ppl'] - 1:+.1%})" if v is not None else "")
         lines.append(f"{k:>3}  {cells[0]:>18}  {cells[1]:>18}  {cells[2]:>18}")
+    for tier in m.tiers:
+        t_total = sum(tier.layer_bytes)
+        lad = q.get("ladder", {})
+        lines += ["", f"tier {tier.name} ({tier.quantization_source}): {t_total / 1e6:.1f} MB "
+                      f"(frees {(fp_total - t_total) / 1e6:.1f} MB with every layer in it)",
+                  f"  swap order: {' '.join(map(str, tier.swap_order))}",
+                  f"ladder: {2 * m.num_layers} levels, {tier.name} first, then W{m.bits}A16; perplexity per level:"]
+        ppl = lad.get("ppl", {})
+        for k in sorted(ppl, key=int):
+            if int(k) % 5 == 0:
+                lines.append(f"{k:>5}  {ppl[k]:.3f} ({ppl[k] / q['fp16_ppl'] - 1:+.1%})")
+        check = lad.get("check")
+        if check:
+            lines.append(f"  all-{tier.name} frees {check['all_w8a8_bytes_freed'] / 1e6:.1f} MB at "
+                         f"{check['all_w8a8_ppl']:.3f}; W{m.bits}A16 alone needs {check['w4a16_layers_freeing_as_much']} "
+                         f"layers for as much, at {check['w4a16_ppl_there']:.3f}")
     if m.timings_s:
         lines.append("")
         lines.append("timings (s): " + ", ".join(f"{k} {v}" for k, v in m.timings_s.items()))

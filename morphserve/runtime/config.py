@@ -65,6 +65,20 @@ def check_servable(manifest: packfmt.Manifest, tw) -> None:
             f"quantization_config says {tw.group_size}; re-run `morphserve prepare`")
 
 
+def check_tiers(manifest: packfmt.Manifest, pack_dir: Path, info) -> None:
+    """Every further tier is checked like the base one: its scheme is the one its kernel
+    serves, its shapes are the model's, and the manifest's bytes are the checkpoint's."""
+    from quant_layers.w8_twin import open_w8_twin
+
+    tier = manifest.tier("w8a8")
+    if tier is None:
+        return
+    w8 = open_w8_twin(pack_dir / tier.quantized_dir, info)
+    if tier.layer_bytes[0] != w8.layer_bytes(0):
+        raise MorphServeError(f"pack {pack_dir}: manifest says {tier.layer_bytes[0]} bytes for layer 0's W8A8 twin, "
+                              f"the checkpoint holds {w8.layer_bytes(0)}; re-run `morphserve prepare`")
+
+
 def check_pack_matches(cfg: MorphConfig, model_path: str) -> packfmt.Manifest:
     """Servable format, architecture, layer count, every tensor shape, and (optionally) the weight hash."""
     from quant_layers.model_info import read_model_info
@@ -81,6 +95,7 @@ def check_pack_matches(cfg: MorphConfig, model_path: str) -> packfmt.Manifest:
             f"pack {pack_dir} does not match the served model {model_path}: pack is {manifest.architecture} with "
             f"{manifest.num_layers} layers, model is {info.config.get('architectures')} with {info.num_layers}")
     check_servable(manifest, open_twin(pack_dir / manifest.quantized_dir, info))
+    check_tiers(manifest, pack_dir, info)
     if cfg.memory_budget_gb is not None:
         from morphserve.runtime.kv_sizing import model_weight_bytes
 
