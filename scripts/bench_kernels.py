@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -91,11 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         windows = json.loads(args.windows.read_text())
         print("RESULT " + json.dumps(measure_one(args.one, args.repeats, windows)), flush=True)
-        return 0
+        # vLLM 0.32's CPU engine teardown sometimes aborts in C++ ("terminate called without
+        # an active exception"); the result is printed, so skip the teardown.
+        os._exit(0)
 
     from transformers import AutoTokenizer
 
     from morphserve.errors import MorphServeError
+    from morphserve.harness.servers import run_in_group
     from morphserve.offline import pack as packfmt
     from quant_layers.eval_windows import load_windows
 
@@ -126,14 +128,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for label, path in runs:
             print(f"[bench_kernels] {label}: {path}", file=sys.stderr, flush=True)
-            proc = subprocess.run([sys.executable, __file__, str(args.pack), "--one", path, "--windows", str(wfile),
-                                   "--repeats", str(args.repeats)], capture_output=True, text=True)
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if proc.returncode != 0 or line is None:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                print(f"error: the {label} run failed (exit {proc.returncode})", file=sys.stderr)
+            # Its own process group, reaped after: vLLM's engine processes can outlive the child.
+            log = wfile.with_suffix(".log")
+            rc = run_in_group([sys.executable, __file__, str(args.pack), "--one", path, "--windows", str(wfile),
+                               "--repeats", str(args.repeats)], log, env={**os.environ, "VLLM_LOGGING_LEVEL": "INFO"})
+            text = log.read_text(errors="replace")
+            log.unlink(missing_ok=True)
+            line = next((ln for ln in text.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                print(text[-3000:], file=sys.stderr)
+                print(f"error: the {label} run failed (exit {rc})", file=sys.stderr)
                 return 1
-            kernel = next((k for k in ("CPUInt8ScaledMMLinearKernel", "CPUWNA16LinearKernel") if k in proc.stderr), "bf16 (oneDNN/sgl)")
+            kernel = next((k for k in ("CPUInt8ScaledMMLinearKernel", "CPUWNA16LinearKernel") if k in text), "bf16 (oneDNN/sgl)")
             rows.append({"weights": label, "kernel": kernel, **json.loads(line[len("RESULT "):])})
     finally:
         wfile.unlink(missing_ok=True)

@@ -17,8 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from morphserve.offline import pack as packfmt
-from morphserve.offline.ladder import Ladder
-from policies.config import quality_curve
+from morphserve.offline.ladder import Ladder, level_ppl_curve
 from morphserve.errors import MorphServeError
 from morphserve.evaluation import machine, quality, systems
 from morphserve.evaluation.suite import Budget, Suite, System, Window
@@ -90,7 +89,7 @@ def check_resumable(suite: Suite, out: Path, suite_path: Path, pack: Path) -> No
 def evaluate(suite: Suite, suite_path: Path, model: Path, pack: Path, out: Path) -> list[Path]:
     check_resumable(suite, out, suite_path, pack)
     manifest = packfmt.load_manifest(pack)
-    curve = quality_curve(json.loads((pack / packfmt.QUALITY).read_text()))
+    curve = level_ppl_curve(json.loads((pack / packfmt.QUALITY).read_text()))
     order = run_order(suite)
     todo = [item for item in order if not (run_dir(out, *item) / "run.json").exists()]
     if len(todo) < len(order):

@@ -109,3 +109,11 @@ class Ladder:
             if r.layer == layer and r.tier == tier:
                 return k
         raise ValueError(f"layer {layer} has no {tier} rung on this ladder")
+
+
+def level_ppl_curve(quality: dict) -> dict[int, float]:
+    """Perplexity at every level of a pack: the ladder's (quality.json `ladder.ppl`) with
+    tiers, else the W4A16 swap order's (`orders.lis.ppl`). (policies.config reads the same
+    two keys on its own: the policies room imports nothing of morphserve.)"""
+    source = quality["ladder"] if "ladder" in quality else quality["orders"]["lis"]
+    return {int(k): float(v) for k, v in source["ppl"].items()}
