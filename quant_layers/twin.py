@@ -205,5 +205,6 @@ def run_gptq(model_dir: Path, out: Path, bits: int, group_size: int | None, cali
     # that MorphServe's own stdout stays machine-readable.
     proc = subprocess.run(cmd, env=env, stdout=sys.stderr)
     if proc.returncode != 0:
-        raise QuantLayersError(f"llm-compressor {scheme.upper()} {method} failed (exit {proc.returncode}); "
+        label = {"gptq": "GPTQ", "rtn": "round-to-nearest", "smoothquant-gptq": "SmoothQuant+GPTQ"}[method]
+        raise QuantLayersError(f"llm-compressor {label} failed ({scheme.upper()}, exit {proc.returncode}); "
                                "its output is above")

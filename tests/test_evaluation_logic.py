@@ -170,3 +170,28 @@ def test_machine_record_reads_cpu_isa_and_memory():
     assert "(AMX)" in label(m)
     m = describe("model name\t: AMD EPYC\nflags\t: fpu avx512f\n", "")
     assert not m["amx"] and "no AMX" in label(m)
+
+
+def test_plain_systems_need_no_w8a8_tier_and_a_w8a8_system_names_its_twin(tmp_path):
+    """A pack without tiers still serves fp16 and w4 baselines; a w8a8 system on it is
+    refused in one line, and on a tiered pack it serves quantized-w8a8/."""
+    from morphserve.errors import MorphServeError
+    from morphserve.evaluation import systems
+    from morphserve.evaluation.suite import Budget, Suite, System, Window
+    from morphserve.offline import pack as packfmt
+    from tests.test_hardening_fakes import make_model, make_pack, make_tiered_pack
+
+    model = make_model(tmp_path / "model")
+    suite = Suite(name="s", windows=[Window(name="w", trace="azure-conv", start_s=0, duration_s=5, rate_scale=1, length_scale=1,
+                                  output_scale=1, regime="light", why="test")],
+                  budgets=[Budget(name="b", total_mb=400)], systems=[System(name="fp16", kind="fp16")],
+                  static_quantized=None)
+    plain = make_pack(tmp_path / "plain", model)
+    for kind in ("fp16", "w4"):
+        cmd, _ = systems.server_command(System(name=kind, kind=kind), suite.budgets[0], suite, model, plain, 1, tmp_path)
+        assert "--model" in cmd
+    with pytest.raises(MorphServeError, match="W8A8 tier"):
+        systems.server_command(System(name="w8", kind="w8a8"), suite.budgets[0], suite, model, plain, 1, tmp_path)
+    tiered = make_tiered_pack(tmp_path / "tiered", model)
+    cmd, _ = systems.server_command(System(name="w8", kind="w8a8"), suite.budgets[0], suite, model, tiered, 1, tmp_path)
+    assert cmd[cmd.index("--model") + 1] == str(tiered / packfmt.load_manifest(tiered).tiers[0].quantized_dir)

@@ -39,7 +39,8 @@ def server_command(system: System, budget: Budget, suite: Suite, model: Path, pa
               "--max-num-seqs", str(suite.max_num_seqs), "--served-model-name", "model", "--seed", str(suite.seed)]
     if system.kind in ("fp16", "fp16-compiled", "w4", "w8a8"):
         env["VLLM_PLUGINS"] = ""  # plain vLLM: MorphServe not loaded at all
-        served = {"w4": pack / "quantized", "w8a8": static_w8a8_dir(pack)}.get(system.kind, model)
+        served = (pack / "quantized" if system.kind == "w4" else static_w8a8_dir(pack) if system.kind == "w8a8"
+                  else model)
         kv = total - model_weight_bytes(served)
         cmd = [sys.executable, "-m", PLAIN_VLLM_SERVER, "--model", str(served),
                "--tokenizer", str(model), "--kv-cache-memory-bytes", str(kv), *common]
