@@ -1,9 +1,10 @@
 """An offline model whose decoder layers switch between full precision and the W4 twin.
 
 This is the measuring instrument for `prepare` (importance scores and perplexity), not the
-serving path. It runs transformers' own Llama modules on the CPU in the model's dtype
-(bf16), with each quantized layer's linears holding the twin's dequantized weights: the
-same numbers vLLM's W4A16 kernel multiplies by. Swapping a layer here is a pointer swap of
+serving path. It runs transformers' own Llama modules on the CPU, with each quantized
+layer's linears holding the twin's dequantized weights: the same numbers vLLM's W4A16
+kernel multiplies by. Weights always hold bf16 values; the arithmetic is bf16 by default,
+or fp32 (`compute_dtype`) on CPUs that only emulate bf16, where it is about 10x faster. Swapping a layer here is a pointer swap of
 seven `weight` tensors.
 
 A second tier (W8A8) adds its own dequantized weights and quantizes each of its linears'
@@ -41,7 +42,7 @@ def fake_quant_per_token_int8(x: torch.Tensor) -> torch.Tensor:
 class SwitchableModel:
     def __init__(self, model_dir: Path, load_twin_layer: LoadTwinLayer, num_layers: int,
                  threads: int | None = None, tiers: dict[str, LoadTwinLayer] | None = None,
-                 act_quant_tiers: frozenset[str] = frozenset()):
+                 act_quant_tiers: frozenset[str] = frozenset(), compute_dtype: torch.dtype = torch.bfloat16):
         from transformers import AutoModelForCausalLM
 
         if threads:
@@ -49,6 +50,8 @@ class SwitchableModel:
         self.model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=torch.bfloat16, attn_implementation="sdpa"
         ).eval()
+        if compute_dtype != torch.bfloat16:
+            self.model.to(compute_dtype)  # bf16 -> fp32 is exact: the same weights, wider arithmetic
         self.layers = self.model.model.layers
         self.num_layers = num_layers
         self._fp: dict[int, dict[str, torch.Tensor]] = {}
@@ -58,7 +61,8 @@ class SwitchableModel:
             mods = self._linears(i)
             self._fp[i] = {n: m.weight.data for n, m in mods.items()}
             for tier, load in loaders.items():
-                self._q[tier][i] = {n: w.to(torch.bfloat16).contiguous() for n, w in load(i).items()}
+                self._q[tier][i] = {n: w.to(torch.bfloat16).to(compute_dtype).contiguous()
+                                    for n, w in load(i).items()}
         self.act_quant_tiers = act_quant_tiers
         self.config: dict[int, str] = {}
         self._hooks: dict[int, list] = {}

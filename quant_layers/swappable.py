@@ -27,6 +27,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from quant_layers.errors import QuantLayersError
 from quant_layers.mapped_checkpoint import CheckpointReader
 
 Forward = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -132,6 +133,32 @@ class W8Compute:
         return self.kernel.apply_weights(self.holder, x, bias)
 
 
+class ProofFailed(QuantLayersError):
+    """A twin's compute failed its one tiny call before being installed."""
+
+
+def _no_fault(point: str) -> None:
+    pass
+
+
+def prove_compute(compute, in_features: int, out_features: int, dtype: torch.dtype,
+                  fault: Callable[[str], None] = _no_fault) -> None:
+    """Run `compute` once on a one-token input and check the shape and finiteness of what
+    it returns: a kernel this CPU's vLLM build lacks, or one that computes garbage, fails
+    here, before it is installed in a layer, instead of in the next forward (where it would
+    kill the engine). One row costs microseconds against the milliseconds of a swap."""
+    x = torch.linspace(-1.0, 1.0, in_features, dtype=torch.float32).to(dtype).unsqueeze(0)
+    try:
+        fault("proof")  # test-only fault injection, supplied by the runtime
+        y = compute(x, None, None)
+    except Exception as e:
+        raise ProofFailed(f"{type(compute).__name__} failed its proof call: {type(e).__name__}: {e}") from e
+    if tuple(y.shape) != (1, out_features):
+        raise ProofFailed(f"{type(compute).__name__} returned shape {tuple(y.shape)}, expected (1, {out_features})")
+    if not torch.isfinite(y).all():
+        raise ProofFailed(f"{type(compute).__name__} returned non-finite values on its proof call")
+
+
 class IdentityCompute:
     """A 'twin' that computes exactly what full precision computes (a fresh bf16 prepack).
 
@@ -200,20 +227,25 @@ class SwappableLinear:
 
     Neither precision is held anywhere but in the layer: the bf16 master is re-read from
     the model's safetensors file on restore, a twin from the pack's file on quantize.
-    `twins` maps a tier name to its twin; the first one is the base tier (`to_quantized`).
+    `twins` maps a tier name to its twin, least compressed first; `to_quantized` goes to
+    the most compressed one.
     """
 
     FULL = "bf16"
 
-    def __init__(self, layer: torch.nn.Module, keys: list[str], twins, fp_bytes: int, kernels: LinearKernels):
+    def __init__(self, layer: torch.nn.Module, keys: list[str], twins, fp_bytes: int, kernels: LinearKernels,
+                 shape: tuple[int, int], dtype: torch.dtype):
         if not kernels.has_slot(layer):
             raise RuntimeError("MorphServe swapping supports vLLM's CPU linear path only (layer has no cpu_linear)")
         self.kernels = kernels
         self.layer = layer
         self.keys = keys  # the HF linears fused into this vLLM module, in vLLM's order
         self.twins = twins if isinstance(twins, dict) else {"w4a16": twins}
-        self.base_tier = next(iter(self.twins))
+        self.most_compressed = list(self.twins)[-1]
         self.fp_bytes = fp_bytes
+        self.in_features, self.out_features = shape  # for the proof call before an install
+        self.dtype = dtype
+        self.fault: Callable[[str], None] = _no_fault  # the runtime's test-only fault injection
         self.tier_bytes = {self.FULL: fp_bytes}  # what a restore to each tier will hold
         self.compute = None  # the live twin while quantized
         self.tier = self.FULL
@@ -227,7 +259,7 @@ class SwappableLinear:
         return self.compute.nbytes if self.quantized else self.fp_bytes
 
     def to_quantized(self, readers: Readers) -> None:
-        self.to_tier(self.base_tier, readers)
+        self.to_tier(self.most_compressed, readers)
 
     def to_tier(self, tier: str, readers: Readers) -> None:
         if tier == self.tier:
@@ -241,7 +273,11 @@ class SwappableLinear:
         """Build `tier`'s compute (bf16: read, fuse and prepack the master); the layer is untouched."""
         if tier == self.FULL:
             return self.prepare_full(readers)
-        return self.twins[tier].build(self.keys, readers)
+        if tier not in self.twins:
+            raise QuantLayersError(f"tier {tier} is not served here (served: {', '.join(self.twins)})")
+        compute = self.twins[tier].build(self.keys, readers)
+        prove_compute(compute, self.in_features, self.out_features, self.dtype, self.fault)
+        return compute
 
     def prepare_full(self, readers: Readers):
         return self.kernels.prepack_bf16(readers.masters.fused([f"{k}.weight" for k in self.keys]))

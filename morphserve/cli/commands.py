@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from morphserve.errors import USER_ERRORS
+from morphserve.errors import USER_ERRORS, MorphServeError
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
@@ -41,10 +41,15 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantized", type=Path, default=None, metavar="CKPT",
                    help="use this existing compressed-tensors pack-quantized W4A16 checkpoint of the same "
                         "model instead of running GPTQ (checked for architecture and shapes)")
-    p.add_argument("--tiers", default="w4a16", metavar="LIST",
-                   help="precision tiers to build, comma-separated: 'w4a16' (default) or 'w8a8,w4a16' (adds a "
-                        "W8A8 int8 twin, its own importance order and quality curve, and the tiered ladder; "
-                        "W4A16 is the base tier and must be in the list)")
+    p.add_argument("--tiers", default="auto", metavar="LIST",
+                   help="precision tiers to build, comma-separated: 'w4a16', 'w8a8' (a W8A8-only pack: bf16 -> "
+                        "int8) or 'w8a8,w4a16' (both twins, each with its own importance order and quality curve, "
+                        "and the tiered ladder). 'auto': w4a16 where this CPU's vLLM build runs the W4A16 kernel, "
+                        "w8a8 where it does not (AVX2-only CPUs). Each tier's kernel is probed on this CPU first")
+    p.add_argument("--compute-dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="dtype of the offline forwards (importance, perplexity). 'auto': bf16 where the CPU has bf16 "
+                        "arithmetic (AVX512_BF16 or AMX), else fp32 on the same bf16 weight values (torch emulates bf16 "
+                        "there, about 10x slower)")
     p.add_argument("--w8a8-method", choices=("gptq", "rtn", "smoothquant-gptq"), default="gptq",
                    help="how llm-compressor picks the W8A8 int8 weights (SmoothQuant changes the RMSNorm "
                         "weights a layer shares with its bf16 self, so a smoothed twin cannot be swapped per layer)")
@@ -76,10 +81,64 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         eval_text=args.eval_text, quantized=args.quantized, eval_tokens=args.eval_tokens,
         eval_window=args.eval_window, lis_tokens=args.lis_tokens, lis_window=args.lis_window,
         gptq_samples=args.gptq_samples, gptq_seq_len=args.gptq_seq_len, force=args.force,
-        threads=args.threads, tiers=args.tiers, w8a8_method=args.w8a8_method, w8a8_order=args.w8a8_order, quantized_w8a8=args.quantized_w8a8,
+        threads=args.threads, tiers=args.tiers, w8a8_method=args.w8a8_method, w8a8_order=args.w8a8_order,
+        quantized_w8a8=args.quantized_w8a8, compute_dtype=args.compute_dtype, probe=_probe,
     )
     run_prepare(opt)
     print(summarize_pack(args.out))
+    return 0
+
+
+def _probe(tiers: list[str]) -> dict[str, str | None]:
+    """Each tier's kernel run once on this CPU through vLLM's own kernel class."""
+    from morphserve.vllm.kernels import probe_tiers
+
+    return probe_tiers(tiers)
+
+
+def _add_pack(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pack", help="inspect a pack: check it against a model and this CPU, or summarise it",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    psub = p.add_subparsers(dest="pack_command", required=True, metavar="ACTION")
+    c = psub.add_parser("check", help="check a pack (format, every tier's files) and probe each tier's kernel on "
+                                      "this CPU; exit 0 if it can be served here, 2 otherwise",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("pack", type=Path, metavar="PACK_DIR", help="a pack written by `morphserve prepare`")
+    c.add_argument("--model", default=None, metavar="MODEL_DIR",
+                   help="check the pack against this model (architecture, shapes, weight hash); default: the "
+                        "model folder the pack was prepared from")
+    c.add_argument("--tiers", default=None, metavar="LIST", help="check only these tiers (comma-separated)")
+    c.set_defaults(func=_cmd_pack_check)
+    s = psub.add_parser("show", help="print a pack's summary: importance order, quality curves, tiers")
+    s.add_argument("pack", type=Path, metavar="PACK_DIR")
+    s.set_defaults(func=lambda args: print(_summary(args.pack)) or 0)
+
+
+def _summary(pack: Path) -> str:
+    from morphserve.offline.report import summarize_pack
+
+    return summarize_pack(pack)
+
+
+def _cmd_pack_check(args: argparse.Namespace) -> int:
+    from morphserve.offline import pack as packfmt
+    from morphserve.runtime import config as runtime_config
+    from quant_layers.cpu_kind import this_cpu
+
+    manifest = packfmt.load_manifest(args.pack)
+    requested = [t.strip() for t in args.tiers.split(",")] if args.tiers else None
+    model = args.model or manifest.model_path
+    if not Path(model).is_dir():
+        raise MorphServeError(f"the pack's model {model} is not here; pass --model MODEL_DIR")
+    cfg = runtime_config.parse({"pack": str(args.pack.resolve()), "tiers": requested})
+    runtime_config.check_pack_matches(cfg, model)
+    verdict = _probe(manifest.tier_names)
+    print(f"pack {args.pack}: {manifest.architecture}, {manifest.num_layers} layers, tiers "
+          f"{', '.join(manifest.tier_names)}; CPU: {this_cpu().describe()}")
+    for tier in manifest.tier_names:
+        print(f"  {tier}: {'runs here' if verdict[tier] is None else 'does not run here: ' + verdict[tier]}")
+    served = runtime_config.serve_tiers(manifest, requested, lambda tiers: {t: verdict[t] for t in tiers})
+    print(f"served here as the ladder: bf16 -> {' -> '.join(served)}")
     return 0
 
 
@@ -90,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_prepare(sub)
+    _add_pack(sub)
     from morphserve.cli.serve import add_parser as add_serve
 
     add_serve(sub)

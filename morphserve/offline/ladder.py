@@ -41,15 +41,20 @@ class Ladder:
             self._configs.append({**self._configs[-1], r.layer: r.tier})
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest) -> "Ladder":
-        fp = {b.layer: b.fp16 for b in manifest.layer_bytes}
-        w4 = {b.layer: b.quantized for b in manifest.layer_bytes}
-        w8 = manifest.tier("w8a8")
-        if w8 is None:
-            return cls([Rung(i, BASE_TIER, fp[i] - w4[i]) for i in manifest.swap_order])
-        w8_bytes = dict(enumerate(w8.layer_bytes))
-        return cls([Rung(i, "w8a8", fp[i] - w8_bytes[i]) for i in w8.swap_order]
-                   + [Rung(i, BASE_TIER, w8_bytes[i] - w4[i]) for i in manifest.swap_order])
+    def from_manifest(cls, manifest: Manifest, tiers: list[str] | None = None) -> "Ladder":
+        """The ladder over the pack's tiers, or over `tiers` only (those this CPU serves):
+        each served tier's layers in its own order, least compressed tier first."""
+        served = [t for t in manifest.tier_names if tiers is None or t in tiers]
+        if not served:
+            raise ValueError(f"none of the tiers {tiers} is in this pack (it has {', '.join(manifest.tier_names)})")
+        previous = {b.layer: b.fp16 for b in manifest.layer_bytes}
+        rungs = []
+        for name in served:
+            tier = manifest.tier(name)
+            held = dict(enumerate(tier.layer_bytes))
+            rungs += [Rung(i, name, previous[i] - held[i]) for i in tier.swap_order]
+            previous = held
+        return cls(rungs)
 
     @property
     def top(self) -> int:
@@ -61,7 +66,12 @@ class Ladder:
 
     @property
     def tiered(self) -> bool:
-        return any(r.tier != BASE_TIER for r in self.rungs)
+        """More than one quantized tier on this ladder."""
+        return len(self.tier_names) > 1
+
+    @property
+    def tier_names(self) -> list[str]:
+        return list(dict.fromkeys(r.tier for r in self.rungs))
 
     def config(self, level: int) -> dict[int, str]:
         """layer -> tier at `level` (a layer not listed is bf16)."""
@@ -113,7 +123,24 @@ class Ladder:
 
 def level_ppl_curve(quality: dict) -> dict[int, float]:
     """Perplexity at every level of a pack: the ladder's (quality.json `ladder.ppl`) with
-    tiers, else the W4A16 swap order's (`orders.lis.ppl`). (policies.config reads the same
-    two keys on its own: the policies room imports nothing of morphserve.)"""
+    tiers, else the base tier's swap order (`orders.lis.ppl`). (policies.config reads the
+    same two keys on its own: the policies room imports nothing of morphserve.)"""
     source = quality["ladder"] if "ladder" in quality else quality["orders"]["lis"]
     return {int(k): float(v) for k, v in source["ppl"].items()}
+
+
+def served_quality(quality: dict | None, pack_tiers: list[str], served: list[str]) -> dict | None:
+    """quality.json as the served ladder sees it: unchanged when every tier of the pack is
+    served; when a CPU serves only some, the curve of those rungs (W8A8 alone: the tiered
+    ladder's first half, `tiers.w8a8.ppl`; W4A16 alone: `orders.lis.ppl`), in the shape the
+    policy and the evaluation read (`orders.lis.ppl`)."""
+    if quality is None or list(served) == list(pack_tiers):
+        return quality
+    if list(served) == [BASE_TIER]:
+        curve = quality["orders"]["lis"]["ppl"]
+    elif list(served) == ["w8a8"]:
+        curve = quality["tiers"]["w8a8"]["ppl"]
+    else:
+        raise ValueError(f"no quality curve for serving {served} of a pack with {pack_tiers}")
+    return {**{k: v for k, v in quality.items() if k not in ("ladder", "tiers", "orders")},
+            "orders": {"lis": {"ppl": dict(curve)}}, "served_tiers": list(served)}

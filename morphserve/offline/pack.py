@@ -9,8 +9,10 @@
       quantized-w8a8/   (with --tiers w8a8,w4a16) the W8A8 twin: compressed-tensors
                         int-quantized int8 weights, dynamic per-token int8 activations
 
-The W4A16 twin is the base tier and is described by the manifest's top-level fields (so a
-pack without tiers reads as before); every further tier is one entry of `tiers`.
+The base tier is described by the manifest's top-level fields (so a pack without tiers
+reads as before): W4A16 by default, or W8A8 (`base_tier: w8a8`, a *W8A8-only* pack, the
+default on CPUs whose vLLM build has no W4A16 kernel). Every further tier is one entry of
+`tiers`; only a W4A16 base can have one (W8A8).
 
 A tiered pack is served along a *ladder*: level k is the first k steps of [every layer to
 W8A8 in the W8A8 order] + [every layer from W8A8 to W4A16 in the W4A16 order]. Each rung
@@ -66,6 +68,7 @@ class Manifest(BaseModel):
     num_layers: int
     bits: int
     group_size: int
+    base_tier: str = Field(default=BASE_TIER, description="the tier the top-level fields describe: w4a16 or w8a8")
     format: str = FORMAT
     quantized_dir: str = QUANTIZED_DIR
     quantization_source: str = Field(description="'gptq (llm-compressor)' or the --quantized path")
@@ -80,6 +83,12 @@ class Manifest(BaseModel):
             raise ValueError("swap_order must be a permutation of 0..num_layers-1")
         if [b.layer for b in self.layer_bytes] != list(range(self.num_layers)):
             raise ValueError("layer_bytes must list every layer once, in order")
+        if self.base_tier not in TIER_NAMES:
+            raise ValueError(f"unknown base_tier {self.base_tier!r} (known: {', '.join(TIER_NAMES)})")
+        if self.format != TIER_FORMATS[self.base_tier]:
+            raise ValueError(f"base tier {self.base_tier} is stored as {TIER_FORMATS[self.base_tier]}, not {self.format}")
+        if self.base_tier != BASE_TIER and self.tiers:
+            raise ValueError(f"a {self.base_tier}-only pack has no further tiers")
         for t in self.tiers:
             if t.name not in TIER_NAMES or t.name == BASE_TIER:
                 raise ValueError(f"unknown tier {t.name!r} (known: {', '.join(n for n in TIER_NAMES if n != BASE_TIER)})")
@@ -88,20 +97,23 @@ class Manifest(BaseModel):
         return self
 
     def tier(self, name: str) -> TierManifest | None:
+        """Any tier of the pack, the base one included (as a view of the top-level fields)."""
+        if name == self.base_tier:
+            return TierManifest(name=name, format=self.format, quantized_dir=self.quantized_dir,
+                                quantization_source=self.quantization_source, swap_order=self.swap_order,
+                                layer_bytes=[b.quantized for b in self.layer_bytes])
         return next((t for t in self.tiers if t.name == name), None)
 
     @property
     def tier_names(self) -> list[str]:
         """Every tier of the pack, least compressed first."""
-        have = {t.name for t in self.tiers} | {BASE_TIER}
+        have = {t.name for t in self.tiers} | {self.base_tier}
         return [n for n in TIER_NAMES if n in have]
 
 
 def tier_dirs(pack_dir: Path, manifest: Manifest) -> dict[str, Path]:
     """Each tier's checkpoint folder (every one is servable by plain vLLM as a static baseline)."""
-    dirs = {BASE_TIER: Path(pack_dir) / manifest.quantized_dir}
-    dirs.update({t.name: Path(pack_dir) / t.quantized_dir for t in manifest.tiers})
-    return dirs
+    return {name: Path(pack_dir) / manifest.tier(name).quantized_dir for name in manifest.tier_names}
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -2,7 +2,12 @@
 
 With `--tiers w8a8,w4a16` a W8A8 twin is built beside the W4A16 one; each tier gets its
 own importance order, and the tiered ladder (morphserve.offline.ladder) is measured at
-every level.
+every level. `--tiers w8a8` makes a W8A8-only pack (bf16 -> W8A8), the default on CPUs
+whose vLLM build has no W4A16 kernel: the tiers are probed on this CPU before any slow work.
+
+The offline forwards run in bf16 where the CPU has bf16 arithmetic (AVX512_BF16 or AMX)
+and in fp32 elsewhere, on weights that hold exactly the bf16 values (torch emulates bf16
+there at about a tenth of fp32's speed).
 
 Everything is written into a temporary sibling of PACK_DIR and renamed into place only
 when complete, so a failed or interrupted run leaves no partial pack behind.
@@ -18,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -31,6 +37,7 @@ from quant_layers import quality, twin
 from quant_layers.eval_windows import load_windows
 from quant_layers.importance import greedy_lis_order
 from quant_layers.layer_runner import BASE, SwitchableModel, mean_cosine
+from quant_layers.cpu_kind import this_cpu
 from quant_layers.w8_twin import open_w8_twin
 
 W8_DIR = "quantized-w8a8"
@@ -57,7 +64,9 @@ class PrepareOptions:
     gptq_seq_len: int = 512
     force: bool = False
     threads: int | None = None
-    tiers: str = "w4a16"
+    tiers: str = "auto"  # auto: w4a16 where this CPU runs its kernel, else w8a8
+    probe: Callable[[list[str]], dict[str, str | None]] | None = None  # tier -> None, or why not here
+    compute_dtype: str = "auto"  # auto: bf16 with native bf16 arithmetic, else fp32
     w8a8_method: str = "gptq"
     w8a8_order: str = "lis"  # or "w4a16": reuse the base tier's order
     quantized_w8a8: Path | None = None
@@ -68,15 +77,37 @@ def _log(msg: str) -> None:
     print(f"[prepare] {msg}", file=sys.stderr, flush=True)
 
 
+TIER_CHOICES = ("auto", "w4a16", "w8a8", "w8a8,w4a16")
+
+
+def _resolve_tiers(opt: PrepareOptions) -> list[str]:
+    """The tiers to build: those asked for, each probed on this CPU first. `auto` is W4A16
+    where its kernel runs and W8A8 (a W8A8-only pack) where it does not."""
+    verdict = opt.probe(list(packfmt.TIER_NAMES)) if opt.probe is not None else {}
+    if opt.tiers.strip() == "auto":
+        tiers = [packfmt.BASE_TIER] if verdict.get(packfmt.BASE_TIER) is None else ["w8a8"]
+        if tiers == ["w8a8"]:
+            _log(f"W4A16 does not run here ({verdict[packfmt.BASE_TIER]}); preparing a W8A8-only pack")
+    else:
+        tiers = [t.strip() for t in opt.tiers.split(",") if t.strip()]
+        if ",".join(t for t in packfmt.TIER_NAMES if t in tiers) not in TIER_CHOICES or len(set(tiers)) != len(tiers):
+            raise MorphServeError(f"--tiers {opt.tiers!r}: give 'w4a16', 'w8a8' or 'w8a8,w4a16' (or 'auto'; "
+                                  f"known tiers: {', '.join(packfmt.TIER_NAMES)})")
+    tiers = [t for t in packfmt.TIER_NAMES if t in tiers]
+    runs = [t for t in tiers if verdict.get(t) is None]
+    if not runs:
+        raise MorphServeError(f"this CPU cannot serve a {'/'.join(tiers)} pack: {verdict[tiers[-1]]}"
+                              + ("; use --tiers w8a8" if "w8a8" not in tiers else ""))
+    for t in tiers:
+        if t not in runs:
+            _log(f"warning: this CPU will serve the pack without its {t} tier: {verdict[t]}")
+    return tiers
+
+
 def _check_inputs(opt: PrepareOptions):
     if opt.bits != twin.SERVED_BITS:
         raise MorphServeError(f"--bits {opt.bits} is not supported: {twin.SERVED}")
-    tiers = [t.strip() for t in opt.tiers.split(",") if t.strip()]
-    unknown = [t for t in tiers if t not in packfmt.TIER_NAMES]
-    if unknown or packfmt.BASE_TIER not in tiers or len(set(tiers)) != len(tiers):
-        raise MorphServeError(f"--tiers {opt.tiers!r}: give 'w4a16' or 'w8a8,w4a16' (W4A16 is the base tier; "
-                              f"known tiers: {', '.join(packfmt.TIER_NAMES)})")
-    opt.tiers = ",".join(t for t in packfmt.TIER_NAMES if t in tiers)
+    opt.tiers = ",".join(_resolve_tiers(opt))
     info = read_model_info(opt.model)
     twin.index_safetensors(Path(opt.model))  # a corrupt weight file fails here, not after GPTQ
     if opt.group_size is None:
@@ -89,11 +120,13 @@ def _check_inputs(opt: PrepareOptions):
     out = Path(opt.out)
     if out.exists() and any(out.iterdir()) and not opt.force:
         raise MorphServeError(f"{out} already exists and is not empty; pass --force to replace it")
+    if opt.quantized is not None and opt.tiers == "w8a8":
+        raise MorphServeError("--quantized is a W4A16 checkpoint; a W8A8-only pack (--tiers w8a8) has none")
     if opt.quantized is not None:
         twin.check_servable_twin(twin.open_twin(opt.quantized, info))  # fail before any slow work
     if opt.quantized_w8a8 is not None:
-        if "w8a8" not in tiers:
-            raise MorphServeError("--quantized-w8a8 needs --tiers w8a8,w4a16")
+        if "w8a8" not in opt.tiers.split(","):
+            raise MorphServeError("--quantized-w8a8 needs --tiers w8a8 or w8a8,w4a16")
         open_w8_twin(opt.quantized_w8a8, info)
     return info
 
@@ -149,31 +182,20 @@ def run_prepare(opt: PrepareOptions) -> packfmt.Manifest:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        qdir = tmp / packfmt.QUANTIZED_DIR
+        tiers = opt.tiers.split(",")
+        w8, w8_source = _w8_twin(opt, tmp, info) if "w8a8" in tiers else (None, "")
+        tw, source = _w4_twin(opt, tmp, info) if packfmt.BASE_TIER in tiers else (None, "")
+        dtype = compute_dtype(opt.compute_dtype)
         t = time.monotonic()
-        if opt.quantized is not None:
-            _log(f"using existing W{opt.bits}A16 checkpoint {opt.quantized}")
-            _copy_checkpoint(opt.quantized, qdir)
-            source = str(Path(opt.quantized).resolve())
-        else:
-            _log(f"GPTQ W{opt.bits}A16 g{opt.group_size} via llm-compressor "
-                 f"({opt.gptq_samples} x {opt.gptq_seq_len} calibration tokens)")
-            twin.run_gptq(opt.model, qdir, opt.bits, opt.group_size, opt.calib,
-                          opt.gptq_samples, opt.gptq_seq_len)
-            source = "gptq (llm-compressor)"
-        opt.timings["quantize"] = time.monotonic() - t
-        tw = twin.open_twin(qdir, info)
-        if tw.bits != opt.bits or tw.group_size != opt.group_size:
-            if opt.quantized is None:
-                raise MorphServeError(f"llm-compressor wrote W{tw.bits} g{tw.group_size}, expected W{opt.bits} g{opt.group_size}")
-            _log(f"checkpoint is W{tw.bits} g{tw.group_size}; recording that in the manifest")
-            opt.bits, opt.group_size = tw.bits, tw.group_size
-
-        w8, w8_source = _w8_twin(opt, tmp, info) if "w8a8" in opt.tiers.split(",") else (None, "")
-        t = time.monotonic()
-        extra = {"w8a8": lambda i: w8.dequantized_layer(i, torch.bfloat16)} if w8 else {}
-        model = SwitchableModel(opt.model, lambda i: tw.dequantized_layer(i, torch.bfloat16),
-                                info.num_layers, threads=opt.threads, tiers=extra, act_quant_tiers=frozenset(extra))
+        if tw is not None:  # the base tier is W4A16; W8A8, if any, is a further tier
+            base = lambda i: tw.dequantized_layer(i, torch.bfloat16)  # noqa: E731
+            extra = {"w8a8": lambda i: w8.dequantized_layer(i, torch.bfloat16)} if w8 else {}
+            act_quant = frozenset(extra)
+        else:  # a W8A8-only pack: W8A8 is the base tier
+            base, extra, act_quant = (lambda i: w8.dequantized_layer(i, torch.bfloat16)), {}, frozenset({BASE})
+        _log(f"offline forwards in {str(dtype).removeprefix('torch.')} ({this_cpu().describe()})")
+        model = SwitchableModel(opt.model, base, info.num_layers, threads=opt.threads, tiers=extra,
+                                act_quant_tiers=act_quant, compute_dtype=dtype)
         tokenizer = _tokenizer(opt.model)
         opt.timings["load"] = time.monotonic() - t
 
@@ -182,7 +204,7 @@ def run_prepare(opt: PrepareOptions) -> packfmt.Manifest:
         _log(f"layer importance on {len(calib.windows)} x {opt.lis_window} calibration tokens")
         importance = _importance(model, calib, info.num_layers)
         w8_importance = None
-        if w8 is not None:
+        if w8 is not None and tw is not None:
             w8_importance = (_importance(model, calib, info.num_layers, "w8a8") if opt.w8a8_order == "lis"
                              else importance)
         opt.timings["importance"] = time.monotonic() - t
@@ -191,27 +213,34 @@ def run_prepare(opt: PrepareOptions) -> packfmt.Manifest:
         evalw = load_windows(opt.eval_text, tokenizer, opt.eval_window, opt.eval_tokens)
         _log(f"perplexity on {evalw.scored_tokens} tokens ({len(evalw.windows)} x {opt.eval_window})")
         qual = quality.quality_curves(model, evalw, importance.order, opt.eval_text, opt.eval_window)
-        tiers = []
-        if w8 is not None:
-            tiers.append(packfmt.TierManifest(
+        qual["compute_dtype"] = str(dtype).removeprefix("torch.")
+        further = []
+        if w8_importance is not None:
+            further.append(packfmt.TierManifest(
                 name="w8a8", format=packfmt.TIER_FORMATS["w8a8"], quantized_dir=W8_DIR,
                 quantization_source=w8_source, swap_order=w8_importance.order,
                 layer_bytes=[w8.layer_bytes(i) for i in range(info.num_layers)]))
         opt.timings["quality"] = time.monotonic() - t
 
+        if tw is not None:
+            base_fields = dict(bits=opt.bits, group_size=opt.group_size, quantization_source=source,
+                               layer_bytes=[packfmt.LayerBytes(layer=i, fp16=info.layer_fp_bytes(),
+                                                               quantized=tw.layer_bytes(i))
+                                            for i in range(info.num_layers)])
+        else:
+            base_fields = dict(base_tier="w8a8", bits=8, group_size=0, format=packfmt.TIER_FORMATS["w8a8"],
+                               quantized_dir=W8_DIR, quantization_source=w8_source,
+                               layer_bytes=[packfmt.LayerBytes(layer=i, fp16=info.layer_fp_bytes(),
+                                                               quantized=w8.layer_bytes(i))
+                                            for i in range(info.num_layers)])
         manifest = packfmt.Manifest(
             tool_version=morphserve.__version__,
             model_path=str(Path(opt.model).resolve()),
             model_sha256=info.weights_sha256(),
             architecture=info.config["architectures"][0],
-            num_layers=info.num_layers, bits=opt.bits, group_size=opt.group_size,
-            quantization_source=source,
-            swap_order=importance.order,
-            layer_bytes=[packfmt.LayerBytes(layer=i, fp16=info.layer_fp_bytes(), quantized=tw.layer_bytes(i))
-                         for i in range(info.num_layers)],
-            tiers=tiers,
+            num_layers=info.num_layers, swap_order=importance.order, tiers=further, **base_fields,
         )
-        if tiers:
+        if further:
             t = time.monotonic()
             _log(f"tiered ladder: perplexity at each of {2 * info.num_layers} levels")
             qual.update(quality.tier_curves(model, evalw, Ladder.from_manifest(manifest), w8_importance.order,
@@ -233,6 +262,37 @@ def run_prepare(opt: PrepareOptions) -> packfmt.Manifest:
         return manifest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _w4_twin(opt: PrepareOptions, tmp: Path, info):  # -> (TwinCheckpoint, source)
+    """The W4A16 twin in tmp/quantized: llm-compressor GPTQ, or --quantized."""
+    qdir = tmp / packfmt.QUANTIZED_DIR
+    t = time.monotonic()
+    if opt.quantized is not None:
+        _log(f"using existing W{opt.bits}A16 checkpoint {opt.quantized}")
+        _copy_checkpoint(opt.quantized, qdir)
+        source = str(Path(opt.quantized).resolve())
+    else:
+        _log(f"GPTQ W{opt.bits}A16 g{opt.group_size} via llm-compressor "
+             f"({opt.gptq_samples} x {opt.gptq_seq_len} calibration tokens)")
+        twin.run_gptq(opt.model, qdir, opt.bits, opt.group_size, opt.calib, opt.gptq_samples, opt.gptq_seq_len)
+        source = "gptq (llm-compressor)"
+    opt.timings["quantize"] = time.monotonic() - t
+    tw = twin.open_twin(qdir, info)
+    if tw.bits != opt.bits or tw.group_size != opt.group_size:
+        if opt.quantized is None:
+            raise MorphServeError(f"llm-compressor wrote W{tw.bits} g{tw.group_size}, expected W{opt.bits} g{opt.group_size}")
+        _log(f"checkpoint is W{tw.bits} g{tw.group_size}; recording that in the manifest")
+        opt.bits, opt.group_size = tw.bits, tw.group_size
+    return tw, source
+
+
+def compute_dtype(choice: str) -> torch.dtype:
+    """The dtype of the offline forwards: bf16 where the CPU computes it natively, else fp32
+    (on the same bf16 values; the curves agree within noise, docs/RESULTS.md)."""
+    if choice == "auto":
+        return torch.bfloat16 if this_cpu().native_bf16 else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[choice]
 
 
 def _w8_twin(opt: PrepareOptions, tmp: Path, info):  # -> (W8Checkpoint, source)

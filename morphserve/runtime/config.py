@@ -6,8 +6,9 @@ that does not twin the served model stops startup with one clear error.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -17,6 +18,7 @@ from morphserve.errors import MorphServeError, first_field_error
 # The config accepted in this process, if MorphServe was activated here (the API server
 # mounts /morphserve/* only then).
 ACTIVE: "MorphConfig | None" = None
+log = logging.getLogger("morphserve")
 
 
 class MorphConfig(BaseModel):
@@ -35,6 +37,9 @@ class MorphConfig(BaseModel):
     manual_min_interval_s: float = Field(
         default=1.0, ge=0, le=3600, description="POST /morphserve/level may change the level at most once per this "
         "many seconds (429 otherwise); 0 turns the limit off")
+    tiers: list[Literal["w8a8", "w4a16"]] | None = Field(
+        default=None, description="the pack tiers to serve (default: every tier of the pack this CPU's vLLM build "
+        "runs, probed at start-up); the ladder climbs only these")
     restore_mode: Literal["background", "sync"] = Field(
         default="background", description="policy-driven restores: prepare the bf16 layers in a worker thread "
         "and install them at step boundaries (background), or all inside one step boundary (sync). "
@@ -49,6 +54,33 @@ def parse(raw) -> MorphConfig:
     except ValidationError as e:
         where, msg, _, _ = first_field_error(e)
         raise MorphServeError(f"invalid --additional-config morphserve.{where or 'morphserve'}: {msg}") from None
+
+
+Probe = Callable[[list[str]], dict[str, "str | None"]]  # tier -> None (runs here) or why not
+
+
+def serve_tiers(manifest: packfmt.Manifest, requested: list[str] | None, probe: Probe | None) -> list[str]:
+    """The tiers to serve: those asked for (default: all of the pack's) that this CPU runs.
+
+    A requested tier the pack lacks, or a pack none of whose tiers this CPU runs, is refused
+    in one line naming what is missing; a tier dropped while another remains is served
+    without, with one warning (the ladder is then that tier's rungs only)."""
+    have = manifest.tier_names
+    wanted = have if requested is None else [t for t in packfmt.TIER_NAMES if t in requested]
+    absent = [t for t in wanted if t not in have]
+    if absent:
+        raise MorphServeError(f"tiers: the pack has no {', '.join(absent)} tier (it has {', '.join(have)})")
+    verdict = probe(wanted) if probe is not None else {}
+    usable = [t for t in wanted if verdict.get(t) is None]
+    if not usable:
+        t = wanted[-1]
+        hint = "; prepare a W8A8-only pack with `morphserve prepare --tiers w8a8`" if "w8a8" not in have else ""
+        raise MorphServeError(f"this CPU cannot serve the pack's {' or '.join(wanted)} tier: {verdict[t]}{hint}")
+    for t in wanted:
+        if t not in usable:
+            log.warning("MorphServe: serving the pack without its %s tier: %s; the ladder is %s only",
+                        t, verdict[t], "+".join(usable))
+    return usable
 
 
 def check_servable(manifest: packfmt.Manifest, tw) -> None:
@@ -73,10 +105,22 @@ def check_tiers(manifest: packfmt.Manifest, pack_dir: Path, info) -> None:
     tier = manifest.tier("w8a8")
     if tier is None:
         return
+    if manifest.base_tier == "w8a8" and manifest.bits != 8:
+        raise MorphServeError(f"pack {pack_dir}: a W8A8-only manifest says {manifest.bits}-bit; re-run `morphserve prepare`")
     w8 = open_w8_twin(pack_dir / tier.quantized_dir, info)
     if tier.layer_bytes[0] != w8.layer_bytes(0):
         raise MorphServeError(f"pack {pack_dir}: manifest says {tier.layer_bytes[0]} bytes for layer 0's W8A8 twin, "
                               f"the checkpoint holds {w8.layer_bytes(0)}; re-run `morphserve prepare`")
+
+
+def check_pack_files(manifest: packfmt.Manifest, pack_dir: Path, info=None) -> None:
+    """Every tier's checkpoint is the scheme its kernel serves and what the manifest says;
+    with `info` (the model), its shapes are the model's too."""
+    from quant_layers.twin import open_twin
+
+    if manifest.base_tier == packfmt.BASE_TIER:
+        check_servable(manifest, open_twin(Path(pack_dir) / manifest.quantized_dir, info))
+    check_tiers(manifest, Path(pack_dir), info)
 
 
 def check_pack_matches(cfg: MorphConfig, model_path: str) -> packfmt.Manifest:
@@ -94,8 +138,7 @@ def check_pack_matches(cfg: MorphConfig, model_path: str) -> packfmt.Manifest:
         raise MorphServeError(
             f"pack {pack_dir} does not match the served model {model_path}: pack is {manifest.architecture} with "
             f"{manifest.num_layers} layers, model is {info.config.get('architectures')} with {info.num_layers}")
-    check_servable(manifest, open_twin(pack_dir / manifest.quantized_dir, info))
-    check_tiers(manifest, pack_dir, info)
+    check_pack_files(manifest, pack_dir, info)
     if cfg.memory_budget_gb is not None:
         from morphserve.runtime.kv_sizing import model_weight_bytes
 
@@ -129,11 +172,14 @@ def check_policy(cfg: MorphConfig) -> None:
         cfg.policy = str(path.resolve())  # the engine core may not share our working directory
 
 
-def activate(raw, model_path: str) -> MorphConfig:
+def activate(raw, model_path: str, probe: Probe | None = None) -> MorphConfig:
+    """Validate the config and the pack; fix the tiers served (`probe` runs each tier's
+    kernel on this CPU)."""
     global ACTIVE
     cfg = parse(raw)
     cfg.pack = str(Path(cfg.pack).resolve())
-    check_pack_matches(cfg, model_path)
+    manifest = check_pack_matches(cfg, model_path)
+    cfg.tiers = serve_tiers(manifest, cfg.tiers, probe)
     check_policy(cfg)
     ACTIVE = cfg
     return cfg

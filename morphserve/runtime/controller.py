@@ -17,6 +17,7 @@ It reaches vLLM only through the boundary's EngineLink and SchedulerView
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from kv_resize.budget import KVBudget
 from kv_resize.elastic_pool import ElasticBlockPool
 from morphserve.errors import MorphServeError
 from morphserve.offline import pack as packfmt
-from morphserve.offline.ladder import Ladder
+from morphserve.offline.ladder import Ladder, served_quality
 from morphserve.runtime.config import MorphConfig
 from morphserve.runtime.kv_sizing import plan_budget
 from morphserve.runtime.policy_loop import PolicyLoop
@@ -43,7 +44,7 @@ class MorphController:
         self.config = config
         self.engine = engine
         self.manifest = manifest
-        self.ladder = Ladder.from_manifest(manifest)
+        self.ladder = Ladder.from_manifest(manifest, config.tiers)  # the tiers this CPU serves
         self.order = list(dict.fromkeys(r.layer for r in self.ladder.rungs))
         self.recorder = Recorder(config.transition_log)
         self.loop = PolicyLoop(sampler)
@@ -105,8 +106,14 @@ class MorphController:
                                  self.loop, self.config.shrink_strategy, self.commits_on_touch)
         self.moves.sync_view()
         if self.config.policy:
-            self.loop.start(self.config.policy, Path(self.config.pack),
+            self.loop.start(self.config.policy, self.served_quality(),
                             [self.capacity(k) for k in range(self.num_layers + 1)])
+
+    def served_quality(self) -> dict | None:
+        """The pack's quality.json as the served ladder sees it (some tiers may be off here)."""
+        path = Path(self.config.pack) / packfmt.QUALITY
+        quality = json.loads(path.read_text()) if path.exists() else None
+        return served_quality(quality, self.manifest.tier_names, self.ladder.tier_names)
 
     @property
     def background_restores(self) -> bool:
@@ -256,7 +263,8 @@ class MorphController:
             "swap_order": self.order,
             "layer_tiers": {str(i): t for i, t in sorted(self.moves.config.items())},
             "tier_counts": self.moves.tier_counts(),
-            "tiers": ["bf16", *self.manifest.tier_names],
+            "tiers": ["bf16", *self.ladder.tier_names],
+            "pack_tiers": ["bf16", *self.manifest.tier_names],
             "forced_level": self.forced_level,
             **self.kv_state(),
             "memory": self.memory_state(kv_resident) if memory else None,

@@ -1,7 +1,7 @@
 """Test-only fault injection, so the rollback paths run for real in the engine tests.
 
-`MORPHSERVE_TEST_FAULTS=quantize,restore,restore_commit,kv_release` makes the worker raise
-once per named point, in the middle of that operation (after it has changed something, so
+`MORPHSERVE_TEST_FAULTS=quantize,restore,restore_commit,kv_release,proof` makes the worker
+raise once per named point (`proof`: a twin's compute fails its check call before install), in the middle of that operation (after it has changed something, so
 the rollback has work to do). Unset, as in any real deployment, `maybe_fail` does nothing.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 ENV = "MORPHSERVE_TEST_FAULTS"
-POINTS = ("quantize", "restore", "restore_commit", "kv_release")
+POINTS = ("quantize", "restore", "restore_commit", "kv_release", "proof")
 _fired: set[str] = set()
 
 

@@ -82,8 +82,12 @@ class LayerSet:
         pack_dir = Path(config.pack)
         manifest = packfmt.load_manifest(pack_dir)
         info = read_model_info(model_path)
-        twin_ckpt = open_twin(pack_dir / manifest.quantized_dir, info)
-        w8_tier = manifest.tier("w8a8")
+        served = config.tiers if config.tiers is not None else manifest.tier_names
+        # Only the tiers this CPU serves are opened: on a CPU without vLLM's W4A16 kernel
+        # not even the kernel-layout twin file is built (building it runs that kernel's code).
+        w4_tier = manifest.tier(packfmt.BASE_TIER) if packfmt.BASE_TIER in served else None
+        w8_tier = manifest.tier("w8a8") if "w8a8" in served else None
+        twin_ckpt = open_twin(pack_dir / w4_tier.quantized_dir, info) if w4_tier is not None else None
         w8_ckpt = open_w8_twin(pack_dir / w8_tier.quantized_dir, info) if w8_tier is not None else None
         masters = MappedCheckpoint(index_safetensors(model_path))
         elem = torch.empty(0, dtype=dtype).element_size()
@@ -104,7 +108,7 @@ class LayerSet:
                                                     twin_ckpt.group_size, dtype, kernels)
             return tensors, {**attrs, "params": sorted(tensors)}
 
-        if identity:
+        if identity or twin_ckpt is None:
             twins, attrs = MappedCheckpoint({}), {}
         else:
             pack_files = sorted(set(twin_ckpt.tensors.values()))
@@ -117,26 +121,34 @@ class LayerSet:
         for name, (i, vllm_name, hf_names) in fused.items():
             in_features = info.linear_shapes[hf_names[0]][1]
             out_features = sum(info.linear_shapes[n][0] for n in hf_names)
-            twin = IdentityTwin(kernels) if identity else W4Twin(name, in_features, out_features,
-                                                                  twin_ckpt.group_size, dtype, attrs[name], kernels)
-            tiers = {packfmt.BASE_TIER: twin}
+            tiers = {}
             if w8_ckpt is not None:
-                tiers["w8a8"] = W8Twin(kernels)
+                tiers["w8a8"] = IdentityTwin(kernels) if identity else W8Twin(kernels)
+            if twin_ckpt is not None:
+                tiers[packfmt.BASE_TIER] = IdentityTwin(kernels) if identity else W4Twin(
+                    name, in_features, out_features, twin_ckpt.group_size, dtype, attrs[name], kernels)
             keys = [f"model.layers.{i}.{n}" for n in hf_names]
             swap = SwappableLinear(decoder_layers[i].get_submodule(vllm_name), keys, tiers,
-                                   out_features * in_features * elem, kernels)
+                                   out_features * in_features * elem, kernels, (in_features, out_features), dtype)
+            swap.fault = maybe_fail
             swap.tier_bytes["w8a8"] = out_features * (in_features + 4)  # int8 weight, fp32 scales
             layers.setdefault(i, []).append(swap)
         return cls(layers, masters, twins, MappedCheckpoint(w8_ckpt.tensors) if w8_ckpt is not None else None)
 
+    @property
+    def default_tier(self) -> str:
+        """Where a plain layer id goes when quantized: the most compressed tier served."""
+        return next(iter(self.layers.values()))[0].most_compressed
+
     def apply(self, quantize: list, restore: list) -> dict:
         """Restore then quantize the given layers (a layer id, or [layer, tier]: a plain id
-        quantizes to the base W4A16 tier and restores to bf16); report the bytes and time."""
+        quantizes to the most compressed tier served and restores to bf16); report the
+        bytes and time."""
         t0 = time.monotonic()
         rss_before = rss_bytes()  # every call ends trimmed, so this delta is this call's
         freed = gross = 0  # net bytes (old - new precision) and bf16 bytes
         changed: list[tuple[SwappableLinear, str]] = []  # (swap, tier it had)
-        moves = ([_change(x, FULL) for x in restore], "restore"), ([_change(x, packfmt.BASE_TIER) for x in quantize],
+        moves = ([_change(x, FULL) for x in restore], "restore"), ([_change(x, self.default_tier) for x in quantize],
                                                                    "quantize")
         with self._readers() as readers:
             try:

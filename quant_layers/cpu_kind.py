@@ -1,0 +1,62 @@
+"""What kind of x86 CPU this is, read from /proc/cpuinfo's flags.
+
+The kind decides two things MorphServe cannot assume: which of vLLM's CPU builds runs
+(`_C` for AVX-512 with bf16, `_C_AVX512`, or `_C_AVX2`, whose kernels differ: the AVX2
+build has no W4A16 GEMM), and whether bf16 arithmetic is native (AVX512_BF16 or AMX) or
+emulated by torch at about a tenth of fp32's speed. Plain Python: every room may read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class CpuKind:
+    model: str
+    flags: frozenset[str]
+
+    @property
+    def amx(self) -> bool:
+        return "amx_tile" in self.flags
+
+    @property
+    def avx512(self) -> bool:
+        return "avx512f" in self.flags
+
+    @property
+    def native_bf16(self) -> bool:
+        """bf16 matmuls in hardware (AVX512_BF16 or AMX-BF16); otherwise torch emulates them."""
+        return "avx512_bf16" in self.flags or "amx_bf16" in self.flags
+
+    @property
+    def isa(self) -> str:
+        """The short name every result carries: AMX, AVX-512 or AVX2."""
+        if self.amx:
+            return "AMX"
+        if self.avx512:
+            return "AVX-512" + ("+BF16" if self.native_bf16 else "")
+        return "AVX2" if "avx2" in self.flags else "x86 (no AVX2)"
+
+    def describe(self) -> str:
+        return f"{self.model} ({self.isa})"
+
+
+def parse_cpuinfo(text: str) -> CpuKind:
+    model, flags = "unknown CPU", frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model == "unknown CPU":
+            model = value.strip()
+        elif key == "flags" and not flags:
+            flags = frozenset(value.split())
+    return CpuKind(model, flags)
+
+
+def this_cpu() -> CpuKind:
+    try:
+        return parse_cpuinfo(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return CpuKind("unknown CPU", frozenset())
