@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -25,6 +26,28 @@ def morphserve_cli(*args: str, check: bool = False) -> subprocess.CompletedProce
     return proc
 
 
+@functools.lru_cache(maxsize=None)
+def tier_verdicts() -> dict[str, str | None]:
+    """Each tier's kernel probed on this CPU (None: it runs here), as `serve` probes it. Under
+    MORPHSERVE_TEST_HIDE_OPS=cpu_gemm_wna16 this machine answers as an AVX2 one would."""
+    from morphserve.vllm.kernels import probe_tiers
+
+    return probe_tiers(["w8a8", "w4a16"])
+
+
+def need_tier(tier: str) -> None:
+    """Skip, with the reason, a test whose subject is a tier this CPU's vLLM build lacks; the
+    same mechanism is covered through the tier it has (the session pack is built in it)."""
+    why = tier_verdicts()[tier]
+    if why is not None:
+        pytest.skip(f"needs vLLM's {tier} kernel, which this CPU lacks: {why}")
+
+
+@pytest.fixture
+def needs_w4a16() -> None:
+    need_tier("w4a16")
+
+
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     from morphserve.offline.default_model import ensure_default_model
@@ -43,8 +66,32 @@ def block_bytes(model_dir: Path) -> int:
 
 @pytest.fixture(scope="session")
 def pack_dir(model_dir: Path, tmp_path_factory) -> Path:
+    """The session's pack in this CPU's default tier (`--tiers auto`): W4A16 where vLLM's
+    build runs its kernel, a W8A8-only pack where it does not (AVX2), so every engine test
+    swaps through a tier the machine really serves."""
     if os.environ.get("MORPHSERVE_TEST_PACK"):  # iterate on engine tests without re-preparing
         return Path(os.environ["MORPHSERVE_TEST_PACK"]).resolve()
     out = tmp_path_factory.mktemp("pack") / "smollm2"
     morphserve_cli("prepare", str(model_dir), "--out", str(out), *TINY_PREPARE, check=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiered_pack(model_dir: Path, pack_dir: Path, tmp_path_factory) -> Path:
+    """A W8A8 + W4A16 pack: the session pack's W4A16 twin where it has one (else a GPTQ run),
+    plus a W8A8 twin from llm-compressor (round-to-nearest), the W8A8 order taken from the
+    W4A16 one to keep the test's prepare short."""
+    out = tmp_path_factory.mktemp("tiered") / "pack"
+    reuse = ["--quantized", str(pack_dir / "quantized")] if (pack_dir / "quantized").is_dir() else []
+    morphserve_cli("prepare", str(model_dir), "--out", str(out), "--tiers", "w8a8,w4a16", *reuse,
+                   "--w8a8-order", "w4a16", "--w8a8-method", "rtn", *TINY_PREPARE, check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def w4_pack_dir(pack_dir: Path) -> Path:
+    """The session pack, for tests about its W4A16 twin itself; skipped where this CPU's pack
+    is W8A8-only (no W4A16 kernel: the mechanism is covered through W8A8 by the others)."""
+    if not (pack_dir / "quantized").is_dir():
+        pytest.skip(f"the session pack is W8A8-only on this CPU: {tier_verdicts()['w4a16']}")
+    return pack_dir

@@ -74,14 +74,14 @@ def _run(venv: Path, cwd: Path, *args: str, timeout: float = 900) -> subprocess.
                           text=True, timeout=timeout)
 
 
-def test_installed_wheel_prepares_serves_and_replays_from_anywhere(fresh_venv, model_dir, pack_dir, tmp_path):
+def test_installed_wheel_prepares_serves_and_replays_from_anywhere(fresh_venv, model_dir, w4_pack_dir, tmp_path):
     where = subprocess.run([str(fresh_venv / "bin" / "python"), "-c", "import morphserve; print(morphserve.__file__)"],
                            cwd=tmp_path, capture_output=True, text=True, check=True).stdout
     assert str(fresh_venv) in where, where  # the wheel's copy, not the checkout
     # prepare with its packaged calibration and evaluation text (GPTQ skipped: an existing twin)
     pack = tmp_path / "pack"
     proc = _run(fresh_venv, tmp_path, "prepare", str(model_dir), "--out", str(pack), "--quantized",
-                str(pack_dir / "quantized"), "--lis-tokens", "255", "--lis-window", "256", "--eval-tokens", "1023",
+                str(w4_pack_dir / "quantized"), "--lis-tokens", "255", "--lis-window", "256", "--eval-tokens", "1023",
                 "--eval-window", "1024")
     assert proc.returncode == 0, proc.stderr[-3000:]
     quality = json.loads((pack / "quality.json").read_text())

@@ -12,8 +12,8 @@ from quant_layers.model_info import read_model_info
 pytestmark = pytest.mark.quant
 
 
-def test_manifest_describes_the_model_and_the_twin(pack_dir, model_dir):
-    m = load_manifest(pack_dir)
+def test_manifest_describes_the_model_and_the_twin(w4_pack_dir, model_dir):
+    m = load_manifest(w4_pack_dir)
     info = read_model_info(model_dir)
     assert m.num_layers == 30 and m.bits == 4
     assert m.group_size == 64  # 576 is not a multiple of 128
@@ -23,13 +23,13 @@ def test_manifest_describes_the_model_and_the_twin(pack_dir, model_dir):
         assert b.fp16 == info.layer_fp_bytes() == 7_077_888
         # int4 + a bf16 scale per 64 weights: about 0.28x of bf16.
         assert 0.25 < b.quantized / b.fp16 < 0.30
-    assert (pack_dir / m.quantized_dir / "model.safetensors").is_file()
-    assert not list(pack_dir.parent.glob(".*partial*"))
+    assert (w4_pack_dir / m.quantized_dir / "model.safetensors").is_file()
+    assert not list(w4_pack_dir.parent.glob(".*partial*"))
 
 
-def test_importance_records_every_round(pack_dir):
-    imp = json.loads((pack_dir / "importance.json").read_text())
-    m = load_manifest(pack_dir)
+def test_importance_records_every_round(w4_pack_dir):
+    imp = json.loads((w4_pack_dir / "importance.json").read_text())
+    m = load_manifest(w4_pack_dir)
     assert imp["order"] == m.swap_order
     assert len(imp["rounds"]) == 30
     for r, rnd in enumerate(imp["rounds"]):
@@ -44,8 +44,8 @@ def test_importance_records_every_round(pack_dir):
     assert imp["rounds"][0]["scores"][survivor]["mds"] != imp["rounds"][20]["scores"][survivor]["mds"]
 
 
-def test_quality_curve_covers_every_level_and_the_baseline_orders(pack_dir):
-    q = json.loads((pack_dir / "quality.json").read_text())
+def test_quality_curve_covers_every_level_and_the_baseline_orders(w4_pack_dir):
+    q = json.loads((w4_pack_dir / "quality.json").read_text())
     lis = q["orders"]["lis"]["ppl"]
     assert sorted(map(int, lis)) == list(range(31))
     assert q["tokens"] == 1023
@@ -56,9 +56,9 @@ def test_quality_curve_covers_every_level_and_the_baseline_orders(pack_dir):
     assert 10 < lis["0"] < 40
 
 
-def test_summary_prints_order_and_curve(pack_dir):
+def test_summary_prints_order_and_curve(w4_pack_dir):
     from morphserve.offline.report import summarize_pack
 
-    text = summarize_pack(pack_dir)
+    text = summarize_pack(w4_pack_dir)
     assert "swap order" in text and "front->back" in text
     assert len([ln for ln in text.splitlines() if ln[:3].strip().isdigit()]) == 31

@@ -21,8 +21,8 @@ def _fails_cleanly(proc, out: Path, match: str) -> None:
     assert not list(out.parent.glob(f".{out.name}.*")), "partial pack left behind"
 
 
-def _copy_twin(pack_dir: Path, dst: Path) -> Path:
-    shutil.copytree(pack_dir / "quantized", dst)
+def _copy_twin(w4_pack_dir: Path, dst: Path) -> Path:
+    shutil.copytree(w4_pack_dir / "quantized", dst)
     return dst
 
 
@@ -38,8 +38,8 @@ def test_group_size_that_does_not_divide(model_dir, tmp_path):
 
 
 @pytest.mark.quant
-def test_quantized_checkpoint_of_another_model(model_dir, pack_dir, tmp_path):
-    other = _copy_twin(pack_dir, tmp_path / "other")
+def test_quantized_checkpoint_of_another_model(model_dir, w4_pack_dir, tmp_path):
+    other = _copy_twin(w4_pack_dir, tmp_path / "other")
     cfg = json.loads((other / "config.json").read_text())
     cfg.update(hidden_size=960, num_hidden_layers=32, intermediate_size=2560)  # SmolLM2-360M's shape
     (other / "config.json").write_text(json.dumps(cfg))
@@ -49,11 +49,11 @@ def test_quantized_checkpoint_of_another_model(model_dir, pack_dir, tmp_path):
 
 
 @pytest.mark.quant
-def test_quantized_checkpoint_with_wrong_tensor_shapes(model_dir, pack_dir, tmp_path):
+def test_quantized_checkpoint_with_wrong_tensor_shapes(model_dir, w4_pack_dir, tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
-    other = _copy_twin(pack_dir, tmp_path / "other")
+    other = _copy_twin(w4_pack_dir, tmp_path / "other")
     tensors = load_file(other / "model.safetensors")
     key = "model.layers.3.mlp.down_proj"
     tensors[f"{key}.weight_packed"] = tensors[f"{key}.weight_packed"][:, :96].contiguous()
@@ -65,8 +65,8 @@ def test_quantized_checkpoint_with_wrong_tensor_shapes(model_dir, pack_dir, tmp_
 
 
 @pytest.mark.quant
-def test_corrupt_quantized_safetensors(model_dir, pack_dir, tmp_path):
-    other = _copy_twin(pack_dir, tmp_path / "other")
+def test_corrupt_quantized_safetensors(model_dir, w4_pack_dir, tmp_path):
+    other = _copy_twin(w4_pack_dir, tmp_path / "other")
     f = other / "model.safetensors"
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])  # truncated download

@@ -13,9 +13,9 @@ pytestmark = pytest.mark.quant
 
 
 @pytest.fixture(scope="module")
-def switchable(model_dir, pack_dir):
+def switchable(model_dir, w4_pack_dir):
     info = read_model_info(model_dir)
-    tw = twin.open_twin(pack_dir / "quantized", info)
+    tw = twin.open_twin(w4_pack_dir / "quantized", info)
     return SwitchableModel(model_dir, lambda i: tw.dequantized_layer(i, torch.bfloat16), info.num_layers)
 
 
@@ -40,11 +40,11 @@ def test_quantize_and_restore_round_trip_is_exact(switchable):
     assert torch.equal(before, after)
 
 
-def test_dequantized_twin_is_close_to_the_original_weights(model_dir, pack_dir):
+def test_dequantized_twin_is_close_to_the_original_weights(model_dir, w4_pack_dir):
     from safetensors import safe_open
 
     info = read_model_info(model_dir)
-    tw = twin.open_twin(pack_dir / "quantized", info)
+    tw = twin.open_twin(w4_pack_dir / "quantized", info)
     dense = tw.dequantized_layer(5, torch.float32)["mlp.up_proj"]
     with safe_open(info.weight_files[0], "pt") as f:
         original = f.get_tensor("model.layers.5.mlp.up_proj.weight").float()

@@ -13,10 +13,10 @@ from tests.conftest import REPO
 pytestmark = [pytest.mark.quant, pytest.mark.engine]
 
 
-def test_prepare_perplexity_matches_vllm_static_serving(pack_dir, tmp_path):
+def test_prepare_perplexity_matches_vllm_static_serving(w4_pack_dir, tmp_path):
     out = tmp_path / "agreement.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "vllm_perplexity.py"), str(pack_dir),
+        [sys.executable, str(REPO / "scripts" / "vllm_perplexity.py"), str(w4_pack_dir),
          "--tolerance", "0.01", "--json", str(out)],
         cwd=REPO, capture_output=True, text=True, env={**__import__("os").environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
     )

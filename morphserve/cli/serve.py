@@ -56,6 +56,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--manual-min-interval", type=float, default=1.0, metavar="S",
                    help="POST /morphserve/level may change the level at most once per S seconds (429 "
                         "otherwise), since each change costs decode steps; 0 turns the limit off")
+    p.add_argument("--tiers", default=None, metavar="LIST",
+                   help="pack tiers to serve, comma-separated (w8a8, w4a16); default: every tier of the pack whose "
+                        "kernel runs on this CPU (probed before the server starts)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the vLLM command instead of running it (secret values shown as ***)")
     p.set_defaults(func=run, passthrough=True)
@@ -70,6 +73,8 @@ def build_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
         cfg["policy"] = args.policy if args.policy in ("accuracy", "default", "performance") else os.path.abspath(args.policy)
     if args.transition_log:
         cfg["transition_log"] = os.path.abspath(args.transition_log)
+    if args.tiers:
+        cfg["tiers"] = [t.strip() for t in args.tiers.split(",") if t.strip()]
     cmd = [sys.executable, "-m", VLLM_SERVER_MODULE, "--model", args.model,
            "--additional-config", json.dumps({"morphserve": cfg})]
     if "--enforce-eager" not in extra:
@@ -108,8 +113,15 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         raise MorphServeError("morphserve serve builds --additional-config itself; do not pass it")
     cmd = build_command(args, extra)
     cfg = runtime_config.parse(json.loads(cmd[cmd.index("--additional-config") + 1])["morphserve"])
-    runtime_config.check_pack_matches(cfg, args.model)
+    manifest = runtime_config.check_pack_matches(cfg, args.model)
     runtime_config.check_policy(cfg)
+    if not args.dry_run:  # each tier's kernel, run once here: a pack this CPU cannot serve stops now
+        from morphserve.vllm.kernels import probe_tiers
+
+        served = runtime_config.serve_tiers(manifest, cfg.tiers, probe_tiers)
+        morph = json.loads(cmd[cmd.index("--additional-config") + 1])
+        morph["morphserve"]["tiers"] = served  # the server serves exactly these (and warns no twice)
+        cmd[cmd.index("--additional-config") + 1] = json.dumps(morph)
     shown = redact_argv(cmd)
     print("morphserve: " + " ".join(shown[1:]), file=sys.stderr)
     print("morphserve: --enforce-eager because a compiled graph would not see layer swaps", file=sys.stderr)

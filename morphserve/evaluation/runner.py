@@ -17,7 +17,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from morphserve.offline import pack as packfmt
-from morphserve.offline.ladder import Ladder, level_ppl_curve
+from morphserve.offline.ladder import Ladder, level_ppl_curve, served_quality
+from morphserve.runtime.config import serve_tiers
 from morphserve.errors import MorphServeError
 from morphserve.evaluation import machine, quality, systems
 from morphserve.evaluation.suite import Budget, Suite, System, Window
@@ -89,7 +90,12 @@ def check_resumable(suite: Suite, out: Path, suite_path: Path, pack: Path) -> No
 def evaluate(suite: Suite, suite_path: Path, model: Path, pack: Path, out: Path) -> list[Path]:
     check_resumable(suite, out, suite_path, pack)
     manifest = packfmt.load_manifest(pack)
-    curve = level_ppl_curve(json.loads((pack / packfmt.QUALITY).read_text()))
+    from morphserve.vllm.kernels import probe_tiers
+
+    served = serve_tiers(manifest, None, probe_tiers)  # what MorphServe will serve on this CPU
+    quality = json.loads((pack / packfmt.QUALITY).read_text())
+    curve = level_ppl_curve(served_quality(quality, manifest.tier_names, served))
+    top = Ladder.from_manifest(manifest, served).top
     order = run_order(suite)
     todo = [item for item in order if not (run_dir(out, *item) / "run.json").exists()]
     if len(todo) < len(order):
@@ -97,7 +103,7 @@ def evaluate(suite: Suite, suite_path: Path, model: Path, pack: Path, out: Path)
     bar = tqdm(todo, unit="run", desc="evaluate", dynamic_ncols=True)
     for rep, window, budget, system in bar:
         bar.set_description(f"{window.name}/{budget.name}/{system.name} rep {rep + 1}/{suite.repetitions}")
-        one_run(suite, rep, window, budget, system, model, pack, Ladder.from_manifest(manifest).top, curve,
+        one_run(suite, rep, window, budget, system, model, pack, top, curve,
                 run_dir(out, rep, window, budget, system))
     return [run_dir(out, *item) for item in order]
 

@@ -39,8 +39,8 @@ def server_command(system: System, budget: Budget, suite: Suite, model: Path, pa
               "--max-num-seqs", str(suite.max_num_seqs), "--served-model-name", "model", "--seed", str(suite.seed)]
     if system.kind in ("fp16", "fp16-compiled", "w4", "w8a8"):
         env["VLLM_PLUGINS"] = ""  # plain vLLM: MorphServe not loaded at all
-        served = (pack / "quantized" if system.kind == "w4" else static_w8a8_dir(pack) if system.kind == "w8a8"
-                  else model)
+        served = (static_tier_dir(pack, "w4a16") if system.kind == "w4" else static_w8a8_dir(pack)
+                  if system.kind == "w8a8" else model)
         kv = total - model_weight_bytes(served)
         cmd = [sys.executable, "-m", PLAIN_VLLM_SERVER, "--model", str(served),
                "--tokenizer", str(model), "--kv-cache-memory-bytes", str(kv), *common]
@@ -56,10 +56,15 @@ def server_command(system: System, budget: Budget, suite: Suite, model: Path, pa
 
 
 def static_w8a8_dir(pack: Path) -> Path:
-    tier = packfmt.load_manifest(pack).tier("w8a8")
+    return static_tier_dir(pack, "w8a8")
+
+
+def static_tier_dir(pack: Path, name: str) -> Path:
+    """The pack's checkpoint of tier `name`, served statically by plain vLLM."""
+    tier = packfmt.load_manifest(pack).tier(name)
     if tier is None:
-        raise MorphServeError(f"a w8a8 system needs a pack with a W8A8 tier; {pack} has none "
-                              "(prepare it with --tiers w8a8,w4a16)")
+        raise MorphServeError(f"a {'w4' if name == 'w4a16' else name} system needs a pack with a {name.upper()} tier; "
+                              f"{pack} has none (prepare it with --tiers {name if name == 'w8a8' else 'w8a8,w4a16'})")
     return pack / tier.quantized_dir
 
 
@@ -85,7 +90,7 @@ def warm_up(system: System, base: str, n_requests: int, num_layers: int | None) 
     done = {"requests": n_requests}
     if system.kind == "morphserve":
         state = _request(f"{base}/morphserve/state?memory=0")
-        tiered = state.get("levels", state["swappable_layers"]) != state["swappable_layers"]
+        tiered = len(state.get("tiers", ["bf16", "w4a16"])) > 2  # the tiers served on this CPU
         # A tiered pack also runs all-W8A8 (the middle of its ladder) once.
         levels = [num_layers, num_layers // 2, 0] if tiered else [num_layers, 0]
         share = max(1, n_requests // len(levels))

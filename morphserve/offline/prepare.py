@@ -80,6 +80,18 @@ def _log(msg: str) -> None:
 TIER_CHOICES = ("auto", "w4a16", "w8a8", "w8a8,w4a16")
 
 
+def _parse_tiers(text: str) -> list[str]:
+    """The tiers named in --tiers, least compressed first ([] for auto)."""
+    if text.strip() == "auto":
+        return []
+    tiers = [t.strip() for t in text.split(",") if t.strip()]
+    ordered = [t for t in packfmt.TIER_NAMES if t in tiers]
+    if ",".join(ordered) not in TIER_CHOICES or len(ordered) != len(tiers):
+        raise MorphServeError(f"--tiers {text!r}: give 'w4a16', 'w8a8' or 'w8a8,w4a16' (or 'auto'; "
+                              f"known tiers: {', '.join(packfmt.TIER_NAMES)})")
+    return ordered
+
+
 def _resolve_tiers(opt: PrepareOptions) -> list[str]:
     """The tiers to build: those asked for, each probed on this CPU first. `auto` is W4A16
     where its kernel runs and W8A8 (a W8A8-only pack) where it does not."""
@@ -89,11 +101,7 @@ def _resolve_tiers(opt: PrepareOptions) -> list[str]:
         if tiers == ["w8a8"]:
             _log(f"W4A16 does not run here ({verdict[packfmt.BASE_TIER]}); preparing a W8A8-only pack")
     else:
-        tiers = [t.strip() for t in opt.tiers.split(",") if t.strip()]
-        if ",".join(t for t in packfmt.TIER_NAMES if t in tiers) not in TIER_CHOICES or len(set(tiers)) != len(tiers):
-            raise MorphServeError(f"--tiers {opt.tiers!r}: give 'w4a16', 'w8a8' or 'w8a8,w4a16' (or 'auto'; "
-                                  f"known tiers: {', '.join(packfmt.TIER_NAMES)})")
-    tiers = [t for t in packfmt.TIER_NAMES if t in tiers]
+        tiers = _parse_tiers(opt.tiers)
     runs = [t for t in tiers if verdict.get(t) is None]
     if not runs:
         raise MorphServeError(f"this CPU cannot serve a {'/'.join(tiers)} pack: {verdict[tiers[-1]]}"
@@ -107,7 +115,7 @@ def _resolve_tiers(opt: PrepareOptions) -> list[str]:
 def _check_inputs(opt: PrepareOptions):
     if opt.bits != twin.SERVED_BITS:
         raise MorphServeError(f"--bits {opt.bits} is not supported: {twin.SERVED}")
-    opt.tiers = ",".join(_resolve_tiers(opt))
+    _parse_tiers(opt.tiers)  # a typo fails before the probe loads vLLM
     info = read_model_info(opt.model)
     twin.index_safetensors(Path(opt.model))  # a corrupt weight file fails here, not after GPTQ
     if opt.group_size is None:
@@ -120,6 +128,7 @@ def _check_inputs(opt: PrepareOptions):
     out = Path(opt.out)
     if out.exists() and any(out.iterdir()) and not opt.force:
         raise MorphServeError(f"{out} already exists and is not empty; pass --force to replace it")
+    opt.tiers = ",".join(_resolve_tiers(opt))
     if opt.quantized is not None and opt.tiers == "w8a8":
         raise MorphServeError("--quantized is a W4A16 checkpoint; a W8A8-only pack (--tiers w8a8) has none")
     if opt.quantized is not None:

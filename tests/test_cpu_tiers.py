@@ -1,0 +1,153 @@
+"""Tiers come from what this CPU runs: the pure choice of served tiers, ladders over a
+subset, W8A8-only packs, the proof call before an install, and the CPU-kind reading.
+Pure logic and fakes: milliseconds, no engine."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from morphserve.errors import MorphServeError
+from morphserve.offline import pack as packfmt
+from morphserve.offline.ladder import Ladder, served_quality
+from morphserve.runtime.config import serve_tiers
+from quant_layers.cpu_kind import parse_cpuinfo
+from quant_layers.swappable import ProofFailed, prove_compute
+from tests.test_ladder import manifest
+
+NO_W4 = "this CPU (AVX2) has no AVX-512, and vLLM's AVX2 build has no W4A16 kernel (cpu_gemm_wna16)"
+
+
+def probe(**missing):
+    return lambda tiers: {t: missing.get(t) for t in tiers}
+
+
+def w8_only_manifest() -> packfmt.Manifest:
+    return packfmt.Manifest(tool_version="t", model_path="/m", model_sha256="x", architecture="LlamaForCausalLM",
+                            num_layers=3, bits=8, group_size=0, base_tier="w8a8",
+                            format=packfmt.TIER_FORMATS["w8a8"], quantized_dir="quantized-w8a8",
+                            quantization_source="test", swap_order=[1, 0, 2],
+                            layer_bytes=[packfmt.LayerBytes(layer=i, fp16=100, quantized=50) for i in range(3)])
+
+
+# -- which tiers are served -------------------------------------------------------------------
+def test_every_tier_is_served_where_every_kernel_runs():
+    assert serve_tiers(manifest(True), None, probe()) == ["w8a8", "w4a16"]
+    assert serve_tiers(manifest(False), None, probe()) == ["w4a16"]
+
+
+def test_a_tiered_pack_drops_its_w4a16_tier_with_one_warning(caplog):
+    assert serve_tiers(manifest(True), None, probe(w4a16=NO_W4)) == ["w8a8"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "without its w4a16 tier" in warnings[0] and "AVX-512" in warnings[0]
+
+
+def test_a_w4a16_only_pack_is_refused_in_one_line_naming_the_missing_feature():
+    with pytest.raises(MorphServeError) as e:
+        serve_tiers(manifest(False), None, probe(w4a16=NO_W4))
+    msg = str(e.value)
+    assert "\n" not in msg and "AVX-512" in msg and "--tiers w8a8" in msg
+
+
+def test_asking_for_a_tier_the_pack_lacks_is_refused():
+    with pytest.raises(MorphServeError, match="has no w8a8 tier"):
+        serve_tiers(manifest(False), ["w8a8"], probe())
+    assert serve_tiers(manifest(True), ["w8a8"], probe()) == ["w8a8"]
+
+
+# -- W8A8-only packs and ladders over a subset ----------------------------------------------------
+def test_a_w8a8_only_pack_is_a_valid_pack_whose_ladder_is_bf16_to_w8a8():
+    m = w8_only_manifest()
+    assert m.tier_names == ["w8a8"] and m.tier("w8a8").swap_order == [1, 0, 2] and m.tier("w4a16") is None
+    ladder = Ladder.from_manifest(m)
+    assert [(r.layer, r.tier) for r in ladder.rungs] == [(1, "w8a8"), (0, "w8a8"), (2, "w8a8")]
+    assert ladder.savings == [50, 50, 50] and not ladder.tiered
+    assert packfmt.tier_dirs(packfmt.Path("/p"), m) == {"w8a8": packfmt.Path("/p/quantized-w8a8")}
+
+
+def test_a_w8a8_only_manifest_must_say_so_consistently():
+    raw = w8_only_manifest().model_dump()
+    with pytest.raises(ValueError, match="stored as"):
+        packfmt.Manifest.model_validate({**raw, "format": packfmt.FORMAT})
+    with pytest.raises(ValueError, match="no further tiers"):
+        packfmt.Manifest.model_validate({**raw, "tiers": [manifest(True).tiers[0].model_dump()]})
+
+
+def test_a_tiered_pack_served_without_w4a16_climbs_its_w8a8_rungs_only():
+    ladder = Ladder.from_manifest(manifest(True), ["w8a8"])
+    assert [(r.layer, r.tier) for r in ladder.rungs] == [(1, "w8a8"), (2, "w8a8"), (0, "w8a8")]
+    assert ladder.savings == [50, 50, 50] and ladder.tier_names == ["w8a8"]
+    w4_only = Ladder.from_manifest(manifest(True), ["w4a16"])  # bf16 -> W4A16 frees both rungs' bytes
+    assert w4_only.savings == [70, 70, 70]
+
+
+def test_the_served_ladder_gets_the_quality_curve_of_its_own_rungs():
+    quality = {"fp16_ppl": 10.0, "orders": {"lis": {"ppl": {"0": 10.0, "3": 14.0}}},
+               "tiers": {"w8a8": {"ppl": {"0": 10.0, "1": 10.1, "2": 10.2, "3": 10.3}}},
+               "ladder": {"ppl": {str(k): 10.0 + k for k in range(7)}}}
+    assert served_quality(quality, ["w8a8", "w4a16"], ["w8a8", "w4a16"]) is quality
+    w8 = served_quality(quality, ["w8a8", "w4a16"], ["w8a8"])
+    assert "ladder" not in w8 and w8["orders"]["lis"]["ppl"] == {"0": 10.0, "1": 10.1, "2": 10.2, "3": 10.3}
+    assert served_quality(quality, ["w8a8", "w4a16"], ["w4a16"])["orders"]["lis"]["ppl"] == {"0": 10.0, "3": 14.0}
+
+
+# -- the proof call ----------------------------------------------------------------------------
+def test_a_compute_that_runs_passes_its_proof():
+    w = torch.randn(8, 16)
+    prove_compute(lambda x, _w, _b: x.float() @ w.t(), 16, 8, torch.float32)
+
+
+@pytest.mark.parametrize("compute, what", [
+    (lambda x, _w, _b: torch.zeros(1, 7), "shape"),
+    (lambda x, _w, _b: torch.full((1, 8), float("nan")), "non-finite"),
+    (lambda x, _w, _b: (_ for _ in ()).throw(AttributeError("'_OpNamespace' '_C' object has no attribute 'x'")),
+     "AttributeError"),
+])
+def test_a_compute_that_would_break_the_engine_fails_its_proof(compute, what):
+    with pytest.raises(ProofFailed, match=what):
+        prove_compute(compute, 16, 8, torch.float32)
+
+
+def test_the_fault_point_fails_the_proof():
+    def fault(point):
+        raise RuntimeError(f"injected fault at {point}")
+
+    with pytest.raises(ProofFailed, match="injected fault at proof"):
+        prove_compute(lambda x, _w, _b: torch.zeros(1, 8), 16, 8, torch.float32, fault)
+
+
+# -- the CPU kind ------------------------------------------------------------------------------
+@pytest.mark.parametrize("flags, isa, bf16", [
+    ("fpu avx2 avx512f avx512_bf16 amx_tile amx_bf16", "AMX", True),
+    ("fpu avx2 avx512f avx512_bf16 avx512_vnni", "AVX-512+BF16", True),
+    ("fpu avx2 avx512f avx512_vnni", "AVX-512", False),
+    ("fpu avx avx2 fma", "AVX2", False),
+])
+def test_cpu_kinds_are_named_from_their_flags(flags, isa, bf16):
+    kind = parse_cpuinfo(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n")
+    assert (kind.isa, kind.native_bf16, kind.model) == (isa, bf16, "Some CPU")
+
+
+def test_prepare_picks_fp32_offline_compute_only_where_bf16_is_emulated(monkeypatch):
+    from morphserve.offline import prepare
+
+    monkeypatch.setattr(prepare, "this_cpu", lambda: parse_cpuinfo("flags\t: avx2\n"))
+    assert prepare.compute_dtype("auto") == torch.float32
+    monkeypatch.setattr(prepare, "this_cpu", lambda: parse_cpuinfo("flags\t: avx2 avx512f avx512_bf16\n"))
+    assert prepare.compute_dtype("auto") == torch.bfloat16 and prepare.compute_dtype("fp32") == torch.float32
+
+
+def test_prepare_auto_tiers_follow_the_probe(tmp_path):
+    from morphserve.offline.prepare import PrepareOptions, _resolve_tiers
+
+    opt = PrepareOptions(model=tmp_path, out=tmp_path / "p", probe=probe(w4a16=NO_W4))
+    assert _resolve_tiers(opt) == ["w8a8"]
+    opt = PrepareOptions(model=tmp_path, out=tmp_path / "p", probe=probe())
+    assert _resolve_tiers(opt) == ["w4a16"]
+    opt = PrepareOptions(model=tmp_path, out=tmp_path / "p", tiers="w4a16", probe=probe(w4a16=NO_W4))
+    with pytest.raises(MorphServeError, match="use --tiers w8a8"):
+        _resolve_tiers(opt)
+    assert json.dumps(_resolve_tiers(PrepareOptions(model=tmp_path, out=tmp_path, tiers="w8a8,w4a16",
+                                                    probe=probe(w4a16=NO_W4)))) == '["w8a8", "w4a16"]'
