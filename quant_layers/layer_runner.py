@@ -39,29 +39,6 @@ def fake_quant_per_token_int8(x: torch.Tensor) -> torch.Tensor:
     return (torch.clamp(torch.round(xf / scale), -128, 127) * scale).to(x.dtype)
 
 
-def _to_bf16_values(t):
-    return t.to(torch.bfloat16).to(t.dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-
-
-def round_activations_to_bf16(model: torch.nn.Module) -> None:
-    """Make an fp32 model compute what a bf16 one does, closely: every leaf module's
-    inputs and outputs are rounded to bf16 values (fp32 accumulation in between, as bf16
-    GEMMs accumulate in fp32). Elementwise, so it costs little beside the matmuls; without
-    it the fp32 curves drift up to ~0.4% from the bf16 ones on SmolLM2."""
-    def round_inputs(_module, args):
-        return tuple(_to_bf16_values(a) for a in args)
-
-    def round_output(_module, _args, out):
-        return tuple(_to_bf16_values(o) for o in out) if isinstance(out, tuple) else _to_bf16_values(out)
-
-    for module in model.modules():
-        if next(module.children(), None) is None:  # leaves: linears, norms, embeddings, rotary
-            module.register_forward_pre_hook(round_inputs)
-            module.register_forward_hook(round_output)
-    for layer in model.model.layers:  # the residual stream between layers, as bf16 carries it
-        layer.register_forward_hook(round_output)
-
-
 class SwitchableModel:
     def __init__(self, model_dir: Path, load_twin_layer: LoadTwinLayer, num_layers: int,
                  threads: int | None = None, tiers: dict[str, LoadTwinLayer] | None = None,
@@ -75,7 +52,6 @@ class SwitchableModel:
         ).eval()
         if compute_dtype != torch.bfloat16:
             self.model.to(compute_dtype)  # bf16 -> fp32 is exact: the same weights, wider arithmetic
-            round_activations_to_bf16(self.model)
         self.layers = self.model.model.layers
         self.num_layers = num_layers
         self._fp: dict[int, dict[str, torch.Tensor]] = {}
