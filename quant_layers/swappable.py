@@ -42,6 +42,9 @@ class LinearKernels(Protocol):
     def make_w8(self):
         """The engine's int8 W8A8 kernel (dynamic per-token activations), one per linear."""
 
+    def w8_bytes(self, out_features: int, in_features: int) -> int:
+        """Bytes the engine's int8 kernel holds for one linear (weights, scales, its own buffers)."""
+
     def w4_state(self, holder: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
         """A processed W4A16 holder as (tensors, plain attributes), to be stored in a file."""
 

@@ -41,9 +41,11 @@ class Ladder:
             self._configs.append({**self._configs[-1], r.layer: r.tier})
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest, tiers: list[str] | None = None) -> "Ladder":
+    def from_manifest(cls, manifest: Manifest, tiers: list[str] | None = None,
+                      held: dict[str, list[int]] | None = None) -> "Ladder":
         """The ladder over the pack's tiers, or over `tiers` only (those this CPU serves):
-        each served tier's layers in its own order, least compressed tier first."""
+        each served tier's layers in its own order, least compressed tier first. `held`
+        replaces a tier's per-layer bytes with what the serving kernel really holds."""
         served = [t for t in manifest.tier_names if tiers is None or t in tiers]
         if not served:
             raise ValueError(f"none of the tiers {tiers} is in this pack (it has {', '.join(manifest.tier_names)})")
@@ -51,9 +53,9 @@ class Ladder:
         rungs = []
         for name in served:
             tier = manifest.tier(name)
-            held = dict(enumerate(tier.layer_bytes))
-            rungs += [Rung(i, name, previous[i] - held[i]) for i in tier.swap_order]
-            previous = held
+            now = dict(enumerate((held or {}).get(name) or tier.layer_bytes))
+            rungs += [Rung(i, name, previous[i] - now[i]) for i in tier.swap_order]
+            previous = now
         return cls(rungs)
 
     @property

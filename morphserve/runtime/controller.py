@@ -39,12 +39,15 @@ log = logging.getLogger("morphserve")
 class MorphController:
     idle_tick_s = 0.1
 
-    def __init__(self, config: MorphConfig, engine, manifest: packfmt.Manifest, sampler):
-        """`engine` is the boundary's EngineLink; `sampler` its StepSampler."""
+    def __init__(self, config: MorphConfig, engine, manifest: packfmt.Manifest, sampler,
+                 held_tier_bytes: dict[str, list[int]] | None = None):
+        """`engine` is the boundary's EngineLink; `sampler` its StepSampler;
+        `held_tier_bytes` what the workers' kernels hold per layer and tier (overrides the
+        manifest's checkpoint bytes in the budget)."""
         self.config = config
         self.engine = engine
         self.manifest = manifest
-        self.ladder = Ladder.from_manifest(manifest, config.tiers)  # the tiers this CPU serves
+        self.ladder = Ladder.from_manifest(manifest, config.tiers, held_tier_bytes)  # the tiers this CPU serves
         self.order = list(dict.fromkeys(r.layer for r in self.ladder.rungs))
         self.recorder = Recorder(config.transition_log)
         self.loop = PolicyLoop(sampler)
@@ -66,7 +69,7 @@ class MorphController:
         results = engine.rpc("morphserve_init", config.model_dump())
         log.info("MorphServe: %d swappable layers loaded on %d worker(s) in %.1f s (%s backend)",
                  results[0]["layers"], len(results), results[0]["seconds"], results[0]["backend"])
-        controller = cls(config, engine, manifest, sampler)
+        controller = cls(config, engine, manifest, sampler, results[0].get("held_tier_bytes"))
         controller.commits_on_touch = results[0]["commits_on_touch"]
         return controller
 

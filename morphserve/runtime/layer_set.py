@@ -131,7 +131,7 @@ class LayerSet:
             swap = SwappableLinear(decoder_layers[i].get_submodule(vllm_name), keys, tiers,
                                    out_features * in_features * elem, kernels, (in_features, out_features), dtype)
             swap.fault = maybe_fail
-            swap.tier_bytes["w8a8"] = out_features * (in_features + 4)  # int8 weight, fp32 scales
+            swap.tier_bytes["w8a8"] = kernels.w8_bytes(out_features, in_features)
             layers.setdefault(i, []).append(swap)
         return cls(layers, masters, twins, MappedCheckpoint(w8_ckpt.tensors) if w8_ckpt is not None else None)
 
@@ -232,6 +232,14 @@ class LayerSet:
         for m in maps:
             m.drop_page_cache()
         return {"files": sum(len(m.files()) for m in maps)}
+
+    def held_tier_bytes(self) -> dict[str, list[int]]:
+        """Per layer, the bytes each served int8 tier holds as the kernel keeps it (the pack's
+        manifest counts the checkpoint; vLLM's oneDNN int8 path adds a buffer per linear)."""
+        swaps = self.layers[next(iter(self.layers))]
+        if "w8a8" not in swaps[0].twins:
+            return {}
+        return {"w8a8": [sum(s.tier_bytes["w8a8"] for s in self.layers[i]) for i in sorted(self.layers)]}
 
     def quantized(self) -> list[int]:
         return sorted(i for i, swaps in self.layers.items() if all(s.quantized for s in swaps))

@@ -127,6 +127,9 @@ class VllmCudaKernels:
         return kernel_cls(config, w_q_param_name="weight_packed", w_s_param_name="weight_scale",
                           w_zp_param_name="weight_zero_point")
 
+    def w8_bytes(self, out_features: int, in_features: int) -> int:
+        return out_features * (in_features + 4)  # int8 weights, fp32 scales (unverified on CUDA)
+
     def w4_state(self, holder: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
         """Marlin and Machete leave workspaces and permuted scales as parameters or plain
         attributes; every tensor attribute is kept, moved to the host for the cache file."""

@@ -60,6 +60,16 @@ def make_wna16_kernel(in_features: int, out_features: int, group_size: int, dtyp
                       w_zp_param_name="weight_zero_point")
 
 
+def int8_held_bytes(out_features: int, in_features: int) -> int:
+    """What vLLM's CPU int8 kernel holds for one linear: int8 weights and fp32 per-channel
+    scales, plus, on its oneDNN path (CPUs without AMX, or shapes sgl does not tile), an fp32
+    `azp_adj` row it keeps for dynamic activations. vLLM's own test picks the path."""
+    from vllm.model_executor.layers.utils import check_cpu_sgl_kernel
+
+    held = out_features * in_features + 4 * out_features
+    return held if check_cpu_sgl_kernel(out_features, in_features, torch.int8) else held + 4 * out_features
+
+
 def make_int8_kernel():
     """vLLM's own choice of int8 W8A8 kernel, configured exactly as its
     CompressedTensorsW8A8Int8 scheme configures it for llm-compressor's W8A8 preset
@@ -125,6 +135,9 @@ class VllmCpuKernels:
 
     def make_w8(self):
         return make_int8_kernel()
+
+    def w8_bytes(self, out_features: int, in_features: int) -> int:
+        return int8_held_bytes(out_features, in_features)
 
     def w4_state(self, holder: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
         return wna16_kernel_state(holder)

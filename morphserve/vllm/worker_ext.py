@@ -36,7 +36,8 @@ class MorphWorkerExtension:
         kv_cache.enable_kv_backing(backend)  # the KV cache is allocated after this call
         trim_heap()
         return {"layers": len(self._morph.layers), "seconds": time.monotonic() - t0, "rss": rss_bytes(),
-                "backend": backend.name, "commits_on_touch": backend.commits_on_touch}
+                "backend": backend.name, "commits_on_touch": backend.commits_on_touch,
+                "held_tier_bytes": self._morph.held_tier_bytes()}
 
     def morphserve_apply(self, quantize: list, restore: list) -> dict:
         """Entries: a layer id, or [layer, tier] in a tiered pack."""
