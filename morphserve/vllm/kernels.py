@@ -205,6 +205,8 @@ def missing_feature(tier: str) -> str:
     from quant_layers.cpu_kind import this_cpu
 
     cpu = this_cpu()
+    if TIER_OPS[tier] in hidden_ops():
+        return f"vLLM's CPU build for this CPU ({cpu.isa}) has no {TIER_OPS[tier]} (hidden by {HIDE_OPS_ENV}, as on AVX2)"
     if tier == "w4a16" and not cpu.avx512:
         return f"this CPU ({cpu.isa}) has no AVX-512, and vLLM's AVX2 build has no W4A16 kernel (cpu_gemm_wna16)"
     return f"vLLM's CPU build for this CPU ({cpu.isa}) has no {TIER_OPS[tier]}"
