@@ -92,9 +92,14 @@ class RestorePreparer:
     def cancel(self) -> None:
         with self._cond:
             self._cancelled = True
+            dropped = list(self._ready.values())
             self._ready.clear()
             self._cond.notify_all()
         self._thread.join()
+        for prepared in dropped:  # computes never installed: free their native state now
+            for compute in prepared if isinstance(prepared, list) else [prepared]:
+                if hasattr(compute, "release"):
+                    compute.release()
 
     def prepared_bytes(self) -> int:
         """bf16 bytes prepared and not yet committed (held beside the layers' W4 tensors)."""

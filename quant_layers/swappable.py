@@ -286,7 +286,12 @@ class SwappableLinear:
         if tier not in self.twins:
             raise QuantLayersError(f"tier {tier} is not served here (served: {', '.join(self.twins)})")
         compute = self.twins[tier].build(self.keys, readers)
-        prove_compute(compute, self.in_features, self.out_features, self.dtype, self.fault)
+        try:
+            prove_compute(compute, self.in_features, self.out_features, self.dtype, self.fault)
+        except ProofFailed:
+            if hasattr(compute, "release"):
+                compute.release()
+            raise
         return compute
 
     def prepare_full(self, readers: Readers):
