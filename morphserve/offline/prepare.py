@@ -128,15 +128,17 @@ def _check_inputs(opt: PrepareOptions):
     out = Path(opt.out)
     if out.exists() and any(out.iterdir()) and not opt.force:
         raise MorphServeError(f"{out} already exists and is not empty; pass --force to replace it")
-    opt.tiers = ",".join(_resolve_tiers(opt))
-    if opt.quantized is not None and opt.tiers == "w8a8":
-        raise MorphServeError("--quantized is a W4A16 checkpoint; a W8A8-only pack (--tiers w8a8) has none")
+    # The checkpoints given are checked before the probe: it loads vLLM, which prints its own
+    # notices, and a bad checkpoint should cost one error line and no seconds.
     if opt.quantized is not None:
         twin.check_servable_twin(twin.open_twin(opt.quantized, info))  # fail before any slow work
     if opt.quantized_w8a8 is not None:
-        if "w8a8" not in opt.tiers.split(","):
-            raise MorphServeError("--quantized-w8a8 needs --tiers w8a8 or w8a8,w4a16")
         open_w8_twin(opt.quantized_w8a8, info)
+    opt.tiers = ",".join(_resolve_tiers(opt))
+    if opt.quantized is not None and opt.tiers == "w8a8":
+        raise MorphServeError("--quantized is a W4A16 checkpoint; a W8A8-only pack (--tiers w8a8) has none")
+    if opt.quantized_w8a8 is not None and "w8a8" not in opt.tiers.split(","):
+        raise MorphServeError("--quantized-w8a8 needs --tiers w8a8 or w8a8,w4a16")
     return info
 
 
