@@ -1,7 +1,8 @@
 """Test-only fault injection, so the rollback paths run for real in the engine tests.
 
 `MORPHSERVE_TEST_FAULTS=quantize,restore,restore_commit,kv_release,proof` makes the worker
-raise once per named point (`proof`: a twin's compute fails its check call before install), in the middle of that operation (after it has changed something, so
+raise once per named point (`proof`: a twin's compute fails its check call before install),
+in the middle of that operation (after it has changed something, so
 the rollback has work to do). Unset, as in any real deployment, `maybe_fail` does nothing.
 """
 
