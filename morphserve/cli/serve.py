@@ -113,15 +113,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         raise MorphServeError("morphserve serve builds --additional-config itself; do not pass it")
     cmd = build_command(args, extra)
     cfg = runtime_config.parse(json.loads(cmd[cmd.index("--additional-config") + 1])["morphserve"])
-    manifest = runtime_config.check_pack_matches(cfg, args.model)
+    runtime_config.check_pack_matches(cfg, args.model)  # the server probes each tier's kernel at start
     runtime_config.check_policy(cfg)
-    if not args.dry_run:  # each tier's kernel, run once here: a pack this CPU cannot serve stops now
-        from morphserve.vllm.kernels import probe_tiers
-
-        served = runtime_config.serve_tiers(manifest, cfg.tiers, probe_tiers)
-        morph = json.loads(cmd[cmd.index("--additional-config") + 1])
-        morph["morphserve"]["tiers"] = served  # the server serves exactly these (and warns no twice)
-        cmd[cmd.index("--additional-config") + 1] = json.dumps(morph)
     shown = redact_argv(cmd)
     print("morphserve: " + " ".join(shown[1:]), file=sys.stderr)
     print("morphserve: --enforce-eager because a compiled graph would not see layer swaps", file=sys.stderr)

@@ -222,22 +222,13 @@ def probe_tier(tier: str, dtype: torch.dtype = torch.bfloat16) -> str | None:
     k = n = 64  # CPUWNA16 needs multiples of 32; group 32 divides both
     try:
         if tier == "w4a16":
-            from quant_layers.swappable import W4Compute
+            from quant_layers.swappable import PackedShard, W4Compute, process_for_kernel
 
-            kernel = make_wna16_kernel(k, n, 32, dtype)
-            holder = torch.nn.Module()
-            holder.bias = None
             gen = torch.Generator().manual_seed(0)
-            packed = torch.randint(-2**31, 2**31 - 1, (n, k // 8), dtype=torch.int32, generator=gen)
-            holder.weight_packed = torch.nn.Parameter(packed, requires_grad=False)
-            holder.weight_scale = torch.nn.Parameter(torch.full((n, k // 32), 0.01, dtype=dtype), requires_grad=False)
-            for name, attrs in (("weight_packed", {"input_dim": 1, "output_dim": 0, "packed_dim": 1}),
-                                ("weight_scale", {"input_dim": 1, "output_dim": 0})):
-                for a, v in attrs.items():
-                    setattr(getattr(holder, name), a, v)
-            kernel.process_weights_after_loading(holder)
-            tensors, attrs = wna16_kernel_state(holder)
-            compute = W4Compute(kernel, tensors, attrs)
+            shard = PackedShard(torch.randint(-2**31, 2**31 - 1, (n, k // 8), dtype=torch.int32, generator=gen),
+                                torch.full((n, k // 32), 0.01, dtype=dtype))
+            tensors, attrs = process_for_kernel([shard], k, 32, dtype, VllmCpuKernels())
+            compute = W4Compute(make_wna16_kernel(k, n, 32, dtype), tensors, attrs)
         else:
             from quant_layers.swappable import W8Compute
 
