@@ -58,7 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "otherwise), since each change costs decode steps; 0 turns the limit off")
     p.add_argument("--tiers", default=None, metavar="LIST",
                    help="pack tiers to serve, comma-separated (w8a8, w4a16); default: every tier of the pack whose "
-                        "kernel runs on this CPU (probed before the server starts)")
+                        "kernel runs on this CPU (probed as the server starts)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the vLLM command instead of running it (secret values shown as ***)")
     p.set_defaults(func=run, passthrough=True)
