@@ -130,13 +130,21 @@ def test_cpu_kinds_are_named_from_their_flags(flags, isa, bf16):
     assert (kind.isa, kind.native_bf16, kind.model) == (isa, bf16, "Some CPU")
 
 
-def test_prepare_picks_fp32_offline_compute_only_where_bf16_is_emulated(monkeypatch):
+def test_prepare_picks_the_offline_dtype_this_cpu_runs_faster(monkeypatch):
     from morphserve.offline import prepare
 
+    def never(dtype):
+        raise AssertionError("no measurement where bf16 is emulated")
+
     monkeypatch.setattr(prepare, "this_cpu", lambda: parse_cpuinfo("flags\t: avx2\n"))
-    assert prepare.compute_dtype("auto") == torch.float32
+    assert prepare.compute_dtype("auto", never) == torch.float32
     monkeypatch.setattr(prepare, "this_cpu", lambda: parse_cpuinfo("flags\t: avx2 avx512f avx512_bf16\n"))
-    assert prepare.compute_dtype("auto") == torch.bfloat16 and prepare.compute_dtype("fp32") == torch.float32
+    timings = {torch.bfloat16: 1.0, torch.float32: 0.7}
+    assert prepare.compute_dtype("auto", timings.get) == torch.float32  # fp32 clearly faster
+    timings[torch.float32] = 0.95
+    assert prepare.compute_dtype("auto", timings.get) == torch.bfloat16  # a near tie: the serving dtype
+    assert prepare.compute_dtype("fp32", never) == torch.float32 and prepare.compute_dtype("bf16", never) == torch.bfloat16
+    assert prepare.matmul_seconds(torch.float32, m=8, k=8, n=8) > 0
 
 
 def test_prepare_auto_tiers_follow_the_probe(tmp_path):

@@ -47,9 +47,10 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                         "and the tiered ladder). 'auto': w4a16 where this CPU's vLLM build runs the W4A16 kernel, "
                         "w8a8 where it does not (AVX2-only CPUs). Each tier's kernel is probed on this CPU first")
     p.add_argument("--compute-dtype", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="dtype of the offline forwards (importance, perplexity). 'auto': bf16 where the CPU has bf16 "
-                        "arithmetic (AVX512_BF16 or AMX), else fp32 on the same bf16 weight values (torch emulates bf16 "
-                        "there, about 10x slower)")
+                   help="dtype of the offline forwards (importance, perplexity), on the same bf16 weight values "
+                        "either way. 'auto': fp32 where the CPU has no bf16 arithmetic (no AVX512_BF16 or AMX: torch "
+                        "emulates bf16, about 10x slower); elsewhere whichever a quick matmul measures faster here, "
+                        "bf16 on a near tie")
     p.add_argument("--w8a8-method", choices=("gptq", "rtn", "smoothquant-gptq"), default="gptq",
                    help="how llm-compressor picks the W8A8 int8 weights (SmoothQuant changes the RMSNorm "
                         "weights a layer shares with its bf16 self, so a smoothed twin cannot be swapped per layer)")

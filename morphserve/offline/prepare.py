@@ -298,12 +298,33 @@ def _w4_twin(opt: PrepareOptions, tmp: Path, info):  # -> (TwinCheckpoint, sourc
     return tw, source
 
 
-def compute_dtype(choice: str) -> torch.dtype:
-    """The dtype of the offline forwards: bf16 where the CPU computes it natively, else fp32
-    (on the same bf16 values; the curves agree within noise, docs/RESULTS.md)."""
-    if choice == "auto":
-        return torch.bfloat16 if this_cpu().native_bf16 else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[choice]
+def compute_dtype(choice: str, measure: "Callable[[torch.dtype], float] | None" = None) -> torch.dtype:
+    """The dtype of the offline forwards, on the same bf16 weight values either way. `auto`:
+    fp32 where the CPU has no bf16 arithmetic (torch emulates it, ~10x slower); elsewhere
+    whichever of bf16 and fp32 a matmul of the offline forwards' shape runs faster here
+    (measured on a 2-core AVX512_BF16 Xeon, fp32 made the whole small prepare 1.46x faster:
+    having bf16 instructions is not the same as bf16 being faster), bf16 on a near tie
+    (within 10%), as the serving engine computes in bf16."""
+    if choice != "auto":
+        return {"bf16": torch.bfloat16, "fp32": torch.float32}[choice]
+    if not this_cpu().native_bf16:
+        return torch.float32
+    measure = measure or matmul_seconds
+    bf16, fp32 = measure(torch.bfloat16), measure(torch.float32)
+    return torch.float32 if fp32 < 0.9 * bf16 else torch.bfloat16
+
+
+def matmul_seconds(dtype: torch.dtype, m: int = 1024, k: int = 576, n: int = 1536, repeats: int = 5) -> float:
+    """Median time of one [m, k] x [k, n] matmul (a 1,024-token window through an MLP
+    projection of a small Llama): tens of milliseconds in all."""
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    a @ b  # warm-up: oneDNN/MKL pick and JIT their kernel on the first call
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
 
 
 def _w8_twin(opt: PrepareOptions, tmp: Path, info):  # -> (W8Checkpoint, source)

@@ -17,6 +17,7 @@ from morphserve.offline import pack as packfmt
 from morphserve.runtime.config import MorphConfig
 from morphserve.runtime.faults import maybe_fail
 from quant_layers.cache_dir import cache_root
+from quant_layers.fused_masters import open_fused_masters
 from quant_layers.kernel_twins import cache_key, ensure_kernel_twins, kernel_attrs
 from quant_layers.mapped_checkpoint import MappedCheckpoint
 from quant_layers.model_info import read_model_info
@@ -51,11 +52,12 @@ def trim_heap() -> None:
 
 class LayerSet:
     def __init__(self, layers: dict[int, list[SwappableLinear]], masters: MappedCheckpoint, twins: MappedCheckpoint,
-                 w8: MappedCheckpoint | None = None):
+                 w8: MappedCheckpoint | None = None, fused: MappedCheckpoint | None = None):
         self.layers = layers
         self.masters = masters
         self.twins = twins
         self.w8 = w8
+        self.fused = fused
         self.restore: RestorePreparer | None = None
         self.restore_targets: dict[int, str] = {}
 
@@ -65,7 +67,8 @@ class LayerSet:
             masters = stack.enter_context(self.masters.reading())
             twins = stack.enter_context(self.twins.reading())
             w8 = stack.enter_context(self.w8.reading()) if self.w8 is not None else None
-            yield Readers(masters, twins, w8)
+            fused = stack.enter_context(self.fused.reading()) if self.fused is not None else None
+            yield Readers(masters, twins, w8, fused)
 
     @classmethod
     def build(cls, config: MorphConfig, model_path: Path, dtype: torch.dtype, decoder_layers, fused_linears,
@@ -117,6 +120,7 @@ class LayerSet:
             path = cache_root() / "kernel-twins" / f"{key}.safetensors"
             twins = ensure_kernel_twins(path, list(fused), kernel_layout)
             attrs = kernel_attrs(path)
+        fused_masters = open_fused_masters(masters, model_path, dtype, fused)
         layers: dict[int, list[SwappableLinear]] = {}
         for name, (i, vllm_name, hf_names) in fused.items():
             in_features = info.linear_shapes[hf_names[0]][1]
@@ -129,11 +133,13 @@ class LayerSet:
                     name, in_features, out_features, twin_ckpt.group_size, dtype, attrs[name], kernels)
             keys = [f"model.layers.{i}.{n}" for n in hf_names]
             swap = SwappableLinear(decoder_layers[i].get_submodule(vllm_name), keys, tiers,
-                                   out_features * in_features * elem, kernels, (in_features, out_features), dtype)
+                                   out_features * in_features * elem, kernels, (in_features, out_features), dtype,
+                                   name=name)
             swap.fault = maybe_fail
             swap.tier_bytes["w8a8"] = kernels.w8_bytes(out_features, in_features)
             layers.setdefault(i, []).append(swap)
-        return cls(layers, masters, twins, MappedCheckpoint(w8_ckpt.tensors) if w8_ckpt is not None else None)
+        return cls(layers, masters, twins, MappedCheckpoint(w8_ckpt.tensors) if w8_ckpt is not None else None,
+                   fused_masters)
 
     @property
     def default_tier(self) -> str:
@@ -228,7 +234,7 @@ class LayerSet:
 
     def drop_page_cache(self) -> dict:
         """Evict the model's and the pack's file pages, so the next transition reads cold."""
-        maps = [m for m in (self.masters, self.twins, self.w8) if m is not None]
+        maps = [m for m in (self.masters, self.twins, self.w8, self.fused) if m is not None]
         for m in maps:
             m.drop_page_cache()
         return {"files": sum(len(m.files()) for m in maps)}

@@ -108,6 +108,23 @@ def prepack_unquantized(layer: torch.nn.Module) -> None:
     dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
 
 
+def bf16_prepack_copies(n: int, k: int, dtype: torch.dtype) -> bool:
+    """Whether vLLM's CPU bf16 dispatch (model_executor/layers/utils.py
+    dispatch_cpu_unquantized_gemm) takes a path that copies the weight into its own packed
+    form: the sgl kernel (AMX) or a oneDNN handle (checked: a handle computes the same after
+    its source tensor is zeroed). Mirrors that function's branch order."""
+    from vllm import _custom_ops as ops
+    from vllm.model_executor.layers.utils import check_cpu_sgl_kernel
+    from vllm.platforms import CpuArchEnum, current_platform
+
+    if current_platform.is_zen_cpu() and hasattr(torch.ops, "zentorch") and hasattr(
+            torch.ops.zentorch, "zentorch_linear_unary"):
+        return False
+    if check_cpu_sgl_kernel(n, k, dtype):
+        return True
+    return bool(ops._supports_onednn) and current_platform.get_cpu_architecture() != CpuArchEnum.POWERPC
+
+
 def decoder_layers(model: torch.nn.Module):
     """vLLM's Llama decoder layers (model.model.layers)."""
     return model.model.layers
@@ -145,7 +162,11 @@ class VllmCpuKernels:
     def prepack_bf16(self, master: torch.Tensor):
         """The closure owns vLLM's packed copy (a oneDNN handle, or the sgl packed weight)
         and ignores its `weight` argument, so it can be built off to the side and installed
-        later; `master` is not referenced afterwards and can be freed."""
+        later; `master` (typically a read-only file map) is not referenced afterwards.
+        vLLM's other dispatch paths (zentorch, the torch fallback) compute on the weight
+        tensor itself, so there it gets an own copy first."""
+        if not bf16_prepack_copies(*master.shape, master.dtype):
+            master = master.clone()
         holder = torch.nn.Module()
         holder.weight = torch.nn.Parameter(master, requires_grad=False)
         holder.bias = None
