@@ -51,3 +51,34 @@ def test_dequantized_twin_is_close_to_the_original_weights(model_dir, w4_pack_di
     assert dense.shape == original.shape
     err = (dense - original).norm() / original.norm()
     assert 0.01 < err < 0.2  # really quantized, and really the same weights
+
+
+def test_perplexity_restarts_at_the_first_changed_layer_and_equals_a_full_forward(switchable):
+    from quant_layers.eval_windows import Windows
+
+    windows = Windows(torch.randint(0, 49152, (5, 48), generator=torch.Generator().manual_seed(2)).tolist())
+
+    def full_forward() -> float:  # transformers' own forward, whole model, the same 4-window chunks
+        total = 0.0
+        with torch.inference_mode():
+            for i in range(0, len(windows.windows), 4):
+                ids = torch.tensor(windows.windows[i : i + 4])
+                logits = switchable.model(input_ids=ids).logits[:, :-1].float()
+                total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                           ids[:, 1:].reshape(-1), reduction="sum").item()
+        return total
+
+    calls: list[int] = []
+    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: calls.append(i)) for i, layer in enumerate(switchable.layers)]
+    try:
+        for config, first in [((), 0), ({20}, 20), ({7, 20}, 7), ({7, 20, 25}, 25), ({7, 25}, 20), ({7, 25}, 30)]:
+            switchable.set_quantized(config)
+            calls.clear()
+            nll, count = switchable.nll(windows)
+            assert min(calls, default=30) == first and len(calls) == 2 * (30 - first)  # two chunks
+            calls.clear()
+            assert nll == pytest.approx(full_forward(), rel=1e-6) and count == 5 * 47
+    finally:
+        for h in hooks:
+            h.remove()
+        switchable.set_quantized(())
