@@ -78,11 +78,12 @@ def test_installed_wheel_prepares_serves_and_replays_from_anywhere(fresh_venv, m
     where = subprocess.run([str(fresh_venv / "bin" / "python"), "-c", "import morphserve; print(morphserve.__file__)"],
                            cwd=tmp_path, capture_output=True, text=True, check=True).stdout
     assert str(fresh_venv) in where, where  # the wheel's copy, not the checkout
-    # prepare with its packaged calibration and evaluation text (GPTQ skipped: an existing twin)
+    # prepare with its packaged calibration and evaluation text (GPTQ skipped: an existing twin;
+    # few tokens: what is checked is that the wheel's own data files are found and used)
     pack = tmp_path / "pack"
     proc = _run(fresh_venv, tmp_path, "prepare", str(model_dir), "--out", str(pack), "--quantized",
-                str(w4_pack_dir / "quantized"), "--lis-tokens", "255", "--lis-window", "256", "--eval-tokens", "1023",
-                "--eval-window", "1024")
+                str(w4_pack_dir / "quantized"), "--lis-tokens", "64", "--lis-window", "64", "--eval-tokens", "255",
+                "--eval-window", "256")
     assert proc.returncode == 0, proc.stderr[-3000:]
     quality = json.loads((pack / "quality.json").read_text())
     assert quality["eval_text"].endswith("morphserve/offline/data/wikitext-2/test.txt") and str(fresh_venv) in quality["eval_text"]
