@@ -6,6 +6,7 @@ hands to every swappable linear.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -108,6 +109,7 @@ def prepack_unquantized(layer: torch.nn.Module) -> None:
     dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
 
 
+@functools.lru_cache(maxsize=None)  # asked on every restore of every linear; the answer is fixed per shape
 def bf16_prepack_copies(n: int, k: int, dtype: torch.dtype) -> bool:
     """Whether vLLM's CPU bf16 dispatch (model_executor/layers/utils.py
     dispatch_cpu_unquantized_gemm) takes a path that copies the weight into its own packed
