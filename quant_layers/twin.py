@@ -37,8 +37,17 @@ class TwinCheckpoint:
     bits: int
     group_size: int
     symmetric: bool
-    scheme: object  # compressed_tensors QuantizationScheme
+    scheme: dict  # the config group, as compressed-tensors writes it
     tensors: dict[str, Path]  # tensor name -> safetensors file holding it
+
+    def quantization_scheme(self):
+        """compressed-tensors' own model of the scheme, for its decompressor. Built on first
+        use, not in `open_twin`: importing compressed-tensors costs ~9 s (it pulls in
+        transformers and torch.compile), and `morphserve serve` / `pack check` open the twin
+        only to check it."""
+        from compressed_tensors.quantization import QuantizationScheme
+
+        return QuantizationScheme.model_validate(self.scheme)
 
     def layer_bytes(self, layer: int) -> int:
         total = 0
@@ -67,7 +76,7 @@ class TwinCheckpoint:
                 if key in self.tensors:
                     with safe_open(self.tensors[key], "pt") as f:
                         state[suffix] = f.get_tensor(key)
-            dense = PackedQuantizationCompressor.decompress(state, self.scheme)["weight"]
+            dense = PackedQuantizationCompressor.decompress(state, self.quantization_scheme())["weight"]
             out[name] = dense.to(dtype)
         return out
 
@@ -125,13 +134,8 @@ def open_twin(ckpt: Path, model: ModelInfo) -> TwinCheckpoint:
             f"quantized checkpoint {ckpt} is not compressed-tensors pack-quantized "
             f"(format={qcfg.get('format')!r}); MorphServe needs W4A16 pack-quantized weights"
         )
-    from compressed_tensors.quantization import QuantizationScheme
-
     group = next(iter(qcfg["config_groups"].values()))
-    scheme = QuantizationScheme.model_validate(group)
-    w = scheme.weights
-    if w is None or scheme.input_activations is not None or w.group_size is None:
-        raise QuantLayersError(f"quantized checkpoint {ckpt} is not weight-only grouped (W4A16) quantization")
+    w = _weight_args(ckpt, group)
     tensors = index_safetensors(ckpt)
     # Every process of one start-up opens the twin; its shapes are checked once per change
     # of its files (or of the model's shapes), not once per process.
@@ -140,8 +144,31 @@ def open_twin(ckpt: Path, model: ModelInfo) -> TwinCheckpoint:
              lambda: _check_shapes(ckpt, tensors, model, w.num_bits))
     return TwinCheckpoint(
         path=ckpt, bits=w.num_bits, group_size=w.group_size, symmetric=w.symmetric,
-        scheme=scheme, tensors=tensors,
+        scheme=group, tensors=tensors,
     )
+
+
+@dataclass(frozen=True)
+class WeightArgs:
+    num_bits: int
+    group_size: int
+    symmetric: bool
+
+
+def _weight_args(ckpt: Path, group: object) -> WeightArgs:
+    """The fields of a compressed-tensors config group the runtime depends on, read from the
+    JSON directly (see TwinCheckpoint.quantization_scheme for why not through the library).
+    Only what compressed-tensors itself would default is defaulted."""
+    bad = f"quantized checkpoint {ckpt} is not weight-only grouped (W4A16) quantization"
+    if not isinstance(group, dict) or not isinstance(group.get("weights"), dict) or group.get("input_activations"):
+        raise QuantLayersError(bad)
+    w = group["weights"]
+    bits, size, sym = w.get("num_bits", 8), w.get("group_size"), w.get("symmetric", True)
+    if w.get("type", "int") != "int" or w.get("strategy", "group") != "group":
+        raise QuantLayersError(f"{bad}: weights are {w.get('type')!r} {w.get('strategy')!r}")
+    if type(bits) is not int or type(size) is not int or size <= 0 or type(sym) is not bool:
+        raise QuantLayersError(f"{bad}: num_bits={bits!r}, group_size={size!r}, symmetric={sym!r}")
+    return WeightArgs(bits, size, sym)
 
 
 def _check_shapes(ckpt: Path, tensors: dict[str, Path], model: ModelInfo, bits: int) -> str:

@@ -14,7 +14,11 @@ from morphserve.errors import USER_ERRORS, MorphServeError
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
-    from morphserve.offline.prepare import DEFAULT_CALIB, DEFAULT_EVAL
+    # Not from prepare.py: that imports torch, and every CLI call (`serve`, `pack check`,
+    # `policy`) builds this parser.
+    from morphserve.offline.datafiles import wikitext
+
+    DEFAULT_CALIB, DEFAULT_EVAL = wikitext("valid"), wikitext("test")
 
     p = sub.add_parser(
         "prepare",
