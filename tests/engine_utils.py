@@ -22,35 +22,51 @@ PROMPTS = [
 ]
 
 
-def plain_vllm(model: Path, prompts: list, max_tokens, tmp: Path, windows=None, gaps=None, **engine) -> dict:
-    """Plain vLLM in a subprocess. max_tokens: an int or one per prompt. engine: kv_bytes,
+# Plain vLLM's answers by job (see plain_job): a baseline asked for twice in a session (the
+# same prompts under the same engine settings) is computed once.
+_PLAIN_RESULTS: dict[str, dict] = {}
+
+
+def plain_job(prompts: list, max_tokens, windows=None, gaps=None, **engine) -> dict:
+    """One baseline run. max_tokens: an int or one per prompt. engine: kv_bytes,
     max_model_len, max_num_seqs (to reproduce the schedule of the engine under test).
     gaps: token sequences to rate with `last_token_gaps`."""
-    out = tmp / "plain.json"
     lengths = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
-    cmd = [sys.executable, str(REPO / "tests" / "plain_vllm.py"), str(model), str(out),
-           "--prompts-json", json.dumps(prompts), "--max-tokens", str(lengths[0]),
-           "--max-tokens-json", json.dumps(lengths)]
-    for key, value in engine.items():
-        cmd += [f"--{key.replace('_', '-')}", str(value)]
-    if windows is not None:
-        (tmp / "windows.json").write_text(json.dumps(windows))
-        cmd += ["--windows-json", str(tmp / "windows.json")]
-    if gaps is not None:
-        (tmp / "gaps.json").write_text(json.dumps(gaps))
-        cmd += ["--gaps-json", str(tmp / "gaps.json")]
-    # In-process engine core: every request is added before the first step, as in the
-    # engines under test (batch composition changes bf16 rounding on CPU).
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    log = tmp / "plain.log"
-    for attempt in range(2):
-        returncode = run_in_group(cmd, log, env=env, timeout=600)
-        if returncode == 0 and out.exists():
-            return json.loads(out.read_text())
-        # Seen once in CI: the baseline engine aborted during start-up in C++ ("terminate
-        # called without an active exception") while another engine lived in the parent.
-        # The baseline is not what is under test, so it gets one more try.
-    raise AssertionError(f"plain vLLM baseline failed twice:\n{log.read_text()[-3000:]}")
+    settings = {"kv_cache_memory_bytes" if k == "kv_bytes" else k: v for k, v in engine.items()}
+    return {"engine": settings, "prompts": prompts, "lengths": lengths, "windows": windows, "gaps": gaps}
+
+
+def plain_vllm_many(model: Path, jobs: list[dict], tmp: Path) -> list[dict]:
+    """Plain vLLM in one subprocess for every job not answered yet this session (each job is
+    its own `generate` call, so its batch is exactly its prompts)."""
+    keys = [json.dumps([str(model), job], sort_keys=True) for job in jobs]
+    todo = [(key, job) for key, job in dict(zip(keys, jobs)).items() if key not in _PLAIN_RESULTS]
+    if todo:
+        tmp.mkdir(parents=True, exist_ok=True)
+        out, jobs_file, log = tmp / "plain.json", tmp / "plain-jobs.json", tmp / "plain.log"
+        jobs_file.write_text(json.dumps([job for _, job in todo]))
+        cmd = [sys.executable, str(REPO / "tests" / "plain_vllm.py"), str(model), str(out), "--jobs-json", str(jobs_file)]
+        # In-process engine core: every request is added before the first step, as in the
+        # engines under test (batch composition changes bf16 rounding on CPU).
+        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+        for attempt in range(2):
+            out.unlink(missing_ok=True)
+            returncode = run_in_group(cmd, log, env=env, timeout=600)
+            if returncode == 0 and out.exists():
+                break
+            # Seen once in CI: the baseline engine aborted during start-up in C++ ("terminate
+            # called without an active exception") while another engine lived in the parent.
+            # The baseline is not what is under test, so it gets one more try.
+        else:
+            raise AssertionError(f"plain vLLM baseline failed twice:\n{log.read_text()[-3000:]}")
+        for (key, _), result in zip(todo, json.loads(out.read_text())):
+            _PLAIN_RESULTS[key] = result
+    return [_PLAIN_RESULTS[key] for key in keys]
+
+
+def plain_vllm(model: Path, prompts: list, max_tokens, tmp: Path, windows=None, gaps=None, **engine) -> dict:
+    """Plain vLLM's answer to one job (plain_job's arguments), computed unless already known."""
+    return plain_vllm_many(model, [plain_job(prompts, max_tokens, windows, gaps, **engine)], tmp)[0]
 
 
 # How far below plain vLLM's best a diverging greedy token may be and still count as a tie

@@ -1,10 +1,15 @@
 """Plain vLLM (no MorphServe) in a fresh process: the baseline the engine tests compare with.
 
-    python tests/plain_vllm.py MODEL OUT.json --prompts-json '[...]' --max-tokens N [--ppl-text FILE]
-Run as a subprocess so the baseline engine never shares a process with the engine under test.
+    python tests/plain_vllm.py MODEL OUT.json --jobs-json JOBS.json
+JOBS.json is a list of {"engine": {...}, "prompts": [...], "lengths": [...], "windows": [...]?,
+"gaps": [...]?}; OUT.json gets one result per job, in order. Each job is its own `generate`
+call (its own batch); jobs with equal engine settings share one engine, built in job order.
+Run as a subprocess so the baseline engine never shares a process with the engine under
+test; one process serves many jobs because importing vLLM costs ~12 s a process here.
 """
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -14,42 +19,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from morphserve.vllm.offline_engine import in_process_llm  # noqa: E402
 
 
+def run_job(llm, job: dict) -> dict:
+    from vllm import SamplingParams
+
+    # A prompt is text or a list of token ids.
+    prompts = [p if isinstance(p, str) else {"prompt_token_ids": p} for p in job["prompts"]]
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in job["lengths"]]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    result = {"token_ids": [list(o.outputs[0].token_ids) for o in outs]}
+    if job.get("windows") is not None:
+        from tests.engine_utils import score_windows
+
+        result["nll"], result["tokens"] = score_windows(llm, job["windows"])
+    if job.get("gaps") is not None:
+        from tests.engine_utils import last_token_gaps
+
+        result["gaps"] = last_token_gaps(llm, job["gaps"])
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
     ap.add_argument("out")
-    ap.add_argument("--prompts-json", required=True)
-    ap.add_argument("--max-tokens", type=int, required=True)
-    ap.add_argument("--max-tokens-json", default=None, help="per-prompt max_tokens (overrides --max-tokens)")
-    ap.add_argument("--kv-bytes", type=int, default=None, help="KV cache size (same schedule as the engine under test)")
-    ap.add_argument("--max-model-len", type=int, default=1100)
-    ap.add_argument("--max-num-seqs", type=int, default=None)
-    ap.add_argument("--windows-json", default=None, help="token windows to score with prompt_logprobs")
-    ap.add_argument("--gaps-json", default=None,
-                    help="token sequences; report how far each one's last token is below vLLM's best (nats)")
+    ap.add_argument("--jobs-json", required=True, help="file holding the list of jobs (see the module docstring)")
     args = ap.parse_args()
-    extra = {"kv_cache_memory_bytes": args.kv_bytes} if args.kv_bytes else {}
-    if args.max_num_seqs:
-        extra["max_num_seqs"] = args.max_num_seqs
-    # No pack: no general plugin loads (plain vLLM); static W4 baselines run the 4-bit
-    # kernel MorphServe serves (in_process_llm sets it).
-    llm = in_process_llm(args.model, None, enforce_eager=True, max_model_len=args.max_model_len, **extra)
-    from vllm import SamplingParams
-    # A prompt is text or a list of token ids.
-    prompts = [p if isinstance(p, str) else {"prompt_token_ids": p} for p in json.loads(args.prompts_json)]
-    lengths = json.loads(args.max_tokens_json) if args.max_tokens_json else [args.max_tokens] * len(prompts)
-    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in lengths]
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    result = {"token_ids": [list(o.outputs[0].token_ids) for o in outs]}
-    if args.windows_json:
-        from tests.engine_utils import score_windows
-
-        result["nll"], result["tokens"] = score_windows(llm, json.loads(Path(args.windows_json).read_text()))
-    if args.gaps_json:
-        from tests.engine_utils import last_token_gaps
-
-        result["gaps"] = last_token_gaps(llm, json.loads(Path(args.gaps_json).read_text()))
-    Path(args.out).write_text(json.dumps(result))
+    jobs = json.loads(Path(args.jobs_json).read_text())
+    results: list = [None] * len(jobs)
+    configs = list(dict.fromkeys(json.dumps(job["engine"], sort_keys=True) for job in jobs))
+    for config in configs:
+        engine = json.loads(config)
+        # No pack: no general plugin loads (plain vLLM); static W4 baselines run the 4-bit
+        # kernel MorphServe serves (in_process_llm sets it).
+        llm = in_process_llm(args.model, None, enforce_eager=True, max_model_len=engine.pop("max_model_len", 1100),
+                             **engine)
+        for i, job in enumerate(jobs):
+            if json.dumps(job["engine"], sort_keys=True) == config:
+                results[i] = run_job(llm, job)
+        del llm
+        gc.collect()
+    Path(args.out).write_text(json.dumps(results))
     sys.stdout.flush()
     # vLLM 0.32's CPU engine teardown sometimes aborts in C++ ("terminate called without an
     # active exception"); the result is already written, so skip it. The caller reaps the

@@ -281,3 +281,33 @@ def test_metrics_render_with_figures_left_unmeasured():
     text = generate_latest(registry).decode()
     assert 'morphserve_memory_bytes{kind="budget"} 10.0' in text and "kv_resident" not in text
     assert "morphserve_errors_total 1.0" in text
+
+
+@pytest.mark.parametrize("content_type,origin,host,status", [
+    ("application/json", None, "127.0.0.1:8000", None),
+    ("Application/JSON; charset=utf-8", None, "127.0.0.1:8000", None),
+    ("application/json", "http://127.0.0.1:8000", "127.0.0.1:8000", None),  # the server's own page
+    ("text/plain", None, "127.0.0.1:8000", 415),  # a no-cors page POST
+    ("application/x-www-form-urlencoded", None, "127.0.0.1:8000", 415),  # a form, or curl -d without -H
+    (None, None, "127.0.0.1:8000", 415),
+    ("application/json", "http://evil.example", "127.0.0.1:8000", 403),
+    ("application/json", "http://127.0.0.1:9999", "127.0.0.1:8000", 403),  # another local site
+    ("application/json", "null", "127.0.0.1:8000", 403),  # sandboxed frames, file:// pages
+])
+def test_level_changes_a_web_page_could_forge_are_refused(content_type, origin, host, status):
+    from morphserve.vllm.http_api import cross_site_problem
+
+    problem = cross_site_problem(content_type, origin, host)
+    assert (problem[0] if problem else None) == status
+
+
+def test_a_text_plain_post_from_this_host_changes_nothing(monkeypatch):
+    """The browser's no-cors POST: loopback, no key, a JSON body declared text/plain."""
+    from fastapi.testclient import TestClient
+
+    local = TestClient(_app(_StuckEngine(fail=True), monkeypatch), client=("127.0.0.1", 5000))
+    forged = local.post("/morphserve/level", content=b'{"quantized_layers": 30}', headers={"Content-Type": "text/plain"})
+    assert forged.status_code == 415
+    foreign = local.post("/morphserve/level", json={"quantized_layers": 30}, headers={"Origin": "http://evil.example"})
+    assert foreign.status_code == 403
+    assert local.post("/morphserve/level", json={"quantized_layers": 30}).status_code == 503  # reached the engine

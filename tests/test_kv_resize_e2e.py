@@ -9,12 +9,13 @@ load is tried with each shrink strategy; every request must complete.
 
 from __future__ import annotations
 
+import functools
 
 import pytest
 
 from morphserve.vllm.offline_engine import controller_of, run_greedy
 from morphserve.offline.datafiles import wikitext
-from tests.engine_utils import assert_same_or_near_ties, morph_llm, plain_vllm
+from tests.engine_utils import assert_same_or_near_ties, morph_llm, plain_job, plain_vllm, plain_vllm_many
 
 pytestmark = [pytest.mark.engine, pytest.mark.quant]
 
@@ -22,15 +23,19 @@ PROMPT_TOKENS, MAX_TOKENS = 300, 60  # 360 tokens: exactly 3 blocks of 128, from
 BLOCKS_PER_REQ = 3
 
 
-def _prompts(model_dir, n: int, salt: int) -> list[list[int]]:
+@functools.lru_cache(maxsize=None)
+def _wikitext_ids(model_dir) -> tuple[int, ...]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    text = wikitext("valid")
-    ids = tok(text.read_text()[:400_000])["input_ids"]
+    return tuple(tok(wikitext("valid").read_text()[:400_000])["input_ids"])
+
+
+def _prompts(model_dir, n: int, salt: int) -> list[list[int]]:
+    ids = _wikitext_ids(model_dir)
     starts = [(salt * 24 + i) * 353 for i in range(n)]  # disjoint slices: no shared prefixes
     assert starts[-1] + PROMPT_TOKENS <= len(ids)
-    return [ids[s:s + PROMPT_TOKENS] for s in starts]
+    return [list(ids[s:s + PROMPT_TOKENS]) for s in starts]
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +44,37 @@ def engine(model_dir, pack_dir, block_bytes):
                           max_model_len=1024, max_num_seqs=32)
     yield llm, core
     del llm
+
+
+STRATEGIES = ["wait", "preempt", "migrate"]
+
+
+def _strategy_case(model_dir, strategy: str) -> tuple[list[list[int]], list[int], int]:
+    """Prompts, output lengths and the step of the restore for one shrink strategy."""
+    prompts = _prompts(model_dir, 16, salt=2 + STRATEGIES.index(strategy))
+    # migrate needs room below the new capacity: two long requests outlive fourteen short ones.
+    lengths = [MAX_TOKENS] * 14 + [200, 200] if strategy == "migrate" else [MAX_TOKENS] * 16
+    return prompts, lengths, 80 if strategy == "migrate" else 8
+
+
+def _baseline_jobs(model_dir, block_bytes: int, cap_all: int) -> dict[str, dict]:
+    prompts = _prompts(model_dir, 24, salt=1)
+    jobs = {"small": plain_job(prompts[:12], MAX_TOKENS, kv_bytes=10 * block_bytes, max_model_len=1024, max_num_seqs=32),
+            "large": plain_job(prompts, MAX_TOKENS, kv_bytes=(cap_all + 1) * block_bytes, max_model_len=1024,
+                               max_num_seqs=32)}
+    for strategy in STRATEGIES:
+        prompts, lengths, _ = _strategy_case(model_dir, strategy)
+        jobs[strategy] = plain_job(prompts, lengths, max_model_len=1024, max_num_seqs=32)
+    return jobs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _baselines_in_one_process(engine, model_dir, block_bytes, tmp_path_factory):
+    """Every plain-vLLM baseline of this module in one subprocess, up front; the tests' own
+    plain_vllm calls then find them (one vLLM import instead of five)."""
+    cap_all = engine[1].morphserve_state()["kv_blocks_by_level"][-1]
+    plain_vllm_many(model_dir, list(_baseline_jobs(model_dir, block_bytes, cap_all).values()),
+                    tmp_path_factory.mktemp("plain"))
 
 
 def _run(llm, core, prompts, tag, at_step=None, action=None, max_tokens=None):
@@ -94,15 +130,12 @@ def test_quantizing_raises_concurrency_to_the_new_capacity_and_restoring_brings_
     assert_same_or_near_ties(model_dir, prompts, quant, large, tmp_path, "quantized")
 
 
-@pytest.mark.parametrize("strategy", ["wait", "preempt", "migrate"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_restore_under_load_completes_every_request(engine, model_dir, block_bytes, tmp_path, strategy):
     llm, core = engine
     controller_of(core).moves.shrink_strategy = strategy
     assert core.morphserve_set_level(30)["kv_capacity_blocks"] > 9
-    prompts = _prompts(model_dir, 16, salt=2 + ["wait", "preempt", "migrate"].index(strategy))
-    # migrate needs room below the new capacity: two long requests outlive fourteen short ones.
-    lengths = [MAX_TOKENS] * 14 + [200, 200] if strategy == "migrate" else None
-    at_step = 80 if strategy == "migrate" else 8
+    prompts, lengths, at_step = _strategy_case(model_dir, strategy)
     tokens, peak, result = _run(llm, core, prompts, f"{strategy}-", at_step=at_step,
                                 action=lambda: core.morphserve_set_level(0), max_tokens=lengths)
     state = core.morphserve_state()
@@ -122,7 +155,6 @@ def test_restore_under_load_completes_every_request(engine, model_dir, block_byt
     # wait and migrate leave the schedule as plain vLLM's with ample KV (all 16 admitted at
     # once). Preempted requests are recomputed in other batches, and their absence changes
     # the batches of the others, so rounding may differ: outputs match up to near-ties.
-    lengths = lengths or [MAX_TOKENS] * 16
     assert [len(t) for t in tokens] == lengths, "every request completes"
     baseline = plain_vllm(model_dir, prompts, lengths, tmp_path, max_model_len=1024, max_num_seqs=32)["token_ids"]
     assert_same_or_near_ties(model_dir, prompts, tokens, baseline, tmp_path, strategy)

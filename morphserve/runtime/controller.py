@@ -29,6 +29,7 @@ from morphserve.offline import pack as packfmt
 from morphserve.offline.ladder import Ladder, served_quality
 from morphserve.runtime.config import MorphConfig
 from morphserve.runtime.kv_sizing import plan_budget
+from morphserve.runtime.manual_limit import SHARE_INVERSE, ManualRateLimit
 from morphserve.runtime.policy_loop import PolicyLoop
 from morphserve.runtime.recorder import Recorder
 from morphserve.runtime.transitions import TransitionFailed, Transitions
@@ -59,7 +60,7 @@ class MorphController:
         self.errors = 0
         self.last_error: dict | None = None
         self.pinned_by_error = False
-        self._last_manual = float("-inf")
+        self.manual_limit = ManualRateLimit(self.config.manual_min_interval_s)
         self.commits_on_touch = True  # the workers' KV backing; set from morphserve_init
 
     @classmethod
@@ -199,15 +200,14 @@ class MorphController:
         if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= self.num_layers:
             return {"ok": False, "status": 400,
                     "error": f"quantized_layers must be an integer in 0..{self.num_layers}, got {level!r}"}
-        now = time.monotonic()
-        interval = self.config.manual_min_interval_s
-        wait = self._last_manual + interval - now
+        started = time.monotonic()
+        wait = self.manual_limit.wait_s(started)
         if rate_limited and wait > 0 and level != self.moves.level:
+            interval = self.config.manual_min_interval_s
             return {"ok": False, "status": 429, "retry_after_s": round(wait, 3),
-                    "error": f"manual level changes are limited to one per {interval} s "
-                             f"(manual_min_interval_s); retry in {wait:.2f} s"}
-        if rate_limited:
-            self._last_manual = now
+                    "error": f"manual level changes are limited to one per {interval} s, and to "
+                             f"{100 // SHARE_INVERSE}% of the engine's time (manual_min_interval_s); "
+                             f"retry in {wait:.2f} s"}
         self.forced_level, self.pinned_by_error = level, False
         try:
             result = self.moves.to(level, reason="manual")
@@ -216,6 +216,9 @@ class MorphController:
             return {"ok": False, "status": 503, **self.state(),
                     "error": f"transition to {level} failed and was rolled back; serving at "
                              f"{self.moves.level} quantized layers: {e}"}
+        finally:
+            if rate_limited:
+                self.manual_limit.charge(started, time.monotonic())
         return {**result, **self.state()}
 
     # -- observability -----------------------------------------------------------------

@@ -5,6 +5,8 @@ the bearer token themselves, against the same keys (`--api-key`, else VLLM_API_K
 with the same constant-time comparison. Without any key, reading the state stays open
 (like vLLM's /metrics) but changing the level is allowed only from this host (loopback):
 vLLM listens on every interface by default, and a level change costs decode steps.
+"This host" includes a web page open in a browser on it, so a level change must also be
+one no page can forge (`cross_site_problem`).
 
 They reach the engine core by utility-method *name* (vLLM's UTILITY request path; nothing
 is pickled), with a timeout, so a stuck engine gives a 504 instead of a hung request.
@@ -113,6 +115,25 @@ def parse_level_body(raw: bytes):
     return level, None
 
 
+def cross_site_problem(content_type: str | None, origin: str | None, host: str | None) -> tuple[int, str] | None:
+    """Why a level change may come from another site's page, as (status, message), or None.
+
+    - A page can POST cross-site without a CORS preflight only as text/plain, a form or
+      multipart ("simple" requests), so the body must be declared application/json.
+    - vLLM answers preflights for any origin by default (`--allowed-origins '["*"]'`), so a
+      page could still send JSON: a browser always names the page's origin, which must then
+      be this server's own. Non-browser clients send no Origin and are unaffected.
+    Pure, so it is tested without a server."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        return 415, f"Content-Type must be application/json, got {content_type or 'none'!r}"
+    if origin is not None:
+        site = origin.strip().lower().partition("://")[2].rstrip("/")
+        if not site or site != (host or "").strip().lower():
+            return 403, f"cross-origin level changes are refused (Origin {origin[:100]!r}, Host {host!r})"
+    return None
+
+
 @router.post("/morphserve/level")
 async def post_level(request: Request):
     keys = _keys(request)
@@ -121,6 +142,10 @@ async def post_level(request: Request):
     if not keys and not _from_loopback(request):
         return _error(403, "changing the level needs --api-key (or VLLM_API_KEY) when the caller is not on "
                            "this host")
+    forged = cross_site_problem(request.headers.get("content-type"), request.headers.get("origin"),
+                                request.headers.get("host"))
+    if forged:
+        return _error(*forged)
     declared = request.headers.get("content-length", "0")
     if not (declared.isascii() and declared.isdigit()):
         return _error(400, "bad Content-Length")
