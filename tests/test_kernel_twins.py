@@ -33,3 +33,31 @@ def test_corrupt_or_stale_cache_is_rebuilt(tmp_path):
     ensure_kernel_twins(path, ["a", "c"], _builder(calls))  # another set of linears: stale
     assert calls == ["a", "a", "c"]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_changed_contents_with_the_same_size_and_mtime_are_rebuilt(tmp_path):
+    """The key is made of paths, sizes and mtimes; the bytes served are checked by hash."""
+    import os
+
+    path, calls = tmp_path / "k.safetensors", []
+    ensure_kernel_twins(path, ["a"], _builder(calls))
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # one weight byte, in the tensor data after the header
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    ckpt = ensure_kernel_twins(path, ["a"], _builder(calls))
+    assert calls == ["a", "a"]
+    with ckpt.reading() as r:
+        assert r.get("a.weight_packed").tolist() == list(range(8))
+
+
+def test_a_missing_digest_is_a_rebuild(tmp_path):
+    from quant_layers.kernel_twins import digest_path
+
+    path, calls = tmp_path / "k.safetensors", []
+    ensure_kernel_twins(path, ["a"], _builder(calls))
+    digest_path(path).unlink()
+    ensure_kernel_twins(path, ["a"], _builder(calls))
+    assert calls == ["a", "a"] and digest_path(path).is_file()
