@@ -13,6 +13,11 @@ it is committed. The thread therefore prepares a layer only while the prepared-b
 committed bf16 bytes stay within the bytes the shrink freed for the uncommitted layers, so
 the budget holds throughout; when nothing is prepared it may always prepare one layer
 (the synchronous path has the same one-layer transient).
+
+Cancelling never waits for the thread: `cancel` runs on the engine's thread, and the layer
+being prepared may be a cold read of tens of milliseconds (seconds on a large model). The
+thread finishes that one layer on its own, frees what it built, and stops; until then its
+bytes stay counted (`prepared_bytes`), so the budget check still sees them.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class RestorePreparer:
         self._cond = threading.Condition()
         self._ready: dict[int, object] = {}
         self._uncommitted = set(layers)
+        self._in_flight: int | None = None  # the layer the thread is preparing now
         self._cancelled = False
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="morphserve-restore", daemon=True)
@@ -60,16 +66,23 @@ class RestorePreparer:
                 self._cond.wait_for(lambda: self._cancelled or self._allowed(layer))
                 if self._cancelled:
                     return
+                self._in_flight = layer
             try:
                 prepared = self._prepare(layer)
             except BaseException as e:  # reported to the engine thread at the next boundary
                 with self._cond:
-                    self.error = e
+                    self.error, self._in_flight = e, None
                 return
             with self._cond:
-                if self._cancelled:
+                cancelled = self._cancelled
+                if not cancelled:
+                    self._ready[layer] = prepared
+            if cancelled:  # built after the cancel: never installed, freed here
+                _release([prepared])
+            with self._cond:
+                self._in_flight = None
+                if cancelled:
                     return
-                self._ready[layer] = prepared
 
     def take_ready(self) -> list[tuple[int, object]]:
         """The prepared layers, in restore order, that can be committed now."""
@@ -90,18 +103,34 @@ class RestorePreparer:
             return len(self._uncommitted)
 
     def cancel(self) -> None:
+        """Drop every prepared layer; returns at once (see the module docstring)."""
         with self._cond:
             self._cancelled = True
             dropped = list(self._ready.values())
             self._ready.clear()
             self._cond.notify_all()
-        self._thread.join()
-        for prepared in dropped:  # computes never installed: free their native state now
-            for compute in prepared if isinstance(prepared, list) else [prepared]:
-                if hasattr(compute, "release"):
-                    compute.release()
+        _release(dropped)
+
+    @property
+    def finished(self) -> bool:
+        return not self._thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
 
     def prepared_bytes(self) -> int:
-        """bf16 bytes prepared and not yet committed (held beside the layers' W4 tensors)."""
+        """bf16 bytes prepared and not yet committed (held beside the layers' W4 tensors),
+        and, once cancelled, the layer the thread is still finishing."""
         with self._cond:
-            return sum(self.costs[i].bf16_bytes for i in self._ready)
+            held = sum(self.costs[i].bf16_bytes for i in self._ready)
+            if self._cancelled and self._in_flight is not None:
+                held += self.costs[self._in_flight].bf16_bytes
+            return held
+
+
+def _release(prepared: list) -> None:
+    """Free the native state of computes that will never be installed."""
+    for item in prepared:
+        for compute in item if isinstance(item, list) else [item]:
+            if hasattr(compute, "release"):
+                compute.release()

@@ -66,9 +66,35 @@ def test_an_error_is_reported_and_stops_preparing():
     prep.cancel()
 
 
-def test_cancel_drops_prepared_layers_and_stops_the_thread():
-    gate = threading.Event()
-    prep = RestorePreparer([0, 1, 2], {i: COST for i in range(3)}, lambda i: gate.wait(5) and i)
-    prep.cancel() if gate.set() is None else None
-    assert prep.take_ready() == [] and prep.prepared_bytes() == 0
-    assert not prep._thread.is_alive()
+class _Compute:
+    def __init__(self, layer):
+        self.layer, self.released = layer, False
+
+    def release(self):
+        self.released = True
+
+
+def test_cancel_during_a_blocked_prepare_returns_at_once_and_the_thread_frees_its_layer():
+    """The engine thread cancels while layer 1's read is stuck (a cold read): cancel must not
+    wait for it; the layer's bytes stay counted until the thread has freed what it built."""
+    gate, in_prepare, built = threading.Event(), threading.Event(), []
+
+    def prepare(i):
+        compute = _Compute(i)
+        built.append(compute)
+        if i == 1:
+            in_prepare.set()
+            gate.wait(10)
+        return compute
+
+    prep = RestorePreparer([0, 1, 2], {i: COST for i in range(3)}, prepare)
+    assert in_prepare.wait(5)
+    started = time.monotonic()
+    prep.cancel()
+    assert time.monotonic() - started < 0.5, "cancel waited for the preparing thread"
+    assert not prep.finished and prep.prepared_bytes() == COST.bf16_bytes  # layer 1, still held
+    assert built[0].released  # prepared before the cancel, never installed: freed by cancel
+    gate.set()
+    prep.join(5)
+    assert prep.finished and prep.prepared_bytes() == 0 and prep.take_ready() == []
+    assert [c.layer for c in built] == [0, 1] and all(c.released for c in built)

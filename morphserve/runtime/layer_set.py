@@ -59,6 +59,7 @@ class LayerSet:
         self.w8 = w8
         self.fused = fused
         self.restore: RestorePreparer | None = None
+        self.finishing: list[RestorePreparer] = []  # cancelled, a thread still ending one layer
         self.restore_targets: dict[int, str] = {}
 
     @contextlib.contextmanager
@@ -216,8 +217,7 @@ class LayerSet:
         error = repr(prep.error) if prep.error is not None else None
         done = prep.remaining == 0
         if done or error:
-            prep.cancel()
-            self.restore = None
+            self._drop(prep)
         if committed:
             trim_heap()
         return {"active": True, "committed": committed, "fp_bytes_restored": fp_bytes, "done": done,
@@ -227,10 +227,14 @@ class LayerSet:
         """Drop a restore in progress; layers already installed keep their new precision."""
         prep = self.restore
         if prep is not None:
-            prep.cancel()
-            self.restore = None
+            self._drop(prep)
             trim_heap()
         return {"quantized": self.quantized(), "tiers": self.tiers()}
+
+    def _drop(self, prep: RestorePreparer) -> None:
+        prep.cancel()  # never waits for the thread: this runs on the engine's thread
+        self.restore = None
+        self.finishing = [p for p in self.finishing if not p.finished] + ([] if prep.finished else [prep])
 
     def drop_page_cache(self) -> dict:
         """Evict the model's and the pack's file pages, so the next transition reads cold."""
@@ -260,4 +264,6 @@ class LayerSet:
 
     def prepared_bytes(self) -> int:
         """bf16 layers a background restore has prepared and not yet installed."""
-        return self.restore.prepared_bytes() if self.restore is not None else 0
+        self.finishing = [p for p in self.finishing if not p.finished]
+        active = [self.restore] if self.restore is not None else []
+        return sum(p.prepared_bytes() for p in active + self.finishing)
