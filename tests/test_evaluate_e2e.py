@@ -69,8 +69,9 @@ def test_runs_record_memory_capacity_and_quality(evaluated, pack_dir):
         assert run["requests"] == 12 and run["peak_rss_anon_mib"] > 1000 and run["peak_rss_file_mib"] > 0
         assert run["memory_samples"] > 5
         tokens = run["tokens_by_level"]
-        assert sum(tokens["prompt"].values()) == sum(l for l, ok in zip(run["input_lens"], run["ok"]) if ok)
-        assert sum(tokens["output"].values()) == sum(l for l, ok in zip(run["output_lens"], run["ok"]) if ok)
+        # every token served is charged, a cut request's too
+        assert sum(tokens["output"].values()) == sum(run["served_output_lens"])
+        assert sum(tokens["prompt"].values()) == sum(l for l, n in zip(run["input_lens"], run["served_output_lens"]) if n)
     assert fp16["ppl_increase"] == 0.0 and set(fp16["tokens_by_level"]["output"]) == {"0"}
     assert ms["kv_blocks"]["level0"] < ms["kv_blocks"]["max_level"]
     assert ms["warmup"]["levels"] == [30, 0]

@@ -120,6 +120,13 @@ def test_quality_charges_prompts_and_tokens_at_the_level_in_force(tmp_path):
     curve = {0: 10.0, 4: 11.0, 8: 12.0, 30: 20.0}
     q = quality.quality_of_run(rows, curve, changes, 0)
     expected = math.exp((102 * math.log(10) + 2 * math.log(12) + math.log(11)) / 105)
+    assert q["ppl"] == pytest.approx(expected)
+    # A request cut at the deadline after streaming 3 tokens (served at level 8): its prompt
+    # and those tokens are charged too.
+    cut = {"ok": False, "start_mono": 200.0, "input_len": 40, "output_len": 0, "ttft_s": None,
+           "token_offsets_s": [5.2, 5.6, 6.1], "served_tokens": 3}
+    counts = quality.tokens_by_level(rows + [cut], quality.LevelAt(changes))
+    assert counts == {"prompt": {0: 100, 8: 40}, "output": {0: 2, 8: 5, 4: 1}}
     assert q["ppl"] == pytest.approx(expected) and q["ppl_increase"] == pytest.approx(expected / 10 - 1)
     static = quality.quality_of_run(rows, curve, None, 30)
     assert static["ppl"] == pytest.approx(20.0)

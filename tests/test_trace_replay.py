@@ -79,9 +79,14 @@ def test_window_and_scale_errors():
 
 
 def test_summary_counts_failures_as_violations():
-    bench = {"ttfts": [0.5, 3.0, 0.0], "latencies": [1.5, 4.0, 0.0], "output_lens": [11, 11, 0],
-             "input_lens": [10, 10, 10], "errors": ["", "", "boom"]}
-    rows = per_request(bench, [0.0, 1.0, 2.0])
+    bench = {"ttfts": [0.5, 3.0, 0.0, 0.7], "latencies": [1.5, 4.0, 0.0, 0.0], "output_lens": [11, 11, 0, 0],
+             "input_lens": [10, 10, 10, 10], "errors": ["", "", "boom", "cut"],
+             "itls": [[0.1] * 10, [0.1] * 10, [], [0.2, 0.2]]}
+    rows = per_request(bench, [0.0, 1.0, 2.0, 3.0])
+    # the cut request streamed 3 tokens before it failed: kept for the quality accounting
+    assert rows[3]["token_offsets_s"] == [0.7, 0.9, 1.1] and rows[3]["served_tokens"] == 3
+    assert rows[2]["token_offsets_s"] is None and rows[2]["served_tokens"] == 0
+    rows = rows[:3]
     assert rows[0]["tpot_s"] == pytest.approx(0.1) and not rows[2]["ok"]
     s = summarize("x", rows, 10.0, slo_ttft=2.0, slo_tpot=0.2)
     assert s["completed"] == 2 and s["failed"] == 1

@@ -39,20 +39,23 @@ class LevelAt:
 
 
 def tokens_by_level(rows: list[dict], level_at: LevelAt) -> dict[str, dict[int, int]]:
-    """Prompt and output tokens of completed requests, by the level they were computed at."""
+    """Prompt and output tokens of every request that got its first token, completed or cut
+    (a request cut at the deadline was often served at a deep level, so leaving it out would
+    flatter the quality), by the level they were computed at."""
     prompt: dict[int, int] = {}
     output: dict[int, int] = {}
     for r in rows:
-        if not r["ok"] or r.get("start_mono") is None:
+        if r.get("start_mono") is None or not (r["ok"] or r.get("token_offsets_s")):
             continue
         offsets = r.get("token_offsets_s") or [r["ttft_s"]]
+        served = r["output_len"] if r["ok"] else r.get("served_tokens", len(offsets))
         k = level_at(r["start_mono"] + offsets[0])
         prompt[k] = prompt.get(k, 0) + r["input_len"]
-        for off in offsets[: r["output_len"]]:
+        for off in offsets[:served]:
             k = level_at(r["start_mono"] + off)
             output[k] = output.get(k, 0) + 1
         # a server that streams several tokens in one chunk reports fewer offsets than tokens
-        missing = r["output_len"] - min(len(offsets), r["output_len"])
+        missing = served - min(len(offsets), served)
         if missing:
             k = level_at(r["start_mono"] + offsets[-1])
             output[k] = output.get(k, 0) + missing

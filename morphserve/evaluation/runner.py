@@ -148,6 +148,7 @@ def one_run(suite: Suite, rep: int, window: Window, budget: Budget, system: Syst
                   peak_rss_total_mib=sampler.peak["total"] / MIB, memory_samples=sampler.samples,
                   trace_sha256=hashlib.sha256((folder / "trace.jsonl").read_bytes()).hexdigest(),
                   input_lens=[r["input_len"] for r in rows], output_lens=[r["output_len"] for r in rows],
+                  served_output_lens=[r.get("served_tokens", r["output_len"]) for r in rows],
                   requested_output_lens=[json.loads(x)["output_length"]
                                          for x in (folder / "trace.jsonl").read_text().splitlines()],
                   ok=[r["ok"] for r in rows])

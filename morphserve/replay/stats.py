@@ -26,7 +26,10 @@ def per_request(bench: dict, arrivals: list[float]) -> list[dict]:
         ok = not error and latency > 0 and out_len > 0
         tpot = (latency - ttft) / (out_len - 1) if ok and out_len > 1 else (0.0 if ok else None)
         starts = bench.get("start_times") or []
-        itls = (bench.get("itls") or [[]] * n)[i] if ok else []
+        itls = (bench.get("itls") or [[]] * n)[i] or []
+        # A failed (e.g. cut) request may still have streamed tokens before it failed: their
+        # arrival times are kept, since the server computed them at some precision.
+        streamed = ok or (ttft or 0) > 0
         rows.append({"index": i, "arrival_s": arrivals[i] if i < len(arrivals) else None,
                      # time.perf_counter() of the load generator: CLOCK_MONOTONIC, the same
                      # clock in every process on the machine, so it lines up with the timeline
@@ -35,7 +38,10 @@ def per_request(bench: dict, arrivals: list[float]) -> list[dict]:
                      "ttft_s": ttft if ok else None, "tpot_s": tpot, "latency_s": latency if ok else None,
                      "error": error or None,
                      # seconds after the request's start at which each output token arrived
-                     "token_offsets_s": _token_offsets(ttft, itls) if ok else None})
+                     "token_offsets_s": _token_offsets(ttft, itls) if streamed else None,
+                     # tokens the client received: all of them, or one per streamed chunk of a
+                     # failed request (vLLM's load generator counts none for it)
+                     "served_tokens": out_len if ok else (1 + len(itls) if streamed else 0)})
     return rows
 
 
