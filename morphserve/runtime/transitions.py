@@ -40,6 +40,14 @@ def plan_transition(order: list[int], current: list[int], level: int) -> Transit
     return TransitionPlan(quantize, restore)
 
 
+_WORKER_SUMS = ("fp_bytes_freed", "bytes_freed", "rss_delta", "seconds")
+
+
+def _worker_fields(worker: dict) -> dict:
+    return {"fp_bytes_freed": worker["fp_bytes_freed"], "bytes_freed": worker["bytes_freed"],
+            "rss_delta": worker["rss_delta"], "worker_seconds": worker["seconds"]}
+
+
 class TransitionFailed(MorphServeError):
     """A transition stopped part-way; `during` names what was under way."""
 
@@ -116,14 +124,18 @@ class Transitions:
 
     def to(self, level: int, reason: str, background: bool = False) -> dict:
         """Move to `level` quantized layers. A restore with `background` only starts here:
-        its KV is shrunk now and the layers are installed at later step boundaries."""
+        its KV is shrunk now and the layers are installed at later step boundaries.
+
+        A plan may both compress and decompress: off the ladder (a restore called off
+        part-way when the W8A8 and W4A16 orders differ), reaching a level can take layers
+        both ways. The compressions run first (they only free memory), then the
+        decompressions, after the KV shrink they need."""
         if self.restoring is not None:
             self._cancel_restore()
         self.recovery_shrink_from = None  # this transition's own shrink or grow accounts for the pool now
         t0 = time.monotonic()
         before_level, before_blocks = self.level, self.pool.visible
-        if level >= before_level and self.pool.limit < self.capacity(before_level):
-            self.grow(self.capacity(before_level))  # a pending restore is called off
+        self._give_back(level)
         ladder_plan = self.ladder.plan(self.config, level)
         plan = TransitionPlan([[i, t] for i, t in ladder_plan.compress], [[i, t] for i, t in ladder_plan.decompress])
         was_pending, self.pending_level = self.pending_level, None
@@ -135,33 +147,47 @@ class Transitions:
                   "restored_layer_ids": [i for i, _ in plan.restore], "signals": self.policy.signals_dict()}
         if self.ladder.tiered:
             record["tiers_to"] = self.ladder.counts(level)
+        worker: dict | None = None
         if plan.quantize:
             worker = self._apply(plan.quantize, [], level)
-            self.grow(self.capacity(self.level))
-        else:
+            if not plan.restore:
+                self.grow(self.capacity(self.level))
+            else:
+                self._give_back(level)  # what the compressions freed, up to the target's
+        if plan.restore:
             kv = shrink_kv(self.pool, self.scheduler, self.rpc, self.capacity(level), self.shrink_strategy)
             record["kv"] = kv
             if not kv["done"]:
                 self.deferrals += was_pending != level  # count a restore once, not per retry
                 self.pending_level = level
                 self.sync_view()
+                if worker is not None:  # the compressions happened: on record
+                    self._finish({**record, "restored_layer_ids": [], "deferred_restore": True,
+                                  **_worker_fields(worker)}, before_blocks, t0, "quantize")
                 return {"ok": True, "deferred": True, "quantized_layers": self.level,
-                        "busy_blocks": kv["busy"], "changed": False}
+                        "busy_blocks": kv["busy"], "changed": worker is not None}
             if background:
                 return self._begin_restore(plan.restore, level, record, t0, before_blocks)
             try:
-                worker = self._apply([], plan.restore, level)
+                restored = self._apply([], plan.restore, level)
             except MorphServeError:
                 self.grow(self.capacity(self.level))  # weights stayed quantized
                 self.sync_view()
                 raise
+            worker = restored if worker is None else {k: worker[k] + restored[k] for k in _WORKER_SUMS}
         self.sync_view()
-        record.update({
-            "fp_bytes_freed": worker["fp_bytes_freed"], "bytes_freed": worker["bytes_freed"],
-            "rss_delta": worker["rss_delta"], "worker_seconds": worker["seconds"],
-        })
-        self._finish(record, before_blocks, t0, "quantize" if plan.quantize else "restore")
+        record.update(_worker_fields(worker))
+        self._finish(record, before_blocks, t0, "restore" if plan.restore else "quantize")
         return {"ok": True, "quantized_layers": self.level, "changed": True, "transition": record}
+
+    def _give_back(self, level: int) -> None:
+        """The pool may sit below what both the present weights and the target allow (a
+        restore that had drained it was just called off, a restore is pending, or a mixed
+        plan's compressions just freed memory): those blocks come back first, so a shrink
+        is only ever asked for below the pool's present size."""
+        allowed = min(self.capacity(self.level), self.capacity(level))
+        if self.pool.limit < allowed:
+            self.grow(allowed)
 
     def _finish(self, record: dict, before_blocks: int, t0: float, direction: str) -> None:
         record.update({"to": self.level, "kv_blocks_before": before_blocks,

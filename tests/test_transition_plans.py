@@ -1,0 +1,103 @@
+"""Transitions between ladder levels with a stand-in worker and vLLM's real block pool
+(pure Python, no engine): plans that both compress and decompress run every step, and a
+manual level inside a background restore's range is reached, not refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from kv_resize.elastic_pool import ElasticBlockPool
+from morphserve.offline.ladder import Ladder, Rung
+from morphserve.runtime.policy_loop import PolicyLoop
+from morphserve.runtime.recorder import Recorder
+from morphserve.runtime.transitions import Transitions
+
+# Three layers whose W8A8 order (1, 2, 0) differs from their W4A16 order (2, 0, 1).
+LADDER = Ladder([Rung(1, "w8a8", 50), Rung(2, "w8a8", 50), Rung(0, "w8a8", 50),
+                 Rung(2, "w4a16", 20), Rung(0, "w4a16", 20), Rung(1, "w4a16", 20)])
+
+
+def capacity(level: int) -> int:
+    return 10 + 5 * level
+
+
+class Worker:
+    """The workers' side of the RPCs Transitions makes, over a layer -> tier map."""
+
+    def __init__(self, tiers: dict[int, str]):
+        self.tiers = dict(tiers)
+        self.restoring: list[tuple[int, str]] = []
+        self.calls: list[str] = []
+
+    def __call__(self, method: str, *args):
+        self.calls.append(method)
+        return [getattr(self, method)(*args)]
+
+    def _result(self) -> dict:
+        return {"fp_bytes_freed": 1, "bytes_freed": 1, "rss_delta": 0, "seconds": 0.0,
+                "tiers": {str(i): t for i, t in self.tiers.items()}}
+
+    def morphserve_apply(self, quantize, restore):
+        for layer, tier in list(restore) + list(quantize):
+            self.tiers.pop(layer) if tier == "bf16" else self.tiers.__setitem__(layer, tier)
+        return self._result()
+
+    def morphserve_tiers(self):
+        return {str(i): t for i, t in self.tiers.items()}
+
+    def morphserve_restore_begin(self, layers):
+        self.restoring = [tuple(x) for x in layers]
+        return {"started": len(layers)}
+
+    def morphserve_restore_cancel(self):
+        self.restoring = []
+        return {"tiers": self.morphserve_tiers()}
+
+    def morphserve_kv_release(self, first, last):
+        return {"advised": last - first + 1, "rss_delta": 0}
+
+
+class View:
+    def sync_capacity_view(self, blocks: int) -> None:
+        self.visible = blocks
+
+
+def _moves(level: int, tiers: dict[int, str] | None = None) -> tuple[Transitions, Worker, ElasticBlockPool]:
+    from vllm.v1.core.block_pool import BlockPool
+
+    from morphserve.vllm.scheduler import VllmBlockStore
+
+    store = VllmBlockStore(BlockPool(num_gpu_blocks=capacity(LADDER.top) + 1, enable_caching=True, hash_block_size=16))
+    worker = Worker(LADDER.config(level) if tiers is None else tiers)
+    moves = Transitions(LADDER, worker, None, View(), capacity, Recorder(None), PolicyLoop(None), "wait")
+    moves.set_tiers(worker.morphserve_tiers())
+    moves.pool = ElasticBlockPool(store, capacity(moves.level))
+    return moves, worker, moves.pool
+
+
+def test_a_plan_that_compresses_and_decompresses_runs_both():
+    """A background restore 5 -> 0 called off after layer 0 went back to bf16 leaves
+    {1: w8a8, 2: w4a16}; level 3 then needs layer 0 compressed *and* layer 2 decompressed."""
+    moves, worker, pool = _moves(5, tiers={1: "w8a8", 2: "w4a16"})
+    assert moves.level == 2  # the highest rung every layer has reached
+    plan = LADDER.plan(moves.config, 3)
+    assert plan.compress and plan.decompress
+    result = moves.to(3, reason="manual")
+    assert result["ok"] and result["changed"]
+    assert worker.tiers == LADDER.config(3) and moves.level == 3
+    assert pool.limit == capacity(3)
+    record = result["transition"]
+    assert record["quantized_layer_ids"] == [0] and record["restored_layer_ids"] == [2]
+
+
+@pytest.mark.parametrize("target", [1, 3, 5])
+def test_a_manual_level_during_a_drained_background_restore_is_reached(target):
+    """The restore to 0 has shrunk the pool to level 0's capacity and released its pages; a
+    manual level between 0 and the top must get its blocks back, not fail and pin."""
+    moves, worker, pool = _moves(LADDER.top)
+    started = moves.to(0, reason="policy", background=True)
+    assert started["restoring"] and pool.limit == pool.committed == capacity(0)
+    result = moves.to(target, reason="manual")
+    assert result["ok"] and moves.restoring is None
+    assert worker.tiers == LADDER.config(target) and moves.level == target
+    assert pool.limit == capacity(target) and pool.visible == capacity(target)
