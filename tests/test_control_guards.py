@@ -311,3 +311,15 @@ def test_a_text_plain_post_from_this_host_changes_nothing(monkeypatch):
     foreign = local.post("/morphserve/level", json={"quantized_layers": 30}, headers={"Origin": "http://evil.example"})
     assert foreign.status_code == 403
     assert local.post("/morphserve/level", json={"quantized_layers": 30}).status_code == 503  # reached the engine
+
+
+def test_kv_resident_without_a_key_is_for_this_host_only(monkeypatch):
+    """The mincore over the whole KV reserve runs on the engine thread: not for anyone."""
+    from fastapi.testclient import TestClient
+
+    app = _app(_StuckEngine(fail=True), monkeypatch)
+    remote = TestClient(app, client=("203.0.113.9", 5000))
+    assert remote.get("/morphserve/state?kv_resident=1").status_code == 403
+    assert remote.get("/morphserve/state").status_code == 503  # the plain read stays open (reached the engine)
+    local = TestClient(app, client=("127.0.0.1", 5000))
+    assert local.get("/morphserve/state?kv_resident=1").status_code == 503  # reached the engine

@@ -54,8 +54,25 @@ def test_state_requires_the_api_key(server):
         assert field in state
     assert state["swappable_layers"] == 30
     assert state["memory"]["budget_bytes"] > 0
-    light = _request(server + "/morphserve/state?memory=0")[1]  # pollers: no worker call
+    light = _request(server + "/morphserve/state?memory=0")[1]
     assert light["memory"] is None and light["quantized_layers"] == state["quantized_layers"]
+
+
+def test_reads_and_scrapes_never_call_the_worker(server):
+    """The memory figures are the worker's last reading: reads and /metrics scrapes of an
+    idle server serve it (its age grows) and make no worker call (the count stays)."""
+    import time
+    import urllib.request
+
+    first = _request(server + "/morphserve/state")[1]["memory"]
+    for _ in range(3):
+        with urllib.request.urlopen(server + "/metrics", timeout=30) as r:
+            assert b"morphserve_up 1.0" in r.read()
+        time.sleep(0.2)
+    later = _request(server + "/morphserve/state")[1]["memory"]
+    assert later["reads"] == first["reads"] and later["read_age_s"] > first["read_age_s"] + 0.5
+    fresh = _request(server + "/morphserve/state?kv_resident=1")[1]["memory"]  # an audit reads anew
+    assert fresh["reads"] == first["reads"] + 1 and fresh["kv_resident_bytes"] is not None
 
 
 def test_forcing_a_level_swaps_and_serving_continues(server, model_dir):

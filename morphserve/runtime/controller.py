@@ -37,6 +37,11 @@ from morphserve.runtime.transitions import TransitionFailed, Transitions
 log = logging.getLogger("morphserve")
 
 
+# While steps run, the worker's memory figures are re-read at most this often (and after
+# every change of tiers or KV pages); state reads and /metrics scrapes serve the last reading.
+MEMORY_READ_EVERY_S = 5.0
+
+
 class MorphController:
     idle_tick_s = 0.1
 
@@ -62,6 +67,8 @@ class MorphController:
         self.pinned_by_error = False
         self.manual_limit = ManualRateLimit(self.config.manual_min_interval_s)
         self.commits_on_touch = True  # the workers' KV backing; set from morphserve_init
+        self._memory: tuple[float, tuple, dict | None] = (float("-inf"), (), None)  # (when, key, figures)
+        self.memory_reads = 0
 
     @classmethod
     def start(cls, raw_config: dict, engine, sampler) -> "MorphController":
@@ -158,6 +165,10 @@ class MorphController:
                              background=self.forced_level is None and self.background_restores)
         except Exception as e:  # nothing may escape into vLLM's engine loop: it would kill the engine
             self._recover(e, "a step-boundary transition")
+        try:
+            self.refresh_memory_if_due()
+        except Exception:  # a figure, not serving: never into vLLM's loop
+            log.exception("MorphServe: reading the worker's memory failed")
 
     def _decide(self) -> None:
         t0 = time.perf_counter()
@@ -219,6 +230,7 @@ class MorphController:
         finally:
             if rate_limited:
                 self.manual_limit.charge(started, time.monotonic())
+            self.refresh_memory_if_due()
         return {**result, **self.state()}
 
     # -- observability -----------------------------------------------------------------
@@ -237,24 +249,53 @@ class MorphController:
             **self.moves.kv_state(),
         }
 
-    def memory_state(self, kv_resident: bool = False) -> dict:
-        """The budget equation, checked live: weights (as computed with, in whichever
-        precision) + resident twins + bf16 layers prepared by a background restore and not
-        yet installed + committed KV pages <= budget. Weights and RSS are
-        read in the worker; the KV figure counts every block that may hold pages (the
-        committed ids and vLLM's null block)."""
+    # -- the worker's memory figures ----------------------------------------------------
+    def _memory_key(self) -> tuple:
+        """What changes the worker's figures: the layers' tiers, a restore's progress, the
+        KV pages committed."""
+        m, r = self.moves, self.moves.restoring
+        return (tuple(sorted(m.config.items())), None if r is None else len(r["record"]["committed_layer_ids"]),
+                self.pool.committed, m.recovery_shrink_from)
+
+    def read_memory(self, kv_resident: bool = False) -> dict:
+        """One worker call. Only here: vLLM's worker busy-waits on its queue for 1 s after
+        any call, so reading per scrape kept a core spinning for every scraper."""
         try:
             worker = self.engine.rpc("morphserve_memory", kv_resident)[0]
         except Exception as e:  # a state read must not fail because one figure could not be read
-            return {"error": f"worker memory query failed: {e}"}
+            worker = {"error": f"worker memory query failed: {e}"}
+        self._memory = (time.monotonic(), self._memory_key(), worker)
+        self.memory_reads += 1
+        return worker
+
+    def refresh_memory_if_due(self) -> None:
+        """After anything that changed the figures, and every MEMORY_READ_EVERY_S while
+        steps run; an idle server is never asked."""
+        at, key, _ = self._memory
+        if key != self._memory_key() or time.monotonic() - at >= MEMORY_READ_EVERY_S:
+            self.read_memory()
+
+    def memory_state(self, kv_resident: bool = False) -> dict:
+        """The budget equation: weights (as computed with, in whichever precision) +
+        resident twins + bf16 layers prepared by a background restore and not yet installed
+        + committed KV pages <= budget. Weights and RSS come from the worker's last reading
+        (`read_age_s` old; see refresh_memory_if_due), `kv_resident` reads anew; the KV
+        figure is live and counts every block that may hold pages (the committed ids and
+        vLLM's null block)."""
+        if kv_resident or self._memory[2] is None:
+            self.read_memory(kv_resident)
+        at, _, worker = self._memory
+        if "error" in worker:
+            return {"error": worker["error"]}
         kv = (self.pool.committed + 1) * self.budget.block_bytes
         accounted = worker["weights_bytes"] + worker["twin_bytes"] + worker["prepared_bytes"] + kv
         return {"budget_bytes": self.budget.budget_bytes, "weights_bytes": worker["weights_bytes"],
                 "twin_bytes": worker["twin_bytes"], "prepared_bytes": worker["prepared_bytes"], "kv_bytes": kv,
                 "accounted_bytes": accounted,
                 "within_budget": accounted <= self.budget.budget_bytes,
-                "kv_resident_bytes": worker["kv_resident_bytes"],
-                "rss_anon_bytes": worker["rss_anon_bytes"], "rss_file_bytes": worker["rss_file_bytes"]}
+                "kv_resident_bytes": worker["kv_resident_bytes"] if kv_resident else None,
+                "rss_anon_bytes": worker["rss_anon_bytes"], "rss_file_bytes": worker["rss_file_bytes"],
+                "read_age_s": round(time.monotonic() - at, 3), "reads": self.memory_reads}
 
     def state(self, kv_resident: bool = False, memory: bool = True) -> dict:
         """`memory` False: leave out the worker's memory figures (a worker call each)."""

@@ -86,12 +86,13 @@ async def get_state(request: Request):
     if keys and not _key_matches(request, keys):
         return _error(401, "Unauthorized")
     # ?kv_resident=1 also counts the KV pages resident in the reserve (mincore over the whole
-    # reserve, on the engine's thread: too slow for every scrape, meant for soaks and audits)
+    # reserve, on the engine's thread: too slow for every scrape, meant for soaks and audits),
+    # so without a key only this host may ask for it, like a level change.
     detail = request.query_params.get("kv_resident") == "1"
-    # ?memory=0 leaves out the worker's memory figures: reading them is a call to the
-    # worker, and after each call vLLM's worker busy-waits on its message queue for 1 s, so
-    # polling the state twice a second kept one CPU core spinning (measured: 10.3 CPU-s per
-    # 10 s on an idle server). Pollers that want only the level and capacity ask for this.
+    if detail and not keys and not _from_loopback(request):
+        return _error(403, "kv_resident=1 needs --api-key (or VLLM_API_KEY) when the caller is not on this host")
+    # The memory figures are the worker's last reading (taken at step boundaries, never for a
+    # read); ?memory=0 leaves them out.
     memory = request.query_params.get("memory") != "0"
     result = await _call(request, "morphserve_state", detail, memory, timeout=STATE_TIMEOUT_S)
     return result if isinstance(result, JSONResponse) else JSONResponse(result)
