@@ -78,7 +78,7 @@ class RestorePreparer:
                 if not cancelled:
                     self._ready[layer] = prepared
             if cancelled:  # built after the cancel: never installed, freed here
-                _release([prepared])
+                release_computes([prepared])
             with self._cond:
                 self._in_flight = None
                 if cancelled:
@@ -109,7 +109,7 @@ class RestorePreparer:
             dropped = list(self._ready.values())
             self._ready.clear()
             self._cond.notify_all()
-        _release(dropped)
+        release_computes(dropped)
 
     @property
     def finished(self) -> bool:
@@ -128,7 +128,7 @@ class RestorePreparer:
             return held
 
 
-def _release(prepared: list) -> None:
+def release_computes(prepared: list) -> None:
     """Free the native state of computes that will never be installed."""
     for item in prepared:
         for compute in item if isinstance(item, list) else [item]:

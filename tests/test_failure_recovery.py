@@ -55,6 +55,7 @@ def _consistent(state: dict) -> None:
     assert state["kv_capacity_blocks"] == state["kv_blocks_by_level"][state["quantized_layers"]], state
     assert state["memory"]["within_budget"], state["memory"]
     assert state["memory"]["prepared_bytes"] == 0
+    assert state["memory"]["split_layers"] == []  # no layer computes in two tiers
 
 
 class Traffic:
@@ -100,7 +101,7 @@ def _wait_for(base: str, predicate, timeout: float = 60) -> dict:
 def test_failed_transitions_roll_back_pin_and_keep_serving(server, model_dir):
     with Traffic(server, str(model_dir)) as traffic:
         time.sleep(2)
-        status, r = _level(server, 10)  # the worker fails after swapping its first linear
+        status, r = _level(server, 10)  # the worker fails inside the first layer's swap
         assert status == 503 and "injected fault at quantize" in r["error"], r
         state = _state(server)
         assert state["quantized_layers"] == 0 and state["pinned_by_error"] and state["forced_level"] == 0
@@ -115,7 +116,7 @@ def test_failed_transitions_roll_back_pin_and_keep_serving(server, model_dir):
         assert state["quantized_layers"] == 10 and state["errors"] == 2
         _consistent(state)
 
-        status, r = _level(server, 0)  # the worker fails after restoring its first linear
+        status, r = _level(server, 0)  # the worker fails inside the first layer's restore
         assert status == 503 and "injected fault at restore" in r["error"], r
         state = _state(server)
         assert state["quantized_layers"] == 10 and state["errors"] == 3

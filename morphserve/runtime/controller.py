@@ -225,7 +225,7 @@ class MorphController:
         except Exception as e:
             self._recover(e, f"manual transition to {level}")
             return {"ok": False, "status": 503, **self.state(),
-                    "error": f"transition to {level} failed and was rolled back; serving at "
+                    "error": f"transition to {level} failed (every layer stayed whole); serving at "
                              f"{self.moves.level} quantized layers: {e}"}
         finally:
             if rate_limited:
@@ -295,6 +295,7 @@ class MorphController:
                 "within_budget": accounted <= self.budget.budget_bytes,
                 "kv_resident_bytes": worker["kv_resident_bytes"] if kv_resident else None,
                 "rss_anon_bytes": worker["rss_anon_bytes"], "rss_file_bytes": worker["rss_file_bytes"],
+                "split_layers": worker.get("split_layers", []),
                 "read_age_s": round(time.monotonic() - at, 3), "reads": self.memory_reads}
 
     def state(self, kv_resident: bool = False, memory: bool = True) -> dict:

@@ -2,8 +2,10 @@
 
 `MORPHSERVE_TEST_FAULTS=quantize,restore,restore_commit,kv_release,proof` makes the worker
 raise once per named point (`proof`: a twin's compute fails its check call before install),
-in the middle of that operation (after it has changed something, so
-the rollback has work to do). Unset, as in any real deployment, `maybe_fail` does nothing.
+in the middle of that operation: `quantize` and `restore` inside a layer's swap, after its
+first linear's new compute is built and before any is installed (the layer must stay
+whole); `restore_commit` after a background restore installed a layer; `kv_release` after
+the pool shrank. Unset, as in any real deployment, `maybe_fail` does nothing.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from quant_layers.fused_masters import open_fused_masters
 from quant_layers.kernel_twins import cache_key, ensure_kernel_twins, kernel_attrs
 from quant_layers.mapped_checkpoint import MappedCheckpoint
 from quant_layers.model_info import read_model_info
-from quant_layers.restore_prep import LayerCost, RestorePreparer
+from quant_layers.restore_prep import LayerCost, RestorePreparer, release_computes
 from quant_layers.swappable import (IdentityTwin, LinearKernels, PackedShard, Readers, SwappableLinear, W4Twin,
                                     W8Twin, process_for_kernel)
 from quant_layers.twin import index_safetensors, open_twin
@@ -150,34 +150,43 @@ class LayerSet:
     def apply(self, quantize: list, restore: list) -> dict:
         """Restore then quantize the given layers (a layer id, or [layer, tier]: a plain id
         quantizes to the most compressed tier served and restores to bf16); report the
-        bytes and time."""
+        bytes and time.
+
+        Each layer changes whole: the new computes of all its linears are built (and
+        proved) before any is installed, then installed together (pointer swaps). A failure
+        while building drops what was built, so the layer is as it was, and the rollback
+        reads no file (the old way re-read the masters, and a failed read left a layer's
+        linears in two tiers). Layers this call finished before the failure keep their new
+        tier, each whole; the caller takes the map from `tiers()`."""
         t0 = time.monotonic()
         rss_before = rss_bytes()  # every call ends trimmed, so this delta is this call's
         freed = gross = 0  # net bytes (old - new precision) and bf16 bytes
-        changed: list[tuple[SwappableLinear, str]] = []  # (swap, tier it had)
         moves = ([_change(x, FULL) for x in restore], "restore"), ([_change(x, self.default_tier) for x in quantize],
                                                                    "quantize")
         with self._readers() as readers:
-            try:
-                for batch, fault in moves:
-                    for i, tier in batch:
-                        for s in self.layers[i]:
-                            if s.tier == tier:
-                                continue
-                            before, was = s.live_bytes, s.tier
-                            s.to_tier(tier, readers)
-                            changed.append((s, was))
-                            maybe_fail(fault)
-                            freed += before - s.live_bytes
-                            gross += s.fp_bytes * ((was == FULL) - (tier == FULL))
-            except Exception:
-                # Undo this call's swaps so every layer is wholly in one tier again.
-                for s, was in reversed(changed):
-                    s.to_tier(was, readers)
-                raise
+            for batch, fault in moves:
+                for i, tier in batch:
+                    swaps = [s for s in self.layers[i] if s.tier != tier]
+                    built: list = []
+                    try:
+                        for s in swaps:
+                            built.append(s.prepare(tier, readers))
+                            maybe_fail(fault)  # inside the layer's swap: part built, nothing installed
+                    except BaseException:
+                        release_computes(built)
+                        raise
+                    for s, compute in zip(swaps, built):
+                        before, was = s.live_bytes, s.tier
+                        s.commit(tier, compute)
+                        freed += before - s.live_bytes
+                        gross += s.fp_bytes * ((was == FULL) - (tier == FULL))
         trim_heap()
         return {"fp_bytes_freed": gross, "bytes_freed": freed, "rss_delta": rss_before - rss_bytes(),
                 "seconds": time.monotonic() - t0, "quantized": self.quantized(), "tiers": self.tiers()}
+
+    def split_layers(self) -> list[int]:
+        """Layers whose linears compute in more than one tier (must always be empty)."""
+        return sorted(i for i, swaps in self.layers.items() if len({s.tier for s in swaps}) > 1)
 
     # -- restores prepared in the background ------------------------------------------
     def restore_begin(self, layers: list) -> dict:

@@ -70,6 +70,7 @@ class MorphWorkerExtension:
         backing = kv_cache.kv_backing()
         return {"weights_bytes": params + self._morph.live_bytes(), "twin_bytes": 0,
                 "prepared_bytes": self._morph.prepared_bytes(),
+                "split_layers": self._morph.split_layers(),  # in two tiers at once: must stay empty
                 "kv_resident_bytes": backing.resident_bytes() if kv_resident and backing is not None else None,
                 **process_rss()}
 
