@@ -201,3 +201,30 @@ def test_compute_bound_load_moves_to_a_measured_faster_level_within_the_quality_
     assert demand_policy().decide(dataclasses.replace(slow_now, step_model=unmeasured), PolicyState()).target == 0
     capped = demand_policy(cap=10).decide(dataclasses.replace(slow_now, step_model=fast), PolicyState())
     assert capped.target <= 10
+
+
+# A tiered ladder of 60 rungs (30 layers to W8A8, then 30 to W4A16): a W8A8 rung frees two
+# blocks at +0.1% perplexity, a W4A16 rung one more block at +1%. The quality curve comes in
+# quality.json's tiered shape (`ladder.ppl`), as a tiered pack writes it.
+TIERED_CAPACITY = [9 + 2 * min(k, 30) + max(0, k - 30) for k in range(61)]
+TIERED_QUALITY = {"orders": {"lis": {"ppl": {"0": 20.0, "30": 26.0}}},
+                  "ladder": {"ppl": {str(k): 20.0 * (1.001 ** min(k, 30)) * (1.01 ** max(0, k - 30))
+                                     for k in range(61)}}}
+
+
+def tiered_policy(cfg=CFG):
+    return make_policy(cfg, TIERED_CAPACITY, 60, log_ppl_ratios(TIERED_QUALITY, 60))
+
+
+def test_on_a_tiered_ladder_a_burst_stops_on_the_cheap_w8a8_rungs_when_they_cover_it():
+    ratios = log_ppl_ratios(TIERED_QUALITY, 60)
+    assert ratios[30] < 0.05 < ratios[60]  # the curve read is the ladder's, not the W4A16 order's
+    d = tiered_policy().decide(busy(need_blocks=45), PolicyState())
+    need = next(k for k, c in enumerate(TIERED_CAPACITY) if c >= 45 * 1.1)
+    assert d.target == need <= 30  # every layer still W8A8 or bf16
+
+
+def test_on_a_tiered_ladder_a_burst_beyond_w8a8_climbs_into_the_w4a16_rungs():
+    d = tiered_policy().decide(busy(need_blocks=75, waiting_blocks=66), PolicyState())
+    need = next(k for k, c in enumerate(TIERED_CAPACITY) if c >= 75 * 1.1)
+    assert 30 < d.target == need < 60
