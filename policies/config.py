@@ -7,6 +7,7 @@ this module) or a path to a YAML file. YAML is parsed with yaml.safe_load only.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Literal
@@ -22,6 +23,10 @@ class PolicyError(ValueError):
     pass
 
 
+DEPRECATED_KEYS = {"max_quantized_layers": "max_level", "max_quantized_fraction": "max_level_fraction"}
+log = logging.getLogger("morphserve")
+
+
 class PolicyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -29,8 +34,8 @@ class PolicyConfig(BaseModel):
         description="threshold (the paper's), slo (predictive, staircase) or demand (jumps to the level the "
                     "demand needs, weighs step time and a quality budget over time)")
     # quality guard: the tightest of these bounds the level
-    max_quantized_fraction: float = Field(1.0, ge=0.0, le=1.0, description="of the swappable layers")
-    max_quantized_layers: int | None = Field(None, ge=0)
+    max_level_fraction: float = Field(1.0, ge=0.0, le=1.0, description="of the ladder's top level")
+    max_level: int | None = Field(None, ge=0, description="the highest rung of the ladder the policy may ask for")
     max_ppl_increase: float | None = Field(
         None, gt=0.0, description="relative, read against the pack's quality.json (0.05 = +5%)")
     # transitions
@@ -59,6 +64,20 @@ class PolicyConfig(BaseModel):
     expected_output_tokens: int = Field(
         256, ge=1, description="output length assumed for a request until finished requests teach the real one")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data):
+        """The names from before the ladder had tiers, when a level counted W4A16 layers:
+        accepted for one release, with a warning."""
+        if isinstance(data, dict):
+            for old, new in DEPRECATED_KEYS.items():
+                if old in data:
+                    if new in data:
+                        raise ValueError(f"{old} is the deprecated name of {new}: give only {new}")
+                    log.warning("policy key %s is deprecated (the level is a rung of the ladder); use %s", old, new)
+                    data = {**{k: v for k, v in data.items() if k != old}, new: data[old]}
+        return data
+
     @model_validator(mode="after")
     def _bands(self):
         if self.kv_low >= self.kv_high:
@@ -72,9 +91,9 @@ class PolicyConfig(BaseModel):
 
     def level_cap(self, num_layers: int, quality: dict | None) -> int:
         """The largest level the quality guard allows."""
-        cap = int(self.max_quantized_fraction * num_layers + 1e-9)
-        if self.max_quantized_layers is not None:
-            cap = min(cap, self.max_quantized_layers)
+        cap = int(self.max_level_fraction * num_layers + 1e-9)
+        if self.max_level is not None:
+            cap = min(cap, self.max_level)
         if self.max_ppl_increase is not None:
             cap = min(cap, ppl_cap(quality, self.max_ppl_increase))
         return max(0, min(cap, num_layers))

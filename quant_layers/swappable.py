@@ -235,6 +235,10 @@ class IdentityTwin:
         return IdentityCompute(readers.masters.fused([f"{k}.weight" for k in keys]), self.kernels)
 
 
+# How compressed each tier is (higher frees more); morphserve.offline.ladder.RANK agrees.
+TIER_RANK = {"bf16": 0, "w8a8": 1, "w4a16": 2}
+
+
 class SwappableLinear:
     """Switches one vLLM linear module between its bf16 prepack and a compute twin per tier.
 
@@ -255,7 +259,8 @@ class SwappableLinear:
         self.keys = keys  # the HF linears fused into this vLLM module, in vLLM's order
         self.name = name  # its key in the fused-master cache file
         self.twins = twins if isinstance(twins, dict) else {"w4a16": twins}
-        self.most_compressed = list(self.twins)[-1]
+        # By each tier's compression, not by the order the dict was filled in.
+        self.most_compressed = max(self.twins, key=lambda t: TIER_RANK[t])
         self.fp_bytes = fp_bytes
         self.in_features, self.out_features = shape  # for the proof call before an install
         self.dtype = dtype

@@ -25,13 +25,14 @@ json_values = st.recursive(
 
 
 @settings(max_examples=3000, deadline=None)
-@given(st.one_of(json_values.map(lambda v: json.dumps({"quantized_layers": v}).encode()),
+@given(st.one_of(json_values.map(lambda v: json.dumps({"level": v}).encode()),
+                 json_values.map(lambda v: json.dumps({"quantized_layers": v}).encode()),
                  json_values.map(lambda v: json.dumps(v).encode()), st.binary(max_size=2000)))
 def test_every_body_parses_to_a_level_or_a_400_message(raw):
-    level, problem = parse_level_body(raw)
+    level, problem, key = parse_level_body(raw)
     if problem is None:
         assert level is None or (type(level) is int and 0 <= level <= MAX_LEVEL)
-        assert json.loads(raw) == {"quantized_layers": level}
+        assert key in ("level", "quantized_layers") and json.loads(raw) == {key: level}
     else:
         assert isinstance(problem, str) and problem and level is None
 
@@ -40,12 +41,13 @@ def test_every_body_parses_to_a_level_or_a_400_message(raw):
     b'{"quantized_layers": %d}' % 2**64,  # passed validation, then failed in msgpack
     b'{"quantized_layers": ' + b"9" * 4301 + b"}",  # int() digit limit: ValueError
     b"[" * 500 + b"]" * 500,
+    b'{"level": 1, "quantized_layers": 1}', b'{"level": "3"}',
     b'{"quantized_layers": 1}' + b" " * MAX_BODY_BYTES,
     b'{"quantized_layers": 1e400}', b'{"quantized_layers": NaN}', b'{"quantized_layers": true}',
     b'\xff\xfe', b"",
 ])
 def test_adversarial_bodies_are_400s(raw):
-    level, problem = parse_level_body(raw)
+    level, problem, _ = parse_level_body(raw)
     assert problem and level is None
 
 
@@ -323,3 +325,20 @@ def test_kv_resident_without_a_key_is_for_this_host_only(monkeypatch):
     assert remote.get("/morphserve/state").status_code == 503  # the plain read stays open (reached the engine)
     local = TestClient(app, client=("127.0.0.1", 5000))
     assert local.get("/morphserve/state?kv_resident=1").status_code == 503  # reached the engine
+
+
+def test_the_metrics_speak_of_levels_and_tiers():
+    """A tiered state: the level, the top of the ladder and the layers per tier; the old
+    gauge stays one release as an alias, its help saying so."""
+    from morphserve.vllm.metrics import MorphServeCollector
+
+    c = MorphServeCollector()
+    c.state, c.up = {"active": True, "level": 35, "quantized_layers": 35, "max_level": 60, "swappable_layers": 30,
+                     "tier_counts": {"w8a8": 25, "w4a16": 5}, "kv_capacity_blocks": 10, "errors": 0}, True
+    families = {m.name: m for m in c.collect()}
+    assert families["morphserve_level"].samples[0].value == 35
+    assert families["morphserve_max_level"].samples[0].value == 60
+    by_tier = {s.labels["tier"]: s.value for s in families["morphserve_layers"].samples}
+    assert by_tier == {"bf16": 0, "w8a8": 25, "w4a16": 5}
+    assert "Deprecated" in families["morphserve_quantized_layers"].documentation
+    assert "W4" not in families["morphserve_level"].documentation

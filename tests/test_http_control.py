@@ -76,8 +76,9 @@ def test_reads_and_scrapes_never_call_the_worker(server):
 
 
 def test_forcing_a_level_swaps_and_serving_continues(server, model_dir):
-    status, result = _request(server + "/morphserve/level", {"quantized_layers": 12})
-    assert status == 200 and result["quantized_layers"] == 12 and result["policy"] == "manual"
+    status, result = _request(server + "/morphserve/level", {"level": 12})
+    assert status == 200 and result["level"] == result["quantized_layers"] == 12 and result["policy"] == "manual"
+    assert "deprecation" not in result and result["max_level"] == 30 and sum(result["tier_counts"].values()) == 12
     assert result["transition"]["fp_bytes_freed"] == 12 * 7_077_888
     status, completion = _request(server + "/v1/completions", {
         "model": str(model_dir), "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0})
@@ -86,20 +87,27 @@ def test_forcing_a_level_swaps_and_serving_continues(server, model_dir):
     assert status == 200 and result["forced_level"] is None and result["policy"] == "none"
 
 
+def _when_allowed(server: str, body: dict):
+    """POST a level once the rate limit allows it (its wait grows with transition time)."""
+    status, result = _request(server + "/morphserve/level", body)
+    if status == 429:
+        time.sleep(result["retry_after_s"] + 0.05)
+        status, result = _request(server + "/morphserve/level", body)
+    return status, result
+
+
 def test_level_changes_over_http_are_rate_limited(server):
-    time.sleep(1.1)  # past the previous test's change
-    status, result = _request(server + "/morphserve/level", {"quantized_layers": 2})
-    assert status == 200 and result["quantized_layers"] == 2
-    status, result = _request(server + "/morphserve/level", {"quantized_layers": 3})
+    status, result = _when_allowed(server, {"quantized_layers": 2})  # the old key, still accepted
+    assert status == 200 and result["quantized_layers"] == 2 and "deprecated" in result["deprecation"]
+    status, result = _request(server + "/morphserve/level", {"level": 3})
     assert status == 429 and result["retry_after_s"] > 0 and "manual_min_interval_s" in result["error"]
-    assert _request(server + "/morphserve/state")[1]["quantized_layers"] == 2
-    time.sleep(1.1)
-    assert _request(server + "/morphserve/level", {"quantized_layers": 0})[0] == 200
-    assert _request(server + "/morphserve/level", {"quantized_layers": None})[0] == 200
+    assert _request(server + "/morphserve/state")[1]["level"] == 2
+    assert _when_allowed(server, {"level": 0})[0] == 200
+    assert _request(server + "/morphserve/level", {"level": None})[0] == 200
 
 
-@pytest.mark.parametrize("body", [{"quantized_layers": 31}, {"quantized_layers": -1}, {"quantized_layers": "3"},
-                                  {"level": 3}, [3], None])
+@pytest.mark.parametrize("body", [{"quantized_layers": 31}, {"level": 31}, {"quantized_layers": -1}, {"level": "3"},
+                                  {"lvl": 3}, {"level": 3, "quantized_layers": 3}, [3], None])
 def test_bad_bodies_get_400_and_change_nothing(server, body):
     before = _request(server + "/morphserve/state")[1]
     raw = b"not json" if body is None else None

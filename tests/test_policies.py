@@ -134,9 +134,18 @@ def test_quality_guard_from_the_pack_curve():
     quality = {"orders": {"lis": {"ppl": {"0": 20.0, "1": 20.2, "2": 20.5, "3": 20.4, "4": 21.5}}}}
     cfg = PolicyConfig(policy="threshold", max_ppl_increase=0.03)
     assert cfg.level_cap(4, quality) == 3
-    assert PolicyConfig(policy="threshold", max_quantized_layers=1).level_cap(4, quality) == 1
+    assert PolicyConfig(policy="threshold", max_level=1).level_cap(4, quality) == 1
+    assert PolicyConfig(policy="threshold", max_level_fraction=0.5).level_cap(4, quality) == 2
     with pytest.raises(PolicyError):
         cfg.level_cap(4, None)
+
+
+def test_the_old_cap_names_are_read_as_the_new_ones_with_a_warning(caplog):
+    cfg = PolicyConfig.model_validate({"policy": "threshold", "max_quantized_layers": 1, "max_quantized_fraction": 0.5})
+    assert cfg.max_level == 1 and cfg.max_level_fraction == 0.5
+    assert "max_quantized_layers is deprecated" in caplog.text
+    with pytest.raises(ValueError, match="give only max_level"):
+        PolicyConfig.model_validate({"policy": "threshold", "max_quantized_layers": 1, "max_level": 2})
 
 
 SLO_CFG = PolicyConfig(policy="slo", step_layers=8, cooldown_s=0.5, calm_s=4.0, slo_margin=0.7,

@@ -116,7 +116,8 @@ def test_a_burst_quantizes_grows_kv_and_restores_fully_afterwards(server):
 
     metrics = _metrics(base)
     value = lambda name: float(re.search(rf"^{re.escape(name)} (\S+)$", metrics, re.M).group(1))  # noqa: E731
-    assert value("morphserve_quantized_layers") == 0
+    assert value("morphserve_level") == value("morphserve_quantized_layers") == 0
+    assert value("morphserve_max_level") == 30 and value('morphserve_layers{tier="bf16"}') == 30
     assert value("morphserve_kv_capacity_blocks") == cap0
     assert value("morphserve_policy_target") == 0
     assert value('morphserve_transitions_total{direction="quantize"}') == len(ups)

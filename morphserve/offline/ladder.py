@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from morphserve.offline.pack import BASE_TIER, Manifest
 
 BF16 = "bf16"
-RANK = {BF16: 0, "w8a8": 1, "w4a16": 2}  # how compressed: a higher rank frees more
+RANK = {BF16: 0, "w8a8": 1, "w4a16": 2}  # how compressed: a higher rank frees more (= swappable.TIER_RANK)
 
 
 @dataclass(frozen=True)
@@ -125,10 +125,11 @@ class Ladder:
 
 def level_ppl_curve(quality: dict) -> dict[int, float]:
     """Perplexity at every level of a pack: the ladder's (quality.json `ladder.ppl`) with
-    tiers, else the base tier's swap order (`orders.lis.ppl`). (policies.config reads the
-    same two keys on its own: the policies room imports nothing of morphserve.)"""
-    source = quality["ladder"] if "ladder" in quality else quality["orders"]["lis"]
-    return {int(k): float(v) for k, v in source["ppl"].items()}
+    tiers, else the base tier's swap order (`orders.lis.ppl`). One reader for the policies
+    and the evaluation alike."""
+    from policies.config import quality_curve
+
+    return quality_curve(quality, "the evaluation")
 
 
 def served_quality(quality: dict | None, pack_tiers: list[str], served: list[str]) -> dict | None:

@@ -210,7 +210,7 @@ class MorphController:
             return {"ok": True, **self.state()}
         if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= self.num_layers:
             return {"ok": False, "status": 400,
-                    "error": f"quantized_layers must be an integer in 0..{self.num_layers}, got {level!r}"}
+                    "error": f"level must be an integer in 0..{self.num_layers} (the ladder's rungs), got {level!r}"}
         started = time.monotonic()
         wait = self.manual_limit.wait_s(started)
         if rate_limited and wait > 0 and level != self.moves.level:
@@ -304,9 +304,11 @@ class MorphController:
             "active": True,
             "pack": self.config.pack,
             "twin": self.config.twin,
-            "quantized_layers": self.moves.level,
+            "level": self.moves.level,  # the rung of the ladder served now (0: every layer bf16)
+            "max_level": self.num_layers,  # the ladder's top (2L with two tiers)
+            "quantized_layers": self.moves.level,  # deprecated name of `level`, kept one release
             "swappable_layers": len(self.order),
-            "levels": self.num_layers,
+            "levels": self.num_layers,  # deprecated name of `max_level`
             "quantized_layer_ids": list(self.moves.quantized),
             "swap_order": self.order,
             "layer_tiers": {str(i): t for i, t in sorted(self.moves.config.items())},

@@ -25,11 +25,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 router = APIRouter()
-MAX_BODY_BYTES = 1024  # {"quantized_layers": N} is about 25 bytes
+MAX_BODY_BYTES = 1024  # {"level": N} is about 15 bytes
 MAX_LEVEL = 1 << 20  # far above any model's layer count, far below msgpack's 2**64 limit
 STATE_TIMEOUT_S = 10.0
 LEVEL_TIMEOUT_S = 120.0  # a synchronous 0 <-> L transition of a large model takes seconds
-BODY_HELP = 'body must be exactly {"quantized_layers": <int or null>}'
+BODY_HELP = 'body must be exactly {"level": <int or null>}'
 
 
 def _keys(request: Request) -> list[str]:
@@ -98,22 +98,30 @@ async def get_state(request: Request):
     return result if isinstance(result, JSONResponse) else JSONResponse(result)
 
 
+# The body's key: `level` (a rung of the pack's ladder; with tiers, 0..2L). The old name
+# `quantized_layers` meant the same number before the ladder had tiers; it is accepted, with
+# a deprecation note in the answer, until the next release.
+LEVEL_KEYS = ("level", "quantized_layers")
+DEPRECATED_KEY_NOTE = 'the body key "quantized_layers" is deprecated; send {"level": <int or null>}'
+
+
 def parse_level_body(raw: bytes):
-    """The requested level (int or None), or a 400 message. Pure, so it is fuzzed directly."""
+    """(level, problem, key): the requested level (int or None) and the body key it came
+    under, or a 400 message. Pure, so it is fuzzed directly."""
     if len(raw) > MAX_BODY_BYTES:
-        return None, f"body is {len(raw)} bytes; {BODY_HELP}"
+        return None, f"body is {len(raw)} bytes; {BODY_HELP}", None
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError, UnicodeDecodeError) as e:  # ValueError: bad JSON, 4,300+ digit ints
-        return None, f"{BODY_HELP}: {str(e)[:200]}"
-    if not isinstance(body, dict) or set(body) != {"quantized_layers"}:
-        return None, BODY_HELP
-    level = body["quantized_layers"]
+        return None, f"{BODY_HELP}: {str(e)[:200]}", None
+    if not isinstance(body, dict) or len(body) != 1 or next(iter(body)) not in LEVEL_KEYS:
+        return None, BODY_HELP, None
+    [(key, level)] = body.items()
     if level is not None and (isinstance(level, bool) or not isinstance(level, int)):
-        return None, f"quantized_layers must be an integer or null, got {str(level)[:50]!r}"
+        return None, f"{key} must be an integer or null, got {str(level)[:50]!r}", None
     if level is not None and not 0 <= level <= MAX_LEVEL:
-        return None, "quantized_layers must be between 0 and the number of swappable layers"
-    return level, None
+        return None, f"{key} must be between 0 and the ladder's top level", None
+    return level, None, key
 
 
 def cross_site_problem(content_type: str | None, origin: str | None, host: str | None) -> tuple[int, str] | None:
@@ -157,12 +165,14 @@ async def post_level(request: Request):
         raw += chunk
         if len(raw) > MAX_BODY_BYTES:
             return _error(413, f"body must be at most {MAX_BODY_BYTES} bytes")
-    level, problem = parse_level_body(raw)
+    level, problem, key = parse_level_body(raw)
     if problem:
         return _error(400, problem)
     result = await _call(request, "morphserve_set_level", level, True, timeout=LEVEL_TIMEOUT_S)
     if isinstance(result, JSONResponse):
         return result
+    if key != "level":
+        result["deprecation"] = DEPRECATED_KEY_NOTE
     if not result.get("ok"):
         status = int(result.get("status", 500))
         headers = {"Retry-After": str(max(1, round(result["retry_after_s"])))} if status == 429 else None

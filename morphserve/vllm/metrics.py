@@ -54,15 +54,26 @@ class MorphServeCollector:
     def _families(self, s: dict):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-        yield CounterMetricFamily("morphserve_errors", "Failed transitions (each rolled back and pinned)",
+        yield CounterMetricFamily("morphserve_errors", "Failed transitions (each layer left whole, level pinned)",
                                   value=s.get("errors", 0))
-        yield GaugeMetricFamily("morphserve_quantized_layers", "Decoder layers now served by their W4 twin",
-                                value=s["quantized_layers"])
+        level = s.get("level", s["quantized_layers"])
+        yield GaugeMetricFamily("morphserve_level", "Rung of the pack's ladder served now (0: every layer bf16; "
+                                "the top is morphserve_max_level)", value=level)
+        yield GaugeMetricFamily("morphserve_max_level", "Top rung of the served ladder (2 x layers with two tiers)",
+                                value=s.get("max_level", s.get("levels", 0)))
+        layers = GaugeMetricFamily("morphserve_layers", "Decoder layers computing in each tier now", labels=["tier"])
+        counts = s.get("tier_counts") or {}
+        layers.add_metric(["bf16"], s.get("swappable_layers", 0) - sum(counts.values()))
+        for tier, n in sorted(counts.items()):
+            layers.add_metric([tier], n)
+        yield layers
+        yield GaugeMetricFamily("morphserve_quantized_layers", "Deprecated name of morphserve_level (kept one "
+                                "release)", value=level)
         yield GaugeMetricFamily("morphserve_kv_capacity_blocks", "KV blocks usable now (elastic pool)",
                                 value=s["kv_capacity_blocks"])
         target = s.get("policy_target")
-        yield GaugeMetricFamily("morphserve_policy_target", "Quantized layers the policy last asked for",
-                                value=target if target is not None else s["quantized_layers"])
+        yield GaugeMetricFamily("morphserve_policy_target", "Level the policy last asked for",
+                                value=target if target is not None else level)
         memory = GaugeMetricFamily("morphserve_memory_bytes", "The budget equation's terms and the worker's RSS",
                                    labels=["kind"])
         for kind, value in (s.get("memory") or {}).items():
