@@ -138,7 +138,7 @@ def common_args(args, port: int) -> list[str]:
 
 
 def _level(base: str, k: int) -> dict:
-    return _http(base + "/morphserve/level", {"quantized_layers": k})
+    return _http(base + "/morphserve/level", {"level": k})
 
 
 def measure_morphserve(args, bf16: int) -> dict:

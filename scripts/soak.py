@@ -181,7 +181,7 @@ def sample(client: Client, pgid: int, plain: bool) -> dict | None:
             by_process[str(pid)] = process_rss(pid)["rss_anon_bytes"]
         except OSError:
             continue
-    return {"t": time.monotonic(), "level": None if plain else state["quantized_layers"],
+    return {"t": time.monotonic(), "level": None if plain else state["level"],
             "rss_anon": rss["rss_anon_bytes"],
             "rss_anon_by_process": by_process,
             "unexplained_anon": rss["rss_anon_bytes"] - explained, "kv_resident": mem["kv_resident_bytes"],
@@ -204,7 +204,7 @@ def growth(checkpoints: list[dict], key: str, warmup: float, k: int = 3) -> dict
 def checkpoint(client: Client, pgid: int, load: Load, t0: float, plain: bool) -> dict | None:
     """Quiescent reading: no request in flight, level 0, a second to settle."""
     load.pause()
-    if not plain and client.call("/morphserve/level", {"quantized_layers": 0})[0] != 200:
+    if not plain and client.call("/morphserve/level", {"level": 0})[0] != 200:
         load.resume()
         return None
     time.sleep(1.0)
@@ -264,7 +264,7 @@ def run(args: argparse.Namespace) -> dict:
                 next_force = time.monotonic() + args.force_every
                 continue
             if now >= next_force and args.force_every > 0 and not args.plain:
-                body = {"quantized_layers": None if holding else rng.randint(0, num_layers)}
+                body = {"level": None if holding else rng.randint(0, num_layers)}
                 status, _ = client.call("/morphserve/level", body)
                 forced["events"] += 1
                 forced["statuses"][str(status)] = forced["statuses"].get(str(status), 0) + 1

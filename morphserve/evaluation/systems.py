@@ -95,11 +95,11 @@ def warm_up(system: System, base: str, n_requests: int, num_layers: int | None) 
         levels = [num_layers, num_layers // 2, 0] if tiered else [num_layers, 0]
         share = max(1, n_requests // len(levels))
         for k, level in enumerate(levels):
-            _request(f"{base}/morphserve/level", {"quantized_layers": level})
+            _request(f"{base}/morphserve/level", {"level": level})
             _complete(base, share if k < len(levels) - 1 else n_requests - share * (len(levels) - 1))
-        state = _request(f"{base}/morphserve/level", {"quantized_layers": None})
-        if state.get("quantized_layers") != 0:
-            raise RuntimeError(f"warm-up left MorphServe at {state.get('quantized_layers')} quantized layers")
+        state = _request(f"{base}/morphserve/level", {"level": None})
+        if state.get("level") != 0:
+            raise RuntimeError(f"warm-up left MorphServe at {state.get('level')} (level)")
         done["levels"] = levels
     else:
         _complete(base, n_requests)
