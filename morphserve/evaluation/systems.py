@@ -99,7 +99,7 @@ def warm_up(system: System, base: str, n_requests: int, num_layers: int | None) 
             _complete(base, share if k < len(levels) - 1 else n_requests - share * (len(levels) - 1))
         state = _request(f"{base}/morphserve/level", {"level": None})
         if state.get("level") != 0:
-            raise RuntimeError(f"warm-up left MorphServe at {state.get('level')} (level)")
+            raise RuntimeError(f"warm-up left MorphServe at level {state.get('level')}, not 0")
         done["levels"] = levels
     else:
         _complete(base, n_requests)
