@@ -48,7 +48,7 @@ def test_quality_curve_covers_every_level_and_the_baseline_orders(w4_pack_dir):
     q = json.loads((w4_pack_dir / "quality.json").read_text())
     lis = q["orders"]["lis"]["ppl"]
     assert sorted(map(int, lis)) == list(range(31))
-    assert q["tokens"] == 1023
+    assert q["tokens"] == 511
     for name in ("front_to_back", "back_to_front"):
         assert sorted(map(int, q["orders"][name]["ppl"])) == [0, 7, 15, 22, 30]
         assert q["orders"][name]["ppl"]["30"] == lis["30"]

@@ -23,6 +23,6 @@ def test_prepare_perplexity_matches_vllm_static_serving(w4_pack_dir, tmp_path):
     assert out.exists(), proc.stderr[-3000:]
     result = json.loads(out.read_text())
     for row in result["rows"]:
-        assert row["tokens"] == 1023
+        assert row["tokens"] == 511
         assert abs(row["rel_gap"]) <= 0.01, row
     assert proc.returncode == 0

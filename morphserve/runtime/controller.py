@@ -42,6 +42,13 @@ log = logging.getLogger("morphserve")
 MEMORY_READ_EVERY_S = 5.0
 
 
+def _transient(worker: dict | None) -> bool:
+    """A reading taken while a cancelled restore's thread was still ending its last layer:
+    that layer's bytes leave when the thread does, which changes nothing the controller
+    sees, so such a reading is never served twice."""
+    return bool(worker and worker.get("finishing_restores"))
+
+
 class MorphController:
     idle_tick_s = 0.1
 
@@ -271,8 +278,8 @@ class MorphController:
     def refresh_memory_if_due(self) -> None:
         """After anything that changed the figures, and every MEMORY_READ_EVERY_S while
         steps run; an idle server is never asked."""
-        at, key, _ = self._memory
-        if key != self._memory_key() or time.monotonic() - at >= MEMORY_READ_EVERY_S:
+        at, key, worker = self._memory
+        if key != self._memory_key() or time.monotonic() - at >= MEMORY_READ_EVERY_S or _transient(worker):
             self.read_memory()
 
     def memory_state(self, kv_resident: bool = False) -> dict:
@@ -282,7 +289,7 @@ class MorphController:
         (`read_age_s` old; see refresh_memory_if_due), `kv_resident` reads anew; the KV
         figure is live and counts every block that may hold pages (the committed ids and
         vLLM's null block)."""
-        if kv_resident or self._memory[2] is None:
+        if kv_resident or self._memory[2] is None or _transient(self._memory[2]):
             self.read_memory(kv_resident)
         at, _, worker = self._memory
         if "error" in worker:

@@ -271,6 +271,11 @@ class LayerSet:
         """Bytes of the swappable linears' weights as they compute now (bf16 or W4)."""
         return sum(s.live_bytes for swaps in self.layers.values() for s in swaps)
 
+    def finishing_restores(self) -> int:
+        """Cancelled restores whose thread is still ending its last layer."""
+        self.finishing = [p for p in self.finishing if not p.finished]
+        return len(self.finishing)
+
     def prepared_bytes(self) -> int:
         """bf16 layers a background restore has prepared and not yet installed."""
         self.finishing = [p for p in self.finishing if not p.finished]

@@ -71,6 +71,7 @@ class MorphWorkerExtension:
         return {"weights_bytes": params + self._morph.live_bytes(), "twin_bytes": 0,
                 "prepared_bytes": self._morph.prepared_bytes(),
                 "split_layers": self._morph.split_layers(),  # in two tiers at once: must stay empty
+                "finishing_restores": self._morph.finishing_restores(),  # a transient: read again soon
                 "kv_resident_bytes": backing.resident_bytes() if kv_resident and backing is not None else None,
                 **process_rss()}
 
