@@ -73,6 +73,9 @@ INTERNAL_IMPORT_EXCEPTIONS = {
     # block-hash helper), built directly, without an engine: the point of the test is that the
     # cap holds over vLLM's own free queue and prefix cache, not over a fake.
     "tests/test_elastic_pool.py": "property tests over vLLM's real BlockPool",
+    # Transitions (mixed plans, a level inside a drained restore) over the same real BlockPool:
+    # the shrink and give-back must hold over vLLM's free queue, not over a fake.
+    "tests/test_transition_plans.py": "transitions over vLLM's real BlockPool",
     # These test the boundary itself against the vLLM objects it patches or reads: a faked
     # platform for the non-CPU refusal, the patched EngineCore after a version mismatch,
     # the W4A8 switch in vLLM's env cache, and the metric names vLLM's loggers export.
