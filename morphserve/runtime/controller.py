@@ -259,9 +259,10 @@ class MorphController:
     # -- the worker's memory figures ----------------------------------------------------
     def _memory_key(self) -> tuple:
         """What changes the worker's figures: the layers' tiers, a restore's progress, the
-        KV pages committed."""
+        KV pages committed. Checked at every step boundary, so it compares counters, not the
+        layer map itself."""
         m, r = self.moves, self.moves.restoring
-        return (tuple(sorted(m.config.items())), None if r is None else len(r["record"]["committed_layer_ids"]),
+        return (m.config_version, None if r is None else len(r["record"]["committed_layer_ids"]),
                 self.pool.committed, m.recovery_shrink_from)
 
     def read_memory(self, kv_resident: bool = False) -> dict:

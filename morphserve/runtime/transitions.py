@@ -81,6 +81,7 @@ class Transitions:
         self.shrink_strategy = shrink_strategy
         self.commits_on_touch = commits_on_touch  # the workers' KV backing (runtime.backend)
         self.config: dict[int, str] = {}  # layer -> tier, every layer not in bf16
+        self.config_version = 0  # bumped whenever `config` changes
         self._level = 0
         self.pending_level: int | None = None
         self.restoring: dict | None = None  # a background restore in progress (see _begin_restore)
@@ -95,7 +96,10 @@ class Transitions:
     def set_tiers(self, tiers: dict) -> None:
         """Take the workers' layer -> tier map; the level is the highest rung every layer
         has reached (exactly the level whenever the workers are on the ladder)."""
-        self.config = {int(k): v for k, v in tiers.items()}
+        config = {int(k): v for k, v in tiers.items()}
+        if config != self.config:
+            self.config = config
+            self.config_version += 1  # what the controller's memory reading is keyed by
         level = self.ladder.nearest_level(self.config)
         if level != self._level:
             self.recorder.level_changed(level)
