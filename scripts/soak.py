@@ -37,6 +37,7 @@ from pathlib import Path
 from morphserve.replay.run import trace
 from morphserve.offline.datafiles import traces_dir
 from morphserve.harness.servers import free_port, group_pids, group_rss, start_server, stop_server
+from morphserve.runtime.allocator import ALLOCATORS, AllocatorNotFound, preload_env
 from morphserve.runtime.proc_memory import process_rss
 from morphserve.vllm.server import PLAIN_VLLM_SERVER
 
@@ -65,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plain", action="store_true",
                    help="soak plain vLLM (no plugin, no level events) under the same load, for comparison")
+    p.add_argument("--allocator", choices=ALLOCATORS, default="system",
+                   help="malloc preloaded into the server's processes (system: none; tcmalloc is what "
+                        "vLLM's CPU docs recommend)")
     p.add_argument("--out", type=Path, default=None, help="write the figures here as JSON")
     return p.parse_args(argv)
 
@@ -224,7 +228,8 @@ def run(args: argparse.Namespace) -> dict:
     log.parent.mkdir(parents=True, exist_ok=True)
     common = ["--api-key", key, "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "1024",
               "--max-num-seqs", str(args.concurrency)]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    env = preload_env(args.allocator, {**os.environ,
+                                       "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")})
     if args.plain:  # the same server without the plugin, for comparison
         cmd = [sys.executable, "-m", PLAIN_VLLM_SERVER, "--model", args.model,
                "--enforce-eager", *common]
@@ -326,6 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.duration < args.warmup + 2 * args.checkpoint_every:
         print(f"soak: --duration must leave at least 2 checkpoints after the warm-up "
               f"(>= {args.warmup + 2 * args.checkpoint_every:.0f} s)", file=sys.stderr)
+        return 2
+    try:
+        preload_env(args.allocator, {})
+    except AllocatorNotFound as e:
+        print(f"soak: {e}", file=sys.stderr)
         return 2
     result = run(args)
     if args.out:

@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     from morphserve.evaluation.cli import add_parser as add_evaluate
 
     add_evaluate(sub)
+    from morphserve.cli.doctor import add_parser as add_doctor
+
+    add_doctor(sub)
     return ap
 
 

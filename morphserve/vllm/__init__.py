@@ -12,6 +12,8 @@ Modules:
 - scheduler: VllmBlockStore, SchedulerView and StepSampler over vLLM's scheduler.
 - kv_cache: the host-backed KV allocation (a hash-pinned copy), block copies, remaps, layouts.
 - kernels: vLLM's linear kernels, the W4A16 pin and the cpu_linear slot (VllmCpuKernels).
+- kernel_speed: one decoder layer's linears timed through vLLM's kernels, per tier (doctor).
+- platform_facts: which vLLM kernel runs each tier here, and whether FP8 KV is allowed (doctor).
 - backends: the device backend a worker morphs with (CPU; CUDA unverified, opt-in only).
 - cuda_kernels: vLLM's CUDA kernel choice per capability, and VllmCudaKernels (unverified).
 - worker_ext: the worker extension vLLM mixes into its worker; logic in runtime.layer_set.

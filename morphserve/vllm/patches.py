@@ -331,6 +331,27 @@ PATCHES = (
 )
 
 
+def patch_target_problem() -> str | None:
+    """None if this vLLM is the supported release and every patch target is where the table
+    says (checked without patching anything), else the first mismatch in one line."""
+    try:
+        check_vllm_version()
+    except PatchError as e:
+        return str(e)
+    for patch in PATCHES:
+        try:
+            mod = importlib.import_module(patch.module)
+            target = getattr(mod, patch.owner) if patch.owner else mod
+        except (ImportError, AttributeError) as e:
+            return f"{patch.module}.{patch.owner or ''}: {e}"
+        current = getattr(target, patch.attr, None)
+        if current is None and not patch.adds:
+            return f"{patch.module}.{patch.owner}.{patch.attr} not found"
+        if current is not None and patch.adds and not getattr(current, MARKER, False):
+            return f"{patch.module}.{patch.owner}.{patch.attr} already exists in vLLM"
+    return None
+
+
 def apply_patches() -> None:
     check_vllm_version()
     for patch in PATCHES:

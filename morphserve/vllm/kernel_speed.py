@@ -1,0 +1,72 @@
+"""How fast vLLM's own linear kernels run one decoder layer here, per tier and batch size.
+
+A decode step's cost that a tier changes is its linears' (attention and the KV cache are
+the same in every tier), so `morphserve doctor` times the four fused linears of one decoder
+layer (qkv, o, gate_up, down; vLLM fuses them this way) through the kernel objects vLLM
+would build for each tier on this CPU, with random weights of the model's shapes. It takes
+seconds, needs no engine and no model file, and says which tier decodes faster than bf16
+here. It is a kernel figure, not a served-throughput one: scripts/bench_kernels.py
+measures whole engines.
+"""
+
+from __future__ import annotations
+
+import time
+import torch
+
+from morphserve.vllm.kernels import FUSED_LINEARS, VllmCpuKernels, make_int8_kernel, make_wna16_kernel
+
+
+def fused_shapes(linear_shapes: dict[str, tuple[int, int]]) -> list[tuple[str, int, int]]:
+    """(vLLM name, out_features, in_features) of one decoder layer's fused linears."""
+    out = []
+    for fused, parts in FUSED_LINEARS:
+        n = sum(linear_shapes[p][0] for p in parts)
+        k = linear_shapes[parts[0]][1]
+        out.append((fused, n, k))
+    return out
+
+
+def _build(tier: str, n: int, k: int, group_size: int, dtype: torch.dtype, gen: torch.Generator):
+    kernels = VllmCpuKernels()
+    if tier == "bf16":
+        return kernels.prepack_bf16((torch.randn(n, k, generator=gen) * 0.02).to(dtype))
+    if tier == "w8a8":
+        from quant_layers.swappable import W8Compute
+
+        weight = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+        return W8Compute(make_int8_kernel(), weight, torch.full((n, 1), 1e-3), [n])
+    from quant_layers.swappable import PackedShard, W4Compute, process_for_kernel
+
+    shard = PackedShard(torch.randint(-2**31, 2**31 - 1, (n, k // 8), dtype=torch.int32, generator=gen),
+                        torch.full((n, k // group_size), 1e-3, dtype=dtype))
+    tensors, attrs = process_for_kernel([shard], k, group_size, dtype, kernels)
+    return W4Compute(make_wna16_kernel(k, n, group_size, dtype), tensors, attrs)
+
+
+def time_layer(tier: str, shapes: list[tuple[str, int, int]], batch: int, group_size: int,
+               dtype: torch.dtype = torch.bfloat16, min_seconds: float = 0.4) -> float:
+    """Median seconds of one decoder layer's linears at `batch` tokens (5 rounds, each at
+    least min_seconds / 5 of back-to-back calls, after a warm-up)."""
+    gen = torch.Generator().manual_seed(0)
+    computes = [(_build(tier, n, k, group_size, dtype, gen), k) for _, n, k in shapes]
+    inputs = [torch.randn(batch, k, generator=gen).to(dtype) for _, k in computes]
+    empty = torch.empty(0, dtype=dtype)
+
+    def layer() -> None:
+        for (compute, _), x in zip(computes, inputs):
+            compute(x, empty, None)
+
+    for _ in range(3):
+        layer()
+    rounds = []
+    for _ in range(5):
+        calls, t0 = 0, time.perf_counter()
+        while True:
+            layer()
+            calls += 1
+            elapsed = time.perf_counter() - t0
+            if elapsed >= min_seconds / 5:
+                break
+        rounds.append(elapsed / calls)
+    return sorted(rounds)[len(rounds) // 2]

@@ -1,0 +1,85 @@
+"""`morphserve doctor` on this machine with the session's real pack, and with broken inputs.
+
+In-process (vLLM's kernels are imported, no engine starts): the kernel timings take seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from morphserve.cli.commands import main
+from tests.conftest import tier_verdicts
+
+pytestmark = pytest.mark.quant  # the session pack is built with llm-compressor
+
+
+def doctor(capsys, *args: str) -> tuple[int, dict]:
+    code = main(["doctor", "--json", *args])
+    return code, json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("MORPHSERVE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_the_real_pack_is_ready_here_and_its_kernels_are_timed_then_cached(pack_dir, model_dir, own_cache, capsys):
+    code, out = doctor(capsys, "--pack", str(pack_dir), "--model", str(model_dir))
+    m, advice, speed = out["machine"], out["advice"], out["speed"]
+    assert code == 0 and advice["exit_status"] == 0, advice["problems"]
+    assert m["vllm_version"] == "0.32.0" and m["patch_problem"] is None
+    assert m["tier_problems"] == tier_verdicts()  # what `serve` probes, not a second opinion
+    assert set(m["kernels"]) == {"bf16", "w8a8", "w4a16"} and all(m["kernels"].values())
+    assert out["pack"]["problem"] is None and out["pack"]["tiers"]
+    assert set(advice["tiers"]) <= set(out["pack"]["tiers"]) and advice["tiers"]
+    timed = speed["seconds"]
+    assert set(timed) == {"bf16"} | {t for t in out["pack"]["tiers"] if tier_verdicts()[t] is None}
+    assert all(0 < s < 1 for by_batch in timed.values() for s in by_batch.values())
+    if speed["load"] < m["cores"] * 0.5:  # an idle machine's timing is cached; a second run reads it
+        code, again = doctor(capsys, "--pack", str(pack_dir), "--model", str(model_dir))
+        assert code == 0 and again["speed"]["source"].startswith("cached:")
+        assert again["speed"]["seconds"] == timed
+
+
+def test_the_text_screen_names_the_isa_the_recommendation_and_the_verdict(pack_dir, own_cache, capsys):
+    from quant_layers.cpu_kind import this_cpu
+
+    assert main(["doctor", "--pack", str(pack_dir)]) == 0
+    text = capsys.readouterr().out
+    assert this_cpu().isa in text and "AVX512_BF16" in text and "recommend  --tiers" in text
+    assert text.rstrip().endswith("ready to serve")
+
+
+def test_a_pack_missing_a_file_is_a_problem_with_its_fix(pack_dir, model_dir, tmp_path, own_cache, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(pack_dir, broken, copy_function=lambda src, dst: Path(dst).symlink_to(src))
+    victim = next(p for p in sorted(broken.rglob("*.safetensors")))
+    victim.unlink()
+    code, out = doctor(capsys, "--pack", str(broken), "--model", str(model_dir))
+    assert code == 1 and out["pack"]["problem"] and out["speed"] is None
+    problem = out["advice"]["problems"][0]
+    assert problem["blocks_serving"] and "morphserve prepare" in problem["fix"]
+
+
+def test_a_pack_for_another_model_is_a_problem(pack_dir, model_dir, tmp_path, own_cache, capsys):
+    other = tmp_path / "other-model"
+    other.mkdir()
+    config = json.loads((model_dir / "config.json").read_text())
+    config["num_hidden_layers"] -= 1
+    (other / "config.json").write_text(json.dumps(config))
+    for f in model_dir.glob("*.safetensors"):
+        (other / f.name).symlink_to(f)
+    code, out = doctor(capsys, "--pack", str(pack_dir), "--model", str(other))
+    assert code == 1 and "does not match" in out["pack"]["problem"]
+
+
+def test_no_pack_at_all_and_a_bad_model_folder(tmp_path, own_cache, capsys):
+    code, out = doctor(capsys, "--pack", str(tmp_path / "nowhere"))
+    assert code == 1 and out["pack"]["problem"]
+    assert main(["doctor", "--model", str(tmp_path)]) == 2  # not a model folder: one error line
+    assert "error: --model" in capsys.readouterr().err

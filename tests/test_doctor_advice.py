@@ -1,0 +1,80 @@
+"""`morphserve doctor`'s advice from readings: pure logic, no vLLM."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from morphserve.doctor.advice import Machine, Pack, Speed, advise
+from morphserve.doctor.render import render
+
+AVX512 = Machine(
+    cpu_model="test CPU", isa="AVX-512+BF16",
+    features={"amx": False, "avx512f": True, "avx512_vnni": True, "avx512_bf16": True, "avx2": True},
+    cores=2, memory_gib=24, vllm_version="0.32.0", supported_vllm="0.32.0", patch_problem=None,
+    kernels={"bf16": "oneDNN", "w8a8": "oneDNN int8", "w4a16": "CPUWNA16"},
+    tier_problems={"w8a8": None, "w4a16": None}, fp8_kv_problem=None,
+    tcmalloc="/usr/lib/libtcmalloc_minimal.so.4", quant_env=True)
+AVX2 = replace(AVX512, isa="AVX2", features={"avx2": True},
+               tier_problems={"w8a8": None, "w4a16": "no cpu_gemm_wna16"},
+               fp8_kv_problem="FP8 KV cache on CPU requires x86 with AVX-512 or AMX.")
+TIERED = Pack("p", "m", ["w8a8", "w4a16"], None)
+
+
+def speed(w8: tuple[float, float], w4: tuple[float, float]) -> Speed:
+    """Relative speeds (x bf16) at batch 1 and 32 as seconds (bf16 = 1 s)."""
+    return Speed({"bf16": {1: 1.0, 32: 1.0}, "w8a8": {1: 1 / w8[0], 32: 1 / w8[1]},
+                  "w4a16": {1: 1 / w4[0], 32: 1 / w4[1]}}, "test")
+
+
+def test_a_ready_machine_and_pack_exit_0_with_every_tier():
+    a = advise(AVX512, TIERED, speed((1.0, 1.0), (0.9, 0.8)))
+    assert a.exit_status == 0 and a.tiers == ["w8a8", "w4a16"] and not a.problems
+    assert "ready to serve" in render(AVX512, TIERED, speed((1.0, 1.0), (0.9, 0.8)), a)
+
+
+def test_avx2_drops_w4a16_and_a_w4a16_only_pack_is_a_problem_with_its_fix():
+    a = advise(AVX2, TIERED, None)
+    assert a.tiers == ["w8a8"] and a.exit_status == 0
+    assert any("w4a16 is out: no cpu_gemm_wna16" in r for r in a.reasons)
+    assert any("FP8 KV" in p.what and not p.blocks_serving for p in a.problems)
+    assert any("10x slower" in p.what for p in a.problems)  # no AVX512_BF16: prepare's bf16 is emulated
+    w4_only = advise(AVX2, Pack("p", "m", ["w4a16"], None), None)
+    assert w4_only.exit_status == 1 and w4_only.tiers == []
+    assert any("--tiers w8a8" in p.fix for p in w4_only.problems)
+
+
+def test_a_tier_slow_at_batch_32_is_dropped_while_another_remains():
+    a = advise(AVX512, TIERED, speed((1.2, 1.5), (0.9, 0.4)))
+    assert a.tiers == ["w8a8"]
+    assert any("w4a16 is dropped" in r and "0.40x" in r for r in a.reasons)
+    alone = advise(AVX512, Pack("p", "m", ["w4a16"], None), speed((1.2, 1.5), (0.9, 0.4)))
+    assert alone.tiers == ["w4a16"]  # the only tier is kept: slow beats nothing to swap
+
+
+def test_a_tier_faster_than_bf16_everywhere_is_named_against_resting_at_bf16():
+    a = advise(AVX512, TIERED, speed((1.3, 2.0), (1.0, 0.9)))
+    assert "w8a8's linears are faster than bf16's" in a.reasons[-1] and "static W8A8" in a.reasons[-1]
+    assert "no tier is faster" in advise(AVX512, TIERED, speed((1.0, 1.5), (1.0, 0.9))).reasons[-1]
+
+
+def test_wrong_vllm_mismatched_pack_and_no_tier_block_serving():
+    assert advise(replace(AVX512, vllm_version="0.33.0"), None, None).exit_status == 1
+    assert advise(replace(AVX512, patch_problem="X.y not found"), None, None).exit_status == 1
+    bad = advise(AVX512, Pack("p", "m", ["w4a16"], "pack p does not match the served model m"), None)
+    assert bad.exit_status == 1 and "morphserve prepare m --out p" in bad.problems[0].fix
+    none = advise(replace(AVX512, tier_problems={"w8a8": "x", "w4a16": "y"}), None, None)
+    assert none.exit_status == 1 and none.tiers == []
+
+
+def test_notes_do_not_block_and_without_a_pack_the_prepare_command_is_given():
+    m = replace(AVX512, tcmalloc=None, quant_env=False)
+    a = advise(m, None, None)
+    assert a.exit_status == 0 and len(a.problems) == 2 and not any(p.blocks_serving for p in a.problems)
+    assert a.prepare == "morphserve prepare MODEL_DIR --out PACK_DIR --tiers w8a8,w4a16"
+    assert "libtcmalloc-minimal4" in render(m, None, None, a)
+
+
+def test_busy_timings_are_flagged():
+    s = replace(speed((1.0, 1.0), (1.0, 1.0)), load=1.5)
+    a = advise(AVX512, TIERED, s)
+    assert a.exit_status == 0 and any("busy" in p.what for p in a.problems)
