@@ -181,8 +181,9 @@ def sample(client: Client, pgid: int, plain: bool) -> dict | None:
     explained = mem["kv_resident_bytes"] + mem["weights_bytes"] + mem["prepared_bytes"]
     by_process = {}
     for pid in pids:
-        try:
-            by_process[str(pid)] = process_rss(pid)["rss_anon_bytes"]
+        try:  # keyed "pid:name" (vLLM names its engine core process), so growth can be placed
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+            by_process[f"{pid}:{name}"] = process_rss(pid)["rss_anon_bytes"]
         except OSError:
             continue
     return {"t": time.monotonic(), "level": None if plain else state["level"],
