@@ -37,7 +37,7 @@ from pathlib import Path
 from morphserve.replay.run import trace
 from morphserve.offline.datafiles import traces_dir
 from morphserve.harness.servers import free_port, group_pids, group_rss, start_server, stop_server
-from morphserve.runtime.allocator import ALLOCATORS, AllocatorNotFound, preload_env
+from morphserve.runtime.allocator import ALLOCATOR_ENV, ALLOCATORS, AllocatorNotFound, default_allocator, preload_env
 from morphserve.runtime.proc_memory import process_rss
 from morphserve.vllm.server import PLAIN_VLLM_SERVER
 
@@ -66,9 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plain", action="store_true",
                    help="soak plain vLLM (no plugin, no level events) under the same load, for comparison")
-    p.add_argument("--allocator", choices=ALLOCATORS, default="system",
-                   help="malloc preloaded into the server's processes (system: none; tcmalloc is what "
-                        "vLLM's CPU docs recommend)")
+    p.add_argument("--allocator", choices=ALLOCATORS, default=default_allocator(),
+                   help="malloc preloaded into the server's processes (system: glibc's; tcmalloc is what "
+                        "vLLM's CPU docs recommend; auto: tcmalloc where installed; default: "
+                        f"${ALLOCATOR_ENV} or auto)")
     p.add_argument("--out", type=Path, default=None, help="write the figures here as JSON")
     return p.parse_args(argv)
 
@@ -229,7 +230,7 @@ def run(args: argparse.Namespace) -> dict:
     log.parent.mkdir(parents=True, exist_ok=True)
     common = ["--api-key", key, "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "1024",
               "--max-num-seqs", str(args.concurrency)]
-    env = preload_env(args.allocator, {**os.environ,
+    env = preload_env(args.allocator, {**os.environ, ALLOCATOR_ENV: args.allocator,
                                        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")})
     if args.plain:  # the same server without the plugin, for comparison
         cmd = [sys.executable, "-m", PLAIN_VLLM_SERVER, "--model", args.model,

@@ -13,7 +13,12 @@ import glob
 import os
 from pathlib import Path
 
-ALLOCATORS = ("system", "tcmalloc", "jemalloc")
+from morphserve.errors import MorphServeError
+
+ALLOCATORS = ("auto", "system", "tcmalloc", "jemalloc")
+# Every server MorphServe starts (`morphserve serve`, and the harness's plain vLLM baselines
+# beside it) reads its default here, so the two sides of a comparison run the same malloc.
+ALLOCATOR_ENV = "MORPHSERVE_ALLOCATOR"
 
 _PATTERNS = {
     "tcmalloc": ("libtcmalloc_minimal.so*", "libtcmalloc.so*"),
@@ -23,7 +28,7 @@ _LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/us
                  "/usr/local/lib")
 
 
-class AllocatorNotFound(RuntimeError):
+class AllocatorNotFound(MorphServeError):
     pass
 
 
@@ -37,9 +42,24 @@ def find_library(name: str, dirs: tuple[str, ...] = _LIBRARY_DIRS) -> Path | Non
     return None
 
 
+def default_allocator(env: dict[str, str] | None = None) -> str:
+    """`MORPHSERVE_ALLOCATOR`, else 'auto' (tcmalloc when installed: in a 10-minute soak it
+    halved the worker's memory growth under glibc's malloc; docs/RESULTS.md, "Reliability")."""
+    return (env if env is not None else os.environ).get(ALLOCATOR_ENV, "auto")
+
+
+def resolve(name: str, dirs: tuple[str, ...] = _LIBRARY_DIRS) -> str:
+    """'auto' -> 'tcmalloc' when it is installed, else 'system'."""
+    if name == "auto":
+        return "tcmalloc" if find_library("tcmalloc", dirs) is not None else "system"
+    return name
+
+
 def preload_env(name: str, env: dict[str, str], dirs: tuple[str, ...] = _LIBRARY_DIRS) -> dict[str, str]:
-    """`env` with the allocator in front of LD_PRELOAD; 'system' returns it unchanged.
-    Raises AllocatorNotFound with the package to install when the library is missing."""
+    """`env` with the allocator in front of LD_PRELOAD; 'system' returns it unchanged, and
+    'auto' is tcmalloc where installed. Raises AllocatorNotFound with the package to install
+    when a named library is missing."""
+    name = resolve(name, dirs)
     if name == "system":
         return dict(env)
     if name not in _PATTERNS:
