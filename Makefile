@@ -13,20 +13,9 @@ MODEL := $(CACHE)/models/SmolLM2-135M-Instruct
 export MORPHSERVE_CACHE := $(CACHE)
 export MORPHSERVE_QUANT_PYTHON := $(CURDIR)/$(QPY)
 
-.PHONY: setup malloc test test-fast demo clean lock
+.PHONY: setup test test-fast demo clean lock
 
-setup: $(VENV)/.ok $(QVENV)/.ok $(MODEL)/config.json malloc
-
-# tcmalloc for every server MorphServe starts (vLLM's CPU docs recommend it; in the 10-minute
-# soak it halved the worker's memory growth against glibc's malloc). Best effort and
-# idempotent: as root with apt-get, Debian's libtcmalloc-minimal4 is installed once
-# (MORPHSERVE_NO_APT=1 skips it); otherwise one line says how, and servers use glibc's malloc.
-malloc:
-	@ls /usr/lib/*/libtcmalloc_minimal.so.4 >/dev/null 2>&1 \
-	|| { [ "$$(id -u)" = 0 ] && [ -z "$$MORPHSERVE_NO_APT" ] && command -v apt-get >/dev/null \
-	     && DEBIAN_FRONTEND=noninteractive apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1 \
-	     && echo "setup: installed tcmalloc (libtcmalloc-minimal4)"; } \
-	|| echo "setup: tcmalloc is not installed; servers use glibc's malloc (apt-get install libtcmalloc-minimal4 adds it)"
+setup: $(VENV)/.ok $(QVENV)/.ok $(MODEL)/config.json
 
 $(VENV)/.ok: pyproject.toml requirements/cpu.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

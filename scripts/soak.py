@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--allocator", choices=ALLOCATORS, default=default_allocator(),
                    help="malloc preloaded into the server's processes (system: glibc's; tcmalloc is what "
                         "vLLM's CPU docs recommend; auto: tcmalloc where installed; default: "
-                        f"${ALLOCATOR_ENV} or auto)")
+                        f"${ALLOCATOR_ENV} or system)")
     p.add_argument("--out", type=Path, default=None, help="write the figures here as JSON")
     return p.parse_args(argv)
 

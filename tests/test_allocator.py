@@ -31,3 +31,10 @@ def test_a_missing_library_names_the_package_to_install(tmp_path):
         preload_env("jemalloc", {}, (str(tmp_path),))
     with pytest.raises(AllocatorNotFound, match="unknown allocator"):
         preload_env("mimalloc", {}, (str(tmp_path),))
+
+
+def test_glibc_is_the_default_and_auto_means_tcmalloc_where_installed(libdir, tmp_path):
+    from morphserve.runtime.allocator import default_allocator, resolve
+
+    assert default_allocator({}) == "system" and default_allocator({"MORPHSERVE_ALLOCATOR": "tcmalloc"}) == "tcmalloc"
+    assert resolve("auto", (str(libdir),)) == "tcmalloc" and resolve("auto", (str(tmp_path / "none"),)) == "system"

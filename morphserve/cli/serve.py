@@ -61,10 +61,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="pack tiers to serve, comma-separated (w8a8, w4a16); default: every tier of the pack whose "
                         "kernel runs on this CPU (probed as the server starts)")
     p.add_argument("--allocator", choices=ALLOCATORS, default=default_allocator(),
-                   help="malloc preloaded into every server process (LD_PRELOAD): auto = tcmalloc where "
-                        "installed (Debian: libtcmalloc-minimal4; vLLM's CPU docs recommend it, and it halved "
-                        "the worker's memory growth in a 10-minute soak), else glibc's; system = glibc's. "
-                        f"Default: ${ALLOCATOR_ENV} or auto")
+                   help="malloc preloaded into every server process (LD_PRELOAD): system = glibc's; tcmalloc "
+                        "(Debian: libtcmalloc-minimal4; vLLM's CPU docs recommend it) or jemalloc; auto = tcmalloc "
+                        "where installed. In 10-minute soaks tcmalloc halved plain vLLM's memory growth but "
+                        f"raised MorphServe's (docs/RESULTS.md). Default: ${ALLOCATOR_ENV} or system")
     p.add_argument("--dry-run", action="store_true",
                    help="print the vLLM command instead of running it (secret values shown as ***)")
     p.set_defaults(func=run, passthrough=True)
@@ -125,8 +125,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     shown = redact_argv(cmd)
     print("morphserve: " + " ".join(shown[1:]), file=sys.stderr)
     malloc = resolve(args.allocator)
-    print(f"morphserve: malloc: {malloc}" + (f" (LD_PRELOAD={env['LD_PRELOAD']})" if malloc != "system" else
-          " (glibc; `apt-get install libtcmalloc-minimal4` for tcmalloc)"), file=sys.stderr)
+    if malloc != "system":
+        print(f"morphserve: malloc: {malloc} (LD_PRELOAD={env['LD_PRELOAD']})", file=sys.stderr)
     print("morphserve: --enforce-eager because a compiled graph would not see layer swaps", file=sys.stderr)
     if args.dry_run:
         print(" ".join(shown))

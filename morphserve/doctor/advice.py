@@ -125,10 +125,6 @@ def _machine_problems(m: Machine) -> list[Problem]:
     if m.fp8_kv_problem:
         out.append(Problem(f"FP8 KV cache unavailable: {m.fp8_kv_problem}",
                            "serve with the default KV dtype", blocks_serving=False))
-    if m.tcmalloc is None:
-        out.append(Problem("tcmalloc is not installed (vLLM's CPU docs recommend preloading it; "
-                           "`morphserve serve` preloads it when present)",
-                           "apt-get install libtcmalloc-minimal4", blocks_serving=False))
     if not m.quant_env:
         out.append(Problem("no llm-compressor environment: `morphserve prepare` cannot run GPTQ here",
                            "`make setup`, or set MORPHSERVE_QUANT_PYTHON to a Python with llmcompressor",

@@ -23,7 +23,7 @@ def render(m: Machine, pack: Pack | None, speed: Speed | None, advice: Advice) -
         lines.append("kernels    " + " | ".join(f"{t}: {k}" for t, k in m.kernels.items()))
     lines.append("tiers      " + " | ".join(f"{t}: {'runs' if p is None else 'no'}" for t, p in m.tier_problems.items()))
     lines.append(f"FP8 KV     {'available' if m.fp8_kv_problem is None else 'no'}")
-    lines.append(f"tcmalloc   {m.tcmalloc or 'not installed'}")
+    lines.append(f"tcmalloc   {m.tcmalloc + ' (optional: --allocator tcmalloc)' if m.tcmalloc else 'not installed (optional)'}")
     if pack is not None:
         state = "matches its model" if pack.problem is None else "does NOT serve"
         lines.append(f"pack       {pack.path}: tiers {', '.join(pack.tiers) or '?'}; {state} ({pack.model})")

@@ -94,7 +94,7 @@ def run_in_group(cmd: list[str], log: Path, env: dict | None = None, timeout: fl
 def _spawn(cmd: list[str], env: dict | None, log: Path, cwd: Path | None) -> subprocess.Popen:
     """`cmd` in a new session (its own process group), output to `log`, in `cwd` (default:
     the checkout when there is one, so `-m morphserve...` imports it), with the malloc
-    `MORPHSERVE_ALLOCATOR` names (default: tcmalloc where installed) preloaded."""
+    `MORPHSERVE_ALLOCATOR` names preloaded (default: glibc's, nothing preloaded)."""
     if cwd is None and (REPO / "pyproject.toml").exists():
         cwd = REPO
     env = dict(os.environ if env is None else env)

@@ -1,9 +1,9 @@
 """Which malloc the server's processes run with.
 
 vLLM's CPU docs recommend preloading tcmalloc; vLLM 0.32 does it itself only for a copy
-shipped in `vllm/libs`, and the CPU wheel ships none. So the system's copy (Debian:
-libtcmalloc-minimal4, libjemalloc2) is found here and put in front of `LD_PRELOAD` for the
-server's processes. `LD_PRELOAD` is read when a process starts, so setting it for the
+shipped in `vllm/libs`, and the CPU wheel ships none. So, when asked (`--allocator`,
+`MORPHSERVE_ALLOCATOR`), the system's copy (Debian: libtcmalloc-minimal4, libjemalloc2) is
+found here and put in front of `LD_PRELOAD` for the server's processes. `LD_PRELOAD` is read when a process starts, so setting it for the
 server command reaches every process vLLM spawns from it.
 """
 
@@ -43,9 +43,11 @@ def find_library(name: str, dirs: tuple[str, ...] = _LIBRARY_DIRS) -> Path | Non
 
 
 def default_allocator(env: dict[str, str] | None = None) -> str:
-    """`MORPHSERVE_ALLOCATOR`, else 'auto' (tcmalloc when installed: in a 10-minute soak it
-    halved the worker's memory growth under glibc's malloc; docs/RESULTS.md, "Reliability")."""
-    return (env if env is not None else os.environ).get(ALLOCATOR_ENV, "auto")
+    """`MORPHSERVE_ALLOCATOR`, else 'system' (glibc's). Measured in 10-minute soaks
+    (docs/RESULTS.md, "Reliability"): tcmalloc halved plain vLLM's memory growth but raised
+    MorphServe's, whose swaps free large weight buffers that glibc hands back to the kernel
+    at once and tcmalloc keeps; so it is an option, not the default."""
+    return (env if env is not None else os.environ).get(ALLOCATOR_ENV, "system")
 
 
 def resolve(name: str, dirs: tuple[str, ...] = _LIBRARY_DIRS) -> str:
