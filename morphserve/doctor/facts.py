@@ -16,6 +16,7 @@ from pathlib import Path
 
 from morphserve.doctor.advice import BATCHES, BUSY_LOAD, TIERS, Machine, Pack, Speed
 from morphserve.errors import USER_ERRORS
+from morphserve.evaluation.machine import describe
 from morphserve.runtime.allocator import find_library
 from quant_layers.cache_dir import cache_root
 from quant_layers.cpu_kind import this_cpu
@@ -32,16 +33,6 @@ def vllm_version() -> str | None:
         except importlib.metadata.PackageNotFoundError:
             continue
     return None
-
-
-def _memory_gib() -> float:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return 0.0
 
 
 def _quant_env() -> bool:
@@ -62,7 +53,7 @@ def machine(linear_shapes: dict[str, tuple[int, int]] | None, head_size: int | N
     m = Machine(
         cpu_model=cpu.model, isa=cpu.isa,
         features={("amx" if f == "amx_tile" else f): f in cpu.flags for f in FEATURES},
-        cores=len(os.sched_getaffinity(0)), memory_gib=_memory_gib(),
+        cores=len(os.sched_getaffinity(0)), memory_gib=describe()["mem_gib"],
         vllm_version=version, supported_vllm=SUPPORTED_VLLM, patch_problem=None,
         kernels={}, tier_problems={t: "vLLM is not installed" for t in TIERS}, fp8_kv_problem=None,
         tcmalloc=str(find_library("tcmalloc") or "") or None, quant_env=_quant_env(),

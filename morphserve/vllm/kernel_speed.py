@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 import torch
 
-from morphserve.vllm.kernels import FUSED_LINEARS, VllmCpuKernels, make_int8_kernel, make_wna16_kernel
+from morphserve.vllm.kernels import FUSED_LINEARS, random_compute
 
 
 def fused_shapes(linear_shapes: dict[str, tuple[int, int]]) -> list[tuple[str, int, int]]:
@@ -27,29 +27,12 @@ def fused_shapes(linear_shapes: dict[str, tuple[int, int]]) -> list[tuple[str, i
     return out
 
 
-def _build(tier: str, n: int, k: int, group_size: int, dtype: torch.dtype, gen: torch.Generator):
-    kernels = VllmCpuKernels()
-    if tier == "bf16":
-        return kernels.prepack_bf16((torch.randn(n, k, generator=gen) * 0.02).to(dtype))
-    if tier == "w8a8":
-        from quant_layers.swappable import W8Compute
-
-        weight = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
-        return W8Compute(make_int8_kernel(), weight, torch.full((n, 1), 1e-3), [n])
-    from quant_layers.swappable import PackedShard, W4Compute, process_for_kernel
-
-    shard = PackedShard(torch.randint(-2**31, 2**31 - 1, (n, k // 8), dtype=torch.int32, generator=gen),
-                        torch.full((n, k // group_size), 1e-3, dtype=dtype))
-    tensors, attrs = process_for_kernel([shard], k, group_size, dtype, kernels)
-    return W4Compute(make_wna16_kernel(k, n, group_size, dtype), tensors, attrs)
-
-
 def time_layer(tier: str, shapes: list[tuple[str, int, int]], batch: int, group_size: int,
                dtype: torch.dtype = torch.bfloat16, min_seconds: float = 0.4) -> float:
     """Median seconds of one decoder layer's linears at `batch` tokens (5 rounds, each at
     least min_seconds / 5 of back-to-back calls, after a warm-up)."""
     gen = torch.Generator().manual_seed(0)
-    computes = [(_build(tier, n, k, group_size, dtype, gen), k) for _, n, k in shapes]
+    computes = [(random_compute(tier, n, k, group_size, dtype, gen, scale=1e-3), k) for _, n, k in shapes]
     inputs = [torch.randn(batch, k, generator=gen).to(dtype) for _, k in computes]
     empty = torch.empty(0, dtype=dtype)
 

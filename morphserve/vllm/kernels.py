@@ -235,6 +235,26 @@ def missing_feature(tier: str) -> str:
     return f"vLLM's CPU build for this CPU ({cpu.isa}) has no {TIER_OPS[tier]}"
 
 
+def random_compute(tier: str, n: int, k: int, group_size: int, dtype: torch.dtype, gen: torch.Generator,
+                   scale: float):
+    """A `tier` compute (bf16, w8a8, w4a16) of shape n x k with random weights, built through
+    the same vLLM kernel objects a swap installs: for probing a tier and for timing it."""
+    kernels = VllmCpuKernels()
+    if tier == "bf16":
+        return kernels.prepack_bf16((torch.randn(n, k, generator=gen) * scale).to(dtype))
+    if tier == "w8a8":
+        from quant_layers.swappable import W8Compute
+
+        weight = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+        return W8Compute(make_int8_kernel(), weight, torch.full((n, 1), scale), [n])
+    from quant_layers.swappable import PackedShard, W4Compute, process_for_kernel
+
+    shard = PackedShard(torch.randint(-2**31, 2**31 - 1, (n, k // 8), dtype=torch.int32, generator=gen),
+                        torch.full((n, k // group_size), scale, dtype=dtype))
+    tensors, attrs = process_for_kernel([shard], k, group_size, dtype, kernels)
+    return W4Compute(make_wna16_kernel(k, n, group_size, dtype), tensors, attrs)
+
+
 def probe_tier(tier: str, dtype: torch.dtype = torch.bfloat16) -> str | None:
     """None when this CPU runs `tier` through vLLM's own kernel class: its op exists and one
     tiny call returns finite values of the right shape. Otherwise one line saying why."""
@@ -244,19 +264,7 @@ def probe_tier(tier: str, dtype: torch.dtype = torch.bfloat16) -> str | None:
         return missing_feature(tier)
     k = n = 64  # CPUWNA16 needs multiples of 32; group 32 divides both
     try:
-        if tier == "w4a16":
-            from quant_layers.swappable import PackedShard, W4Compute, process_for_kernel
-
-            gen = torch.Generator().manual_seed(0)
-            shard = PackedShard(torch.randint(-2**31, 2**31 - 1, (n, k // 8), dtype=torch.int32, generator=gen),
-                                torch.full((n, k // 32), 0.01, dtype=dtype))
-            tensors, attrs = process_for_kernel([shard], k, 32, dtype, VllmCpuKernels())
-            compute = W4Compute(make_wna16_kernel(k, n, 32, dtype), tensors, attrs)
-        else:
-            from quant_layers.swappable import W8Compute
-
-            weight = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
-            compute = W8Compute(make_int8_kernel(), weight, torch.full((n, 1), 0.01), [n])
+        compute = random_compute(tier, n, k, 32, dtype, torch.Generator().manual_seed(0), scale=0.01)
         prove_compute(compute, k, n, dtype)
     except Exception as e:  # any failure of the kernel is a reason not to serve the tier
         if isinstance(e, AttributeError) and TIER_OPS[tier] in str(e):

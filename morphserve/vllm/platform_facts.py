@@ -26,7 +26,6 @@ class KernelPaths:
 def kernel_paths(n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> KernelPaths:
     """Mirrors vLLM 0.32's dispatch: `dispatch_cpu_unquantized_gemm` for bf16,
     CPUInt8ScaledMMLinearKernel's sgl/oneDNN choice for W8A8, CPUWNA16's ISA hint for W4A16."""
-    from vllm import _custom_ops as ops
     from vllm.model_executor.layers.utils import check_cpu_sgl_kernel
     from vllm.platforms import current_platform
 
@@ -34,7 +33,7 @@ def kernel_paths(n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> KernelP
         bf16 = "zentorch linear"
     elif check_cpu_sgl_kernel(n, k, dtype):
         bf16 = "sgl bf16 GEMM (AMX)"
-    elif bf16_prepack_copies(n, k, dtype) and ops._supports_onednn:
+    elif bf16_prepack_copies(n, k, dtype):  # past zentorch and sgl, True means oneDNN
         bf16 = "oneDNN matmul (onednn_mm)"
     else:
         bf16 = "torch.nn.functional.linear"
