@@ -126,7 +126,9 @@ def test_failed_transitions_roll_back_pin_and_keep_serving(server, model_dir):
         # one layer is installed, the preparer is stopped, and the level is pinned there.
         status, r = _level(server, None)
         assert status == 200 and r["forced_level"] is None
-        state = _wait_for(server, lambda s: s["errors"] == 4)
+        # The cancelled preparer frees the layer it holds on its own thread, without the engine
+        # waiting for it; until then its bytes are counted (prepared_bytes > 0), so wait it out.
+        state = _wait_for(server, lambda s: s["errors"] == 4 and s["memory"]["prepared_bytes"] == 0)
         assert state["errors"] == 4 and state["pinned_by_error"], state
         assert "restore_commit" in state["last_error"]["error"]
         assert state["quantized_layers"] == 9, state["quantized_layer_ids"]
