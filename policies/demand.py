@@ -1,40 +1,46 @@
-"""Demand: go to the level the demand needs in one transition, as long as the batch it
-admits still meets the TPOT SLO and the quality budget over time allows it.
+"""Demand: serve the highest-quality rung of the ladder whose KV capacity covers the
+demand and whose predicted step meets the TPOT SLO, and go there in one transition.
 
 Demand, in KV blocks: what the running and waiting requests will hold when they finish
 (prompt + expected output), plus the requests that arrive over `horizon_s` faster than the
-running ones finish. The target is the smallest level whose capacity covers demand x
-(1 + headroom), reached in one plan rather than a staircase of `step_layers`, because a
-burst is seconds old by the time a staircase arrives. Three limits, tightest first:
-- the hard cap (the quality guard: fraction, layers, max_ppl_increase);
-- the quality budget over time (`max_avg_ppl_increase`, token-weighted over
-  `quality_window_s`): a level is allowed while serving the next horizon's tokens at it
-  keeps the window's average inside the budget; if the average drifts past it, the level
-  comes down even under load;
-- compute: the learned step-time model predicts the decode step at each level with the
-  batch that level's capacity admits; a level whose predicted step breaks the TPOT SLO
-  (times `slo_margin`) is not taken, because there more KV only trades TTFT violations
-  for TPOT ones. And while the mean step of the last `window_s`, prefill chunks included,
-  already breaks that bound, the level does not go up at all: each admitted prompt's
-  prefill lands between every running request's tokens (measured on a prefill-heavy
-  trace, quantizing past that point turned TTFT violations into TPOT ones). A level the model has not measured borrows a lower level's fit: the cost of the
-  bigger batch is extrapolated, the quantized kernel's own cost is learned once the
-  level has run. Before any data it does not limit.
-Compute relief: where a quantized kernel is *faster* than bf16 (int8 on a CPU without
-AMX), a higher level also relieves compute. While the mean step breaks the bound, the
-policy goes to the level (within the quality limits) whose own measured step, at the
-present batch, is the lowest and at least `RELIEF` below the present level's; only levels
-the step model has measured count, never an extrapolated one.
-Restores go to the smallest level whose capacity covers the present demand x (1 +
-restore_headroom) (the gap to `headroom`, and leaving out projected arrivals, is the
-hysteresis), only with an empty queue held for `calm_s`.
+running ones finish. A burst is seconds old by the time a staircase of `step_layers`
+arrives, so the target is reached in one plan.
+
+The choice, over the levels the quality limits allow (lowest level = best quality first):
+- capacity: capacity >= demand x (1 + headroom);
+- speed: the step-time model (policies.step_model: a kernel profile measured at start-up
+  plus steps served) predicts the decode step at that level with the batch its capacity
+  admits, times what prefill chunks add now (the last window's mean step over the model's
+  decode-only prediction at the level served); it must stay under tpot_slo x slo_margin.
+  A level the model cannot predict passes, unless the steps already break the bound: then
+  nothing is known to help, and more admissions only add prefills between everyone's tokens.
+The first level meeting both is the target. So where int8 decodes faster than bf16, load
+that bf16 cannot serve in time rests on W8A8 rungs; calm load returns to bf16; bursts past
+the W8A8 rungs' capacity climb into W4A16 rungs; and where a tier is slower, the same rule
+finds that by measurement. If no level meets both: the one with the most capacity whose
+step still meets the bound, else the fastest predicted one, else the top.
+
+Quality limits, tightest first: the hard cap (fraction, layers, max_ppl_increase), then the
+budget over time (`max_avg_ppl_increase`, token-weighted over `quality_window_s`): a level
+is allowed while serving the next horizon's tokens at it keeps the window's average inside
+the budget, and a level whose own cost is within the budget is always allowed (serving it
+can only bring an over-spent average back), so a spent budget lowers the level to that
+floor, never to bf16 under load.
+
+Restores (to any lower level) need an empty queue held for `calm_s`, and go to the first
+level that meets the same two tests with the wider margins: capacity >= present demand x
+(1 + restore_headroom), predicted step <= tpot_slo x restore_margin. The gaps between the
+margins are the hysteresis, and a restore is judged by the step predicted *at the level it
+goes to*, so relief that brought the step under the bound is not undone by it.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 from policies.base import Decision, PolicyBase, PolicyState
 
-RELIEF = 0.10  # a measured level must beat the present step by this fraction to be taken for speed
 
 
 class DemandPolicy(PolicyBase):
@@ -50,7 +56,7 @@ class DemandPolicy(PolicyBase):
                 worst = max(worst, r)
                 self.envelope.append(worst)
 
-    # -- the three terms ---------------------------------------------------------------
+    # -- the terms ---------------------------------------------------------------------
     def demand_blocks(self, s, projected: bool = True) -> float:
         """`projected`: add the arrivals over the horizon that outpace completions. One
         arrival moves the rate estimate by 1 / window_s, so a surplus below that is noise,
@@ -64,93 +70,92 @@ class DemandPolicy(PolicyBase):
         surplus = s.arrival_rate - finishing - 1.0 / self.cfg.window_s
         return present + max(0.0, surplus) * self.cfg.horizon_s * per_request
 
-    def level_for(self, demand: float, headroom: float, top: int) -> int:
-        for k in range(0, top + 1):
-            if self.capacity[k] >= demand * (1 + headroom):
-                return k
-        return top
-
     def quality_limit(self, s) -> int:
+        """The highest level the budget over time allows: while the next horizon's tokens
+        at it keep the window's average inside the budget, and always a level whose own
+        cost is within the budget (no cliff to bf16 once the budget is spent)."""
         budget = self.cfg.max_avg_ppl_increase
         if budget is None or self.envelope is None or s.ledger is None:
             return self.max_level
         upcoming = max(s.token_rate, 1.0) * self.cfg.horizon_s
-        allowed = 0
+        floor = allowed = 0
         for k in range(0, self.max_level + 1):
-            if not s.ledger.allows(self.envelope[k], upcoming, budget):
-                break
-            allowed = k
-        return allowed
+            if self.envelope[k] <= math.log1p(budget) + 1e-12:
+                floor = k
+            if allowed == k - 1 and s.ledger.allows(self.envelope[k], upcoming, budget):
+                allowed = k
+        return max(floor, allowed)
 
-    def predicted_step(self, s, level: int) -> float | None:
-        model = s.step_model
-        if model is None:
-            return None
+    def batch_at(self, s, level: int, projected: bool = True) -> float:
+        """Requests in the batch at `level`: all that want service, as far as its KV holds them."""
         per_request = s.need_per_request or s.blocks_per_request or 1.0
-        wanting = s.running + s.queue_len + s.arrival_rate * self.cfg.horizon_s
-        batch = max(1.0, min(wanting, self.capacity[level] / per_request))
-        return model.predict(level, batch)
+        wanting = s.running + s.queue_len + (s.arrival_rate * self.cfg.horizon_s if projected else 0.0)
+        return max(1.0, min(wanting, self.capacity[level] / per_request))
 
-    def compute_limit(self, s, level: int, target: int) -> tuple[int, str]:
-        bound = self.cfg.tpot_slo_s * self.cfg.slo_margin
-        if s.step_time_s > bound:
-            # What requests feel now, prefill chunks included: more admissions only add
-            # prefills between everyone's tokens.
-            return level, f"; compute-bound: mean step {s.step_time_s:.3f}s > {bound:.3f}s now"
-        for k in range(level + 1, target + 1):
-            step = self.predicted_step(s, k)
-            if step is not None and step > bound:
-                return k - 1, f"; compute-bound above {k - 1}: predicted step {step:.3f}s at {k} > {bound:.3f}s"
-        return target, ""
-
-    def compute_relief(self, s, level: int, top: int) -> tuple[int, str]:
-        """The level, at or below `top`, whose measured step at the present batch is the
-        fastest and beats the present level's by RELIEF; `level` if none."""
-        bound = self.cfg.tpot_slo_s * self.cfg.slo_margin
+    def predicted_step(self, s, level: int, projected: bool = True) -> float | None:
+        """The step requests would feel at `level`: decode at its batch, times what prefill
+        chunks add now. A level never served borrows a lower one's fit (see StepTimeModel);
+        None before any data."""
         model = s.step_model
-        if model is None or s.step_time_s <= bound or not model.known(level):
-            return level, ""
-        batch = max(1.0, float(s.running))
-        here = model.predict(level, batch)
-        best, best_step = level, here * (1 - RELIEF)
-        for k in range(0, top + 1):
-            if k != level and model.known(k) and model.bucket(k) != model.bucket(level):
-                step = model.predict(k, batch)
-                if step < best_step:
-                    best, best_step = k, step
-        if best == level:
-            return level, ""
-        return best, f"compute relief: measured step {best_step:.3f}s at {best} vs {here:.3f}s at {level}"
+        step = model.predict(level, self.batch_at(s, level, projected)) if model is not None else None
+        if step is None:
+            return None
+        here = model.predict(s.level, max(1.0, s.running)) if s.running and model.known(s.level) else None
+        if here and s.step_time_s > here:
+            step *= s.step_time_s / here
+        return step
+
+    def choose(self, s, current: int, demand: float, headroom: float, top: int, bound: float,
+               projected: bool = True) -> tuple[int, str, bool]:
+        """(level, why, meets both tests) among 0..top, from `current`. `why` starts with what decided:
+        capacity (the first level whose KV covers the demand), speed (lower levels cover it
+        but are too slow) or quality (the limits stop below what the demand needs)."""
+        unknown_ok = s.step_time_s <= bound  # steps already too slow: an unpredicted level is no help
+        steps = {k: self.predicted_step(s, k, projected) for k in range(0, top + 1)}
+        covers = {k: self.capacity[k] >= demand * (1 + headroom) for k in steps}
+        quick = {k: (steps[k] <= bound) if steps[k] is not None else unknown_ok for k in steps}
+        for k in steps:
+            if covers[k] and quick[k]:
+                slow_below = any(covers[j] and not quick[j] for j in range(k))
+                speed = f", predicted step {steps[k]:.3f}s <= {bound:.3f}s" if steps[k] is not None else ""
+                skipped = (f" (levels below are slower than {bound:.3f}s)" if slow_below else "")
+                return k, (f"{'speed' if slow_below else 'capacity'}: demand {demand:.0f} blocks "
+                           f"(+{headroom:.0%}) fits {self.capacity[k]} at level {k}{speed}{skipped}"), True
+        limited = "quality" if top < len(self.capacity) - 1 else None  # a cap or the budget stopped the ladder
+        fast = [k for k, step in steps.items() if step is not None and step <= bound]
+        if fast:
+            k = max(fast)
+            return k, (f"{limited or 'speed'}: level {k} has the most capacity ({self.capacity[k]} blocks for demand "
+                       f"{demand:.0f}) whose step meets {bound:.3f}s ({steps[k]:.3f}s)"), False
+        known = [k for k, step in steps.items() if step is not None]
+        if known:
+            k = min(known, key=lambda j: (steps[j], j))
+            return k, f"speed: compute-bound at every level; the fastest is {k} (predicted step {steps[k]:.3f}s)", False
+        if not unknown_ok:
+            return min(current, top), (f"speed: compute-bound, mean step {s.step_time_s:.3f}s > {bound:.3f}s, "
+                                       f"and no level is known to be faster"), False
+        return top, (f"{limited or 'capacity'}: demand {demand:.0f} blocks; no level up to {top} covers it, "
+                     f"{top} has the most capacity"), False
 
     # -- the decision ----------------------------------------------------------------------
     def decide(self, s, state: PolicyState) -> Decision:
         c, now, level = self.cfg, s.time, state.level
-        demand = self.demand_blocks(s)
         quality_top = self.quality_limit(s)
         if level > self.max_level:
             return self._down(state, now, True, "above the quality cap")
         if level > quality_top:  # the budget over time is spent: come down even under load
             return self._down_to(state, now, quality_top,
                                  f"quality budget: {s.quality_increase:.1%} average increase, "
-                                 f"{c.max_avg_ppl_increase:.1%} allowed; at most {quality_top} layers",
+                                 f"{c.max_avg_ppl_increase:.1%} allowed; at most level {quality_top}",
                                  need_calm=False)
-        need = self.level_for(demand, c.headroom, quality_top)
-        relief, relief_note = self.compute_relief(s, level, quality_top)
-        if relief > max(level, need):
-            return self._up(state, now, relief, relief_note)
-        if need > level:
-            target, compute_note = self.compute_limit(s, level, need)
-            reason = (f"demand {demand:.0f} blocks (+{c.headroom:.0%}) > capacity {self.capacity[level]} at "
-                      f"{level} layers; {need} layers cover it{compute_note}")
-            if target <= level:
-                return Decision(level, f"hold: {reason}", PolicyState(level, state.last_change, None))
+        target, reason, _ = self.choose(s, level, self.demand_blocks(s), c.headroom, quality_top,
+                                        c.tpot_slo_s * c.slo_margin)
+        if target > level:
             return self._up(state, now, target, reason)
-        # calm at `lower`: the present demand fits it with the wider restore headroom, and
-        # the projected demand fits it too (so a burst still arriving resets the calm)
-        present = self.demand_blocks(s, projected=False)
-        lower = max(self.level_for(present, c.restore_headroom, level), need,
-                    min(relief, level) if relief_note else 0)  # a level kept for speed is not restored
-        safe = lower < level and s.queue_len == 0 and s.waiting_blocks == 0
-        return self._down_to(state, now, lower if safe else level,
-                             f"calm: demand {present:.0f} blocks fits {self.capacity[lower]} at {lower} layers "
-                             f"with {c.restore_headroom:.0%} headroom")
+        if target == level:
+            return Decision(level, f"hold: {reason}", replace(state, calm_since=None))
+        # lower: only after calm, and to where the wider margins still hold
+        lower, why, fits = self.choose(s, level, self.demand_blocks(s, projected=False), c.restore_headroom, level,
+                                       c.tpot_slo_s * c.restore_margin, projected=False)
+        safe = fits and lower < level and s.queue_len == 0 and s.waiting_blocks == 0
+        return self._down_to(state, now, lower if safe else level, f"calm: {why}")

@@ -32,6 +32,9 @@ class StepSample:
     running_need_blocks: int = 0
     waiting_need_blocks: int = 0
     tokens: int = 0  # tokens computed (prefill and decode) since the previous sample
+    # tokens as the evaluation counts them: a prompt's when its first token arrives, each
+    # output token as it arrives (prefix-cache hits included, recomputation not)
+    served_tokens: int = 0
     level: int = 0  # quantized layers in force at this sample (set by the controller)
 
 
@@ -58,6 +61,7 @@ class Signals:
     token_rate: float = 0.0  # tokens/s computed, EWMA
     level: int = 0
     quality_increase: float = 0.0  # token-weighted perplexity increase over the quality window
+    quality_tokens: float = 0.0  # tokens in that window
     # learned state, shared by reference (not part of the logged record)
     step_model: StepTimeModel | None = field(default=None, compare=False, repr=False)
     ledger: QualityLedger | None = field(default=None, compare=False, repr=False)
@@ -94,7 +98,9 @@ class SignalTracker:
     _last_time: float | None = None
     _last_level: int | None = None
 
-    def add(self, s: StepSample) -> Signals:
+    def add(self, s: StepSample, charge: bool = True) -> Signals:
+        """`charge`: the quality ledger counts this sample's tokens only while the policy is
+        in charge (a forced level, such as a warm-up's, is the operator's choice)."""
         dt = 0.0 if self._last_time is None else max(s.time - self._last_time, 0.0)
         self._last_time = s.time
         if dt > 0:  # EWMAs of the arrival and token rates with time constant window_s
@@ -110,7 +116,8 @@ class SignalTracker:
             self.step_model.observe(s.level, s.running, dt)
         self._last_level = s.level
         if self.ledger is not None and self.log_ratios:
-            self.ledger.add(s.time, s.tokens, self.log_ratios[min(s.level, len(self.log_ratios) - 1)])
+            self.ledger.add(s.time, s.served_tokens if charge else 0,
+                            self.log_ratios[min(s.level, len(self.log_ratios) - 1)])
         self._samples.append((s, dt))
         self._ttfts.extend((s.time, t) for t in s.ttfts)
         horizon = s.time - self.window_s
@@ -144,6 +151,7 @@ class SignalTracker:
             token_rate=self._token_rate,
             level=s.level,
             quality_increase=self.ledger.average_increase() if self.ledger is not None else 0.0,
+            quality_tokens=self.ledger.tokens if self.ledger is not None else 0.0,
             step_model=self.step_model,
             ledger=self.ledger,
         )

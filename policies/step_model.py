@@ -1,17 +1,24 @@
-"""A step-time model learned online: how long one decode step takes at each level, as a
-function of how many requests are in the batch (the tracker feeds it decode-only steps).
+"""A step-time model: how long one decode step takes at each level of the ladder, as a
+function of how many requests are in the batch.
 
 Why it exists: whether a quantized layer is cheaper or dearer than a bf16 one depends on
-the CPU (with AMX, bf16 matmuls are fast and the 4-bit kernel is not; without it, int8
-wins), so no constant can be right on both. The model learns it from the steps the engine
-actually runs, and the policy asks it before it adds concurrency or quantized layers.
+the CPU and on the batch (without AMX int8 beats bf16 at every batch; on an AVX2-only EPYC
+it loses at batch 1 and wins at 32), so no constant can be right everywhere. The policy
+asks it which rung is fast enough *before* it moves there.
 
-Per level bucket (level 0, and thirds of the swappable layers above it) it keeps an
-exponentially weighted least-squares fit of step time = a + b * running requests. A
-bucket with too little data borrows the nearest lower bucket's fit: the batch's cost is
-extrapolated, the quantized kernel's own cost is not assumed (the policy may try a level
-once, and then knows). With no spread of batch sizes yet, it predicts the mean (no slope
-is guessed).
+Two sources:
+- a **kernel profile** measured at start-up (seconds per decoder layer's linears, per tier
+  and batch size, through vLLM's own kernels; morphserve.runtime.tier_speed). A decode step
+  differs between levels only in its linears, so the profile gives every level's step as
+  `base(batch) + sum over tiers of (layers in the tier) x (tier's time - bf16's time)`;
+- **online fits** of `base(batch)` (an exponentially weighted least-squares line of step
+  time against running requests, with the profile's tier part taken out). With a profile
+  there is one fit per tier (the most compressed tier present: bf16 only at level 0, W8A8,
+  W4A16), so steps served refine each tier's figure, and every level is "known" once any
+  fit is (they all estimate the same base). Without one, a fit per level: a level is known
+  only from its own steps, and one never served borrows the nearest lower level's fit for
+  a prediction (the batch's cost is extrapolated, the quantized kernel's own is not
+  assumed).
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-MIN_WEIGHT = 20.0  # effective samples a bucket needs before it predicts on its own (a forced warm-up is a few)
+MIN_WEIGHT = 20.0  # effective samples a fit needs before it predicts on its own (a forced warm-up is a few)
+RANK = {"bf16": 0, "w8a8": 1, "w4a16": 2}  # how compressed a tier is (= morphserve.offline.ladder.RANK)
 
 
 @dataclass
@@ -43,38 +51,100 @@ class _Fit:
         if var < 1e-2:  # (nearly) one batch size seen so far: no slope to learn yet
             return my
         slope = max(0.0, (self.sxy / self.w - mx * my) / var)  # a bigger batch is never faster
-        return max(1e-4, my + slope * (x - mx))
+        return my + slope * (x - mx)
+
+
+def interpolate(points: dict[int, float], x: float) -> float:
+    """Piecewise-linear in the batch through the measured points, extended linearly past
+    both ends (a kernel's cost per extra token is about constant beyond the last point)."""
+    xs = sorted(points)
+    if len(xs) == 1:
+        return points[xs[0]]
+    lo, hi = (xs[0], xs[1]) if x <= xs[0] else (xs[-2], xs[-1]) if x >= xs[-1] else next(
+        (a, b) for a, b in zip(xs, xs[1:]) if a <= x <= b)
+    return points[lo] + (points[hi] - points[lo]) * (x - lo) / (hi - lo)
 
 
 @dataclass
 class StepTimeModel:
+    """`mix[k]`: layers per tier at level k (bf16 layers need not be listed); without it, a
+    ladder of `num_layers` W4A16 rungs. `profile`: seconds per decoder layer's linears,
+    {tier: {batch: seconds}}, bf16 included."""
     num_layers: int
+    mix: list[dict[str, int]] | None = None
+    profile: dict[str, dict[int, float]] | None = None
     half_life_steps: float = 200.0
     _fits: dict[int, _Fit] = field(default_factory=dict)
 
-    def bucket(self, level: int) -> int:
-        if level <= 0 or self.num_layers <= 0:
-            return 0
-        return min(3, 1 + (3 * (level - 1)) // max(self.num_layers, 1))
+    def __post_init__(self):
+        if self.mix is None:
+            self.mix = [{"w4a16": k} if k else {} for k in range(self.num_layers + 1)]
+        if self.profile is not None and "bf16" not in self.profile:
+            self.profile = None  # nothing to measure the tiers against
+
+    # -- the tier mix and the profile's part ---------------------------------------------
+    def mix_class(self, level: int) -> int:
+        """The most compressed tier present at `level` (0 = bf16 only)."""
+        counts = self.mix[max(0, min(level, len(self.mix) - 1))]
+        return max((RANK.get(t, 1) for t, n in counts.items() if n > 0 and t != "bf16"), default=0)
+
+    def tier_part(self, level: int, running: float) -> float:
+        """What the profile says the level's quantized layers add to (or save from) a step."""
+        if self.profile is None:
+            return 0.0
+        bf16 = interpolate(self.profile["bf16"], running)
+        counts = self.mix[max(0, min(level, len(self.mix) - 1))]
+        return sum(n * (interpolate(self.profile[t], running) - bf16)
+                   for t, n in counts.items() if t in self.profile and t != "bf16")
+
+    # -- learning ----------------------------------------------------------------------
+    def key(self, level: int) -> int:
+        """Which fit a level's steps teach: its tier's with a profile, its own without."""
+        return self.mix_class(level) if self.profile is not None else level
 
     def observe(self, level: int, running: int, seconds: float) -> None:
         if running <= 0 or seconds <= 0:
             return
         decay = math.exp(-math.log(2) / self.half_life_steps)
-        self._fits.setdefault(self.bucket(level), _Fit()).add(float(running), seconds, decay)
+        base = seconds - self.tier_part(level, running)
+        self._fits.setdefault(self.key(level), _Fit()).add(float(running), base, decay)
+
+    def _own(self, level: int) -> _Fit | None:
+        fit = self._fits.get(self.key(level))
+        return fit if fit is not None and fit.w >= MIN_WEIGHT else None
+
+    def _usable(self, level: int) -> _Fit | None:
+        """The fit that predicts `level`: its own; else, with a profile, the most learned
+        one; else the nearest lower level's (batch cost only)."""
+        own = self._own(level)
+        if own is not None:
+            return own
+        ready = {c: f for c, f in self._fits.items() if f.w >= MIN_WEIGHT}
+        if not ready:
+            return None
+        if self.profile is not None:
+            return max(ready.values(), key=lambda f: f.w)
+        lower = [c for c in ready if c < level]
+        return ready[max(lower)] if lower else None
 
     def known(self, level: int) -> bool:
-        fit = self._fits.get(self.bucket(level))
-        return fit is not None and fit.w >= MIN_WEIGHT
+        """From steps served at this level (its tier, with a profile), or from the profile
+        plus any served steps."""
+        return self._own(level) is not None or (self.profile is not None and self._usable(level) is not None)
 
     def predict(self, level: int, running: float) -> float | None:
-        """Seconds per step at `level` with `running` requests; None before any data."""
-        for b in range(self.bucket(level), -1, -1):
-            fit = self._fits.get(b)
-            if fit is not None and fit.w >= MIN_WEIGHT:
-                return fit.predict(max(running, 1.0))
-        return None
+        """Seconds per decode step at `level` with `running` requests; None before any data."""
+        fit = self._usable(level)
+        if fit is None:
+            return None
+        running = max(running, 1.0)
+        return max(1e-4, fit.predict(running) + self.tier_part(level, running))
 
     def as_dict(self) -> dict:
-        return {str(b): {"weight": round(f.w, 1), "mean_running": round(f.sx / f.w, 2),
-                         "mean_step_s": round(f.sy / f.w, 4)} for b, f in sorted(self._fits.items()) if f.w}
+        names = {v: k for k, v in RANK.items()} if self.profile is not None else {}
+        out = {names.get(c, f"level {c}"): {"weight": round(f.w, 1), "mean_running": round(f.sx / f.w, 2),
+                                      "mean_base_s": round(f.sy / f.w, 4)}
+               for c, f in sorted(self._fits.items()) if f.w}
+        if self.profile is not None:
+            out["profile"] = {t: {str(b): round(s, 6) for b, s in sorted(v.items())} for t, v in self.profile.items()}
+        return out

@@ -179,15 +179,19 @@ class MorphController:
 
     def _decide(self) -> None:
         t0 = time.perf_counter()
-        self.loop.observe(self.scheduler, self.pool, self.recorder, self.moves.level)
+        moves = self.moves
+        self.loop.observe(self.scheduler, self.pool, self.recorder, moves.level, charge=self.forced_level is None)
         if self.forced_level is not None or self.loop.policy is None:
             return
-        moves = self.moves
-        decision = self.loop.decide(moves.level, self.recorder, t0)
-        if moves.restoring is not None and decision.target <= moves.level:
-            return  # let the restore in progress finish; only a need for capacity interrupts it
-        if decision.target != moves.level and decision.target != moves.pending_level:
+        # The policy reasons from where the controller is going: a restore under way (or
+        # waiting for blocks) has already given up its KV capacity.
+        heading = moves.restoring["level"] if moves.restoring is not None else (
+            moves.pending_level if moves.pending_level is not None else moves.level)
+        decision = self.loop.decide(heading, self.recorder, t0)
+        if decision.target != heading:
+            # a restore in progress is retargeted (cancelled where it stands, then moved on)
             moves.to(decision.target, reason=decision.reason, background=self.background_restores)
+        self.loop.accept(decision)  # only now: a failed move leaves the policy's state as it was
 
     # -- failures --------------------------------------------------------------------
     def _recover(self, error: BaseException, during: str) -> None:

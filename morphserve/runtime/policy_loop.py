@@ -42,19 +42,26 @@ class PolicyLoop:
     def sampling(self) -> bool:
         return self.tracker is not None
 
-    def observe(self, scheduler, pool, recorder: Recorder, level: int) -> None:
-        """Sample the scheduler at this boundary (also while a manual level is in force)."""
+    def observe(self, scheduler, pool, recorder: Recorder, level: int, charge: bool = True) -> None:
+        """Sample the scheduler at this boundary (also while a manual level is in force;
+        `charge` False then: the quality ledger counts only tokens served under the policy)."""
         previous = self.signals
         sample = scheduler.sample(self.sampler, pool, self.expected_output_tokens)
-        self.signals = self.tracker.add(replace(sample, level=level))
+        self.signals = self.tracker.add(replace(sample, level=level), charge=charge)
         if previous is not None and previous.running and self.signals.running:
             recorder.step_seconds.append(self.signals.time - previous.time)
 
     def decide(self, level: int, recorder: Recorder, t0: float) -> Decision:
+        """The policy's decision from `level` (the level the controller serves or is
+        restoring to). Its new state counts only once the controller `accept`s it: a
+        decision that was not carried out must not start a cooldown or reset the calm."""
         decision = self.policy.decide(self.signals, replace(self.state, level=level))
         recorder.decision_seconds.append(time.perf_counter() - t0)
-        self.state, self.target = decision.state, decision.target
+        self.target = decision.target
         return decision
+
+    def accept(self, decision: Decision) -> None:
+        self.state = decision.state
 
     def signals_dict(self) -> dict | None:
         return self.signals.as_dict() if self.signals is not None else None

@@ -216,14 +216,32 @@ class StepSampler:
         self._preemptions = 0
         self._computed: dict[str, int] = {}  # request id -> tokens computed at the last sample
         self._outputs: dict[str, int] = {}  # request id -> output tokens at the last sample
+        self._running: dict[str, object] = {}  # request id -> vLLM Request, running at the last sample
         self._mean_output: float | None = None
 
-    def _learn_finished(self, gone: set[str]) -> None:
+    def _served(self, r) -> int:
+        """Tokens `r` was served since the last sample, as the evaluation counts them: its
+        prompt with its first token, then each output token."""
+        first = r.num_output_tokens >= 1 and r.request_id not in self._first_token
+        if first:
+            self._first_token.add(r.request_id)
+        return (r.num_prompt_tokens if first else 0) + max(0, r.num_output_tokens - self._outputs.get(r.request_id, 0))
+
+    def _learn_finished(self, gone: set[str]) -> int:
+        """Forget finished requests; return the tokens they were served in their last step
+        (vLLM drops a request from the scheduler in the step that finishes it; the object
+        kept from the last sample has its final counts)."""
+        served = 0
         for rid in gone:
-            n = self._outputs.pop(rid, None)
+            r = self._running.pop(rid, None)
+            if r is not None:
+                served += self._served(r)
+            n = r.num_output_tokens if r is not None else self._outputs.get(rid)
+            self._outputs.pop(rid, None)
             self._computed.pop(rid, None)
             if n:
                 self._mean_output = n if self._mean_output is None else self._mean_output + 0.1 * (n - self._mean_output)
+        return served
 
     def sample(self, scheduler, pool, expected_output_tokens: int = 256):
         from policies.signals import StepSample
@@ -232,18 +250,20 @@ class StepSampler:
         requests = scheduler.requests
         ids = set(requests)
         arrivals = len(ids - self._known)
-        self._learn_finished(self._known - ids)
+        served = self._learn_finished(self._known - ids)
         self._known = ids
         self._first_token &= ids
         ttfts = []
         tokens = 0
+        self._running = {}
         for r in scheduler.running:
             if r.num_output_tokens >= 1 and r.request_id not in self._first_token:
-                self._first_token.add(r.request_id)
                 ttfts.append(max(0.0, wall - r.arrival_time))
+            served += self._served(r)
             tokens += max(0, r.num_computed_tokens - self._computed.get(r.request_id, 0))
             self._computed[r.request_id] = r.num_computed_tokens
             self._outputs[r.request_id] = r.num_output_tokens
+            self._running[r.request_id] = r
         preemptions = sum(r.num_preemptions for r in requests.values())
         new_preemptions, self._preemptions = max(0, preemptions - self._preemptions), preemptions
         waiting = list(scheduler.waiting)
@@ -271,4 +291,5 @@ class StepSampler:
             running_need_blocks=sum(need(r) for r in running),
             waiting_need_blocks=sum(need(r) for r in waiting),
             tokens=tokens,
+            served_tokens=served,
         )
