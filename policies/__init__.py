@@ -25,13 +25,15 @@ def make_policy(cfg: PolicyConfig, capacity_by_level: list[int], max_level: int,
     return {"threshold": ThresholdPolicy, "slo": SLOPolicy}[cfg.policy](cfg, capacity_by_level, max_level)
 
 
-def make_tracker(cfg: PolicyConfig, num_layers: int, log_ratios: list[float] | None = None) -> SignalTracker:
-    """The signal tracker a policy needs: the demand policy also learns step times and keeps
-    the quality ledger (when the config sets a budget and the pack has a curve)."""
+def make_tracker(cfg: PolicyConfig, num_layers: int, log_ratios: list[float] | None = None,
+                 mix: list[dict[str, int]] | None = None, profile: dict | None = None) -> SignalTracker:
+    """The signal tracker a policy needs: the demand policy also learns step times (seeded
+    with the tiers' kernel `profile` over the ladder's tier `mix`, when given) and keeps the
+    quality ledger (when the config sets a budget and the pack has a curve)."""
     from policies.quality_budget import QualityLedger
     from policies.step_model import StepTimeModel
 
     if cfg.policy != "demand":
         return SignalTracker(cfg.window_s)
     ledger = QualityLedger(cfg.quality_window_s) if log_ratios is not None else None
-    return SignalTracker(cfg.window_s, step_model=StepTimeModel(num_layers), ledger=ledger, log_ratios=log_ratios)
+    return SignalTracker(cfg.window_s, step_model=StepTimeModel(num_layers, mix, profile), ledger=ledger, log_ratios=log_ratios)

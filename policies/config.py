@@ -61,6 +61,9 @@ class PolicyConfig(BaseModel):
         None, gt=0.0, description="quality budget over time: token-weighted perplexity increase accepted over "
                                   "quality_window_s (0.05 = +5%), read against the pack's quality.json")
     quality_window_s: float = Field(300.0, gt=0.0, description="the window the quality budget is averaged over")
+    kernel_profile: bool = Field(
+        True, description="time each tier's kernels at start-up (seconds, cached per machine) so the step-time "
+                          "model knows which rung is fast enough before the first request")
     expected_output_tokens: int = Field(
         256, ge=1, description="output length assumed for a request until finished requests teach the real one")
 

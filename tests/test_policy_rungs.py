@@ -1,0 +1,222 @@
+"""The demand policy as a chooser of rungs on a tiered ladder (plain Python, milliseconds):
+with a kernel profile it knows before serving a level which rung is fast enough, so
+moderate load rests on W8A8 where int8 is faster, calm load returns to bf16, and the same
+config finds the other answer where int8 is slower at small batches (an AVX2-only EPYC);
+the quality budget has a floor instead of a cliff; relief does not flap; and the
+controller's view (a restore under way, a decision not carried out) is the policy's."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+from policies import PolicyState, Signals, StepSample, make_policy, make_tracker
+from policies.base import Decision
+from policies.config import PolicyConfig, log_ppl_ratios
+from policies.quality_budget import QualityLedger
+from policies.step_model import StepTimeModel
+
+L = 30  # layers; the ladder has 2L rungs: every layer to W8A8, then every layer to W4A16
+MIX = [{"w8a8": min(k, L) - max(0, k - L), "w4a16": max(0, k - L)} for k in range(2 * L + 1)]
+# Plenty of KV at every level (a compute-bound server) and a capacity-bound one.
+WIDE = [400 + 4 * k for k in range(2 * L + 1)]
+TIGHT = [9 + 2 * min(k, L) + max(0, k - L) for k in range(2 * L + 1)]
+QUALITY = {"ladder": {"ppl": {str(k): 20.0 * (1.001 ** min(k, L)) * (1.01 ** max(0, k - L)) for k in range(2 * L + 1)}}}
+RATIOS = log_ppl_ratios(QUALITY, 2 * L)
+CFG = PolicyConfig(policy="demand", headroom=0.1, restore_headroom=0.3, horizon_s=3.0, cooldown_s=1.0, calm_s=3.0,
+                   tpot_slo_s=0.2, slo_margin=0.8, restore_margin=0.5)
+BOUND = CFG.tpot_slo_s * CFG.slo_margin
+
+# Seconds of one layer's linears by batch, shaped like the doctor's readings: a Xeon without
+# AMX (int8 faster than bf16 at every batch, 4-bit slower) and an AVX2-only EPYC (int8 3x
+# slower at batch 1, 2x faster at 32).
+AVX512 = {"bf16": {1: 0.6e-3, 8: 1.6e-3, 32: 4.6e-3}, "w8a8": {1: 0.5e-3, 8: 0.8e-3, 32: 1.25e-3},
+          "w4a16": {1: 1.5e-3, 8: 2.5e-3, 32: 6.3e-3}}
+AVX2 = {"bf16": {1: 0.6e-3, 8: 1.6e-3, 32: 4.6e-3}, "w8a8": {1: 1.9e-3, 8: 1.9e-3, 32: 2.2e-3}}
+
+
+def true_step(profile: dict, level: int, running: float) -> float:
+    """The plant: attention and the rest cost 20 ms + 1 ms per request, linears per the profile."""
+    return 0.02 + 0.001 * running + StepTimeModel(2 * L, MIX, profile).tier_part(level, running)
+
+
+def taught(profile: dict, level: int = 0, batches=(2, 3, 4, 5, 6)) -> StepTimeModel:
+    """A model seeded with `profile` that has served decode steps at `level` only."""
+    m = StepTimeModel(2 * L, MIX, profile)
+    for i in range(60):
+        n = batches[i % len(batches)]
+        m.observe(level, n, true_step(profile, level, n))
+    return m
+
+
+def load(running: float, profile: dict, level: int = 0, **kw) -> Signals:
+    """Running requests with nothing waiting; the measured mean step is the plant's."""
+    base = dict(time=100.0, queue_len=0.0, used_blocks=int(running * 3), capacity_blocks=WIDE[level],
+                waiting_blocks=0, running=running, need_blocks=int(running * 3), need_per_request=3.0,
+                blocks_per_request=3.0, step_time_s=true_step(profile, level, running), remaining_tokens=40,
+                arrival_rate=0.0, token_rate=60.0, level=level, step_model=taught(profile, level))
+    return Signals(**{**base, **kw})
+
+
+def policy(capacity=WIDE, cfg=CFG, ratios=None):
+    return make_policy(cfg, capacity, 2 * L, ratios)
+
+
+def test_a_profile_makes_every_level_known_from_level_0_steps_alone():
+    with_profile, without = taught(AVX512), StepTimeModel(2 * L, MIX)
+    for i in range(60):
+        without.observe(0, 2 + i % 5, true_step(AVX512, 0, 2 + i % 5))
+    assert all(with_profile.known(k) for k in range(2 * L + 1))
+    assert without.known(0) and not any(without.known(k) for k in range(1, 2 * L + 1))
+    for k in (0, 10, L, L + 10, 2 * L):
+        assert abs(with_profile.predict(k, 24) - true_step(AVX512, k, 24)) < 1e-6
+
+
+def test_moderate_load_rests_on_w8a8_rungs_where_int8_is_faster_and_calm_load_returns_to_bf16():
+    busy = load(30, AVX512)
+    assert busy.step_time_s > BOUND  # bf16 cannot serve 30 requests in time here
+    d = policy().decide(busy, PolicyState())
+    assert 0 < d.target <= L and d.reason.startswith("speed:")  # W8A8 rungs only, for speed
+    p = policy()
+    assert p.predicted_step(busy, d.target) <= BOUND < p.predicted_step(busy, d.target - 1)
+    # the load falls to 4 requests: after calm_s, back to bf16 in one plan
+    calm = load(4, AVX512, level=d.target, time=200.0)
+    state = PolicyState(level=d.target, last_change=100.0, calm_since=196.0)
+    assert policy().decide(calm, state).target == 0
+
+
+def test_the_same_config_finds_the_other_answer_where_int8_is_slow_at_small_batches():
+    """AVX2-only EPYC: at batch 2 the steps break the bound (a slow machine) and int8 would
+    make them slower, so the level holds at bf16; at batch 30 int8 is faster and is taken."""
+    slow_small = load(2, AVX2, step_time_s=0.3)
+    assert policy().decide(slow_small, PolicyState()).target == 0
+    big = load(30, AVX2)
+    assert big.step_time_s > BOUND
+    d = policy().decide(big, PolicyState())
+    assert 0 < d.target <= L and d.reason.startswith("speed:")
+
+
+def test_a_burst_beyond_the_w8a8_rungs_capacity_climbs_into_w4a16_rungs_as_far_as_speed_allows():
+    need = next(k for k, c in enumerate(TIGHT) if c >= 80 * 1.1)
+    cheap_w4 = {**AVX512, "w4a16": AVX512["w8a8"]}
+    for profile in (cheap_w4, AVX512):
+        s = load(3, profile, capacity_blocks=TIGHT[0], need_blocks=80, waiting_blocks=71, queue_len=24.0,
+                 used_blocks=9)
+        d = policy(TIGHT).decide(s, PolicyState())
+        if profile is cheap_w4:  # 4-bit as fast as int8: the level the demand needs
+            assert L < need == d.target and d.reason.startswith("capacity:")
+        else:  # 4-bit slower: the most capacity whose predicted step still meets the bound
+            assert L < d.target < need and d.reason.startswith("speed:")
+            assert policy(TIGHT).predicted_step(s, d.target) <= BOUND < policy(TIGHT).predicted_step(s, need)
+
+
+def test_relief_does_not_flap():
+    """Closed loop at a steady 30 requests: the old rule moved up for speed, then the calm
+    branch restored because the step was now under the bound, and so on. Here a restore is
+    judged by the step predicted at the level it goes to."""
+    p, state, changes = policy(), PolicyState(), []
+    for i in range(400):  # 20 s of 50 ms boundaries
+        t = i * 0.05
+        s = load(30, AVX512, level=state.level, time=t)
+        d = p.decide(s, state)
+        if d.target != state.level:
+            changes.append((t, state.level, d.target))
+        state = d.state
+    assert len(changes) == 1 and changes[0][1] == 0 and 0 < changes[0][2] <= L
+
+
+def ledger_over_budget() -> QualityLedger:
+    ledger = QualityLedger(300.0)
+    for t in range(40):
+        ledger.add(float(t), 100, RATIOS[2 * L])  # all-W4A16 tokens: +35%
+    return ledger
+
+
+def test_a_spent_budget_comes_down_to_the_highest_level_it_allows_not_to_bf16():
+    budget = CFG.model_copy(update={"max_avg_ppl_increase": 0.05})
+    p = policy(TIGHT, budget, RATIOS)
+    ledger = ledger_over_budget()
+    s = load(3, AVX512, capacity_blocks=TIGHT[2 * L], need_blocks=80, waiting_blocks=0, queue_len=0.0,
+             used_blocks=80, ledger=ledger, time=41.0, quality_increase=ledger.average_increase())
+    assert ledger.average_increase() > 0.05
+    floor = max(k for k in range(2 * L + 1) if RATIOS[k] <= 0.0488)  # log1p(0.05)
+    assert floor >= L  # all-W8A8 costs +3%, within the budget on its own
+    assert p.quality_limit(s) == floor
+    d = p.decide(s, PolicyState(level=2 * L, last_change=30.0))
+    assert d.target == floor and d.reason.startswith("quality budget")
+
+
+def test_only_tokens_served_under_the_policy_are_charged():
+    tracker = make_tracker(CFG.model_copy(update={"max_avg_ppl_increase": 0.05}), 2 * L, RATIOS)
+    for i in range(10):  # a warm-up at forced levels
+        tracker.add(StepSample(time=i * 0.1, waiting=0, oldest_wait_s=0.0, running=2, used_blocks=6,
+                               capacity_blocks=9, tokens=50, served_tokens=50, level=2 * L), charge=False)
+    assert tracker.ledger.tokens == 0
+    s = tracker.add(StepSample(time=1.1, waiting=0, oldest_wait_s=0.0, running=2, used_blocks=6, capacity_blocks=9,
+                               tokens=300, served_tokens=120, level=L))
+    assert s.quality_tokens == 120  # served tokens (as the evaluation counts them), not computed ones
+    assert abs(s.quality_increase - (QUALITY["ladder"]["ppl"][str(L)] / 20.0 - 1)) < 1e-9
+
+
+# -- the controller's side: one state ----------------------------------------------------
+
+class ScriptedPolicy:
+    """Answers each decide() with the next target; records the levels it was asked from."""
+
+    def __init__(self, targets):
+        self.targets, self.asked = list(targets), []
+        self.max_level = 2 * L
+
+    def decide(self, signals, state):
+        self.asked.append(state.level)
+        target = self.targets.pop(0)
+        if target == state.level:
+            return Decision(target, "hold", state)
+        return Decision(target, "scripted", PolicyState(target, signals.time, None))
+
+
+def _controller(level: int, targets):
+    from morphserve.runtime.controller import MorphController
+    from morphserve.runtime.policy_loop import PolicyLoop
+    from tests.test_transition_plans import LADDER, _moves
+
+    moves, worker, pool = _moves(level)
+    c = object.__new__(MorphController)
+    c.moves, c.pool, c.forced_level, c.errors = moves, pool, None, 0
+    c.config = SimpleNamespace(restore_mode="background")
+    c.recorder = moves.recorder
+    sample = StepSample(time=5.0, waiting=0, oldest_wait_s=0.0, running=1, used_blocks=1, capacity_blocks=10)
+    c.scheduler = SimpleNamespace(sample=lambda *a: sample)
+    c.loop = moves.policy = PolicyLoop(None)
+    c.loop.policy, c.loop.tracker = ScriptedPolicy(targets), make_tracker(CFG, LADDER.top)
+    return c, worker
+
+
+def test_a_restore_under_way_is_retargeted_and_the_policy_reasons_from_its_target():
+    from tests.test_transition_plans import LADDER
+
+    c, worker = _controller(LADDER.top, [0, 0, 3, 1])
+    c._decide()  # top -> 0 starts in the background
+    assert c.moves.restoring["level"] == 0
+    c._decide()  # asked from 0 (where the pool already is), holds: nothing changes
+    assert c.loop.policy.asked == [LADDER.top, 0] and c.moves.restoring["level"] == 0
+    c._decide()  # up: the restore is cut short at 3
+    assert c.moves.restoring is not None and c.moves.restoring["level"] == 3
+    c._decide()  # down again, deeper than 3
+    assert c.moves.restoring["level"] == 1 and c.forced_level is None and c.errors == 0
+
+
+def test_a_decision_that_was_not_carried_out_changes_nothing():
+    c, worker = _controller(0, [4])
+
+    def broken(method, *args):
+        raise RuntimeError("worker gone")
+
+    c.moves.rpc = broken
+    before = c.loop.state
+    try:
+        c._decide()
+    except Exception:
+        pass
+    assert c.loop.state == before  # no cooldown started by a transition that never happened
+    assert dataclasses.replace(before).last_change == float("-inf")
