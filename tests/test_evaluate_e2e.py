@@ -79,6 +79,18 @@ def test_runs_record_memory_capacity_and_quality(evaluated, pack_dir):
     assert ms["ppl"] >= quality["fp16_ppl"] * 0.999
 
 
+def test_the_policys_quality_ledger_agrees_with_the_evaluation(evaluated):
+    """The budget the policy spends and the figure the evaluation reports are the same
+    measure: tokens served under the policy (no warm-up), prompts with their first token,
+    each at the level in force; within 0.1 percentage point on a real replay."""
+    _, out, _ = evaluated
+    ms = json.loads((out / "burst/tight/ms/rep1/run.json").read_text())
+    served = sum(n for part in ms["tokens_by_level"].values() for n in part.values())
+    assert ms["ledger"] is not None and ms["max_level_serving"] > 0  # the burst was served quantized
+    assert abs(ms["ledger"]["tokens"] - served) <= 0.02 * served
+    assert abs(ms["ledger"]["ppl_increase"] - ms["ppl_increase"]) <= 0.001
+
+
 def test_resume_skips_done_runs_and_refuses_another_suite(evaluated, model_dir, pack_dir, tmp_path):
     suite, out, _ = evaluated
     again = _evaluate(suite, "--model", model_dir, "--pack", pack_dir, "--out", out)

@@ -93,3 +93,19 @@ def test_the_cli_refuses_a_missing_log_with_one_line(tmp_path):
     assert lonely.returncode == 2 and "--pack needs --requests" in lonely.stderr
     ok = morphserve_cli("policy", "explain", str(log), "--json")
     assert ok.returncode == 0 and json.loads(ok.stdout)["bursts"][0]["to_level"] == 4
+
+
+def test_each_burst_names_its_rung_and_what_decided_it(tmp_path):
+    speed = _up(10.0, 0, 12, wait=0.3, reason="speed: demand 30 blocks (+10%) fits 400 at level 12, predicted step "
+                                              "0.150s <= 0.160s (levels below are slower than 0.160s)")
+    speed["tiers_to"] = {"w8a8": 12}
+    capacity = _up(30.0, 0, 40, wait=0.1, reason="capacity: demand 80 blocks (+10%) fits 89 at level 40")
+    capacity["tiers_to"] = {"w8a8": 20, "w4a16": 10}
+    log = _write(tmp_path / "t.jsonl", [speed, _down(20.0, 12, 0), capacity])
+    e = explain(log)
+    assert [(b.to_level, b.why, b.tiers) for b in e.bursts] == [
+        (12, ["speed"], {"w8a8": 12}), (40, ["capacity"], {"w8a8": 20, "w4a16": 10})]
+    text = render(e)
+    assert "0 -> 12 layers (w8a8 12) in 1 transition(s), 0.35 s; for speed" in text
+    assert "0 -> 40 layers (w4a16 10, w8a8 20) in 1 transition(s), 0.15 s; for capacity" in text
+    assert e.reasons == {"speed": 1, "capacity": 1, "calm": 1}

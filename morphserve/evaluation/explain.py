@@ -34,6 +34,8 @@ class Burst:
     transitions: int
     from_level: int
     to_level: int
+    why: list[str] = field(default_factory=list)  # each transition's deciding term: capacity, speed, quality
+    tiers: dict | None = None  # layers per tier at the rung reached (a tiered ladder)
 
     @property
     def response_s(self) -> float:
@@ -97,6 +99,8 @@ def bursts_of(records: list[dict]) -> list[Burst]:
                 current = Burst(r["time"] - wait, end, 1, r["from"], r["to"])
             else:
                 current.served, current.transitions, current.to_level = end, current.transitions + 1, r["to"]
+            current.why.append(reason_kind(str(r.get("reason", ""))))
+            current.tiers = r.get("tiers_to")
         elif not up and current is not None:
             bursts.append(current)
             current = None
@@ -178,10 +182,13 @@ def render(e: Explanation) -> str:
         for reason, n in e.reasons.most_common():
             lines.append(f"  {n:>4}  {reason}")
     if e.bursts:
-        lines.append("bursts (oldest waiting request -> capacity in place):")
+        lines.append("bursts (the rung reached, how long from the oldest waiting request to the rung in place, "
+                     "and what decided: capacity, speed or quality):")
         for b in e.bursts:
-            lines.append(f"  {b.from_level:>2} -> {b.to_level:>2} layers in {b.transitions} transition(s), "
-                         f"{b.response_s:.2f} s")
+            rung = f" ({', '.join(f'{t} {n}' for t, n in sorted(b.tiers.items()))})" if b.tiers else ""
+            why = ", ".join(dict.fromkeys(b.why))
+            lines.append(f"  {b.from_level:>2} -> {b.to_level:>2} layers{rung} in {b.transitions} transition(s), "
+                         f"{b.response_s:.2f} s; for {why}")
     if e.service_waits:
         w = sorted(e.service_waits)
         lines.append(f"waits for service ({len(w)} quantize decisions with requests waiting): median "

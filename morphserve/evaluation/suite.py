@@ -62,6 +62,9 @@ class System(BaseModel):
     kind: Literal["fp16", "fp16-compiled", "w4", "w8a8", "morphserve"] = Field(
         description="w4 / w8a8: plain vLLM serving the pack's W4A16 / W8A8 checkpoint statically")
     policy: str | None = Field(None, description="MorphServe only: a preset or policy YAML")
+    kv_cache_dtype: Literal["auto", "fp8"] = Field(
+        "auto", description="fp8: vLLM's FP8 KV cache (twice the tokens in the same bytes; x86 with AVX-512 "
+                            "or AMX only), for any kind")
     budgets: list[str] | None = Field(None, description="run only at these budgets (default: all)")
     windows: list[str] | None = Field(None, description="run only in these windows (default: all)")
 

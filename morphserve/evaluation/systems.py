@@ -8,6 +8,8 @@ limits, seed and weights+KV budget:
 - w4: plain vLLM serving the pack's static W4A16 twin, KV = budget - W4 weights (the bytes
   quantization frees become KV);
 - morphserve: `morphserve serve` with a policy, the budget given as its memory budget.
+Any of them may keep its KV cache in FP8 (`kv_cache_dtype: fp8`): the same bytes, twice
+the tokens, where vLLM's CPU attention supports it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ def server_command(system: System, budget: Budget, suite: Suite, model: Path, pa
     env.update(W4A16_ENV)  # every 4-bit system runs the kernel the pack's quality curve measured
     common = ["--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(suite.max_model_len),
               "--max-num-seqs", str(suite.max_num_seqs), "--served-model-name", "model", "--seed", str(suite.seed)]
+    if system.kv_cache_dtype != "auto":  # the same KV bytes, in vLLM's FP8 format
+        common += ["--kv-cache-dtype", system.kv_cache_dtype]
     if system.kind in ("fp16", "fp16-compiled", "w4", "w8a8"):
         env["VLLM_PLUGINS"] = ""  # plain vLLM: MorphServe not loaded at all
         served = (static_tier_dir(pack, "w4a16") if system.kind == "w4" else static_w8a8_dir(pack)
@@ -105,6 +109,15 @@ def warm_up(system: System, base: str, n_requests: int, num_layers: int | None) 
         _complete(base, n_requests)
     _request(f"{base}/reset_prefix_cache", method="POST")
     return done
+
+
+def ledger(base: str) -> dict | None:
+    """The policy's quality ledger as the server sees it after the replay: the token-weighted
+    perplexity increase over its window and the tokens in it (None without a budget)."""
+    signals = _request(f"{base}/morphserve/state?memory=0").get("signals") or {}
+    if not signals.get("quality_tokens"):
+        return None
+    return {"ppl_increase": signals["quality_increase"], "tokens": signals["quality_tokens"]}
 
 
 def kv_blocks(system: System, base: str) -> dict:

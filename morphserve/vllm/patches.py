@@ -143,9 +143,29 @@ def check_supported(vllm_config) -> None:
         raise MorphServeError(f"MorphServe needs a single rank; this engine's world size is {par.world_size}")
     if sched.async_scheduling or vllm_config.max_concurrent_batches != 1:
         raise MorphServeError(ASYNC_REFUSAL)
+    refuse_unsupported_kv_dtype(vllm_config)
     from morphserve.vllm.kv_cache import check_upstream_allocate
 
     check_upstream_allocate()
+
+
+def refuse_unsupported_kv_dtype(vllm_config) -> None:
+    """An FP8 KV cache composes with MorphServe (block bytes, and so the budget, come from
+    vLLM's own KV spec), where vLLM's CPU attention supports it: asked of vLLM, so the
+    refusal is one line at start-up instead of a traceback from the attention backend."""
+    from vllm.platforms import current_platform
+
+    from morphserve.errors import MorphServeError
+    from morphserve.vllm.platform_facts import fp8_kv_problem
+
+    dtype = str(getattr(vllm_config.cache_config, "cache_dtype", "auto"))
+    if not dtype.startswith("fp8") or not current_platform.is_cpu():
+        return
+    model = vllm_config.model_config
+    problem = fp8_kv_problem(model.get_head_size(), model.dtype)
+    if problem is not None:
+        raise MorphServeError(f"--kv-cache-dtype {dtype}: vLLM's CPU attention cannot serve it on this machine "
+                              f"({problem}); leave the KV cache in the model's dtype")
 
 
 RANK_ARGS = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
