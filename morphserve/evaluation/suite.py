@@ -138,6 +138,9 @@ class Suite(BaseModel):
         for w in dump["windows"]:  # a field added later: suites that do not use it keep their fingerprint
             if w["budgets"] is None:
                 del w["budgets"]
+        for s in dump["systems"]:
+            if s["kv_cache_dtype"] == "auto":
+                del s["kv_cache_dtype"]
         return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
 
 
