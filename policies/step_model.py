@@ -28,6 +28,8 @@ import math
 from dataclasses import dataclass, field
 
 MIN_WEIGHT = 20.0  # effective samples a fit needs before it predicts on its own (a forced warm-up is a few)
+# With a profile the fit is only the base (attention, the engine): a few steps pin it down.
+MIN_WEIGHT_PROFILED = 5.0
 RANK = {"bf16": 0, "w8a8": 1, "w4a16": 2}  # how compressed a tier is (= morphserve.offline.ladder.RANK)
 
 
@@ -114,9 +116,13 @@ class StepTimeModel:
         base = seconds - self.tier_part(level, running)
         self._fits.setdefault(self.key(level), _Fit()).add(float(running), base, decay)
 
+    @property
+    def min_weight(self) -> float:
+        return MIN_WEIGHT_PROFILED if self.profile is not None else MIN_WEIGHT
+
     def _own(self, level: int) -> _Fit | None:
         fit = self._fits.get(self.key(level))
-        return fit if fit is not None and fit.w >= MIN_WEIGHT else None
+        return fit if fit is not None and fit.w >= self.min_weight else None
 
     def _usable(self, level: int) -> _Fit | None:
         """The fit that predicts `level`: its own; else, with a profile, the most learned
@@ -124,7 +130,7 @@ class StepTimeModel:
         own = self._own(level)
         if own is not None:
             return own
-        ready = {c: f for c, f in self._fits.items() if f.w >= MIN_WEIGHT}
+        ready = {c: f for c, f in self._fits.items() if f.w >= self.min_weight}
         if not ready:
             return None
         if self.profile is not None:

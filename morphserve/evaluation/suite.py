@@ -30,7 +30,10 @@ class Window(BaseModel):
     max_input: int | None = Field(None, ge=1)
     timestamp_unit: Literal["s", "ms"] = "s"
     hash_block_size: int | None = Field(None, ge=1)
-    regime: Literal["capacity", "compute", "light"] = Field(description="what the window is meant to bind on")
+    regime: Literal["capacity", "capacity-beyond", "compute", "light"] = Field(
+        description="what the window is meant to bind on: light (every static system meets the SLO), capacity "
+                    "(FP16 runs out of KV, static W8A8 does not), capacity-beyond (static W8A8 runs out too), "
+                    "compute (the CPU, not KV, runs out for FP16)")
     why: str = Field(description="the reason for the choice, written before the run")
     budgets: list[str] | None = Field(None, description="run this window only at these budgets (default: all)")
 
