@@ -61,6 +61,11 @@ class PolicyConfig(BaseModel):
         None, gt=0.0, description="quality budget over time: token-weighted perplexity increase accepted over "
                                   "quality_window_s (0.05 = +5%), read against the pack's quality.json")
     quality_window_s: float = Field(300.0, gt=0.0, description="the window the quality budget is averaged over")
+    quality_no_worse_than: Literal["w8a8"] | None = Field(
+        None, description="w8a8: with a pack that serves a W8A8 tier, the quality budget over time is at most "
+                          "what serving every layer in W8A8 costs (static W8A8's increase, from the pack's "
+                          "quality.json), so on average MorphServe is no worse than a static W8A8 checkpoint; "
+                          "without such a tier, max_avg_ppl_increase alone")
     kernel_profile: bool = Field(
         True, description="time each tier's kernels at start-up (seconds, cached per machine) so the step-time "
                           "model knows which rung is fast enough before the first request")
@@ -125,6 +130,32 @@ def log_ppl_ratios(quality: dict | None, num_layers: int) -> list[float]:
         above = next((m for m in known if m >= k), known[-1])
         out.append(math.log(curve[above] / curve[0]))
     return out
+
+
+def static_tier_level(mix: list[dict[str, int]], tier: str) -> int | None:
+    """The level at which every swappable layer computes in `tier` (None if no level does)."""
+    layers = sum(mix[-1].values()) if mix else 0
+    return next((k for k, counts in enumerate(mix) if layers and counts.get(tier, 0) == layers
+                 and sum(counts.values()) == layers), None)
+
+
+def resolve_budget(cfg: PolicyConfig, quality: dict | None, mix: list[dict[str, int]]) -> PolicyConfig:
+    """The config with `quality_no_worse_than` folded into `max_avg_ppl_increase` for this
+    pack (unchanged when the pack serves no such tier)."""
+    if cfg.quality_no_worse_than is None:
+        return cfg
+    level = static_tier_level(mix, cfg.quality_no_worse_than)
+    if level is None:
+        log.info("policy: quality_no_worse_than %s: the pack serves no such tier here; the budget is %s",
+                 cfg.quality_no_worse_than, cfg.max_avg_ppl_increase)
+        return cfg
+    curve = quality_curve(quality, "quality_no_worse_than")
+    above = next((k for k in sorted(curve) if k >= level), None)
+    if above is None:
+        raise PolicyError(f"quality_no_worse_than: the pack's quality curve has no level at or above {level}")
+    static = curve[above] / curve[0] - 1
+    budget = static if cfg.max_avg_ppl_increase is None else min(cfg.max_avg_ppl_increase, static)
+    return cfg.model_copy(update={"max_avg_ppl_increase": max(budget, 1e-6)})
 
 
 def ppl_cap(quality: dict | None, max_increase: float) -> int:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from types import SimpleNamespace
 
+import pytest
+
 from policies import PolicyState, Signals, StepSample, make_policy, make_tracker
 from policies.base import Decision
 from policies.config import PolicyConfig, log_ppl_ratios
@@ -220,3 +222,17 @@ def test_a_decision_that_was_not_carried_out_changes_nothing():
         pass
     assert c.loop.state == before  # no cooldown started by a transition that never happened
     assert dataclasses.replace(before).last_change == float("-inf")
+
+
+def test_the_default_budget_is_no_worse_than_static_w8a8_where_the_pack_has_it():
+    from policies.config import load_policy, resolve_budget
+
+    default, _ = load_policy("default")
+    assert default.quality_no_worse_than == "w8a8"
+    tiered = resolve_budget(default, QUALITY, MIX)
+    static_w8a8 = QUALITY["ladder"]["ppl"][str(L)] / 20.0 - 1  # +3.0% on this synthetic curve
+    assert tiered.max_avg_ppl_increase == pytest.approx(static_w8a8)
+    w4_only = [{"w4a16": k} if k else {} for k in range(L + 1)]
+    assert resolve_budget(default, QUALITY, w4_only).max_avg_ppl_increase == 0.05
+    generous = default.model_copy(update={"max_avg_ppl_increase": 0.01})
+    assert resolve_budget(generous, QUALITY, MIX).max_avg_ppl_increase == 0.01  # the tighter of the two

@@ -39,7 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _check(args: argparse.Namespace) -> int:
     from morphserve.offline.pack import load_manifest
-    from policies.config import PolicyError, load_policy, log_ppl_ratios
+    from policies.config import PolicyError, load_policy, log_ppl_ratios, resolve_budget
 
     try:
         cfg, path = load_policy(args.policy)
@@ -48,10 +48,12 @@ def _check(args: argparse.Namespace) -> int:
             from morphserve.offline.ladder import Ladder
 
             manifest = load_manifest(args.pack)
-            top = Ladder.from_manifest(manifest).top  # levels: layers, or twice that with tiers
+            ladder = Ladder.from_manifest(manifest)
+            top = ladder.top  # levels: layers, or twice that with tiers
             quality_file = args.pack / "quality.json"
             quality = json.loads(quality_file.read_text()) if quality_file.exists() else None
             unit = "levels (W8A8 then W4A16 rungs)" if manifest.tiers else "layers"
+            cfg = resolve_budget(cfg, quality, [ladder.counts(k) for k in range(top + 1)])
             cap_line = f"level cap with {args.pack}: {cfg.level_cap(top, quality)} of {top} {unit}"
             if cfg.max_avg_ppl_increase is not None:
                 log_ppl_ratios(quality, top)  # the pack must have a curve for the budget

@@ -10,7 +10,7 @@ from typing import Callable
 
 from morphserve.runtime.recorder import Recorder
 from policies import Decision, PolicyState, SignalTracker, load_policy, make_policy, make_tracker
-from policies.config import log_ppl_ratios
+from policies.config import log_ppl_ratios, resolve_budget
 
 log = logging.getLogger("morphserve")
 
@@ -33,6 +33,7 @@ class PolicyLoop:
         `tier_speed`: measures the tiers' kernel profile (called only if the policy uses it)."""
         pcfg, path = load_policy(ref)
         num_layers = len(capacities) - 1
+        pcfg = resolve_budget(pcfg, quality, mix or [])
         cap = pcfg.level_cap(num_layers, quality)
         ratios = log_ppl_ratios(quality, num_layers) if pcfg.max_avg_ppl_increase is not None else None
         self.policy = make_policy(pcfg, capacities, cap, ratios)
@@ -40,7 +41,8 @@ class PolicyLoop:
         profile = tier_speed() if tier_speed is not None and pcfg.policy == "demand" and pcfg.kernel_profile else None
         self.tracker = make_tracker(pcfg, num_layers, ratios, mix, profile)
         self.expected_output_tokens = pcfg.expected_output_tokens
-        log.info("MorphServe: policy %s from %s, at most %d quantized layers", pcfg.policy, path, cap)
+        log.info("MorphServe: policy %s from %s, at most level %d, quality budget over time %s", pcfg.policy, path, cap,
+                 f"{pcfg.max_avg_ppl_increase:.2%}" if pcfg.max_avg_ppl_increase is not None else "none")
 
     @property
     def sampling(self) -> bool:
