@@ -48,13 +48,7 @@ class DemandPolicy(PolicyBase):
 
     def __init__(self, cfg, capacity_by_level: list[int], max_level: int, log_ratios: list[float] | None = None):
         super().__init__(cfg, capacity_by_level, max_level)
-        # the dearest level at or below each k: the quality budget must hold on the way up too
-        self.envelope: list[float] | None = None
-        if log_ratios is not None:
-            self.envelope, worst = [], 0.0
-            for r in log_ratios[: len(capacity_by_level)]:
-                worst = max(worst, r)
-                self.envelope.append(worst)
+        self.ratios = list(log_ratios[: len(capacity_by_level)]) if log_ratios is not None else None
 
     # -- the terms ---------------------------------------------------------------------
     def demand_blocks(self, s, projected: bool = True) -> float:
@@ -71,20 +65,17 @@ class DemandPolicy(PolicyBase):
         return present + max(0.0, surplus) * self.cfg.horizon_s * per_request
 
     def quality_limit(self, s) -> int:
-        """The highest level the budget over time allows: while the next horizon's tokens
-        at it keep the window's average inside the budget, and always a level whose own
-        cost is within the budget (no cliff to bf16 once the budget is spent)."""
+        """The highest level the budget over time allows: one where serving the next
+        horizon's tokens keeps the window's average inside the budget, and always one whose
+        own cost is within the budget (no cliff to bf16 once the budget is spent). A jump
+        is one plan, so a level is judged by its own cost, not by the levels below it."""
         budget = self.cfg.max_avg_ppl_increase
-        if budget is None or self.envelope is None or s.ledger is None:
+        if budget is None or self.ratios is None or s.ledger is None:
             return self.max_level
         upcoming = max(s.token_rate, 1.0) * self.cfg.horizon_s
-        floor = allowed = 0
-        for k in range(0, self.max_level + 1):
-            if self.envelope[k] <= math.log1p(budget) + 1e-12:
-                floor = k
-            if allowed == k - 1 and s.ledger.allows(self.envelope[k], upcoming, budget):
-                allowed = k
-        return max(floor, allowed)
+        limit = math.log1p(budget) + 1e-12
+        return max((k for k in range(0, self.max_level + 1)
+                    if self.ratios[k] <= limit or s.ledger.allows(self.ratios[k], upcoming, budget)), default=0)
 
     def batch_at(self, s, level: int, projected: bool = True) -> float:
         """Requests in the batch at `level`: all that want service, as far as its KV holds them."""

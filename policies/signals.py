@@ -127,7 +127,10 @@ class SignalTracker:
             self._ttfts.popleft()
         samples = [x for x, _ in self._samples]
         n = len(samples)
-        steps = [d for x, d in self._samples if d > 0 and x.running > 0]
+        # a step's time is the gap since the previous sample only if the engine was busy
+        # through it: the first boundary after an idle spell measures the idle time too
+        steps = [d for (x, d), (prev, _) in zip(list(self._samples)[1:], self._samples) if d > 0 and x.running > 0
+                 and prev.running > 0]
         return Signals(
             time=s.time,
             queue_len=sum(x.waiting for x in samples) / n,

@@ -236,3 +236,27 @@ def test_the_default_budget_is_no_worse_than_static_w8a8_where_the_pack_has_it()
     assert resolve_budget(default, QUALITY, w4_only).max_avg_ppl_increase == 0.05
     generous = default.model_copy(update={"max_avg_ppl_increase": 0.01})
     assert resolve_budget(generous, QUALITY, MIX).max_avg_ppl_increase == 0.01  # the tighter of the two
+
+
+def test_an_idle_spell_is_not_a_slow_step():
+    tracker = make_tracker(CFG, 2 * L)
+    t = 0.0
+    for i in range(10):
+        t += 0.05  # the last step finishes both requests: nothing runs after it
+        s = tracker.add(StepSample(time=t, waiting=0, oldest_wait_s=0.0, running=2 if i < 9 else 0, used_blocks=6,
+                                   capacity_blocks=9, tokens=2))
+    t += 1.5  # idle (no boundaries), then a request arrives and is prefilled
+    s = tracker.add(StepSample(time=t, waiting=0, oldest_wait_s=0.0, running=1, used_blocks=3, capacity_blocks=9,
+                               tokens=400))
+    assert s.step_time_s == pytest.approx(0.05)
+
+
+def test_the_budget_floor_judges_a_level_by_its_own_cost():
+    """A measured curve need not rise at every rung (level 28 reads dearer than all-W8A8
+    here): a jump to 30 is one plan, so 30 is within a budget equal to its own cost."""
+    ratios = list(RATIOS)
+    ratios[28] = ratios[L] * 1.05
+    budget = CFG.model_copy(update={"max_avg_ppl_increase": QUALITY["ladder"]["ppl"][str(L)] / 20.0 - 1})
+    p = policy(TIGHT, budget, ratios)
+    s = load(3, AVX512, ledger=ledger_over_budget(), time=41.0)
+    assert p.quality_limit(s) == L

@@ -51,7 +51,7 @@ class Speed:
     """Seconds of one decoder layer's linears, tier -> batch -> s."""
     seconds: dict[str, dict[int, float]]
     source: str  # "measured now (N s)" or "cached: PATH"
-    load: float = 0.0  # 1-minute load average when timed: other work skews kernel timings
+    load: float = 0.0  # cores' worth of CPU in use just before the timing: other work skews kernel timings
 
     def relative(self, tier: str, batch: int) -> float | None:
         """Speed against bf16 (> 1: faster)."""
@@ -94,7 +94,7 @@ def advise(machine: Machine, pack: Pack | None, speed: Speed | None) -> Advice:
             f"--tiers {','.join(runnable) or 'w8a8'}`"))
     if speed is not None and speed.load >= BUSY_LOAD * machine.cores:
         advice.problems.append(Problem(
-            f"the machine was busy when the kernels were timed (load {speed.load:.1f} on {machine.cores} cores), "
+            f"the machine was busy when the kernels were timed ({speed.load:.1f} of {machine.cores} cores in use), "
             "so the speed figures are unreliable", "re-run `morphserve doctor --remeasure` on an idle machine",
             blocks_serving=False))
     advice.tiers, advice.reasons = _pick_tiers(candidates, machine, speed, pack)

@@ -349,6 +349,7 @@ class MorphController:
             "policy_target": self.loop.target,
             "policy_max_level": self.loop.policy.max_level if self.loop.policy else None,
             "signals": self.loop.signals_dict(),
+            "step_model": self.loop.step_model_dict(),
             "decision_us": self.recorder.decision_us(),
             "errors": self.errors,
             "last_error": self.last_error,

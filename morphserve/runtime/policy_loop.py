@@ -69,5 +69,10 @@ class PolicyLoop:
     def accept(self, decision: Decision) -> None:
         self.state = decision.state
 
+    def step_model_dict(self) -> dict | None:
+        """What the step-time model knows: the tiers' kernel profile and the fits learned."""
+        model = self.tracker.step_model if self.tracker is not None else None
+        return model.as_dict() if model is not None else None
+
     def signals_dict(self) -> dict | None:
         return self.signals.as_dict() if self.signals is not None else None

@@ -5,8 +5,10 @@ vLLM version, shapes, tiers and group size.
 Two readers: `morphserve doctor` shows it, and `serve` seeds the policy's step-time model
 with it (policies.step_model), so the policy knows which rung is fast enough before the
 first request. One cache, so a doctor run makes the next start instant and vice versa.
-A reading taken on a busy machine (1-minute load at or above half the cores: OpenMP waits
-then make every tier look alike) is used but not cached.
+A reading taken on a busy machine (other work using half the cores or more just before
+the timing: OpenMP waits then make every tier look alike) is used but not cached. Busy is
+measured now, from /proc/stat, not from the load average: that lags by a minute, so a
+server started right after another one stopped would always read busy.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ CACHE_DIR = "doctor"  # where the doctor kept it first
 class TierSpeed:
     seconds: dict[str, dict[int, float]]  # tier -> batch -> seconds of one layer's linears
     source: str  # "measured now (...)" or "cached: PATH"
-    load: float  # 1-minute load average when measured
+    load: float  # cores' worth of CPU in use just before the timing
 
 
 def vllm_version() -> str | None:
@@ -42,6 +44,25 @@ def vllm_version() -> str | None:
         except importlib.metadata.PackageNotFoundError:
             continue
     return None
+
+
+def busy_cores(interval_s: float = 0.3) -> float:
+    """Cores' worth of CPU time used by anything over the next `interval_s` (0 where
+    /proc/stat cannot be read)."""
+    def times() -> tuple[int, int] | None:
+        try:
+            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0)  # total, idle + iowait
+
+    before = times()
+    time.sleep(interval_s)
+    after = times()
+    if before is None or after is None or after[0] <= before[0]:
+        return 0.0
+    total, idle = after[0] - before[0], after[1] - before[1]
+    return (total - idle) / total * (os.cpu_count() or 1)
 
 
 def _cache_path(shapes: list, tiers: list[str], group_size: int) -> Path:
@@ -67,7 +88,7 @@ def measure(linear_shapes: dict[str, tuple[int, int]], tiers: list[str], group_s
             return TierSpeed(seconds, f"cached: {path}", float(data.get("load", 0.0)))
         except (ValueError, KeyError, TypeError, AttributeError):
             pass  # a damaged cache is measured again and rewritten
-    load = os.getloadavg()[0]
+    load = busy_cores()
     t0 = time.monotonic()
     seconds = {t: {b: time_layer(t, shapes, b, group_size) for b in BATCHES} for t in measured}
     elapsed = time.monotonic() - t0
