@@ -15,6 +15,9 @@ from policies.quality_budget import QualityLedger
 from policies.step_model import StepTimeModel
 
 
+MIN_SAMPLES = 4
+
+
 @dataclass(frozen=True)
 class StepSample:
     time: float  # seconds, monotonic
@@ -121,7 +124,9 @@ class SignalTracker:
         self._samples.append((s, dt))
         self._ttfts.extend((s.time, t) for t in s.ttfts)
         horizon = s.time - self.window_s
-        while self._samples and self._samples[0][0].time < horizon:
+        # the window keeps at least MIN_SAMPLES boundaries: a prefill of a long prompt on a
+        # small CPU can take longer than the whole window, and must still be seen as a step
+        while self._samples and self._samples[0][0].time < horizon and len(self._samples) > MIN_SAMPLES:
             self._samples.popleft()
         while self._ttfts and self._ttfts[0][0] < horizon:
             self._ttfts.popleft()

@@ -260,3 +260,14 @@ def test_the_budget_floor_judges_a_level_by_its_own_cost():
     p = policy(TIGHT, budget, ratios)
     s = load(3, AVX512, ledger=ledger_over_budget(), time=41.0)
     assert p.quality_limit(s) == L
+
+
+def test_steps_longer_than_the_window_are_still_seen():
+    """Prefills of long prompts on 2 cores take over a second each, more than window_s."""
+    tracker = make_tracker(CFG.model_copy(update={"window_s": 1.0}), 2 * L)
+    t, s = 0.0, None
+    for i in range(6):
+        t += 1.3
+        s = tracker.add(StepSample(time=t, waiting=3, oldest_wait_s=t, running=4, used_blocks=12, capacity_blocks=19,
+                                   tokens=512))
+    assert s.step_time_s == pytest.approx(1.3) and s.step_time_s > BOUND
