@@ -14,12 +14,13 @@ Two sources:
   where `base` (attention, norms, the LM head, the engine) is about linear in the batch;
 - **online fits** of `base(batch)` (an exponentially weighted least-squares line of step
   time against running requests, with the profile's tier part taken out). With a profile
-  there is one fit per tier (the most compressed tier present: bf16 only at level 0, W8A8,
-  W4A16), so steps served refine each tier's figure, and every level is "known" once any
-  fit is (they all estimate the same base). Without one, a fit per level: a level is known
-  only from its own steps, and one never served borrows the nearest lower level's fit for
-  a prediction (the batch's cost is extrapolated, the quantized kernel's own is not
-  assumed).
+  there is one fit for every level: steps served at any level refine the one base the
+  levels share, the profile says how they differ, and so every level is "known" as soon
+  as the base is, and no two levels are compared on bases learned from different loads
+  (two fits, one learned in a warm-up at batch 4 and one under a burst, made a 4-bit rung
+  look faster than all-W8A8). Without a profile, a fit per level: a level is known only
+  from its own steps, and one never served borrows the nearest lower level's fit for a
+  prediction (the batch's cost is extrapolated, the quantized kernel's own is not assumed).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from dataclasses import dataclass, field
 MIN_WEIGHT = 20.0  # effective samples a fit needs before it predicts on its own (a forced warm-up is a few)
 # With a profile the fit is only the base (attention, the engine): a few steps pin it down.
 MIN_WEIGHT_PROFILED = 5.0
-RANK = {"bf16": 0, "w8a8": 1, "w4a16": 2}  # how compressed a tier is (= morphserve.offline.ladder.RANK)
 
 
 @dataclass
@@ -86,11 +86,6 @@ class StepTimeModel:
             self.profile = None  # nothing to measure the tiers against
 
     # -- the tier mix and the profile's part ---------------------------------------------
-    def mix_class(self, level: int) -> int:
-        """The most compressed tier present at `level` (0 = bf16 only)."""
-        counts = self.mix[max(0, min(level, len(self.mix) - 1))]
-        return max((RANK.get(t, 1) for t, n in counts.items() if n > 0 and t != "bf16"), default=0)
-
     def tier_part(self, level: int, running: float) -> float:
         """What the profile says the level's decoder-layer linears cost in one step."""
         if self.profile is None:
@@ -106,8 +101,8 @@ class StepTimeModel:
 
     # -- learning ----------------------------------------------------------------------
     def key(self, level: int) -> int:
-        """Which fit a level's steps teach: its tier's with a profile, its own without."""
-        return self.mix_class(level) if self.profile is not None else level
+        """Which fit a level's steps teach: the shared base with a profile, its own without."""
+        return -1 if self.profile is not None else level
 
     def observe(self, level: int, running: int, seconds: float) -> None:
         if running <= 0 or seconds <= 0:
@@ -152,8 +147,7 @@ class StepTimeModel:
         return max(1e-4, fit.predict(running) + self.tier_part(level, running))
 
     def as_dict(self) -> dict:
-        names = {v: k for k, v in RANK.items()} if self.profile is not None else {}
-        out = {names.get(c, f"level {c}"): {"weight": round(f.w, 1), "mean_running": round(f.sx / f.w, 2),
+        out = {("base" if c == -1 else f"level {c}"): {"weight": round(f.w, 1), "mean_running": round(f.sx / f.w, 2),
                                       "mean_base_s": round(f.sy / f.w, 4)}
                for c, f in sorted(self._fits.items()) if f.w}
         if self.profile is not None:

@@ -271,3 +271,13 @@ def test_steps_longer_than_the_window_are_still_seen():
         s = tracker.add(StepSample(time=t, waiting=3, oldest_wait_s=t, running=4, used_blocks=12, capacity_blocks=19,
                                    tokens=512))
     assert s.step_time_s == pytest.approx(1.3) and s.step_time_s > BOUND
+
+
+def test_levels_are_compared_on_one_base_whatever_load_taught_it():
+    """Steps learned in a small warm-up at bf16 and under a burst at all-W8A8: a rung with
+    a 4-bit layer added must still predict slower than all-W8A8 where 4-bit is slower."""
+    m = StepTimeModel(2 * L, MIX, AVX512)
+    for i in range(30):
+        m.observe(0, 4, true_step(AVX512, 0, 4) * 0.8)  # a quieter moment
+        m.observe(L, 16, true_step(AVX512, L, 16) * 1.2)  # a busier one
+    assert m.predict(L + 1, 16) > m.predict(L, 16) < m.predict(L - 1, 16)
