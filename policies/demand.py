@@ -96,6 +96,13 @@ class DemandPolicy(PolicyBase):
             step *= s.step_time_s / here
         return step
 
+    def slower_kernels(self, s, level: int, than: int) -> bool:
+        """Does `level` compute the same batch more slowly than `than`?"""
+        model, batch = s.step_model, max(1.0, float(s.running))
+        a = model.predict(level, batch) if model is not None else None
+        b = model.predict(than, batch) if model is not None else None
+        return a is not None and b is not None and a > b * 1.01
+
     def choose(self, s, current: int, demand: float, headroom: float, top: int, bound: float,
                projected: bool = True) -> tuple[int, str, bool]:
         """(level, why, meets both tests) among 0..top, from `current`. `why` starts with what decided:
@@ -113,7 +120,11 @@ class DemandPolicy(PolicyBase):
                 return k, (f"{'speed' if slow_below else 'capacity'}: demand {demand:.0f} blocks "
                            f"(+{headroom:.0%}) fits {self.capacity[k]} at level {k}{speed}{skipped}"), True
         limited = "quality" if top < len(self.capacity) - 1 else None  # a cap or the budget stopped the ladder
-        fast = [k for k, step in steps.items() if step is not None and step <= bound]
+        # Capacity that does not cover the demand leaves a queue anyway: it is not bought
+        # with slower kernels (measured: a 4-bit rung taken for 2 more blocks admitted more
+        # prefills and broke TTFT where all-W8A8 held).
+        fast = [k for k, step in steps.items() if step is not None and step <= bound
+                and not self.slower_kernels(s, k, current)]
         if fast:
             k = max(fast)
             return k, (f"{limited or 'speed'}: level {k} has the most capacity ({self.capacity[k]} blocks for demand "
