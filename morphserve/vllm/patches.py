@@ -158,7 +158,7 @@ def refuse_unsupported_kv_dtype(vllm_config) -> None:
     from morphserve.errors import MorphServeError
     from morphserve.vllm.platform_facts import fp8_kv_problem
 
-    dtype = str(getattr(vllm_config.cache_config, "cache_dtype", "auto"))
+    dtype = str(getattr(getattr(vllm_config, "cache_config", None), "cache_dtype", "auto"))
     if not dtype.startswith("fp8") or not current_platform.is_cpu():
         return
     model = vllm_config.model_config
