@@ -83,25 +83,31 @@ class DemandPolicy(PolicyBase):
         wanting = s.running + s.queue_len + (s.arrival_rate * self.cfg.horizon_s if projected else 0.0)
         return max(1.0, min(wanting, self.capacity[level] / per_request))
 
-    def predicted_step(self, s, level: int, projected: bool = True) -> float | None:
+    def prefill_factor(self, s) -> float:
+        """What prefill chunks add now: the last window's mean step over the model's
+        decode-only prediction at the level served (1 when it cannot tell)."""
+        model = s.step_model
+        if model is None or not s.running or not model.known(s.level):
+            return 1.0
+        here = model.predict(s.level, max(1.0, s.running))
+        return s.step_time_s / here if here and s.step_time_s > here else 1.0
+
+    def predicted_step(self, s, level: int, projected: bool = True, factor: float | None = None) -> float | None:
         """The step requests would feel at `level`: decode at its batch, times what prefill
-        chunks add now. A level never served borrows a lower one's fit (see StepTimeModel);
-        None before any data."""
+        chunks add now (`factor`, if already computed). A level never served borrows a
+        lower one's fit (see StepTimeModel); None before any data."""
         model = s.step_model
         step = model.predict(level, self.batch_at(s, level, projected)) if model is not None else None
         if step is None:
             return None
-        here = model.predict(s.level, max(1.0, s.running)) if s.running and model.known(s.level) else None
-        if here and s.step_time_s > here:
-            step *= s.step_time_s / here
-        return step
+        return step * (self.prefill_factor(s) if factor is None else factor)
 
-    def slower_kernels(self, s, level: int, than: int) -> bool:
-        """Does `level` compute the same batch more slowly than `than`?"""
-        model, batch = s.step_model, max(1.0, float(s.running))
-        a = model.predict(level, batch) if model is not None else None
-        b = model.predict(than, batch) if model is not None else None
-        return a is not None and b is not None and a > b * 1.01
+    def slower_kernels(self, s, level: int, than: float | None) -> bool:
+        """Does `level` compute the present batch more slowly than `than` seconds (the
+        reference level's prediction at that batch)?"""
+        model = s.step_model
+        a = model.predict(level, max(1.0, float(s.running))) if model is not None else None
+        return a is not None and than is not None and a > than * 1.01
 
     def choose(self, s, current: int, demand: float, headroom: float, top: int, bound: float,
                projected: bool = True) -> tuple[int, str, bool]:
@@ -109,7 +115,8 @@ class DemandPolicy(PolicyBase):
         capacity (the first level whose KV covers the demand), speed (lower levels cover it
         but are too slow) or quality (the limits stop below what the demand needs)."""
         unknown_ok = s.step_time_s <= bound  # steps already too slow: an unpredicted level is no help
-        steps = {k: self.predicted_step(s, k, projected) for k in range(0, top + 1)}
+        factor = self.prefill_factor(s)  # the same for every level: computed once per decision
+        steps = {k: self.predicted_step(s, k, projected, factor) for k in range(0, top + 1)}
         covers = {k: self.capacity[k] >= demand * (1 + headroom) for k in steps}
         quick = {k: (steps[k] <= bound) if steps[k] is not None else unknown_ok for k in steps}
         for k in steps:
@@ -123,8 +130,10 @@ class DemandPolicy(PolicyBase):
         # Capacity that does not cover the demand leaves a queue anyway: it is not bought
         # with slower kernels (measured: a 4-bit rung taken for 2 more blocks admitted more
         # prefills and broke TTFT where all-W8A8 held).
+        model = s.step_model
+        reference = model.predict(current, max(1.0, float(s.running))) if model is not None else None
         fast = [k for k, step in steps.items() if step is not None and step <= bound
-                and not self.slower_kernels(s, k, current)]
+                and not self.slower_kernels(s, k, reference)]
         if fast:
             k = max(fast)
             return k, (f"{limited or 'speed'}: level {k} has the most capacity ({self.capacity[k]} blocks for demand "

@@ -84,20 +84,33 @@ class StepTimeModel:
             self.mix = [{"w4a16": k} if k else {} for k in range(self.num_layers + 1)]
         if self.profile is not None and "bf16" not in self.profile:
             self.profile = None  # nothing to measure the tiers against
+        # (tier, layers) at each level, bf16 included: the top level has every swappable
+        # layer out of bf16, so it gives the number of layers
+        layers = sum(self.mix[-1].values())
+        self._counts = []
+        for counts in self.mix:
+            quantized = [(t, n) for t, n in counts.items() if t != "bf16" and n > 0]
+            self._counts.append([("bf16", layers - sum(n for _, n in quantized)), *quantized])
+        self._times_at: dict[float, dict[str, float]] = {}
 
     # -- the tier mix and the profile's part ---------------------------------------------
+    def _tier_times(self, running: float) -> dict[str, float]:
+        """Each profiled tier's seconds per layer at this batch. Memoized: the policy asks
+        for every level of the ladder at a handful of batch sizes at each step boundary."""
+        times = self._times_at.get(running)
+        if times is None:
+            if len(self._times_at) > 256:
+                self._times_at.clear()
+            times = self._times_at[running] = {t: interpolate(v, running) for t, v in self.profile.items()}
+        return times
+
     def tier_part(self, level: int, running: float) -> float:
         """What the profile says the level's decoder-layer linears cost in one step."""
         if self.profile is None:
             return 0.0
-        counts = self.mix[max(0, min(level, len(self.mix) - 1))]
-        layers = sum(self.mix[-1].values())  # the top level has every swappable layer out of bf16
-        quantized = {t: n for t, n in counts.items() if t != "bf16" and n > 0}
-        bf16 = layers - sum(quantized.values())
-        bf16_time = interpolate(self.profile["bf16"], running)
+        times = self._tier_times(running)
         # a tier the profile lacks is counted at bf16's speed (the online fit absorbs it)
-        return bf16 * bf16_time + sum(n * (interpolate(self.profile[t], running) if t in self.profile else bf16_time)
-                                      for t, n in quantized.items())
+        return sum(n * times.get(t, times["bf16"]) for t, n in self._counts[max(0, min(level, len(self._counts) - 1))])
 
     # -- learning ----------------------------------------------------------------------
     def key(self, level: int) -> int:
