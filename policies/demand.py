@@ -13,12 +13,17 @@ The choice, over the levels the quality limits allow (lowest level = best qualit
   admits, times what prefill chunks add now (the last window's mean step over the model's
   decode-only prediction at the level served); it must stay under tpot_slo x slo_margin.
   A level the model cannot predict passes, unless the steps already break the bound: then
-  nothing is known to help, and more admissions only add prefills between everyone's tokens.
-The first level meeting both is the target. So where int8 decodes faster than bf16, load
+  nothing is known to help, and more admissions only add prefills between everyone's tokens;
+- prompts: the prompt tokens not yet computed must prefill at that level within
+  ttft_slo x slo_margin (the step model's prompt cost; passes until a prefill was seen).
+  The controller also decides when requests arrive, before they are scheduled, so a long
+  prompt is computed on a rung fast enough for it rather than on the rung it found.
+The first level meeting all three is the target. So where int8 decodes faster than bf16, load
 that bf16 cannot serve in time rests on W8A8 rungs; calm load returns to bf16; bursts past
 the W8A8 rungs' capacity climb into W4A16 rungs; and where a tier is slower, the same rule
-finds that by measurement. If no level meets both: the one with the most capacity whose
-step still meets the bound, else the fastest predicted one, else the top.
+finds that by measurement. If no level meets all three: the one with the most capacity whose
+step and prompts still meet their bounds, else the level that prefills the waiting prompts
+fastest, else the fastest predicted one, else the top.
 
 Quality limits, tightest first: the hard cap (fraction, layers, max_ppl_increase), then the
 budget over time (`max_avg_ppl_increase`, token-weighted over `quality_window_s`): a level
@@ -28,7 +33,7 @@ can only bring an over-spent average back), so a spent budget lowers the level t
 floor, never to bf16 under load.
 
 Restores (to any lower level) need an empty queue held for `calm_s`, and go to the first
-level that meets the same two tests with the wider margins: capacity >= present demand x
+level that meets the same tests with the wider margins: capacity >= present demand x
 (1 + restore_headroom), predicted step <= tpot_slo x restore_margin. The gaps between the
 margins are the hysteresis, and a restore is judged by the step predicted *at the level it
 goes to*, so relief that brought the step under the bound is not undone by it.
@@ -109,21 +114,34 @@ class DemandPolicy(PolicyBase):
         a = model.predict(level, max(1.0, float(s.running))) if model is not None else None
         return a is not None and than is not None and a > than * 1.01
 
+    def prompt_seconds(self, s, level: int) -> float | None:
+        """Seconds the prompts not yet computed would take at `level` (None: not known yet)."""
+        model = s.step_model
+        if model is None or not s.pending_prompt_tokens:
+            return 0.0
+        return model.prefill_seconds(level, s.pending_prompt_tokens)
+
     def choose(self, s, current: int, demand: float, headroom: float, top: int, bound: float,
-               projected: bool = True) -> tuple[int, str, bool]:
-        """(level, why, meets both tests) among 0..top, from `current`. `why` starts with what decided:
-        capacity (the first level whose KV covers the demand), speed (lower levels cover it
-        but are too slow) or quality (the limits stop below what the demand needs)."""
+               projected: bool = True, prompt_bound: float | None = None) -> tuple[int, str, bool]:
+        """(level, why, meets every test) among 0..top, from `current`. `why` starts with what
+        decided: capacity (the first level whose KV covers the demand), speed (lower levels
+        cover it but are too slow, for the decode step or for the prompts waiting: their
+        prefill must fit `prompt_bound`) or quality (the limits stop below what is needed)."""
         unknown_ok = s.step_time_s <= bound  # steps already too slow: an unpredicted level is no help
         factor = self.prefill_factor(s)  # the same for every level: computed once per decision
         steps = {k: self.predicted_step(s, k, projected, factor) for k in range(0, top + 1)}
+        prompts = {k: self.prompt_seconds(s, k) for k in steps} if prompt_bound is not None else {}
         covers = {k: self.capacity[k] >= demand * (1 + headroom) for k in steps}
         quick = {k: (steps[k] <= bound) if steps[k] is not None else unknown_ok for k in steps}
+        prompt_ok = {k: prompts.get(k) is None or prompts[k] <= prompt_bound for k in steps}
         for k in steps:
-            if covers[k] and quick[k]:
-                slow_below = any(covers[j] and not quick[j] for j in range(k))
+            if covers[k] and quick[k] and prompt_ok[k]:
+                slow_below = [j for j in range(k) if covers[j] and not (quick[j] and prompt_ok[j])]
                 speed = f", predicted step {steps[k]:.3f}s <= {bound:.3f}s" if steps[k] is not None else ""
-                skipped = (f" (levels below are slower than {bound:.3f}s)" if slow_below else "")
+                if prompts.get(k):
+                    speed += f", its {s.pending_prompt_tokens} prompt tokens in {prompts[k]:.2f}s <= {prompt_bound:.2f}s"
+                skipped = (f" (levels below are too slow for {bound:.3f}s per step or {prompt_bound or 0:.2f}s "
+                           f"for the prompts)" if slow_below else "")
                 return k, (f"{'speed' if slow_below else 'capacity'}: demand {demand:.0f} blocks "
                            f"(+{headroom:.0%}) fits {self.capacity[k]} at level {k}{speed}{skipped}"), True
         limited = "quality" if top < len(self.capacity) - 1 else None  # a cap or the budget stopped the ladder
@@ -132,12 +150,18 @@ class DemandPolicy(PolicyBase):
         # prefills and broke TTFT where all-W8A8 held).
         model = s.step_model
         reference = model.predict(current, max(1.0, float(s.running))) if model is not None else None
-        fast = [k for k, step in steps.items() if step is not None and step <= bound
+        fast = [k for k, step in steps.items() if step is not None and step <= bound and prompt_ok[k]
                 and not self.slower_kernels(s, k, reference)]
         if fast:
             k = max(fast)
             return k, (f"{limited or 'speed'}: level {k} has the most capacity ({self.capacity[k]} blocks for demand "
                        f"{demand:.0f}) whose step meets {bound:.3f}s ({steps[k]:.3f}s)"), False
+        timed = {k: p for k, p in prompts.items() if p is not None and (steps[k] is None or steps[k] <= bound)}
+        if timed and not any(prompt_ok[k] for k in timed):
+            # more prompt than any level computes in time: the fastest prefill shortens every wait
+            k = min(timed, key=lambda j: (timed[j], j))
+            return k, (f"speed: {s.pending_prompt_tokens} prompt tokens waiting; no level computes them within "
+                       f"{prompt_bound:.2f}s, the fastest is {k} ({timed[k]:.2f}s)"), False
         known = [k for k, step in steps.items() if step is not None]
         if known:
             k = min(known, key=lambda j: (steps[j], j))
@@ -160,13 +184,14 @@ class DemandPolicy(PolicyBase):
                                  f"{c.max_avg_ppl_increase:.1%} allowed; at most level {quality_top}",
                                  need_calm=False)
         target, reason, _ = self.choose(s, level, self.demand_blocks(s), c.headroom, quality_top,
-                                        c.tpot_slo_s * c.slo_margin)
+                                        c.tpot_slo_s * c.slo_margin, prompt_bound=c.ttft_slo_s * c.slo_margin)
         if target > level:
             return self._up(state, now, target, reason)
         if target == level:
             return Decision(level, f"hold: {reason}", replace(state, calm_since=None))
         # lower: only after calm, and to where the wider margins still hold
         lower, why, fits = self.choose(s, level, self.demand_blocks(s, projected=False), c.restore_headroom, level,
-                                       c.tpot_slo_s * c.restore_margin, projected=False)
+                                       c.tpot_slo_s * c.restore_margin, projected=False,
+                                       prompt_bound=c.ttft_slo_s * c.restore_margin)
         safe = fits and lower < level and s.queue_len == 0 and s.waiting_blocks == 0
         return self._down_to(state, now, lower if safe else level, f"calm: {why}")

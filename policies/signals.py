@@ -16,6 +16,9 @@ from policies.step_model import StepTimeModel
 
 
 MIN_SAMPLES = 4
+# A step whose prompt part is smaller than this is mostly its decode part: too noisy to
+# learn the cost of a prompt token from.
+PREFILL_MIN_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,11 @@ class StepSample:
     # output token as it arrives (prefix-cache hits included, recomputation not)
     served_tokens: int = 0
     level: int = 0  # quantized layers in force at this sample (set by the controller)
+    prefill_tokens: int = 0  # prompt tokens computed since the previous sample
+    pending_prompt_tokens: int = 0  # prompt tokens not computed yet (waiting and partly prefilled requests)
+    # False for a boundary taken when requests arrived, before the next step is scheduled:
+    # no step ran since the previous sample, so the gap between them is not a step's time
+    stepped: bool = True
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,7 @@ class Signals:
     level: int = 0
     quality_increase: float = 0.0  # token-weighted perplexity increase over the quality window
     quality_tokens: float = 0.0  # tokens in that window
+    pending_prompt_tokens: int = 0  # prompt tokens still to prefill now
     # learned state, shared by reference (not part of the logged record)
     step_model: StepTimeModel | None = field(default=None, compare=False, repr=False)
     ledger: QualityLedger | None = field(default=None, compare=False, repr=False)
@@ -115,8 +124,11 @@ class SignalTracker:
         # teach the model that more requests make steps slow when it is the prompts. A step
         # that spans a level change also timed the transition: it teaches nothing.
         decode_only = 0 < s.tokens <= s.running
-        if self.step_model is not None and dt > 0 and decode_only and s.level == self._last_level:
+        learn = self.step_model is not None and s.stepped and dt > 0 and s.level == self._last_level
+        if learn and decode_only:
             self.step_model.observe(s.level, s.running, dt)
+        elif learn and s.prefill_tokens >= PREFILL_MIN_TOKENS:
+            self.step_model.observe_prefill(s.level, s.running, s.prefill_tokens, dt)
         self._last_level = s.level
         if self.ledger is not None and self.log_ratios:
             self.ledger.add(s.time, s.served_tokens if charge else 0,
@@ -135,7 +147,7 @@ class SignalTracker:
         # a step's time is the gap since the previous sample only if the engine was busy
         # through it: the first boundary after an idle spell measures the idle time too
         steps = [d for (x, d), (prev, _) in zip(list(self._samples)[1:], self._samples) if d > 0 and x.running > 0
-                 and prev.running > 0]
+                 and prev.running > 0 and x.stepped]
         return Signals(
             time=s.time,
             queue_len=sum(x.waiting for x in samples) / n,
@@ -160,6 +172,7 @@ class SignalTracker:
             level=s.level,
             quality_increase=self.ledger.average_increase() if self.ledger is not None else 0.0,
             quality_tokens=self.ledger.tokens if self.ledger is not None else 0.0,
+            pending_prompt_tokens=s.pending_prompt_tokens,
             step_model=self.step_model,
             ledger=self.ledger,
         )

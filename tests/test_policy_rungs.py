@@ -281,3 +281,83 @@ def test_levels_are_compared_on_one_base_whatever_load_taught_it():
         m.observe(0, 4, true_step(AVX512, 0, 4) * 0.8)  # a quieter moment
         m.observe(L, 16, true_step(AVX512, L, 16) * 1.2)  # a busier one
     assert m.predict(L + 1, 16) > m.predict(L, 16) < m.predict(L - 1, 16)
+
+
+# -- prompts: a long prompt is computed on a rung fast enough for its first token ------------
+PROMPT_TOKEN_S = 1.0e-3  # the plant's cost of a prompt token outside the linears
+
+
+def prefill_step(profile: dict, level: int, running: int, prompt_tokens: int) -> float:
+    """The plant's prefill step: the decode part, the level's linears per prompt token at
+    their large-batch slope, and the shared cost per prompt token."""
+    m = StepTimeModel(2 * L, MIX, profile)
+    return true_step(profile, level, running) + prompt_tokens * (PROMPT_TOKEN_S + m._slopes[level])
+
+
+def test_the_step_model_learns_the_shared_cost_of_a_prompt_token_and_predicts_every_level():
+    m = taught(AVX512)
+    assert m.prefill_seconds(0, 1000) is None  # nothing known before a prefill step is seen
+    for _ in range(5):
+        m.observe_prefill(0, 3, 800, prefill_step(AVX512, 0, 3, 800))
+    assert m.prompt_token_s == pytest.approx(PROMPT_TOKEN_S, rel=1e-6)
+    for k in (0, L, 2 * L):  # levels never served are predicted from the profile
+        assert m.prefill_seconds(k, 1000) == pytest.approx(prefill_step(AVX512, k, 0, 1000) - true_step(AVX512, k, 0))
+    # int8's marginal cost per token is below bf16's: all-W8A8 prefills faster
+    assert m.prefill_seconds(L, 1000) < m.prefill_seconds(0, 1000)
+
+
+def prompt_waiting(tokens: int, level: int = 0, **kw) -> Signals:
+    """Three short requests decoding and one prompt of `tokens` waiting, just arrived."""
+    s = load(3, AVX512, level=level, **kw)
+    s.step_model.observe_prefill(level, 3, 800, prefill_step(AVX512, level, 3, 800))
+    return dataclasses.replace(s, pending_prompt_tokens=tokens, queue_len=1.0, waiting_blocks=8)
+
+
+def test_a_long_prompt_moves_to_the_first_rung_that_gives_its_first_token_in_time():
+    p = policy()
+    bound = CFG.ttft_slo_s * CFG.slo_margin
+    short, long_ = prompt_waiting(100), prompt_waiting(1000)
+    assert p.decide(short, PolicyState()).target == 0  # bf16 serves a short prompt in time
+    assert p.prompt_seconds(long_, 0) > bound  # but not a 1,000-token one here
+    d = p.decide(long_, PolicyState())
+    assert 0 < d.target <= L and d.reason.startswith("speed:") and "prompt tokens" in d.reason
+    assert p.prompt_seconds(long_, d.target) <= bound < p.prompt_seconds(long_, d.target - 1)
+
+
+def test_more_prompt_than_any_rung_computes_in_time_takes_the_fastest_prefill():
+    d = policy().decide(prompt_waiting(20_000), PolicyState())
+    p = policy()
+    s = prompt_waiting(20_000)
+    fastest = min(range(2 * L + 1), key=lambda k: p.prompt_seconds(s, k))
+    assert d.target == fastest == L and "no level computes them" in d.reason  # all-W8A8, not a 4-bit rung
+
+
+def test_prompts_do_not_stop_a_restore_once_computed_but_do_while_waiting():
+    state = PolicyState(level=L, last_change=100.0, calm_since=196.0)
+    calm = prompt_waiting(0, level=L, time=200.0)
+    calm = dataclasses.replace(calm, queue_len=0.0, waiting_blocks=0)
+    assert policy().decide(calm, state).target == 0
+    waiting = prompt_waiting(1000, level=L, time=200.0)
+    assert policy().decide(waiting, state).target == L
+
+
+def test_an_arrival_boundary_is_not_a_step():
+    """The boundary taken when requests arrive, before they are scheduled, comes a
+    millisecond after the last step's: that gap must not read as a (fast) step, and a
+    prefill step's time must not teach the decode fit."""
+    tracker = make_tracker(CFG, 2 * L, mix=MIX, profile=AVX512)
+    t = 0.0
+    for i in range(8):  # decode steps of 100 ms at batch 4
+        t += 0.1
+        tracker.add(StepSample(time=t, waiting=0, oldest_wait_s=0, running=4, used_blocks=10, capacity_blocks=50,
+                               tokens=4))
+    weight = tracker.step_model._fits[-1].w
+    s = tracker.add(StepSample(time=t + 0.001, waiting=1, oldest_wait_s=0.0, running=4, used_blocks=10,
+                               capacity_blocks=50, arrivals=1, pending_prompt_tokens=900, stepped=False))
+    assert s.p95_tpot_s == pytest.approx(0.1) and s.step_time_s == pytest.approx(0.1)
+    assert s.pending_prompt_tokens == 900 and tracker.step_model._fits[-1].w == weight
+    s = tracker.add(StepSample(time=t + 5.0, waiting=0, oldest_wait_s=0, running=5, used_blocks=18,
+                               capacity_blocks=50, tokens=904, prefill_tokens=900))
+    assert tracker.step_model._fits[-1].w == weight  # a prefill step teaches the prompt cost, not the decode fit
+    expected = (5.0 - 0.001 - tracker.step_model.predict(0, 5)) / 900 - tracker.step_model._slopes[0]
+    assert tracker.step_model.prompt_token_s == pytest.approx(expected) and expected > 0

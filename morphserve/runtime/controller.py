@@ -192,10 +192,23 @@ class MorphController:
         except Exception:  # a figure, not serving: never into vLLM's loop
             log.exception("MorphServe: reading the worker's memory failed")
 
-    def _decide(self) -> None:
+    def on_arrivals(self) -> None:
+        """Requests were queued since the last boundary and the next step would schedule
+        them: the policy sees them first, so a long prompt is computed on a rung fast enough
+        for it rather than on the rung it found. Nothing else happens here (restores and
+        pending moves progress at step boundaries)."""
+        if not (self.loop.sampling and self.loop.policy is not None and self.forced_level is None):
+            return
+        try:
+            self._decide(stepped=False)
+        except Exception as e:  # nothing may escape into vLLM's engine loop
+            self._recover(e, "a transition for new arrivals")
+
+    def _decide(self, stepped: bool = True) -> None:
         t0 = time.perf_counter()
         moves = self.moves
-        self.loop.observe(self.scheduler, self.pool, self.recorder, moves.level, charge=self.forced_level is None)
+        self.loop.observe(self.scheduler, self.pool, self.recorder, moves.level, charge=self.forced_level is None,
+                          stepped=stepped)
         if self.forced_level is not None or self.loop.policy is None:
             return
         # The policy reasons from where the controller is going: a restore under way (or

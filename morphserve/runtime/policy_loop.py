@@ -48,13 +48,15 @@ class PolicyLoop:
     def sampling(self) -> bool:
         return self.tracker is not None
 
-    def observe(self, scheduler, pool, recorder: Recorder, level: int, charge: bool = True) -> None:
+    def observe(self, scheduler, pool, recorder: Recorder, level: int, charge: bool = True,
+                stepped: bool = True) -> None:
         """Sample the scheduler at this boundary (also while a manual level is in force;
-        `charge` False then: the quality ledger counts only tokens served under the policy)."""
+        `charge` False then: the quality ledger counts only tokens served under the policy).
+        `stepped` False: a boundary for new arrivals, with no step since the last sample."""
         previous = self.signals
         sample = scheduler.sample(self.sampler, pool, self.expected_output_tokens)
-        self.signals = self.tracker.add(replace(sample, level=level), charge=charge)
-        if previous is not None and previous.running and self.signals.running:
+        self.signals = self.tracker.add(replace(sample, level=level, stepped=stepped), charge=charge)
+        if stepped and previous is not None and previous.running and self.signals.running:
             recorder.step_seconds.append(self.signals.time - previous.time)
 
     def decide(self, level: int, recorder: Recorder, t0: float) -> Decision:

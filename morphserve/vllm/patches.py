@@ -18,7 +18,8 @@ Patched or added (all inert unless `additional_config["morphserve"]` is set):
 - `EngineCore.post_step`: the token-boundary hook (between update_from_output of step N
   and schedule() of step N+1).
 - `EngineCoreProc._process_input_queue`: while the policy may still restore, wait for
-  input with a timeout and tick the controller when idle (vLLM would block forever).
+  input with a timeout and tick the controller when idle (vLLM would block forever); and
+  once new requests are queued, a boundary for them before the step that schedules them.
 - `EngineCore.morphserve_state` / `morphserve_set_level`: utility methods the API server
   calls by name (vLLM's UTILITY request path; no pickled callables).
 - `vllm.entrypoints.launchers.app.attach_endpoint_plugins`: also mount /morphserve/*.
@@ -261,22 +262,29 @@ def _patch_process_input_queue(original):
         # the same loop as vLLM's (idle callbacks, stale aborts dropped) but with a timeout:
         # each timeout re-reads whether the controller wants ticks (a utility call such as
         # POST /morphserve/level may have changed that) and gives it an idle boundary.
+        # Requests added here are scheduled by the very next step, before any post_step:
+        # the controller sees them first (on_arrivals), still between two steps.
         import queue
 
         controller = getattr(self, "_morphserve", None)
-        if controller is None or not self.process_input_queue_block:
+        if controller is None:
             return original(self)
-        while not self.has_work() and self.is_running():
-            self._notify_idle_state_callbacks()
-            if self.input_queue.empty():
-                with self.aborts_queue.mutex:
-                    self.aborts_queue.queue.clear()
-            try:
-                self._handle_client_request(*self.input_queue.get(timeout=controller.idle_tick_s))
-            except queue.Empty:
-                if controller.wants_idle_ticks():
-                    controller.on_step_boundary()
-        return original(self)  # handles what else is queued; its own idle loop is skipped
+        known = len(self.scheduler.requests)
+        if self.process_input_queue_block:
+            while not self.has_work() and self.is_running():
+                self._notify_idle_state_callbacks()
+                if self.input_queue.empty():
+                    with self.aborts_queue.mutex:
+                        self.aborts_queue.queue.clear()
+                try:
+                    self._handle_client_request(*self.input_queue.get(timeout=controller.idle_tick_s))
+                except queue.Empty:
+                    if controller.wants_idle_ticks():
+                        controller.on_step_boundary()
+        result = original(self)  # handles what else is queued; its own idle loop is skipped
+        if len(self.scheduler.requests) > known:
+            controller.on_arrivals()
+        return result
 
     return _process_input_queue
 

@@ -254,19 +254,24 @@ class StepSampler:
         self._known = ids
         self._first_token &= ids
         ttfts = []
-        tokens = 0
+        tokens = prefill = pending = 0
         self._running = {}
         for r in scheduler.running:
             if r.num_output_tokens >= 1 and r.request_id not in self._first_token:
                 ttfts.append(max(0.0, wall - r.arrival_time))
             served += self._served(r)
-            tokens += max(0, r.num_computed_tokens - self._computed.get(r.request_id, 0))
+            before = self._computed.get(r.request_id, 0)
+            tokens += max(0, r.num_computed_tokens - before)
+            prompt = r.num_prompt_tokens
+            prefill += max(0, min(r.num_computed_tokens, prompt) - min(before, prompt))
+            pending += max(0, prompt - r.num_computed_tokens)
             self._computed[r.request_id] = r.num_computed_tokens
             self._outputs[r.request_id] = r.num_output_tokens
             self._running[r.request_id] = r
         preemptions = sum(r.num_preemptions for r in requests.values())
         new_preemptions, self._preemptions = max(0, preemptions - self._preemptions), preemptions
         waiting = list(scheduler.waiting)
+        pending += sum(max(0, r.num_prompt_tokens - r.num_computed_tokens) for r in waiting)
         block = scheduler.block_size
         running = scheduler.running
         remaining = [r.max_tokens - r.num_output_tokens for r in running]
@@ -292,4 +297,6 @@ class StepSampler:
             waiting_need_blocks=sum(need(r) for r in waiting),
             tokens=tokens,
             served_tokens=served,
+            prefill_tokens=prefill,
+            pending_prompt_tokens=pending,
         )
