@@ -15,7 +15,8 @@ The choice, over the levels the quality limits allow (lowest level = best qualit
   A level the model cannot predict passes, unless the steps already break the bound: then
   nothing is known to help, and more admissions only add prefills between everyone's tokens;
 - prompts: the prompt tokens not yet computed must prefill at that level within
-  ttft_slo x slo_margin (the step model's prompt cost; passes until a prefill was seen).
+  ttft_slo x slo_margin (the step model's prompt cost, from the kernel profile and the
+  prefill steps served; without a profile the test passes).
   The controller also decides when requests arrive, before they are scheduled, so a long
   prompt is computed on a rung fast enough for it rather than on the rung it found.
 The first level meeting all three is the target. So where int8 decodes faster than bf16, load

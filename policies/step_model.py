@@ -27,8 +27,12 @@ token, the level's linears at their marginal cost per token (the profile's slope
 its two largest batches) plus a cost the levels share (attention over the prompt, norms,
 the engine), learned from the prefill steps served at any level. Measured on a 2-core
 AVX-512 Xeon, a 1,021-token prompt took 2.8 s in bf16 and 1.4 s in all-W8A8: both fit
-about 1 ms per token outside the linears. So the policy can tell, before a long prompt is
-scheduled, whether the level it is at can give it its first token in time.
+about 1 ms per token outside the linears, against 1.44 ms for bf16's linears. So the
+policy can tell, before a long prompt is scheduled, whether the level it is at can give it
+its first token in time. Until the first prefill step is seen, the shared cost is taken
+as equal to bf16's linears' (`PROMPT_PRIOR_OF_BF16`): the first long prompt comes before
+any lesson, and the prior has the right size where it was measured; the first prefill step
+replaces it.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ MIN_WEIGHT = 20.0  # effective samples a fit needs before it predicts on its own
 # With a profile the fit is only the base (attention, the engine): a few steps pin it down.
 MIN_WEIGHT_PROFILED = 5.0
 PROMPT_HALF_LIFE_STEPS = 10.0  # prefill steps are few and long: a short memory
+PROMPT_PRIOR_OF_BF16 = 1.0  # before any prefill step: shared cost per prompt token = this x bf16 linears'
 
 
 @dataclass
@@ -88,6 +93,7 @@ class StepTimeModel:
     half_life_steps: float = 200.0
     _fits: dict[int, _Fit] = field(default_factory=dict)
     prompt_token_s: float | None = None  # learned: seconds per prompt token outside the linears
+    prompt_learned: bool = False  # False: prompt_token_s is the profile's prior
 
     def __post_init__(self):
         if self.mix is None:
@@ -103,6 +109,8 @@ class StepTimeModel:
             self._counts.append([("bf16", layers - sum(n for _, n in quantized)), *quantized])
         self._times_at: dict[float, dict[str, float]] = {}
         self._slopes = self._level_slopes() if self.profile is not None else None
+        if self._slopes is not None and self.prompt_token_s is None:
+            self.prompt_token_s = PROMPT_PRIOR_OF_BF16 * self._slopes[0]
 
     def _level_slopes(self) -> list[float]:
         """Each level's linears' marginal seconds per token at large batches."""
@@ -151,14 +159,13 @@ class StepTimeModel:
         if decode is None or prompt_tokens <= 0 or seconds <= 0:
             return
         per_token = max(0.0, (seconds - decode) / prompt_tokens - self._slopes[self._index(level)])
-        if self.prompt_token_s is None:
-            self.prompt_token_s = per_token
+        if not self.prompt_learned:
+            self.prompt_token_s, self.prompt_learned = per_token, True
         else:
             self.prompt_token_s += (1 - math.exp(-math.log(2) / PROMPT_HALF_LIFE_STEPS)) * (per_token - self.prompt_token_s)
 
     def prefill_seconds(self, level: int, prompt_tokens: float) -> float | None:
-        """Seconds to compute `prompt_tokens` of prompts at `level`; None until a prefill
-        step has been seen (or without a profile)."""
+        """Seconds to compute `prompt_tokens` of prompts at `level`; None without a profile."""
         if self.prompt_token_s is None or self._slopes is None:
             return None
         return prompt_tokens * (self.prompt_token_s + self._slopes[self._index(level)])
@@ -207,6 +214,7 @@ class StepTimeModel:
                for c, f in sorted(self._fits.items()) if f.w}
         if self.prompt_token_s is not None:
             out["prompt_token_s"] = round(self.prompt_token_s, 6)
+            out["prompt_token_s_from"] = "prefill steps" if self.prompt_learned else "prior (bf16 linears)"
         if self.profile is not None:
             out["profile"] = {t: {str(b): round(s, 6) for b, s in sorted(v.items())} for t, v in self.profile.items()}
         return out

@@ -156,18 +156,28 @@ class SwitchableModel:
             for i in range(start, len(self.layers)):
                 h = self.layers[i](h, attention_mask=None, position_embeddings=rope)
                 inputs[i + 1] = h
-            logits = self.model.lm_head(self.model.model.norm(h))[:, :-1].float()
-            target = ids[:, 1:]
-            loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
-            )
-            total += loss.item()
-            count += target.numel()
+            total += self._token_nll(self.model.model.norm(h)[:, :-1], ids[:, 1:])
+            count += ids[:, 1:].numel()
         fits = sum(t.numel() * t.element_size() for inputs in states for t in inputs) <= self.STATE_CACHE_BYTES
         self._states, self._states_key = (states, (windows, dict(self.config))) if fits else (None, None)
         return total, count
 
     STATE_CACHE_BYTES = 2 << 30
+    LOSS_ROWS = 1024  # positions per LM-head chunk: 1,024 x 49,152 fp32 logits = 192 MiB
+
+    def _token_nll(self, hidden: torch.Tensor, target: torch.Tensor) -> float:
+        """Summed cross-entropy of `target` under the LM head, a chunk of positions at a
+        time. The same sum as one cross_entropy over all logits, but the whole batch's
+        logits (4 x 1,023 x 49,152 in fp32, 800 MB) are never held, and each chunk is
+        contiguous: measured on 2 cores, one call over the sliced logits spent 2.9 s of an
+        11.2 s perplexity point in log_softmax and 0.9 s copying."""
+        rows, labels = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)
+        total = 0.0
+        for start in range(0, rows.shape[0], self.LOSS_ROWS):
+            logits = self.model.lm_head(rows[start:start + self.LOSS_ROWS]).float()
+            total += torch.nn.functional.cross_entropy(logits, labels[start:start + self.LOSS_ROWS],
+                                                       reduction="sum").item()
+        return total
 
     def _first_changed(self, windows: Windows) -> int | None:
         """The first layer whose tier differs from the cached states' configuration (the

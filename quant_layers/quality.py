@@ -66,12 +66,18 @@ def tier_curves(model, windows: Windows, ladder, w8_order: list[int], w4_curve: 
     (`w4_curve`, its perplexity per layer count) needs k layers and reaches a perplexity
     the ladder should not exceed."""
     L = len(w8_order)
-    ppl: dict[str, float] = {}
-    for level in tqdm(range(ladder.top + 1), desc="perplexity (ladder)", file=sys.stderr):
+    # bf16 and every layer in W4A16 are points of the W4A16 curve already measured
+    ppl: dict[str, float] = {"0": w4_curve["0"]}
+    top = {layer: ("base" if tier == "w4a16" else tier) for layer, tier in ladder.config(ladder.top).items()}
+    if len(top) == L and set(top.values()) == {"base"}:
+        ppl[str(ladder.top)] = w4_curve[str(L)]
+    for level in tqdm([k for k in range(ladder.top + 1) if str(k) not in ppl], desc="perplexity (ladder)",
+                      file=sys.stderr):
         config = {layer: ("base" if tier == "w4a16" else tier) for layer, tier in ladder.config(level).items()}
         model.set_config(config)
         nll, tokens = model.nll(windows)
         ppl[str(level)] = perplexity(nll, tokens)
+    ppl = dict(sorted(ppl.items(), key=lambda kv: int(kv[0])))
     model.set_quantized(())
     fp = ppl["0"]
     w8_freed = sum(ladder.savings[:L])

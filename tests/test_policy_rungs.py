@@ -296,10 +296,12 @@ def prefill_step(profile: dict, level: int, running: int, prompt_tokens: int) ->
 
 def test_the_step_model_learns_the_shared_cost_of_a_prompt_token_and_predicts_every_level():
     m = taught(AVX512)
-    assert m.prefill_seconds(0, 1000) is None  # nothing known before a prefill step is seen
+    # before any prefill step: the prior, a prompt token's shared cost = bf16's linears'
+    assert not m.prompt_learned and m.prefill_seconds(0, 1000) == pytest.approx(1000 * 2 * m._slopes[0])
+    assert StepTimeModel(2 * L, MIX).prefill_seconds(0, 1000) is None  # no profile: unknown
     for _ in range(5):
         m.observe_prefill(0, 3, 800, prefill_step(AVX512, 0, 3, 800))
-    assert m.prompt_token_s == pytest.approx(PROMPT_TOKEN_S, rel=1e-6)
+    assert m.prompt_learned and m.prompt_token_s == pytest.approx(PROMPT_TOKEN_S, rel=1e-6)
     for k in (0, L, 2 * L):  # levels never served are predicted from the profile
         assert m.prefill_seconds(k, 1000) == pytest.approx(prefill_step(AVX512, k, 0, 1000) - true_step(AVX512, k, 0))
     # int8's marginal cost per token is below bf16's: all-W8A8 prefills faster
