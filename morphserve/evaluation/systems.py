@@ -111,6 +111,12 @@ def warm_up(system: System, base: str, n_requests: int, num_layers: int | None) 
     return done
 
 
+def recent_decisions(base: str) -> list[dict]:
+    """The policy's last decisions, holds included (the server keeps 32, one per change of
+    kind), for `policy explain` and for reading why a burst was not met."""
+    return _request(f"{base}/morphserve/state?memory=0").get("recent_decisions") or []
+
+
 def ledger(base: str) -> dict | None:
     """The policy's quality ledger as the server sees it after the replay: the token-weighted
     perplexity increase over its window and the tokens in it (None without a budget)."""

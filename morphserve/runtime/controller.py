@@ -216,6 +216,7 @@ class MorphController:
         heading = moves.restoring["level"] if moves.restoring is not None else (
             moves.pending_level if moves.pending_level is not None else moves.level)
         decision = self.loop.decide(heading, self.recorder, t0)
+        self.recorder.note_decision(self.loop.signals.time if self.loop.signals else 0.0, heading, decision, stepped)
         if decision.target != heading:
             # a restore in progress is retargeted (cancelled where it stands, then moved on)
             moves.to(decision.target, reason=decision.reason, background=self.background_restores)
@@ -364,6 +365,7 @@ class MorphController:
             "signals": self.loop.signals_dict(),
             "step_model": self.loop.step_model_dict(),
             "decision_us": self.recorder.decision_us(),
+            "recent_decisions": list(self.recorder.decisions),
             "errors": self.errors,
             "last_error": self.last_error,
             "pinned_by_error": self.pinned_by_error,

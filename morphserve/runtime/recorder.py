@@ -53,6 +53,9 @@ class Recorder:
         self.histogram = TransitionHistogram()
         self.decision_seconds: deque[float] = deque(maxlen=2000)
         self.step_seconds: deque[float] = deque(maxlen=2000)  # boundary to boundary, while serving
+        # The policy's recent decisions, holds included, each kept when its reason's kind
+        # changes: the transition log says what moved, this says why nothing did.
+        self.decisions: deque[dict] = deque(maxlen=32)
 
     def level_changed(self, level: int) -> None:
         self.level_changes.append([time.monotonic(), time.time(), level])
@@ -73,6 +76,16 @@ class Recorder:
                     f.write(json.dumps(record) + "\n")
             except OSError as e:  # a full disk must not fail a transition that already happened
                 log.warning("MorphServe: could not append to the transition log %s: %s", self.log_path, e)
+
+    def note_decision(self, when: float, level: int, decision, stepped: bool) -> None:
+        kind = decision.reason.split(":")[0]
+        last = self.decisions[-1] if self.decisions else None
+        if last is not None and last["kind"] == kind and last["target"] == decision.target and last["level"] == level:
+            last["repeats"] += 1
+            return
+        self.decisions.append({"time": round(when, 3), "wall": round(time.time(), 3), "level": level,
+                               "target": decision.target, "kind": kind, "reason": decision.reason,
+                               "at": "step" if stepped else "arrival", "repeats": 0})
 
     def decision_us(self) -> dict | None:
         times = sorted(self.decision_seconds)
