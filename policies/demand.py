@@ -22,9 +22,10 @@ The choice, over the levels the quality limits allow (lowest level = best qualit
 The first level meeting all three is the target. So where int8 decodes faster than bf16, load
 that bf16 cannot serve in time rests on W8A8 rungs; calm load returns to bf16; bursts past
 the W8A8 rungs' capacity climb into W4A16 rungs; and where a tier is slower, the same rule
-finds that by measurement. If no level meets all three: the one with the most capacity whose
-step and prompts still meet their bounds, else the level that prefills the waiting prompts
-fastest, else the fastest predicted one, else the top.
+finds that by measurement. If no level meets all three: where no level prefills the waiting prompts in
+time, the fastest prefill among the levels that hold the demand; else the one with the most
+capacity whose step (and prompts, where some level can) still meet their bounds, else the
+fastest predicted one, else the top.
 
 Quality limits, tightest first: the hard cap (fraction, layers, max_ppl_increase), then the
 budget over time (`max_avg_ppl_increase`, token-weighted over `quality_window_s`): a level
@@ -151,18 +152,21 @@ class DemandPolicy(PolicyBase):
         # prefills and broke TTFT where all-W8A8 held).
         model = s.step_model
         reference = model.predict(current, max(1.0, float(s.running))) if model is not None else None
-        fast = [k for k, step in steps.items() if step is not None and step <= bound and prompt_ok[k]
+        hopeless = bool(prompts) and not any(prompt_ok.values())  # more prompt than any level computes in time
+        if hopeless:
+            # among the levels that hold the demand, the fastest prefill shortens every wait
+            timed = {k: prompts[k] for k in steps if covers[k] and quick[k] and prompts[k] is not None}
+            if timed:
+                k = min(timed, key=lambda j: (timed[j], j))
+                return k, (f"speed: {s.pending_prompt_tokens} prompt tokens waiting; no level computes them within "
+                           f"{prompt_bound:.2f}s, the fastest that holds demand {demand:.0f} blocks is {k} "
+                           f"({timed[k]:.2f}s)"), False
+        fast = [k for k, step in steps.items() if step is not None and step <= bound and (prompt_ok[k] or hopeless)
                 and not self.slower_kernels(s, k, reference)]
         if fast:
             k = max(fast)
             return k, (f"{limited or 'speed'}: level {k} has the most capacity ({self.capacity[k]} blocks for demand "
                        f"{demand:.0f}) whose step meets {bound:.3f}s ({steps[k]:.3f}s)"), False
-        timed = {k: p for k, p in prompts.items() if p is not None and (steps[k] is None or steps[k] <= bound)}
-        if timed and not any(prompt_ok[k] for k in timed):
-            # more prompt than any level computes in time: the fastest prefill shortens every wait
-            k = min(timed, key=lambda j: (timed[j], j))
-            return k, (f"speed: {s.pending_prompt_tokens} prompt tokens waiting; no level computes them within "
-                       f"{prompt_bound:.2f}s, the fastest is {k} ({timed[k]:.2f}s)"), False
         known = [k for k, step in steps.items() if step is not None]
         if known:
             k = min(known, key=lambda j: (steps[j], j))

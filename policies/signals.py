@@ -142,7 +142,9 @@ class SignalTracker:
             self._samples.popleft()
         while self._ttfts and self._ttfts[0][0] < horizon:
             self._ttfts.popleft()
-        samples = [x for x, _ in self._samples]
+        # Averages over step boundaries only: an arrival boundary's waiting requests are the
+        # ones the next step admits, not a queue (they would hold every restore's calm).
+        samples = [x for x, _ in self._samples if x.stepped] or [s]
         n = len(samples)
         # a step's time is the gap since the previous sample only if the engine was busy
         # through it: the first boundary after an idle spell measures the idle time too

@@ -334,6 +334,19 @@ def test_more_prompt_than_any_rung_computes_in_time_takes_the_fastest_prefill():
     assert d.target == fastest == L and "no level computes them" in d.reason  # all-W8A8, not a 4-bit rung
 
 
+def test_hopeless_prompts_do_not_trade_away_the_capacity_the_demand_needs():
+    """A burst of prompts no level prefills in time, on a ladder where only the 4-bit rungs
+    hold the demand: the prompt time picks among the levels that hold it, it does not
+    pull the server back to a faster rung that cannot admit the burst."""
+    s = dataclasses.replace(prompt_waiting(20_000), need_blocks=160, waiting_need_blocks=150, waiting_blocks=150)
+    p = policy(capacity=TIGHT)
+    assert [k for k in range(2 * L + 1) if TIGHT[k] >= 160 * 1.1] == []  # nothing holds it: the capacity rule
+    d = p.decide(s, PolicyState())
+    assert d.target > L, d.reason  # into the W4A16 rungs for capacity, as before the prompt test
+    wide = policy().decide(prompt_waiting(20_000), PolicyState())
+    assert wide.target == L  # where every level holds it, the fastest prefill
+
+
 def test_prompts_do_not_stop_a_restore_once_computed_but_do_while_waiting():
     state = PolicyState(level=L, last_change=100.0, calm_since=196.0)
     calm = prompt_waiting(0, level=L, time=200.0)
@@ -357,6 +370,7 @@ def test_an_arrival_boundary_is_not_a_step():
     s = tracker.add(StepSample(time=t + 0.001, waiting=1, oldest_wait_s=0.0, running=4, used_blocks=10,
                                capacity_blocks=50, arrivals=1, pending_prompt_tokens=900, stepped=False))
     assert s.p95_tpot_s == pytest.approx(0.1) and s.step_time_s == pytest.approx(0.1)
+    assert s.queue_len == 0  # the request the next step admits is not a queue (it would hold a restore's calm)
     assert s.pending_prompt_tokens == 900 and tracker.step_model._fits[-1].w == weight
     s = tracker.add(StepSample(time=t + 5.0, waiting=0, oldest_wait_s=0, running=5, used_blocks=18,
                                capacity_blocks=50, tokens=904, prefill_tokens=900))

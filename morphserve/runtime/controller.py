@@ -195,8 +195,8 @@ class MorphController:
     def on_arrivals(self) -> None:
         """Requests were queued since the last boundary and the next step would schedule
         them: the policy sees them first, so a long prompt is computed on a rung fast enough
-        for it rather than on the rung it found. Nothing else happens here (restores and
-        pending moves progress at step boundaries)."""
+        for it rather than on the rung it found. Only a move up is carried out here;
+        restores, holds and pending moves belong to step boundaries."""
         if not (self.loop.sampling and self.loop.policy is not None and self.forced_level is None):
             return
         try:
@@ -217,6 +217,11 @@ class MorphController:
             moves.pending_level if moves.pending_level is not None else moves.level)
         decision = self.loop.decide(heading, self.recorder, t0)
         self.recorder.note_decision(self.loop.signals.time if self.loop.signals else 0.0, heading, decision, stepped)
+        if not stepped and decision.target <= heading:
+            # An arrival boundary only moves up, before the new prompts are scheduled. Its
+            # queue is the requests that just arrived, which the next step admits: that is
+            # no reason to hold or to restart the calm a restore waits for.
+            return
         if decision.target != heading:
             # a restore in progress is retargeted (cancelled where it stands, then moved on)
             moves.to(decision.target, reason=decision.reason, background=self.background_restores)
