@@ -138,7 +138,7 @@ class StepTimeModel:
             return 0.0
         times = self._tier_times(running)
         # a tier the profile lacks is counted at bf16's speed (the online fit absorbs it)
-        return sum(n * times.get(t, times["bf16"]) for t, n in self._counts[max(0, min(level, len(self._counts) - 1))])
+        return sum(n * times.get(t, times["bf16"]) for t, n in self._counts[self._index(level)])
 
     # -- learning ----------------------------------------------------------------------
     def key(self, level: int) -> int:

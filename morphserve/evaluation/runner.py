@@ -131,8 +131,8 @@ def one_run(suite: Suite, rep: int, window: Window, budget: Budget, system: Syst
         sampler.start()
         record.update(_replay(suite, window, system, model, base, folder, proc))
         if system.kind == "morphserve" and not record["cut_at_deadline"]:
-            record["ledger"] = systems.ledger(base)  # the policy's own quality figure, to check against ours
-            record["decisions"] = systems.recent_decisions(base)  # why it held, where it did not move
+            # the policy's own quality figure (to check against ours) and why it held where it did not move
+            record.update(systems.policy_record(base))
     except (OSError, RuntimeError) as e:
         raise MorphServeError(f"{folder}: {system.name}: {e}") from None
     finally:

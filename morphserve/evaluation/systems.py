@@ -111,19 +111,16 @@ def warm_up(system: System, base: str, n_requests: int, num_layers: int | None) 
     return done
 
 
-def recent_decisions(base: str) -> list[dict]:
-    """The policy's last decisions, holds included (the server keeps 32, one per change of
-    kind), for `policy explain` and for reading why a burst was not met."""
-    return _request(f"{base}/morphserve/state?memory=0").get("recent_decisions") or []
-
-
-def ledger(base: str) -> dict | None:
-    """The policy's quality ledger as the server sees it after the replay: the token-weighted
-    perplexity increase over its window and the tokens in it (None without a budget)."""
-    signals = _request(f"{base}/morphserve/state?memory=0").get("signals") or {}
-    if not signals.get("quality_tokens"):
-        return None
-    return {"ppl_increase": signals["quality_increase"], "tokens": signals["quality_tokens"]}
+def policy_record(base: str) -> dict:
+    """What the policy says about the replay, from one state read after it: its quality
+    ledger (the token-weighted perplexity increase over its window and the tokens in it;
+    None without a budget) and its last decisions, holds included (the server keeps 32, one
+    per change of kind), for reading why a burst was not met."""
+    state = _request(f"{base}/morphserve/state?memory=0")
+    signals = state.get("signals") or {}
+    ledger = ({"ppl_increase": signals["quality_increase"], "tokens": signals["quality_tokens"]}
+              if signals.get("quality_tokens") else None)
+    return {"ledger": ledger, "decisions": state.get("recent_decisions") or []}
 
 
 def kv_blocks(system: System, base: str) -> dict:
