@@ -21,6 +21,7 @@ import os
 import sys
 
 from morphserve.runtime import config as runtime_config
+from morphserve.runtime import onednn_cache
 from morphserve.runtime.allocator import ALLOCATOR_ENV, ALLOCATORS, default_allocator, preload_env, resolve
 from morphserve.errors import MorphServeError
 
@@ -121,12 +122,14 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     cfg = runtime_config.parse(json.loads(cmd[cmd.index("--additional-config") + 1])["morphserve"])
     runtime_config.check_pack_matches(cfg, args.model)  # the server probes each tier's kernel at start
     runtime_config.check_policy(cfg)
-    env = preload_env(args.allocator, {**os.environ, ALLOCATOR_ENV: args.allocator})
+    env = onednn_cache.bounded(preload_env(args.allocator, {**os.environ, ALLOCATOR_ENV: args.allocator}))
     shown = redact_argv(cmd)
     print("morphserve: " + " ".join(shown[1:]), file=sys.stderr)
     malloc = resolve(args.allocator)
     if malloc != "system":
         print(f"morphserve: malloc: {malloc} (LD_PRELOAD={env['LD_PRELOAD']})", file=sys.stderr)
+    print(f"morphserve: oneDNN kernel cache: {env[onednn_cache.ONEDNN_CACHE_ENV]} kernels "
+          f"({onednn_cache.ONEDNN_CACHE_ENV}; oneDNN's default is {onednn_cache.ONEDNN_DEFAULT})", file=sys.stderr)
     print("morphserve: --enforce-eager because a compiled graph would not see layer swaps", file=sys.stderr)
     if args.dry_run:
         print(" ".join(shown))

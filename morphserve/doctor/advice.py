@@ -36,6 +36,7 @@ class Machine:
     fp8_kv_problem: str | None
     tcmalloc: str | None  # the library's path, None if not installed
     quant_env: bool  # the llm-compressor environment `prepare` runs GPTQ in
+    onednn_cache: int = 64  # oneDNN kernels a server's processes keep (morphserve.runtime.onednn_cache)
 
 
 @dataclass

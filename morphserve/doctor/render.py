@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from morphserve.doctor.advice import BATCHES, Advice, Machine, Pack, Speed
+from morphserve.runtime.onednn_cache import ONEDNN_CACHE_ENV, ONEDNN_DEFAULT
 
 
 def _yes(flag: bool) -> str:
@@ -23,6 +24,8 @@ def render(m: Machine, pack: Pack | None, speed: Speed | None, advice: Advice) -
         lines.append("kernels    " + " | ".join(f"{t}: {k}" for t, k in m.kernels.items()))
     lines.append("tiers      " + " | ".join(f"{t}: {'runs' if p is None else 'no'}" for t, p in m.tier_problems.items()))
     lines.append(f"FP8 KV     {'available' if m.fp8_kv_problem is None else 'no'}")
+    lines.append(f"oneDNN     global kernel cache of {m.onednn_cache} per server process ({ONEDNN_CACHE_ENV}; "
+                 f"oneDNN's own {ONEDNN_DEFAULT} lets a server grow with every new batch shape)")
     lines.append(f"tcmalloc   {m.tcmalloc + ' (optional: --allocator tcmalloc)' if m.tcmalloc else 'not installed (optional)'}")
     if pack is not None:
         state = "matches its model" if pack.problem is None else "does NOT serve"

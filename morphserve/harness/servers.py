@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
+from morphserve.runtime import onednn_cache
 from morphserve.runtime.allocator import default_allocator, preload_env
 from morphserve.runtime.proc_memory import process_rss
 
@@ -94,11 +95,13 @@ def run_in_group(cmd: list[str], log: Path, env: dict | None = None, timeout: fl
 def _spawn(cmd: list[str], env: dict | None, log: Path, cwd: Path | None) -> subprocess.Popen:
     """`cmd` in a new session (its own process group), output to `log`, in `cwd` (default:
     the checkout when there is one, so `-m morphserve...` imports it), with the malloc
-    `MORPHSERVE_ALLOCATOR` names preloaded (default: glibc's, nothing preloaded)."""
+    `MORPHSERVE_ALLOCATOR` names preloaded (default: glibc's, nothing preloaded) and oneDNN's
+    kernel cache bounded (`morphserve.runtime.onednn_cache`), whichever server it is."""
     if cwd is None and (REPO / "pyproject.toml").exists():
         cwd = REPO
     env = dict(os.environ if env is None else env)
     env = preload_env(default_allocator(env), env)  # the same malloc for every side of a comparison
+    onednn_cache.bounded(env)  # and the same oneDNN kernel cache
     with open(log, "w") as f:
         return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 

@@ -38,6 +38,9 @@ def in_process_llm(model: str | Path, pack: str | Path | None = None, twin: str 
     else:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core lives in this process
+    from morphserve.runtime import onednn_cache
+
+    onednn_cache.bounded(os.environ)  # plain and MorphServe alike (effective if no kernel ran here yet)
     if pack is None:
         os.environ["VLLM_PLUGINS"] = ""
     from morphserve.vllm.kernels import W4A16_ENV

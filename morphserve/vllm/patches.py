@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -88,7 +89,10 @@ def _patch_create_engine_config(original):
 
         extra = self.additional_config or {}
         if isinstance(extra, dict) and "morphserve" in extra:
+            from morphserve.runtime import onednn_cache
             from morphserve.vllm.kernels import probe_tiers
+
+            onednn_cache.bounded(os.environ)  # before any kernel runs here, and for the processes vLLM spawns
 
             cfg = runtime_config.activate(extra["morphserve"], self.model, probe=probe_tiers)
             if self.worker_extension_cls and self.worker_extension_cls != WORKER_EXTENSION:
