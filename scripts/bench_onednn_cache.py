@@ -2,8 +2,8 @@
 costs in speed, measured on vLLM's own linear kernels.
 
 Each child process builds the linears of a SmolLM2-135M-shaped model (30 layers x 4 fused
-linears) with vLLM's own oneDNN handles (bf16 `create_onednn_mm`, or int8
-`create_onednn_scaled_mm` for --tier w8a8), on one thread as vLLM's CPU worker runs, then
+linears, random weights) through the kernel objects vLLM builds for a tier (bf16: its oneDNN
+prepack; --tier w8a8: its int8 kernel), on one thread as vLLM's CPU worker runs, then
 feeds them a seeded stream of step shapes like a server's: 85% decode steps of 1..24
 tokens, 15% mixed steps of 100..1,500 tokens. It reports the growth of its RssAnon over
 the stream and the median time of the linears of a decode step in the stream's second
@@ -42,35 +42,28 @@ def step_shapes(steps: int, seed: int) -> list[int]:
 
 def child(tier: str, steps: int, seed: int) -> dict:
     import torch
-    import vllm._custom_ops as ops
+
+    from morphserve.vllm.kernels import random_compute
 
     torch.set_num_threads(1)
-    if tier == "bf16":
-        handles = [ops.create_onednn_mm(torch.randn(n, k, dtype=torch.bfloat16).t(), 32)
-                   for _ in range(LAYERS) for n, k in SHAPES]
+    gen = torch.Generator().manual_seed(seed)
+    handles = [(random_compute(tier, n, k, 64, torch.bfloat16, gen, scale=1e-3), k)
+               for _ in range(LAYERS) for n, k in SHAPES]
+    empty = torch.empty(0, dtype=torch.bfloat16)
 
-        def run(h, x):
-            return ops.onednn_mm(h, x, None)
-    else:
-        handles = [ops.create_onednn_scaled_mm(torch.randint(-127, 128, (n, k), dtype=torch.int8).t(),
-                                               torch.rand(n, 1), torch.bfloat16, True, False, 32)
-                   for _ in range(LAYERS) for n, k in SHAPES]
+    def run(h, x):
+        return h[0](x, empty, None)
 
-        def run(h, x):
-            xq, xs, _ = ops.scaled_int8_quant(x, None, None, symmetric=True)
-            out = torch.empty(x.shape[0], h.n, dtype=torch.bfloat16)
-            ops.onednn_scaled_mm(h, xq, out, xs, None, None, None)
-            return out
     inputs = {k: torch.randn(1500, k, dtype=torch.bfloat16) for k in {k for _, k in SHAPES}}
     for h in handles:  # one small step first, so the handles' own start is not counted
-        run(h, inputs[h.k][:4])
+        run(h, inputs[h[1]][:4])
     before = process_rss(os.getpid())["rss_anon_bytes"]
     shapes = step_shapes(steps, seed)
     decode = []
     for i, m in enumerate(shapes):
         t = time.perf_counter()
         for h in handles:
-            run(h, inputs[h.k][:m])
+            run(h, inputs[h[1]][:m])
         if i >= steps // 2 and m <= 24:
             decode.append(time.perf_counter() - t)
     return {"growth_mib": (process_rss(os.getpid())["rss_anon_bytes"] - before) / 2**20,
