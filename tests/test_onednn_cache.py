@@ -72,3 +72,30 @@ def test_the_bound_keeps_vllms_kernels_from_growing_with_each_new_batch_shape():
         pytest.skip(f"vLLM's bf16 linears are not oneDNN on this CPU ({path})")
     unbounded, bounded = _growth("1024"), _growth(str(onednn_cache.DEFAULT_CAPACITY))
     assert unbounded > 2 * bounded + (32 << 20), (unbounded >> 20, bounded >> 20)
+
+
+_VLLM_SERVE_PATH = """
+import os, sys
+from morphserve.vllm.plugin import register
+register()
+from vllm import EngineArgs
+model, pack = sys.argv[1], sys.argv[2]
+EngineArgs(model=model).create_engine_config()
+print("plain:", os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"))
+EngineArgs(model=model, additional_config={"morphserve": {"pack": pack}}).create_engine_config()
+print("morphserve:", os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"))
+"""
+
+
+def test_vllm_serve_with_morphserve_bounds_the_engine_it_spawns_and_plain_vllm_is_untouched(model_dir, pack_dir):
+    """`vllm serve --additional-config '{"morphserve": ...}'` builds its config with the
+    plugin loaded in the API server, which then spawns the engine with its environment; a
+    vLLM without a morphserve config keeps oneDNN's default even with the plugin installed."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != ONEDNN_CACHE_ENV}
+    out = subprocess.run([sys.executable, "-c", _VLLM_SERVE_PATH, str(model_dir), str(pack_dir)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith(("plain:", "morphserve:"))]
+    assert lines == ["plain: None", f"morphserve: {onednn_cache.DEFAULT_CAPACITY}"], out.stdout[-2000:]
