@@ -37,7 +37,6 @@ from pathlib import Path
 from morphserve.replay.run import trace
 from morphserve.offline.datafiles import traces_dir
 from morphserve.harness.servers import free_port, group_pids, group_rss, start_server, stop_server
-from morphserve.runtime import onednn_cache
 from morphserve.runtime.allocator import ALLOCATOR_ENV, ALLOCATORS, AllocatorNotFound, default_allocator, preload_env
 from morphserve.runtime.proc_memory import process_rss
 from morphserve.vllm.server import PLAIN_VLLM_SERVER
@@ -233,7 +232,6 @@ def run(args: argparse.Namespace) -> dict:
               "--max-num-seqs", str(args.concurrency)]
     env = preload_env(args.allocator, {**os.environ, ALLOCATOR_ENV: args.allocator,
                                        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")})
-    onednn_cache.bounded(env)  # both sides alike; ONEDNN_PRIMITIVE_CACHE_CAPACITY=1024 gives oneDNN's default
     if args.plain:  # the same server without the plugin, for comparison
         cmd = [sys.executable, "-m", PLAIN_VLLM_SERVER, "--model", args.model,
                "--enforce-eager", *common]
