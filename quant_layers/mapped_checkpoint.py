@@ -64,6 +64,9 @@ class CheckpointReader:
             handle = self._open[path] = safe_open(path, "pt")
         return handle.get_tensor(key)
 
+    def has(self, key: str) -> bool:
+        return key in self._index
+
     def fused(self, keys: list[str]) -> torch.Tensor:
         """Row-wise concatenation (vLLM's q/k/v and gate/up fusion), as a new contiguous tensor."""
         parts = [self.get(k) for k in keys]

@@ -84,11 +84,24 @@ class RestorePreparer:
                 if cancelled:
                     return
 
-    def take_ready(self) -> list[tuple[int, object]]:
-        """The prepared layers, in restore order, that can be committed now."""
+    def ready_count(self) -> int:
+        """How many layers take_ready would hand over now."""
+        with self._cond:
+            n = 0
+            for layer in self.order:
+                if layer in self._ready:
+                    n += 1
+                elif layer in self._uncommitted:
+                    break
+            return n
+
+    def take_ready(self, limit: int | None = None) -> list[tuple[int, object]]:
+        """The prepared layers, in restore order, that can be committed now (at most `limit`)."""
         with self._cond:
             taken = []
             for layer in self.order:
+                if limit is not None and len(taken) >= limit:
+                    break
                 if layer in self._ready:
                     taken.append((layer, self._ready.pop(layer)))
                     self._uncommitted.discard(layer)

@@ -56,11 +56,41 @@ class LinearKernels(Protocol):
     def place(self, t: torch.Tensor) -> torch.Tensor:
         """An own copy of `t` on the compute device (`t` may be a read-only file map)."""
 
+    def own(self, t: torch.Tensor) -> torch.Tensor:
+        """`t`, already a fresh copy, on the compute device (no second copy where it is there)."""
+
     def has_slot(self, layer: torch.nn.Module) -> bool:
         """Whether `layer` computes through a replaceable forward closure."""
 
     def install(self, layer: torch.nn.Module, forward: Forward) -> None:
         """Make `layer` compute with `forward` from its next call on."""
+
+
+class Cutter(Protocol):
+    """One fused linear's tensors as this rank holds them (the engine's own weight loader
+    cuts them: morphserve.vllm.shards.RankCutter). With one rank a cut is the plain q/k/v
+    (gate/up) row concatenation."""
+
+    in_features: int  # this rank's input features
+    out_features: int  # this rank's output rows
+    widths: list[int]  # this rank's rows of each fused part
+
+    def cut(self, parts: list[torch.Tensor], in_divisor: int | None = 1,
+            dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A new tensor of this rank's part of `parts` (see RankCutter.cut)."""
+
+
+class WholeCutter:
+    """The Cutter of an engine with one rank: parts concatenated row-wise (for tests and
+    tools that have no engine layer at hand)."""
+
+    def __init__(self, in_features: int, widths: list[int]):
+        self.in_features, self.widths = in_features, list(widths)
+        self.out_features = sum(widths)
+
+    def cut(self, parts, in_divisor=1, dtype=None):
+        out = torch.cat(parts, 0) if len(parts) > 1 else parts[0].clone()
+        return out.to(dtype) if dtype is not None else out
 
 
 @dataclass
@@ -213,26 +243,29 @@ class W4Twin:
 
 
 class W8Twin:
-    """Builds the live W8A8 compute of one fused linear from the pack's int8 checkpoint: the
-    q/k/v (gate/up) rows fused as vLLM's loader fuses them, scales widened to fp32 as
-    vLLM's ChannelQuantScaleParameter stores them."""
+    """Builds the live W8A8 compute of one fused linear from the pack's int8 checkpoint: this
+    rank's q/k/v (gate/up) rows, cut and fused by vLLM's loader (one copy, the kernel's
+    own), scales widened to fp32 as vLLM's ChannelQuantScaleParameter stores them."""
 
-    def __init__(self, kernels: LinearKernels):
+    def __init__(self, kernels: LinearKernels, cutter: Cutter):
         self.kernels = kernels
+        self.cutter = cutter
 
     def build(self, keys: list[str], readers: Readers) -> W8Compute:
-        weight = readers.w8.fused([f"{k}.weight" for k in keys])
-        scale = readers.w8.fused([f"{k}.weight_scale" for k in keys]).to(torch.float32)
-        widths = [readers.w8.get(f"{k}.weight").shape[0] for k in keys]
-        return W8Compute(self.kernels.make_w8(), self.kernels.place(weight), self.kernels.place(scale), widths)
+        weight = self.cutter.cut([readers.w8.get(f"{k}.weight") for k in keys])
+        scale = self.cutter.cut([readers.w8.get(f"{k}.weight_scale") for k in keys], None, torch.float32)
+        return W8Compute(self.kernels.make_w8(), self.kernels.own(weight), self.kernels.own(scale),
+                         list(self.cutter.widths))
 
 
 class IdentityTwin:
-    def __init__(self, kernels: LinearKernels):
+    def __init__(self, kernels: LinearKernels, cutter: Cutter):
         self.kernels = kernels
+        self.cutter = cutter
 
     def build(self, keys: list[str], readers: Readers) -> IdentityCompute:
-        return IdentityCompute(readers.masters.fused([f"{k}.weight" for k in keys]), self.kernels)
+        return IdentityCompute(self.kernels.own(self.cutter.cut([readers.masters.get(f"{k}.weight") for k in keys])),
+                               self.kernels)
 
 
 # How compressed each tier is (higher frees more); morphserve.offline.ladder.RANK agrees.
@@ -307,10 +340,10 @@ class SwappableLinear:
         """The bf16 prepack, built from a read-only map of the master: vLLM's prepack is the
         one copy a restore makes (measured on a 2-core AVX-512 Xeon: the fusing copy and the
         clone this replaces were about half of a restore's time)."""
-        if len(self.keys) == 1:
+        if readers.fused is not None and self.name is not None and readers.fused.has(f"{self.name}.weight"):
+            master = readers.fused.get(f"{self.name}.weight")  # fused, or this rank's shard
+        elif len(self.keys) == 1:
             master = readers.masters.get(f"{self.keys[0]}.weight")
-        elif readers.fused is not None and self.name is not None:
-            master = readers.fused.get(f"{self.name}.weight")
         else:
             master = readers.masters.fused([f"{k}.weight" for k in self.keys])
         return self.kernels.prepack_bf16(master)

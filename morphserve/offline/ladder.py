@@ -45,15 +45,20 @@ class Ladder:
                       held: dict[str, list[int]] | None = None) -> "Ladder":
         """The ladder over the pack's tiers, or over `tiers` only (those this CPU serves):
         each served tier's layers in its own order, least compressed tier first. `held`
-        replaces a tier's per-layer bytes with what the serving kernel really holds."""
+        replaces a tier's per-layer bytes (bf16's too) with what the serving kernel really holds."""
         served = [t for t in manifest.tier_names if tiers is None or t in tiers]
         if not served:
             raise ValueError(f"none of the tiers {tiers} is in this pack (it has {', '.join(manifest.tier_names)})")
         previous = {b.layer: b.fp16 for b in manifest.layer_bytes}
+        share = {i: 1.0 for i in previous}
+        if (held or {}).get("bf16"):  # one rank's shard under tensor parallelism
+            share = {i: b / previous[i] for i, b in enumerate(held["bf16"])}
+            previous = dict(enumerate(held["bf16"]))
         rungs = []
         for name in served:
             tier = manifest.tier(name)
-            now = dict(enumerate((held or {}).get(name) or tier.layer_bytes))
+            # a tier whose held bytes are not reported takes the rank's share of the pack's
+            now = dict(enumerate((held or {}).get(name) or [round(b * share[i]) for i, b in enumerate(tier.layer_bytes)]))
             rungs += [Rung(i, name, previous[i] - now[i]) for i in tier.swap_order]
             previous = now
         return cls(rungs)

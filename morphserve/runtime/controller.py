@@ -49,6 +49,16 @@ def _transient(worker: dict | None) -> bool:
     return bool(worker and worker.get("finishing_restores"))
 
 
+def largest_per_layer(readings: list[dict[str, list[int]]]) -> dict[str, list[int]]:
+    """Per tier and layer, the most any rank holds: the budget must hold on every rank (an
+    even split makes them equal)."""
+    out: dict[str, list[int]] = {}
+    for reading in readings:
+        for tier, per_layer in (reading or {}).items():
+            out[tier] = [max(a, b) for a, b in zip(out[tier], per_layer)] if tier in out else list(per_layer)
+    return out
+
+
 class MorphController:
     idle_tick_s = 0.1
 
@@ -75,6 +85,8 @@ class MorphController:
         self.manual_limit = ManualRateLimit(self.config.manual_min_interval_s)
         self.commits_on_touch = True  # the workers' KV backing; set from morphserve_init
         self._memory: tuple[float, tuple, dict | None] = (float("-inf"), (), None)  # (when, key, figures)
+        self.ranks = 1  # tensor-parallel workers; the budget is shared out among them
+        self.rank_weight_bytes: int | None = None  # one rank's weights at full precision
         self.memory_reads = 0
 
     @classmethod
@@ -84,8 +96,10 @@ class MorphController:
         results = engine.rpc("morphserve_init", config.model_dump())
         log.info("MorphServe: %d swappable layers loaded on %d worker(s) in %.1f s (%s backend)",
                  results[0]["layers"], len(results), results[0]["seconds"], results[0]["backend"])
-        controller = cls(config, engine, manifest, sampler, results[0].get("held_tier_bytes"))
+        controller = cls(config, engine, manifest, sampler, largest_per_layer([r["held_tier_bytes"] for r in results]))
         controller.commits_on_touch = results[0]["commits_on_touch"]
+        controller.ranks = len(results)
+        controller.rank_weight_bytes = max(r["weight_bytes"] for r in results)
         return controller
 
     @property
@@ -101,7 +115,8 @@ class MorphController:
     def plan_kv(self, fp16_kv_bytes: int, block_bytes: int) -> int:
         """Fix the budget from vLLM's measurement; return the KV bytes to reserve."""
         self.budget = plan_budget(self.ladder.savings, self.config.memory_budget_gb, self.engine.model_path,
-                                  fp16_kv_bytes, block_bytes)
+                                  fp16_kv_bytes, block_bytes, self.ranks,
+                                  self.rank_weight_bytes if self.ranks > 1 else None)
         return self.budget.reserve_bytes()
 
     def attach_scheduler(self, scheduler) -> None:
@@ -121,7 +136,7 @@ class MorphController:
             self.engine.rpc("morphserve_kv_commit", 0, cap0)
         self.pool = ElasticBlockPool(store, cap0)
         self.moves = Transitions(self.ladder, self.engine.rpc, self.pool, scheduler, self.capacity, self.recorder,
-                                 self.loop, self.config.shrink_strategy, self.commits_on_touch)
+                                 self.loop, self.config.shrink_strategy, self.commits_on_touch, self.ranks)
         self.moves.sync_view()
         if self.config.policy:
             self.loop.start(self.config.policy, self.served_quality(),
@@ -288,7 +303,9 @@ class MorphController:
             "kv_target_blocks": self.pool.limit,
             "kv_reserved_blocks": self.max_usable,
             "kv_free_blocks": self.pool.store.num_free(),
-            "memory_budget_bytes": self.budget.budget_bytes,
+            "memory_budget_bytes": self.budget.budget_bytes,  # one rank's under tensor parallelism
+            "memory_budget_total_bytes": self.budget.budget_bytes * self.ranks,
+            "tensor_parallel_size": self.ranks,
             "kv_blocks_by_level": [self.capacity(k) for k in range(self.num_layers + 1)],
             "shrink_strategy": self.moves.shrink_strategy,
             **self.moves.kv_state(),
@@ -307,7 +324,8 @@ class MorphController:
         """One worker call. Only here: vLLM's worker busy-waits on its queue for 1 s after
         any call, so reading per scrape kept a core spinning for every scraper."""
         try:
-            worker = self.engine.rpc("morphserve_memory", kv_resident)[0]
+            readings = self.engine.rpc("morphserve_memory", kv_resident)
+            worker = {**readings[0], "per_rank": readings} if len(readings) > 1 else readings[0]
         except Exception as e:  # a state read must not fail because one figure could not be read
             worker = {"error": f"worker memory query failed: {e}"}
         self._memory = (time.monotonic(), self._memory_key(), worker)
@@ -333,16 +351,28 @@ class MorphController:
         at, _, worker = self._memory
         if "error" in worker:
             return {"error": worker["error"]}
-        kv = (self.pool.committed + 1) * self.budget.block_bytes
-        accounted = worker["weights_bytes"] + worker["twin_bytes"] + worker["prepared_bytes"] + kv
-        return {"budget_bytes": self.budget.budget_bytes, "weights_bytes": worker["weights_bytes"],
-                "twin_bytes": worker["twin_bytes"], "prepared_bytes": worker["prepared_bytes"], "kv_bytes": kv,
-                "accounted_bytes": accounted,
-                "within_budget": accounted <= self.budget.budget_bytes,
-                "kv_resident_bytes": worker["kv_resident_bytes"] if kv_resident else None,
-                "rss_anon_bytes": worker["rss_anon_bytes"], "rss_file_bytes": worker["rss_file_bytes"],
-                "split_layers": worker.get("split_layers", []),
-                "read_age_s": round(time.monotonic() - at, 3), "reads": self.memory_reads}
+        kv = (self.pool.committed + 1) * self.budget.block_bytes  # one rank's: each rank holds its heads' share
+
+        def equation(w: dict) -> dict:
+            accounted = w["weights_bytes"] + w["twin_bytes"] + w["prepared_bytes"] + kv
+            return {"budget_bytes": self.budget.budget_bytes, "weights_bytes": w["weights_bytes"],
+                    "twin_bytes": w["twin_bytes"], "prepared_bytes": w["prepared_bytes"], "kv_bytes": kv,
+                    "accounted_bytes": accounted, "within_budget": accounted <= self.budget.budget_bytes,
+                    "kv_resident_bytes": w["kv_resident_bytes"] if kv_resident else None,
+                    "rss_anon_bytes": w["rss_anon_bytes"], "rss_file_bytes": w["rss_file_bytes"],
+                    "split_layers": w.get("split_layers", [])}
+
+        out = {**equation(worker), "read_age_s": round(time.monotonic() - at, 3), "reads": self.memory_reads,
+               "ranks": self.ranks}
+        if "per_rank" in worker:  # tensor parallelism: the equation holds per rank, and in total
+            per_rank = [equation(w) for w in worker["per_rank"]]
+            total = {k: sum(r[k] for r in per_rank) for k in ("budget_bytes", "weights_bytes", "twin_bytes",
+                                                              "prepared_bytes", "kv_bytes", "accounted_bytes",
+                                                              "rss_anon_bytes", "rss_file_bytes")}
+            out.update(per_rank=per_rank, total={**total, "within_budget": all(r["within_budget"] for r in per_rank)},
+                       within_budget=all(r["within_budget"] for r in per_rank),
+                       split_layers=sorted({i for r in per_rank for i in r["split_layers"]}))
+        return out
 
     def state(self, kv_resident: bool = False, memory: bool = True) -> dict:
         """`memory` False: leave out the worker's memory figures (a worker call each)."""

@@ -6,6 +6,9 @@ in the middle of that operation: `quantize` and `restore` inside a layer's swap,
 first linear's new compute is built and before any is installed (the layer must stay
 whole); `restore_commit` after a background restore installed a layer; `kv_release` after
 the pool shrank. Unset, as in any real deployment, `maybe_fail` does nothing.
+
+Under tensor parallelism `point@rank` fires on that rank only (`quantize@1`: rank 1 fails
+part-way while the other ranks complete the same plan); a plain point fires on every rank.
 """
 
 from __future__ import annotations
@@ -15,14 +18,31 @@ import os
 ENV = "MORPHSERVE_TEST_FAULTS"
 POINTS = ("quantize", "restore", "restore_commit", "kv_release", "proof")
 _fired: set[str] = set()
+_rank = 0
+
+
+def set_rank(rank: int) -> None:
+    """This worker's tensor-parallel rank (set once the worker knows it)."""
+    global _rank
+    _rank = int(rank)
 
 
 class InjectedFault(RuntimeError):
     pass
 
 
+def rank() -> int:
+    return _rank
+
+
 def armed() -> set[str]:
-    return {p.strip() for p in os.environ.get(ENV, "").split(",") if p.strip()}
+    """The points armed for this rank."""
+    points = set()
+    for item in (p.strip() for p in os.environ.get(ENV, "").split(",")):
+        point, _, rank = item.partition("@")
+        if point and (not rank or int(rank) == _rank):
+            points.add(point)
+    return points
 
 
 def maybe_fail(point: str) -> None:

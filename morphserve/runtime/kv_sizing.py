@@ -18,17 +18,23 @@ def model_weight_bytes(model_dir: Path) -> int:
 
 
 def plan_budget(savings: list[int], memory_budget_gb: float | None, model_dir: Path,
-                fp16_kv_bytes: int, block_bytes: int) -> KVBudget:
+                fp16_kv_bytes: int, block_bytes: int, ranks: int = 1, rank_weights: int | None = None) -> KVBudget:
     """The budget from `memory_budget_gb`, else from the KV vLLM would give the bf16 model;
-    `savings` are the bytes each rung of the ladder frees."""
-    weights = model_weight_bytes(model_dir)
+    `savings` are the bytes each rung of the ladder frees.
+
+    Under tensor parallelism (`ranks` > 1) the equation is one rank's: `memory_budget_gb`
+    is the engine's total, shared evenly, and `rank_weights`, `savings`, `block_bytes` and
+    `fp16_kv_bytes` are one rank's (each rank holds a shard of every linear and of every
+    KV block). Every rank then has the same number of blocks, about what one rank would
+    have with the whole budget."""
+    weights = rank_weights if rank_weights is not None else model_weight_bytes(model_dir)
     try:
         if memory_budget_gb:
-            budget = KVBudget(int(memory_budget_gb * 2**30), weights, tuple(savings), block_bytes)
+            budget = KVBudget(int(memory_budget_gb * 2**30) // ranks, weights, tuple(savings), block_bytes)
         else:
             budget = KVBudget.from_fp16_kv(fp16_kv_bytes, weights, savings, block_bytes)
     except BudgetError as e:
         raise MorphServeError(f"memory_budget_gb: {e}") from None
-    log.info("MorphServe: budget %.1f MiB; KV %d..%d blocks from 0..%d quantized layers",
-             budget.budget_bytes / 2**20, budget.usable_blocks(0), budget.usable_blocks(len(savings)), len(savings))
+    log.info("MorphServe: budget %.1f MiB per rank (%d); KV %d..%d blocks from 0..%d quantized layers",
+             budget.budget_bytes / 2**20, ranks, budget.usable_blocks(0), budget.usable_blocks(len(savings)), len(savings))
     return budget

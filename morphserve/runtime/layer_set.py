@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -22,8 +23,8 @@ from quant_layers.kernel_twins import cache_key, ensure_kernel_twins, kernel_att
 from quant_layers.mapped_checkpoint import MappedCheckpoint
 from quant_layers.model_info import read_model_info
 from quant_layers.restore_prep import LayerCost, RestorePreparer, release_computes
-from quant_layers.swappable import (IdentityTwin, LinearKernels, PackedShard, Readers, SwappableLinear, W4Twin,
-                                    W8Twin, process_for_kernel)
+from quant_layers.swappable import (TIER_RANK, IdentityTwin, LinearKernels, PackedShard, Readers, SwappableLinear,
+                                    W4Twin, W8Twin, process_for_kernel)
 from quant_layers.twin import index_safetensors, open_twin
 from quant_layers.w8_twin import open_w8_twin
 
@@ -73,7 +74,8 @@ class LayerSet:
 
     @classmethod
     def build(cls, config: MorphConfig, model_path: Path, dtype: torch.dtype, decoder_layers, fused_linears,
-              kernels: LinearKernels, twin_cache_tag: tuple[str, str]) -> "LayerSet":
+              kernels: LinearKernels, twin_cache_tag: tuple[str, str], cutter_for: Callable,
+              rank: tuple[int, int] = (0, 1)) -> "LayerSet":
         """Attach a SwappableLinear to every fused linear of every decoder layer.
 
         Nothing is kept in RAM: the bf16 masters stay in the model's safetensors files and
@@ -81,7 +83,9 @@ class LayerSet:
         are read through read-only maps when a layer changes precision. Opening the twin
         checks it against the model (shapes, every tensor). `fused_linears` is the engine's
         (module path, HF names) per fused linear; `twin_cache_tag` (engine version, kernel
-        variant) keys the kernel-layout cache.
+        variant) keys the kernel-layout cache. `cutter_for(module, parts)` gives the Cutter
+        that cuts a linear's tensors to what this rank computes with; `rank` is (this
+        worker's tensor-parallel rank, world size): each rank builds and caches its own shards.
         """
         pack_dir = Path(config.pack)
         manifest = packfmt.load_manifest(pack_dir)
@@ -98,6 +102,9 @@ class LayerSet:
         identity = config.twin == "identity"
         fused = {f"layers.{i}.{vllm_name}": (i, vllm_name, hf_names)
                  for i in range(manifest.num_layers) for vllm_name, hf_names in fused_linears}
+        cutters = {name: cutter_for(decoder_layers[i].get_submodule(vllm_name), len(hf_names))
+                   for name, (i, vllm_name, hf_names) in fused.items()}
+        rank_tag = [f"tp{rank[0]}of{rank[1]}"] if rank[1] > 1 else []
         for i, _, hf_names in fused.values():
             missing = [n for n in hf_names if f"model.layers.{i}.{n}.weight" not in masters.index]
             if missing:
@@ -106,31 +113,35 @@ class LayerSet:
         def kernel_layout(name: str):
             i, _, hf_names = fused[name]
             keys = [f"model.layers.{i}.{n}" for n in hf_names]
+            cut, group = cutters[name], twin_ckpt.group_size
             with MappedCheckpoint(twin_ckpt.tensors).reading() as pack:
-                shards = [PackedShard(pack.get(f"{k}.weight_packed"), pack.get(f"{k}.weight_scale")) for k in keys]
-                tensors, attrs = process_for_kernel(shards, info.linear_shapes[hf_names[0]][1],
-                                                    twin_ckpt.group_size, dtype, kernels)
+                shard = PackedShard(cut.cut([pack.get(f"{k}.weight_packed") for k in keys], 8),
+                                    cut.cut([pack.get(f"{k}.weight_scale") for k in keys], group))
+                tensors, attrs = process_for_kernel([shard], cut.in_features, group, dtype, kernels)
             return tensors, {**attrs, "params": sorted(tensors)}
 
+        w4_bytes: dict[str, int] = {}
         if identity or twin_ckpt is None:
             twins, attrs = MappedCheckpoint({}), {}
         else:
             pack_files = sorted(set(twin_ckpt.tensors.values()))
             engine_version, variant = twin_cache_tag
-            key = cache_key(pack_files, engine_version, str(dtype), variant)
+            key = cache_key(pack_files, engine_version, str(dtype), variant, *rank_tag)
             path = cache_root() / "kernel-twins" / f"{key}.safetensors"
             twins = ensure_kernel_twins(path, list(fused), kernel_layout)
             attrs = kernel_attrs(path)
-        fused_masters = open_fused_masters(masters, model_path, dtype, fused)
+        with twins.reading() as r:  # what each linear's W4 compute will hold (maps: no copy)
+            w4_bytes = {name: sum(r.get(f"{name}.{p}").nbytes for p in attrs[name]["params"]) for name in attrs}
+        fused_masters = open_fused_masters(masters, model_path, dtype, fused, cutters, rank)
         layers: dict[int, list[SwappableLinear]] = {}
         for name, (i, vllm_name, hf_names) in fused.items():
-            in_features = info.linear_shapes[hf_names[0]][1]
-            out_features = sum(info.linear_shapes[n][0] for n in hf_names)
+            cut = cutters[name]
+            in_features, out_features = cut.in_features, cut.out_features  # this rank's
             tiers = {}
             if w8_ckpt is not None:
-                tiers["w8a8"] = IdentityTwin(kernels) if identity else W8Twin(kernels)
+                tiers["w8a8"] = IdentityTwin(kernels, cut) if identity else W8Twin(kernels, cut)
             if twin_ckpt is not None:
-                tiers[packfmt.BASE_TIER] = IdentityTwin(kernels) if identity else W4Twin(
+                tiers[packfmt.BASE_TIER] = IdentityTwin(kernels, cut) if identity else W4Twin(
                     name, in_features, out_features, twin_ckpt.group_size, dtype, attrs[name], kernels)
             keys = [f"model.layers.{i}.{n}" for n in hf_names]
             swap = SwappableLinear(decoder_layers[i].get_submodule(vllm_name), keys, tiers,
@@ -138,6 +149,8 @@ class LayerSet:
                                    name=name)
             swap.fault = maybe_fail
             swap.tier_bytes["w8a8"] = kernels.w8_bytes(out_features, in_features)
+            if name in w4_bytes:
+                swap.tier_bytes[packfmt.BASE_TIER] = w4_bytes[name]
             layers.setdefault(i, []).append(swap)
         return cls(layers, masters, twins, MappedCheckpoint(w8_ckpt.tensors) if w8_ckpt is not None else None,
                    fused_masters)
@@ -184,6 +197,17 @@ class LayerSet:
         return {"fp_bytes_freed": gross, "bytes_freed": freed, "rss_delta": rss_before - rss_bytes(),
                 "seconds": time.monotonic() - t0, "quantized": self.quantized(), "tiers": self.tiers()}
 
+    def set_tiers(self, target: dict[int, str]) -> dict:
+        """Bring every layer to its tier in `target` (bf16 where absent), each layer whole
+        (apply: the less compressed moves first, then the more compressed)."""
+        changes = [(i, target.get(i, FULL)) for i in sorted(self.layers) if self.layers[i][0].tier != target.get(i, FULL)]
+        up = [[i, t] for i, t in changes if TIER_RANK[t] > TIER_RANK[self.layers[i][0].tier]]
+        down = [[i, t] for i, t in changes if TIER_RANK[t] < TIER_RANK[self.layers[i][0].tier]]
+        return self.apply(up, down)
+
+    def all_linears(self) -> list[SwappableLinear]:
+        return [s for swaps in self.layers.values() for s in swaps]
+
     def split_layers(self) -> list[int]:
         """Layers whose linears compute in more than one tier (must always be empty)."""
         return sorted(i for i, swaps in self.layers.items() if len({s.tier for s in swaps}) > 1)
@@ -208,14 +232,20 @@ class LayerSet:
         self.restore_targets = targets
         return {"started": len(targets)}
 
-    def restore_commit(self) -> dict:
-        """Install every layer prepared so far (called at a step boundary)."""
+    def restore_ready(self) -> int:
+        """Layers the restore could install now, in its order (0 when none is under way)."""
+        return self.restore.ready_count() if self.restore is not None else 0
+
+    def restore_commit(self, limit: int | None = None) -> dict:
+        """Install the layers prepared so far, at most `limit` of them in restore order
+        (called at a step boundary; under tensor parallelism the engine passes the count
+        every rank has ready, so all ranks install the same layers)."""
         prep = self.restore
         if prep is None:
             return {"active": False, "committed": [], "done": True, "error": None,
                     "quantized": self.quantized(), "tiers": self.tiers()}
         committed, fp_bytes = [], 0
-        for i, computes in prep.take_ready():
+        for i, computes in prep.take_ready(limit):
             tier = self.restore_targets[i]
             for s, compute in zip(self.layers[i], computes):
                 if compute is not None:
@@ -252,13 +282,16 @@ class LayerSet:
             m.drop_page_cache()
         return {"files": sum(len(m.files()) for m in maps)}
 
-    def held_tier_bytes(self) -> dict[str, list[int]]:
+    def held_tier_bytes(self, every_tier: bool = False) -> dict[str, list[int]]:
         """Per layer, the bytes each served int8 tier holds as the kernel keeps it (the pack's
-        manifest counts the checkpoint; vLLM's oneDNN int8 path adds a buffer per linear)."""
+        manifest counts the checkpoint; vLLM's oneDNN int8 path adds a buffer per linear).
+        `every_tier`: bf16 and every served tier, as this rank holds them (under tensor
+        parallelism a rank holds a shard, so the manifest's whole-layer bytes do not apply)."""
         swaps = self.layers[next(iter(self.layers))]
-        if "w8a8" not in swaps[0].twins:
-            return {}
-        return {"w8a8": [sum(s.tier_bytes["w8a8"] for s in self.layers[i]) for i in sorted(self.layers)]}
+        tiers = ([SwappableLinear.FULL] + list(swaps[0].twins)) if every_tier else [
+            t for t in ("w8a8",) if t in swaps[0].twins]
+        known = [t for t in tiers if all(t in s.tier_bytes for s in self.all_linears())]  # identity twins hold none
+        return {t: [sum(s.tier_bytes[t] for s in self.layers[i]) for i in sorted(self.layers)] for t in known}
 
     def quantized(self) -> list[int]:
         return sorted(i for i, swaps in self.layers.items() if all(s.quantized for s in swaps))

@@ -33,9 +33,9 @@ def shrink_kv(pool: ElasticBlockPool, scheduler, rpc: Callable, target: int, str
         result, action = _migrate_tail(pool, scheduler, rpc, result)
     out = {"done": result.done, "busy": len(result.busy), "strategy": strategy, **action}
     if result.done and committed_before > pool.committed:
-        rel = rpc("morphserve_kv_release", pool.committed + 1, committed_before)[0]
+        rels = rpc("morphserve_kv_release", pool.committed + 1, committed_before)  # one per rank
         out.update(released_blocks=committed_before - pool.committed,
-                   released_bytes=rel["advised"], kv_rss_delta=rel["rss_delta"])
+                   released_bytes=sum(r["advised"] for r in rels), kv_rss_delta=sum(r["rss_delta"] for r in rels))
     return out
 
 

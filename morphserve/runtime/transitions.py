@@ -67,7 +67,7 @@ class Transitions:
 
     def __init__(self, ladder: Ladder | list[int], rpc: Callable, pool: ElasticBlockPool, scheduler,
                  capacity: Callable[[int], int], recorder: Recorder, policy: PolicyLoop, shrink_strategy: str,
-                 commits_on_touch: bool = True):
+                 commits_on_touch: bool = True, ranks: int = 1):
         if not isinstance(ladder, Ladder):
             ladder = Ladder([Rung(i, "w4a16", 0) for i in ladder])
         self.ladder = ladder
@@ -80,6 +80,7 @@ class Transitions:
         self.policy = policy
         self.shrink_strategy = shrink_strategy
         self.commits_on_touch = commits_on_touch  # the workers' KV backing (runtime.backend)
+        self.ranks = ranks  # tensor-parallel workers: every plan commits on all of them or on none
         self.config: dict[int, str] = {}  # layer -> tier, every layer not in bf16
         self.config_version = 0  # bumped whenever `config` changes
         self._level = 0
@@ -199,14 +200,38 @@ class Transitions:
         self.recorder.finish(record, direction)
 
     def _apply(self, quantize: list, restore: list, level: int) -> dict:
+        """One plan on every worker. With one rank, layers finished before a failure keep
+        their new tier (each layer is whole either way). With several, a failure on any
+        rank puts every rank back on the map they served before the plan: the plan
+        commits on all ranks or on none."""
+        before = {str(i): t for i, t in self.config.items()}
         try:
             results = self.rpc("morphserve_apply", quantize, restore)
-        except Exception as e:  # the worker rolled its own swaps back; resync to be sure
-            self.set_tiers(self.rpc("morphserve_tiers")[0])
+        except Exception as e:  # each worker kept its layers whole; now one map for all
+            if self.ranks > 1:
+                self._agree(before)
+            else:
+                self.set_tiers(self.rpc("morphserve_tiers")[0])
             log.error("MorphServe: transition to %d failed (%s); serving at %d", level, e, self.level)
             raise MorphServeError(f"transition to {level} quantized layers failed: {e}") from e
-        self.set_tiers(results[0]["tiers"])
+        maps = [r["tiers"] for r in results]
+        if any(m != maps[0] for m in maps):  # cannot happen without a bug: never serve two maps
+            self._agree(before)
+            raise MorphServeError(f"transition to {level}: the ranks reported different layer maps; rolled back")
+        self.set_tiers(maps[0])
         return results[0]
+
+    def _agree(self, target: dict) -> None:
+        """Put every rank on `target` (layer -> tier) and take the map they then serve.
+        If that fails too, every rank is brought to rank 0's map: one map in any case."""
+        try:
+            maps = [r["tiers"] for r in self.rpc("morphserve_set_tiers", target)]
+        except Exception as e:
+            log.error("MorphServe: rolling every rank back failed (%s); aligning them on rank 0's map", e)
+            maps = self.rpc("morphserve_tiers")
+            if any(m != maps[0] for m in maps):
+                maps = [r["tiers"] for r in self.rpc("morphserve_set_tiers", maps[0])]
+        self.set_tiers(maps[0])
 
     # -- restores prepared in the background ---------------------------------------------
     def _begin_restore(self, layers: list[int], level: int, record: dict, t0: float, before_blocks: int) -> dict:
@@ -230,10 +255,17 @@ class Transitions:
         r = self.restoring
         t = time.monotonic()
         try:
-            results = self.rpc("morphserve_restore_commit")
+            if self.ranks > 1:  # install only what every rank has ready: the same layers everywhere
+                ready = min(self.rpc("morphserve_restore_ready"))
+                results = self.rpc("morphserve_restore_commit", ready)
+            else:
+                results = self.rpc("morphserve_restore_commit")
         except Exception as e:
             raise self._stopped(f"commit failed: {e}") from e
-        result = results[0]
+        result = dict(results[0])
+        errors = [r["error"] for r in results if r["error"]]
+        result["error"] = "; ".join(errors) if errors else None
+        result["done"] = all(r["done"] for r in results)
         r["commit_seconds"] += time.monotonic() - t
         r["record"]["steps"] += 1
         r["record"]["committed_layer_ids"] += result["committed"]
@@ -252,11 +284,14 @@ class Transitions:
     def _cancel_restore(self) -> None:
         r = self.restoring
         try:
-            tiers = self.rpc("morphserve_restore_cancel")[0]["tiers"]
+            maps = [r["tiers"] for r in self.rpc("morphserve_restore_cancel")]
         except Exception as e:  # still `restoring`: recovery tries the cancel again
             raise MorphServeError(f"could not cancel the restore in progress: {e}") from e
         self.restoring = None
-        self.set_tiers(tiers)
+        if any(m != maps[0] for m in maps):
+            self._agree(maps[0])
+        else:
+            self.set_tiers(maps[0])
         r["record"].update(cancelled=True, outcome="cancelled", to=self.level)
         self.recorder.write(r["record"])
         log.info("MorphServe: restore to %d called off at %d", r["level"], self.level)
@@ -269,9 +304,12 @@ class Transitions:
         if self.restoring is not None:
             self.restoring = None
             self._try_rpc("morphserve_restore_cancel")
-        tiers = self._try_rpc("morphserve_tiers")
-        if tiers is not None:
-            self.set_tiers(tiers)
+        maps = self._try_rpc_all("morphserve_tiers")
+        if maps is not None:
+            if any(m != maps[0] for m in maps):  # a rank stopped part-way: one map for all
+                self._try(lambda: self._agree(maps[0]), "aligning the ranks")
+            else:
+                self.set_tiers(maps[0])
         cap = self.capacity(self.level)
         if self.pool.limit < cap:
             self.grow(cap)  # a shrink for a restore that did not happen is called off
@@ -295,10 +333,18 @@ class Transitions:
 
     def _try_rpc(self, method: str, *args):
         """A worker call during recovery: its failure is logged, not raised."""
+        results = self._try_rpc_all(method, *args)
+        return results[0] if results is not None else None
+
+    def _try_rpc_all(self, method: str, *args):
+        return self._try(lambda: self.rpc(method, *args), method)
+
+    @staticmethod
+    def _try(call, what: str):
         try:
-            return self.rpc(method, *args)[0]
+            return call()
         except Exception as e:
-            log.error("MorphServe: %s failed during recovery: %s", method, e)
+            log.error("MorphServe: %s failed during recovery: %s", what, e)
             return None
 
     def kv_state(self) -> dict:

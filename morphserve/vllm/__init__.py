@@ -11,6 +11,7 @@ Modules:
 - engine: EngineLink, the controller's handle on its engine core (worker calls by name).
 - scheduler: VllmBlockStore, SchedulerView and StepSampler over vLLM's scheduler.
 - kv_cache: the host-backed KV allocation (a hash-pinned copy), block copies, remaps, layouts.
+- shards: this rank's part of a linear's tensors, cut by the layer's own vLLM weight loader.
 - kernels: vLLM's linear kernels, the W4A16 pin and the cpu_linear slot (VllmCpuKernels).
 - kernel_speed: one decoder layer's linears timed through vLLM's kernels, per tier (doctor).
 - platform_facts: which vLLM kernel runs each tier here, and whether FP8 KV is allowed (doctor).

@@ -149,6 +149,9 @@ class VllmCudaKernels:
     def place(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, non_blocking=True)
 
+    def own(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device, non_blocking=True)
+
     def has_slot(self, layer: torch.nn.Module) -> bool:
         return hasattr(layer, "quant_method")
 

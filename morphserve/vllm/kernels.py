@@ -178,6 +178,9 @@ class VllmCpuKernels:
     def place(self, t: torch.Tensor) -> torch.Tensor:
         return t.clone()
 
+    def own(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
     def has_slot(self, layer: torch.nn.Module) -> bool:
         return hasattr(layer, "cpu_linear")
 

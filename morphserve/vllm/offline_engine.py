@@ -104,8 +104,18 @@ def controller_of(core: EngineCore):
 
 
 def worker_call(core: EngineCore, method: str, *args: Any) -> Any:
-    """The first worker's answer to a `morphserve_*` method, called by name."""
-    return core.model_executor.collective_rpc(method, args=args)[0]
+    """The first worker's answer to a `morphserve_*` method, called by name (raises
+    RankFailure if any rank failed)."""
+    from morphserve.vllm.engine import raise_failures
+
+    return raise_failures(method, core.model_executor.collective_rpc(method, args=args))[0]
+
+
+def worker_calls(core: EngineCore, method: str, *args: Any) -> list:
+    """Every rank's answer to a `morphserve_*` method, in rank order."""
+    from morphserve.vllm.engine import raise_failures
+
+    return raise_failures(method, core.model_executor.collective_rpc(method, args=args))
 
 
 def kv_capacity_blocks(core: EngineCore) -> int:

@@ -110,7 +110,10 @@ def _patch_create_engine_config(original):
                 log.warning("MorphServe: enabling --enforce-eager (a compiled model would not see layer swaps)")
                 self.enforce_eager = True
             extra["morphserve"] = cfg.model_dump()
-            config = original(self, *args, **kwargs)
+            try:
+                config = original(self, *args, **kwargs)
+            except ValueError as e:  # vLLM's own refusal (e.g. heads not divisible by the TP size): one line
+                raise MorphServeError(str(e).strip().splitlines()[0]) from e
             check_supported(config)
             return config
         return original(self, *args, **kwargs)
@@ -123,8 +126,10 @@ def check_supported(vllm_config) -> None:
 
     - Not CPU: the layer swap and the KV backing are verified on vLLM's CPU worker only; the
       CUDA backend (backends.CudaBackend) has never run and needs an explicit opt-in.
-    - More than one rank (tensor, pipeline or data parallel): a transition would have to
-      commit on every rank at the same boundary, and the controller drives one worker.
+    - Pipeline or data parallelism: tensor parallelism is supported (every rank swaps its
+      shard of the same layers in one plan that commits on all ranks or none), but a
+      pipeline stage or a data-parallel engine would need a controller per stage or engine,
+      which is not built.
     - Async scheduling or any batch queue (max_concurrent_batches > 1): post_step would run
       while the next batch is already executing, so a swap could land mid-forward.
     - A vLLM whose allocate_kv_cache differs from the one kv_cache copies (checked here, per
@@ -144,8 +149,9 @@ def check_supported(vllm_config) -> None:
                                   f"{current_platform.device_name}" + (f". {CUDA_REFUSAL}" if is_cuda else ""))
         log.warning("MorphServe: running the UNVERIFIED CUDA backend (MORPHSERVE_UNVERIFIED_CUDA=1)")
     refuse_multiple_ranks({name: getattr(par, name) for name in RANK_ARGS})
-    if getattr(par, "world_size", 1) != 1:  # any other kind of parallelism multiplies it too
-        raise MorphServeError(f"MorphServe needs a single rank; this engine's world size is {par.world_size}")
+    if getattr(par, "world_size", 1) != getattr(par, "tensor_parallel_size", 1):  # any other parallelism
+        raise MorphServeError(f"MorphServe runs one engine with tensor parallelism only; this engine's world size is "
+                              f"{par.world_size} for --tensor-parallel-size {par.tensor_parallel_size}")
     if sched.async_scheduling or vllm_config.max_concurrent_batches != 1:
         raise MorphServeError(ASYNC_REFUSAL)
     refuse_unsupported_kv_dtype(vllm_config)
@@ -173,7 +179,7 @@ def refuse_unsupported_kv_dtype(vllm_config) -> None:
                               f"({problem}); leave the KV cache in the model's dtype")
 
 
-RANK_ARGS = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
+RANK_ARGS = ("pipeline_parallel_size", "data_parallel_size")  # tensor parallelism is supported
 ASYNC_REFUSAL = ("MorphServe swaps layers between steps; turn off async scheduling (--no-async-scheduling) "
                  "and any batch queue")
 
@@ -183,7 +189,8 @@ def refuse_multiple_ranks(ranks: dict) -> None:
 
     for name, size in ranks.items():
         if size not in (None, 1):
-            raise MorphServeError(f"MorphServe needs a single rank; --{name.replace('_', '-')} is {size}")
+            raise MorphServeError(f"MorphServe supports tensor parallelism only; --{name.replace('_', '-')} is {size} "
+                                  f"(run one MorphServe server per replica behind a router: docs/SCALE_OUT.md)")
 
 
 # -- engine core -----------------------------------------------------------------------

@@ -8,19 +8,48 @@ cache) and hands it to the runtime's LayerSet, which holds the swap logic.
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
 from kv_resize.host_backing import tail_ranges
+from morphserve.runtime import faults
 from morphserve.runtime.faults import maybe_fail
 from morphserve.runtime.config import MorphConfig
 from morphserve.runtime.layer_set import LayerSet, rss_bytes, trim_heap
 from morphserve.runtime.proc_memory import process_rss
-from morphserve.vllm import kernels, kv_cache
+from morphserve.vllm import kernels, kv_cache, shards
 from morphserve.vllm.backends import backend_for
 from morphserve.vllm.patches import SUPPORTED_VLLM
 
 
+# A worker method that raises under vLLM's multiprocess executor breaks every later call:
+# collective_rpc raises at the first failed rank's reply and leaves the other ranks'
+# replies unread in their queues, where the next call would read them as its own. So no
+# MorphServe method raises across the boundary: a failure comes back as this key, every
+# rank's reply is read, and the engine side (morphserve.vllm.engine) raises once.
+ERROR_KEY = "morphserve_error"
+
+
+def _reported(method):
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as e:
+            return {ERROR_KEY: f"{type(e).__name__}: {e}", "rank": faults.rank()}
+
+    return call
+
+
+def _every_failure_reported(cls):
+    for name, value in list(vars(cls).items()):
+        if name.startswith("morphserve_") and callable(value):
+            setattr(cls, name, _reported(value))
+    return cls
+
+
+@_every_failure_reported
 class MorphWorkerExtension:
     _morph: LayerSet
 
@@ -29,15 +58,21 @@ class MorphWorkerExtension:
         dtype = self.vllm_config.model_config.dtype
         backend = backend_for(self.device.type)
         variant = kernels.wna16_variant(dtype) if backend.name == "cpu" else backend.name
+        layers = kernels.decoder_layers(self.model_runner.model)
+        rank = shards.tensor_parallel(layers[0].self_attn.qkv_proj)
+        faults.set_rank(rank[0])
         self._morph = LayerSet.build(
             MorphConfig.model_validate(cfg), Path(self.vllm_config.model_config.model), dtype,
-            kernels.decoder_layers(self.model_runner.model), kernels.FUSED_LINEARS, backend.kernels,
-            (SUPPORTED_VLLM, variant))
+            layers, kernels.FUSED_LINEARS, backend.kernels, (SUPPORTED_VLLM, variant), shards.RankCutter, rank)
         kv_cache.enable_kv_backing(backend)  # the KV cache is allocated after this call
         trim_heap()
+        sharded = rank[1] > 1
         return {"layers": len(self._morph.layers), "seconds": time.monotonic() - t0, "rss": rss_bytes(),
-                "backend": backend.name, "commits_on_touch": backend.commits_on_touch,
-                "held_tier_bytes": self._morph.held_tier_bytes()}
+                "backend": backend.name, "commits_on_touch": backend.commits_on_touch, "rank": rank[0],
+                "ranks": rank[1], "held_tier_bytes": self._morph.held_tier_bytes(every_tier=sharded),
+                # this rank's weights at full precision: its shard of every linear, its
+                # embedding rows, and the norms every rank holds (a shard's bytes, not the file's)
+                "weight_bytes": self._weight_bytes() + sum(s.fp_bytes for s in self._morph.all_linears())}
 
     def morphserve_tier_speed(self, tiers: list, group_size: int) -> dict:
         """Seconds of one decoder layer's linears per tier and batch, through vLLM's kernels
@@ -57,11 +92,20 @@ class MorphWorkerExtension:
     def morphserve_restore_begin(self, layers: list) -> dict:
         return self._morph.restore_begin(layers)
 
-    def morphserve_restore_commit(self) -> dict:
-        return self._morph.restore_commit()
+    def morphserve_restore_ready(self) -> int:
+        """How many layers of the restore could be installed now (in restore order)."""
+        return self._morph.restore_ready()
+
+    def morphserve_restore_commit(self, limit: int | None = None) -> dict:
+        return self._morph.restore_commit(limit)
 
     def morphserve_restore_cancel(self) -> dict:
         return self._morph.restore_cancel()
+
+    def morphserve_set_tiers(self, target: dict) -> dict:
+        """Bring every layer to `target` (layer -> tier; bf16 where absent): how the engine
+        puts every rank back on one map after a plan failed on some of them."""
+        return self._morph.set_tiers({int(k): v for k, v in target.items()})
 
     def morphserve_quantized(self) -> list[int]:
         return self._morph.quantized()
@@ -72,12 +116,16 @@ class MorphWorkerExtension:
     def morphserve_drop_page_cache(self) -> dict:
         return self._morph.drop_page_cache()
 
+    def _weight_bytes(self) -> int:
+        """Bytes of the model's own parameters (the swappable linears' live in their closures)."""
+        return sum(p.numel() * p.element_size() for p in self.model_runner.model.parameters())
+
     def morphserve_memory(self, kv_resident: bool = False) -> dict:
         """What this worker holds: weights the model computes with (in whichever precision),
         twins resident outside the model (none: they stay in the pack file), and its RSS.
         Read on every /morphserve/state and /metrics scrape, so it does not trim the heap
         (transitions already end trimmed)."""
-        params = sum(p.numel() * p.element_size() for p in self.model_runner.model.parameters())
+        params = self._weight_bytes()
         backing = kv_cache.kv_backing()
         return {"weights_bytes": params + self._morph.live_bytes(), "twin_bytes": 0,
                 "prepared_bytes": self._morph.prepared_bytes(),
