@@ -1,7 +1,7 @@
 """Plain vLLM (no MorphServe) in a fresh process: the baseline the engine tests compare with.
 
     python tests/plain_vllm.py MODEL OUT.json --jobs-json JOBS.json
-JOBS.json is a list of {"engine": {...}, "prompts": [...], "lengths": [...], "windows": [...]?,
+JOBS.json is a list of {"engine": {...} (vLLM settings; "model" picks another checkpoint), "prompts": [...], "lengths": [...], "windows": [...]?,
 "gaps": [...]?}; OUT.json gets one result per job, in order. Each job is its own `generate`
 call (its own batch); jobs with equal engine settings share one engine, built in job order.
 Run as a subprocess so the baseline engine never shares a process with the engine under
@@ -46,12 +46,19 @@ def main() -> None:
     args = ap.parse_args()
     jobs = json.loads(Path(args.jobs_json).read_text())
     results: list = [None] * len(jobs)
+    # An engine setting "model" serves that checkpoint instead of MODEL (static baselines).
     configs = list(dict.fromkeys(json.dumps(job["engine"], sort_keys=True) for job in jobs))
     for config in configs:
         engine = json.loads(config)
+        model = engine.pop("model", args.model)
+        tp = engine.get("tensor_parallel_size", 1)
+        if tp > 1:  # the CPU lists MorphServe supplies to its own engine where vLLM's `auto` stops
+            from morphserve.runtime import thread_binding
+
+            thread_binding.supply(os.environ, tp)
         # No pack: no general plugin loads (plain vLLM); static W4 baselines run the 4-bit
         # kernel MorphServe serves (in_process_llm sets it).
-        llm = in_process_llm(args.model, None, enforce_eager=True, max_model_len=engine.pop("max_model_len", 1100),
+        llm = in_process_llm(model, None, enforce_eager=True, max_model_len=engine.pop("max_model_len", 1100),
                              **engine)
         for i, job in enumerate(jobs):
             if json.dumps(job["engine"], sort_keys=True) == config:

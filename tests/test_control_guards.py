@@ -62,12 +62,12 @@ def test_deep_nesting_under_the_size_cap_is_a_400():
 
 def _vllm_config(platform_ok=True, tp=1, pp=1, dp=1, async_scheduling=False, batches=1):
     return SimpleNamespace(
-        parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=pp, data_parallel_size=dp),
+        parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=pp, data_parallel_size=dp,
+                                        world_size=tp * pp),
         scheduler_config=SimpleNamespace(async_scheduling=async_scheduling), max_concurrent_batches=batches)
 
 
 @pytest.mark.parametrize("changes,message", [
-    ({"tp": 2}, "--tensor-parallel-size is 2"),
     ({"pp": 2}, "--pipeline-parallel-size is 2"),
     ({"dp": 2}, "--data-parallel-size is 2"),
     ({"async_scheduling": True}, "async scheduling"),
@@ -80,6 +80,12 @@ def test_unsafe_engine_setups_are_refused_in_one_line(changes, message):
     with pytest.raises(MorphServeError, match=message) as e:
         check_supported(_vllm_config(**changes))
     assert "\n" not in str(e.value)
+
+
+def test_tensor_parallelism_is_accepted():
+    from morphserve.vllm.patches import check_supported
+
+    check_supported(_vllm_config(tp=3))  # every rank morphs its shard (tests/test_tensor_parallel.py)
 
 
 def test_a_vllm_whose_kv_allocation_drifted_is_refused_per_engine(monkeypatch):

@@ -153,12 +153,17 @@ def test_offline_api_refuses_a_bad_config_before_starting(model_dir, pack_dir, t
                    additional_config={"morphserve": {"pack": str(pack_dir), "bogus": 1}}).create_engine_config()
 
 
-def test_serve_refuses_more_than_one_rank_in_one_line(model_dir, pack_dir):
-    """Refused by MorphServe before vLLM's own validation (SmolLM2's 9 heads would fail TP 2)."""
+@pytest.mark.parametrize("flags,last_line", [
+    (["--pipeline-parallel-size", "2"], "error: MorphServe supports tensor parallelism only; --pipeline-parallel-size "
+                                        "is 2 (run one MorphServe server per replica behind a router: docs/SCALE_OUT.md)"),
+    # vLLM's own refusal, as one line: SmolLM2's 9 heads do not split over 2 ranks (1, 3 and 9 do)
+    (["--tensor-parallel-size", "2"], "error: Total number of attention heads (9) must be divisible by tensor "
+                                      "parallel size (2)."),
+])
+def test_serve_refuses_unsupported_parallelism_in_one_line(model_dir, pack_dir, flags, last_line):
     proc = subprocess.run([sys.executable, "-m", "morphserve.cli", "serve", str(model_dir), "--pack", str(pack_dir),
-                           "--tensor-parallel-size", "2", "--port", str(free_port())],
+                           *flags, "--port", str(free_port())],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     last = proc.stderr.strip().splitlines()[-1]
-    assert proc.returncode == 2 and last == "error: MorphServe needs a single rank; --tensor-parallel-size is 2", \
-        proc.stderr[-2000:]
+    assert proc.returncode == 2 and last == last_line, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr

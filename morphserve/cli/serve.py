@@ -21,7 +21,7 @@ import os
 import sys
 
 from morphserve.runtime import config as runtime_config
-from morphserve.runtime import onednn_cache
+from morphserve.runtime import onednn_cache, thread_binding
 from morphserve.runtime.allocator import ALLOCATOR_ENV, ALLOCATORS, default_allocator, preload_env, resolve
 from morphserve.errors import MorphServeError
 
@@ -115,6 +115,19 @@ def _is_secret_flag(flag: str) -> bool:
     return any(secret.startswith(name) for secret in SECRET_FLAGS)
 
 
+def tensor_parallel_size(extra: list[str]) -> int:
+    """The --tensor-parallel-size (-tp) among the flags passed on to vLLM (1 if absent)."""
+    for i, arg in enumerate(extra):
+        flag, eq, value = arg.partition("=")
+        if flag in ("--tensor-parallel-size", "--tensor_parallel_size", "-tp"):
+            raw = value if eq else (extra[i + 1] if i + 1 < len(extra) else "")
+            try:
+                return int(raw)
+            except ValueError:
+                return 1  # vLLM's own parser reports the bad value
+    return 1
+
+
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     if any(a == "--additional-config" or a.startswith("--additional-config=") for a in extra):
         raise MorphServeError("morphserve serve builds --additional-config itself; do not pass it")
@@ -130,6 +143,10 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"morphserve: malloc: {malloc} (LD_PRELOAD={env['LD_PRELOAD']})", file=sys.stderr)
     print(f"morphserve: oneDNN kernel cache: {env[onednn_cache.ONEDNN_CACHE_ENV]} kernels "
           f"({onednn_cache.ONEDNN_CACHE_ENV}; oneDNN's default is {onednn_cache.ONEDNN_DEFAULT})", file=sys.stderr)
+    binding = thread_binding.supply(env, tensor_parallel_size(extra))
+    if binding is not None:
+        print(f"morphserve: {thread_binding.ENV}={binding} (one CPU list per tensor-parallel rank: this machine has "
+              f"fewer NUMA nodes than ranks, where vLLM's automatic binding stops)", file=sys.stderr)
     print("morphserve: --enforce-eager because a compiled graph would not see layer swaps", file=sys.stderr)
     if args.dry_run:
         print(" ".join(shown))

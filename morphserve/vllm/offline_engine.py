@@ -25,10 +25,12 @@ if TYPE_CHECKING:
 Prompt = Union[str, list[int]]  # text, or token ids
 
 
-def in_process_llm(model: str | Path, pack: str | Path | None = None, twin: str | None = None, **llm_kw: Any) -> LLM:
+def in_process_llm(model: str | Path, pack: str | Path | None = None, twin: str | None = None,
+                   morph: dict | None = None, **llm_kw: Any) -> LLM:
     """A vLLM `LLM` whose engine core runs in this process, bf16, seed 0.
 
-    With `pack`, MorphServe is on (`twin` picks the twin kind, default the pack's own);
+    With `pack`, MorphServe is on (`twin` picks the twin kind, default the pack's own;
+    `morph` adds other MorphServe settings);
     without, no general plugin loads at all: plain vLLM. `llm_kw` goes to `LLM` as is.
     An explicit `kv_cache_memory_bytes` would be overridden by VLLM_CPU_KVCACHE_SPACE, so
     that is dropped; otherwise the KV space defaults to 1 GiB.
@@ -51,7 +53,7 @@ def in_process_llm(model: str | Path, pack: str | Path | None = None, twin: str 
     from vllm import LLM
 
     if pack is not None:
-        config = {"pack": str(pack), **({"twin": twin} if twin is not None else {})}
+        config = {"pack": str(pack), **({"twin": twin} if twin is not None else {}), **(morph or {})}
         llm_kw["additional_config"] = {"morphserve": config}
     return LLM(model=str(model), dtype="bfloat16", seed=0, **llm_kw)
 

@@ -93,6 +93,16 @@ def _patch_create_engine_config(original):
             from morphserve.vllm.kernels import probe_tiers
 
             onednn_cache.bounded(os.environ)  # before any kernel runs here, and for the processes vLLM spawns
+            from morphserve.runtime import thread_binding
+
+            binding = thread_binding.supply(os.environ, int(getattr(self, "tensor_parallel_size", 1) or 1))
+            if binding is not None:
+                from vllm import envs
+
+                if envs._is_envs_cache_enabled():  # an earlier engine here froze vLLM's env reads
+                    envs.__getattr__.cache_clear()
+                log.warning("MorphServe: %s=%s (fewer NUMA nodes than tensor-parallel ranks; vLLM's automatic "
+                            "binding would stop)", thread_binding.ENV, binding)
 
             cfg = runtime_config.activate(extra["morphserve"], self.model, probe=probe_tiers)
             if self.worker_extension_cls and self.worker_extension_cls != WORKER_EXTENSION:
@@ -113,12 +123,26 @@ def _patch_create_engine_config(original):
             try:
                 config = original(self, *args, **kwargs)
             except ValueError as e:  # vLLM's own refusal (e.g. heads not divisible by the TP size): one line
-                raise MorphServeError(str(e).strip().splitlines()[0]) from e
+                raise MorphServeError(_first_reason(e)) from e
             check_supported(config)
             return config
         return original(self, *args, **kwargs)
 
     return create_engine_config
+
+
+def _first_reason(e: ValueError) -> str:
+    """The reason in vLLM's refusal: pydantic's first error message (VllmConfig validates
+    as a pydantic dataclass), else the exception's first line."""
+    errors = getattr(e, "errors", None)
+    if callable(errors):
+        try:
+            msg = str(errors()[0].get("msg", "")).removeprefix("Value error, ")
+            if msg:
+                return msg.splitlines()[0]
+        except (IndexError, TypeError, AttributeError):
+            pass
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def check_supported(vllm_config) -> None:
