@@ -85,6 +85,8 @@ def tiered_pack(model_dir: Path, pack_dir: Path, tmp_path_factory) -> Path:
     """A W8A8 + W4A16 pack: the session pack's W4A16 twin where it has one (else a GPTQ run),
     plus a W8A8 twin from llm-compressor (round-to-nearest), the W8A8 order taken from the
     W4A16 one to keep the test's prepare short."""
+    if os.environ.get("MORPHSERVE_TEST_TIERED_PACK"):  # iterate on engine tests without re-preparing
+        return Path(os.environ["MORPHSERVE_TEST_TIERED_PACK"]).resolve()
     out = tmp_path_factory.mktemp("tiered") / "pack"
     reuse = ["--quantized", str(pack_dir / "quantized")] if (pack_dir / "quantized").is_dir() else []
     # Fewer tokens than TINY_PREPARE: its tests need the tiers, the ladder's every level and

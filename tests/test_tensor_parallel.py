@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -35,8 +36,25 @@ def rungs_pack(request, pack_dir):
     return request.getfixturevalue("tiered_pack") if tier_verdicts()["w4a16"] is None else pack_dir
 
 
+def _rung_checkpoints(pack) -> dict[int, str]:
+    """level -> the static checkpoint plain vLLM serves for it: k*L, every layer in the
+    pack's k-th tier."""
+    manifest = json.loads((pack / "manifest.json").read_text())
+    return {k * L: str(pack / t["quantized_dir"]) for k, t in enumerate(manifest["tiers"], start=1)}
+
+
 @pytest.fixture(scope="module")
-def engine(model_dir, rungs_pack):
+def static_runs(model_dir, rungs_pack, tmp_path_factory):
+    """Plain vLLM at the same size on each rung's static checkpoint, started in a thread
+    before the engine under test so the two start-ups overlap (one process each; outputs
+    do not depend on timing: every request is added before the first step)."""
+    jobs = [_plain_job(m) for m in _rung_checkpoints(rungs_pack).values()]
+    with ThreadPoolExecutor(1) as pool:
+        yield pool.submit(plain_vllm_many, model_dir, jobs, tmp_path_factory.mktemp("plain-tp"))
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir, rungs_pack, static_runs):
     saved = {k: os.environ.get(k) for k in ("MORPHSERVE_TEST_FAULTS", "VLLM_CPU_OMP_THREADS_BIND")}
     os.environ["MORPHSERVE_TEST_FAULTS"] = FAULT  # the workers read it; they are spawned now
     try:
@@ -58,16 +76,16 @@ def _maps(core) -> list[dict]:
     return worker_calls(core, "morphserve_tiers")
 
 
-def test_a_fault_on_one_rank_rolls_every_rank_back_and_serving_goes_on(engine, model_dir, tmp_path):
+def test_a_fault_on_one_rank_rolls_every_rank_back_and_serving_goes_on(engine):
     llm, core = engine
+    before = _greedy(llm)
     result = core.morphserve_set_level(L)
     assert not result["ok"] and "rank 1" in result["error"] and "injected fault at quantize" in result["error"], result
     assert result["level"] == 0
     assert _maps(core) == [{}] * TP  # ranks 0 and 2 had finished the plan: both undone
     state = core.morphserve_state()
     assert state["memory"]["split_layers"] == [] and state["kv_capacity_blocks"] == state["kv_blocks_by_level"][0]
-    tokens = _greedy(llm)
-    assert tokens == plain_vllm_many(model_dir, [_plain_job(str(model_dir))], tmp_path)[0]["token_ids"]
+    assert _greedy(llm) == before  # every rank computes in bf16 again, exactly as before
     core.morphserve_set_level(None)  # the error pin; the fault fires once per worker process
 
 
@@ -75,25 +93,21 @@ def _plain_job(model: str) -> dict:
     return plain_job(PROMPTS, MAX_TOKENS, tensor_parallel_size=TP, model=model)
 
 
-def test_each_rung_computes_what_plain_vllm_tp_computes_from_that_static_checkpoint(engine, rungs_pack, model_dir,
-                                                                                     tmp_path):
+def test_each_rung_computes_what_plain_vllm_tp_computes_from_that_static_checkpoint(engine, rungs_pack, static_runs):
+    """Level L (every layer W8A8) and 2L (every layer W4A16, where this CPU runs it) against
+    plain vLLM serving that static checkpoint at the same size; level 0 against itself
+    after the round trip (bit-exact restores on every rank)."""
     llm, core = engine
-    manifest = json.loads((rungs_pack / "manifest.json").read_text())
-    tiers = [t["name"] for t in manifest["tiers"]]
-    rungs = {0: str(model_dir)}
-    for k, tier in enumerate(tiers, start=1):  # level k*L: every layer in the k-th tier
-        rungs[k * L] = str(rungs_pack / next(t["quantized_dir"] for t in manifest["tiers"] if t["name"] == tier))
-    ours = {}
-    for level in rungs:
+    ours = {0: _greedy(llm)}
+    for level in _rung_checkpoints(rungs_pack):
         result = core.morphserve_set_level(level)
         assert result["ok"] and result["level"] == level, result
         maps = _maps(core)
-        assert all(m == maps[0] for m in maps) and len(maps[0]) == (L if level else 0)
+        assert all(m == maps[0] for m in maps) and len(maps[0]) == L
         ours[level] = _greedy(llm)
     assert core.morphserve_set_level(0)["ok"]
-    assert _greedy(llm) == ours[0]  # back down to bf16: bit-exact on every rank
-    static = plain_vllm_many(model_dir, [_plain_job(m) for m in rungs.values()], tmp_path)
-    for (level, _), theirs in zip(rungs.items(), static):
+    assert _greedy(llm) == ours[0]
+    for level, theirs in zip(_rung_checkpoints(rungs_pack), static_runs.result()):
         assert ours[level] == theirs["token_ids"], f"level {level}"
 
 
