@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         step, med, mean = r["median_step_s"], r["median_boundary_s"], r["mean_boundary_s"]
         share = f"{100 * mean / step:.2f}%" if mean is not None else "n/a"
         print(f"| {r['tp']} | {r['policy']} | {spread(r['moves']['0->L'])} | {spread(r['moves']['L->0'])} | "
-              f"{1000 * step:.1f} | {1000 * (med or 0):.2f} / {1000 * (mean or 0):.2f} | {share} | {r['policy_transitions']} |")
+              f"{1000 * step:.1f} | {1000 * (med or 0):.2f} / {1000 * (mean or 0):.2f} | {share} | "
+              f"{r['policy_transitions']} |")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     return 0

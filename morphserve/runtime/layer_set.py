@@ -200,7 +200,8 @@ class LayerSet:
     def set_tiers(self, target: dict[int, str]) -> dict:
         """Bring every layer to its tier in `target` (bf16 where absent), each layer whole
         (apply: the less compressed moves first, then the more compressed)."""
-        changes = [(i, target.get(i, FULL)) for i in sorted(self.layers) if self.layers[i][0].tier != target.get(i, FULL)]
+        changes = [(i, target.get(i, FULL)) for i in sorted(self.layers)
+                   if self.layers[i][0].tier != target.get(i, FULL)]
         up = [[i, t] for i, t in changes if TIER_RANK[t] > TIER_RANK[self.layers[i][0].tier]]
         down = [[i, t] for i, t in changes if TIER_RANK[t] < TIER_RANK[self.layers[i][0].tier]]
         return self.apply(up, down)

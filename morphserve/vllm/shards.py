@@ -37,7 +37,8 @@ class RankCutter:
         self.in_features = int(layer.input_size_per_partition)
         self.widths = [int(w) for w in layer.output_partition_sizes]  # this rank's rows per fused part
 
-    def cut(self, parts: list[torch.Tensor], in_divisor: int | None = 1, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def cut(self, parts: list[torch.Tensor], in_divisor: int | None = 1,
+            dtype: torch.dtype | None = None) -> torch.Tensor:
         """A new [out_per_rank, in] tensor holding this rank's rows (or columns) of `parts`.
 
         `in_divisor`: how many input features one column of the tensor stands for (1 for a
