@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from morphserve.vllm.offline_engine import controller_of, run_greedy, worker_calls
+from morphserve.vllm.offline_engine import controller_of, run_greedy, shut_down, worker_calls
 from tests.conftest import tier_verdicts
 from tests.engine_utils import PROMPTS, morph_llm, plain_vllm_many, plain_job
 
@@ -64,6 +64,7 @@ def engine(model_dir, rungs_pack, static_runs):
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     yield llm, core
+    shut_down(llm)  # its 3 worker processes, now rather than at interpreter exit
     del llm
 
 

@@ -64,6 +64,12 @@ def engine_core_of(llm: LLM) -> EngineCore:
     return llm.llm_engine.engine_core.engine_core
 
 
+def shut_down(llm: LLM) -> None:
+    """Stop the engine and its worker processes now (with tensor parallelism they would
+    otherwise live until the interpreter exits)."""
+    llm.llm_engine.engine_core.shutdown()
+
+
 @dataclass
 class StepRun:
     tokens: dict[str, list[int]]  # request id -> output token ids, for every request that finished
