@@ -115,6 +115,10 @@ def _is_secret_flag(flag: str) -> bool:
     return any(secret.startswith(name) for secret in SECRET_FLAGS)
 
 
+KV_SIZE_FLAGS = ("--kv-cache-memory-bytes", "--kv_cache_memory_bytes", "--gpu-memory-utilization",
+                 "--gpu_memory_utilization")
+
+
 def tensor_parallel_size(extra: list[str]) -> int:
     """The --tensor-parallel-size (-tp) among the flags passed on to vLLM (1 if absent)."""
     for i, arg in enumerate(extra):
@@ -143,7 +147,13 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"morphserve: malloc: {malloc} (LD_PRELOAD={env['LD_PRELOAD']})", file=sys.stderr)
     print(f"morphserve: oneDNN kernel cache: {env[onednn_cache.ONEDNN_CACHE_ENV]} kernels "
           f"({onednn_cache.ONEDNN_CACHE_ENV}; oneDNN's default is {onednn_cache.ONEDNN_DEFAULT})", file=sys.stderr)
-    binding = thread_binding.supply(env, tensor_parallel_size(extra))
+    ranks = tensor_parallel_size(extra)
+    sized = "VLLM_CPU_KVCACHE_SPACE" in env or any(a.split("=")[0] in KV_SIZE_FLAGS for a in extra)
+    if ranks > 1 and not sized:
+        print(f"morphserve: warning: with {ranks} ranks on one machine set VLLM_CPU_KVCACHE_SPACE (GiB per rank) or "
+              f"--kv-cache-memory-bytes; otherwise vLLM's CPU workers each ask for --gpu-memory-utilization of all "
+              f"memory, and every rank after the first stops at start-up", file=sys.stderr)
+    binding = thread_binding.supply(env, ranks)
     if binding is not None:
         print(f"morphserve: {thread_binding.ENV}={binding} (one CPU list per tensor-parallel rank: this machine has "
               f"fewer NUMA nodes than ranks, where vLLM's automatic binding stops)", file=sys.stderr)
