@@ -154,9 +154,8 @@ def test_offline_api_refuses_a_bad_config_before_starting(model_dir, pack_dir, t
 
 
 @pytest.mark.parametrize("flags,last_line", [
-    (["--pipeline-parallel-size", "2"], "error: MorphServe supports tensor parallelism only; --pipeline-parallel-size "
-                                        "is 2 (run one MorphServe server per replica behind a router: docs/SCALE_OUT.md)"),
-    # vLLM's own refusal, as one line: SmolLM2's 9 heads do not split over 2 ranks (1, 3 and 9 do)
+    # vLLM's own refusal, as one line: SmolLM2's 9 heads do not split over 2 ranks (1, 3 and 9 do).
+    # Pipeline parallelism's refusal: tests/test_thread_binding.py (the same path, in-process).
     (["--tensor-parallel-size", "2"], "error: Total number of attention heads (9) must be divisible by tensor "
                                       "parallel size (2)."),
 ])

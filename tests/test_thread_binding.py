@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from morphserve.cli.serve import tensor_parallel_size
@@ -43,3 +47,38 @@ def test_serve_passes_the_size_and_names_the_binding_it_supplies(model_dir, pack
     assert "--tensor-parallel-size 3" in proc.stdout
     supplied = thread_binding.numa_node_count() < 3
     assert (f"{thread_binding.ENV}=" in proc.stderr) == supplied, proc.stderr
+
+
+_VLLM_SERVE_PATH = """
+import os, sys
+from morphserve.errors import MorphServeError
+from morphserve.vllm.plugin import register
+register()
+from vllm import EngineArgs
+model, pack = sys.argv[1], sys.argv[2]
+EngineArgs(model=model, tensor_parallel_size=3).create_engine_config()
+print("plain:", os.environ.get("VLLM_CPU_OMP_THREADS_BIND"))
+config = EngineArgs(model=model, tensor_parallel_size=3, additional_config={"morphserve": {"pack": pack}}
+                    ).create_engine_config()
+print("morphserve:", config.parallel_config.tensor_parallel_size, os.environ.get("VLLM_CPU_OMP_THREADS_BIND"))
+try:
+    EngineArgs(model=model, pipeline_parallel_size=2, additional_config={"morphserve": {"pack": pack}}
+               ).create_engine_config()
+except MorphServeError as e:
+    print("pipeline:", e)
+"""
+
+
+@pytest.mark.quant
+def test_vllm_serves_config_path_accepts_three_ranks_supplies_the_binding_and_refuses_pipelines(model_dir, pack_dir):
+    """What `vllm serve --tensor-parallel-size 3 --additional-config '{"morphserve": ...}'`
+    runs in its API server before it spawns the engine (docs/RESULTS.md has the served run)."""
+    env = {k: v for k, v in os.environ.items() if k != thread_binding.ENV}
+    out = subprocess.run([sys.executable, "-c", _VLLM_SERVE_PATH, str(model_dir), str(pack_dir)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith(("plain:", "morphserve:", "pipeline:"))]
+    expected = thread_binding.plan(sorted(os.sched_getaffinity(0)), thread_binding.numa_node_count(), 3)
+    assert lines == ["plain: None", f"morphserve: 3 {expected}",
+                     "pipeline: MorphServe supports tensor parallelism only; --pipeline-parallel-size is 2 (run one "
+                     "MorphServe server per replica behind a router: docs/SCALE_OUT.md)"], out.stdout[-2000:]
