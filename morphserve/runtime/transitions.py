@@ -214,12 +214,18 @@ class Transitions:
                 self.set_tiers(self.rpc("morphserve_tiers")[0])
             log.error("MorphServe: transition to %d failed (%s); serving at %d", level, e, self.level)
             raise MorphServeError(f"transition to {level} quantized layers failed: {e}") from e
-        maps = [r["tiers"] for r in results]
-        if any(m != maps[0] for m in maps):  # cannot happen without a bug: never serve two maps
-            self._agree(before)
+        if not self._adopt([r["tiers"] for r in results], before):  # cannot happen without a bug
             raise MorphServeError(f"transition to {level}: the ranks reported different layer maps; rolled back")
-        self.set_tiers(maps[0])
         return results[0]
+
+    def _adopt(self, maps: list[dict], fallback: dict | None = None) -> bool:
+        """Take the ranks' layer maps if they are one map (True); otherwise put every rank on
+        `fallback` (default rank 0's map) and return False: never serve two maps."""
+        if all(m == maps[0] for m in maps):
+            self.set_tiers(maps[0])
+            return True
+        self._agree(maps[0] if fallback is None else fallback)
+        return False
 
     def _agree(self, target: dict) -> None:
         """Put every rank on `target` (layer -> tier) and take the map they then serve.
@@ -288,10 +294,7 @@ class Transitions:
         except Exception as e:  # still `restoring`: recovery tries the cancel again
             raise MorphServeError(f"could not cancel the restore in progress: {e}") from e
         self.restoring = None
-        if any(m != maps[0] for m in maps):
-            self._agree(maps[0])
-        else:
-            self.set_tiers(maps[0])
+        self._adopt(maps)
         r["record"].update(cancelled=True, outcome="cancelled", to=self.level)
         self.recorder.write(r["record"])
         log.info("MorphServe: restore to %d called off at %d", r["level"], self.level)
@@ -305,11 +308,8 @@ class Transitions:
             self.restoring = None
             self._try_rpc("morphserve_restore_cancel")
         maps = self._try_rpc_all("morphserve_tiers")
-        if maps is not None:
-            if any(m != maps[0] for m in maps):  # a rank stopped part-way: one map for all
-                self._try(lambda: self._agree(maps[0]), "aligning the ranks")
-            else:
-                self.set_tiers(maps[0])
+        if maps is not None:  # a rank may have stopped part-way: one map for all
+            self._try(lambda: self._adopt(maps), "aligning the ranks")
         cap = self.capacity(self.level)
         if self.pool.limit < cap:
             self.grow(cap)  # a shrink for a restore that did not happen is called off
