@@ -66,6 +66,7 @@ class SwitchableModel:
         self.act_quant_tiers = act_quant_tiers
         self.config: dict[int, str] = {}
         self._hooks: dict[int, list] = {}
+        self._last_fake_quant: tuple[torch.Tensor, torch.Tensor] | None = None
         self._states: list[list[torch.Tensor]] | None = None  # nll's layer inputs, see there
         self._states_key: tuple[Windows, dict[int, str]] | None = None
 
@@ -93,9 +94,18 @@ class SwitchableModel:
             for h in self._hooks.pop(i, []):
                 h.remove()
             if tier in self.act_quant_tiers:
-                self._hooks[i] = [mod.register_forward_pre_hook(lambda _m, args: (fake_quant_per_token_int8(args[0]),))
+                self._hooks[i] = [mod.register_forward_pre_hook(lambda _m, args: (self._fake_quant_once(args[0]),))
                                   for mod in self._linears(i).values()]
         self.config = dict(config)
+
+    def _fake_quant_once(self, x: torch.Tensor) -> torch.Tensor:
+        """q/k/v read one tensor and gate/up another: quantize each once, not three and two
+        times. The last input is held, so no other tensor can reuse its identity."""
+        if self._last_fake_quant is not None and self._last_fake_quant[0] is x:
+            return self._last_fake_quant[1]
+        out = fake_quant_per_token_int8(x)
+        self._last_fake_quant = (x, out)
+        return out
 
     # -- forward pieces -------------------------------------------------------------
     def _rope(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,12 +122,19 @@ class SwitchableModel:
         return self.layers[layer](hidden, attention_mask=None, position_embeddings=self._rope(hidden))
 
     @torch.inference_mode()
-    def layer_inputs(self, ids: torch.Tensor) -> list[torch.Tensor]:
-        """Input of every layer plus the last layer's output: num_layers + 1 tensors."""
-        h = self.embed(ids)
+    def layer_inputs(self, ids: torch.Tensor, known: list[torch.Tensor] | None = None,
+                     start: int = 0) -> list[torch.Tensor]:
+        """Input of every layer plus the last layer's output: num_layers + 1 tensors.
+
+        `known`: these lists under a configuration that differs from the current one only
+        at layers >= `start`; their first `start + 1` entries are still exact, so only the
+        layers from `start` on run (the greedy search adds one layer per round)."""
+        if known is None:
+            known, start = [self.embed(ids)], 0
+        out = list(known[:start + 1])
+        h = out[-1]
         rope = self._rope(h)
-        out = [h]
-        for layer in self.layers:
+        for layer in self.layers[start:]:
             h = layer(h, attention_mask=None, position_embeddings=rope)
             out.append(h)
         return out

@@ -20,14 +20,18 @@ def checkpoints(num_layers: int) -> list[int]:
     return sorted({num_layers // 4, num_layers // 2, (3 * num_layers) // 4, num_layers})
 
 
-def quality_curves(model, windows: Windows, lis_order: list[int], eval_text: Path, window: int) -> dict:
+def quality_curves(model, windows: Windows, lis_order: list[int], eval_text: Path, window: int,
+                   lis_points: list[int] | None = None) -> dict:
+    """`lis_points`: the layer counts at which the LIS curve is measured (every k when None;
+    0, the baselines' checkpoints and L are always measured)."""
     L = len(lis_order)
     orders = {
         "lis": list(lis_order),
         "front_to_back": list(range(L)),
         "back_to_front": list(range(L - 1, -1, -1)),
     }
-    plan = [("lis", k) for k in range(L + 1)]
+    ks = range(L + 1) if lis_points is None else sorted({0, L, *checkpoints(L), *lis_points})
+    plan = [("lis", k) for k in ks]
     plan += [(name, k) for name in ("front_to_back", "back_to_front") for k in checkpoints(L) if k not in (0, L)]
     measured: dict[frozenset[int], float] = {}
     curves: dict[str, dict[str, float]] = {name: {} for name in orders}
@@ -59,6 +63,21 @@ def quality_curves(model, windows: Windows, lis_order: list[int], eval_text: Pat
     }
 
 
+def w4_layers_freeing_as_much(ladder) -> int:
+    """How many layers the W4A16-only order needs to free the bytes all-W8A8 frees (the
+    ladder's check: W8A8 first should be the cheaper way to free them)."""
+    L = len(ladder.rungs) // 2
+    w8_freed = sum(ladder.savings[:L])
+    w8_saving = {r.layer: r.saving for r in ladder.rungs[:L]}
+    freed, k = 0, 0
+    for r in ladder.rungs[L:]:  # the W4A16 order; bf16 -> W4A16 frees both rungs' bytes
+        if freed >= w8_freed:
+            break
+        freed += w8_saving[r.layer] + r.saving
+        k += 1
+    return k
+
+
 def tier_curves(model, windows: Windows, ladder, w8_order: list[int], w4_curve: dict[str, float]) -> dict:
     """Perplexity at every level of the tiered ladder (`ladder`: morphserve.offline.ladder),
     the W8A8 tier's own curve (the ladder's first half), and the check that the ladder is
@@ -81,13 +100,7 @@ def tier_curves(model, windows: Windows, ladder, w8_order: list[int], w4_curve: 
     model.set_quantized(())
     fp = ppl["0"]
     w8_freed = sum(ladder.savings[:L])
-    w8_saving = {r.layer: r.saving for r in ladder.rungs[:L]}
-    freed, k = 0, 0
-    for r in ladder.rungs[L:]:  # the W4A16 order; bf16 -> W4A16 frees both rungs' bytes
-        if freed >= w8_freed:
-            break
-        freed += w8_saving[r.layer] + r.saving
-        k += 1
+    k = w4_layers_freeing_as_much(ladder)
     w4_ppl = w4_curve[str(k)]
     return {
         "tiers": {"w8a8": {"order": list(w8_order), "ppl": {str(j): ppl[str(j)] for j in range(L + 1)},

@@ -11,7 +11,7 @@ import torch
 
 from morphserve.errors import MorphServeError
 from morphserve.offline import pack as packfmt
-from morphserve.offline.ladder import Ladder, served_quality
+from morphserve.offline.ladder import Ladder, dearer_fill, served_quality
 from morphserve.runtime.config import serve_tiers
 from quant_layers.cpu_kind import parse_cpuinfo
 from quant_layers.swappable import ProofFailed, prove_compute
@@ -90,7 +90,16 @@ def test_the_served_ladder_gets_the_quality_curve_of_its_own_rungs():
     assert served_quality(quality, ["w8a8", "w4a16"], ["w8a8", "w4a16"]) is quality
     w8 = served_quality(quality, ["w8a8", "w4a16"], ["w8a8"])
     assert "ladder" not in w8 and w8["orders"]["lis"]["ppl"] == {"0": 10.0, "1": 10.1, "2": 10.2, "3": 10.3}
-    assert served_quality(quality, ["w8a8", "w4a16"], ["w4a16"])["orders"]["lis"]["ppl"] == {"0": 10.0, "3": 14.0}
+    # a tiered pack measures its W4A16-only curve sparsely: served alone, the gaps take the dearer side
+    assert served_quality(quality, ["w8a8", "w4a16"], ["w4a16"])["orders"]["lis"]["ppl"] == {
+        "0": 10.0, "1": 14.0, "2": 14.0, "3": 14.0}
+
+
+def test_a_sparse_curve_is_filled_from_the_level_above():
+    assert dearer_fill({"0": 20.0, "2": 21.0, "5": 24.0}) == {
+        "0": 20.0, "1": 21.0, "2": 21.0, "3": 24.0, "4": 24.0, "5": 24.0}
+    dense = {str(k): 20.0 + k for k in range(4)}
+    assert dearer_fill(dense) == dense
 
 
 # -- the proof call ----------------------------------------------------------------------------

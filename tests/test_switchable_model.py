@@ -82,3 +82,51 @@ def test_perplexity_restarts_at_the_first_changed_layer_and_equals_a_full_forwar
         for h in hooks:
             h.remove()
         switchable.set_quantized(())
+
+
+def test_layer_inputs_rerun_only_from_the_changed_layer(switchable):
+    """The greedy search's rounds reuse the last round's layer inputs below the added layer."""
+    ids = torch.randint(0, 49152, (2, 64), generator=torch.Generator().manual_seed(3))
+    switchable.set_quantized({4})
+    known = switchable.layer_inputs(ids)
+    switchable.set_quantized({4, 12})
+    calls: list[int] = []
+    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: calls.append(i)) for i, layer in enumerate(switchable.layers)]
+    try:
+        reused = switchable.layer_inputs(ids, known=known, start=12)
+    finally:
+        for h in hooks:
+            h.remove()
+    fresh = switchable.layer_inputs(ids)
+    switchable.set_quantized(())
+    assert calls == list(range(12, 30))
+    assert len(reused) == 31 and all(torch.equal(a, b) for a, b in zip(reused, fresh))
+    assert not torch.equal(reused[-1], known[-1])
+
+
+def test_activation_round_trip_once_per_shared_input_equals_once_per_linear(model_dir, w4_pack_dir):
+    """q/k/v (and gate/up) share their input, so it is quantized once: the same numbers as
+    quantizing it before every linear."""
+    from quant_layers import layer_runner
+
+    info = read_model_info(model_dir)
+    tw = twin.open_twin(w4_pack_dir / "quantized", info)
+    model = SwitchableModel(model_dir, lambda i: tw.dequantized_layer(i, torch.bfloat16), info.num_layers,
+                            act_quant_tiers=frozenset({layer_runner.BASE}))
+    ids = torch.randint(0, 49152, (1, 48), generator=torch.Generator().manual_seed(4))
+    model.set_quantized({2, 9})
+    quantized: list[torch.Tensor] = []
+    real = layer_runner.fake_quant_per_token_int8
+    layer_runner.fake_quant_per_token_int8 = lambda x: quantized.append(x) or real(x)
+    try:
+        once = model.run_from(0, model.embed(ids))
+        model._fake_quant_once = layer_runner.fake_quant_per_token_int8  # every linear on its own
+        model.set_quantized(())
+        model.set_quantized({2, 9})
+        each = model.run_from(0, model.embed(ids))
+    finally:
+        layer_runner.fake_quant_per_token_int8 = real
+    assert len(quantized) == 2 * 4 + 2 * 7  # once: 4 distinct inputs per layer; then 7
+    assert torch.equal(once, each)
+    model.set_quantized(())
+    assert not torch.equal(once, model.run_from(0, model.embed(ids)))

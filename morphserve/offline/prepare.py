@@ -166,9 +166,14 @@ def _importance(model: SwitchableModel, windows, num_layers: int, tier: str = BA
     bar = tqdm(total=num_layers * (num_layers + 1) // 2, desc=f"greedy MDS ({tier if tier != BASE else 'w4a16'})",
                file=sys.stderr)
 
+    held: dict = {"q": frozenset(), "inputs": fp_inputs}  # the last round's Q and its layer inputs
+
     def mds_for_round(q: frozenset[int], candidates) -> dict[int, float]:
         model.set_config({i: tier for i in q})
-        inputs = model.layer_inputs(ids)  # layer inputs under the current Q
+        # layer inputs under the current Q: the last round's, rerun from the layer it added
+        start = min(q ^ held["q"], default=num_layers)
+        inputs = held["inputs"] = model.layer_inputs(ids, known=held["inputs"], start=start)
+        held["q"] = q
         reference = model.final(inputs[-1])
         mds = {}
         for p in candidates:
@@ -220,41 +225,26 @@ def run_prepare(opt: PrepareOptions) -> packfmt.Manifest:
                              else importance)
         opt.timings["importance"] = time.monotonic() - t
 
+        manifest = _manifest(opt, info, importance.order, (tw, source), (w8, w8_source),
+                             w8_importance.order if w8_importance is not None else None)
+        further = manifest.tiers
+        ladder = Ladder.from_manifest(manifest) if further else None
+
         t = time.monotonic()
         evalw = load_windows(opt.eval_text, tokenizer, opt.eval_window, opt.eval_tokens)
         _log(f"perplexity on {evalw.scored_tokens} tokens ({len(evalw.windows)} x {opt.eval_window})")
-        qual = quality.quality_curves(model, evalw, importance.order, opt.eval_text, opt.eval_window)
+        # With tiers, the served ladder is measured at every level below; the W4A16-only curve
+        # is served only where a CPU runs W4A16 and not W8A8, so it is measured where the
+        # report and the ladder's check read it, and filled towards the dearer side between.
+        lis_points = [quality.w4_layers_freeing_as_much(ladder)] if further else None
+        qual = quality.quality_curves(model, evalw, importance.order, opt.eval_text, opt.eval_window, lis_points)
         qual["compute_dtype"] = str(dtype).removeprefix("torch.")
-        further = []
-        if w8_importance is not None:
-            further.append(packfmt.TierManifest(
-                name="w8a8", format=packfmt.TIER_FORMATS["w8a8"], quantized_dir=W8_DIR,
-                quantization_source=w8_source, swap_order=w8_importance.order,
-                layer_bytes=[w8.layer_bytes(i) for i in range(info.num_layers)]))
         opt.timings["quality"] = time.monotonic() - t
 
-        if tw is not None:
-            base_fields = dict(bits=opt.bits, group_size=opt.group_size, quantization_source=source,
-                               layer_bytes=[packfmt.LayerBytes(layer=i, fp16=info.layer_fp_bytes(),
-                                                               quantized=tw.layer_bytes(i))
-                                            for i in range(info.num_layers)])
-        else:
-            base_fields = dict(base_tier="w8a8", bits=8, group_size=0, format=packfmt.TIER_FORMATS["w8a8"],
-                               quantized_dir=W8_DIR, quantization_source=w8_source,
-                               layer_bytes=[packfmt.LayerBytes(layer=i, fp16=info.layer_fp_bytes(),
-                                                               quantized=w8.layer_bytes(i))
-                                            for i in range(info.num_layers)])
-        manifest = packfmt.Manifest(
-            tool_version=morphserve.__version__,
-            model_path=str(Path(opt.model).resolve()),
-            model_sha256=info.weights_sha256(),
-            architecture=info.config["architectures"][0],
-            num_layers=info.num_layers, swap_order=importance.order, tiers=further, **base_fields,
-        )
         if further:
             t = time.monotonic()
             _log(f"tiered ladder: perplexity at each of {2 * info.num_layers} levels")
-            qual.update(quality.tier_curves(model, evalw, Ladder.from_manifest(manifest), w8_importance.order,
+            qual.update(quality.tier_curves(model, evalw, ladder, w8_importance.order,
                                             qual["orders"]["lis"]["ppl"]))
             if not qual["ladder"]["check"]["ladder_cheaper"]:
                 _log("warning: at the bytes all-W8A8 frees, W4A16 alone costs less perplexity on this model; "
@@ -273,6 +263,36 @@ def run_prepare(opt: PrepareOptions) -> packfmt.Manifest:
         return manifest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _manifest(opt: PrepareOptions, info, order: list[int], w4, w8, w8_order: list[int] | None) -> packfmt.Manifest:
+    """The pack's manifest, before its curves are measured (the ladder they follow is read
+    from it). `w4`, `w8`: (checkpoint or None, its source)."""
+    (tw, source), (w8_twin, w8_source) = w4, w8
+    further = []
+    if w8_order is not None:
+        further.append(packfmt.TierManifest(
+            name="w8a8", format=packfmt.TIER_FORMATS["w8a8"], quantized_dir=W8_DIR,
+            quantization_source=w8_source, swap_order=w8_order,
+            layer_bytes=[w8_twin.layer_bytes(i) for i in range(info.num_layers)]))
+    if tw is not None:
+        base_fields = dict(bits=opt.bits, group_size=opt.group_size, quantization_source=source,
+                           layer_bytes=[packfmt.LayerBytes(layer=i, fp16=info.layer_fp_bytes(),
+                                                           quantized=tw.layer_bytes(i))
+                                        for i in range(info.num_layers)])
+    else:
+        base_fields = dict(base_tier="w8a8", bits=8, group_size=0, format=packfmt.TIER_FORMATS["w8a8"],
+                           quantized_dir=W8_DIR, quantization_source=w8_source,
+                           layer_bytes=[packfmt.LayerBytes(layer=i, fp16=info.layer_fp_bytes(),
+                                                           quantized=w8_twin.layer_bytes(i))
+                                        for i in range(info.num_layers)])
+    return packfmt.Manifest(
+        tool_version=morphserve.__version__,
+        model_path=str(Path(opt.model).resolve()),
+        model_sha256=info.weights_sha256(),
+        architecture=info.config["architectures"][0],
+        num_layers=info.num_layers, swap_order=order, tiers=further, **base_fields,
+    )
 
 
 def _w4_twin(opt: PrepareOptions, tmp: Path, info):  # -> (TwinCheckpoint, source)
