@@ -46,6 +46,9 @@ def test_the_pack_records_both_tiers_and_the_ladder(tiered_pack):
     assert sorted(map(int, quality["ladder"]["ppl"])) == list(range(2 * L + 1))
     assert quality["ladder"]["ppl"][str(2 * L)] == pytest.approx(quality["all_quantized_ppl"], rel=1e-6)
     assert quality["tiers"]["w8a8"]["ppl"][str(L)] == quality["ladder"]["ppl"][str(L)]
+    # the W4A16-only curve is measured where it is read: the baselines' checkpoints, the check's point
+    k = quality["ladder"]["check"]["w4a16_layers_freeing_as_much"]
+    assert sorted(map(int, quality["orders"]["lis"]["ppl"])) == sorted({0, 7, 15, 22, L, k})
 
 
 def test_all_w8a8_matches_static_w8a8_serving(engine, tiered_pack, tmp_path):
