@@ -118,17 +118,19 @@ def _anon(core) -> int:
     return worker_call(core, "morphserve_memory")["rss_anon_bytes"]
 
 
-def test_one_hundred_round_trips_do_not_leak(engine):
+def test_forty_round_trips_do_not_leak(engine):
+    """40 rather than 100 round trips, to keep `make test` within its time: leaking even one
+    layer's bf16 weights (7 MB) per round trip would pass the 1% bound within a handful."""
     _, core = engine
     core.morphserve_set_level(0)
     for _ in range(3):  # warm up allocator pools
         core.morphserve_set_level(30)
         core.morphserve_set_level(0)
     start, start_anon = _rss(core), _anon(core)
-    for _ in range(100):
+    for _ in range(40):
         assert core.morphserve_set_level(30)["quantized_layers"] == 30
         assert core.morphserve_set_level(0)["quantized_layers"] == 0
     growth = _rss(core) / start - 1
-    assert growth < 0.01, f"RSS grew {growth:.2%} over 100 round trips"
+    assert growth < 0.01, f"RSS grew {growth:.2%} over 40 round trips"
     anon_growth = _anon(core) / start_anon - 1
-    assert anon_growth < 0.01, f"anonymous memory grew {anon_growth:.2%} over 100 round trips"
+    assert anon_growth < 0.01, f"anonymous memory grew {anon_growth:.2%} over 40 round trips"

@@ -104,29 +104,26 @@ def test_layer_inputs_rerun_only_from_the_changed_layer(switchable):
     assert not torch.equal(reused[-1], known[-1])
 
 
-def test_activation_round_trip_once_per_shared_input_equals_once_per_linear(model_dir, w4_pack_dir):
+def test_activation_round_trip_once_per_shared_input_equals_once_per_linear(switchable):
     """q/k/v (and gate/up) share their input, so it is quantized once: the same numbers as
     quantizing it before every linear."""
     from quant_layers import layer_runner
 
-    info = read_model_info(model_dir)
-    tw = twin.open_twin(w4_pack_dir / "quantized", info)
-    model = SwitchableModel(model_dir, lambda i: tw.dequantized_layer(i, torch.bfloat16), info.num_layers,
-                            act_quant_tiers=frozenset({layer_runner.BASE}))
     ids = torch.randint(0, 49152, (1, 48), generator=torch.Generator().manual_seed(4))
-    model.set_quantized({2, 9})
     quantized: list[torch.Tensor] = []
     real = layer_runner.fake_quant_per_token_int8
+    switchable.act_quant_tiers = frozenset({layer_runner.BASE})  # the W4 twin stands in for a W8A8 tier
     layer_runner.fake_quant_per_token_int8 = lambda x: quantized.append(x) or real(x)
     try:
-        once = model.run_from(0, model.embed(ids))
-        model._fake_quant_once = layer_runner.fake_quant_per_token_int8  # every linear on its own
-        model.set_quantized(())
-        model.set_quantized({2, 9})
-        each = model.run_from(0, model.embed(ids))
+        switchable.set_quantized({2, 9})
+        once = switchable.run_from(0, switchable.embed(ids))
+        switchable._fake_quant_once = layer_runner.fake_quant_per_token_int8  # every linear on its own
+        each = switchable.run_from(0, switchable.embed(ids))
     finally:
         layer_runner.fake_quant_per_token_int8 = real
+        del switchable._fake_quant_once
+        switchable.set_quantized(())
+        switchable.act_quant_tiers = frozenset()
     assert len(quantized) == 2 * 4 + 2 * 7  # once: 4 distinct inputs per layer; then 7
     assert torch.equal(once, each)
-    model.set_quantized(())
-    assert not torch.equal(once, model.run_from(0, model.embed(ids)))
+    assert not torch.equal(once, switchable.run_from(0, switchable.embed(ids)))
