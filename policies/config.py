@@ -120,16 +120,22 @@ def quality_curve(quality: dict | None, needed_by: str = "max_ppl_increase") -> 
     return curve
 
 
+def dearer_fill(curve: dict) -> dict[int, float]:
+    """A curve measured at some levels (keys: levels, as ints or strings), given at every
+    level from 0 to its last: a level between two measured ones takes the one above it, the
+    dearer side (perplexity rises with the level), so a quality budget read from it is never
+    too generous. A tiered pack measures its W4A16-only curve this sparsely (`prepare`)."""
+    values = {int(k): v for k, v in curve.items()}
+    known = sorted(values)
+    return {k: values[next(m for m in known if m >= k)] for k in range(known[-1] + 1)}
+
+
 def log_ppl_ratios(quality: dict | None, num_layers: int) -> list[float]:
     """log(ppl_k / ppl_0) for k = 0..num_layers; a level the curve skips takes the next one
-    measured above it (the dearer neighbour)."""
-    curve = quality_curve(quality, "max_avg_ppl_increase")
-    known = sorted(curve)
-    out = []
-    for k in range(num_layers + 1):
-        above = next((m for m in known if m >= k), known[-1])
-        out.append(math.log(curve[above] / curve[0]))
-    return out
+    measured above it (the dearer neighbour), a level past its last takes the last."""
+    curve = dearer_fill(quality_curve(quality, "max_avg_ppl_increase"))
+    top = max(curve)
+    return [math.log(curve[min(k, top)] / curve[0]) for k in range(num_layers + 1)]
 
 
 def static_tier_level(mix: list[dict[str, int]], tier: str) -> int | None:

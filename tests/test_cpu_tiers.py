@@ -11,7 +11,8 @@ import torch
 
 from morphserve.errors import MorphServeError
 from morphserve.offline import pack as packfmt
-from morphserve.offline.ladder import Ladder, dearer_fill, served_quality
+from morphserve.offline.ladder import Ladder, served_quality
+from policies.config import dearer_fill
 from morphserve.runtime.config import serve_tiers
 from quant_layers.cpu_kind import parse_cpuinfo
 from quant_layers.swappable import ProofFailed, prove_compute
@@ -97,8 +98,8 @@ def test_the_served_ladder_gets_the_quality_curve_of_its_own_rungs():
 
 def test_a_sparse_curve_is_filled_from_the_level_above():
     assert dearer_fill({"0": 20.0, "2": 21.0, "5": 24.0}) == {
-        "0": 20.0, "1": 21.0, "2": 21.0, "3": 24.0, "4": 24.0, "5": 24.0}
-    dense = {str(k): 20.0 + k for k in range(4)}
+        0: 20.0, 1: 21.0, 2: 21.0, 3: 24.0, 4: 24.0, 5: 24.0}
+    dense = {k: 20.0 + k for k in range(4)}
     assert dearer_fill(dense) == dense
 
 

@@ -145,7 +145,9 @@ def served_quality(quality: dict | None, pack_tiers: list[str], served: list[str
     if quality is None or list(served) == list(pack_tiers):
         return quality
     if list(served) == [BASE_TIER]:
-        curve = dearer_fill(quality["orders"]["lis"]["ppl"])
+        from policies.config import dearer_fill
+
+        curve = {str(k): v for k, v in dearer_fill(quality["orders"]["lis"]["ppl"]).items()}
     elif list(served) == ["w8a8"]:
         curve = quality["tiers"]["w8a8"]["ppl"]
     else:
@@ -153,11 +155,3 @@ def served_quality(quality: dict | None, pack_tiers: list[str], served: list[str
     return {**{k: v for k, v in quality.items() if k not in ("ladder", "tiers", "orders")},
             "orders": {"lis": {"ppl": dict(curve)}}, "served_tiers": list(served)}
 
-
-def dearer_fill(curve: dict[str, float]) -> dict[str, float]:
-    """A curve measured at some levels, given at every level from 0 to its last: a level
-    between two measured ones takes the one above it, the dearer side (perplexity rises
-    with the level), so a quality budget read from it is never too generous. A tiered pack
-    measures its W4A16-only curve this sparsely (`prepare`)."""
-    known = sorted(int(k) for k in curve)
-    return {str(k): curve[str(next(m for m in known if m >= k))] for k in range(known[-1] + 1)}
