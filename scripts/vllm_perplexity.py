@@ -1,9 +1,10 @@
 """Perplexity as plain vLLM computes it (prompt_logprobs), beside a pack's own numbers.
 
 This is the check that the twin in a pack is exactly what vLLM's kernels compute: vLLM
-serves the FP16 model and the pack's W4A16 checkpoint *statically*, scores the same token
-windows that `prepare` scored (read back from quality.json), and the script reports the
-relative gap to `prepare`'s FP16 and all-quantized perplexities.
+serves the FP16 model and the pack's base twin (W4A16, or W8A8 in a W8A8-only pack)
+*statically*, scores the same token windows that `prepare` scored (read back from
+quality.json), and the script reports the relative gap to `prepare`'s FP16 and
+all-quantized perplexities.
 
     python scripts/vllm_perplexity.py PACK_DIR [--tolerance 0.01] [--json OUT.json]
 """
@@ -56,6 +57,13 @@ def perplexity_of(llm, windows: list[list[int]]) -> tuple[float, int]:
     return math.exp(nll / count), count
 
 
+def _tier_label(manifest) -> str:
+    """The base twin as the table names it: a W8A8-only pack's twin is int8 weights and activations."""
+    if manifest.base_tier == "w8a8":
+        return "W8A8 int8"
+    return f"W{manifest.bits}A16 g{manifest.group_size}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("pack", type=Path, help="a pack written by `morphserve prepare`")
@@ -75,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for label, model, ours in (
         ("FP16 (bf16)", manifest.model_path, quality["fp16_ppl"]),
-        (f"W{manifest.bits}A16 g{manifest.group_size}, all layers", str(args.pack / manifest.quantized_dir),
+        (f"{_tier_label(manifest)}, all layers", str(args.pack / manifest.quantized_dir),
          quality["all_quantized_ppl"]),
     ):
         ppl, count, secs = vllm_perplexity(model, windows.windows)

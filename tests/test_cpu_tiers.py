@@ -157,13 +157,28 @@ def test_prepare_picks_the_offline_dtype_this_cpu_runs_faster(monkeypatch):
     assert prepare.matmul_seconds(torch.float32, m=8, k=8, n=8) > 0
 
 
-def test_prepare_auto_tiers_follow_the_probe(tmp_path):
+def test_prepare_auto_tiers_follow_the_probe_and_the_measured_speed(tmp_path):
+    """`auto` builds the ladder the doctor recommends: what runs here, less a tier measured too
+    slow to be a rung (never the last one, never one whose checkpoint the user gave)."""
+    from morphserve.doctor.advice import Speed
     from morphserve.offline.prepare import PrepareOptions, _resolve_tiers
 
-    opt = PrepareOptions(model=tmp_path, out=tmp_path / "p", probe=probe(w4a16=NO_W4))
-    assert _resolve_tiers(opt) == ["w8a8"]
+    def timed(w4a16_at_32: float):  # seconds of one layer's linears; bf16 = 1.0
+        return lambda info, tiers, group_size: Speed(
+            {"bf16": {1: 1.0, 32: 1.0}, "w8a8": {1: 1.1, 32: 0.7}, "w4a16": {1: 2.5, 32: w4a16_at_32}}, "test")
+
+    info = object()
+    opt = PrepareOptions(model=tmp_path, out=tmp_path / "p", probe=probe(w4a16=NO_W4), speed=timed(2.5))
+    assert _resolve_tiers(opt, info) == ["w8a8"]  # no W4A16 kernel (AVX2)
+    opt = PrepareOptions(model=tmp_path, out=tmp_path / "p", probe=probe(), speed=timed(1.4))
+    assert _resolve_tiers(opt, info) == ["w8a8", "w4a16"]  # 0.71x at batch 32: a rung (the Intel AVX-512 case)
+    opt = PrepareOptions(model=tmp_path, out=tmp_path / "p", probe=probe(), speed=timed(2.5))
+    assert _resolve_tiers(opt, info) == ["w8a8"]  # 0.40x: dropped (the AMD EPYC AVX-512 case)
+    opt = PrepareOptions(model=tmp_path, out=tmp_path / "p", probe=probe(), speed=timed(2.5),
+                         quantized=tmp_path / "ckpt")
+    assert _resolve_tiers(opt, info) == ["w8a8", "w4a16"]  # its checkpoint was given: kept
     opt = PrepareOptions(model=tmp_path, out=tmp_path / "p", probe=probe())
-    assert _resolve_tiers(opt) == ["w4a16"]
+    assert _resolve_tiers(opt, info) == ["w8a8", "w4a16"]  # nothing measured: every tier that runs
     opt = PrepareOptions(model=tmp_path, out=tmp_path / "p", tiers="w4a16", probe=probe(w4a16=NO_W4))
     with pytest.raises(MorphServeError, match="use --tiers w8a8"):
         _resolve_tiers(opt)

@@ -16,6 +16,7 @@ from morphserve.errors import USER_ERRORS, MorphServeError
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
     # Not from prepare.py: that imports torch, and every CLI call (`serve`, `pack check`,
     # `policy`) builds this parser.
+    from morphserve.doctor.advice import SLOW_FRACTION  # plain Python, no torch
     from morphserve.offline.datafiles import wikitext
 
     DEFAULT_CALIB, DEFAULT_EVAL = wikitext("valid"), wikitext("test")
@@ -48,8 +49,10 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tiers", default="auto", metavar="LIST",
                    help="precision tiers to build, comma-separated: 'w4a16', 'w8a8' (a W8A8-only pack: bf16 -> "
                         "int8) or 'w8a8,w4a16' (both twins, each with its own importance order and quality curve, "
-                        "and the tiered ladder). 'auto': w4a16 where this CPU's vLLM build runs the W4A16 kernel, "
-                        "w8a8 where it does not (AVX2-only CPUs). Each tier's kernel is probed on this CPU first")
+                        "and the tiered ladder). 'auto': the ladder `morphserve doctor` recommends here: every tier whose "
+                        "kernel this CPU's vLLM build runs (w8a8 only on AVX2-only CPUs), less one whose linears "
+                        f"measure slower than {SLOW_FRACTION}x bf16's at batch 32 (timed in seconds, cached), unless its "
+                        "checkpoint is given. Each tier's kernel is probed on this CPU first")
     p.add_argument("--compute-dtype", choices=("auto", "bf16", "fp32"), default="auto",
                    help="dtype of the offline forwards (importance, perplexity), on the same bf16 weight values "
                         "either way. 'auto': fp32 where the CPU has no bf16 arithmetic (no AVX512_BF16 or AMX: torch "
@@ -88,6 +91,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         gptq_samples=args.gptq_samples, gptq_seq_len=args.gptq_seq_len, force=args.force,
         threads=args.threads, tiers=args.tiers, w8a8_method=args.w8a8_method, w8a8_order=args.w8a8_order,
         quantized_w8a8=args.quantized_w8a8, compute_dtype=args.compute_dtype, probe=_probe,
+        speed=_speed,
     )
     run_prepare(opt)
     print(summarize_pack(args.out))
@@ -99,6 +103,14 @@ def _probe(tiers: list[str]) -> dict[str, str | None]:
     from morphserve.vllm.kernels import probe_tiers
 
     return probe_tiers(tiers)
+
+
+def _speed(info, tiers: list[str], group_size: int):
+    """Each tier's linears timed through vLLM's kernels here (cached with the doctor's and
+    `serve`'s readings: seconds the first time on a machine, instant after)."""
+    from morphserve.doctor import facts
+
+    return facts.speed(info, tiers, group_size)
 
 
 def _add_pack(sub: argparse._SubParsersAction) -> None:

@@ -142,18 +142,30 @@ def _pick_tiers(candidates: list[str], m: Machine, speed: Speed | None,
             reasons.append(f"{t} is out: {m.tier_problems[t]}")
         elif pack is not None and t not in pack.tiers:
             reasons.append(f"{t} runs here but the pack has no {t} tier")
-    picked = list(candidates)
-    if speed is not None:
-        for t in candidates:
-            r = speed.relative(t, 32)
-            if r is not None and r < SLOW_FRACTION and len(picked) > 1:
-                picked.remove(t)
-                reasons.append(f"{t} is dropped: its linears run at {r:.2f}x bf16's speed at batch 32 "
-                               f"(< {SLOW_FRACTION}), a TPOT cost exactly when load makes the policy compress")
+    picked, dropped = drop_slow_tiers(candidates, speed)
+    reasons += dropped
     for t in picked:
         r1, r32 = (speed.relative(t, b) if speed else None for b in BATCHES)
         pace = f" (linears at {r1:.2f}x / {r32:.2f}x bf16's speed at batch 1 / 32)" if r1 and r32 else ""
         reasons.append(f"{t} is in: vLLM runs it here{pace}")
+    return picked, reasons
+
+
+def drop_slow_tiers(candidates: list[str], speed: Speed | None,
+                    keep: frozenset[str] = frozenset()) -> tuple[list[str], list[str]]:
+    """The candidates less those too slow to be worth a rung here, and why each was dropped.
+    One rule for the doctor's advice and `prepare --tiers auto`, so the pack a user builds by
+    default is the ladder the doctor recommends. Never drops the last tier, nor one in `keep`
+    (a tier whose checkpoint the user supplied)."""
+    picked, reasons = list(candidates), []
+    if speed is None:
+        return picked, reasons
+    for t in candidates:
+        r = speed.relative(t, 32)
+        if r is not None and r < SLOW_FRACTION and len(picked) > 1 and t not in keep:
+            picked.remove(t)
+            reasons.append(f"{t} is dropped: its linears run at {r:.2f}x bf16's speed at batch 32 "
+                           f"(< {SLOW_FRACTION}), a TPOT cost exactly when load makes the policy compress")
     return picked, reasons
 
 

@@ -2,8 +2,9 @@
 
 With `--tiers w8a8,w4a16` a W8A8 twin is built beside the W4A16 one; each tier gets its
 own importance order, and the tiered ladder (morphserve.offline.ladder) is measured at
-every level. `--tiers w8a8` makes a W8A8-only pack (bf16 -> W8A8), the default on CPUs
-whose vLLM build has no W4A16 kernel: the tiers are probed on this CPU before any slow work.
+every level. `--tiers w8a8` makes a W8A8-only pack (bf16 -> W8A8). The default, `auto`, is
+the ladder `morphserve doctor` recommends: the tiers are probed on this CPU before any slow
+work, and a tier whose kernels measure too slow here to be worth a rung is left out.
 
 The offline forwards run in bf16 where the CPU has bf16 arithmetic (AVX512_BF16 or AMX)
 and in fp32 elsewhere, on weights that hold exactly the bf16 values (torch emulates bf16
@@ -29,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 import morphserve
+from morphserve.doctor.advice import Speed, drop_slow_tiers
 from morphserve.offline import pack as packfmt
 from morphserve.offline.datafiles import wikitext
 from morphserve.errors import MorphServeError
@@ -64,8 +66,11 @@ class PrepareOptions:
     gptq_seq_len: int = 512
     force: bool = False
     threads: int | None = None
-    tiers: str = "auto"  # auto: w4a16 where this CPU runs its kernel, else w8a8
+    tiers: str = "auto"  # auto: the tiers whose kernels run here, less any too slow to be a rung
     probe: Callable[[list[str]], dict[str, str | None]] | None = None  # tier -> None, or why not here
+    # (model info, tiers, group size) -> each tier's measured kernel speed here (doctor.advice.Speed);
+    # read by `auto` only when more than one tier runs
+    speed: Callable[[object, list[str], int], Speed] | None = None
     compute_dtype: str = "auto"  # auto: bf16 with native bf16 arithmetic, else fp32
     w8a8_method: str = "gptq"
     w8a8_order: str = "lis"  # or "w4a16": reuse the base tier's order
@@ -92,14 +97,23 @@ def _parse_tiers(text: str) -> list[str]:
     return ordered
 
 
-def _resolve_tiers(opt: PrepareOptions) -> list[str]:
-    """The tiers to build: those asked for, each probed on this CPU first. `auto` is W4A16
-    where its kernel runs and W8A8 (a W8A8-only pack) where it does not."""
+def _resolve_tiers(opt: PrepareOptions, info=None) -> list[str]:
+    """The tiers to build: those asked for, each probed on this CPU first. `auto` is the
+    ladder `morphserve doctor` recommends: the tiers whose kernels run here (W8A8 only on a
+    CPU without a W4A16 kernel), less a tier whose measured kernels are too slow to be worth
+    a rung (`doctor.advice.drop_slow_tiers`), unless its checkpoint was given."""
     verdict = opt.probe(list(packfmt.TIER_NAMES)) if opt.probe is not None else {}
     if opt.tiers.strip() == "auto":
-        tiers = [packfmt.BASE_TIER] if verdict.get(packfmt.BASE_TIER) is None else ["w8a8"]
-        if tiers == ["w8a8"]:
+        tiers = [t for t in packfmt.TIER_NAMES if verdict.get(t) is None] or ["w8a8"]
+        if verdict.get(packfmt.BASE_TIER) is not None:
             _log(f"W4A16 does not run here ({verdict[packfmt.BASE_TIER]}); preparing a W8A8-only pack")
+        if len(tiers) > 1 and opt.speed is not None and info is not None:
+            keep = frozenset(t for t, given in (("w4a16", opt.quantized), ("w8a8", opt.quantized_w8a8)) if given)
+            speed = opt.speed(info, tiers, opt.group_size)
+            tiers, dropped = drop_slow_tiers(tiers, speed, keep)
+            for why in dropped:
+                _log(f"{why} ({speed.source}); --tiers {','.join(packfmt.TIER_NAMES)} builds it anyway")
+        _log(f"--tiers auto: {','.join(tiers)}")
     else:
         tiers = _parse_tiers(opt.tiers)
     runs = [t for t in tiers if verdict.get(t) is None]
@@ -134,7 +148,7 @@ def _check_inputs(opt: PrepareOptions):
         twin.check_servable_twin(twin.open_twin(opt.quantized, info))  # fail before any slow work
     if opt.quantized_w8a8 is not None:
         open_w8_twin(opt.quantized_w8a8, info)
-    opt.tiers = ",".join(_resolve_tiers(opt))
+    opt.tiers = ",".join(_resolve_tiers(opt, info))
     if opt.quantized is not None and opt.tiers == "w8a8":
         raise MorphServeError("--quantized is a W4A16 checkpoint; a W8A8-only pack (--tiers w8a8) has none")
     if opt.quantized_w8a8 is not None and "w8a8" not in opt.tiers.split(","):
