@@ -3,7 +3,9 @@
 The kind decides two things MorphServe cannot assume: which of vLLM's CPU builds runs
 (`_C` for AVX-512 with bf16, `_C_AVX512`, or `_C_AVX2`, whose kernels differ: the AVX2
 build has no W4A16 GEMM), and whether bf16 arithmetic is native (AVX512_BF16 or AMX) or
-emulated by torch at about a tenth of fp32's speed. Plain Python: every room may read it.
+emulated by torch at about a tenth of fp32's speed. Its last-level cache size decides how
+many weights a kernel timing must stream to look like a whole model's decode step.
+Plain Python: every room may read it.
 """
 
 from __future__ import annotations
@@ -60,3 +62,28 @@ def this_cpu() -> CpuKind:
         return parse_cpuinfo(Path("/proc/cpuinfo").read_text())
     except OSError:
         return CpuKind("unknown CPU", frozenset())
+
+
+DEFAULT_LLC_BYTES = 32 * 2**20  # when sysfs says nothing (some containers): a server CPU's L3 slice
+
+
+def parse_cache_size(text: str) -> int | None:
+    """sysfs's cache size ("32768K", "1M", "512") in bytes; None if unreadable."""
+    text = text.strip().upper()
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+    digits = text[:-1] if text[-1:] in "KMG" else text
+    return int(digits) * scale if digits.isdigit() else None
+
+
+def last_level_cache_bytes(root: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
+    """The largest cache CPU 0 sees (its last level). Kernel timings must stream more weights
+    than this, or they measure cache-resident speed that no decode step of a whole model gets."""
+    sizes = []
+    for index in sorted(root.glob("index*")):
+        try:
+            size = parse_cache_size((index / "size").read_text())
+        except OSError:
+            continue
+        if size:
+            sizes.append(size)
+    return max(sizes, default=DEFAULT_LLC_BYTES)

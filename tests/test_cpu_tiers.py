@@ -184,3 +184,28 @@ def test_prepare_auto_tiers_follow_the_probe_and_the_measured_speed(tmp_path):
         _resolve_tiers(opt)
     assert json.dumps(_resolve_tiers(PrepareOptions(model=tmp_path, out=tmp_path, tiers="w8a8,w4a16",
                                                     probe=probe(w4a16=NO_W4)))) == '["w8a8", "w4a16"]'
+
+
+def test_the_last_level_cache_is_read_from_sysfs(tmp_path):
+    from quant_layers.cpu_kind import DEFAULT_LLC_BYTES, last_level_cache_bytes, parse_cache_size
+
+    assert parse_cache_size("32768K\n") == 32 * 2**20 and parse_cache_size("1M") == 2**20
+    assert parse_cache_size("512") == 512 and parse_cache_size("lots") is None
+    for index, size in (("index0", "48K"), ("index2", "1024K"), ("index3", "32768K")):
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "size").write_text(size + "\n")
+    (tmp_path / "index1").mkdir()  # no size file: skipped
+    assert last_level_cache_bytes(tmp_path) == 32 * 2**20
+    assert last_level_cache_bytes(tmp_path / "missing") == DEFAULT_LLC_BYTES
+
+
+def test_kernel_timings_stream_past_the_cache_but_never_more_than_the_model():
+    from morphserve.vllm.kernel_speed import STREAM_FACTOR, layer_copies
+
+    smollm2 = [("qkv_proj", 960, 576), ("o_proj", 576, 576), ("gate_up_proj", 3072, 576), ("down_proj", 576, 1536)]
+    llc = 32 * 2**20
+    bf16 = layer_copies("bf16", smollm2, 30, llc)  # 7.1 MB a layer
+    assert bf16 == 19 and (bf16 - 1) * 2 * 3_538_944 < STREAM_FACTOR * llc <= bf16 * 2 * 3_538_944
+    assert layer_copies("w8a8", smollm2, 30, llc) == 30  # 38 would be needed: capped at the model's layers
+    assert layer_copies("w4a16", smollm2, 30, 0) == 1  # no cache to beat: one layer
+    assert layer_copies("bf16", [("x", 65536, 65536)], 80, llc) == 1  # an 8.6 GB layer streams by itself

@@ -44,6 +44,17 @@ def test_the_real_pack_is_ready_here_and_its_kernels_are_timed_then_cached(pack_
         code, again = doctor(capsys, "--pack", str(pack_dir), "--model", str(model_dir))
         assert code == 0 and again["speed"]["source"].startswith("cached:")
         assert again["speed"]["seconds"] == timed
+        # the cached reading says how many layer copies each tier streamed: past the cache, or the whole model
+        from morphserve.vllm.kernel_speed import BYTES_PER_WEIGHT, STREAM_FACTOR
+        from quant_layers.model_info import read_model_info
+
+        [cached] = (own_cache / "doctor").glob("kernel-speed-*.json")
+        reading = json.loads(cached.read_text())
+        info = read_model_info(model_dir)
+        weights = sum(n * k for n, k in info.linear_shapes.values())  # one layer's linears
+        for tier, copies in reading["copies"].items():
+            streamed = copies * BYTES_PER_WEIGHT[tier] * weights
+            assert streamed >= STREAM_FACTOR * reading["cache_bytes"] or copies == info.num_layers, (tier, copies)
 
 
 def test_the_text_screen_names_the_isa_the_recommendation_and_the_verdict(pack_dir, own_cache, capsys):

@@ -95,5 +95,5 @@ def speed(info, tiers: list[str], group_size: int, remeasure: bool = False) -> S
     server's start); else measured (seconds)."""
     from morphserve.runtime.tier_speed import measure
 
-    reading = measure(info.linear_shapes, tiers, group_size, remeasure)
+    reading = measure(info.linear_shapes, tiers, group_size, info.num_layers, remeasure)
     return Speed(reading.seconds, reading.source, reading.load)

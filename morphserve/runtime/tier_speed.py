@@ -2,9 +2,10 @@
 vLLM's own kernels (morphserve.vllm.kernel_speed) at a few batch sizes, cached per CPU,
 vLLM version, shapes, tiers and group size.
 
-Two readers: `morphserve doctor` shows it, and `serve` seeds the policy's step-time model
+Three readers: `morphserve doctor` shows it, `serve` seeds the policy's step-time model
 with it (policies.step_model), so the policy knows which rung is fast enough before the
-first request. One cache, so a doctor run makes the next start instant and vice versa.
+first request, and `prepare --tiers auto` leaves out a tier too slow to be a rung. One
+cache, so a doctor run makes the next start instant and vice versa.
 A reading taken on a busy machine (other work using half the cores or more just before
 the timing: OpenMP waits then make every tier look alike) is used but not cached. Busy is
 measured now, from /proc/stat, not from the load average: that lags by a minute, so a
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quant_layers.cache_dir import cache_root
-from quant_layers.cpu_kind import this_cpu
+from quant_layers.cpu_kind import last_level_cache_bytes, this_cpu
 
 BATCHES = (1, 8, 32)  # decode batches: a step's linears are about linear in the batch between them
 BUSY_LOAD = 0.5  # of the cores
@@ -66,22 +67,31 @@ def busy_cores(interval_s: float = 0.3) -> float:
     return (total - idle) / total * (os.cpu_count() or 1)
 
 
-def _cache_path(shapes: list, tiers: list[str], group_size: int) -> Path:
+# Bumped when the way of timing changes, so readings taken the old way are not reused
+# (2: layers cycled beyond the last-level cache, morphserve.vllm.kernel_speed.layer_copies).
+METHOD = 2
+
+
+def _cache_path(shapes: list, tiers: list[str], group_size: int, copies: dict[str, int]) -> Path:
     cpu = this_cpu()
     blob = json.dumps([cpu.model, sorted(cpu.flags & set(FEATURES)), os.cpu_count(), vllm_version(),
-                       shapes, tiers, group_size, BATCHES])
+                       shapes, tiers, group_size, BATCHES, METHOD, copies])
     return cache_root() / CACHE_DIR / f"kernel-speed-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
 
 
-def measure(linear_shapes: dict[str, tuple[int, int]], tiers: list[str], group_size: int,
+def measure(linear_shapes: dict[str, tuple[int, int]], tiers: list[str], group_size: int, num_layers: int,
             remeasure: bool = False) -> TierSpeed:
     """bf16 and `tiers`, cached when this CPU, vLLM and shapes were measured before; else
-    measured now (seconds)."""
-    from morphserve.vllm.kernel_speed import fused_shapes, time_layer
+    measured now (seconds). Each tier cycles through enough copies of a layer to stream
+    several times the last-level cache (at most `num_layers`); the copies exist only while
+    their tier is timed (bf16 SmolLM2 on a 32 MiB L3: 19 copies, 135 MB)."""
+    from morphserve.vllm.kernel_speed import fused_shapes, layer_copies, time_layer
 
     shapes = fused_shapes(linear_shapes)
     measured = ["bf16", *[t for t in tiers if t != "bf16"]]
-    path = _cache_path(shapes, measured, group_size)
+    llc = last_level_cache_bytes()
+    copies = {t: layer_copies(t, shapes, num_layers, llc) for t in measured}
+    path = _cache_path(shapes, measured, group_size, copies)
     if path.is_file() and not remeasure:
         try:
             data = json.loads(path.read_text())
@@ -93,12 +103,13 @@ def measure(linear_shapes: dict[str, tuple[int, int]], tiers: list[str], group_s
     while load >= BUSY_LOAD * len(os.sched_getaffinity(0)) and waited < WAIT_FOR_IDLE_S:
         load, waited = busy_cores(), waited + 0.3  # a server's own start-up work is usually over in seconds
     t0 = time.monotonic()
-    seconds = {t: {b: time_layer(t, shapes, b, group_size) for b in BATCHES} for t in measured}
+    seconds = {t: time_layer(t, shapes, BATCHES, group_size, copies=copies[t]) for t in measured}
     elapsed = time.monotonic() - t0
     if load >= BUSY_LOAD * len(os.sched_getaffinity(0)):
         return TierSpeed(seconds, f"measured now ({elapsed:.0f} s; not cached: the machine was busy)", load)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"seconds": seconds, "shapes": shapes, "measured_s": elapsed, "load": load}, indent=1))
+    tmp.write_text(json.dumps({"seconds": seconds, "shapes": shapes, "copies": copies, "cache_bytes": llc,
+                               "measured_s": elapsed, "load": load}, indent=1))
     tmp.replace(path)
     return TierSpeed(seconds, f"measured now ({elapsed:.0f} s; cached at {path})", load)

@@ -84,7 +84,7 @@ class MorphWorkerExtension:
             return {"seconds": {}, "source": "timed by rank 0"}
 
         info = read_model_info(Path(self.vllm_config.model_config.model))
-        reading = measure(info.linear_shapes, list(tiers), int(group_size))
+        reading = measure(info.linear_shapes, list(tiers), int(group_size), info.num_layers)
         return {"seconds": {t: {str(b): s for b, s in v.items()} for t, v in reading.seconds.items()},
                 "source": reading.source}
 
