@@ -1,6 +1,7 @@
 """`make demo`: MorphServe's main job on the embedded SmolLM2, end to end, in a few minutes.
 
-1. `morphserve prepare`: GPTQ W4A16 twin (llm-compressor), LIS swap order, quality curve.
+1. `morphserve prepare`: the twins of the ladder `morphserve doctor` recommends for this CPU
+   (GPTQ through llm-compressor: W8A8 and/or W4A16), LIS swap order, quality curves.
 2. Plain vLLM serves the FP16 model and the twin statically and scores the same tokens,
    showing that the twin is exactly what vLLM's kernels compute.
 3. The closed loop: `morphserve serve --policy default` under a tight memory budget takes

@@ -159,7 +159,7 @@ def test_prepare_picks_the_offline_dtype_this_cpu_runs_faster(monkeypatch):
 
 def test_prepare_auto_tiers_follow_the_probe_and_the_measured_speed(tmp_path):
     """`auto` builds the ladder the doctor recommends: what runs here, less a tier measured too
-    slow to be a rung (never the last one, never one whose checkpoint the user gave)."""
+    slow to be a rung (never the last one); checkpoints given narrow it to their tiers."""
     from morphserve.doctor.advice import Speed
     from morphserve.offline.prepare import PrepareOptions, _resolve_tiers
 
@@ -174,9 +174,15 @@ def test_prepare_auto_tiers_follow_the_probe_and_the_measured_speed(tmp_path):
     assert _resolve_tiers(opt, info) == ["w8a8", "w4a16"]  # 0.71x at batch 32: a rung (the Intel AVX-512 case)
     opt = PrepareOptions(model=tmp_path, out=tmp_path / "p", probe=probe(), speed=timed(2.5))
     assert _resolve_tiers(opt, info) == ["w8a8"]  # 0.40x: dropped (the AMD EPYC AVX-512 case)
-    opt = PrepareOptions(model=tmp_path, out=tmp_path / "p", probe=probe(), speed=timed(2.5),
+    opt = PrepareOptions(model=tmp_path, out=tmp_path / "p", probe=probe(), speed=timed(1.4),
                          quantized=tmp_path / "ckpt")
-    assert _resolve_tiers(opt, info) == ["w8a8", "w4a16"]  # its checkpoint was given: kept
+    assert _resolve_tiers(opt, info) == ["w4a16"]  # a twin given: its tier only, no quantization run
+    opt = PrepareOptions(model=tmp_path, out=tmp_path / "p", probe=probe(), speed=timed(2.5),
+                         quantized=tmp_path / "ckpt", quantized_w8a8=tmp_path / "ckpt8")
+    assert _resolve_tiers(opt, info) == ["w8a8", "w4a16"]  # both given: both used, whatever their speed
+    opt = PrepareOptions(model=tmp_path, out=tmp_path / "p", probe=probe(w4a16=NO_W4), speed=timed(1.4),
+                         quantized=tmp_path / "ckpt", quantized_w8a8=tmp_path / "ckpt8")
+    assert _resolve_tiers(opt, info) == ["w8a8"]  # ... as they run here
     opt = PrepareOptions(model=tmp_path, out=tmp_path / "p", probe=probe())
     assert _resolve_tiers(opt, info) == ["w8a8", "w4a16"]  # nothing measured: every tier that runs
     opt = PrepareOptions(model=tmp_path, out=tmp_path / "p", tiers="w4a16", probe=probe(w4a16=NO_W4))
@@ -209,3 +215,16 @@ def test_kernel_timings_stream_past_the_cache_but_never_more_than_the_model():
     assert layer_copies("w8a8", smollm2, 30, llc) == 30  # 38 would be needed: capped at the model's layers
     assert layer_copies("w4a16", smollm2, 30, 0) == 1  # no cache to beat: one layer
     assert layer_copies("bf16", [("x", 65536, 65536)], 80, llc) == 1  # an 8.6 GB layer streams by itself
+
+
+def test_the_cli_gives_prepare_the_probe_and_the_kernel_timing(monkeypatch, tmp_path):
+    """`auto` is only as good as its inputs: the CLI must hand prepare both readings."""
+    from morphserve.cli import commands
+    from morphserve.offline import prepare, report
+
+    seen = {}
+    monkeypatch.setattr(prepare, "run_prepare", lambda opt: seen.setdefault("opt", opt))
+    monkeypatch.setattr(report, "summarize_pack", lambda out: "")
+    assert commands.main(["prepare", str(tmp_path), "--out", str(tmp_path / "p")]) == 0
+    opt = seen["opt"]
+    assert opt.tiers == "auto" and opt.probe is commands._probe and opt.speed is commands._speed

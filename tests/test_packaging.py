@@ -81,8 +81,8 @@ def test_installed_wheel_prepares_serves_and_replays_from_anywhere(fresh_venv, m
     # prepare with its packaged calibration and evaluation text (GPTQ skipped: an existing twin;
     # few tokens: what is checked is that the wheel's own data files are found and used)
     pack = tmp_path / "pack"
-    proc = _run(fresh_venv, tmp_path, "prepare", str(model_dir), "--out", str(pack), "--tiers", "w4a16",
-                "--quantized", str(w4_pack_dir / "quantized"), "--lis-tokens", "32", "--lis-window", "32", "--eval-tokens", "255",
+    proc = _run(fresh_venv, tmp_path, "prepare", str(model_dir), "--out", str(pack), "--quantized",
+                str(w4_pack_dir / "quantized"), "--lis-tokens", "32", "--lis-window", "32", "--eval-tokens", "255",
                 "--eval-window", "256")
     assert proc.returncode == 0, proc.stderr[-3000:]
     quality = json.loads((pack / "quality.json").read_text())

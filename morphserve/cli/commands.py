@@ -51,8 +51,9 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                         "int8) or 'w8a8,w4a16' (both twins, each with its own importance order and quality curve, "
                         "and the tiered ladder). 'auto': the ladder `morphserve doctor` recommends here: every tier whose "
                         "kernel this CPU's vLLM build runs (w8a8 only on AVX2-only CPUs), less one whose linears "
-                        f"measure slower than {SLOW_FRACTION}x bf16's at batch 32 (timed in seconds, cached), unless its "
-                        "checkpoint is given. Each tier's kernel is probed on this CPU first")
+                        f"measure slower than {SLOW_FRACTION}x bf16's at batch 32 (timed in seconds, cached); with "
+                        "--quantized / --quantized-w8a8, the tiers of the checkpoints given. Each tier's kernel is "
+                        "probed on this CPU first")
     p.add_argument("--compute-dtype", choices=("auto", "bf16", "fp32"), default="auto",
                    help="dtype of the offline forwards (importance, perplexity), on the same bf16 weight values "
                         "either way. 'auto': fp32 where the CPU has no bf16 arithmetic (no AVX512_BF16 or AMX: torch "

@@ -151,18 +151,16 @@ def _pick_tiers(candidates: list[str], m: Machine, speed: Speed | None,
     return picked, reasons
 
 
-def drop_slow_tiers(candidates: list[str], speed: Speed | None,
-                    keep: frozenset[str] = frozenset()) -> tuple[list[str], list[str]]:
+def drop_slow_tiers(candidates: list[str], speed: Speed | None) -> tuple[list[str], list[str]]:
     """The candidates less those too slow to be worth a rung here, and why each was dropped.
     One rule for the doctor's advice and `prepare --tiers auto`, so the pack a user builds by
-    default is the ladder the doctor recommends. Never drops the last tier, nor one in `keep`
-    (a tier whose checkpoint the user supplied)."""
+    default is the ladder the doctor recommends. Never drops the last tier."""
     picked, reasons = list(candidates), []
     if speed is None:
         return picked, reasons
     for t in candidates:
         r = speed.relative(t, 32)
-        if r is not None and r < SLOW_FRACTION and len(picked) > 1 and t not in keep:
+        if r is not None and r < SLOW_FRACTION and len(picked) > 1:
             picked.remove(t)
             reasons.append(f"{t} is dropped: its linears run at {r:.2f}x bf16's speed at batch 32 "
                            f"(< {SLOW_FRACTION}), a TPOT cost exactly when load makes the policy compress")

@@ -101,19 +101,23 @@ def _resolve_tiers(opt: PrepareOptions, info=None) -> list[str]:
     """The tiers to build: those asked for, each probed on this CPU first. `auto` is the
     ladder `morphserve doctor` recommends: the tiers whose kernels run here (W8A8 only on a
     CPU without a W4A16 kernel), less a tier whose measured kernels are too slow to be worth
-    a rung (`doctor.advice.drop_slow_tiers`), unless its checkpoint was given."""
+    a rung (`doctor.advice.drop_slow_tiers`). Given checkpoints (`--quantized`,
+    `--quantized-w8a8`) make `auto` their tiers, as they run here: a user who brings a twin
+    expects no quantization run (and may have no llm-compressor environment), and every
+    twin brought is used."""
     verdict = opt.probe(list(packfmt.TIER_NAMES)) if opt.probe is not None else {}
     if opt.tiers.strip() == "auto":
-        tiers = [t for t in packfmt.TIER_NAMES if verdict.get(t) is None] or ["w8a8"]
-        if verdict.get(packfmt.BASE_TIER) is not None:
+        given = [t for t, ckpt in (("w8a8", opt.quantized_w8a8), ("w4a16", opt.quantized)) if ckpt is not None]
+        tiers = [t for t in packfmt.TIER_NAMES if verdict.get(t) is None and (not given or t in given)]
+        tiers = tiers or given or ["w8a8"]  # none runs here: refused below, naming why
+        if verdict.get(packfmt.BASE_TIER) is not None and not given:
             _log(f"W4A16 does not run here ({verdict[packfmt.BASE_TIER]}); preparing a W8A8-only pack")
-        if len(tiers) > 1 and opt.speed is not None and info is not None:
-            keep = frozenset(t for t, given in (("w4a16", opt.quantized), ("w8a8", opt.quantized_w8a8)) if given)
+        if len(tiers) > 1 and not given and opt.speed is not None and info is not None:
             speed = opt.speed(info, tiers, opt.group_size)
-            tiers, dropped = drop_slow_tiers(tiers, speed, keep)
+            tiers, dropped = drop_slow_tiers(tiers, speed)
             for why in dropped:
                 _log(f"{why} ({speed.source}); --tiers {','.join(packfmt.TIER_NAMES)} builds it anyway")
-        _log(f"--tiers auto: {','.join(tiers)}")
+        _log(f"--tiers auto: {','.join(tiers)}" + (" (the tiers of the checkpoints given)" if given else ""))
     else:
         tiers = _parse_tiers(opt.tiers)
     runs = [t for t in tiers if verdict.get(t) is None]

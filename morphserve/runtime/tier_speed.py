@@ -1,6 +1,7 @@
 """Each tier's kernel speed on this machine: one decoder layer's linears timed through
 vLLM's own kernels (morphserve.vllm.kernel_speed) at a few batch sizes, cached per CPU,
-vLLM version, shapes, tiers and group size.
+vLLM version, shapes, tiers, group size, timing method and layer copies (so the model's
+depth and the CPU's last-level cache).
 
 Three readers: `morphserve doctor` shows it, `serve` seeds the policy's step-time model
 with it (policies.step_model), so the policy knows which rung is fast enough before the
@@ -84,7 +85,10 @@ def measure(linear_shapes: dict[str, tuple[int, int]], tiers: list[str], group_s
     """bf16 and `tiers`, cached when this CPU, vLLM and shapes were measured before; else
     measured now (seconds). Each tier cycles through enough copies of a layer to stream
     several times the last-level cache (at most `num_layers`); the copies exist only while
-    their tier is timed (bf16 SmolLM2 on a 32 MiB L3: 19 copies, 135 MB)."""
+    their tier is timed: about STREAM_FACTOR x the cache plus one layer, in the process that
+    measures (a serving worker, at its first start on a machine; bf16 SmolLM2 on a 32 MiB
+    L3: 19 copies, 135 MB). The cache read is CPU 0's: where the timing's threads span
+    several last-level caches, the copies may still partly fit."""
     from morphserve.vllm.kernel_speed import fused_shapes, layer_copies, time_layer
 
     shapes = fused_shapes(linear_shapes)
