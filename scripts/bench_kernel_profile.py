@@ -20,12 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from morphserve.doctor.advice import TIERS  # noqa: E402
+from morphserve.runtime.tier_speed import BATCHES  # noqa: E402  (the batches the profile and bench_kernels use)
 from morphserve.vllm.kernel_speed import fused_shapes, layer_copies, time_layer  # noqa: E402
 from quant_layers.cpu_kind import last_level_cache_bytes, this_cpu  # noqa: E402
 from quant_layers.model_info import default_group_size, read_model_info  # noqa: E402
-
-BATCHES = (1, 8, 32)
-TIERS = ("w8a8", "w4a16")
 
 
 def engine_ratios(path: Path) -> dict[str, dict[int, float]]:
