@@ -321,20 +321,26 @@ class SwappableLinear:
     def to_full(self, readers: Readers) -> None:
         self.to_tier(self.FULL, readers)
 
-    def prepare(self, tier: str, readers: Readers):
-        """Build `tier`'s compute (bf16: read, fuse and prepack the master); the layer is untouched."""
+    def prepare(self, tier: str, readers: Readers, prove: bool = True):
+        """Build `tier`'s compute (bf16: read, fuse and prepack the master); the layer is
+        untouched. `prove` False: the caller proves it (`prove`) before installing it."""
         if tier == self.FULL:
             return self.prepare_full(readers)
         if tier not in self.twins:
             raise QuantLayersError(f"tier {tier} is not served here (served: {', '.join(self.twins)})")
         compute = self.twins[tier].build(self.keys, readers)
+        if prove:
+            self.prove(compute)
+        return compute
+
+    def prove(self, compute, release_on_failure: bool = True) -> None:
+        """One tiny call through a twin's compute before it is installed."""
         try:
             prove_compute(compute, self.in_features, self.out_features, self.dtype, self.fault)
         except ProofFailed:
-            if hasattr(compute, "release"):
+            if release_on_failure and hasattr(compute, "release"):
                 compute.release()
             raise
-        return compute
 
     def prepare_full(self, readers: Readers):
         """The bf16 prepack, built from a read-only map of the master: vLLM's prepack is the

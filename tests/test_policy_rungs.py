@@ -177,7 +177,7 @@ class ScriptedPolicy:
         return Decision(target, "scripted", PolicyState(target, signals.time, None))
 
 
-def _controller(level: int, targets):
+def _controller(level: int, targets, compress_mode: str = "sync"):
     from morphserve.runtime.controller import MorphController
     from morphserve.runtime.policy_loop import PolicyLoop
     from tests.test_transition_plans import LADDER, _moves
@@ -185,7 +185,7 @@ def _controller(level: int, targets):
     moves, worker, pool = _moves(level)
     c = object.__new__(MorphController)
     c.moves, c.pool, c.forced_level, c.errors = moves, pool, None, 0
-    c.config = SimpleNamespace(restore_mode="background")
+    c.config = SimpleNamespace(restore_mode="background", compress_mode=compress_mode)
     c.recorder = moves.recorder
     sample = StepSample(time=5.0, waiting=0, oldest_wait_s=0.0, running=1, used_blocks=1, capacity_blocks=10)
     c.scheduler = SimpleNamespace(sample=lambda *a: sample)
@@ -206,6 +206,27 @@ def test_a_restore_under_way_is_retargeted_and_the_policy_reasons_from_its_targe
     assert c.moves.restoring is not None and c.moves.restoring["level"] == 3
     c._decide()  # down again, deeper than 3
     assert c.moves.restoring["level"] == 1 and c.forced_level is None and c.errors == 0
+
+
+def test_a_compression_goes_to_the_background_only_while_requests_decode():
+    """compress_mode background: with a request decoding the move is prepared in a thread
+    (a synchronous one would stall its tokens); with none, it is made at once."""
+    from tests.test_transition_plans import LADDER
+
+    c, worker = _controller(0, [LADDER.top], compress_mode="background")
+    c._decide()  # the sample has one request running
+    assert c.moves.restoring is not None and c.moves.restoring["direction"] == "quantize"
+    assert c.moves.level == 0 and "morphserve_apply" not in worker.calls
+
+    c, worker = _controller(0, [LADDER.top], compress_mode="background")
+    idle = StepSample(time=5.0, waiting=1, oldest_wait_s=0.0, running=0, used_blocks=0, capacity_blocks=10)
+    c.scheduler = SimpleNamespace(sample=lambda *a: idle)
+    c._decide()
+    assert c.moves.restoring is None and c.moves.level == LADDER.top
+
+    c, worker = _controller(0, [LADDER.top])  # sync: at once, whatever is running
+    c._decide()
+    assert c.moves.restoring is None and c.moves.level == LADDER.top
 
 
 def test_a_decision_that_was_not_carried_out_changes_nothing():

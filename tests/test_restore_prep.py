@@ -8,7 +8,7 @@ import time
 
 from quant_layers.restore_prep import LayerCost, RestorePreparer
 
-COST = LayerCost(bf16_bytes=100, w4_bytes=30)  # the shrink frees 70 per uncommitted layer
+COST = LayerCost(new_bytes=100, old_bytes=30)  # the shrink frees 70 per uncommitted layer
 
 
 def _drain(prep: RestorePreparer, timeout: float = 5.0) -> list[int]:
@@ -34,9 +34,9 @@ def test_prepared_bytes_never_exceed_what_the_shrink_freed_beyond_one_layer():
 
     def prepare(i):
         with lock:
-            held = prep.prepared_bytes() + COST.bf16_bytes if prep else COST.bf16_bytes
+            held = prep.prepared_bytes() + COST.new_bytes if prep else COST.new_bytes
             freed = 70 * prep.remaining if prep else 700
-            if held > max(freed, COST.bf16_bytes):
+            if held > max(freed, COST.new_bytes):
                 peak["over"].append((i, held, freed))
             peak["held"] = max(peak["held"], held)
         return i
@@ -46,6 +46,27 @@ def test_prepared_bytes_never_exceed_what_the_shrink_freed_beyond_one_layer():
     assert prep.prepared_bytes() <= 700
     assert _drain(prep) == layers
     assert not peak["over"], peak["over"]
+    prep.cancel()
+
+
+def test_a_compression_prepares_only_what_its_committed_layers_freed_beyond_one_layer():
+    """bf16 (100) -> int8 (50): the KV pool grows only when the move is done, so each
+    committed layer's 50 freed bytes are what pays for layers prepared ahead."""
+    cost = LayerCost(new_bytes=50, old_bytes=100)
+    layers = list(range(8))
+    prep = RestorePreparer(layers, {i: cost for i in layers}, prepare=lambda i: i)
+    time.sleep(0.2)
+    assert prep.prepared_bytes() == 50  # nothing committed yet: one layer ahead, no more
+    assert [i for i, _ in prep.take_ready()] == [0]
+    time.sleep(0.2)
+    assert prep.prepared_bytes() == 50  # one committed layer freed 50: still one held
+    assert [i for i, _ in prep.take_ready()] == [1]
+    time.sleep(0.2)
+    assert prep.prepared_bytes() == 100  # two committed: 100 freed, two held
+    assert [i for i, _ in prep.take_ready()] == [2, 3]
+    time.sleep(0.2)
+    assert prep.prepared_bytes() == 200  # four committed: the other four
+    assert _drain(prep) == list(range(4, 8))
     prep.cancel()
 
 
@@ -92,7 +113,7 @@ def test_cancel_during_a_blocked_prepare_returns_at_once_and_the_thread_frees_it
     started = time.monotonic()
     prep.cancel()
     assert time.monotonic() - started < 0.5, "cancel waited for the preparing thread"
-    assert not prep.finished and prep.prepared_bytes() == COST.bf16_bytes  # layer 1, still held
+    assert not prep.finished and prep.prepared_bytes() == COST.new_bytes  # layer 1, still held
     assert built[0].released  # prepared before the cancel, never installed: freed by cancel
     gate.set()
     prep.join(5)

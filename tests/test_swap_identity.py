@@ -95,3 +95,35 @@ def test_background_restore_installs_layers_at_step_boundaries_without_changing_
     assert sorted(record["committed_layer_ids"]) == list(range(30))
     baseline = plain_vllm(model_dir, PROMPTS, MAX_TOKENS, tmp_path)["token_ids"]
     assert [tokens[f"bg{i}"] for i in range(len(PROMPTS))] == baseline
+
+
+def test_background_compression_installs_layers_at_step_boundaries_without_changing_output(
+        identity_engine, model_dir, tmp_path):
+    """A policy-style compression 0 -> top (compress_mode background) is prepared in a
+    worker thread and installed over step boundaries while requests decode; the KV pool
+    grows only when the last layer is in, the budget holds throughout, and greedy output
+    stays plain vLLM's."""
+    llm, core = identity_engine
+    controller = controller_of(core)
+    core.morphserve_set_level(0)
+    core.morphserve_set_level(None)
+    top, start_blocks = controller.num_layers, controller.pool.limit
+    seen = []
+
+    def compress_at_step_3(steps: int) -> None:
+        moves = controller.moves
+        if steps == 3:
+            started = moves.to(top, reason="test", background_compress=True)
+            assert started.get("compressing") and moves.restoring["direction"] == "quantize"
+        if moves.restoring is not None:
+            memory = core.morphserve_state()["memory"]
+            seen.append((len(controller.quantized), controller.pool.limit, memory["within_budget"]))
+
+    tokens = run_greedy(llm, {f"bq{i}": p for i, p in enumerate(PROMPTS)}, MAX_TOKENS, compress_at_step_3).tokens
+    assert controller.moves.restoring is None and len(controller.quantized) == top, seen
+    assert seen and all(limit == start_blocks and ok for _, limit, ok in seen), seen  # no block before the end
+    assert controller.pool.limit == controller.capacity(top) > start_blocks
+    record = controller.recorder.recent[-1]
+    assert record["mode"] == "background" and record["from"] == 0 and record["to"] == top and record["steps"] >= 1
+    baseline = plain_vllm(model_dir, PROMPTS, MAX_TOKENS, tmp_path)["token_ids"]
+    assert [tokens[f"bq{i}"] for i in range(len(PROMPTS))] == baseline

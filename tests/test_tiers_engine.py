@@ -86,6 +86,32 @@ def test_every_tier_restores_bit_exact(engine):
     assert w8 != w4
 
 
+def test_a_background_compression_builds_the_same_w8a8_layers(engine):
+    """bf16 -> all-W8A8 built in a worker thread while requests decode (compress_mode
+    background), installed at step boundaries: every int8 compute passes its proof on the
+    engine's thread and the rung then generates what the synchronous move's rung does."""
+    from morphserve.vllm.offline_engine import controller_of, run_greedy
+
+    llm, core = engine
+    controller = controller_of(core)
+    core.morphserve_set_level(L)
+    w8 = _generate(llm)
+    core.morphserve_set_level(0)
+    core.morphserve_set_level(None)  # as a policy-driven move runs
+
+    def compress_at_step_2(steps: int) -> None:
+        if steps == 2:
+            assert controller.moves.to(L, reason="test", background_compress=True)["compressing"]
+            assert core.morphserve_state()["memory"]["within_budget"]
+
+    run_greedy(llm, {f"w8bg{i}": p for i, p in enumerate(PROMPTS)}, 48, compress_at_step_2)
+    assert controller.errors == 0 and controller.moves.restoring is None
+    assert controller.moves.tier_counts() == {"w8a8": L} and controller.pool.limit == controller.capacity(L)
+    assert controller.recorder.recent[-1]["mode"] == "background"
+    assert _generate(llm) == w8
+    core.morphserve_set_level(0)
+
+
 def _rss(core) -> int:
     return worker_call(core, "morphserve_rss")
 

@@ -49,6 +49,16 @@ class Worker:
         self.restoring = [tuple(x) for x in layers]
         return {"started": len(layers)}
 
+    def morphserve_restore_commit(self, limit=None):
+        """Installs one prepared layer per boundary, as a slow preparing thread would."""
+        committed = []
+        if self.restoring:
+            layer, tier = self.restoring.pop(0)
+            self.tiers.pop(layer) if tier == "bf16" else self.tiers.__setitem__(layer, tier)
+            committed.append(layer)
+        return {"committed": committed, "done": not self.restoring, "error": None,
+                "tiers": self.morphserve_tiers()}
+
     def morphserve_restore_cancel(self):
         self.restoring = []
         return {"tiers": self.morphserve_tiers()}
@@ -101,3 +111,32 @@ def test_a_manual_level_during_a_drained_background_restore_is_reached(target):
     assert result["ok"] and moves.restoring is None
     assert worker.tiers == LADDER.config(target) and moves.level == target
     assert pool.limit == capacity(target) and pool.visible == capacity(target)
+
+
+def test_a_background_compression_grows_the_pool_only_once_every_layer_is_in():
+    """The layers' freed bytes pay for the layers prepared ahead (quant_layers.restore_prep),
+    so no block may appear before the last layer is installed."""
+    moves, worker, pool = _moves(0)
+    started = moves.to(3, reason="policy", background_compress=True)
+    assert started["compressing"] and not started["changed"] and worker.calls[-1] == "morphserve_restore_begin"
+    assert moves.kv_state()["compressing_to"] == 3 and moves.kv_state()["restoring_to"] is None
+    for installed in (1, 2):
+        moves.commit_restore()
+        assert len(worker.tiers) == installed and pool.limit == capacity(0)
+    moves.commit_restore()
+    assert moves.restoring is None and worker.tiers == LADDER.config(3) and moves.level == 3
+    assert pool.limit == capacity(3) and moves.scheduler.visible == capacity(3)
+    assert moves.recorder.by_direction == {"quantize": 1, "restore": 0}
+    assert moves.recorder.recent[-1]["mode"] == "background" and moves.recorder.recent[-1]["steps"] == 3
+
+
+def test_a_background_compression_called_off_part_way_serves_what_it_installed():
+    """Retargeted after one layer: the layer installed stays, and the pool gets the blocks
+    the level reached allows, not the target's."""
+    moves, worker, pool = _moves(0)
+    moves.to(3, reason="policy", background_compress=True)
+    moves.commit_restore()  # layer 1 (the first W8A8 rung) is in
+    result = moves.to(1, reason="policy", background_compress=True)
+    assert result["ok"] and moves.restoring is None and moves.level == 1
+    assert worker.tiers == LADDER.config(1) and pool.limit == capacity(1)
+    assert moves.recorder.by_direction == {"quantize": 0, "restore": 0}  # the cancelled one is only logged

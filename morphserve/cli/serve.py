@@ -55,6 +55,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="policy-driven restores: read + prepack the bf16 layers in a worker thread and install "
                         "them over several step boundaries, so no single step carries the whole restore "
                         "(default), or do it all at one boundary (sync)")
+    p.add_argument("--compress-mode", choices=("background", "sync"), default="sync",
+                   help="policy-driven compressions while requests are decoding: prepare the new tier's layers in "
+                        "a worker thread and install them over several step boundaries (background), or all at "
+                        "one boundary, which every decoding request waits for (sync, the default); with nothing "
+                        "decoding a compression is always made at once")
     p.add_argument("--manual-min-interval", type=float, default=1.0, metavar="S",
                    help="POST /morphserve/level may change the level at most once per S seconds (429 "
                         "otherwise), since each change costs decode steps; 0 turns the limit off")
@@ -73,7 +78,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def build_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
     cfg = {"pack": os.path.abspath(args.pack), "twin": args.twin, "shrink_strategy": args.shrink_strategy,
-           "restore_mode": args.restore_mode, "manual_min_interval_s": args.manual_min_interval}
+           "restore_mode": args.restore_mode, "compress_mode": args.compress_mode, "manual_min_interval_s": args.manual_min_interval}
     if args.memory_budget_gb is not None:
         cfg["memory_budget_gb"] = args.memory_budget_gb
     if args.policy:

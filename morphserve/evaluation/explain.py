@@ -52,7 +52,7 @@ class Explanation:
     bursts: list[Burst] = field(default_factory=list)
     tokens_at_level: dict[int, int] | None = None
     ppl_increase: float | None = None
-    # background restores: seconds spent inside step boundaries installing prepared layers
+    # background moves (restores, compressions): seconds inside step boundaries installing prepared layers
     restore_commits: list[dict] = field(default_factory=list)
     # waits for service (see the module docstring), seconds
     service_waits: list[float] = field(default_factory=list)
@@ -194,7 +194,7 @@ def render(e: Explanation) -> str:
         lines.append(f"waits for service ({len(w)} quantize decisions with requests waiting): median "
                      f"{w[len(w) // 2]:.2f} s, max {w[-1]:.2f} s")
     if e.restore_commits:
-        lines.append("background restores (time inside step boundaries, i.e. what decoding paid):")
+        lines.append("background moves (time inside step boundaries, i.e. what decoding paid):")
         for c in e.restore_commits:
             lines.append(f"  {c['from']:>2} -> {c['to']:>2} layers: {c['commit_seconds'] * 1000:.1f} ms over "
                          f"{c['steps']} boundaries")

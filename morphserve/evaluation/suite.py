@@ -65,6 +65,8 @@ class System(BaseModel):
     kind: Literal["fp16", "fp16-compiled", "w4", "w8a8", "morphserve"] = Field(
         description="w4 / w8a8: plain vLLM serving the pack's W4A16 / W8A8 checkpoint statically")
     policy: str | None = Field(None, description="MorphServe only: a preset or policy YAML")
+    compress_mode: Literal["background", "sync"] | None = Field(
+        None, description="MorphServe only: `morphserve serve --compress-mode` (default: serve's default)")
     kv_cache_dtype: Literal["auto", "fp8"] = Field(
         "auto", description="fp8: vLLM's FP8 KV cache (twice the tokens in the same bytes; x86 with AVX-512 "
                             "or AMX only), for any kind")
@@ -75,8 +77,8 @@ class System(BaseModel):
     def _policy(self):
         if self.kind == "morphserve" and not self.policy:
             raise ValueError(f"system {self.name!r}: a morphserve system needs a policy")
-        if self.kind != "morphserve" and self.policy:
-            raise ValueError(f"system {self.name!r}: only a morphserve system takes a policy")
+        if self.kind != "morphserve" and (self.policy or self.compress_mode):
+            raise ValueError(f"system {self.name!r}: only a morphserve system takes a policy or a compress_mode")
         return self
 
 

@@ -56,6 +56,8 @@ def server_command(system: System, budget: Budget, suite: Suite, model: Path, pa
            "--shrink-strategy", suite.shrink_strategy, "--transition-log", str(out / "transitions.jsonl"),
            "--kv-cache-memory-bytes", str(total - model_weight_bytes(model)), "--enforce-eager",
            "--manual-min-interval", "0", *common]  # the warm-up forces 0 -> L -> 0 back to back
+    if system.compress_mode is not None:
+        cmd += ["--compress-mode", system.compress_mode]
     return cmd, env
 
 

@@ -44,6 +44,13 @@ class MorphConfig(BaseModel):
         default="background", description="policy-driven restores: prepare the bf16 layers in a worker thread "
         "and install them at step boundaries (background), or all inside one step boundary (sync). "
         "Manual POST /morphserve/level transitions are always sync")
+    compress_mode: Literal["background", "sync"] = Field(
+        default="sync", description="policy-driven compressions while requests are decoding: prepare the new "
+        "tier's layers in a worker thread and install them at step boundaries, the KV growing once the last is "
+        "in (background; their tokens keep coming at the old rung meanwhile), or all inside one step boundary "
+        "(sync; every decoding request waits for the whole move). With nothing decoding a compression is always "
+        "sync: the prompts about to be computed are the only ones waiting, and they are computed on the new rung. "
+        "Manual transitions are always sync")
 
 
 def parse(raw) -> MorphConfig:

@@ -168,6 +168,13 @@ class MorphController:
         """Policy-driven restores prepare layers in a worker thread (restore_mode)."""
         return self.config.restore_mode == "background"
 
+    def background_compress(self) -> bool:
+        """A policy-driven compression goes to a worker thread (compress_mode) only while
+        requests are decoding: they are the ones a synchronous move would stall. With none,
+        moving at once lets the prompts about to be computed run on the new rung."""
+        signals = self.loop.signals
+        return self.config.compress_mode == "background" and signals is not None and signals.running > 0
+
     def capacity(self, level: int) -> int:
         return min(self.budget.usable_blocks(level), self.max_usable)
 
@@ -239,7 +246,8 @@ class MorphController:
             return
         if decision.target != heading:
             # a restore in progress is retargeted (cancelled where it stands, then moved on)
-            moves.to(decision.target, reason=decision.reason, background=self.background_restores)
+            moves.to(decision.target, reason=decision.reason, background=self.background_restores,
+                     background_compress=self.background_compress())
         self.loop.accept(decision)  # only now: a failed move leaves the policy's state as it was
 
     # -- failures --------------------------------------------------------------------

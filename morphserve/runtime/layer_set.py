@@ -23,8 +23,8 @@ from quant_layers.kernel_twins import cache_key, ensure_kernel_twins, kernel_att
 from quant_layers.mapped_checkpoint import MappedCheckpoint
 from quant_layers.model_info import read_model_info
 from quant_layers.restore_prep import LayerCost, RestorePreparer, release_computes
-from quant_layers.swappable import (TIER_RANK, IdentityTwin, LinearKernels, PackedShard, Readers, SwappableLinear,
-                                    W4Twin, W8Twin, process_for_kernel)
+from quant_layers.swappable import (TIER_RANK, IdentityTwin, LinearKernels, PackedShard, ProofFailed, Readers,
+                                    SwappableLinear, W4Twin, W8Twin, process_for_kernel)
 from quant_layers.twin import index_safetensors, open_twin
 from quant_layers.w8_twin import open_w8_twin
 
@@ -213,10 +213,10 @@ class LayerSet:
         """Layers whose linears compute in more than one tier (must always be empty)."""
         return sorted(i for i, swaps in self.layers.items() if len({s.tier for s in swaps}) > 1)
 
-    # -- restores prepared in the background ------------------------------------------
+    # -- moves prepared in the background (named for restores, their first use) ---------
     def restore_begin(self, layers: list) -> dict:
-        """Start preparing these layers' less compressed precision (a layer id: bf16, or
-        [layer, tier]) in a thread; nothing changes yet."""
+        """Start preparing these layers' new tier in a thread (a layer id: bf16, or
+        [layer, tier], either way: a restore or a compression); nothing changes yet."""
         self.restore_cancel()
         swaps = self.layers
         targets = dict(_change(x, FULL) for x in layers)
@@ -224,8 +224,12 @@ class LayerSet:
                               sum(s.live_bytes for s in swaps[i])) for i, t in targets.items()}
 
         def prepare(i: int) -> list:
+            # Built here, proved at commit on the engine's thread: vLLM's CPU kernels are not
+            # safe to run from two threads at once (measured: a proof call made here while
+            # the forward ran returned non-finite values from a sound compute).
             with self._readers() as readers:
-                return [s.prepare(targets[i], readers) if s.tier != targets[i] else None for s in swaps[i]]
+                return [s.prepare(targets[i], readers, prove=False) if s.tier != targets[i] else None
+                        for s in swaps[i]]
 
         # One intra-op thread for the preparer (torch's setting is per thread): the forward
         # pass keeps all of its threads and the two contend for one core, not all of them.
@@ -245,16 +249,25 @@ class LayerSet:
         if prep is None:
             return {"active": False, "committed": [], "done": True, "error": None,
                     "quantized": self.quantized(), "tiers": self.tiers()}
-        committed, fp_bytes = [], 0
-        for i, computes in prep.take_ready(limit):
+        committed, fp_bytes, failed = [], 0, None
+        taken = prep.take_ready(limit)
+        for n, (i, computes) in enumerate(taken):
             tier = self.restore_targets[i]
+            try:
+                for s, compute in zip(self.layers[i], computes):
+                    if compute is not None and tier != FULL:
+                        s.prove(compute, release_on_failure=False)
+            except ProofFailed as e:  # the layer stays as it was, and so do those after it
+                release_computes([c for _, cs in taken[n:] for c in cs if c is not None])
+                failed = e
+                break
             for s, compute in zip(self.layers[i], computes):
                 if compute is not None:
                     fp_bytes += s.fp_bytes if tier == FULL else 0
                     s.commit(tier, compute)
             committed.append(i)
             maybe_fail("restore_commit")  # this layer is installed whole; the rest stay as they were
-        error = repr(prep.error) if prep.error is not None else None
+        error = repr(failed or prep.error) if (failed or prep.error) is not None else None
         done = prep.remaining == 0
         if done or error:
             self._drop(prep)

@@ -7,6 +7,9 @@ Memory order (docs/ARCHITECTURE.md, "One transition"):
   tail's KV pages, then copy bf16 back. A restore that must wait stays pending and is
   retried at every step boundary. A background restore prepares the bf16 layers in a
   worker thread and installs them at later boundaries.
+- a background compression prepares the new tier's layers the same way and installs them
+  at later boundaries; the block pool grows once the last one is in, so the bytes the
+  installed layers freed pay for the layers prepared ahead (quant_layers.restore_prep).
 """
 
 from __future__ import annotations
@@ -85,7 +88,8 @@ class Transitions:
         self.config_version = 0  # bumped whenever `config` changes
         self._level = 0
         self.pending_level: int | None = None
-        self.restoring: dict | None = None  # a background restore in progress (see _begin_restore)
+        # a move prepared in the background, a restore or a compression (see _begin_background)
+        self.restoring: dict | None = None
         self.deferrals = 0
         self.recovery_shrink_from: int | None = None
 
@@ -127,9 +131,10 @@ class Transitions:
     def sync_view(self) -> None:
         self.scheduler.sync_capacity_view(self.pool.visible)
 
-    def to(self, level: int, reason: str, background: bool = False) -> dict:
+    def to(self, level: int, reason: str, background: bool = False, background_compress: bool = False) -> dict:
         """Move to `level` quantized layers. A restore with `background` only starts here:
-        its KV is shrunk now and the layers are installed at later step boundaries.
+        its KV is shrunk now and the layers are installed at later step boundaries; so does
+        a compression with `background_compress` (its KV grows once it is installed).
 
         A plan may both compress and decompress: off the ladder (a restore called off
         part-way when the W8A8 and W4A16 orders differ), reaching a level can take layers
@@ -153,6 +158,8 @@ class Transitions:
         if self.ladder.tiered:
             record["tiers_to"] = self.ladder.counts(level)
         worker: dict | None = None
+        if plan.quantize and not plan.restore and background_compress:
+            return self._begin_background(plan.quantize, level, record, t0, before_blocks, "quantize")
         if plan.quantize:
             worker = self._apply(plan.quantize, [], level)
             if not plan.restore:
@@ -172,7 +179,7 @@ class Transitions:
                 return {"ok": True, "deferred": True, "quantized_layers": self.level,
                         "busy_blocks": kv["busy"], "changed": worker is not None}
             if background:
-                return self._begin_restore(plan.restore, level, record, t0, before_blocks)
+                return self._begin_background(plan.restore, level, record, t0, before_blocks, "restore")
             try:
                 restored = self._apply([], plan.restore, level)
             except MorphServeError:
@@ -239,25 +246,29 @@ class Transitions:
                 maps = [r["tiers"] for r in self.rpc("morphserve_set_tiers", maps[0])]
         self.set_tiers(maps[0])
 
-    # -- restores prepared in the background ---------------------------------------------
-    def _begin_restore(self, layers: list[int], level: int, record: dict, t0: float, before_blocks: int) -> dict:
-        """The KV is already shrunk to the target's capacity; the workers now prepare the
-        bf16 layers in a thread while the model keeps running them in W4."""
+    # -- moves prepared in the background ------------------------------------------------
+    def _begin_background(self, layers: list, level: int, record: dict, t0: float, before_blocks: int,
+                          direction: str) -> dict:
+        """The workers prepare the layers' new tier in a thread while the model keeps
+        running them as they are. A restore's KV is already shrunk to the target's
+        capacity; a compression's grows when its last layer is installed."""
         try:
             self.rpc("morphserve_restore_begin", layers)
         except Exception as e:
-            self.grow(self.capacity(self.level))  # weights stayed quantized
+            self.grow(self.capacity(self.level))  # every layer stayed as it was
             self.sync_view()
-            raise MorphServeError(f"could not start the restore to {level}: {e}") from e
+            raise MorphServeError(f"could not start the {direction} to {level}: {e}") from e
         record.update(mode="background", steps=0, committed_layer_ids=[])
         self.restoring = {"level": level, "record": record, "t0": t0, "before_blocks": before_blocks,
-                          "commit_seconds": 0.0}
+                          "commit_seconds": 0.0, "direction": direction}
         self.sync_view()
-        return {"ok": True, "restoring": True, "quantized_layers": self.level, "changed": False}
+        return {"ok": True, "restoring": direction == "restore", "compressing": direction == "quantize",
+                "quantized_layers": self.level, "changed": False}
 
     def commit_restore(self) -> None:
-        """Install what the workers have prepared; raises TransitionFailed if the restore
-        stopped (layers already installed stay bf16, the rest W4)."""
+        """Install what the workers have prepared (a restore's or a compression's layers);
+        raises TransitionFailed if the move stopped (layers already installed keep their
+        new tier, the rest their old one)."""
         r = self.restoring
         t = time.monotonic()
         try:
@@ -281,11 +292,14 @@ class Transitions:
         if result["done"]:
             self.restoring = None
             r["record"]["commit_seconds"] = r["commit_seconds"]
-            self._finish(r["record"], r["before_blocks"], r["t0"], "restore")
+            self._give_back(r["level"])  # a compression's freed bytes become blocks now
+            self.sync_view()
+            self._finish(r["record"], r["before_blocks"], r["t0"], r["direction"])
 
     def _stopped(self, why: str) -> TransitionFailed:
-        return TransitionFailed(f"background restore to {self.restoring['level']} stopped: {why}",
-                                "a background restore")
+        r = self.restoring
+        return TransitionFailed(f"background {r['direction']} to {r['level']} stopped: {why}",
+                                f"a background {r['direction']}")
 
     def _cancel_restore(self) -> None:
         r = self.restoring
@@ -297,7 +311,7 @@ class Transitions:
         self._adopt(maps)
         r["record"].update(cancelled=True, outcome="cancelled", to=self.level)
         self.recorder.write(r["record"])
-        log.info("MorphServe: restore to %d called off at %d", r["level"], self.level)
+        log.info("MorphServe: %s to %d called off at %d", r["direction"], r["level"], self.level)
 
     # -- failures --------------------------------------------------------------------
     def resync_after_failure(self) -> int:
@@ -348,6 +362,8 @@ class Transitions:
             return None
 
     def kv_state(self) -> dict:
+        r = self.restoring
         return {"pending_level": self.pending_level,
-                "restoring_to": self.restoring["level"] if self.restoring else None,
+                "restoring_to": r["level"] if r and r["direction"] == "restore" else None,
+                "compressing_to": r["level"] if r and r["direction"] == "quantize" else None,
                 "deferred_restores": self.deferrals}
