@@ -202,3 +202,27 @@ def test_plain_systems_need_no_w8a8_tier_and_a_w8a8_system_names_its_twin(tmp_pa
     tiered = make_tiered_pack(tmp_path / "tiered", model)
     cmd, _ = systems.server_command(System(name="w8", kind="w8a8"), suite.budgets[0], suite, model, tiered, 1, tmp_path)
     assert cmd[cmd.index("--model") + 1] == str(tiered / packfmt.load_manifest(tiered).tiers[0].quantized_dir)
+
+
+def test_a_morphserve_system_passes_its_compress_mode_and_tiers_and_only_it_takes_them(tmp_path):
+    from pydantic import ValidationError
+
+    from morphserve.evaluation import systems
+    from morphserve.evaluation.suite import Budget, Suite, System, Window
+    from tests.test_hardening_fakes import make_model, make_tiered_pack
+
+    model = make_model(tmp_path / "model")
+    suite = Suite(name="s", windows=[Window(name="w", trace="azure-conv", start_s=0, duration_s=5, rate_scale=1,
+                                            length_scale=1, output_scale=1, regime="light", why="test")],
+                  budgets=[Budget(name="b", total_mb=400)], systems=[System(name="fp16", kind="fp16")],
+                  static_quantized=None)
+    tiered = make_tiered_pack(tmp_path / "tiered", model)
+    ours = System(name="m", kind="morphserve", policy="default", compress_mode="background", tiers=["w8a8"])
+    cmd, _ = systems.server_command(ours, suite.budgets[0], suite, model, tiered, 1, tmp_path)
+    assert cmd[cmd.index("--compress-mode") + 1] == "background" and cmd[cmd.index("--tiers") + 1] == "w8a8"
+    cmd, _ = systems.server_command(System(name="d", kind="morphserve", policy="default"), suite.budgets[0], suite,
+                                    model, tiered, 1, tmp_path)
+    assert "--compress-mode" not in cmd and "--tiers" not in cmd  # serve's own defaults
+    for extra in ({"compress_mode": "sync"}, {"tiers": ["w8a8"]}):
+        with pytest.raises(ValidationError, match="only a morphserve system"):
+            System(name="w8", kind="w8a8", **extra)

@@ -67,6 +67,9 @@ class System(BaseModel):
     policy: str | None = Field(None, description="MorphServe only: a preset or policy YAML")
     compress_mode: Literal["background", "sync"] | None = Field(
         None, description="MorphServe only: `morphserve serve --compress-mode` (default: serve's default)")
+    tiers: list[Literal["w8a8", "w4a16"]] | None = Field(
+        None, description="MorphServe only: the pack tiers to serve (`morphserve serve --tiers`), e.g. the "
+                          "ladder `prepare --tiers auto` builds on this CPU (default: every tier that runs here)")
     kv_cache_dtype: Literal["auto", "fp8"] = Field(
         "auto", description="fp8: vLLM's FP8 KV cache (twice the tokens in the same bytes; x86 with AVX-512 "
                             "or AMX only), for any kind")
@@ -77,8 +80,9 @@ class System(BaseModel):
     def _policy(self):
         if self.kind == "morphserve" and not self.policy:
             raise ValueError(f"system {self.name!r}: a morphserve system needs a policy")
-        if self.kind != "morphserve" and (self.policy or self.compress_mode):
-            raise ValueError(f"system {self.name!r}: only a morphserve system takes a policy or a compress_mode")
+        if self.kind != "morphserve" and (self.policy or self.compress_mode or self.tiers):
+            raise ValueError(f"system {self.name!r}: only a morphserve system takes a policy, a compress_mode "
+                             f"or tiers")
         return self
 
 
@@ -146,6 +150,9 @@ class Suite(BaseModel):
         for s in dump["systems"]:
             if s["kv_cache_dtype"] == "auto":
                 del s["kv_cache_dtype"]
+            for later in ("compress_mode", "tiers"):
+                if s[later] is None:
+                    del s[later]
         return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
 
 

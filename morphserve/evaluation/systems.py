@@ -58,6 +58,8 @@ def server_command(system: System, budget: Budget, suite: Suite, model: Path, pa
            "--manual-min-interval", "0", *common]  # the warm-up forces 0 -> L -> 0 back to back
     if system.compress_mode is not None:
         cmd += ["--compress-mode", system.compress_mode]
+    if system.tiers:
+        cmd += ["--tiers", ",".join(system.tiers)]
     return cmd, env
 
 
