@@ -226,3 +226,23 @@ def test_a_morphserve_system_passes_its_compress_mode_and_tiers_and_only_it_take
     for extra in ({"compress_mode": "sync"}, {"tiers": ["w8a8"]}):
         with pytest.raises(ValidationError, match="only a morphserve system"):
             System(name="w8", kind="w8a8", **extra)
+
+
+def test_a_morphserve_system_that_names_its_tiers_is_read_on_their_ladder(tmp_path):
+    """A tiered pack served as bf16 <-> W8A8 only (`tiers: [w8a8]`): its top is L, not 2L
+    (the warm-up's 0 -> top must be a level it serves) and its curve is the W8A8 tier's."""
+    from morphserve.evaluation.runner import served_ladder
+    from morphserve.offline import pack as packfmt
+    from tests.test_hardening_fakes import make_model, make_tiered_pack
+
+    model = make_model(tmp_path / "model")
+    manifest = packfmt.load_manifest(make_tiered_pack(tmp_path / "tiered", model))
+    n = manifest.num_layers
+    quality = {"ladder": {"ppl": {str(k): 10.0 + k for k in range(2 * n + 1)}},
+               "tiers": {"w8a8": {"ppl": {str(k): 10.0 + k / 2 for k in range(n + 1)}}},
+               "orders": {"lis": {"ppl": {str(k): 10.0 + 2 * k for k in range(n + 1)}}}}
+    runs_all = lambda tiers: {t: None for t in tiers}  # noqa: E731
+    top, curve = served_ladder(manifest, quality, None, runs_all)
+    assert top == 2 * n and curve[2 * n] == 10.0 + 2 * n
+    top, curve = served_ladder(manifest, quality, ["w8a8"], runs_all)
+    assert top == n and curve[n] == 10.0 + n / 2 and sorted(curve) == list(range(n + 1))

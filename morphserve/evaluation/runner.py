@@ -87,15 +87,26 @@ def check_resumable(suite: Suite, out: Path, suite_path: Path, pack: Path) -> No
                                       "suite": suite.model_dump()}, indent=2) + "\n")
 
 
+def served_ladder(manifest: packfmt.Manifest, quality: dict, tiers: list[str] | None,
+                  probe) -> tuple[int, dict[int, float]]:
+    """The top level and the perplexity per level of the ladder MorphServe serves on this
+    CPU with `tiers` (None: every tier of the pack that `probe` says runs here)."""
+    served = serve_tiers(manifest, tiers, probe)
+    return Ladder.from_manifest(manifest, served).top, level_ppl_curve(
+        served_quality(quality, manifest.tier_names, served))
+
+
 def evaluate(suite: Suite, suite_path: Path, model: Path, pack: Path, out: Path) -> list[Path]:
     check_resumable(suite, out, suite_path, pack)
     manifest = packfmt.load_manifest(pack)
     from morphserve.vllm.kernels import probe_tiers
 
-    served = serve_tiers(manifest, None, probe_tiers)  # what MorphServe will serve on this CPU
     quality = json.loads((pack / packfmt.QUALITY).read_text())
-    curve = level_ppl_curve(served_quality(quality, manifest.tier_names, served))
-    top = Ladder.from_manifest(manifest, served).top
+    # The static systems' levels are read on the ladder of every tier served here; a
+    # MorphServe system that names its tiers serves (and is scored on) that ladder.
+    default = served_ladder(manifest, quality, None, probe_tiers)
+    ladders = {s.name: served_ladder(manifest, quality, s.tiers, probe_tiers) if s.tiers else default
+               for s in suite.systems}
     order = run_order(suite)
     todo = [item for item in order if not (run_dir(out, *item) / "run.json").exists()]
     if len(todo) < len(order):
@@ -103,6 +114,7 @@ def evaluate(suite: Suite, suite_path: Path, model: Path, pack: Path, out: Path)
     bar = tqdm(todo, unit="run", desc="evaluate", dynamic_ncols=True)
     for rep, window, budget, system in bar:
         bar.set_description(f"{window.name}/{budget.name}/{system.name} rep {rep + 1}/{suite.repetitions}")
+        top, curve = ladders[system.name]
         one_run(suite, rep, window, budget, system, model, pack, top, curve,
                 run_dir(out, rep, window, budget, system))
     return [run_dir(out, *item) for item in order]
@@ -110,7 +122,8 @@ def evaluate(suite: Suite, suite_path: Path, model: Path, pack: Path, out: Path)
 
 def one_run(suite: Suite, rep: int, window: Window, budget: Budget, system: System, model: Path, pack: Path,
             top_level: int, curve: dict[int, float], folder: Path) -> dict:
-    """`top_level`: the pack's ladder top (every layer W4A16); `curve`: perplexity per level."""
+    """`top_level`: the top of the ladder the system is read on (every tier served here, or
+    a MorphServe system's own tiers); `curve`: perplexity per level of that ladder."""
     folder.mkdir(parents=True, exist_ok=True)
     for stale in ("transitions.jsonl", "bench.json", "summary.json"):
         (folder / stale).unlink(missing_ok=True)  # a half-done earlier attempt

@@ -94,7 +94,8 @@ def _complete(base: str, n: int, max_tokens: int = 16) -> None:
 def warm_up(system: System, base: str, n_requests: int, num_layers: int | None) -> dict:
     """The same requests for every system; MorphServe also runs each kernel once
     (0 -> L -> 0, then control goes back to its policy). The prefix cache is reset last so
-    that no system starts the trace with cached blocks."""
+    that no system starts the trace with cached blocks. `num_layers`: the top of the ladder
+    the system serves."""
     done = {"requests": n_requests}
     if system.kind == "morphserve":
         state = _request(f"{base}/morphserve/state?memory=0")
