@@ -77,10 +77,12 @@ def test_a_profile_makes_every_level_known_from_level_0_steps_alone():
 def test_moderate_load_rests_on_w8a8_rungs_where_int8_is_faster_and_calm_load_returns_to_bf16():
     busy = load(30, AVX512)
     assert busy.step_time_s > BOUND  # bf16 cannot serve 30 requests in time here
-    d = policy().decide(busy, PolicyState())
-    assert 0 < d.target <= L and d.reason.startswith("speed:")  # W8A8 rungs only, for speed
     p = policy()
-    assert p.predicted_step(busy, d.target) <= BOUND < p.predicted_step(busy, d.target - 1)
+    first, _, _ = p.choose(busy, 0, p.demand_blocks(busy), CFG.headroom, 2 * L, BOUND)
+    assert 0 < first < L and p.predicted_step(busy, first) <= BOUND < p.predicted_step(busy, first - 1)
+    d = policy().decide(busy, PolicyState())
+    # every W8A8 rung is faster still: the segment is taken whole, and no W4A16 rung (slower)
+    assert d.target == L and d.reason.startswith("speed:") and f"on to level {L}" in d.reason
     # the load falls to 4 requests: after calm_s, back to bf16 in one plan
     calm = load(4, AVX512, level=d.target, time=200.0)
     state = PolicyState(level=d.target, last_change=100.0, calm_since=196.0)
@@ -95,7 +97,24 @@ def test_the_same_config_finds_the_other_answer_where_int8_is_slow_at_small_batc
     big = load(30, AVX2)
     assert big.step_time_s > BOUND
     d = policy().decide(big, PolicyState())
-    assert 0 < d.target <= L and d.reason.startswith("speed:")
+    assert d.target == L and d.reason.startswith("speed:")
+
+
+def test_a_move_up_goes_on_only_through_rungs_measured_faster():
+    """Past the first level that meets the tests, a move goes on only while rungs compute
+    the batch faster, by FURTHER_GAIN in all: not into slower 4-bit rungs, not on a tier as
+    fast as bf16 within noise, and not without a step model."""
+    from policies.demand import FURTHER_GAIN
+
+    need = next(k for k, c in enumerate(TIGHT) if c >= 40 * 1.1)
+    queue = dict(capacity_blocks=TIGHT[0], need_blocks=40, waiting_blocks=31, queue_len=10.0, used_blocks=9)
+    assert policy(TIGHT).decide(load(3, AVX512, **queue), PolicyState()).target == L  # W8A8 faster: whole
+    same = {"bf16": AVX512["bf16"], "w8a8": {b: t * (1 - FURTHER_GAIN / 2) for b, t in AVX512["bf16"].items()},
+            "w4a16": AVX512["w4a16"]}
+    assert policy(TIGHT).decide(load(3, same, **queue), PolicyState()).target == need
+    slow_w8 = {**AVX512, "w8a8": {b: 2 * t for b, t in AVX512["bf16"].items()}}
+    assert policy(TIGHT).decide(load(3, slow_w8, **queue), PolicyState()).target == need
+    assert policy(TIGHT).decide(load(3, AVX512, step_model=None, **queue), PolicyState()).target == need
 
 
 def test_a_burst_beyond_the_w8a8_rungs_capacity_climbs_into_w4a16_rungs_as_far_as_speed_allows():
