@@ -187,12 +187,13 @@ class DemandPolicy(PolicyBase):
         return top, (f"{limited or 'capacity'}: demand {demand:.0f} blocks; no level up to {top} covers it, "
                      f"{top} has the most capacity"), False
 
-    def further(self, s, first: int, top: int) -> tuple[int, str]:
+    def further(self, s, first: int, top: int, batch: float | None = None) -> tuple[int, str]:
         """How far past `first` (the first level meeting every test) a move up goes: up the
-        rungs, within `top`, while each computes the batch `first` would serve faster than
-        the one below it and holds no fewer blocks; `first` unless that gains FURTHER_GAIN."""
+        rungs, within `top`, while each computes `batch` (default: the batch `first` would
+        serve) faster than the one below it and holds no fewer blocks; `first` unless that
+        gains FURTHER_GAIN."""
         model = s.step_model
-        batch = self.batch_at(s, first)
+        batch = self.batch_at(s, first) if batch is None else batch
         start = model.predict(first, batch) if model is not None else None
         if start is None:
             return first, ""
@@ -235,24 +236,30 @@ class DemandPolicy(PolicyBase):
                                  f"quality budget: {s.quality_increase:.1%} average increase, "
                                  f"{c.max_avg_ppl_increase:.1%} allowed; at most level {quality_top}",
                                  need_calm=False)
-        target, reason, _ = self.choose(s, level, self.demand_blocks(s), c.headroom, quality_top,
-                                        c.tpot_slo_s * c.slo_margin, prompt_bound=c.ttft_slo_s * c.slo_margin)
+        target, reason, fits = self.choose(s, level, self.demand_blocks(s), c.headroom, quality_top,
+                                           c.tpot_slo_s * c.slo_margin, prompt_bound=c.ttft_slo_s * c.slo_margin)
         if target > level:
-            target, on = self.further(s, target, quality_top)
+            # only from a level that meets every test: a fallback (most capacity whose step
+            # meets the bound) already found the rungs above it too slow at their own batch
+            on = ""
+            if fits:
+                target, on = self.further(s, target, quality_top)
             return self._up(state, now, target, reason + on)
         if target == level:
             return Decision(level, f"hold: {reason}", replace(state, calm_since=None))
         # lower: only after calm, and to where the wider margins still hold
-        def restore_within(top: int) -> tuple[int, str, bool]:
-            return self.choose(s, level, self.demand_blocks(s, projected=False), c.restore_headroom, top,
-                               c.tpot_slo_s * c.restore_margin, projected=False,
-                               prompt_bound=c.ttft_slo_s * c.restore_margin)
-
-        lower, why, fits = restore_within(level)
-        start = self.segment_start(s, lower)
-        if fits and start < lower:
-            # inside a run of rungs each faster than the one below, a restore goes to its
-            # start or nowhere: a move up from the middle would go on to `level` again
-            lower, why, fits = restore_within(start)
+        lower, why, fits = self.choose(s, level, self.demand_blocks(s, projected=False), c.restore_headroom, level,
+                                       c.tpot_slo_s * c.restore_margin, projected=False,
+                                       prompt_bound=c.ttft_slo_s * c.restore_margin)
+        if fits and self.segment_start(s, lower) < lower:
+            # `lower` is inside a run of rungs each faster than the one below (no level under
+            # it passes): a move up from there would go on through the run again, so the
+            # restore stops at the run's top, or nowhere if the level served is that top
+            top, _ = self.further(s, lower, level, batch=max(1.0, float(s.running)))
+            if top >= level:
+                return Decision(level, f"hold: calm, but {lower} lies inside a run of faster rungs ending at "
+                                       f"{level}", replace(state, calm_since=None))
+            if top != lower:
+                lower, why = top, f"{why}; up to {top}, the top of the run of faster rungs it lies in"
         safe = fits and lower < level and s.queue_len == 0 and s.waiting_blocks == 0
         return self._down_to(state, now, lower if safe else level, f"calm: {why}")

@@ -248,6 +248,32 @@ def test_a_compression_goes_to_the_background_only_while_requests_decode():
     assert c.moves.restoring is None and c.moves.level == LADDER.top
 
 
+def test_a_compression_is_made_at_once_when_this_boundary_has_nothing_decoding():
+    """The signals average a window of boundaries; whether requests decode *now* is this
+    boundary's own reading (a burst of prompts after a request finished is computed on the
+    new rung, not prepared in the background while it prefills in bf16)."""
+    from tests.test_transition_plans import LADDER
+
+    c, worker = _controller(0, [0, LADDER.top], compress_mode="background")
+    c._decide()  # one request decoding: holds at 0
+    idle = StepSample(time=5.1, waiting=3, oldest_wait_s=0.0, running=0, used_blocks=0, capacity_blocks=10)
+    c.scheduler = SimpleNamespace(sample=lambda *a: idle)
+    c._decide()
+    assert c.loop.signals.running > 0  # the window still remembers the request
+    assert c.moves.restoring is None and c.moves.level == LADDER.top
+
+
+def test_a_restore_from_4bit_rungs_stops_at_the_top_of_the_faster_w8a8_run():
+    """30 requests, int8 faster than bf16: calm at L + 10 restores to all-W8A8 (a level
+    inside the W8A8 run would be climbed again at the next move up); calm at L holds."""
+    above = load(30, AVX512, level=L + 10, time=200.0)
+    d = policy().decide(above, PolicyState(level=L + 10, last_change=100.0, calm_since=196.0))
+    assert d.target == L and "top of the run" in d.reason
+    at_top = load(30, AVX512, level=L, time=200.0)
+    d = policy().decide(at_top, PolicyState(level=L, last_change=100.0, calm_since=196.0))
+    assert d.target == L and "inside a run of faster rungs" in d.reason
+
+
 def test_a_decision_that_was_not_carried_out_changes_nothing():
     c, worker = _controller(0, [4])
 

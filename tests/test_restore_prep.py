@@ -119,3 +119,53 @@ def test_cancel_during_a_blocked_prepare_returns_at_once_and_the_thread_frees_it
     prep.join(5)
     assert prep.finished and prep.prepared_bytes() == 0 and prep.take_ready() == []
     assert [c.layer for c in built] == [0, 1] and all(c.released for c in built)
+
+
+def test_a_proof_that_fails_at_commit_installs_nothing_from_that_layer_on():
+    """Background computes are proved on the engine's thread as they are installed: a layer
+    whose proof fails stays as it was, it and the layers taken with it are released once,
+    the move stops with the error, and the layers installed before it stay installed."""
+    from morphserve.runtime.layer_set import LayerSet
+    from quant_layers.swappable import ProofFailed
+
+    class Compute:
+        def __init__(self):
+            self.released = 0
+
+        def release(self):
+            self.released += 1
+
+    class Swap:
+        fp_bytes = 100
+
+        def __init__(self, bad: bool):
+            self.bad, self.tier, self.installed = bad, "bf16", None
+
+        @property
+        def quantized(self):
+            return self.tier != "bf16"
+
+        def prove(self, compute, release_on_failure=True):
+            if self.bad:
+                raise ProofFailed("returned non-finite values on its proof call")
+
+        def commit(self, tier, compute):
+            self.tier, self.installed = tier, compute
+
+    layers = {0: [Swap(False)], 1: [Swap(True)], 2: [Swap(False)]}
+    computes = {i: [Compute()] for i in layers}
+    ls = LayerSet.__new__(LayerSet)
+    ls.layers, ls.finishing, ls.restore_targets = layers, [], {i: "w8a8" for i in layers}
+    ls.restore = RestorePreparer([0, 1, 2], {i: LayerCost(new_bytes=10, old_bytes=100) for i in layers},
+                                 prepare=lambda i: computes[i])
+    deadline = time.monotonic() + 5
+    while ls.restore_ready() < 1 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    first = ls.restore_commit(limit=1)
+    assert first["committed"] == [0] and first["error"] is None and layers[0][0].installed is computes[0][0]
+    while ls.restore_ready() < 2 and time.monotonic() < deadline:  # layer 0's 90 freed bytes hold both
+        time.sleep(0.001)
+    second = ls.restore_commit()
+    assert second["committed"] == [] and "non-finite" in second["error"] and ls.restore is None
+    assert layers[1][0].tier == layers[2][0].tier == "bf16" and second["tiers"] == {"0": "w8a8"}
+    assert [computes[i][0].released for i in range(3)] == [0, 1, 1]

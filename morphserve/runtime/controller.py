@@ -172,8 +172,8 @@ class MorphController:
         """A policy-driven compression goes to a worker thread (compress_mode) only while
         requests are decoding: they are the ones a synchronous move would stall. With none,
         moving at once lets the prompts about to be computed run on the new rung."""
-        signals = self.loop.signals
-        return self.config.compress_mode == "background" and signals is not None and signals.running > 0
+        sample = self.loop.sample  # this boundary's own count: the signals average a window
+        return self.config.compress_mode == "background" and sample is not None and sample.running > 0
 
     def capacity(self, level: int) -> int:
         return min(self.budget.usable_blocks(level), self.max_usable)

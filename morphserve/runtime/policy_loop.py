@@ -24,6 +24,7 @@ class PolicyLoop:
         self.tracker: SignalTracker | None = None
         self.sampler = sampler  # the boundary's StepSampler: it reads the scheduler
         self.signals = None
+        self.sample = None  # the last boundary's own reading (signals average a window of them)
         self.expected_output_tokens = 256
 
     def start(self, ref: str, quality: dict | None, capacities: list[int], mix: list[dict[str, int]] | None = None,
@@ -55,6 +56,7 @@ class PolicyLoop:
         `stepped` False: a boundary for new arrivals, with no step since the last sample."""
         previous = self.signals
         sample = scheduler.sample(self.sampler, pool, self.expected_output_tokens)
+        self.sample = sample
         self.signals = self.tracker.add(replace(sample, level=level, stepped=stepped), charge=charge)
         if stepped and previous is not None and previous.running and self.signals.running:
             recorder.step_seconds.append(self.signals.time - previous.time)
