@@ -79,6 +79,7 @@ def build_report(suite, out: Path) -> dict:
         if not flat:
             continue
         cells.append({"window": window.name, "budget": budget.name, "regime": window.regime, "runs": len(flat),
+                      "kinds": {s.name: s.kind for s in suite.systems_at(window, budget)},
                       "requests": flat[0]["requests"], "trace_sha256": flat[0]["trace_sha256"],
                       "equal_work_problems": check_equal_work(flat),
                       "systems": summarize_cell(runs, suite.baseline, suite.static_quantized)})
@@ -95,8 +96,12 @@ def build_report(suite, out: Path) -> dict:
 
 def report_markdown(report: dict) -> str:
     from morphserve.evaluation.machine import label
-    from morphserve.evaluation.render import equal_work, table
+    from morphserve.evaluation.render import equal_work, table, versus_static_table
+    from morphserve.evaluation.versus_static import compare
 
     ran_on = f" on {label(report['machine'])}" if report.get("machine") else " (machine not recorded)"
+    versus = compare(report)
+    lead = (f"Against each row's best static system:\n\n{versus_static_table(versus)}\n\nEvery system:\n\n"
+            if versus else "")
     return (f"suite {report['suite']} ({report['fingerprint']}), {report['repetitions']} repetitions{ran_on}; "
-            f"each figure: median [low, high]\n\n{table(report)}\n\nEqual work:\n{equal_work(report)}")
+            f"each figure: median [low, high]\n\n{lead}{table(report)}\n\nEqual work:\n{equal_work(report)}")

@@ -61,6 +61,32 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _met(value) -> str:
+    return {True: "yes", False: "**no**", None: "-", "yes": "yes", "tie": "tie", "no": "**no**"}.get(value, str(value))
+
+
+def versus_static_table(entries: list[dict]) -> str:
+    """The leading table: each row's MorphServe against that row's best static system
+    (rules in morphserve.evaluation.versus_static)."""
+    lines = ["| window | budget | regime | best static | violations: MorphServe / best static | "
+             "P95 TTFT (s): MorphServe / best static (ratio, <= 1.25x) | perplexity increase: MorphServe / W8A8 | "
+             "peak RSS (MiB): MorphServe / FP16 | capacity-beyond: <= 50% violations / <= 1/3 W4A16 quality | "
+             "every rule met |", "|" + "---|" * 10]
+    for e in entries:
+        v, t, q, m = e["violations"], e["ttft_p95"], e["quality"], e["memory"]
+        beyond = e.get("beyond")
+        extra = "-" if not beyond else f"{_met(beyond['violations_met'])} / {_met(beyond['quality_met'])}"
+        pct = lambda x: "-" if x is None else f"{x * 100:.1f}%"  # noqa: E731
+        lines.append(
+            f"| {e['window']} | {e['budget']} | {e['regime']} | {e['best_static']} | "
+            f"{cell(v['morphserve'], '.0f')} / {cell(v['best_static'], '.0f')}: {_met(v['met'])} | "
+            f"{cell(t['morphserve'])} / {cell(t['best_static'])} ({_num(t['ratio'], '.2f')}x): {_met(t['met'])} | "
+            f"{pct(q['morphserve'])} / {pct(q['w8a8'])}: {_met(q['met'])} | "
+            f"{_num(m['morphserve'], '.0f')} / {_num(m['fp16'], '.0f')}: {_met(m['met'])} | {extra} | "
+            f"{'yes' if e['all_met'] else '**no**'} |")
+    return "\n".join(lines)
+
+
 def equal_work(report: dict) -> str:
     lines = []
     for c in report["cells"]:
