@@ -18,7 +18,9 @@ Plain Python over the report's cells.
 
 from __future__ import annotations
 
-STATIC_KINDS = ("fp16", "fp16-compiled", "w4", "w8a8")
+from morphserve.evaluation.suite import SYSTEM_KINDS
+
+STATIC_KINDS = tuple(kind for kind in SYSTEM_KINDS if kind != "morphserve")  # plain vLLM, one precision
 TTFT_FACTOR = 1.25
 BEYOND_FEWER_FRACTION = 0.5  # violations at most this share of the best static system's
 BEYOND_QUALITY_OF_W4 = 1 / 3
