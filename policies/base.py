@@ -11,6 +11,7 @@ class PolicyState:
     level: int = 0  # quantized layers now
     last_change: float = float("-inf")  # time of the last transition
     calm_since: float | None = None  # since when restoring has looked safe
+    busy_at: float = float("-inf")  # the last boundary with requests running, waiting or prefilling
 
 
 @dataclass(frozen=True)

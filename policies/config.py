@@ -66,6 +66,12 @@ class PolicyConfig(BaseModel):
                           "what serving every layer in W8A8 costs (static W8A8's increase, from the pack's "
                           "quality.json), so on average MorphServe is no worse than a static W8A8 checkpoint; "
                           "without such a tier, max_avg_ppl_increase alone")
+    fast_rest_idle_s: float | None = Field(
+        None, ge=0.0, description="while requests come, rest on the top of the run of rungs above the "
+                                  "highest-quality sufficient one that compute the present work faster (a decode "
+                                  "step at the present batch and a prompt token, measured by the step-time model), "
+                                  "within the quality limits, and restore below it only after this many seconds "
+                                  "without a request; null: rest on the highest-quality rung that meets the SLOs")
     kernel_profile: bool = Field(
         True, description="time each tier's kernels at start-up (seconds, cached per machine) so the step-time "
                           "model knows which rung is fast enough before the first request")

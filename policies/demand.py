@@ -187,46 +187,82 @@ class DemandPolicy(PolicyBase):
         return top, (f"{limited or 'capacity'}: demand {demand:.0f} blocks; no level up to {top} covers it, "
                      f"{top} has the most capacity"), False
 
+    def _costs(self, s, level: int, batch: float) -> tuple[float | None, float | None]:
+        """(decode step at `batch`, seconds per prompt token) the step-time model predicts
+        at `level`; a term it cannot predict is None."""
+        model = s.step_model
+        if model is None:
+            return None, None
+        return model.predict(level, batch), model.prefill_seconds(level, 1.0)
+
+    @staticmethod
+    def _no_slower(upper: tuple, lower: tuple) -> bool:
+        """Is a rung with costs `upper` faster than one with `lower`: neither term slower
+        (a term not predicted counts as equal) and one of them faster?"""
+        pairs = [(u, d) for u, d in zip(upper, lower) if u is not None and d is not None]
+        eps = 1e-9  # equal costs summed in another order differ in the last bits
+        return bool(pairs) and all(u <= d * (1 + eps) for u, d in pairs) and any(u < d * (1 - eps) for u, d in pairs)
+
+    def _run_top(self, s, first: int, top: int, batch: float) -> int:
+        """The top of the run of rungs from `first` (within `top`), each faster than the one
+        below it (`_no_slower`) and holding no fewer blocks."""
+        k, here = first, self._costs(s, first, batch)
+        while k < top and self.capacity[k + 1] >= self.capacity[k]:
+            nxt = self._costs(s, k + 1, batch)
+            if not self._no_slower(nxt, here):
+                break
+            k, here = k + 1, nxt
+        return k
+
+    def _gains(self, s, lower: int, upper: int, batch: float) -> tuple[float, float]:
+        """How much faster `upper` computes a decode step at `batch` and a prompt token than
+        `lower` (fractions; 0 where not predicted)."""
+        (du, pu), (dl, pl) = self._costs(s, upper, batch), self._costs(s, lower, batch)
+        decode = 1 - du / dl if du is not None and dl else 0.0
+        prompt = 1 - pu / pl if pu is not None and pl else 0.0
+        return decode, prompt
+
     def further(self, s, first: int, top: int, batch: float | None = None) -> tuple[int, str]:
         """How far past `first` (the first level meeting every test) a move up goes: up the
-        rungs, within `top`, while each computes `batch` (default: the batch `first` would
-        serve) faster than the one below it and holds no fewer blocks; `first` unless that
-        gains FURTHER_GAIN."""
-        model = s.step_model
+        rungs, within `top`, while each computes the work faster than the one below it (a
+        decode step at `batch`, default the batch `first` would serve, and a prompt token:
+        neither slower) and holds no fewer blocks; `first` unless that gains FURTHER_GAIN on
+        one of the two. The prompt term matters: prefill is where int8 gains most (its
+        kernels win by more at hundreds of tokens than at a decode batch), and time to first
+        token is what a light load feels."""
         batch = self.batch_at(s, first) if batch is None else batch
-        start = model.predict(first, batch) if model is not None else None
-        if start is None:
+        k = self._run_top(s, first, top, batch)
+        if k == first:
             return first, ""
-        k, step = first, start
-        while k < top and self.capacity[k + 1] >= self.capacity[k]:
-            nxt = model.predict(k + 1, batch)
-            if nxt is None or nxt >= step:
-                break
-            k, step = k + 1, nxt
-        if k == first or step > start * (1 - FURTHER_GAIN):
+        decode, prompt = self._gains(s, first, k, batch)
+        if max(decode, prompt) < FURTHER_GAIN:
             return first, ""
-        return k, (f"; on to level {k}: {self.capacity[k]} blocks and a step {1 - step / start:.0%} faster at "
-                   f"batch {batch:.0f} ({step:.3f}s against {start:.3f}s)")
+        return k, (f"; on to level {k}: {self.capacity[k]} blocks, a decode step {decode:.0%} and a prompt token "
+                   f"{prompt:.0%} faster at batch {batch:.0f}")
 
     def segment_start(self, s, level: int) -> int:
         """The lowest level of the run of rungs, up to `level`, each faster than the one
         below it at the present batch (where `further` would take a move up from there):
         `level` itself when the run gains less than FURTHER_GAIN or nothing is predicted."""
-        model = s.step_model
         batch = max(1.0, float(s.running))
-        here = model.predict(level, batch) if model is not None else None
-        if here is None:
-            return level
-        j = level
-        while j > 0:
-            below = model.predict(j - 1, batch)
-            if below is None or below <= model.predict(j, batch):
-                break
-            j -= 1
-        return j if j < level and here <= model.predict(j, batch) * (1 - FURTHER_GAIN) else level
+        j, here = level, self._costs(s, level, batch)
+        while j > 0 and self._no_slower(here, self._costs(s, j - 1, batch)):
+            j, here = j - 1, self._costs(s, j - 1, batch)
+        return j if j < level and max(self._gains(s, j, level, batch)) >= FURTHER_GAIN else level
 
     # -- the decision ----------------------------------------------------------------------
     def decide(self, s, state: PolicyState) -> Decision:
+        if s.running > 0 or s.queue_len > 0 or s.pending_prompt_tokens > 0:
+            state = replace(state, busy_at=s.time)
+        decision = self._decide(s, state)
+        return replace(decision, state=replace(decision.state, busy_at=state.busy_at))
+
+    def resting(self, s, state: PolicyState) -> bool:
+        """Within `fast_rest_idle_s` of the last request: the faster run is where it rests."""
+        idle = self.cfg.fast_rest_idle_s
+        return idle is not None and s.time - state.busy_at < idle
+
+    def _decide(self, s, state: PolicyState) -> Decision:
         c, now, level = self.cfg, s.time, state.level
         quality_top = self.quality_limit(s)
         if level > self.max_level:
@@ -238,6 +274,7 @@ class DemandPolicy(PolicyBase):
                                  need_calm=False)
         target, reason, fits = self.choose(s, level, self.demand_blocks(s), c.headroom, quality_top,
                                            c.tpot_slo_s * c.slo_margin, prompt_bound=c.ttft_slo_s * c.slo_margin)
+        resting = self.resting(s, state)
         if target > level:
             # only from a level that meets every test: a fallback (most capacity whose step
             # meets the bound) already found the rungs above it too slow at their own batch
@@ -245,20 +282,30 @@ class DemandPolicy(PolicyBase):
             if fits:
                 target, on = self.further(s, target, quality_top)
             return self._up(state, now, target, reason + on)
+        if resting and fits:
+            # the run of faster rungs above the sufficient level, for the batch served now
+            rest, on = self.further(s, target, quality_top, batch=max(1.0, float(s.running)))
+            if rest > level:
+                return self._up(state, now, rest, f"speed: {reason}{on}; resting there while requests come")
+            if rest == level and rest > target:
+                return Decision(level, f"hold: {reason}{on}; resting there while requests come",
+                                replace(state, calm_since=None))
         if target == level:
             return Decision(level, f"hold: {reason}", replace(state, calm_since=None))
         # lower: only after calm, and to where the wider margins still hold
         lower, why, fits = self.choose(s, level, self.demand_blocks(s, projected=False), c.restore_headroom, level,
                                        c.tpot_slo_s * c.restore_margin, projected=False,
                                        prompt_bound=c.ttft_slo_s * c.restore_margin)
-        if fits and self.segment_start(s, lower) < lower:
+        if fits and (resting or self.segment_start(s, lower) < lower):
             # `lower` is inside a run of rungs each faster than the one below (no level under
-            # it passes): a move up from there would go on through the run again, so the
-            # restore stops at the run's top, or nowhere if the level served is that top
+            # it passes), or requests still come and a run of faster rungs starts at it: a
+            # move up from there would go on through the run again, so the restore stops at
+            # the run's top, or nowhere if the level served is that top
             top, _ = self.further(s, lower, level, batch=max(1.0, float(s.running)))
             if top >= level:
-                return Decision(level, f"hold: calm, but {lower} lies inside a run of faster rungs ending at "
-                                       f"{level}", replace(state, calm_since=None))
+                why_hold = (f"requests came within {c.fast_rest_idle_s:g}s, and the run of faster rungs from {lower} "
+                            f"ends at {level}" if resting else f"{lower} lies inside a run of faster rungs ending at {level}")
+                return Decision(level, f"hold: calm, but {why_hold}", replace(state, calm_since=None))
             if top != lower:
                 lower, why = top, f"{why}; up to {top}, the top of the run of faster rungs it lies in"
         safe = fits and lower < level and s.queue_len == 0 and s.waiting_blocks == 0

@@ -443,3 +443,49 @@ def test_an_arrival_boundary_is_not_a_step():
     assert tracker.step_model._fits[-1].w == weight  # a prefill step teaches the prompt cost, not the decode fit
     expected = (5.0 - 0.001 - tracker.step_model.predict(0, 5)) / 900 - tracker.step_model._slopes[0]
     assert tracker.step_model.prompt_token_s == pytest.approx(expected) and expected > 0
+
+
+REST = CFG.model_copy(update={"fast_rest_idle_s": 10.0})
+
+
+def test_light_load_rests_on_the_faster_w8a8_run_while_requests_come_and_idle_returns_to_bf16():
+    """Two requests, bf16 fast enough: without fast_rest_idle_s the level stays bf16; with it,
+    where int8 computes the batch faster, the W8A8 run is taken whole and held while
+    requests come; bf16 again only after fast_rest_idle_s without a request (then calm_s)."""
+    light = load(2, AVX512)
+    assert policy().decide(light, PolicyState()).target == 0
+    d = policy(cfg=REST).decide(light, PolicyState())
+    assert d.target == L and d.reason.startswith("speed:") and "resting there" in d.reason
+    assert d.state.busy_at == light.time
+    # still busy, later: hold at the top of the run (not a restore, not further into W4A16)
+    held = policy(cfg=REST).decide(load(2, AVX512, level=L, time=150.0),
+                                   PolicyState(level=L, last_change=100.0, calm_since=140.0))
+    assert held.target == L and held.reason.startswith("hold:")
+    # the requests have finished: 5 s idle holds, 12 s idle (plus calm) restores to bf16
+    idle = dict(used_blocks=0, need_blocks=0, step_time_s=0.0)
+    last_request = 150.0
+    for at, expected in ((155.0, L), (162.0, 0)):
+        s = load(0, AVX512, level=L, time=at, **idle)
+        state = PolicyState(level=L, last_change=100.0, calm_since=at - 4.0, busy_at=last_request)
+        d = policy(cfg=REST).decide(s, state)
+        assert d.target == expected, d.reason
+        assert d.state.busy_at == last_request  # an idle boundary does not move it
+
+
+def test_resting_fast_follows_the_measurement_where_int8_is_slow_at_small_batches():
+    """AVX2-only EPYC: one request decodes faster in bf16, so it stays at bf16; at 30 the
+    W8A8 run is faster at both terms and is where the load rests."""
+    assert policy(cfg=REST).decide(load(1, AVX2), PolicyState()).target == 0
+    busy = policy(cfg=REST).decide(load(30, AVX2), PolicyState())
+    assert busy.target == L
+
+
+def test_a_rung_faster_only_for_prompts_is_taken_for_them():
+    """Decode as fast as bf16 within noise, but a prompt token much cheaper (int8's gain at
+    prefill-sized batches): the run is taken, and the reason says why."""
+    prompt_fast = {"bf16": {1: 0.6e-3, 8: 1.6e-3, 32: 4.6e-3, 256: 40e-3},
+                   "w8a8": {1: 0.6e-3, 8: 1.6e-3, 32: 4.6e-3, 256: 20e-3}}
+    d = policy(cfg=REST).decide(load(4, prompt_fast), PolicyState())
+    assert d.target == L and "a decode step 0%" in d.reason
+    same = {"bf16": prompt_fast["bf16"], "w8a8": dict(prompt_fast["bf16"])}
+    assert policy(cfg=REST).decide(load(4, same), PolicyState()).target == 0

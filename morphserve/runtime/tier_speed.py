@@ -26,7 +26,12 @@ from pathlib import Path
 from quant_layers.cache_dir import cache_root
 from quant_layers.cpu_kind import last_level_cache_bytes, this_cpu
 
-BATCHES = (1, 8, 32)  # decode batches: a step's linears are about linear in the batch between them
+# Decode batches (a step's linears are about linear in the batch between them) and one
+# prefill chunk: the slope from 32 to 256 tokens is a prompt token's marginal cost, where int8
+# gains far more than at decode batches (oneDNN's int8 GEMM at hundreds of rows), and time to
+# first token is what a light load feels. Without it the prompt cost came from the slope
+# between 8 and 32, which made int8's prefill look barely faster than bf16's.
+BATCHES = (1, 8, 32, 256)
 BUSY_LOAD = 0.5  # of the cores
 WAIT_FOR_IDLE_S = 6.0  # how long a busy machine is waited for before timing anyway
 FEATURES = ("amx_tile", "avx512f", "avx512_vnni", "avx512_bf16", "avx2")
