@@ -168,13 +168,14 @@ def drop_slow_tiers(candidates: list[str], speed: Speed | None) -> tuple[list[st
 
 
 def _rest_reason(tiers: list[str], speed: Speed | None) -> str:
+    idle = "bf16 when idle (level 0): after fast_rest_idle_s without a request, full precision is restored"
     if speed is None:
-        return "rest at bf16 (level 0): this version always restores full precision when load falls"
+        return idle
     faster = [t for t in tiers if speed is not None
               and all((speed.relative(t, b) or 0) >= FASTER_FRACTION for b in BATCHES)]
-    base = "rest at bf16 (level 0): this version always restores full precision when load falls"
     if faster:
-        return (base + f"; {', '.join(faster)}'s linears are faster than bf16's here, so resting at bf16 buys "
-                "quality at a speed cost: compare with a static "
+        return (idle + f"; {', '.join(faster)}'s linears are faster than bf16's here, so while requests come the "
+                f"`default` and `performance` presets rest on all-{faster[0].upper()} (`accuracy` rests at bf16, "
+                "buying quality at a speed cost): compare with a static "
                 f"{faster[0].upper()} checkpoint (`morphserve evaluate`) before choosing")
-    return base + "; no tier is faster than bf16 at both batch sizes here"
+    return idle + "; no tier is faster than bf16 at both batch sizes here, so load rests at bf16 too"
