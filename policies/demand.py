@@ -204,7 +204,7 @@ class DemandPolicy(PolicyBase):
         return model.predict(level, batch), model.prefill_seconds(level, 1.0)
 
     @staticmethod
-    def _no_slower(upper: tuple, lower: tuple) -> bool:
+    def _faster(upper: tuple, lower: tuple) -> bool:
         """Is a rung with costs `upper` faster than one with `lower`: neither term slower
         (a term not predicted counts as equal) and one of them faster?"""
         pairs = [(u, d) for u, d in zip(upper, lower) if u is not None and d is not None]
@@ -213,11 +213,11 @@ class DemandPolicy(PolicyBase):
 
     def _run_top(self, s, first: int, top: int, batch: float) -> int:
         """The top of the run of rungs from `first` (within `top`), each faster than the one
-        below it (`_no_slower`) and holding no fewer blocks."""
+        below it (`_faster`) and holding no fewer blocks."""
         k, here = first, self._costs(s, first, batch)
         while k < top and self.capacity[k + 1] >= self.capacity[k]:
             nxt = self._costs(s, k + 1, batch)
-            if not self._no_slower(nxt, here):
+            if not self._faster(nxt, here):
                 break
             k, here = k + 1, nxt
         return k
@@ -254,7 +254,7 @@ class DemandPolicy(PolicyBase):
         `level` itself when the run gains less than FURTHER_GAIN or nothing is predicted."""
         batch = max(1.0, float(s.running))
         j, here = level, self._costs(s, level, batch)
-        while j > 0 and self._no_slower(here, self._costs(s, j - 1, batch)):
+        while j > 0 and self._faster(here, self._costs(s, j - 1, batch)):
             j, here = j - 1, self._costs(s, j - 1, batch)
         return j if j < level and max(self._gains(s, j, level, batch)) >= FURTHER_GAIN else level
 
