@@ -516,9 +516,9 @@ def test_levels_dearer_than_the_budget_spend_only_quality_banked_beyond_the_ledg
 def test_a_move_only_for_rest_waits_until_the_pending_prompts_are_computed():
     """Resting fast is not needed for any SLO: a request arriving at an idle bf16 server is
     prefilled where it is, and the move follows at a boundary with no prompt pending."""
-    arriving = load(1, AVX512, pending_prompt_tokens=252)
+    arriving = load(1, AVX512, pending_prompt_tokens=20)
     d = policy(cfg=REST).decide(arriving, PolicyState())
-    assert d.target == 0 and "waits until the 252 prompt tokens" in d.reason
+    assert d.target == 0 and "waits until the 20 prompt tokens" in d.reason
     assert policy(cfg=REST).decide(load(1, AVX512), PolicyState()).target == L
     # a move the demand needs is not deferred
     queue = dict(capacity_blocks=TIGHT[0], need_blocks=40, waiting_blocks=31, queue_len=10.0, used_blocks=9,
