@@ -28,12 +28,14 @@ MIB = 2**20
 
 
 class MemorySampler(threading.Thread):
-    """Peak RssAnon, RssFile and their sum over every process of the server's group."""
+    """Peak RssAnon, RssFile and their sum over every process of the server's group, and
+    each process's own peaks (by vLLM's process title), to place a difference."""
 
     def __init__(self, pgid: int, every: float = 0.25):
         super().__init__(daemon=True)
         self.pgid, self.every = pgid, every
         self.peak = {"anon": 0, "file": 0, "total": 0}
+        self.by_process: dict[str, dict[str, int]] = {}
         self.samples = 0
         self.stop = threading.Event()
 
@@ -43,6 +45,9 @@ class MemorySampler(threading.Thread):
             anon, file = rss["rss_anon_bytes"], rss["rss_file_bytes"]
             self.peak = {"anon": max(self.peak["anon"], anon), "file": max(self.peak["file"], file),
                          "total": max(self.peak["total"], anon + file)}
+            for name, (p_anon, p_file) in rss["by_process"].items():
+                seen = self.by_process.setdefault(name, {"anon": 0, "file": 0})
+                seen["anon"], seen["file"] = max(seen["anon"], p_anon), max(seen["file"], p_file)
             self.samples += 1
             self.stop.wait(self.every)
 
@@ -162,6 +167,8 @@ def one_run(suite: Suite, rep: int, window: Window, budget: Budget, system: Syst
     record.update(quality.quality_of_run(rows, curve, changes, static_level))
     record.update(peak_rss_anon_mib=sampler.peak["anon"] / MIB, peak_rss_file_mib=sampler.peak["file"] / MIB,
                   peak_rss_total_mib=sampler.peak["total"] / MIB, memory_samples=sampler.samples,
+                  peak_rss_by_process_mib={name: {k: v / MIB for k, v in peak.items()}
+                                           for name, peak in sampler.by_process.items()},
                   trace_sha256=hashlib.sha256((folder / "trace.jsonl").read_bytes()).hexdigest(),
                   input_lens=[r["input_len"] for r in rows], output_lens=[r["output_len"] for r in rows],
                   served_output_lens=[r.get("served_tokens", r["output_len"]) for r in rows],

@@ -127,15 +127,20 @@ def group_pids(pgid: int) -> list[int]:
     return pids
 
 
-def group_rss(pgid: int) -> dict[str, int]:
-    """RssAnon and RssFile (bytes) summed over every live process of the group."""
-    total = {"rss_anon_bytes": 0, "rss_file_bytes": 0, "processes": 0}
+def group_rss(pgid: int) -> dict:
+    """RssAnon and RssFile (bytes) summed over every live process of the group, and per
+    process name (vLLM titles its processes: APIServer, EngineCore, Worker), which is what
+    says where a difference between two servers sits."""
+    total: dict = {"rss_anon_bytes": 0, "rss_file_bytes": 0, "processes": 0, "by_process": {}}
     for pid in group_pids(pgid):
         try:
             rss = process_rss(pid)
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
         except (FileNotFoundError, ProcessLookupError):
             continue
         total["rss_anon_bytes"] += rss["rss_anon_bytes"]
         total["rss_file_bytes"] += rss["rss_file_bytes"]
         total["processes"] += 1
+        anon, file = total["by_process"].get(name, (0, 0))
+        total["by_process"][name] = (anon + rss["rss_anon_bytes"], file + rss["rss_file_bytes"])
     return total
