@@ -76,3 +76,28 @@ def test_run_in_group_returns_the_status_and_reaps_the_group(tmp_path):
     assert run_in_group([sys.executable, "-c", STAND_IN, "0", "exit", str(pidfile)], log) == 3
     assert log.read_text() == "started\n"
     assert _ends(int(pidfile.read_text()))
+
+
+def test_group_rss_places_memory_by_process_name(tmp_path):
+    """The per-process peaks say where a difference between two servers sits: a child that
+    holds 64 MiB shows under its own name, and the names add up to the group's total."""
+    from morphserve.harness.servers import group_rss, stop_server
+    from morphserve.harness.servers import _spawn
+
+    hold = ("import ctypes, sys, time\n"
+            "ctypes.CDLL(None).prctl(15, b'rss-holder', 0, 0, 0)\n"  # PR_SET_NAME
+            "block = bytearray(64 << 20)\n"
+            "print('held', flush=True)\n"
+            "time.sleep(60)\n")
+    proc = _spawn([sys.executable, "-c", hold], dict(os.environ), tmp_path / "log", None)
+    try:
+        deadline = time.monotonic() + 30
+        while "held" not in (tmp_path / "log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        rss = group_rss(proc.pid)
+        anon, file = rss["by_process"]["rss-holder"]
+        assert anon >= 64 << 20
+        assert sum(a for a, _ in rss["by_process"].values()) == rss["rss_anon_bytes"]
+        assert sum(f for _, f in rss["by_process"].values()) == rss["rss_file_bytes"]
+    finally:
+        stop_server(proc)
