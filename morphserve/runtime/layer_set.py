@@ -173,7 +173,7 @@ class LayerSet:
         linears in two tiers). Layers this call finished before the failure keep their new
         tier, each whole; the caller takes the map from `tiers()`."""
         t0 = time.monotonic()
-        rss_before = rss_bytes()  # every layer's change ends trimmed, so this delta is this call's
+        rss_before = rss_bytes()  # a call that frees anything ends trimmed, so this delta is its own
         freed = gross = 0  # net bytes (old - new precision) and bf16 bytes
         moves = ([_change(x, FULL) for x in restore], "restore"), ([_change(x, self.default_tier) for x in quantize],
                                                                    "quantize")
