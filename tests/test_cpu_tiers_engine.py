@@ -41,6 +41,30 @@ def test_the_hidden_op_fails_like_the_avx2_build_and_the_probe_says_why():
     assert w8 == "None"
 
 
+def test_the_api_servers_probe_runs_in_a_child_and_agrees_with_the_in_process_one(monkeypatch):
+    from morphserve.vllm import probe_process
+    from morphserve.vllm.kernels import probe_tiers
+
+    monkeypatch.setattr(probe_process, "_verdicts", {})
+    assert probe_process.probe_tiers_in_child(["w8a8", "w4a16"]) == probe_tiers(["w8a8", "w4a16"])
+    monkeypatch.setenv("MORPHSERVE_TEST_HIDE_OPS", "cpu_gemm_wna16")  # a new key: probed again, as on AVX2
+    hidden = probe_process.probe_tiers_in_child(["w8a8", "w4a16"])
+    assert hidden["w8a8"] is None and "cpu_gemm_wna16" in hidden["w4a16"]
+
+
+def test_a_probe_that_kills_its_child_drops_that_tier_with_the_signal(monkeypatch):
+    from morphserve.vllm import probe_process
+
+    def killed(cmd, **_kwargs):  # w8a8 answered, then the w4a16 call took the process down
+        return subprocess.CompletedProcess(cmd, -11, probe_process.PREFIX + '["w8a8", null]\n', "Fatal Python error\n")
+
+    monkeypatch.setattr(probe_process, "_verdicts", {})
+    monkeypatch.setattr(probe_process.subprocess, "run", killed)
+    verdict = probe_process.probe_tiers_in_child(["w8a8", "w4a16"])
+    assert verdict["w8a8"] is None
+    assert verdict["w4a16"] == "the probe of vLLM's w4a16 kernel ended its process (signal 11): Fatal Python error"
+
+
 def test_pack_check_names_each_tier_and_the_served_ladder(pack_dir, tiered_pack):
     ok = _cli("pack", "check", str(tiered_pack))
     assert ok.returncode == 0, ok.stderr[-2000:]

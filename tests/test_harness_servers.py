@@ -99,5 +99,55 @@ def test_group_rss_places_memory_by_process_name(tmp_path):
         assert anon >= 64 << 20
         assert sum(a for a, _ in rss["by_process"].values()) == rss["rss_anon_bytes"]
         assert sum(f for _, f in rss["by_process"].values()) == rss["rss_file_bytes"]
+        # and smaps says which mapping holds it: the 64 MiB buffer is one anonymous mapping
+        from morphserve.runtime.proc_memory import process_breakdown
+
+        (pid,) = [p for p, name in rss["pids"].items() if name == "rss-holder"]
+        size, resident = process_breakdown(pid)["largest_anon"][0]
+        assert size >= 64 << 20 and resident >= 64 << 20
     finally:
         stop_server(proc)
+
+
+SMAPS = """\
+55ae0f26d000-55ae0f26f000 r--p 00000000 fe:00 260386                     /usr/lib/libfoo.so.1
+Size:                  8 kB
+Rss:                   8 kB
+Anonymous:             0 kB
+55ae0f26f000-55ae0f275000 rw-p 00002000 fe:00 260386                     /usr/lib/libfoo.so.1
+Size:                 24 kB
+Rss:                  24 kB
+Anonymous:             4 kB
+5600000000-5600100000 rw-p 00000000 00:00 0                              [heap]
+Size:               1024 kB
+Rss:                 512 kB
+Anonymous:           512 kB
+7f0000000000-7f0010000000 rw-p 00000000 00:00 0
+Size:             262144 kB
+Rss:              102400 kB
+Anonymous:        102400 kB
+7f0010000000-7f0010100000 rw-p 00000000 00:00 0
+Size:               1024 kB
+Rss:                1024 kB
+Anonymous:          1024 kB
+7f0020000000-7f0021000000 r--s 00000000 fe:00 77                         /models/x/model.safetensors
+Size:              16384 kB
+Rss:                2048 kB
+Anonymous:             0 kB
+7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0                          [stack]
+Size:                132 kB
+Rss:                  20 kB
+Anonymous:            20 kB
+"""
+
+
+def test_smaps_breakdown_places_each_mapping():
+    from morphserve.runtime.proc_memory import smaps_breakdown
+
+    parts = smaps_breakdown(SMAPS)
+    k = 1024
+    assert parts["heap"] == 512 * k and parts["other"] == 20 * k
+    assert parts["anon_mappings"] == (102400 + 1024) * k
+    assert parts["largest_anon"] == [[262144 * k, 102400 * k], [1024 * k, 1024 * k]]  # the KV-sized one first
+    assert parts["libraries_anon"] == 4 * k and parts["libraries_file"] == 28 * k
+    assert parts["files_file"] == 2048 * k and parts["files_anon"] == 0

@@ -23,8 +23,12 @@ from morphserve.errors import MorphServeError
 from morphserve.evaluation import machine, quality, systems
 from morphserve.evaluation.suite import Budget, Suite, System, Window
 from morphserve.harness.servers import free_port, group_rss, start_server, stop_server
+from morphserve.runtime.proc_memory import process_breakdown
 
 MIB = 2**20
+# smaps is read only when the group's total passes the last breakdown by this much: a few
+# dozen reads a run (each reads every mapping of four processes), not one per sample.
+BREAKDOWN_STEP = 4 * MIB
 
 
 class MemorySampler(threading.Thread):
@@ -37,7 +41,19 @@ class MemorySampler(threading.Thread):
         self.peak = {"anon": 0, "file": 0, "total": 0}
         self.by_process: dict[str, dict[str, int]] = {}
         self.samples = 0
+        self.at_peak: dict = {}  # which mappings held the memory, read when the total reached a new high
         self.stop = threading.Event()
+
+    @staticmethod
+    def _breakdown(pids: dict[int, str]) -> dict:
+        out: dict = {}
+        for pid, name in pids.items():
+            try:
+                parts = process_breakdown(pid)
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                continue
+            out[name if name not in out else f"{name}-{pid}"] = parts
+        return out
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -48,6 +64,8 @@ class MemorySampler(threading.Thread):
             for name, (p_anon, p_file) in rss["by_process"].items():
                 seen = self.by_process.setdefault(name, {"anon": 0, "file": 0})
                 seen["anon"], seen["file"] = max(seen["anon"], p_anon), max(seen["file"], p_file)
+            if anon + file >= self.at_peak.get("total", 0) + BREAKDOWN_STEP:
+                self.at_peak = {"total": anon + file, "by_process": self._breakdown(rss["pids"])}
             self.samples += 1
             self.stop.wait(self.every)
 
@@ -169,6 +187,7 @@ def one_run(suite: Suite, rep: int, window: Window, budget: Budget, system: Syst
                   peak_rss_total_mib=sampler.peak["total"] / MIB, memory_samples=sampler.samples,
                   peak_rss_by_process_mib={name: {k: v / MIB for k, v in peak.items()}
                                            for name, peak in sampler.by_process.items()},
+                  mappings_at_peak_mib=_in_mib(sampler.at_peak),
                   trace_sha256=hashlib.sha256((folder / "trace.jsonl").read_bytes()).hexdigest(),
                   input_lens=[r["input_len"] for r in rows], output_lens=[r["output_len"] for r in rows],
                   served_output_lens=[r.get("served_tokens", r["output_len"]) for r in rows],
@@ -224,3 +243,12 @@ def _wait_for_start(replay: subprocess.Popen, bench_log: Path, timeout: float = 
             return time.monotonic()
         time.sleep(0.1)
     return time.monotonic()
+
+
+def _in_mib(value):
+    """A breakdown's byte counts in MiB (two decimals), its structure kept."""
+    if isinstance(value, dict):
+        return {k: _in_mib(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_in_mib(v) for v in value]
+    return round(value / MIB, 2) if isinstance(value, int) else value

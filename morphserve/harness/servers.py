@@ -131,7 +131,7 @@ def group_rss(pgid: int) -> dict:
     """RssAnon and RssFile (bytes) summed over every live process of the group, and per
     process name (vLLM titles its processes: APIServer, EngineCore, Worker), which is what
     says where a difference between two servers sits."""
-    total: dict = {"rss_anon_bytes": 0, "rss_file_bytes": 0, "processes": 0, "by_process": {}}
+    total: dict = {"rss_anon_bytes": 0, "rss_file_bytes": 0, "processes": 0, "by_process": {}, "pids": {}}
     for pid in group_pids(pgid):
         try:
             rss = process_rss(pid)
@@ -141,6 +141,7 @@ def group_rss(pgid: int) -> dict:
         total["rss_anon_bytes"] += rss["rss_anon_bytes"]
         total["rss_file_bytes"] += rss["rss_file_bytes"]
         total["processes"] += 1
+        total["pids"][pid] = name
         anon, file = total["by_process"].get(name, (0, 0))
         total["by_process"][name] = (anon + rss["rss_anon_bytes"], file + rss["rss_file_bytes"])
     return total

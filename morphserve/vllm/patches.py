@@ -101,7 +101,7 @@ def _patch_create_engine_config(original):
         extra = self.additional_config or {}
         if isinstance(extra, dict) and "morphserve" in extra:
             from morphserve.runtime import onednn_cache
-            from morphserve.vllm.kernels import probe_tiers
+            from morphserve.vllm.probe_process import probe_tiers_in_child
 
             onednn_cache.bounded(os.environ)  # before any kernel runs here, and for the processes vLLM spawns
             from morphserve.runtime import thread_binding
@@ -115,7 +115,7 @@ def _patch_create_engine_config(original):
                 log.warning("MorphServe: %s=%s (fewer NUMA nodes than tensor-parallel ranks; vLLM's automatic "
                             "binding would stop)", thread_binding.ENV, binding)
 
-            cfg = runtime_config.activate(extra["morphserve"], self.model, probe=probe_tiers)
+            cfg = runtime_config.activate(extra["morphserve"], self.model, probe=probe_tiers_in_child)
             if self.worker_extension_cls and self.worker_extension_cls != WORKER_EXTENSION:
                 raise MorphServeError(
                     f"MorphServe needs --worker-extension-cls {WORKER_EXTENSION}; got {self.worker_extension_cls}"
