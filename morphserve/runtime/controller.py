@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from kv_resize.budget import KVBudget
+from kv_resize.cold_tail import ColdTail
 from kv_resize.elastic_pool import ElasticBlockPool
 from morphserve.errors import MorphServeError
 from morphserve.offline import pack as packfmt
@@ -77,6 +78,7 @@ class MorphController:
         self.moves: Transitions | None = None  # set once the scheduler exists
         self.budget: KVBudget | None = None
         self.pool: ElasticBlockPool | None = None
+        self.cold: ColdTail | None = None  # set with the pool (kv_resize.cold_tail)
         self.scheduler = None
         self.forced_level: int | None = None
         self.errors = 0
@@ -135,6 +137,9 @@ class MorphController:
         if not self.commits_on_touch:  # the null block and level 0's blocks are mapped before any use
             self.engine.rpc("morphserve_kv_commit", 0, cap0)
         self.pool = ElasticBlockPool(store, cap0)
+        # Blocks beyond the rest capacity are used last and their pages handed back once free
+        # (a backing whose pages commit on first write only: there, written is resident).
+        self.cold = ColdTail(cap0) if self.commits_on_touch and self.capacity(self.ladder.top) > cap0 else None
         self.moves = Transitions(self.ladder, self.engine.rpc, self.pool, scheduler, self.capacity, self.recorder,
                                  self.loop, self.config.shrink_strategy, self.commits_on_touch, self.ranks)
         self.moves.sync_view()
@@ -210,9 +215,26 @@ class MorphController:
         except Exception as e:  # nothing may escape into vLLM's engine loop: it would kill the engine
             self._recover(e, "a step-boundary transition")
         try:
+            self.keep_tail_cold()
+        except Exception:  # memory, not serving: never into vLLM's loop
+            log.exception("MorphServe: keeping the KV tail cold failed")
+        try:
             self.refresh_memory_if_due()
         except Exception:  # a figure, not serving: never into vLLM's loop
             log.exception("MorphServe: reading the worker's memory failed")
+
+    def keep_tail_cold(self, now: float | None = None) -> None:
+        """The cold tail's work at a boundary (kv_resize.cold_tail), only while the pool is
+        not changing size: a shrink's draining range and a restore's blocks are the
+        transitions' own."""
+        pool, moves = self.pool, self.moves
+        if self.cold is None or pool.limit != pool.committed or moves.restoring is not None \
+                or moves.recovery_shrink_from is not None:
+            return
+        self.cold.order(pool.store, pool.limit)
+        runs = self.cold.to_release(pool.store, pool.limit, time.monotonic() if now is None else now)
+        if runs:
+            self.engine.rpc("morphserve_kv_release_runs", [list(r) for r in runs])
 
     def on_arrivals(self) -> None:
         """Requests were queued since the last boundary and the next step would schedule

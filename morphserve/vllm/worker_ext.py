@@ -149,6 +149,16 @@ class MorphWorkerExtension:
         advised = backing.release(ranges)
         return {"advised": advised, "rss_delta": rss_before - rss_bytes(), "backing": backing.kind}
 
+    def morphserve_kv_release_runs(self, runs: list) -> dict:
+        """Hand back the memory of free blocks that stay visible to vLLM (the cold tail:
+        kv_resize.cold_tail), given as [first, last] runs; none is in use or cached."""
+        backing = kv_cache.kv_backing()
+        if backing is None:
+            return {"advised": 0, "backing": "none"}
+        layouts = kv_cache.tensor_layouts(self.model_runner.kv_cache_config)
+        return {"advised": sum(backing.release(tail_ranges(layouts, first, last)) for first, last in runs),
+                "backing": backing.kind}
+
     def morphserve_kv_commit(self, first_block: int, last_block: int) -> dict:
         """Back blocks first_block..last_block with memory before the pool shows them (only
         called for a backing that does not commit on first touch)."""

@@ -1,0 +1,77 @@
+"""KV blocks above the rest capacity kept cold: used last, never cached, their pages handed back.
+
+A rung that frees weight memory shows vLLM more KV blocks. vLLM hands out free blocks from
+the front of its free queue and returns them to the back, so over a long enough window it
+writes every block it can see, even at light load, and an anonymous mapping keeps every
+page once written: the whole capacity of the rung becomes resident whether or not the load
+ever needed it at once (measured on a 60 s light window resting on all-W8A8: 53 of 54
+blocks resident, +96 MiB of KV over plain FP16's 19 blocks). So the blocks are split:
+
+- **warm**, ids 1..`warm` (the capacity at rest, level 0): vLLM's own behaviour, cached
+  prefixes included;
+- **cold**, ids above `warm` up to the pool's limit: in the free queue they stay behind
+  every warm block, so vLLM takes one only when no warm block is free; moving one back
+  evicts its prefix-cache entry, so a cold block never holds a prefix anyone could hit;
+  and the pages of every free cold block are released at most every `release_every_s`.
+
+Resident KV then follows what the load held at once, not what it cycled through. The price:
+prefixes are cached in the warm blocks only (as many as the rest capacity holds), and a
+cold block's pages fault in again when it is next used (about a millisecond a block here).
+
+Pure logic over `BlockStore` ids; the caller releases the pages (a worker call) and calls
+this only while the elastic pool is not shrinking (the draining range belongs to it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kv_resize.elastic_pool import BlockStore
+
+
+def runs(ids: list[int]) -> list[tuple[int, int]]:
+    """Sorted ids as inclusive [first, last] runs of consecutive ids."""
+    out: list[tuple[int, int]] = []
+    for i in sorted(ids):
+        if out and i == out[-1][1] + 1:
+            out[-1] = (out[-1][0], i)
+        else:
+            out.append((i, i))
+    return out
+
+
+@dataclass
+class ColdTail:
+    warm: int  # ids 1..warm behave as vLLM's own
+    release_every_s: float = 2.0
+    last_release: float | None = None
+
+    def order(self, store: BlockStore, limit: int) -> list[int]:
+        """Put every free cold block behind every free warm one (in id order, so use piles up
+        on the lowest cold ids); return the cold ids moved. Moving evicts any cached prefix."""
+        free = store.free_ids()
+        last_warm = max((k for k, i in enumerate(free) if i <= self.warm), default=-1)
+        cold_free = [i for i in free if self.warm < i <= limit]
+        misplaced = any(self.warm < i <= limit for i in free[:last_warm])
+        cached = [i for i in cold_free if store.cached_hash(i) is not None]
+        if not misplaced and not cached and cold_free == sorted(cold_free):
+            return []
+        for i in cold_free:
+            store.take_free(i)  # out of the prefix cache, then out of the queue
+        cold_free.sort()
+        store.give_back(cold_free)
+        return cold_free
+
+    def due(self, now: float) -> bool:
+        return self.last_release is None or now - self.last_release >= self.release_every_s
+
+    def to_release(self, store: BlockStore, limit: int, now: float) -> list[tuple[int, int]]:
+        """When due: the runs of free cold blocks whose pages may go (none is in use or
+        cached: `order` ran first). Releasing a page that was never written costs nothing, so
+        no bookkeeping of which blocks were written is needed."""
+        if self.warm >= limit or not self.due(now):
+            return []
+        ids = [i for i in range(self.warm + 1, limit + 1) if store.ref_cnt(i) == 0 and store.in_free_queue(i)]
+        assert all(store.cached_hash(i) is None for i in ids), "a cold block still in the prefix cache"
+        self.last_release = now
+        return runs(ids)
