@@ -76,6 +76,9 @@ INTERNAL_IMPORT_EXCEPTIONS = {
     # Transitions (mixed plans, a level inside a drained restore) over the same real BlockPool:
     # the shrink and give-back must hold over vLLM's free queue, not over a fake.
     "tests/test_transition_plans.py": "transitions over vLLM's real BlockPool",
+    # The cold tail reorders vLLM's own free queue and evicts its prefix cache: over a fake,
+    # the test could not show that vLLM hands out a cold block only when no warm one is free.
+    "tests/test_cold_tail.py": "the cold tail over vLLM's real BlockPool",
     # These test the boundary itself against the vLLM objects it patches or reads: a faked
     # platform for the non-CPU refusal, the patched EngineCore after a version mismatch,
     # the W4A8 switch in vLLM's env cache, and the metric names vLLM's loggers export.
