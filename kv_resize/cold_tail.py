@@ -45,10 +45,17 @@ class ColdTail:
     warm: int  # ids 1..warm behave as vLLM's own
     release_every_s: float = 2.0
     last_release: float | None = None
+    # A cold block may hold pages written since the last release: one was seen in use, or
+    # came back out of order. Idle boundaries then cost no worker call (a worker spins for a
+    # while after each). The one use this misses -- the only free cold block taken and freed
+    # within one step, so it returns to the same place -- leaves that block resident until
+    # the next release.
+    dirty: bool = False
 
     def order(self, store: BlockStore, limit: int) -> list[int]:
         """Put every free cold block behind every free warm one (in id order, so use piles up
         on the lowest cold ids); return the cold ids moved. Moving evicts any cached prefix."""
+        self.dirty |= any(store.ref_cnt(i) > 0 for i in range(self.warm + 1, limit + 1))
         free = store.free_ids()
         last_warm = max((k for k, i in enumerate(free) if i <= self.warm), default=-1)
         cold_free = [i for i in free if self.warm < i <= limit]
@@ -56,6 +63,7 @@ class ColdTail:
         cached = [i for i in cold_free if store.cached_hash(i) is not None]
         if not misplaced and not cached and cold_free == sorted(cold_free):
             return []
+        self.dirty = True
         for i in cold_free:
             store.take_free(i)  # out of the prefix cache, then out of the queue
         cold_free.sort()
@@ -66,12 +74,12 @@ class ColdTail:
         return self.last_release is None or now - self.last_release >= self.release_every_s
 
     def to_release(self, store: BlockStore, limit: int, now: float) -> list[tuple[int, int]]:
-        """When due: the runs of free cold blocks whose pages may go (none is in use or
-        cached: `order` ran first). Releasing a page that was never written costs nothing, so
-        no bookkeeping of which blocks were written is needed."""
-        if self.warm >= limit or not self.due(now):
+        """When due and a cold block may have been written: the runs of free cold blocks
+        whose pages may go (none is in use or cached: `order` ran first). All of them, not
+        only those written: releasing a page that was never written costs nothing."""
+        if self.warm >= limit or not self.dirty or not self.due(now):
             return []
         ids = [i for i in range(self.warm + 1, limit + 1) if store.ref_cnt(i) == 0 and store.in_free_queue(i)]
         assert all(store.cached_hash(i) is None for i in ids), "a cold block still in the prefix cache"
-        self.last_release = now
+        self.last_release, self.dirty = now, False
         return runs(ids)

@@ -74,6 +74,9 @@ def test_release_gives_free_cold_runs_only_when_due():
     pool.free_blocks(reversed(held))
     cold.order(elastic.store, elastic.limit)
     assert cold.to_release(elastic.store, elastic.limit, now=102.0) == [(WARM + 1, MAX_USABLE)]
+    # nothing cold used since: no release, however long it has been (an idle boundary)
+    cold.order(elastic.store, elastic.limit)
+    assert cold.to_release(elastic.store, elastic.limit, now=200.0) == []
     # at rest the pool holds no cold block at all
     assert ColdTail(MAX_USABLE).to_release(elastic.store, elastic.limit, now=0.0) == []
 
