@@ -151,3 +151,16 @@ def test_smaps_breakdown_places_each_mapping():
     assert parts["largest_anon"] == [[262144 * k, 102400 * k], [1024 * k, 1024 * k]]  # the KV-sized one first
     assert parts["libraries_anon"] == 4 * k and parts["libraries_file"] == 28 * k
     assert parts["files_file"] == 2048 * k and parts["files_anon"] == 0
+
+
+def test_a_server_gets_its_own_process_group_but_stays_in_our_session(tmp_path):
+    """Its own group, so it is reaped and measured as one; our session, so the kernel does
+    not make it a scheduling group (autogroup) that can starve the load generator."""
+    port, pidfile = free_port(), tmp_path / "child.pid"
+    cmd = [sys.executable, "-c", STAND_IN, str(port), "serve", str(pidfile)]
+    with serving(cmd, dict(os.environ), tmp_path / "server.log", port, timeout=30) as server:
+        pid = server.proc.pid
+        child = int(pidfile.read_text())
+        assert os.getpgid(pid) == pid != os.getpgid(0)
+        assert os.getpgid(child) == pid
+        assert os.getsid(pid) == os.getsid(child) == os.getsid(0)

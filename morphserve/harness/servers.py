@@ -1,8 +1,13 @@
 """Start, watch and reap vLLM processes for tests, benchmarks and evaluations.
 
 A vLLM server is several processes (API server, engine core, workers), so each is started
-in its own session: the group id names all of them, memory is summed over the group, and
-the whole group is killed at the end (engine processes can outlive their parent).
+in a process group of its own: the group id names all of them, memory is summed over the
+group, and the whole group is killed at the end (engine processes can outlive their parent).
+The group stays in the caller's session, so the server and the load generator share one
+scheduling group (Linux autogroup gives each session its own): with a session of its own,
+a server that kept both cores of a 2-vCPU machine busy starved the load generator for up
+to 3 s at a time, and the load generator's stalls were read as the server's latency
+(docs/RESULTS.md, "The light row's stall").
 """
 
 from __future__ import annotations
@@ -81,7 +86,7 @@ def serving(cmd: list[str], env: dict, log: Path, port: int, timeout: float = 30
 
 def run_in_group(cmd: list[str], log: Path, env: dict | None = None, timeout: float | None = None,
                  cwd: Path | None = None) -> int:
-    """Run `cmd` to its end in its own session, output to `log`; return its exit status.
+    """Run `cmd` to its end in a process group of its own, output to `log`; return its exit status.
     The group is reaped afterwards: vLLM's engine-core and worker processes can outlive
     their parent, and as output goes to a file, not a pipe, such orphans cannot keep us
     waiting for EOF."""
@@ -93,7 +98,7 @@ def run_in_group(cmd: list[str], log: Path, env: dict | None = None, timeout: fl
 
 
 def _spawn(cmd: list[str], env: dict | None, log: Path, cwd: Path | None) -> subprocess.Popen:
-    """`cmd` in a new session (its own process group), output to `log`, in `cwd` (default:
+    """`cmd` in a process group of its own, output to `log`, in `cwd` (default:
     the checkout when there is one, so `-m morphserve...` imports it), with the malloc
     `MORPHSERVE_ALLOCATOR` names preloaded (default: glibc's, nothing preloaded) and oneDNN's
     kernel cache bounded (`morphserve.runtime.onednn_cache`), whichever server it is."""
@@ -103,11 +108,14 @@ def _spawn(cmd: list[str], env: dict | None, log: Path, cwd: Path | None) -> sub
     env = preload_env(default_allocator(env), env)  # the same malloc for every side of a comparison
     onednn_cache.bounded(env)  # and the same oneDNN kernel cache
     with open(log, "w") as f:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        # A process group of its own (killed as one, memory summed over it), in the caller's
+        # session: a session of its own would be a scheduling group of its own too (Linux
+        # autogroup), and the load generator's group was starved for up to 3 s at a time.
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, process_group=0)
 
 
 def stop_server(proc: subprocess.Popen) -> None:
-    """SIGKILL the process's whole group (it was started in its own session) and reap it."""
+    """SIGKILL the process's whole group (it was started in a group of its own) and reap it."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
