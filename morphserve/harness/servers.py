@@ -42,7 +42,7 @@ def free_port() -> int:
 
 def start_server(cmd: list[str], env: dict, log: Path, port: int, timeout: float = 300,
                  cwd: Path | None = None) -> subprocess.Popen:
-    """Start `cmd` in its own session (in `cwd`, default: the checkout when there is one);
+    """Start `cmd` in a process group of its own (in `cwd`, default: the checkout when there is one);
     return once /health answers, or reap the whole group and raise with the log's tail
     (engine processes of a server that died in start-up can outlive it)."""
     proc = _spawn(cmd, env, log, cwd)
