@@ -108,9 +108,7 @@ def _spawn(cmd: list[str], env: dict | None, log: Path, cwd: Path | None) -> sub
     env = preload_env(default_allocator(env), env)  # the same malloc for every side of a comparison
     onednn_cache.bounded(env)  # and the same oneDNN kernel cache
     with open(log, "w") as f:
-        # A process group of its own (killed as one, memory summed over it), in the caller's
-        # session: a session of its own would be a scheduling group of its own too (Linux
-        # autogroup), and the load generator's group was starved for up to 3 s at a time.
+        # not start_new_session: why, in the module docstring (one scheduling group)
         return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, process_group=0)
 
 
