@@ -51,6 +51,10 @@ class MorphConfig(BaseModel):
         "(sync; every decoding request waits for the whole move). With nothing decoding a compression is always "
         "sync: the prompts about to be computed are the only ones waiting, and they are computed on the new rung. "
         "Manual transitions are always sync")
+    heap_trim_interval_s: float = Field(
+        default=0.5, ge=0, le=60, description="every this many seconds each worker hands its freed heap back to "
+        "the OS (glibc malloc_trim in a thread; morphserve.runtime.heap_trimmer), so measured memory follows what "
+        "the layers and the KV cache hold; 0 turns it off")
 
 
 def parse(raw) -> MorphConfig:

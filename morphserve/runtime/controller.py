@@ -390,7 +390,7 @@ class MorphController:
                     "accounted_bytes": accounted, "within_budget": accounted <= self.budget.budget_bytes,
                     "kv_resident_bytes": w["kv_resident_bytes"] if kv_resident else None,
                     "rss_anon_bytes": w["rss_anon_bytes"], "rss_file_bytes": w["rss_file_bytes"],
-                    "split_layers": w.get("split_layers", [])}
+                    "split_layers": w.get("split_layers", []), "heap_trim": w.get("heap_trim")}
 
         out = {**equation(worker), "read_age_s": round(time.monotonic() - at, 3), "reads": self.memory_reads,
                "ranks": self.ranks}

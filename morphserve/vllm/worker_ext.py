@@ -16,6 +16,7 @@ from kv_resize.host_backing import tail_ranges
 from morphserve.runtime import faults
 from morphserve.runtime.faults import maybe_fail
 from morphserve.runtime.config import MorphConfig
+from morphserve.runtime.heap_trimmer import HeapTrimmer
 from morphserve.runtime.layer_set import LayerSet, rss_bytes, trim_heap
 from morphserve.runtime.proc_memory import process_rss
 from morphserve.vllm import kernels, kv_cache, shards
@@ -55,6 +56,7 @@ class MorphWorkerExtension:
 
     def morphserve_init(self, cfg: dict) -> dict:
         t0 = time.monotonic()
+        config = MorphConfig.model_validate(cfg)
         dtype = self.vllm_config.model_config.dtype
         backend = backend_for(self.device.type)
         variant = kernels.wna16_variant(dtype) if backend.name == "cpu" else backend.name
@@ -62,10 +64,12 @@ class MorphWorkerExtension:
         rank = shards.tensor_parallel(layers[0].self_attn.qkv_proj)
         faults.set_rank(rank[0])
         self._morph = LayerSet.build(
-            MorphConfig.model_validate(cfg), Path(self.vllm_config.model_config.model), dtype,
+            config, Path(self.vllm_config.model_config.model), dtype,
             layers, kernels.FUSED_LINEARS, backend.kernels, (SUPPORTED_VLLM, variant), shards.RankCutter, rank)
         kv_cache.enable_kv_backing(backend)  # the KV cache is allocated after this call
         trim_heap()
+        self._trimmer = HeapTrimmer(config.heap_trim_interval_s)
+        self._trimmer.start()
         sharded = rank[1] > 1
         return {"layers": len(self._morph.layers), "seconds": time.monotonic() - t0, "rss": rss_bytes(),
                 "backend": backend.name, "commits_on_touch": backend.commits_on_touch, "rank": rank[0],
@@ -127,7 +131,7 @@ class MorphWorkerExtension:
         """What this worker holds: weights the model computes with (in whichever precision),
         twins resident outside the model (none: they stay in the pack file), and its RSS.
         Read on every /morphserve/state and /metrics scrape, so it does not trim the heap
-        (transitions already end trimmed)."""
+        (transitions end trimmed, and the heap trimmer's thread trims between them)."""
         params = self._weight_bytes()
         backing = kv_cache.kv_backing()
         return {"weights_bytes": params + self._morph.live_bytes(), "twin_bytes": 0,
@@ -135,7 +139,7 @@ class MorphWorkerExtension:
                 "split_layers": self._morph.split_layers(),  # in two tiers at once: must stay empty
                 "finishing_restores": self._morph.finishing_restores(),  # a transient: read again soon
                 "kv_resident_bytes": backing.resident_bytes() if kv_resident and backing is not None else None,
-                **process_rss()}
+                "heap_trim": self._trimmer.report(), **process_rss()}
 
     # -- KV resizing ------------------------------------------------------------------
     def morphserve_kv_release(self, first_block: int, last_block: int) -> dict:

@@ -1,0 +1,87 @@
+"""The worker's heap trimmer: its thread logic with a counting stand-in, and the real glibc
+malloc_trim returning memory freed in the middle of the heap (which glibc never returns
+by itself)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+
+import pytest
+
+from morphserve.runtime.heap_trimmer import HeapTrimmer, _libc_trim
+from morphserve.runtime.proc_memory import process_rss
+
+
+def test_the_thread_trims_every_interval_and_stops():
+    calls = []
+    trimmer = HeapTrimmer(0.01, trim=calls.append)
+    assert trimmer.start()
+    assert not trimmer.start()  # one thread per worker
+    deadline = time.monotonic() + 5
+    while len(calls) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    trimmer.stop()
+    n = len(calls)
+    assert n >= 3 and set(calls) == {0}  # malloc_trim(0): keep no padding at the top
+    time.sleep(0.05)
+    assert len(calls) == n  # stopped means stopped
+    report = trimmer.report()
+    assert report["calls"] == n and not report["running"] and report["interval_s"] == 0.01
+
+
+def test_interval_zero_or_no_glibc_means_no_thread():
+    assert not HeapTrimmer(0, trim=lambda pad: 0).start()
+    assert not HeapTrimmer(0.5, trim=None).available or _libc_trim() is not None
+
+
+def test_a_preloaded_allocator_is_left_alone(monkeypatch):
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
+    assert _libc_trim() is None
+    assert not HeapTrimmer(0.5).start()
+
+
+def test_a_failing_trim_stops_the_thread_without_raising():
+    def boom(pad):
+        raise RuntimeError("no")
+
+    trimmer = HeapTrimmer(0.01, trim=boom)
+    trimmer.start()
+    trimmer._thread.join(timeout=5)
+    assert not trimmer._thread.is_alive()
+    trimmer.stop()
+
+
+@pytest.mark.skipif(_libc_trim() is None, reason="needs glibc's malloc (no preloaded allocator)")
+def test_real_malloc_trim_returns_memory_freed_in_the_middle_of_the_heap():
+    """64 KiB chunks (under glibc's mmap threshold, so on the heap), one kept above them so
+    the heap's top cannot shrink: freeing the rest releases nothing by itself; the trimmer
+    thread hands it back within a few intervals."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    chunk, count = 64 * 1024, 1600  # 100 MiB
+    ptrs = []
+    for _ in range(count):
+        p = libc.malloc(chunk)
+        ctypes.memset(p, 1, chunk)  # resident
+        ptrs.append(p)
+    guard = libc.malloc(chunk)
+    ctypes.memset(guard, 1, chunk)
+    for p in ptrs:
+        libc.free(p)
+    held = process_rss(os.getpid())["rss_anon_bytes"]
+    trimmer = HeapTrimmer(0.05)
+    trimmer.start()
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and held - process_rss(os.getpid())["rss_anon_bytes"] < 64 * 2**20:
+            time.sleep(0.05)
+        returned = held - process_rss(os.getpid())["rss_anon_bytes"]
+    finally:
+        trimmer.stop()
+        libc.free(guard)
+    assert returned >= 64 * 2**20, f"only {returned / 2**20:.0f} MiB of 100 freed came back"
+    assert trimmer.calls >= 1
