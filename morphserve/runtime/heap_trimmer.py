@@ -5,11 +5,11 @@ by itself; a chunk freed in the middle stays resident until something reuses it.
 CPU linears allocate a fresh activation buffer per call (the int8 path three: the
 quantized input, its scales and the output), sized by the step's token count, so a server
 fed prompts of many lengths leaves a growing tail of freed, resident heap. Measured on
-SmolLM2-135M, 2 vCPUs (docs/RESULTS.md, "The heap a server keeps"): after 96 prompts of
-50-900 tokens a MorphServe worker at all-W8A8 held 351 MiB more heap than when idle, plain
-FP16 vLLM 139 MiB more; in vLLM's own kernels alone, 60 prompt lengths through the 120
-linears left 226 MiB (int8) of which `malloc_trim` returned 133 MiB in 13 ms (0.5 ms when
-there is nothing to return).
+SmolLM2-135M, 2 vCPUs (docs/RESULTS.md, "The heap a server keeps";
+scripts/bench_heap_growth.py): after 96 prompts of 50-900 tokens a MorphServe worker
+held at all-W8A8 kept 510 MiB of heap without the trimmer and 329 MiB with it (293 and 287
+idle); plain FP16 vLLM kept 632 (485 idle). The thread's trims cost about 1% of a stream of
+steps and no measurable step time (scripts/bench_heap_trim_speed.py).
 
 `malloc_trim(0)` walks every arena and releases the free pages inside them too (glibc
 >= 2.8), which no allocator setting does: a lower M_MMAP_THRESHOLD would instead turn every
