@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -134,3 +135,14 @@ def test_forty_round_trips_do_not_leak(engine):
     assert growth < 0.01, f"RSS grew {growth:.2%} over 40 round trips"
     anon_growth = _anon(core) / start_anon - 1
     assert anon_growth < 0.01, f"anonymous memory grew {anon_growth:.2%} over 40 round trips"
+
+
+def test_each_worker_trims_its_heap_from_a_thread(engine):
+    """The heap trimmer runs in the live worker (default 0.5 s) and says so in the memory
+    reading, which is what `state` and /metrics show."""
+    _, core = engine
+    first = worker_call(core, "morphserve_memory")["heap_trim"]
+    assert first["running"] and first["interval_s"] == 0.5
+    time.sleep(1.6)
+    later = worker_call(core, "morphserve_memory")["heap_trim"]
+    assert later["calls"] >= first["calls"] + 2
