@@ -7,6 +7,8 @@ while the level flips every few engine steps; greedy tokens must equal plain vLL
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from morphserve.harness.kv_shape import CPU_BLOCK_TOKENS
@@ -101,13 +103,23 @@ def test_background_compression_installs_layers_at_step_boundaries_without_chang
         identity_engine, model_dir, tmp_path):
     """A policy-style compression 0 -> top (compress_mode background) is prepared in a
     worker thread and installed over step boundaries while requests decode; the KV pool
-    grows only when the last layer is in, the budget holds throughout, and greedy output
-    stays plain vLLM's."""
+    grows only when the last layer is in, weights + KV stay within the budget throughout
+    with at most one layer prepared ahead of what the installed layers freed, and greedy
+    output stays plain vLLM's.
+
+    One layer ahead, not zero: the preparer may always hold its first layer (it could not
+    start otherwise), and an identity twin frees nothing, so a reading taken while that
+    layer waits for its boundary shows it above the budget's rounding slack. Seen once, in
+    a fresh-clone `make test` on a slower machine, when the test still asked for zero."""
     llm, core = identity_engine
     controller = controller_of(core)
     core.morphserve_set_level(0)
     core.morphserve_set_level(None)
     top, start_blocks = controller.num_layers, controller.pool.limit
+    cfg = json.loads((model_dir / "config.json").read_text())
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    kv_width = cfg["num_key_value_heads"] * (h // cfg["num_attention_heads"])
+    layer_bytes = 2 * (h * (h + 2 * kv_width) + h * h + 2 * h * inter + inter * h)  # bf16 q/k/v, o, gate/up, down
     seen = []
 
     def compress_at_step_3(steps: int) -> None:
@@ -116,12 +128,14 @@ def test_background_compression_installs_layers_at_step_boundaries_without_chang
             started = moves.to(top, reason="test", background_compress=True)
             assert started.get("compressing") and moves.restoring["direction"] == "quantize"
         if moves.restoring is not None:
-            memory = core.morphserve_state()["memory"]
-            seen.append((len(controller.quantized), controller.pool.limit, memory["within_budget"]))
+            m = core.morphserve_state()["memory"]
+            seen.append((len(controller.quantized), controller.pool.limit,
+                         m["accounted_bytes"] - m["prepared_bytes"] <= m["budget_bytes"], m["prepared_bytes"]))
 
     tokens = run_greedy(llm, {f"bq{i}": p for i, p in enumerate(PROMPTS)}, MAX_TOKENS, compress_at_step_3).tokens
     assert controller.moves.restoring is None and len(controller.quantized) == top, seen
-    assert seen and all(limit == start_blocks and ok for _, limit, ok in seen), seen  # no block before the end
+    assert seen and all(limit == start_blocks and ok for _, limit, ok, _ in seen), seen  # no block before the end
+    assert max(prepared for *_, prepared in seen) <= layer_bytes, (layer_bytes, seen)  # one layer ahead at most
     assert controller.pool.limit == controller.capacity(top) > start_blocks
     record = controller.recorder.recent[-1]
     assert record["mode"] == "background" and record["from"] == 0 and record["to"] == top and record["steps"] >= 1
