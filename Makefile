@@ -40,12 +40,8 @@ $(QVENV)/.ok: requirements/quant.lock
 $(MODEL)/config.json: $(VENV)/.ok
 	$(PY) -m morphserve.offline.default_model --out $(MODEL)
 
-# Two pytest-xdist workers, a whole test file each (--dist loadfile keeps one engine per
-# module): about half of a serial run is one-core work (process start-ups, imports, model
-# loads), which the second worker fills. TEST_WORKERS=0 runs the suite in one process.
-TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -rs
 
 # Unit tests of pure logic only: seconds, no engine, no quantization run.
 test-fast: $(VENV)/.ok

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
 
 import pytest
-from filelock import FileLock
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -71,31 +68,6 @@ def block_bytes(model_dir: Path) -> int:
     return kv_block_bytes(model_dir, "bfloat16")
 
 
-def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
-    """`build(out)` run by one process of the whole test run, its result shared by all.
-
-    `make test` runs the suite in pytest-xdist workers, each a session of its own: without
-    this each worker would spend minutes building the same pack. The first to ask builds
-    under a file lock; the others wait for it and reuse the folder, or re-raise its failure."""
-    base = tmp_path_factory.getbasetemp()
-    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "built-once"
-    root.mkdir(exist_ok=True)
-    out, done, failed = root / name, root / f"{name}.done", root / f"{name}.failed"
-    with FileLock(str(root / f"{name}.lock")):
-        if failed.exists():
-            raise AssertionError(f"building {name} failed in another worker:\n{failed.read_text()}")
-        if not done.exists():
-            shutil.rmtree(out, ignore_errors=True)
-            out.mkdir(parents=True)
-            try:
-                build(out)
-            except BaseException as e:
-                failed.write_text(str(e)[-5000:])
-                raise
-            done.touch()
-    return out
-
-
 @pytest.fixture(scope="session")
 def pack_dir(model_dir: Path, tmp_path_factory) -> Path:
     """The session's pack in one tier: W4A16 where vLLM's build runs its kernel, a W8A8-only
@@ -103,15 +75,12 @@ def pack_dir(model_dir: Path, tmp_path_factory) -> Path:
     really serves."""
     if os.environ.get("MORPHSERVE_TEST_PACK"):  # iterate on engine tests without re-preparing
         return Path(os.environ["MORPHSERVE_TEST_PACK"]).resolve()
+    out = tmp_path_factory.mktemp("pack") / "smollm2"
     # Named, not `auto`: auto also drops a tier measured slow here (an AMD EPYC's W4A16), and the
     # suite needs the same shape of session pack on every machine whose build runs the kernel.
     tier = "w4a16" if tier_verdicts()["w4a16"] is None else "w8a8"
-
-    def build(folder: Path) -> None:
-        morphserve_cli("prepare", str(model_dir), "--out", str(folder / "smollm2"), "--tiers", tier, *TINY_PREPARE,
-                       check=True)
-
-    return built_once(tmp_path_factory, "pack", build) / "smollm2"
+    morphserve_cli("prepare", str(model_dir), "--out", str(out), "--tiers", tier, *TINY_PREPARE, check=True)
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -121,17 +90,15 @@ def tiered_pack(model_dir: Path, pack_dir: Path, tmp_path_factory) -> Path:
     W4A16 one to keep the test's prepare short."""
     if os.environ.get("MORPHSERVE_TEST_TIERED_PACK"):  # iterate on engine tests without re-preparing
         return Path(os.environ["MORPHSERVE_TEST_TIERED_PACK"]).resolve()
+    out = tmp_path_factory.mktemp("tiered") / "pack"
     reuse = ["--quantized", str(pack_dir / "quantized")] if (pack_dir / "quantized").is_dir() else []
     # Fewer tokens than TINY_PREPARE: its tests need the tiers, the ladder's every level and
     # the all-W8A8 agreement with vLLM, not precise curves (7.5 minutes -> about 1.5 here).
     small = ["--gptq-samples", "8", "--gptq-seq-len", "256", "--lis-tokens", "32", "--lis-window", "32",
              "--eval-tokens", "255", "--eval-window", "256"]
-
-    def build(folder: Path) -> None:
-        morphserve_cli("prepare", str(model_dir), "--out", str(folder / "pack"), "--tiers", "w8a8,w4a16", *reuse,
-                       "--w8a8-order", "w4a16", "--w8a8-method", "rtn", *small, check=True)
-
-    return built_once(tmp_path_factory, "tiered", build) / "pack"
+    morphserve_cli("prepare", str(model_dir), "--out", str(out), "--tiers", "w8a8,w4a16", *reuse,
+                   "--w8a8-order", "w4a16", "--w8a8-method", "rtn", *small, check=True)
+    return out
 
 
 @pytest.fixture(scope="session")
