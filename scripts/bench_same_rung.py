@@ -1,0 +1,135 @@
+"""MorphServe held at all-W8A8 against plain vLLM serving the static W8A8 checkpoint: the
+same weights in the same int8 kernel, so any difference is what MorphServe's runtime adds
+(its swappable layers, its step-boundary hooks, the elastic block pool), not precision.
+
+Each engine runs in a fresh child process, one at a time, in alternation
+(static, morph, static, morph, ...) for `--rounds` rounds, so slow drift of a shared
+machine lands on both. Per child, eager mode, greedy, `ignore_eos`:
+- decode tok/s at batch 1, 8 and 32: (batch x 63) / (time of a 64-token generate - time of
+  a 1-token generate), as scripts/bench_kernels.py measures it, best of `--repeats`;
+- prefill tok/s: `--prefill-batch` prompts of `--prefill-tokens` tokens, one output token.
+
+    python scripts/bench_same_rung.py --model MODEL_DIR --pack PACK_DIR [--kv-cache-dtype fp8] [--rounds 3]
+
+Prints, per cell, each engine's median [range] over the rounds and the ratio morph / static
+of the medians. PACK_DIR must hold a W8A8 tier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from morphserve.harness.children import emit_result, run_measurement  # noqa: E402
+
+BATCHES = (1, 8, 32)
+OUTPUT_TOKENS = 64
+
+
+def _token_prompt(n: int, salt: int) -> dict:
+    return {"prompt_token_ids": [(17 * i + 5 + 31 * salt) % 5000 + 100 for i in range(n)]}
+
+
+def child(mode: str, model: str, pack: str, kv_dtype: str, repeats: int, prefill_batch: int,
+          prefill_tokens: int) -> dict:
+    from vllm import SamplingParams
+
+    from morphserve.evaluation.systems import static_w8a8_dir
+    from morphserve.vllm.offline_engine import engine_core_of, in_process_llm
+
+    kw = {"enforce_eager": True, "max_model_len": 2048, "max_num_seqs": max(max(BATCHES), prefill_batch)}
+    if kv_dtype != "auto":
+        kw["kv_cache_dtype"] = kv_dtype
+    if mode == "static":
+        llm = in_process_llm(static_w8a8_dir(Path(pack)), None, tokenizer=model, **kw)
+        tiers = {"w8a8": "every layer (checkpoint)"}
+    else:
+        llm = in_process_llm(model, pack, **kw)
+        core = engine_core_of(llm)
+        state = core.morphserve_state()
+        # a tiered ladder (bf16 -> W8A8 -> W4A16) is all-W8A8 halfway; a W8A8-only one at its top
+        level = state["max_level"] // 2 if "w4a16" in state.get("tiers", []) else state["max_level"]
+        core.morphserve_set_level(level)
+        tiers = core.morphserve_state()["tier_counts"]
+        if set(tiers) - {"w8a8"} and any(v for k, v in tiers.items() if k != "w8a8"):
+            raise SystemExit(f"level {level} is not all-W8A8: {tiers}")
+
+    def timed(batch: int, tokens: int, prompt_tokens: int = 32, salt: int = 0) -> float:
+        params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+        prompts = [_token_prompt(prompt_tokens, salt + i) for i in range(batch)]
+        t = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        return time.perf_counter() - t
+
+    timed(1, 4)  # warm-up
+    decode = {}
+    for batch in BATCHES:
+        best = 0.0
+        for _ in range(repeats):
+            full, first = timed(batch, OUTPUT_TOKENS), timed(batch, 1)
+            best = max(best, batch * (OUTPUT_TOKENS - 1) / max(full - first, 1e-9))
+        decode[str(batch)] = best
+    prefill = max(prefill_batch * prefill_tokens / timed(prefill_batch, 1, prefill_tokens, salt=100 * (r + 1))
+                  for r in range(repeats))  # fresh prompts each time: no prefix-cache hits
+    return {"mode": mode, "tiers": tiers, "decode_tok_s": decode, "prefill_tok_s": prefill}
+
+
+def _summary(values: list[float]) -> str:
+    return f"{statistics.median(values):.1f} [{min(values):.1f}, {max(values):.1f}]"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="the full-precision model folder the pack was prepared from")
+    ap.add_argument("--pack", required=True, help="a pack with a W8A8 tier")
+    ap.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                    help="both engines' KV cache dtype (fp8: x86 with AVX-512 or AMX; default auto = bf16)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating static/morph rounds (default 3)")
+    ap.add_argument("--repeats", type=int, default=2, help="timings per cell within a child; the best is kept")
+    ap.add_argument("--prefill-batch", type=int, default=8, help="prompts in the prefill cell (default 8)")
+    ap.add_argument("--prefill-tokens", type=int, default=512, help="tokens per prompt in the prefill cell")
+    ap.add_argument("--out", type=Path, default=None, help="also write every child's figures here as JSON")
+    ap.add_argument("--child", choices=("static", "morph"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        emit_result(child(args.child, args.model, args.pack, args.kv_cache_dtype, args.repeats,
+                          args.prefill_batch, args.prefill_tokens))
+    common = ["--model", args.model, "--pack", args.pack, "--kv-cache-dtype", args.kv_cache_dtype,
+              "--repeats", str(args.repeats), "--prefill-batch", str(args.prefill_batch),
+              "--prefill-tokens", str(args.prefill_tokens)]
+    runs: dict[str, list[dict]] = {"static": [], "morph": []}
+    try:
+        from tqdm import tqdm
+
+        for r in tqdm(range(args.rounds), desc="rounds", file=sys.stderr):
+            for mode in ("static", "morph"):
+                result = run_measurement([sys.executable, __file__, "--child", mode, *common])
+                if result is None:
+                    print(f"error: the {mode} child of round {r + 1} failed (its output is above)", file=sys.stderr)
+                    return 1
+                runs[mode].append(result)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    print(f"KV cache dtype {args.kv_cache_dtype}; medians [range] over {args.rounds} rounds; "
+          f"MorphServe tiers: {runs['morph'][0]['tiers']}")
+    print("| cell | static W8A8 (plain vLLM) | MorphServe at all-W8A8 | morph / static |")
+    print("|---|---|---|---|")
+    cells = [(f"decode tok/s, batch {b}", lambda x, b=b: x["decode_tok_s"][str(b)]) for b in BATCHES]
+    cells.append((f"prefill tok/s, {args.prefill_batch} x {args.prefill_tokens}", lambda x: x["prefill_tok_s"]))
+    for name, get in cells:
+        s, m = [get(x) for x in runs["static"]], [get(x) for x in runs["morph"]]
+        print(f"| {name} | {_summary(s)} | {_summary(m)} | {statistics.median(m) / statistics.median(s):.3f} |")
+    if args.out:
+        args.out.write_text(json.dumps({"kv_cache_dtype": args.kv_cache_dtype, "runs": runs}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
