@@ -52,7 +52,7 @@ def measure_one(model: str, repeats: int, windows: list[list[int]]) -> dict:
     os.environ.update(W4A16_ENV)  # the 4-bit kernel MorphServe serves (W4A16, not W4A8)
     from vllm import LLM, SamplingParams, TokensPrompt
 
-    from scripts.vllm_perplexity import perplexity_of
+    from morphserve.vllm.perplexity import perplexity_of
 
     llm = LLM(model=model, dtype="bfloat16", enforce_eager=True, max_model_len=1100, seed=0,
               max_num_seqs=max(BATCHES))

@@ -21,12 +21,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from morphserve.errors import MorphServeError  # noqa: E402
 from morphserve.offline import pack as packfmt  # noqa: E402
 from quant_layers.eval_windows import load_windows  # noqa: E402
-from vllm_perplexity import perplexity_of  # noqa: E402
+from morphserve.vllm.perplexity import perplexity_of  # noqa: E402
 
 
 def chunked_perplexity(model: str, tokenizer: str, windows: list[list[int]], kv_dtype: str,

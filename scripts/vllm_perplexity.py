@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -23,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from morphserve.offline import pack as packfmt  # noqa: E402
 from morphserve.vllm.kernels import W4A16_ENV  # noqa: E402
+from morphserve.vllm.perplexity import perplexity_of  # noqa: E402
 from quant_layers.eval_windows import load_windows  # noqa: E402
 
 
@@ -39,22 +39,6 @@ def vllm_perplexity(model: str, windows: list[list[int]], kv_gib: int = 1) -> tu
     elapsed = time.monotonic() - t
     del llm
     return ppl, count, elapsed
-
-
-def perplexity_of(llm, windows: list[list[int]]) -> tuple[float, int]:
-    """Perplexity of tokens 1..W-1 of every window under a running vLLM `LLM`."""
-    from vllm import SamplingParams, TokensPrompt
-
-    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], params, use_tqdm=False)
-    nll, count = 0.0, 0
-    for w, out in zip(windows, outs):
-        for pos, entry in enumerate(out.prompt_logprobs):
-            if pos == 0:
-                continue  # no context for the first token
-            nll -= entry[w[pos]].logprob
-            count += 1
-    return math.exp(nll / count), count
 
 
 def _tier_label(manifest) -> str:

@@ -132,6 +132,35 @@ def test_quality_charges_prompts_and_tokens_at_the_level_in_force(tmp_path):
     assert static["ppl"] == pytest.approx(20.0)
 
 
+def test_kv_cost_is_the_curve_times_the_factors_token_weighted():
+    from morphserve.evaluation import kv_quality
+
+    assert kv_quality.levels_to_measure(60) == [0, 15, 30, 45, 60]
+    assert kv_quality.levels_to_measure(30) == [0, 7, 15, 22, 30]
+    factors = kv_quality.factors_by_level({0: 1.02, 2: 1.08, 4: 1.04}, 4)
+    assert factors[0] == 1.02 and factors[2] == 1.08 and factors[4] == 1.04
+    assert factors[1] == pytest.approx(math.sqrt(1.02 * 1.08))  # log-linear between measured levels
+    with pytest.raises(ValueError, match="ends of the ladder"):
+        kv_quality.factors_by_level({0: 1.0, 3: 1.1}, 4)
+    # A run's charge equals reading it off the curve multiplied by the factors.
+    rows = [{"ok": True, "start_mono": 0.0, "input_len": 10, "output_len": 3, "ttft_s": 1.0,
+             "token_offsets_s": [1.0, 2.0, 3.0]}]
+    changes = [(1.5, 2), (2.5, 4)]
+    curve = {0: 10.0, 1: 10.5, 2: 11.0, 3: 11.5, 4: 12.0}
+    record = quality.quality_of_run(rows, curve, changes, 0)
+    both = quality.quality_of_run(rows, {k: v * factors[k] for k, v in curve.items()}, changes, 0)
+    charged = kv_quality.charged(record, factors)
+    assert charged["ppl"] == pytest.approx(both["ppl"])
+    assert charged["ppl_output_tokens"] == pytest.approx(both["ppl_output_tokens"])
+    assert charged["ppl_increase"] == pytest.approx(both["ppl"] / 10.0 - 1)  # still against bf16 weights and KV
+    assert charged["ppl_increase_weights_only"] == record["ppl_increase"] and charged["kv_ppl_factor"] > 1.02
+    # charging a charged record again changes nothing (rescoring an evaluation folder is safe)
+    assert kv_quality.charged({**record, **charged}, factors) == charged
+    # a static system sits at one level: its factor exactly
+    static = kv_quality.charged(quality.quality_of_run(rows, curve, None, 2), factors)
+    assert static["kv_ppl_factor"] == pytest.approx(1.08) and static["ppl"] == pytest.approx(11.0 * 1.08)
+
+
 def _run(system, rep, violations, ttft, tpot=0.1, mem=2000.0, ppl=0.0):
     return {"system": system, "repetition": rep, "requests": 10, "completed": 10, "slo_violations": violations,
             "slo_attainment": 1 - violations / 10, "ttft_p50": ttft / 2, "ttft_p95": ttft, "ttft_p99": ttft,

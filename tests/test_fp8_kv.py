@@ -39,6 +39,8 @@ def test_where_vllm_refuses_fp8_kv_morphserve_refuses_it_in_one_line(monkeypatch
 def test_fp8_kv_doubles_the_blocks_of_every_level_and_transitions_still_serve(model_dir, pack_dir, block_bytes):
     from vllm import SamplingParams
 
+    from morphserve.vllm.perplexity import perplexity_by_level
+
     llm, core = morph_llm(model_dir, pack_dir, "pack", kv_cache_memory_bytes=10 * block_bytes, max_model_len=1024,
                           max_num_seqs=8, kv_cache_dtype="fp8")
     try:
@@ -53,5 +55,24 @@ def test_fp8_kv_doubles_the_blocks_of_every_level_and_transitions_still_serve(mo
             assert core.morphserve_state()["kv_capacity_blocks"] == by_level[level]
             [out] = llm.generate(["The capital of France is"], params, use_tqdm=False)
             assert "Paris" in out.outputs[0].text
+        # what the evaluation uses to charge an FP8 cache's own cost: vLLM's perplexity by level
+        ppl = perplexity_by_level(llm, _eval_window(model_dir, pack_dir), [0, top])
+        assert all(1.0 < p < 1000.0 for p in ppl.values()) and ppl[top] != ppl[0], ppl
+        assert core.morphserve_state()["level"] == top
     finally:
         del llm
+
+
+def _eval_window(model_dir, pack_dir) -> list[list[int]]:
+    """The first of the pack's own evaluation windows (real text)."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from quant_layers.eval_windows import load_windows
+
+    quality = json.loads((pack_dir / "quality.json").read_text())
+    windows = load_windows(Path(quality["eval_text"]), AutoTokenizer.from_pretrained(str(model_dir)),
+                           quality["window"], quality["tokens"]).windows
+    return windows[:1]

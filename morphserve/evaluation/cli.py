@@ -87,6 +87,10 @@ def build_report(suite, out: Path) -> dict:
     ran_on = json.loads(marker.read_text()).get("machine") if marker.exists() else None
     report = {"suite": suite.name, "fingerprint": suite.fingerprint(), "repetitions": suite.repetitions,
               "machine": ran_on, "cells": cells}
+    kv_measured = out / "kv-quality.json"
+    if kv_measured.exists():
+        report["kv_quality"] = json.loads(kv_measured.read_text())
+        report["kv_charged_systems"] = sorted(s.name for s in suite.systems if s.kv_cache_dtype != "auto")
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(report_markdown(report) + "\n")
     if cells:
@@ -104,4 +108,18 @@ def report_markdown(report: dict) -> str:
     lead = (f"Against each row's best static system:\n\n{versus_static_table(versus)}\n\nEvery system:\n\n"
             if versus else "")
     return (f"suite {report['suite']} ({report['fingerprint']}), {report['repetitions']} repetitions{ran_on}; "
-            f"each figure: median [low, high]\n\n{lead}{table(report)}\n\nEqual work:\n{equal_work(report)}")
+            f"each figure: median [low, high]\n\n{lead}{table(report)}\n\nEqual work:\n{equal_work(report)}"
+            f"{kv_cost_note(report)}")
+
+
+def kv_cost_note(report: dict) -> str:
+    """Which perplexity figures include a KV cache's own cost, and the factors measured."""
+    if not report.get("kv_quality"):
+        return ""
+    lines = [f"\n\nPerplexity increases of {', '.join(report.get('kv_charged_systems', [])) or 'no system'} "
+             "include their KV cache's own cost, measured in vLLM on MorphServe's engine (chunked prefill, "
+             "bf16 against the named cache; levels between interpolated), kv-quality.json:"]
+    for key, entry in report["kv_quality"].items():
+        factors = ", ".join(f"{k}: {v - 1:+.2%}" for k, v in entry["factor"].items())
+        lines.append(f"- {key} (ladder top {entry['top']}, {entry['tokens']} tokens): {factors}")
+    return "\n".join(lines)

@@ -20,7 +20,7 @@ from morphserve.offline import pack as packfmt
 from morphserve.offline.ladder import Ladder, level_ppl_curve, served_quality
 from morphserve.runtime.config import serve_tiers
 from morphserve.errors import MorphServeError
-from morphserve.evaluation import machine, quality, systems
+from morphserve.evaluation import kv_quality, machine, quality, systems
 from morphserve.evaluation.suite import Budget, Suite, System, Window
 from morphserve.harness.servers import free_port, group_rss, start_server, stop_server
 from morphserve.runtime.proc_memory import process_breakdown
@@ -131,6 +131,8 @@ def evaluate(suite: Suite, suite_path: Path, model: Path, pack: Path, out: Path)
     ladders = {s.name: served_ladder(manifest, quality, s.tiers, probe_tiers) if s.tiers else default
                for s in suite.systems}
     order = run_order(suite)
+    kv_factors = kv_cost_factors(suite, out, model, pack, ladders)
+    rescore_kv_cost(suite, out, order, kv_factors)  # runs made before the KV cost was charged
     todo = [item for item in order if not (run_dir(out, *item) / "run.json").exists()]
     if len(todo) < len(order):
         print(f"resuming: {len(order) - len(todo)} of {len(order)} runs already done in {out}", file=sys.stderr)
@@ -139,14 +141,41 @@ def evaluate(suite: Suite, suite_path: Path, model: Path, pack: Path, out: Path)
         bar.set_description(f"{window.name}/{budget.name}/{system.name} rep {rep + 1}/{suite.repetitions}")
         top, curve = ladders[system.name]
         one_run(suite, rep, window, budget, system, model, pack, top, curve,
-                run_dir(out, rep, window, budget, system))
+                run_dir(out, rep, window, budget, system), kv_factors.get(system.name))
     return [run_dir(out, *item) for item in order]
 
 
+def kv_cost_factors(suite: Suite, out: Path, model: Path, pack: Path,
+                    ladders: dict[str, tuple[int, dict[int, float]]]) -> dict[str, dict[int, float]]:
+    """system name -> its KV cache's perplexity factor at every level of the ladder it is read
+    on, for every system with a KV cache other than bf16 (measured once per folder)."""
+    factors: dict[str, dict[int, float]] = {}
+    for s in suite.systems:
+        if s.kv_cache_dtype == "auto":
+            continue
+        top = ladders[s.name][0]
+        tiers = s.tiers if s.kind == "morphserve" else None  # a static system sits on the full ladder
+        factors[s.name] = kv_quality.measured_factors(out, model, pack, tiers, top, s.kv_cache_dtype)
+    return factors
+
+
+def rescore_kv_cost(suite: Suite, out: Path, order: list, kv_factors: dict[str, dict[int, float]]) -> None:
+    for rep, window, budget, system in order:
+        path = run_dir(out, rep, window, budget, system) / "run.json"
+        if system.name not in kv_factors or not path.exists():
+            continue
+        record = json.loads(path.read_text())
+        if "kv_ppl_factor" not in record:
+            record.update(kv_quality.charged(record, kv_factors[system.name]))
+            path.write_text(json.dumps(record, indent=1) + "\n")
+
+
 def one_run(suite: Suite, rep: int, window: Window, budget: Budget, system: System, model: Path, pack: Path,
-            top_level: int, curve: dict[int, float], folder: Path) -> dict:
+            top_level: int, curve: dict[int, float], folder: Path,
+            kv_factors: dict[int, float] | None = None) -> dict:
     """`top_level`: the top of the ladder the system is read on (every tier served here, or
-    a MorphServe system's own tiers); `curve`: perplexity per level of that ladder."""
+    a MorphServe system's own tiers); `curve`: perplexity per level of that ladder (weights
+    only); `kv_factors`: its KV cache's perplexity factor per level, where it is not bf16."""
     folder.mkdir(parents=True, exist_ok=True)
     for stale in ("transitions.jsonl", "bench.json", "summary.json"):
         (folder / stale).unlink(missing_ok=True)  # a half-done earlier attempt
@@ -183,6 +212,8 @@ def one_run(suite: Suite, rep: int, window: Window, budget: Budget, system: Syst
     record.update({k: v for k, v in summary.items() if k not in ("system", "window")})
     record["trace_window"] = summary["window"]  # START:DURATION; record["window"] stays the suite's name
     record.update(quality.quality_of_run(rows, curve, changes, static_level))
+    if kv_factors is not None:
+        record.update(kv_quality.charged(record, kv_factors))
     record.update(peak_rss_anon_mib=sampler.peak["anon"] / MIB, peak_rss_file_mib=sampler.peak["file"] / MIB,
                   peak_rss_total_mib=sampler.peak["total"] / MIB, memory_samples=sampler.samples,
                   peak_rss_by_process_mib={name: {k: v / MIB for k, v in peak.items()}

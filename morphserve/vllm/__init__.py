@@ -26,4 +26,5 @@ Modules:
 - server: vLLM's OpenAI server entry with MorphServe's refusals as one line.
 - bench: vLLM's `bench serve` behind the same alias.
 - offline_engine: the in-process engine-step driver for tests and benchmarks.
+- perplexity: vLLM's own perplexity (prompt_logprobs), by MorphServe level and KV cache dtype.
 """
