@@ -126,6 +126,18 @@ def quality_curve(quality: dict | None, needed_by: str = "max_ppl_increase") -> 
     return curve
 
 
+def kv_factor(quality: dict | None, level: int) -> float:
+    """The served KV cache's own perplexity factor at `level` (1 where none was measured:
+    a bf16 cache, or an FP8 one nobody measured). The engine puts it in `quality["kv_cost"]`
+    (morphserve.offline.kv_cost), so every figure the policy reads includes what the
+    evaluation charges: perplexity x factor, against bf16 weights with a bf16 cache."""
+    factors = (quality or {}).get("kv_cost", {}).get("factor_by_level")
+    if not factors:
+        return 1.0
+    top = max(int(k) for k in factors)
+    return float(factors[str(min(level, top))])
+
+
 def dearer_fill(curve: dict) -> dict[int, float]:
     """A curve measured at some levels (keys: levels, as ints or strings), given at every
     level from 0 to its last: a level between two measured ones takes the one above it, the
@@ -141,7 +153,7 @@ def log_ppl_ratios(quality: dict | None, num_layers: int) -> list[float]:
     measured above it (the dearer neighbour), a level past its last takes the last."""
     curve = dearer_fill(quality_curve(quality, "max_avg_ppl_increase"))
     top = max(curve)
-    return [math.log(curve[min(k, top)] / curve[0]) for k in range(num_layers + 1)]
+    return [math.log(curve[min(k, top)] * kv_factor(quality, k) / curve[0]) for k in range(num_layers + 1)]
 
 
 def static_tier_level(mix: list[dict[str, int]], tier: str) -> int | None:
@@ -165,7 +177,7 @@ def resolve_budget(cfg: PolicyConfig, quality: dict | None, mix: list[dict[str, 
     above = next((k for k in sorted(curve) if k >= level), None)
     if above is None:
         raise PolicyError(f"quality_no_worse_than: the pack's quality curve has no level at or above {level}")
-    static = curve[above] / curve[0] - 1
+    static = curve[above] * kv_factor(quality, above) / curve[0] - 1  # served with this KV cache
     budget = static if cfg.max_avg_ppl_increase is None else min(cfg.max_avg_ppl_increase, static)
     return cfg.model_copy(update={"max_avg_ppl_increase": max(budget, 1e-6)})
 
@@ -175,7 +187,7 @@ def ppl_cap(quality: dict | None, max_increase: float) -> int:
     base = curve[0]
     cap = 0
     for k in sorted(curve):  # the levels the runtime passes through, in order
-        if curve[k] > base * (1 + max_increase):
+        if curve[k] * kv_factor(quality, k) > base * (1 + max_increase):
             break
         cap = k
     return cap

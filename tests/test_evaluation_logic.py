@@ -134,14 +134,15 @@ def test_quality_charges_prompts_and_tokens_at_the_level_in_force(tmp_path):
 
 def test_kv_cost_is_the_curve_times_the_factors_token_weighted():
     from morphserve.evaluation import kv_quality
+    from morphserve.offline import kv_cost
 
-    assert kv_quality.levels_to_measure(60) == [0, 15, 30, 45, 60]
-    assert kv_quality.levels_to_measure(30) == [0, 7, 15, 22, 30]
-    factors = kv_quality.factors_by_level({0: 1.02, 2: 1.08, 4: 1.04}, 4)
+    assert kv_cost.levels_to_measure(60) == [0, 15, 30, 45, 60]
+    assert kv_cost.levels_to_measure(30) == [0, 7, 15, 22, 30]
+    factors = kv_cost.factors_by_level({0: 1.02, 2: 1.08, 4: 1.04}, 4)
     assert factors[0] == 1.02 and factors[2] == 1.08 and factors[4] == 1.04
     assert factors[1] == pytest.approx(math.sqrt(1.02 * 1.08))  # log-linear between measured levels
     with pytest.raises(ValueError, match="ends of the ladder"):
-        kv_quality.factors_by_level({0: 1.0, 3: 1.1}, 4)
+        kv_cost.factors_by_level({0: 1.0, 3: 1.1}, 4)
     # A run's charge equals reading it off the curve multiplied by the factors.
     rows = [{"ok": True, "start_mono": 0.0, "input_len": 10, "output_len": 3, "ttft_s": 1.0,
              "token_offsets_s": [1.0, 2.0, 3.0]}]

@@ -36,7 +36,8 @@ def test_where_vllm_refuses_fp8_kv_morphserve_refuses_it_in_one_line(monkeypatch
 @pytest.mark.engine
 @pytest.mark.quant
 @pytest.mark.skipif("_fp8_problem() is not None", reason="vLLM's CPU attention has no FP8 KV on this CPU")
-def test_fp8_kv_doubles_the_blocks_of_every_level_and_transitions_still_serve(model_dir, pack_dir, block_bytes):
+def test_fp8_kv_doubles_the_blocks_of_every_level_and_transitions_still_serve(model_dir, pack_dir, block_bytes,
+                                                                              tmp_path, monkeypatch):
     from vllm import SamplingParams
 
     from morphserve.vllm.perplexity import perplexity_by_level
@@ -59,6 +60,18 @@ def test_fp8_kv_doubles_the_blocks_of_every_level_and_transitions_still_serve(mo
         ppl = perplexity_by_level(llm, _eval_window(model_dir, pack_dir), [0, top])
         assert all(1.0 < p < 1000.0 for p in ppl.values()) and ppl[top] != ppl[0], ppl
         assert core.morphserve_state()["level"] == top
+        # where the cache's cost is measured for this pack and CPU kind, the policy reads it
+        from morphserve.offline import kv_cost
+        from morphserve.vllm.offline_engine import controller_of
+
+        monkeypatch.setenv("MORPHSERVE_CACHE", str(tmp_path))
+        controller = controller_of(core)
+        assert "kv_cost" not in controller.served_quality()  # not measured: weights only
+        kv_cost.save(pack_dir, "fp8", controller.ladder.tier_names,
+                     {"top": top, "factor": {"0": 1.03, str(top): 1.05}})
+        charged = controller.served_quality()["kv_cost"]
+        assert charged["dtype"] == "fp8" and charged["factor_by_level"]["0"] == pytest.approx(1.03)
+        assert charged["factor_by_level"][str(top)] == pytest.approx(1.05)
     finally:
         del llm
 

@@ -8,6 +8,7 @@ controller's view (a restore under way, a decision not carried out) is the polic
 from __future__ import annotations
 
 import dataclasses
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -302,6 +303,43 @@ def test_the_default_budget_is_no_worse_than_static_w8a8_where_the_pack_has_it()
     assert resolve_budget(default, QUALITY, w4_only).max_avg_ppl_increase == 0.05
     generous = default.model_copy(update={"max_avg_ppl_increase": 0.01})
     assert resolve_budget(generous, QUALITY, MIX).max_avg_ppl_increase == 0.01  # the tighter of the two
+
+
+def test_an_fp8_cache_measured_cost_is_charged_as_the_evaluation_charges_it():
+    """With the KV cache's factors in the served quality (the engine adds them where
+    `morphserve pack kv-cost` measured them), the ledger's figure over a run equals the
+    evaluation's charged figure for the same tokens, and the W8A8 reference is static W8A8
+    served with the same cache."""
+    from morphserve.evaluation import kv_quality
+    from morphserve.offline import kv_cost
+    from policies.config import load_policy, resolve_budget
+
+    factors = kv_cost.factors_by_level({0: 1.026, 15: 1.032, 30: 1.020, 45: 1.029, 60: 1.036}, 2 * L)
+    charged_quality = {**QUALITY, "kv_cost": {"dtype": "fp8",
+                                              "factor_by_level": {str(k): f for k, f in factors.items()}}}
+    ratios = log_ppl_ratios(charged_quality, 2 * L)
+    assert ratios[0] == pytest.approx(math.log(1.026))  # bf16 weights already pay for the cache
+    assert ratios[L] == pytest.approx(RATIOS[L] + math.log(1.020))
+    default, _ = load_policy("default")
+    uncapped = default.model_copy(update={"max_avg_ppl_increase": None})
+    budget = resolve_budget(uncapped, charged_quality, MIX).max_avg_ppl_increase
+    assert budget == pytest.approx(QUALITY["ladder"]["ppl"][str(L)] / 20.0 * 1.020 - 1)  # static W8A8 + FP8: +5.1%
+    assert resolve_budget(default, charged_quality, MIX).max_avg_ppl_increase == 0.05  # the preset's own cap
+    # one run's tokens, by level, as the evaluation counts them: the ledger agrees to 1e-9
+    tokens = {"prompt": {"0": 900, "30": 2400}, "output": {"0": 60, "30": 300, "37": 40, "60": 5}}
+    ledger = QualityLedger(window_s=1e9)
+    for part in tokens.values():
+        for k, n in part.items():
+            ledger.add(0.0, n, ratios[int(k)])
+    curve = {int(k): float(v) for k, v in QUALITY["ladder"]["ppl"].items()}
+    both = {}
+    for part in tokens.values():
+        for k, n in part.items():
+            both[int(k)] = both.get(int(k), 0) + n
+    weights_only = math.exp(sum(n * math.log(curve[k]) for k, n in both.items()) / sum(both.values()))
+    record = {"ppl": weights_only, "ppl_increase": weights_only / curve[0] - 1, "ppl_output_tokens": None,
+              "tokens_by_level": tokens}
+    assert ledger.average_increase() == pytest.approx(kv_quality.charged(record, factors)["ppl_increase"], abs=1e-9)
 
 
 def test_an_idle_spell_is_not_a_slow_step():

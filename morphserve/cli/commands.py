@@ -7,6 +7,7 @@ kept for genuine bugs.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -127,6 +128,16 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
                         "model folder the pack was prepared from")
     c.add_argument("--tiers", default=None, metavar="LIST", help="check only these tiers (comma-separated)")
     c.set_defaults(func=_cmd_pack_check)
+    k = psub.add_parser("kv-cost", help="measure what a KV cache dtype (fp8) costs in perplexity at the ladder's "
+                                        "quarters, in vLLM on this CPU, and keep it where `serve` and `evaluate` "
+                                        "find it (the quality budget then charges it; about 2 minutes)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    k.add_argument("pack", type=Path, metavar="PACK_DIR", help="a pack written by `morphserve prepare`")
+    k.add_argument("--kv-cache-dtype", default="fp8", choices=("fp8",), help="the KV cache dtype to measure")
+    k.add_argument("--tiers", default=None, metavar="LIST",
+                   help="the tiers the server will serve (comma-separated; default: every tier that runs here)")
+    k.add_argument("--force", action="store_true", help="measure again even if this pack and CPU kind have it")
+    k.set_defaults(func=_cmd_pack_kv_cost)
     s = psub.add_parser("show", help="print a pack's summary: importance order, quality curves, tiers")
     s.add_argument("pack", type=Path, metavar="PACK_DIR")
     s.set_defaults(func=lambda args: print(_summary(args.pack)) or 0)
@@ -157,6 +168,37 @@ def _cmd_pack_check(args: argparse.Namespace) -> int:
         print(f"  {tier}: {'runs here' if verdict[tier] is None else 'does not run here: ' + verdict[tier]}")
     served = runtime_config.serve_tiers(manifest, requested, lambda tiers: {t: verdict[t] for t in tiers})
     print(f"served here as the ladder: bf16 -> {' -> '.join(served)}")
+    return 0
+
+
+def _cmd_pack_kv_cost(args: argparse.Namespace) -> int:
+    from morphserve.evaluation import kv_quality
+    from morphserve.offline import kv_cost
+    from morphserve.offline import pack as packfmt
+    from morphserve.offline.ladder import Ladder
+    from morphserve.runtime import config as runtime_config
+    from morphserve.vllm.platform_facts import fp8_kv_problem
+
+    pack = args.pack.resolve()
+    manifest = packfmt.load_manifest(pack)
+    if not (pack / packfmt.QUALITY).exists():
+        raise MorphServeError(f"{pack} has no {packfmt.QUALITY}: its evaluation windows are what is scored")
+    config = json.loads((Path(manifest.model_path) / "config.json").read_text())
+    problem = fp8_kv_problem(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+    if problem:
+        raise MorphServeError(f"--kv-cache-dtype {args.kv_cache_dtype}: vLLM's CPU attention cannot serve it on this "
+                              f"machine ({problem})")
+    requested = [t.strip() for t in args.tiers.split(",")] if args.tiers else None
+    tiers = runtime_config.serve_tiers(manifest, requested, _probe)
+    top = Ladder.from_manifest(manifest, tiers).top
+    entry = None if args.force else kv_cost.load(pack, args.kv_cache_dtype, tiers, top)
+    if entry is None:
+        entry = kv_quality.measure(Path(manifest.model_path), pack, tiers, top, args.kv_cache_dtype)
+    else:
+        print(f"already measured ({kv_cost.store_path(pack)}); --force measures again")
+    print(f"{args.kv_cache_dtype} KV cache on {'+'.join(tiers)} ({entry['tokens']} tokens, {entry['cpu']}):")
+    for level, factor in entry["factor"].items():
+        print(f"  level {level:>3}: {factor - 1:+.2%} perplexity")
     return 0
 
 

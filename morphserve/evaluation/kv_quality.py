@@ -13,8 +13,9 @@ the curve times the factors. Static systems sit at one level of the same ladder 
 W8A8 halfway up a tiered ladder, W4A16 at its top), where MorphServe's engine computes what
 plain vLLM computes with that checkpoint.
 
-The measurement runs once per output folder and ladder (an output folder belongs to one
-pack and one machine) and is kept in OUT/kv-quality.json.
+The measurement runs once per pack, ladder and CPU kind, kept in the cache folder
+(morphserve.offline.kv_cost, where a serving engine finds it too), and recorded beside the
+runs it charged in OUT/kv-quality.json.
 
     python -m morphserve.evaluation.kv_quality --child ...   (one engine; used by `evaluate`)
 """
@@ -28,34 +29,12 @@ import sys
 from pathlib import Path
 
 from morphserve.errors import MorphServeError
+from morphserve.offline import kv_cost
+from quant_layers.cpu_kind import this_cpu
 
 MEASURED = "kv-quality.json"
 WINDOWS = 4  # of the pack's evaluation windows (4 x 1,024 tokens with the default pack)
 CHUNK = 128  # prefill tokens per step: vLLM's CPU KV block
-
-
-def levels_to_measure(top: int) -> list[int]:
-    """0, the quarters of the ladder and its top: on a tiered ladder bf16, all-W8A8 and
-    all-W4A16 are among them."""
-    return sorted({0, top // 4, top // 2, (3 * top) // 4, top})
-
-
-def factors_by_level(points: dict[int, float], top: int) -> dict[int, float]:
-    """The factor at every level 0..top from the measured `points` (level -> factor), log-linear
-    between two measured levels; 0 and `top` must be measured."""
-    if 0 not in points or top not in points:
-        raise ValueError(f"the ends of the ladder (0 and {top}) must be measured, got {sorted(points)}")
-    known = sorted(points)
-    out = {}
-    for level in range(top + 1):
-        hi = next(k for k in known if k >= level)
-        lo = max(k for k in known if k <= level)
-        if hi == lo:
-            out[level] = points[level]
-            continue
-        w = (level - lo) / (hi - lo)
-        out[level] = math.exp((1 - w) * math.log(points[lo]) + w * math.log(points[hi]))
-    return out
 
 
 def _charge(counts: dict[str, int], factors: dict[int, float]) -> float | None:
@@ -84,42 +63,43 @@ def charged(record: dict, factors: dict[int, float]) -> dict:
             "ppl_output_tokens": out_ppl * charge_out if out_ppl and charge_out else out_ppl}
 
 
-def ladder_key(tiers: list[str] | None) -> str:
-    return ",".join(tiers) if tiers else "all-served"
-
-
-def measured_factors(out: Path, model: Path, pack: Path, tiers: list[str] | None, top: int,
+def measured_factors(out: Path, model: Path, pack: Path, tiers: list[str], top: int,
                      kv_dtype: str = "fp8") -> dict[int, float]:
-    """Every level's factor for the ladder of `tiers` (None: every tier served here), measured
-    now unless OUT/kv-quality.json has it."""
+    """Every level's factor for the ladder of the served `tiers`: the cache folder's
+    measurement for this pack and CPU kind, made now if there is none; recorded in
+    OUT/kv-quality.json beside the runs it charged."""
+    entry = kv_cost.load(pack, kv_dtype, tiers, top) or measure(model, pack, tiers, top, kv_dtype)
+    path = out / MEASURED
+    record = json.loads(path.read_text()) if path.exists() else {}
+    record[f"{kv_dtype}:{','.join(tiers)}"] = entry
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return kv_cost.entry_factors(entry)
+
+
+def measure(model: Path, pack: Path, tiers: list[str], top: int, kv_dtype: str = "fp8") -> dict:
+    """Measure a `kv_dtype` cache's perplexity factor at the ladder's quarters (two engines,
+    one after the other, each in a child process) and keep it in the cache folder."""
     from morphserve.harness.children import run_measurement
 
-    path = out / MEASURED
-    store = json.loads(path.read_text()) if path.exists() else {}
-    key = f"{kv_dtype}:{ladder_key(tiers)}"
-    entry = store.get(key)
-    if entry is None or entry.get("top") != top:
-        levels = levels_to_measure(top)
-        ppl = {}
-        for dtype in ("auto", kv_dtype):
-            print(f"[evaluate] measuring a {dtype} KV cache's perplexity at levels {levels} ...",
-                  file=sys.stderr, flush=True)
-            cmd = [sys.executable, "-m", "morphserve.evaluation.kv_quality", "--child", "--model", str(model),
-                   "--pack", str(pack), "--kv-cache-dtype", dtype, "--levels", ",".join(map(str, levels))]
-            if tiers:
-                cmd += ["--tiers", ",".join(tiers)]
-            result = run_measurement(cmd)
-            if result is None:
-                raise MorphServeError(f"measuring the {dtype} KV cache's perplexity failed (its output is above)")
-            ppl[dtype] = {int(k): v for k, v in result["ppl"].items()}
-            tokens = result["tokens"]
-        entry = {"top": top, "levels": levels, "windows": WINDOWS, "chunk": CHUNK, "tokens": tokens,
-                 "ppl_bf16_kv": {str(k): ppl["auto"][k] for k in levels},
-                 f"ppl_{kv_dtype}_kv": {str(k): ppl[kv_dtype][k] for k in levels},
-                 "factor": {str(k): ppl[kv_dtype][k] / ppl["auto"][k] for k in levels}}
-        store[key] = entry
-        path.write_text(json.dumps(store, indent=1) + "\n")
-    return factors_by_level({int(k): v for k, v in entry["factor"].items()}, top)
+    levels = kv_cost.levels_to_measure(top)
+    ppl = {}
+    for dtype in ("auto", kv_dtype):
+        print(f"[kv-cost] vLLM's perplexity with a {'bf16' if dtype == 'auto' else dtype} KV cache at levels "
+              f"{levels} ...", file=sys.stderr, flush=True)
+        cmd = [sys.executable, "-m", "morphserve.evaluation.kv_quality", "--child", "--model", str(model),
+               "--pack", str(pack), "--kv-cache-dtype", dtype, "--levels", ",".join(map(str, levels)),
+               "--tiers", ",".join(tiers)]
+        result = run_measurement(cmd)
+        if result is None:
+            raise MorphServeError(f"measuring the {dtype} KV cache's perplexity failed (its output is above)")
+        ppl[dtype] = {int(k): v for k, v in result["ppl"].items()}
+        tokens = result["tokens"]
+    entry = {"top": top, "levels": levels, "windows": WINDOWS, "chunk": CHUNK, "tokens": tokens,
+             "cpu": this_cpu().describe(), "ppl_bf16_kv": {str(k): ppl["auto"][k] for k in levels},
+             f"ppl_{kv_dtype}_kv": {str(k): ppl[kv_dtype][k] for k in levels},
+             "factor": {str(k): ppl[kv_dtype][k] / ppl["auto"][k] for k in levels}}
+    kv_cost.save(pack, kv_dtype, tiers, entry)
+    return entry
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -134,7 +114,7 @@ def _child(args: argparse.Namespace) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(args.model))
     windows = load_windows(Path(quality["eval_text"]), tokenizer, quality["window"], quality["tokens"]).windows
     windows = windows[:WINDOWS]
-    llm = chunked_morph_llm(args.model, args.pack, args.tiers.split(",") if args.tiers else None,
+    llm = chunked_morph_llm(args.model, args.pack, args.tiers.split(","),
                             args.kv_cache_dtype, max(len(w) for w in windows), CHUNK)
     levels = [int(x) for x in args.levels.split(",")]
     ppl = perplexity_by_level(llm, windows, levels)
@@ -148,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pack", type=Path, required=True)
     ap.add_argument("--kv-cache-dtype", required=True)
     ap.add_argument("--levels", required=True, help="comma-separated ladder levels")
-    ap.add_argument("--tiers", default=None, help="comma-separated pack tiers to serve (default: all served here)")
+    ap.add_argument("--tiers", required=True, help="comma-separated pack tiers to serve")
     _child(ap.parse_args(argv))
 
 

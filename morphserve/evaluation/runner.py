@@ -131,7 +131,9 @@ def evaluate(suite: Suite, suite_path: Path, model: Path, pack: Path, out: Path)
     ladders = {s.name: served_ladder(manifest, quality, s.tiers, probe_tiers) if s.tiers else default
                for s in suite.systems}
     order = run_order(suite)
-    kv_factors = kv_cost_factors(suite, out, model, pack, ladders)
+    kv_factors = kv_cost_factors(suite, out, model, pack, {s.name: serve_tiers(manifest, s.tiers, probe_tiers)
+                                                          for s in suite.systems if s.kv_cache_dtype != "auto"},
+                                 ladders)
     rescore_kv_cost(suite, out, order, kv_factors)  # runs made before the KV cost was charged
     todo = [item for item in order if not (run_dir(out, *item) / "run.json").exists()]
     if len(todo) < len(order):
@@ -145,18 +147,14 @@ def evaluate(suite: Suite, suite_path: Path, model: Path, pack: Path, out: Path)
     return [run_dir(out, *item) for item in order]
 
 
-def kv_cost_factors(suite: Suite, out: Path, model: Path, pack: Path,
+def kv_cost_factors(suite: Suite, out: Path, model: Path, pack: Path, served: dict[str, list[str]],
                     ladders: dict[str, tuple[int, dict[int, float]]]) -> dict[str, dict[int, float]]:
     """system name -> its KV cache's perplexity factor at every level of the ladder it is read
-    on, for every system with a KV cache other than bf16 (measured once per folder)."""
-    factors: dict[str, dict[int, float]] = {}
-    for s in suite.systems:
-        if s.kv_cache_dtype == "auto":
-            continue
-        top = ladders[s.name][0]
-        tiers = s.tiers if s.kind == "morphserve" else None  # a static system sits on the full ladder
-        factors[s.name] = kv_quality.measured_factors(out, model, pack, tiers, top, s.kv_cache_dtype)
-    return factors
+    on (`served`: its tiers), for every system whose KV cache is not bf16 (measured once per
+    pack, ladder and CPU kind)."""
+    return {s.name: kv_quality.measured_factors(out, model, pack, served[s.name], ladders[s.name][0],
+                                                s.kv_cache_dtype)
+            for s in suite.systems if s.kv_cache_dtype != "auto"}
 
 
 def rescore_kv_cost(suite: Suite, out: Path, order: list, kv_factors: dict[str, dict[int, float]]) -> None:

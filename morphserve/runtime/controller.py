@@ -26,6 +26,7 @@ from kv_resize.budget import KVBudget
 from kv_resize.cold_tail import ColdTail
 from kv_resize.elastic_pool import ElasticBlockPool
 from morphserve.errors import MorphServeError
+from morphserve.offline import kv_cost
 from morphserve.offline import pack as packfmt
 from morphserve.offline.ladder import Ladder, served_quality
 from morphserve.runtime.config import MorphConfig
@@ -166,7 +167,20 @@ class MorphController:
         """The pack's quality.json as the served ladder sees it (some tiers may be off here)."""
         path = Path(self.config.pack) / packfmt.QUALITY
         quality = json.loads(path.read_text()) if path.exists() else None
-        return served_quality(quality, self.manifest.tier_names, self.ladder.tier_names)
+        quality = served_quality(quality, self.manifest.tier_names, self.ladder.tier_names)
+        dtype = getattr(self.engine, "kv_cache_dtype", "auto")
+        if quality is not None and dtype != "auto":
+            entry = kv_cost.load(Path(self.config.pack), dtype, self.ladder.tier_names, self.ladder.top)
+            if entry is None:
+                log.warning("MorphServe: the quality budget counts weights only: this %s KV cache's own perplexity "
+                            "cost is not measured for this pack here (morphserve pack kv-cost)", dtype)
+            else:
+                factors = kv_cost.entry_factors(entry)
+                quality = {**quality, "kv_cost": {"dtype": dtype, "factor_by_level": {str(k): f for k, f in
+                                                                                      factors.items()}}}
+                log.info("MorphServe: the quality budget charges the %s KV cache's measured cost (%+.2f%% at level 0)",
+                         dtype, 100 * (factors[0] - 1))
+        return quality
 
     @property
     def background_restores(self) -> bool:

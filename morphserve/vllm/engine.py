@@ -48,3 +48,8 @@ class EngineLink:
     @property
     def max_model_len(self) -> int:
         return self._core.vllm_config.model_config.max_model_len
+
+    @property
+    def kv_cache_dtype(self) -> str:
+        """vLLM's --kv-cache-dtype ("auto": the model's dtype)."""
+        return str(self._core.vllm_config.cache_config.cache_dtype)
