@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -64,6 +65,15 @@ def measure_one(model: str, repeats: int, windows: list[list[int]]) -> dict:
         llm.generate([prompt] * batch, params, use_tqdm=False)
         return time.monotonic() - t
 
+    decode = decode_rates(timed, repeats)
+    ppl, tokens = perplexity_of(llm, windows)
+    return {"decode_tok_s": decode, "ppl": ppl, "ppl_tokens": tokens}
+
+
+def decode_rates(timed: Callable[[int, int], float], repeats: int) -> dict[str, float]:
+    """Decode tok/s per batch size: (batch x 63) / (a 64-token generate - a 1-token generate),
+    so the prefill and the first token are not counted; the best of `repeats`. `timed(batch,
+    tokens)` runs one generate and returns its seconds."""
     timed(1, 4)  # warm-up
     decode = {}
     for batch in BATCHES:
@@ -72,8 +82,7 @@ def measure_one(model: str, repeats: int, windows: list[list[int]]) -> dict:
             full, first = timed(batch, OUTPUT_TOKENS), timed(batch, 1)
             best = max(best, batch * (OUTPUT_TOKENS - 1) / max(full - first, 1e-9))
         decode[str(batch)] = best
-    ppl, tokens = perplexity_of(llm, windows)
-    return {"decode_tok_s": decode, "ppl": ppl, "ppl_tokens": tokens}
+    return decode
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,9 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from morphserve.harness.children import emit_result, run_measurement  # noqa: E402
-
-BATCHES = (1, 8, 32)
-OUTPUT_TOKENS = 64
+from scripts.bench_kernels import BATCHES, decode_rates  # noqa: E402  (the same cells, measured the same way)
 
 
 def _token_prompt(n: int, salt: int) -> dict:
@@ -67,14 +65,7 @@ def child(mode: str, model: str, pack: str, kv_dtype: str, repeats: int, prefill
         llm.generate(prompts, params, use_tqdm=False)
         return time.perf_counter() - t
 
-    timed(1, 4)  # warm-up
-    decode = {}
-    for batch in BATCHES:
-        best = 0.0
-        for _ in range(repeats):
-            full, first = timed(batch, OUTPUT_TOKENS), timed(batch, 1)
-            best = max(best, batch * (OUTPUT_TOKENS - 1) / max(full - first, 1e-9))
-        decode[str(batch)] = best
+    decode = decode_rates(timed, repeats)
     prefill = max(prefill_batch * prefill_tokens / timed(prefill_batch, 1, prefill_tokens, salt=100 * (r + 1))
                   for r in range(repeats))  # fresh prompts each time: no prefix-cache hits
     return {"mode": mode, "tiers": tiers, "decode_tok_s": decode, "prefill_tok_s": prefill}
