@@ -41,19 +41,43 @@ def test_the_hidden_op_fails_like_the_avx2_build_and_the_probe_says_why():
     assert w8 == "None"
 
 
-def test_the_api_servers_probe_runs_in_a_child_and_agrees_with_the_in_process_one(monkeypatch):
+def test_the_api_servers_probe_runs_in_a_child_and_agrees_with_the_in_process_one(monkeypatch, tmp_path):
     from morphserve.vllm import probe_process
     from morphserve.vllm.kernels import probe_tiers
 
+    monkeypatch.setenv("MORPHSERVE_CACHE", str(tmp_path))  # nothing kept yet: the child runs
     monkeypatch.setattr(probe_process, "_verdicts", {})
-    assert probe_process.probe_tiers_in_child(["w8a8", "w4a16"]) == probe_tiers(["w8a8", "w4a16"])
+    here = probe_tiers(["w8a8", "w4a16"])
+    assert probe_process.probe_tiers_in_child(["w8a8", "w4a16"]) == here
+    kept = list((tmp_path / "kernel-probes").glob("*.json"))
+    assert len(kept) == (1 if all(v is None for v in here.values()) else 0)  # only "every tier runs" is kept
     monkeypatch.setenv("MORPHSERVE_TEST_HIDE_OPS", "cpu_gemm_wna16")  # a new key: probed again, as on AVX2
     hidden = probe_process.probe_tiers_in_child(["w8a8", "w4a16"])
     assert hidden["w8a8"] is None and "cpu_gemm_wna16" in hidden["w4a16"]
+    assert list((tmp_path / "kernel-probes").glob("*.json")) == kept  # a tier that does not run: not kept
 
 
-def test_a_probe_that_kills_its_child_drops_that_tier_with_the_signal(monkeypatch):
+def test_a_kept_verdict_spares_the_next_start_its_child(monkeypatch, tmp_path):
     from morphserve.vllm import probe_process
+
+    monkeypatch.setenv("MORPHSERVE_CACHE", str(tmp_path))
+    monkeypatch.setattr(probe_process, "_verdicts", {})
+    answered = subprocess.CompletedProcess([], 0, probe_process.PREFIX + '["w8a8", null]\n', "")
+    monkeypatch.setattr(probe_process.subprocess, "run", lambda cmd, **_kw: answered)
+    assert probe_process.probe_tiers_in_child(["w8a8"]) == {"w8a8": None}
+    monkeypatch.setattr(probe_process, "_verdicts", {})  # a new server process on the same machine
+
+    def no_child(cmd, **_kw):
+        raise AssertionError("probed again")
+
+    monkeypatch.setattr(probe_process.subprocess, "run", no_child)
+    assert probe_process.probe_tiers_in_child(["w8a8"]) == {"w8a8": None}
+
+
+def test_a_probe_that_kills_its_child_drops_that_tier_with_the_signal(monkeypatch, tmp_path):
+    from morphserve.vllm import probe_process
+
+    monkeypatch.setenv("MORPHSERVE_CACHE", str(tmp_path))
 
     def killed(cmd, **_kwargs):  # w8a8 answered, then the w4a16 call took the process down
         return subprocess.CompletedProcess(cmd, -11, probe_process.PREFIX + '["w8a8", null]\n', "Fatal Python error\n")
@@ -63,6 +87,7 @@ def test_a_probe_that_kills_its_child_drops_that_tier_with_the_signal(monkeypatc
     verdict = probe_process.probe_tiers_in_child(["w8a8", "w4a16"])
     assert verdict["w8a8"] is None
     assert verdict["w4a16"] == "the probe of vLLM's w4a16 kernel ended its process (signal 11): Fatal Python error"
+    assert not (tmp_path / "kernel-probes").exists()  # never kept: the next start probes again
 
 
 def test_pack_check_names_each_tier_and_the_served_ladder(pack_dir, tiered_pack):

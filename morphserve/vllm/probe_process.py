@@ -10,19 +10,31 @@ becomes a reason to drop the tier instead of a dead server.
 
 The verdict is kept for the life of this process, keyed by the tiers, the dtype and the
 test-only hidden ops: a CPU does not change under a running process, and engines started
-one after another in one process (tests, benchmarks) pay the child's start-up once.
+one after another in one process (tests, benchmarks) pay the child's start-up once. A
+verdict that every tier runs is also kept in the cache folder (`kernel-probes/`), keyed as
+well by this CPU's model and flags, torch's version and vLLM's kernel libraries (name, size,
+modification time): the same machine and build answer the same, and the child interpreter
+costs every server start about 10 s on a 2-vCPU machine. A verdict with a tier that does
+not run is never kept (a timeout under load must not drop a tier for good), and a wrong
+"runs" cannot take a server down: every compute is proved on a tiny input before it is
+installed (quant_layers.swappable.prove_compute).
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
 from morphserve.vllm.kernels import HIDE_OPS_ENV, probe_tier
+from quant_layers.cache_dir import cache_root
+from quant_layers.cpu_kind import this_cpu
 
 PREFIX = "MORPHSERVE_PROBE "  # marks the child's verdict lines among vLLM's own output
 TIMEOUT_S = 300.0
@@ -35,8 +47,33 @@ def probe_tiers_in_child(tiers, dtype: torch.dtype = torch.bfloat16,
     tiers = list(tiers)
     key = (tuple(tiers), str(dtype), os.environ.get(HIDE_OPS_ENV, ""))
     if key not in _verdicts:
-        _verdicts[key] = _run_child(tiers, str(dtype).removeprefix("torch."), timeout_s)
+        kept = _kept_path(key)
+        try:
+            _verdicts[key] = json.loads(kept.read_text())
+        except (OSError, ValueError):
+            _verdicts[key] = _run_child(tiers, str(dtype).removeprefix("torch."), timeout_s)
+            if all(reason is None for reason in _verdicts[key].values()):
+                _keep(kept, _verdicts[key])
     return dict(_verdicts[key])
+
+
+def _kept_path(key: tuple) -> Path:
+    """Where a verdict for `key` on this machine and build is kept."""
+    vllm_dir = Path(importlib.util.find_spec("vllm").origin).parent
+    libraries = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in vllm_dir.glob("_C*.so"))
+    cpu = this_cpu()
+    identity = json.dumps([list(key), cpu.model, sorted(cpu.flags), torch.__version__, libraries])
+    return cache_root() / "kernel-probes" / f"{hashlib.sha256(identity.encode()).hexdigest()[:24]}.json"
+
+
+def _keep(path: Path, verdict: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(verdict))
+        tmp.replace(path)  # a reader never sees half a file
+    except OSError:  # a read-only cache costs the next start a probe, nothing else
+        pass
 
 
 def _run_child(tiers: list[str], dtype: str, timeout_s: float) -> dict[str, str | None]:
