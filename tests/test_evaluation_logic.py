@@ -90,6 +90,10 @@ def test_suite_cross_field_rules(tmp_path):
         load_suite(_write(tmp_path, "name: [unclosed\n"))
     with pytest.raises(MorphServeError, match="unknown budget"):
         load_suite(_write(tmp_path, SUITE.replace("budgets: [small]", "budgets: [tiny]")))
+    with pytest.raises(MorphServeError, match="hold_level"):
+        load_suite(_write(tmp_path, SUITE.replace("{name: w4, kind: w4}", "{name: w4, kind: w4, hold_level: 30}")))
+    held = load_suite(_write(tmp_path, SUITE.replace("policy: accuracy", "policy: accuracy, hold_level: 30")))
+    assert [s.hold_level for s in held.systems if s.kind == "morphserve"] == [30]
 
 
 def test_runs_rotate_so_no_system_always_goes_first(tmp_path):

@@ -73,6 +73,9 @@ class System(BaseModel):
     kv_cache_dtype: Literal["auto", "fp8"] = Field(
         "auto", description="fp8: vLLM's FP8 KV cache (twice the tokens in the same bytes; x86 with AVX-512 "
                             "or AMX only), for any kind")
+    hold_level: int | None = Field(
+        None, ge=0, description="MorphServe only: after the warm-up, hold this level for the whole replay (a "
+                                "diagnostic: the runtime at one rung, without its policy's moves)")
     budgets: list[str] | None = Field(None, description="run only at these budgets (default: all)")
     windows: list[str] | None = Field(None, description="run only in these windows (default: all)")
 
@@ -80,9 +83,10 @@ class System(BaseModel):
     def _policy(self):
         if self.kind == "morphserve" and not self.policy:
             raise ValueError(f"system {self.name!r}: a morphserve system needs a policy")
-        if self.kind != "morphserve" and (self.policy or self.compress_mode or self.tiers):
-            raise ValueError(f"system {self.name!r}: only a morphserve system takes a policy, a compress_mode "
-                             f"or tiers")
+        if self.kind != "morphserve" and (self.policy or self.compress_mode or self.tiers
+                                          or self.hold_level is not None):
+            raise ValueError(f"system {self.name!r}: only a morphserve system takes a policy, a compress_mode, "
+                             f"tiers or a hold_level")
         return self
 
 

@@ -93,7 +93,8 @@ def _complete(base: str, n: int, max_tokens: int = 16) -> None:
 
 def warm_up(system: System, base: str, n_requests: int, num_layers: int | None) -> dict:
     """The same requests for every system; MorphServe also runs each kernel once
-    (0 -> L -> 0, then control goes back to its policy). The prefix cache is reset last so
+    (0 -> L -> 0, then control goes back to its policy, or a `hold_level` is set and kept for
+    the replay). The prefix cache is reset last so
     that no system starts the trace with cached blocks. `num_layers`: the top of the ladder
     the system serves."""
     done = {"requests": n_requests}
@@ -106,10 +107,13 @@ def warm_up(system: System, base: str, n_requests: int, num_layers: int | None) 
         for k, level in enumerate(levels):
             _request(f"{base}/morphserve/level", {"level": level})
             _complete(base, share if k < len(levels) - 1 else n_requests - share * (len(levels) - 1))
-        state = _request(f"{base}/morphserve/level", {"level": None})
-        if state.get("level") != 0:
-            raise RuntimeError(f"warm-up left MorphServe at level {state.get('level')}, not 0")
-        done["levels"] = levels
+        hold = system.hold_level
+        if hold is not None and hold > num_layers:
+            raise RuntimeError(f"hold_level {hold} is above the top of the ladder served here ({num_layers})")
+        state = _request(f"{base}/morphserve/level", {"level": hold})  # None: back to the policy
+        if state.get("level") != (hold or 0):
+            raise RuntimeError(f"warm-up left MorphServe at level {state.get('level')}, not {hold or 0}")
+        done["levels"] = levels + ([hold] if hold is not None else [])
     else:
         _complete(base, n_requests)
     _request(f"{base}/reset_prefix_cache", method="POST")
