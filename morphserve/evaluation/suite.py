@@ -154,7 +154,7 @@ class Suite(BaseModel):
         for s in dump["systems"]:
             if s["kv_cache_dtype"] == "auto":
                 del s["kv_cache_dtype"]
-            for later in ("compress_mode", "tiers"):
+            for later in ("compress_mode", "tiers", "hold_level"):
                 if s[later] is None:
                     del s[later]
         return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
