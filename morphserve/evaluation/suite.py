@@ -76,6 +76,9 @@ class System(BaseModel):
     hold_level: int | None = Field(
         None, ge=0, description="MorphServe only: after the warm-up, hold this level for the whole replay (a "
                                 "diagnostic: the runtime at one rung, without its policy's moves)")
+    heap_trim_interval_s: float | None = Field(
+        None, ge=0, description="MorphServe only: `morphserve serve --heap-trim-interval` (0: off; default: "
+                                "serve's default)")
     budgets: list[str] | None = Field(None, description="run only at these budgets (default: all)")
     windows: list[str] | None = Field(None, description="run only in these windows (default: all)")
 
@@ -84,7 +87,7 @@ class System(BaseModel):
         if self.kind == "morphserve" and not self.policy:
             raise ValueError(f"system {self.name!r}: a morphserve system needs a policy")
         if self.kind != "morphserve" and (self.policy or self.compress_mode or self.tiers
-                                          or self.hold_level is not None):
+                                          or self.hold_level is not None or self.heap_trim_interval_s is not None):
             raise ValueError(f"system {self.name!r}: only a morphserve system takes a policy, a compress_mode, "
                              f"tiers or a hold_level")
         return self
@@ -154,7 +157,7 @@ class Suite(BaseModel):
         for s in dump["systems"]:
             if s["kv_cache_dtype"] == "auto":
                 del s["kv_cache_dtype"]
-            for later in ("compress_mode", "tiers", "hold_level"):
+            for later in ("compress_mode", "tiers", "hold_level", "heap_trim_interval_s"):
                 if s[later] is None:
                     del s[later]
         return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]

@@ -60,6 +60,8 @@ def server_command(system: System, budget: Budget, suite: Suite, model: Path, pa
         cmd += ["--compress-mode", system.compress_mode]
     if system.tiers:
         cmd += ["--tiers", ",".join(system.tiers)]
+    if system.heap_trim_interval_s is not None:
+        cmd += ["--heap-trim-interval", repr(system.heap_trim_interval_s)]
     return cmd, env
 
 
