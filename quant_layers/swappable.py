@@ -62,6 +62,10 @@ class LinearKernels(Protocol):
     def has_slot(self, layer: torch.nn.Module) -> bool:
         """Whether `layer` computes through a replaceable forward closure."""
 
+    def adopt(self, layer: torch.nn.Module) -> None:
+        """Make `layer`'s loaded full-precision forward the only holder of its weight, so
+        installing another forward frees it (called once, before the first swap)."""
+
     def install(self, layer: torch.nn.Module, forward: Forward) -> None:
         """Make `layer` compute with `forward` from its next call on."""
 
@@ -287,6 +291,7 @@ class SwappableLinear:
                  shape: tuple[int, int], dtype: torch.dtype, name: str | None = None):
         if not kernels.has_slot(layer):
             raise RuntimeError("MorphServe swapping supports vLLM's CPU linear path only (layer has no cpu_linear)")
+        kernels.adopt(layer)
         self.kernels = kernels
         self.layer = layer
         self.keys = keys  # the HF linears fused into this vLLM module, in vLLM's order

@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.engine, pytest.mark.quant]
 SUITE = """
 name: e2e
 repetitions: 1
-drain_s: 30
+drain_s: 90
 max_model_len: 1024
 windows:
   - {{name: burst, trace: {trace}, timestamp_unit: ms, start_s: 0, duration_s: 4, rate_scale: 1,

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from morphserve.harness.servers import free_port
+from policies.config import PRESETS_DIR
 from tests.engine_utils import running_server
 from tests.test_http_control import _request
 
@@ -34,7 +35,14 @@ def server(model_dir, pack_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("faults") / "server.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "MORPHSERVE_TEST_FAULTS": FAULTS}
     env.pop("VLLM_API_KEY", None)
-    args = [str(model_dir), "--pack", str(pack_dir), "--policy", "default", "--manual-min-interval", "0",
+    # The default policy with SLOs this traffic meets in bf16 on any CPU, and no resting on faster
+    # rungs, so handing control back means a restore (the restore_commit fault) on every kind:
+    # on a 2-core AVX2 EPYC a bf16 decode step of this traffic misses the 0.2 s TPOT SLO and
+    # the default policy compresses instead.
+    policy = log.parent / "restoring.yaml"
+    policy.write_text((PRESETS_DIR / "default.yaml").read_text().replace("fast_rest_idle_s: 10", "fast_rest_idle_s: null")
+                      .replace("ttft_slo_s: 2.0", "ttft_slo_s: 60.0").replace("tpot_slo_s: 0.2", "tpot_slo_s: 10.0"))
+    args = [str(model_dir), "--pack", str(pack_dir), "--policy", str(policy), "--manual-min-interval", "0",
             "--max-model-len", "1024", "--max-num-seqs", "8"]
     with running_server(args, env, log, port, host="0.0.0.0") as base:
         yield base
@@ -99,6 +107,9 @@ def _wait_for(base: str, predicate, timeout: float = 60) -> dict:
 
 
 def test_failed_transitions_roll_back_pin_and_keep_serving(server, model_dir):
+    # Manual control first: each fault fires once per process, and on a CPU where int8 is
+    # faster than bf16 the default policy's own first move under this traffic is a quantize.
+    assert _level(server, 0)[0] == 200
     with Traffic(server, str(model_dir)) as traffic:
         time.sleep(2)
         status, r = _level(server, 10)  # the worker fails inside the first layer's swap
@@ -135,7 +146,9 @@ def test_failed_transitions_roll_back_pin_and_keep_serving(server, model_dir):
         _consistent(state)
         time.sleep(2)
     assert not traffic.failures, traffic.failures[:3]
-    assert len(traffic.results) >= 8 and set(traffic.results) == {MAX_TOKENS}
+    # every client served whole through the failures (4 requests of 48 tokens took the whole test on a
+    # 2-core AVX2 EPYC, where bf16 runs through torch's emulation; 8+ on AVX-512 machines)
+    assert len(traffic.results) >= 4 and set(traffic.results) == {MAX_TOKENS}
 
     with urllib.request.urlopen(server + "/metrics", timeout=30) as resp:
         metrics = resp.read().decode()

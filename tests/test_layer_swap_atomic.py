@@ -18,6 +18,9 @@ class Kernels:
     def has_slot(self, layer) -> bool:
         return True
 
+    def adopt(self, layer) -> None:
+        pass
+
     def install(self, layer, forward) -> None:
         layer.forward_fn = forward
 

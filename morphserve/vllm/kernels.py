@@ -124,7 +124,15 @@ def bf16_prepack_copies(n: int, k: int, dtype: torch.dtype) -> bool:
         return False
     if check_cpu_sgl_kernel(n, k, dtype):
         return True
-    return bool(ops._supports_onednn) and current_platform.get_cpu_architecture() != CpuArchEnum.POWERPC
+    if not ops._supports_onednn or current_platform.get_cpu_architecture() == CpuArchEnum.POWERPC:
+        return False
+    # vLLM tries a oneDNN handle and falls back to torch's linear when oneDNN refuses the
+    # dtype: it has no bf16 matmul on CPUs without AVX512_BF16/AMX (seen on an AVX2 EPYC).
+    try:
+        ops.create_onednn_mm(torch.zeros(n, k, dtype=dtype).t(), 32)
+    except RuntimeError:
+        return False
+    return True
 
 
 def decoder_layers(model: torch.nn.Module):
@@ -166,14 +174,30 @@ class VllmCpuKernels:
         and ignores its `weight` argument, so it can be built off to the side and installed
         later; `master` (typically a read-only file map) is not referenced afterwards.
         vLLM's other dispatch paths (zentorch, the torch fallback) compute on the weight
-        tensor itself, so there it gets an own copy first."""
-        if not bf16_prepack_copies(*master.shape, master.dtype):
+        tensor itself, so there it gets an own copy first, bound into the forward: the
+        fallback reads the `weight` argument, which a swapped layer no longer has."""
+        copies = bf16_prepack_copies(*master.shape, master.dtype)
+        if not copies:
             master = master.clone()
         holder = torch.nn.Module()
         holder.weight = torch.nn.Parameter(master, requires_grad=False)
         holder.bias = None
         prepack_unquantized(holder)
-        return holder.cpu_linear
+        return holder.cpu_linear if copies else _bound(holder.cpu_linear, holder.weight)
+
+    def adopt(self, layer: torch.nn.Module) -> None:
+        """Make the layer's loaded bf16 forward own its weight, as `prepack_bf16`'s do.
+        Where vLLM prepacked (oneDNN, sgl) `layer.weight` is already empty. Where it fell
+        back to `torch.nn.functional.linear` (oneDNN has no bf16 matmul on AVX2-only CPUs)
+        the forward reads `layer.weight` on every call: the weight is bound into the
+        closure and the parameter emptied, so the closure is its only holder, a swap frees
+        it, and the model's parameters count it once (the linear's own bytes)."""
+        weight = layer.weight
+        if weight.numel() == 0:
+            return
+        layer.cpu_linear = _bound(layer.cpu_linear, weight.data)
+        layer.weight = torch.nn.Parameter(torch.empty(0, dtype=weight.dtype, device=weight.device),
+                                          requires_grad=False)
 
     def place(self, t: torch.Tensor) -> torch.Tensor:
         return t.clone()
@@ -186,6 +210,12 @@ class VllmCpuKernels:
 
     def install(self, layer: torch.nn.Module, forward) -> None:
         layer.cpu_linear = forward
+
+
+def _bound(forward, weight: torch.Tensor):
+    """`forward` with its weight fixed: vLLM's `cpu_linear(x, weight, bias)` on a path that
+    computes on the weight argument itself (the torch fallback)."""
+    return lambda x, _weight, bias: forward(x, weight, bias)
 
 
 # -- tiers probed on this CPU --------------------------------------------------------------
