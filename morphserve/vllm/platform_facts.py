@@ -36,7 +36,7 @@ def kernel_paths(n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> KernelP
     elif bf16_prepack_copies(n, k, dtype):  # past zentorch and sgl, True means oneDNN
         bf16 = "oneDNN matmul (onednn_mm)"
     else:
-        bf16 = "torch.nn.functional.linear"
+        bf16 = "torch.nn.functional.linear (vLLM's fallback: no oneDNN bf16 matmul on this CPU)"
     if not op_available(TIER_OPS["w8a8"]):
         w8 = "none (no onednn_scaled_mm in this build)"
     elif check_cpu_sgl_kernel(n, k, torch.int8):
