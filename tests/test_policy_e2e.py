@@ -32,7 +32,12 @@ cooldown_s: 0.5
 calm_s: 1.5
 window_s: 1.0
 tpot_slo_s: 5.0
+ttft_slo_s: 60.0
 """
+# SLOs this traffic meets at every level on every CPU kind: the test is about the capacity
+# loop. Where bf16 prefill is emulated (AVX2: about 13 ms per prompt token for SmolLM2's
+# linears), the default 2 s TTFT sends the first 334-token prompt to the fastest prefill
+# level before any KV pressure, a speed decision tests/test_policy_rungs.py covers.
 
 
 @pytest.fixture(scope="module")

@@ -149,7 +149,8 @@ class LayerSet:
                                    out_features * in_features * elem, kernels, (in_features, out_features), dtype,
                                    name=name)
             swap.fault = maybe_fail
-            swap.tier_bytes["w8a8"] = kernels.w8_bytes(out_features, in_features)
+            if not identity:  # an identity twin holds bf16: a move to it frees nothing
+                swap.tier_bytes["w8a8"] = kernels.w8_bytes(out_features, in_features)
             if name in w4_bytes:
                 swap.tier_bytes[packfmt.BASE_TIER] = w4_bytes[name]
             layers.setdefault(i, []).append(swap)
