@@ -76,11 +76,12 @@ def child(mode: str, model: str, pack: str, batch: int, tokens: int, repeats: in
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--pack", required=True)
-    ap.add_argument("--batch", type=int, default=8, help="concurrent requests in the throughput workload")
-    ap.add_argument("--tokens", type=int, default=64, help="decode tokens per request")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--model", required=True, help="the model directory (safetensors, as vLLM loads it)")
+    ap.add_argument("--pack", required=True, help="a pack from `morphserve prepare` for that model")
+    ap.add_argument("--batch", type=int, default=8, help="concurrent requests in the throughput workload (default 8)")
+    ap.add_argument("--tokens", type=int, default=64, help="decode tokens per request (default 64)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="throughput runs per process; the report gives their median (default 3)")
     ap.add_argument("--out", type=Path, default=None, help="write all figures here as JSON")
     ap.add_argument("--child", choices=("plain", "morph", "swap"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
