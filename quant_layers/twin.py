@@ -219,11 +219,13 @@ def quant_python() -> Path:
 
 
 def run_gptq(model_dir: Path, out: Path, bits: int, group_size: int | None, calib: Path,
-             samples: int, seq_len: int, scheme: str = "w4a16", method: str = "gptq") -> None:
-    """Calibrated quantization via llm-compressor, in its own environment (see gptq_job.py)."""
+             samples: int, seq_len: int, scheme: str = "w4a16", method: str = "gptq",
+             compute_dtype: str = "bf16") -> None:
+    """Calibrated quantization via llm-compressor, in its own environment (see gptq_job.py);
+    `compute_dtype` "fp32" runs its calibration forwards in fp32 (the checkpoint stays bf16)."""
     cmd = [str(quant_python()), str(GPTQ_JOB), "--model", str(model_dir), "--out", str(out),
            "--scheme", scheme, "--method", method, "--calib", str(calib),
-           "--samples", str(samples), "--seq-len", str(seq_len)]
+           "--samples", str(samples), "--seq-len", str(seq_len), "--compute-dtype", compute_dtype]
     if scheme == "w4a16":
         cmd += ["--bits", str(bits), "--group-size", str(group_size)]
     # Per-module INFO/METRIC lines drown the progress bars; set LLM_COMPRESSOR_LOG_LEVEL to see them.

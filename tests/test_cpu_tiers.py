@@ -157,6 +157,40 @@ def test_prepare_picks_the_offline_dtype_this_cpu_runs_faster(monkeypatch):
     assert prepare.matmul_seconds(torch.float32, m=8, k=8, n=8) > 0
 
 
+def test_calibration_runs_in_fp32_only_where_bf16_is_emulated_or_asked_for(monkeypatch):
+    from morphserve.offline import prepare
+
+    monkeypatch.setattr(prepare, "this_cpu", lambda: parse_cpuinfo("flags\t: avx2\n"))
+    assert prepare.calibration_dtype("auto") == "fp32" and prepare.calibration_dtype("bf16") == "bf16"
+    monkeypatch.setattr(prepare, "this_cpu", lambda: parse_cpuinfo("flags\t: avx2 avx512f avx512_bf16\n"))
+    assert prepare.calibration_dtype("auto") == "bf16" and prepare.calibration_dtype("fp32") == "fp32"
+
+
+def test_an_fp32_calibrated_checkpoint_is_written_as_a_bf16_one(tmp_path):
+    """Integers exactly as fp32 chose them; floats cast to bf16; metadata and dtype kept
+    consistent, so vLLM and the pack readers see the same kind of checkpoint as before."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from quant_layers.gptq_job import store_floats_as_bf16
+
+    q = torch.randint(-127, 128, (4, 8), dtype=torch.int8)
+    packed = torch.randint(-2**31, 2**31 - 1, (4, 1), dtype=torch.int32)
+    scale, norm = torch.rand(4, 1) + 1e-3, torch.rand(8)
+    save_file({"w.weight": q, "w.weight_packed": packed, "w.weight_scale": scale, "n.weight": norm},
+              str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "float32", "dtype": "float32", "x": 1}))
+    assert store_floats_as_bf16(str(tmp_path)) == 2
+    out = load_file(str(tmp_path / "model.safetensors"))
+    assert torch.equal(out["w.weight"], q) and torch.equal(out["w.weight_packed"], packed)
+    assert out["w.weight_scale"].dtype == out["n.weight"].dtype == torch.bfloat16
+    assert torch.equal(out["w.weight_scale"], scale.to(torch.bfloat16)) and torch.equal(out["n.weight"], norm.to(torch.bfloat16))
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    assert json.loads((tmp_path / "config.json").read_text()) == {"torch_dtype": "bfloat16", "dtype": "bfloat16", "x": 1}
+    assert store_floats_as_bf16(str(tmp_path)) == 0  # idempotent
+
+
 def test_prepare_auto_tiers_follow_the_probe_and_the_measured_speed(tmp_path):
     """`auto` builds the ladder the doctor recommends: what runs here, less a tier measured too
     slow to be a rung (never the last one); checkpoints given narrow it to their tiers."""

@@ -59,7 +59,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                    help="dtype of the offline forwards (importance, perplexity), on the same bf16 weight values "
                         "either way. 'auto': fp32 where the CPU has no bf16 arithmetic (no AVX512_BF16 or AMX: torch "
                         "emulates bf16, about 10x slower); elsewhere whichever a quick matmul measures faster here, "
-                        "bf16 on a near tie")
+                        "bf16 on a near tie. GPTQ's calibration forwards (llm-compressor) run in fp32 where the CPU "
+                        "has no bf16 arithmetic or fp32 is asked for; the checkpoint is stored as bf16 either way")
     p.add_argument("--w8a8-method", choices=("gptq", "rtn", "smoothquant-gptq"), default="gptq",
                    help="how llm-compressor picks the W8A8 int8 weights (SmoothQuant changes the RMSNorm "
                         "weights a layer shares with its bf16 self, so a smoothed twin cannot be swapped per layer)")

@@ -324,7 +324,8 @@ def _w4_twin(opt: PrepareOptions, tmp: Path, info):  # -> (TwinCheckpoint, sourc
     else:
         _log(f"GPTQ W{opt.bits}A16 g{opt.group_size} via llm-compressor "
              f"({opt.gptq_samples} x {opt.gptq_seq_len} calibration tokens)")
-        twin.run_gptq(opt.model, qdir, opt.bits, opt.group_size, opt.calib, opt.gptq_samples, opt.gptq_seq_len)
+        twin.run_gptq(opt.model, qdir, opt.bits, opt.group_size, opt.calib, opt.gptq_samples, opt.gptq_seq_len,
+                      compute_dtype=calibration_dtype(opt.compute_dtype))
         source = "gptq (llm-compressor)"
     opt.timings["quantize"] = time.monotonic() - t
     tw = twin.open_twin(qdir, info)
@@ -352,6 +353,16 @@ def compute_dtype(choice: str, measure: "Callable[[torch.dtype], float] | None" 
     return torch.float32 if fp32 < 0.9 * bf16 else torch.bfloat16
 
 
+def calibration_dtype(choice: str) -> str:
+    """The dtype of llm-compressor's calibration forwards: fp32 where asked, or where the CPU
+    has no bf16 arithmetic (its GPTQ there was 12 minutes of a default prepare on a 2-core
+    AVX2 EPYC, nearly all emulated bf16 forwards); bf16 elsewhere, so the twins on machines
+    with bf16 instructions stay the ones their curves were measured with."""
+    if choice == "fp32" or (choice == "auto" and not this_cpu().native_bf16):
+        return "fp32"
+    return "bf16"
+
+
 def matmul_seconds(dtype: torch.dtype, m: int = 1024, k: int = 576, n: int = 1536, repeats: int = 5) -> float:
     """Median time of one [m, k] x [k, n] matmul (a 1,024-token window through an MLP
     projection of a small Llama): tens of milliseconds in all."""
@@ -376,7 +387,9 @@ def _w8_twin(opt: PrepareOptions, tmp: Path, info):  # -> (W8Checkpoint, source)
     else:
         _log(f"W8A8 ({opt.w8a8_method}) via llm-compressor ({opt.gptq_samples} x {opt.gptq_seq_len} calibration tokens)")
         twin.run_gptq(opt.model, qdir, 8, None, opt.calib, opt.gptq_samples, opt.gptq_seq_len,
-                      scheme="w8a8", method=opt.w8a8_method)
+                      scheme="w8a8", method=opt.w8a8_method,
+                      # round-to-nearest weights depend on no forward: its twin stays byte for byte the bf16 run's
+                      compute_dtype="bf16" if opt.w8a8_method == "rtn" else calibration_dtype(opt.compute_dtype))
         source = f"{opt.w8a8_method} (llm-compressor W8A8)"
     opt.timings["quantize_w8a8"] = time.monotonic() - t
     return open_w8_twin(qdir, info), source
