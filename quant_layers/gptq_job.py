@@ -53,23 +53,24 @@ def store_floats_as_bf16(out_dir: str) -> int:
     from pathlib import Path
 
     import torch
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    changed = 0
+    changed, total = 0, 0
     for path in sorted(Path(out_dir).glob("*.safetensors")):
         tensors = load_file(str(path))
-        with open(path, "rb") as f:  # keep the header's metadata (compressed-tensors writes "format")
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        with safe_open(str(path), "pt") as f:  # keep the metadata (compressed-tensors writes "format")
+            metadata = f.metadata()
         floats = {k for k, t in tensors.items() if t.is_floating_point() and t.dtype != torch.bfloat16}
         if floats:
             changed += len(floats)
             tensors = {k: t.to(torch.bfloat16) if k in floats else t for k, t in tensors.items()}
-            save_file(tensors, str(path), metadata=header.get("__metadata__"))
+            save_file(tensors, str(path), metadata=metadata)
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
     index = Path(out_dir) / "model.safetensors.index.json"
     if changed and index.exists():  # sharded: its total size follows the shards
         meta = json.loads(index.read_text())
-        meta.setdefault("metadata", {})["total_size"] = sum(
-            t.numel() * t.element_size() for p in Path(out_dir).glob("*.safetensors") for t in load_file(str(p)).values())
+        meta.setdefault("metadata", {})["total_size"] = total
         index.write_text(json.dumps(meta, indent=2) + "\n")
     config = Path(out_dir) / "config.json"
     cfg = json.loads(config.read_text())
