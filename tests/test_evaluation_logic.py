@@ -136,6 +136,18 @@ def test_quality_charges_prompts_and_tokens_at_the_level_in_force(tmp_path):
     assert static["ppl"] == pytest.approx(20.0)
 
 
+@pytest.mark.parametrize("ppl0", [13.123456789, 21.7, 9.87654321, 31.41592653589793])
+def test_a_run_served_wholly_at_full_precision_costs_exactly_nothing(ppl0):
+    """Not approximately: exp(mean log p) / p - 1 read 4.4e-16 on one CPU, and a static FP16
+    row that shows a quality cost is wrong on its face."""
+    rows = [{"ok": True, "start_mono": 0.0, "input_len": 37 + i, "output_len": 3, "ttft_s": 1.0,
+             "token_offsets_s": [1.0, 1.1, 1.2]} for i in range(7)]
+    curve = {0: ppl0, 8: ppl0 * 1.1}
+    q = quality.quality_of_run(rows, curve, None, 0)
+    assert q["ppl_increase"] == 0.0 and q["ppl"] == ppl0
+    assert quality.quality_of_run(rows, curve, None, 8)["ppl_increase"] == pytest.approx(0.1)
+
+
 def test_kv_cost_is_the_curve_times_the_factors_token_weighted():
     from morphserve.evaluation import kv_quality
     from morphserve.offline import kv_cost

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from morphserve.errors import MorphServeError
-from morphserve.evaluation.quality import LevelAt, level_changes, tokens_by_level, weighted_ppl
+from morphserve.evaluation.quality import LevelAt, level_changes, ppl_increase, tokens_by_level
 
 
 @dataclass
@@ -165,7 +165,7 @@ def explain(log: Path, requests: Path | None = None, curve: dict[int, float] | N
             missing = sorted(set(both) - set(curve))
             if missing:
                 raise MorphServeError(f"the pack's quality curve has no perplexity for levels {missing}")
-            e.ppl_increase = weighted_ppl(both, curve) / curve[0] - 1
+            e.ppl_increase = ppl_increase(both, curve)
     return e
 
 

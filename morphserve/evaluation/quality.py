@@ -67,7 +67,20 @@ def weighted_ppl(counts: dict[int, int], curve: dict[int, float]) -> float | Non
     total = sum(counts.values())
     if not total:
         return None
+    if len([n for n in counts.values() if n]) == 1:  # exp(log(p)) is not always p to the last bit
+        return curve[next(k for k, n in counts.items() if n)]
     return math.exp(sum(n * math.log(curve[k]) for k, n in counts.items()) / total)
+
+
+def ppl_increase(counts: dict[int, int], curve: dict[int, float]) -> float | None:
+    """Token-weighted perplexity over level 0's, minus 1, from log-ratios to level 0: a run
+    served wholly at level 0 then reads exactly 0.0 (dividing exp(mean log p) by p left
+    4.4e-16 on one CPU, and a static FP16 row must not show a quality cost)."""
+    total = sum(counts.values())
+    if not total:
+        return None
+    base = math.log(curve[0])
+    return math.expm1(sum(n * (math.log(curve[k]) - base) for k, n in counts.items() if k != 0) / total)
 
 
 def quality_of_run(rows: list[dict], curve: dict[int, float], changes: list[tuple[float, int]] | None,
@@ -80,6 +93,6 @@ def quality_of_run(rows: list[dict], curve: dict[int, float], changes: list[tupl
         for k, n in part.items():
             both[k] = both.get(k, 0) + n
     ppl = weighted_ppl(both, curve)
-    return {"ppl": ppl, "ppl_increase": ppl / curve[0] - 1 if ppl else None,
+    return {"ppl": ppl, "ppl_increase": ppl_increase(both, curve),
             "ppl_output_tokens": weighted_ppl(counts["output"], curve),
             "tokens_by_level": {part: {str(k): n for k, n in sorted(c.items())} for part, c in counts.items()}}
