@@ -38,7 +38,8 @@ def open_fused_masters(masters: MappedCheckpoint, model_path: Path, dtype: torch
     linear is a shard of what the model file holds, so every linear is cached, cut for this
     rank by `cutters[name]` (vLLM's own weight loader), in a file of this rank's own."""
     sharded = rank[1] > 1
-    multi = {name: (i, hf) for name, (i, _, hf) in fused.items() if sharded or len(hf) > 1}
+    cast = _file_dtype(masters, fused) not in (None, dtype)
+    multi = {name: (i, hf) for name, (i, _, hf) in fused.items() if sharded or cast or len(hf) > 1}
     if not multi:
         return None
 
@@ -61,6 +62,18 @@ def open_fused_masters(masters: MappedCheckpoint, model_path: Path, dtype: torch
         path.unlink()  # a file that lies about its contents is rebuilt
         cache = ensure_kernel_twins(path, sorted(multi), build)
     return cache
+
+
+def _file_dtype(masters: MappedCheckpoint, fused: dict) -> torch.dtype | None:
+    """The dtype the model's file stores its linears in. An engine served in another dtype
+    (fp32 where bf16 is emulated) gets every linear from this cache, cast once, so that a
+    restore still prepacks straight from a map instead of casting a copy each time."""
+    for i, _, hf_names in fused.values():
+        key = f"model.layers.{i}.{hf_names[0]}.weight"
+        if key in masters.index:
+            with masters.reading() as reader:
+                return reader.get(key).dtype
+    return None
 
 
 def _shapes_match(cache: MappedCheckpoint, masters: MappedCheckpoint, multi: dict, dtype: torch.dtype,

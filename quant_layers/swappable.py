@@ -263,13 +263,17 @@ class W8Twin:
 
 
 class IdentityTwin:
-    def __init__(self, kernels: LinearKernels, cutter: Cutter):
+    def __init__(self, kernels: LinearKernels, cutter: Cutter, name: str | None = None):
         self.kernels = kernels
         self.cutter = cutter
+        self.name = name  # the linear's key in the fused-master cache, which holds it in the engine's dtype
 
     def build(self, keys: list[str], readers: Readers) -> IdentityCompute:
-        return IdentityCompute(self.kernels.own(self.cutter.cut([readers.masters.get(f"{k}.weight") for k in keys])),
-                               self.kernels)
+        if readers.fused is not None and self.name is not None and readers.fused.has(f"{self.name}.weight"):
+            weight = readers.fused.get(f"{self.name}.weight").clone()
+        else:
+            weight = self.cutter.cut([readers.masters.get(f"{k}.weight") for k in keys])
+        return IdentityCompute(self.kernels.own(weight), self.kernels)
 
 
 # How compressed each tier is (higher frees more); morphserve.offline.ladder.RANK agrees.

@@ -69,6 +69,17 @@ def block_bytes(model_dir: Path) -> int:
 
 
 @pytest.fixture(scope="session")
+def fast_dtype() -> str:
+    """The dtype this CPU computes fastest: bf16 where it has bf16 instructions, fp32 where
+    torch emulates bf16 (measured on a 2-core AVX2 EPYC, SmolLM2 in plain vLLM, 12 prompts of
+    300 tokens: prefill 48.1 s in bf16 against 7.3 s in fp32, 60 decode steps 67.3 against
+    24.9 s). Engine tests whose subject does not depend on the dtype (KV resizing) use it."""
+    from quant_layers.cpu_kind import this_cpu
+
+    return "bfloat16" if this_cpu().native_bf16 else "float32"
+
+
+@pytest.fixture(scope="session")
 def pack_dir(model_dir: Path, tmp_path_factory) -> Path:
     """The session's pack in one tier: W4A16 where vLLM's build runs its kernel, a W8A8-only
     pack where it does not (AVX2), so every engine test swaps through a tier the machine

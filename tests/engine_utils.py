@@ -90,11 +90,12 @@ def last_token_gaps(llm, sequences: list[list[int]]) -> list[float]:
 
 
 def assert_same_or_near_ties(model: Path, prompts: list[list[int]], ours: list[list[int]],
-                             theirs: list[list[int]], tmp: Path, label: str = "") -> int:
+                             theirs: list[list[int]], tmp: Path, label: str = "", **engine) -> int:
     """Greedy outputs equal plain vLLM's token for token, except where a batch shape or a
     recomputed prefill changed bf16 rounding (AMX kernels tile by batch size) and flipped a
     near-tie: at the first differing token plain vLLM itself must rate our token within
     NEAR_TIE_NATS of its best. After that point the continuations legitimately differ.
+    `engine`: settings of plain vLLM's rating engine beside max_model_len (its dtype).
     Returns how many requests diverged."""
     assert [len(o) for o in ours] == [len(t) for t in theirs], f"{label}: output lengths differ"
     diverged = [(i, next(k for k, (a, b) in enumerate(zip(o, t)) if a != b))
@@ -103,7 +104,7 @@ def assert_same_or_near_ties(model: Path, prompts: list[list[int]], ours: list[l
         return 0
     (tmp / "gaps").mkdir(exist_ok=True)
     gaps = plain_vllm(model, [prompts[i] for i, _ in diverged], 1, tmp / "gaps",
-                      gaps=[prompts[i] + ours[i][:d + 1] for i, d in diverged], max_model_len=1024)["gaps"]
+                      gaps=[prompts[i] + ours[i][:d + 1] for i, d in diverged], max_model_len=1024, **engine)["gaps"]
     far = [(i, d, round(g, 3)) for (i, d), g in zip(diverged, gaps) if g > NEAR_TIE_NATS]
     assert not far, f"{label}: (request, first differing token, nats below plain vLLM's best): {far}"
     return len(diverged)

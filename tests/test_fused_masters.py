@@ -58,3 +58,16 @@ def test_nothing_fused_means_no_cache_file(tmp_path, monkeypatch):
     single = {k: v for k, v in FUSED.items() if "o_proj" in k}
     assert open_fused_masters(masters, tmp_path, torch.bfloat16, single) is None
     assert not (tmp_path / "cache").exists()
+
+
+def test_an_engine_in_another_dtype_gets_every_linear_cast_once(tmp_path, monkeypatch):
+    """fp32 serving (where bf16 is emulated): single linears are cached too, in fp32, so a
+    restore prepacks from a map instead of casting a fresh copy each time."""
+    monkeypatch.setenv("MORPHSERVE_CACHE", str(tmp_path / "cache"))
+    masters, want = _model(tmp_path)
+    cache = open_fused_masters(masters, tmp_path, torch.float32, FUSED)
+    assert set(cache.index) == {"layers.0.self_attn.qkv_proj.weight", "layers.0.self_attn.o_proj.weight"}
+    with cache.reading() as r:
+        qkv, o = r.get("layers.0.self_attn.qkv_proj.weight"), r.get("layers.0.self_attn.o_proj.weight")
+        assert qkv.dtype == o.dtype == torch.float32
+        assert torch.equal(qkv, want.float()) and torch.equal(o, torch.ones(4, 4))

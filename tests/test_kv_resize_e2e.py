@@ -5,6 +5,10 @@ The budget fits 9 usable KV blocks at full precision: 3 requests of 3 blocks eac
 Quantizing all 30 layers turns the freed weight bytes into 52 more blocks; concurrency
 must rise to what the new capacity holds and fall back after a restore. A restore under
 load is tried with each shrink strategy; every request must complete.
+
+The engines run in the CPU's fastest dtype (`fast_dtype`: fp32 where bf16 is emulated,
+where this module took 20 minutes in bf16). An identity twin is costed as the pack's bytes
+scaled to the engine's dtype, so the block counts above hold in either dtype.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import functools
 
 import pytest
 
+from morphserve.harness.kv_shape import kv_block_bytes
 from morphserve.vllm.offline_engine import controller_of, run_greedy
 from morphserve.offline.datafiles import wikitext
 from tests.engine_utils import assert_same_or_near_ties, morph_llm, plain_job, plain_vllm, plain_vllm_many
@@ -39,9 +44,15 @@ def _prompts(model_dir, n: int, salt: int) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def engine(model_dir, pack_dir, block_bytes):
+def block_bytes(model_dir, fast_dtype) -> int:
+    """One KV block in this module's dtype (overrides the session's bf16 one)."""
+    return kv_block_bytes(model_dir, fast_dtype)
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir, pack_dir, block_bytes, fast_dtype):
     llm, core = morph_llm(model_dir, pack_dir, "identity", kv_cache_memory_bytes=10 * block_bytes,
-                          max_model_len=1024, max_num_seqs=32)
+                          max_model_len=1024, max_num_seqs=32, dtype=fast_dtype)
     yield llm, core
     del llm
 
@@ -60,23 +71,24 @@ def _strategy_case(model_dir, strategy: str) -> tuple[list[list[int]], list[int]
     return prompts, lengths, 80 if strategy == "migrate" else 8
 
 
-def _baseline_jobs(model_dir, block_bytes: int, cap_all: int) -> dict[str, dict]:
+def _baseline_jobs(model_dir, block_bytes: int, cap_all: int, dtype: str) -> dict[str, dict]:
     prompts = _prompts(model_dir, 24, salt=1)
-    jobs = {"small": plain_job(prompts[:12], MAX_TOKENS, kv_bytes=10 * block_bytes, max_model_len=1024, max_num_seqs=32),
+    jobs = {"small": plain_job(prompts[:12], MAX_TOKENS, kv_bytes=10 * block_bytes, max_model_len=1024, max_num_seqs=32,
+                               dtype=dtype),
             "large": plain_job(prompts, MAX_TOKENS, kv_bytes=(cap_all + 1) * block_bytes, max_model_len=1024,
-                               max_num_seqs=32)}
+                               max_num_seqs=32, dtype=dtype)}
     for strategy in STRATEGIES:
         prompts, lengths, _ = _strategy_case(model_dir, strategy)
-        jobs[strategy] = plain_job(prompts, lengths, max_model_len=1024, max_num_seqs=32)
+        jobs[strategy] = plain_job(prompts, lengths, max_model_len=1024, max_num_seqs=32, dtype=dtype)
     return jobs
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _baselines_in_one_process(engine, model_dir, block_bytes, tmp_path_factory):
+def _baselines_in_one_process(engine, model_dir, block_bytes, fast_dtype, tmp_path_factory):
     """Every plain-vLLM baseline of this module in one subprocess, up front; the tests' own
     plain_vllm calls then find them (one vLLM import instead of five)."""
     cap_all = engine[1].morphserve_state()["kv_blocks_by_level"][-1]
-    plain_vllm_many(model_dir, list(_baseline_jobs(model_dir, block_bytes, cap_all).values()),
+    plain_vllm_many(model_dir, list(_baseline_jobs(model_dir, block_bytes, cap_all, fast_dtype).values()),
                     tmp_path_factory.mktemp("plain"))
 
 
@@ -100,7 +112,7 @@ def _run(llm, core, prompts, tag, at_step=None, action=None, max_tokens=None):
 
 
 def test_quantizing_raises_concurrency_to_the_new_capacity_and_restoring_brings_it_back(
-        engine, model_dir, block_bytes, tmp_path):
+        engine, model_dir, block_bytes, fast_dtype, tmp_path):
     llm, core = engine
     prompts = _prompts(model_dir, 24, salt=1)
     state = core.morphserve_state()
@@ -125,16 +137,16 @@ def test_quantizing_raises_concurrency_to_the_new_capacity_and_restoring_brings_
     # after the round trip also finds its prompts in the prefix cache, whose reuse changes
     # rounding on AMX: outputs must match up to near-ties.
     small = plain_vllm(model_dir, prompts[:12], MAX_TOKENS, tmp_path, kv_bytes=10 * block_bytes,
-                       max_model_len=1024, max_num_seqs=32)["token_ids"]
-    assert_same_or_near_ties(model_dir, prompts[:12], fp16, small, tmp_path, "before")
-    assert_same_or_near_ties(model_dir, prompts[:12], again, small, tmp_path, "after the round trip")
+                       max_model_len=1024, max_num_seqs=32, dtype=fast_dtype)["token_ids"]
+    assert_same_or_near_ties(model_dir, prompts[:12], fp16, small, tmp_path, "before", dtype=fast_dtype)
+    assert_same_or_near_ties(model_dir, prompts[:12], again, small, tmp_path, "after the round trip", dtype=fast_dtype)
     large = plain_vllm(model_dir, prompts, MAX_TOKENS, tmp_path, kv_bytes=(capL + 1) * block_bytes,
-                       max_model_len=1024, max_num_seqs=32)["token_ids"]
-    assert_same_or_near_ties(model_dir, prompts, quant, large, tmp_path, "quantized")
+                       max_model_len=1024, max_num_seqs=32, dtype=fast_dtype)["token_ids"]
+    assert_same_or_near_ties(model_dir, prompts, quant, large, tmp_path, "quantized", dtype=fast_dtype)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_restore_under_load_completes_every_request(engine, model_dir, block_bytes, tmp_path, strategy):
+def test_restore_under_load_completes_every_request(engine, model_dir, block_bytes, fast_dtype, tmp_path, strategy):
     llm, core = engine
     controller_of(core).moves.shrink_strategy = strategy
     assert core.morphserve_set_level(30)["kv_capacity_blocks"] > 9
@@ -162,5 +174,6 @@ def test_restore_under_load_completes_every_request(engine, model_dir, block_byt
     # once). Preempted requests are recomputed in other batches, and their absence changes
     # the batches of the others, so rounding may differ: outputs match up to near-ties.
     assert [len(t) for t in tokens] == lengths, "every request completes"
-    baseline = plain_vllm(model_dir, prompts, lengths, tmp_path, max_model_len=1024, max_num_seqs=32)["token_ids"]
-    assert_same_or_near_ties(model_dir, prompts, tokens, baseline, tmp_path, strategy)
+    baseline = plain_vllm(model_dir, prompts, lengths, tmp_path, max_model_len=1024, max_num_seqs=32,
+                          dtype=fast_dtype)["token_ids"]
+    assert_same_or_near_ties(model_dir, prompts, tokens, baseline, tmp_path, strategy, dtype=fast_dtype)

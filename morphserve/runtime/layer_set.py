@@ -140,9 +140,9 @@ class LayerSet:
             in_features, out_features = cut.in_features, cut.out_features  # this rank's
             tiers = {}
             if w8_ckpt is not None:
-                tiers["w8a8"] = IdentityTwin(kernels, cut) if identity else W8Twin(kernels, cut)
+                tiers["w8a8"] = IdentityTwin(kernels, cut, name) if identity else W8Twin(kernels, cut)
             if twin_ckpt is not None:
-                tiers[packfmt.BASE_TIER] = IdentityTwin(kernels, cut) if identity else W4Twin(
+                tiers[packfmt.BASE_TIER] = IdentityTwin(kernels, cut, name) if identity else W4Twin(
                     name, in_features, out_features, twin_ckpt.group_size, dtype, attrs[name], kernels)
             keys = [f"model.layers.{i}.{n}" for n in hf_names]
             swap = SwappableLinear(decoder_layers[i].get_submodule(vllm_name), keys, tiers,

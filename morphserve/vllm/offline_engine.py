@@ -55,7 +55,8 @@ def in_process_llm(model: str | Path, pack: str | Path | None = None, twin: str 
     if pack is not None:
         config = {"pack": str(pack), **({"twin": twin} if twin is not None else {}), **(morph or {})}
         llm_kw["additional_config"] = {"morphserve": config}
-    return LLM(model=str(model), dtype="bfloat16", seed=0, **llm_kw)
+    llm_kw.setdefault("dtype", "bfloat16")
+    return LLM(model=str(model), seed=0, **llm_kw)
 
 
 def engine_core_of(llm: LLM) -> EngineCore:

@@ -71,9 +71,12 @@ class MorphWorkerExtension:
         self._trimmer = HeapTrimmer(config.heap_trim_interval_s)
         self._trimmer.start()
         sharded = rank[1] > 1
+        # The pack's manifest counts bf16 layers; an engine in another dtype (fp32 where bf16
+        # is emulated) holds other bytes, as a rank's shard does, so every tier is reported.
+        every_tier = sharded or dtype.itemsize != 2
         return {"layers": len(self._morph.layers), "seconds": time.monotonic() - t0, "rss": rss_bytes(),
                 "backend": backend.name, "commits_on_touch": backend.commits_on_touch, "rank": rank[0],
-                "ranks": rank[1], "held_tier_bytes": self._morph.held_tier_bytes(every_tier=sharded),
+                "ranks": rank[1], "held_tier_bytes": self._morph.held_tier_bytes(every_tier=every_tier),
                 # this rank's weights at full precision: its shard of every linear, its
                 # embedding rows, and the norms every rank holds (a shard's bytes, not the file's)
                 "weight_bytes": self._weight_bytes() + sum(s.fp_bytes for s in self._morph.all_linears())}
