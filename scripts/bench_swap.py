@@ -45,9 +45,9 @@ def _decode_step_ms(llm, batch: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def child(mode: str, model: str, pack: str, batch: int, tokens: int, repeats: int) -> dict:
+def child(mode: str, model: str, pack: str, batch: int, tokens: int, repeats: int, dtype: str) -> dict:
     # plain: no pack, so no general plugin loads at all
-    llm = in_process_llm(model, None if mode == "plain" else pack, enforce_eager=True, max_model_len=1024)
+    llm = in_process_llm(model, None if mode == "plain" else pack, enforce_eager=True, max_model_len=1024, dtype=dtype)
     result = {"mode": mode, "throughput": _throughput(llm, batch, tokens, repeats)}
     if mode != "swap":
         return result
@@ -82,14 +82,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=64, help="decode tokens per request (default 64)")
     ap.add_argument("--repeats", type=int, default=3,
                     help="throughput runs per process; the report gives their median (default 3)")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                    help="the engines' dtype, plain and MorphServe alike (default bfloat16; float32 is the fast one "
+                         "where the CPU has no bf16 instructions)")
     ap.add_argument("--out", type=Path, default=None, help="write all figures here as JSON")
     ap.add_argument("--child", choices=("plain", "morph", "swap"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        emit_result(child(args.child, args.model, args.pack, args.batch, args.tokens, args.repeats))
+        emit_result(child(args.child, args.model, args.pack, args.batch, args.tokens, args.repeats, args.dtype))
     results = run_children(__file__, ("plain", "morph", "swap"),
                            ["--model", args.model, "--pack", args.pack, "--batch", str(args.batch),
-                            "--tokens", str(args.tokens), "--repeats", str(args.repeats)], "bench")
+                            "--tokens", str(args.tokens), "--repeats", str(args.repeats), "--dtype", args.dtype],
+                           "bench")
     if results is None:
         return 1
     plain = results["plain"]["throughput"]["tok_s_median"]

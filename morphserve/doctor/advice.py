@@ -122,8 +122,10 @@ def _machine_problems(m: Machine) -> list[Problem]:
                            "serve plain vLLM on this machine"))
     if not m.features.get("avx512_bf16") and not m.features.get("amx"):
         out.append(Problem("no AVX512_BF16 or AMX: torch emulates bf16, so `morphserve prepare`'s offline "
-                           "forwards run about 10x slower in bf16",
-                           "leave `--compute-dtype auto` (it picks fp32 here)", blocks_serving=False))
+                           "forwards and a bf16 engine's linears run several times slower than in fp32",
+                           "leave `--compute-dtype auto` (it picks fp32 here); where speed matters more than "
+                           "memory, serve with `--dtype float32` (twice the weight and KV bytes; a swap to "
+                           "W8A8 then frees 3 of every 4 weight bytes)", blocks_serving=False))
     if m.fp8_kv_problem:
         out.append(Problem(f"FP8 KV cache unavailable: {m.fp8_kv_problem}",
                            "serve with the default KV dtype", blocks_serving=False))

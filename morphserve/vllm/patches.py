@@ -115,7 +115,14 @@ def _patch_create_engine_config(original):
                 log.warning("MorphServe: %s=%s (fewer NUMA nodes than tensor-parallel ranks; vLLM's automatic "
                             "binding would stop)", thread_binding.ENV, binding)
 
-            cfg = runtime_config.activate(extra["morphserve"], self.model, probe=probe_tiers_in_child)
+            # Each tier's kernel is probed in the dtype the engine will serve (`--dtype float32`
+            # runs vLLM's int8 and 4-bit kernels on fp32 activations); `auto` is the model's bf16.
+            import torch
+
+            asked = str(getattr(self, "dtype", "auto")).removeprefix("torch.")
+            dtype = torch.float32 if asked in ("float32", "float") else torch.bfloat16
+            cfg = runtime_config.activate(extra["morphserve"], self.model,
+                                          probe=lambda tiers: probe_tiers_in_child(tiers, dtype))
             if self.worker_extension_cls and self.worker_extension_cls != WORKER_EXTENSION:
                 raise MorphServeError(
                     f"MorphServe needs --worker-extension-cls {WORKER_EXTENSION}; got {self.worker_extension_cls}"
