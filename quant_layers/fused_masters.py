@@ -8,6 +8,8 @@ runs once, at the first start, and a restore maps the fused tensor and prepacks 
 from the map. Single linears (o_proj, down_proj) are mapped from the model's own file,
 which already holds them whole, so the cache holds about two thirds of the linears' bytes.
 Under tensor parallelism each rank caches its own shard of every linear (one file per rank).
+An engine served in another dtype than the file's (fp32 where bf16 is emulated) caches
+every linear, cast once, for the same reason: a restore then maps instead of casting.
 
 The prepacked form itself (a oneDNN handle) is opaque and cannot be stored; vLLM's
 prepack is the one copy left in a restore. The file is keyed and checked like the kernel

@@ -27,7 +27,8 @@ Prompt = Union[str, list[int]]  # text, or token ids
 
 def in_process_llm(model: str | Path, pack: str | Path | None = None, twin: str | None = None,
                    morph: dict | None = None, **llm_kw: Any) -> LLM:
-    """A vLLM `LLM` whose engine core runs in this process, bf16, seed 0.
+    """A vLLM `LLM` whose engine core runs in this process, seed 0, bf16 unless `dtype` is
+    given (fp32 is the fast dtype where the CPU emulates bf16).
 
     With `pack`, MorphServe is on (`twin` picks the twin kind, default the pack's own;
     `morph` adds other MorphServe settings);
