@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from morphserve.evaluation.aggregate import spread  # noqa: E402
 from morphserve.harness.children import emit_result, run_children  # noqa: E402
+from morphserve.runtime.layer_set import rss_bytes  # noqa: E402
 from morphserve.vllm.offline_engine import engine_core_of, in_process_llm  # noqa: E402
 
 DTYPES = ("bfloat16", "float32")
@@ -36,13 +37,6 @@ def _prompts(model: str, n: int, length: int) -> list[dict]:
     if (n - 1) * 353 + length > len(ids):
         raise SystemExit(f"error: {n} prompts of {length} tokens do not fit the evaluation text")
     return [{"prompt_token_ids": ids[i * 353:i * 353 + length]} for i in range(n)]  # disjoint: no prefix reuse
-
-
-def _rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def child(mode: str, model: str, pack: str | None, n: int, length: int, tokens: int, repeats: int) -> dict:
@@ -72,11 +66,12 @@ def child(mode: str, model: str, pack: str | None, n: int, length: int, tokens: 
         llm.generate(prompts, many, use_tqdm=False)
         decode.append(time.perf_counter() - t - prefill[-1])
     return {"system": system, "dtype": dtype, "level": level, "prefill_s": prefill, "decode_s": decode,
-            "rss_mib": _rss_mib()}
+            "rss_mib": rss_bytes() / 2**20}
 
 
 def _spread(xs: list[float]) -> str:
-    return f"{statistics.median(xs):.2f} [{min(xs):.2f}, {max(xs):.2f}]"
+    s = spread(xs)
+    return f"{s.median:.2f} [{s.low:.2f}, {s.high:.2f}]"
 
 
 def main(argv: list[str] | None = None) -> int:
