@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="where to write the pack-quantized checkpoint")
     ap.add_argument("--scheme", choices=("w4a16", "w8a8"), default="w4a16")
     ap.add_argument("--method", choices=("gptq", "rtn", "smoothquant-gptq"), default="gptq",
-                    help="W8A8 only: how the int8 weights are chosen")
+                    help="how the integer weights are chosen: GPTQ (calibrated), round-to-nearest (no "
+                         "calibration forwards at all), or SmoothQuant+GPTQ (W8A8 only)")
     ap.add_argument("--bits", type=int, default=4, help="W4A16 only")
     ap.add_argument("--group-size", type=int, default=None, help="W4A16 only (required there)")
     ap.add_argument("--calib", required=True, help="plain-text calibration file")
@@ -117,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
                 num_bits=args.bits, type="int", symmetric=True, strategy="group", group_size=args.group_size
             ),
         )
-        recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
+        if args.method == "smoothquant-gptq":
+            raise SystemExit("error: SmoothQuant is a W8A8 method; W4A16 takes gptq or rtn")
+        modifier = QuantizationModifier if args.method == "rtn" else GPTQModifier
+        recipe = modifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
     elif args.method == "rtn":
         recipe = QuantizationModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])
     elif args.method == "gptq":

@@ -64,6 +64,10 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--w8a8-method", choices=("gptq", "rtn", "smoothquant-gptq"), default="gptq",
                    help="how llm-compressor picks the W8A8 int8 weights (SmoothQuant changes the RMSNorm "
                         "weights a layer shares with its bf16 self, so a smoothed twin cannot be swapped per layer)")
+    p.add_argument("--w4a16-method", choices=("gptq", "rtn"), default="gptq",
+                   help="how llm-compressor picks the W4A16 weights: GPTQ (calibrated; the default) or "
+                        "round-to-nearest (seconds, no calibration forwards, a worse quality curve: for quick "
+                        "packs, e.g. a tiered test pack on a CPU whose vLLM build has no W4A16 kernel)")
     p.add_argument("--w8a8-order", choices=("lis", "w4a16"), default="lis",
                    help="the W8A8 tier's swap order: its own greedy LIS search ('lis', as long again as the "
                         "W4A16 one) or the W4A16 tier's order ('w4a16': quick packs and tests)")
@@ -92,7 +96,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         eval_text=args.eval_text, quantized=args.quantized, eval_tokens=args.eval_tokens,
         eval_window=args.eval_window, lis_tokens=args.lis_tokens, lis_window=args.lis_window,
         gptq_samples=args.gptq_samples, gptq_seq_len=args.gptq_seq_len, force=args.force,
-        threads=args.threads, tiers=args.tiers, w8a8_method=args.w8a8_method, w8a8_order=args.w8a8_order,
+        threads=args.threads, tiers=args.tiers, w8a8_method=args.w8a8_method, w4a16_method=args.w4a16_method,
+        w8a8_order=args.w8a8_order,
         quantized_w8a8=args.quantized_w8a8, compute_dtype=args.compute_dtype, probe=_probe,
         speed=_speed,
     )

@@ -73,6 +73,7 @@ class PrepareOptions:
     speed: Callable[[object, list[str], int], Speed] | None = None
     compute_dtype: str = "auto"  # auto: bf16 with native bf16 arithmetic, else fp32
     w8a8_method: str = "gptq"
+    w4a16_method: str = "gptq"  # or "rtn": round-to-nearest, for quick packs on CPUs that never serve W4A16
     w8a8_order: str = "lis"  # or "w4a16": reuse the base tier's order
     quantized_w8a8: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -322,11 +323,14 @@ def _w4_twin(opt: PrepareOptions, tmp: Path, info):  # -> (TwinCheckpoint, sourc
         _copy_checkpoint(opt.quantized, qdir)
         source = str(Path(opt.quantized).resolve())
     else:
-        _log(f"GPTQ W{opt.bits}A16 g{opt.group_size} via llm-compressor "
-             f"({opt.gptq_samples} x {opt.gptq_seq_len} calibration tokens)")
+        rtn = opt.w4a16_method == "rtn"
+        _log(f"{'round-to-nearest' if rtn else 'GPTQ'} W{opt.bits}A16 g{opt.group_size} via llm-compressor"
+             + ("" if rtn else f" ({opt.gptq_samples} x {opt.gptq_seq_len} calibration tokens)"))
         twin.run_gptq(opt.model, qdir, opt.bits, opt.group_size, opt.calib, opt.gptq_samples, opt.gptq_seq_len,
-                      compute_dtype=calibration_dtype(opt.compute_dtype))
-        source = "gptq (llm-compressor)"
+                      method=opt.w4a16_method,
+                      # round-to-nearest weights depend on no forward: bf16 keeps them byte for byte
+                      compute_dtype="bf16" if rtn else calibration_dtype(opt.compute_dtype))
+        source = "rtn (llm-compressor W4A16)" if rtn else "gptq (llm-compressor)"
     opt.timings["quantize"] = time.monotonic() - t
     tw = twin.open_twin(qdir, info)
     if tw.bits != opt.bits or tw.group_size != opt.group_size:
