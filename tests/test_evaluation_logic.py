@@ -292,3 +292,44 @@ def test_a_morphserve_system_that_names_its_tiers_is_read_on_their_ladder(tmp_pa
     assert top == 2 * n and curve[2 * n] == 10.0 + 2 * n
     top, curve = served_ladder(manifest, quality, ["w8a8"], runs_all)
     assert top == n and curve[n] == 10.0 + n / 2 and sorted(curve) == list(range(n + 1))
+
+
+def test_an_fp32_suite_serves_every_system_in_fp32_and_sizes_kv_from_fp32_weights(tmp_path):
+    """`dtype: float32` (the fast dtype where bf16 is emulated): every server gets --dtype,
+    and KV = budget - weights as the engine holds them (floats at 4 bytes, int8 as stored),
+    so FP16, static W8A8 and MorphServe still share one weights + KV budget."""
+    from morphserve.evaluation import systems
+    from morphserve.evaluation.suite import Budget, Suite, System, Window
+    from morphserve.offline import pack as packfmt
+    from morphserve.runtime.kv_sizing import model_weight_bytes
+    from tests.test_hardening_fakes import make_model, make_tiered_pack
+
+    model = make_model(tmp_path / "model")
+    tiered = make_tiered_pack(tmp_path / "tiered", model)
+    w8 = tiered / packfmt.load_manifest(tiered).tiers[0].quantized_dir
+    window = Window(name="w", trace="azure-conv", start_s=0, duration_s=5, rate_scale=1, length_scale=1,
+                    output_scale=1, regime="light", why="test")
+    suite = Suite(name="s", windows=[window], budgets=[Budget(name="b", total_mb=400)], dtype="float32",
+                  systems=[System(name="fp16", kind="fp16")], static_quantized=None)
+    bf16, fp32 = model_weight_bytes(model), model_weight_bytes(model, "float32")
+    assert fp32 == 2 * bf16 - 2 * _non_tensor_bytes(model)  # every tensor of the fake model is bf16
+    assert model_weight_bytes(model, "torch.bfloat16") == bf16 - _non_tensor_bytes(model)
+    int8 = model_weight_bytes(w8, "float32")
+    stored = model_weight_bytes(w8)
+    assert stored - _non_tensor_bytes(w8) < int8 < 2 * (stored - _non_tensor_bytes(w8))  # int8 stays, floats double
+    for system, weights in ((System(name="fp16", kind="fp16"), fp32), (System(name="w8", kind="w8a8"), int8),
+                            (System(name="m", kind="morphserve", policy="default"), fp32)):
+        cmd, _ = systems.server_command(system, suite.budgets[0], suite, model, tiered, 1, tmp_path)
+        assert cmd[cmd.index("--dtype") + 1] == "float32"
+        assert int(cmd[cmd.index("--kv-cache-memory-bytes") + 1]) == 400 * 10**6 - weights
+    default = suite.model_copy(update={"dtype": "auto"})
+    cmd, _ = systems.server_command(System(name="fp16", kind="fp16"), suite.budgets[0], default, model, tiered, 1,
+                                    tmp_path)
+    assert "--dtype" not in cmd and int(cmd[cmd.index("--kv-cache-memory-bytes") + 1]) == 400 * 10**6 - bf16
+
+
+def _non_tensor_bytes(model: Path) -> int:
+    """A safetensors file's header: in its size, not in any tensor."""
+    import struct
+
+    return sum(8 + struct.unpack("<Q", p.read_bytes()[:8])[0] for p in model.glob("*.safetensors"))

@@ -42,7 +42,7 @@ class Budget(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    # weights + KV in 10^6 bytes; or the FP16 weights plus kv_gib of KV
+    # weights + KV in 10^6 bytes; or the full-precision weights (at the suite's dtype) plus kv_gib of KV
     total_mb: float | None = Field(None, gt=0)
     kv_gib: float | None = Field(None, gt=0)
 
@@ -52,10 +52,10 @@ class Budget(BaseModel):
             raise ValueError(f"budget {self.name!r}: give exactly one of total_mb and kv_gib")
         return self
 
-    def total_bytes(self, bf16_weight_bytes: int) -> int:
+    def total_bytes(self, full_weight_bytes: int) -> int:
         if self.total_mb is not None:
             return int(self.total_mb * 10**6)
-        return bf16_weight_bytes + int(self.kv_gib * 2**30)
+        return full_weight_bytes + int(self.kv_gib * 2**30)
 
 
 class System(BaseModel):
@@ -108,6 +108,10 @@ class Suite(BaseModel):
     slo_tpot_s: float = Field(0.2, gt=0)
     drain_s: float = Field(60.0, gt=0, description="after the window ends, how long unfinished requests may run "
                                                     "before the server is stopped and they count as failed")
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="every server's --dtype (auto: the model's, bf16). float32 where the CPU has no bf16 "
+                            "arithmetic (AVX2: torch emulates bf16, several times slower); weights then count "
+                            "at fp32 width in every system's KV sizing, so budgets must cover fp32 weights")
     max_model_len: int = Field(2048, ge=128)
     max_num_seqs: int = Field(64, ge=1)
     shrink_strategy: Literal["wait", "preempt", "migrate"] = "wait"
@@ -151,6 +155,8 @@ class Suite(BaseModel):
     def fingerprint(self) -> str:
         """What a resumed run must match: the suite's content, not its file's layout."""
         dump = self.model_dump()
+        if dump["dtype"] == "auto":  # a field added later: suites that do not use it keep their fingerprint
+            del dump["dtype"]
         for w in dump["windows"]:  # a field added later: suites that do not use it keep their fingerprint
             if w["budgets"] is None:
                 del w["budgets"]

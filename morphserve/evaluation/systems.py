@@ -32,7 +32,8 @@ WARMUP_PROMPT = "Summarize the following: " + " ".join(f"item {i}" for i in rang
 
 def server_command(system: System, budget: Budget, suite: Suite, model: Path, pack: Path, port: int,
                    out: Path) -> tuple[list[str], dict]:
-    total = budget.total_bytes(model_weight_bytes(model))
+    weights = model_weight_bytes(model, suite.dtype)  # what the engine holds: fp32 doubles a bf16 file
+    total = budget.total_bytes(weights)
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
     # /reset_prefix_cache is a dev-mode route; the server only listens on loopback here
     env.update(VLLM_LOGGING_LEVEL="WARNING", VLLM_SERVER_DEV_MODE="1")
@@ -41,11 +42,13 @@ def server_command(system: System, budget: Budget, suite: Suite, model: Path, pa
               "--max-num-seqs", str(suite.max_num_seqs), "--served-model-name", "model", "--seed", str(suite.seed)]
     if system.kv_cache_dtype != "auto":  # the same KV bytes, in vLLM's FP8 format
         common += ["--kv-cache-dtype", system.kv_cache_dtype]
+    if suite.dtype != "auto":
+        common += ["--dtype", suite.dtype]
     if system.kind in ("fp16", "fp16-compiled", "w4", "w8a8"):
         env["VLLM_PLUGINS"] = ""  # plain vLLM: MorphServe not loaded at all
         served = (static_tier_dir(pack, "w4a16") if system.kind == "w4" else static_w8a8_dir(pack)
                   if system.kind == "w8a8" else model)
-        kv = total - model_weight_bytes(served)
+        kv = total - model_weight_bytes(served, suite.dtype)
         cmd = [sys.executable, "-m", PLAIN_VLLM_SERVER, "--model", str(served),
                "--tokenizer", str(model), "--kv-cache-memory-bytes", str(kv), *common]
         if system.kind != "fp16-compiled":
@@ -54,7 +57,7 @@ def server_command(system: System, budget: Budget, suite: Suite, model: Path, pa
     cmd = [sys.executable, "-m", "morphserve.cli", "serve", str(model), "--pack", str(pack),
            "--policy", system.policy, "--memory-budget-gb", repr(total / 2**30),
            "--shrink-strategy", suite.shrink_strategy, "--transition-log", str(out / "transitions.jsonl"),
-           "--kv-cache-memory-bytes", str(total - model_weight_bytes(model)), "--enforce-eager",
+           "--kv-cache-memory-bytes", str(total - weights), "--enforce-eager",
            "--manual-min-interval", "0", *common]  # the warm-up forces 0 -> L -> 0 back to back
     if system.compress_mode is not None:
         cmd += ["--compress-mode", system.compress_mode]

@@ -119,7 +119,7 @@ class MorphController:
         """Fix the budget from vLLM's measurement; return the KV bytes to reserve."""
         self.budget = plan_budget(self.ladder.savings, self.config.memory_budget_gb, self.engine.model_path,
                                   fp16_kv_bytes, block_bytes, self.ranks,
-                                  self.rank_weight_bytes if self.ranks > 1 else None)
+                                  self.rank_weight_bytes if self.ranks > 1 else None, self.engine.dtype)
         return self.budget.reserve_bytes()
 
     def attach_scheduler(self, scheduler) -> None:

@@ -12,13 +12,39 @@ from morphserve.errors import MorphServeError
 log = logging.getLogger("morphserve")
 
 
-def model_weight_bytes(model_dir: Path) -> int:
-    """Bytes of the served weights as stored (safetensors); what vLLM holds at level 0."""
-    return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+def model_weight_bytes(model_dir: Path, dtype: str | None = None) -> int:
+    """Bytes of the served weights as vLLM holds them at level 0: as stored (safetensors),
+    or, given an engine `dtype` ("float32", "bfloat16", ...; None or "auto": the file's),
+    with every floating-point tensor at that dtype's width (an fp32 engine holds a bf16 file
+    at twice its size) and integer tensors (quantized weights) as stored."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    width = _DTYPE_BYTES.get(str(dtype).removeprefix("torch.")) if dtype not in (None, "auto") else None
+    if width is None:
+        return sum(p.stat().st_size for p in files)
+    from safetensors import safe_open
+
+    total = 0
+    for path in files:
+        with safe_open(str(path), "pt") as f:  # headers only: nothing is read but the shapes
+            for key in f.keys():
+                t = f.get_slice(key)
+                numel = 1
+                for n in t.get_shape():
+                    numel *= n
+                stored = t.get_dtype()
+                total += numel * (width if stored in _FLOAT_TAGS else _TAG_BYTES.get(stored, 1))
+    return total
+
+
+_DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
+_FLOAT_TAGS = {"F64", "F32", "F16", "BF16"}
+_TAG_BYTES = {"I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+              "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def plan_budget(savings: list[int], memory_budget_gb: float | None, model_dir: Path,
-                fp16_kv_bytes: int, block_bytes: int, ranks: int = 1, rank_weights: int | None = None) -> KVBudget:
+                fp16_kv_bytes: int, block_bytes: int, ranks: int = 1, rank_weights: int | None = None,
+                dtype: str | None = None) -> KVBudget:
     """The budget from `memory_budget_gb`, else from the KV vLLM would give the bf16 model;
     `savings` are the bytes each rung of the ladder frees.
 
@@ -26,8 +52,9 @@ def plan_budget(savings: list[int], memory_budget_gb: float | None, model_dir: P
     is the engine's total, shared evenly, and `rank_weights`, `savings`, `block_bytes` and
     `fp16_kv_bytes` are one rank's (each rank holds a shard of every linear and of every
     KV block). Every rank then has the same number of blocks, about what one rank would
-    have with the whole budget."""
-    weights = rank_weights if rank_weights is not None else model_weight_bytes(model_dir)
+    have with the whole budget. `dtype`: the engine's (an fp32 engine holds twice a bf16
+    file's bytes)."""
+    weights = rank_weights if rank_weights is not None else model_weight_bytes(model_dir, dtype)
     try:
         if memory_budget_gb:
             budget = KVBudget(int(memory_budget_gb * 2**30) // ranks, weights, tuple(savings), block_bytes)

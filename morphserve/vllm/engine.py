@@ -46,6 +46,11 @@ class EngineLink:
         return Path(self._core.vllm_config.model_config.model)
 
     @property
+    def dtype(self) -> str:
+        """The engine's compute dtype ("torch.bfloat16", "torch.float32")."""
+        return str(self._core.vllm_config.model_config.dtype)
+
+    @property
     def max_model_len(self) -> int:
         return self._core.vllm_config.model_config.max_model_len
 
