@@ -59,9 +59,10 @@ def test_adopting_vllms_torch_fallback_binds_the_weight_and_empties_the_paramete
 
 def test_on_the_torch_fallback_a_restore_copies_the_master_and_binds_the_copy(master, monkeypatch):
     _fallback_layer(master, monkeypatch)  # oneDNN off for this test
-    kernels.bf16_prepack_copies.cache_clear()
+    kernels.bf16_dispatch_path.cache_clear()
     try:
         assert not kernels.bf16_prepack_copies(OUT, IN, torch.bfloat16)
+        assert kernels.bf16_dispatch_path(OUT, IN, torch.bfloat16) == "torch"  # no re-dispatch on a restore
         mapped = master.clone()  # stands in for the read-only file map a restore reads
         forward = kernels.VllmCpuKernels().prepack_bf16(mapped)
         x = torch.randn(2, IN).to(torch.bfloat16)
@@ -69,4 +70,4 @@ def test_on_the_torch_fallback_a_restore_copies_the_master_and_binds_the_copy(ma
         mapped.zero_()  # the forward holds its own copy, not the map
         assert torch.equal(forward(x, None, None), expected)
     finally:
-        kernels.bf16_prepack_copies.cache_clear()
+        kernels.bf16_dispatch_path.cache_clear()

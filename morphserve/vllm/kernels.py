@@ -110,29 +110,36 @@ def prepack_unquantized(layer: torch.nn.Module) -> None:
 
 
 @functools.lru_cache(maxsize=None)  # asked on every restore of every linear; the answer is fixed per shape
-def bf16_prepack_copies(n: int, k: int, dtype: torch.dtype) -> bool:
-    """Whether vLLM's CPU bf16 dispatch (model_executor/layers/utils.py
-    dispatch_cpu_unquantized_gemm) takes a path that copies the weight into its own packed
-    form: the sgl kernel (AMX) or a oneDNN handle (checked: a handle computes the same after
-    its source tensor is zeroed). Mirrors that function's branch order."""
+def bf16_dispatch_path(n: int, k: int, dtype: torch.dtype) -> str:
+    """Which path vLLM's CPU bf16 dispatch (model_executor/layers/utils.py
+    dispatch_cpu_unquantized_gemm) takes for an [n, k] weight here: "zentorch", "sgl" (AMX),
+    "onednn" (a oneDNN handle) or "torch" (its fallback, `torch.nn.functional.linear` on the
+    weight argument). Mirrors that function's branch order."""
     from vllm import _custom_ops as ops
     from vllm.model_executor.layers.utils import check_cpu_sgl_kernel
     from vllm.platforms import CpuArchEnum, current_platform
 
     if current_platform.is_zen_cpu() and hasattr(torch.ops, "zentorch") and hasattr(
             torch.ops.zentorch, "zentorch_linear_unary"):
-        return False
+        return "zentorch"
     if check_cpu_sgl_kernel(n, k, dtype):
-        return True
+        return "sgl"
     if not ops._supports_onednn or current_platform.get_cpu_architecture() == CpuArchEnum.POWERPC:
-        return False
+        return "torch"
     # vLLM tries a oneDNN handle and falls back to torch's linear when oneDNN refuses the
     # dtype: it has no bf16 matmul on CPUs without AVX512_BF16/AMX (seen on an AVX2 EPYC).
     try:
         ops.create_onednn_mm(torch.zeros(n, k, dtype=dtype).t(), 32)
     except RuntimeError:
-        return False
-    return True
+        return "torch"
+    return "onednn"
+
+
+def bf16_prepack_copies(n: int, k: int, dtype: torch.dtype) -> bool:
+    """Whether vLLM's bf16 dispatch copies the weight into its own packed form: the sgl
+    kernel (AMX) or a oneDNN handle (checked: a handle computes the same after its source
+    tensor is zeroed)."""
+    return bf16_dispatch_path(n, k, dtype) in ("sgl", "onednn")
 
 
 def decoder_layers(model: torch.nn.Module):
@@ -176,9 +183,15 @@ class VllmCpuKernels:
         vLLM's other dispatch paths (zentorch, the torch fallback) compute on the weight
         tensor itself, so there it gets an own copy first, bound into the forward: the
         fallback reads the `weight` argument, which a swapped layer no longer has."""
-        copies = bf16_prepack_copies(*master.shape, master.dtype)
+        path = bf16_dispatch_path(*master.shape, master.dtype)
+        copies = path in ("sgl", "onednn")
         if not copies:
             master = master.clone()
+        if path == "torch":
+            # vLLM's own fallback forward, without its dispatch: that retries a oneDNN handle on
+            # every call, which fails again (0.75 ms a linear, a third of a 30-layer restore on
+            # a 2-core AVX2 EPYC), before it installs exactly this.
+            return _bound(torch.nn.functional.linear, master)
         holder = torch.nn.Module()
         holder.weight = torch.nn.Parameter(master, requires_grad=False)
         holder.bias = None
