@@ -40,14 +40,20 @@ $(QVENV)/.ok: requirements/quant.lock
 $(MODEL)/config.json: $(VENV)/.ok
 	$(PY) -m morphserve.offline.default_model --out $(MODEL)
 
-test: setup
+# Setup's two environments are independent: built side by side (on a 2-core AVX2 EPYC, one
+# after the other they took 3.4 + 1.8 minutes, then 0.6 for the model).
+PARALLEL_SETUP = $(MAKE) --no-print-directory -j2 --output-sync=target setup
+
+test:
+	@$(PARALLEL_SETUP)
 	$(PY) -m pytest -q -rs
 
 # Unit tests of pure logic only: seconds, no engine, no quantization run.
 test-fast: $(VENV)/.ok
 	$(PY) -m pytest -q -m "not engine and not quant"
 
-demo: setup
+demo:
+	@$(PARALLEL_SETUP)
 	$(PY) scripts/demo.py --model $(MODEL) --out $(CACHE)/demo
 
 # Re-pin after an intentional upgrade.
