@@ -23,6 +23,23 @@ import torch
 from safetensors import safe_open
 
 
+# Bytes per element of each safetensors dtype tag (the header's "dtype"), and the float ones.
+TAG_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+             "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+FLOAT_TAGS = frozenset({"F64", "F32", "F16", "BF16"})
+
+
+def slice_bytes(sl, float_width: int | None = None) -> int:
+    """Bytes of one tensor from its safetensors header slice (`safe_open(...).get_slice`),
+    nothing read; `float_width`: its floating-point elements counted at that width instead
+    (an engine holding them in another dtype)."""
+    numel = 1
+    for d in sl.get_shape():
+        numel *= d
+    tag = sl.get_dtype()
+    return numel * (float_width if float_width is not None and tag in FLOAT_TAGS else TAG_BYTES.get(tag, 4))
+
+
 class MappedCheckpoint:
     """Tensor name -> safetensors file, opened on demand."""
 

@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from quant_layers.errors import QuantLayersError
+from quant_layers.mapped_checkpoint import slice_bytes
 from quant_layers.model_info import LINEAR_NAMES, ModelInfo, linear_key, verified
 
 PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
@@ -56,11 +57,7 @@ class TwinCheckpoint:
                 key = f"{linear_key(layer, name)}.{suffix}"
                 if key in self.tensors:
                     with safe_open(self.tensors[key], "pt") as f:
-                        sl = f.get_slice(key)
-                        numel = 1
-                        for d in sl.get_shape():
-                            numel *= d
-                        total += numel * _dtype_bytes(sl.get_dtype())
+                        total += slice_bytes(f.get_slice(key))
         return total
 
     def dequantized_layer(self, layer: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -79,10 +76,6 @@ class TwinCheckpoint:
             dense = PackedQuantizationCompressor.decompress(state, self.quantization_scheme())["weight"]
             out[name] = dense.to(dtype)
         return out
-
-
-def _dtype_bytes(name: str) -> int:
-    return {"I32": 4, "I64": 8, "BF16": 2, "F16": 2, "F32": 4, "I8": 1, "U8": 1}.get(name, 4)
 
 
 def read_json(path: Path, what: str) -> dict:

@@ -18,28 +18,19 @@ def model_weight_bytes(model_dir: Path, dtype: str | None = None) -> int:
     with every floating-point tensor at that dtype's width (an fp32 engine holds a bf16 file
     at twice its size) and integer tensors (quantized weights) as stored."""
     files = sorted(Path(model_dir).glob("*.safetensors"))
-    width = _DTYPE_BYTES.get(str(dtype).removeprefix("torch.")) if dtype not in (None, "auto") else None
-    if width is None:
+    if dtype in (None, "auto"):
         return sum(p.stat().st_size for p in files)
+    import torch
     from safetensors import safe_open
 
+    from quant_layers.mapped_checkpoint import slice_bytes
+
+    width = getattr(torch, str(dtype).removeprefix("torch.")).itemsize
     total = 0
     for path in files:
         with safe_open(str(path), "pt") as f:  # headers only: nothing is read but the shapes
-            for key in f.keys():
-                t = f.get_slice(key)
-                numel = 1
-                for n in t.get_shape():
-                    numel *= n
-                stored = t.get_dtype()
-                total += numel * (width if stored in _FLOAT_TAGS else _TAG_BYTES.get(stored, 1))
+            total += sum(slice_bytes(f.get_slice(key), float_width=width) for key in f.keys())
     return total
-
-
-_DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
-_FLOAT_TAGS = {"F64", "F32", "F16", "BF16"}
-_TAG_BYTES = {"I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-              "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def plan_budget(savings: list[int], memory_budget_gb: float | None, model_dir: Path,

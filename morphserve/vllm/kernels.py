@@ -135,11 +135,14 @@ def bf16_dispatch_path(n: int, k: int, dtype: torch.dtype) -> str:
     return "onednn"
 
 
+# The dispatch paths that copy the weight into their own packed form (checked: a oneDNN
+# handle computes the same after its source tensor is zeroed).
+PACKING_PATHS = ("sgl", "onednn")
+
+
 def bf16_prepack_copies(n: int, k: int, dtype: torch.dtype) -> bool:
-    """Whether vLLM's bf16 dispatch copies the weight into its own packed form: the sgl
-    kernel (AMX) or a oneDNN handle (checked: a handle computes the same after its source
-    tensor is zeroed)."""
-    return bf16_dispatch_path(n, k, dtype) in ("sgl", "onednn")
+    """Whether vLLM's bf16 dispatch copies the weight into its own packed form."""
+    return bf16_dispatch_path(n, k, dtype) in PACKING_PATHS
 
 
 def decoder_layers(model: torch.nn.Module):
@@ -184,7 +187,7 @@ class VllmCpuKernels:
         tensor itself, so there it gets an own copy first, bound into the forward: the
         fallback reads the `weight` argument, which a swapped layer no longer has."""
         path = bf16_dispatch_path(*master.shape, master.dtype)
-        copies = path in ("sgl", "onednn")
+        copies = path in PACKING_PATHS
         if not copies:
             master = master.clone()
         if path == "torch":

@@ -9,10 +9,18 @@ from dataclasses import dataclass
 
 import torch
 
-from morphserve.vllm.kernels import TIER_OPS, bf16_prepack_copies, op_available, wna16_variant
+from morphserve.vllm.kernels import TIER_OPS, bf16_dispatch_path, op_available, wna16_variant
 
 # vLLM's CPU backend default KV block size (platforms/cpu.py check_and_update_config).
 CPU_BLOCK_SIZE = 128
+
+
+BF16_PATH_LABELS = {
+    "zentorch": "zentorch linear",
+    "sgl": "sgl bf16 GEMM (AMX)",
+    "onednn": "oneDNN matmul (onednn_mm)",
+    "torch": "torch.nn.functional.linear (vLLM's fallback: no oneDNN bf16 matmul on this CPU)",
+}
 
 
 @dataclass(frozen=True)
@@ -27,16 +35,8 @@ def kernel_paths(n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> KernelP
     """Mirrors vLLM 0.32's dispatch: `dispatch_cpu_unquantized_gemm` for bf16,
     CPUInt8ScaledMMLinearKernel's sgl/oneDNN choice for W8A8, CPUWNA16's ISA hint for W4A16."""
     from vllm.model_executor.layers.utils import check_cpu_sgl_kernel
-    from vllm.platforms import current_platform
 
-    if current_platform.is_zen_cpu() and hasattr(getattr(torch.ops, "zentorch", None), "zentorch_linear_unary"):
-        bf16 = "zentorch linear"
-    elif check_cpu_sgl_kernel(n, k, dtype):
-        bf16 = "sgl bf16 GEMM (AMX)"
-    elif bf16_prepack_copies(n, k, dtype):  # past zentorch and sgl, True means oneDNN
-        bf16 = "oneDNN matmul (onednn_mm)"
-    else:
-        bf16 = "torch.nn.functional.linear (vLLM's fallback: no oneDNN bf16 matmul on this CPU)"
+    bf16 = BF16_PATH_LABELS[bf16_dispatch_path(n, k, dtype)]
     if not op_available(TIER_OPS["w8a8"]):
         w8 = "none (no onednn_scaled_mm in this build)"
     elif check_cpu_sgl_kernel(n, k, torch.int8):
