@@ -44,9 +44,14 @@ $(MODEL)/config.json: $(VENV)/.ok
 # after the other they took 3.4 + 1.8 minutes, then 0.6 for the model).
 PARALLEL_SETUP = $(MAKE) --no-print-directory -j2 --output-sync=target setup
 
+# Two workers, each pinned to its share of the cores, take whole modules (an engine starts
+# once per module) in tests/parallel.py's order: vLLM's CPU engine computes on one core, so a
+# serial run left the second idle (tests/parallel.py says more).
+TEST_WORKERS ?= 2
+
 test:
 	@$(PARALLEL_SETUP)
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # Unit tests of pure logic only: seconds, no engine, no quantization run.
 test-fast: $(VENV)/.ok

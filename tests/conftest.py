@@ -10,7 +10,24 @@ from pathlib import Path
 
 import pytest
 
+from tests.parallel import PACK_FIXTURES, build_once, module_order, pin_this_worker, shared_root
+
 REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    pin_this_worker()  # under `make test`'s workers: this worker's own cores (tests/parallel.py)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Modules in the order tests/parallel.py gives (workers take whole modules in this order;
+    every worker collects the same order)."""
+    needs_pack: dict[str, bool] = {}
+    for item in items:
+        name = item.path.name
+        needs_pack[name] = needs_pack.get(name, False) or bool(PACK_FIXTURES & set(item.fixturenames))
+    rank = {name: i for i, name in enumerate(module_order(needs_pack))}
+    items.sort(key=lambda item: rank[item.path.name])  # stable: a module's tests keep their order
 
 # Small but real settings: every stage runs (GPTQ through llm-compressor, the full greedy
 # LIS search over all 30 layers, perplexity at every k) on fewer tokens than the default:
@@ -54,6 +71,10 @@ def needs_w4a16() -> None:
 
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
+    return _model()
+
+
+def _model() -> Path:
     from morphserve.offline.default_model import ensure_default_model
 
     return ensure_default_model()
@@ -86,7 +107,12 @@ def pack_dir(model_dir: Path, tmp_path_factory) -> Path:
     really serves."""
     if os.environ.get("MORPHSERVE_TEST_PACK"):  # iterate on engine tests without re-preparing
         return Path(os.environ["MORPHSERVE_TEST_PACK"]).resolve()
-    out = tmp_path_factory.mktemp("pack") / "smollm2"
+    root = shared_root(tmp_path_factory.getbasetemp(), os.environ)
+    return build_once(root, "pack", _build_session_pack) / "smollm2"
+
+
+def _build_session_pack(folder: Path) -> None:
+    out = folder / "smollm2"
     # Named, not `auto`: auto also drops a tier measured slow here (an AMD EPYC's W4A16), and the
     # suite needs the same shape of session pack on every machine whose build runs the kernel.
     tier = "w4a16" if tier_verdicts()["w4a16"] is None else "w8a8"
@@ -94,9 +120,8 @@ def pack_dir(model_dir: Path, tmp_path_factory) -> Path:
     # on a 2-core AVX2 EPYC, and no test reads the W8A8 twin's precision (only its agreement
     # with vLLM serving the same checkpoint).
     method = ["--w8a8-method", "rtn"] if tier == "w8a8" else []
-    morphserve_cli("prepare", str(model_dir), "--out", str(out), "--tiers", tier, *method, *TINY_PREPARE,
+    morphserve_cli("prepare", str(_model()), "--out", str(out), "--tiers", tier, *method, *TINY_PREPARE,
                    check=True)
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -106,7 +131,11 @@ def tiered_pack(model_dir: Path, pack_dir: Path, tmp_path_factory) -> Path:
     W4A16 one to keep the test's prepare short."""
     if os.environ.get("MORPHSERVE_TEST_TIERED_PACK"):  # iterate on engine tests without re-preparing
         return Path(os.environ["MORPHSERVE_TEST_TIERED_PACK"]).resolve()
-    out = tmp_path_factory.mktemp("tiered") / "pack"
+    root = shared_root(tmp_path_factory.getbasetemp(), os.environ)
+    return build_once(root, "tiered", lambda folder: _build_tiered_pack(folder / "pack", pack_dir)) / "pack"
+
+
+def _build_tiered_pack(out: Path, pack_dir: Path) -> None:
     reuse = ["--quantized", str(pack_dir / "quantized")] if (pack_dir / "quantized").is_dir() else []
     # Where this CPU's vLLM build has no W4A16 kernel (AVX2) the W4A16 twin is never served, only
     # checked and refused: round-to-nearest instead of GPTQ (163 s of a 298 s prepare on a 2-core
@@ -117,9 +146,8 @@ def tiered_pack(model_dir: Path, pack_dir: Path, tmp_path_factory) -> Path:
     # the all-W8A8 agreement with vLLM, not precise curves (7.5 minutes -> about 1.5 here).
     small = ["--gptq-samples", "8", "--gptq-seq-len", "256", "--lis-tokens", "32", "--lis-window", "32",
              "--eval-tokens", "255", "--eval-window", "256"]
-    morphserve_cli("prepare", str(model_dir), "--out", str(out), "--tiers", "w8a8,w4a16", *reuse,
+    morphserve_cli("prepare", str(_model()), "--out", str(out), "--tiers", "w8a8,w4a16", *reuse,
                    "--w8a8-order", "w4a16", "--w8a8-method", "rtn", *small, check=True)
-    return out
 
 
 @pytest.fixture(scope="session")

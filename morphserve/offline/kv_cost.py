@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 
 from quant_layers.cache_dir import cache_root
@@ -76,7 +77,7 @@ def save(pack: Path, kv_dtype: str, tiers: list[str], entry: dict) -> None:
     except (OSError, ValueError):
         store = {}
     store[entry_key(kv_dtype, tiers)] = entry
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # two servers starting together write their own
     tmp.write_text(json.dumps(store, indent=1) + "\n")
     tmp.replace(path)  # a reader never sees half a file
 

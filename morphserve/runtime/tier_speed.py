@@ -54,15 +54,27 @@ def vllm_version() -> str | None:
     return None
 
 
-def busy_cores(interval_s: float = 0.3) -> float:
-    """Cores' worth of CPU time used by anything over the next `interval_s` (0 where
-    /proc/stat cannot be read)."""
+def busy_cores(interval_s: float = 0.3, cpus: set[int] | None = None) -> float:
+    """Cores' worth of CPU time used by anything on `cpus` (default: the CPUs this process
+    may run on) over the next `interval_s`; 0 where /proc/stat cannot be read. Only those
+    CPUs: a process pinned to its cores is not slowed by work pinned to others (two servers
+    or test workers side by side on one machine)."""
+    cpus = os.sched_getaffinity(0) if cpus is None else cpus
+
     def times() -> tuple[int, int] | None:
+        total = idle = 0
         try:
-            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        except (OSError, ValueError):
+            for line in Path("/proc/stat").read_text().splitlines()[1:]:
+                name, *fields = line.split()
+                if not name.startswith("cpu"):
+                    break
+                if int(name[3:]) in cpus:
+                    values = [int(x) for x in fields]
+                    total += sum(values)
+                    idle += values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+        except (OSError, ValueError, IndexError):
             return None
-        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0)  # total, idle + iowait
+        return total, idle
 
     before = times()
     time.sleep(interval_s)
@@ -70,7 +82,7 @@ def busy_cores(interval_s: float = 0.3) -> float:
     if before is None or after is None or after[0] <= before[0]:
         return 0.0
     total, idle = after[0] - before[0], after[1] - before[1]
-    return (total - idle) / total * (os.cpu_count() or 1)
+    return (total - idle) / total * len(cpus)
 
 
 # Bumped when the way of timing changes, so readings taken the old way are not reused
