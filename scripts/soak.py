@@ -56,6 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--force-every", type=float, default=4.0,
                    help="seconds between level events: force a random level, then hand back to the policy "
                         "(0: never)")
+    p.add_argument("--min-level-events", type=int, default=0,
+                   help="go on past --duration (up to 3x it) until this many level events were made: a "
+                        "slower machine then exercises as many transitions as a fast one (default 0: stop "
+                        "at --duration)")
     p.add_argument("--policy", default="default", help="policy between forced levels ('none': no policy)")
     p.add_argument("--concurrency", type=int, default=6, help="requests in flight at most")
     p.add_argument("--max-input", type=int, default=600, help="cap on a trace request's prompt tokens")
@@ -256,7 +260,8 @@ def run(args: argparse.Namespace) -> dict:
         next_sample = t0
         next_checkpoint = t0 + args.checkpoint_every
         holding = False
-        while time.monotonic() < t0 + args.duration:
+        while time.monotonic() < t0 + args.duration or (
+                forced["events"] < args.min_level_events and time.monotonic() < t0 + 3 * args.duration):
             now = time.monotonic()
             if now >= next_checkpoint:
                 c = checkpoint(client, pgid, load, t0, args.plain)
@@ -307,6 +312,7 @@ def run(args: argparse.Namespace) -> dict:
         "server healthy throughout": health_failures == 0 and final_health == 200,
         "no failed transition": state.get("errors") == 0,
         "level events accepted": set(forced["statuses"]) <= {"200"},
+        f"at least {args.min_level_events} level events": forced["events"] >= args.min_level_events,
         f"unexplained anonymous memory grows < {args.memory_growth_limit:.1%}":
             memory["growth"] is not None and memory["growth"] < args.memory_growth_limit,
         f"mappings grow < {MAPPINGS_GROWTH_LIMIT:.0%}":

@@ -77,8 +77,11 @@ def test_a_burst_quantizes_grows_kv_and_restores_fully_afterwards(server):
     with ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(_complete, base, p) for p in prompts]
         while not all(f.done() for f in futures):
-            s = _request(base + "/morphserve/state")[1]
-            peak_level, peak_cap = max(peak_level, s["quantized_layers"]), max(peak_cap, s["kv_capacity_blocks"])
+            # A read waits for a step boundary and answers 504 after 10 s: where bf16 prefill
+            # is emulated, one step of this burst's prompts can take longer on one core.
+            status, s = _request(base + "/morphserve/state")
+            if status == 200:
+                peak_level, peak_cap = max(peak_level, s["quantized_layers"]), max(peak_cap, s["kv_capacity_blocks"])
             time.sleep(0.2)
         results = [f.result() for f in futures]
     assert all(len(r["choices"][0]["text"]) > 0 for r in results) and len(results) == 16
@@ -86,8 +89,8 @@ def test_a_burst_quantizes_grows_kv_and_restores_fully_afterwards(server):
 
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        s = _request(base + "/morphserve/state")[1]
-        if s["quantized_layers"] == 0 and s["pending_level"] is None:
+        status, s = _request(base + "/morphserve/state")
+        if status == 200 and s["quantized_layers"] == 0 and s["pending_level"] is None:
             break
         time.sleep(0.5)
     assert s["quantized_layers"] == 0 and s["kv_capacity_blocks"] == cap0, "after the burst it restores fully"
