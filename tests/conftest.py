@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.parallel import PACK_FIXTURES, all_cpus, build_once, module_order, pin_this_worker, shared_root
+from tests.parallel import PACK_FIXTURES, build_once, module_order, pin_this_worker, shared_root
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,11 +39,9 @@ TINY_PREPARE = ["--gptq-samples", "8", "--gptq-seq-len", "256", "--lis-tokens", 
                 "--lis-window", "64", "--eval-tokens", "511", "--eval-window", "512"]
 
 
-def morphserve_cli(*args: str, check: bool = False, cpus: set[int] | None = None) -> subprocess.CompletedProcess:
-    """`morphserve ARGS` in a child; `cpus`: the CPUs it may run on (default this process's)."""
-    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+def morphserve_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "morphserve.cli", *args], cwd=REPO,
-                          capture_output=True, text=True, preexec_fn=pin)
+                          capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"morphserve {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     return proc
@@ -123,7 +121,7 @@ def _build_session_pack(folder: Path) -> None:
     # with vLLM serving the same checkpoint).
     method = ["--w8a8-method", "rtn"] if tier == "w8a8" else []
     morphserve_cli("prepare", str(_model()), "--out", str(out), "--tiers", tier, *method, *TINY_PREPARE,
-                   check=True, cpus=all_cpus())
+                   check=True)
 
 
 @pytest.fixture(scope="session")
@@ -149,7 +147,7 @@ def _build_tiered_pack(out: Path, pack_dir: Path) -> None:
     small = ["--gptq-samples", "8", "--gptq-seq-len", "256", "--lis-tokens", "32", "--lis-window", "32",
              "--eval-tokens", "255", "--eval-window", "256"]
     morphserve_cli("prepare", str(_model()), "--out", str(out), "--tiers", "w8a8,w4a16", *reuse,
-                   "--w8a8-order", "w4a16", "--w8a8-method", "rtn", *small, check=True, cpus=all_cpus())
+                   "--w8a8-order", "w4a16", "--w8a8-method", "rtn", *small, check=True)
 
 
 @pytest.fixture(scope="session")

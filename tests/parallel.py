@@ -74,26 +74,14 @@ def worker_of(env: dict) -> tuple[int, int] | None:
     return int(name[2:]), int(count)
 
 
-ALL_CPUS_ENV = "MORPHSERVE_TEST_ALL_CPUS"  # the CPUs the run was given, before any pinning
-
-
 def pin_this_worker() -> list[int] | None:
     """Pin this process (and so all it starts) to its share of the CPUs; returns the share."""
     worker = worker_of(os.environ)
     if worker is None:
         return None
-    allowed = sorted(os.sched_getaffinity(0))
-    os.environ.setdefault(ALL_CPUS_ENV, ",".join(map(str, allowed)))
-    share = cpu_share(allowed, *worker)
+    share = cpu_share(sorted(os.sched_getaffinity(0)), *worker)
     os.sched_setaffinity(0, share)
     return share
-
-
-def all_cpus() -> set[int]:
-    """Every CPU the run was given: what a session pack's `prepare` may use, since the
-    other workers wait for that pack (all engine modules need it)."""
-    given = os.environ.get(ALL_CPUS_ENV)
-    return {int(c) for c in given.split(",")} if given else os.sched_getaffinity(0)
 
 
 def build_once(root: Path, name: str, build: Callable[[Path], None]) -> Path:

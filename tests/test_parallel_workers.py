@@ -3,7 +3,6 @@ they build once between them (tests/parallel.py)."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path
@@ -71,12 +70,3 @@ def test_after_a_failed_build_the_next_asker_starts_from_an_empty_folder(tmp_pat
     seen: list[list[str]] = []
     build_once(tmp_path, "pack", lambda folder: seen.append(sorted(p.name for p in folder.iterdir())))
     assert seen == [[]]
-
-
-def test_the_pack_builds_may_use_every_cpu_the_run_was_given(monkeypatch):
-    from tests import parallel
-
-    monkeypatch.setenv(parallel.ALL_CPUS_ENV, "0,1,5")
-    assert parallel.all_cpus() == {0, 1, 5}
-    monkeypatch.delenv(parallel.ALL_CPUS_ENV)
-    assert parallel.all_cpus() == os.sched_getaffinity(0)
