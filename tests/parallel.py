@@ -74,14 +74,48 @@ def worker_of(env: dict) -> tuple[int, int] | None:
     return int(name[2:]), int(count)
 
 
+NODES_ENV = "CPU_VISIBLE_MEMORY_NODES"  # vLLM's: the NUMA nodes its CPU binding may pick from
+
+
 def pin_this_worker() -> list[int] | None:
-    """Pin this process (and so all it starts) to its share of the CPUs; returns the share."""
+    """Pin this process (and so all it starts) to its share of the CPUs; returns the share.
+
+    vLLM's automatic binding gives rank 0 the first NUMA node the process may allocate on
+    (`Mems_allowed`, which a CPU pin does not change), and only that node's CPUs: on a
+    machine with a node per core, a worker pinned to the second node's CPU would get none.
+    So the worker also names its CPUs' nodes to vLLM."""
     worker = worker_of(os.environ)
     if worker is None:
         return None
     share = cpu_share(sorted(os.sched_getaffinity(0)), *worker)
     os.sched_setaffinity(0, share)
+    nodes = nodes_of(share)
+    if nodes and NODES_ENV not in os.environ:
+        os.environ[NODES_ENV] = ",".join(map(str, sorted(nodes)))
     return share
+
+
+def nodes_of(cpus: list[int], root: Path = Path("/sys/devices/system/node")) -> set[int]:
+    """The NUMA nodes these CPUs sit on (empty where sysfs does not say)."""
+    nodes = set()
+    for node in root.glob("node[0-9]*"):
+        try:
+            listed = parse_cpu_list((node / "cpulist").read_text())
+        except (OSError, ValueError):
+            continue
+        if listed & set(cpus):
+            nodes.add(int(node.name[4:]))
+    return nodes
+
+
+def parse_cpu_list(text: str) -> set[int]:
+    """Linux's CPU list format: "0-3,8,10-11"."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        if part:
+            first, _, last = part.partition("-")
+            cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
 
 
 def build_once(root: Path, name: str, build: Callable[[Path], None]) -> Path:

@@ -70,3 +70,16 @@ def test_after_a_failed_build_the_next_asker_starts_from_an_empty_folder(tmp_pat
     seen: list[list[str]] = []
     build_once(tmp_path, "pack", lambda folder: seen.append(sorted(p.name for p in folder.iterdir())))
     assert seen == [[]]
+
+
+def test_a_workers_cpus_are_placed_on_their_numa_nodes(tmp_path):
+    from tests.parallel import nodes_of, parse_cpu_list
+
+    for node, cpus in (("node0", "0-1,4\n"), ("node1", "2-3,5\n")):
+        (tmp_path / node).mkdir()
+        (tmp_path / node / "cpulist").write_text(cpus)
+    assert parse_cpu_list("0-1,4\n") == {0, 1, 4} and parse_cpu_list("7") == {7}
+    assert nodes_of([0], tmp_path) == {0}
+    assert nodes_of([3], tmp_path) == {1}  # vLLM must be told: its auto binding would take node 0
+    assert nodes_of([1, 2], tmp_path) == {0, 1}
+    assert nodes_of([0], tmp_path / "nowhere") == set()
