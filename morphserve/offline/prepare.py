@@ -168,7 +168,8 @@ def _copy_checkpoint(src: Path, dst: Path) -> None:
             shutil.copy2(item, dst / item.name)
 
 
-def _importance(model: SwitchableModel, windows, num_layers: int, tier: str = BASE):
+def _importance(model: SwitchableModel, windows, num_layers: int, tier: str = BASE, base_name: str = "w4a16"):
+    """`base_name`: what the base tier is (W4A16, or W8A8 in a W8A8-only pack), for the progress bar."""
     ids = torch.tensor(windows.windows)
     model.set_quantized(())
     fp_inputs = model.layer_inputs(ids)
@@ -182,7 +183,7 @@ def _importance(model: SwitchableModel, windows, num_layers: int, tier: str = BA
         lrs[p] = mean_cosine(out_fp, out_q)
     model.set_quantized(())
 
-    bar = tqdm(total=num_layers * (num_layers + 1) // 2, desc=f"greedy MDS ({tier if tier != BASE else 'w4a16'})",
+    bar = tqdm(total=num_layers * (num_layers + 1) // 2, desc=f"greedy MDS ({tier if tier != BASE else base_name})",
                file=sys.stderr)
 
     held: dict = {"q": frozenset(), "inputs": fp_inputs}  # the last round's Q and its layer inputs
@@ -237,7 +238,7 @@ def run_prepare(opt: PrepareOptions) -> packfmt.Manifest:
         t = time.monotonic()
         calib = load_windows(opt.calib, tokenizer, opt.lis_window, opt.lis_tokens)
         _log(f"layer importance on {len(calib.windows)} x {opt.lis_window} calibration tokens")
-        importance = _importance(model, calib, info.num_layers)
+        importance = _importance(model, calib, info.num_layers, base_name="w4a16" if tw is not None else "w8a8")
         w8_importance = None
         if w8 is not None and tw is not None:
             w8_importance = (_importance(model, calib, info.num_layers, "w8a8") if opt.w8a8_order == "lis"
