@@ -18,6 +18,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from morphserve.runtime.thread_binding import deal
+
 # The modules that take longest, longest first (seconds from a serial fresh clone on a 2-core
 # AVX2 EPYC), so that the two workers end together. The first also builds both of the
 # session's packs; the modules that need no pack come right after it, so that one worker runs
@@ -53,17 +55,11 @@ def module_order(modules: dict[str, bool]) -> list[str]:
 
 
 def cpu_share(allowed: list[int], index: int, count: int) -> list[int]:
-    """Worker `index` of `count`'s CPUs: the allowed CPUs dealt out in contiguous runs (the
-    first workers one more where they do not divide); workers share a CPU, in turn, where
-    there are fewer CPUs than workers."""
-    cpus = sorted(allowed)
-    if count <= 1 or not cpus:
-        return cpus
-    if len(cpus) < count:
-        return [cpus[index % len(cpus)]]
-    size, extra = divmod(len(cpus), count)
-    start = index * size + min(index, extra)
-    return cpus[start:start + size + (index < extra)]
+    """Worker `index` of `count`'s CPUs, dealt as MorphServe deals CPUs to tensor-parallel
+    ranks (contiguous runs; shared, in turn, where there are fewer CPUs than workers)."""
+    if count <= 1 or not allowed:
+        return sorted(allowed)
+    return deal(allowed, count)[index]
 
 
 def worker_of(env: dict) -> tuple[int, int] | None:

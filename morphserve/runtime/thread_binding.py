@@ -22,17 +22,22 @@ def plan(cpus: list[int], numa_nodes: int, ranks: int) -> str | None:
     node per rank)."""
     if ranks <= 1 or numa_nodes >= ranks or not cpus:
         return None
+    return "|".join(",".join(map(str, cpu_list)) for cpu_list in deal(cpus, ranks))
+
+
+def deal(cpus: list[int], parts: int) -> list[list[int]]:
+    """The CPUs dealt out to `parts` users: contiguous runs, the first one CPU more where they
+    do not divide; where there are fewer CPUs than users, they share, in turn."""
     cpus = sorted(cpus)
-    if len(cpus) < ranks:  # ranks share cores, in turn
-        lists = [[cpus[r % len(cpus)]] for r in range(ranks)]
-    else:  # contiguous runs of cores, the first ranks one core more where they do not divide
-        size, extra = divmod(len(cpus), ranks)
-        lists, start = [], 0
-        for r in range(ranks):
-            end = start + size + (r < extra)
-            lists.append(cpus[start:end])
-            start = end
-    return "|".join(",".join(map(str, cpu_list)) for cpu_list in lists)
+    if len(cpus) < parts:
+        return [[cpus[r % len(cpus)]] for r in range(parts)]
+    size, extra = divmod(len(cpus), parts)
+    lists, start = [], 0
+    for r in range(parts):
+        end = start + size + (r < extra)
+        lists.append(cpus[start:end])
+        start = end
+    return lists
 
 
 def numa_node_count(root: Path = Path("/sys/devices/system/node")) -> int:
