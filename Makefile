@@ -17,6 +17,9 @@ export MORPHSERVE_QUANT_PYTHON := $(CURDIR)/$(QPY)
 
 setup: $(VENV)/.ok $(QVENV)/.ok $(MODEL)/config.json
 
+# pip's bytecode pass stays (about 70 s of setup on a 2-vCPU EPYC): where PYTHONDONTWRITEBYTECODE
+# is set, as on the machines this project is built on, a venv without installed .pyc makes every process the suite
+# starts compile all it imports, which cost far more than it saved (docs/RESULTS.md).
 $(VENV)/.ok: pyproject.toml requirements/cpu.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c requirements/cpu.lock -e '.[cpu,dev]'
