@@ -193,7 +193,9 @@ def _importance(model: SwitchableModel, windows, num_layers: int, tier: str = BA
     # The last round's Q and its layer inputs, and the layer inputs of every candidate
     # measured against them: the next round's Q is one of those candidates, whose inputs
     # are then known without a forward (the same tensors a rerun would compute).
-    held: dict = {"q": frozenset(), "inputs": fp_inputs, "candidates": {}, "bytes": 0}
+    # `reference`: the final hidden state under Q, which every candidate of a round is compared with.
+    held: dict = {"q": frozenset(), "inputs": fp_inputs, "reference": model.final(fp_inputs[-1]),
+                  "candidates": {}, "bytes": 0}
 
     def mds_for_round(q: frozenset[int], candidates) -> dict[int, float]:
         if q != held["q"]:
@@ -202,9 +204,8 @@ def _importance(model: SwitchableModel, windows, num_layers: int, tier: str = BA
             model.set_config({i: tier for i in q})
             # else: the last round's inputs, rerun from the first layer whose tier changed
             held["inputs"] = kept or model.layer_inputs(ids, known=held["inputs"], start=min(q ^ held["q"]))
-            held.update(q=q, candidates={}, bytes=0)
-        inputs = held["inputs"]
-        reference = model.final(inputs[-1])
+            held.update(q=q, reference=model.final(held["inputs"][-1]), candidates={}, bytes=0)
+        inputs, reference = held["inputs"], held["reference"]
         mds = {}
         for p in candidates:
             model.set_config({i: tier for i in q | {p}})
