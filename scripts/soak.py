@@ -6,7 +6,8 @@ random values every few seconds, with the policy in charge in between.
 Checks (exit 1 if any fails; all are decided here, before a run):
 - no request fails, and every output has exactly the requested length (ignore_eos);
 - the server stays healthy and MorphServe reports no failed transition;
-- memory does not grow. Every --checkpoint-every seconds the load pauses, in-flight
+- memory does not grow. Every --checkpoint-every seconds (and not before the level events
+  since the last checkpoint have forced a level and handed it back) the load pauses, in-flight
   requests finish, level 0 is forced and, a second later, the anonymous memory that the
   budget does not explain is read: RssAnon of every server process, minus the KV pages
   resident in the reserve, minus the weights as computed with, minus layers prepared by a
@@ -52,7 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=600, help="seconds of load after the server is up")
     p.add_argument("--warmup", type=float, default=60, help="seconds excluded from the memory comparison")
     p.add_argument("--checkpoint-every", type=float, default=30,
-                   help="seconds between quiescent memory checkpoints (load paused, level 0)")
+                   help="seconds between quiescent memory checkpoints (load paused, level 0); a checkpoint "
+                        "also waits for a forced level and a hand-back since the last one")
     p.add_argument("--force-every", type=float, default=4.0,
                    help="seconds between level events: force a random level, then hand back to the policy "
                         "(0: never)")
@@ -60,6 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="go on past --duration (up to 3x it) until this many level events were made: a "
                         "slower machine then exercises as many transitions as a fast one (default 0: stop "
                         "at --duration)")
+    p.add_argument("--min-transitions", type=int, default=0,
+                   help="likewise, go on past --duration (up to 3x it) until the server reports this many "
+                        "completed transitions: a level event can be absorbed (the policy may pick the level "
+                        "already held), so events alone do not promise transitions (default 0)")
     p.add_argument("--policy", default="default", help="policy between forced levels ('none': no policy)")
     p.add_argument("--concurrency", type=int, default=6, help="requests in flight at most")
     p.add_argument("--max-input", type=int, default=600, help="cap on a trace request's prompt tokens")
@@ -67,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-growth-limit", type=float, default=MEMORY_GROWTH_LIMIT,
                    help="largest accepted growth of unexplained anonymous memory, as a fraction (default 0.01)")
     p.add_argument("--sample-every", type=float, default=2.0, help="seconds between memory samples")
+    p.add_argument("--dtype", default="auto",
+                   help="the server's --dtype (auto: the checkpoint's, bf16 for SmolLM2; float32 is several "
+                        "times faster where the CPU emulates bf16, e.g. AVX2-only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plain", action="store_true",
                    help="soak plain vLLM (no plugin, no level events) under the same load, for comparison")
@@ -196,7 +205,7 @@ def sample(client: Client, pgid: int, plain: bool) -> dict | None:
             "rss_anon_by_process": by_process,
             "unexplained_anon": rss["rss_anon_bytes"] - explained, "kv_resident": mem["kv_resident_bytes"],
             "processes": len(pids), "mappings": sum(map_count(p) for p in pids),
-            "errors": 0 if plain else state["errors"]}
+            "errors": 0 if plain else state["errors"], "transitions": 0 if plain else state.get("transitions", 0)}
 
 
 def growth(checkpoints: list[dict], key: str, warmup: float, k: int = 3) -> dict:
@@ -233,7 +242,7 @@ def run(args: argparse.Namespace) -> dict:
     log = Path(args.out).with_suffix(".server.log") if args.out else Path(f"/tmp/morphserve-soak-{port}.log")
     log.parent.mkdir(parents=True, exist_ok=True)
     common = ["--api-key", key, "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "1024",
-              "--max-num-seqs", str(args.concurrency)]
+              "--max-num-seqs", str(args.concurrency), "--dtype", args.dtype]
     env = preload_env(args.allocator, {**os.environ, ALLOCATOR_ENV: args.allocator,
                                        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")})
     if args.plain:  # the same server without the plugin, for comparison
@@ -260,11 +269,22 @@ def run(args: argparse.Namespace) -> dict:
         next_sample = t0
         next_checkpoint = t0 + args.checkpoint_every
         holding = False
-        while time.monotonic() < t0 + args.duration or (
-                forced["events"] < args.min_level_events and time.monotonic() < t0 + 3 * args.duration):
+        transitions_seen = 0
+        level_now = 0
+        # A checkpoint waits until the cycle since the last one has forced a level and handed
+        # control back: on a slow machine (a 2-core AVX2 EPYC, bf16 emulated) one step of a
+        # prefill batch can take seconds, and a timetable alone then left whole cycles with
+        # nothing but a hand-back (a CI run: 8 level events, 4 transitions).
+        cycle_events = 0
+
+        def short() -> bool:
+            return forced["events"] < args.min_level_events or transitions_seen < args.min_transitions
+
+        while time.monotonic() < t0 + args.duration or (short() and time.monotonic() < t0 + 3 * args.duration):
             now = time.monotonic()
-            if now >= next_checkpoint:
+            if now >= next_checkpoint and (cycle_events >= 2 or args.plain or args.force_every <= 0):
                 c = checkpoint(client, pgid, load, t0, args.plain)
+                cycle_events, level_now = 0, 0
                 if c is None:
                     health_failures += 1
                 else:
@@ -276,9 +296,11 @@ def run(args: argparse.Namespace) -> dict:
                 next_force = time.monotonic() + args.force_every
                 continue
             if now >= next_force and args.force_every > 0 and not args.plain:
-                body = {"level": None if holding else rng.randint(0, num_layers)}
+                # a forced level differs from the last one seen, so a forced event moves weights
+                body = {"level": None if holding else rng.choice([n for n in range(num_layers + 1) if n != level_now])}
                 status, _ = client.call("/morphserve/level", body)
                 forced["events"] += 1
+                cycle_events += 1
                 forced["statuses"][str(status)] = forced["statuses"].get(str(status), 0) + 1
                 holding = not holding
                 next_force = now + args.force_every
@@ -289,6 +311,7 @@ def run(args: argparse.Namespace) -> dict:
                 else:
                     s["t"] -= t0
                     samples.append(s)
+                    transitions_seen, level_now = s["transitions"], s["level"]
                 next_sample = now + args.sample_every
                 print(f"[soak] {now - t0:5.0f}s sent {load.sent} done {load.completed} failed {len(load.failures)} "
                       f"level {s['level'] if s else '?'} unexplained anon "
@@ -313,6 +336,7 @@ def run(args: argparse.Namespace) -> dict:
         "no failed transition": state.get("errors") == 0,
         "level events accepted": set(forced["statuses"]) <= {"200"},
         f"at least {args.min_level_events} level events": forced["events"] >= args.min_level_events,
+        f"at least {args.min_transitions} transitions": (state.get("transitions") or 0) >= args.min_transitions,
         f"unexplained anonymous memory grows < {args.memory_growth_limit:.1%}":
             memory["growth"] is not None and memory["growth"] < args.memory_growth_limit,
         f"mappings grow < {MAPPINGS_GROWTH_LIMIT:.0%}":
