@@ -28,7 +28,18 @@ def own_cache(tmp_path, monkeypatch) -> Path:
     return tmp_path / "cache"
 
 
-def test_the_real_pack_is_ready_here_and_its_kernels_are_timed_then_cached(pack_dir, model_dir, own_cache, capsys):
+# The kernel speed the first test measured, for the text screen's test: timing the kernels
+# again there only repeated this module's slowest part (about 40 s of one core on a 2-vCPU
+# AVX2 EPYC, where a busy machine's timing is not cached); the screen is what it tests.
+_MEASURED: list = []
+
+
+def test_the_real_pack_is_ready_here_and_its_kernels_are_timed_then_cached(pack_dir, model_dir, own_cache, capsys,
+                                                                          monkeypatch):
+    from morphserve.doctor import facts
+
+    real = facts.speed
+    monkeypatch.setattr(facts, "speed", lambda *a, **k: _MEASURED.append(real(*a, **k)) or _MEASURED[-1])
     code, out = doctor(capsys, "--pack", str(pack_dir), "--model", str(model_dir))
     m, advice, speed = out["machine"], out["advice"], out["speed"]
     assert code == 0 and advice["exit_status"] == 0, advice["problems"]
@@ -57,9 +68,12 @@ def test_the_real_pack_is_ready_here_and_its_kernels_are_timed_then_cached(pack_
             assert streamed >= STREAM_FACTOR * reading["cache_bytes"] or copies == info.num_layers, (tier, copies)
 
 
-def test_the_text_screen_names_the_isa_the_recommendation_and_the_verdict(pack_dir, own_cache, capsys):
+def test_the_text_screen_names_the_isa_the_recommendation_and_the_verdict(pack_dir, own_cache, capsys, monkeypatch):
+    from morphserve.doctor import facts
     from quant_layers.cpu_kind import this_cpu
 
+    if _MEASURED:  # measured by the test above (run alone, this test measures)
+        monkeypatch.setattr(facts, "speed", lambda *a, **k: _MEASURED[0])
     assert main(["doctor", "--pack", str(pack_dir)]) == 0
     text = capsys.readouterr().out
     assert this_cpu().isa in text and "AVX512_BF16" in text and "recommend  --tiers" in text
