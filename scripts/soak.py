@@ -360,6 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.plain and not args.pack:
         print("soak: --pack is required (or --plain)", file=sys.stderr)
         return 2
+    if args.plain and (args.min_level_events or args.min_transitions):
+        print("soak: --plain makes no level events or transitions; drop --min-level-events and --min-transitions",
+              file=sys.stderr)
+        return 2
     if args.duration < args.warmup + 2 * args.checkpoint_every:
         print(f"soak: --duration must leave at least 2 checkpoints after the warm-up "
               f"(>= {args.warmup + 2 * args.checkpoint_every:.0f} s)", file=sys.stderr)
