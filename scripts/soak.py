@@ -37,7 +37,8 @@ from pathlib import Path
 
 from morphserve.replay.run import trace
 from morphserve.offline.datafiles import traces_dir
-from morphserve.harness.servers import free_port, group_pids, group_rss, start_server, stop_server
+from morphserve.harness.servers import (free_port, group_pids, group_rss, group_survivors, start_server,
+                                        stop_server)
 from morphserve.runtime.allocator import ALLOCATOR_ENV, ALLOCATORS, AllocatorNotFound, default_allocator, preload_env
 from morphserve.runtime.proc_memory import process_rss
 from morphserve.vllm.server import PLAIN_VLLM_SERVER
@@ -323,8 +324,7 @@ def run(args: argparse.Namespace) -> dict:
         final_health = client.call("/health")[0]
     finally:
         stop_server(proc)
-    time.sleep(2)
-    survivors = group_pids(pgid)
+    survivors = group_survivors(pgid)
 
     memory = growth(checkpoints, "unexplained_anon", args.warmup)
     mappings = growth(checkpoints, "mappings", args.warmup)

@@ -7,11 +7,10 @@ import os
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-from morphserve.harness.servers import ServerStartError, free_port, run_in_group, serving
+from morphserve.harness.servers import ServerStartError, free_port, group_survivors, run_in_group, running, serving
 
 # argv: PORT serve|exit PIDFILE. Starts a long-lived child in the server's process group (as
 # the API server starts vLLM's engine core), writes its pid, then serves /health or exits 3.
@@ -32,18 +31,10 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Health).serve_forever()
 """
 
 
-def _running(pid: int) -> bool:
-    """Not exited (a killed orphan may stay a zombie until init reaps it)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def _ends(pid: int, within: float = 10) -> bool:
     """SIGKILL is delivered asynchronously: the process may take a moment to be gone."""
     deadline = time.monotonic() + within
-    while _running(pid):
+    while running(pid):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.02)
@@ -58,7 +49,7 @@ def test_serving_yields_once_healthy_and_reaps_the_group(tmp_path):
         with urllib.request.urlopen(server.url + "/health", timeout=5) as r:
             assert r.status == 200
         child = int(pidfile.read_text())
-        assert _running(child) and os.getpgid(child) == server.proc.pid
+        assert running(child) and os.getpgid(child) == server.proc.pid
     assert server.proc.returncode is not None and _ends(child)
 
 
@@ -76,6 +67,26 @@ def test_run_in_group_returns_the_status_and_reaps_the_group(tmp_path):
     assert run_in_group([sys.executable, "-c", STAND_IN, "0", "exit", str(pidfile)], log) == 3
     assert log.read_text() == "started\n"
     assert _ends(int(pidfile.read_text()))
+
+
+def test_group_survivors_waits_for_a_killed_group_and_names_a_live_one(tmp_path):
+    """The soak's "no process survives the stop": a killed group (its orphaned child a zombie
+    for a moment) has no survivors; a group left running is named, after the wait."""
+    from morphserve.harness.servers import _spawn, stop_server
+
+    pidfile = tmp_path / "child.pid"
+    proc = _spawn([sys.executable, "-c", STAND_IN, "0", "exit-not", str(pidfile)], dict(os.environ),
+                  tmp_path / "log", None)
+    deadline = time.monotonic() + 30
+    while not pidfile.exists() or not pidfile.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    child = int(pidfile.read_text())
+    try:
+        assert set(group_survivors(proc.pid, within=0.3)) == {proc.pid, child}
+    finally:
+        stop_server(proc)
+    assert group_survivors(proc.pid, within=10) == []
 
 
 def test_group_rss_places_memory_by_process_name(tmp_path):

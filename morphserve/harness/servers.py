@@ -121,6 +121,28 @@ def stop_server(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def running(pid: int) -> bool:
+    """Not exited: a killed orphan may stay a zombie until its new parent reaps it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def group_survivors(pgid: int, within: float = 10.0) -> list[int]:
+    """The group's processes still running `within` seconds after it was killed (polled).
+
+    SIGKILL is delivered asynchronously, and a process that held a GiB or more takes a while
+    to give it back on a busy machine: the soak once found its engine alive 2 s after the
+    kill. Only a process still running after the wait is a leak."""
+    deadline = time.monotonic() + within
+    while True:
+        alive = [pid for pid in group_pids(pgid) if running(pid)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.1)
+
+
 def group_pids(pgid: int) -> list[int]:
     pids = []
     for entry in os.listdir("/proc"):
