@@ -71,10 +71,12 @@ def _metrics(base: str) -> str:
         return r.read().decode()
 
 
-def test_a_burst_quantizes_grows_kv_and_restores_fully_afterwards(server):
+def test_a_burst_quantizes_grows_kv_and_restores_fully_afterwards(server, fast_dtype):
     base, log_path = server
     state = _request(base + "/morphserve/state")[1]
     assert state["policy"].startswith("demand:") and state["quantized_layers"] == 0
+    # the step-time model's kernel profile was timed in the engine's own arithmetic
+    assert state["kernel_profile_dtype"] == fast_dtype and "profile" in state["step_model"]
     cap0 = state["kv_capacity_blocks"]
     text = wikitext("valid").read_text()
     prompts = [text[i * 5000:i * 5000 + 1300] for i in range(16)]

@@ -81,6 +81,7 @@ class MorphController:
         self.pool: ElasticBlockPool | None = None
         self.cold: ColdTail | None = None  # set with the pool (kv_resize.cold_tail)
         self.scheduler = None
+        self.kernel_profile_dtype: str | None = None  # set once the tiers' kernels are timed
         self.forced_level: int | None = None
         self.errors = 0
         self.last_error: dict | None = None
@@ -160,7 +161,8 @@ class MorphController:
             log.warning("MorphServe: timing the tiers' kernels failed (%s); the policy learns step times "
                         "from served steps only", e)
             return None
-        log.info("MorphServe: tier kernel speed %s", reading["source"])
+        self.kernel_profile_dtype = reading.get("dtype", "bfloat16")
+        log.info("MorphServe: tier kernel speed in %s, %s", self.kernel_profile_dtype, reading["source"])
         return {t: {int(b): float(x) for b, x in v.items()} for t, v in reading["seconds"].items()}
 
     def served_quality(self) -> dict | None:
@@ -443,6 +445,8 @@ class MorphController:
             "policy_max_level": self.loop.policy.max_level if self.loop.policy else None,
             "signals": self.loop.signals_dict(),
             "step_model": self.loop.step_model_dict(),
+            # the arithmetic the step model's kernel profile was timed in: the engine's dtype
+            "kernel_profile_dtype": self.kernel_profile_dtype,
             "decision_us": self.recorder.decision_us(),
             "recent_decisions": list(self.recorder.decisions),
             "errors": self.errors,

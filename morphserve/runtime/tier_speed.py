@@ -90,17 +90,21 @@ def busy_cores(interval_s: float = 0.3, cpus: set[int] | None = None) -> float:
 METHOD = 2
 
 
-def _cache_path(shapes: list, tiers: list[str], group_size: int, copies: dict[str, int]) -> Path:
+def _cache_path(shapes: list, tiers: list[str], group_size: int, copies: dict[str, int], dtype: str) -> Path:
     cpu = this_cpu()
     blob = json.dumps([cpu.model, sorted(cpu.flags & set(FEATURES)), os.cpu_count(), vllm_version(),
-                       shapes, tiers, group_size, BATCHES, METHOD, copies])
+                       shapes, tiers, group_size, BATCHES, METHOD, copies, dtype])
     return cache_root() / CACHE_DIR / f"kernel-speed-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
 
 
 def measure(linear_shapes: dict[str, tuple[int, int]], tiers: list[str], group_size: int, num_layers: int,
-            remeasure: bool = False) -> TierSpeed:
+            remeasure: bool = False, dtype: str = "bfloat16") -> TierSpeed:
     """bf16 and `tiers`, cached when this CPU, vLLM and shapes were measured before; else
-    measured now (seconds). Each tier cycles through enough copies of a layer to stream
+    measured now (seconds). `dtype`: the engine's activations and full-precision weights
+    (the rung keeps the name "bf16"). An fp32 engine is timed in fp32: on an AVX2-only CPU
+    bf16 is emulated and int8 beats it from 32 tokens up, while fp32 beats int8 at every
+    decode batch, so a bf16 reading would send an fp32 server to W8A8 for a speed it does
+    not have. Each tier cycles through enough copies of a layer to stream
     several times the last-level cache (at most `num_layers`); the copies exist only while
     their tier is timed: about STREAM_FACTOR x the cache plus one layer, in the process that
     measures (a serving worker, at its first start on a machine; bf16 SmolLM2 on a 32 MiB
@@ -108,11 +112,14 @@ def measure(linear_shapes: dict[str, tuple[int, int]], tiers: list[str], group_s
     several last-level caches, the copies may still partly fit."""
     from morphserve.vllm.kernel_speed import fused_shapes, layer_copies, time_layer
 
+    import torch
+
+    torch_dtype = getattr(torch, dtype)
     shapes = fused_shapes(linear_shapes)
     measured = ["bf16", *[t for t in tiers if t != "bf16"]]
     llc = last_level_cache_bytes()
-    copies = {t: layer_copies(t, shapes, num_layers, llc) for t in measured}
-    path = _cache_path(shapes, measured, group_size, copies)
+    copies = {t: layer_copies(t, shapes, num_layers, llc, torch_dtype) for t in measured}
+    path = _cache_path(shapes, measured, group_size, copies, dtype)
     if path.is_file() and not remeasure:
         try:
             data = json.loads(path.read_text())
@@ -124,13 +131,13 @@ def measure(linear_shapes: dict[str, tuple[int, int]], tiers: list[str], group_s
     while load >= BUSY_LOAD * len(os.sched_getaffinity(0)) and waited < WAIT_FOR_IDLE_S:
         load, waited = busy_cores(), waited + 0.3  # a server's own start-up work is usually over in seconds
     t0 = time.monotonic()
-    seconds = {t: time_layer(t, shapes, BATCHES, group_size, copies=copies[t]) for t in measured}
+    seconds = {t: time_layer(t, shapes, BATCHES, group_size, torch_dtype, copies=copies[t]) for t in measured}
     elapsed = time.monotonic() - t0
     if load >= BUSY_LOAD * len(os.sched_getaffinity(0)):
         return TierSpeed(seconds, f"measured now ({elapsed:.0f} s; not cached: the machine was busy)", load)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"seconds": seconds, "shapes": shapes, "copies": copies, "cache_bytes": llc,
+    tmp.write_text(json.dumps({"seconds": seconds, "dtype": dtype, "shapes": shapes, "copies": copies, "cache_bytes": llc,
                                "measured_s": elapsed, "load": load}, indent=1))
     tmp.replace(path)
     return TierSpeed(seconds, f"measured now ({elapsed:.0f} s; cached at {path})", load)

@@ -40,11 +40,18 @@ STREAM_FACTOR = 4
 BYTES_PER_WEIGHT = {"bf16": 2.0, "w8a8": 1.0, "w4a16": 0.5}  # scales and sums are a rounding error here
 
 
-def layer_copies(tier: str, shapes: list[tuple[str, int, int]], num_layers: int, cache_bytes: int) -> int:
+def weight_bytes(tier: str, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Bytes per weight of `tier` in an engine of `dtype`: the full-precision rung (named
+    "bf16" whatever the engine's dtype) holds the engine's width, fp32 where bf16 is emulated."""
+    return float(dtype.itemsize) if tier == "bf16" else BYTES_PER_WEIGHT[tier]
+
+
+def layer_copies(tier: str, shapes: list[tuple[str, int, int]], num_layers: int, cache_bytes: int,
+                 dtype: torch.dtype = torch.bfloat16) -> int:
     """How many distinct copies of a layer a timing cycles through: enough to stream
     STREAM_FACTOR x the last-level cache, never more than the model has (a model that fits
     in cache is served from cache too), at least one."""
-    layer_bytes = BYTES_PER_WEIGHT[tier] * sum(n * k for _, n, k in shapes)
+    layer_bytes = weight_bytes(tier, dtype) * sum(n * k for _, n, k in shapes)
     return max(1, min(num_layers, math.ceil(STREAM_FACTOR * cache_bytes / layer_bytes)))
 
 

@@ -91,9 +91,10 @@ class MorphWorkerExtension:
             return {"seconds": {}, "source": "timed by rank 0"}
 
         info = read_model_info(Path(self.vllm_config.model_config.model))
-        reading = measure(info.linear_shapes, list(tiers), int(group_size), info.num_layers)
+        dtype = str(self.vllm_config.model_config.dtype).removeprefix("torch.")  # the rungs' own arithmetic
+        reading = measure(info.linear_shapes, list(tiers), int(group_size), info.num_layers, dtype=dtype)
         return {"seconds": {t: {str(b): s for b, s in v.items()} for t, v in reading.seconds.items()},
-                "source": reading.source}
+                "source": reading.source, "dtype": dtype}
 
     def morphserve_apply(self, quantize: list, restore: list) -> dict:
         """Entries: a layer id, or [layer, tier] in a tiered pack."""
