@@ -101,6 +101,37 @@ def test_the_same_config_finds_the_other_answer_where_int8_is_slow_at_small_batc
     assert d.target == L and d.reason.startswith("speed:")
 
 
+# One AVX2-only EPYC measured in both engine dtypes (scripts/bench_profile_dtype.py): in
+# emulated bf16 int8 beats the full-precision rung from 32 tokens up; in fp32 it never does
+# at a decode batch. A server times its profile in its own dtype.
+AVX2_BF16 = {"bf16": {1: 0.56e-3, 8: 3.44e-3, 32: 13.0e-3, 256: 98.3e-3},
+             "w8a8": {1: 2.96e-3, 8: 6.09e-3, 32: 6.13e-3, 256: 12.3e-3}}
+AVX2_FP32 = {"bf16": {1: 0.95e-3, 8: 1.28e-3, 32: 2.39e-3, 256: 13.1e-3},
+             "w8a8": {1: 2.68e-3, 8: 5.23e-3, 32: 6.02e-3, 256: 11.5e-3}}
+
+
+def test_an_fp32_engine_seeded_with_its_own_profile_is_not_sent_to_slower_int8_rungs():
+    """An fp32 server on the AVX2 EPYC under a load whose steps break the bound: seeded with
+    the fp32 profile nothing is faster than level 0, so it holds; seeded with the bf16 profile
+    (what such a server read before it timed its own dtype) the same rule takes every W8A8
+    rung for speed, where the engine's true step is slower than at level 0."""
+
+    def signals(seeded: dict) -> Signals:
+        m = StepTimeModel(2 * L, MIX, seeded)
+        for i in range(60):  # decode steps served at level 0, by the fp32 engine
+            n = (2, 3, 4, 5, 6)[i % 5]
+            m.observe(0, n, true_step(AVX2_FP32, 0, n))
+        return load(60, AVX2_FP32, step_model=m)
+
+    engine = signals(AVX2_FP32)
+    assert engine.step_time_s > BOUND  # 60 requests: the steps break the bound at level 0
+    held = policy().decide(engine, PolicyState())
+    assert held.target == 0, held.reason
+    misled = policy().decide(signals(AVX2_BF16), PolicyState())
+    assert misled.target == L and misled.reason.startswith("speed:")
+    assert true_step(AVX2_FP32, L, 60) > true_step(AVX2_FP32, 0, 60)  # the move would have slowed every step
+
+
 def test_a_move_up_goes_on_only_through_rungs_measured_faster():
     """Past the first level that meets the tests, a move goes on only while rungs compute
     the batch faster, by FURTHER_GAIN in all: not into slower 4-bit rungs, not on a tier as
