@@ -255,8 +255,9 @@ def test_kernel_timings_stream_past_the_cache_but_never_more_than_the_model():
 
 def test_the_kernel_profile_is_timed_and_cached_in_the_engines_dtype(monkeypatch, tmp_path):
     """An fp32 engine (where bf16 is emulated) must not read a bf16 profile: on an AVX2 EPYC
-    bf16's linears take 13.0 ms at 32 tokens against int8's 6.1, fp32's 2.4 (so the policy
-    would quantize for a speed the engine does not get)."""
+    bf16's linears take 14.8 ms at 32 tokens against int8's 7.0 and fp32's 3.0 (docs/RESULTS.md,
+    "An fp32 server on the AVX2-only EPYC"), so a bf16 reading would have an fp32 server
+    quantize for a speed it does not get."""
     from morphserve.runtime import tier_speed
     from morphserve.vllm import kernel_speed
 

@@ -101,9 +101,10 @@ def test_the_same_config_finds_the_other_answer_where_int8_is_slow_at_small_batc
     assert d.target == L and d.reason.startswith("speed:")
 
 
-# One AVX2-only EPYC measured in both engine dtypes (scripts/bench_profile_dtype.py): in
-# emulated bf16 int8 beats the full-precision rung from 32 tokens up; in fp32 it never does
-# at a decode batch. A server times its profile in its own dtype.
+# One AVX2-only EPYC's profile in both engine dtypes (one reading with the timing
+# scripts/bench_profile_dtype.py repeats; its medians, within 20% of these, are in
+# docs/RESULTS.md): in emulated bf16 int8 beats the full-precision rung from 32 tokens up; in
+# fp32 it never does at a decode batch. A server times its profile in its own dtype.
 AVX2_BF16 = {"bf16": {1: 0.56e-3, 8: 3.44e-3, 32: 13.0e-3, 256: 98.3e-3},
              "w8a8": {1: 2.96e-3, 8: 6.09e-3, 32: 6.13e-3, 256: 12.3e-3}}
 AVX2_FP32 = {"bf16": {1: 0.95e-3, 8: 1.28e-3, 32: 2.39e-3, 256: 13.1e-3},
