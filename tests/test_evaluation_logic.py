@@ -333,3 +333,37 @@ def _non_tensor_bytes(model: Path) -> int:
     import struct
 
     return sum(8 + struct.unpack("<Q", p.read_bytes()[:8])[0] for p in model.glob("*.safetensors"))
+
+
+def test_a_cut_runs_decisions_are_read_best_effort():
+    """After a replay cut at its drain deadline the policy's last decisions are kept when the
+    server answers, and a failed read is recorded instead of failing the run."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from morphserve.evaluation import systems
+
+    answers = {"/morphserve/state": (200, {"recent_decisions": [{"kind": "hold", "level": 12}]})}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            status, body = answers.get(self.path.split("?")[0], (504, {"error": "busy"}))
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        assert systems.last_decisions(base) == {"decisions": [{"kind": "hold", "level": 12}]}
+        answers.clear()  # the state read now answers 504, as a server busy past its step does
+        failed = systems.last_decisions(base, timeout=5)
+        assert failed["decisions"] == [] and "504" in failed["decisions_error"]
+    finally:
+        server.shutdown()

@@ -196,6 +196,8 @@ def one_run(suite: Suite, rep: int, window: Window, budget: Budget, system: Syst
         if system.kind == "morphserve" and not record["cut_at_deadline"]:
             # the policy's own quality figure (to check against ours) and why it held where it did not move
             record.update(systems.policy_record(base))
+        elif system.kind == "morphserve":  # cut: no ledger to compare, but why it held where it did
+            record.update(systems.last_decisions(base))
     except (OSError, RuntimeError) as e:
         raise MorphServeError(f"{folder}: {system.name}: {e}") from None
     finally:
