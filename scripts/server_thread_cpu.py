@@ -3,7 +3,7 @@
 Waits for a server whose command line contains `--match` (for instance
 `morphserve.vllm.server` or `api_server.entry`, the evaluation's plain vLLM), lets it start
 for `--settle` seconds, then reads every thread's CPU time (utime + stime, /proc) in its
-process tree twice, `--seconds` apart, and prints the busiest threads. It answers questions
+process group (the harness starts each server as one) twice, `--seconds` apart, and prints the busiest threads. It answers questions
 like "does vLLM's engine-core process spin while the worker computes?" on a machine with few
 cores, where such a spin takes a core from everything else.
 
@@ -16,31 +16,28 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from morphserve.harness.servers import group_pids  # noqa: E402  (a server and its engine are one process group)
 
 
-def processes() -> list[tuple[int, int, str]]:
-    """(pid, ppid, command line) of every process."""
-    out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True, check=True).stdout
-    rows = []
-    for line in out.splitlines():
-        parts = line.split(None, 2)
-        rows.append((int(parts[0]), int(parts[1]), parts[2] if len(parts) == 3 else ""))
-    return rows
-
-
-def tree(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for pid, ppid, _ in processes():
-        children.setdefault(ppid, []).append(pid)
-    out, stack = [], [root]
-    while stack:
-        pid = stack.pop()
-        out.append(pid)
-        stack += children.get(pid, [])
-    return out
+def matching(pattern: str) -> list[int]:
+    """Processes whose command line contains `pattern`, this one excepted."""
+    me, out = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if pattern in cmd:
+            out.append(int(entry))
+    return sorted(out)
 
 
 def thread_seconds(pid: int) -> dict[tuple[int, int, str], float]:
@@ -72,9 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wait", type=float, default=3600.0, help="give up if no server appears within this (default 3600)")
     args = ap.parse_args(argv)
     deadline = time.monotonic() + args.wait
-    me = os.getpid()
     while True:
-        found = [pid for pid, _, cmd in processes() if args.match in cmd and pid != me and "server_thread_cpu" not in cmd]
+        found = matching(args.match)
         if found:
             break
         if time.monotonic() > deadline:
@@ -82,14 +78,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         time.sleep(2)
     time.sleep(args.settle)
-    pids = tree(found[0])
+    pids = group_pids(os.getpgid(found[0]))
     before = {k: v for pid in pids for k, v in thread_seconds(pid).items()}
     t0 = time.monotonic()
     time.sleep(args.seconds)
     after = {k: v for pid in pids for k, v in thread_seconds(pid).items()}
     wall = time.monotonic() - t0
     rows = sorted(((v - before.get(k, 0.0), k) for k, v in after.items()), reverse=True)[: args.top]
-    print(f"CPU seconds per thread over {wall:.0f} s of wall time (server pid {found[0]}, {len(pids)} processes)")
+    print(f"CPU seconds per thread over {wall:.0f} s of wall time (server pid {found[0]}, {len(pids)} processes "
+          "in its group)")
     for seconds, (pid, tid, name) in rows:
         print(f"{seconds:7.2f} s  ({seconds / wall:4.0%} of a core)  pid {pid} tid {tid} {name}")
     return 0
