@@ -30,7 +30,10 @@ where int8 decodes faster than bf16, load that bf16 cannot serve in time rests o
 rungs; calm load returns to bf16; bursts past the W8A8 rungs' capacity climb into W4A16
 rungs; and where a tier is slower, the same rule finds that by measurement (no rung is
 faster, so the move stops at the first level that meets the tests). If no level meets all three: where no level prefills the waiting prompts in
-time, the fastest prefill among the levels that hold the demand; else the one with the most
+time, among the levels that hold the demand the one that gets through the work in the system
+soonest (the prompts' prefill and the output tokens still expected, decoded at the batch the
+level admits: a prefill a few percent faster is no gain at a rung that decodes 3x slower),
+staying where it is unless that gains FURTHER_GAIN; else the one with the most
 capacity whose step (and prompts, where some level can) still meet their bounds, else the
 fastest predicted one, else the top.
 
@@ -141,6 +144,20 @@ class DemandPolicy(PolicyBase):
             return 0.0
         return model.prefill_seconds(level, s.pending_prompt_tokens)
 
+    def work_seconds(self, s, level: int, prompt_s: float, projected: bool = True) -> float | None:
+        """Seconds `level` takes for the work in the system: the prompts not yet computed
+        (`prompt_s`, their prefill there) and the output tokens still expected, decoded at
+        the batch the level admits. Weighed when no level gives the prompts their first token
+        in time: a rung that prefills a few percent faster can decode several times slower
+        (int8 in an fp32 engine on an AVX2-only EPYC: measured 2.5-3.6x), and every request
+        waiting feels the decode as much as the prefill. None: the decode is not predicted."""
+        model = s.step_model
+        if not s.pending_output_tokens:
+            return prompt_s
+        batch = self.batch_at(s, level, projected)
+        step = model.predict(level, batch) if model is not None else None
+        return None if step is None else prompt_s + s.pending_output_tokens / batch * step
+
     def choose(self, s, current: int, demand: float, headroom: float, top: int, bound: float,
                projected: bool = True, prompt_bound: float | None = None) -> tuple[int, str, bool]:
         """(level, why, meets every test) among 0..top, from `current`. `why` starts with what
@@ -172,13 +189,19 @@ class DemandPolicy(PolicyBase):
         reference = model.predict(current, max(1.0, float(s.running))) if model is not None else None
         hopeless = bool(prompts) and not any(prompt_ok.values())  # more prompt than any level computes in time
         if hopeless:
-            # among the levels that hold the demand, the fastest prefill shortens every wait
-            timed = {k: prompts[k] for k in steps if covers[k] and quick[k] and prompts[k] is not None}
+            # among the levels that hold the demand, the one that gets through the work in the
+            # system soonest (its prompts and the output still expected) shortens every wait
+            timed = {k: w for k in steps if covers[k] and quick[k] and prompts[k] is not None
+                     and (w := self.work_seconds(s, k, prompts[k], projected)) is not None}
             if timed:
                 k = min(timed, key=lambda j: (timed[j], j))
+                here = min(current, top)
+                if here in timed and k != here and timed[k] > timed[here] * (1 - FURTHER_GAIN):
+                    k = here  # within the noise of the profile: no quality is spent on it
                 return k, (f"speed: {s.pending_prompt_tokens} prompt tokens waiting; no level computes them within "
-                           f"{prompt_bound:.2f}s, the fastest that holds demand {demand:.0f} blocks is {k} "
-                           f"({timed[k]:.2f}s)"), False
+                           f"{prompt_bound:.2f}s; of the levels that hold demand {demand:.0f} blocks, {k} gets "
+                           f"through them and {s.pending_output_tokens} output tokens soonest "
+                           f"({prompts[k]:.2f}s + {timed[k] - prompts[k]:.2f}s)"), False
         fast = [k for k, step in steps.items() if step is not None and step <= bound and (prompt_ok[k] or hopeless)
                 and not self.slower_kernels(s, k, reference)]
         if fast:

@@ -44,6 +44,9 @@ class StepSample:
     level: int = 0  # quantized layers in force at this sample (set by the controller)
     prefill_tokens: int = 0  # prompt tokens computed since the previous sample
     pending_prompt_tokens: int = 0  # prompt tokens not computed yet (waiting and partly prefilled requests)
+    # output tokens still expected from the running and waiting requests (each request's
+    # expected output, as in its need at completion, less what it has produced)
+    pending_output_tokens: int = 0
     # False for a boundary taken when requests arrived, before the next step is scheduled:
     # no step ran since the previous sample, so the gap between them is not a step's time
     stepped: bool = True
@@ -74,6 +77,7 @@ class Signals:
     quality_increase: float = 0.0  # token-weighted perplexity increase over the quality window
     quality_tokens: float = 0.0  # tokens in that window
     pending_prompt_tokens: int = 0  # prompt tokens still to prefill now
+    pending_output_tokens: int = 0  # output tokens the requests in the system are still expected to produce
     # learned state, shared by reference (not part of the logged record)
     step_model: StepTimeModel | None = field(default=None, compare=False, repr=False)
     ledger: QualityLedger | None = field(default=None, compare=False, repr=False)
@@ -175,6 +179,7 @@ class SignalTracker:
             quality_increase=self.ledger.average_increase() if self.ledger is not None else 0.0,
             quality_tokens=self.ledger.tokens if self.ledger is not None else 0.0,
             pending_prompt_tokens=s.pending_prompt_tokens,
+            pending_output_tokens=s.pending_output_tokens,
             step_model=self.step_model,
             ledger=self.ledger,
         )

@@ -120,6 +120,7 @@ def test_a_burst_quantizes_grows_kv_and_restores_fully_afterwards(server, fast_d
     assert max(r["to"] for r in ups) == 30
     assert first["signals"]["need_blocks"] > first["signals"]["capacity_blocks"]
     assert first["signals"]["waiting_need_blocks"] > 0
+    assert first["signals"]["pending_output_tokens"] > 0  # the burst's output still to come, read from vLLM's scheduler
     assert any(r["signals"]["token_rate"] > 0 for r in records)
 
     explained = subprocess.run([sys.executable, "-m", "morphserve.cli", "policy", "explain", str(log_path), "--json"],

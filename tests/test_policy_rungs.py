@@ -483,6 +483,48 @@ def test_hopeless_prompts_do_not_trade_away_the_capacity_the_demand_needs():
     assert wide.target == L  # where every level holds it, the fastest prefill
 
 
+def test_hopeless_prompts_weigh_the_decode_a_rung_would_cost_not_the_prefill_alone():
+    """An fp32 engine on the AVX2 EPYC, a prompt no level prefills in time: int8 prefills a
+    token faster there but decodes ~3x slower. With output still to come (three requests
+    decoding, the waiting one's own output), the rung that prefills fastest would finish the
+    work later, so the level holds; with no output expected it is the prefill alone, as
+    before. Where int8 is faster at both (the AVX-512 Xeon) all-W8A8 is taken either way."""
+    def fp32_waiting(outputs: int) -> Signals:
+        s = load(3, AVX2_FP32)
+        s.step_model.observe_prefill(0, 3, 800, prefill_step(AVX2_FP32, 0, 3, 800))
+        return dataclasses.replace(s, pending_prompt_tokens=3000, queue_len=1.0, waiting_blocks=8,
+                                   pending_output_tokens=outputs)
+
+    p = policy()
+    busy = fp32_waiting(4 * 100)
+    assert p.prompt_seconds(busy, L) < p.prompt_seconds(busy, 0) and not any(
+        p.prompt_seconds(busy, k) <= CFG.ttft_slo_s * CFG.slo_margin for k in range(2 * L + 1))
+    held = p.decide(busy, PolicyState())
+    assert held.target == 0 and "400 output tokens soonest" in held.reason, held.reason
+    # the plant agrees: 3,000 prompt tokens then 100 decode steps at batch 4
+    def finish(level: int) -> float:
+        return prefill_step(AVX2_FP32, level, 3, 3000) + 100 * true_step(AVX2_FP32, level, 4)
+    assert finish(0) < finish(L)
+    prompt_only = p.decide(fp32_waiting(0), PolicyState())
+    assert prompt_only.target == min(range(2 * L + 1), key=lambda k: p.prompt_seconds(busy, k)) > 0
+    both_faster = dataclasses.replace(prompt_waiting(20_000), pending_output_tokens=400)
+    assert p.decide(both_faster, PolicyState()).target == L
+
+
+def test_a_hopeless_prompt_does_not_move_for_a_gain_within_the_profiles_noise():
+    """Two rungs a hair apart for the work in the system: the level stays where it is, no
+    quality spent on a difference the kernel profile cannot tell from noise."""
+    nearly = {"bf16": {1: 0.6e-3, 8: 1.6e-3, 32: 4.6e-3, 256: 40e-3},
+              "w8a8": {1: 0.6e-3, 8: 1.6e-3, 32: 4.6e-3, 256: 39.5e-3}}
+    s = load(3, nearly)
+    s.step_model.observe_prefill(0, 3, 800, prefill_step(nearly, 0, 3, 800))
+    s = dataclasses.replace(s, pending_prompt_tokens=20_000, queue_len=1.0, waiting_blocks=8, pending_output_tokens=0)
+    p = policy()
+    assert p.prompt_seconds(s, L) < p.prompt_seconds(s, 0)  # all-W8A8 is the fastest prefill, by under 1%
+    d = p.decide(s, PolicyState())
+    assert d.target == 0, d.reason
+
+
 def test_prompts_do_not_stop_a_restore_once_computed_but_do_while_waiting():
     state = PolicyState(level=L, last_change=100.0, calm_since=196.0)
     calm = prompt_waiting(0, level=L, time=200.0)

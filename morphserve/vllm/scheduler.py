@@ -277,9 +277,11 @@ class StepSampler:
         remaining = [r.max_tokens - r.num_output_tokens for r in running]
         expected = self._mean_output if self._mean_output is not None else expected_output_tokens
 
+        def left(r) -> float:  # output tokens the request is still expected to produce
+            return max(0.0, min(r.max_tokens - r.num_output_tokens, expected - r.num_output_tokens))
+
         def need(r) -> int:  # blocks the request holds when it finishes
-            left = max(0.0, min(r.max_tokens - r.num_output_tokens, expected - r.num_output_tokens))
-            return -(-int(r.num_prompt_tokens + r.num_output_tokens + left) // block)
+            return -(-int(r.num_prompt_tokens + r.num_output_tokens + left(r)) // block)
 
         return StepSample(
             time=now,
@@ -299,4 +301,5 @@ class StepSampler:
             served_tokens=served,
             prefill_tokens=prefill,
             pending_prompt_tokens=pending,
+            pending_output_tokens=int(sum(left(r) for r in running) + sum(left(r) for r in waiting)),
         )
