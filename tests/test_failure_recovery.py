@@ -28,9 +28,11 @@ MAX_TOKENS = 48
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, pack_dir, tmp_path_factory):
+def server(model_dir, pack_dir, fast_dtype, tmp_path_factory):
     """No API key: reads are open, level changes only from this host. Default policy, so a
-    background restore (the restore_commit fault) happens when control is handed back."""
+    background restore (the restore_commit fault) happens when control is handed back. In the
+    CPU's fastest dtype: rollback does not depend on it, and where bf16 is emulated (an
+    AVX2-only EPYC) this server's start and its faulted transitions took most of the module."""
     port = free_port()
     log = tmp_path_factory.mktemp("faults") / "server.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "MORPHSERVE_TEST_FAULTS": FAULTS}
@@ -43,7 +45,7 @@ def server(model_dir, pack_dir, tmp_path_factory):
     policy.write_text((PRESETS_DIR / "default.yaml").read_text().replace("fast_rest_idle_s: 10", "fast_rest_idle_s: null")
                       .replace("ttft_slo_s: 2.0", "ttft_slo_s: 60.0").replace("tpot_slo_s: 0.2", "tpot_slo_s: 10.0"))
     args = [str(model_dir), "--pack", str(pack_dir), "--policy", str(policy), "--manual-min-interval", "0",
-            "--max-model-len", "1024", "--max-num-seqs", "8"]
+            "--max-model-len", "1024", "--max-num-seqs", "8", "--dtype", fast_dtype]
     with running_server(args, env, log, port, host="0.0.0.0") as base:
         yield base
 
