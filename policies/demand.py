@@ -48,7 +48,15 @@ Restores (to any lower level) need an empty queue held for `calm_s`, and go to t
 level that meets the same tests with the wider margins: capacity >= present demand x
 (1 + restore_headroom), predicted step <= tpot_slo x restore_margin. The gaps between the
 margins are the hysteresis, and a restore is judged by the step predicted *at the level it
-goes to*, so relief that brought the step under the bound is not undone by it.
+goes to*, so relief that brought the step under the bound is not undone by it. Where no level
+meets those margins, a restore still goes to the best-quality level that holds the demand
+and computes the present work faster than the level served (`faster_below`): a slower rung
+is not held for a speed it does not give.
+
+A prompt's time at another level counts the move there (the engine waits for a transition:
+its seconds per layer are learned from the transitions timed, `StepTimeModel.observe_move`):
+a move for a prefill 4% faster that itself takes a quarter of the prefill makes the first
+token later, not sooner.
 """
 
 from __future__ import annotations
@@ -137,26 +145,29 @@ class DemandPolicy(PolicyBase):
         a = model.predict(level, max(1.0, float(s.running))) if model is not None else None
         return a is not None and than is not None and a > than * 1.01
 
-    def prompt_seconds(self, s, level: int) -> float | None:
-        """Seconds the prompts not yet computed would take at `level` (None: not known yet)."""
+    def prompt_seconds(self, s, level: int, current: int | None = None) -> float | None:
+        """Seconds until the prompts not yet computed are, at `level` (None: not known yet):
+        from `current`, the move there first (the engine waits for it; not counted until a
+        transition was timed)."""
         model = s.step_model
         if model is None or not s.pending_prompt_tokens:
             return 0.0
-        return model.prefill_seconds(level, s.pending_prompt_tokens)
+        prefill = model.prefill_seconds(level, s.pending_prompt_tokens)
+        move = model.move_seconds(current, level) if current is not None and prefill is not None else None
+        return prefill if move is None else prefill + move
 
-    def work_seconds(self, s, level: int, prompt_s: float, projected: bool = True) -> float | None:
+    def work_seconds(self, s, level: int, prompt_s: float | None, batch: float) -> float | None:
         """Seconds `level` takes for the work in the system: the prompts not yet computed
-        (`prompt_s`, their prefill there) and the output tokens still expected, decoded at
-        the batch the level admits. Weighed when no level gives the prompts their first token
-        in time: a rung that prefills a few percent faster can decode several times slower
-        (int8 in an fp32 engine on an AVX2-only EPYC: measured 2.5-3.6x), and every request
-        waiting feels the decode as much as the prefill. None: the decode is not predicted."""
+        (`prompt_s`, their time there) and the output tokens still expected, decoded at
+        `batch` (at least one step). Weighed where the SLO tests cannot decide: a rung that
+        prefills a few percent faster can decode several times slower (int8 in an fp32
+        engine on an AVX2-only EPYC: measured 2.5-3.6x), and every request waiting feels the
+        decode as much as the prefill. None: not predicted."""
         model = s.step_model
-        if not s.pending_output_tokens:
-            return prompt_s
-        batch = self.batch_at(s, level, projected)
         step = model.predict(level, batch) if model is not None else None
-        return None if step is None else prompt_s + s.pending_output_tokens / batch * step
+        if prompt_s is None or step is None:
+            return None
+        return prompt_s + step * max(1.0, s.pending_output_tokens / batch)
 
     def choose(self, s, current: int, demand: float, headroom: float, top: int, bound: float,
                projected: bool = True, prompt_bound: float | None = None) -> tuple[int, str, bool]:
@@ -167,7 +178,7 @@ class DemandPolicy(PolicyBase):
         unknown_ok = s.step_time_s <= bound  # steps already too slow: an unpredicted level is no help
         factor = self.prefill_factor(s)  # the same for every level: computed once per decision
         steps = {k: self.predicted_step(s, k, projected, factor) for k in range(0, top + 1)}
-        prompts = {k: self.prompt_seconds(s, k) for k in steps} if prompt_bound is not None else {}
+        prompts = {k: self.prompt_seconds(s, k, current) for k in steps} if prompt_bound is not None else {}
         covers = {k: self.capacity[k] >= demand * (1 + headroom) for k in steps}
         quick = {k: (steps[k] <= bound) if steps[k] is not None else unknown_ok for k in steps}
         prompt_ok = {k: prompts.get(k) is None or prompts[k] <= prompt_bound for k in steps}
@@ -191,8 +202,8 @@ class DemandPolicy(PolicyBase):
         if hopeless:
             # among the levels that hold the demand, the one that gets through the work in the
             # system soonest (its prompts and the output still expected) shortens every wait
-            timed = {k: w for k in steps if covers[k] and quick[k] and prompts[k] is not None
-                     and (w := self.work_seconds(s, k, prompts[k], projected)) is not None}
+            timed = {k: w for k in steps if covers[k] and quick[k]
+                     and (w := self.work_seconds(s, k, prompts[k], self.batch_at(s, k, projected))) is not None}
             if timed:
                 k = min(timed, key=lambda j: (timed[j], j))
                 here = min(current, top)
@@ -271,6 +282,29 @@ class DemandPolicy(PolicyBase):
         return k, (f"; on to level {k}: {self.capacity[k]} blocks, a decode step {decode:.0%} and a prompt token "
                    f"{prompt:.0%} faster at batch {batch:.0f}")
 
+    def faster_below(self, s, level: int, demand: float) -> tuple[int, str, bool] | None:
+        """When no level meets the restore margins: the best-quality level below `level`
+        that holds `demand` with the restore headroom and gets through the present work (the
+        prompts pending and the output expected at the present batch: `work_seconds`) at
+        least FURTHER_GAIN sooner. The margins keep a level that relief made fast enough
+        from being undone by a slower one; a level slower than one below it buys nothing but
+        its capacity (measured: an fp32 engine on an AVX2-only EPYC held level 13 for 190 s,
+        decoding ~40% slower than at level 0, because level 0's step did not meet the restore
+        margin either)."""
+        batch = max(1.0, float(s.running))
+        here = self.work_seconds(s, level, self.prompt_seconds(s, level), batch)
+        if here is None:
+            return None
+        for j in range(level):
+            if self.capacity[j] < demand * (1 + self.cfg.restore_headroom):
+                continue
+            there = self.work_seconds(s, j, self.prompt_seconds(s, j), batch)
+            if there is not None and there <= here * (1 - FURTHER_GAIN):
+                return j, (f"speed: no level meets the restore margins; level {j} holds demand {demand:.0f} blocks "
+                           f"and gets through the present work in {there:.2f}s against {here:.2f}s at level "
+                           f"{level}"), True
+        return None
+
     def segment_start(self, s, level: int) -> int:
         """The lowest level of the run of rungs, up to `level`, each faster than the one
         below it at the present batch (where `further` would take a move up from there):
@@ -332,9 +366,14 @@ class DemandPolicy(PolicyBase):
         if target == level:
             return Decision(level, f"hold: {reason}", replace(state, calm_since=None))
         # lower: only after calm, and to where the wider margins still hold
-        lower, why, fits = self.choose(s, level, self.demand_blocks(s, projected=False), c.restore_headroom, level,
+        present = self.demand_blocks(s, projected=False)
+        lower, why, fits = self.choose(s, level, present, c.restore_headroom, level,
                                        c.tpot_slo_s * c.restore_margin, projected=False,
                                        prompt_bound=c.ttft_slo_s * c.restore_margin)
+        if not fits:
+            faster = self.faster_below(s, level, present)
+            if faster is not None:
+                lower, why, fits = faster
         if fits and (resting or self.segment_start(s, lower) < lower):
             # `lower` is inside a run of rungs each faster than the one below (no level under
             # it passes), or requests still come and a run of faster rungs starts at it: a

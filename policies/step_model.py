@@ -45,6 +45,7 @@ MIN_WEIGHT = 20.0  # effective samples a fit needs before it predicts on its own
 MIN_WEIGHT_PROFILED = 5.0
 PROMPT_HALF_LIFE_STEPS = 10.0  # prefill steps are few and long: a short memory
 PROMPT_PRIOR_OF_BF16 = 1.0  # before any prefill step: shared cost per prompt token = this x bf16 linears'
+MOVE_HALF_LIFE = 4.0  # transitions are few: the last handful say what one costs now
 
 
 @dataclass
@@ -94,6 +95,9 @@ class StepTimeModel:
     _fits: dict[int, _Fit] = field(default_factory=dict)
     prompt_token_s: float | None = None  # learned: seconds per prompt token outside the linears
     prompt_learned: bool = False  # False: prompt_token_s is the profile's prior
+    # learned from the transitions the engine waited for: seconds per layer swapped, by
+    # direction ("up": quantize, "down": restore)
+    move_layer_s: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.mix is None:
@@ -164,6 +168,25 @@ class StepTimeModel:
         else:
             self.prompt_token_s += (1 - math.exp(-math.log(2) / PROMPT_HALF_LIFE_STEPS)) * (per_token - self.prompt_token_s)
 
+    def observe_move(self, direction: str, layers: int, seconds: float) -> None:
+        """A transition the engine waited for (`direction` "up" or "down"): what one costs
+        decides whether moving for a prompt gives it its first token sooner at all (on a
+        2-vCPU AVX2 EPYC in fp32, 13 layers took 0.45 s for a prefill 0.06 s faster)."""
+        if layers <= 0 or seconds <= 0 or direction not in ("up", "down"):
+            return
+        per_layer, old = seconds / layers, self.move_layer_s.get(direction)
+        alpha = 1 - math.exp(-math.log(2) / MOVE_HALF_LIFE)
+        self.move_layer_s[direction] = per_layer if old is None else old + alpha * (per_layer - old)
+
+    def move_seconds(self, level: int, to: int) -> float | None:
+        """Seconds the engine would wait for a move from `level` to `to` (0 for none; None
+        before any transition was timed; one direction stands in for the other)."""
+        if to == level:
+            return 0.0
+        direction, other = ("up", "down") if to > level else ("down", "up")
+        per_layer = self.move_layer_s.get(direction, self.move_layer_s.get(other))
+        return None if per_layer is None else abs(to - level) * per_layer
+
     def prefill_seconds(self, level: int, prompt_tokens: float) -> float | None:
         """Seconds to compute `prompt_tokens` of prompts at `level`; None without a profile."""
         if self.prompt_token_s is None or self._slopes is None:
@@ -215,6 +238,8 @@ class StepTimeModel:
         if self.prompt_token_s is not None:
             out["prompt_token_s"] = round(self.prompt_token_s, 6)
             out["prompt_token_s_from"] = "prefill steps" if self.prompt_learned else "prior (bf16 linears)"
+        if self.move_layer_s:
+            out["move_s_per_layer"] = {d: round(s, 5) for d, s in sorted(self.move_layer_s.items())}
         if self.profile is not None:
             out["profile"] = {t: {str(b): round(s, 6) for b, s in sorted(v.items())} for t, v in self.profile.items()}
         return out

@@ -525,6 +525,70 @@ def test_a_hopeless_prompt_does_not_move_for_a_gain_within_the_profiles_noise():
     assert d.target == 0, d.reason
 
 
+def test_a_move_for_a_prompt_counts_the_move_itself():
+    """An fp32 engine on the AVX2 EPYC, one prompt that level 0 prefills 2% over the bound and
+    a few W8A8 layers bring just under it. Before any transition is timed the move is made
+    (as before); once the engine has waited 0.45 s for 13 layers (the warm-up's moves teach
+    it), the move's own time puts every other level over the bound too, and the work in the
+    system is done soonest where it is: the level holds."""
+    def waiting(moves: dict | None) -> Signals:
+        s = load(3, AVX2_FP32)
+        s.step_model.observe_prefill(0, 3, 800, prefill_step(AVX2_FP32, 0, 3, 800))
+        for direction, (layers, seconds) in (moves or {}).items():
+            s.step_model.observe_move(direction, layers, seconds)
+        bound = CFG.ttft_slo_s * CFG.slo_margin
+        tokens = round(1.02 * bound / s.step_model.prefill_seconds(0, 1.0))
+        return dataclasses.replace(s, pending_prompt_tokens=tokens, queue_len=1.0, waiting_blocks=8,
+                                   pending_output_tokens=4 * 50)
+
+    p = policy()
+    untimed = p.decide(waiting(None), PolicyState())
+    assert 0 < untimed.target < 10 and "prompt tokens in" in untimed.reason, untimed.reason
+    timed = waiting({"up": (13, 0.45)})
+    assert timed.step_model.move_seconds(0, untimed.target) == pytest.approx(untimed.target * 0.45 / 13)
+    held = p.decide(timed, PolicyState())
+    assert held.target == 0, held.reason
+    # without the move's time that level would still have met the bound
+    assert p.prompt_seconds(timed, untimed.target) <= CFG.ttft_slo_s * CFG.slo_margin
+    assert p.prompt_seconds(timed, untimed.target, current=0) > CFG.ttft_slo_s * CFG.slo_margin
+
+
+def test_the_step_model_learns_what_a_move_costs_by_direction():
+    m = StepTimeModel(2 * L, MIX, AVX2_FP32)
+    assert m.move_seconds(0, 13) is None and m.move_seconds(5, 5) == 0.0  # nothing timed yet; no move
+    m.observe_move("up", 30, 0.95)
+    assert m.move_seconds(0, 10) == pytest.approx(10 * 0.95 / 30)
+    assert m.move_seconds(10, 0) == pytest.approx(10 * 0.95 / 30)  # a restore borrows the other direction
+    m.observe_move("down", 30, 0.64)
+    assert m.move_seconds(30, 0) == pytest.approx(0.64)
+    m.observe_move("up", 13, 0.45)  # an exponential average over a few transitions
+    assert 0.95 / 30 < m.move_seconds(0, 1) < 0.45 / 13
+    m.observe_move("sideways", 3, 1.0)
+    m.observe_move("up", 0, 1.0)
+    assert set(m.move_layer_s) == {"up", "down"} and "move_s_per_layer" in m.as_dict()
+
+
+def test_a_slower_rung_is_not_held_for_a_speed_it_does_not_give():
+    """Held at level 13 on the AVX2 EPYC in fp32 (taken for a prompt), 30 requests decoding
+    and calm: level 0's step (0.119 s) misses the restore margin (0.1 s), but level 13's is
+    slower still (0.166 s). The old rule held 13 for lack of a level meeting the margin; the
+    restore now goes to level 0. Where the level served is the fastest (all-W8A8 on the
+    AVX-512 Xeon) the same state holds, as relief must not be undone."""
+    state = PolicyState(level=13, last_change=100.0, calm_since=196.0)
+    calm = load(30, AVX2_FP32, level=13, time=200.0)
+    restore_bound = CFG.tpot_slo_s * CFG.restore_margin
+    p = policy()
+    assert p.predicted_step(calm, 0, projected=False) > restore_bound
+    assert true_step(AVX2_FP32, 13, 30) > true_step(AVX2_FP32, 0, 30)
+    d = p.decide(calm, state)
+    assert d.target == 0 and "no level meets the restore margins" in d.reason, d.reason
+    # it still waits for calm
+    assert p.decide(calm, PolicyState(level=13, last_change=100.0, calm_since=None)).target == 13
+    relieved = load(50, AVX512, level=L, time=200.0)
+    assert p.predicted_step(relieved, L, projected=False) > restore_bound
+    assert p.decide(relieved, PolicyState(level=L, last_change=100.0, calm_since=196.0)).target == L
+
+
 def test_prompts_do_not_stop_a_restore_once_computed_but_do_while_waiting():
     state = PolicyState(level=L, last_change=100.0, calm_since=196.0)
     calm = prompt_waiting(0, level=L, time=200.0)

@@ -140,3 +140,23 @@ def test_a_background_compression_called_off_part_way_serves_what_it_installed()
     assert result["ok"] and moves.restoring is None and moves.level == 1
     assert worker.tiers == LADDER.config(1) and pool.limit == capacity(1)
     assert moves.recorder.by_direction == {"quantize": 0, "restore": 0}  # the cancelled one is only logged
+
+
+def test_a_transition_the_engine_waited_for_teaches_the_policy_what_a_move_costs():
+    """A synchronous move is timed into the step-time model (the policy counts it before
+    moving for a prompt); a background one is not (the engine did not wait for it)."""
+    from policies import make_tracker
+    from policies.config import PolicyConfig
+
+    moves, worker, pool = _moves(0)
+    moves.policy.tracker = make_tracker(PolicyConfig(policy="demand"), LADDER.top)
+    model = moves.policy.tracker.step_model
+    record = moves.to(3, reason="manual")["transition"]
+    assert model.move_layer_s["up"] == pytest.approx(record["seconds"] / 3)
+    moves.to(0, reason="policy", background=True)
+    while moves.restoring is not None:
+        moves.commit_restore()
+    assert "down" not in model.move_layer_s
+    moves.to(2, reason="manual")
+    moves.to(0, reason="manual")
+    assert model.move_layer_s["down"] > 0

@@ -73,6 +73,12 @@ class PolicyLoop:
     def accept(self, decision: Decision) -> None:
         self.state = decision.state
 
+    def observe_move(self, from_level: int, to_level: int, seconds: float) -> None:
+        """A transition the engine waited for: the step-time model learns what one costs."""
+        model = self.tracker.step_model if self.tracker is not None else None
+        if model is not None and to_level != from_level:
+            model.observe_move("up" if to_level > from_level else "down", abs(to_level - from_level), seconds)
+
     def step_model_dict(self) -> dict | None:
         """What the step-time model knows: the tiers' kernel profile and the fits learned."""
         model = self.tracker.step_model if self.tracker is not None else None

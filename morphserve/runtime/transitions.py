@@ -204,6 +204,8 @@ class Transitions:
     def _finish(self, record: dict, before_blocks: int, t0: float, direction: str) -> None:
         record.update({"to": self.level, "kv_blocks_before": before_blocks,
                        "kv_blocks_after": self.pool.visible, "seconds": time.monotonic() - t0})
+        if record.get("mode") != "background" and not record.get("deferred_restore"):
+            self.policy.observe_move(record["from"], self.level, record["seconds"])  # the engine waited for all of it
         self.recorder.finish(record, direction)
 
     def _apply(self, quantize: list, restore: list, level: int) -> dict:
