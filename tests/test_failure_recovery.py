@@ -149,7 +149,7 @@ def test_failed_transitions_roll_back_pin_and_keep_serving(server, model_dir):
         time.sleep(2)
     assert not traffic.failures, traffic.failures[:3]
     # every client served whole through the failures (4 requests of 48 tokens took the whole test on a
-    # 2-core AVX2 EPYC, where bf16 runs through torch's emulation; 8+ on AVX-512 machines)
+    # 2-core AVX2 EPYC when this server ran bf16 there, through torch's emulation; 8+ on AVX-512 machines)
     assert len(traffic.results) >= 4 and set(traffic.results) == {MAX_TOKENS}
 
     with urllib.request.urlopen(server + "/metrics", timeout=30) as resp:
