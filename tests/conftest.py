@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         needs_pack[name] = needs_pack.get(name, False) or bool(PACK_FIXTURES & set(item.fixturenames))
     rank = {name: i for i, name in enumerate(module_order(needs_pack))}
     items.sort(key=lambda item: rank[item.path.name])  # stable: a module's tests keep their order
+
+
+TIMELINE_ENV = "MORPHSERVE_TEST_TIMELINE"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem):
+    """With MORPHSERVE_TEST_TIMELINE=FILE, one JSON line per test: worker, start, end (wall
+    clock). pytest's --durations gives each phase's length, not when it ran on which worker,
+    which is what balancing the two workers (tests/parallel.py) needs."""
+    path = os.environ.get(TIMELINE_ENV)
+    start = time.time()
+    try:
+        return (yield)
+    finally:
+        if path:
+            line = {"worker": os.environ.get("PYTEST_XDIST_WORKER", "main"), "test": item.nodeid,
+                    "start": round(start, 2), "end": round(time.time(), 2)}
+            with open(path, "a") as f:
+                f.write(json.dumps(line) + "\n")
 
 # Small but real settings: every stage runs (GPTQ through llm-compressor, the full greedy
 # LIS search over all 30 layers, perplexity at every k) on fewer tokens than the default:

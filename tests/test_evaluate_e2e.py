@@ -5,12 +5,13 @@ transition log, and a resumed run that skips what is done."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
 import pytest
 
-from policies.config import PRESETS_DIR
+from policies.config import PRESETS_DIR, quality_curve
 from tests.engine_utils import REPO
 
 pytestmark = [pytest.mark.engine, pytest.mark.quant]
@@ -89,8 +90,18 @@ def test_runs_record_memory_capacity_and_quality(evaluated, pack_dir):
     assert fp16["ppl_increase"] == 0.0 and set(fp16["tokens_by_level"]["output"]) == {"0"}
     assert ms["kv_blocks"]["level0"] < ms["kv_blocks"]["max_level"]
     assert ms["warmup"]["levels"] == [30, 0]
-    quality = json.loads((pack_dir / "quality.json").read_text())
-    assert ms["ppl"] >= quality["fp16_ppl"] * 0.999
+    # The run is charged the pack's measured perplexity at each level its tokens were served
+    # at. Not "at least level 0's": a tiny pack's curve is noisy, and on one CI machine a
+    # quantized level measured 0.3% under level 0 (16.92 against 16.97).
+    curve = quality_curve(json.loads((pack_dir / "quality.json").read_text()))
+    served: dict[int, int] = {}
+    for part in ms["tokens_by_level"].values():
+        for level, n in part.items():
+            served[int(level)] = served.get(int(level), 0) + n
+    assert max(served) > 0 and "ppl_weights_only" not in ms  # served quantized; no KV factor charged
+    expected = math.exp(sum(n * math.log(curve[k]) for k, n in served.items()) / sum(served.values()))
+    assert ms["ppl"] == pytest.approx(expected, rel=1e-9)
+    assert ms["ppl_increase"] == pytest.approx(expected / curve[0] - 1, abs=1e-9)
 
 
 def test_the_policys_quality_ledger_agrees_with_the_evaluation(evaluated):
