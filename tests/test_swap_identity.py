@@ -1,6 +1,6 @@
 """State preservation: swapping layers back and forth mid-request changes nothing.
 
-The identity twin computes exactly what bf16 computes, through the whole swap path
+The identity twin computes exactly what full precision computes, through the whole swap path
 (drop vLLM's prepacked closure, install another, re-prepack on restore). Requests run
 while the level flips every few engine steps; greedy tokens must equal plain vLLM's.
 """
@@ -21,13 +21,16 @@ LEVELS = [15, 30, 0, 7, 30, 22, 0, 3]
 
 
 @pytest.fixture(scope="module")
-def identity_engine(model_dir, pack_dir):
-    llm, core = morph_llm(model_dir, pack_dir, "identity")
+def identity_engine(model_dir, pack_dir, fast_dtype):
+    """In the CPU's fastest dtype (fp32 where bf16 is emulated): the swap path is the same,
+    and bf16 swaps stay covered by the bf16 servers of test_http_control and
+    test_vllm_serve_cli on every CPU."""
+    llm, core = morph_llm(model_dir, pack_dir, "identity", dtype=fast_dtype)
     yield llm, core
     del llm
 
 
-def test_flipping_levels_mid_request_keeps_greedy_output_identical(identity_engine, model_dir, tmp_path):
+def test_flipping_levels_mid_request_keeps_greedy_output_identical(identity_engine, model_dir, tmp_path, fast_dtype):
     llm, core = identity_engine
     flips_in_flight = 0
 
@@ -41,7 +44,7 @@ def test_flipping_levels_mid_request_keeps_greedy_output_identical(identity_engi
 
     tokens = run_greedy(llm, {str(i): p for i, p in enumerate(PROMPTS)}, MAX_TOKENS, flip_every_third_step).tokens
     core.morphserve_set_level(0)
-    baseline = plain_vllm(model_dir, PROMPTS, MAX_TOKENS, tmp_path)["token_ids"]
+    baseline = plain_vllm(model_dir, PROMPTS, MAX_TOKENS, tmp_path, dtype=fast_dtype)["token_ids"]
     assert flips_in_flight >= 10, "the test must swap while requests are running"
     assert [tokens[str(i)] for i in range(len(PROMPTS))] == baseline
 
@@ -74,7 +77,7 @@ def test_bad_levels_change_nothing(identity_engine):
 
 
 def test_background_restore_installs_layers_at_step_boundaries_without_changing_output(
-        identity_engine, model_dir, tmp_path):
+        identity_engine, model_dir, tmp_path, fast_dtype):
     """A policy-style restore 30 -> 0 is prepared in a worker thread and installed over
     several step boundaries while requests decode; greedy output stays plain vLLM's."""
     llm, core = identity_engine
@@ -95,12 +98,12 @@ def test_background_restore_installs_layers_at_step_boundaries_without_changing_
     record = controller.recorder.recent[-1]
     assert record["mode"] == "background" and record["to"] == 0 and record["steps"] >= 1
     assert sorted(record["committed_layer_ids"]) == list(range(30))
-    baseline = plain_vllm(model_dir, PROMPTS, MAX_TOKENS, tmp_path)["token_ids"]
+    baseline = plain_vllm(model_dir, PROMPTS, MAX_TOKENS, tmp_path, dtype=fast_dtype)["token_ids"]
     assert [tokens[f"bg{i}"] for i in range(len(PROMPTS))] == baseline
 
 
 def test_background_compression_installs_layers_at_step_boundaries_without_changing_output(
-        identity_engine, model_dir, tmp_path):
+        identity_engine, model_dir, tmp_path, fast_dtype):
     """A policy-style compression 0 -> top (compress_mode background) is prepared in a
     worker thread and installed over step boundaries while requests decode; the KV pool
     grows only when the last layer is in, weights + KV stay within the budget throughout
@@ -119,7 +122,8 @@ def test_background_compression_installs_layers_at_step_boundaries_without_chang
     cfg = json.loads((model_dir / "config.json").read_text())
     h, inter = cfg["hidden_size"], cfg["intermediate_size"]
     kv_width = cfg["num_key_value_heads"] * (h // cfg["num_attention_heads"])
-    layer_bytes = 2 * (h * (h + 2 * kv_width) + h * h + 2 * h * inter + inter * h)  # bf16 q/k/v, o, gate/up, down
+    params = h * (h + 2 * kv_width) + h * h + 2 * h * inter + inter * h  # q/k/v, o, gate/up, down
+    layer_bytes = params * (4 if fast_dtype == "float32" else 2)
     seen = []
 
     def compress_at_step_3(steps: int) -> None:
@@ -137,10 +141,10 @@ def test_background_compression_installs_layers_at_step_boundaries_without_chang
     assert controller.moves.restoring is None and len(controller.quantized) == top, seen
     assert seen and all(limit == start_blocks and ok for _, limit, ok, _ in seen), seen  # no block before the end
     # one layer ahead of what the installed layers freed, at most (more than one layer may be
-    # prepared once several are in: a W8A8 layer is half a bf16 one)
+    # prepared once several are in: a W8A8 layer is half a bf16 one, a quarter of an fp32 one)
     assert max(over for *_, over in seen) <= layer_bytes, (layer_bytes, seen)
     assert controller.pool.limit == controller.capacity(top) > start_blocks
     record = controller.recorder.recent[-1]
     assert record["mode"] == "background" and record["from"] == 0 and record["to"] == top and record["steps"] >= 1
-    baseline = plain_vllm(model_dir, PROMPTS, MAX_TOKENS, tmp_path)["token_ids"]
+    baseline = plain_vllm(model_dir, PROMPTS, MAX_TOKENS, tmp_path, dtype=fast_dtype)["token_ids"]
     assert [tokens[f"bq{i}"] for i in range(len(PROMPTS))] == baseline
