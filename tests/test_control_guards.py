@@ -24,7 +24,7 @@ json_values = st.recursive(
     max_leaves=20)
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=1000, deadline=None)  # 3,000 took 20 s of the suite on a 2-vCPU AVX2 EPYC
 @given(st.one_of(json_values.map(lambda v: json.dumps({"level": v}).encode()),
                  json_values.map(lambda v: json.dumps({"quantized_layers": v}).encode()),
                  json_values.map(lambda v: json.dumps(v).encode()), st.binary(max_size=2000)))
