@@ -83,13 +83,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=300, help="tokens per prompt (default 300)")
     ap.add_argument("--tokens", type=int, default=60, help="decode tokens per prompt (default 60)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds per process; medians and ranges over them (default 3)")
+    ap.add_argument("--dtypes", default=",".join(DTYPES),
+                    help="comma-separated dtypes to run (default bfloat16,float32; float32 alone where bf16 is "
+                         "emulated and only the fp32 figures are wanted)")
     ap.add_argument("--out", type=Path, default=None, help="write all figures here as JSON")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     shared = [str(args.prompts), str(args.prompt_tokens), str(args.tokens), str(args.repeats)]
     if args.child:
         emit_result(child(args.child, args.model, args.pack, *map(int, shared)))
-    modes = [f"plain:{d}" for d in DTYPES] + ([f"morph:{d}" for d in DTYPES] if args.pack else [])
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    if not dtypes or set(dtypes) - set(DTYPES):
+        print(f"error: --dtypes {args.dtypes!r}: choose from {','.join(DTYPES)}", file=sys.stderr)
+        return 2
+    modes = [f"plain:{d}" for d in dtypes] + ([f"morph:{d}" for d in dtypes] if args.pack else [])
     extra = ["--pack", args.pack] if args.pack else []
     results = run_children(__file__, modes, ["--model", args.model, *extra, "--prompts", shared[0],
                                              "--prompt-tokens", shared[1], "--tokens", shared[2],
