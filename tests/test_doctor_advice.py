@@ -78,3 +78,28 @@ def test_busy_timings_are_flagged():
     s = replace(speed((1.0, 1.0), (1.0, 1.0)), load=1.5)
     a = advise(AVX512, TIERED, s)
     assert a.exit_status == 0 and any("busy" in p.what for p in a.problems)
+
+
+def test_an_fp32_reading_is_named_fp32_and_slower_int8_rungs_buy_memory_not_speed():
+    # This AVX2 EPYC's fp32 profile (int8 at 0.36x / 0.40x of fp32's speed at batch 1 / 32):
+    # the same tier read against bf16 there looked 2x faster at batch 32.
+    fp32 = Speed({"bf16": {1: 1.0, 32: 1.0}, "w8a8": {1: 1 / 0.36, 32: 1 / 0.40}}, "test", dtype="float32")
+    a = advise(AVX2, Pack("p", "m", ["w8a8"], None), fp32)
+    assert a.tiers == ["w8a8"]  # the only tier is kept
+    assert any("0.36x / 0.40x fp32's speed" in r for r in a.reasons)
+    assert a.reasons[-1].startswith("fp32 when idle") and "buy KV memory here, not decode speed" in a.reasons[-1]
+    screen = render(AVX2, Pack("p", "m", ["w8a8"], None), fp32, a)
+    assert "in an fp32 engine (--dtype float32)" in screen and "(0.36x fp32)" in screen
+    assert "bf16 " not in screen.split("speed      ")[1].split("\n")[2]  # level 0's row is named fp32
+    bf16 = advise(AVX512, TIERED, speed((1.0, 1.5), (1.0, 0.9)))
+    assert "x bf16's speed" in " ".join(bf16.reasons) and "buy KV memory" not in bf16.reasons[-1]
+
+
+def test_auto_times_the_dtype_the_doctor_recommends_serving_in():
+    from morphserve.doctor.facts import serving_dtype
+
+    assert serving_dtype(AVX2, "auto") == "float32"  # bf16 emulated: fp32 is recommended, so timed
+    assert serving_dtype(AVX512, "auto") == "bfloat16"
+    amx = replace(AVX512, features={"amx": True, "avx512f": True, "avx2": True})
+    assert serving_dtype(amx, "auto") == "bfloat16"
+    assert serving_dtype(AVX2, "bfloat16") == "bfloat16" and serving_dtype(AVX512, "float32") == "float32"

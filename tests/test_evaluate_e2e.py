@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -35,8 +36,11 @@ static_quantized: null
 
 
 def _evaluate(*args):
+    # The idle check waits 10 s at most here: this worker's core is its own, but a test must
+    # not spend a minute per run on a machine that something else keeps busy.
     return subprocess.run([sys.executable, "-m", "morphserve.cli", "evaluate", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "MORPHSERVE_IDLE_WAIT_S": "10"})
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +87,8 @@ def test_runs_record_memory_capacity_and_quality(evaluated, pack_dir):
     for run in (fp16, ms):
         assert run["requests"] == 12 and run["peak_rss_anon_mib"] > 1000 and run["peak_rss_file_mib"] > 0
         assert run["memory_samples"] > 5
+        # the cores were read before the server started (and the wait bounded, below)
+        assert set(run["cpu_before"]) == {"load", "cores", "waited_s", "busy"} and run["cpu_before"]["waited_s"] < 15
         tokens = run["tokens_by_level"]
         # every token served is charged, a cut request's too
         assert sum(tokens["output"].values()) == sum(run["served_output_lens"])

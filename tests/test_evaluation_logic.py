@@ -367,3 +367,47 @@ def test_a_cut_runs_decisions_are_read_best_effort():
         assert failed["decisions"] == [] and "504" in failed["decisions_error"]
     finally:
         server.shutdown()
+
+
+def test_a_run_waits_for_idle_cores_and_a_busy_start_is_flagged():
+    from morphserve.evaluation.machine import idle_wait_s, wait_until_idle
+
+    now = [0.0]
+
+    def clock():
+        return now[0]
+
+    def readings(loads):
+        it = iter(loads)
+
+        def busy(interval):
+            now[0] += interval
+            return next(it)
+        return busy
+
+    # the last server's processes exit: two busy readings, then idle
+    seen = wait_until_idle(readings([1.6, 1.2, 0.1]), cores=2, wait_s=60, clock=clock)
+    assert seen == {"load": 0.1, "cores": 2, "waited_s": 3.0, "busy": False}
+    # someone else's work holds a core for the whole wait: given up on, and flagged
+    now[0] = 0.0
+    seen = wait_until_idle(readings([1.0] * 100), cores=2, wait_s=5, clock=clock)
+    assert seen["busy"] and seen["load"] == 1.0 and 5 <= seen["waited_s"] < 7
+    assert idle_wait_s({}) == 60 and idle_wait_s({"MORPHSERVE_IDLE_WAIT_S": "2"}) == 2
+    assert idle_wait_s({"MORPHSERVE_IDLE_WAIT_S": "x"}) == 60 and idle_wait_s({"MORPHSERVE_IDLE_WAIT_S": "-1"}) == 0
+
+
+def test_the_report_lists_runs_started_on_a_busy_machine(tmp_path):
+    from morphserve.evaluation.cli import busy_note, busy_starts
+    from morphserve.evaluation.runner import run_dir
+
+    suite = load_suite(_write(tmp_path, SUITE))
+    out = tmp_path / "out"
+    (window, budget), system = suite.cells()[0], suite.systems[0]
+    for rep, before in ((0, {"load": 1.4, "cores": 2, "waited_s": 60.0, "busy": True}),
+                        (1, {"load": 0.1, "cores": 2, "waited_s": 1.0, "busy": False}), (2, None)):
+        folder = run_dir(out, rep, window, budget, system)
+        folder.mkdir(parents=True)
+        (folder / "run.json").write_text(json.dumps({"cpu_before": before} if before else {}))
+    starts = busy_starts(suite, out)
+    assert starts == [f"{window.name}/{budget.name}/{system.name} rep 1 (1.4 of 2 cores in use)"]
+    assert starts[0] in busy_note({"busy_starts": starts}) and busy_note({"busy_starts": []}) == ""

@@ -15,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "One screen: the CPU features that decide vLLM's kernels (AMX, AVX-512, VNNI, AVX512_BF16), "
             "the vLLM version and whether MorphServe's patches apply, the kernel each tier runs here, "
             "FP8 KV, and with --pack whether the pack serves here plus each tier's kernel speed against "
-            "bf16 at batch 1 and 32 (measured in seconds on first use, then cached). Ends with the "
+            "the full-precision rung at batch 1 and 32, in the dtype you would serve (measured in seconds on first use, then cached). Ends with the "
             "recommended --tiers and every problem with its fix. Exit status 0 when everything needed "
             "to serve is in place, 1 otherwise."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -26,6 +26,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pack", type=Path, default=None, metavar="PACK_DIR",
                    help="a pack written by `morphserve prepare`: checked against the model and this CPU, "
                         "and its tiers' kernels timed")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                   help="the engine dtype the kernels are timed in, as `morphserve serve --dtype` would serve: "
+                        "'auto' is float32 where this CPU has neither AVX512_BF16 nor AMX (torch emulates bf16 "
+                        "there, and the two dtypes rank the tiers in opposite order), else bfloat16")
     p.add_argument("--remeasure", action="store_true", help="time the kernels again instead of using the cache")
     p.add_argument("--json", action="store_true", help="print the readings and advice as JSON instead of text")
     p.set_defaults(func=run)
@@ -55,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
             from morphserve.offline import pack as packfmt
 
             group = packfmt.load_manifest(args.pack).group_size or 32  # W8A8-only packs have none
-            speed = facts.speed(info, runnable, group, remeasure=args.remeasure)
+            speed = facts.speed(info, runnable, group, remeasure=args.remeasure,
+                                dtype=facts.serving_dtype(machine, args.dtype))
     advice = advise(machine, pack, speed)
     if args.json:
         print(json.dumps({"machine": asdict(machine), "pack": asdict(pack) if pack else None,

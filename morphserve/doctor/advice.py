@@ -49,13 +49,22 @@ class Pack:
 
 @dataclass
 class Speed:
-    """Seconds of one decoder layer's linears, tier -> batch -> s."""
+    """Seconds of one decoder layer's linears, tier -> batch -> s. The full-precision rung is
+    keyed "bf16" whatever `dtype` it was timed in (the ladder's name for level 0)."""
     seconds: dict[str, dict[int, float]]
     source: str  # "measured now (N s)" or "cached: PATH"
     load: float = 0.0  # cores' worth of CPU in use just before the timing: other work skews kernel timings
+    # The engine dtype the full-precision rung and the activations were timed in. Where bf16 is
+    # emulated the two dtypes rank the tiers in opposite order, so the advice names which it read.
+    dtype: str = "bfloat16"
+
+    @property
+    def full(self) -> str:
+        """The full-precision rung's name as a user serves it: bf16 or fp32."""
+        return "fp32" if self.dtype == "float32" else "bf16"
 
     def relative(self, tier: str, batch: int) -> float | None:
-        """Speed against bf16 (> 1: faster)."""
+        """Speed against the full-precision rung (> 1: faster)."""
         t, b = self.seconds.get(tier, {}).get(batch), self.seconds.get("bf16", {}).get(batch)
         return None if not t or not b else b / t
 
@@ -148,7 +157,8 @@ def _pick_tiers(candidates: list[str], m: Machine, speed: Speed | None,
     reasons += dropped
     for t in picked:
         r1, r32 = (speed.relative(t, b) if speed else None for b in BATCHES)
-        pace = f" (linears at {r1:.2f}x / {r32:.2f}x bf16's speed at batch 1 / 32)" if r1 and r32 else ""
+        pace = (f" (linears at {r1:.2f}x / {r32:.2f}x {speed.full}'s speed at batch 1 / 32)"
+                if speed and r1 and r32 else "")
         reasons.append(f"{t} is in: vLLM runs it here{pace}")
     return picked, reasons
 
@@ -164,20 +174,24 @@ def drop_slow_tiers(candidates: list[str], speed: Speed | None) -> tuple[list[st
         r = speed.relative(t, 32)
         if r is not None and r < SLOW_FRACTION and len(picked) > 1:
             picked.remove(t)
-            reasons.append(f"{t} is dropped: its linears run at {r:.2f}x bf16's speed at batch 32 "
+            reasons.append(f"{t} is dropped: its linears run at {r:.2f}x {speed.full}'s speed at batch 32 "
                            f"(< {SLOW_FRACTION}), a TPOT cost exactly when load makes the policy compress")
     return picked, reasons
 
 
 def _rest_reason(tiers: list[str], speed: Speed | None) -> str:
-    idle = "bf16 when idle (level 0): after fast_rest_idle_s without a request, full precision is restored"
+    full = speed.full if speed is not None else "bf16"
+    idle = f"{full} when idle (level 0): after fast_rest_idle_s without a request, full precision is restored"
     if speed is None:
         return idle
-    faster = [t for t in tiers if speed is not None
-              and all((speed.relative(t, b) or 0) >= FASTER_FRACTION for b in BATCHES)]
+    faster = [t for t in tiers if all((speed.relative(t, b) or 0) >= FASTER_FRACTION for b in BATCHES)]
     if faster:
-        return (idle + f"; {', '.join(faster)}'s linears are faster than bf16's here, so while requests come the "
-                f"`default` and `performance` presets rest on all-{faster[0].upper()} (`accuracy` rests at bf16, "
+        return (idle + f"; {', '.join(faster)}'s linears are faster than {full}'s here, so while requests come the "
+                f"`default` and `performance` presets rest on all-{faster[0].upper()} (`accuracy` rests at {full}, "
                 "buying quality at a speed cost): compare with a static "
                 f"{faster[0].upper()} checkpoint (`morphserve evaluate`) before choosing")
-    return idle + "; no tier is faster than bf16 at both batch sizes here, so load rests at bf16 too"
+    slower = [t for t in tiers if all((speed.relative(t, b) or 1) < 1 for b in BATCHES)]
+    if slower:
+        return (idle + f"; {', '.join(slower)}'s linears are slower than {full}'s here at batch 1 and 32, so "
+                f"{'its' if len(slower) == 1 else 'their'} rungs buy KV memory here, not decode speed")
+    return idle + f"; no tier is faster than {full} at both batch sizes here, so load rests at {full} too"

@@ -90,10 +90,18 @@ def model_info(model: str):
     return read_model_info(Path(model))
 
 
-def speed(info, tiers: list[str], group_size: int, remeasure: bool = False) -> Speed:
-    """Cached when this CPU, vLLM and shapes were measured before (by a doctor run or a
-    server's start); else measured (seconds)."""
+def serving_dtype(m: Machine, asked: str) -> str:
+    """`--dtype auto`: the dtype the doctor recommends serving in, fp32 where torch emulates
+    bf16 (no AVX512_BF16, no AMX), so the speed table is the one the server will time."""
+    if asked != "auto":
+        return asked
+    return "bfloat16" if m.features.get("avx512_bf16") or m.features.get("amx") else "float32"
+
+
+def speed(info, tiers: list[str], group_size: int, remeasure: bool = False, dtype: str = "bfloat16") -> Speed:
+    """Cached when this CPU, vLLM, shapes and dtype were measured before (by a doctor run or
+    a server's start, which times its own engine dtype); else measured (seconds)."""
     from morphserve.runtime.tier_speed import measure
 
-    reading = measure(info.linear_shapes, tiers, group_size, info.num_layers, remeasure)
-    return Speed(reading.seconds, reading.source, reading.load)
+    reading = measure(info.linear_shapes, tiers, group_size, info.num_layers, remeasure, dtype=dtype)
+    return Speed(reading.seconds, reading.source, reading.load, dtype)

@@ -31,15 +31,18 @@ def render(m: Machine, pack: Pack | None, speed: Speed | None, advice: Advice) -
         state = "matches its model" if pack.problem is None else "does NOT serve"
         lines.append(f"pack       {pack.path}: tiers {', '.join(pack.tiers) or '?'}; {state} ({pack.model})")
     if speed is not None:
-        lines.append(f"speed      one decoder layer's linears, vLLM's kernels, {speed.source}")
+        article = "an" if speed.full == "fp32" else "a"
+        lines.append(f"speed      one decoder layer's linears, vLLM's kernels, in {article} {speed.full} engine "
+                     f"(--dtype {speed.dtype}), {speed.source}")
         header = "           " + f"{'tier':<7}" + "".join(f"{'batch ' + str(b):>22}" for b in BATCHES)
         lines.append(header)
         for tier, by_batch in speed.seconds.items():
             cells = []
             for b in BATCHES:
                 s, r = by_batch.get(b), speed.relative(tier, b)
-                cells.append(f"{s * 1e6:9.0f} us ({r:.2f}x bf16)" if s and r else f"{'-':>22}")
-            lines.append("           " + f"{tier:<7}" + "".join(f"{c:>22}" for c in cells))
+                cells.append(f"{s * 1e6:9.0f} us ({r:.2f}x {speed.full})" if s and r else f"{'-':>22}")
+            name = speed.full if tier == "bf16" else tier  # level 0 is keyed "bf16" whatever its dtype
+            lines.append("           " + f"{name:<7}" + "".join(f"{c:>22}" for c in cells))
     lines.append("")
     if advice.prepare:
         lines.append(f"recommend  {advice.prepare}; then `morphserve doctor --pack PACK_DIR` times its tiers here")

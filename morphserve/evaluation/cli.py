@@ -86,7 +86,7 @@ def build_report(suite, out: Path) -> dict:
     marker = out / "suite.json"
     ran_on = json.loads(marker.read_text()).get("machine") if marker.exists() else None
     report = {"suite": suite.name, "fingerprint": suite.fingerprint(), "repetitions": suite.repetitions,
-              "machine": ran_on, "cells": cells}
+              "machine": ran_on, "cells": cells, "busy_starts": busy_starts(suite, out)}
     kv_measured = out / "kv-quality.json"
     if kv_measured.exists():
         report["kv_quality"] = json.loads(kv_measured.read_text())
@@ -96,6 +96,23 @@ def build_report(suite, out: Path) -> dict:
     if cells:
         figure(report, out / "report.png")
     return report
+
+
+def busy_starts(suite, out: Path) -> list[str]:
+    """Runs that started while other work held the cores (`cpu_before` in run.json; runs made
+    before the check was recorded have none and are not listed)."""
+    from morphserve.evaluation.runner import run_dir
+
+    found = []
+    for window, budget in suite.cells():
+        for system in suite.systems_at(window, budget):
+            for rep in range(suite.repetitions):
+                path = run_dir(out, rep, window, budget, system) / "run.json"
+                before = json.loads(path.read_text()).get("cpu_before") if path.exists() else None
+                if before and before.get("busy"):
+                    found.append(f"{window.name}/{budget.name}/{system.name} rep {rep + 1} "
+                                 f"({before['load']} of {before['cores']} cores in use)")
+    return found
 
 
 def report_markdown(report: dict) -> str:
@@ -109,7 +126,15 @@ def report_markdown(report: dict) -> str:
             if versus else "")
     return (f"suite {report['suite']} ({report['fingerprint']}), {report['repetitions']} repetitions{ran_on}; "
             f"each figure: median [low, high]\n\n{lead}{table(report)}\n\nEqual work:\n{equal_work(report)}"
-            f"{kv_cost_note(report)}")
+            f"{kv_cost_note(report)}{busy_note(report)}")
+
+
+def busy_note(report: dict) -> str:
+    starts = report.get("busy_starts") or []
+    if not starts:
+        return ""
+    return ("\n\nStarted on a busy machine (other work held the cores after a minute's wait; these runs' "
+            "timings are suspect):\n" + "\n".join(f"- {s}" for s in starts))
 
 
 def kv_cost_note(report: dict) -> str:

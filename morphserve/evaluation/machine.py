@@ -5,7 +5,17 @@ mix machines."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
+from typing import Callable
+
+# Before each run: how long to wait for the cores to fall idle (the last server's processes
+# exiting, or work of someone else's), and the share of them in use that counts as busy (the
+# kernel profile's threshold). On a 2-vCPU machine one stray process is half the machine:
+# every system's timings drift with it, so a run started busy is flagged in its run.json.
+IDLE_WAIT_S = 60.0
+IDLE_WAIT_ENV = "MORPHSERVE_IDLE_WAIT_S"  # another wait in seconds (0: one reading, no wait)
+IDLE_READING_S = 1.0
 
 
 def describe(cpuinfo: str | None = None, meminfo: str | None = None) -> dict:
@@ -31,3 +41,29 @@ def _read(path: str) -> str:
         return Path(path).read_text()
     except OSError:
         return ""
+
+
+def idle_wait_s(env: dict | None = None) -> float:
+    raw = (os.environ if env is None else env).get(IDLE_WAIT_ENV)
+    try:
+        return max(0.0, float(raw)) if raw is not None else IDLE_WAIT_S
+    except ValueError:
+        return IDLE_WAIT_S
+
+
+def wait_until_idle(busy: Callable[[float], float] | None = None, cores: int | None = None,
+                    wait_s: float | None = None, clock: Callable[[], float] = time.monotonic) -> dict:
+    """Waits up to `wait_s` for fewer than BUSY_LOAD of the cores to be in use, and says what
+    it found: {"load": cores in use at the last reading, "cores", "waited_s", "busy": still
+    over after the wait}. `busy(interval_s)` reads the load over an interval (default: /proc/stat)."""
+    from morphserve.runtime.tier_speed import BUSY_LOAD, busy_cores
+
+    busy = busy or (lambda interval: busy_cores(interval))
+    cores = cores or len(os.sched_getaffinity(0))
+    wait_s = idle_wait_s() if wait_s is None else wait_s
+    start = clock()
+    load = busy(IDLE_READING_S)
+    while load >= BUSY_LOAD * cores and clock() - start < wait_s:
+        load = busy(IDLE_READING_S)
+    return {"load": round(load, 2), "cores": cores, "waited_s": round(clock() - start, 1),
+            "busy": load >= BUSY_LOAD * cores}

@@ -180,13 +180,18 @@ def one_run(suite: Suite, rep: int, window: Window, budget: Budget, system: Syst
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     cmd, env = systems.server_command(system, budget, suite, model, pack, port, folder)
+    idle = machine.wait_until_idle()
+    if idle["busy"]:
+        tqdm.write(f"warning: {idle['load']:.1f} of {idle['cores']} cores were in use after {idle['waited_s']:.0f} s "
+                   f"of waiting before {folder.relative_to(folder.parents[3])}: this run's timings are suspect "
+                   "(flagged in its run.json and the report)")
     t0 = time.monotonic()
     try:
         proc = start_server(cmd, env, folder / "server.log", port, timeout=600)
     except RuntimeError as e:
         raise MorphServeError(f"{folder}: {system.name} did not start: {e}") from None
     record: dict = {"system": system.name, "kind": system.kind, "window": window.name, "budget": budget.name,
-                    "repetition": rep + 1, "startup_s": round(time.monotonic() - t0, 1)}
+                    "repetition": rep + 1, "startup_s": round(time.monotonic() - t0, 1), "cpu_before": idle}
     sampler = MemorySampler(proc.pid)
     try:
         record["warmup"] = systems.warm_up(system, base, suite.warmup_requests, top_level)
