@@ -59,7 +59,9 @@ def test_the_real_pack_is_ready_here_and_its_kernels_are_timed_then_cached(pack_
         assert code == 0 and again["speed"]["source"].startswith("cached:")
         assert again["speed"]["seconds"] == timed
         # the cached reading says how many layer copies each tier streamed: past the cache, or the whole model
-        from morphserve.vllm.kernel_speed import BYTES_PER_WEIGHT, STREAM_FACTOR
+        import torch
+
+        from morphserve.vllm.kernel_speed import STREAM_FACTOR, weight_bytes
         from quant_layers.model_info import read_model_info
 
         [cached] = (own_cache / "doctor").glob("kernel-speed-*.json")
@@ -67,7 +69,7 @@ def test_the_real_pack_is_ready_here_and_its_kernels_are_timed_then_cached(pack_
         info = read_model_info(model_dir)
         weights = sum(n * k for n, k in info.linear_shapes.values())  # one layer's linears
         for tier, copies in reading["copies"].items():
-            streamed = copies * BYTES_PER_WEIGHT[tier] * weights
+            streamed = copies * weight_bytes(tier, getattr(torch, speed["dtype"])) * weights  # fp32 rung: 4 bytes
             assert streamed >= STREAM_FACTOR * reading["cache_bytes"] or copies == info.num_layers, (tier, copies)
 
 
