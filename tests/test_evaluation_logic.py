@@ -335,8 +335,49 @@ def _non_tensor_bytes(model: Path) -> int:
     return sum(8 + struct.unpack("<Q", p.read_bytes()[:8])[0] for p in model.glob("*.safetensors"))
 
 
+def test_a_cut_runs_decisions_are_read_while_the_server_still_runs(tmp_path, monkeypatch):
+    """The decisions of a run cut at its deadline are read before the server is stopped
+    (read after the stop, every cut run recorded `Connection refused`), and only a cut run
+    keeps them (an uncut run reads them, with its ledger, after the replay)."""
+    from morphserve.evaluation import runner
+    from morphserve.evaluation.suite import Budget, Suite, System, Window
+
+    events: list[str] = []
+
+    class FakeReplay:
+        """The load generator: announces its start, then runs until the server is stopped."""
+        returncode = None
+
+        def __init__(self, cmd, stdout, stderr):
+            (tmp_path / "bench.log").write_text("Starting main benchmark run\n")
+
+        def poll(self):
+            if "stop" in events and self.returncode is None:
+                self.returncode = 0
+            return self.returncode
+
+    monkeypatch.setattr(runner.subprocess, "Popen", FakeReplay)
+    monkeypatch.setattr(runner, "stop_server", lambda proc: events.append("stop"))
+    window = Window(name="w", trace="azure-conv", start_s=0, duration_s=0.3, rate_scale=1, length_scale=1,
+                    output_scale=1, regime="light", why="test")
+    suite = Suite(name="s", windows=[window], budgets=[Budget(name="b", total_mb=400)], drain_s=0.3,
+                  systems=[System(name="fp16", kind="fp16")], static_quantized=None)
+
+    def read():
+        events.append("read")
+        return {"decisions": [{"kind": "hold", "level": 5}]}
+
+    record = runner._replay(suite, window, suite.systems[0], tmp_path, "http://x", tmp_path, proc=None,
+                            before_cut=read)
+    assert events == ["read", "stop"]
+    assert record["cut_at_deadline"] and record["decisions"] == [{"kind": "hold", "level": 5}]
+    events.clear()
+    assert "decisions" not in runner._replay(suite, window, suite.systems[0], tmp_path, "http://x", tmp_path,
+                                             proc=None)
+
+
 def test_a_cut_runs_decisions_are_read_best_effort():
-    """After a replay cut at its drain deadline the policy's last decisions are kept when the
+    """Before a replay's drain deadline the policy's last decisions are kept when the
     server answers, and a failed read is recorded instead of failing the run."""
     import threading
     from http.server import BaseHTTPRequestHandler, HTTPServer

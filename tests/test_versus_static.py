@@ -11,9 +11,10 @@ def s(median, low=None, high=None):
             "n": 3}
 
 
-def row(violations, ttft, ppl=0.0, rss=2600.0):
+def row(violations, ttft, ppl=0.0, rss=2600.0, ttft_p50=None):
     v = violations if isinstance(violations, dict) else s(violations)
-    return {"slo_violations": v, "ttft_p95": s(ttft), "ppl_increase": s(ppl), "peak_rss_total_mib": s(rss)}
+    return {"slo_violations": v, "ttft_p95": s(ttft), "ppl_increase": s(ppl), "peak_rss_total_mib": s(rss),
+            "ttft_p50": s(ttft if ttft_p50 is None else ttft_p50)}
 
 
 def cell(regime="capacity", **systems):
@@ -57,3 +58,29 @@ def test_a_capacity_beyond_row_needs_half_the_violations_at_a_third_of_w4s_quali
     assert not not_half["all_met"]
     [plain] = compare_cell(cell("capacity", **systems, ms=row(12, 3.0, ppl=0.025)))
     assert "beyond" not in plain and plain["all_met"]  # the extra rule is for capacity-beyond rows only
+
+
+def test_infinite_p95_ttft_on_both_sides_is_marked_vacuous_with_the_medians():
+    """On an overloaded row both P95 TTFTs are infinite: the rule holds (inf <= 1.25 x inf)
+    but says nothing, so the table says so instead of a bare "yes" (it printed "nanx: yes")."""
+    from morphserve.evaluation.render import versus_static_table
+
+    inf = float("inf")
+    [e] = compare_cell(cell("compute", fp16=row(46, inf, ttft_p50=119.0), w8a8=row(50, inf, ppl=0.012),
+                            ms=row(44, inf, ppl=0.004, rss=2500, ttft_p50=57.0)))
+    assert e["ttft_p95"]["met"] is True and e["ttft_p95"]["vacuous"] and e["ttft_p95"]["ratio"] is None
+    assert e["ttft_p95"]["p50"] == {"morphserve": 57.0, "best_static": 119.0}
+    table = versus_static_table([e])
+    assert "vacuous, both ∞ (median TTFT 57.00 / 119.00 s)" in table and "nan" not in table
+    [finite] = compare_cell(cell("compute", fp16=row(46, 9.0), ms=row(44, inf)))
+    assert finite["ttft_p95"]["met"] is False and "vacuous" not in finite["ttft_p95"]
+
+
+def test_a_capacity_beyond_row_without_a_w4a16_system_skips_only_the_w4a16_quality_half():
+    """Where the CPU has no W4A16 kernel (AVX2) no static W4A16 runs: a third of its loss is
+    "n/a", not a failure; the half-the-violations half still counts."""
+    systems = dict(fp16=row(41, 38.0), w8a8=row(50, float("inf"), ppl=0.012))
+    [won] = compare_cell(cell("capacity-beyond", **systems, ms=row(15, 3.0, ppl=0.004, rss=2500)))
+    assert won["beyond"]["quality_met"] == "n/a" and won["beyond"]["violations_met"] and won["all_met"]
+    [lost] = compare_cell(cell("capacity-beyond", **systems, ms=row(30, 3.0, ppl=0.004, rss=2500)))
+    assert lost["beyond"]["violations_met"] is False and not lost["all_met"]

@@ -65,6 +65,13 @@ def _met(value) -> str:
     return {True: "yes", False: "**no**", None: "-", "yes": "yes", "tie": "tie", "no": "**no**"}.get(value, str(value))
 
 
+def _ttft_met(t: dict) -> str:
+    if not t.get("vacuous"):
+        return _met(t["met"])
+    p50 = t["p50"]
+    return (f"vacuous, both ∞ (median TTFT {_num(p50['morphserve'], '.2f')} / {_num(p50['best_static'], '.2f')} s)")
+
+
 def versus_static_table(entries: list[dict]) -> str:
     """The leading table: each row's MorphServe against that row's best static system
     (rules in morphserve.evaluation.versus_static)."""
@@ -77,10 +84,11 @@ def versus_static_table(entries: list[dict]) -> str:
         beyond = e.get("beyond")
         extra = "-" if not beyond else f"{_met(beyond['violations_met'])} / {_met(beyond['quality_met'])}"
         pct = lambda x: "-" if x is None else f"{x * 100:.1f}%"  # noqa: E731
+        ratio = "" if t["ratio"] is None else f" ({_num(t['ratio'], '.2f')}x)"
         lines.append(
             f"| {e['window']} | {e['budget']} | {e['regime']} | {e['best_static']} | "
             f"{cell(v['morphserve'], '.0f')} / {cell(v['best_static'], '.0f')}: {_met(v['met'])} | "
-            f"{cell(t['morphserve'])} / {cell(t['best_static'])} ({_num(t['ratio'], '.2f')}x): {_met(t['met'])} | "
+            f"{cell(t['morphserve'])} / {cell(t['best_static'])}{ratio}: {_ttft_met(t)} | "
             f"{pct(q['morphserve'])} / {pct(q['w8a8'])}: {_met(q['met'])} | "
             f"{_num(m['morphserve'], '.0f')} / {_num(m['fp16'], '.0f')}: {_met(m['met'])} | {extra} | "
             f"{'yes' if e['all_met'] else '**no**'} |")

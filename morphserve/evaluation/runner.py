@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
@@ -197,12 +198,13 @@ def one_run(suite: Suite, rep: int, window: Window, budget: Budget, system: Syst
         record["warmup"] = systems.warm_up(system, base, suite.warmup_requests, top_level)
         record["kv_blocks"] = systems.kv_blocks(system, base)
         sampler.start()
-        record.update(_replay(suite, window, system, model, base, folder, proc))
+        # A cut run's decisions are read shortly before its deadline, while the server still
+        # answers: there they explain most (the level it held under load it could not serve).
+        before_cut = (lambda: systems.last_decisions(base)) if system.kind == "morphserve" else None
+        record.update(_replay(suite, window, system, model, base, folder, proc, before_cut))
         if system.kind == "morphserve" and not record["cut_at_deadline"]:
             # the policy's own quality figure (to check against ours) and why it held where it did not move
             record.update(systems.policy_record(base))
-        elif system.kind == "morphserve":  # cut: no ledger to compare, but why it held where it did
-            record.update(systems.last_decisions(base))
     except (OSError, RuntimeError) as e:
         raise MorphServeError(f"{folder}: {system.name}: {e}") from None
     finally:
@@ -239,11 +241,16 @@ def one_run(suite: Suite, rep: int, window: Window, budget: Budget, system: Syst
     return record
 
 
+BEFORE_CUT_S = 10.0  # a cut run's policy decisions are read this long before its deadline
+
+
 def _replay(suite: Suite, window: Window, system: System, model: Path, base: str, folder: Path,
-            proc: subprocess.Popen) -> dict:
+            proc: subprocess.Popen, before_cut: Callable[[], dict] | None = None) -> dict:
     """`morphserve replay` with a deadline: once the window plus `drain_s` has passed on the
     trace's clock, the server is stopped and the requests still running fail (they count
-    as violations with infinite latency)."""
+    as violations with infinite latency). `before_cut` runs `BEFORE_CUT_S` before the
+    deadline (so its time is not extra time for the requests still running); what it
+    returns joins the record if the run is cut."""
     cmd = [sys.executable, "-m", "morphserve.cli", "replay", "--trace", window.trace,
            "--window", f"{window.start_s}:{window.duration_s}", "--rate-scale", repr(window.rate_scale),
            "--length-scale", repr(window.length_scale), "--output-scale", repr(window.output_scale),
@@ -260,15 +267,18 @@ def _replay(suite: Suite, window: Window, system: System, model: Path, base: str
         replay = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         started = _wait_for_start(replay, bench_log)
         deadline = started + window.duration_s + suite.drain_s
-        cut = False
+        cut, read = False, None
         while replay.poll() is None:
+            if before_cut and read is None and time.monotonic() > deadline - BEFORE_CUT_S:
+                read = before_cut()
             if time.monotonic() > deadline and not cut:
                 stop_server(proc)  # in-flight requests fail; vLLM's load generator then finishes
                 cut = True
             time.sleep(0.2)
     if replay.returncode != 0:
         raise RuntimeError(f"replay failed (exit {replay.returncode}); see {folder / 'replay.log'}")
-    return {"cut_at_deadline": cut, "replay_wall_s": round(time.monotonic() - started, 1)}
+    return {"cut_at_deadline": cut, "replay_wall_s": round(time.monotonic() - started, 1),
+            **(read if cut and read else {})}
 
 
 def _wait_for_start(replay: subprocess.Popen, bench_log: Path, timeout: float = 300) -> float:

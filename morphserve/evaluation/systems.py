@@ -137,15 +137,15 @@ def policy_record(base: str) -> dict:
     return {"ledger": ledger, "decisions": state.get("recent_decisions") or []}
 
 
-def last_decisions(base: str, timeout: float = 15.0) -> dict:
-    """The policy's last decisions after a replay cut at its drain deadline, best effort:
-    that is where they explain most (the level it held and why), but the server may still
-    be busy there, so a read that fails is recorded as such rather than failing the run.
+def last_decisions(base: str, timeout: float = 8.0) -> dict:
+    """The policy's last decisions just before a replay's drain deadline, best effort: in
+    a run cut there they explain most (the level it held and why), but the server is busy
+    then, so a read that fails is recorded as such rather than failing the run.
     The ledger is not read: a cut run's tokens are not all counted by the evaluation."""
     try:
         state = _request(f"{base}/morphserve/state?memory=0", timeout=timeout)
     except (OSError, ValueError) as e:  # URLError and timeouts are OSErrors; a bad body a ValueError
-        return {"decisions": [], "decisions_error": f"state not read after the cut: {e}"}
+        return {"decisions": [], "decisions_error": f"state not read before the cut: {e}"}
     return {"decisions": state.get("recent_decisions") or []}
 
 

@@ -13,10 +13,19 @@ The rules (written in suite-v4.yaml before it ran):
 - memory: MorphServe's median peak RSS <= plain FP16's;
 - capacity-beyond rows also: violations <= half the best static system's, at a perplexity
   increase <= 1/3 of static W4A16's.
+Two readings the rules leave open are made visible rather than counted as wins or losses:
+- P95 TTFT infinite on both sides (more than 5% of requests failed or were cut, for both):
+  the rule holds (inf <= 1.25 x inf) but says nothing, so the entry is marked `vacuous`
+  and carries both median TTFTs for the reader;
+- a capacity-beyond row on a CPU with no W4A16 kernel has no static W4A16 to measure a
+  third of: that half of the extra rule is "n/a" and is not counted either way (the general
+  quality rule, <= static W8A8's, still applies).
 Plain Python over the report's cells.
 """
 
 from __future__ import annotations
+
+import math
 
 from morphserve.evaluation.suite import SYSTEM_KINDS
 
@@ -91,25 +100,31 @@ def compare_cell(cell: dict) -> list[dict]:
             "violations": {"morphserve": ours["slo_violations"], "best_static": theirs["slo_violations"],
                            "met": violations_verdict(ours["slo_violations"], theirs["slo_violations"])},
             "ttft_p95": {"morphserve": ours["ttft_p95"], "best_static": theirs["ttft_p95"],
-                         "ratio": None if not t_best or t_ours is None else t_ours / t_best,
+                         "ratio": None if not t_best or t_ours is None or math.isinf(t_best) else t_ours / t_best,
                          "met": None if t_ours is None or t_best is None else t_ours <= TTFT_FACTOR * t_best},
             "quality": {"morphserve": q_ours, "w8a8": q_w8,
                         "met": None if q_ours is None or q_w8 is None else q_ours <= q_w8},
             "memory": {"morphserve": rss_ours, "fp16": rss_fp16,
                        "met": None if rss_ours is None or rss_fp16 is None else rss_ours <= rss_fp16},
         }
+        if t_ours is not None and t_best is not None and math.isinf(t_ours) and math.isinf(t_best):
+            entry["ttft_p95"]["vacuous"] = True
+            entry["ttft_p95"]["p50"] = {"morphserve": _median(ours, "ttft_p50"), "best_static": _median(theirs, "ttft_p50")}
         if cell.get("regime") == "capacity-beyond":
             q_w4 = _median(w4, "ppl_increase") if w4 else None
             entry["beyond"] = {
                 "violations_met": None if v_ours is None or v_best is None
                 else v_ours <= BEYOND_FEWER_FRACTION * v_best,
-                "quality_met": None if q_ours is None or q_w4 is None else q_ours <= BEYOND_QUALITY_OF_W4 * q_w4,
+                "quality_met": "n/a" if w4 is None
+                else None if q_ours is None or q_w4 is None else q_ours <= BEYOND_QUALITY_OF_W4 * q_w4,
                 "w4": q_w4,
             }
         checks = [entry["violations"]["met"] in ("yes", "tie"), entry["ttft_p95"]["met"], entry["quality"]["met"],
                   entry["memory"]["met"]]
         if "beyond" in entry:
-            checks += [entry["beyond"]["violations_met"], entry["beyond"]["quality_met"]]
+            checks.append(entry["beyond"]["violations_met"])
+            if entry["beyond"]["quality_met"] != "n/a":  # no W4A16 kernel, no W4A16 system
+                checks.append(entry["beyond"]["quality_met"])
         entry["all_met"] = all(c is True for c in checks)
         out.append(entry)
     return out
