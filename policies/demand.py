@@ -145,6 +145,14 @@ class DemandPolicy(PolicyBase):
         a = model.predict(level, max(1.0, float(s.running))) if model is not None else None
         return a is not None and than is not None and a > than * 1.01
 
+    def through_sooner(self, s, level: int, current: int, projected: bool = True) -> bool:
+        """Does `level` get through the work in the system (`work_seconds`, at the batch its
+        KV admits, its move from `current` counted) at least FURTHER_GAIN sooner than
+        `current`? Where every level admits the whole batch this is only a kernel race."""
+        there, here = (self.work_seconds(s, j, self.prompt_seconds(s, j, current), self.batch_at(s, j, projected))
+                       for j in (level, current))
+        return there is not None and here is not None and there <= here * (1 - FURTHER_GAIN)
+
     def prompt_seconds(self, s, level: int, current: int | None = None) -> float | None:
         """Seconds until the prompts not yet computed are, at `level` (None: not known yet):
         from `current`, the move there first (the engine waits for it; not counted until a
@@ -213,12 +221,23 @@ class DemandPolicy(PolicyBase):
                            f"{prompt_bound:.2f}s; of the levels that hold demand {demand:.0f} blocks, {k} gets "
                            f"through them and {s.pending_output_tokens} output tokens soonest "
                            f"({prompts[k]:.2f}s + {timed[k] - prompts[k]:.2f}s)"), False
+        # A slower rung is still taken where its capacity gets the work through sooner: where
+        # KV holds the batch back, more blocks admit a bigger batch, and slower steps over
+        # it can finish the queue first (measured: an fp32 engine on an AVX2-only EPYC whose
+        # 8 blocks at level 0 held two requests stayed there, every W8A8 rung being slower
+        # per step, while the queue grew to a median TTFT of 54 s).
         fast = [k for k, step in steps.items() if step is not None and step <= bound and (prompt_ok[k] or hopeless)
-                and not self.slower_kernels(s, k, reference)]
+                and (not self.slower_kernels(s, k, reference) or self.through_sooner(s, k, current, projected))]
         if fast:
             k = max(fast)
+            sooner = ""
+            if self.slower_kernels(s, k, reference):
+                there, here = (self.work_seconds(s, j, self.prompt_seconds(s, j, current), self.batch_at(s, j, projected))
+                               for j in (k, current))
+                sooner = (f"; its kernels are slower, but its {self.capacity[k]} blocks get the work in the system "
+                          f"through sooner ({there:.1f}s against {here:.1f}s at level {current})")
             return k, (f"{limited or 'speed'}: level {k} has the most capacity ({self.capacity[k]} blocks for demand "
-                       f"{demand:.0f}) whose step meets {bound:.3f}s ({steps[k]:.3f}s)"), False
+                       f"{demand:.0f}) whose step meets {bound:.3f}s ({steps[k]:.3f}s){sooner}"), False
         known = [k for k, step in steps.items() if step is not None]
         if known:
             k = min(known, key=lambda j: (steps[j], j))

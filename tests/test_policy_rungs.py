@@ -700,3 +700,67 @@ def test_a_move_only_for_rest_waits_until_the_pending_prompts_are_computed():
     queue = dict(capacity_blocks=TIGHT[0], need_blocks=40, waiting_blocks=31, queue_len=10.0, used_blocks=9,
                  pending_prompt_tokens=3000)
     assert policy(TIGHT, REST).decide(load(3, AVX512, **queue), PolicyState()).target > 0
+
+
+# vLLM's KV blocks at each level of an fp32 server of SmolLM2 on the W8A8-only pack at a
+# 594 MB budget (suite-v4-avx2-beyond-594's MorphServe run.json): 8 at level 0.
+FP32_594MB = [8, 10, 12, 13, 15, 17, 19, 21, 22, 24, 26, 28, 29, 31, 33, 35, 37, 38, 40, 42, 44, 46, 47, 49, 51,
+              53, 55, 56, 58, 60, 62]
+
+
+def test_a_queue_no_rung_holds_takes_more_capacity_on_slower_kernels_where_it_gets_through_sooner():
+    """An fp32 engine on the AVX2 EPYC at 594 MB: two requests fill level 0's 8 blocks and 16
+    wait, more than any level holds within the TPOT bound. int8 is slower per step here, so
+    the fallback (the most capacity whose step meets the bound) used to keep only the rungs
+    no slower than level 0: level 0 itself, where the queue never drained (a whole
+    suite-v4-avx2-beyond-594 repetition at level 0, median TTFT 54 s). A level with more
+    blocks serves a bigger batch: slower steps, but the work in the system is through sooner,
+    so it is taken. Where KV does not bind (every level admits the whole batch), slower
+    kernels only slow the work, and the level holds."""
+    m = StepTimeModel(L, MIX[: L + 1], AVX2_FP32)
+    for i in range(60):
+        n = (1, 2, 3)[i % 3]
+        m.observe(0, n, true_step(AVX2_FP32, 0, n))
+    queued = dict(used_blocks=8, capacity_blocks=8, queue_len=16.0, waiting_blocks=32,
+                  need_blocks=54, waiting_need_blocks=48, need_per_request=3.0, blocks_per_request=3.0,
+                  step_time_s=true_step(AVX2_FP32, 0, 2), pending_prompt_tokens=16 * 224,
+                  pending_output_tokens=18 * 130, step_model=m)
+    p = make_policy(CFG, FP32_594MB, L)
+    s = load(2, AVX2_FP32, **queued)
+    demand = p.demand_blocks(s)
+    assert not [k for k in range(L + 1) if FP32_594MB[k] >= demand * (1 + CFG.headroom)
+                and p.predicted_step(s, k) <= BOUND]  # no level holds the queue within the bound
+    assert all(p.slower_kernels(s, k, m.predict(0, 2.0)) for k in range(1, L + 1))  # int8 slower per step
+    d = p.decide(s, PolicyState())
+    assert d.target > 0 and p.predicted_step(s, d.target) <= BOUND, d.reason
+    assert d.reason.startswith("speed:") and "sooner" in d.reason, d.reason
+
+    # the plant agrees: the output still expected, decoded at the batch each level's blocks admit
+    def decode_seconds(level: int) -> float:
+        batch = FP32_594MB[level] / 3.0
+        return true_step(AVX2_FP32, level, batch) * 18 * 130 / batch
+
+    assert decode_seconds(d.target) < decode_seconds(0)
+    # there, with the queue still waiting, it holds: no flapping back to level 0's smaller batch
+    batch = FP32_594MB[d.target] // 3
+    there = load(batch, AVX2_FP32, **{**queued, "level": d.target, "capacity_blocks": FP32_594MB[d.target],
+                                      "step_time_s": true_step(AVX2_FP32, d.target, batch)})
+    again = p.decide(there, PolicyState(level=d.target, last_change=100.0))
+    assert again.target == d.target, again.reason
+    # KV does not bind: every level admits the 18 requests, slower kernels only slow them
+    roomy = make_policy(CFG, [100 + k for k in range(L + 1)], L)
+    assert roomy.decide(load(2, AVX2_FP32, **{**queued, "capacity_blocks": 100}), PolicyState()).target == 0
+
+
+def test_a_run_of_holds_keeps_its_first_and_its_latest_reason():
+    from morphserve.runtime.recorder import Recorder
+
+    r = Recorder(None)
+    r.note_decision(1.0, 0, Decision(0, "hold: capacity: demand 3 blocks fits 8 at level 0", PolicyState()), False)
+    r.note_decision(2.0, 0, Decision(0, "hold: speed: level 0 has the most capacity (8 blocks for demand 40)",
+                                     PolicyState()), True)
+    [entry] = r.decisions
+    assert entry["repeats"] == 1 and entry["reason"].startswith("hold: capacity: demand 3")
+    assert entry["last_reason"].startswith("hold: speed") and entry["last_time"] == 2.0
+    r.note_decision(3.0, 0, Decision(2, "capacity: demand 10 blocks fits 12 at level 2", PolicyState()), True)
+    assert len(r.decisions) == 2 and "last_reason" not in r.decisions[-1]
