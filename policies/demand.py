@@ -223,9 +223,9 @@ class DemandPolicy(PolicyBase):
                            f"({prompts[k]:.2f}s + {timed[k] - prompts[k]:.2f}s)"), False
         # A slower rung is still taken where its capacity gets the work through sooner: where
         # KV holds the batch back, more blocks admit a bigger batch, and slower steps over
-        # it can finish the queue first (measured: an fp32 engine on an AVX2-only EPYC whose
-        # 8 blocks at level 0 held two requests stayed there, every W8A8 rung being slower
-        # per step, while the queue grew to a median TTFT of 54 s).
+        # it can finish the queue first (before, an fp32 engine on an AVX2-only EPYC, where
+        # every W8A8 rung is slower per step, could only stay at level 0 here, 8 blocks for
+        # two requests, however long its queue).
         fast = [k for k, step in steps.items() if step is not None and step <= bound and (prompt_ok[k] or hopeless)
                 and (not self.slower_kernels(s, k, reference) or self.through_sooner(s, k, current, projected))]
         if fast:

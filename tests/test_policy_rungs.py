@@ -712,8 +712,7 @@ def test_a_queue_no_rung_holds_takes_more_capacity_on_slower_kernels_where_it_ge
     """An fp32 engine on the AVX2 EPYC at 594 MB: two requests fill level 0's 8 blocks and 16
     wait, more than any level holds within the TPOT bound. int8 is slower per step here, so
     the fallback (the most capacity whose step meets the bound) used to keep only the rungs
-    no slower than level 0: level 0 itself, where the queue never drained (a whole
-    suite-v4-avx2-beyond-594 repetition at level 0, median TTFT 54 s). A level with more
+    no slower than level 0: level 0 itself, however long the queue. A level with more
     blocks serves a bigger batch: slower steps, but the work in the system is through sooner,
     so it is taken. Where KV does not bind (every level admits the whole batch), slower
     kernels only slow the work, and the level holds."""
