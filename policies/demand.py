@@ -145,12 +145,15 @@ class DemandPolicy(PolicyBase):
         a = model.predict(level, max(1.0, float(s.running))) if model is not None else None
         return a is not None and than is not None and a > than * 1.01
 
-    def through_sooner(self, s, level: int, current: int, projected: bool = True) -> bool:
-        """Does `level` get through the work in the system (`work_seconds`, at the batch its
-        KV admits, its move from `current` counted) at least FURTHER_GAIN sooner than
-        `current`? Where every level admits the whole batch this is only a kernel race."""
-        there, here = (self.work_seconds(s, j, self.prompt_seconds(s, j, current), self.batch_at(s, j, projected))
-                       for j in (level, current))
+    def work_at(self, s, level: int, current: int, projected: bool = True) -> float | None:
+        """`work_seconds` at `level`: at the batch its KV admits, its move from `current` counted."""
+        return self.work_seconds(s, level, self.prompt_seconds(s, level, current), self.batch_at(s, level, projected))
+
+    def through_sooner(self, s, level: int, current: int, here: float | None, projected: bool = True) -> bool:
+        """Does `level` get through the work in the system at least FURTHER_GAIN sooner than
+        `here` (`current`'s `work_at`)? Where every level admits the whole batch this is only
+        a kernel race."""
+        there = self.work_at(s, level, current, projected)
         return there is not None and here is not None and there <= here * (1 - FURTHER_GAIN)
 
     def prompt_seconds(self, s, level: int, current: int | None = None) -> float | None:
@@ -226,16 +229,16 @@ class DemandPolicy(PolicyBase):
         # it can finish the queue first (before, an fp32 engine on an AVX2-only EPYC, where
         # every W8A8 rung is slower per step, could only stay at level 0 here, 8 blocks for
         # two requests, however long its queue).
+        here = self.work_at(s, current, current, projected)
         fast = [k for k, step in steps.items() if step is not None and step <= bound and (prompt_ok[k] or hopeless)
-                and (not self.slower_kernels(s, k, reference) or self.through_sooner(s, k, current, projected))]
+                and (not self.slower_kernels(s, k, reference) or self.through_sooner(s, k, current, here, projected))]
         if fast:
             k = max(fast)
             sooner = ""
             if self.slower_kernels(s, k, reference):
-                there, here = (self.work_seconds(s, j, self.prompt_seconds(s, j, current), self.batch_at(s, j, projected))
-                               for j in (k, current))
                 sooner = (f"; its kernels are slower, but its {self.capacity[k]} blocks get the work in the system "
-                          f"through sooner ({there:.1f}s against {here:.1f}s at level {current})")
+                          f"through sooner ({self.work_at(s, k, current, projected):.1f}s against {here:.1f}s at "
+                          f"level {current})")
             return k, (f"{limited or 'speed'}: level {k} has the most capacity ({self.capacity[k]} blocks for demand "
                        f"{demand:.0f}) whose step meets {bound:.3f}s ({steps[k]:.3f}s){sooner}"), False
         known = [k for k, step in steps.items() if step is not None]
