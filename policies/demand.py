@@ -244,6 +244,17 @@ class DemandPolicy(PolicyBase):
         known = [k for k, step in steps.items() if step is not None]
         if known:
             k = min(known, key=lambda j: (steps[j], j))
+            # Every level breaks the bound: the one that gets the work in the system through
+            # soonest, where KV holds the batch back (the fastest step was level 0 for an fp32
+            # engine on an AVX2-only EPYC, the level with the least KV, and its queue grew).
+            timed = {j: w for j in known
+                     if (w := self.work_seconds(s, j, self.prompt_seconds(s, j, current),
+                                                self.batch_at(s, j, projected))) is not None}
+            if k in timed and timed:
+                best = min(timed, key=lambda j: (timed[j], j))
+                if timed[best] <= timed[k] * (1 - FURTHER_GAIN):
+                    return best, (f"speed: compute-bound at every level; {best} gets the work in the system through "
+                                  f"soonest ({timed[best]:.1f}s against {timed[k]:.1f}s at {k}, the fastest step)"), False
             return k, f"speed: compute-bound at every level; the fastest is {k} (predicted step {steps[k]:.3f}s)", False
         if not unknown_ok:
             return min(current, top), (f"speed: compute-bound, mean step {s.step_time_s:.3f}s > {bound:.3f}s, "

@@ -763,3 +763,26 @@ def test_a_run_of_holds_keeps_its_first_and_its_latest_reason():
     assert entry["last_reason"].startswith("hold: speed") and entry["last_time"] == 2.0
     r.note_decision(3.0, 0, Decision(2, "capacity: demand 10 blocks fits 12 at level 2", PolicyState()), True)
     assert len(r.decisions) == 2 and "last_reason" not in r.decisions[-1]
+
+
+def test_compute_bound_at_every_level_with_a_queue_no_level_holds_takes_the_level_through_soonest():
+    """The same 594 MB server with its steps inflated by the queued prompts' prefill chunks,
+    so that every level reads over the bound: the fastest step is level 0's, the level with
+    the least KV, where the queue never drains; the level that gets the work through soonest
+    is taken instead. With room at every level the fastest step still decides."""
+    m = StepTimeModel(L, MIX[: L + 1], AVX2_FP32)
+    for i in range(60):
+        n = (1, 2, 3)[i % 3]
+        m.observe(0, n, true_step(AVX2_FP32, 0, n))
+    queued = dict(used_blocks=8, capacity_blocks=8, queue_len=16.0, waiting_blocks=32, need_blocks=54,
+                  waiting_need_blocks=48, need_per_request=3.0, blocks_per_request=3.0,
+                  step_time_s=4 * true_step(AVX2_FP32, 0, 2), pending_prompt_tokens=16 * 224,
+                  pending_output_tokens=18 * 130, step_model=m)
+    p = make_policy(CFG, FP32_594MB, L)
+    s = load(2, AVX2_FP32, **queued)
+    assert all(p.predicted_step(s, k) > BOUND for k in range(L + 1))  # compute-bound at every level
+    d = p.decide(s, PolicyState())
+    assert d.target > 0 and "soonest" in d.reason, d.reason
+    roomy = make_policy(CFG, [100 + k for k in range(L + 1)], L)
+    held = roomy.decide(load(2, AVX2_FP32, **{**queued, "capacity_blocks": 100}), PolicyState())
+    assert held.target == 0 and "the fastest is 0" in held.reason, held.reason
