@@ -247,10 +247,8 @@ class DemandPolicy(PolicyBase):
             # Every level breaks the bound: the one that gets the work in the system through
             # soonest, where KV holds the batch back (the fastest step was level 0 for an fp32
             # engine on an AVX2-only EPYC, the level with the least KV, and its queue grew).
-            timed = {j: w for j in known
-                     if (w := self.work_seconds(s, j, self.prompt_seconds(s, j, current),
-                                                self.batch_at(s, j, projected))) is not None}
-            if k in timed and timed:
+            timed = {j: w for j in known if (w := self.work_at(s, j, current, projected)) is not None}
+            if k in timed:
                 best = min(timed, key=lambda j: (timed[j], j))
                 if timed[best] <= timed[k] * (1 - FURTHER_GAIN):
                     return best, (f"speed: compute-bound at every level; {best} gets the work in the system through "
