@@ -452,3 +452,48 @@ def test_the_report_lists_runs_started_on_a_busy_machine(tmp_path):
     starts = busy_starts(suite, out)
     assert starts == [f"{window.name}/{budget.name}/{system.name} rep 1 (1.4 of 2 cores in use)"]
     assert starts[0] in busy_note({"busy_starts": starts}) and busy_note({"busy_starts": []}) == ""
+
+
+def test_static_systems_are_charged_where_every_layer_is_in_their_tier(tmp_path):
+    """All-W8A8 is level L whether the ladder is tiered (its W8A8 half) or W8A8-only (its top);
+    all-W4A16 is the top where W4A16 is served. Before, all-W8A8 was taken as half the top,
+    which on a W8A8-only pack charged static W8A8 the perplexity of 15 layers, not 30."""
+    from morphserve.evaluation.runner import static_levels
+    from morphserve.offline import pack as packfmt
+    from morphserve.offline.ladder import Ladder
+    from tests.test_hardening_fakes import make_model, make_pack, make_tiered_pack
+
+    model = make_model(tmp_path / "model")
+    tiered = packfmt.load_manifest(make_tiered_pack(tmp_path / "tiered", model))
+    n = tiered.num_layers
+    assert static_levels(Ladder.from_manifest(tiered), n) == {"w8a8": n, "w4": 2 * n}
+    assert static_levels(Ladder.from_manifest(tiered, ["w8a8"]), n) == {"w8a8": n}  # a CPU without W4A16
+    w4_only = packfmt.load_manifest(make_pack(tmp_path / "w4", model))
+    assert static_levels(Ladder.from_manifest(w4_only), n) == {"w4": n}
+
+
+def test_a_static_run_charged_at_another_level_is_read_again_from_its_requests(tmp_path):
+    from morphserve.evaluation.runner import rescore_static_quality, run_dir
+
+    suite = load_suite(_write(tmp_path, SUITE.replace("{name: w4, kind: w4}", "{name: w8, kind: w8a8}")
+                                      + "static_quantized: w8\n"))
+    out = tmp_path / "out"
+    (window, budget) = suite.cells()[0]
+    w8, fp16 = next(s for s in suite.systems if s.kind == "w8a8"), suite.systems[0]
+    rows = [{"ok": True, "start_mono": 1.0, "input_len": 10, "output_len": 2, "ttft_s": 0.5,
+             "token_offsets_s": [0.5, 0.6]}]
+    curve = {k: 10.0 + k for k in range(31)}
+    order = [(0, window, budget, w8), (0, window, budget, fp16)]
+    for _, _, _, system in order:
+        folder = run_dir(out, 0, window, budget, system)
+        folder.mkdir(parents=True)
+        (folder / "requests.jsonl").write_text(json.dumps(rows[0]) + "\n")
+        # as the old code wrote it: W8A8 read at 15 (half a W8A8-only ladder's top), no level recorded
+        (folder / "run.json").write_text(json.dumps({"ppl": 25.0, "ppl_increase": 0.5, "keep": 1}))
+    rescore_static_quality(out, order, {s.name: (30, curve) for s in suite.systems}, {"w8a8": 30}, {})
+    again = json.loads((run_dir(out, 0, window, budget, w8) / "run.json").read_text())
+    assert again["static_level"] == 30 and again["keep"] == 1
+    assert again["ppl"] == pytest.approx(40.0) and again["ppl_increase"] == pytest.approx(3.0)
+    assert again["tokens_by_level"] == {"prompt": {"30": 10}, "output": {"30": 2}}
+    untouched = json.loads((run_dir(out, 0, window, budget, fp16) / "run.json").read_text())
+    assert untouched == {"ppl": 25.0, "ppl_increase": 0.5, "keep": 1}  # FP16 is level 0 whatever the ladder

@@ -120,6 +120,23 @@ def served_ladder(manifest: packfmt.Manifest, quality: dict, tiers: list[str] | 
         served_quality(quality, manifest.tier_names, served))
 
 
+STATIC_TIERS = {"w8a8": "w8a8", "w4": "w4a16"}  # a static system's kind -> the tier every layer is in
+
+
+def static_levels(ladder: Ladder, num_layers: int) -> dict[str, int]:
+    """The level of `ladder` at which each static quantized kind has every layer in its tier,
+    for the kinds whose configuration is on it. Read from the ladder, not from its top: all-W8A8
+    is level L on a tiered ladder (its W8A8 half) and on a W8A8-only one (its top), all-W4A16 the
+    top where W4A16 is served. (The evaluation once took all-W8A8 as half the top, which on a
+    W8A8-only pack charged static W8A8 the quality of 15 W8A8 layers, not 30.)"""
+    out = {}
+    for kind, tier in STATIC_TIERS.items():
+        level = ladder.level_of({layer: tier for layer in range(num_layers)})
+        if level is not None:
+            out[kind] = level
+    return out
+
+
 def evaluate(suite: Suite, suite_path: Path, model: Path, pack: Path, out: Path) -> list[Path]:
     check_resumable(suite, out, suite_path, pack)
     manifest = packfmt.load_manifest(pack)
@@ -129,6 +146,13 @@ def evaluate(suite: Suite, suite_path: Path, model: Path, pack: Path, out: Path)
     # The static systems' levels are read on the ladder of every tier served here; a
     # MorphServe system that names its tiers serves (and is scored on) that ladder.
     default = served_ladder(manifest, quality, None, probe_tiers)
+    statics = static_levels(Ladder.from_manifest(manifest, serve_tiers(manifest, None, probe_tiers)),
+                            manifest.num_layers)
+    for s in suite.systems:
+        if s.kind in STATIC_TIERS and s.kind not in statics:
+            raise MorphServeError(f"{s.name}: static {STATIC_TIERS[s.kind]}'s quality is read at the level where every "
+                                  f"layer is {STATIC_TIERS[s.kind]}, and the ladder served on this CPU has none "
+                                  f"(tiers served: {', '.join(serve_tiers(manifest, None, probe_tiers))})")
     ladders = {s.name: served_ladder(manifest, quality, s.tiers, probe_tiers) if s.tiers else default
                for s in suite.systems}
     order = run_order(suite)
@@ -136,6 +160,7 @@ def evaluate(suite: Suite, suite_path: Path, model: Path, pack: Path, out: Path)
                                                           for s in suite.systems if s.kv_cache_dtype != "auto"},
                                  ladders)
     rescore_kv_cost(suite, out, order, kv_factors)  # runs made before the KV cost was charged
+    rescore_static_quality(out, order, ladders, statics, kv_factors)  # runs charged at a wrong static level
     todo = [item for item in order if not (run_dir(out, *item) / "run.json").exists()]
     if len(todo) < len(order):
         print(f"resuming: {len(order) - len(todo)} of {len(order)} runs already done in {out}", file=sys.stderr)
@@ -144,7 +169,7 @@ def evaluate(suite: Suite, suite_path: Path, model: Path, pack: Path, out: Path)
         bar.set_description(f"{window.name}/{budget.name}/{system.name} rep {rep + 1}/{suite.repetitions}")
         top, curve = ladders[system.name]
         one_run(suite, rep, window, budget, system, model, pack, top, curve,
-                run_dir(out, rep, window, budget, system), kv_factors.get(system.name))
+                run_dir(out, rep, window, budget, system), kv_factors.get(system.name), statics.get(system.kind, 0))
     return [run_dir(out, *item) for item in order]
 
 
@@ -169,12 +194,35 @@ def rescore_kv_cost(suite: Suite, out: Path, order: list, kv_factors: dict[str, 
             path.write_text(json.dumps(record, indent=1) + "\n")
 
 
+def rescore_static_quality(out: Path, order: list, ladders: dict[str, tuple[int, dict[int, float]]],
+                           statics: dict[str, int], kv_factors: dict[str, dict[int, float]]) -> None:
+    """A static quantized run whose quality was read at another level than `static_levels`
+    gives (made before that was fixed, or with no level recorded) is read again from its own
+    requests: the measurement is unchanged, only the level its tokens are charged at."""
+    for rep, window, budget, system in order:
+        path = run_dir(out, rep, window, budget, system) / "run.json"
+        if system.kind not in statics or not path.exists():
+            continue
+        record = json.loads(path.read_text())
+        level = statics[system.kind]
+        if record.get("static_level") == level:
+            continue
+        rows = [json.loads(x) for x in (path.parent / "requests.jsonl").read_text().splitlines()]
+        for key in [k for k in record if k.endswith("_weights_only")] + ["kv_ppl_factor"]:
+            record.pop(key, None)
+        record.update(quality.quality_of_run(rows, ladders[system.name][1], None, level), static_level=level)
+        if system.name in kv_factors:
+            record.update(kv_quality.charged(record, kv_factors[system.name]))
+        path.write_text(json.dumps(record, indent=1) + "\n")
+
+
 def one_run(suite: Suite, rep: int, window: Window, budget: Budget, system: System, model: Path, pack: Path,
             top_level: int, curve: dict[int, float], folder: Path,
-            kv_factors: dict[int, float] | None = None) -> dict:
+            kv_factors: dict[int, float] | None = None, static_level: int = 0) -> dict:
     """`top_level`: the top of the ladder the system is read on (every tier served here, or
     a MorphServe system's own tiers); `curve`: perplexity per level of that ladder (weights
-    only); `kv_factors`: its KV cache's perplexity factor per level, where it is not bf16."""
+    only); `kv_factors`: its KV cache's perplexity factor per level, where it is not bf16;
+    `static_level`: a static system's level on that ladder (`static_levels`; 0 for FP16)."""
     folder.mkdir(parents=True, exist_ok=True)
     for stale in ("transitions.jsonl", "bench.json", "summary.json"):
         (folder / stale).unlink(missing_ok=True)  # a half-done earlier attempt
@@ -212,13 +260,12 @@ def one_run(suite: Suite, rep: int, window: Window, budget: Budget, system: Syst
         stop_server(proc)
     summary = json.loads((folder / "summary.json").read_text())
     rows = [json.loads(x) for x in (folder / "requests.jsonl").read_text().splitlines()]
-    # A static system's level on the ladder: all-W4A16 is the top; all-W8A8 is the end of
-    # the W8A8 rungs (the ladder's first half).
-    static_level = {"w4": top_level, "w8a8": top_level // 2}.get(system.kind, 0)
     changes = quality.level_changes(folder / "transitions.jsonl") if system.kind == "morphserve" else None
     record.update({k: v for k, v in summary.items() if k not in ("system", "window")})
     record["trace_window"] = summary["window"]  # START:DURATION; record["window"] stays the suite's name
     record.update(quality.quality_of_run(rows, curve, changes, static_level))
+    if system.kind in STATIC_TIERS:
+        record["static_level"] = static_level
     if kv_factors is not None:
         record.update(kv_quality.charged(record, kv_factors))
     record.update(peak_rss_anon_mib=sampler.peak["anon"] / MIB, peak_rss_file_mib=sampler.peak["file"] / MIB,
