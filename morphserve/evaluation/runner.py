@@ -146,13 +146,13 @@ def evaluate(suite: Suite, suite_path: Path, model: Path, pack: Path, out: Path)
     # The static systems' levels are read on the ladder of every tier served here; a
     # MorphServe system that names its tiers serves (and is scored on) that ladder.
     default = served_ladder(manifest, quality, None, probe_tiers)
-    statics = static_levels(Ladder.from_manifest(manifest, serve_tiers(manifest, None, probe_tiers)),
-                            manifest.num_layers)
+    served_here = serve_tiers(manifest, None, probe_tiers)
+    statics = static_levels(Ladder.from_manifest(manifest, served_here), manifest.num_layers)
     for s in suite.systems:
         if s.kind in STATIC_TIERS and s.kind not in statics:
             raise MorphServeError(f"{s.name}: static {STATIC_TIERS[s.kind]}'s quality is read at the level where every "
                                   f"layer is {STATIC_TIERS[s.kind]}, and the ladder served on this CPU has none "
-                                  f"(tiers served: {', '.join(serve_tiers(manifest, None, probe_tiers))})")
+                                  f"(tiers served: {', '.join(served_here)})")
     ladders = {s.name: served_ladder(manifest, quality, s.tiers, probe_tiers) if s.tiers else default
                for s in suite.systems}
     order = run_order(suite)
