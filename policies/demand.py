@@ -35,7 +35,9 @@ soonest (the prompts' prefill and the output tokens still expected, decoded at t
 level admits: a prefill a few percent faster is no gain at a rung that decodes 3x slower),
 staying where it is unless that gains FURTHER_GAIN; else the one with the most
 capacity whose step (and prompts, where some level can) still meet their bounds, else the
-fastest predicted one, else the top.
+fastest predicted one, else the top. In each of these, a level taken for its capacity must
+spare the decodes beside the prompts it admits (`spares_decodes`): where prompts are long
+and outputs short, a bigger batch turns the requests it serves sooner into TPOT failures.
 
 Quality limits, tightest first: the hard cap (fraction, layers, max_ppl_increase), then the
 budget over time (`max_avg_ppl_increase`, token-weighted over `quality_window_s`): a level
@@ -156,6 +158,37 @@ class DemandPolicy(PolicyBase):
         there = self.work_at(s, level, current, projected)
         return there is not None and here is not None and there <= here * (1 - FURTHER_GAIN)
 
+    def step_beside_prompts(self, s, level: int, projected: bool = True) -> float | None:
+        """The step a request in `level`'s batch feels with the other requests' prompts
+        computed beside it: the decode step at the batch the level admits, plus each other
+        member's prefill spread over one request's output tokens (chunked prefill puts a
+        prompt into the steps that decode everyone else, and a batch turns over about once
+        per request's output, so each request sees about one prompt per other member). Where
+        prompts are long and outputs short (the code trace: 333 prompt tokens for 21 output
+        tokens) that term is what a bigger batch costs every request in it; where outputs
+        are long (the conv trace: 224 for 142) it is small. The decode step alone where the
+        requests' sizes or a prompt's cost are not known; None where the decode is not."""
+        model = s.step_model
+        batch = self.batch_at(s, level, projected)
+        step = model.predict(level, batch) if model is not None else None
+        if step is None or s.prompt_tokens_per_request <= 0 or s.output_tokens_per_request <= 0:
+            return step
+        prompt = model.prefill_seconds(level, s.prompt_tokens_per_request)
+        if prompt is None:
+            return step
+        return step + (batch - 1.0) * prompt / max(1.0, s.output_tokens_per_request)
+
+    def spares_decodes(self, s, level: int, reference: int, bound: float, projected: bool = True) -> bool:
+        """Does `level` keep the step beside the prompts it admits (`step_beside_prompts`)
+        within `bound`, or no slower than `reference` keeps it? A level taken for its
+        capacity admits more prompts at once; where their prefill stalls every decode beside
+        them past the bound, the requests it serves sooner break TPOT instead of TTFT
+        (measured: an fp32 engine on an AVX2-only EPYC, code trace, climbed to all-W8A8 for
+        the work through sooner; 49 of 55 requests broke TPOT against plain fp32's 16)."""
+        there = self.step_beside_prompts(s, level, projected)
+        ref = self.step_beside_prompts(s, reference, projected)
+        return there is None or there <= max(bound, ref if ref is not None else 0.0) * (1 + 1e-9)
+
     def prompt_seconds(self, s, level: int, current: int | None = None) -> float | None:
         """Seconds until the prompts not yet computed are, at `level` (None: not known yet):
         from `current`, the move there first (the engine waits for it; not counted until a
@@ -213,11 +246,11 @@ class DemandPolicy(PolicyBase):
         if hopeless:
             # among the levels that hold the demand, the one that gets through the work in the
             # system soonest (its prompts and the output still expected) shortens every wait
-            timed = {k: w for k in steps if covers[k] and quick[k]
+            here = min(current, top)
+            timed = {k: w for k in steps if covers[k] and quick[k] and self.spares_decodes(s, k, here, bound, projected)
                      and (w := self.work_seconds(s, k, prompts[k], self.batch_at(s, k, projected))) is not None}
             if timed:
                 k = min(timed, key=lambda j: (timed[j], j))
-                here = min(current, top)
                 if here in timed and k != here and timed[k] > timed[here] * (1 - FURTHER_GAIN):
                     k = here  # within the noise of the profile: no quality is spent on it
                 return k, (f"speed: {s.pending_prompt_tokens} prompt tokens waiting; no level computes them within "
@@ -231,7 +264,9 @@ class DemandPolicy(PolicyBase):
         # two requests, however long its queue).
         here = self.work_at(s, current, current, projected)
         fast = [k for k, step in steps.items() if step is not None and step <= bound and (prompt_ok[k] or hopeless)
-                and (not self.slower_kernels(s, k, reference) or self.through_sooner(s, k, current, here, projected))]
+                and (not self.slower_kernels(s, k, reference)
+                     or (self.through_sooner(s, k, current, here, projected)
+                         and self.spares_decodes(s, k, current, bound, projected)))]
         if fast:
             k = max(fast)
             sooner = ""
@@ -247,12 +282,23 @@ class DemandPolicy(PolicyBase):
             # Every level breaks the bound: the one that gets the work in the system through
             # soonest, where KV holds the batch back (the fastest step was level 0 for an fp32
             # engine on an AVX2-only EPYC, the level with the least KV, and its queue grew).
+            # Not where the prompts it admits would stall the decodes beside them past what
+            # the fastest level's do: those requests would break TPOT instead of TTFT.
             timed = {j: w for j in known if (w := self.work_at(s, j, current, projected)) is not None}
             if k in timed:
                 best = min(timed, key=lambda j: (timed[j], j))
+                spared = {j: w for j, w in timed.items() if self.spares_decodes(s, j, k, bound, projected)}
+                kept = min(spared, key=lambda j: (spared[j], j))  # k spares its own decodes: never empty
+                if timed[kept] <= timed[k] * (1 - FURTHER_GAIN):
+                    return kept, (f"speed: compute-bound at every level; {kept} gets the work in the system through "
+                                  f"soonest ({timed[kept]:.1f}s against {timed[k]:.1f}s at {k}, the fastest step)"), False
                 if timed[best] <= timed[k] * (1 - FURTHER_GAIN):
-                    return best, (f"speed: compute-bound at every level; {best} gets the work in the system through "
-                                  f"soonest ({timed[best]:.1f}s against {timed[k]:.1f}s at {k}, the fastest step)"), False
+                    stall, ref = self.step_beside_prompts(s, best, projected), self.step_beside_prompts(s, k, projected)
+                    at_k = f"{ref:.3f}s at {k}" if ref is not None else f"{bound:.3f}s allowed"
+                    return k, (f"speed: compute-bound at every level; the fastest is {k} (predicted step "
+                               f"{steps[k]:.3f}s); {best} would get the work through sooner ({timed[best]:.1f}s "
+                               f"against {timed[k]:.1f}s), but the prompts it admits would stall the decodes "
+                               f"beside them ({stall:.3f}s a token against {at_k})"), False
             return k, f"speed: compute-bound at every level; the fastest is {k} (predicted step {steps[k]:.3f}s)", False
         if not unknown_ok:
             return min(current, top), (f"speed: compute-bound, mean step {s.step_time_s:.3f}s > {bound:.3f}s, "

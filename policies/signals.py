@@ -47,6 +47,10 @@ class StepSample:
     # output tokens still expected from the running and waiting requests (each request's
     # expected output, as in its need at completion, less what it has produced)
     pending_output_tokens: int = 0
+    # the size of one request: mean prompt tokens of the requests in the system, and the
+    # output one is expected to produce (the mean of finished ones); 0 where none is known
+    prompt_tokens_per_request: float = 0.0
+    output_tokens_per_request: float = 0.0
     # False for a boundary taken when requests arrived, before the next step is scheduled:
     # no step ran since the previous sample, so the gap between them is not a step's time
     stepped: bool = True
@@ -78,6 +82,8 @@ class Signals:
     quality_tokens: float = 0.0  # tokens in that window
     pending_prompt_tokens: int = 0  # prompt tokens still to prefill now
     pending_output_tokens: int = 0  # output tokens the requests in the system are still expected to produce
+    prompt_tokens_per_request: float = 0.0  # mean prompt of the requests in the system (0: none)
+    output_tokens_per_request: float = 0.0  # output one request is expected to produce (0: not known)
     # learned state, shared by reference (not part of the logged record)
     step_model: StepTimeModel | None = field(default=None, compare=False, repr=False)
     ledger: QualityLedger | None = field(default=None, compare=False, repr=False)
@@ -180,6 +186,8 @@ class SignalTracker:
             quality_tokens=self.ledger.tokens if self.ledger is not None else 0.0,
             pending_prompt_tokens=s.pending_prompt_tokens,
             pending_output_tokens=s.pending_output_tokens,
+            prompt_tokens_per_request=s.prompt_tokens_per_request,
+            output_tokens_per_request=s.output_tokens_per_request,
             step_model=self.step_model,
             ledger=self.ledger,
         )

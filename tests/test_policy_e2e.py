@@ -121,6 +121,8 @@ def test_a_burst_quantizes_grows_kv_and_restores_fully_afterwards(server, fast_d
     assert first["signals"]["need_blocks"] > first["signals"]["capacity_blocks"]
     assert first["signals"]["waiting_need_blocks"] > 0
     assert first["signals"]["pending_output_tokens"] > 0  # the burst's output still to come, read from vLLM's scheduler
+    # one request's size, read from the same scheduler: its prompt, and the output expected of it
+    assert first["signals"]["prompt_tokens_per_request"] > 0 and first["signals"]["output_tokens_per_request"] > 0
     assert any(r["signals"]["token_rate"] > 0 for r in records)
 
     explained = subprocess.run([sys.executable, "-m", "morphserve.cli", "policy", "explain", str(log_path), "--json"],

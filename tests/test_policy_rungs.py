@@ -786,3 +786,49 @@ def test_compute_bound_at_every_level_with_a_queue_no_level_holds_takes_the_leve
     roomy = make_policy(CFG, [100 + k for k in range(L + 1)], L)
     held = roomy.decide(load(2, AVX2_FP32, **{**queued, "capacity_blocks": 100}), PolicyState())
     assert held.target == 0 and "the fastest is 0" in held.reason, held.reason
+
+
+def _compute_bound_queue(prompt_tokens: float, output_tokens: float) -> tuple:
+    """The 594 MB fp32 server above, compute-bound at every level with 16 requests queued, whose
+    requests carry `prompt_tokens` and are expected to produce `output_tokens` each."""
+    m = StepTimeModel(L, MIX[: L + 1], AVX2_FP32)
+    for i in range(60):
+        n = (1, 2, 3)[i % 3]
+        m.observe(0, n, true_step(AVX2_FP32, 0, n))
+    m.observe_prefill(0, 2, 512, true_step(AVX2_FP32, 0, 2) + 512 * 3.5e-3)  # ~3.5 ms a prompt token, as served
+    queued = dict(used_blocks=8, capacity_blocks=8, queue_len=16.0, waiting_blocks=32, need_blocks=54,
+                  waiting_need_blocks=48, need_per_request=3.0, blocks_per_request=3.0,
+                  step_time_s=4 * true_step(AVX2_FP32, 0, 2), pending_prompt_tokens=int(16 * prompt_tokens),
+                  pending_output_tokens=int(18 * output_tokens), prompt_tokens_per_request=prompt_tokens,
+                  output_tokens_per_request=output_tokens, step_model=m)
+    p = make_policy(CFG, FP32_594MB, L)
+    return p, load(2, AVX2_FP32, **queued)
+
+
+def test_where_prompts_are_the_work_capacity_is_not_bought_with_stalled_decodes():
+    """The code trace's shape (333 prompt tokens for 21 output tokens a request): a level with
+    more KV admits more prompts at once, and their prefill, spread over a request's few output
+    tokens, stalls every decode beside them. The work gets through sooner there, but its
+    requests would break TPOT (measured: all-W8A8 taken so, 49 of 55 requests over TPOT
+    against plain fp32's 16), so the fastest level holds, and says why. The conv trace's shape
+    (224 for 142) still takes the level through soonest: there the stall is small."""
+    p, s = _compute_bound_queue(333, 21)
+    assert all(p.predicted_step(s, k) > BOUND for k in range(L + 1))  # compute-bound at every level
+    soonest = min(range(L + 1), key=lambda j: p.work_at(s, j, 0))
+    assert soonest > 0 and p.work_at(s, soonest, 0) < 0.95 * p.work_at(s, 0, 0)  # what the fallback took before
+    assert p.step_beside_prompts(s, soonest) > max(BOUND, p.step_beside_prompts(s, 0))
+    d = p.decide(s, PolicyState())
+    assert d.target == 0 and "stall the decodes" in d.reason, d.reason
+
+    p, s = _compute_bound_queue(224, 142)
+    d = p.decide(s, PolicyState())
+    assert d.target > 0 and "soonest" in d.reason, d.reason
+    assert p.step_beside_prompts(s, d.target) <= BOUND
+
+
+def test_the_step_beside_prompts_is_the_decode_step_where_request_sizes_are_not_known():
+    p, s = _compute_bound_queue(333, 21)
+    bare = dataclasses.replace(s, prompt_tokens_per_request=0.0, output_tokens_per_request=0.0)
+    for k in (0, 10, L):
+        assert p.step_beside_prompts(bare, k) == pytest.approx(s.step_model.predict(k, p.batch_at(s, k)))
+        assert p.step_beside_prompts(s, k) > p.step_beside_prompts(bare, k)

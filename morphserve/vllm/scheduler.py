@@ -302,4 +302,7 @@ class StepSampler:
             prefill_tokens=prefill,
             pending_prompt_tokens=pending,
             pending_output_tokens=int(sum(left(r) for r in running) + sum(left(r) for r in waiting)),
+            prompt_tokens_per_request=(sum(r.num_prompt_tokens for r in running) + sum(r.num_prompt_tokens for r in waiting))
+            / (len(running) + len(waiting)) if running or waiting else 0.0,
+            output_tokens_per_request=float(expected),
         )
