@@ -254,7 +254,7 @@ class StepSampler:
         self._known = ids
         self._first_token &= ids
         ttfts = []
-        tokens = prefill = pending = 0
+        tokens = prefill = pending = prompts = 0
         self._running = {}
         for r in scheduler.running:
             if r.num_output_tokens >= 1 and r.request_id not in self._first_token:
@@ -263,6 +263,7 @@ class StepSampler:
             before = self._computed.get(r.request_id, 0)
             tokens += max(0, r.num_computed_tokens - before)
             prompt = r.num_prompt_tokens
+            prompts += prompt
             prefill += max(0, min(r.num_computed_tokens, prompt) - min(before, prompt))
             pending += max(0, prompt - r.num_computed_tokens)
             self._computed[r.request_id] = r.num_computed_tokens
@@ -271,7 +272,9 @@ class StepSampler:
         preemptions = sum(r.num_preemptions for r in requests.values())
         new_preemptions, self._preemptions = max(0, preemptions - self._preemptions), preemptions
         waiting = list(scheduler.waiting)
-        pending += sum(max(0, r.num_prompt_tokens - r.num_computed_tokens) for r in waiting)
+        for r in waiting:
+            pending += max(0, r.num_prompt_tokens - r.num_computed_tokens)
+            prompts += r.num_prompt_tokens
         block = scheduler.block_size
         running = scheduler.running
         remaining = [r.max_tokens - r.num_output_tokens for r in running]
@@ -302,7 +305,6 @@ class StepSampler:
             prefill_tokens=prefill,
             pending_prompt_tokens=pending,
             pending_output_tokens=int(sum(left(r) for r in running) + sum(left(r) for r in waiting)),
-            prompt_tokens_per_request=(sum(r.num_prompt_tokens for r in running) + sum(r.num_prompt_tokens for r in waiting))
-            / (len(running) + len(waiting)) if running or waiting else 0.0,
+            prompt_tokens_per_request=prompts / (len(running) + len(waiting)) if running or waiting else 0.0,
             output_tokens_per_request=float(expected),
         )
