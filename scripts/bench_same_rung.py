@@ -1,6 +1,9 @@
 """MorphServe held at all-W8A8 against plain vLLM serving the static W8A8 checkpoint: the
 same weights in the same int8 kernel, so any difference is what MorphServe's runtime adds
 (its swappable layers, its step-boundary hooks, the elastic block pool), not precision.
+With `--rung level0`, MorphServe held at level 0 (every layer full precision) against plain
+vLLM serving the model itself in the same `--dtype`: what a server resting at level 0 pays
+for being MorphServe (fp32 is the server's dtype where the CPU has no native bf16).
 
 Each engine runs in a fresh child process, one at a time, in alternation
 (static, morph, static, morph, ...) for `--rounds` rounds, so slow drift of a shared
@@ -10,6 +13,7 @@ machine lands on both. Per child, eager mode, greedy, `ignore_eos`:
 - prefill tok/s: `--prefill-batch` prompts of `--prefill-tokens` tokens, one output token.
 
     python scripts/bench_same_rung.py --model MODEL_DIR --pack PACK_DIR [--kv-cache-dtype fp8] [--rounds 3]
+    python scripts/bench_same_rung.py --model MODEL_DIR --pack PACK_DIR --rung level0 --dtype float32
 
 Prints, per cell, each engine's median [range] over the rounds and the ratio morph / static
 of the medians. PACK_DIR must hold a W8A8 tier.
@@ -35,20 +39,31 @@ def _token_prompt(n: int, salt: int) -> dict:
 
 
 def child(mode: str, model: str, pack: str, kv_dtype: str, repeats: int, prefill_batch: int,
-          prefill_tokens: int) -> dict:
+          prefill_tokens: int, rung: str = "w8a8", dtype: str = "bfloat16", heap_trim: float | None = None) -> dict:
     from vllm import SamplingParams
 
     from morphserve.evaluation.systems import static_w8a8_dir
     from morphserve.vllm.offline_engine import engine_core_of, in_process_llm
 
-    kw = {"enforce_eager": True, "max_model_len": 2048, "max_num_seqs": max(max(BATCHES), prefill_batch)}
+    kw = {"enforce_eager": True, "max_model_len": 2048, "max_num_seqs": max(max(BATCHES), prefill_batch),
+          "dtype": dtype}
     if kv_dtype != "auto":
         kw["kv_cache_dtype"] = kv_dtype
-    if mode == "static":
+    morph = {} if heap_trim is None else {"heap_trim_interval_s": heap_trim}
+    if rung == "level0":
+        llm = in_process_llm(model, None if mode == "static" else pack, morph=morph, **kw)
+        if mode == "morph":
+            core = engine_core_of(llm)
+            core.morphserve_set_level(0)
+            state = core.morphserve_state()
+            if state["level"] != 0:
+                raise SystemExit(f"MorphServe is at level {state['level']}, not 0")
+        tiers = {"full": "every layer"}
+    elif mode == "static":
         llm = in_process_llm(static_w8a8_dir(Path(pack)), None, tokenizer=model, **kw)
         tiers = {"w8a8": "every layer (checkpoint)"}
     else:
-        llm = in_process_llm(model, pack, **kw)
+        llm = in_process_llm(model, pack, morph=morph, **kw)
         core = engine_core_of(llm)
         state = core.morphserve_state()
         # a tiered ladder (bf16 -> W8A8 -> W4A16) is all-W8A8 halfway; a W8A8-only one at its top
@@ -81,6 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pack", required=True, help="a pack with a W8A8 tier")
     ap.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
                     help="both engines' KV cache dtype (fp8: x86 with AVX-512 or AMX; default auto = bf16)")
+    ap.add_argument("--rung", choices=("w8a8", "level0"), default="w8a8",
+                    help="w8a8 (default): MorphServe at all-W8A8 against the static W8A8 checkpoint; level0: "
+                         "MorphServe at level 0 against plain vLLM on the model itself")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                    help="both engines' dtype (float32 where the CPU has no native bf16; default bfloat16)")
+    ap.add_argument("--heap-trim-interval", type=float, default=None,
+                    help="MorphServe's heap trimmer interval in seconds (0 = off; default: MorphServe's own)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating static/morph rounds (default 3)")
     ap.add_argument("--repeats", type=int, default=2, help="timings per cell within a child; the best is kept")
     ap.add_argument("--prefill-batch", type=int, default=8, help="prompts in the prefill cell (default 8)")
@@ -90,8 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.child:
         emit_result(child(args.child, args.model, args.pack, args.kv_cache_dtype, args.repeats,
-                          args.prefill_batch, args.prefill_tokens))
+                          args.prefill_batch, args.prefill_tokens, args.rung, args.dtype, args.heap_trim_interval))
     common = ["--model", args.model, "--pack", args.pack, "--kv-cache-dtype", args.kv_cache_dtype,
+              "--rung", args.rung, "--dtype", args.dtype,
+              *(["--heap-trim-interval", repr(args.heap_trim_interval)] if args.heap_trim_interval is not None else []),
               "--repeats", str(args.repeats), "--prefill-batch", str(args.prefill_batch),
               "--prefill-tokens", str(args.prefill_tokens)]
     runs: dict[str, list[dict]] = {"static": [], "morph": []}
@@ -108,9 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    print(f"KV cache dtype {args.kv_cache_dtype}; medians [range] over {args.rounds} rounds; "
+    print(f"KV cache dtype {args.kv_cache_dtype}, dtype {args.dtype}; medians [range] over {args.rounds} rounds; "
           f"MorphServe tiers: {runs['morph'][0]['tiers']}")
-    print("| cell | static W8A8 (plain vLLM) | MorphServe at all-W8A8 | morph / static |")
+    if args.rung == "level0":
+        print("| cell | plain vLLM | MorphServe at level 0 | morph / plain |")
+    else:
+        print("| cell | static W8A8 (plain vLLM) | MorphServe at all-W8A8 | morph / static |")
     print("|---|---|---|---|")
     cells = [(f"decode tok/s, batch {b}", lambda x, b=b: x["decode_tok_s"][str(b)]) for b in BATCHES]
     cells.append((f"prefill tok/s, {args.prefill_batch} x {args.prefill_tokens}", lambda x: x["prefill_tok_s"]))
@@ -118,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         s, m = [get(x) for x in runs["static"]], [get(x) for x in runs["morph"]]
         print(f"| {name} | {_summary(s)} | {_summary(m)} | {statistics.median(m) / statistics.median(s):.3f} |")
     if args.out:
-        args.out.write_text(json.dumps({"kv_cache_dtype": args.kv_cache_dtype, "runs": runs}, indent=2) + "\n")
+        args.out.write_text(json.dumps({"kv_cache_dtype": args.kv_cache_dtype, "rung": args.rung, "dtype": args.dtype,
+                                        "heap_trim_interval": args.heap_trim_interval, "runs": runs}, indent=2) + "\n")
     return 0
 
 

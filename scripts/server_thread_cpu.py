@@ -8,6 +8,10 @@ like "does vLLM's engine-core process spin while the worker computes?" on a mach
 cores, where such a spin takes a core from everything else.
 
     python scripts/server_thread_cpu.py --match morphserve.vllm.server [--settle 75] [--seconds 50]
+    python scripts/server_thread_cpu.py --match morphserve.vllm.server --seconds 0 --repeat 6
+
+`--seconds 0` reads until the server exits (its last reading, every 2 s), so a whole replay
+is counted; `--repeat` then waits for the next server, as an evaluation starts one per run.
 
 psutil would do the reading, but it is not a dependency; /proc is a few lines.
 """
@@ -22,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from morphserve.harness.servers import group_pids  # noqa: E402  (a server and its engine are one process group)
+from morphserve.harness.servers import group_pids, running  # noqa: E402  (a server and its engine are one process group)
 
 
 def matching(pattern: str) -> list[int]:
@@ -38,6 +42,10 @@ def matching(pattern: str) -> list[int]:
         if pattern in cmd:
             out.append(int(entry))
     return sorted(out)
+
+
+def running_any(pids: list[int]) -> bool:
+    return any(running(pid) for pid in pids)
 
 
 def thread_seconds(pid: int) -> dict[tuple[int, int, str], float]:
@@ -64,10 +72,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--match", required=True, help="a substring of the server's command line")
     ap.add_argument("--settle", type=float, default=75.0, help="seconds after the server appears before reading "
                                                                  "(start-up and warm-up; default 75)")
-    ap.add_argument("--seconds", type=float, default=50.0, help="seconds between the two readings (default 50)")
+    ap.add_argument("--seconds", type=float, default=50.0,
+                    help="seconds between the two readings (default 50; 0: until the server exits)")
+    ap.add_argument("--repeat", type=int, default=1, help="servers to read one after another (default 1)")
+    ap.add_argument("--after-file", default=None, metavar="GLOB",
+                    help="instead of --settle, start reading when a file matching GLOB appears after the server "
+                         "does (an evaluation's run folder gets replay.log when its replay starts: "
+                         "'evaluations/results/NAME/*/*/*/rep*/replay.log')")
     ap.add_argument("--top", type=int, default=8, help="threads printed (default 8)")
     ap.add_argument("--wait", type=float, default=3600.0, help="give up if no server appears within this (default 3600)")
     args = ap.parse_args(argv)
+    for _ in range(args.repeat):
+        code = read_one(args)
+        if code:
+            return code
+    return 0
+
+
+def read_one(args) -> int:
     deadline = time.monotonic() + args.wait
     while True:
         found = matching(args.match)
@@ -77,16 +99,32 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: no process matching {args.match!r} appeared within {args.wait:g} s", file=sys.stderr)
             return 2
         time.sleep(2)
-    time.sleep(args.settle)
+    if args.after_file:
+        appeared = time.time()
+        while not any(p.stat().st_mtime >= appeared for p in Path().glob(args.after_file)):
+            if not running_any(found):
+                print("error: the server exited before a file matched --after-file", file=sys.stderr)
+                return 2
+            time.sleep(1)
+    else:
+        time.sleep(args.settle)
     pids = group_pids(os.getpgid(found[0]))
     before = {k: v for pid in pids for k, v in thread_seconds(pid).items()}
     t0 = time.monotonic()
-    time.sleep(args.seconds)
-    after = {k: v for pid in pids for k, v in thread_seconds(pid).items()}
-    wall = time.monotonic() - t0
+    if args.seconds > 0:
+        time.sleep(args.seconds)
+        after = {k: v for pid in pids for k, v in thread_seconds(pid).items()}
+        wall = time.monotonic() - t0
+    else:  # until the server is gone: the last complete reading counts
+        after, wall = before, 0.0
+        while running_any(pids):
+            reading = {k: v for pid in pids for k, v in thread_seconds(pid).items()}
+            if reading and all(running_any([pid]) for pid in pids):
+                after, wall = reading, time.monotonic() - t0
+            time.sleep(2)
     rows = sorted(((v - before.get(k, 0.0), k) for k, v in after.items()), reverse=True)[: args.top]
     print(f"CPU seconds per thread over {wall:.0f} s of wall time (server pid {found[0]}, {len(pids)} processes "
-          "in its group)")
+          f"in its group; all threads {sum(v - before.get(k, 0.0) for k, v in after.items()):.1f} s)", flush=True)
     for seconds, (pid, tid, name) in rows:
         print(f"{seconds:7.2f} s  ({seconds / wall:4.0%} of a core)  pid {pid} tid {tid} {name}")
     return 0
