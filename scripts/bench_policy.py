@@ -1,6 +1,6 @@
 """The closed loop on a real server, and what a decision costs.
 
-    python scripts/bench_policy.py --model MODEL_DIR --pack PACK_DIR [--policy default] [--out result.json]
+    python scripts/bench_policy.py --model MODEL_DIR --pack PACK_DIR [--policy default] [--dtype float32] [--out result.json]
 
 1. decide() alone, for each preset, on synthetic signals (pure Python, many calls);
 2. a `morphserve serve` server (real W4 twin) under a tight budget (bf16 weights +
@@ -65,7 +65,8 @@ def live(args) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
     cmd = [sys.executable, "-m", "morphserve.cli", "serve", args.model, "--pack", args.pack, "--policy", args.policy,
            "--transition-log", str(log), "--port", str(port), "--max-model-len", "1024", "--max-num-seqs", "32",
-           "--kv-cache-memory-bytes", str(args.fp16_blocks * kv_block_bytes(args.model, "bfloat16"))]
+           "--kv-cache-memory-bytes", str(args.fp16_blocks * kv_block_bytes(args.model, args.dtype)),
+           "--dtype", args.dtype]
     try:
         with serving(cmd, env, tmp / "server.log", port, timeout=300, cwd=REPO) as server:
             return _burst(args, server.url, log)
@@ -102,6 +103,8 @@ def main() -> int:
     ap.add_argument("--policy", default="default", help="preset or YAML file")
     ap.add_argument("--burst", type=int, default=16, help="concurrent requests in the burst")
     ap.add_argument("--fp16-blocks", type=int, default=10, help="KV blocks at full precision (sets the budget)")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                    help="the server's dtype (float32 where the CPU has no native bf16)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     cost = decide_cost()

@@ -52,13 +52,14 @@ def child(mode: str, model: str, pack: str, kv_dtype: str, repeats: int, prefill
     morph = {} if heap_trim is None else {"heap_trim_interval_s": heap_trim}
     if rung == "level0":
         llm = in_process_llm(model, None if mode == "static" else pack, morph=morph, **kw)
+        tiers = {dtype: "every layer (the model itself)"}
         if mode == "morph":
             core = engine_core_of(llm)
             core.morphserve_set_level(0)
             state = core.morphserve_state()
             if state["level"] != 0:
                 raise SystemExit(f"MorphServe is at level {state['level']}, not 0")
-        tiers = {"full": "every layer"}
+            tiers = state["tier_counts"]
     elif mode == "static":
         llm = in_process_llm(static_w8a8_dir(Path(pack)), None, tokenizer=model, **kw)
         tiers = {"w8a8": "every layer (checkpoint)"}

@@ -30,7 +30,8 @@ from morphserve.harness.servers import group_pids, running  # noqa: E402  (a ser
 
 
 def matching(pattern: str) -> list[int]:
-    """Processes whose command line contains `pattern`, this one excepted."""
+    """Processes whose command line contains `pattern`, this one and any reader like it
+    excepted (a shell that started this one has the pattern in its command line too)."""
     me, out = os.getpid(), []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == me:
@@ -39,7 +40,7 @@ def matching(pattern: str) -> list[int]:
             cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if pattern in cmd:
+        if pattern in cmd and "server_thread_cpu" not in cmd:
             out.append(int(entry))
     return sorted(out)
 
@@ -93,21 +94,20 @@ def read_one(args) -> int:
     deadline = time.monotonic() + args.wait
     while True:
         found = matching(args.match)
-        if found:
-            break
-        if time.monotonic() > deadline:
-            print(f"error: no process matching {args.match!r} appeared within {args.wait:g} s", file=sys.stderr)
-            return 2
-        time.sleep(2)
-    if args.after_file:
-        appeared = time.time()
-        while not any(p.stat().st_mtime >= appeared for p in Path().glob(args.after_file)):
-            if not running_any(found):
-                print("error: the server exited before a file matched --after-file", file=sys.stderr)
+        if not found:
+            if time.monotonic() > deadline:
+                print(f"error: no process matching {args.match!r} appeared within {args.wait:g} s", file=sys.stderr)
                 return 2
+            time.sleep(2)
+            continue
+        if not args.after_file:
+            time.sleep(args.settle)
+            break
+        appeared = time.time()
+        while running_any(found) and not any(p.stat().st_mtime >= appeared for p in Path().glob(args.after_file)):
             time.sleep(1)
-    else:
-        time.sleep(args.settle)
+        if running_any(found):
+            break  # else that server ended before its replay: wait for the next one
     pids = group_pids(os.getpgid(found[0]))
     before = {k: v for pid in pids for k, v in thread_seconds(pid).items()}
     t0 = time.monotonic()

@@ -832,3 +832,50 @@ def test_the_step_beside_prompts_is_the_decode_step_where_request_sizes_are_not_
     for k in (0, 10, L):
         assert p.step_beside_prompts(bare, k) == pytest.approx(s.step_model.predict(k, p.batch_at(s, k)))
         assert p.step_beside_prompts(s, k) > p.step_beside_prompts(bare, k)
+
+
+# vLLM's KV blocks at each level of a fresh fp32 server of SmolLM2 on the W8A8-only pack with
+# 26 fp32 blocks of KV (scripts/bench_policy.py --dtype float32 --fp16-blocks 26): 25 at level
+# 0, 78 at level 30.
+FP32_26_BLOCKS = [25 + round(53 * k / L) for k in range(L + 1)]
+
+
+def test_a_fresh_servers_first_burst_is_judged_by_the_profile_not_sent_to_the_most_kv():
+    """No step served yet, 16 prompts of ~300 tokens arrive at once (more prompt than any level
+    computes within the TTFT bound) and every level holds them. With nothing predicted, the
+    last fallback took the rung with the most KV: an fp32 server on the AVX2 EPYC went to
+    all-W8A8, where int8 decodes 2.6x slower, for the whole burst. With the profile and a
+    prior base every level is predicted before the first step: level 0 gets the work
+    through soonest there, and a W8A8 rung where int8 is the faster kernel (AVX-512)."""
+    burst = dict(queue_len=16.0, used_blocks=0, capacity_blocks=FP32_26_BLOCKS[0], waiting_blocks=32,
+                 need_blocks=64, waiting_need_blocks=64, need_per_request=4.0, blocks_per_request=4.0,
+                 step_time_s=0.0, pending_prompt_tokens=16 * 300, pending_output_tokens=16 * 60,
+                 remaining_tokens=0)
+    fresh = StepTimeModel(L, MIX[: L + 1], AVX2_FP32)
+    assert fresh.predict(0, 16) is not None and not fresh.known(0)  # a prior, not a lesson
+    assert fresh.predict(0, 16) < fresh.predict(L, 16)  # int8 slower at this batch here
+    p = make_policy(CFG, FP32_26_BLOCKS, L)
+    d = p.decide(load(0, AVX2_FP32, **burst, step_model=fresh), PolicyState())
+    assert d.target == 0, d.reason
+    assert "no level up to" not in d.reason, d.reason
+    # the model as it was (no prior: nothing predicted before a step) took the top rung for its KV
+    class Unprimed(StepTimeModel):
+        def predict(self, level, running):
+            return super().predict(level, running) if self._usable(level) is not None else None
+
+    blind = make_policy(CFG, FP32_26_BLOCKS, L).decide(
+        load(0, AVX2_FP32, **burst, step_model=Unprimed(L, MIX[: L + 1], AVX2_FP32)), PolicyState())
+    assert blind.target == L and "no level up to" in blind.reason, blind.reason
+    # where int8 is the faster kernel at every batch, the same fresh burst rests on W8A8 rungs
+    fast_int8 = StepTimeModel(2 * L, MIX, AVX512)
+    d = make_policy(CFG, FP32_26_BLOCKS + [78 + k for k in range(1, L + 1)], 2 * L).decide(
+        load(0, AVX512, **burst, step_model=fast_int8), PolicyState())
+    assert 0 < d.target <= L, d.reason
+
+
+def test_the_first_served_steps_replace_the_prior_base():
+    m = StepTimeModel(L, MIX[: L + 1], AVX2_FP32)
+    prior = m.predict(0, 4)
+    for i in range(10):
+        m.observe(0, 4, 0.5)  # a slow machine: half a second a step at batch 4
+    assert m.known(0) and abs(m.predict(0, 4) - 0.5) < 1e-6 and prior < 0.1
