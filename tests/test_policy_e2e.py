@@ -1,6 +1,6 @@
 """The closed loop on a real `morphserve serve` server: a burst makes the demand policy
-(the presets' policy) jump to the level the burst needs in one transition and the KV
-capacity grow; after the burst it restores fully. The signals it decided on come from the
+(the presets' policy) jump in one transition to the level the burst needs (or, where no
+level holds it, the one its rules choose) and the KV capacity grow; after the burst it restores fully. The signals it decided on come from the
 real scheduler (demand at completion, tokens computed, the learned step times and the
 quality ledger); the transitions are in the JSONL log, `morphserve policy explain` reads
 it, and the metrics are on vLLM's /metrics. (The threshold and slo policies are the same
@@ -113,11 +113,14 @@ def test_a_burst_quantizes_grows_kv_and_restores_fully_afterwards(server, fast_d
         assert r["quantized_layer_ids"] or r["restored_layer_ids"]
     first = ups[0]
     # every quantize decision goes, in one transition, to a level whose capacity covers the
-    # demand it saw (x 1.1 headroom), or to the top when nothing covers it
+    # demand it saw (x 1.1 headroom), or to the top when nothing covers it, or, where no level
+    # covers it and the profile says the int8 kernels are slower (an fp32 engine on an
+    # AVX2-only EPYC), to the most capacity whose step meets the bound and gets the work
+    # through sooner (tests/test_policy_rungs.py has that rule in numbers)
     for r in ups:
         need = r["signals"]["need_blocks"]
-        assert "demand" in r["reason"] and (r["kv_blocks_after"] >= need * 1.1 or r["to"] == 30), r["reason"]
-    assert max(r["to"] for r in ups) == 30
+        covered = r["kv_blocks_after"] >= need * 1.1 or r["to"] == 30
+        assert "demand" in r["reason"] and (covered or "has the most capacity" in r["reason"]), r["reason"]
     assert first["signals"]["need_blocks"] > first["signals"]["capacity_blocks"]
     assert first["signals"]["waiting_need_blocks"] > 0
     assert first["signals"]["pending_output_tokens"] > 0  # the burst's output still to come, read from vLLM's scheduler
@@ -129,7 +132,8 @@ def test_a_burst_quantizes_grows_kv_and_restores_fully_afterwards(server, fast_d
                                cwd=REPO, capture_output=True, text=True, timeout=60)
     assert explained.returncode == 0, explained.stderr
     summary = json.loads(explained.stdout)
-    assert summary["bursts"][0]["to_level"] == 30
+    climb = [r for r in records[: records.index(downs[0])] if r["to"] > r["from"]]  # the first burst's moves up
+    assert summary["bursts"][0]["to_level"] == climb[-1]["to"] > 0
     assert summary["by_direction"] == {"quantize": len(ups), "restore": len(downs)}
 
     metrics = _metrics(base)
