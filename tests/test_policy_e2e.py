@@ -58,6 +58,13 @@ def server(model_dir, pack_dir, fast_dtype, tmp_path_factory):
         yield base, transitions
 
 
+# The reasons the demand policy gives for a move up that no level's capacity covers
+# (policies/demand.py): the most capacity within the step bound, the level that gets the
+# work through soonest, the fastest step, or the prompts no level computes in time.
+UNCOVERED_DEMAND_RULES = ("has the most capacity", "gets the work in the system through soonest", "the fastest is",
+                          "prompt tokens waiting")
+
+
 def _complete(base: str, prompt: str) -> dict:
     body = json.dumps({"prompt": prompt, "max_tokens": 60, "temperature": 0, "ignore_eos": True}).encode()
     req = urllib.request.Request(base + "/v1/completions", data=body, method="POST",
@@ -112,15 +119,19 @@ def test_a_burst_quantizes_grows_kv_and_restores_fully_afterwards(server, fast_d
         assert r["reason"] and r["signals"] and r["policy"].startswith("demand:") and r["seconds"] > 0
         assert r["quantized_layer_ids"] or r["restored_layer_ids"]
     first = ups[0]
-    # every quantize decision goes, in one transition, to a level whose capacity covers the
-    # demand it saw (x 1.1 headroom), or to the top when nothing covers it, or, where no level
-    # covers it and the profile says the int8 kernels are slower (an fp32 engine on an
-    # AVX2-only EPYC), to the most capacity whose step meets the bound and gets the work
-    # through sooner (tests/test_policy_rungs.py has that rule in numbers)
+    # A quantize decision that says the demand fits went, in one transition, to a level whose
+    # capacity covers the demand it saw (x 1.1 headroom). Where no level covers it, the move
+    # names one of the policy's rules for that case (tests/test_policy_rungs.py has each in
+    # numbers): which one fires depends on the kernel profile timed at start-up on this
+    # machine (an fp32 engine on an AVX2-only EPYC took the most capacity whose step meets the
+    # bound on one run, and "compute-bound at every level" on a busier CI run of the same kind).
     for r in ups:
         need = r["signals"]["need_blocks"]
         covered = r["kv_blocks_after"] >= need * 1.1 or r["to"] == 30
-        assert "demand" in r["reason"] and (covered or "has the most capacity" in r["reason"]), r["reason"]
+        if " fits " in r["reason"]:
+            assert covered and "demand" in r["reason"], r["reason"]
+        else:
+            assert any(rule in r["reason"] for rule in UNCOVERED_DEMAND_RULES), r["reason"]
     assert first["signals"]["need_blocks"] > first["signals"]["capacity_blocks"]
     assert first["signals"]["waiting_need_blocks"] > 0
     assert first["signals"]["pending_output_tokens"] > 0  # the burst's output still to come, read from vLLM's scheduler
