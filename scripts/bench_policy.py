@@ -3,10 +3,11 @@
     python scripts/bench_policy.py --model MODEL_DIR --pack PACK_DIR [--policy default] [--dtype float32] [--out result.json]
 
 1. decide() alone, for each preset, on synthetic signals (pure Python, many calls);
-2. a `morphserve serve` server (real W4 twin) under a tight budget (bf16 weights +
-   --fp16-blocks KV blocks) receives a burst of --burst requests; we print the transitions
-   from the JSONL log, the morphserve_* lines of /metrics, and the live decision cost
-   (sampling the scheduler + decide) against the engine's step time.
+2. a `morphserve serve` server (its pack's rungs) under a tight budget (weights in --dtype
+   + --fp16-blocks KV blocks) receives a burst of --burst streamed requests (TTFT and
+   latency each); we print the transitions from the JSONL log, the morphserve_* lines of
+   /metrics, and the live decision cost (sampling the scheduler + decide) against the
+   engine's step time.
 """
 
 from __future__ import annotations
@@ -51,12 +52,20 @@ def _get(url: str) -> bytes:
         return r.read()
 
 
-def _complete(base: str, prompt: str, max_tokens: int) -> float:
-    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}).encode()
+def _complete(base: str, prompt: str, max_tokens: int) -> tuple[float, float]:
+    """(time to the first streamed token, time to the last), in seconds: streamed, as a chat
+    client reads it, so the first burst's TTFT is measured and not only its latency."""
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                       "stream": True}).encode()
     t0 = time.perf_counter()
     req = urllib.request.Request(base + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
-    urllib.request.urlopen(req, timeout=600).read()
-    return time.perf_counter() - t0
+    first = None
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for line in r:  # server-sent events: one "data: {...}" line per chunk, then "data: [DONE]"
+            if first is None and line.startswith(b"data: {") and json.loads(line[6:])["choices"][0].get("text"):
+                first = time.perf_counter() - t0
+    total = time.perf_counter() - t0
+    return (first if first is not None else total), total
 
 
 def live(args) -> dict:
@@ -80,7 +89,7 @@ def _burst(args, base: str, log: Path) -> dict:
     prompts = [text[i * 5000:i * 5000 + 1300] for i in range(args.burst)]
     t0 = time.time()
     with ThreadPoolExecutor(args.burst) as pool:
-        latencies = list(pool.map(lambda p: _complete(base, p, 60), prompts))
+        timings = list(pool.map(lambda p: _complete(base, p, 60), prompts))
     burst_s = time.time() - t0
     for _ in range(120):
         state = json.loads(_get(base + "/morphserve/state"))
@@ -90,7 +99,8 @@ def _burst(args, base: str, log: Path) -> dict:
     metrics = [ln for ln in _get(base + "/metrics").decode().splitlines()
                if ln.startswith("morphserve_") and "_bucket" not in ln]
     records = [json.loads(ln) for ln in log.read_text().splitlines()] if log.exists() else []
-    return {"burst_seconds": burst_s, "latencies": latencies, "state": state, "metrics": metrics,
+    return {"burst_seconds": burst_s, "ttfts": [t for t, _ in timings], "latencies": [t for _, t in timings],
+            "state": state, "metrics": metrics,
             "transitions": [{"t": round(r["time"] - t0, 2), "from": r["from"], "to": r["to"],
                              "kv_blocks": [r.get("kv_blocks_before"), r.get("kv_blocks_after")],
                              "seconds": round(r["seconds"], 3), "reason": r["reason"]} for r in records]}
@@ -111,7 +121,10 @@ def main() -> int:
     print("decide() alone, microseconds per call: " + ", ".join(f"{k} {v:.1f}" for k, v in cost.items()))
     result = live(args)
     s = result["state"]
-    print(f"burst of {args.burst} requests served in {result['burst_seconds']:.1f} s; policy {s['policy']}")
+    ttfts, latencies = sorted(result["ttfts"]), result["latencies"]
+    print(f"burst of {args.burst} requests served in {result['burst_seconds']:.1f} s; policy {s['policy']}; "
+          f"TTFT median {ttfts[len(ttfts) // 2]:.1f} s, max {ttfts[-1]:.1f} s; mean latency "
+          f"{sum(latencies) / len(latencies):.1f} s")
     for t in result["transitions"]:
         print(f"  t={t['t']:>6}s  {t['from']:>2} -> {t['to']:>2} layers, KV blocks {t['kv_blocks'][0]} -> "
               f"{t['kv_blocks'][1]}, {t['seconds'] * 1000:.0f} ms: {t['reason']}")

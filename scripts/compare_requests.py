@@ -2,7 +2,8 @@
 
 An evaluation replays the same requests against every system, so a request completed by
 both can be compared directly: this prints the median [min, max] of system B's TPOT and TTFT
-over system A's, over every repetition of one window and budget. It separates "slower per
+over system A's, over every repetition of one window and budget, and then each repetition's
+own median with their range (the spread a run-to-run difference must clear to count). It separates "slower per
 token" from "fewer requests completed", which the report's percentiles mix.
 
     python scripts/compare_requests.py RESULTS_DIR --window W --budget B --a fp16 --b morphserve [--reps 1,3]
@@ -43,20 +44,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no repetition of both {args.a!r} and {args.b!r} under {base}", file=sys.stderr)
         return 2
     ratios: dict[str, list[float]] = {"tpot": [], "ttft": []}
+    per_rep: dict[str, list[float]] = {"tpot": [], "ttft": []}
     for rep in reps:
         a, b = requests(base / args.a / rep), requests(base / args.b / rep)
+        this: dict[str, list[float]] = {"tpot": [], "ttft": []}
         for i, ra in a.items():
             rb = b.get(i)
             if rb is None or not (ra["ok"] and rb["ok"]):
                 continue
-            for key in ratios:
+            for key in this:
                 if ra.get(f"{key}_s") and rb.get(f"{key}_s"):
-                    ratios[key].append(rb[f"{key}_s"] / ra[f"{key}_s"])
+                    this[key].append(rb[f"{key}_s"] / ra[f"{key}_s"])
+        for key, values in this.items():
+            ratios[key] += values
+            if values:
+                per_rep[key].append(statistics.median(values))
     print(f"{args.b} over {args.a}, {args.window} at {args.budget}, repetitions {', '.join(reps)}:")
     for key, values in ratios.items():
         if values:
+            medians = per_rep[key]
             print(f"  {key.upper()}: median {statistics.median(values):.2f}x [{min(values):.2f}, {max(values):.2f}] "
-                  f"over {len(values)} requests completed by both")
+                  f"over {len(values)} requests completed by both; per repetition "
+                  f"{', '.join(f'{m:.3f}x' for m in medians)} (median {statistics.median(medians):.3f}x "
+                  f"[{min(medians):.3f}, {max(medians):.3f}])")
         else:
             print(f"  {key.upper()}: no request completed by both")
     return 0
