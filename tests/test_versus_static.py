@@ -84,3 +84,18 @@ def test_a_capacity_beyond_row_without_a_w4a16_system_skips_only_the_w4a16_quali
     assert won["beyond"]["quality_met"] == "n/a" and won["beyond"]["violations_met"] and won["all_met"]
     [lost] = compare_cell(cell("capacity-beyond", **systems, ms=row(30, 3.0, ppl=0.004, rss=2500)))
     assert lost["beyond"]["violations_met"] is False and not lost["all_met"]
+
+
+def test_a_suite_with_two_morphserve_systems_names_each_in_the_leading_table():
+    """dev-avx2-policy-cost ran MorphServe held at level 0 beside MorphServe with its policy:
+    the leading table printed two rows that differed in nothing but their numbers."""
+    from morphserve.evaluation.render import versus_static_table
+
+    [e] = compare_cell(cell("compute", fp16=row(46, 9.0), ms=row(44, 9.0)))
+    held = {**e, "system": "morphserve-held0"}
+    table = versus_static_table([e, held])
+    header, rule, *rows = table.splitlines()
+    assert header.startswith("| MorphServe system | window |") and rule.count("---") == 11
+    assert rows[0].startswith("| ms | w | 329MB | compute |")
+    assert rows[1].startswith("| morphserve-held0 |")
+    assert not versus_static_table([e]).startswith("| MorphServe system")  # one system: as before

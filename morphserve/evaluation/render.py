@@ -74,11 +74,14 @@ def _ttft_met(t: dict) -> str:
 
 def versus_static_table(entries: list[dict]) -> str:
     """The leading table: each row's MorphServe against that row's best static system
-    (rules in morphserve.evaluation.versus_static)."""
-    lines = ["| window | budget | regime | best static | violations: MorphServe / best static | "
+    (rules in morphserve.evaluation.versus_static). A suite with more than one MorphServe
+    system (a held level beside the policy, say) gets a row per system, named."""
+    several = len({e.get("system") for e in entries}) > 1
+    lines = [("| MorphServe system " if several else "") +
+             "| window | budget | regime | best static | violations: MorphServe / best static | "
              "P95 TTFT (s): MorphServe / best static (ratio, <= 1.25x) | perplexity increase: MorphServe / W8A8 | "
              "peak RSS (MiB): MorphServe / FP16 | capacity-beyond: <= 50% violations / <= 1/3 W4A16 quality | "
-             "every rule met |", "|" + "---|" * 10]
+             "every rule met |", "|" + "---|" * (11 if several else 10)]
     for e in entries:
         v, t, q, m = e["violations"], e["ttft_p95"], e["quality"], e["memory"]
         beyond = e.get("beyond")
@@ -86,6 +89,7 @@ def versus_static_table(entries: list[dict]) -> str:
         pct = lambda x: "-" if x is None else f"{x * 100:.1f}%"  # noqa: E731
         ratio = "" if t["ratio"] is None else f" ({_num(t['ratio'], '.2f')}x)"
         lines.append(
+            (f"| {e.get('system')} " if several else "") +
             f"| {e['window']} | {e['budget']} | {e['regime']} | {e['best_static']} | "
             f"{cell(v['morphserve'], '.0f')} / {cell(v['best_static'], '.0f')}: {_met(v['met'])} | "
             f"{cell(t['morphserve'])} / {cell(t['best_static'])}{ratio}: {_ttft_met(t)} | "
