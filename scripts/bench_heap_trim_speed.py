@@ -2,12 +2,15 @@
 
 Each child process builds the 120 linears of a SmolLM2-135M-shaped model (random weights)
 through the kernel objects vLLM builds for a tier, on 2 threads, and feeds them a seeded
-stream of 300 steps like a server's (85% decode steps of 1-24 tokens, 15% prompts of
-100-900), with the trimmer off or calling malloc_trim every 0.5 s from its own thread as
-the worker does. Children alternate, off then on, `--repeats` times; each reports the
-stream's wall time, the median decode and prompt step, and the trims' count and time.
+stream of `--steps` steps like a server's (85% decode steps of 1-24 tokens, 15% prompts of
+100 to `--max-prompt`), with the trimmer off or calling malloc_trim every `--interval` s
+from its own thread as the worker does. Children alternate, off then on, `--repeats`
+times; each reports the stream's wall time, the median decode and prompt step, and the
+trims' count and time. `--pin` binds each child to one core, as vLLM binds its CPU
+worker, so the trimmer's thread shares the computing core.
 
     python scripts/bench_heap_trim_speed.py [--tier w8a8] [--repeats 3] [--interval 0.5]
+    python scripts/bench_heap_trim_speed.py --tier bf16 --dtype float32 --threads 1 --pin --steps 150 --max-prompt 400
 """
 
 from __future__ import annotations
@@ -27,24 +30,30 @@ sys.path.insert(0, str(REPO))
 SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # (out, in): qkv, o, gate_up, down
 
 
-def child(tier: str, interval: float) -> dict:
+def child(tier: str, interval: float, dtype_name: str = "bfloat16", threads: int = 2, pin: bool = False,
+          steps_n: int = 300, max_prompt: int = 900) -> dict:
+    import os
+
     import torch
 
     from morphserve.runtime.heap_trimmer import HeapTrimmer
     from morphserve.vllm.kernels import random_compute
 
-    torch.set_num_threads(2)
+    if pin:
+        os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})  # threads started later inherit it
+    torch.set_num_threads(threads)
+    dtype = getattr(torch, dtype_name)
     gen = torch.Generator().manual_seed(0)
-    x = {k: torch.randn(1024, k, dtype=torch.bfloat16) for k in (576, 1536)}
-    empty = torch.empty(0, dtype=torch.bfloat16)
-    linears = [(random_compute(tier, n, k, 64, torch.bfloat16, gen, scale=1e-3), k) for _ in range(30) for n, k in SHAPES]
+    x = {k: torch.randn(1024, k, dtype=dtype) for k in (576, 1536)}
+    empty = torch.empty(0, dtype=dtype)
+    linears = [(random_compute(tier, n, k, 64, dtype, gen, scale=1e-3), k) for _ in range(30) for n, k in SHAPES]
     rng = random.Random(0)
     trimmer = HeapTrimmer(interval)
     if interval > 0:
         trimmer.start()
     steps, t0 = [], time.perf_counter()
-    for _ in range(300):
-        m = rng.randint(1, 24) if rng.random() < 0.85 else rng.randint(100, 900)
+    for _ in range(steps_n):
+        m = rng.randint(1, 24) if rng.random() < 0.85 else rng.randint(100, max_prompt)
         t = time.perf_counter()
         for linear, k in linears:
             linear(x[k][:m], empty, None)
@@ -63,16 +72,25 @@ def main() -> None:
     ap.add_argument("--tier", choices=("bf16", "w8a8"), default="w8a8", help="which of vLLM's linear kernels")
     ap.add_argument("--repeats", type=int, default=3, help="children per setting, alternated")
     ap.add_argument("--interval", type=float, default=0.5, help="the trimmer's interval in the 'on' children")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                    help="the activations' and full-precision weights' dtype (float32 where bf16 is emulated)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads in each child")
+    ap.add_argument("--pin", action="store_true", help="bind each child to one core, as vLLM binds its worker")
+    ap.add_argument("--steps", type=int, default=300, help="steps in each child's stream")
+    ap.add_argument("--max-prompt", type=int, default=900, help="the longest prompt step, tokens")
     ap.add_argument("--out", type=Path, default=None, help="write every child's figures here as JSON")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], float(args.child[1]))))
+        print(json.dumps(child(args.child[0], float(args.child[1]), args.dtype, args.threads, args.pin, args.steps,
+                               args.max_prompt)))
         return
     runs: dict[str, list] = {"off": [], "on": []}
     for _ in range(args.repeats):
         for name, interval in (("off", 0.0), ("on", args.interval)):
-            out = subprocess.run([sys.executable, __file__, "--child", args.tier, str(interval)],
+            out = subprocess.run([sys.executable, __file__, "--child", args.tier, str(interval), "--dtype", args.dtype,
+                                  "--threads", str(args.threads), "--steps", str(args.steps), "--max-prompt",
+                                  str(args.max_prompt)] + (["--pin"] if args.pin else []),
                                  capture_output=True, text=True, check=True).stdout
             runs[name].append(json.loads(out.strip().splitlines()[-1]))
 
@@ -80,7 +98,9 @@ def main() -> None:
         values = [r[key] for r in runs[name]]
         return f"{statistics.median(values):{fmt}} [{min(values):{fmt}}, {max(values):{fmt}}]"
 
-    print(f"{args.tier}, 120 linears, 300 steps, 2 threads; medians [min, max] of {args.repeats}:")
+    print(f"{args.tier} ({args.dtype}), 120 linears, {args.steps} steps, {args.threads} threads"
+          f"{', pinned to one core' if args.pin else ''}, trimmer every {args.interval} s when on; "
+          f"medians [min, max] of {args.repeats}:")
     print("| trimmer | stream (s) | decode step (ms) | prompt step (ms) | trims | time in trims (ms) |")
     print("|---|---|---|---|---|---|")
     for name in ("off", "on"):
