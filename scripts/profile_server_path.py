@@ -1,0 +1,178 @@
+"""Where a server's time goes: plain vLLM's and MorphServe's engine-core and worker processes
+sampled with py-spy under the same replay, one server at a time, alternated.
+
+Each round starts plain vLLM, then MorphServe `default` (fp32, the budget of the development
+window code 1200-1500 s at 700 MB by default), replays the same trace window against it with
+`morphserve replay` while py-spy records both processes (20 Hz, non-blocking, active samples
+only), and reads each process's CPU seconds over the replay from /proc. The summary counts,
+per process, the samples waiting for the other process, in MorphServe's own code, in the
+model's forward and in vLLM's two main kernels (oneDNN matmul, CPU attention).
+
+py-spy is a profiler, not a dependency of MorphServe: install it into any environment
+(`pip install py-spy`) and pass its path with --py-spy.
+
+    python scripts/profile_server_path.py --py-spy PATH --out DIR [--window 1200:150] [--rounds 3]
+    python scripts/profile_server_path.py --summarize DIR      # the summary of profiles already taken
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# the development window's 700 MB budget, as `morphserve evaluate` derived it for
+# evaluations/calibration/dev-avx2-policy-cost.yaml (its server.log holds both commands)
+KV_BYTES = 161939968
+MEMORY_BUDGET_GB = 0.651925802230835
+OWN_CODE = ("morphserve", "policies/", "kv_resize")
+
+
+def server_cmd(system: str, model: str, pack: str, port: int, transition_log: Path) -> list[str]:
+    from morphserve.vllm.server import PLAIN_VLLM_SERVER
+
+    common = ["--kv-cache-memory-bytes", str(KV_BYTES), "--enforce-eager", "--host", "127.0.0.1", "--port", str(port),
+              "--max-model-len", "1024", "--max-num-seqs", "64", "--served-model-name", "model", "--seed", "0",
+              "--dtype", "float32"]
+    if system == "plain":
+        return [sys.executable, "-m", PLAIN_VLLM_SERVER, "--model", model, *common]
+    config = {"morphserve": {"pack": pack, "twin": "pack", "shrink_strategy": "wait", "restore_mode": "background",
+                             "compress_mode": "sync", "manual_min_interval_s": 0.0, "heap_trim_interval_s": 0.5,
+                             "memory_budget_gb": MEMORY_BUDGET_GB, "policy": "default",
+                             "transition_log": str(transition_log)}}
+    return [sys.executable, "-m", "morphserve.vllm.server", "--model", model, "--additional-config",
+            json.dumps(config), *common]
+
+
+def pids(title: str) -> list[int]:
+    """The processes vLLM titled `title` (VLLM::EngineCore, VLLM::Worker)."""
+    out = subprocess.run(["pgrep", "-f", title], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def profile_one(args, system: str, folder: Path) -> dict:
+    from morphserve.harness.servers import free_port, serving
+
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+    cmd = server_cmd(system, args.model, args.pack, port, folder / "transitions.jsonl")
+    with serving(cmd, env, folder / "server.log", port, timeout=300, cwd=REPO) as server:
+        time.sleep(3)
+        procs = {"core": pids("VLLM::EngineCor")[0], "worker": pids("VLLM::Worker")[0]}
+        spies = [subprocess.Popen([args.py_spy, "record", "-p", str(pid), "-r", "20", "-f", "raw", "-o",
+                                   str(folder / f"{name}.txt"), "--nonblocking"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, pid in procs.items()]
+        before = {name: cpu_seconds(pid) for name, pid in procs.items()}
+        replay = subprocess.run([sys.executable, "-m", "morphserve.cli", "replay", "--trace", "azure-code", "--window",
+                                 args.window, "--rate-scale", "0.05", "--length-scale", "0.25", "--output-scale", "1.0",
+                                 "--url", server.url, "--out", str(folder / "replay"), "--slo-ttft", "2",
+                                 "--slo-tpot", "0.2", "--system", system, "--tokenizer", args.model, "--seed", "0",
+                                 "--no-plot", "--max-input", "512"], cwd=REPO, env=env, capture_output=True, text=True)
+        after = {name: cpu_seconds(pid) for name, pid in procs.items()}
+        for spy in spies:
+            spy.send_signal(2)
+        for spy in spies:
+            spy.wait(timeout=60)
+    if replay.returncode != 0:
+        raise SystemExit(f"error: the replay against {system} failed: {replay.stderr[-2000:]}")
+    cpu = {name: round(after[name] - before[name], 2) for name in procs}
+    (folder / "cpu_seconds.json").write_text(json.dumps(cpu) + "\n")
+    return cpu
+
+
+def load(path: Path) -> list[tuple[str, int]]:
+    """py-spy's raw format: one collapsed stack per line, frames joined by ';', then a count."""
+    rows = []
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack:
+            rows.append((stack, int(count)))
+    return rows
+
+
+def share(rows: list[tuple[str, int]], *needles: str) -> int:
+    return sum(n for stack, n in rows if any(needle in stack for needle in needles))
+
+
+def summarize(folder: Path) -> list[dict]:
+    out = []
+    for run in sorted(p for p in folder.iterdir() if (p / "worker.txt").is_file()):
+        core, worker = load(run / "core.txt"), load(run / "worker.txt")
+        cpu_file = run / "cpu_seconds.json"
+        out.append({
+            "run": run.name,
+            "core_samples": sum(n for _, n in core),
+            "core_waiting_on_worker": share(core, "acquire_read"),
+            "core_own_code": share(core, *OWN_CODE),
+            "core_step_hooks": share(core, "on_step_boundary", "on_arrivals"),
+            "worker_samples": sum(n for _, n in worker),
+            "worker_forward": share(worker, "execute_model"),
+            "worker_own_code": share(worker, *OWN_CODE),
+            "worker_onednn_mm": share(worker, "onednn_mm"),
+            "worker_attention": share(worker, "cpu_attention_with_kv_cache"),
+            "cpu_seconds": json.loads(cpu_file.read_text()) if cpu_file.is_file() else None,
+        })
+    return out
+
+
+def print_summary(rows: list[dict]) -> None:
+    print("| run | engine core: samples, waiting on the worker, MorphServe code (step hooks) | worker: samples, "
+          "forward, MorphServe code, oneDNN matmul, attention | CPU s over the replay: core, worker |")
+    print("|---|---|---|---|")
+    for r in rows:
+        pct = lambda n, total: f"{100 * n / total:.1f}%" if total else "-"  # noqa: E731
+        cpu = r["cpu_seconds"]
+        cpu_cell = f"{cpu['core']}, {cpu['worker']}" if cpu else "-"
+        print(f"| {r['run']} | {r['core_samples']}, {pct(r['core_waiting_on_worker'], r['core_samples'])}, "
+              f"{pct(r['core_own_code'], r['core_samples'])} ({pct(r['core_step_hooks'], r['core_samples'])}) | "
+              f"{r['worker_samples']}, {pct(r['worker_forward'], r['worker_samples'])}, "
+              f"{pct(r['worker_own_code'], r['worker_samples'])}, {r['worker_onednn_mm']}, {r['worker_attention']} | "
+              f"{cpu_cell} |")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(REPO / ".cache/models/SmolLM2-135M-Instruct"), help="the model folder")
+    ap.add_argument("--pack", default=str(REPO / "out/avx2-default"), help="the pack MorphServe serves")
+    ap.add_argument("--py-spy", default=shutil.which("py-spy"), help="the py-spy executable (default: on PATH)")
+    ap.add_argument("--out", type=Path, help="folder for the profiles, the servers' logs and the replays")
+    ap.add_argument("--window", default="1200:150", help="the azure-code window replayed, START:SECONDS")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of plain vLLM then MorphServe")
+    ap.add_argument("--summarize", type=Path, help="only summarize the profiles already in this folder")
+    args = ap.parse_args()
+    if args.summarize:
+        rows = summarize(args.summarize)
+        if not rows:
+            print(f"error: no profile (*/worker.txt) under {args.summarize}", file=sys.stderr)
+            return 2
+        print_summary(rows)
+        return 0
+    if not args.out:
+        ap.error("--out is required to take profiles")
+    if not args.py_spy or not Path(args.py_spy).is_file():
+        print("error: py-spy not found: install it (pip install py-spy) and pass --py-spy PATH", file=sys.stderr)
+        return 2
+    for rnd in range(1, args.rounds + 1):
+        for system in ("plain", "morph"):
+            cpu = profile_one(args, system, args.out / f"{system}-{rnd}")
+            print(f"{system} round {rnd}: CPU seconds over the replay {cpu}", flush=True)
+    print_summary(summarize(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""scripts/profile_server_path.py's summary of py-spy's raw profiles, as pure logic."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+spec = importlib.util.spec_from_file_location("profile_server_path",
+                                              Path(__file__).parent.parent / "scripts/profile_server_path.py")
+profile = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(profile)
+
+
+def test_samples_are_counted_by_what_their_stacks_pass_through(tmp_path):
+    run = tmp_path / "morph-1"
+    run.mkdir()
+    (run / "core.txt").write_text(
+        "run_busy_loop (core.py:1);MessageQueue.acquire_read (shm_broadcast.py:843) 90\n"
+        "run_busy_loop (core.py:1);post_step (morphserve/vllm/patches.py:9);on_step_boundary (x.py:1) 6\n"
+        "run_busy_loop (core.py:1);schedule (scheduler.py:3) 4\n")
+    (run / "worker.txt").write_text(
+        "execute_model (w.py:1);forward (m.py:2);onednn_mm (_custom_ops.py:3758) 70\n"
+        "execute_model (w.py:1);forward (m.py:2);cpu_attention_with_kv_cache (_custom_ops.py:3927) 20\n"
+        "HeapTrimmer.trim_once (morphserve/runtime/heap_trimmer.py:72) 10\n")
+    (run / "cpu_seconds.json").write_text(json.dumps({"core": 1.5, "worker": 9.0}))
+    [row] = profile.summarize(tmp_path)
+    assert (row["core_samples"], row["core_waiting_on_worker"], row["core_own_code"], row["core_step_hooks"]) == \
+        (100, 90, 6, 6)
+    assert (row["worker_samples"], row["worker_forward"], row["worker_own_code"]) == (100, 90, 10)
+    assert (row["worker_onednn_mm"], row["worker_attention"], row["cpu_seconds"]) == (70, 20, {"core": 1.5, "worker": 9.0})
+
+
+def test_summarizing_a_folder_without_profiles_is_one_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["profile_server_path.py", "--summarize", str(tmp_path)])
+    assert profile.main() == 2
+    assert "error: no profile" in capsys.readouterr().err
