@@ -4,7 +4,8 @@ sampled with py-spy under the same replay, one server at a time, alternated.
 Each round starts plain vLLM, then MorphServe `default` (fp32, the budget of the development
 window code 1200-1500 s at 700 MB by default), replays the same trace window against it with
 `morphserve replay` while py-spy records both processes (20 Hz, non-blocking, active samples
-only), and reads each process's CPU seconds over the replay from /proc. The summary counts,
+only), and reads each process's CPU seconds over the replay from /proc, user and kernel time
+apart, with its page faults. The summary counts,
 per process, the samples waiting for the other process, in MorphServe's own code, in the
 model's forward and in vLLM's two main kernels (oneDNN matmul, CPU attention).
 
@@ -58,9 +59,30 @@ def pids(title: str) -> list[int]:
     return [int(p) for p in out]
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def parse_stat(text: str, ticks_per_s: float) -> dict:
+    """A process's counters from its /proc/PID/stat line: CPU seconds in user and kernel mode
+    (the kernel's share is where page faults and madvise/munmap land, which Python stacks do
+    not show) and its minor and major page faults."""
+    fields = text.rsplit(")", 1)[1].split()  # the name in parentheses may hold spaces
+    return {"user": int(fields[11]) / ticks_per_s, "system": int(fields[12]) / ticks_per_s,
+            "minor_faults": int(fields[7]), "major_faults": int(fields[9])}
+
+
+def counters(pid: int) -> dict:
+    return parse_stat(Path(f"/proc/{pid}/stat").read_text(), os.sysconf("SC_CLK_TCK"))
+
+
+def over_replay(before: dict, after: dict) -> dict:
+    """Each process's CPU seconds over the replay (the total, kept under the process's name as
+    the first profiles recorded it) and, under "detail", user and system time and faults."""
+    out: dict = {}
+    detail = {}
+    for name in before:
+        delta = {k: after[name][k] - before[name][k] for k in before[name]}
+        out[name] = round(delta["user"] + delta["system"], 2)
+        detail[name] = {k: round(v, 2) if isinstance(v, float) else v for k, v in delta.items()}
+    out["detail"] = detail
+    return out
 
 
 def profile_one(args, system: str, folder: Path) -> dict:
@@ -76,20 +98,20 @@ def profile_one(args, system: str, folder: Path) -> dict:
         spies = [subprocess.Popen([args.py_spy, "record", "-p", str(pid), "-r", "20", "-f", "raw", "-o",
                                    str(folder / f"{name}.txt"), "--nonblocking"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, pid in procs.items()]
-        before = {name: cpu_seconds(pid) for name, pid in procs.items()}
+        before = {name: counters(pid) for name, pid in procs.items()}
         replay = subprocess.run([sys.executable, "-m", "morphserve.cli", "replay", "--trace", "azure-code", "--window",
                                  args.window, "--rate-scale", "0.05", "--length-scale", "0.25", "--output-scale", "1.0",
                                  "--url", server.url, "--out", str(folder / "replay"), "--slo-ttft", "2",
                                  "--slo-tpot", "0.2", "--system", system, "--tokenizer", args.model, "--seed", "0",
                                  "--no-plot", "--max-input", "512"], cwd=REPO, env=env, capture_output=True, text=True)
-        after = {name: cpu_seconds(pid) for name, pid in procs.items()}
+        after = {name: counters(pid) for name, pid in procs.items()}
         for spy in spies:
             spy.send_signal(2)
         for spy in spies:
             spy.wait(timeout=60)
     if replay.returncode != 0:
         raise SystemExit(f"error: the replay against {system} failed: {replay.stderr[-2000:]}")
-    cpu = {name: round(after[name] - before[name], 2) for name in procs}
+    cpu = over_replay(before, after)
     (folder / "cpu_seconds.json").write_text(json.dumps(cpu) + "\n")
     return cpu
 
@@ -131,17 +153,20 @@ def summarize(folder: Path) -> list[dict]:
 
 def print_summary(rows: list[dict]) -> None:
     print("| run | engine core: samples, waiting on the worker, MorphServe code (step hooks) | worker: samples, "
-          "forward, MorphServe code, oneDNN matmul, attention | CPU s over the replay: core, worker |")
-    print("|---|---|---|---|")
+          "forward, MorphServe code, oneDNN matmul, attention | CPU s over the replay: core, worker | "
+          "worker: user s, system s, minor faults |")
+    print("|---|---|---|---|---|")
     for r in rows:
         pct = lambda n, total: f"{100 * n / total:.1f}%" if total else "-"  # noqa: E731
         cpu = r["cpu_seconds"]
         cpu_cell = f"{cpu['core']}, {cpu['worker']}" if cpu else "-"
+        worker = (cpu or {}).get("detail", {}).get("worker")  # the first profiles recorded totals only
+        detail_cell = f"{worker['user']}, {worker['system']}, {worker['minor_faults']}" if worker else "-"
         print(f"| {r['run']} | {r['core_samples']}, {pct(r['core_waiting_on_worker'], r['core_samples'])}, "
               f"{pct(r['core_own_code'], r['core_samples'])} ({pct(r['core_step_hooks'], r['core_samples'])}) | "
               f"{r['worker_samples']}, {pct(r['worker_forward'], r['worker_samples'])}, "
               f"{pct(r['worker_own_code'], r['worker_samples'])}, {r['worker_onednn_mm']}, {r['worker_attention']} | "
-              f"{cpu_cell} |")
+              f"{cpu_cell} | {detail_cell} |")
 
 
 def main() -> int:
@@ -169,7 +194,8 @@ def main() -> int:
     for rnd in range(1, args.rounds + 1):
         for system in ("plain", "morph"):
             cpu = profile_one(args, system, args.out / f"{system}-{rnd}")
-            print(f"{system} round {rnd}: CPU seconds over the replay {cpu}", flush=True)
+            print(f"{system} round {rnd}: CPU seconds over the replay: core {cpu['core']}, worker {cpu['worker']} "
+                  f"(worker {cpu['detail']['worker']})", flush=True)
     print_summary(summarize(args.out))
     return 0
 
