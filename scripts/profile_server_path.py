@@ -37,6 +37,9 @@ MEMORY_BUDGET_GB = 0.651925802230835
 OWN_CODE = ("morphserve", "policies/", "kv_resize")
 
 
+SYSTEMS = ("plain", "morph", "morph-notrim")  # morph-notrim: MorphServe `default` with its heap trimmer off
+
+
 def server_cmd(system: str, model: str, pack: str, port: int, transition_log: Path) -> list[str]:
     from morphserve.vllm.server import PLAIN_VLLM_SERVER
 
@@ -46,7 +49,8 @@ def server_cmd(system: str, model: str, pack: str, port: int, transition_log: Pa
     if system == "plain":
         return [sys.executable, "-m", PLAIN_VLLM_SERVER, "--model", model, *common]
     config = {"morphserve": {"pack": pack, "twin": "pack", "shrink_strategy": "wait", "restore_mode": "background",
-                             "compress_mode": "sync", "manual_min_interval_s": 0.0, "heap_trim_interval_s": 0.5,
+                             "compress_mode": "sync", "manual_min_interval_s": 0.0,
+                             "heap_trim_interval_s": 0.0 if system == "morph-notrim" else 0.5,
                              "memory_budget_gb": MEMORY_BUDGET_GB, "policy": "default",
                              "transition_log": str(transition_log)}}
     return [sys.executable, "-m", "morphserve.vllm.server", "--model", model, "--additional-config",
@@ -176,7 +180,9 @@ def main() -> int:
     ap.add_argument("--py-spy", default=shutil.which("py-spy"), help="the py-spy executable (default: on PATH)")
     ap.add_argument("--out", type=Path, help="folder for the profiles, the servers' logs and the replays")
     ap.add_argument("--window", default="1200:150", help="the azure-code window replayed, START:SECONDS")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds of plain vLLM then MorphServe")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of every system, one after another")
+    ap.add_argument("--systems", default="plain,morph",
+                    help=f"the servers of each round, in order, comma-separated, from {', '.join(SYSTEMS)}")
     ap.add_argument("--summarize", type=Path, help="only summarize the profiles already in this folder")
     args = ap.parse_args()
     if args.summarize:
@@ -191,8 +197,13 @@ def main() -> int:
     if not args.py_spy or not Path(args.py_spy).is_file():
         print("error: py-spy not found: install it (pip install py-spy) and pass --py-spy PATH", file=sys.stderr)
         return 2
+    systems = [name.strip() for name in args.systems.split(",") if name.strip()]
+    unknown = sorted(set(systems) - set(SYSTEMS))
+    if unknown or not systems:
+        print(f"error: --systems takes names from {', '.join(SYSTEMS)}; got {args.systems!r}", file=sys.stderr)
+        return 2
     for rnd in range(1, args.rounds + 1):
-        for system in ("plain", "morph"):
+        for system in systems:
             cpu = profile_one(args, system, args.out / f"{system}-{rnd}")
             print(f"{system} round {rnd}: CPU seconds over the replay: core {cpu['core']}, worker {cpu['worker']} "
                   f"(worker {cpu['detail']['worker']})", flush=True)

@@ -46,3 +46,23 @@ def test_cpu_over_the_replay_keeps_user_and_kernel_time_apart():
     cpu = profile.over_replay(before, after)
     assert cpu["worker"] == 74.0
     assert cpu["detail"]["worker"] == {"user": 72.0, "system": 2.0, "minor_faults": 2500, "major_faults": 0}
+
+
+def test_an_unknown_system_is_one_error_before_any_server_starts(tmp_path, capsys, monkeypatch):
+    spy = tmp_path / "py-spy"
+    spy.write_text("")
+    monkeypatch.setattr("sys.argv", ["profile_server_path.py", "--py-spy", str(spy), "--out", str(tmp_path / "p"),
+                                     "--systems", "plain,morph-fast"])
+    assert profile.main() == 2
+    assert "error: --systems takes names from plain, morph, morph-notrim" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+
+
+def test_the_trimmer_is_off_only_in_the_notrim_server():
+    import json as _json
+    trims = {}
+    for system in ("morph", "morph-notrim"):
+        cmd = profile.server_cmd(system, "m", "p", 1, Path("t.jsonl"))
+        config = _json.loads(cmd[cmd.index("--additional-config") + 1])
+        trims[system] = config["morphserve"]["heap_trim_interval_s"]
+    assert trims == {"morph": 0.5, "morph-notrim": 0.0}
