@@ -102,6 +102,15 @@ def profile_one(args, system: str, folder: Path) -> dict:
         spies = [subprocess.Popen([args.py_spy, "record", "-p", str(pid), "-r", "20", "-f", "raw", "-o",
                                    str(folder / f"{name}.txt"), "--nonblocking"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, pid in procs.items()]
+        if args.perf:  # where the worker's page faults come from, by native call site
+            spies.append(subprocess.Popen([args.perf, "record", "-q", "-e", "page-faults", "-g", "-p",
+                                           str(procs["worker"]), "-o", str(folder / "worker-faults.data")],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        if args.strace:  # the worker's memory system calls (mmap, munmap, madvise, brk), counted, every thread
+            threads = ",".join(t.name for t in Path(f"/proc/{procs['worker']}/task").iterdir())
+            spies.append(subprocess.Popen([args.strace, "-c", "-e", "trace=mmap,munmap,madvise,brk,mremap", "-p", threads,
+                                           "-o", str(folder / "worker-syscalls.txt")],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         before = {name: counters(pid) for name, pid in procs.items()}
         replay = subprocess.run([sys.executable, "-m", "morphserve.cli", "replay", "--trace", "azure-code", "--window",
                                  args.window, "--rate-scale", "0.05", "--length-scale", "0.25", "--output-scale", "1.0",
@@ -116,6 +125,11 @@ def profile_one(args, system: str, folder: Path) -> dict:
     if replay.returncode != 0:
         raise SystemExit(f"error: the replay against {system} failed: {replay.stderr[-2000:]}")
     cpu = over_replay(before, after)
+    if args.perf:
+        report = subprocess.run([args.perf, "report", "--stdio", "--no-children", "-g", "none", "--percent-limit", "0.5",
+                                 "--sort", "dso,sym", "-i", str(folder / "worker-faults.data")],
+                                capture_output=True, text=True)
+        (folder / "worker-faults.txt").write_text(report.stdout)
     (folder / "cpu_seconds.json").write_text(json.dumps(cpu) + "\n")
     return cpu
 
@@ -183,6 +197,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of every system, one after another")
     ap.add_argument("--systems", default="plain,morph",
                     help=f"the servers of each round, in order, comma-separated, from {', '.join(SYSTEMS)}")
+    ap.add_argument("--perf", help="a perf executable: also record where the worker's page faults come from "
+                    "(worker-faults.txt, by library and symbol)")
+    ap.add_argument("--strace", help="a strace executable: also count the worker's memory system calls "
+                    "(worker-syscalls.txt)")
     ap.add_argument("--summarize", type=Path, help="only summarize the profiles already in this folder")
     args = ap.parse_args()
     if args.summarize:
