@@ -37,7 +37,9 @@ MEMORY_BUDGET_GB = 0.651925802230835
 OWN_CODE = ("morphserve", "policies/", "kv_resize")
 
 
-SYSTEMS = ("plain", "morph", "morph-notrim")  # morph-notrim: MorphServe `default` with its heap trimmer off
+# morph-notrim: MorphServe `default` with its heap trimmer off; morph-held: the same, pinned at
+# level 0 through its control endpoint (no transition: only the level-0 serving path differs from plain)
+SYSTEMS = ("plain", "morph", "morph-notrim", "morph-held")
 
 
 def server_cmd(system: str, model: str, pack: str, port: int, transition_log: Path) -> list[str]:
@@ -50,7 +52,7 @@ def server_cmd(system: str, model: str, pack: str, port: int, transition_log: Pa
         return [sys.executable, "-m", PLAIN_VLLM_SERVER, "--model", model, *common]
     config = {"morphserve": {"pack": pack, "twin": "pack", "shrink_strategy": "wait", "restore_mode": "background",
                              "compress_mode": "sync", "manual_min_interval_s": 0.0,
-                             "heap_trim_interval_s": 0.0 if system == "morph-notrim" else 0.5,
+                             "heap_trim_interval_s": 0.0 if system in ("morph-notrim", "morph-held") else 0.5,
                              "memory_budget_gb": MEMORY_BUDGET_GB, "policy": "default",
                              "transition_log": str(transition_log)}}
     return [sys.executable, "-m", "morphserve.vllm.server", "--model", model, "--additional-config",
@@ -97,6 +99,8 @@ def profile_one(args, system: str, folder: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
     cmd = server_cmd(system, args.model, args.pack, port, folder / "transitions.jsonl")
     with serving(cmd, env, folder / "server.log", port, timeout=300, cwd=REPO) as server:
+        if system == "morph-held":
+            hold_level_zero(server.url)
         time.sleep(3)
         procs = {"core": pids("VLLM::EngineCor")[0], "worker": pids("VLLM::Worker")[0]}
         spies = [subprocess.Popen([args.py_spy, "record", "-p", str(pid), "-r", "20", "-f", "raw", "-o",
@@ -106,6 +110,13 @@ def profile_one(args, system: str, folder: Path) -> dict:
             spies.append(subprocess.Popen([args.perf, "record", "-q", "-e", "page-faults", "-g", "-p",
                                            str(procs["worker"]), "-o", str(folder / "worker-faults.data")],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        if args.perf_cpu:  # where both processes' CPU time goes, by native symbol, flat (the VM has no
+            # hardware cycle counter, so the kernel's cpu-clock timer samples; no call graphs: the
+            # wheels' libraries keep no frame pointers)
+            for name, pid in procs.items():
+                spies.append(subprocess.Popen([args.perf_cpu, "record", "-q", "-e", "cpu-clock", "-F", "499", "-p",
+                                               str(pid), "-o", str(folder / f"{name}-cpu.data")],
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         if args.strace:  # the worker's memory system calls (mmap, munmap, madvise, brk), counted, every thread
             threads = ",".join(t.name for t in Path(f"/proc/{procs['worker']}/task").iterdir())
             spies.append(subprocess.Popen([args.strace, "-c", "-e", "trace=mmap,munmap,madvise,brk,mremap", "-p", threads,
@@ -130,8 +141,50 @@ def profile_one(args, system: str, folder: Path) -> dict:
                                  "--sort", "dso,sym", "-i", str(folder / "worker-faults.data")],
                                 capture_output=True, text=True)
         (folder / "worker-faults.txt").write_text(report.stdout)
+    if args.perf_cpu:
+        for name in procs:
+            report = subprocess.run([args.perf_cpu, "report", "--stdio", "-n", "--percent-limit", "0.05",
+                                     "--sort", "dso,sym", "-i", str(folder / f"{name}-cpu.data")],
+                                    capture_output=True, text=True)
+            (folder / f"{name}-cpu.txt").write_text(report.stdout)
     (folder / "cpu_seconds.json").write_text(json.dumps(cpu) + "\n")
     return cpu
+
+
+def hold_level_zero(url: str) -> None:
+    """Pin MorphServe at level 0 the way `morphserve evaluate`'s `hold_level` does."""
+    import urllib.request
+
+    req = urllib.request.Request(f"{url}/morphserve/level", data=json.dumps({"level": 0}).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        state = json.loads(resp.read())
+    if state.get("level") != 0:
+        raise SystemExit(f"error: MorphServe did not hold level 0: {state.get('level')}")
+
+
+def parse_perf_report(text: str) -> dict[str, int]:
+    """`perf report --stdio -n --sort dso,sym`'s rows as samples per "dso symbol" (the
+    header's `# Samples: N` under "total")."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        if line.startswith("# Samples:"):
+            word = line.split()[2]
+            out["total"] = int(float(word[:-1]) * 1000) if word.endswith("K") else int(word)
+            continue
+        parts = line.split()
+        if len(parts) < 4 or not parts[0].endswith("%") or line.startswith("#"):
+            continue
+        dso, sym = parts[2], " ".join(parts[3:]).removeprefix("[.] ").removeprefix("[k] ")
+        out[f"{dso} {sym}"] = out.get(f"{dso} {sym}", 0) + int(parts[1])
+    return out
+
+
+def perf_difference(a: dict[str, int], b: dict[str, int], top: int = 25) -> list[tuple[str, int, int, int]]:
+    """The symbols whose samples differ most between two profiles (b minus a), largest first."""
+    keys = (set(a) | set(b)) - {"total"}
+    rows = [(k, a.get(k, 0), b.get(k, 0), b.get(k, 0) - a.get(k, 0)) for k in keys]
+    return sorted(rows, key=lambda r: -abs(r[3]))[:top]
 
 
 def load(path: Path) -> list[tuple[str, int]]:
@@ -199,10 +252,24 @@ def main() -> int:
                     help=f"the servers of each round, in order, comma-separated, from {', '.join(SYSTEMS)}")
     ap.add_argument("--perf", help="a perf executable: also record where the worker's page faults come from "
                     "(worker-faults.txt, by library and symbol)")
+    ap.add_argument("--perf-cpu", help="a perf executable: also sample where the engine core's and worker's CPU "
+                    "time goes, by library and symbol (core-cpu.txt, worker-cpu.txt)")
+    ap.add_argument("--perf-diff", nargs=2, type=Path, metavar=("A", "B"),
+                    help="only compare two perf CPU reports (*-cpu.txt): the symbols whose samples differ most, B minus A")
     ap.add_argument("--strace", help="a strace executable: also count the worker's memory system calls "
                     "(worker-syscalls.txt)")
     ap.add_argument("--summarize", type=Path, help="only summarize the profiles already in this folder")
     args = ap.parse_args()
+    if args.perf_diff:
+        try:
+            a, b = (parse_perf_report(path.read_text()) for path in args.perf_diff)
+        except OSError as e:
+            print(f"error: cannot read a perf report: {e}", file=sys.stderr)
+            return 2
+        print(f"samples: A {a.get('total', 0)}, B {b.get('total', 0)}")
+        for key, in_a, in_b, diff in perf_difference(a, b):
+            print(f"{diff:+7d}  {in_a:7d} -> {in_b:7d}  {key}")
+        return 0
     if args.summarize:
         rows = summarize(args.summarize)
         if not rows:

@@ -66,3 +66,33 @@ def test_the_trimmer_is_off_only_in_the_notrim_server():
         config = _json.loads(cmd[cmd.index("--additional-config") + 1])
         trims[system] = config["morphserve"]["heap_trim_interval_s"]
     assert trims == {"morph": 0.5, "morph-notrim": 0.0}
+
+
+PERF_REPORT = """# Total Lost Samples: 0
+#
+# Samples: 1K  of event 'cpu-clock'
+#
+# Overhead       Samples  Shared Object      Symbol
+# ........  ............  .................  ...............................
+#
+    47.37%           630  libtorch_cpu.so    [.] at::native::add_kernel
+     6.77%            90  [kernel.kallsyms]  [k] clear_page_erms
+     1.50%            20  python3.11         [.] _PyEval_EvalFrameDefault
+"""
+
+
+def test_a_perf_report_reads_as_samples_per_library_and_symbol():
+    rows = profile.parse_perf_report(PERF_REPORT)
+    assert rows == {"total": 1000, "libtorch_cpu.so at::native::add_kernel": 630,
+                    "[kernel.kallsyms] clear_page_erms": 90, "python3.11 _PyEval_EvalFrameDefault": 20}
+
+
+def test_perf_reports_differ_by_symbol_largest_change_first():
+    a = profile.parse_perf_report(PERF_REPORT)
+    b = dict(a, **{"[kernel.kallsyms] clear_page_erms": 400, "libmorph.so morph_hook": 5})
+    del b["python3.11 _PyEval_EvalFrameDefault"]
+    rows = profile.perf_difference(a, b)
+    assert rows[0] == ("[kernel.kallsyms] clear_page_erms", 90, 400, 310)
+    assert rows[1] == ("python3.11 _PyEval_EvalFrameDefault", 20, 0, -20)
+    assert rows[2] == ("libmorph.so morph_hook", 0, 5, 5)
+    assert all(r[0] != "total" for r in rows)
