@@ -176,6 +176,10 @@ def parse_perf_report(text: str) -> dict[str, int]:
         if len(parts) < 4 or not parts[0].endswith("%") or line.startswith("#"):
             continue
         dso, sym = parts[2], " ".join(parts[3:]).removeprefix("[.] ").removeprefix("[k] ")
+        if dso == "[JIT]":  # oneDNN's generated kernels: a thread id and addresses that differ per process
+            dso, sym = "[JIT]", "(generated code)"
+        elif sym.startswith("0x"):  # no symbol: one row per library, comparable across processes
+            sym = "(unresolved)"
         out[f"{dso} {sym}"] = out.get(f"{dso} {sym}", 0) + int(parts[1])
     return out
 
