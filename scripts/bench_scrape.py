@@ -22,20 +22,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from morphserve.harness import proc_stat  # noqa: E402
 from morphserve.harness.servers import free_port, group_pids, serving  # noqa: E402
 
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 def group_cpu_s(pgid: int) -> float:
-    total = 0
-    for pid in group_pids(pgid):
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / TICK
+    stats = (proc_stat.read(pid) for pid in group_pids(pgid))
+    return sum(stat.cpu_s for stat in stats if stat is not None)
 
 
 def get_ms(url: str) -> float:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from morphserve.harness import proc_stat  # noqa: E402
 
 # the development window's 700 MB budget, as `morphserve evaluate` derived it for
 # evaluations/calibration/dev-avx2-policy-cost.yaml (its server.log holds both commands)
@@ -65,17 +66,18 @@ def pids(title: str) -> list[int]:
     return [int(p) for p in out]
 
 
-def parse_stat(text: str, ticks_per_s: float) -> dict:
-    """A process's counters from its /proc/PID/stat line: CPU seconds in user and kernel mode
-    (the kernel's share is where page faults and madvise/munmap land, which Python stacks do
-    not show) and its minor and major page faults."""
-    fields = text.rsplit(")", 1)[1].split()  # the name in parentheses may hold spaces
-    return {"user": int(fields[11]) / ticks_per_s, "system": int(fields[12]) / ticks_per_s,
-            "minor_faults": int(fields[7]), "major_faults": int(fields[9])}
-
-
 def counters(pid: int) -> dict:
-    return parse_stat(Path(f"/proc/{pid}/stat").read_text(), os.sysconf("SC_CLK_TCK"))
+    """A process's CPU seconds in user and kernel mode (the kernel's share is where page
+    faults and madvise/munmap land, which Python stacks do not show) and its page faults."""
+    stat = proc_stat.read(pid)
+    if stat is None:
+        raise SystemExit(f"error: process {pid} exited during the profile")
+    return as_counters(stat)
+
+
+def as_counters(stat: "proc_stat.ProcStat") -> dict:
+    return {"user": stat.user_s, "system": stat.system_s, "minor_faults": stat.minor_faults,
+            "major_faults": stat.major_faults}
 
 
 def over_replay(before: dict, after: dict) -> dict:

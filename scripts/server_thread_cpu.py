@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from morphserve.harness import proc_stat  # noqa: E402
 from morphserve.harness.servers import group_pids, running  # noqa: E402  (a server and its engine are one process group)
 
 
@@ -51,20 +52,15 @@ def running_any(pids: list[int]) -> bool:
 
 def thread_seconds(pid: int) -> dict[tuple[int, int, str], float]:
     """(pid, tid, thread name) -> CPU seconds so far."""
-    ticks = os.sysconf("SC_CLK_TCK")
     out = {}
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return out
     for tid in tids:
-        try:
-            stat = open(f"/proc/{pid}/task/{tid}/stat").read()
-        except OSError:
-            continue
-        name = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
-        out[(pid, int(tid), name)] = (int(fields[11]) + int(fields[12])) / ticks
+        stat = proc_stat.read(pid, int(tid))
+        if stat is not None:
+            out[(pid, int(tid), stat.name)] = stat.cpu_s
     return out
 
 

@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+from morphserve.harness import proc_stat
+
 spec = importlib.util.spec_from_file_location("profile_server_path",
                                               Path(__file__).parent.parent / "scripts/profile_server_path.py")
 profile = importlib.util.module_from_spec(spec)
@@ -41,8 +43,8 @@ def test_cpu_over_the_replay_keeps_user_and_kernel_time_apart():
     # a real /proc/PID/stat layout, with a process name that holds a space and a parenthesis
     line = ("4242 (VLLM::Worker (x)) S 1 4242 4242 0 -1 4194560 {minflt} 0 {majflt} 0 {utime} {stime} 0 0 20 0 "
             "9 0 100 1000 200 18446744073709551615 0 0 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0")
-    before = {"worker": profile.parse_stat(line.format(minflt=100, majflt=1, utime=700, stime=50), 100)}
-    after = {"worker": profile.parse_stat(line.format(minflt=2600, majflt=1, utime=7900, stime=250), 100)}
+    before = {"worker": profile.as_counters(proc_stat.parse(line.format(minflt=100, majflt=1, utime=700, stime=50), 100))}
+    after = {"worker": profile.as_counters(proc_stat.parse(line.format(minflt=2600, majflt=1, utime=7900, stime=250), 100))}
     cpu = profile.over_replay(before, after)
     assert cpu["worker"] == 74.0
     assert cpu["detail"]["worker"] == {"user": 72.0, "system": 2.0, "minor_faults": 2500, "major_faults": 0}

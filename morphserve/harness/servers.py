@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
+from morphserve.harness import proc_stat
 from morphserve.runtime import onednn_cache
 from morphserve.runtime.allocator import default_allocator, preload_env
 from morphserve.runtime.proc_memory import process_rss
@@ -123,10 +124,8 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 def running(pid: int) -> bool:
     """Not exited: a killed orphan may stay a zombie until its new parent reaps it."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (FileNotFoundError, ProcessLookupError):
-        return False
+    stat = proc_stat.read(pid)
+    return stat is not None and stat.state not in ("Z", "X")
 
 
 def group_survivors(pgid: int, within: float = 10.0) -> list[int]:
