@@ -99,3 +99,14 @@ def test_a_suite_with_two_morphserve_systems_names_each_in_the_leading_table():
     assert rows[0].startswith("| ms | w | 329MB | compute |")
     assert rows[1].startswith("| morphserve-held0 |")
     assert not versus_static_table([e]).startswith("| MorphServe system")  # one system: as before
+
+
+def test_a_suite_without_static_w8a8_leaves_its_rows_not_judged_rather_than_lost():
+    from morphserve.evaluation.render import versus_static_table
+
+    fp16 = row(30, 8.0, ppl=0.0, rss=2640)
+    [open_row] = compare_cell(cell(fp16=fp16, ms=row(28, 7.5, ppl=0.01, rss=2600)))
+    assert open_row["quality"]["met"] == "n/a" and open_row["all_met"] is None
+    assert "not judged (no static W8A8" in versus_static_table([open_row])
+    [lost] = compare_cell(cell(fp16=fp16, ms=row(40, 7.5, ppl=0.01, rss=2600)))  # violations lost anyway
+    assert lost["all_met"] is False and "| **no** |" in versus_static_table([lost])

@@ -72,6 +72,12 @@ def _ttft_met(t: dict) -> str:
     return (f"vacuous, both ∞ (median TTFT {_num(p50['morphserve'], '.2f')} / {_num(p50['best_static'], '.2f')} s)")
 
 
+def _verdict(entry: dict) -> str:
+    if entry["all_met"] is None:
+        return f"not judged ({entry.get('unjudged', 'a rule could not be evaluated')})"
+    return "yes" if entry["all_met"] else "**no**"
+
+
 def versus_static_table(entries: list[dict]) -> str:
     """The leading table: each row's MorphServe against that row's best static system
     (rules in morphserve.evaluation.versus_static). A suite with more than one MorphServe
@@ -95,7 +101,7 @@ def versus_static_table(entries: list[dict]) -> str:
             f"{cell(t['morphserve'])} / {cell(t['best_static'])}{ratio}: {_ttft_met(t)} | "
             f"{pct(q['morphserve'])} / {pct(q['w8a8'])}: {_met(q['met'])} | "
             f"{_num(m['morphserve'], '.0f')} / {_num(m['fp16'], '.0f')}: {_met(m['met'])} | {extra} | "
-            f"{'yes' if e['all_met'] else '**no**'} |")
+            f"{_verdict(e)} |")
     return "\n".join(lines)
 
 

@@ -17,6 +17,9 @@ Two readings the rules leave open are made visible rather than counted as wins o
 - P95 TTFT infinite on both sides (more than 5% of requests failed or were cut, for both):
   the rule holds (inf <= 1.25 x inf) but says nothing, so the entry is marked `vacuous`
   and carries both median TTFTs for the reader;
+- a suite with no static W8A8 system (a development run against plain vLLM only) leaves
+  the quality rule nothing to compare: quality is "n/a" and the row's verdict is "not
+  judged" (`all_met` None) unless another rule already failed;
 - a capacity-beyond row on a CPU with no W4A16 kernel has no static W4A16 to measure a
   third of: that half of the extra rule is "n/a" and is not counted either way (the general
   quality rule, <= static W8A8's, still applies).
@@ -103,7 +106,8 @@ def compare_cell(cell: dict) -> list[dict]:
                          "ratio": None if not t_best or t_ours is None or math.isinf(t_best) else t_ours / t_best,
                          "met": None if t_ours is None or t_best is None else t_ours <= TTFT_FACTOR * t_best},
             "quality": {"morphserve": q_ours, "w8a8": q_w8,
-                        "met": None if q_ours is None or q_w8 is None else q_ours <= q_w8},
+                        "met": "n/a" if w8a8 is None
+                        else None if q_ours is None or q_w8 is None else q_ours <= q_w8},
             "memory": {"morphserve": rss_ours, "fp16": rss_fp16,
                        "met": None if rss_ours is None or rss_fp16 is None else rss_ours <= rss_fp16},
         }
@@ -125,7 +129,11 @@ def compare_cell(cell: dict) -> list[dict]:
             checks.append(entry["beyond"]["violations_met"])
             if entry["beyond"]["quality_met"] != "n/a":  # no W4A16 kernel, no W4A16 system
                 checks.append(entry["beyond"]["quality_met"])
-        entry["all_met"] = all(c is True for c in checks)
+        if entry["quality"]["met"] == "n/a":  # a development suite with no static W8A8: the row is not judged
+            entry["all_met"] = False if False in checks else None
+            entry["unjudged"] = "no static W8A8 system in the suite, so the quality rule has nothing to compare"
+        else:
+            entry["all_met"] = all(c is True for c in checks)
         out.append(entry)
     return out
 
