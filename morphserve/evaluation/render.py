@@ -72,7 +72,7 @@ def _ttft_met(t: dict) -> str:
     return (f"vacuous, both ∞ (median TTFT {_num(p50['morphserve'], '.2f')} / {_num(p50['best_static'], '.2f')} s)")
 
 
-def _verdict(entry: dict) -> str:
+def _rules_verdict(entry: dict) -> str:
     if entry["all_met"] is None:
         return f"not judged ({entry.get('unjudged', 'a rule could not be evaluated')})"
     return "yes" if entry["all_met"] else "**no**"
@@ -101,7 +101,7 @@ def versus_static_table(entries: list[dict]) -> str:
             f"{cell(t['morphserve'])} / {cell(t['best_static'])}{ratio}: {_ttft_met(t)} | "
             f"{pct(q['morphserve'])} / {pct(q['w8a8'])}: {_met(q['met'])} | "
             f"{_num(m['morphserve'], '.0f')} / {_num(m['fp16'], '.0f')}: {_met(m['met'])} | {extra} | "
-            f"{_verdict(e)} |")
+            f"{_rules_verdict(e)} |")
     return "\n".join(lines)
 
 
