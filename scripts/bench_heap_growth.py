@@ -1,5 +1,6 @@
 """Where a server's worker memory sits, idle and after a mix of prompt lengths: plain FP16
-vLLM against MorphServe held at one level, with its heap trimmer on and off.
+vLLM against MorphServe held at one level, with its heap trimmer off, trimming every
+interval, and gated on growth (the default).
 
 Each system is a fresh server started as `morphserve evaluate` starts it (same budget,
 limits and flags), MorphServe without a policy so the level stays where it is put. After
@@ -104,6 +105,8 @@ def main() -> None:
     ap.add_argument("--pack", type=Path, required=True, help="a tiered pack of that model (morphserve prepare)")
     ap.add_argument("--budget-mb", type=float, default=329, help="weights + KV budget, 10^6 bytes")
     ap.add_argument("--level", type=int, default=30, help="the level MorphServe is held at (30: all-W8A8 on SmolLM2)")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                    help="every server's --dtype (float32 where the CPU emulates bf16)")
     ap.add_argument("--out", type=Path, default=None, help="write the rows here as JSON")
     ap.add_argument("--logs", type=Path, default=Path("/tmp/bench_heap_growth"), help="server logs")
     args = ap.parse_args()
@@ -112,12 +115,14 @@ def main() -> None:
                                                rate_scale=1, length_scale=1, output_scale=1, regime="light",
                                                why="placeholder: no trace is replayed")],
                   budgets=[Budget(name="b", total_mb=args.budget_mb)], systems=[System(name="fp16", kind="fp16")],
-                  static_quantized=None, max_model_len=2048, max_num_seqs=64)
+                  static_quantized=None, max_model_len=2048, max_num_seqs=64, dtype=args.dtype)
     systems = [("fp16", System(name="fp16", kind="fp16"), [], None),
                ("morphserve, trimmer off", System(name="morphserve", kind="morphserve", policy="default"),
                 ["--heap-trim-interval", "0"], args.level),
-               ("morphserve, trimmer on (default)", System(name="morphserve", kind="morphserve", policy="default"),
-                [], args.level)]
+               ("morphserve, trimmer every interval", System(name="morphserve", kind="morphserve", policy="default"),
+                ["--heap-trim-min-growth-mb", "0"], args.level),
+               ("morphserve, trimmer gated on growth (default)",
+                System(name="morphserve", kind="morphserve", policy="default"), [], args.level)]
     rows = []
     for name, system, extra, level in tqdm(systems, desc="servers", unit="server"):
         cmd, env = server_command(system, suite.budgets[0], suite, args.model, args.pack, 0, args.logs)

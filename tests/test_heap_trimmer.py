@@ -16,7 +16,7 @@ from morphserve.runtime.proc_memory import process_rss
 
 def test_the_thread_trims_every_interval_and_stops():
     calls = []
-    trimmer = HeapTrimmer(0.01, trim=calls.append)
+    trimmer = HeapTrimmer(0.01, trim=calls.append, min_growth_bytes=0)  # no margin: every interval
     assert trimmer.start()
     assert not trimmer.start()  # one thread per worker
     deadline = time.monotonic() + 5
@@ -29,6 +29,37 @@ def test_the_thread_trims_every_interval_and_stops():
     assert len(calls) == n  # stopped means stopped
     report = trimmer.report()
     assert report["calls"] == n and not report["running"] and report["interval_s"] == 0.01
+
+
+def test_a_steady_process_is_trimmed_once_and_again_only_after_growing_by_the_margin():
+    mib = 2**20
+    rss = [500 * mib]
+    calls = []
+    trimmer = HeapTrimmer(0.5, trim=calls.append, min_growth_bytes=32 * mib, rss=lambda: rss[0])
+    trimmer.tick()  # no floor yet: the first interval trims
+    assert len(calls) == 1
+    for resident in (510, 520, 531):  # a steady server refaulting its working set: under the margin
+        rss[0] = resident * mib
+        trimmer.tick()
+    assert len(calls) == 1 and trimmer.skipped == 3
+    rss[0] = 532 * mib  # a long prompt's freed buffers: 32 MiB above the floor
+    trimmer.tick()
+    assert len(calls) == 2
+    rss[0] = 400 * mib  # KV released: the floor follows the resident set down ...
+    trimmer.tick()
+    assert len(calls) == 2
+    rss[0] = 433 * mib  # ... so growth is counted from there
+    trimmer.tick()
+    assert len(calls) == 3
+    report = trimmer.report()
+    assert (report["calls"], report["skipped"], report["min_growth_bytes"]) == (3, 4, 32 * mib)
+
+
+def test_the_margin_reads_this_process_resident_set():
+    from morphserve.runtime.heap_trimmer import resident_bytes
+
+    assert abs(resident_bytes() - process_rss(os.getpid())["rss_anon_bytes"]
+               - process_rss(os.getpid())["rss_file_bytes"]) < 64 * 2**20
 
 
 def test_interval_zero_or_no_glibc_means_no_thread():
@@ -56,32 +87,39 @@ def test_a_failing_trim_stops_the_thread_without_raising():
 @pytest.mark.skipif(_libc_trim() is None, reason="needs glibc's malloc (no preloaded allocator)")
 def test_real_malloc_trim_returns_memory_freed_in_the_middle_of_the_heap():
     """64 KiB chunks (under glibc's mmap threshold, so on the heap), one kept above them so
-    the heap's top cannot shrink: freeing the rest releases nothing by itself; the trimmer
-    thread hands it back within a few intervals."""
+    the heap's top cannot shrink: freeing the rest releases nothing by itself. The trimmer
+    runs from before the allocation, as in a worker, so its first trim has set the floor:
+    the 100 MiB come back at the next tick because the resident set grew past the margin."""
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype = ctypes.c_void_p
     libc.malloc.argtypes = [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
-    chunk, count = 64 * 1024, 1600  # 100 MiB
-    ptrs = []
-    for _ in range(count):
-        p = libc.malloc(chunk)
-        ctypes.memset(p, 1, chunk)  # resident
-        ptrs.append(p)
-    guard = libc.malloc(chunk)
-    ctypes.memset(guard, 1, chunk)
-    for p in ptrs:
-        libc.free(p)
-    held = process_rss(os.getpid())["rss_anon_bytes"]
-    trimmer = HeapTrimmer(0.05)
+    trimmer = HeapTrimmer(0.5)  # the default interval: the allocation below fits between two ticks
     trimmer.start()
+    guard = None
     try:
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 20  # generous: a busy CI core may starve the thread
+        while trimmer.calls < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        first = trimmer.calls
+        chunk, count = 64 * 1024, 1600  # 100 MiB
+        ptrs = []
+        for _ in range(count):
+            p = libc.malloc(chunk)
+            ctypes.memset(p, 1, chunk)  # resident
+            ptrs.append(p)
+        guard = libc.malloc(chunk)
+        ctypes.memset(guard, 1, chunk)
+        for p in ptrs:
+            libc.free(p)
+        held = process_rss(os.getpid())["rss_anon_bytes"]
+        deadline = time.monotonic() + 20  # generous: a busy CI core may starve the thread
         while time.monotonic() < deadline and held - process_rss(os.getpid())["rss_anon_bytes"] < 64 * 2**20:
             time.sleep(0.05)
         returned = held - process_rss(os.getpid())["rss_anon_bytes"]
     finally:
         trimmer.stop()
-        libc.free(guard)
+        if guard is not None:
+            libc.free(guard)
     assert returned >= 64 * 2**20, f"only {returned / 2**20:.0f} MiB of 100 freed came back"
-    assert trimmer.calls >= 1
+    assert first >= 1 and trimmer.calls > first

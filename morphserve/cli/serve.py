@@ -69,6 +69,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heap-trim-interval", type=float, default=0.5, metavar="S",
                    help="every S seconds each worker returns its freed heap to the OS (glibc malloc_trim; a "
                         "prompt-length mix otherwise leaves hundreds of MiB freed but resident); 0 turns it off")
+    p.add_argument("--heap-trim-min-growth-mb", type=float, default=32, metavar="MIB",
+                   help="trim only once a worker's resident set has grown MIB since its last trim (a trim makes "
+                        "the next steps fault their reused pages back in, so a steady server skips it); 0 trims "
+                        "every interval")
     p.add_argument("--allocator", choices=ALLOCATORS, default=default_allocator(),
                    help="malloc preloaded into every server process (LD_PRELOAD): system = glibc's; tcmalloc "
                         "(Debian: libtcmalloc-minimal4; vLLM's CPU docs recommend it) or jemalloc; auto = tcmalloc "
@@ -82,7 +86,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def build_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
     cfg = {"pack": os.path.abspath(args.pack), "twin": args.twin, "shrink_strategy": args.shrink_strategy,
            "restore_mode": args.restore_mode, "compress_mode": args.compress_mode, "manual_min_interval_s": args.manual_min_interval,
-           "heap_trim_interval_s": args.heap_trim_interval}
+           "heap_trim_interval_s": args.heap_trim_interval, "heap_trim_min_growth_mb": args.heap_trim_min_growth_mb}
     if args.memory_budget_gb is not None:
         cfg["memory_budget_gb"] = args.memory_budget_gb
     if args.policy:

@@ -79,6 +79,9 @@ class System(BaseModel):
     heap_trim_interval_s: float | None = Field(
         None, ge=0, description="MorphServe only: `morphserve serve --heap-trim-interval` (0: off; default: "
                                 "serve's default)")
+    heap_trim_min_growth_mb: float | None = Field(
+        None, ge=0, description="MorphServe only: `morphserve serve --heap-trim-min-growth-mb` (0: trim every "
+                                "interval; default: serve's default)")
     budgets: list[str] | None = Field(None, description="run only at these budgets (default: all)")
     windows: list[str] | None = Field(None, description="run only in these windows (default: all)")
 
@@ -87,9 +90,10 @@ class System(BaseModel):
         if self.kind == "morphserve" and not self.policy:
             raise ValueError(f"system {self.name!r}: a morphserve system needs a policy")
         if self.kind != "morphserve" and (self.policy or self.compress_mode or self.tiers
-                                          or self.hold_level is not None or self.heap_trim_interval_s is not None):
+                                          or self.hold_level is not None or self.heap_trim_interval_s is not None
+                                          or self.heap_trim_min_growth_mb is not None):
             raise ValueError(f"system {self.name!r}: only a morphserve system takes a policy, a compress_mode, "
-                             f"tiers or a hold_level")
+                             f"tiers, a hold_level or heap-trim settings")
         return self
 
 
@@ -163,7 +167,7 @@ class Suite(BaseModel):
         for s in dump["systems"]:
             if s["kv_cache_dtype"] == "auto":
                 del s["kv_cache_dtype"]
-            for later in ("compress_mode", "tiers", "hold_level", "heap_trim_interval_s"):
+            for later in ("compress_mode", "tiers", "hold_level", "heap_trim_interval_s", "heap_trim_min_growth_mb"):
                 if s[later] is None:
                     del s[later]
         return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]

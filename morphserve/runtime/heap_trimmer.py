@@ -17,6 +17,15 @@ activation buffer into an mmap/munmap pair and page faults on every call. It is 
 from a daemon thread: ctypes drops the GIL, the forward only waits on malloc's arena lock
 for the trim's few ms, and no engine step is added. Not used with a preloaded tcmalloc or
 jemalloc (their own `malloc_trim` is absent or a no-op); the thread is then not started.
+
+A trim is only worth its re-faults when the process has grown: each one releases the free
+pages of the chunks the next steps reuse, and every page they touch again is a page fault
+(zero-filled) in the forward's own thread. Trimming every interval at a steady state cost
+the served requests several percent of their TPOT on a 2-vCPU AVX2 EPYC (docs/RESULTS.md,
+"dev-zen3-level0"). So the thread trims only once the resident set has grown
+`min_growth_bytes` above where the last trim left it (or where it has fallen to since):
+the heap a prompt-length mix leaves behind still goes back within an interval of passing
+that margin, and a steady server stops paying for trims that return nothing new.
 """
 
 from __future__ import annotations
@@ -30,6 +39,14 @@ import time
 log = logging.getLogger("morphserve")
 
 DEFAULT_INTERVAL_S = 0.5
+DEFAULT_MIN_GROWTH_BYTES = 32 * 2**20
+
+
+def resident_bytes() -> int:
+    """This process's resident set, from /proc/self/statm (one short read, no parsing of
+    /proc/self/status: it runs every interval)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _libc_trim():
@@ -46,10 +63,16 @@ def _libc_trim():
 
 
 class HeapTrimmer:
-    """A daemon thread calling malloc_trim(0) every `interval_s`; counts what it did."""
+    """A daemon thread calling malloc_trim(0) every `interval_s` once the resident set has
+    grown `min_growth_bytes` since the last trim (0: every interval); counts what it did."""
 
-    def __init__(self, interval_s: float = DEFAULT_INTERVAL_S, trim=None):
+    def __init__(self, interval_s: float = DEFAULT_INTERVAL_S, trim=None,
+                 min_growth_bytes: int = DEFAULT_MIN_GROWTH_BYTES, rss=resident_bytes):
         self.interval_s = interval_s
+        self.min_growth_bytes = min_growth_bytes
+        self._rss = rss
+        self._floor: int | None = None  # the resident set after the last trim, or lower since
+        self.skipped = 0  # intervals with too little growth to trim
         self._trim = trim if trim is not None else _libc_trim()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -70,13 +93,32 @@ class HeapTrimmer:
     def trim_once(self) -> None:
         t0 = time.perf_counter()
         self._trim(0)
+        if self.min_growth_bytes > 0:  # where this trim left the process: growth is counted from here
+            self._floor = self._rss()
         self.seconds += time.perf_counter() - t0
         self.calls += 1
+
+    def due(self) -> bool:
+        """Whether this interval trims: always without a margin; otherwise once the resident
+        set is `min_growth_bytes` above the floor (which follows it down)."""
+        if self.min_growth_bytes <= 0:
+            return True
+        now = self._rss()
+        if self._floor is None or now - self._floor >= self.min_growth_bytes:
+            return True
+        self._floor = min(self._floor, now)
+        return False
+
+    def tick(self) -> None:
+        if not self.due():
+            self.skipped += 1
+            return
+        self.trim_once()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
-                self.trim_once()
+                self.tick()
             except Exception:  # never take the worker down for a memory courtesy
                 log.exception("MorphServe: heap trim failed; stopping the trimmer")
                 return
@@ -88,5 +130,6 @@ class HeapTrimmer:
             self._thread = None
 
     def report(self) -> dict:
-        return {"interval_s": self.interval_s, "running": self._thread is not None, "calls": self.calls,
+        return {"interval_s": self.interval_s, "min_growth_bytes": self.min_growth_bytes,
+                "running": self._thread is not None, "calls": self.calls, "skipped": self.skipped,
                 "seconds": round(self.seconds, 4)}

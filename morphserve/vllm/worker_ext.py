@@ -68,7 +68,8 @@ class MorphWorkerExtension:
             layers, kernels.FUSED_LINEARS, backend.kernels, (SUPPORTED_VLLM, variant), shards.RankCutter, rank)
         kv_cache.enable_kv_backing(backend)  # the KV cache is allocated after this call
         trim_heap()
-        self._trimmer = HeapTrimmer(config.heap_trim_interval_s)
+        self._trimmer = HeapTrimmer(config.heap_trim_interval_s,
+                                    min_growth_bytes=int(config.heap_trim_min_growth_mb * 2**20))
         self._trimmer.start()
         sharded = rank[1] > 1
         # The pack's manifest counts bf16 layers; an engine in another dtype (fp32 where bf16
