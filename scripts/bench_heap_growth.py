@@ -1,6 +1,6 @@
 """Where a server's worker memory sits, idle and after a mix of prompt lengths: plain FP16
 vLLM against MorphServe held at one level, with its heap trimmer off, trimming every
-interval, and gated on growth (the default).
+interval (the default), and gated on 32 MiB of growth (`--heap-trim-min-growth-mb 32`).
 
 Each system is a fresh server started as `morphserve evaluate` starts it (same budget,
 limits and flags), MorphServe without a policy so the level stays where it is put. After
@@ -119,10 +119,11 @@ def main() -> None:
     systems = [("fp16", System(name="fp16", kind="fp16"), [], None),
                ("morphserve, trimmer off", System(name="morphserve", kind="morphserve", policy="default"),
                 ["--heap-trim-interval", "0"], args.level),
-               ("morphserve, trimmer every interval", System(name="morphserve", kind="morphserve", policy="default"),
-                ["--heap-trim-min-growth-mb", "0"], args.level),
-               ("morphserve, trimmer gated on growth (default)",
-                System(name="morphserve", kind="morphserve", policy="default"), [], args.level)]
+               ("morphserve, trimmer every interval (default)",
+                System(name="morphserve", kind="morphserve", policy="default"), [], args.level),
+               ("morphserve, trimmer gated on 32 MiB of growth",
+                System(name="morphserve", kind="morphserve", policy="default"),
+                ["--heap-trim-min-growth-mb", "32"], args.level)]
     rows = []
     for name, system, extra, level in tqdm(systems, desc="servers", unit="server"):
         cmd, env = server_command(system, suite.budgets[0], suite, args.model, args.pack, 0, args.logs)

@@ -94,7 +94,7 @@ def test_real_malloc_trim_returns_memory_freed_in_the_middle_of_the_heap():
     libc.malloc.restype = ctypes.c_void_p
     libc.malloc.argtypes = [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
-    trimmer = HeapTrimmer(0.5)  # the default interval: the allocation below fits between two ticks
+    trimmer = HeapTrimmer(0.5, min_growth_bytes=32 * 2**20)  # the allocation below fits between two ticks
     trimmer.start()
     guard = None
     try:

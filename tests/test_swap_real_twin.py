@@ -145,13 +145,12 @@ def test_twenty_round_trips_do_not_leak(engine):
 
 
 def test_each_worker_trims_its_heap_from_a_thread(engine):
-    """The heap trimmer runs in the live worker (default 0.5 s, trimming once the resident set
-    has grown 32 MiB since its last trim) and says so in the memory reading, which is what
-    `state` and /metrics show. An idle engine's intervals are skipped, not trimmed."""
+    """The heap trimmer runs in the live worker (default every 0.5 s, no growth margin) and
+    says so in the memory reading, which is what `state` and /metrics show."""
     _, core = engine
     first = worker_call(core, "morphserve_memory")["heap_trim"]
-    assert first["running"] and first["interval_s"] == 0.5 and first["min_growth_bytes"] == 32 * 2**20
-    assert first["calls"] >= 1  # the first interval always trims: it sets the floor
+    assert first["running"] and first["interval_s"] == 0.5 and first["min_growth_bytes"] == 0
+    assert first["calls"] >= 1
     time.sleep(1.6)
     later = worker_call(core, "morphserve_memory")["heap_trim"]
-    assert later["calls"] + later["skipped"] >= first["calls"] + first["skipped"] + 2
+    assert later["calls"] >= first["calls"] + 2 and later["skipped"] == 0

@@ -69,10 +69,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heap-trim-interval", type=float, default=0.5, metavar="S",
                    help="every S seconds each worker returns its freed heap to the OS (glibc malloc_trim; a "
                         "prompt-length mix otherwise leaves hundreds of MiB freed but resident); 0 turns it off")
-    p.add_argument("--heap-trim-min-growth-mb", type=float, default=32, metavar="MIB",
+    p.add_argument("--heap-trim-min-growth-mb", type=float, default=0, metavar="MIB",
                    help="trim only once a worker's resident set has grown MIB since its last trim (a trim makes "
-                        "the next steps fault their reused pages back in, so a steady server skips it); 0 trims "
-                        "every interval")
+                        "the next steps fault their reused pages back in, so a steady server skips it); 0, the "
+                        "default, trims every interval")
     p.add_argument("--allocator", choices=ALLOCATORS, default=default_allocator(),
                    help="malloc preloaded into every server process (LD_PRELOAD): system = glibc's; tcmalloc "
                         "(Debian: libtcmalloc-minimal4; vLLM's CPU docs recommend it) or jemalloc; auto = tcmalloc "

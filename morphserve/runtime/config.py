@@ -56,9 +56,9 @@ class MorphConfig(BaseModel):
         "the OS (glibc malloc_trim in a thread; morphserve.runtime.heap_trimmer), so measured memory follows what "
         "the layers and the KV cache hold; 0 turns it off")
     heap_trim_min_growth_mb: float = Field(
-        default=32, ge=0, le=65536, description="a worker trims only once its resident set has grown this many "
-        "MiB since its last trim (each trim makes the next steps fault their reused pages back in); 0 trims "
-        "every interval")
+        default=0, ge=0, le=65536, description="a worker trims only once its resident set has grown this many "
+        "MiB since its last trim (each trim makes the next steps fault their reused pages back in); 0 (the "
+        "default) trims every interval")
 
 
 def parse(raw) -> MorphConfig:

@@ -18,14 +18,14 @@ from a daemon thread: ctypes drops the GIL, the forward only waits on malloc's a
 for the trim's few ms, and no engine step is added. Not used with a preloaded tcmalloc or
 jemalloc (their own `malloc_trim` is absent or a no-op); the thread is then not started.
 
-A trim is only worth its re-faults when the process has grown: each one releases the free
-pages of the chunks the next steps reuse, and every page they touch again is a page fault
-(zero-filled) in the forward's own thread. Trimming every interval at a steady state cost
-the served requests several percent of their TPOT on a 2-vCPU AVX2 EPYC (docs/RESULTS.md,
-"dev-zen3-level0"). So the thread trims only once the resident set has grown
-`min_growth_bytes` above where the last trim left it (or where it has fallen to since):
-the heap a prompt-length mix leaves behind still goes back within an interval of passing
-that margin, and a steady server stops paying for trims that return nothing new.
+Each trim releases the free pages of the chunks the next steps reuse, and every page they
+touch again is a page fault (zero-filled) in the forward's own thread. Trimming every
+interval at a steady state cost the served requests 4-14% of their TPOT on a 2-vCPU AVX2
+EPYC (docs/RESULTS.md, "The heap trimmer at a steady state"). With `min_growth_bytes` the
+thread trims only once the resident set has grown that much above where the last trim left
+it (or where it has fallen to since). That option is off by default (0: every interval):
+on the one window it was measured on it tied the every-interval trimmer, at the same peak
+RSS, in both repetitions' ranges, so it is not shown to remove the cost.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import time
 log = logging.getLogger("morphserve")
 
 DEFAULT_INTERVAL_S = 0.5
-DEFAULT_MIN_GROWTH_BYTES = 32 * 2**20
+DEFAULT_MIN_GROWTH_BYTES = 0  # every interval: see the module's docstring
 
 
 def resident_bytes() -> int:
