@@ -377,14 +377,18 @@ def test_a_cut_runs_decisions_are_read_while_the_server_still_runs(tmp_path, mon
 
 
 def test_a_cut_runs_decisions_are_read_best_effort():
-    """Before a replay's drain deadline the policy's last decisions are kept when the
-    server answers, and a failed read is recorded instead of failing the run."""
+    """Before a replay's drain deadline the policy's last decisions (and the heap trimmer's
+    counters) are kept when the server answers, and a failed read is recorded instead of
+    failing the run."""
     import threading
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
     from morphserve.evaluation import systems
 
-    answers = {"/morphserve/state": (200, {"recent_decisions": [{"kind": "hold", "level": 12}]})}
+    trims = {"interval_s": 0.5, "min_growth_bytes": 0, "running": True, "calls": 40, "skipped": 0, "seconds": 0.2}
+    answers = {"/morphserve/state": (200, {"recent_decisions": [{"kind": "hold", "level": 12}],
+                                           "signals": {"quality_increase": 0.01, "quality_tokens": 900},
+                                           "memory": {"heap_trim": trims}})}
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (http.server's name)
@@ -402,7 +406,10 @@ def test_a_cut_runs_decisions_are_read_best_effort():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         base = f"http://127.0.0.1:{server.server_port}"
-        assert systems.last_decisions(base) == {"decisions": [{"kind": "hold", "level": 12}]}
+        assert systems.last_decisions(base) == {"decisions": [{"kind": "hold", "level": 12}], "heap_trim": trims}
+        # after a replay: the ledger, the decisions and the trimmer's counters, one state read
+        assert systems.policy_record(base) == {"ledger": {"ppl_increase": 0.01, "tokens": 900},
+                                               "decisions": [{"kind": "hold", "level": 12}], "heap_trim": trims}
         answers.clear()  # the state read now answers 504, as a server busy past its step does
         failed = systems.last_decisions(base, timeout=5)
         assert failed["decisions"] == [] and "504" in failed["decisions_error"]
@@ -497,3 +504,12 @@ def test_a_static_run_charged_at_another_level_is_read_again_from_its_requests(t
     assert again["tokens_by_level"] == {"prompt": {"30": 10}, "output": {"30": 2}}
     untouched = json.loads((run_dir(out, 0, window, budget, fp16) / "run.json").read_text())
     assert untouched == {"ppl": 25.0, "ppl_increase": 0.5, "keep": 1}  # FP16 is level 0 whatever the ladder
+
+
+def test_heap_trim_counters_are_read_from_the_memory_reading_or_none():
+    from morphserve.evaluation.systems import heap_trim
+
+    assert heap_trim({"memory": {"heap_trim": {"calls": 3}}}) == {"calls": 3}
+    assert heap_trim({"memory": None}) is None  # a state read with ?memory=0
+    assert heap_trim({"memory": {"error": "worker did not answer"}}) is None
+    assert heap_trim({}) is None

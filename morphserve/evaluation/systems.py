@@ -132,11 +132,20 @@ def policy_record(base: str) -> dict:
     ledger (the token-weighted perplexity increase over its window and the tokens in it;
     None without a budget) and its last decisions, holds included (the server keeps 32, one
     per change of kind), for reading why a burst was not met."""
-    state = _request(f"{base}/morphserve/state?memory=0")
+    state = _request(f"{base}/morphserve/state")
     signals = state.get("signals") or {}
     ledger = ({"ppl_increase": signals["quality_increase"], "tokens": signals["quality_tokens"]}
               if signals.get("quality_tokens") else None)
-    return {"ledger": ledger, "decisions": state.get("recent_decisions") or []}
+    return {"ledger": ledger, "decisions": state.get("recent_decisions") or [], "heap_trim": heap_trim(state)}
+
+
+def heap_trim(state: dict) -> dict | None:
+    """The worker's heap trimmer counters (trims, skipped intervals, seconds inside
+    malloc_trim) as of the worker's last memory reading, a few seconds old at most: how
+    often a setting trimmed, beside the memory and speed it bought. None where the state has
+    no memory reading (a read that failed) or the trimmer reports nothing."""
+    memory = state.get("memory") or {}
+    return memory.get("heap_trim") if isinstance(memory, dict) else None
 
 
 def last_decisions(base: str, timeout: float = 8.0) -> dict:
@@ -145,10 +154,10 @@ def last_decisions(base: str, timeout: float = 8.0) -> dict:
     then, so a read that fails is recorded as such rather than failing the run.
     The ledger is not read: a cut run's tokens are not all counted by the evaluation."""
     try:
-        state = _request(f"{base}/morphserve/state?memory=0", timeout=timeout)
+        state = _request(f"{base}/morphserve/state", timeout=timeout)
     except (OSError, ValueError) as e:  # URLError and timeouts are OSErrors; a bad body a ValueError
         return {"decisions": [], "decisions_error": f"state not read before the cut: {e}"}
-    return {"decisions": state.get("recent_decisions") or []}
+    return {"decisions": state.get("recent_decisions") or [], "heap_trim": heap_trim(state)}
 
 
 def kv_blocks(system: System, base: str) -> dict:
