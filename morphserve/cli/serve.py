@@ -23,6 +23,7 @@ import sys
 from morphserve.runtime import config as runtime_config
 from morphserve.runtime import onednn_cache, thread_binding
 from morphserve.runtime.allocator import ALLOCATOR_ENV, ALLOCATORS, default_allocator, preload_env, resolve
+from morphserve.runtime.heap_trimmer import DEFAULT_INTERVAL_S, DEFAULT_MIN_GROWTH_BYTES
 from morphserve.errors import MorphServeError
 
 VLLM_SERVER_MODULE = "morphserve.vllm.server"  # vLLM's server entry; refusals in one line
@@ -66,10 +67,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tiers", default=None, metavar="LIST",
                    help="pack tiers to serve, comma-separated (w8a8, w4a16); default: every tier of the pack whose "
                         "kernel runs on this CPU (probed as the server starts)")
-    p.add_argument("--heap-trim-interval", type=float, default=0.5, metavar="S",
+    p.add_argument("--heap-trim-interval", type=float, default=DEFAULT_INTERVAL_S, metavar="S",
                    help="every S seconds each worker returns its freed heap to the OS (glibc malloc_trim; a "
                         "prompt-length mix otherwise leaves hundreds of MiB freed but resident); 0 turns it off")
-    p.add_argument("--heap-trim-min-growth-mb", type=float, default=0, metavar="MIB",
+    p.add_argument("--heap-trim-min-growth-mb", type=float, default=DEFAULT_MIN_GROWTH_BYTES / 2**20, metavar="MIB",
                    help="trim only once a worker's resident set has grown MIB since its last trim (a trim makes "
                         "the next steps fault their reused pages back in, so a steady server skips it); 0, the "
                         "default, trims every interval")
