@@ -40,5 +40,5 @@ def read(pid: int, tid: int | None = None) -> ProcStat | None:
     path = Path(f"/proc/{pid}/stat") if tid is None else Path(f"/proc/{pid}/task/{tid}/stat")
     try:
         return parse(path.read_text())
-    except (OSError, ProcessLookupError):
+    except OSError:  # gone (FileNotFoundError, ProcessLookupError) or unreadable
         return None
