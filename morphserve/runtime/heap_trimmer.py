@@ -20,8 +20,10 @@ jemalloc (their own `malloc_trim` is absent or a no-op); the thread is then not 
 
 Each trim releases the free pages of the chunks the next steps reuse, and every page they
 touch again is a page fault (zero-filled) in the forward's own thread. Trimming every
-interval at a steady state cost the served requests 4-14% of their TPOT on a 2-vCPU AVX2
-EPYC (docs/RESULTS.md, "The heap trimmer at a steady state"). With `min_growth_bytes` the
+interval at a steady state cost the served requests 4-14% of their TPOT in one run on a
+2-vCPU AVX2 EPYC and nothing measurable in the next (a tie over both; trimming every 5 s
+kept the same memory and tied it on speed: docs/RESULTS.md, "The heap trimmer at a steady
+state"), so the interval stays short. With `min_growth_bytes` the
 thread trims only once the resident set has grown that much above where the last trim left
 it (or where it has fallen to since). That option is off by default (0: every interval):
 on the one window it was measured on it tied the every-interval trimmer, at the same peak
