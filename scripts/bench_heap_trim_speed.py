@@ -5,8 +5,9 @@ through the kernel objects vLLM builds for a tier, on 2 threads, and feeds them 
 stream of `--steps` steps like a server's (85% decode steps of 1-24 tokens, 15% prompts of
 100 to `--max-prompt`), with the trimmer off or calling malloc_trim every `--interval` s
 from its own thread as the worker does, either every interval ("every") or only once the
-child's resident set has grown `--min-growth-mb` since its last trim ("gated", the worker's
-default). Children alternate, off, every, gated, `--repeats` times; each reports the stream's wall time, the median decode and prompt step, and the
+child's resident set has grown `--min-growth-mb` since its last trim ("gated"; the worker's
+option `heap_trim_min_growth_mb`, off by default). Children alternate, off, every, gated,
+`--repeats` times; each reports the stream's wall time, the median decode and prompt step, and the
 trims' count and time. `--pin` binds each child to one core, as vLLM binds its CPU
 worker, so the trimmer's thread shares the computing core.
 
