@@ -202,6 +202,16 @@ def test_ratios_are_paired_by_repetition_and_overlapping_ranges_are_ties():
     assert t["quality_third_of_static"] is True
     assert out["fp16"]["ttft_p95"]["median"] == 7.0 and out["fp16"]["ttft_p95"]["low"] == 6.0
     assert "vs_baseline" not in out["fp16"]
+    assert out["fp16"]["heap_trims"] is None  # no trimmer counters recorded for a plain server
+
+
+def test_the_heap_trimmers_counts_are_summarized_per_system():
+    runs = {"fp16": {rep: _run("fp16", rep, 10, 8.0) for rep in (1, 2, 3)},
+            "ms": {rep: {**_run("ms", rep, 5, 4.0), "heap_trim": {"calls": calls, "seconds": 1.3}}
+                   for rep, calls in ((1, 672), (2, 666), (3, 667))}}
+    out = aggregate.summarize_cell(runs, "fp16", None)
+    assert out["ms"]["heap_trims"] == {"median": 667, "low": 666, "high": 672, "n": 3}
+    assert out["fp16"]["heap_trims"] is None
 
 
 def test_unequal_work_is_caught():

@@ -72,6 +72,9 @@ def summarize_cell(runs: dict[str, dict[int, dict]], baseline: str, static_quant
         for fig in FIGURES:
             row[fig] = spread([r.get(fig) for r in reps.values()]).as_dict()
         row["kv_blocks"] = _kv_blocks(reps)
+        # how often a MorphServe worker's heap trimmer trimmed (its memory comes with it); None elsewhere
+        trims = spread([(r.get("heap_trim") or {}).get("calls") for r in reps.values()])
+        row["heap_trims"] = trims.as_dict() if trims.n else None
         if system != baseline and base:
             paired = [rep for rep in reps if rep in base]
             ttft = spread([_ratio(base[p]["ttft_p95"], reps[p]["ttft_p95"]) for p in paired])  # speed-up
