@@ -96,6 +96,10 @@ def test_runs_record_memory_capacity_and_quality(evaluated, pack_dir):
     assert fp16["ppl_increase"] == 0.0 and set(fp16["tokens_by_level"]["output"]) == {"0"}
     assert ms["kv_blocks"]["level0"] < ms["kv_blocks"]["max_level"]
     assert ms["warmup"]["levels"] == [30, 0]
+    # the worker's heap trimmer counters, read after the replay (a cut run reads them before its cut)
+    assert "heap_trim" in ms and "heap_trim" not in fp16
+    if ms["heap_trim"] is not None:  # None only where the worker's memory reading failed
+        assert {"calls", "skipped", "seconds", "interval_s"} <= set(ms["heap_trim"])
     # The run is charged the pack's measured perplexity at each level its tokens were served
     # at. Not "at least level 0's": a tiny pack's curve is noisy, and on one CI machine a
     # quantized level measured 0.3% under level 0 (16.92 against 16.97).
