@@ -70,7 +70,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heap-trim-interval", type=float, default=DEFAULT_INTERVAL_S, metavar="S",
                    help="every S seconds each worker returns its freed heap to the OS (glibc malloc_trim; a "
                         "prompt-length mix otherwise leaves hundreds of MiB freed but resident); 0 turns it off")
-    p.add_argument("--heap-trim-min-growth-mb", type=float, default=DEFAULT_MIN_GROWTH_BYTES / 2**20, metavar="MIB",
+    p.add_argument("--heap-trim-min-growth-mb", type=float, default=DEFAULT_MIN_GROWTH_BYTES / 2**20,
+                   metavar="MIB",
                    help="trim only once a worker's resident set has grown MIB since its last trim (a trim makes "
                         "the next steps fault their reused pages back in, so a steady server skips it); 0, the "
                         "default, trims every interval")

@@ -53,13 +53,14 @@ class MorphConfig(BaseModel):
         "sync: the prompts about to be computed are the only ones waiting, and they are computed on the new rung. "
         "Manual transitions are always sync")
     heap_trim_interval_s: float = Field(
-        default=DEFAULT_INTERVAL_S, ge=0, le=60, description="every this many seconds each worker hands its freed heap back to "
-        "the OS (glibc malloc_trim in a thread; morphserve.runtime.heap_trimmer), so measured memory follows what "
-        "the layers and the KV cache hold; 0 turns it off")
+        default=DEFAULT_INTERVAL_S, ge=0, le=60,
+        description="every this many seconds each worker hands its freed heap back to the OS (glibc malloc_trim "
+        "in a thread; morphserve.runtime.heap_trimmer), so measured memory follows what the layers and the KV "
+        "cache hold; 0 turns it off")
     heap_trim_min_growth_mb: float = Field(
-        default=DEFAULT_MIN_GROWTH_BYTES / 2**20, ge=0, le=65536, description="a worker trims only once its resident set has grown this many "
-        "MiB since its last trim (each trim makes the next steps fault their reused pages back in); 0 (the "
-        "default) trims every interval")
+        default=DEFAULT_MIN_GROWTH_BYTES / 2**20, ge=0, le=65536,
+        description="a worker trims only once its resident set has grown this many MiB since its last trim "
+        "(each trim makes the next steps fault their reused pages back in); 0 (the default) trims every interval")
 
 
 def parse(raw) -> MorphConfig:
