@@ -11,6 +11,7 @@ from morphserve.errors import MorphServeError
 from morphserve.evaluation import aggregate, quality
 from morphserve.evaluation.runner import run_order
 from morphserve.evaluation.suite import load_suite
+from policies.config import load_policy
 
 REPO = Path(__file__).resolve().parent.parent
 SUITE = """
@@ -39,6 +40,17 @@ def test_shipped_suites_are_valid():
     for path in sorted((REPO / "evaluations").glob("*.yaml")):
         suite = load_suite(path)
         assert suite.cells(), path
+
+
+def test_every_policy_a_shipped_suite_names_loads():
+    """A suite is committed before it runs, so a policy file it names that fails to load
+    would be found only by the run it was written for."""
+    refs = {s.policy for path in (REPO / "evaluations").glob("*.yaml") for s in load_suite(path).systems if s.policy}
+    refs |= {str(p.relative_to(REPO)) for p in (REPO / "evaluations" / "policies").glob("*.yaml")}
+    assert "evaluations/policies/default-tpot-0.4.yaml" in refs
+    for ref in sorted(refs):
+        config, _ = load_policy(str(REPO / ref) if ref.endswith(".yaml") else ref)
+        assert config.policy in ("threshold", "slo", "demand"), ref
 
 
 def test_the_reported_suite_has_the_windows_and_budgets_it_promises():
