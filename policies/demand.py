@@ -423,7 +423,7 @@ class DemandPolicy(PolicyBase):
             on = ""
             if fits:
                 target, on = self.further(s, target, quality_top)
-            return self._up(state, now, target, reason + on)
+            return self._up(state, now, target, reason + on, blocked=s.waiting_blocks > 0)
         if resting and fits:
             # the run of faster rungs above the sufficient level, for the batch served now
             rest, on = self.further(s, target, quality_top, batch=max(1.0, float(s.running)))
@@ -436,7 +436,8 @@ class DemandPolicy(PolicyBase):
                 return Decision(level, f"hold: {reason}{on}; the move waits until the {s.pending_prompt_tokens} "
                                        f"prompt tokens pending are computed", replace(state, calm_since=None))
             if rest > level:
-                return self._up(state, now, rest, f"speed: {reason}{on}; resting there while requests come")
+                return self._up(state, now, rest, f"speed: {reason}{on}; resting there while requests come",
+                                blocked=s.waiting_blocks > 0)
             if rest == level and rest > target:
                 return Decision(level, f"hold: {reason}{on}; resting there while requests come",
                                 replace(state, calm_since=None))

@@ -231,3 +231,48 @@ def test_on_a_tiered_ladder_a_burst_beyond_w8a8_climbs_into_the_w4a16_rungs():
     d = tiered_policy().decide(busy(need_blocks=75, waiting_blocks=66), PolicyState())
     need = next(k for k, c in enumerate(TIERED_CAPACITY) if c >= 75 * 1.1)
     assert 30 < d.target == need < 60
+
+
+def test_one_move_up_may_follow_a_paced_move_up_at_once_while_requests_wait():
+    """A prompt that arrives just after a move up would otherwise wait out the cooldown in
+    the queue (the AVX2 capacity row's one violation); the move after the quick one waits."""
+    policy = demand_policy()
+    growing = busy(need_blocks=12, queue_len=0.0, waiting_blocks=0, used_blocks=9, time=10.0)
+    first = policy.decide(growing, PolicyState())
+    assert first.target > 0 and first.state.paced_up
+    arrived = dataclasses.replace(growing, need_blocks=30, queue_len=2.0, waiting_blocks=6, time=10.3)
+    quick = policy.decide(arrived, first.state)
+    assert quick.target > first.target and "requests waiting for blocks" in quick.reason
+    assert not quick.state.paced_up and quick.state.last_change == 10.3
+    # the same demand with nobody waiting for blocks: the cooldown holds, as before
+    unblocked = dataclasses.replace(arrived, queue_len=0.0, waiting_blocks=0)
+    assert policy.decide(unblocked, first.state).target == first.target
+    # after a quick move, the next one waits out the cooldown again
+    more = dataclasses.replace(arrived, need_blocks=45, waiting_blocks=15, time=10.5)
+    held = policy.decide(more, quick.state)
+    assert held.target == quick.target and "cooldown" in held.reason
+    assert policy.decide(dataclasses.replace(more, time=11.3), quick.state).target > quick.target
+    # a restore is never quick: the same boundary with the load gone holds
+    gone = dataclasses.replace(growing, need_blocks=3, used_blocks=3, running=1, time=10.3)
+    assert policy.decide(gone, first.state).target == first.target
+
+
+def test_demand_rising_at_every_step_keeps_within_two_transitions_per_cooldown():
+    """The worst case for the quick move: blocks awaited and demand higher at every
+    boundary. Each transition within cooldown_s of the one before follows a paced one."""
+    policy = demand_policy()
+    state, times = PolicyState(), []
+    for i in range(int(10.0 / DT)):
+        t = 10.0 + i * DT
+        need = 6 + 2 * i
+        s = busy(need_blocks=need, used_blocks=min(need, CAPACITY[state.level]),
+                 waiting_blocks=max(0, need - CAPACITY[state.level]), queue_len=1.0, time=t)
+        d = policy.decide(s, state)
+        if d.target != state.level:
+            times.append(t)
+        state = d.state
+    assert len(times) <= 2 * (math.floor(10.0 / CFG.cooldown_s) + 1)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert any(g < CFG.cooldown_s for g in gaps), "the quick move must happen in this sequence"
+    for before, gap in zip([math.inf] + gaps, gaps):
+        assert gap >= CFG.cooldown_s - 1e-9 or before >= CFG.cooldown_s - 1e-9

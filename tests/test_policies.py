@@ -2,8 +2,10 @@
 
 A small plant closes the loop: demand (in KV blocks) is exogenous; capacity follows the
 policy's level; what does not fit waits, and the oldest waiter ages. The bound under test:
-at most one transition per cooldown_s, and a restore only after calm_s of calm, so over
-T seconds: transitions <= T / cooldown_s + 1 and restores <= T / max(calm_s, cooldown_s) + 1.
+at most one transition per cooldown_s, except one more move up right after a paced move up
+while requests wait for blocks (policies/base.py), and a restore only after calm_s of calm,
+so over T seconds: transitions <= 2 x (T / cooldown_s + 1) and restores <= T / max(calm_s,
+cooldown_s) + 1.
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ def simulate(policy, demand, seconds: float):
 
 
 def bound(cfg: PolicyConfig, seconds: float) -> tuple[int, int]:
-    return math.floor(seconds / max(cfg.cooldown_s, 1e-9)) + 1, math.floor(seconds / max(cfg.calm_s, cfg.cooldown_s)) + 1
+    paced = math.floor(seconds / max(cfg.cooldown_s, 1e-9)) + 1
+    return 2 * paced, math.floor(seconds / max(cfg.calm_s, cfg.cooldown_s)) + 1
 
 
 POLICIES = ["default", "accuracy", "performance"]
