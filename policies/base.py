@@ -4,10 +4,11 @@ rules (cooldown between transitions; a restore needs `calm_s` of calm first).
 One exception to the cooldown, and why: a move up sized from the demand at one boundary can
 be one request short at the next (a prompt arrives just after it). Waiting out the cooldown
 then holds that prompt in the queue for up to `cooldown_s` (measured: 2.34 s to first token
-against a 2 s SLO on an AVX2-only EPYC, 1.0 s of it the cooldown). Two moves up in a row
+against a 2 s SLO on an AVX2-only EPYC, 0.5 s of it the cooldown). Two moves up in a row
 are not flapping, so a move up that waited out the cooldown may be followed at once by one
 more move up while requests wait for blocks; the one after that waits again. Over T seconds
-that allows at most 2 x (T/`cooldown_s` + 1) transitions; restores are never quick."""
+that allows at most 2 x (T/`cooldown_s` + 1) transitions; restores are never quick.
+`quick_up: false` restores the strict bound, T/`cooldown_s` + 1."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ class PolicyBase:
             return Decision(state.level, f"hold: at the cap ({self.max_level}) despite {reason}",
                             replace(state, calm_since=None))
         paced = now - state.last_change >= self.cfg.cooldown_s
-        if not paced and not (blocked and state.paced_up):
+        if not paced and not (blocked and state.paced_up and self.cfg.quick_up):
             return Decision(state.level, f"hold: cooldown ({reason})", replace(state, calm_since=None))
         if not paced:
             reason += f"; {now - state.last_change:.2f}s after a move up, requests waiting for blocks"

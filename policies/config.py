@@ -41,6 +41,9 @@ class PolicyConfig(BaseModel):
     # transitions
     step_layers: int = Field(4, ge=1, description="layers per transition")
     cooldown_s: float = Field(1.0, ge=0.0, description="minimum time between transitions")
+    quick_up: bool = Field(True, description="demand: one move up may follow a move up that waited out the "
+                                             "cooldown at once, while requests wait for KV blocks (false: every "
+                                             "transition waits out cooldown_s)")
     calm_s: float = Field(2.0, ge=0.0, description="how long load must stay low before a restore")
     window_s: float = Field(2.0, gt=0.0, description="signal smoothing window")
     # threshold policy

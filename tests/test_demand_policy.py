@@ -252,6 +252,9 @@ def test_one_move_up_may_follow_a_paced_move_up_at_once_while_requests_wait():
     held = policy.decide(more, quick.state)
     assert held.target == quick.target and "cooldown" in held.reason
     assert policy.decide(dataclasses.replace(more, time=11.3), quick.state).target > quick.target
+    # `quick_up: false`: every move waits out the cooldown, as before the exception
+    strict = demand_policy(CFG.model_copy(update={"quick_up": False}))
+    assert strict.decide(arrived, first.state).target == first.target
     # a restore is never quick: the same boundary with the load gone holds
     gone = dataclasses.replace(growing, need_blocks=3, used_blocks=3, running=1, time=10.3)
     assert policy.decide(gone, first.state).target == first.target
