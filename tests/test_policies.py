@@ -68,8 +68,10 @@ def simulate(policy, demand, seconds: float):
 
 
 def bound(cfg: PolicyConfig, seconds: float) -> tuple[int, int]:
+    """The quick move up exists in `demand` only (with `quick_up`); elsewhere the strict bound."""
     paced = math.floor(seconds / max(cfg.cooldown_s, 1e-9)) + 1
-    return 2 * paced, math.floor(seconds / max(cfg.calm_s, cfg.cooldown_s)) + 1
+    quick = cfg.policy == "demand" and cfg.quick_up
+    return (2 if quick else 1) * paced, math.floor(seconds / max(cfg.calm_s, cfg.cooldown_s)) + 1
 
 
 POLICIES = ["default", "accuracy", "performance"]
