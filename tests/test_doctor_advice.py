@@ -95,6 +95,27 @@ def test_an_fp32_reading_is_named_fp32_and_slower_int8_rungs_buy_memory_not_spee
     assert "x bf16's speed" in " ".join(bf16.reasons) and "buy KV memory" not in bf16.reasons[-1]
 
 
+def test_a_tier_that_loses_decodes_but_wins_prompts_says_so():
+    # The Zen 3 EPYC's fp32 kernels (scripts/bench_linear_crossover.py): int8 4.7x slower at one
+    # token, 0.71x the time at 256 tokens a step.
+    zen3 = Speed({"bf16": {1: 1.0, 32: 1.0, 256: 1.0}, "w8a8": {1: 4.66, 32: 1.83, 256: 0.71}}, "test",
+                 dtype="float32")
+    a = advise(AVX2, Pack("p", "m", ["w8a8"], None), zen3)
+    assert "buy KV memory here, not decode speed" in a.reasons[-1]
+    assert "at 256 tokens a step (a prompt) w8a8's are 1.41x fp32's speed" in a.reasons[-1]
+    assert "static W8A8 checkpoint gives earlier first tokens" in a.reasons[-1]
+    screen = render(AVX2, Pack("p", "m", ["w8a8"], None), zen3, a)
+    assert "batch 256" in screen and "(1.41x fp32)" in screen
+    # int8 slower at prompts too: no such clause
+    slow = Speed({"bf16": {1: 1.0, 32: 1.0, 256: 1.0}, "w8a8": {1: 4.66, 32: 1.83, 256: 1.2}}, "test", dtype="float32")
+    assert "first tokens" not in advise(AVX2, Pack("p", "m", ["w8a8"], None), slow).reasons[-1]
+    # a reading without the prompt size (cached before it was timed) shows the decode sizes only
+    old = Speed({"bf16": {1: 1.0, 32: 1.0}, "w8a8": {1: 4.66, 32: 1.83}}, "test", dtype="float32")
+    old_advice = advise(AVX2, Pack("p", "m", ["w8a8"], None), old)
+    assert "first tokens" not in old_advice.reasons[-1]
+    assert "batch 256" not in render(AVX2, Pack("p", "m", ["w8a8"], None), old, old_advice)
+
+
 def test_auto_times_the_dtype_the_doctor_recommends_serving_in():
     from morphserve.doctor.facts import serving_dtype
 

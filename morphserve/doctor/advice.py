@@ -13,7 +13,12 @@ from dataclasses import dataclass, field
 from morphserve.runtime.tier_speed import BUSY_LOAD
 
 TIERS = ("w8a8", "w4a16")  # most precise first, as in the ladder
-BATCHES = (1, 32)
+BATCHES = (1, 32)  # decode-sized steps: what the tier choice and the resting advice read
+# A prompt-sized step (the start-up kernel profile times it too). On a CPU where vLLM's int8
+# kernel pays a per-call activation quantization, int8 can lose every decode step and still win
+# prompts (an AVX2 EPYC in fp32: 4.7x slower at 1 token, 0.72x the time at 320), so static W8A8
+# gives earlier first tokens there while MorphServe's levels give one or the other.
+PROMPT_BATCH = 256
 # A tier whose linears run slower than this fraction of bf16's at batch 32 costs TPOT exactly
 # when load is high, which is when the policy compresses; it is dropped if another tier remains.
 SLOW_FRACTION = 0.67
@@ -192,6 +197,19 @@ def _rest_reason(tiers: list[str], speed: Speed | None) -> str:
                 f"{faster[0].upper()} checkpoint (`morphserve evaluate`) before choosing")
     slower = [t for t in tiers if all((speed.relative(t, b) or 1) < 1 for b in BATCHES)]
     if slower:
-        return (idle + f"; {', '.join(slower)}'s linears are slower than {full}'s here at batch 1 and 32, so "
-                f"{'its' if len(slower) == 1 else 'their'} rungs buy KV memory here, not decode speed")
+        reason = (idle + f"; {', '.join(slower)}'s linears are slower than {full}'s here at batch 1 and 32, so "
+                  f"{'its' if len(slower) == 1 else 'their'} rungs buy KV memory here, not decode speed")
+        return reason + _prompt_clause(slower, speed)
     return idle + f"; no tier is faster than {full} at both batch sizes here, so load rests at {full} too"
+
+
+def _prompt_clause(slower: list[str], speed: Speed) -> str:
+    """Where a tier that loses decode steps wins prompt-sized ones: say what that means for
+    a user choosing between MorphServe and a static checkpoint of that tier."""
+    for t in slower:
+        r = speed.relative(t, PROMPT_BATCH)
+        if r is not None and r >= 1:
+            return (f"; but at {PROMPT_BATCH} tokens a step (a prompt) {t}'s are {r:.2f}x {speed.full}'s speed, so a "
+                    f"static {t.upper()} checkpoint gives earlier first tokens here and slower decodes: compare "
+                    "P95 TTFT as well as TPOT (`morphserve evaluate`) before choosing")
+    return ""

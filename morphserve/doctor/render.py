@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from morphserve.doctor.advice import BATCHES, Advice, Machine, Pack, Speed
+from morphserve.doctor.advice import BATCHES, PROMPT_BATCH, Advice, Machine, Pack, Speed
 from morphserve.runtime.onednn_cache import ONEDNN_CACHE_ENV, ONEDNN_DEFAULT
 
 
@@ -34,11 +34,14 @@ def render(m: Machine, pack: Pack | None, speed: Speed | None, advice: Advice) -
         article = "an" if speed.full == "fp32" else "a"
         lines.append(f"speed      one decoder layer's linears, vLLM's kernels, in {article} {speed.full} engine "
                      f"(--dtype {speed.dtype}), {speed.source}")
-        header = "           " + f"{'tier':<7}" + "".join(f"{'batch ' + str(b):>22}" for b in BATCHES)
+        # a prompt-sized step beside the decode sizes, where the reading has it (a cached
+        # profile from before it was timed has not)
+        shown = BATCHES + ((PROMPT_BATCH,) if any(PROMPT_BATCH in b for b in speed.seconds.values()) else ())
+        header = "           " + f"{'tier':<7}" + "".join(f"{'batch ' + str(b):>22}" for b in shown)
         lines.append(header)
         for tier, by_batch in speed.seconds.items():
             cells = []
-            for b in BATCHES:
+            for b in shown:
                 s, r = by_batch.get(b), speed.relative(tier, b)
                 cells.append(f"{s * 1e6:9.0f} us ({r:.2f}x {speed.full})" if s and r else f"{'-':>22}")
             name = speed.full if tier == "bf16" else tier  # level 0 is keyed "bf16" whatever its dtype
