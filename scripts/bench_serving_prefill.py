@@ -19,7 +19,9 @@ counters from its state endpoint.
         --systems plain,trim-0.5,trim-off,trim-grow-64 [--rounds 3] [--prompts 12]
 
 A system is `plain`, `trim-off`, `trim-S` (every S seconds) or `trim-grow-M` (every 0.5 s
-once the worker's resident set grew M MiB since its last trim). Prints, per system, the
+once the worker's resident set grew M MiB since its last trim); a MorphServe system's name
+ending in `-cold` skips the warm-up transitions (its layers keep the engine's own loaded
+forwards, never restored). Prints, per system, the
 median first-token time [min, max] over the rounds (each round's own median over its
 prompts), the ratio of medians to plain vLLM's, the peak RSS median [range], and the trims.
 """
@@ -69,6 +71,7 @@ def command(system: str, model: str, pack: str, port: int, dtype: str) -> tuple[
     if system == "plain":
         env["VLLM_PLUGINS"] = ""
         return [sys.executable, "-m", PLAIN_VLLM_SERVER, "--model", model, *common], env
+    system = system.removesuffix("-cold")
     cmd = [sys.executable, "-m", "morphserve.cli", "serve", model, "--pack", pack, "--manual-min-interval", "0"]
     if system == "trim-off":
         cmd += ["--heap-trim-interval", "0"]
@@ -110,7 +113,7 @@ def run_one(system: str, args, round_no: int, log_dir: Path) -> dict:
     try:
         for k in range(3):
             _post(base, "/v1/completions", {"model": "model", "prompt": _ids(64, k), "max_tokens": 8})
-        if system != "plain":  # the evaluation's warm-up: every kernel once, then held at level 0
+        if system != "plain" and not system.endswith("-cold"):  # the evaluation's warm-up, then held at 0
             top = _get(base, "/morphserve/state?memory=0")["max_level"]
             for level in (top, 0):
                 _post(base, "/morphserve/level", {"level": level})
