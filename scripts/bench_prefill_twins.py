@@ -20,9 +20,8 @@ scripts/bench_kernels.py measures it), each a median [range] over the rounds; an
 `split-N` the anonymous memory its twins took (read, heap trimmed, just before and after
 they are built), beside what their kernels count. A mechanism
 measurement on one engine, not a served row: the budget, the policy and the quality ledger
-know nothing of twins held beside full precision. The engine computes with the threads vLLM
-gives an in-process engine (every core: 2 on the 2-vCPU EPYC), where a served worker computes
-on the one core it is bound to; scripts/bench_linear_crossover.py times the kernels on one.
+know nothing of twins held beside full precision. The process computes on one core with one
+OpenMP thread, as a served worker does (an in-process engine would otherwise use every core).
 
     python scripts/bench_prefill_twins.py --model MODEL_DIR --pack PACK_DIR [--layers 0,15,30] [--repeats 8]
 """
@@ -30,10 +29,20 @@ on the one core it is bound to; scripts/bench_linear_crossover.py times the kern
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
+
+# A served worker computes on the one core vLLM binds it to; an in-process engine would use
+# every core (2 threads here: a 320-token prompt in 0.57-0.80 s against about 1.2 s on one,
+# with the other core's load deciding where in that range), and int8 and fp32 scale
+# differently with threads. So this process computes on one core, with one OpenMP thread,
+# set before torch loads its OpenMP runtime.
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -66,14 +75,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from morphserve.runtime.layer_set import trim_heap
     from morphserve.runtime.proc_memory import process_rss
-    from morphserve.vllm.offline_engine import engine_core_of, in_process_llm
+    from morphserve.vllm.offline_engine import controller_of, engine_core_of, in_process_llm, layer_set_of
 
     llm = in_process_llm(args.model, args.pack, dtype=args.dtype, enforce_eager=True, max_model_len=1024,
                          max_num_seqs=8)
     core = engine_core_of(llm)
-    worker = core.model_executor.driver_worker.worker
-    layer_set = worker._morph
-    controller = core._morphserve
+    layer_set = layer_set_of(core)
+    controller = controller_of(core)
     order = controller.order  # the pack's quantization order: the first layers a move up quantizes
     one = SamplingParams(max_tokens=1, temperature=0.0)
 
@@ -99,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sizes = sorted({int(x) for x in args.layers.split(",") if x.strip()})
     core.morphserve_set_level(0)
-    forwards = {i: [s.layer.cpu_linear for s in layer_set.layers[i]] for i in layer_set.layers}
+    forwards = {i: [s.kernels.forward_of(s.layer) for s in layer_set.layers[i]] for i in layer_set.layers}
     twins: dict[int, list] = {}
     held = {}
     trim_heap()
@@ -117,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         for i in layer_set.layers:
             for s, full, twin in zip(layer_set.layers[i], forwards[i], twins.get(i, [None] * 4)):
                 chosen = i in list(order)[:n]
-                s.layer.cpu_linear = split_forward(full, twin, args.min_tokens) if chosen else full
+                s.kernels.install(s.layer, split_forward(full, twin, args.min_tokens) if chosen else full)
 
     configs = [0, *sizes]
     prefill = {n: [] for n in configs}

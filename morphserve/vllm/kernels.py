@@ -227,6 +227,10 @@ class VllmCpuKernels:
     def install(self, layer: torch.nn.Module, forward) -> None:
         layer.cpu_linear = forward
 
+    def forward_of(self, layer: torch.nn.Module):
+        """The forward `layer` computes with now (for a benchmark that wraps it)."""
+        return layer.cpu_linear
+
 
 def _bound(forward, weight: torch.Tensor):
     """`forward` with its weight fixed: vLLM's `cpu_linear(x, weight, bias)` on a path that

@@ -113,6 +113,12 @@ def controller_of(core: EngineCore):
     return getattr(core, "_morphserve", None)
 
 
+def layer_set_of(core: EngineCore):
+    """The swappable layers of an in-process engine's worker (one rank), for a benchmark that
+    installs forwards of its own (scripts/bench_prefill_twins.py); the server never does."""
+    return core.model_executor.driver_worker.worker._morph
+
+
 def worker_call(core: EngineCore, method: str, *args: Any) -> Any:
     """The first worker's answer to a `morphserve_*` method, called by name (raises
     RankFailure if any rank failed)."""
