@@ -33,14 +33,14 @@ import json
 import os
 import statistics
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from morphserve.harness.servers import free_port, group_rss, start_server, stop_server  # noqa: E402
+from morphserve.evaluation.runner import MemorySampler  # noqa: E402
+from morphserve.harness.servers import free_port, start_server, stop_server  # noqa: E402
 from morphserve.vllm.server import PLAIN_VLLM_SERVER  # noqa: E402
 
 KV_BYTES = 161_939_968  # the light AVX2 row's KV space (suite-v4-avx2-tpot04-light, 700 MB in fp32)
@@ -84,27 +84,6 @@ def command(system: str, model: str, pack: str, port: int, dtype: str) -> tuple[
     return cmd + common, env
 
 
-class PeakRss:
-    """The process group's summed RSS, sampled every 0.2 s in a thread."""
-
-    def __init__(self, pgid: int):
-        self.pgid, self.peak, self._stop = pgid, 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.2):
-            rss = group_rss(self.pgid)
-            self.peak = max(self.peak, rss["rss_anon_bytes"] + rss["rss_file_bytes"])
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
 def run_one(system: str, args, round_no: int, log_dir: Path) -> dict:
     port = free_port()
     cmd, env = command(system, args.model, args.pack, port, args.dtype)
@@ -119,7 +98,9 @@ def run_one(system: str, args, round_no: int, log_dir: Path) -> dict:
                 _post(base, "/morphserve/level", {"level": level})
                 _post(base, "/v1/completions", {"model": "model", "prompt": _ids(64, 9), "max_tokens": 8})
         firsts = []
-        with PeakRss(proc.pid) as rss:
+        rss = MemorySampler(proc.pid, every=0.2)  # the evaluation's own peak-RSS sampler
+        rss.start()
+        try:
             for k in range(args.prompts + 1):
                 t = time.perf_counter()
                 _post(base, "/v1/completions", {"model": "model", "prompt": _ids(args.prompt_tokens, 100 + k),
@@ -130,13 +111,16 @@ def run_one(system: str, args, round_no: int, log_dir: Path) -> dict:
                                                 "max_tokens": args.decode_tokens, "temperature": 0.0,
                                                 "ignore_eos": True})
                 time.sleep(args.pause)
+        finally:
+            rss.stop.set()
+            rss.join()
         trim = None
         if system != "plain":
             trim = (_get(base, "/morphserve/state").get("memory") or {}).get("heap_trim")
     finally:
         stop_server(proc)
     return {"system": system, "round": round_no, "first_token_s": firsts, "median_s": statistics.median(firsts),
-            "peak_rss_mib": rss.peak / 2**20, "heap_trim": trim}
+            "peak_rss_mib": rss.peak["total"] / 2**20, "heap_trim": trim}
 
 
 def spread(values: list[float]) -> str:
