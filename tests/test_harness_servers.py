@@ -175,3 +175,13 @@ def test_a_server_gets_its_own_process_group_but_stays_in_our_session(tmp_path):
         assert os.getpgid(pid) == pid != os.getpgid(0)
         assert os.getpgid(child) == pid
         assert os.getsid(pid) == os.getsid(child) == os.getsid(0)
+
+
+def test_free_ports_come_from_below_the_ephemeral_range_and_are_never_handed_out_twice():
+    """A port the OS picks for port 0 is the kind vLLM's engine sockets are given too; a server
+    once lost its port to one in CI."""
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == 50
+    if low >= 21000:
+        assert all(20000 <= p < low for p in ports)

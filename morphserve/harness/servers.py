@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -34,11 +35,43 @@ class ServerStartError(RuntimeError):
     """The server exited or did not answer /health in time; the message has the log's tail."""
 
 
+_LOWEST_PORT = 20000
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (the OS picks it), for a server about to start."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on every interface now, for a server about to start (vLLM binds 0.0.0.0
+    some seconds later). Drawn at random below the kernel's ephemeral range, not from it: a
+    port the OS picked (bind to port 0) is one it hands out again to the next socket that asks,
+    and with two test workers, each starting servers whose engines open sockets of their own,
+    a server once found its port taken in that gap ("Address already in use"). Below the
+    range only another caller of this function picks ports; two draws from about 12,000 meet
+    rarely, and never in one process (each port is handed out once)."""
+    rng = random.SystemRandom()
+    top = _ephemeral_low() - 1
+    if top < _LOWEST_PORT + 1000:  # an unusual kernel setting: let the OS pick, as before
+        with socket.socket() as s:
+            s.bind(("0.0.0.0", 0))
+            return s.getsockname()[1]
+    for _ in range(200):
+        port = rng.randint(_LOWEST_PORT, top)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free TCP port found between {_LOWEST_PORT} and {top}")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def start_server(cmd: list[str], env: dict, log: Path, port: int, timeout: float = 300,
