@@ -151,12 +151,23 @@ def dearer_fill(curve: dict) -> dict[int, float]:
     return {k: values[next(m for m in known if m >= k)] for k in range(known[-1] + 1)}
 
 
+def charged_level(quality: dict | None, level: int) -> int:
+    """The level a token served at `level` is charged at. A server holding prompt twins for
+    the ladder's first N layers (the engine marks `quality["prompt_twins"]`) computes every
+    step of prompt size through them at any level below N, and a decode that shares a step
+    with a prompt goes through them too; which tokens those are is not logged, so every
+    token is charged at max(level, N): an upper bound, the evaluation's rule as well."""
+    return max(level, int((quality or {}).get("prompt_twins", {}).get("layers", 0)))
+
+
 def log_ppl_ratios(quality: dict | None, num_layers: int) -> list[float]:
-    """log(ppl_k / ppl_0) for k = 0..num_layers; a level the curve skips takes the next one
-    measured above it (the dearer neighbour), a level past its last takes the last."""
+    """log(ppl_k / ppl_0) for k = 0..num_layers, each level charged as `charged_level` says;
+    a level the curve skips takes the next one measured above it (the dearer neighbour), a
+    level past its last takes the last."""
     curve = dearer_fill(quality_curve(quality, "max_avg_ppl_increase"))
     top = max(curve)
-    return [math.log(curve[min(k, top)] * kv_factor(quality, k) / curve[0]) for k in range(num_layers + 1)]
+    return [math.log(curve[min(charged_level(quality, k), top)] * kv_factor(quality, k) / curve[0])
+            for k in range(num_layers + 1)]
 
 
 def static_tier_level(mix: list[dict[str, int]], tier: str) -> int | None:

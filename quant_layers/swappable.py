@@ -69,6 +69,9 @@ class LinearKernels(Protocol):
     def install(self, layer: torch.nn.Module, forward: Forward) -> None:
         """Make `layer` compute with `forward` from its next call on."""
 
+    def forward_of(self, layer: torch.nn.Module) -> Forward:
+        """The forward `layer` computes with now."""
+
 
 class Cutter(Protocol):
     """One fused linear's tensors as this rank holds them (the engine's own weight loader
@@ -276,6 +279,35 @@ class IdentityTwin:
         return IdentityCompute(self.kernels.own(weight), self.kernels)
 
 
+class HeldTwin:
+    """A layer's resident prompt twin, handed out as its quantized compute: installing it
+    builds nothing, and whoever drops it releases nothing (no `release`), since the layer
+    keeps it for prompts when it returns to full precision."""
+
+    def __init__(self, twin):
+        self.twin = twin
+        self.nbytes = twin.nbytes
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.twin(x, weight, bias)
+
+
+class SplitForward:
+    """Full precision for small calls, the prompt twin for large ones: vLLM flattens a step's
+    tokens into one call, so a step of at least `min_tokens` tokens (a prompt's) runs the
+    twin and a decode step full precision. Where int8 is slower than full precision for a
+    few rows and faster for many (vLLM's int8 kernel quantizes each call's activations
+    first, a fixed cost), this gives prompts int8's speed and decodes full precision's."""
+
+    def __init__(self, full: Forward, twin, min_tokens: int):
+        self.full, self.twin, self.min_tokens = full, twin, min_tokens
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.shape[0] >= self.min_tokens:
+            return self.twin(x, weight, bias)
+        return self.full(x, weight, bias)
+
+
 # How compressed each tier is (higher frees more); morphserve.offline.ladder.RANK agrees.
 TIER_RANK = {"bf16": 0, "w8a8": 1, "w4a16": 2}
 
@@ -310,6 +342,8 @@ class SwappableLinear:
         self.tier_bytes = {self.FULL: fp_bytes}  # what a restore to each tier will hold
         self.compute = None  # the live twin while quantized
         self.tier = self.FULL
+        self.prompt_twin: tuple[str, object] | None = None  # (tier, compute) held for prompts
+        self.prompt_min_tokens = 0
 
     @property
     def quantized(self) -> bool:
@@ -317,7 +351,23 @@ class SwappableLinear:
 
     @property
     def live_bytes(self) -> int:
-        return self.compute.nbytes if self.quantized else self.fp_bytes
+        """What this linear holds now: at full precision, a resident prompt twin too."""
+        return self.compute.nbytes if self.quantized else self.tier_bytes[self.FULL]
+
+    def hold_prompt_twin(self, tier: str, compute, min_tokens: int) -> None:
+        """Keep `compute` (this linear's `tier` twin, built and proved) resident for good:
+        while the layer is in full precision its calls of at least `min_tokens` tokens run
+        through it; quantizing to `tier` installs it (nothing to build, nothing freed but the
+        full-precision weight); restoring keeps it. Full precision's held bytes include it,
+        so the budget and the ladder's savings account for it."""
+        if self.quantized or self.prompt_twin is not None:
+            raise QuantLayersError("a prompt twin is held once, by a layer in full precision")
+        if tier not in self.twins:
+            raise QuantLayersError(f"tier {tier} is not served here (served: {', '.join(self.twins)})")
+        self.prompt_twin = (tier, compute)
+        self.prompt_min_tokens = int(min_tokens)
+        self.tier_bytes[self.FULL] = self.fp_bytes + compute.nbytes
+        self.kernels.install(self.layer, SplitForward(self.kernels.forward_of(self.layer), compute, min_tokens))
 
     def to_quantized(self, readers: Readers) -> None:
         self.to_tier(self.most_compressed, readers)
@@ -337,6 +387,8 @@ class SwappableLinear:
             return self.prepare_full(readers)
         if tier not in self.twins:
             raise QuantLayersError(f"tier {tier} is not served here (served: {', '.join(self.twins)})")
+        if self.prompt_twin is not None and self.prompt_twin[0] == tier:
+            return HeldTwin(self.prompt_twin[1])  # proved when it was built
         compute = self.twins[tier].build(self.keys, readers)
         if prove:
             self.prove(compute)
@@ -364,9 +416,13 @@ class SwappableLinear:
         return self.kernels.prepack_bf16(master)
 
     def commit(self, tier: str, compute) -> None:
-        # Dropping the old closure releases the previous precision's memory.
+        # Dropping the old closure releases the previous precision's memory (a HeldTwin has
+        # no `release`: the prompt twin stays).
         old = self.compute
-        self.kernels.install(self.layer, compute)
+        if tier == self.FULL and self.prompt_twin is not None:
+            self.kernels.install(self.layer, SplitForward(compute, self.prompt_twin[1], self.prompt_min_tokens))
+        else:
+            self.kernels.install(self.layer, compute)
         self.compute = None if tier == self.FULL else compute
         self.tier = tier
         if old is not None and old is not compute and hasattr(old, "release"):

@@ -75,6 +75,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="trim only once a worker's resident set has grown MIB since its last trim (a trim makes "
                         "the next steps fault their reused pages back in, so a steady server skips it); 0, the "
                         "default, trims every interval")
+    p.add_argument("--prompt-twin-layers", type=int, default=0, metavar="N",
+                   help="keep the W8A8 twins of the first N layers the ladder quantizes resident beside full "
+                        "precision, and compute every step of at least --prompt-twin-min-tokens tokens (a prompt's) "
+                        "through them: int8's prompt speed with full precision's decode speed, where int8 is slower "
+                        "than full precision for a few rows and faster for many (`morphserve doctor` shows both). "
+                        "The twins come out of the KV budget below level N, and every token is charged at least "
+                        "level N's quality. W8A8-only ladders; 0, the default, holds none")
+    p.add_argument("--prompt-twin-min-tokens", type=int, default=128, metavar="T",
+                   help="steps of at least T tokens use the prompt twins (default 128)")
     p.add_argument("--allocator", choices=ALLOCATORS, default=default_allocator(),
                    help="malloc preloaded into every server process (LD_PRELOAD): system = glibc's; tcmalloc "
                         "(Debian: libtcmalloc-minimal4; vLLM's CPU docs recommend it) or jemalloc; auto = tcmalloc "
@@ -95,6 +104,9 @@ def build_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
         cfg["policy"] = args.policy if args.policy in ("accuracy", "default", "performance") else os.path.abspath(args.policy)
     if args.transition_log:
         cfg["transition_log"] = os.path.abspath(args.transition_log)
+    if args.prompt_twin_layers:
+        cfg["prompt_twin_layers"] = args.prompt_twin_layers
+        cfg["prompt_twin_min_tokens"] = args.prompt_twin_min_tokens
     if args.tiers:
         cfg["tiers"] = [t.strip() for t in args.tiers.split(",") if t.strip()]
     cmd = [sys.executable, "-m", VLLM_SERVER_MODULE, "--model", args.model,

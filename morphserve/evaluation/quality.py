@@ -84,15 +84,26 @@ def ppl_increase(counts: dict[int, int], curve: dict[int, float]) -> float | Non
 
 
 def quality_of_run(rows: list[dict], curve: dict[int, float], changes: list[tuple[float, int]] | None,
-                   static_level: int) -> dict:
-    """`changes` None: a static system, every token at `static_level`."""
+                   static_level: int, charge_floor: int = 0) -> dict:
+    """`changes` None: a static system, every token at `static_level`. `charge_floor`: every
+    token is charged at no lower a level than this (a server holding prompt twins for that
+    many layers; policies.config.charged_level, the ledger's rule). `tokens_by_level` keeps
+    the levels in force."""
     level_at = LevelAt(changes or [], initial=static_level)
     counts = tokens_by_level(rows, level_at)
+    charged = {part: _floored(c, charge_floor) for part, c in counts.items()}
     both: dict[int, int] = {}
-    for part in counts.values():
+    for part in charged.values():
         for k, n in part.items():
             both[k] = both.get(k, 0) + n
     ppl = weighted_ppl(both, curve)
     return {"ppl": ppl, "ppl_increase": ppl_increase(both, curve),
-            "ppl_output_tokens": weighted_ppl(counts["output"], curve),
+            "ppl_output_tokens": weighted_ppl(charged["output"], curve),
             "tokens_by_level": {part: {str(k): n for k, n in sorted(c.items())} for part, c in counts.items()}}
+
+
+def _floored(counts: dict[int, int], floor: int) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for k, n in counts.items():
+        out[max(k, floor)] = out.get(max(k, floor), 0) + n
+    return out

@@ -82,6 +82,9 @@ class System(BaseModel):
     heap_trim_min_growth_mb: float | None = Field(
         None, ge=0, description="MorphServe only: `morphserve serve --heap-trim-min-growth-mb` (0: trim every "
                                 "interval; default: serve's default)")
+    prompt_twin_layers: int | None = Field(
+        None, ge=1, description="MorphServe only: `morphserve serve --prompt-twin-layers` (W8A8 twins of this many "
+                                "layers held for prompt-sized steps; every token charged at least that level)")
     budgets: list[str] | None = Field(None, description="run only at these budgets (default: all)")
     windows: list[str] | None = Field(None, description="run only in these windows (default: all)")
 
@@ -91,9 +94,10 @@ class System(BaseModel):
             raise ValueError(f"system {self.name!r}: a morphserve system needs a policy")
         if self.kind != "morphserve" and (self.policy or self.compress_mode or self.tiers
                                           or self.hold_level is not None or self.heap_trim_interval_s is not None
-                                          or self.heap_trim_min_growth_mb is not None):
+                                          or self.heap_trim_min_growth_mb is not None
+                                          or self.prompt_twin_layers is not None):
             raise ValueError(f"system {self.name!r}: only a morphserve system takes a policy, a compress_mode, "
-                             f"tiers, a hold_level or heap-trim settings")
+                             f"tiers, a hold_level, heap-trim settings or prompt twins")
         return self
 
 
@@ -167,7 +171,8 @@ class Suite(BaseModel):
         for s in dump["systems"]:
             if s["kv_cache_dtype"] == "auto":
                 del s["kv_cache_dtype"]
-            for later in ("compress_mode", "tiers", "hold_level", "heap_trim_interval_s", "heap_trim_min_growth_mb"):
+            for later in ("compress_mode", "tiers", "hold_level", "heap_trim_interval_s", "heap_trim_min_growth_mb",
+                          "prompt_twin_layers"):
                 if s[later] is None:
                     del s[later]
         return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]

@@ -67,6 +67,8 @@ def server_command(system: System, budget: Budget, suite: Suite, model: Path, pa
         cmd += ["--heap-trim-interval", repr(system.heap_trim_interval_s)]
     if system.heap_trim_min_growth_mb is not None:
         cmd += ["--heap-trim-min-growth-mb", repr(system.heap_trim_min_growth_mb)]
+    if system.prompt_twin_layers:
+        cmd += ["--prompt-twin-layers", str(system.prompt_twin_layers)]
     return cmd, env
 
 

@@ -155,3 +155,9 @@ def served_quality(quality: dict | None, pack_tiers: list[str], served: list[str
     return {**{k: v for k, v in quality.items() if k not in ("ladder", "tiers", "orders")},
             "orders": {"lis": {"ppl": dict(curve)}}, "served_tiers": list(served)}
 
+
+
+def with_prompt_twins(quality: dict, layers: int) -> dict:
+    """quality.json marked for a server holding prompt twins for the ladder's first `layers`
+    layers (policies.config.charged_level reads the mark)."""
+    return {**quality, "prompt_twins": {"layers": int(layers)}}

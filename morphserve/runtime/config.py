@@ -61,6 +61,15 @@ class MorphConfig(BaseModel):
         default=DEFAULT_MIN_GROWTH_BYTES / 2**20, ge=0, le=65536,
         description="a worker trims only once its resident set has grown this many MiB since its last trim "
         "(each trim makes the next steps fault their reused pages back in); 0 (the default) trims every interval")
+    prompt_twin_layers: int = Field(
+        default=0, ge=0, description="keep the W8A8 twins of this many layers (the first the ladder quantizes) "
+        "resident beside full precision and compute every step of at least prompt_twin_min_tokens tokens (a "
+        "prompt's) through them: int8's prompt speed with full precision's decode speed where vLLM's int8 kernel "
+        "is slower for a few rows and faster for many (an AVX2-only CPU). The twins are held inside the memory "
+        "budget (fewer KV blocks below that level) and every token is charged the quality of at least that "
+        "level. W8A8-only ladders; 0 (the default) holds none")
+    prompt_twin_min_tokens: int = Field(
+        default=128, ge=1, le=1 << 20, description="steps of at least this many tokens use the prompt twins")
 
 
 def parse(raw) -> MorphConfig:

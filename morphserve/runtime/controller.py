@@ -28,7 +28,7 @@ from kv_resize.elastic_pool import ElasticBlockPool
 from morphserve.errors import MorphServeError
 from morphserve.offline import kv_cost
 from morphserve.offline import pack as packfmt
-from morphserve.offline.ladder import Ladder, served_quality
+from morphserve.offline.ladder import Ladder, served_quality, with_prompt_twins
 from morphserve.runtime.config import MorphConfig
 from morphserve.runtime.kv_sizing import plan_budget
 from morphserve.runtime.manual_limit import SHARE_INVERSE, ManualRateLimit
@@ -91,6 +91,7 @@ class MorphController:
         self._memory: tuple[float, tuple, dict | None] = (float("-inf"), (), None)  # (when, key, figures)
         self.ranks = 1  # tensor-parallel workers; the budget is shared out among them
         self.rank_weight_bytes: int | None = None  # one rank's weights at full precision
+        self.prompt_twin_bytes = 0  # one rank's resident prompt twins (the most any rank holds)
         self.memory_reads = 0
 
     @classmethod
@@ -104,6 +105,11 @@ class MorphController:
         controller.commits_on_touch = results[0]["commits_on_touch"]
         controller.ranks = len(results)
         controller.rank_weight_bytes = max(r["weight_bytes"] for r in results)
+        controller.prompt_twin_bytes = max(r.get("prompt_twin_bytes", 0) for r in results)
+        if controller.prompt_twin_bytes:
+            log.info("MorphServe: prompt twins resident for the first %d layers of the ladder (%.1f MiB per rank, "
+                     "steps of %d+ tokens)", config.prompt_twin_layers, controller.prompt_twin_bytes / 2**20,
+                     config.prompt_twin_min_tokens)
         return controller
 
     @property
@@ -120,7 +126,8 @@ class MorphController:
         """Fix the budget from vLLM's measurement; return the KV bytes to reserve."""
         self.budget = plan_budget(self.ladder.savings, self.config.memory_budget_gb, self.engine.model_path,
                                   fp16_kv_bytes, block_bytes, self.ranks,
-                                  self.rank_weight_bytes if self.ranks > 1 else None, self.engine.dtype)
+                                  self.rank_weight_bytes if self.ranks > 1 else None, self.engine.dtype,
+                                  self.prompt_twin_bytes)
         return self.budget.reserve_bytes()
 
     def attach_scheduler(self, scheduler) -> None:
@@ -170,6 +177,8 @@ class MorphController:
         path = Path(self.config.pack) / packfmt.QUALITY
         quality = json.loads(path.read_text()) if path.exists() else None
         quality = served_quality(quality, self.manifest.tier_names, self.ladder.tier_names)
+        if quality is not None and self.config.prompt_twin_layers:
+            quality = with_prompt_twins(quality, self.config.prompt_twin_layers)
         dtype = getattr(self.engine, "kv_cache_dtype", "auto")
         if quality is not None and dtype != "auto":
             entry = kv_cost.load(Path(self.config.pack), dtype, self.ladder.tier_names, self.ladder.top)

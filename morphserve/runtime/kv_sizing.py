@@ -35,7 +35,7 @@ def model_weight_bytes(model_dir: Path, dtype: str | None = None) -> int:
 
 def plan_budget(savings: list[int], memory_budget_gb: float | None, model_dir: Path,
                 fp16_kv_bytes: int, block_bytes: int, ranks: int = 1, rank_weights: int | None = None,
-                dtype: str | None = None) -> KVBudget:
+                dtype: str | None = None, resident_twin_bytes: int = 0) -> KVBudget:
     """The budget from `memory_budget_gb`, else from the KV vLLM would give the bf16 model;
     `savings` are the bytes each rung of the ladder frees.
 
@@ -44,13 +44,15 @@ def plan_budget(savings: list[int], memory_budget_gb: float | None, model_dir: P
     `fp16_kv_bytes` are one rank's (each rank holds a shard of every linear and of every
     KV block). Every rank then has the same number of blocks, about what one rank would
     have with the whole budget. `dtype`: the engine's (an fp32 engine holds twice a bf16
-    file's bytes)."""
+    file's bytes). `resident_twin_bytes`: prompt twins held beside full precision, inside the
+    budget (the default budget stays plain vLLM's weights + KV: the twins take KV's bytes)."""
     weights = rank_weights if rank_weights is not None else model_weight_bytes(model_dir, dtype)
     try:
         if memory_budget_gb:
-            budget = KVBudget(int(memory_budget_gb * 2**30) // ranks, weights, tuple(savings), block_bytes)
+            budget = KVBudget(int(memory_budget_gb * 2**30) // ranks, weights + resident_twin_bytes, tuple(savings),
+                              block_bytes)
         else:
-            budget = KVBudget.from_fp16_kv(fp16_kv_bytes, weights, savings, block_bytes)
+            budget = KVBudget(fp16_kv_bytes + weights, weights + resident_twin_bytes, tuple(savings), block_bytes)
     except BudgetError as e:
         raise MorphServeError(f"memory_budget_gb: {e}") from None
     log.info("MorphServe: budget %.1f MiB per rank (%d); KV %d..%d blocks from 0..%d quantized layers",

@@ -154,8 +154,34 @@ class LayerSet:
             if name in w4_bytes:
                 swap.tier_bytes[packfmt.BASE_TIER] = w4_bytes[name]
             layers.setdefault(i, []).append(swap)
-        return cls(layers, masters, twins, MappedCheckpoint(w8_ckpt.tensors) if w8_ckpt is not None else None,
-                   fused_masters)
+        built = cls(layers, masters, twins, MappedCheckpoint(w8_ckpt.tensors) if w8_ckpt is not None else None,
+                    fused_masters)
+        if config.prompt_twin_layers:
+            if identity or list(served) != ["w8a8"]:
+                raise RuntimeError(f"prompt_twin_layers needs a W8A8-only ladder of pack twins (serving {served}"
+                                   f"{', identity twins' if identity else ''}): a layer quantized further would "
+                                   "keep its W8A8 prompt twin resident beside its W4A16 compute")
+            built.hold_prompt_twins(manifest.tier("w8a8").swap_order, config.prompt_twin_layers,
+                                    config.prompt_twin_min_tokens)
+        return built
+
+    def hold_prompt_twins(self, order: list[int], count: int, min_tokens: int) -> None:
+        """Build the W8A8 twins of the first `count` layers of the quantization order (those
+        a move up quantizes first) and keep them resident as prompt twins (SwappableLinear.
+        hold_prompt_twin), one layer at a time, each proved as a swap proves it."""
+        if count > len(order):
+            raise RuntimeError(f"prompt_twin_layers {count} is more than the model's {len(order)} layers")
+        for i in order[:count]:
+            with self._readers() as readers:
+                computes = [s.prepare("w8a8", readers) for s in self.layers[i]]
+            for s, compute in zip(self.layers[i], computes):
+                s.hold_prompt_twin("w8a8", compute, min_tokens)
+        trim_heap()
+
+    def prompt_twin_bytes(self) -> int:
+        """Bytes of the resident prompt twins (held at every level: a quantized twinned layer
+        computes with its twin)."""
+        return sum(s.prompt_twin[1].nbytes for s in self.all_linears() if s.prompt_twin is not None)
 
     @property
     def default_tier(self) -> str:

@@ -74,10 +74,12 @@ class MorphWorkerExtension:
         sharded = rank[1] > 1
         # The pack's manifest counts bf16 layers; an engine in another dtype (fp32 where bf16
         # is emulated) holds other bytes, as a rank's shard does, so every tier is reported.
-        every_tier = sharded or dtype.itemsize != 2
+        # Resident prompt twins make a layer's full precision hold more than the manifest's bytes.
+        every_tier = sharded or dtype.itemsize != 2 or self._morph.prompt_twin_bytes() > 0
         return {"layers": len(self._morph.layers), "seconds": time.monotonic() - t0, "rss": rss_bytes(),
                 "backend": backend.name, "commits_on_touch": backend.commits_on_touch, "rank": rank[0],
                 "ranks": rank[1], "held_tier_bytes": self._morph.held_tier_bytes(every_tier=every_tier),
+                "prompt_twin_bytes": self._morph.prompt_twin_bytes(),
                 # this rank's weights at full precision: its shard of every linear, its
                 # embedding rows, and the norms every rank holds (a shard's bytes, not the file's)
                 "weight_bytes": self._weight_bytes() + sum(s.fp_bytes for s in self._morph.all_linears())}
@@ -133,8 +135,9 @@ class MorphWorkerExtension:
         return sum(p.numel() * p.element_size() for p in self.model_runner.model.parameters())
 
     def morphserve_memory(self, kv_resident: bool = False) -> dict:
-        """What this worker holds: weights the model computes with (in whichever precision),
-        twins resident outside the model (none: they stay in the pack file), and its RSS.
+        """What this worker holds: weights the model computes with (in whichever precision,
+        resident prompt twins included), twins resident outside the model (none: they stay in
+        the pack file), and its RSS.
         Read on every /morphserve/state and /metrics scrape, so it does not trim the heap
         (transitions end trimmed, and the heap trimmer's thread trims between them)."""
         params = self._weight_bytes()
