@@ -263,3 +263,21 @@ def _config_of(cmd: list[str]) -> dict:
     import json as jsonlib
 
     return jsonlib.loads(cmd[cmd.index("--additional-config") + 1])
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"tiers": ["w8a8", "w4a16"]}, "needs a W8A8-only ladder; this server's is w8a8 \\+ w4a16"),
+    ({"tiers": ["w8a8"], "twin": "identity"}, "needs the pack's twins"),
+    ({"tiers": ["w8a8"], "prompt_twin_layers": 31}, "31 is more than the model's 30 layers"),
+])
+def test_start_up_refuses_prompt_twins_it_cannot_hold_in_one_line(settings, message):
+    from types import SimpleNamespace
+
+    from morphserve.errors import MorphServeError
+    from morphserve.runtime.config import MorphConfig, check_prompt_twins
+
+    cfg = MorphConfig.model_validate({"pack": "p", "prompt_twin_layers": 20, **settings})
+    with pytest.raises(MorphServeError, match=message):
+        check_prompt_twins(cfg, SimpleNamespace(num_layers=30))
+    check_prompt_twins(cfg.model_copy(update={"tiers": ["w8a8"], "twin": "pack", "prompt_twin_layers": 30}),
+                       SimpleNamespace(num_layers=30))

@@ -206,6 +206,22 @@ def activate(raw, model_path: str, probe: Probe | None = None) -> MorphConfig:
     cfg.pack = str(Path(cfg.pack).resolve())
     manifest = check_pack_matches(cfg, model_path)
     cfg.tiers = serve_tiers(manifest, cfg.tiers, probe)
+    check_prompt_twins(cfg, manifest)
     check_policy(cfg)
     ACTIVE = cfg
     return cfg
+
+
+def check_prompt_twins(cfg: MorphConfig, manifest: packfmt.Manifest) -> None:
+    """Prompt twins are W8A8 and stay resident: on a ladder that goes on to W4A16 a layer
+    there would hold both, so only a W8A8-only ladder takes them; at most one per layer."""
+    if not cfg.prompt_twin_layers:
+        return
+    if cfg.tiers != ["w8a8"]:
+        raise MorphServeError(f"prompt_twin_layers needs a W8A8-only ladder; this server's is {' + '.join(cfg.tiers)} "
+                              "(serve `--tiers w8a8`, or leave prompt twins off)")
+    if cfg.twin != "pack":
+        raise MorphServeError("prompt_twin_layers needs the pack's twins (twin: pack)")
+    if cfg.prompt_twin_layers > manifest.num_layers:
+        raise MorphServeError(f"prompt_twin_layers {cfg.prompt_twin_layers} is more than the model's "
+                              f"{manifest.num_layers} layers")
