@@ -18,12 +18,15 @@ counters from its state endpoint.
     python scripts/bench_serving_prefill.py --model MODEL_DIR --pack PACK_DIR \\
         --systems plain,trim-0.5,trim-off,trim-grow-64 [--rounds 3] [--prompts 12]
 
-A system is `plain`, `trim-off`, `trim-S` (every S seconds) or `trim-grow-M` (every 0.5 s
-once the worker's resident set grew M MiB since its last trim); a MorphServe system's name
+A system is `plain`, `trim-off`, `trim-S` (every S seconds), `trim-grow-M` (every 0.5 s
+once the worker's resident set grew M MiB since its last trim) or `twins-N` (the W8A8 ladder
+with prompt twins for N layers, `--prompt-twin-layers N`); a MorphServe system's name
 ending in `-cold` skips the warm-up transitions (its layers keep the engine's own loaded
 forwards, never restored). Prints, per system, the
 median first-token time [min, max] over the rounds (each round's own median over its
-prompts), the ratio of medians to plain vLLM's, the peak RSS median [range], and the trims.
+prompts), the ratio of medians to plain vLLM's, the same for the short decoding request
+(its 48-token prompt and `--decode-tokens` tokens: decode speed), the peak RSS median
+[range], and the trims.
 """
 
 from __future__ import annotations
@@ -79,8 +82,10 @@ def command(system: str, model: str, pack: str, port: int, dtype: str) -> tuple[
         cmd += ["--heap-trim-interval", "0.5", "--heap-trim-min-growth-mb", system.removeprefix("trim-grow-")]
     elif system.startswith("trim-"):
         cmd += ["--heap-trim-interval", system.removeprefix("trim-")]
+    elif system.startswith("twins-"):
+        cmd += ["--tiers", "w8a8", "--prompt-twin-layers", system.removeprefix("twins-")]
     else:
-        raise SystemExit(f"unknown system {system!r}: plain, trim-off, trim-S or trim-grow-M")
+        raise SystemExit(f"unknown system {system!r}: plain, trim-off, trim-S, trim-grow-M or twins-N")
     return cmd + common, env
 
 
@@ -97,7 +102,7 @@ def run_one(system: str, args, round_no: int, log_dir: Path) -> dict:
             for level in (top, 0):
                 _post(base, "/morphserve/level", {"level": level})
                 _post(base, "/v1/completions", {"model": "model", "prompt": _ids(64, 9), "max_tokens": 8})
-        firsts = []
+        firsts, shorts = [], []
         rss = MemorySampler(proc.pid, every=0.2)  # the evaluation's own peak-RSS sampler
         rss.start()
         try:
@@ -107,9 +112,12 @@ def run_one(system: str, args, round_no: int, log_dir: Path) -> dict:
                                                 "max_tokens": 1, "temperature": 0.0})
                 if k:  # the first is a warm-up of this length
                     firsts.append(time.perf_counter() - t)
+                t = time.perf_counter()
                 _post(base, "/v1/completions", {"model": "model", "prompt": _ids(48, 500 + k),
                                                 "max_tokens": args.decode_tokens, "temperature": 0.0,
                                                 "ignore_eos": True})
+                if k:
+                    shorts.append(time.perf_counter() - t)
                 time.sleep(args.pause)
         finally:
             rss.stop.set()
@@ -120,6 +128,7 @@ def run_one(system: str, args, round_no: int, log_dir: Path) -> dict:
     finally:
         stop_server(proc)
     return {"system": system, "round": round_no, "first_token_s": firsts, "median_s": statistics.median(firsts),
+            "short_request_s": shorts, "short_median_s": statistics.median(shorts),
             "peak_rss_mib": rss.peak["total"] / 2**20, "heap_trim": trim}
 
 
@@ -151,14 +160,18 @@ def main(argv: list[str] | None = None) -> int:
                   f"{run['peak_rss_mib']:.0f} MiB, trims {run['heap_trim']}", flush=True)
             (args.out / "results.json").write_text(json.dumps(runs, indent=1))
     plain = [x["median_s"] for x in runs if x["system"] == "plain"]
-    print("\n| system | first token (s), median [range] of round medians | over plain | peak RSS (MiB) |")
-    print("|---|---|---|---|")
+    plain_short = [x["short_median_s"] for x in runs if x["system"] == "plain"]
+    print(f"\n| system | first token (s), median [range] of round medians | over plain | {args.decode_tokens}-token "
+          "request (s), the same | over plain | peak RSS (MiB) |")
+    print("|---|---|---|---|---|---|")
     for system in systems:
         mine = [x["median_s"] for x in runs if x["system"] == system]
+        short = [x["short_median_s"] for x in runs if x["system"] == system]
         peaks = [x["peak_rss_mib"] for x in runs if x["system"] == system]
         ratio = f"{statistics.median(mine) / statistics.median(plain):.3f}x" if plain else "-"
-        print(f"| {system} | {spread(mine)} | {ratio} | {statistics.median(peaks):.0f} [{min(peaks):.0f}, "
-              f"{max(peaks):.0f}] |")
+        short_ratio = f"{statistics.median(short) / statistics.median(plain_short):.3f}x" if plain_short else "-"
+        print(f"| {system} | {spread(mine)} | {ratio} | {spread(short)} | {short_ratio} | "
+              f"{statistics.median(peaks):.0f} [{min(peaks):.0f}, {max(peaks):.0f}] |")
     return 0
 
 
