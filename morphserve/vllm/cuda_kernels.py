@@ -161,3 +161,10 @@ class VllmCudaKernels:
 
     def install(self, layer: torch.nn.Module, forward) -> None:
         layer.quant_method = _ForwardMethod(forward)
+
+    def forward_of(self, layer: torch.nn.Module):
+        """The forward `layer` computes with now: an installed one, or its own quant_method's."""
+        method = layer.quant_method
+        if isinstance(method, _ForwardMethod):
+            return method.forward
+        return lambda x, weight, bias: method.apply(layer, x, bias)
