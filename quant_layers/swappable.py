@@ -354,6 +354,11 @@ class SwappableLinear:
         """What this linear holds now: at full precision, a resident prompt twin too."""
         return self.compute.nbytes if self.quantized else self.tier_bytes[self.FULL]
 
+    @property
+    def resident_twin_bytes(self) -> int:
+        """Bytes of the prompt twin this linear holds at every tier (0 without one)."""
+        return self.prompt_twin[1].nbytes if self.prompt_twin is not None else 0
+
     def hold_prompt_twin(self, tier: str, compute, min_tokens: int) -> None:
         """Keep `compute` (this linear's `tier` twin, built and proved) resident for good:
         while the layer is in full precision its calls of at least `min_tokens` tokens run

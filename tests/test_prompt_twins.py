@@ -153,10 +153,12 @@ def test_the_held_twin_survives_a_failed_move_and_a_background_round_trip(monkey
     layers.restore_begin([[0, "w8a8"]])
     while layers.restore_ready() < 1:
         pass
+    assert layers.prepared_bytes() == 0  # the held twins: nothing allocated
     assert layers.restore_commit()["committed"] == [0]
     layers.restore_begin([0])
     while layers.restore_ready() < 1:
         pass
+    assert layers.prepared_bytes() == 2 * FP_BYTES  # full precision only: the twins stay where they are
     assert layers.restore_commit()["committed"] == [0]
     assert not any(c.released for c in held) and [s.prompt_twin[1] for s in layers.layers[0]] == held
     assert [_out(s, 1) for s in layers.layers[0]] == [1.0, 1.0]

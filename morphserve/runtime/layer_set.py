@@ -181,7 +181,7 @@ class LayerSet:
     def prompt_twin_bytes(self) -> int:
         """Bytes of the resident prompt twins (held at every level: a quantized twinned layer
         computes with its twin)."""
-        return sum(s.prompt_twin[1].nbytes for s in self.all_linears() if s.prompt_twin is not None)
+        return sum(s.resident_twin_bytes for s in self.all_linears())
 
     @property
     def default_tier(self) -> str:
@@ -260,8 +260,10 @@ class LayerSet:
         self.restore_cancel()
         swaps = self.layers
         targets = dict(_change(x, FULL) for x in layers)
-        costs = {i: LayerCost(sum(s.tier_bytes.get(t, s.fp_bytes) for s in swaps[i]),
-                              sum(s.live_bytes for s in swaps[i])) for i, t in targets.items()}
+        # A resident prompt twin is held before and after: neither side counts it, so what a
+        # layer's preparation allocates (new_bytes) is exact (nothing, for a move to the twin).
+        costs = {i: LayerCost(sum(s.tier_bytes.get(t, s.fp_bytes) - s.resident_twin_bytes for s in swaps[i]),
+                              sum(s.live_bytes - s.resident_twin_bytes for s in swaps[i])) for i, t in targets.items()}
 
         def prepare(i: int) -> list:
             # Built here, proved at commit on the engine's thread: vLLM's CPU kernels are not
