@@ -52,13 +52,6 @@ def _prompt(n: int, salt: int) -> dict:
     return {"prompt_token_ids": [(17 * i + 5 + 31 * salt) % 5000 + 100 for i in range(n)]}
 
 
-def split_forward(full, twin, min_tokens: int):
-    """One linear's forward choosing its kernel by the call's token count."""
-    def forward(x, weight, bias):
-        return twin(x, weight, bias) if x.shape[0] >= min_tokens else full(x, weight, bias)
-    return forward
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="the model directory")
@@ -74,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     from vllm import SamplingParams
 
     from morphserve.runtime.layer_set import trim_heap
+    from quant_layers.swappable import SplitForward  # the server's own prompt-twin forward
     from morphserve.runtime.proc_memory import process_rss
     from morphserve.vllm.offline_engine import controller_of, engine_core_of, in_process_llm, layer_set_of
 
@@ -125,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         for i in layer_set.layers:
             for s, full, twin in zip(layer_set.layers[i], forwards[i], twins.get(i, [None] * 4)):
                 chosen = i in list(order)[:n]
-                s.kernels.install(s.layer, split_forward(full, twin, args.min_tokens) if chosen else full)
+                s.kernels.install(s.layer, SplitForward(full, twin, args.min_tokens) if chosen else full)
 
     configs = [0, *sizes]
     prefill = {n: [] for n in configs}
