@@ -20,16 +20,21 @@ class KVBudget:
     fp_weight_bytes: int  # all weights at level 0 (nothing quantized)
     layer_savings: tuple[int, ...]  # bytes freed by quantizing each layer, in swap order
     block_bytes: int  # one KV block across every attention layer
+    # The lowest level served. 0 but for a server whose resident prompt twins leave too
+    # little KV at full precision: it rests at the first level whose quantized layers pay
+    # for them (morphserve.runtime.kv_sizing.rest_floor), and levels below are never served.
+    floor: int = 0
 
     def __post_init__(self) -> None:
         if self.block_bytes <= 0:
             raise BudgetError("block_bytes must be positive")
         if any(s < 0 for s in self.layer_savings):
             raise BudgetError("a quantized layer cannot be larger than its fp16 original")
-        if self.total_blocks(0) < 2:
+        self._check(self.floor)
+        if self.total_blocks(self.floor) < 2:
             raise BudgetError(
                 f"memory budget {self.budget_bytes / 2**20:.1f} MiB leaves no KV block after "
-                f"{self.fp_weight_bytes / 2**20:.1f} MiB of fp16 weights (a block is "
+                f"{self.weight_bytes(self.floor) / 2**20:.1f} MiB of weights at level {self.floor} (a block is "
                 f"{self.block_bytes / 2**20:.2f} MiB)")
 
     @classmethod

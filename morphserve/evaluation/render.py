@@ -35,8 +35,8 @@ def _verdict(v: dict, fmt: str = ".2f", pct: bool = False, suffix: str = "") -> 
 def _kv(kv: dict) -> str:
     if not kv:
         return "-"
-    if "max_level" in kv:
-        return f"{kv['level0']} → {kv['max_level']}"
+    if "max_level" in kv:  # a server with a floor rests there, not at level 0
+        return f"{kv.get('rest', kv['level0'])} → {kv['max_level']}"
     return str(kv["level0"])
 
 

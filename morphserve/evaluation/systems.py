@@ -110,18 +110,20 @@ def warm_up(system: System, base: str, n_requests: int, num_layers: int | None) 
     if system.kind == "morphserve":
         state = _request(f"{base}/morphserve/state?memory=0")
         tiered = len(state.get("tiers", ["bf16", "w4a16"])) > 2  # the tiers served on this CPU
+        floor = state.get("floor", 0)  # the lowest level served: where the policy rests
         # A tiered pack also runs all-W8A8 (the middle of its ladder) once.
-        levels = [num_layers, num_layers // 2, 0] if tiered else [num_layers, 0]
+        levels = [num_layers, num_layers // 2, floor] if tiered else [num_layers, floor]
         share = max(1, n_requests // len(levels))
         for k, level in enumerate(levels):
             _request(f"{base}/morphserve/level", {"level": level})
             _complete(base, share if k < len(levels) - 1 else n_requests - share * (len(levels) - 1))
         hold = system.hold_level
-        if hold is not None and hold > num_layers:
-            raise RuntimeError(f"hold_level {hold} is above the top of the ladder served here ({num_layers})")
+        if hold is not None and not floor <= hold <= num_layers:
+            raise RuntimeError(f"hold_level {hold} is outside the levels served here ({floor}..{num_layers})")
         state = _request(f"{base}/morphserve/level", {"level": hold})  # None: back to the policy
-        if state.get("level") != (hold or 0):
-            raise RuntimeError(f"warm-up left MorphServe at level {state.get('level')}, not {hold or 0}")
+        if state.get("level") != (floor if hold is None else hold):
+            raise RuntimeError(f"warm-up left MorphServe at level {state.get('level')}, not "
+                               f"{floor if hold is None else hold}")
         done["levels"] = levels + ([hold] if hold is not None else [])
     else:
         _complete(base, n_requests)
@@ -168,8 +170,9 @@ def kv_blocks(system: System, base: str) -> dict:
     if system.kind == "morphserve":
         state = _request(f"{base}/morphserve/state")
         by_level = state["kv_blocks_by_level"]
+        floor = state.get("floor", 0)  # the lowest level served: where it rests
         return {"level0": by_level[0], "max_level": by_level[-1], "by_level": by_level,
-                "swappable_layers": state["swappable_layers"]}
+                "swappable_layers": state["swappable_layers"], "floor": floor, "rest": by_level[floor]}
     with urllib.request.urlopen(f"{base}/metrics", timeout=30) as r:
         text = r.read().decode()
     for line in text.splitlines():

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from kv_resize.budget import KVBudget
@@ -30,7 +31,7 @@ from morphserve.offline import kv_cost
 from morphserve.offline import pack as packfmt
 from morphserve.offline.ladder import Ladder, served_quality, with_prompt_twins
 from morphserve.runtime.config import MorphConfig
-from morphserve.runtime.kv_sizing import plan_budget
+from morphserve.runtime.kv_sizing import plan_budget, rest_floor
 from morphserve.runtime.manual_limit import SHARE_INVERSE, ManualRateLimit
 from morphserve.runtime.policy_loop import PolicyLoop
 from morphserve.runtime.recorder import Recorder
@@ -63,6 +64,7 @@ def largest_per_layer(readings: list[dict[str, list[int]]]) -> dict[str, list[in
 
 class MorphController:
     idle_tick_s = 0.1
+    floor = 0  # the lowest level served (kv_sizing.rest_floor); set with the scheduler
 
     def __init__(self, config: MorphConfig, engine, manifest: packfmt.Manifest, sampler,
                  held_tier_bytes: dict[str, list[int]] | None = None):
@@ -136,21 +138,28 @@ class MorphController:
         scheduler.check_single_group()
         store = scheduler.block_store()
         self.max_usable = store.num_usable
-        cap0 = self.capacity(0)
-        max_len = self.engine.max_model_len
-        if cap0 * scheduler.block_size < max_len:
-            raise MorphServeError(
-                f"the memory budget leaves {cap0 * scheduler.block_size} KV tokens at full precision, fewer than "
-                f"max_model_len {max_len}; raise the budget or lower --max-model-len")
+        twin_rungs = self.config.prompt_twin_layers if self.prompt_twin_bytes else 0
+        self.floor = rest_floor([self.capacity(k) for k in range(self.num_layers + 1)], scheduler.block_size,
+                                self.engine.max_model_len, twin_rungs)
+        self.budget = replace(self.budget, floor=self.floor)
+        cap0 = max(1, self.capacity(0))  # the pool needs a block; with a floor above 0 it grows there at once
         self.scheduler = scheduler
         if not self.commits_on_touch:  # the null block and level 0's blocks are mapped before any use
             self.engine.rpc("morphserve_kv_commit", 0, cap0)
         self.pool = ElasticBlockPool(store, cap0)
+        rest = self.capacity(self.floor)
         # Blocks beyond the rest capacity are used last and their pages handed back once free
         # (a backing whose pages commit on first write only: there, written is resident).
-        self.cold = ColdTail(cap0) if self.commits_on_touch and self.capacity(self.ladder.top) > cap0 else None
+        self.cold = ColdTail(rest) if self.commits_on_touch and self.capacity(self.ladder.top) > rest else None
         self.moves = Transitions(self.ladder, self.engine.rpc, self.pool, scheduler, self.capacity, self.recorder,
                                  self.loop, self.config.shrink_strategy, self.commits_on_touch, self.ranks)
+        if self.floor:
+            # Before the first request: the floor's rungs are twinned, so this installs their
+            # resident twins and frees full precision (no build), then grows the pool.
+            self.moves.to(self.floor, reason=f"floor: {self.prompt_twin_bytes / 2**20:.1f} MiB of prompt twins leave "
+                                             f"{self.capacity(0)} KV blocks at level 0, short of max_model_len")
+            log.info("MorphServe: resting at level %d (the floor): %d KV blocks there, %d at level 0", self.floor,
+                     rest, self.capacity(0))
         self.moves.sync_view()
         if self.config.policy:
             self.loop.start(self.config.policy, self.served_quality(),
@@ -215,7 +224,7 @@ class MorphController:
         if moves.restoring is not None or moves.recovery_shrink_from is not None:
             return True  # prepared layers (or a recovery's shrink) progress at boundaries, idle ones too
         return self.loop.policy is not None and self.forced_level is None and (
-            moves.level > 0 or moves.pending_level is not None)
+            moves.level > self.floor or moves.pending_level is not None)
 
     def on_step_boundary(self) -> None:
         moves = self.moves
@@ -285,6 +294,9 @@ class MorphController:
         heading = moves.restoring["level"] if moves.restoring is not None else (
             moves.pending_level if moves.pending_level is not None else moves.level)
         decision = self.loop.decide(heading, self.recorder, t0)
+        clamped = decision.target < self.floor
+        if clamped:
+            decision = replace(decision, target=self.floor, reason=f"{decision.reason}; held at the floor {self.floor}")
         self.recorder.note_decision(self.loop.signals.time if self.loop.signals else 0.0, heading, decision, stepped)
         if not stepped and decision.target <= heading:
             # An arrival boundary only moves up, before the new prompts are scheduled. Its
@@ -295,6 +307,10 @@ class MorphController:
             # a restore in progress is retargeted (cancelled where it stands, then moved on)
             moves.to(decision.target, reason=decision.reason, background=self.background_restores,
                      background_compress=self.background_compress())
+        elif clamped:
+            # a restore below the floor that changes nothing: no cooldown starts, the calm
+            # it waited for stays as it was
+            return
         self.loop.accept(decision)  # only now: a failed move leaves the policy's state as it was
 
     # -- failures --------------------------------------------------------------------
@@ -323,9 +339,11 @@ class MorphController:
         if level is None:
             self.forced_level, self.pinned_by_error = None, False
             return {"ok": True, **self.state()}
-        if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= self.num_layers:
+        if isinstance(level, bool) or not isinstance(level, int) or not self.floor <= level <= self.num_layers:
+            floor = f" (below {self.floor} the resident prompt twins leave too few KV blocks)" if self.floor else ""
             return {"ok": False, "status": 400,
-                    "error": f"level must be an integer in 0..{self.num_layers} (the ladder's rungs), got {level!r}"}
+                    "error": f"level must be an integer in {self.floor}..{self.num_layers} (the ladder's rungs{floor}), "
+                             f"got {level!r}"}
         started = time.monotonic()
         wait = self.manual_limit.wait_s(started)
         if rate_limited and wait > 0 and level != self.moves.level:
@@ -437,6 +455,7 @@ class MorphController:
             "twin": self.config.twin,
             "level": self.moves.level,  # the rung of the ladder served now (0: every layer bf16)
             "max_level": self.num_layers,  # the ladder's top (2L with two tiers)
+            "floor": self.floor,  # the lowest level served (above 0 only with prompt twins that need it)
             "quantized_layers": self.moves.level,  # deprecated name of `level`, kept one release
             "swappable_layers": len(self.order),
             "levels": self.num_layers,  # deprecated name of `max_level`

@@ -4,6 +4,7 @@ KV blocks at every level. Plain Python over kv_resize.budget."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from kv_resize.budget import BudgetError, KVBudget
@@ -47,14 +48,39 @@ def plan_budget(savings: list[int], memory_budget_gb: float | None, model_dir: P
     file's bytes). `resident_twin_bytes`: prompt twins held beside full precision, inside the
     budget (the default budget stays plain vLLM's weights + KV: the twins take KV's bytes)."""
     weights = rank_weights if rank_weights is not None else model_weight_bytes(model_dir, dtype)
+    total = int(memory_budget_gb * 2**30) // ranks if memory_budget_gb else fp16_kv_bytes + weights
     try:
-        if memory_budget_gb:
-            budget = KVBudget(int(memory_budget_gb * 2**30) // ranks, weights + resident_twin_bytes, tuple(savings),
-                              block_bytes)
+        if resident_twin_bytes:
+            # The twins may leave level 0 without a block: the server then rests higher
+            # (rest_floor), so the budget need only hold blocks from its first level that has some.
+            top = KVBudget(total, weights + resident_twin_bytes, tuple(savings), block_bytes, floor=len(savings))
+            budget = replace(top, floor=next(k for k in range(len(savings) + 1) if top.total_blocks(k) >= 2))
         else:
-            budget = KVBudget(fp16_kv_bytes + weights, weights + resident_twin_bytes, tuple(savings), block_bytes)
+            budget = KVBudget(total, weights, tuple(savings), block_bytes)
     except BudgetError as e:
         raise MorphServeError(f"memory_budget_gb: {e}") from None
     log.info("MorphServe: budget %.1f MiB per rank (%d); KV %d..%d blocks from 0..%d quantized layers",
              budget.budget_bytes / 2**20, ranks, budget.usable_blocks(0), budget.usable_blocks(len(savings)), len(savings))
     return budget
+
+
+def rest_floor(capacities: list[int], block_tokens: int, max_model_len: int, twin_rungs: int = 0) -> int:
+    """The lowest level the server may serve: the first whose usable KV blocks hold one
+    max_model_len request. Level 0 without prompt twins (`twin_rungs`, the ladder's first
+    rungs that have one); with them, their resident bytes may leave level 0 short, and the
+    server rests on the first rung that pays for the rest: prompts still go through every
+    twin, decodes through int8 only on the rungs below the floor. A floor at or above the
+    twinned rungs would make every twin a quantized layer: refused, as it gains nothing."""
+    holds = [k for k, cap in enumerate(capacities) if cap * block_tokens >= max_model_len]
+    if holds and (holds[0] == 0 or holds[0] < twin_rungs):
+        return holds[0]
+    tokens0 = capacities[0] * block_tokens
+    if not twin_rungs:
+        raise MorphServeError(
+            f"the memory budget leaves {tokens0} KV tokens at full precision, fewer than max_model_len "
+            f"{max_model_len}; raise the budget or lower --max-model-len")
+    where = f"only from level {holds[0]}" if holds else "at no level"
+    raise MorphServeError(
+        f"with {twin_rungs} prompt twins resident the memory budget holds a max_model_len ({max_model_len}) request "
+        f"{where}, where every twinned layer is quantized already; lower prompt_twin_layers, raise the budget or "
+        f"lower --max-model-len")

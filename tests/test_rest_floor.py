@@ -1,0 +1,93 @@
+"""A server whose resident prompt twins leave level 0 short of one max_model_len request
+rests at a floor: the first rung that pays for them. The floor's arithmetic, the budget
+that allows it, and the controller that never serves below it (policy, manual requests)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from kv_resize.budget import BudgetError, KVBudget
+from morphserve.errors import MorphServeError
+from morphserve.runtime.kv_sizing import plan_budget, rest_floor
+
+BLOCK = 1000
+
+
+def test_the_floor_is_the_first_level_whose_kv_holds_a_max_model_len_request():
+    caps = [1, 3, 5, 8, 12]  # usable blocks by level
+    assert rest_floor(caps, 128, 1024, twin_rungs=4) == 3  # 8 x 128 = 1024
+    assert rest_floor(caps, 128, 100, twin_rungs=4) == 0
+    assert rest_floor(caps, 128, 100) == 0  # no twins: level 0 holds it, as before
+
+
+def test_without_twins_a_short_level_0_is_refused_as_before():
+    with pytest.raises(MorphServeError, match="leaves 128 KV tokens at full precision, fewer than max_model_len 1024"):
+        rest_floor([1, 3, 5, 8, 12], 128, 1024)
+
+
+@pytest.mark.parametrize("caps, where", [([1, 3, 5, 8, 12], "only from level 3"), ([1, 1, 1, 1, 1], "at no level")])
+def test_a_floor_that_would_quantize_every_twinned_layer_is_refused(caps, where):
+    with pytest.raises(MorphServeError, match=f"with 3 prompt twins resident .* {where}.*lower prompt_twin_layers"):
+        rest_floor(caps, 128, 1024, twin_rungs=3)
+
+
+def test_the_budget_checks_its_blocks_at_its_floor():
+    budget = KVBudget(10 * BLOCK, 9 * BLOCK, (2 * BLOCK, 2 * BLOCK), BLOCK, floor=1)
+    assert budget.total_blocks(0) == 1 and budget.total_blocks(1) == 3
+    with pytest.raises(BudgetError, match="leaves no KV block after .* at level 0"):
+        KVBudget(10 * BLOCK, 9 * BLOCK, (2 * BLOCK, 2 * BLOCK), BLOCK)
+    with pytest.raises(BudgetError, match="outside 0..2"):
+        KVBudget(10 * BLOCK, 9 * BLOCK, (2 * BLOCK, 2 * BLOCK), BLOCK, floor=3)
+
+
+def test_twins_may_leave_level_0_without_blocks_but_not_every_level(tmp_path):
+    savings = [3 * BLOCK] * 4
+    # 20 blocks of budget, 15 of weights, 6 of twins: level 0 has none, level 1 two
+    budget = plan_budget(savings, None, tmp_path, 5 * BLOCK, BLOCK, rank_weights=15 * BLOCK,
+                         resident_twin_bytes=6 * BLOCK)
+    assert budget.total_blocks(0) == 0 and budget.floor == 1 and budget.total_blocks(1) == 2
+    with pytest.raises(MorphServeError, match="memory_budget_gb: .*leaves no KV block"):
+        plan_budget(savings, None, tmp_path, 5 * BLOCK, BLOCK, rank_weights=15 * BLOCK,
+                    resident_twin_bytes=60 * BLOCK)
+    with pytest.raises(MorphServeError, match="leaves no KV block"):  # no twins: level 0 must hold blocks
+        plan_budget(savings, None, tmp_path, 0, BLOCK, rank_weights=15 * BLOCK)
+
+
+def _controller_at(level: int, floor: int, targets):
+    from tests.test_policy_rungs import _controller
+    from tests.test_transition_plans import LADDER
+
+    c, worker = _controller(level, targets)
+    c.floor, c.ladder = floor, LADDER
+    c.config = SimpleNamespace(restore_mode="sync", compress_mode="sync")
+    c.manual_limit = SimpleNamespace(wait_s=lambda now: 0.0)
+    return c, worker
+
+
+def test_the_policy_is_held_at_the_floor_and_a_no_op_restore_is_not_accepted():
+    c, _ = _controller_at(5, 2, [0, 0, 4])
+    c._decide()  # 5 -> 0 asked, 2 served
+    assert c.moves.level == 2 and c.moves.restoring is None
+    accepted = c.loop.state
+    c._decide()  # 2 -> 0 asked again: nothing moves, and no cooldown starts
+    assert c.moves.level == 2 and c.loop.state is accepted
+    assert "held at the floor 2" in c.recorder.decisions[-1]["reason"]
+    c._decide()
+    assert c.moves.level == 4 and c.loop.state.level == 4
+    assert c.wants_idle_ticks()
+
+
+def test_a_server_at_its_floor_wants_no_idle_ticks():
+    c, _ = _controller_at(2, 2, [])
+    assert not c.wants_idle_ticks()
+    c.floor = 0
+    assert c.wants_idle_ticks()  # level 2 above a floor of 0: a restore could still come
+
+
+def test_a_manual_level_below_the_floor_is_refused_with_the_reason():
+    c, _ = _controller_at(3, 2, [])
+    out = c.set_level_request(1)
+    assert out["status"] == 400 and "in 2..6" in out["error"] and "prompt twins" in out["error"]
+    assert c.moves.level == 3 and c.forced_level is None

@@ -1,0 +1,77 @@
+"""A floor in a real engine (fp32, W8A8-only, 20 prompt twins): a KV budget whose level 0
+holds less than one max_model_len request once the twins are resident. The server starts
+on the first rung that pays for them (its layers on their held twins, nothing built), a
+max_model_len request is served there, the memory equation holds, a manual level below
+the floor is refused and a round trip to the top comes back to the floor with every twin."""
+
+from __future__ import annotations
+
+import pytest
+
+from morphserve.harness.kv_shape import kv_block_bytes
+from morphserve.runtime.kv_sizing import rest_floor
+from morphserve.vllm.offline_engine import controller_of, layer_set_of
+from quant_layers.swappable import HeldTwin, SplitForward
+from tests.engine_utils import morph_llm
+
+pytestmark = [pytest.mark.engine, pytest.mark.quant]
+TWINS = 20
+KV_BLOCKS = 14  # the 20 twins (about 69 MiB in fp32's engine, 12 blocks) leave level 0 one usable block
+MAX_LEN = 512  # four 128-token blocks
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir, tiered_pack):
+    llm, core = morph_llm(model_dir, tiered_pack, "pack", dtype="float32", max_model_len=MAX_LEN,
+                          kv_cache_memory_bytes=KV_BLOCKS * kv_block_bytes(model_dir, "float32"),
+                          morph={"tiers": ["w8a8"], "prompt_twin_layers": TWINS})
+    yield llm, core
+    del llm
+
+
+def _generate(llm, prompts, max_tokens: int) -> list[list[int]]:
+    from vllm import SamplingParams
+
+    prompts = [p if isinstance(p, str) else {"prompt_token_ids": p} for p in prompts]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+                        use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def test_the_server_starts_at_its_floor_on_held_twins_and_serves_a_max_model_len_request(engine):
+    llm, core = engine
+    controller, layers = controller_of(core), layer_set_of(core)
+    block_tokens = controller.scheduler.block_size
+    caps = [controller.capacity(k) for k in range(controller.num_layers + 1)]
+    floor = controller.floor
+    assert 0 < floor < TWINS and floor == rest_floor(caps, block_tokens, MAX_LEN, TWINS)
+    assert caps[0] * block_tokens < MAX_LEN <= caps[floor] * block_tokens
+    assert controller.moves.level == floor and controller.pool.visible == caps[floor]
+    state = controller.state(memory=False)
+    assert state["floor"] == floor and state["level"] == floor
+
+    order, by_layer = controller.order, layers.layers
+    assert all(isinstance(s.compute, HeldTwin) for i in order[:floor] for s in by_layer[i])
+    assert all(isinstance(s.kernels.forward_of(s.layer), SplitForward) for i in order[floor:TWINS] for s in by_layer[i])
+    assert all(s.prompt_twin is None for i in order[TWINS:] for s in by_layer[i])
+
+    prompt = [(13 * i + 7) % 5000 + 100 for i in range(MAX_LEN - 8)]
+    assert len(_generate(llm, [prompt], 8)[0]) == 8  # the whole context fits the floor's KV
+    memory = controller.memory_state()
+    assert memory["within_budget"], memory
+
+
+def test_no_level_below_the_floor_and_a_round_trip_comes_back_to_it_with_every_twin(engine):
+    llm, core = engine
+    controller, layers = controller_of(core), layer_set_of(core)
+    floor, top = controller.floor, controller.num_layers
+    held = [s.prompt_twin for s in layers.all_linears()]
+    refused = core.morphserve_set_level(floor - 1)
+    assert refused["status"] == 400 and f"in {floor}..{top}" in refused["error"]
+    assert controller.moves.level == floor
+    before = _generate(llm, ["def fibonacci(n):"], 16)
+    assert core.morphserve_set_level(top)["quantized_layers"] == top
+    assert core.morphserve_set_level(floor)["quantized_layers"] == floor
+    assert [s.prompt_twin for s in layers.all_linears()] == held
+    assert _generate(llm, ["def fibonacci(n):"], 16) == before
+    assert core.morphserve_set_level(None)["ok"]
