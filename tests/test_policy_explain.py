@@ -75,6 +75,37 @@ def test_tokens_and_perplexity_from_the_requests(tmp_path):
     assert e.ppl_increase == pytest.approx((10.0 ** 0.5 * 20.0 ** 0.5) / 10.0 - 1)
 
 
+def test_a_server_with_prompt_twins_is_charged_as_its_ledger_and_the_evaluation_charge_it(tmp_path):
+    """Its records carry prompt_twin_layers; every token counts at least that level, the
+    figure `evaluate` computes (quality_of_run with the same floor); a flag overrides."""
+    from morphserve.evaluation.quality import LevelAt, level_changes, quality_of_run, tokens_by_level
+    from morphserve.runtime.recorder import Recorder
+
+    recorder = Recorder(str(tmp_path / "t.jsonl"), {"prompt_twin_layers": 20})
+    recorder.write({"time": 1.0, "from": 0, "to": 5, "reason": "floor: ...", "seconds": 0.1,
+                    "levels": [[100.0, 1.0, 5]]})
+    recorder.write({**_up(10.0, 5, 30), "levels": [[110.0, 10.0, 30]]})
+    log = tmp_path / "t.jsonl"
+    assert all(json.loads(line)["prompt_twin_layers"] == 20 for line in log.read_text().splitlines())
+    rows = [{"ok": True, "start_mono": 101.0, "ttft_s": 1.0, "token_offsets_s": [1.0, 2.0], "input_len": 8,
+             "output_len": 2},
+            {"ok": True, "start_mono": 109.0, "ttft_s": 2.0, "token_offsets_s": [2.0, 3.0], "input_len": 8,
+             "output_len": 2}]
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    curve = {k: 10.0 + k for k in range(31)}
+    e = explain(log, requests, curve)
+    assert e.charge_floor == 20 and e.tokens_at_level == {5: 10, 30: 10}  # the levels in force
+    assert e.ppl_increase == pytest.approx(((10.0 + 20) * (10.0 + 30)) ** 0.5 / 10.0 - 1)  # 5 charged as 20
+    assert e.ppl_increase == quality_of_run(rows, curve, level_changes(log), 0, 20)["ppl_increase"]
+    assert "charged at least level 20" in render(e)
+    plain = explain(log, requests, curve, prompt_twin_layers=0)
+    assert plain.ppl_increase == pytest.approx(((10.0 + 5) * (10.0 + 30)) ** 0.5 / 10.0 - 1)
+    assert tokens_by_level(rows, LevelAt(level_changes(log)))["prompt"] == {5: 8, 30: 8}
+    bad = morphserve_cli("policy", "explain", str(log), "--prompt-twin-layers", "-1")
+    assert bad.returncode == 2 and "--prompt-twin-layers must be 0 or more" in bad.stderr
+
+
 def test_a_file_that_is_not_a_transition_log_gets_one_error(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"time": 1}\nnot json\n')

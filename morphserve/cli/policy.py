@@ -33,6 +33,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="the replay's per-request records (morphserve replay / evaluate write requests.jsonl)")
     x.add_argument("--pack", type=Path, default=None, metavar="PACK_DIR",
                    help="read the quality curve from this pack's quality.json (needs --requests)")
+    x.add_argument("--prompt-twin-layers", type=int, default=None, metavar="N",
+                   help="the server held prompt twins for N layers: every token is charged at least level N, as "
+                        "its ledger and `morphserve evaluate` charge it (default: read from the log, where such a "
+                        "server stamps every record; 0 for none)")
     x.add_argument("--json", action="store_true", help="print the summary as JSON instead of text")
     x.set_defaults(func=_explain)
 
@@ -89,14 +93,16 @@ def _explain(args: argparse.Namespace) -> int:
             raise MorphServeError(f"{quality_file}: cannot read the quality curve: {e}") from None
         except PolicyError as e:
             raise MorphServeError(str(e)) from None
-    e = explain(args.log, args.requests, curve)
+    if args.prompt_twin_layers is not None and args.prompt_twin_layers < 0:
+        raise MorphServeError(f"--prompt-twin-layers must be 0 or more, got {args.prompt_twin_layers}")
+    e = explain(args.log, args.requests, curve, args.prompt_twin_layers)
     if args.json:
         out = {"records": e.records, "failed": e.failed, "by_direction": dict(e.by_direction),
                "reasons": dict(e.reasons), "seconds_at_level": {str(k): v for k, v in e.seconds_at_level.items()},
                "bursts": [{**asdict(b), "response_s": b.response_s} for b in e.bursts],
                "tokens_at_level": ({str(k): v for k, v in e.tokens_at_level.items()}
                                    if e.tokens_at_level is not None else None),
-               "ppl_increase": e.ppl_increase, "restore_commits": e.restore_commits,
+               "ppl_increase": e.ppl_increase, "charge_floor": e.charge_floor, "restore_commits": e.restore_commits,
                "service_waits": e.service_waits}
         print(json.dumps(out, indent=1))
     else:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from morphserve.errors import MorphServeError
-from morphserve.evaluation.quality import LevelAt, level_changes, ppl_increase, tokens_by_level
+from morphserve.evaluation.quality import LevelAt, level_changes, quality_of_run, tokens_by_level
 
 
 @dataclass
@@ -52,6 +52,8 @@ class Explanation:
     bursts: list[Burst] = field(default_factory=list)
     tokens_at_level: dict[int, int] | None = None
     ppl_increase: float | None = None
+    # prompt twins: every token charged at least this level (as the ledger and `evaluate` charge it)
+    charge_floor: int = 0
     # background moves (restores, compressions): seconds inside step boundaries installing prepared layers
     restore_commits: list[dict] = field(default_factory=list)
     # waits for service (see the module docstring), seconds
@@ -134,9 +136,14 @@ def seconds_at_level(records: list[dict]) -> dict[int, float]:
     return out
 
 
-def explain(log: Path, requests: Path | None = None, curve: dict[int, float] | None = None) -> Explanation:
+def explain(log: Path, requests: Path | None = None, curve: dict[int, float] | None = None,
+            prompt_twin_layers: int | None = None) -> Explanation:
+    """`prompt_twin_layers`: the server's (every token charged at least that level); None
+    reads it from the log, where a server holding prompt twins stamps every record."""
     records = read_log(log)
     e = Explanation(records=len(records))
+    e.charge_floor = prompt_twin_layers if prompt_twin_layers is not None else max(
+        (int(r.get("prompt_twin_layers") or 0) for r in records), default=0)
     for r in records:
         if r.get("outcome") == "failed":
             e.failed += 1
@@ -155,17 +162,19 @@ def explain(log: Path, requests: Path | None = None, curve: dict[int, float] | N
             rows = [json.loads(line) for line in requests.read_text().splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise MorphServeError(f"{requests}: cannot read the replay's requests: {err}") from None
-        counts = tokens_by_level(rows, LevelAt(level_changes(log)))
+        changes = level_changes(log)
+        counts = tokens_by_level(rows, LevelAt(changes))
         both: dict[int, int] = {}
         for part in counts.values():
             for k, n in part.items():
                 both[k] = both.get(k, 0) + n
         e.tokens_at_level = dict(sorted(both.items()))
         if curve is not None and both:
-            missing = sorted(set(both) - set(curve))
+            missing = sorted({max(k, e.charge_floor) for k in both} - set(curve))
             if missing:
                 raise MorphServeError(f"the pack's quality curve has no perplexity for levels {missing}")
-            e.ppl_increase = ppl_increase(both, curve)
+            # the evaluation's own figure, so the two cannot drift apart
+            e.ppl_increase = quality_of_run(rows, curve, changes, 0, e.charge_floor)["ppl_increase"]
     return e
 
 
@@ -204,5 +213,7 @@ def render(e: Explanation) -> str:
         for k, c in e.tokens_at_level.items():
             lines.append(f"  {k:>3} layers  {c:8d}  {c / n:6.1%}" if n else f"  {k:>3} layers  {c}")
     if e.ppl_increase is not None:
-        lines.append(f"token-weighted perplexity increase: {e.ppl_increase:+.2%}")
+        floor = (f" (every token charged at least level {e.charge_floor}: the server held prompt twins for "
+                 f"{e.charge_floor} layers)" if e.charge_floor else "")
+        lines.append(f"token-weighted perplexity increase: {e.ppl_increase:+.2%}{floor}")
     return "\n".join(lines)

@@ -76,7 +76,8 @@ class MorphController:
         self.manifest = manifest
         self.ladder = Ladder.from_manifest(manifest, config.tiers, held_tier_bytes)  # the tiers this CPU serves
         self.order = list(dict.fromkeys(r.layer for r in self.ladder.rungs))
-        self.recorder = Recorder(config.transition_log)
+        self.recorder = Recorder(config.transition_log, {"prompt_twin_layers": config.prompt_twin_layers}
+                                 if config.prompt_twin_layers else None)
         self.loop = PolicyLoop(sampler)
         self.moves: Transitions | None = None  # set once the scheduler exists
         self.budget: KVBudget | None = None

@@ -41,8 +41,11 @@ class TransitionHistogram:
 
 
 class Recorder:
-    def __init__(self, log_path: str | None):
+    def __init__(self, log_path: str | None, stamp: dict | None = None):
+        """`stamp`: fields every logged record carries (a server holding prompt twins
+        stamps their count, so a reader of the log charges its tokens as the server did)."""
         self.log_path = Path(log_path) if log_path else None
+        self.stamp = dict(stamp or {})
         # (monotonic, wall) time and level of every change of the level in force, not yet
         # written to the transition log: each logged record carries the changes it made, so
         # an evaluation can tell the precision every token was computed at.
@@ -69,6 +72,7 @@ class Recorder:
         self.write(record)
 
     def write(self, record: dict) -> None:
+        record.update(self.stamp)
         record["levels"], self.level_changes = self.level_changes, []
         if self.log_path:
             try:
