@@ -91,3 +91,11 @@ def test_a_manual_level_below_the_floor_is_refused_with_the_reason():
     out = c.set_level_request(1)
     assert out["status"] == 400 and "in 2..6" in out["error"] and "prompt twins" in out["error"]
     assert c.moves.level == 3 and c.forced_level is None
+
+
+def test_the_report_names_a_floor_beside_the_blocks_it_rests_with():
+    from morphserve.evaluation.render import _kv
+
+    assert _kv({"level0": 0, "rest": 8, "floor": 5, "max_level": 62}) == "8 (floor 5) → 62"
+    assert _kv({"level0": 26, "rest": 26, "floor": 0, "max_level": 80}) == "26 → 80"
+    assert _kv({"level0": 26, "max_level": 80}) == "26 → 80"  # a run recorded before floors

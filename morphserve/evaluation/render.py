@@ -36,7 +36,8 @@ def _kv(kv: dict) -> str:
     if not kv:
         return "-"
     if "max_level" in kv:  # a server with a floor rests there, not at level 0
-        return f"{kv.get('rest', kv['level0'])} → {kv['max_level']}"
+        floor = f" (floor {kv['floor']})" if kv.get("floor") else ""
+        return f"{kv.get('rest', kv['level0'])}{floor} → {kv['max_level']}"
     return str(kv["level0"])
 
 
