@@ -99,3 +99,37 @@ def test_the_report_names_a_floor_beside_the_blocks_it_rests_with():
     assert _kv({"level0": 0, "rest": 8, "floor": 5, "max_level": 62}) == "8 (floor 5) → 62"
     assert _kv({"level0": 26, "rest": 26, "floor": 0, "max_level": 80}) == "26 → 80"
     assert _kv({"level0": 26, "max_level": 80}) == "26 → 80"  # a run recorded before floors
+
+
+class _FloorServer:
+    """The control routes the evaluation's warm-up calls, as a server with a floor answers them."""
+
+    def __init__(self, floor: int, top: int):
+        self.floor, self.top, self.level, self.posted, self.completed = floor, top, floor, [], 0
+
+    def request(self, url: str, body: dict | None = None, method: str | None = None, timeout: float = 120) -> dict:
+        if url.endswith("/morphserve/level"):
+            level = body["level"]
+            self.posted.append(level)
+            if level is not None:
+                if level < self.floor:
+                    return {"ok": False, "status": 400, "error": "below the floor"}
+                self.level = level
+        return {"tiers": ["bf16", "w8a8"], "floor": self.floor, "level": self.level}
+
+
+@pytest.mark.parametrize("floor", [0, 5])
+def test_the_evaluations_warm_up_ends_at_the_floor_and_hands_back_to_the_policy(monkeypatch, floor):
+    from morphserve.evaluation import systems
+    from morphserve.evaluation.suite import System
+
+    server = _FloorServer(floor, 30)
+    monkeypatch.setattr(systems, "_request", server.request)
+    monkeypatch.setattr(systems, "_complete", lambda base, n, max_tokens=16: None)
+    done = systems.warm_up(System(name="m", kind="morphserve"), "http://x", 4, 30)
+    assert server.posted == [30, floor, None] and server.level == floor and done["levels"] == [30, floor]
+    with pytest.raises(RuntimeError, match=f"outside the levels served here \\({floor}..30\\)"):
+        systems.warm_up(System(name="m", kind="morphserve", hold_level=31), "http://x", 4, 30)
+    if floor:
+        with pytest.raises(RuntimeError, match="outside the levels served here \\(5..30\\)"):
+            systems.warm_up(System(name="m", kind="morphserve", hold_level=4), "http://x", 4, 30)
