@@ -80,8 +80,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "precision, and compute every step of at least --prompt-twin-min-tokens tokens (a prompt's) "
                         "through them: int8's prompt speed with full precision's decode speed, where int8 is slower "
                         "than full precision for a few rows and faster for many (`morphserve doctor` shows both). "
-                        "The twins come out of the KV budget below level N, and every token is charged at least "
-                        "level N's quality. W8A8-only ladders; 0, the default, holds none")
+                        "The twins come out of the KV budget below level N (where that leaves level 0 short of "
+                        "--max-model-len, the server rests at the first level that holds it, its floor), and every "
+                        "token is charged at least level N's quality. W8A8-only ladders; 0, the default, holds none")
     p.add_argument("--prompt-twin-min-tokens", type=int, default=128, metavar="T",
                    help="steps of at least T tokens use the prompt twins (default 128)")
     p.add_argument("--allocator", choices=ALLOCATORS, default=default_allocator(),

@@ -66,7 +66,8 @@ class MorphConfig(BaseModel):
         "resident beside full precision and compute every step of at least prompt_twin_min_tokens tokens (a "
         "prompt's) through them: int8's prompt speed with full precision's decode speed where vLLM's int8 kernel "
         "is slower for a few rows and faster for many (an AVX2-only CPU). The twins are held inside the memory "
-        "budget (fewer KV blocks below that level) and every token is charged the quality of at least that "
+        "budget (fewer KV blocks below that level; where level 0 is left short of max_model_len, the server "
+        "rests at the first level that holds it, its floor) and every token is charged the quality of at least that "
         "level. W8A8-only ladders; 0 (the default) holds none")
     prompt_twin_min_tokens: int = Field(
         default=128, ge=1, le=1 << 20, description="steps of at least this many tokens use the prompt twins")
