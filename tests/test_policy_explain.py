@@ -82,9 +82,10 @@ def test_a_server_with_prompt_twins_is_charged_as_its_ledger_and_the_evaluation_
     from morphserve.runtime.recorder import Recorder
 
     recorder = Recorder(str(tmp_path / "t.jsonl"), {"prompt_twin_layers": 20})
-    recorder.write({"time": 1.0, "from": 0, "to": 5, "reason": "floor: ...", "seconds": 0.1,
-                    "levels": [[100.0, 1.0, 5]]})
-    recorder.write({**_up(10.0, 5, 30), "levels": [[110.0, 10.0, 30]]})
+    recorder.level_changes = [[100.0, 1.0, 5]]  # (monotonic, wall, level), as level_changed records them
+    recorder.write({"time": 1.0, "from": 0, "to": 5, "reason": "floor: ...", "seconds": 0.1})
+    recorder.level_changes = [[110.0, 10.0, 30]]
+    recorder.write(_up(10.0, 5, 30))
     log = tmp_path / "t.jsonl"
     assert all(json.loads(line)["prompt_twin_layers"] == 20 for line in log.read_text().splitlines())
     rows = [{"ok": True, "start_mono": 101.0, "ttft_s": 1.0, "token_offsets_s": [1.0, 2.0], "input_len": 8,

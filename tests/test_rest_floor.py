@@ -126,10 +126,10 @@ def test_the_evaluations_warm_up_ends_at_the_floor_and_hands_back_to_the_policy(
     server = _FloorServer(floor, 30)
     monkeypatch.setattr(systems, "_request", server.request)
     monkeypatch.setattr(systems, "_complete", lambda base, n, max_tokens=16: None)
-    done = systems.warm_up(System(name="m", kind="morphserve"), "http://x", 4, 30)
+    done = systems.warm_up(System(name="m", kind="morphserve", policy="default"), "http://x", 4, 30)
     assert server.posted == [30, floor, None] and server.level == floor and done["levels"] == [30, floor]
     with pytest.raises(RuntimeError, match=f"outside the levels served here \\({floor}..30\\)"):
-        systems.warm_up(System(name="m", kind="morphserve", hold_level=31), "http://x", 4, 30)
+        systems.warm_up(System(name="m", kind="morphserve", policy="default", hold_level=31), "http://x", 4, 30)
     if floor:
         with pytest.raises(RuntimeError, match="outside the levels served here \\(5..30\\)"):
-            systems.warm_up(System(name="m", kind="morphserve", hold_level=4), "http://x", 4, 30)
+            systems.warm_up(System(name="m", kind="morphserve", policy="default", hold_level=4), "http://x", 4, 30)
