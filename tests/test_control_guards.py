@@ -344,6 +344,9 @@ def test_the_metrics_speak_of_levels_and_tiers():
     families = {m.name: m for m in c.collect()}
     assert families["morphserve_level"].samples[0].value == 35
     assert families["morphserve_max_level"].samples[0].value == 60
+    assert families["morphserve_floor"].samples[0].value == 0  # a state without one: none
+    c.state = {**c.state, "floor": 5}
+    assert {m.name: m for m in c.collect()}["morphserve_floor"].samples[0].value == 5
     by_tier = {s.labels["tier"]: s.value for s in families["morphserve_layers"].samples}
     assert by_tier == {"bf16": 0, "w8a8": 25, "w4a16": 5}
     assert "Deprecated" in families["morphserve_quantized_layers"].documentation

@@ -61,6 +61,8 @@ class MorphServeCollector:
                                 "the top is morphserve_max_level)", value=level)
         yield GaugeMetricFamily("morphserve_max_level", "Top rung of the served ladder (2 x layers with two tiers)",
                                 value=s.get("max_level", s.get("levels", 0)))
+        yield GaugeMetricFamily("morphserve_floor", "Lowest rung served (0, or above it where resident prompt "
+                                "twins leave level 0 short of max_model_len)", value=s.get("floor", 0))
         layers = GaugeMetricFamily("morphserve_layers", "Decoder layers computing in each tier now", labels=["tier"])
         counts = s.get("tier_counts") or {}
         layers.add_metric(["bf16"], s.get("swappable_layers", 0) - sum(counts.values()))
