@@ -27,9 +27,10 @@ def test_without_twins_a_short_level_0_is_refused_as_before():
         rest_floor([1, 3, 5, 8, 12], 128, 1024)
 
 
-@pytest.mark.parametrize("caps, where", [([1, 3, 5, 8, 12], "only from level 3"), ([1, 1, 1, 1, 1], "at no level")])
-def test_a_floor_that_would_quantize_every_twinned_layer_is_refused(caps, where):
-    with pytest.raises(MorphServeError, match=f"with 3 prompt twins resident .* {where}.*lower prompt_twin_layers"):
+@pytest.mark.parametrize("caps, advice", [([1, 3, 5, 8, 12], "only from level 3, .* set prompt_twin_layers above"),
+                                          ([1, 1, 1, 1, 1], "at no level; hold fewer prompt twins")])
+def test_a_floor_that_would_quantize_every_twinned_layer_is_refused(caps, advice):
+    with pytest.raises(MorphServeError, match=f"with 3 prompt twins resident .* {advice}"):
         rest_floor(caps, 128, 1024, twin_rungs=3)
 
 
@@ -133,3 +134,35 @@ def test_the_evaluations_warm_up_ends_at_the_floor_and_hands_back_to_the_policy(
     if floor:
         with pytest.raises(RuntimeError, match="outside the levels served here \\(5..30\\)"):
             systems.warm_up(System(name="m", kind="morphserve", policy="default", hold_level=4), "http://x", 4, 30)
+
+
+def test_a_refusal_in_the_engine_core_reaches_the_server_as_one_line(monkeypatch, tmp_path, capsys):
+    """The engine core writes a user error to the file the server named and exits; the
+    server prints it as one `error:` line. Other errors, and engines no server started, keep
+    their exceptions."""
+    from morphserve.vllm import server
+
+    monkeypatch.delenv(server.REFUSAL_FILE_ENV, raising=False)
+    server.relay_refusal(MorphServeError("no room"))  # an in-process engine: nothing happens here
+    named = tmp_path / "refusal"
+    monkeypatch.setenv(server.REFUSAL_FILE_ENV, str(named))
+    server.relay_refusal(RuntimeError("a bug"))  # not a user error: left to vLLM
+    assert not named.exists()
+    with pytest.raises(SystemExit) as exited:
+        server.relay_refusal(MorphServeError("no room for a max_model_len request"))
+    assert exited.value.code == 2 and named.read_text() == "no room for a max_model_len request"
+
+    def engine_core_refuses():  # what vLLM's frontend raises once the engine core has exited
+        from pathlib import Path
+        import os
+
+        Path(os.environ[server.REFUSAL_FILE_ENV]).write_text("no room for a max_model_len request")
+        raise RuntimeError("Engine core initialization failed. See root cause above.")
+
+    assert server.run_refusing(engine_core_refuses) == 2
+    assert capsys.readouterr().err == "error: no room for a max_model_len request\n"
+    with pytest.raises(RuntimeError, match="a bug"):
+        server.run_refusing(lambda: (_ for _ in ()).throw(RuntimeError("a bug")))
+    assert server.run_refusing(lambda: (_ for _ in ()).throw(MorphServeError("bad pack"))) == 2
+    assert capsys.readouterr().err == "error: bad pack\n"
+    assert server.run_refusing(lambda: None) == 0

@@ -75,3 +75,30 @@ def test_no_level_below_the_floor_and_a_round_trip_comes_back_to_it_with_every_t
     assert [s.prompt_twin for s in layers.all_linears()] == held
     assert _generate(llm, ["def fibonacci(n):"], 16) == before
     assert core.morphserve_set_level(None)["ok"]
+
+
+def test_a_floor_that_would_quantize_every_twin_is_refused_by_serve_in_one_line(model_dir, tiered_pack):
+    """Refused in the engine core (where the KV is sized), told by `morphserve serve` as one
+    `error:` line and exit status 2: one twin on a budget whose level 0 holds exactly one
+    max_model_len request, so only level 1 (the twinned layer quantized) holds it again."""
+    import os
+    import subprocess
+    import sys
+
+    from morphserve.harness.servers import free_port
+    from morphserve.runtime.kv_sizing import model_weight_bytes
+    from tests.conftest import REPO
+
+    kv = 9 * kv_block_bytes(model_dir, "float32")  # 8 usable blocks of 128 tokens and vLLM's null block
+    budget_gb = (model_weight_bytes(model_dir, "float32") + kv) / 2**30
+    proc = subprocess.run(
+        [sys.executable, "-m", "morphserve.cli", "serve", str(model_dir), "--pack", str(tiered_pack), "--tiers", "w8a8",
+         "--dtype", "float32", "--memory-budget-gb", repr(budget_gb), "--kv-cache-memory-bytes", str(kv),
+         "--max-model-len", "1024", "--prompt-twin-layers", "1", "--port", str(free_port())],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "VLLM_API_KEY"})
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert errors and errors[-1].startswith("error: with 1 prompt twins resident the memory budget holds a "
+                                            "max_model_len (1024) request only from level 1"), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr

@@ -79,8 +79,13 @@ def rest_floor(capacities: list[int], block_tokens: int, max_model_len: int, twi
         raise MorphServeError(
             f"the memory budget leaves {tokens0} KV tokens at full precision, fewer than max_model_len "
             f"{max_model_len}; raise the budget or lower --max-model-len")
-    where = f"only from level {holds[0]}" if holds else "at no level"
+    if not holds:
+        raise MorphServeError(
+            f"with {twin_rungs} prompt twins resident the memory budget holds a max_model_len ({max_model_len}) "
+            f"request at no level; hold fewer prompt twins (prompt_twin_layers), raise the budget or lower "
+            f"--max-model-len")
     raise MorphServeError(
         f"with {twin_rungs} prompt twins resident the memory budget holds a max_model_len ({max_model_len}) request "
-        f"{where}, where every twinned layer is quantized already; lower prompt_twin_layers, raise the budget or "
-        f"lower --max-model-len")
+        f"only from level {holds[0]}, where every twinned layer is quantized already; twins serve prompts only on "
+        f"the rungs below their count, so set prompt_twin_layers above the level that holds the request (0 turns "
+        f"them off), raise the budget or lower --max-model-len")

@@ -39,17 +39,10 @@ def main() -> int:
     alias_vllm_version()
     from vllm.entrypoints.cli.main import main as vllm_main
 
-    from morphserve.vllm.server import refusal
+    from morphserve.vllm.server import run_refusing
 
     sys.argv[0] = "vllm"
-    try:
-        return vllm_main() or 0
-    except Exception as e:  # MorphServe's start-up refusals: one line, not a traceback
-        why = refusal(e)
-        if why is None:
-            raise
-        print(f"error: {why}", file=sys.stderr)
-        return 2
+    return run_refusing(vllm_main)  # MorphServe's start-up refusals: one line, not a traceback
 
 
 if __name__ == "__main__":

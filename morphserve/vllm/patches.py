@@ -36,6 +36,7 @@ slot), worker_ext.py, http_api.py, metrics.py.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.abc
 import logging
@@ -43,6 +44,8 @@ import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable
+
+from morphserve.errors import USER_ERRORS
 
 
 SUPPORTED_VLLM = "0.32.0"
@@ -236,6 +239,19 @@ def refuse_multiple_ranks(ranks: dict) -> None:
 
 
 # -- engine core -----------------------------------------------------------------------
+@contextlib.contextmanager
+def refusals_relayed():
+    """A user error while the engine core is built reaches the server's process as one line
+    (morphserve.vllm.server.relay_refusal)."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        from morphserve.vllm.server import relay_refusal
+
+        relay_refusal(e)
+        raise
+
+
 def _patch_initialize_kv_caches(original):
     def _initialize_kv_caches(self, vllm_config):
         cfg = (vllm_config.additional_config or {}).get("morphserve")
@@ -247,7 +263,8 @@ def _patch_initialize_kv_caches(original):
 
         check_supported(vllm_config)  # again here: an engine may be built without our frontend
         _AWAITING_SCHEDULER.clear()  # a controller from an engine that failed to start
-        controller = self._morphserve = MorphController.start(cfg, EngineLink(self), StepSampler())
+        with refusals_relayed():
+            controller = self._morphserve = MorphController.start(cfg, EngineLink(self), StepSampler())
         executor = self.model_executor
         measure = executor.determine_available_memory
 
@@ -261,7 +278,8 @@ def _patch_initialize_kv_caches(original):
 
         executor.determine_available_memory = reserve_for_max_capacity
         try:
-            result = original(self, vllm_config)
+            with refusals_relayed():
+                result = original(self, vllm_config)
         finally:
             del executor.determine_available_memory
         _AWAITING_SCHEDULER.append((vllm_config, controller))
@@ -285,7 +303,8 @@ def _patch_scheduler_init(original):
         if controller is not None:
             from morphserve.vllm.scheduler import SchedulerView
 
-            controller.attach_scheduler(SchedulerView(self, self.vllm_config))
+            with refusals_relayed():
+                controller.attach_scheduler(SchedulerView(self, self.vllm_config))
 
     return __init__
 

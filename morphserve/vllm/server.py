@@ -6,7 +6,11 @@ async scheduling, ...) end with one `error:` line and exit status 2 instead of a
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
 
 from morphserve.errors import USER_ERRORS
 
@@ -26,20 +30,44 @@ def refusal(error: BaseException) -> Exception | None:
     return None
 
 
-def main() -> int:
-    import importlib
+REFUSAL_FILE_ENV = "MORPHSERVE_REFUSAL_FILE"
 
-    vllm_main = importlib.import_module(PLAIN_VLLM_SERVER).main
 
+def relay_refusal(error: BaseException) -> None:
+    """In the engine core, for a user error raised while it is built (a budget with no room
+    for a max_model_len request, ...): vLLM builds the engine core in a process of its own
+    and tells this one only "Engine core initialization failed", so the reason goes to the
+    file `run_refusing` named, and the engine core exits without vLLM's traceback. Does
+    nothing in an engine no such server started (an in-process engine keeps the exception)."""
+    path = os.environ.get(REFUSAL_FILE_ENV)
+    if path and isinstance(error, USER_ERRORS):
+        Path(path).write_text(str(error))
+        raise SystemExit(2) from None
+
+
+def run_refusing(entry: Callable[[], int | None]) -> int:
+    """Run vLLM's entry; a MorphServe refusal, raised here or in the engine core, ends in one
+    `error:` line and exit status 2."""
+    fd, path = tempfile.mkstemp(prefix="morphserve-refusal-")
+    os.close(fd)
+    os.environ[REFUSAL_FILE_ENV] = path
     try:
-        vllm_main()
+        return entry() or 0
     except Exception as e:
-        why = refusal(e)
-        if why is None:
+        why = refusal(e) or Path(path).read_text().strip()
+        if not why:
             raise
         print(f"error: {why}", file=sys.stderr)
         return 2
-    return 0
+    finally:
+        os.environ.pop(REFUSAL_FILE_ENV, None)
+        Path(path).unlink(missing_ok=True)
+
+
+def main() -> int:
+    import importlib
+
+    return run_refusing(importlib.import_module(PLAIN_VLLM_SERVER).main)
 
 
 if __name__ == "__main__":  # vLLM's spawned processes re-import this file as __mp_main__
