@@ -27,6 +27,16 @@ PROMPTS = [
 _PLAIN_RESULTS: dict[str, dict] = {}
 
 
+def greedy_tokens(llm, prompts: list, max_tokens: int) -> list[list[int]]:
+    """Each prompt's greedy output token ids (text, or a list of token ids), ignoring EOS."""
+    from vllm import SamplingParams
+
+    prompts = [p if isinstance(p, str) else {"prompt_token_ids": p} for p in prompts]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+                        use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
 def plain_job(prompts: list, max_tokens, windows=None, gaps=None, **engine) -> dict:
     """One baseline run. max_tokens: an int or one per prompt. engine: kv_bytes,
     max_model_len, max_num_seqs (to reproduce the schedule of the engine under test).

@@ -12,7 +12,7 @@ from morphserve.evaluation.systems import static_w8a8_dir
 from morphserve.harness.kv_shape import kv_block_bytes
 from morphserve.vllm.offline_engine import controller_of, layer_set_of
 from quant_layers.swappable import HeldTwin, SplitForward
-from tests.engine_utils import morph_llm, plain_job, plain_vllm_many, score_windows
+from tests.engine_utils import greedy_tokens, morph_llm, plain_job, plain_vllm_many, score_windows
 
 pytestmark = [pytest.mark.engine, pytest.mark.quant]
 LAYERS = 30  # every layer of SmolLM2-135M: a prompt's step is then all-W8A8
@@ -31,19 +31,10 @@ def engine(model_dir, tiered_pack):
     del llm
 
 
-def _generate(llm, prompts, max_tokens: int) -> list[list[int]]:
-    from vllm import SamplingParams
-
-    prompts = [p if isinstance(p, str) else {"prompt_token_ids": p} for p in prompts]
-    outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
-                        use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in outs]
-
-
 def test_prompts_compute_as_static_w8a8_and_decodes_as_plain_fp32(engine, model_dir, tiered_pack, tmp_path):
     llm, _ = engine
-    ours_short = _generate(llm, [SHORT], DECODE)
-    ours_long = _generate(llm, LONG, 1)  # the prompt's step only
+    ours_short = greedy_tokens(llm, [SHORT], DECODE)
+    ours_long = greedy_tokens(llm, LONG, 1)  # the prompt's step only
     ours_nll, tokens = score_windows(llm, LONG)  # the prompts' own log-likelihood: one 480-token step
     plain, static = plain_vllm_many(model_dir, [
         plain_job([SHORT], DECODE, windows=LONG, dtype="float32", max_model_len=512),
@@ -67,7 +58,7 @@ def test_a_round_trip_installs_the_held_twins_and_keeps_them_and_the_budget_hold
     assert budget.weight_bytes(0) == controller.rank_weight_bytes + twin_bytes
     at_top = controller.rank_weight_bytes - sum(s.fp_bytes for s in linears) + sum(t.nbytes for t in held)
     assert budget.weight_bytes(budget.max_level) == at_top  # the twins are what the top computes with
-    before = _generate(llm, [SHORT], DECODE)
+    before = greedy_tokens(llm, [SHORT], DECODE)
 
     assert core.morphserve_set_level(LAYERS)["quantized_layers"] == LAYERS
     assert all(isinstance(s.compute, HeldTwin) and s.compute.twin is t for s, t in zip(linears, held))
@@ -76,4 +67,4 @@ def test_a_round_trip_installs_the_held_twins_and_keeps_them_and_the_budget_hold
     assert [s.prompt_twin[1] for s in linears] == held
     assert all(isinstance(s.kernels.forward_of(s.layer), SplitForward) for s in linears)
     assert layers.live_bytes() == sum(s.fp_bytes for s in linears) + twin_bytes
-    assert _generate(llm, [SHORT], DECODE) == before
+    assert greedy_tokens(llm, [SHORT], DECODE) == before

@@ -12,7 +12,7 @@ from morphserve.harness.kv_shape import kv_block_bytes
 from morphserve.runtime.kv_sizing import rest_floor
 from morphserve.vllm.offline_engine import controller_of, layer_set_of
 from quant_layers.swappable import HeldTwin, SplitForward
-from tests.engine_utils import morph_llm
+from tests.engine_utils import greedy_tokens, morph_llm
 
 pytestmark = [pytest.mark.engine, pytest.mark.quant]
 TWINS = 20
@@ -27,15 +27,6 @@ def engine(model_dir, tiered_pack):
                           morph={"tiers": ["w8a8"], "prompt_twin_layers": TWINS})
     yield llm, core
     del llm
-
-
-def _generate(llm, prompts, max_tokens: int) -> list[list[int]]:
-    from vllm import SamplingParams
-
-    prompts = [p if isinstance(p, str) else {"prompt_token_ids": p} for p in prompts]
-    outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
-                        use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in outs]
 
 
 def test_the_server_starts_at_its_floor_on_held_twins_and_serves_a_max_model_len_request(engine):
@@ -56,7 +47,7 @@ def test_the_server_starts_at_its_floor_on_held_twins_and_serves_a_max_model_len
     assert all(s.prompt_twin is None for i in order[TWINS:] for s in by_layer[i])
 
     prompt = [(13 * i + 7) % 5000 + 100 for i in range(MAX_LEN - 8)]
-    assert len(_generate(llm, [prompt], 8)[0]) == 8  # the whole context fits the floor's KV
+    assert len(greedy_tokens(llm, [prompt], 8)[0]) == 8  # the whole context fits the floor's KV
     memory = controller.memory_state()
     assert memory["within_budget"], memory
 
@@ -69,11 +60,11 @@ def test_no_level_below_the_floor_and_a_round_trip_comes_back_to_it_with_every_t
     refused = core.morphserve_set_level(floor - 1)
     assert refused["status"] == 400 and f"in {floor}..{top}" in refused["error"]
     assert controller.moves.level == floor
-    before = _generate(llm, ["def fibonacci(n):"], 16)
+    before = greedy_tokens(llm, ["def fibonacci(n):"], 16)
     assert core.morphserve_set_level(top)["quantized_layers"] == top
     assert core.morphserve_set_level(floor)["quantized_layers"] == floor
     assert [s.prompt_twin for s in layers.all_linears()] == held
-    assert _generate(llm, ["def fibonacci(n):"], 16) == before
+    assert greedy_tokens(llm, ["def fibonacci(n):"], 16) == before
     assert core.morphserve_set_level(None)["ok"]
 
 
