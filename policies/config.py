@@ -151,22 +151,36 @@ def dearer_fill(curve: dict) -> dict[int, float]:
     return {k: values[next(m for m in known if m >= k)] for k in range(known[-1] + 1)}
 
 
-def charged_level(quality: dict | None, level: int) -> int:
+def prompt_twin_layers(quality: dict | None) -> int:
+    """N for a server holding prompt twins for the ladder's first N layers (the engine marks
+    `quality["prompt_twins"]`), else 0."""
+    return int((quality or {}).get("prompt_twins", {}).get("layers", 0))
+
+
+def prompt_twin_min_tokens(quality: dict | None) -> int | None:
+    """The smallest step the prompt twins compute (None: no twins, or a mark written before
+    the engine recorded it, where every step is charged as a twin step)."""
+    twins = (quality or {}).get("prompt_twins") or {}
+    return int(twins["min_tokens"]) if twins.get("layers") and twins.get("min_tokens") else None
+
+
+def charged_level(quality: dict | None, level: int, through_twins: bool = True) -> int:
     """The level a token served at `level` is charged at. A server holding prompt twins for
-    the ladder's first N layers (the engine marks `quality["prompt_twins"]`) computes every
-    step of prompt size through them at any level below N, and a decode that shares a step
-    with a prompt goes through them too; which tokens those are is not logged, so every
-    token is charged at max(level, N): an upper bound, the evaluation's rule as well."""
-    return max(level, int((quality or {}).get("prompt_twins", {}).get("layers", 0)))
+    the ladder's first N layers computes every step of at least the twins' `min_tokens`
+    through them at any level below N (a prompt's, and the decodes that share its step):
+    those steps' tokens are charged at max(level, N), the others at `level`. Planning ahead,
+    where the steps to come are not known, charges every token as a twin step's (an upper
+    bound)."""
+    return max(level, prompt_twin_layers(quality)) if through_twins else level
 
 
-def log_ppl_ratios(quality: dict | None, num_layers: int) -> list[float]:
+def log_ppl_ratios(quality: dict | None, num_layers: int, through_twins: bool = True) -> list[float]:
     """log(ppl_k / ppl_0) for k = 0..num_layers, each level charged as `charged_level` says;
     a level the curve skips takes the next one measured above it (the dearer neighbour), a
     level past its last takes the last."""
     curve = dearer_fill(quality_curve(quality, "max_avg_ppl_increase"))
     top = max(curve)
-    return [math.log(curve[min(charged_level(quality, k), top)] * kv_factor(quality, k) / curve[0])
+    return [math.log(curve[min(charged_level(quality, k, through_twins), top)] * kv_factor(quality, k) / curve[0])
             for k in range(num_layers + 1)]
 
 

@@ -113,6 +113,15 @@ class SignalTracker:
     step_model: StepTimeModel | None = None
     ledger: QualityLedger | None = None
     log_ratios: list[float] | None = None
+    # A server holding prompt twins: steps of at least `twin_min_tokens` tokens are charged
+    # `log_ratios` (level max(k, N)), smaller ones `plain_log_ratios` (level k).
+    plain_log_ratios: list[float] | None = None
+    twin_min_tokens: int | None = None
+    # Tokens served (as the evaluation counts them) at each level in force, and of those the
+    # ones in steps the prompt twins computed: a reader taking two readings apart charges
+    # the tokens between them exactly (morphserve evaluate does).
+    served_by_level: dict[int, int] = field(default_factory=dict)
+    twin_served_by_level: dict[int, int] = field(default_factory=dict)
     _samples: deque = field(default_factory=deque)
     _ttfts: deque = field(default_factory=deque)  # (time, ttft)
     _rate: float = 0.0
@@ -140,9 +149,14 @@ class SignalTracker:
         elif learn and s.prefill_tokens >= PREFILL_MIN_TOKENS:
             self.step_model.observe_prefill(s.level, s.running, s.prefill_tokens, dt)
         self._last_level = s.level
+        twin_step = self.twin_min_tokens is not None and s.tokens >= self.twin_min_tokens
+        if s.served_tokens:
+            self.served_by_level[s.level] = self.served_by_level.get(s.level, 0) + s.served_tokens
+            if twin_step:
+                self.twin_served_by_level[s.level] = self.twin_served_by_level.get(s.level, 0) + s.served_tokens
         if self.ledger is not None and self.log_ratios:
-            self.ledger.add(s.time, s.served_tokens if charge else 0,
-                            self.log_ratios[min(s.level, len(self.log_ratios) - 1)])
+            ratios = self.log_ratios if twin_step or self.plain_log_ratios is None else self.plain_log_ratios
+            self.ledger.add(s.time, s.served_tokens if charge else 0, ratios[min(s.level, len(ratios) - 1)])
         self._samples.append((s, dt))
         self._ttfts.extend((s.time, t) for t in s.ttfts)
         horizon = s.time - self.window_s

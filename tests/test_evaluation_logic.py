@@ -416,9 +416,10 @@ def test_a_cut_runs_decisions_are_read_best_effort():
     from morphserve.evaluation import systems
 
     trims = {"interval_s": 0.5, "min_growth_bytes": 0, "running": True, "calls": 40, "skipped": 0, "seconds": 0.2}
+    served = {"by_level": {"0": 900}, "through_twins": {"0": 300}, "twin_min_tokens": 128}
     answers = {"/morphserve/state": (200, {"recent_decisions": [{"kind": "hold", "level": 12}],
                                            "signals": {"quality_increase": 0.01, "quality_tokens": 900},
-                                           "memory": {"heap_trim": trims}})}
+                                           "memory": {"heap_trim": trims}, "served_tokens": served})}
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (http.server's name)
@@ -439,7 +440,8 @@ def test_a_cut_runs_decisions_are_read_best_effort():
         assert systems.last_decisions(base) == {"decisions": [{"kind": "hold", "level": 12}], "heap_trim": trims}
         # after a replay: the ledger, the decisions and the trimmer's counters, one state read
         assert systems.policy_record(base) == {"ledger": {"ppl_increase": 0.01, "tokens": 900},
-                                               "decisions": [{"kind": "hold", "level": 12}], "heap_trim": trims}
+                                               "decisions": [{"kind": "hold", "level": 12}], "heap_trim": trims,
+                                               "served_by_level": served}
         answers.clear()  # the state read now answers 504, as a server busy past its step does
         failed = systems.last_decisions(base, timeout=5)
         assert failed["decisions"] == [] and "504" in failed["decisions_error"]

@@ -68,3 +68,23 @@ def test_a_round_trip_installs_the_held_twins_and_keeps_them_and_the_budget_hold
     assert all(isinstance(s.kernels.forward_of(s.layer), SplitForward) for s in linears)
     assert layers.live_bytes() == sum(s.fp_bytes for s in linears) + twin_bytes
     assert greedy_tokens(llm, [SHORT], DECODE) == before
+
+
+def test_the_server_counts_which_tokens_its_twins_computed(engine):
+    """The exact quality charge: a step of prompt size is the twins', a decode step is not.
+    Three 160-token prompts share one 480-token step (their prompts and first tokens are the
+    twins'); their other tokens come from 3-token decode steps, in full precision."""
+    llm, core = engine
+    controller = controller_of(core)
+    assert controller.moves.level == 0
+    before = controller.state(memory=False)["served_tokens"]
+    greedy_tokens(llm, LONG, DECODE)
+    after = controller.state(memory=False)["served_tokens"]
+    assert after["twin_min_tokens"] == 128
+
+    def delta(part: str) -> int:
+        return sum(after[part].values()) - sum(before[part].values())
+
+    assert delta("through_twins") == 3 * 160 + 3
+    assert delta("by_level") == 3 * 160 + 3 * DECODE
+    assert set(after["by_level"]) == {"0"}  # served at level 0 throughout

@@ -84,26 +84,63 @@ def ppl_increase(counts: dict[int, int], curve: dict[int, float]) -> float | Non
 
 
 def quality_of_run(rows: list[dict], curve: dict[int, float], changes: list[tuple[float, int]] | None,
-                   static_level: int, charge_floor: int = 0) -> dict:
-    """`changes` None: a static system, every token at `static_level`. `charge_floor`: every
-    token is charged at no lower a level than this (a server holding prompt twins for that
-    many layers; policies.config.charged_level, the ledger's rule). `tokens_by_level` keeps
-    the levels in force."""
+                   static_level: int, charge_floor: int = 0, twin_share: dict[int, float] | None = None) -> dict:
+    """`changes` None: a static system, every token at `static_level`. `charge_floor`: a
+    server holding prompt twins for that many layers computes the steps of prompt size
+    through them, so those steps' tokens are charged at no lower a level than this
+    (policies.config.charged_level, the ledger's rule). `twin_share`: of the tokens served
+    at each level, the share in such steps, from the server's own count
+    (`twin_share_between`); without it every token is charged as one of them, an upper
+    bound (`ppl_increase_upper_bound` keeps that figure beside the exact one).
+    `tokens_by_level` keeps the levels in force."""
     level_at = LevelAt(changes or [], initial=static_level)
     counts = tokens_by_level(rows, level_at)
-    charged = {part: _floored(c, charge_floor) for part, c in counts.items()}
-    both: dict[int, int] = {}
-    for part in charged.values():
+    out = {"tokens_by_level": {part: {str(k): n for k, n in sorted(c.items())} for part, c in counts.items()}}
+    if charge_floor:
+        upper = _both({part: _charged(c, charge_floor, None) for part, c in counts.items()})
+        out["ppl_increase_upper_bound"] = ppl_increase(upper, curve)
+        if twin_share is not None:
+            out["twin_share_by_level"] = {str(k): round(v, 4) for k, v in sorted(twin_share.items())}
+    charged = {part: _charged(c, charge_floor, twin_share) for part, c in counts.items()}
+    both = _both(charged)
+    return {"ppl": weighted_ppl(both, curve), "ppl_increase": ppl_increase(both, curve),
+            "ppl_output_tokens": weighted_ppl(charged["output"], curve), **out}
+
+
+def twin_share_between(before: dict | None, after: dict | None) -> dict[int, float] | None:
+    """Of the tokens the server served at each level between two readings of its
+    `served_tokens` (/morphserve/state), the share its prompt twins computed. None where a
+    reading is missing or the server counts no twin steps (a server before this count)."""
+    if not before or not after or after.get("twin_min_tokens") is None:
+        return None
+    share = {}
+    for k, n in after["by_level"].items():
+        served = n - before["by_level"].get(k, 0)
+        twins = after["through_twins"].get(k, 0) - before["through_twins"].get(k, 0)
+        if served > 0:
+            share[int(k)] = min(1.0, max(0.0, twins / served))
+    return share
+
+
+def _both(parts: dict[str, dict[int, float]]) -> dict[int, float]:
+    both: dict[int, float] = {}
+    for part in parts.values():
         for k, n in part.items():
             both[k] = both.get(k, 0) + n
-    ppl = weighted_ppl(both, curve)
-    return {"ppl": ppl, "ppl_increase": ppl_increase(both, curve),
-            "ppl_output_tokens": weighted_ppl(charged["output"], curve),
-            "tokens_by_level": {part: {str(k): n for k, n in sorted(c.items())} for part, c in counts.items()}}
+    return both
 
 
-def _floored(counts: dict[int, int], floor: int) -> dict[int, int]:
-    out: dict[int, int] = {}
+def _charged(counts: dict[int, int], floor: int, twin_share: dict[int, float] | None) -> dict[int, float]:
+    """Tokens by the level they are charged at: a level below `floor` keeps the share of its
+    tokens the twins did not compute (all of them are charged at `floor` without a share,
+    and so are a level's the server counted nothing at: the safe side)."""
+    out: dict[int, float] = {}
     for k, n in counts.items():
-        out[max(k, floor)] = out.get(max(k, floor), 0) + n
+        if k >= floor:
+            out[k] = out.get(k, 0) + n
+            continue
+        through = n if twin_share is None else n * twin_share.get(k, 1.0)
+        out[floor] = out.get(floor, 0) + through
+        if n - through:
+            out[k] = out.get(k, 0) + (n - through)
     return out

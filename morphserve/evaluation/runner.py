@@ -263,7 +263,10 @@ def one_run(suite: Suite, rep: int, window: Window, budget: Budget, system: Syst
     changes = quality.level_changes(folder / "transitions.jsonl") if system.kind == "morphserve" else None
     record.update({k: v for k, v in summary.items() if k not in ("system", "window")})
     record["trace_window"] = summary["window"]  # START:DURATION; record["window"] stays the suite's name
-    record.update(quality.quality_of_run(rows, curve, changes, static_level, system.prompt_twin_layers or 0))
+    twin_share = quality.twin_share_between((record.get("warmup") or {}).get("served_by_level"),
+                                            record.get("served_by_level")) if system.prompt_twin_layers else None
+    record.update(quality.quality_of_run(rows, curve, changes, static_level, system.prompt_twin_layers or 0,
+                                         twin_share))
     if system.kind in STATIC_TIERS:
         record["static_level"] = static_level
     if kv_factors is not None:

@@ -125,6 +125,8 @@ def warm_up(system: System, base: str, n_requests: int, num_layers: int | None) 
             raise RuntimeError(f"warm-up left MorphServe at level {state.get('level')}, not "
                                f"{floor if hold is None else hold}")
         done["levels"] = levels + ([hold] if hold is not None else [])
+        # what the server has served so far: the replay's quality charge counts from here
+        done["served_by_level"] = _request(f"{base}/morphserve/state?memory=0").get("served_tokens")
     else:
         _complete(base, n_requests)
     _request(f"{base}/reset_prefix_cache", method="POST")
@@ -134,13 +136,15 @@ def warm_up(system: System, base: str, n_requests: int, num_layers: int | None) 
 def policy_record(base: str) -> dict:
     """What the policy says about the replay, from one state read after it: its quality
     ledger (the token-weighted perplexity increase over its window and the tokens in it;
-    None without a budget) and its last decisions, holds included (the server keeps 32, one
-    per change of kind), for reading why a burst was not met."""
+    None without a budget), its last decisions, holds included (the server keeps 32, one
+    per change of kind), for reading why a burst was not met, and the tokens it served by
+    level (with prompt twins, the exact quality charge: `quality.twin_share_between`)."""
     state = _request(f"{base}/morphserve/state")
     signals = state.get("signals") or {}
     ledger = ({"ppl_increase": signals["quality_increase"], "tokens": signals["quality_tokens"]}
               if signals.get("quality_tokens") else None)
-    return {"ledger": ledger, "decisions": state.get("recent_decisions") or [], "heap_trim": heap_trim(state)}
+    return {"ledger": ledger, "decisions": state.get("recent_decisions") or [], "heap_trim": heap_trim(state),
+            "served_by_level": state.get("served_tokens")}
 
 
 def heap_trim(state: dict) -> dict | None:

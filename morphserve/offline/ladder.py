@@ -157,7 +157,9 @@ def served_quality(quality: dict | None, pack_tiers: list[str], served: list[str
 
 
 
-def with_prompt_twins(quality: dict, layers: int) -> dict:
+def with_prompt_twins(quality: dict, layers: int, min_tokens: int | None = None) -> dict:
     """quality.json marked for a server holding prompt twins for the ladder's first `layers`
-    layers (policies.config.charged_level reads the mark)."""
-    return {**quality, "prompt_twins": {"layers": int(layers)}}
+    layers, computing steps of at least `min_tokens` tokens (policies.config.charged_level
+    reads the mark)."""
+    mark = {"layers": int(layers)} if min_tokens is None else {"layers": int(layers), "min_tokens": int(min_tokens)}
+    return {**quality, "prompt_twins": mark}

@@ -166,6 +166,10 @@ class MorphController:
             self.loop.start(self.config.policy, self.served_quality(),
                             [self.capacity(k) for k in range(self.num_layers + 1)],
                             [self.ladder.counts(k) for k in range(self.num_layers + 1)], self.tier_speed)
+        elif self.prompt_twin_bytes:
+            # no policy, but prompt twins: the boundaries still count the tokens served and which
+            # steps the twins computed (`served_tokens`), so any run can be charged exactly
+            self.loop.count_only(self.config.prompt_twin_min_tokens)
 
     def tier_speed(self) -> dict[str, dict[int, float]] | None:
         """Each served tier's kernel speed here (seconds per layer's linears by batch), for
@@ -188,7 +192,7 @@ class MorphController:
         quality = json.loads(path.read_text()) if path.exists() else None
         quality = served_quality(quality, self.manifest.tier_names, self.ladder.tier_names)
         if quality is not None and self.config.prompt_twin_layers:
-            quality = with_prompt_twins(quality, self.config.prompt_twin_layers)
+            quality = with_prompt_twins(quality, self.config.prompt_twin_layers, self.config.prompt_twin_min_tokens)
         dtype = getattr(self.engine, "kv_cache_dtype", "auto")
         if quality is not None and dtype != "auto":
             entry = kv_cost.load(Path(self.config.pack), dtype, self.ladder.tier_names, self.ladder.top)
@@ -473,6 +477,7 @@ class MorphController:
             "policy_target": self.loop.target,
             "policy_max_level": self.loop.policy.max_level if self.loop.policy else None,
             "signals": self.loop.signals_dict(),
+            "served_tokens": self.loop.served_tokens(),
             "step_model": self.loop.step_model_dict(),
             # the arithmetic the step model's kernel profile was timed in: the engine's dtype
             "kernel_profile_dtype": self.kernel_profile_dtype,

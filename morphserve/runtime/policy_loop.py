@@ -10,7 +10,7 @@ from typing import Callable
 
 from morphserve.runtime.recorder import Recorder
 from policies import Decision, PolicyState, SignalTracker, load_policy, make_policy, make_tracker
-from policies.config import log_ppl_ratios, resolve_budget
+from policies.config import log_ppl_ratios, prompt_twin_min_tokens, resolve_budget
 
 log = logging.getLogger("morphserve")
 
@@ -40,10 +40,19 @@ class PolicyLoop:
         self.policy = make_policy(pcfg, capacities, cap, ratios)
         self.name = f"{pcfg.policy}:{path.stem}"
         profile = tier_speed() if tier_speed is not None and pcfg.policy == "demand" and pcfg.kernel_profile else None
-        self.tracker = make_tracker(pcfg, num_layers, ratios, mix, profile)
+        # Prompt twins: the ledger charges the steps they compute at max(level, N) and the
+        # others at their level; the policy plans with the first (the steps to come are not known).
+        min_tokens = prompt_twin_min_tokens(quality)
+        plain = log_ppl_ratios(quality, num_layers, through_twins=False) if ratios is not None and min_tokens else None
+        self.tracker = make_tracker(pcfg, num_layers, ratios, mix, profile, plain, min_tokens)
         self.expected_output_tokens = pcfg.expected_output_tokens
         log.info("MorphServe: policy %s from %s, at most level %d, quality budget over time %s", pcfg.policy, path, cap,
                  f"{pcfg.max_avg_ppl_increase:.2%}" if pcfg.max_avg_ppl_increase is not None else "none")
+
+    def count_only(self, twin_min_tokens: int) -> None:
+        """Sample every boundary with no policy: a server holding prompt twins counts the
+        tokens it served and which steps the twins computed (`served_tokens`)."""
+        self.tracker = SignalTracker(twin_min_tokens=twin_min_tokens)
 
     @property
     def sampling(self) -> bool:
@@ -86,3 +95,15 @@ class PolicyLoop:
 
     def signals_dict(self) -> dict | None:
         return self.signals.as_dict() if self.signals is not None else None
+
+    def served_tokens(self) -> dict | None:
+        """Tokens served since start-up at each level in force (`by_level`), and of those the
+        ones in steps the prompt twins computed (`through_twins`): two readings apart give the
+        exact quality charge of the tokens between them (morphserve evaluate takes them after
+        its warm-up and after its replay). None while no sampler runs."""
+        t = self.tracker
+        if t is None:
+            return None
+        return {"by_level": {str(k): n for k, n in sorted(t.served_by_level.items())},
+                "through_twins": {str(k): n for k, n in sorted(t.twin_served_by_level.items())},
+                "twin_min_tokens": t.twin_min_tokens}

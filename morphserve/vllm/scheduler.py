@@ -216,7 +216,9 @@ class StepSampler:
         self._preemptions = 0
         self._computed: dict[str, int] = {}  # request id -> tokens computed at the last sample
         self._outputs: dict[str, int] = {}  # request id -> output tokens at the last sample
-        self._running: dict[str, object] = {}  # request id -> vLLM Request, running at the last sample
+        # request id -> vLLM Request, running or waiting at the last sample (a waiting one may
+        # be scheduled and finished by the same step: a one-token request)
+        self._running: dict[str, object] = {}
         self._mean_output: float | None = None
 
     def _served(self, r) -> int:
@@ -227,21 +229,24 @@ class StepSampler:
             self._first_token.add(r.request_id)
         return (r.num_prompt_tokens if first else 0) + max(0, r.num_output_tokens - self._outputs.get(r.request_id, 0))
 
-    def _learn_finished(self, gone: set[str]) -> int:
-        """Forget finished requests; return the tokens they were served in their last step
-        (vLLM drops a request from the scheduler in the step that finishes it; the object
-        kept from the last sample has its final counts)."""
-        served = 0
+    def _learn_finished(self, gone: set[str]) -> tuple[int, int]:
+        """Forget finished requests; return the tokens they were served and computed in their
+        last step (vLLM drops a request from the scheduler in the step that finishes it; the
+        object kept from the last sample has its final counts). A step's computed tokens
+        decide whether prompt twins computed it: a one-token request finishes in its prompt's
+        step."""
+        served = computed = 0
         for rid in gone:
             r = self._running.pop(rid, None)
             if r is not None:
                 served += self._served(r)
+                computed += max(0, r.num_computed_tokens - self._computed.get(rid, 0))
             n = r.num_output_tokens if r is not None else self._outputs.get(rid)
             self._outputs.pop(rid, None)
             self._computed.pop(rid, None)
             if n:
                 self._mean_output = n if self._mean_output is None else self._mean_output + 0.1 * (n - self._mean_output)
-        return served
+        return served, computed
 
     def sample(self, scheduler, pool, expected_output_tokens: int = 256):
         from policies.signals import StepSample
@@ -250,11 +255,11 @@ class StepSampler:
         requests = scheduler.requests
         ids = set(requests)
         arrivals = len(ids - self._known)
-        served = self._learn_finished(self._known - ids)
+        served, tokens = self._learn_finished(self._known - ids)
         self._known = ids
         self._first_token &= ids
         ttfts = []
-        tokens = prefill = pending = prompts = 0
+        prefill = pending = prompts = 0
         self._running = {}
         for r in scheduler.running:
             if r.num_output_tokens >= 1 and r.request_id not in self._first_token:
@@ -273,6 +278,7 @@ class StepSampler:
         new_preemptions, self._preemptions = max(0, preemptions - self._preemptions), preemptions
         waiting = list(scheduler.waiting)
         for r in waiting:
+            self._running.setdefault(r.request_id, r)
             pending += max(0, r.num_prompt_tokens - r.num_computed_tokens)
             prompts += r.num_prompt_tokens
         block = scheduler.block_size
