@@ -27,18 +27,21 @@ def make_policy(cfg: PolicyConfig, capacity_by_level: list[int], max_level: int,
 
 def make_tracker(cfg: PolicyConfig, num_layers: int, log_ratios: list[float] | None = None,
                  mix: list[dict[str, int]] | None = None, profile: dict | None = None,
-                 plain_log_ratios: list[float] | None = None, twin_min_tokens: int | None = None) -> SignalTracker:
+                 plain_log_ratios: list[float] | None = None, twin_min_tokens: int | None = None,
+                 prompt_twin_layers: int = 0) -> SignalTracker:
     """The signal tracker a policy needs: the demand policy also learns step times (seeded
     with the tiers' kernel `profile` over the ladder's tier `mix`, when given) and keeps the
     quality ledger (when the config sets a budget and the pack has a curve). With prompt
     twins (`twin_min_tokens`), the ledger charges steps the twins compute `log_ratios` and
-    the others `plain_log_ratios`."""
+    the others `plain_log_ratios`, and the step model prices a prompt below level
+    `prompt_twin_layers` as one at that level."""
     from policies.quality_budget import QualityLedger
     from policies.step_model import StepTimeModel
 
     if cfg.policy != "demand":
         return SignalTracker(cfg.window_s, twin_min_tokens=twin_min_tokens)
     ledger = QualityLedger(cfg.quality_window_s) if log_ratios is not None else None
-    return SignalTracker(cfg.window_s, step_model=StepTimeModel(num_layers, mix, profile), ledger=ledger,
+    model = StepTimeModel(num_layers, mix, profile, prompt_twin_layers=prompt_twin_layers)
+    return SignalTracker(cfg.window_s, step_model=model, ledger=ledger,
                          log_ratios=log_ratios, plain_log_ratios=plain_log_ratios if ledger is not None else None,
                          twin_min_tokens=twin_min_tokens)

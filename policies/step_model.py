@@ -102,6 +102,10 @@ class StepTimeModel:
     # learned from the transitions the engine waited for: seconds per layer swapped, by
     # direction ("up": quantize, "down": restore)
     move_layer_s: dict[str, float] = field(default_factory=dict)
+    # A server holding prompt twins for the ladder's first N layers computes every prompt step
+    # through them at any level below N, so a prompt costs there what it costs at level N: a
+    # move up to a level at or below N buys a prompt nothing and slows the decodes.
+    prompt_twin_layers: int = 0
 
     def __post_init__(self):
         if self.mix is None:
@@ -166,7 +170,7 @@ class StepTimeModel:
         decode = self.predict(level, running) if self._slopes is not None else None
         if decode is None or prompt_tokens <= 0 or seconds <= 0:
             return
-        per_token = max(0.0, (seconds - decode) / prompt_tokens - self._slopes[self._index(level)])
+        per_token = max(0.0, (seconds - decode) / prompt_tokens - self._slopes[self._prompt_index(level)])
         if not self.prompt_learned:
             self.prompt_token_s, self.prompt_learned = per_token, True
         else:
@@ -195,10 +199,14 @@ class StepTimeModel:
         """Seconds to compute `prompt_tokens` of prompts at `level`; None without a profile."""
         if self.prompt_token_s is None or self._slopes is None:
             return None
-        return prompt_tokens * (self.prompt_token_s + self._slopes[self._index(level)])
+        return prompt_tokens * (self.prompt_token_s + self._slopes[self._prompt_index(level)])
 
     def _index(self, level: int) -> int:
         return max(0, min(level, len(self._counts) - 1))
+
+    def _prompt_index(self, level: int) -> int:
+        """The level whose linears compute a prompt step served at `level`."""
+        return self._index(max(level, self.prompt_twin_layers))
 
     @property
     def min_weight(self) -> float:

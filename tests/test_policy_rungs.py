@@ -879,3 +879,23 @@ def test_the_first_served_steps_replace_the_prior_base():
     for i in range(10):
         m.observe(0, 4, 0.5)  # a slow machine: half a second a step at batch 4
     assert m.known(0) and abs(m.predict(0, 4) - 0.5) < 1e-6 and prior < 0.1
+
+
+def test_prompt_twins_price_a_prompt_below_their_level_as_one_at_it():
+    """A server holding prompt twins for the first N layers computes a prompt step through
+    them at any level below N: a move up to a level at or below N buys the prompt nothing
+    and slows every decode (on the AVX2 EPYC's code row the policy climbed to levels 11-14
+    "for speed" under 20 twins). The model prices such a prompt as one at level N, so a
+    prompt the twins already serve in time moves nothing, and one they do not moves past
+    them."""
+    p = policy()
+    plain = prompt_waiting(1000)
+    first = p.decide(plain, PolicyState()).target  # the first rung that gives it its first token in time
+    assert 1 < first <= L
+    covered = prompt_waiting(1000)
+    covered.step_model.prompt_twin_layers = first
+    assert [p.prompt_seconds(covered, k) for k in range(first + 1)] == [p.prompt_seconds(covered, first)] * (first + 1)
+    assert p.decide(covered, PolicyState()).target == 0
+    short = prompt_waiting(1000)
+    short.step_model.prompt_twin_layers = first - 1
+    assert p.decide(short, PolicyState()).target == first

@@ -10,7 +10,7 @@ from typing import Callable
 
 from morphserve.runtime.recorder import Recorder
 from policies import Decision, PolicyState, SignalTracker, load_policy, make_policy, make_tracker
-from policies.config import log_ppl_ratios, prompt_twin_min_tokens, resolve_budget
+from policies.config import log_ppl_ratios, prompt_twin_layers, prompt_twin_min_tokens, resolve_budget
 
 log = logging.getLogger("morphserve")
 
@@ -41,10 +41,12 @@ class PolicyLoop:
         self.name = f"{pcfg.policy}:{path.stem}"
         profile = tier_speed() if tier_speed is not None and pcfg.policy == "demand" and pcfg.kernel_profile else None
         # Prompt twins: the ledger charges the steps they compute at max(level, N) and the
-        # others at their level; the policy plans with the first (the steps to come are not known).
+        # others at their level; the policy plans with the first (the steps to come are not
+        # known), and its step model prices a prompt below N as one at N.
         min_tokens = prompt_twin_min_tokens(quality)
         plain = log_ppl_ratios(quality, num_layers, through_twins=False) if ratios is not None and min_tokens else None
-        self.tracker = make_tracker(pcfg, num_layers, ratios, mix, profile, plain, min_tokens)
+        self.tracker = make_tracker(pcfg, num_layers, ratios, mix, profile, plain, min_tokens,
+                                    prompt_twin_layers(quality))
         self.expected_output_tokens = pcfg.expected_output_tokens
         log.info("MorphServe: policy %s from %s, at most level %d, quality budget over time %s", pcfg.policy, path, cap,
                  f"{pcfg.max_avg_ppl_increase:.2%}" if pcfg.max_avg_ppl_increase is not None else "none")
