@@ -890,8 +890,10 @@ def test_prompt_twins_price_a_prompt_below_their_level_as_one_at_it():
     them."""
     p = policy()
     plain = prompt_waiting(1000)
-    first = p.decide(plain, PolicyState()).target  # the first rung that gives it its first token in time
-    assert 1 < first <= L
+    # without twins: a speed move to the first rung that gives it its first token in time
+    d = p.decide(plain, PolicyState())
+    first, bound = d.target, CFG.ttft_slo_s * CFG.slo_margin
+    assert d.reason.startswith("speed:") and p.prompt_seconds(plain, first) <= bound < p.prompt_seconds(plain, first - 1)
     covered = prompt_waiting(1000)
     covered.step_model.prompt_twin_layers = first
     assert [p.prompt_seconds(covered, k) for k in range(first + 1)] == [p.prompt_seconds(covered, first)] * (first + 1)
