@@ -43,5 +43,5 @@ def make_tracker(cfg: PolicyConfig, num_layers: int, log_ratios: list[float] | N
     ledger = QualityLedger(cfg.quality_window_s) if log_ratios is not None else None
     model = StepTimeModel(num_layers, mix, profile, prompt_twin_layers=prompt_twin_layers)
     return SignalTracker(cfg.window_s, step_model=model, ledger=ledger,
-                         log_ratios=log_ratios, plain_log_ratios=plain_log_ratios if ledger is not None else None,
+                         log_ratios=log_ratios, plain_log_ratios=plain_log_ratios,
                          twin_min_tokens=twin_min_tokens)

@@ -96,13 +96,14 @@ def quality_of_run(rows: list[dict], curve: dict[int, float], changes: list[tupl
     level_at = LevelAt(changes or [], initial=static_level)
     counts = tokens_by_level(rows, level_at)
     out = {"tokens_by_level": {part: {str(k): n for k, n in sorted(c.items())} for part, c in counts.items()}}
+    charged = {part: _charged(c, charge_floor, twin_share) for part, c in counts.items()}
+    both = _both(charged)
     if charge_floor:
-        upper = _both({part: _charged(c, charge_floor, None) for part, c in counts.items()})
+        upper = both if twin_share is None else _both({part: _charged(c, charge_floor, None)
+                                                       for part, c in counts.items()})
         out["ppl_increase_upper_bound"] = ppl_increase(upper, curve)
         if twin_share is not None:
             out["twin_share_by_level"] = {str(k): round(v, 4) for k, v in sorted(twin_share.items())}
-    charged = {part: _charged(c, charge_floor, twin_share) for part, c in counts.items()}
-    both = _both(charged)
     return {"ppl": weighted_ppl(both, curve), "ppl_increase": ppl_increase(both, curve),
             "ppl_output_tokens": weighted_ppl(charged["output"], curve), **out}
 
