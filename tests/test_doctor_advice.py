@@ -104,7 +104,8 @@ def test_a_tier_that_loses_decodes_but_wins_prompts_says_so():
     assert "buy KV memory here, not decode speed" in a.reasons[-1]
     assert "at 256 tokens a step (a prompt) w8a8's are 1.41x fp32's speed" in a.reasons[-1]
     assert "static W8A8 checkpoint gives earlier first tokens" in a.reasons[-1]
-    assert "--prompt-twin-layers N` gives prompts W8A8's speed and decodes fp32's" in a.reasons[-1]
+    assert "--prompt-twin-layers auto` (every layer's twin, on this profile) gives prompts W8A8's speed and " \
+        "decodes fp32's" in a.reasons[-1]
     screen = render(AVX2, Pack("p", "m", ["w8a8"], None), zen3, a)
     assert "batch 256" in screen and "(1.41x fp32)" in screen
     # int8 slower at prompts too: no such clause

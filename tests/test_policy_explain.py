@@ -75,10 +75,9 @@ def test_tokens_and_perplexity_from_the_requests(tmp_path):
     assert e.ppl_increase == pytest.approx((10.0 ** 0.5 * 20.0 ** 0.5) / 10.0 - 1)
 
 
-def test_a_server_with_prompt_twins_is_charged_as_its_ledger_and_the_evaluation_charge_it(tmp_path):
-    """Its records carry prompt_twin_layers; every token counts at least that level, the
-    figure `evaluate` computes (quality_of_run with the same floor); a flag overrides."""
-    from morphserve.evaluation.quality import LevelAt, level_changes, quality_of_run, tokens_by_level
+def _twinned_run(tmp_path):
+    """A server holding 20 prompt twins: its floor (level 5) from t=1, level 30 from t=10, one
+    request at each (8 prompt + 2 output tokens); a linear quality curve."""
     from morphserve.runtime.recorder import Recorder
 
     recorder = Recorder(str(tmp_path / "t.jsonl"), {"prompt_twin_layers": 20})
@@ -86,25 +85,75 @@ def test_a_server_with_prompt_twins_is_charged_as_its_ledger_and_the_evaluation_
     recorder.write({"time": 1.0, "from": 0, "to": 5, "reason": "floor: ...", "seconds": 0.1})
     recorder.level_changes = [[110.0, 10.0, 30]]
     recorder.write(_up(10.0, 5, 30))
-    log = tmp_path / "t.jsonl"
-    assert all(json.loads(line)["prompt_twin_layers"] == 20 for line in log.read_text().splitlines())
     rows = [{"ok": True, "start_mono": 101.0, "ttft_s": 1.0, "token_offsets_s": [1.0, 2.0], "input_len": 8,
              "output_len": 2},
             {"ok": True, "start_mono": 109.0, "ttft_s": 2.0, "token_offsets_s": [2.0, 3.0], "input_len": 8,
              "output_len": 2}]
     requests = tmp_path / "requests.jsonl"
     requests.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    curve = {k: 10.0 + k for k in range(31)}
+    return tmp_path / "t.jsonl", requests, rows, {k: 10.0 + k for k in range(31)}
+
+
+def _pack(tmp_path, curve):
+    """A folder holding only the quality.json `explain --pack` reads."""
+    pack = tmp_path / "pack"
+    pack.mkdir(exist_ok=True)
+    (pack / "quality.json").write_text(json.dumps({"orders": {"lis": {"ppl": {str(k): v for k, v in curve.items()}}}}))
+    return pack
+
+
+def test_a_server_with_prompt_twins_is_charged_as_its_ledger_and_the_evaluation_charge_it(tmp_path):
+    """Its records carry prompt_twin_layers; every token counts at least that level, the
+    figure `evaluate` computes (quality_of_run with the same floor); a flag overrides."""
+    from morphserve.evaluation.quality import LevelAt, level_changes, quality_of_run, tokens_by_level
+
+    log, requests, rows, curve = _twinned_run(tmp_path)
+    assert all(json.loads(line)["prompt_twin_layers"] == 20 for line in log.read_text().splitlines())
     e = explain(log, requests, curve)
     assert e.charge_floor == 20 and e.tokens_at_level == {5: 10, 30: 10}  # the levels in force
     assert e.ppl_increase == pytest.approx(((10.0 + 20) * (10.0 + 30)) ** 0.5 / 10.0 - 1)  # 5 charged as 20
     assert e.ppl_increase == quality_of_run(rows, curve, level_changes(log), 0, 20)["ppl_increase"]
-    assert "charged at least level 20" in render(e)
+    assert "charged at least level 20" in render(e) and "an upper bound" in render(e) and not e.ppl_exact
     plain = explain(log, requests, curve, prompt_twin_layers=0)
     assert plain.ppl_increase == pytest.approx(((10.0 + 5) * (10.0 + 30)) ** 0.5 / 10.0 - 1)
     assert tokens_by_level(rows, LevelAt(level_changes(log)))["prompt"] == {5: 8, 30: 8}
     bad = morphserve_cli("policy", "explain", str(log), "--prompt-twin-layers", "-1")
     assert bad.returncode == 2 and "--prompt-twin-layers must be 0 or more" in bad.stderr
+
+
+def test_the_servers_own_count_charges_only_the_steps_its_twins_computed(tmp_path):
+    """--served-tokens: half the tokens served at the floor came from twin steps, so half of
+    level 5's are charged at 20 and half at 5, as `evaluate` charges a run from the same count;
+    a saved state counts from the server's start, a run.json from its warm-up."""
+    from morphserve.cli.policy import served_counts
+    from morphserve.evaluation.quality import level_changes, quality_of_run
+
+    log, requests, rows, curve = _twinned_run(tmp_path)
+    count = {"by_level": {"5": 14, "30": 10}, "through_twins": {"5": 7, "30": 10}, "twin_min_tokens": 128}
+    warm = {"by_level": {"5": 4, "30": 0}, "through_twins": {"5": 2, "30": 0}, "twin_min_tokens": 128}
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({"served_by_level": count, "warmup": {"served_by_level": warm}}))
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps({"level": 30, "served_tokens": count}))
+    exact = ((10.0 + 20) ** 5 * (10.0 + 5) ** 5 * (10.0 + 30) ** 10) ** (1 / 20) / 10.0 - 1
+    for path in (run, state):
+        before, after = served_counts(path)
+        e = explain(log, requests, curve, served=(before, after))
+        assert e.ppl_exact and e.ppl_increase == pytest.approx(exact)
+    assert served_counts(run)[0] == warm and served_counts(state) == (None, count)
+    assert e.ppl_increase == pytest.approx(quality_of_run(rows, curve, level_changes(log), 0, 20,
+                                                          {5: 0.5, 30: 1.0})["ppl_increase"])
+    assert "by its own count" in render(e)
+    out = morphserve_cli("policy", "explain", str(log), "--requests", str(requests), "--pack", str(_pack(tmp_path, curve)),
+                         "--served-tokens", str(state))
+    assert out.returncode == 0 and f"{exact:+.2%}" in out.stdout, out.stderr
+    (tmp_path / "bad.json").write_text(json.dumps({"level": 3}))
+    for bad, message in ((tmp_path / "bad.json", "no served-token count"), (tmp_path / "none.json", "cannot read")):
+        err = morphserve_cli("policy", "explain", str(log), "--requests", str(requests), "--pack",
+                             str(_pack(tmp_path, curve)), "--served-tokens", str(bad))
+        assert err.returncode == 2 and message in err.stderr and "Traceback" not in err.stderr
+    err = morphserve_cli("policy", "explain", str(log), "--served-tokens", str(state))
+    assert err.returncode == 2 and "--served-tokens needs --pack and --requests" in err.stderr
 
 
 def test_a_file_that_is_not_a_transition_log_gets_one_error(tmp_path):

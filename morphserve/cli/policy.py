@@ -37,6 +37,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="the server held prompt twins for N layers: every token is charged at least level N, as "
                         "its ledger and `morphserve evaluate` charge it (default: read from the log, where such a "
                         "server stamps every record; 0 for none)")
+    x.add_argument("--served-tokens", type=Path, default=None, metavar="FILE.json",
+                   help="with prompt twins, charge exactly instead of the upper bound: the server's own count of "
+                        "the tokens its twins computed, as a saved GET /morphserve/state (or its `served_tokens`; "
+                        "counted since the server started) or an evaluation's run.json (counted from the end of "
+                        "its warm-up to the end of the replay)")
     x.add_argument("--json", action="store_true", help="print the summary as JSON instead of text")
     x.set_defaults(func=_explain)
 
@@ -74,6 +79,25 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def served_counts(path: Path) -> tuple[dict | None, dict]:
+    """(the count at the start, the count at the end) of a server's `served_tokens`, from
+    a saved state (None at the start: counted since the server started), the object
+    itself, or an evaluation's run.json (from its warm-up's reading)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MorphServeError(f"{path}: cannot read the served-token count: {e}") from None
+    if isinstance(data, dict) and isinstance(data.get("served_by_level"), dict):
+        return (data.get("warmup") or {}).get("served_by_level"), data["served_by_level"]
+    if isinstance(data, dict) and isinstance(data.get("served_tokens"), dict):
+        data = data["served_tokens"]
+    if not (isinstance(data, dict) and isinstance(data.get("by_level"), dict)
+            and isinstance(data.get("through_twins"), dict)):
+        raise MorphServeError(f"{path}: no served-token count (`served_tokens` with `by_level` and `through_twins`, "
+                              "as GET /morphserve/state has it, or an evaluation's run.json)")
+    return None, data
+
+
 def _explain(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
@@ -95,14 +119,17 @@ def _explain(args: argparse.Namespace) -> int:
             raise MorphServeError(str(e)) from None
     if args.prompt_twin_layers is not None and args.prompt_twin_layers < 0:
         raise MorphServeError(f"--prompt-twin-layers must be 0 or more, got {args.prompt_twin_layers}")
-    e = explain(args.log, args.requests, curve, args.prompt_twin_layers)
+    if args.served_tokens is not None and curve is None:
+        raise MorphServeError("--served-tokens needs --pack and --requests: it refines the perplexity charge")
+    served = served_counts(args.served_tokens) if args.served_tokens is not None else None
+    e = explain(args.log, args.requests, curve, args.prompt_twin_layers, served)
     if args.json:
         out = {"records": e.records, "failed": e.failed, "by_direction": dict(e.by_direction),
                "reasons": dict(e.reasons), "seconds_at_level": {str(k): v for k, v in e.seconds_at_level.items()},
                "bursts": [{**asdict(b), "response_s": b.response_s} for b in e.bursts],
                "tokens_at_level": ({str(k): v for k, v in e.tokens_at_level.items()}
                                    if e.tokens_at_level is not None else None),
-               "ppl_increase": e.ppl_increase, "charge_floor": e.charge_floor, "restore_commits": e.restore_commits,
+               "ppl_increase": e.ppl_increase, "ppl_exact": e.ppl_exact, "charge_floor": e.charge_floor, "restore_commits": e.restore_commits,
                "service_waits": e.service_waits}
         print(json.dumps(out, indent=1))
     else:

@@ -31,6 +31,19 @@ VLLM_SERVER_MODULE = "morphserve.vllm.server"  # vLLM's server entry; refusals i
 SECRET_FLAGS = ("--api-key", "--hf-token")
 
 
+def twin_layers(text: str) -> int | str:
+    """--prompt-twin-layers: a count of 0 or more, or auto."""
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of layers or auto, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
+    return n
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve", help="run vLLM's OpenAI server with MorphServe active",
@@ -75,14 +88,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="trim only once a worker's resident set has grown MIB since its last trim (a trim makes "
                         "the next steps fault their reused pages back in, so a steady server skips it); 0, the "
                         "default, trims every interval")
-    p.add_argument("--prompt-twin-layers", type=int, default=0, metavar="N",
+    p.add_argument("--prompt-twin-layers", type=twin_layers, default=0, metavar="N|auto",
                    help="keep the W8A8 twins of the first N layers the ladder quantizes resident beside full "
                         "precision, and compute every step of at least --prompt-twin-min-tokens tokens (a prompt's) "
                         "through them: int8's prompt speed with full precision's decode speed, where int8 is slower "
                         "than full precision for a few rows and faster for many (`morphserve doctor` shows both). "
                         "The twins come out of the KV budget below level N (where that leaves level 0 short of "
                         "--max-model-len, the server rests at the first level that holds it, its floor), and every "
-                        "token is charged at least level N's quality. W8A8-only ladders; 0, the default, holds none")
+                        "token is charged at least level N's quality. W8A8-only ladders; 0, the default, holds none; "
+                        "auto: every layer's where this machine's kernel profile has int8 slower than full precision "
+                        "for a decode step and faster for a prompt's call, else none (decided as the engine starts; "
+                        "GET /morphserve/state says what and why)")
     p.add_argument("--prompt-twin-min-tokens", type=int, default=128, metavar="T",
                    help="steps of at least T tokens use the prompt twins (default 128)")
     p.add_argument("--allocator", choices=ALLOCATORS, default=default_allocator(),

@@ -209,9 +209,9 @@ def _prompt_clause(slower: list[str], speed: Speed) -> str:
     for t in slower:
         r = speed.relative(t, PROMPT_BATCH)
         if r is not None and r >= 1:
-            twins = (f"; `morphserve serve --tiers w8a8 --prompt-twin-layers N` gives prompts W8A8's speed and "
-                     f"decodes {speed.full}'s (N layers' W8A8 twins held inside the budget, every token charged at "
-                     "least level N's quality; docs/SERVING.md)") if t == "w8a8" else ""
+            twins = (f"; `morphserve serve --tiers w8a8 --prompt-twin-layers auto` (every layer's twin, on this "
+                     f"profile) gives prompts W8A8's speed and decodes {speed.full}'s (the twins held inside the "
+                     "budget, the steps they compute charged W8A8's quality; docs/SERVING.md)") if t == "w8a8" else ""
             return (f"; but at {PROMPT_BATCH} tokens a step (a prompt) {t}'s are {r:.2f}x {speed.full}'s speed, so a "
                     f"static {t.upper()} checkpoint gives earlier first tokens here and slower decodes{twins}: compare "
                     "P95 TTFT as well as TPOT (`morphserve evaluate`) before choosing")

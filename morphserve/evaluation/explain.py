@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from morphserve.errors import MorphServeError
-from morphserve.evaluation.quality import LevelAt, level_changes, quality_of_run, tokens_by_level
+from morphserve.evaluation.quality import LevelAt, level_changes, quality_of_run, tokens_by_level, twin_share_between
+
+NOTHING_SERVED = {"by_level": {}, "through_twins": {}}  # a server's count as it starts
 
 
 @dataclass
@@ -54,6 +56,7 @@ class Explanation:
     ppl_increase: float | None = None
     # prompt twins: every token charged at least this level (as the ledger and `evaluate` charge it)
     charge_floor: int = 0
+    ppl_exact: bool = False  # True: the twins' steps charged from the server's count, not the upper bound
     # background moves (restores, compressions): seconds inside step boundaries installing prepared layers
     restore_commits: list[dict] = field(default_factory=list)
     # waits for service (see the module docstring), seconds
@@ -137,9 +140,12 @@ def seconds_at_level(records: list[dict]) -> dict[int, float]:
 
 
 def explain(log: Path, requests: Path | None = None, curve: dict[int, float] | None = None,
-            prompt_twin_layers: int | None = None) -> Explanation:
-    """`prompt_twin_layers`: the server's (every token charged at least that level); None
-    reads it from the log, where a server holding prompt twins stamps every record."""
+            prompt_twin_layers: int | None = None, served: tuple[dict | None, dict] | None = None) -> Explanation:
+    """`prompt_twin_layers`: the server's (the steps its twins computed charged at least that
+    level); None reads it from the log, where a server holding prompt twins stamps every
+    record. `served`: the server's `served_tokens` at the start and the end of the requests
+    (None at the start: since it started); with it the twins' steps are charged exactly, as
+    `morphserve evaluate` does, else every token as one of theirs (an upper bound)."""
     records = read_log(log)
     e = Explanation(records=len(records))
     e.charge_floor = prompt_twin_layers if prompt_twin_layers is not None else max(
@@ -174,7 +180,9 @@ def explain(log: Path, requests: Path | None = None, curve: dict[int, float] | N
             if missing:
                 raise MorphServeError(f"the pack's quality curve has no perplexity for levels {missing}")
             # the evaluation's own figure, so the two cannot drift apart
-            e.ppl_increase = quality_of_run(rows, curve, changes, 0, e.charge_floor)["ppl_increase"]
+            share = twin_share_between(served[0] or NOTHING_SERVED, served[1]) if served and e.charge_floor else None
+            e.ppl_increase = quality_of_run(rows, curve, changes, 0, e.charge_floor, share)["ppl_increase"]
+            e.ppl_exact = share is not None
     return e
 
 
@@ -213,7 +221,13 @@ def render(e: Explanation) -> str:
         for k, c in e.tokens_at_level.items():
             lines.append(f"  {k:>3} layers  {c:8d}  {c / n:6.1%}" if n else f"  {k:>3} layers  {c}")
     if e.ppl_increase is not None:
-        floor = (f" (every token charged at least level {e.charge_floor}: the server held prompt twins for "
-                 f"{e.charge_floor} layers)" if e.charge_floor else "")
+        if not e.charge_floor:
+            floor = ""
+        elif e.ppl_exact:
+            floor = (f" (the steps the server's {e.charge_floor} prompt twins computed charged at least level "
+                     f"{e.charge_floor}, by its own count)")
+        else:
+            floor = (f" (every token charged at least level {e.charge_floor}: the server held prompt twins for "
+                     f"{e.charge_floor} layers; an upper bound, --served-tokens charges exactly)")
         lines.append(f"token-weighted perplexity increase: {e.ppl_increase:+.2%}{floor}")
     return "\n".join(lines)

@@ -216,6 +216,14 @@ def rescore_static_quality(out: Path, order: list, ladders: dict[str, tuple[int,
         path.write_text(json.dumps(record, indent=1) + "\n")
 
 
+def twins_held(system: System, warmup: dict | None) -> int:
+    """The prompt twins a run is charged by: the suite's count, or with `auto` the count the
+    server reported after its warm-up (0 if it never said: every token at its level)."""
+    if system.prompt_twin_layers != "auto":
+        return system.prompt_twin_layers or 0
+    return int((warmup or {}).get("prompt_twin_layers") or 0)
+
+
 def one_run(suite: Suite, rep: int, window: Window, budget: Budget, system: System, model: Path, pack: Path,
             top_level: int, curve: dict[int, float], folder: Path,
             kv_factors: dict[int, float] | None = None, static_level: int = 0) -> dict:
@@ -263,9 +271,10 @@ def one_run(suite: Suite, rep: int, window: Window, budget: Budget, system: Syst
     changes = quality.level_changes(folder / "transitions.jsonl") if system.kind == "morphserve" else None
     record.update({k: v for k, v in summary.items() if k not in ("system", "window")})
     record["trace_window"] = summary["window"]  # START:DURATION; record["window"] stays the suite's name
+    twins = twins_held(system, record.get("warmup"))
     twin_share = quality.twin_share_between((record.get("warmup") or {}).get("served_by_level"),
-                                            record.get("served_by_level")) if system.prompt_twin_layers else None
-    record.update(quality.quality_of_run(rows, curve, changes, static_level, system.prompt_twin_layers or 0,
+                                            record.get("served_by_level")) if twins else None
+    record.update(quality.quality_of_run(rows, curve, changes, static_level, twins,
                                          twin_share))
     if system.kind in STATIC_TIERS:
         record["static_level"] = static_level

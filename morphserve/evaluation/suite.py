@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -82,9 +82,11 @@ class System(BaseModel):
     heap_trim_min_growth_mb: float | None = Field(
         None, ge=0, description="MorphServe only: `morphserve serve --heap-trim-min-growth-mb` (0: trim every "
                                 "interval; default: serve's default)")
-    prompt_twin_layers: int | None = Field(
-        None, ge=1, description="MorphServe only: `morphserve serve --prompt-twin-layers` (W8A8 twins of this many "
-                                "layers held for prompt-sized steps; every token charged at least that level)")
+    prompt_twin_layers: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        None, description="MorphServe only: `morphserve serve --prompt-twin-layers` (W8A8 twins of this many "
+                          "layers held for prompt-sized steps, the steps they compute charged at least that level; "
+                          "auto: the server decides from its kernel profile, and the run is charged by the count "
+                          "it reports)")
     budgets: list[str] | None = Field(None, description="run only at these budgets (default: all)")
     windows: list[str] | None = Field(None, description="run only in these windows (default: all)")
 

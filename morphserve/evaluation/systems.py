@@ -126,7 +126,9 @@ def warm_up(system: System, base: str, n_requests: int, num_layers: int | None) 
                                f"{floor if hold is None else hold}")
         done["levels"] = levels + ([hold] if hold is not None else [])
         # what the server has served so far: the replay's quality charge counts from here
-        done["served_by_level"] = _request(f"{base}/morphserve/state?memory=0").get("served_tokens")
+        state = _request(f"{base}/morphserve/state?memory=0")
+        done["served_by_level"] = state.get("served_tokens")
+        done["prompt_twin_layers"] = state.get("prompt_twin_layers")  # the count held (what `auto` chose)
     else:
         _complete(base, n_requests)
     _request(f"{base}/reset_prefix_cache", method="POST")

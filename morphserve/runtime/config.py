@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Annotated, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from morphserve.offline import pack as packfmt
 from morphserve.errors import MorphServeError, first_field_error
 from morphserve.runtime.heap_trimmer import DEFAULT_INTERVAL_S, DEFAULT_MIN_GROWTH_BYTES
+from morphserve.runtime.prompt_twin_choice import choose_prompt_twins
 
 # The config accepted in this process, if MorphServe was activated here (the API server
 # mounts /morphserve/* only then).
@@ -61,14 +62,16 @@ class MorphConfig(BaseModel):
         default=DEFAULT_MIN_GROWTH_BYTES / 2**20, ge=0, le=65536,
         description="a worker trims only once its resident set has grown this many MiB since its last trim "
         "(each trim makes the next steps fault their reused pages back in); 0 (the default) trims every interval")
-    prompt_twin_layers: int = Field(
-        default=0, ge=0, description="keep the W8A8 twins of this many layers (the first the ladder quantizes) "
+    prompt_twin_layers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        default=0, description="keep the W8A8 twins of this many layers (the first the ladder quantizes) "
         "resident beside full precision and compute every step of at least prompt_twin_min_tokens tokens (a "
         "prompt's) through them: int8's prompt speed with full precision's decode speed where vLLM's int8 kernel "
         "is slower for a few rows and faster for many (an AVX2-only CPU). The twins are held inside the memory "
         "budget (fewer KV blocks below that level; where level 0 is left short of max_model_len, the server "
         "rests at the first level that holds it, its floor) and every token is charged the quality of at least that "
-        "level. W8A8-only ladders; 0 (the default) holds none")
+        "level. W8A8-only ladders; 0 (the default) holds none; auto: every layer's where this machine's kernel "
+        "profile has int8 slower than full precision for a decode step and faster for a prompt's call, else none "
+        "(morphserve.runtime.prompt_twin_choice; resolved as the engine starts)")
     prompt_twin_min_tokens: int = Field(
         default=128, ge=1, le=1 << 20, description="steps of at least this many tokens use the prompt twins")
 
@@ -217,6 +220,12 @@ def check_prompt_twins(cfg: MorphConfig, manifest: packfmt.Manifest) -> None:
     """Prompt twins are W8A8 and stay resident: on a ladder that goes on to W4A16 a layer
     there would hold both, so only a W8A8-only ladder takes them; at most one per layer."""
     if not cfg.prompt_twin_layers:
+        return
+    if cfg.prompt_twin_layers == "auto":
+        if cfg.tiers != ["w8a8"] or cfg.twin != "pack":  # no twins here: settled now, no profile needed
+            log.info("MorphServe: prompt twins auto: %s", choose_prompt_twins(None, manifest.num_layers, cfg.tiers,
+                                                                               cfg.twin).why)
+            cfg.prompt_twin_layers = 0
         return
     if cfg.tiers != ["w8a8"]:
         raise MorphServeError(f"prompt_twin_layers needs a W8A8-only ladder; this server's is {' + '.join(cfg.tiers)} "

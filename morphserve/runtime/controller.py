@@ -34,6 +34,7 @@ from morphserve.runtime.config import MorphConfig
 from morphserve.runtime.kv_sizing import plan_budget, rest_floor
 from morphserve.runtime.manual_limit import SHARE_INVERSE, ManualRateLimit
 from morphserve.runtime.policy_loop import PolicyLoop
+from morphserve.runtime.prompt_twin_choice import choose_prompt_twins
 from morphserve.runtime.recorder import Recorder
 from morphserve.runtime.transitions import TransitionFailed, Transitions
 
@@ -60,6 +61,20 @@ def largest_per_layer(readings: list[dict[str, list[int]]]) -> dict[str, list[in
         for tier, per_layer in (reading or {}).items():
             out[tier] = [max(a, b) for a, b in zip(out[tier], per_layer)] if tier in out else list(per_layer)
     return out
+
+
+def read_kernel_profile(engine, tier_names: list[str], group_size: int | None) -> tuple[dict, str] | None:
+    """(tier -> batch -> seconds of one layer's linears, the dtype timed in), measured by
+    rank 0 (cached per machine: morphserve.runtime.tier_speed); None if it cannot be."""
+    try:
+        reading = engine.rpc("morphserve_tier_speed", tier_names, group_size or 32)[0]  # W8A8-only packs: no group
+    except Exception as e:  # a figure for the policy, not serving: start without it
+        log.warning("MorphServe: timing the tiers' kernels failed (%s); the policy learns step times "
+                    "from served steps only", e)
+        return None
+    dtype = reading.get("dtype", "bfloat16")
+    log.info("MorphServe: tier kernel speed in %s, %s", dtype, reading["source"])
+    return {t: {int(b): float(x) for b, x in v.items()} for t, v in reading["seconds"].items()}, dtype
 
 
 class MorphController:
@@ -95,17 +110,28 @@ class MorphController:
         self.ranks = 1  # tensor-parallel workers; the budget is shared out among them
         self.rank_weight_bytes: int | None = None  # one rank's weights at full precision
         self.prompt_twin_bytes = 0  # one rank's resident prompt twins (the most any rank holds)
+        self.prompt_twins_auto: str | None = None  # with prompt_twin_layers auto: what it chose, and why
+        self.start_profile: tuple[dict, str] | None = None  # the kernel profile auto read (reused by the policy)
         self.memory_reads = 0
 
     @classmethod
     def start(cls, raw_config: dict, engine, sampler) -> "MorphController":
         config = MorphConfig.model_validate(raw_config)
         manifest = packfmt.load_manifest(Path(config.pack))
+        profile, auto = None, None
+        if config.prompt_twin_layers == "auto":  # the twins are built in morphserve_init: decide first
+            profile = read_kernel_profile(engine, Ladder.from_manifest(manifest, config.tiers).tier_names,
+                                          manifest.group_size)
+            choice = choose_prompt_twins(profile[0] if profile else None, manifest.num_layers, config.tiers,
+                                         config.twin)
+            log.info("MorphServe: prompt twins auto: %s", choice.why)
+            config, auto = config.model_copy(update={"prompt_twin_layers": choice.layers}), choice.why
         results = engine.rpc("morphserve_init", config.model_dump())
         log.info("MorphServe: %d swappable layers loaded on %d worker(s) in %.1f s (%s backend)",
                  results[0]["layers"], len(results), results[0]["seconds"], results[0]["backend"])
         controller = cls(config, engine, manifest, sampler, largest_per_layer([r["held_tier_bytes"] for r in results]))
         controller.commits_on_touch = results[0]["commits_on_touch"]
+        controller.prompt_twins_auto, controller.start_profile = auto, profile
         controller.ranks = len(results)
         controller.rank_weight_bytes = max(r["weight_bytes"] for r in results)
         controller.prompt_twin_bytes = max(r.get("prompt_twin_bytes", 0) for r in results)
@@ -175,16 +201,12 @@ class MorphController:
         """Each served tier's kernel speed here (seconds per layer's linears by batch), for
         the policy's step-time model; None if it cannot be measured (the model then learns
         from served steps alone)."""
-        try:
-            reading = self.engine.rpc("morphserve_tier_speed", self.ladder.tier_names,
-                                      self.manifest.group_size or 32)[0]  # W8A8-only packs have no group
-        except Exception as e:  # a figure for the policy, not serving: start without it
-            log.warning("MorphServe: timing the tiers' kernels failed (%s); the policy learns step times "
-                        "from served steps only", e)
+        profile = self.start_profile or read_kernel_profile(self.engine, self.ladder.tier_names,
+                                                            self.manifest.group_size)
+        if profile is None:
             return None
-        self.kernel_profile_dtype = reading.get("dtype", "bfloat16")
-        log.info("MorphServe: tier kernel speed in %s, %s", self.kernel_profile_dtype, reading["source"])
-        return {t: {int(b): float(x) for b, x in v.items()} for t, v in reading["seconds"].items()}
+        seconds, self.kernel_profile_dtype = profile
+        return seconds
 
     def served_quality(self) -> dict | None:
         """The pack's quality.json as the served ladder sees it (some tiers may be off here)."""
@@ -461,6 +483,8 @@ class MorphController:
             "level": self.moves.level,  # the rung of the ladder served now (0: every layer bf16)
             "max_level": self.num_layers,  # the ladder's top (2L with two tiers)
             "floor": self.floor,  # the lowest level served (above 0 only with prompt twins that need it)
+            "prompt_twin_layers": self.config.prompt_twin_layers,  # resolved, where it was auto
+            "prompt_twins_auto": self.prompt_twins_auto,  # what auto chose and why (None: not auto)
             "quantized_layers": self.moves.level,  # deprecated name of `level`, kept one release
             "swappable_layers": len(self.order),
             "levels": self.num_layers,  # deprecated name of `max_level`

@@ -90,7 +90,9 @@ class MorphWorkerExtension:
         from morphserve.runtime.tier_speed import measure
         from quant_layers.model_info import read_model_info
 
-        if faults.rank() != 0:  # one rank times: several at once would contend for the cores they share
+        # its own rank, not faults.rank(): `prompt_twin_layers: auto` asks before morphserve_init sets that
+        rank = shards.tensor_parallel(kernels.decoder_layers(self.model_runner.model)[0].self_attn.qkv_proj)[0]
+        if rank != 0:  # one rank times: several at once would contend for the cores they share
             return {"seconds": {}, "source": "timed by rank 0"}
 
         info = read_model_info(Path(self.vllm_config.model_config.model))
