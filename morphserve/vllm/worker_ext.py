@@ -61,7 +61,7 @@ class MorphWorkerExtension:
         backend = backend_for(self.device.type)
         variant = kernels.wna16_variant(dtype) if backend.name == "cpu" else backend.name
         layers = kernels.decoder_layers(self.model_runner.model)
-        rank = shards.tensor_parallel(layers[0].self_attn.qkv_proj)
+        rank = self._tensor_parallel()
         faults.set_rank(rank[0])
         self._morph = LayerSet.build(
             config, Path(self.vllm_config.model_config.model), dtype,
@@ -91,8 +91,7 @@ class MorphWorkerExtension:
         from quant_layers.model_info import read_model_info
 
         # its own rank, not faults.rank(): `prompt_twin_layers: auto` asks before morphserve_init sets that
-        rank = shards.tensor_parallel(kernels.decoder_layers(self.model_runner.model)[0].self_attn.qkv_proj)[0]
-        if rank != 0:  # one rank times: several at once would contend for the cores they share
+        if self._tensor_parallel()[0] != 0:  # one rank times: several at once would contend for the cores they share
             return {"seconds": {}, "source": "timed by rank 0"}
 
         info = read_model_info(Path(self.vllm_config.model_config.model))
@@ -131,6 +130,10 @@ class MorphWorkerExtension:
 
     def morphserve_drop_page_cache(self) -> dict:
         return self._morph.drop_page_cache()
+
+    def _tensor_parallel(self) -> tuple[int, int]:
+        """(rank, world size) of this worker's tensor-parallel group, read off its first layer."""
+        return shards.tensor_parallel(kernels.decoder_layers(self.model_runner.model)[0].self_attn.qkv_proj)
 
     def _weight_bytes(self) -> int:
         """Bytes of the model's own parameters (the swappable linears' live in their closures)."""
