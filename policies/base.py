@@ -42,6 +42,11 @@ class PolicyBase:
     def decide(self, signals, state: PolicyState) -> Decision:
         raise NotImplementedError
 
+    def admission(self, signals, level: int) -> int | None:
+        """The most requests that may run at once at `level`; None: as many as vLLM admits
+        (the demand policy can cap it: policies.admission)."""
+        return None
+
     # -- shared rules ------------------------------------------------------------------
     def _up(self, state: PolicyState, now: float, target: int, reason: str, blocked: bool = False) -> Decision:
         """`blocked`: requests wait for KV blocks now (the one case a move up may follow a

@@ -75,6 +75,11 @@ class PolicyConfig(BaseModel):
                                   "step at the present batch and a prompt token, measured by the step-time model), "
                                   "within the quality limits, and restore below it only after this many seconds "
                                   "without a request; null: rest on the highest-quality rung that meets the SLOs")
+    admission_cap: bool = Field(
+        False, description="demand: where the CPU, not KV, runs out, admit only as many requests at once as keep "
+                           "the step each feels (decode plus the others' prefill) within tpot_slo x slo_margin at "
+                           "the level served, from the step-time model (vLLM's max_num_active_reqs, set at step "
+                           "boundaries; nothing running is preempted); false: vLLM admits as its KV allows")
     kernel_profile: bool = Field(
         True, description="time each tier's kernels at start-up (seconds, cached per machine) so the step-time "
                           "model knows which rung is fast enough before the first request")

@@ -66,6 +66,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+from policies.admission import admission_cap
 from policies.base import Decision, PolicyBase, PolicyState
 
 # A move up goes past its first sufficient rung only for a step at least this much faster:
@@ -120,6 +121,16 @@ class DemandPolicy(PolicyBase):
         per_request = s.need_per_request or s.blocks_per_request or 1.0
         wanting = s.running + s.queue_len + (s.arrival_rate * self.cfg.horizon_s if projected else 0.0)
         return max(1.0, min(wanting, self.capacity[level] / per_request))
+
+    def admission(self, s, level: int) -> int | None:
+        """The most requests that may run at once at `level` (policies.admission), None for
+        no cap or with `admission_cap` off."""
+        if not self.cfg.admission_cap or s is None:
+            return None
+        per_request = s.need_per_request or s.blocks_per_request or 1.0
+        return admission_cap(s.step_model, level, self.cfg.tpot_slo_s * self.cfg.slo_margin,
+                             s.prompt_tokens_per_request, s.output_tokens_per_request,
+                             self.capacity[max(0, min(level, len(self.capacity) - 1))] / per_request)
 
     def prefill_factor(self, s) -> float:
         """What prefill chunks add now: the last window's mean step over the model's

@@ -60,7 +60,7 @@ VLLM_INTERNALS = frozenset({
     "kv_cache_config", "kv_cache_manager", "kv_cache_tensors", "block_pool", "free_block_queue",
     "num_gpu_blocks", "req_to_blocks", "single_type_managers", "coordinator",
     "prev_step_scheduled_req_ids", "cached_block_hashes_by_block", "_maybe_evict_cached_block",
-    "_preempt_request",
+    "_preempt_request", "max_num_active_reqs",
 })
 
 # Test files that may import vLLM's internals, and why. Keep this short: every other test

@@ -78,7 +78,8 @@ class StatePoller(threading.Thread):
                 s = _get(self.url + "/morphserve/state?memory=0", self.key, timeout=5)  # no worker call
                 self.samples.append({"t": time.time(), "mono": time.perf_counter(),
                                      "quantized_layers": s["quantized_layers"],
-                                     "kv_capacity_blocks": s["kv_capacity_blocks"]})
+                                     "kv_capacity_blocks": s["kv_capacity_blocks"],
+                                     "admission_cap": s.get("admission_cap")})
             except Exception:  # plain vLLM has no such route; a busy server may be slow
                 pass
             self.stop.wait(self.every)

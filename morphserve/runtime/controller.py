@@ -101,6 +101,8 @@ class MorphController:
         self.scheduler = None
         self.kernel_profile_dtype: str | None = None  # set once the tiers' kernels are timed
         self.forced_level: int | None = None
+        self.admission_cap: int | None = None  # the policy's limit on requests running at once (None: vLLM's)
+        self.admission_changes = 0
         self.errors = 0
         self.last_error: dict | None = None
         self.pinned_by_error = False
@@ -310,6 +312,10 @@ class MorphController:
             self._recover(e, "a transition for new arrivals")
 
     def _decide(self, stepped: bool = True) -> None:
+        self._decide_level(stepped)
+        self.admit(self.moves.level if self.forced_level is None else None)
+
+    def _decide_level(self, stepped: bool) -> None:
         t0 = time.perf_counter()
         moves = self.moves
         self.loop.observe(self.scheduler, self.pool, self.recorder, moves.level, charge=self.forced_level is None,
@@ -339,6 +345,16 @@ class MorphController:
             # it waited for stays as it was
             return
         self.loop.accept(decision)  # only now: a failed move leaves the policy's state as it was
+
+    def admit(self, level: int | None) -> None:
+        """Set vLLM's admission limit to the policy's cap at the level served (None, or no
+        policy in charge: vLLM's own limit). Only a change reaches the scheduler."""
+        cap = self.loop.policy.admission(self.loop.signals, level) \
+            if level is not None and self.loop.policy is not None and self.forced_level is None else None
+        if cap != self.admission_cap:
+            self.scheduler.set_admission_cap(cap)
+            self.admission_cap = cap
+            self.admission_changes += 1
 
     # -- failures --------------------------------------------------------------------
     def _recover(self, error: BaseException, during: str) -> None:
@@ -495,6 +511,8 @@ class MorphController:
             "tiers": ["bf16", *self.ladder.tier_names],
             "pack_tiers": ["bf16", *self.manifest.tier_names],
             "forced_level": self.forced_level,
+            "admission_cap": self.admission_cap,  # requests admitted at once (None: vLLM's own limit)
+            "admission_changes": self.admission_changes,
             **self.kv_state(),
             "memory": self.memory_state(kv_resident) if memory else None,
             "policy": "manual" if self.forced_level is not None else self.loop.name,

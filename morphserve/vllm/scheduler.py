@@ -162,6 +162,7 @@ class SchedulerView:
     def __init__(self, scheduler, vllm_config):
         self._scheduler = scheduler
         self._vllm_config = vllm_config
+        self._configured_active: int | None = None  # vLLM's own admission limit, read at the first change
 
     @property
     def block_size(self) -> int:
@@ -193,6 +194,18 @@ class SchedulerView:
 
     def sync_capacity_view(self, usable_blocks: int) -> None:
         sync_capacity_view(self._vllm_config, self._scheduler, usable_blocks)
+
+    def set_admission_cap(self, cap: int | None) -> int:
+        """Lower vLLM 0.32's admission limit into RUNNING (`Scheduler.max_num_active_reqs`,
+        from --max-num-active-seqs, else max_num_seqs) to `cap`, or put back the configured
+        one (None); returns the limit in force. schedule() reads it per waiting request as
+        `running >= limit`, so a limit under the running count preempts nothing: it only
+        stops admissions until enough requests finish."""
+        if self._configured_active is None:
+            self._configured_active = self._scheduler.max_num_active_reqs
+        limit = self._configured_active if cap is None else max(1, min(int(cap), self._configured_active))
+        self._scheduler.max_num_active_reqs = limit
+        return limit
 
     def sample(self, sampler: "StepSampler", pool, expected_output_tokens: int = 256):
         return sampler.sample(self._scheduler, pool, expected_output_tokens)
