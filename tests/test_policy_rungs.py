@@ -221,6 +221,9 @@ class ScriptedPolicy:
         self.targets, self.asked = list(targets), []
         self.max_level = 2 * L
 
+    def admission(self, signals, level):
+        return None  # no admission cap, as PolicyBase
+
     def decide(self, signals, state):
         self.asked.append(state.level)
         target = self.targets.pop(0)
@@ -237,6 +240,7 @@ def _controller(level: int, targets, compress_mode: str = "sync"):
     moves, worker, pool = _moves(level)
     c = object.__new__(MorphController)
     c.moves, c.pool, c.forced_level, c.errors = moves, pool, None, 0
+    c.admission_cap, c.admission_changes = None, 0
     c.config = SimpleNamespace(restore_mode="background", compress_mode=compress_mode)
     c.recorder = moves.recorder
     sample = StepSample(time=5.0, waiting=0, oldest_wait_s=0.0, running=1, used_blocks=1, capacity_blocks=10)
