@@ -26,8 +26,9 @@ Plain Python, tested in milliseconds.
 from __future__ import annotations
 
 
-def step_at(model, level: int, batch: int, prompt_tokens: float, output_tokens: float) -> float | None:
-    """The step a request in a batch of `batch` feels at `level`; None where the model has none."""
+def step_at(model, level: int, batch: float, prompt_tokens: float, output_tokens: float) -> float | None:
+    """The step a request in a batch of `batch` feels at `level` (the demand policy's
+    `step_beside_prompts` at a given batch); None where the model has none."""
     decode = model.predict(level, float(batch))
     if decode is None:
         return None

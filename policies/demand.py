@@ -66,7 +66,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from policies.admission import admission_cap
+from policies.admission import admission_cap, step_at
 from policies.base import Decision, PolicyBase, PolicyState
 
 # A move up goes past its first sufficient rung only for a step at least this much faster:
@@ -180,14 +180,10 @@ class DemandPolicy(PolicyBase):
         are long (the conv trace: 224 for 142) it is small. The decode step alone where the
         requests' sizes or a prompt's cost are not known; None where the decode is not."""
         model = s.step_model
-        batch = self.batch_at(s, level, projected)
-        step = model.predict(level, batch) if model is not None else None
-        if step is None or s.prompt_tokens_per_request <= 0 or s.output_tokens_per_request <= 0:
-            return step
-        prompt = model.prefill_seconds(level, s.prompt_tokens_per_request)
-        if prompt is None:
-            return step
-        return step + (batch - 1.0) * prompt / max(1.0, s.output_tokens_per_request)
+        if model is None:
+            return None
+        return step_at(model, level, self.batch_at(s, level, projected), s.prompt_tokens_per_request,
+                       s.output_tokens_per_request)
 
     def spares_decodes(self, s, level: int, reference: int, bound: float, projected: bool = True) -> bool:
         """Does `level` keep the step beside the prompts it admits (`step_beside_prompts`)
