@@ -54,9 +54,11 @@ TIER_BATCHES = [1, 8, 32, 128, 512, 2048]
 
 
 def fused_shapes() -> dict[str, tuple[int, int]]:
-    """Llama-2-7B's fused linears as vLLM runs them: (out_features, in_features)."""
+    """Llama-2-7B's fused linears as vLLM runs them: (out_features, in_features).
+    `morphserve.vllm.kernel_speed.fused_shapes` derives the same from a model's config, but it
+    imports vLLM, which the GPU image this script runs on does not have."""
     s = LLAMA_2_7B
-    kv = s.num_kv_heads * (s.hidden // s.num_heads)
+    kv = s.num_kv_heads * s.head_dim
     return {"qkv": (s.hidden + 2 * kv, s.hidden), "o": (s.hidden, s.hidden),
             "gate_up": (2 * s.intermediate, s.hidden), "down": (s.hidden, s.intermediate)}
 
