@@ -1,5 +1,5 @@
 """How long a served prompt takes to its first token, plain vLLM against MorphServe held at
-level 0 with its heap trimmer set several ways: the prefill cost of the serving path itself.
+one rung with its heap trimmer set several ways: the prefill cost of the serving path itself.
 
 The evaluation's rows mix arrivals, decodes and queueing, so a few percent of prefill time is
 lost in their spread. Here one server at a time gets the same sequence, one request at a
@@ -8,7 +8,9 @@ then a short request that decodes `--decode-tokens` tokens, then `--pause` secon
 (long enough for a trimmer tick between two prompts, as between a row's arrivals), repeated
 `--prompts` times after a warm-up. A MorphServe server first runs the evaluation's warm-up
 transitions (level 30 -> 0), then is held at level 0 (no policy), so only the serving path
-and the trimmer differ from plain vLLM. Servers are started the way `morphserve evaluate`
+and the trimmer differ from plain vLLM. With `--rung w8a8` plain vLLM serves the pack's
+static W8A8 checkpoint and MorphServe is held at its ladder's top after the warm-up (all-W8A8
+on a W8A8-only pack): the same int8 kernels on both sides. Servers are started the way `morphserve evaluate`
 starts them (fp32 where the CPU emulates bf16), one at a time, in alternation for
 `--rounds` rounds, so a machine's drift lands on all of them. Each server's process group is
 sampled for resident memory (RssAnon + RssFile of every process, as the evaluation counts
@@ -17,8 +19,12 @@ counters from its state endpoint.
 
     python scripts/bench_serving_prefill.py --model MODEL_DIR --pack PACK_DIR \\
         --systems plain,trim-0.5,trim-off,trim-grow-64 [--rounds 3] [--prompts 12]
+    python scripts/bench_serving_prefill.py --model MODEL_DIR --pack PACK_DIR --rung w8a8 --dtype bfloat16 \\
+        --max-model-len 2048 --prompt-tokens 1344 --systems plain,trim-0.5,thread-0.5,trim-off
 
-A system is `plain`, `trim-off`, `trim-S` (every S seconds), `trim-grow-M` (every 0.5 s
+A system is `plain`, `trim-off`, `trim-S` (every S seconds, at step boundaries: serve's
+default mode), `thread-S` (every S seconds from a thread in the worker, also inside a step:
+`--heap-trim-mode thread`), `trim-grow-M` (every 0.5 s
 once the worker's resident set grew M MiB since its last trim) or `twins-N` (the W8A8 ladder
 with prompt twins for N layers, `--prompt-twin-layers N`); a MorphServe system's name
 ending in `-cold` skips the warm-up transitions (its layers keep the engine's own loaded
@@ -43,6 +49,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from morphserve.evaluation.runner import MemorySampler  # noqa: E402
+from morphserve.evaluation.systems import static_w8a8_dir  # noqa: E402
 from morphserve.harness.servers import free_port, start_server, stop_server  # noqa: E402
 from morphserve.vllm.server import PLAIN_VLLM_SERVER  # noqa: E402
 
@@ -65,15 +72,17 @@ def _ids(n: int, salt: int) -> list[int]:
     return [(17 * i + 5 + 31 * salt) % 5000 + 100 for i in range(n)]
 
 
-def command(system: str, model: str, pack: str, port: int, dtype: str) -> tuple[list[str], dict]:
+def command(system: str, model: str, pack: str, port: int, dtype: str, rung: str = "level0",
+            max_model_len: int = 1024) -> tuple[list[str], dict]:
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
     env.update(VLLM_LOGGING_LEVEL="WARNING")
-    common = ["--host", "127.0.0.1", "--port", str(port), "--max-model-len", "1024", "--max-num-seqs", "64",
-              "--served-model-name", "model", "--seed", "0", "--dtype", dtype, "--enforce-eager",
-              "--kv-cache-memory-bytes", str(KV_BYTES)]
+    common = ["--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_model_len),
+              "--max-num-seqs", "64", "--served-model-name", "model", "--seed", "0", "--dtype", dtype,
+              "--enforce-eager", "--kv-cache-memory-bytes", str(KV_BYTES)]
     if system == "plain":
         env["VLLM_PLUGINS"] = ""
-        return [sys.executable, "-m", PLAIN_VLLM_SERVER, "--model", model, *common], env
+        served = str(static_w8a8_dir(Path(pack))) if rung == "w8a8" else model  # the same rung, statically
+        return [sys.executable, "-m", PLAIN_VLLM_SERVER, "--model", served, "--tokenizer", model, *common], env
     system = system.removesuffix("-cold")
     cmd = [sys.executable, "-m", "morphserve.cli", "serve", model, "--pack", pack, "--manual-min-interval", "0"]
     if system == "trim-off":
@@ -82,24 +91,26 @@ def command(system: str, model: str, pack: str, port: int, dtype: str) -> tuple[
         cmd += ["--heap-trim-interval", "0.5", "--heap-trim-min-growth-mb", system.removeprefix("trim-grow-")]
     elif system.startswith("trim-"):
         cmd += ["--heap-trim-interval", system.removeprefix("trim-")]
+    elif system.startswith("thread-"):
+        cmd += ["--heap-trim-interval", system.removeprefix("thread-"), "--heap-trim-mode", "thread"]
     elif system.startswith("twins-"):
         cmd += ["--tiers", "w8a8", "--prompt-twin-layers", system.removeprefix("twins-")]
     else:
-        raise SystemExit(f"unknown system {system!r}: plain, trim-off, trim-S, trim-grow-M or twins-N")
+        raise SystemExit(f"unknown system {system!r}: plain, trim-off, trim-S, thread-S, trim-grow-M or twins-N")
     return cmd + common, env
 
 
 def run_one(system: str, args, round_no: int, log_dir: Path) -> dict:
     port = free_port()
-    cmd, env = command(system, args.model, args.pack, port, args.dtype)
+    cmd, env = command(system, args.model, args.pack, port, args.dtype, args.rung, args.max_model_len)
     proc = start_server(cmd, env, log_dir / f"{system}-r{round_no}.log", port, timeout=600)
     base = f"http://127.0.0.1:{port}"
     try:
         for k in range(3):
             _post(base, "/v1/completions", {"model": "model", "prompt": _ids(64, k), "max_tokens": 8})
-        if system != "plain" and not system.endswith("-cold"):  # the evaluation's warm-up, then held at 0
+        if system != "plain" and not system.endswith("-cold"):  # the evaluation's warm-up, then held
             top = _get(base, "/morphserve/state?memory=0")["max_level"]
-            for level in (top, 0):
+            for level in (top, 0) if args.rung == "level0" else (top, 0, top):
                 _post(base, "/morphserve/level", {"level": level})
                 _post(base, "/v1/completions", {"model": "model", "prompt": _ids(64, 9), "max_tokens": 8})
         firsts, shorts = [], []
@@ -147,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=32, help="tokens the short request between prompts decodes")
     ap.add_argument("--pause", type=float, default=1.0, help="seconds of rest after each pair of requests")
     ap.add_argument("--dtype", default="float32", help="the servers' --dtype (fp32 where bf16 is emulated)")
+    ap.add_argument("--rung", choices=("level0", "w8a8"), default="level0",
+                    help="level0: plain vLLM on the model against MorphServe held at level 0; w8a8: plain vLLM "
+                         "on the pack's static W8A8 checkpoint against MorphServe held at its top (all-W8A8 on a "
+                         "W8A8-only pack)")
+    ap.add_argument("--max-model-len", type=int, default=1024, help="every server's --max-model-len")
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench_serving_prefill"), help="logs and results.json")
     args = ap.parse_args(argv)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]

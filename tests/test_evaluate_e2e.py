@@ -100,6 +100,8 @@ def test_runs_record_memory_capacity_and_quality(evaluated, pack_dir):
     assert "heap_trim" in ms and "heap_trim" not in fp16
     if ms["heap_trim"] is not None:  # None only where the worker's memory reading failed
         assert {"calls", "skipped", "seconds", "interval_s"} <= set(ms["heap_trim"])
+        # trimmed at step boundaries by default, asked by the engine core (one worker call each)
+        assert ms["heap_trim"]["mode"] == "boundary" and ms["heap_trim"]["calls"] >= 1
     # The run is charged the pack's measured perplexity at each level its tokens were served
     # at. Not "at least level 0's": a tiny pack's curve is noisy, and on one CI machine a
     # quantized level measured 0.3% under level 0 (16.92 against 16.97).

@@ -16,7 +16,7 @@ from morphserve.runtime.proc_memory import process_rss
 
 def test_the_thread_trims_every_interval_and_stops():
     calls = []
-    trimmer = HeapTrimmer(0.01, trim=calls.append, min_growth_bytes=0)  # no margin: every interval
+    trimmer = HeapTrimmer(0.01, trim=calls.append, min_growth_bytes=0, mode="thread")  # no margin: every interval
     assert trimmer.start()
     assert not trimmer.start()  # one thread per worker
     deadline = time.monotonic() + 5
@@ -70,14 +70,14 @@ def test_interval_zero_or_no_glibc_means_no_thread():
 def test_a_preloaded_allocator_is_left_alone(monkeypatch):
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
     assert _libc_trim() is None
-    assert not HeapTrimmer(0.5).start()
+    assert not HeapTrimmer(0.5, mode="thread").start()
 
 
 def test_a_failing_trim_stops_the_thread_without_raising():
     def boom(pad):
         raise RuntimeError("no")
 
-    trimmer = HeapTrimmer(0.01, trim=boom)
+    trimmer = HeapTrimmer(0.01, trim=boom, mode="thread")
     trimmer.start()
     trimmer._thread.join(timeout=5)
     assert not trimmer._thread.is_alive()
@@ -94,7 +94,7 @@ def test_real_malloc_trim_returns_memory_freed_in_the_middle_of_the_heap():
     libc.malloc.restype = ctypes.c_void_p
     libc.malloc.argtypes = [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
-    trimmer = HeapTrimmer(0.5, min_growth_bytes=32 * 2**20)  # the allocation below fits between two ticks
+    trimmer = HeapTrimmer(0.5, min_growth_bytes=32 * 2**20, mode="thread")  # the allocation fits between two ticks
     trimmer.start()
     guard = None
     try:

@@ -23,7 +23,7 @@ import sys
 from morphserve.runtime import config as runtime_config
 from morphserve.runtime import onednn_cache, thread_binding
 from morphserve.runtime.allocator import ALLOCATOR_ENV, ALLOCATORS, default_allocator, preload_env, resolve
-from morphserve.runtime.heap_trimmer import DEFAULT_INTERVAL_S, DEFAULT_MIN_GROWTH_BYTES
+from morphserve.runtime.heap_trimmer import DEFAULT_INTERVAL_S, DEFAULT_MIN_GROWTH_BYTES, DEFAULT_MODE, MODES
 from morphserve.errors import MorphServeError
 
 VLLM_SERVER_MODULE = "morphserve.vllm.server"  # vLLM's server entry; refusals in one line
@@ -83,6 +83,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heap-trim-interval", type=float, default=DEFAULT_INTERVAL_S, metavar="S",
                    help="every S seconds each worker returns its freed heap to the OS (glibc malloc_trim; a "
                         "prompt-length mix otherwise leaves hundreds of MiB freed but resident); 0 turns it off")
+    p.add_argument("--heap-trim-mode", choices=MODES, default=DEFAULT_MODE,
+                   help="when workers trim: boundary (default) at a step boundary once the interval has passed, so "
+                        "a step refaults its buffers at most once; thread: from a thread every interval, also in the "
+                        "middle of a long prompt's step")
     p.add_argument("--heap-trim-min-growth-mb", type=float, default=DEFAULT_MIN_GROWTH_BYTES / 2**20,
                    metavar="MIB",
                    help="trim only once a worker's resident set has grown MIB since its last trim (a trim makes "
@@ -114,7 +118,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def build_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
     cfg = {"pack": os.path.abspath(args.pack), "twin": args.twin, "shrink_strategy": args.shrink_strategy,
            "restore_mode": args.restore_mode, "compress_mode": args.compress_mode, "manual_min_interval_s": args.manual_min_interval,
-           "heap_trim_interval_s": args.heap_trim_interval, "heap_trim_min_growth_mb": args.heap_trim_min_growth_mb}
+           "heap_trim_interval_s": args.heap_trim_interval, "heap_trim_min_growth_mb": args.heap_trim_min_growth_mb,
+           "heap_trim_mode": args.heap_trim_mode}
     if args.memory_budget_gb is not None:
         cfg["memory_budget_gb"] = args.memory_budget_gb
     if args.policy:

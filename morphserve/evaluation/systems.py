@@ -65,6 +65,8 @@ def server_command(system: System, budget: Budget, suite: Suite, model: Path, pa
         cmd += ["--tiers", ",".join(system.tiers)]
     if system.heap_trim_interval_s is not None:
         cmd += ["--heap-trim-interval", repr(system.heap_trim_interval_s)]
+    if system.heap_trim_mode is not None:
+        cmd += ["--heap-trim-mode", system.heap_trim_mode]
     if system.heap_trim_min_growth_mb is not None:
         cmd += ["--heap-trim-min-growth-mb", repr(system.heap_trim_min_growth_mb)]
     if system.prompt_twin_layers:

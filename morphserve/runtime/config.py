@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from morphserve.offline import pack as packfmt
 from morphserve.errors import MorphServeError, first_field_error
-from morphserve.runtime.heap_trimmer import DEFAULT_INTERVAL_S, DEFAULT_MIN_GROWTH_BYTES
+from morphserve.runtime.heap_trimmer import DEFAULT_INTERVAL_S, DEFAULT_MIN_GROWTH_BYTES, DEFAULT_MODE
 from morphserve.runtime.prompt_twin_choice import choose_prompt_twins
 
 # The config accepted in this process, if MorphServe was activated here (the API server
@@ -55,9 +55,14 @@ class MorphConfig(BaseModel):
         "Manual transitions are always sync")
     heap_trim_interval_s: float = Field(
         default=DEFAULT_INTERVAL_S, ge=0, le=60,
-        description="every this many seconds each worker hands its freed heap back to the OS (glibc malloc_trim "
-        "in a thread; morphserve.runtime.heap_trimmer), so measured memory follows what the layers and the KV "
-        "cache hold; 0 turns it off")
+        description="every this many seconds each worker hands its freed heap back to the OS (glibc malloc_trim; "
+        "morphserve.runtime.heap_trimmer), so measured memory follows what the layers and the KV cache hold; 0 "
+        "turns it off")
+    heap_trim_mode: Literal["boundary", "thread"] = Field(
+        default=DEFAULT_MODE, description="when the workers trim: at a step boundary once the interval has passed, "
+        "asked by the engine core (boundary: a step pays at most one refault of its buffers), or from a thread in "
+        "each worker every interval, also in the middle of a step (thread: a long prompt's step then refaults its "
+        "buffers after every trim inside it)")
     heap_trim_min_growth_mb: float = Field(
         default=DEFAULT_MIN_GROWTH_BYTES / 2**20, ge=0, le=65536,
         description="a worker trims only once its resident set has grown this many MiB since its last trim "

@@ -31,6 +31,7 @@ from morphserve.offline import kv_cost
 from morphserve.offline import pack as packfmt
 from morphserve.offline.ladder import Ladder, served_quality, with_prompt_twins
 from morphserve.runtime.config import MorphConfig
+from morphserve.runtime.heap_trimmer import BoundaryTrims
 from morphserve.runtime.kv_sizing import plan_budget, rest_floor
 from morphserve.runtime.manual_limit import SHARE_INVERSE, ManualRateLimit
 from morphserve.runtime.policy_loop import PolicyLoop
@@ -115,6 +116,8 @@ class MorphController:
         self.prompt_twins_auto: str | None = None  # with prompt_twin_layers auto: what it chose, and why
         self.start_profile: tuple[dict, str] | None = None  # the kernel profile auto read (reused by the policy)
         self.memory_reads = 0
+        # the workers' heap trims at step boundaries (mode "boundary"; a "thread" worker trims by itself)
+        self.heap_trims = BoundaryTrims(config.heap_trim_interval_s if config.heap_trim_mode == "boundary" else 0.0)
 
     @classmethod
     def start(cls, raw_config: dict, engine, sampler) -> "MorphController":
@@ -255,7 +258,28 @@ class MorphController:
         return self.loop.policy is not None and self.forced_level is None and (
             moves.level > self.floor or moves.pending_level is not None)
 
-    def on_step_boundary(self) -> None:
+    def on_idle(self) -> None:
+        """An idle moment (no step to run): a boundary for the policy while it may still
+        restore, and the heap trim owed by the last steps."""
+        if self.wants_idle_ticks():
+            self.on_step_boundary(stepped=False)
+        else:
+            self.trim_heap_if_due()
+
+    def trim_heap_if_due(self) -> None:
+        """The workers hand their freed heap back between two steps, never inside one
+        (morphserve.runtime.heap_trimmer): one worker call once the interval has passed."""
+        if not self.heap_trims.due():
+            return
+        try:
+            self.engine.rpc("morphserve_trim_heap")
+        except Exception:  # memory, not serving: never into vLLM's loop
+            log.exception("MorphServe: the workers' heap trim failed")
+        finally:
+            self.heap_trims.done()
+
+    def on_step_boundary(self, stepped: bool = True) -> None:
+        """`stepped` False: an idle tick (no step since the last boundary)."""
         moves = self.moves
         try:
             if moves.recovery_shrink_from is not None and moves.restoring is None:
@@ -285,6 +309,9 @@ class MorphController:
             self.refresh_memory_if_due()
         except Exception:  # a figure, not serving: never into vLLM's loop
             log.exception("MorphServe: reading the worker's memory failed")
+        if stepped:
+            self.heap_trims.stepped()
+        self.trim_heap_if_due()
 
     def keep_tail_cold(self, now: float | None = None) -> None:
         """The cold tail's work at a boundary (kv_resize.cold_tail), only while the pool is

@@ -13,10 +13,21 @@ steps and no measurable step time (scripts/bench_heap_trim_speed.py).
 
 `malloc_trim(0)` walks every arena and releases the free pages inside them too (glibc
 >= 2.8), which no allocator setting does: a lower M_MMAP_THRESHOLD would instead turn every
-activation buffer into an mmap/munmap pair and page faults on every call. It is called
-from a daemon thread: ctypes drops the GIL, the forward only waits on malloc's arena lock
-for the trim's few ms, and no engine step is added. Not used with a preloaded tcmalloc or
-jemalloc (their own `malloc_trim` is absent or a no-op); the thread is then not started.
+activation buffer into an mmap/munmap pair and page faults on every call. Not used with a preloaded tcmalloc or jemalloc (their own `malloc_trim` is absent or a
+no-op).
+
+When it trims matters more than how often. Each trim releases the free pages of the
+chunks the next steps reuse, and every page they touch again is a page fault (zero-filled)
+in the forward's own thread. A trim in the middle of a long prompt's step releases the
+buffers the layers after it allocate again at once: served one at a time on a Zen 4 EPYC,
+a 1,344-token prompt's first token took 1.07x static W8A8's with a thread trimming every
+0.5 s (about four trims inside the step) and 0.99x without a trimmer (docs/RESULTS.md,
+"The heap trimmer at step boundaries"). So by default (`mode="boundary"`) the engine core
+asks its workers to trim at a step boundary at least `interval_s` after the last trim
+(`BoundaryTrims`), and once more at the first idle moment after steps: a step pays at most
+one refault of its buffers, never one per trim inside it. `mode="thread"` keeps the earlier
+daemon thread (ctypes drops the GIL; the forward waits on malloc's arena lock for the
+trim's few ms), for comparison.
 
 Each trim releases the free pages of the chunks the next steps reuse, and every page they
 touch again is a page fault (zero-filled) in the forward's own thread. Trimming every
@@ -42,6 +53,31 @@ log = logging.getLogger("morphserve")
 
 DEFAULT_INTERVAL_S = 0.5
 DEFAULT_MIN_GROWTH_BYTES = 0  # every interval: see the module's docstring
+MODES = ("boundary", "thread")
+DEFAULT_MODE = "boundary"  # see the module's docstring
+
+
+class BoundaryTrims:
+    """The engine core's side of `mode="boundary"`: whether this boundary asks the workers
+    to trim. Due once `interval_s` has passed since the last trim and a step has run since
+    it (an idle server has nothing new to hand back); an idle moment after steps counts as a
+    boundary, so a burst's last buffers are returned too. Plain Python: the clock is passed in."""
+
+    def __init__(self, interval_s: float, clock=time.monotonic):
+        self.interval_s = interval_s
+        self._clock = clock
+        self._last = float("-inf")
+        self.owed = False  # a step has run since the last trim
+
+    def stepped(self) -> None:
+        self.owed = True
+
+    def due(self) -> bool:
+        return self.interval_s > 0 and self.owed and self._clock() - self._last >= self.interval_s
+
+    def done(self) -> None:
+        self._last = self._clock()
+        self.owed = False
 
 
 def resident_bytes() -> int:
@@ -65,11 +101,15 @@ def _libc_trim():
 
 
 class HeapTrimmer:
-    """A daemon thread calling malloc_trim(0) every `interval_s` once the resident set has
-    grown `min_growth_bytes` since the last trim (0: every interval); counts what it did."""
+    """malloc_trim(0) once the resident set has grown `min_growth_bytes` since the last trim
+    (0: every time), either when the engine core asks at a step boundary (`tick`, mode
+    "boundary") or from a daemon thread every `interval_s` (mode "thread"); counts what it did."""
 
     def __init__(self, interval_s: float = DEFAULT_INTERVAL_S, trim=None,
-                 min_growth_bytes: int = DEFAULT_MIN_GROWTH_BYTES, rss=resident_bytes):
+                 min_growth_bytes: int = DEFAULT_MIN_GROWTH_BYTES, rss=resident_bytes, mode: str = DEFAULT_MODE):
+        if mode not in MODES:
+            raise ValueError(f"heap trim mode must be one of {', '.join(MODES)}; got {mode!r}")
+        self.mode = mode
         self.interval_s = interval_s
         self.min_growth_bytes = min_growth_bytes
         self._rss = rss
@@ -86,7 +126,8 @@ class HeapTrimmer:
         return self._trim is not None and self.interval_s > 0
 
     def start(self) -> bool:
-        if not self.available or self._thread is not None:
+        """Start the thread (mode "thread" only; "boundary" trims when asked)."""
+        if not self.available or self.mode != "thread" or self._thread is not None:
             return False
         self._thread = threading.Thread(target=self._run, name="morphserve-heap-trim", daemon=True)
         self._thread.start()
@@ -132,6 +173,6 @@ class HeapTrimmer:
             self._thread = None
 
     def report(self) -> dict:
-        return {"interval_s": self.interval_s, "min_growth_bytes": self.min_growth_bytes,
-                "running": self._thread is not None, "calls": self.calls, "skipped": self.skipped,
+        return {"interval_s": self.interval_s, "min_growth_bytes": self.min_growth_bytes, "mode": self.mode,
+                "running": self._thread is not None if self.mode == "thread" else self.available, "calls": self.calls, "skipped": self.skipped,
                 "seconds": round(self.seconds, 4)}

@@ -332,8 +332,9 @@ def _patch_process_input_queue(original):
         # Idle, vLLM blocks on its input queue and no step boundary ever comes, so a
         # policy could never restore after a burst. With MorphServe active the idle wait is
         # the same loop as vLLM's (idle callbacks, stale aborts dropped) but with a timeout:
-        # each timeout re-reads whether the controller wants ticks (a utility call such as
-        # POST /morphserve/level may have changed that) and gives it an idle boundary.
+        # each timeout gives the controller an idle moment: a boundary where it wants ticks (a
+        # utility call such as POST /morphserve/level may have changed that), and the heap
+        # trim its last steps owe.
         # Requests added here are scheduled by the very next step, before any post_step:
         # the controller sees them first (on_arrivals), still between two steps.
         import queue
@@ -351,8 +352,7 @@ def _patch_process_input_queue(original):
                 try:
                     self._handle_client_request(*self.input_queue.get(timeout=controller.idle_tick_s))
                 except queue.Empty:
-                    if controller.wants_idle_ticks():
-                        controller.on_step_boundary()
+                    controller.on_idle()
         result = original(self)  # handles what else is queued; its own idle loop is skipped
         if len(self.scheduler.requests) > known:
             controller.on_arrivals()

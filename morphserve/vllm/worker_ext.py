@@ -69,8 +69,9 @@ class MorphWorkerExtension:
         kv_cache.enable_kv_backing(backend)  # the KV cache is allocated after this call
         trim_heap()
         self._trimmer = HeapTrimmer(config.heap_trim_interval_s,
-                                    min_growth_bytes=int(config.heap_trim_min_growth_mb * 2**20))
-        self._trimmer.start()
+                                    min_growth_bytes=int(config.heap_trim_min_growth_mb * 2**20),
+                                    mode=config.heap_trim_mode)
+        self._trimmer.start()  # a thread only in mode "thread"; "boundary" waits for morphserve_trim_heap
         sharded = rank[1] > 1
         # The pack's manifest counts bf16 layers; an engine in another dtype (fp32 where bf16
         # is emulated) holds other bytes, as a rank's shard does, so every tier is reported.
@@ -99,6 +100,13 @@ class MorphWorkerExtension:
         reading = measure(info.linear_shapes, list(tiers), int(group_size), info.num_layers, dtype=dtype)
         return {"seconds": {t: {str(b): s for b, s in v.items()} for t, v in reading.seconds.items()},
                 "source": reading.source, "dtype": dtype}
+
+    def morphserve_trim_heap(self) -> dict:
+        """Hand the freed heap back to the OS now, between two steps (heap trim mode
+        "boundary": the engine core asks at a boundary once the interval has passed)."""
+        if self._trimmer.available:
+            self._trimmer.tick()
+        return {"calls": self._trimmer.calls}
 
     def morphserve_apply(self, quantize: list, restore: list) -> dict:
         """Entries: a layer id, or [layer, tier] in a tiered pack."""

@@ -1,0 +1,114 @@
+"""Heap trims at step boundaries (mode "boundary"): when the engine core asks its workers
+to trim, and what a failed ask does. Pure logic with a fake clock and stand-ins; the real
+engine's trims are counted in tests/test_evaluate_e2e.py."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+
+from morphserve.runtime.heap_trimmer import BoundaryTrims, HeapTrimmer
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_trim_is_due_after_a_step_and_then_not_again_within_the_interval():
+    clock = Clock()
+    trims = BoundaryTrims(0.5, clock=clock)
+    assert not trims.due()  # no step yet: nothing freed to hand back
+    trims.stepped()
+    assert trims.due()
+    trims.done()
+    trims.stepped()
+    clock.now += 0.49
+    assert not trims.due()  # inside the interval: later steps wait
+    clock.now += 0.02
+    assert trims.due()
+
+
+def test_an_idle_server_is_not_trimmed_again_until_it_steps():
+    clock = Clock()
+    trims = BoundaryTrims(0.5, clock=clock)
+    trims.stepped()
+    trims.done()
+    clock.now += 60
+    assert not trims.due()  # idle since the last trim: nothing owed
+    trims.stepped()
+    assert trims.due()
+
+
+def test_interval_zero_never_trims():
+    trims = BoundaryTrims(0.0)
+    trims.stepped()
+    assert not trims.due()
+
+
+def _controller(interval: float, wants_ticks: bool = False, fail: bool = False):
+    from morphserve.runtime.controller import MorphController
+
+    calls: list[str] = []
+
+    def rpc(method, *args):
+        calls.append(method)
+        if fail:
+            raise RuntimeError("worker gone")
+        return [{"calls": len(calls)}]
+
+    c = object.__new__(MorphController)
+    c.engine = SimpleNamespace(rpc=rpc)
+    c.heap_trims = BoundaryTrims(interval, clock=Clock())
+    boundaries: list[bool] = []
+    c.wants_idle_ticks = lambda: wants_ticks
+    c.on_step_boundary = lambda stepped=True: boundaries.append(stepped)
+    return c, calls, boundaries
+
+
+def test_an_idle_moment_after_steps_trims_once():
+    c, calls, boundaries = _controller(0.5)
+    c.on_idle()
+    assert calls == []  # never stepped
+    c.heap_trims.stepped()
+    c.on_idle()
+    c.on_idle()
+    assert calls == ["morphserve_trim_heap"] and boundaries == []
+
+
+def test_an_idle_moment_is_a_boundary_where_the_policy_wants_ticks():
+    c, calls, boundaries = _controller(0.5, wants_ticks=True)
+    c.on_idle()
+    assert boundaries == [False]  # not a step: the boundary trims only what earlier steps owe
+
+
+def test_a_failed_trim_is_logged_not_raised_and_not_retried_at_once(caplog):
+    c, calls, _ = _controller(0.5, fail=True)
+    c.heap_trims.stepped()
+    with caplog.at_level(logging.ERROR, logger="morphserve"):
+        c.trim_heap_if_due()
+        c.heap_trims.stepped()
+        c.trim_heap_if_due()  # within the interval of the failed one
+    assert calls == ["morphserve_trim_heap"]
+    assert "heap trim failed" in caplog.text
+
+
+def test_a_boundary_trimmer_starts_no_thread_and_trims_when_asked():
+    calls = []
+    trimmer = HeapTrimmer(0.5, trim=calls.append)  # the default mode
+    assert trimmer.mode == "boundary" and not trimmer.start()
+    trimmer.tick()
+    assert calls == [0] and trimmer.report()["running"] and trimmer.report()["mode"] == "boundary"
+    threaded = HeapTrimmer(0.01, trim=calls.append, mode="thread")
+    assert threaded.start()
+    threaded.stop()
+
+
+def test_an_unknown_mode_is_refused():
+    with pytest.raises(ValueError, match="boundary, thread"):
+        HeapTrimmer(0.5, trim=lambda pad: 0, mode="sometimes")
