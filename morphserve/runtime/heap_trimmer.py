@@ -20,9 +20,9 @@ When it trims matters more than how often. Each trim releases the free pages of 
 chunks the next steps reuse, and every page they touch again is a page fault (zero-filled)
 in the forward's own thread. A trim in the middle of a long prompt's step releases the
 buffers the layers after it allocate again at once: served one at a time on a Zen 4 EPYC,
-a 1,344-token prompt's first token took 1.07x static W8A8's with a thread trimming every
-0.5 s (about four trims inside the step) and 0.99x without a trimmer (docs/RESULTS.md,
-"The heap trimmer at step boundaries"). So by default (`mode="boundary"`) the engine core
+a 1,344-token prompt's first token took 1.07x and 1.10x static W8A8's with a thread trimming
+every 0.5 s (about four trims inside the step) and 0.99x / 1.02x without a trimmer
+(docs/RESULTS.md, "The heap trimmer at step boundaries"). So by default (`mode="boundary"`) the engine core
 asks its workers to trim at a step boundary at least `interval_s` after the last trim
 (`BoundaryTrims`), and once more at the first idle moment after steps: a step pays at most
 one refault of its buffers, never one per trim inside it. `mode="thread"` keeps the earlier
