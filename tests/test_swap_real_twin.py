@@ -144,13 +144,24 @@ def test_twenty_round_trips_do_not_leak(engine):
     assert anon_growth < 0.01, f"anonymous memory grew {anon_growth:.2%} over 20 round trips"
 
 
-def test_each_worker_trims_its_heap_from_a_thread(engine):
-    """The heap trimmer runs in the live worker (default every 0.5 s, no growth margin) and
-    says so in the memory reading, which is what `state` and /metrics show."""
-    _, core = engine
+def test_each_worker_trims_its_heap_between_steps(engine):
+    """The heap trimmer in the live worker (default every 0.5 s, no growth margin, at step
+    boundaries): the engine core asks for a trim once the interval has passed while steps
+    run, and an idle engine is not trimmed again. The memory reading says so, which is what
+    `state` and /metrics show."""
+    from vllm import SamplingParams
+
+    llm, core = engine
     first = worker_call(core, "morphserve_memory")["heap_trim"]
     assert first["running"] and first["interval_s"] == 0.5 and first["min_growth_bytes"] == 0
-    assert first["calls"] >= 1
-    time.sleep(1.6)
+    assert first["mode"] == "boundary"
+    time.sleep(1.1)  # idle: no step, so nothing is owed
+    assert worker_call(core, "morphserve_memory")["heap_trim"]["calls"] == first["calls"]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    t0 = time.monotonic()
+    generated = 0
+    while time.monotonic() - t0 < 1.6:  # steps spanning three intervals
+        generated += len(llm.generate(PROMPTS[:1], params, use_tqdm=False)[0].outputs[0].token_ids)
     later = worker_call(core, "morphserve_memory")["heap_trim"]
+    assert generated > 0
     assert later["calls"] >= first["calls"] + 2 and later["skipped"] == 0
