@@ -9,10 +9,17 @@ apart, with its page faults. The summary counts,
 per process, the samples waiting for the other process, in MorphServe's own code, in the
 model's forward and in vLLM's two main kernels (oneDNN matmul, CPU attention).
 
+With `--suite FILE --suite-window W --suite-budget B` the servers are that suite's systems
+(`--systems` names them, e.g. `w8a8,morphserve`), started with the evaluation's own commands
+at that budget, warmed up as the evaluation warms them up, and replayed that window: the
+profile of one suite row's cell, any CPU kind.
+
 py-spy is a profiler, not a dependency of MorphServe: install it into any environment
 (`pip install py-spy`) and pass its path with --py-spy.
 
     python scripts/profile_server_path.py --py-spy PATH --out DIR [--window 1200:150] [--rounds 3]
+    python scripts/profile_server_path.py --py-spy PATH --out DIR --suite evaluations/suite-v4-zen4c.yaml \\
+        --suite-window conv-1200-90-long --suite-budget 329MB --systems w8a8,morphserve --pack out/avx512-default
     python scripts/profile_server_path.py --summarize DIR      # the summary of profiles already taken
 """
 
@@ -93,6 +100,28 @@ def over_replay(before: dict, after: dict) -> dict:
     return out
 
 
+def suite_cell(args, system: str, port: int, folder: Path) -> tuple[list[str], dict, list[str], object]:
+    """The evaluation's own server command, environment and replay for one suite cell, and
+    the System (morphserve.evaluation: the same code `morphserve evaluate` runs)."""
+    from morphserve.evaluation.suite import load_suite
+    from morphserve.evaluation.systems import server_command
+
+    suite = load_suite(args.suite)
+    by_name = lambda items, name, what: next((x for x in items if x.name == name), None) or \
+        sys.exit(f"error: {args.suite} has no {what} {name!r}")  # noqa: E731
+    window = by_name(suite.windows, args.suite_window, "window")
+    budget = by_name(suite.budgets, args.suite_budget, "budget")
+    spec = by_name(suite.systems, system, "system")
+    cmd, env = server_command(spec, budget, suite, Path(args.model), Path(args.pack), port, folder)
+    replay = ["--trace", window.trace, "--window", f"{window.start_s}:{window.duration_s}",
+              "--rate-scale", repr(window.rate_scale), "--length-scale", repr(window.length_scale),
+              "--output-scale", repr(window.output_scale), "--timestamp-unit", window.timestamp_unit,
+              "--slo-ttft", str(suite.slo_ttft_s), "--slo-tpot", str(suite.slo_tpot_s), "--seed", str(suite.seed)]
+    if window.max_input:
+        replay += ["--max-input", str(window.max_input)]
+    return cmd, env, replay, (spec, suite)
+
+
 def profile_one(args, system: str, folder: Path) -> dict:
     from morphserve.harness.servers import free_port, serving
 
@@ -100,7 +129,20 @@ def profile_one(args, system: str, folder: Path) -> dict:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
     cmd = server_cmd(system, args.model, args.pack, port, folder / "transitions.jsonl")
+    replay_args = ["--trace", "azure-code", "--window", args.window, "--rate-scale", "0.05", "--length-scale", "0.25",
+                   "--output-scale", "1.0", "--slo-ttft", "2", "--slo-tpot", "0.2", "--seed", "0", "--max-input", "512"]
+    cell = None
+    if args.suite:
+        cmd, env, replay_args, cell = suite_cell(args, system, port, folder)
     with serving(cmd, env, folder / "server.log", port, timeout=300, cwd=REPO) as server:
+        if cell is not None:  # as `morphserve evaluate` warms it up (MorphServe: 0 -> L -> 0, then its policy)
+            from morphserve.evaluation.systems import warm_up
+
+            spec, suite = cell
+            top = None
+            if spec.kind == "morphserve":
+                top = json.loads(urllib_get(f"{server.url}/morphserve/state?memory=0"))["max_level"]
+            warm_up(spec, server.url, suite.warmup_requests, top)
         if system == "morph-held":
             hold_level_zero(server.url)
         time.sleep(3)
@@ -125,11 +167,9 @@ def profile_one(args, system: str, folder: Path) -> dict:
                                            "-o", str(folder / "worker-syscalls.txt")],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         before = {name: counters(pid) for name, pid in procs.items()}
-        replay = subprocess.run([sys.executable, "-m", "morphserve.cli", "replay", "--trace", "azure-code", "--window",
-                                 args.window, "--rate-scale", "0.05", "--length-scale", "0.25", "--output-scale", "1.0",
-                                 "--url", server.url, "--out", str(folder / "replay"), "--slo-ttft", "2",
-                                 "--slo-tpot", "0.2", "--system", system, "--tokenizer", args.model, "--seed", "0",
-                                 "--no-plot", "--max-input", "512"], cwd=REPO, env=env, capture_output=True, text=True)
+        replay = subprocess.run([sys.executable, "-m", "morphserve.cli", "replay", *replay_args, "--url", server.url,
+                                 "--out", str(folder / "replay"), "--system", system, "--tokenizer", args.model,
+                                 "--no-plot"], cwd=REPO, env=env, capture_output=True, text=True)
         after = {name: counters(pid) for name, pid in procs.items()}
         for spy in spies:
             spy.send_signal(2)
@@ -151,6 +191,13 @@ def profile_one(args, system: str, folder: Path) -> dict:
             (folder / f"{name}-cpu.txt").write_text(report.stdout)
     (folder / "cpu_seconds.json").write_text(json.dumps(cpu) + "\n")
     return cpu
+
+
+def urllib_get(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=60) as resp:
+        return resp.read().decode()
 
 
 def hold_level_zero(url: str) -> None:
@@ -265,6 +312,10 @@ def main() -> int:
     ap.add_argument("--strace", help="a strace executable: also count the worker's memory system calls "
                     "(worker-syscalls.txt)")
     ap.add_argument("--summarize", type=Path, help="only summarize the profiles already in this folder")
+    ap.add_argument("--suite", type=Path, help="profile one cell of this evaluation suite: its systems (named in "
+                    "--systems), commands, warm-up and window")
+    ap.add_argument("--suite-window", help="with --suite: the window's name")
+    ap.add_argument("--suite-budget", help="with --suite: the budget's name")
     args = ap.parse_args()
     if args.perf_diff:
         try:
@@ -289,7 +340,9 @@ def main() -> int:
         print("error: py-spy not found: install it (pip install py-spy) and pass --py-spy PATH", file=sys.stderr)
         return 2
     systems = [name.strip() for name in args.systems.split(",") if name.strip()]
-    unknown = sorted(set(systems) - set(SYSTEMS))
+    if args.suite and not (args.suite_window and args.suite_budget):
+        ap.error("--suite needs --suite-window and --suite-budget")
+    unknown = [] if args.suite else sorted(set(systems) - set(SYSTEMS))
     if unknown or not systems:
         print(f"error: --systems takes names from {', '.join(SYSTEMS)}; got {args.systems!r}", file=sys.stderr)
         return 2
