@@ -171,6 +171,10 @@ def profile_one(args, system: str, folder: Path) -> dict:
                                  "--out", str(folder / "replay"), "--system", system, "--tokenizer", args.model,
                                  "--no-plot"], cwd=REPO, env=env, capture_output=True, text=True)
         after = {name: counters(pid) for name, pid in procs.items()}
+        try:  # vLLM's own counters after the replay: preemptions, prefix-cache hits, tokens computed
+            (folder / "metrics.txt").write_text(urllib_get(f"{server.url}/metrics"))
+        except OSError as e:
+            (folder / "metrics.txt").write_text(f"# could not read /metrics: {e}\n")
         for spy in spies:
             spy.send_signal(2)
         for spy in spies:
@@ -254,6 +258,25 @@ def share(rows: list[tuple[str, int]], *needles: str) -> int:
     return sum(n for stack, n in rows if any(needle in stack for needle in needles))
 
 
+VLLM_COUNTERS = ("vllm:num_preemptions_total", "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total",
+                 "vllm:prompt_tokens_total", "vllm:generation_tokens_total")
+
+
+def vllm_counters(path: Path) -> dict[str, float]:
+    """vLLM's counters from a saved /metrics page (summed over their label sets)."""
+    out: dict[str, float] = {}
+    if not path.is_file():
+        return out
+    for line in path.read_text().splitlines():
+        name = line.split("{")[0].split(" ")[0]
+        if name in VLLM_COUNTERS:
+            try:
+                out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+            except (IndexError, ValueError):
+                continue
+    return out
+
+
 def summarize(folder: Path) -> list[dict]:
     out = []
     for run in sorted(p for p in folder.iterdir() if (p / "worker.txt").is_file()):
@@ -271,6 +294,7 @@ def summarize(folder: Path) -> list[dict]:
             "worker_onednn_mm": share(worker, "onednn_mm"),
             "worker_attention": share(worker, "cpu_attention_with_kv_cache"),
             "cpu_seconds": json.loads(cpu_file.read_text()) if cpu_file.is_file() else None,
+            "vllm": vllm_counters(run / "metrics.txt"),
         })
     return out
 
@@ -291,6 +315,9 @@ def print_summary(rows: list[dict]) -> None:
               f"{r['worker_samples']}, {pct(r['worker_forward'], r['worker_samples'])}, "
               f"{pct(r['worker_own_code'], r['worker_samples'])}, {r['worker_onednn_mm']}, {r['worker_attention']} | "
               f"{cpu_cell} | {detail_cell} |")
+    for r in rows:
+        if r.get("vllm"):
+            print(f"{r['run']}: " + ", ".join(f"{k.removeprefix('vllm:')} {v:.0f}" for k, v in r["vllm"].items()))
 
 
 def main() -> int:
