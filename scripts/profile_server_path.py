@@ -103,6 +103,7 @@ def over_replay(before: dict, after: dict) -> dict:
 def suite_cell(args, system: str, port: int, folder: Path) -> tuple[list[str], dict, list[str], object]:
     """The evaluation's own server command, environment and replay for one suite cell, and
     the System (morphserve.evaluation: the same code `morphserve evaluate` runs)."""
+    from morphserve.evaluation.runner import replay_args
     from morphserve.evaluation.suite import load_suite
     from morphserve.evaluation.systems import server_command
 
@@ -113,13 +114,7 @@ def suite_cell(args, system: str, port: int, folder: Path) -> tuple[list[str], d
     budget = by_name(suite.budgets, args.suite_budget, "budget")
     spec = by_name(suite.systems, system, "system")
     cmd, env = server_command(spec, budget, suite, Path(args.model), Path(args.pack), port, folder)
-    replay = ["--trace", window.trace, "--window", f"{window.start_s}:{window.duration_s}",
-              "--rate-scale", repr(window.rate_scale), "--length-scale", repr(window.length_scale),
-              "--output-scale", repr(window.output_scale), "--timestamp-unit", window.timestamp_unit,
-              "--slo-ttft", str(suite.slo_ttft_s), "--slo-tpot", str(suite.slo_tpot_s), "--seed", str(suite.seed)]
-    if window.max_input:
-        replay += ["--max-input", str(window.max_input)]
-    return cmd, env, replay, (spec, suite)
+    return cmd, env, replay_args(suite, window), (spec, suite)
 
 
 def profile_one(args, system: str, folder: Path) -> dict:

@@ -303,6 +303,20 @@ def one_run(suite: Suite, rep: int, window: Window, budget: Budget, system: Syst
 BEFORE_CUT_S = 10.0  # a cut run's policy decisions are read this long before its deadline
 
 
+def replay_args(suite: Suite, window: Window) -> list[str]:
+    """`morphserve replay`'s arguments for a window of a suite: the trace, its scaling, the
+    SLOs and the seed (scripts/profile_server_path.py replays a suite cell with them too)."""
+    args = ["--trace", window.trace, "--window", f"{window.start_s}:{window.duration_s}",
+            "--rate-scale", repr(window.rate_scale), "--length-scale", repr(window.length_scale),
+            "--output-scale", repr(window.output_scale), "--timestamp-unit", window.timestamp_unit,
+            "--slo-ttft", str(suite.slo_ttft_s), "--slo-tpot", str(suite.slo_tpot_s), "--seed", str(suite.seed)]
+    if window.max_input:
+        args += ["--max-input", str(window.max_input)]
+    if window.hash_block_size:
+        args += ["--hash-block-size", str(window.hash_block_size)]
+    return args
+
+
 def _replay(suite: Suite, window: Window, system: System, model: Path, base: str, folder: Path,
             proc: subprocess.Popen, before_cut: Callable[[], dict] | None = None) -> dict:
     """`morphserve replay` with a deadline: once the window plus `drain_s` has passed on the
@@ -310,16 +324,8 @@ def _replay(suite: Suite, window: Window, system: System, model: Path, base: str
     as violations with infinite latency). `before_cut` runs `BEFORE_CUT_S` before the
     deadline (so its time is not extra time for the requests still running); what it
     returns joins the record if the run is cut."""
-    cmd = [sys.executable, "-m", "morphserve.cli", "replay", "--trace", window.trace,
-           "--window", f"{window.start_s}:{window.duration_s}", "--rate-scale", repr(window.rate_scale),
-           "--length-scale", repr(window.length_scale), "--output-scale", repr(window.output_scale),
-           "--timestamp-unit", window.timestamp_unit, "--url", base, "--out", str(folder),
-           "--slo-ttft", str(suite.slo_ttft_s), "--slo-tpot", str(suite.slo_tpot_s), "--system", system.name,
-           "--tokenizer", str(model), "--seed", str(suite.seed), "--no-plot"]
-    if window.max_input:
-        cmd += ["--max-input", str(window.max_input)]
-    if window.hash_block_size:
-        cmd += ["--hash-block-size", str(window.hash_block_size)]
+    cmd = [sys.executable, "-m", "morphserve.cli", "replay", *replay_args(suite, window), "--url", base,
+           "--out", str(folder), "--system", system.name, "--tokenizer", str(model), "--no-plot"]
     bench_log = folder / "bench.log"
     bench_log.unlink(missing_ok=True)
     with open(folder / "replay.log", "w") as log:

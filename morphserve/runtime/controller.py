@@ -140,6 +140,8 @@ class MorphController:
         controller.ranks = len(results)
         controller.rank_weight_bytes = max(r["weight_bytes"] for r in results)
         controller.prompt_twin_bytes = max(r.get("prompt_twin_bytes", 0) for r in results)
+        if not any(r.get("heap_trim_available", True) for r in results):
+            controller.heap_trims = BoundaryTrims(0.0)  # no worker can trim: no call every interval for nothing
         if controller.prompt_twin_bytes:
             log.info("MorphServe: prompt twins resident for the first %d layers of the ladder (%.1f MiB per rank, "
                      "steps of %d+ tokens)", config.prompt_twin_layers, controller.prompt_twin_bytes / 2**20,

@@ -81,6 +81,7 @@ class MorphWorkerExtension:
                 "backend": backend.name, "commits_on_touch": backend.commits_on_touch, "rank": rank[0],
                 "ranks": rank[1], "held_tier_bytes": self._morph.held_tier_bytes(every_tier=every_tier),
                 "prompt_twin_bytes": self._morph.prompt_twin_bytes(),
+                "heap_trim_available": self._trimmer.available,  # False under a preloaded allocator
                 # this rank's weights at full precision: its shard of every linear, its
                 # embedding rows, and the norms every rank holds (a shard's bytes, not the file's)
                 "weight_bytes": self._weight_bytes() + sum(s.fp_bytes for s in self._morph.all_linears())}
