@@ -1,0 +1,169 @@
+"""Many requests at once, plain vLLM on the pack's static W8A8 checkpoint against MorphServe on
+the same rung: what MorphServe's serving path costs per token while a batch decodes.
+
+scripts/bench_serving_prefill.py times one request at a time; the evaluation's rows mix
+arrivals, queueing and preemptions, so a few percent of step time is lost in their spread.
+Here every server gets the same closed-loop load from vLLM's own `vllm bench serve`
+(random prompts of `--input-tokens`, exactly `--output-tokens` generated, `--concurrency`
+in flight, `--requests` in all, a fixed seed), with KV room for all of them at once, so no
+request is preempted and the batch stays full. Systems:
+- `plain`: plain vLLM serving the pack's W8A8 checkpoint;
+- `held`: MorphServe after the evaluation's warm-up transitions, held at its ladder's top
+  (all-W8A8 on a W8A8-only pack): no policy, the serving path and the boundary hooks only;
+- `policy`: MorphServe after the same warm-up with its `--policy` in charge, as `morphserve
+  evaluate` runs it (it moves to the top for speed at the first request).
+Servers are started one at a time, in alternation for `--rounds` rounds, so a machine's drift
+lands on all of them. Prints, per system, output tokens/s, median TPOT and median TTFT as the
+median [range] over rounds, and each over plain's; a ratio whose ranges overlap plain's is a tie.
+
+    python scripts/bench_serving_batch.py --model MODEL_DIR --pack PACK_DIR [--systems plain,held,policy]
+        [--concurrency 12] [--requests 36] [--input-tokens 256] [--output-tokens 128] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from morphserve.evaluation.runner import MemorySampler  # noqa: E402
+from morphserve.evaluation.systems import static_w8a8_dir  # noqa: E402
+from morphserve.harness.servers import free_port, start_server, stop_server  # noqa: E402
+from scripts.bench_serving_prefill import _get, _ids, _post, spread  # noqa: E402  (the same requests and helpers)
+from morphserve.vllm.server import PLAIN_VLLM_SERVER  # noqa: E402
+
+SYSTEMS = ("plain", "held", "policy")
+
+
+def command(system: str, args, port: int) -> tuple[list[str], dict]:
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+    env.update(VLLM_LOGGING_LEVEL="WARNING")
+    common = ["--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(args.max_model_len),
+              "--max-num-seqs", "64", "--served-model-name", "model", "--seed", "0", "--dtype", args.dtype,
+              "--enforce-eager", "--kv-cache-memory-bytes", str(args.kv_mb * 2**20)]
+    if system == "plain":
+        env["VLLM_PLUGINS"] = ""
+        return [sys.executable, "-m", PLAIN_VLLM_SERVER, "--model", str(static_w8a8_dir(Path(args.pack))),
+                "--tokenizer", args.model, *common], env
+    return [sys.executable, "-m", "morphserve.cli", "serve", args.model, "--pack", args.pack, "--policy", args.policy,
+            "--manual-min-interval", "0", *common], env
+
+
+def load(base: str, args, out: Path) -> dict:
+    """One closed-loop load from vLLM's benchmark client; its saved result."""
+    name = out.name + ".json"
+    cmd = [sys.executable, "-m", "morphserve.vllm.bench", "serve", "--backend", "vllm", "--base-url", base,
+           "--model", "model", "--tokenizer", args.model, "--dataset-name", "random",
+           "--random-input-len", str(args.input_tokens), "--random-output-len", str(args.output_tokens),
+           "--random-range-ratio", "0", "--num-prompts", str(args.requests), "--max-concurrency", str(args.concurrency),
+           "--request-rate", "inf", "--ignore-eos", "--temperature", "0", "--seed", "0", "--disable-tqdm",
+           "--ready-check-timeout-sec", "0", "--percentile-metrics", "ttft,tpot", "--metric-percentiles", "50",
+           "--save-result", "--result-dir", str(out.parent), "--result-filename", name]
+    with open(out.with_suffix(".bench.log"), "w") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONHASHSEED": "0"}).returncode
+    if rc != 0:
+        raise SystemExit(f"vllm bench serve failed (exit {rc}): see {out.with_suffix('.bench.log')}")
+    return json.loads((out.parent / name).read_text())
+
+
+def run_one(system: str, args, round_no: int) -> dict:
+    port = free_port()
+    cmd, env = command(system, args, port)
+    tag = f"{system}-r{round_no}"
+    proc = start_server(cmd, env, args.out / f"{tag}.log", port, timeout=600)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for k in range(3):
+            _post(base, "/v1/completions", {"model": "model", "prompt": _ids(64, k), "max_tokens": 8})
+        level = None
+        if system != "plain":  # the evaluation's warm-up transitions, then held or handed to the policy
+            top = _get(base, "/morphserve/state?memory=0")["max_level"]
+            for lv in (top, 0):
+                _post(base, "/morphserve/level", {"level": lv})
+                _post(base, "/v1/completions", {"model": "model", "prompt": _ids(64, 9), "max_tokens": 8})
+            _post(base, "/morphserve/level", {"level": top if system == "held" else None})
+        rss = MemorySampler(proc.pid, every=0.2)  # the evaluation's own peak-RSS sampler
+        rss.start()
+        try:
+            result = load(base, args, args.out / tag)
+        finally:
+            rss.stop.set()
+            rss.join()
+        preemptions = preempted(base)
+        if system != "plain":
+            state = _get(base, "/morphserve/state?memory=0")
+            level = state.get("level")
+    finally:
+        stop_server(proc)
+    return {"system": system, "round": round_no, "output_tok_s": result["output_throughput"],
+            "tpot_median_s": result["median_tpot_ms"] / 1000, "ttft_median_s": result["median_ttft_ms"] / 1000,
+            "completed": result["completed"], "level_after": level, "preemptions": preemptions,
+            "peak_rss_mib": rss.peak["total"] / 2**20}
+
+
+def preempted(base: str) -> int | None:
+    """vLLM's own preemption counter (the load is meant to fit: a preemption would recompute)."""
+    with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("vllm:num_preemptions_total"):
+                return int(float(line.rsplit(" ", 1)[1]))
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="the model directory (the evaluation's)")
+    ap.add_argument("--pack", required=True, help="the MorphServe pack directory (it must hold a W8A8 tier)")
+    ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {', '.join(SYSTEMS)}; "
+                    "run in this order each round")
+    ap.add_argument("--policy", default="default", help="the `policy` system's policy preset or YAML")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of alternation (each starts every system once)")
+    ap.add_argument("--concurrency", type=int, default=12, help="requests in flight at once")
+    ap.add_argument("--requests", type=int, default=36, help="requests per server")
+    ap.add_argument("--input-tokens", type=int, default=256, help="prompt tokens per request")
+    ap.add_argument("--output-tokens", type=int, default=128, help="tokens each request generates")
+    ap.add_argument("--kv-mb", type=int, default=160,
+                    help="every server's --kv-cache-memory-bytes in MiB: room for the whole batch at once")
+    ap.add_argument("--dtype", default="bfloat16", help="the servers' --dtype")
+    ap.add_argument("--max-model-len", type=int, default=2048, help="every server's --max-model-len")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/bench_serving_batch"), help="logs and results.json")
+    args = ap.parse_args(argv)
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown:
+        ap.error(f"unknown system(s) {', '.join(unknown)}: choose from {', '.join(SYSTEMS)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for r in range(1, args.rounds + 1):
+        for system in systems:
+            run = run_one(system, args, r)
+            runs.append(run)
+            print(f"round {r} {system}: {run['output_tok_s']:.1f} output tok/s, TPOT {run['tpot_median_s']:.4f} s, "
+                  f"TTFT {run['ttft_median_s']:.3f} s, level after {run['level_after']}, preemptions "
+                  f"{run['preemptions']}, peak RSS {run['peak_rss_mib']:.0f} MiB", flush=True)
+            (args.out / "results.json").write_text(json.dumps(runs, indent=1))
+    print("\n| system | output tok/s | over plain | median TPOT (s) | over plain | median TTFT (s) | over plain "
+          "| peak RSS (MiB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    base = {k: [x[k] for x in runs if x["system"] == "plain"] for k in ("output_tok_s", "tpot_median_s", "ttft_median_s")}
+    for system in systems:
+        cells = []
+        for k in ("output_tok_s", "tpot_median_s", "ttft_median_s"):
+            mine = [x[k] for x in runs if x["system"] == system]
+            ratio = f"{statistics.median(mine) / statistics.median(base[k]):.3f}x" if base[k] else "-"
+            cells += [spread(mine), ratio]
+        peaks = [x["peak_rss_mib"] for x in runs if x["system"] == system]
+        cells.append(f"{statistics.median(peaks):.0f} [{min(peaks):.0f}, {max(peaks):.0f}]")
+        print(f"| {system} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
