@@ -36,10 +36,31 @@ sys.path.insert(0, str(REPO))
 from morphserve.evaluation.runner import MemorySampler  # noqa: E402
 from morphserve.evaluation.systems import static_w8a8_dir  # noqa: E402
 from morphserve.harness.servers import free_port, start_server, stop_server  # noqa: E402
-from scripts.bench_serving_prefill import _get, _ids, _post, spread  # noqa: E402  (the same requests and helpers)
+from scripts.bench_serving_prefill import _get, _ids, _post  # noqa: E402  (the same requests and helpers)
 from morphserve.vllm.server import PLAIN_VLLM_SERVER  # noqa: E402
 
 SYSTEMS = ("plain", "held", "policy")
+# A MorphServe system may end in one heap-trim setting: -trim-S (every S seconds, at step
+# boundaries), -grow-M (every 0.5 s once the worker grew M MiB since its last trim) or -trim-off.
+TRIM_SUFFIXES = ("-trim-off", "-trim-", "-grow-")
+
+
+def trim_args(system: str) -> tuple[str, list[str]]:
+    """`system` split into its base (plain, held or policy) and its heap-trim flags for serve."""
+    for suffix in TRIM_SUFFIXES:
+        base, sep, value = system.partition(suffix)
+        if not sep or base not in ("held", "policy"):
+            continue
+        try:
+            if suffix == "-trim-off" and not value:
+                return base, ["--heap-trim-interval", "0"]
+            if suffix == "-trim-" and float(value) > 0:
+                return base, ["--heap-trim-interval", value]
+            if suffix == "-grow-" and float(value) > 0:
+                return base, ["--heap-trim-min-growth-mb", value]
+        except ValueError:
+            pass
+    return system, []
 
 
 def command(system: str, args, port: int) -> tuple[list[str], dict]:
@@ -52,8 +73,9 @@ def command(system: str, args, port: int) -> tuple[list[str], dict]:
         env["VLLM_PLUGINS"] = ""
         return [sys.executable, "-m", PLAIN_VLLM_SERVER, "--model", str(static_w8a8_dir(Path(args.pack))),
                 "--tokenizer", args.model, *common], env
+    _, trim = trim_args(system)
     return [sys.executable, "-m", "morphserve.cli", "serve", args.model, "--pack", args.pack, "--policy", args.policy,
-            "--manual-min-interval", "0", *common], env
+            "--manual-min-interval", "0", *trim, *common], env
 
 
 def load(base: str, args, out: Path) -> dict:
@@ -88,7 +110,7 @@ def run_one(system: str, args, round_no: int) -> dict:
             for lv in (top, 0):
                 _post(base, "/morphserve/level", {"level": lv})
                 _post(base, "/v1/completions", {"model": "model", "prompt": _ids(64, 9), "max_tokens": 8})
-            _post(base, "/morphserve/level", {"level": top if system == "held" else None})
+            _post(base, "/morphserve/level", {"level": top if trim_args(system)[0] == "held" else None})
         rss = MemorySampler(proc.pid, every=0.2)  # the evaluation's own peak-RSS sampler
         rss.start()
         try:
@@ -117,12 +139,17 @@ def preempted(base: str) -> int | None:
     return None
 
 
+def spread(values: list[float], digits: int) -> str:
+    return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}, {max(values):.{digits}f}]"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="the model directory (the evaluation's)")
     ap.add_argument("--pack", required=True, help="the MorphServe pack directory (it must hold a W8A8 tier)")
-    ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {', '.join(SYSTEMS)}; "
-                    "run in this order each round")
+    ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {', '.join(SYSTEMS)}, "
+                    "held and policy optionally ending in -trim-S, -grow-M or -trim-off (the heap trimmer every S "
+                    "seconds, after M MiB of growth, or off; default: serve's); run in this order each round")
     ap.add_argument("--policy", default="default", help="the `policy` system's policy preset or YAML")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of alternation (each starts every system once)")
     ap.add_argument("--concurrency", type=int, default=12, help="requests in flight at once")
@@ -136,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench_serving_batch"), help="logs and results.json")
     args = ap.parse_args(argv)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = [s for s in systems if s not in SYSTEMS]
+    unknown = [s for s in systems if trim_args(s)[0] not in SYSTEMS or (s != trim_args(s)[0] and not trim_args(s)[1])]
     if unknown:
         ap.error(f"unknown system(s) {', '.join(unknown)}: choose from {', '.join(SYSTEMS)}")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -155,10 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     base = {k: [x[k] for x in runs if x["system"] == "plain"] for k in ("output_tok_s", "tpot_median_s", "ttft_median_s")}
     for system in systems:
         cells = []
-        for k in ("output_tok_s", "tpot_median_s", "ttft_median_s"):
+        for k, digits in (("output_tok_s", 1), ("tpot_median_s", 4), ("ttft_median_s", 3)):
             mine = [x[k] for x in runs if x["system"] == system]
             ratio = f"{statistics.median(mine) / statistics.median(base[k]):.3f}x" if base[k] else "-"
-            cells += [spread(mine), ratio]
+            cells += [spread(mine, digits), ratio]
         peaks = [x["peak_rss_mib"] for x in runs if x["system"] == system]
         cells.append(f"{statistics.median(peaks):.0f} [{min(peaks):.0f}, {max(peaks):.0f}]")
         print(f"| {system} | " + " | ".join(cells) + " |")
