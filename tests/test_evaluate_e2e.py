@@ -93,6 +93,11 @@ def test_runs_record_memory_capacity_and_quality(evaluated, pack_dir):
         # every token served is charged, a cut request's too
         assert sum(tokens["output"].values()) == sum(run["served_output_lens"])
         assert sum(tokens["prompt"].values()) == sum(l for l, n in zip(run["input_lens"], run["served_output_lens"]) if n)
+        # vLLM's own counters over the replay alone (the warm-up's requests are not in them)
+        counters = run["vllm_counters"]
+        assert counters["prompt_tokens"] >= sum(run["input_lens"][k] for k, n in enumerate(run["served_output_lens"]) if n)
+        assert counters["generation_tokens"] >= sum(run["served_output_lens"]) and counters["steps"] > 0
+        assert counters["preemptions"] >= 0 and counters["step_tokens"] >= counters["generation_tokens"]
     assert fp16["ppl_increase"] == 0.0 and set(fp16["tokens_by_level"]["output"]) == {"0"}
     assert ms["kv_blocks"]["level0"] < ms["kv_blocks"]["max_level"]
     assert ms["warmup"]["levels"] == [30, 0]

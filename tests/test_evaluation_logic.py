@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from morphserve.errors import MorphServeError
-from morphserve.evaluation import aggregate, quality
+from morphserve.evaluation import aggregate, quality, render
 from morphserve.evaluation.runner import run_order
 from morphserve.evaluation.suite import load_suite
 from policies.config import load_policy
@@ -232,6 +232,18 @@ def test_the_heap_trimmers_counts_are_summarized_per_system():
     out = aggregate.summarize_cell(runs, "fp16", None)
     assert out["ms"]["heap_trims"] == {"median": 667, "low": 666, "high": 672, "n": 3}
     assert out["fp16"]["heap_trims"] is None
+
+
+def test_vllms_preemptions_are_summarized_for_every_system_that_recorded_them():
+    runs = {"fp16": {rep: {**_run("fp16", rep, 10, 8.0), "vllm_counters": {"preemptions": n, "steps": 900}}
+                     for rep, n in ((1, 14.0), (2, 18.0), (3, 13.0))},
+            "ms": {rep: {**_run("ms", rep, 5, 4.0), "vllm_counters": {"error": "vLLM's /metrics not read: x"}}
+                   for rep in (1, 2, 3)}}
+    out = aggregate.summarize_cell(runs, "fp16", None)
+    assert out["fp16"]["preemptions"] == {"median": 14.0, "low": 13.0, "high": 18.0, "n": 3}
+    assert out["ms"]["preemptions"] is None  # a failed read is no figure
+    table = render.table({"cells": [{"window": "w", "budget": "b", "systems": out}]})
+    assert "| preemptions |" in table and "| 14 [13, 18] |" in table
 
 
 def test_unequal_work_is_caught():

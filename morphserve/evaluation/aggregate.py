@@ -75,6 +75,10 @@ def summarize_cell(runs: dict[str, dict[int, dict]], baseline: str, static_quant
         # how often a MorphServe worker's heap trimmer trimmed (its memory comes with it); None elsewhere
         trims = spread([(r.get("heap_trim") or {}).get("calls") for r in reps.values()])
         row["heap_trims"] = trims.as_dict() if trims.n else None
+        # vLLM's own preemptions over the replay (morphserve.evaluation.vllm_counters): a
+        # preempted request recomputes, so an overloaded row's work differs by this
+        preempted = spread([(r.get("vllm_counters") or {}).get("preemptions") for r in reps.values()])
+        row["preemptions"] = preempted.as_dict() if preempted.n else None
         if system != baseline and base:
             paired = [rep for rep in reps if rep in base]
             ttft = spread([_ratio(base[p]["ttft_p95"], reps[p]["ttft_p95"]) for p in paired])  # speed-up

@@ -21,7 +21,7 @@ from morphserve.offline import pack as packfmt
 from morphserve.offline.ladder import Ladder, level_ppl_curve, served_quality
 from morphserve.runtime.config import serve_tiers
 from morphserve.errors import MorphServeError
-from morphserve.evaluation import kv_quality, machine, quality, systems
+from morphserve.evaluation import kv_quality, machine, quality, systems, vllm_counters
 from morphserve.evaluation.suite import Budget, Suite, System, Window
 from morphserve.harness.servers import free_port, group_rss, start_server, stop_server
 from morphserve.runtime.proc_memory import process_breakdown
@@ -253,11 +253,15 @@ def one_run(suite: Suite, rep: int, window: Window, budget: Budget, system: Syst
     try:
         record["warmup"] = systems.warm_up(system, base, suite.warmup_requests, top_level)
         record["kv_blocks"] = systems.kv_blocks(system, base)
+        counters = _counters(base)
         sampler.start()
         # A cut run's decisions are read shortly before its deadline, while the server still
         # answers: there they explain most (the level it held under load it could not serve).
         before_cut = (lambda: systems.last_decisions(base)) if system.kind == "morphserve" else None
         record.update(_replay(suite, window, system, model, base, folder, proc, before_cut))
+        after = _counters(base)
+        record["vllm_counters"] = (vllm_counters.between(counters, after) if "error" not in counters | after
+                                   else {"error": (counters | after)["error"]})
         if system.kind == "morphserve" and not record["cut_at_deadline"]:
             # the policy's own quality figure (to check against ours) and why it held where it did not move
             record.update(systems.policy_record(base))
@@ -298,6 +302,15 @@ def one_run(suite: Suite, rep: int, window: Window, budget: Budget, system: Syst
                                           default=0)
     (folder / "run.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
+
+
+def _counters(base: str) -> dict:
+    """vLLM's scheduler counters now (morphserve.evaluation.vllm_counters), or why not: a
+    figure beside the run, never a reason to fail it."""
+    try:
+        return vllm_counters.read(base)
+    except (OSError, ValueError) as e:
+        return {"error": f"vLLM's /metrics not read: {e}"}
 
 
 BEFORE_CUT_S = 10.0  # a cut run's policy decisions are read this long before its deadline
