@@ -33,6 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from morphserve.errors import MorphServeError  # noqa: E402
 from morphserve.evaluation.runner import MemorySampler  # noqa: E402
 from morphserve.evaluation.systems import static_w8a8_dir  # noqa: E402
 from morphserve.harness.servers import free_port, start_server, stop_server  # noqa: E402
@@ -166,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in systems if trim_args(s)[0] not in SYSTEMS or (s != trim_args(s)[0] and not trim_args(s)[1])]
     if unknown:
         ap.error(f"unknown system(s) {', '.join(unknown)}: choose from {', '.join(SYSTEMS)}")
+    try:  # a pack that cannot serve static W8A8 fails here, in one line, before any server starts
+        static_w8a8_dir(Path(args.pack))
+    except (MorphServeError, OSError, ValueError) as e:
+        ap.error(f"--pack {args.pack}: {e}")
     args.out.mkdir(parents=True, exist_ok=True)
     runs = []
     for r in range(1, args.rounds + 1):
