@@ -10,6 +10,8 @@ request is preempted and the batch stays full. Systems:
 - `plain`: plain vLLM serving the pack's W8A8 checkpoint;
 - `held`: MorphServe after the evaluation's warm-up transitions, held at its ladder's top
   (all-W8A8 on a W8A8-only pack): no policy, the serving path and the boundary hooks only;
+- `held-once`: MorphServe moved to its ladder's top once and held there, with no round trip
+  (its layers quantized once, never restored);
 - `policy`: MorphServe after the same warm-up with its `--policy` in charge, as `morphserve
   evaluate` runs it (it moves to the top for speed at the first request).
 Servers are started one at a time, in alternation for `--rounds` rounds, so a machine's drift
@@ -40,7 +42,7 @@ from morphserve.harness.servers import free_port, start_server, stop_server  # n
 from scripts.bench_serving_prefill import _get, _ids, _post  # noqa: E402  (the same requests and helpers)
 from morphserve.vllm.server import PLAIN_VLLM_SERVER  # noqa: E402
 
-SYSTEMS = ("plain", "held", "policy")
+SYSTEMS = ("plain", "held", "held-once", "policy")
 # A MorphServe system may end in one heap-trim setting: -trim-S (every S seconds, at step
 # boundaries), -grow-M (every 0.5 s once the worker grew M MiB since its last trim) or -trim-off.
 TRIM_SUFFIXES = ("-trim-off", "-trim-", "-grow-")
@@ -50,7 +52,7 @@ def trim_args(system: str) -> tuple[str, list[str]]:
     """`system` split into its base (plain, held or policy) and its heap-trim flags for serve."""
     for suffix in TRIM_SUFFIXES:
         base, sep, value = system.partition(suffix)
-        if not sep or base not in ("held", "policy"):
+        if not sep or base not in ("held", "held-once", "policy"):
             continue
         try:
             if suffix == "-trim-off" and not value:
@@ -106,12 +108,13 @@ def run_one(system: str, args, round_no: int) -> dict:
         for k in range(3):
             _post(base, "/v1/completions", {"model": "model", "prompt": _ids(64, k), "max_tokens": 8})
         level = None
-        if system != "plain":  # the evaluation's warm-up transitions, then held or handed to the policy
+        kind = trim_args(system)[0]
+        if kind != "plain":  # the evaluation's warm-up transitions, then held or handed to the policy
             top = _get(base, "/morphserve/state?memory=0")["max_level"]
-            for lv in (top, 0):
+            for lv in (top,) if kind == "held-once" else (top, 0):
                 _post(base, "/morphserve/level", {"level": lv})
                 _post(base, "/v1/completions", {"model": "model", "prompt": _ids(64, 9), "max_tokens": 8})
-            _post(base, "/morphserve/level", {"level": top if trim_args(system)[0] == "held" else None})
+            _post(base, "/morphserve/level", {"level": None if kind == "policy" else top})
         rss = MemorySampler(proc.pid, every=0.2)  # the evaluation's own peak-RSS sampler
         rss.start()
         try:

@@ -21,6 +21,8 @@ spec.loader.exec_module(bench)
     ("policy-trim-0.5", ("policy", ["--heap-trim-interval", "0.5"])),
     ("held-grow-32", ("held", ["--heap-trim-min-growth-mb", "32"])),
     ("held-trim-off", ("held", ["--heap-trim-interval", "0"])),
+    ("held-once", ("held-once", [])),
+    ("held-once-grow-32", ("held-once", ["--heap-trim-min-growth-mb", "32"])),
 ])
 def test_a_system_name_is_a_server_and_its_trim_flags(name, expected):
     assert bench.trim_args(name) == expected
