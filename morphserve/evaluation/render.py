@@ -59,7 +59,7 @@ def table(report: dict) -> str:
                 f"{cell(row['slo_violations'], '.0f')} | {_verdict(vs.get('violations_fewer'), pct=True)} | "
                 f"{cell(row['ttft_p95'])} | {_verdict(vs.get('ttft_p95_speedup'), suffix='x')} | "
                 f"{cell(row['tpot_p95'], '.3f')} | {cell(row['throughput_tok_s'], '.1f')} | {_kv(row['kv_blocks'])} | "
-                f"{cell(row['preemptions'], '.0f') if row.get('preemptions') else '-'} | "
+                f"{cell(row.get('preemptions'), '.0f')} | "  # absent from reports made before vllm_counters
                 f"{cell(row['peak_rss_total_mib'], '.0f')} | {cell(row['ppl_increase'], pct=True)} | {targets} |")
     return "\n".join(lines)
 

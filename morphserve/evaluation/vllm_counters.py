@@ -3,9 +3,10 @@
 An overloaded row is decided by what the scheduler did as much as by the kernels: a
 preempted request gives up its KV and recomputes its prompt and the tokens it had made, so
 two servers at the same rung can serve the same tokens with different work. vLLM counts
-this in its Prometheus metrics (the API server's registry: reading them asks nothing of the
-engine), so the evaluation reads them after the warm-up and after the replay and keeps the
-difference in run.json. Parsed with prometheus_client's own text parser.
+this in its Prometheus metrics (the API server's registry; on a MorphServe server the scrape
+also refreshes MorphServe's gauges with one engine-core state read, no worker call), so the
+evaluation reads them twice, after the warm-up and after the replay, outside the replay, and
+keeps the difference in run.json. Parsed with prometheus_client's own text parser.
 """
 
 from __future__ import annotations
