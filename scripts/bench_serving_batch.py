@@ -30,12 +30,12 @@ import os
 import statistics
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from morphserve.errors import MorphServeError  # noqa: E402
+from morphserve.evaluation import vllm_counters  # noqa: E402
 from morphserve.evaluation.runner import MemorySampler  # noqa: E402
 from morphserve.evaluation.systems import static_w8a8_dir  # noqa: E402
 from morphserve.harness.servers import free_port, start_server, stop_server  # noqa: E402
@@ -122,7 +122,8 @@ def run_one(system: str, args, round_no: int) -> dict:
         finally:
             rss.stop.set()
             rss.join()
-        preemptions = preempted(base)
+        # vLLM's own preemption counter (the load is meant to fit: a preemption would recompute)
+        preemptions = vllm_counters.read(base).get("preemptions")
         if system != "plain":
             state = _get(base, "/morphserve/state?memory=0")
             level = state.get("level")
@@ -132,15 +133,6 @@ def run_one(system: str, args, round_no: int) -> dict:
             "tpot_median_s": result["median_tpot_ms"] / 1000, "ttft_median_s": result["median_ttft_ms"] / 1000,
             "completed": result["completed"], "level_after": level, "preemptions": preemptions,
             "peak_rss_mib": rss.peak["total"] / 2**20}
-
-
-def preempted(base: str) -> int | None:
-    """vLLM's own preemption counter (the load is meant to fit: a preemption would recompute)."""
-    with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith("vllm:num_preemptions_total"):
-                return int(float(line.rsplit(" ", 1)[1]))
-    return None
 
 
 def spread(values: list[float], digits: int) -> str:

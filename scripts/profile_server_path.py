@@ -253,23 +253,15 @@ def share(rows: list[tuple[str, int]], *needles: str) -> int:
     return sum(n for stack, n in rows if any(needle in stack for needle in needles))
 
 
-VLLM_COUNTERS = ("vllm:num_preemptions_total", "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total",
-                 "vllm:prompt_tokens_total", "vllm:generation_tokens_total")
-
-
 def vllm_counters(path: Path) -> dict[str, float]:
-    """vLLM's counters from a saved /metrics page (summed over their label sets)."""
-    out: dict[str, float] = {}
-    if not path.is_file():
-        return out
-    for line in path.read_text().splitlines():
-        name = line.split("{")[0].split(" ")[0]
-        if name in VLLM_COUNTERS:
-            try:
-                out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
-            except (IndexError, ValueError):
-                continue
-    return out
+    """vLLM's counters from a saved /metrics page, read as `morphserve evaluate` reads them
+    (morphserve.evaluation.vllm_counters); empty where the page is missing or unreadable."""
+    from morphserve.evaluation import vllm_counters as counters
+
+    try:
+        return counters.parse(path.read_text()) if path.is_file() else {}
+    except ValueError:  # "# could not read /metrics: ..." or a truncated page
+        return {}
 
 
 def summarize(folder: Path) -> list[dict]:
@@ -312,7 +304,7 @@ def print_summary(rows: list[dict]) -> None:
               f"{cpu_cell} | {detail_cell} |")
     for r in rows:
         if r.get("vllm"):
-            print(f"{r['run']}: " + ", ".join(f"{k.removeprefix('vllm:')} {v:.0f}" for k, v in r["vllm"].items()))
+            print(f"{r['run']}: " + ", ".join(f"{k} {v:.0f}" for k, v in r["vllm"].items()))
 
 
 def main() -> int:
