@@ -17,9 +17,6 @@ blocks resident, +96 MiB of KV over plain FP16's 19 blocks). So the blocks are s
 Resident KV then follows what the load held at once, not what it cycled through. The price:
 prefixes are cached in the warm blocks only (as many as the rest capacity holds), and a
 cold block's pages fault in again when it is next used (about a millisecond a block here).
-The controller leaves the tail alone while requests wait: a request vLLM preempted for blocks
-resumes from its cached prefix, and evicting the cold part of it made MorphServe compute those
-prompts again (its worker's prefill attention 34% over static W8A8's on an overloaded window).
 
 Pure logic over `BlockStore` ids; the caller releases the pages (a worker call) and calls
 this only while the elastic pool is not shrinking (the draining range belongs to it).

@@ -418,6 +418,43 @@ def test_a_cut_runs_decisions_are_read_while_the_server_still_runs(tmp_path, mon
                                              proc=None)
 
 
+def test_a_cut_runs_vllm_counters_are_read_just_before_the_cut(tmp_path, monkeypatch):
+    """vLLM's counters die with the server: a cut run (an overloaded row, where preemptions
+    matter most) read them after the stop and recorded `Connection refused` in every run of
+    suite-v4-zen4d's first repetition. They are read at the deadline, before the stop."""
+    from morphserve.evaluation import runner
+    from morphserve.evaluation.suite import Budget, Suite, System, Window
+
+    events: list[str] = []
+
+    class FakeReplay:
+        returncode = None
+
+        def __init__(self, cmd, stdout, stderr):
+            (tmp_path / "bench.log").write_text("Starting main benchmark run\n")
+
+        def poll(self):
+            if "stop" in events and self.returncode is None:
+                self.returncode = 0
+            return self.returncode
+
+    monkeypatch.setattr(runner.subprocess, "Popen", FakeReplay)
+    monkeypatch.setattr(runner, "stop_server", lambda proc: events.append("stop"))
+    window = Window(name="w", trace="azure-conv", start_s=0, duration_s=0.2, rate_scale=1, length_scale=1,
+                    output_scale=1, regime="light", why="test")
+    suite = Suite(name="s", windows=[window], budgets=[Budget(name="b", total_mb=400)], drain_s=0.2,
+                  systems=[System(name="fp16", kind="fp16")], static_quantized=None)
+
+    def counters():
+        events.append("counters")
+        return {"preemptions": 7.0}
+
+    record = runner._replay(suite, window, suite.systems[0], tmp_path, "http://x", tmp_path, proc=None,
+                            at_cut=counters)
+    assert events == ["counters", "stop"]
+    assert record["cut_at_deadline"] and record["counters_at_cut"] == {"preemptions": 7.0}
+
+
 def test_a_cut_runs_decisions_are_read_best_effort():
     """Before a replay's drain deadline the policy's last decisions (and the heap trimmer's
     counters) are kept when the server answers, and a failed read is recorded instead of

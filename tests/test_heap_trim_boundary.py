@@ -65,7 +65,6 @@ def _controller(interval: float, wants_ticks: bool = False, fail: bool = False):
     c = object.__new__(MorphController)
     c.engine = SimpleNamespace(rpc=rpc)
     c.heap_trims = BoundaryTrims(interval, clock=Clock())
-    c.loop = SimpleNamespace(sample=None)  # no policy sampling: nothing says requests wait
     boundaries: list[bool] = []
     c.wants_idle_ticks = lambda: wants_ticks
     c.on_step_boundary = lambda stepped=True: boundaries.append(stepped)
@@ -113,55 +112,3 @@ def test_a_boundary_trimmer_starts_no_thread_and_trims_when_asked():
 def test_an_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="boundary, thread"):
         HeapTrimmer(0.5, trim=lambda pad: 0, mode="sometimes")
-
-
-def test_a_due_trim_waits_while_requests_wait_up_to_the_deferral_bound():
-    clock = Clock()
-    trims = BoundaryTrims(0.5, clock=clock, max_defer_s=10.0)
-    trims.stepped()
-    trims.done()
-    trims.stepped()
-    clock.now += 1.0
-    assert trims.due(waiting=0)  # no queue: the interval alone decides
-    assert not trims.due(waiting=3)  # a queue: the next step would fault the buffers back in
-    assert trims.deferred == 1
-    clock.now += 9.0  # 10 s since the last trim: a queue that never empties still gets trimmed
-    assert trims.due(waiting=3)
-
-
-def test_the_deferral_bound_is_never_shorter_than_the_interval():
-    clock = Clock()
-    trims = BoundaryTrims(20.0, clock=clock, max_defer_s=10.0)
-    trims.stepped()
-    trims.done()
-    trims.stepped()
-    clock.now += 15.0
-    assert not trims.due(waiting=2)
-    clock.now += 5.0
-    assert trims.due(waiting=2)
-
-
-def _sampled(c, waiting):
-    c.loop = SimpleNamespace(sample=SimpleNamespace(waiting=waiting))
-    return c
-
-
-def test_the_controller_holds_a_trim_back_at_a_boundary_with_a_queue_but_not_when_idle():
-    c, calls, _ = _controller(0.5)
-    _sampled(c, waiting=4)
-    c.heap_trims.stepped()
-    c.heap_trims.done()  # trimmed a second ago
-    c.heap_trims.stepped()
-    c.heap_trims._clock.now += 1.0
-    c.trim_heap_if_due()
-    assert calls == []  # requests wait: no trim between these steps
-    c.on_idle()  # idle: nothing is queued, whatever the last boundary sampled
-    assert calls == ["morphserve_trim_heap"]
-
-
-def test_without_a_sampler_the_controller_trims_as_before():
-    c, calls, _ = _controller(0.5)
-    c.loop = SimpleNamespace(sample=None)  # a server with no policy samples nothing
-    c.heap_trims.stepped()
-    c.trim_heap_if_due()
-    assert calls == ["morphserve_trim_heap"]

@@ -258,8 +258,10 @@ def one_run(suite: Suite, rep: int, window: Window, budget: Budget, system: Syst
         # A cut run's decisions are read shortly before its deadline, while the server still
         # answers: there they explain most (the level it held under load it could not serve).
         before_cut = (lambda: systems.last_decisions(base)) if system.kind == "morphserve" else None
-        record.update(_replay(suite, window, system, model, base, folder, proc, before_cut))
-        after = _counters(base)
+        record.update(_replay(suite, window, system, model, base, folder, proc, before_cut,
+                              at_cut=lambda: _counters(base)))
+        # a cut run's server is gone by now: its counters were read just before the cut
+        after = record.pop("counters_at_cut", None) or _counters(base)
         record["vllm_counters"] = (vllm_counters.between(counters, after) if "error" not in counters | after
                                    else {"error": (counters | after)["error"]})
         if system.kind == "morphserve" and not record["cut_at_deadline"]:
@@ -331,12 +333,15 @@ def replay_args(suite: Suite, window: Window) -> list[str]:
 
 
 def _replay(suite: Suite, window: Window, system: System, model: Path, base: str, folder: Path,
-            proc: subprocess.Popen, before_cut: Callable[[], dict] | None = None) -> dict:
+            proc: subprocess.Popen, before_cut: Callable[[], dict] | None = None,
+            at_cut: Callable[[], dict] | None = None) -> dict:
     """`morphserve replay` with a deadline: once the window plus `drain_s` has passed on the
     trace's clock, the server is stopped and the requests still running fail (they count
     as violations with infinite latency). `before_cut` runs `BEFORE_CUT_S` before the
     deadline (so its time is not extra time for the requests still running); what it
-    returns joins the record if the run is cut."""
+    returns joins the record if the run is cut. `at_cut` runs at the deadline, just before
+    the server is stopped (vLLM's counters, which die with it); its result is returned as
+    `counters_at_cut`."""
     cmd = [sys.executable, "-m", "morphserve.cli", "replay", *replay_args(suite, window), "--url", base,
            "--out", str(folder), "--system", system.name, "--tokenizer", str(model), "--no-plot"]
     bench_log = folder / "bench.log"
@@ -345,18 +350,19 @@ def _replay(suite: Suite, window: Window, system: System, model: Path, base: str
         replay = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         started = _wait_for_start(replay, bench_log)
         deadline = started + window.duration_s + suite.drain_s
-        cut, read = False, None
+        cut, read, at_deadline = False, None, None
         while replay.poll() is None:
             if before_cut and read is None and time.monotonic() > deadline - BEFORE_CUT_S:
                 read = before_cut()
             if time.monotonic() > deadline and not cut:
+                at_deadline = at_cut() if at_cut else None
                 stop_server(proc)  # in-flight requests fail; vLLM's load generator then finishes
                 cut = True
             time.sleep(0.2)
     if replay.returncode != 0:
         raise RuntimeError(f"replay failed (exit {replay.returncode}); see {folder / 'replay.log'}")
     return {"cut_at_deadline": cut, "replay_wall_s": round(time.monotonic() - started, 1),
-            **(read if cut and read else {})}
+            **(read if cut and read else {}), **({"counters_at_cut": at_deadline} if at_deadline else {})}
 
 
 def _wait_for_start(replay: subprocess.Popen, bench_log: Path, timeout: float = 300) -> float:

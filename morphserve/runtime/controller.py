@@ -140,6 +140,8 @@ class MorphController:
         controller.ranks = len(results)
         controller.rank_weight_bytes = max(r["weight_bytes"] for r in results)
         controller.prompt_twin_bytes = max(r.get("prompt_twin_bytes", 0) for r in results)
+        if not any(r.get("heap_trim_available", True) for r in results):
+            controller.heap_trims = BoundaryTrims(0.0)  # no worker can trim: no call every interval for nothing
         if controller.prompt_twin_bytes:
             log.info("MorphServe: prompt twins resident for the first %d layers of the ladder (%.1f MiB per rank, "
                      "steps of %d+ tokens)", config.prompt_twin_layers, controller.prompt_twin_bytes / 2**20,
@@ -264,13 +266,12 @@ class MorphController:
         if self.wants_idle_ticks():
             self.on_step_boundary(stepped=False)
         else:
-            self.trim_heap_if_due(idle=True)
+            self.trim_heap_if_due()
 
-    def trim_heap_if_due(self, idle: bool = False) -> None:
+    def trim_heap_if_due(self) -> None:
         """The workers hand their freed heap back between two steps, never inside one
-        (morphserve.runtime.heap_trimmer): one worker call once the interval has passed,
-        held back while requests wait (heap_trimmer.DEFAULT_MAX_DEFER_S says why)."""
-        if not self.heap_trims.due(0 if idle else self.requests_waiting()):  # idle: no queue, whatever was sampled
+        (morphserve.runtime.heap_trimmer): one worker call once the interval has passed."""
+        if not self.heap_trims.due():
             return
         try:
             self.engine.rpc("morphserve_trim_heap")
@@ -314,24 +315,13 @@ class MorphController:
             self.heap_trims.stepped()
         self.trim_heap_if_due()
 
-    def requests_waiting(self) -> int:
-        """Requests in vLLM's waiting queue at the last sampled boundary (0 without a sampler:
-        a server with no policy samples nothing, and then nothing says requests wait)."""
-        sample = getattr(self.loop, "sample", None)
-        return sample.waiting if sample is not None else 0
-
     def keep_tail_cold(self, now: float | None = None) -> None:
         """The cold tail's work at a boundary (kv_resize.cold_tail), only while the pool is
-        not changing size (a shrink's draining range and a restore's blocks are the
-        transitions' own) and no request waits: a request vLLM preempted for blocks waits to
-        resume from the prefix it left cached, and ordering the tail would evict the part of
-        it in cold blocks, so it would compute it all again. Under that pressure every block
-        is in use at once anyway; the tail goes cold again at the first boundary with no queue."""
+        not changing size: a shrink's draining range and a restore's blocks are the
+        transitions' own."""
         pool, moves = self.pool, self.moves
         if self.cold is None or pool.limit != pool.committed or moves.restoring is not None \
                 or moves.recovery_shrink_from is not None:
-            return
-        if self.requests_waiting():
             return
         self.cold.order(pool.store, pool.limit)
         runs = self.cold.to_release(pool.store, pool.limit, time.monotonic() if now is None else now)
@@ -515,10 +505,7 @@ class MorphController:
                     "accounted_bytes": accounted, "within_budget": accounted <= self.budget.budget_bytes,
                     "kv_resident_bytes": w["kv_resident_bytes"] if kv_resident else None,
                     "rss_anon_bytes": w["rss_anon_bytes"], "rss_file_bytes": w["rss_file_bytes"],
-                    "split_layers": w.get("split_layers", []), "heap_trim": with_deferred(w.get("heap_trim"))}
-
-        def with_deferred(trim: dict | None) -> dict | None:  # the workers' counts, and the trims a queue held back
-            return {**trim, "deferred_under_queue": self.heap_trims.deferred} if isinstance(trim, dict) else trim
+                    "split_layers": w.get("split_layers", []), "heap_trim": w.get("heap_trim")}
 
         out = {**equation(worker), "read_age_s": round(time.monotonic() - at, 3), "reads": self.memory_reads,
                "ranks": self.ranks}

@@ -57,42 +57,23 @@ MODES = ("boundary", "thread")
 DEFAULT_MODE = "boundary"  # see the module's docstring
 
 
-# While requests wait, a trim waits too, up to this long after the last one. Under a queue
-# the server is at its peak: every buffer a trim hands back is faulted in again by the next
-# step (zero-filled, in the forward's thread), so trimming then costs speed exactly when the
-# server has none to spare and lowers no peak. The bound keeps a queue that never empties
-# from growing the heap without limit.
-DEFAULT_MAX_DEFER_S = 10.0
-
-
 class BoundaryTrims:
     """The engine core's side of `mode="boundary"`: whether this boundary asks the workers
     to trim. Due once `interval_s` has passed since the last trim and a step has run since
     it (an idle server has nothing new to hand back); an idle moment after steps counts as a
-    boundary, so a burst's last buffers are returned too. With requests waiting, due only
-    once `max_defer_s` has passed (see DEFAULT_MAX_DEFER_S). Plain Python: the clock is passed in."""
+    boundary, so a burst's last buffers are returned too. Plain Python: the clock is passed in."""
 
-    def __init__(self, interval_s: float, clock=time.monotonic, max_defer_s: float = DEFAULT_MAX_DEFER_S):
+    def __init__(self, interval_s: float, clock=time.monotonic):
         self.interval_s = interval_s
-        self.max_defer_s = max(max_defer_s, interval_s)
         self._clock = clock
         self._last = float("-inf")
         self.owed = False  # a step has run since the last trim
-        self.deferred = 0  # boundaries a due trim waited out under a queue
 
     def stepped(self) -> None:
         self.owed = True
 
-    def due(self, waiting: int = 0) -> bool:
-        if not (self.interval_s > 0 and self.owed):
-            return False
-        since = self._clock() - self._last
-        if since < self.interval_s:
-            return False
-        if waiting > 0 and since < self.max_defer_s:
-            self.deferred += 1
-            return False
-        return True
+    def due(self) -> bool:
+        return self.interval_s > 0 and self.owed and self._clock() - self._last >= self.interval_s
 
     def done(self) -> None:
         self._last = self._clock()
