@@ -377,55 +377,11 @@ def _non_tensor_bytes(model: Path) -> int:
     return sum(8 + struct.unpack("<Q", p.read_bytes()[:8])[0] for p in model.glob("*.safetensors"))
 
 
-def test_a_cut_runs_decisions_are_read_while_the_server_still_runs(tmp_path, monkeypatch):
-    """The decisions of a run cut at its deadline are read before the server is stopped
-    (read after the stop, every cut run recorded `Connection refused`), and only a cut run
-    keeps them (an uncut run reads them, with its ledger, after the replay)."""
+def _cut_replay(tmp_path, monkeypatch, events: list[str]):
+    """`runner._replay` over a stand-in load generator that announces its start and runs
+    until the server is stopped (so every call is cut at its deadline), and a short suite."""
     from morphserve.evaluation import runner
     from morphserve.evaluation.suite import Budget, Suite, System, Window
-
-    events: list[str] = []
-
-    class FakeReplay:
-        """The load generator: announces its start, then runs until the server is stopped."""
-        returncode = None
-
-        def __init__(self, cmd, stdout, stderr):
-            (tmp_path / "bench.log").write_text("Starting main benchmark run\n")
-
-        def poll(self):
-            if "stop" in events and self.returncode is None:
-                self.returncode = 0
-            return self.returncode
-
-    monkeypatch.setattr(runner.subprocess, "Popen", FakeReplay)
-    monkeypatch.setattr(runner, "stop_server", lambda proc: events.append("stop"))
-    window = Window(name="w", trace="azure-conv", start_s=0, duration_s=0.3, rate_scale=1, length_scale=1,
-                    output_scale=1, regime="light", why="test")
-    suite = Suite(name="s", windows=[window], budgets=[Budget(name="b", total_mb=400)], drain_s=0.3,
-                  systems=[System(name="fp16", kind="fp16")], static_quantized=None)
-
-    def read():
-        events.append("read")
-        return {"decisions": [{"kind": "hold", "level": 5}]}
-
-    record = runner._replay(suite, window, suite.systems[0], tmp_path, "http://x", tmp_path, proc=None,
-                            before_cut=read)
-    assert events == ["read", "stop"]
-    assert record["cut_at_deadline"] and record["decisions"] == [{"kind": "hold", "level": 5}]
-    events.clear()
-    assert "decisions" not in runner._replay(suite, window, suite.systems[0], tmp_path, "http://x", tmp_path,
-                                             proc=None)
-
-
-def test_a_cut_runs_vllm_counters_are_read_just_before_the_cut(tmp_path, monkeypatch):
-    """vLLM's counters die with the server: a cut run (an overloaded row, where preemptions
-    matter most) read them after the stop and recorded `Connection refused` in every run of
-    suite-v4-zen4d's first repetition. They are read at the deadline, before the stop."""
-    from morphserve.evaluation import runner
-    from morphserve.evaluation.suite import Budget, Suite, System, Window
-
-    events: list[str] = []
 
     class FakeReplay:
         returncode = None
@@ -444,15 +400,44 @@ def test_a_cut_runs_vllm_counters_are_read_just_before_the_cut(tmp_path, monkeyp
                     output_scale=1, regime="light", why="test")
     suite = Suite(name="s", windows=[window], budgets=[Budget(name="b", total_mb=400)], drain_s=0.2,
                   systems=[System(name="fp16", kind="fp16")], static_quantized=None)
+    return lambda **hooks: runner._replay(suite, window, suite.systems[0], tmp_path, "http://x", tmp_path,
+                                          proc=None, **hooks)
+
+
+def test_a_cut_runs_decisions_are_read_while_the_server_still_runs(tmp_path, monkeypatch):
+    """The decisions of a run cut at its deadline are read before the server is stopped
+    (read after the stop, every cut run recorded `Connection refused`), and only a cut run
+    keeps them (an uncut run reads them, with its ledger, after the replay)."""
+    events: list[str] = []
+    replay = _cut_replay(tmp_path, monkeypatch, events)
+
+    def read():
+        events.append("read")
+        return {"decisions": [{"kind": "hold", "level": 5}]}
+
+    record = replay(before_cut=read)
+    assert events == ["read", "stop"]
+    assert record["cut_at_deadline"] and record["decisions"] == [{"kind": "hold", "level": 5}]
+    events.clear()
+    assert "decisions" not in replay()
+
+
+def test_a_cut_runs_vllm_counters_are_read_just_before_the_cut(tmp_path, monkeypatch):
+    """vLLM's counters die with the server: a cut run (an overloaded row, where preemptions
+    matter most) read them after the stop and recorded `Connection refused` in every cut run
+    of suite-v4-zen4d. They are read at the deadline, before the stop."""
+    events: list[str] = []
+    replay = _cut_replay(tmp_path, monkeypatch, events)
 
     def counters():
         events.append("counters")
         return {"preemptions": 7.0}
 
-    record = runner._replay(suite, window, suite.systems[0], tmp_path, "http://x", tmp_path, proc=None,
-                            at_cut=counters)
+    record = replay(at_cut=counters)
     assert events == ["counters", "stop"]
     assert record["cut_at_deadline"] and record["counters_at_cut"] == {"preemptions": 7.0}
+    events.clear()
+    assert "counters_at_cut" not in replay()  # nothing asked at the cut: nothing returned
 
 
 def test_a_cut_runs_decisions_are_read_best_effort():
