@@ -246,6 +246,21 @@ def test_vllms_preemptions_are_summarized_for_every_system_that_recorded_them():
     assert "| preemptions |" in table and "| 14 [13, 18] |" in table
 
 
+def test_the_workers_cpu_and_faults_are_summarized_over_every_rank():
+    work = lambda cpu, faults: {"VLLM::Worker_TP0": {"cpu_s": cpu, "minor_faults": faults},  # noqa: E731
+                                "VLLM::Worker_TP1": {"cpu_s": cpu, "minor_faults": faults},
+                                "VLLM::EngineCor": {"cpu_s": 99.0, "minor_faults": 5}}
+    runs = {"fp16": {rep: {**_run("fp16", rep, 10, 8.0), "process_work": work(c, f)}
+                     for rep, c, f in ((1, 60.0, 1000), (2, 70.0, 3000), (3, 65.0, 2000))},
+            "ms": {rep: _run("ms", rep, 5, 4.0) for rep in (1, 2, 3)}}  # recorded before process_work
+    out = aggregate.summarize_cell(runs, "fp16", None)
+    assert out["fp16"]["worker_cpu_s"] == {"median": 130.0, "low": 120.0, "high": 140.0, "n": 3}
+    assert out["fp16"]["worker_minor_faults"]["median"] == 4000
+    assert out["ms"]["worker_cpu_s"] is None
+    table = render.table({"cells": [{"window": "w", "budget": "b", "systems": out}]})
+    assert "| worker CPU s |" in table and "| 130.0 [120.0, 140.0] |" in table
+
+
 def test_unequal_work_is_caught():
     base = {"system": "fp16", "repetition": 1, "trace_sha256": "x", "input_lens": [5, 6], "ok": [True, True],
             "output_lens": [3, 4], "requested_output_lens": [3, 4]}

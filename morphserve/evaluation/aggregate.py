@@ -79,6 +79,11 @@ def summarize_cell(runs: dict[str, dict[int, dict]], baseline: str, static_quant
         # preempted request recomputes, so an overloaded row's work differs by this
         preempted = spread([(r.get("vllm_counters") or {}).get("preemptions") for r in reps.values()])
         row["preemptions"] = preempted.as_dict() if preempted.n else None
+        # the worker's CPU seconds and page faults over the replay (vLLM's model-running
+        # process; with tensor parallelism, every rank's): the same requests, different work
+        for key, fig in (("worker_cpu_s", "cpu_s"), ("worker_minor_faults", "minor_faults")):
+            work = spread([_worker_work(r, fig) for r in reps.values()])
+            row[key] = work.as_dict() if work.n else None
         if system != baseline and base:
             paired = [rep for rep in reps if rep in base]
             ttft = spread([_ratio(base[p]["ttft_p95"], reps[p]["ttft_p95"]) for p in paired])  # speed-up
@@ -95,6 +100,14 @@ def summarize_cell(runs: dict[str, dict[int, dict]], baseline: str, static_quant
             row["targets"] = _targets(row, static, reps)
         out[system] = row
     return out
+
+
+def _worker_work(run: dict, fig: str) -> float | None:
+    """One figure of `process_work` summed over vLLM's worker processes (titled VLLM::Worker,
+    one per tensor-parallel rank); None for a run recorded before process_work existed."""
+    work = run.get("process_work") or {}
+    values = [v[fig] for name, v in work.items() if "Worker" in name]
+    return sum(values) if values else None
 
 
 def _first(reps: dict[int, dict], key: str):

@@ -44,9 +44,9 @@ def _kv(kv: dict) -> str:
 def table(report: dict) -> str:
     lines = ["| window | budget | system | completed | SLO violations | vs FP16 (fewer) | P95 TTFT (s) | "
              "P95 TTFT speed-up vs FP16 | P95 TPOT (s) | throughput (tok/s) | KV blocks | preemptions | "
-             "peak RSS anon + file (MiB) | "
+             "worker CPU s | peak RSS anon + file (MiB) | "
              "perplexity increase | targets (90% fewer / 2x / ⅓ quality) |",
-             "|" + "---|" * 15]
+             "|" + "---|" * 16]
     for c in report["cells"]:
         for name, row in c["systems"].items():
             vs = row.get("vs_baseline", {})
@@ -60,6 +60,7 @@ def table(report: dict) -> str:
                 f"{cell(row['ttft_p95'])} | {_verdict(vs.get('ttft_p95_speedup'), suffix='x')} | "
                 f"{cell(row['tpot_p95'], '.3f')} | {cell(row['throughput_tok_s'], '.1f')} | {_kv(row['kv_blocks'])} | "
                 f"{cell(row.get('preemptions'), '.0f')} | "  # absent from reports made before vllm_counters
+                f"{cell(row.get('worker_cpu_s'), '.1f')} | "  # and before process_work
                 f"{cell(row['peak_rss_total_mib'], '.0f')} | {cell(row['ppl_increase'], pct=True)} | {targets} |")
     return "\n".join(lines)
 

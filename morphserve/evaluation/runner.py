@@ -23,7 +23,7 @@ from morphserve.runtime.config import serve_tiers
 from morphserve.errors import MorphServeError
 from morphserve.evaluation import kv_quality, machine, quality, systems, vllm_counters
 from morphserve.evaluation.suite import Budget, Suite, System, Window
-from morphserve.harness.servers import free_port, group_rss, start_server, stop_server
+from morphserve.harness.servers import free_port, group_rss, group_work, start_server, stop_server, work_between
 from morphserve.runtime.proc_memory import process_breakdown
 
 MIB = 2**20
@@ -253,15 +253,18 @@ def one_run(suite: Suite, rep: int, window: Window, budget: Budget, system: Syst
     try:
         record["warmup"] = systems.warm_up(system, base, suite.warmup_requests, top_level)
         record["kv_blocks"] = systems.kv_blocks(system, base)
-        counters = _counters(base)
+        counters, work = _counters(base), group_work(proc.pid)
         sampler.start()
         # A cut run's decisions are read shortly before its deadline, while the server still
         # answers: there they explain most (the level it held under load it could not serve).
         before_cut = (lambda: systems.last_decisions(base)) if system.kind == "morphserve" else None
         record.update(_replay(suite, window, system, model, base, folder, proc, before_cut,
-                              at_cut=lambda: _counters(base)))
+                              at_cut=lambda: {"vllm": _counters(base), "work": group_work(proc.pid)}))
         # a cut run's server is gone by now: its counters were read just before the cut
-        after = record.pop("counters_at_cut", None) or _counters(base)
+        at_cut = record.pop("counters_at_cut", None) or {"vllm": _counters(base), "work": group_work(proc.pid)}
+        after = at_cut["vllm"]
+        # which server process did the work, and how much of it was page faults (the kernel's)
+        record["process_work"] = work_between(work, at_cut["work"])
         record["vllm_counters"] = (vllm_counters.between(counters, after) if "error" not in counters | after
                                    else {"error": (counters | after)["error"]})
         if system.kind == "morphserve" and not record["cut_at_deadline"]:
@@ -340,8 +343,8 @@ def _replay(suite: Suite, window: Window, system: System, model: Path, base: str
     as violations with infinite latency). `before_cut` runs `BEFORE_CUT_S` before the
     deadline (so its time is not extra time for the requests still running); what it
     returns joins the record if the run is cut. `at_cut` runs at the deadline, just before
-    the server is stopped (vLLM's counters, which die with it); its result is returned as
-    `counters_at_cut`."""
+    the server is stopped (vLLM's counters and the processes' work, which die with it); its
+    result is returned as `counters_at_cut`."""
     cmd = [sys.executable, "-m", "morphserve.cli", "replay", *replay_args(suite, window), "--url", base,
            "--out", str(folder), "--system", system.name, "--tokenizer", str(model), "--no-plot"]
     bench_log = folder / "bench.log"

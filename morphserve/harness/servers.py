@@ -187,6 +187,34 @@ def group_pids(pgid: int) -> list[int]:
     return pids
 
 
+def group_work(pgid: int) -> dict[str, dict]:
+    """CPU seconds (user, kernel) and minor page faults of every live process of the group,
+    summed per process title (vLLM's APIServer, EngineCore, Worker): read before and after a
+    replay, the difference says which process did more work for the same requests, and how
+    much of it was the kernel's (page faults land there)."""
+    out: dict[str, dict] = {}
+    for pid in group_pids(pgid):
+        stat = proc_stat.read(pid)
+        if stat is None:
+            continue
+        seen = out.setdefault(stat.name, {"user_s": 0.0, "system_s": 0.0, "minor_faults": 0})
+        seen["user_s"] += stat.user_s
+        seen["system_s"] += stat.system_s
+        seen["minor_faults"] += stat.minor_faults
+    return out
+
+
+def work_between(before: dict[str, dict], after: dict[str, dict]) -> dict[str, dict]:
+    """Each process title's work from `before` to `after` (titles present in both), with its
+    CPU seconds in all."""
+    out = {}
+    for name in before.keys() & after.keys():
+        delta = {k: after[name][k] - before[name][k] for k in before[name]}
+        delta["cpu_s"] = delta["user_s"] + delta["system_s"]
+        out[name] = {k: round(v, 2) if isinstance(v, float) else v for k, v in delta.items()}
+    return dict(sorted(out.items()))
+
+
 def group_rss(pgid: int) -> dict:
     """RssAnon and RssFile (bytes) summed over every live process of the group, and per
     process name (vLLM titles its processes: APIServer, EngineCore, Worker), which is what
