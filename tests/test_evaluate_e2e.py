@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from morphserve.evaluation import aggregate
 from policies.config import PRESETS_DIR, quality_curve
 from tests.engine_utils import REPO
 
@@ -98,9 +99,10 @@ def test_runs_record_memory_capacity_and_quality(evaluated, pack_dir):
         assert counters["prompt_tokens"] >= sum(run["input_lens"][k] for k, n in enumerate(run["served_output_lens"]) if n)
         assert counters["generation_tokens"] >= sum(run["served_output_lens"]) and counters["steps"] > 0
         assert counters["preemptions"] >= 0 and counters["step_tokens"] >= counters["generation_tokens"]
-        # each server process's work over the replay: vLLM's worker computed, and faulted pages in
-        workers = [w for name, w in run["process_work"].items() if "Worker" in name]
-        assert workers and workers[0]["cpu_s"] > 0 and workers[0]["minor_faults"] > 0
+        # each server process's work over the replay: the process running the model (a worker, or
+        # the engine core under vLLM's uni executor) computed, and faulted pages in
+        running = aggregate.model_processes(run["process_work"])
+        assert running and running[0]["cpu_s"] > 0 and running[0]["minor_faults"] > 0
     assert fp16["ppl_increase"] == 0.0 and set(fp16["tokens_by_level"]["output"]) == {"0"}
     assert ms["kv_blocks"]["level0"] < ms["kv_blocks"]["max_level"]
     assert ms["warmup"]["levels"] == [30, 0]

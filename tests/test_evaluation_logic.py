@@ -257,6 +257,10 @@ def test_the_workers_cpu_and_faults_are_summarized_over_every_rank():
     assert out["fp16"]["worker_cpu_s"] == {"median": 130.0, "low": 120.0, "high": 140.0, "n": 3}
     assert out["fp16"]["worker_minor_faults"]["median"] == 4000
     assert out["ms"]["worker_cpu_s"] is None
+    # vLLM's uni executor runs the model in the engine core: that is the process counted then
+    uni = {1: {**_run("fp16", 1, 10, 8.0), "process_work": {"VLLM::EngineCor": {"cpu_s": 50.0, "minor_faults": 9},
+                                                          "python": {"cpu_s": 3.0, "minor_faults": 1}}}}
+    assert aggregate.summarize_cell({"fp16": uni}, "fp16", None)["fp16"]["worker_cpu_s"]["median"] == 50.0
     table = render.table({"cells": [{"window": "w", "budget": "b", "systems": out}]})
     assert "| worker CPU s |" in table and "| 130.0 [120.0, 140.0] |" in table
 

@@ -102,11 +102,19 @@ def summarize_cell(runs: dict[str, dict[int, dict]], baseline: str, static_quant
     return out
 
 
+def model_processes(work: dict) -> list[dict]:
+    """The `process_work` entries of the processes that run the model: vLLM's workers
+    (VLLM::Worker, one per tensor-parallel rank), or, where vLLM runs no worker process (its
+    `uni` executor: an engine started with VLLM_ENABLE_V1_MULTIPROCESSING=0 in its
+    environment), the engine core, which then runs the model itself."""
+    workers = [v for name, v in work.items() if "Worker" in name]
+    return workers or [v for name, v in work.items() if "EngineCor" in name]
+
+
 def _worker_work(run: dict, fig: str) -> float | None:
-    """One figure of `process_work` summed over vLLM's worker processes (titled VLLM::Worker,
-    one per tensor-parallel rank); None for a run recorded before process_work existed."""
-    work = run.get("process_work") or {}
-    values = [v[fig] for name, v in work.items() if "Worker" in name]
+    """One figure of `process_work` summed over the processes that run the model; None for a
+    run recorded before process_work existed."""
+    values = [v[fig] for v in model_processes(run.get("process_work") or {})]
     return sum(values) if values else None
 
 
