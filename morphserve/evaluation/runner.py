@@ -258,10 +258,12 @@ def one_run(suite: Suite, rep: int, window: Window, budget: Budget, system: Syst
         # A cut run's decisions are read shortly before its deadline, while the server still
         # answers: there they explain most (the level it held under load it could not serve).
         before_cut = (lambda: systems.last_decisions(base)) if system.kind == "morphserve" else None
-        record.update(_replay(suite, window, system, model, base, folder, proc, before_cut,
-                              at_cut=lambda: {"vllm": _counters(base), "work": group_work(proc.pid)}))
+        def read_now() -> dict:  # vLLM's counters and each process's work, which die with the server
+            return {"vllm": _counters(base), "work": group_work(proc.pid)}
+
+        record.update(_replay(suite, window, system, model, base, folder, proc, before_cut, at_cut=read_now))
         # a cut run's server is gone by now: its counters were read just before the cut
-        at_cut = record.pop("counters_at_cut", None) or {"vllm": _counters(base), "work": group_work(proc.pid)}
+        at_cut = record.pop("counters_at_cut", None) or read_now()
         after = at_cut["vllm"]
         # which server process did the work, and how much of it was page faults (the kernel's)
         record["process_work"] = work_between(work, at_cut["work"])
