@@ -362,7 +362,9 @@ def test_an_fp32_suite_serves_every_system_in_fp32_and_sizes_kv_from_fp32_weight
     from morphserve.evaluation import systems
     from morphserve.evaluation.suite import Budget, Suite, System, Window
     from morphserve.offline import pack as packfmt
+    from morphserve.evaluation.held_bytes import engine_weight_bytes
     from morphserve.runtime.kv_sizing import model_weight_bytes
+    from morphserve.vllm.kernels import int8_held_bytes
     from tests.test_hardening_fakes import make_model, make_tiered_pack
 
     model = make_model(tmp_path / "model")
@@ -378,7 +380,10 @@ def test_an_fp32_suite_serves_every_system_in_fp32_and_sizes_kv_from_fp32_weight
     int8 = model_weight_bytes(w8, "float32")
     stored = model_weight_bytes(w8)
     assert stored - _non_tensor_bytes(w8) < int8 < 2 * (stored - _non_tensor_bytes(w8))  # int8 stays, floats double
-    for system, weights in ((System(name="fp16", kind="fp16"), fp32), (System(name="w8", kind="w8a8"), int8),
+    # static W8A8's int8 linears as vLLM's kernel holds them (fp32 scales, its own rows), as MorphServe counts its twins
+    held = engine_weight_bytes(w8, "float32", int8_held_bytes)
+    assert held >= int8
+    for system, weights in ((System(name="fp16", kind="fp16"), fp32), (System(name="w8", kind="w8a8"), held),
                             (System(name="m", kind="morphserve", policy="default"), fp32)):
         cmd, _ = systems.server_command(system, suite.budgets[0], suite, model, tiered, 1, tmp_path)
         assert cmd[cmd.index("--dtype") + 1] == "float32"

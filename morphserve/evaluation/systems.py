@@ -48,7 +48,13 @@ def server_command(system: System, budget: Budget, suite: Suite, model: Path, pa
         env["VLLM_PLUGINS"] = ""  # plain vLLM: MorphServe not loaded at all
         served = (static_tier_dir(pack, "w4a16") if system.kind == "w4" else static_w8a8_dir(pack)
                   if system.kind == "w8a8" else model)
-        kv = total - model_weight_bytes(served, suite.dtype)
+        if system.kind == "w8a8":  # fp32 scales and the kernel's own rows, as MorphServe's budget counts them
+            from morphserve.evaluation.held_bytes import engine_weight_bytes
+            from morphserve.vllm.kernels import int8_held_bytes
+
+            kv = total - engine_weight_bytes(served, suite.dtype, int8_held_bytes)
+        else:
+            kv = total - model_weight_bytes(served, suite.dtype)
         cmd = [sys.executable, "-m", PLAIN_VLLM_SERVER, "--model", str(served),
                "--tokenizer", str(model), "--kv-cache-memory-bytes", str(kv), *common]
         if system.kind != "fp16-compiled":
