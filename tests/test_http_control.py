@@ -58,6 +58,29 @@ def test_state_requires_the_api_key(server):
     assert light["memory"] is None and light["quantized_layers"] == state["quantized_layers"]
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: nothing to keep off the worker's")
+def test_the_engine_core_and_api_server_run_off_the_workers_cores(server):
+    """frontend_cpus auto (the default): every thread of the engine core and of its parent, the
+    API server, is on the CPUs no worker is bound to; the worker keeps its own."""
+    moved = _request(server + "/morphserve/state?memory=0")[1]["frontend_cpus"]
+    assert moved["mode"] == "auto" and moved["cpus"], moved
+    cpus, core = set(moved["cpus"]), moved["engine_core_pid"]
+    api = int(open(f"/proc/{core}/stat").read().rsplit(")", 1)[1].split()[1])
+    assert moved["threads_moved"]["api_server"] >= 1
+    for pid in (core, api):
+        assert all(os.sched_getaffinity(int(t)) == cpus for t in os.listdir(f"/proc/{pid}/task")), pid
+    workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == core
+               and open(f"/proc/{p}/comm").read().strip() == "VLLM::Worker"]
+    assert workers and all(not os.sched_getaffinity(w) & cpus for w in workers)
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError):
+        return None
+
+
 def test_reads_and_scrapes_never_call_the_worker(server):
     """The memory figures are the worker's last reading: reads and /metrics scrapes of an
     idle server serve it (its age grows) and make no worker call (the count stays)."""

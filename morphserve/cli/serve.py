@@ -92,6 +92,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="trim only once a worker's resident set has grown MIB since its last trim (a trim makes "
                         "the next steps fault their reused pages back in, so a steady server skips it); 0, the "
                         "default, trims every interval")
+    p.add_argument("--frontend-cpus", choices=("auto", "off"), default="auto",
+                   help="auto (default): once vLLM has bound its workers to cores, the engine core and the API "
+                        "server run on the CPUs no worker is bound to, where any are left (a worker's core is then "
+                        "the model's alone); off: wherever the OS puts them, as plain vLLM does")
     p.add_argument("--prompt-twin-layers", type=twin_layers, default=0, metavar="N|auto",
                    help="keep the W8A8 twins of the first N layers the ladder quantizes resident beside full "
                         "precision, and compute every step of at least --prompt-twin-min-tokens tokens (a prompt's) "
@@ -119,7 +123,7 @@ def build_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
     cfg = {"pack": os.path.abspath(args.pack), "twin": args.twin, "shrink_strategy": args.shrink_strategy,
            "restore_mode": args.restore_mode, "compress_mode": args.compress_mode, "manual_min_interval_s": args.manual_min_interval,
            "heap_trim_interval_s": args.heap_trim_interval, "heap_trim_min_growth_mb": args.heap_trim_min_growth_mb,
-           "heap_trim_mode": args.heap_trim_mode}
+           "heap_trim_mode": args.heap_trim_mode, "frontend_cpus": args.frontend_cpus}
     if args.memory_budget_gb is not None:
         cfg["memory_budget_gb"] = args.memory_budget_gb
     if args.policy:

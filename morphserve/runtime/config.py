@@ -63,6 +63,10 @@ class MorphConfig(BaseModel):
         "asked by the engine core (boundary: a step pays at most one refault of its buffers), or from a thread in "
         "each worker every interval, also in the middle of a step (thread: a long prompt's step then refaults its "
         "buffers after every trim inside it)")
+    frontend_cpus: Literal["auto", "off"] = Field(
+        default="auto", description="auto: once vLLM has bound its workers to cores, the engine core and the API "
+        "server move to the CPUs no worker is bound to, where any are left, so they never take a worker's core "
+        "(morphserve.runtime.frontend_cpus); off: they run wherever the OS puts them, as in plain vLLM")
     heap_trim_min_growth_mb: float = Field(
         default=DEFAULT_MIN_GROWTH_BYTES / 2**20, ge=0, le=65536,
         description="a worker trims only once its resident set has grown this many MiB since its last trim "

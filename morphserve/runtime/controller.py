@@ -30,6 +30,7 @@ from morphserve.errors import MorphServeError
 from morphserve.offline import kv_cost
 from morphserve.offline import pack as packfmt
 from morphserve.offline.ladder import Ladder, served_quality, with_prompt_twins
+from morphserve.runtime.frontend_cpus import keep_off_workers
 from morphserve.runtime.config import MorphConfig
 from morphserve.runtime.heap_trimmer import BoundaryTrims
 from morphserve.runtime.kv_sizing import plan_budget, rest_floor
@@ -114,6 +115,7 @@ class MorphController:
         self.rank_weight_bytes: int | None = None  # one rank's weights at full precision
         self.prompt_twin_bytes = 0  # one rank's resident prompt twins (the most any rank holds)
         self.prompt_twins_auto: str | None = None  # with prompt_twin_layers auto: what it chose, and why
+        self.frontend_cpus: dict | None = None  # where the engine core and API server run (runtime.frontend_cpus)
         self.start_profile: tuple[dict, str] | None = None  # the kernel profile auto read (reused by the policy)
         self.memory_reads = 0
         # the workers' heap trims at step boundaries (mode "boundary"; a "thread" worker trims by itself)
@@ -138,6 +140,10 @@ class MorphController:
         controller.commits_on_touch = results[0]["commits_on_touch"]
         controller.prompt_twins_auto, controller.start_profile = auto, profile
         controller.ranks = len(results)
+        try:
+            controller.frontend_cpus = keep_off_workers(config.frontend_cpus, results)
+        except Exception as e:  # where processes run is a courtesy to the workers: never a failed start
+            log.warning("MorphServe: the engine core stays where it is (%s: %s)", type(e).__name__, e)
         controller.rank_weight_bytes = max(r["weight_bytes"] for r in results)
         controller.prompt_twin_bytes = max(r.get("prompt_twin_bytes", 0) for r in results)
         if not any(r.get("heap_trim_available", True) for r in results):
@@ -530,6 +536,7 @@ class MorphController:
             "floor": self.floor,  # the lowest level served (above 0 only with prompt twins that need it)
             "prompt_twin_layers": self.config.prompt_twin_layers,  # resolved, where it was auto
             "prompt_twins_auto": self.prompt_twins_auto,  # what auto chose and why (None: not auto)
+            "frontend_cpus": self.frontend_cpus,  # the engine core's and API server's CPUs, off the workers'
             "quantized_layers": self.moves.level,  # deprecated name of `level`, kept one release
             "swappable_layers": len(self.order),
             "levels": self.num_layers,  # deprecated name of `max_level`

@@ -9,6 +9,7 @@ cache) and hands it to the runtime's LayerSet, which holds the swap logic.
 from __future__ import annotations
 
 import functools
+import os
 import time
 from pathlib import Path
 
@@ -82,6 +83,8 @@ class MorphWorkerExtension:
                 "ranks": rank[1], "held_tier_bytes": self._morph.held_tier_bytes(every_tier=every_tier),
                 "prompt_twin_bytes": self._morph.prompt_twin_bytes(),
                 "heap_trim_available": self._trimmer.available,  # False under a preloaded allocator
+                # where vLLM bound this worker (its OpenMP threads run on these cores)
+                "pid": os.getpid(), "cpus": sorted(os.sched_getaffinity(0)),
                 # this rank's weights at full precision: its shard of every linear, its
                 # embedding rows, and the norms every rank holds (a shard's bytes, not the file's)
                 "weight_bytes": self._weight_bytes() + sum(s.fp_bytes for s in self._morph.all_linears())}
