@@ -22,6 +22,7 @@ import sys
 
 from morphserve.runtime import config as runtime_config
 from morphserve.runtime import onednn_cache, thread_binding
+from morphserve.runtime.frontend_cpus import DEFAULT_MODE as FRONTEND_DEFAULT, MODES as FRONTEND_MODES
 from morphserve.runtime.allocator import ALLOCATOR_ENV, ALLOCATORS, default_allocator, preload_env, resolve
 from morphserve.runtime.heap_trimmer import DEFAULT_INTERVAL_S, DEFAULT_MIN_GROWTH_BYTES, DEFAULT_MODE, MODES
 from morphserve.errors import MorphServeError
@@ -92,10 +93,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="trim only once a worker's resident set has grown MIB since its last trim (a trim makes "
                         "the next steps fault their reused pages back in, so a steady server skips it); 0, the "
                         "default, trims every interval")
-    p.add_argument("--frontend-cpus", choices=("auto", "off"), default="auto",
-                   help="auto (default): once vLLM has bound its workers to cores, the engine core and the API "
-                        "server run on the CPUs no worker is bound to, where any are left (a worker's core is then "
-                        "the model's alone); off: wherever the OS puts them, as plain vLLM does")
+    p.add_argument("--frontend-cpus", choices=FRONTEND_MODES, default=FRONTEND_DEFAULT,
+                   help="auto: once vLLM has bound its workers to cores, the engine core and the API server run on "
+                        "the CPUs no worker is bound to, where any are left (a worker's core is then the model's "
+                        "alone); off (default): wherever the OS puts them, as plain vLLM does")
     p.add_argument("--prompt-twin-layers", type=twin_layers, default=0, metavar="N|auto",
                    help="keep the W8A8 twins of the first N layers the ladder quantizes resident beside full "
                         "precision, and compute every step of at least --prompt-twin-min-tokens tokens (a prompt's) "

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from morphserve.offline import pack as packfmt
 from morphserve.errors import MorphServeError, first_field_error
 from morphserve.runtime.heap_trimmer import DEFAULT_INTERVAL_S, DEFAULT_MIN_GROWTH_BYTES, DEFAULT_MODE
+from morphserve.runtime.frontend_cpus import DEFAULT_MODE as FRONTEND_DEFAULT
 from morphserve.runtime.prompt_twin_choice import choose_prompt_twins
 
 # The config accepted in this process, if MorphServe was activated here (the API server
@@ -64,9 +65,10 @@ class MorphConfig(BaseModel):
         "each worker every interval, also in the middle of a step (thread: a long prompt's step then refaults its "
         "buffers after every trim inside it)")
     frontend_cpus: Literal["auto", "off"] = Field(
-        default="auto", description="auto: once vLLM has bound its workers to cores, the engine core and the API "
+        default=FRONTEND_DEFAULT, description="auto: once vLLM has bound its workers to cores, the engine core and the API "
         "server move to the CPUs no worker is bound to, where any are left, so they never take a worker's core "
-        "(morphserve.runtime.frontend_cpus); off: they run wherever the OS puts them, as in plain vLLM")
+        "(morphserve.runtime.frontend_cpus); off (the default): they run wherever the OS puts them, as in plain "
+        "vLLM")
     heap_trim_min_growth_mb: float = Field(
         default=DEFAULT_MIN_GROWTH_BYTES / 2**20, ge=0, le=65536,
         description="a worker trims only once its resident set has grown this many MiB since its last trim "

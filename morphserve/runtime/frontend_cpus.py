@@ -10,7 +10,9 @@ lands there more often: on a 2-vCPU Zen 4 EPYC, MorphServe held at all-W8A8 serv
 static W8A8's tokens/s under a full batch with every process free, and 0.986x with the other
 processes kept on the other core (docs/RESULTS.md, "The worker's core").
 
-So once the workers are bound, the engine core moves itself and, when its parent is the API
+With `frontend_cpus: auto` (opt-in: on suite-v4-zen4g's compute row it did not lower
+MorphServe's violations, so by the rule written before that run the default stays `off`),
+once the workers are bound, the engine core moves itself and, when its parent is the API
 server, that process too, to the CPUs it may use that no worker is bound to, where any are
 left. Nothing moves when the model runs in the engine core's own process (vLLM's uni
 executor), when the workers are not bound (their CPUs are all of them), or when every CPU
@@ -27,7 +29,7 @@ from pathlib import Path
 log = logging.getLogger("morphserve")
 
 MODES = ("auto", "off")
-DEFAULT_MODE = "auto"
+DEFAULT_MODE = "off"
 SERVER_MODULES = ("morphserve.vllm.server", "vllm.entrypoints.launchers.api_server.entry", "vllm.entrypoints.openai.api_server")
 
 
