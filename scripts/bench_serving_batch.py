@@ -39,6 +39,7 @@ from morphserve.evaluation import vllm_counters  # noqa: E402
 from morphserve.evaluation.runner import MemorySampler  # noqa: E402
 from morphserve.evaluation.systems import static_w8a8_dir  # noqa: E402
 from morphserve.harness.servers import free_port, start_server, stop_server  # noqa: E402
+from morphserve.runtime import onednn_cache  # noqa: E402
 from scripts.bench_serving_prefill import _get, _ids, _post  # noqa: E402  (the same requests and helpers)
 from morphserve.vllm.server import PLAIN_VLLM_SERVER  # noqa: E402
 
@@ -48,8 +49,19 @@ SYSTEMS = ("plain", "held", "held-once", "policy")
 TRIM_SUFFIXES = ("-trim-off", "-trim-", "-grow-")
 
 
+# ... or end in -front: its engine core and API server kept off the worker's cores
+# (`--frontend-cpus auto`), alone or after a heap-trim setting.
+FRONT_SUFFIX = "-front"
+
+
 def trim_args(system: str) -> tuple[str, list[str]]:
-    """`system` split into its base (plain, held or policy) and its heap-trim flags for serve."""
+    """`system` split into its base (plain, held or policy) and its serve flags (heap trims,
+    the engine core's placement)."""
+    if system.endswith(FRONT_SUFFIX):
+        base, flags = trim_args(system.removesuffix(FRONT_SUFFIX))
+        if base in ("held", "held-once", "policy") and (flags or base == system.removesuffix(FRONT_SUFFIX)):
+            return base, [*flags, "--frontend-cpus", "auto"]
+        return system, []
     for suffix in TRIM_SUFFIXES:
         base, sep, value = system.partition(suffix)
         if not sep or base not in ("held", "held-once", "policy"):
@@ -69,6 +81,7 @@ def trim_args(system: str) -> tuple[str, list[str]]:
 def command(system: str, args, port: int) -> tuple[list[str], dict]:
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
     env.update(VLLM_LOGGING_LEVEL="WARNING")
+    onednn_cache.bounded(env)  # the kernel cache `morphserve serve` bounds, for plain vLLM too (as the evaluation does)
     common = ["--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(args.max_model_len),
               "--max-num-seqs", "64", "--served-model-name", "model", "--seed", "0", "--dtype", args.dtype,
               "--enforce-eager", "--kv-cache-memory-bytes", str(args.kv_mb * 2**20)]
@@ -145,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pack", required=True, help="the MorphServe pack directory (it must hold a W8A8 tier)")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {', '.join(SYSTEMS)}, "
                     "held and policy optionally ending in -trim-S, -grow-M or -trim-off (the heap trimmer every S "
-                    "seconds, after M MiB of growth, or off; default: serve's); run in this order each round")
+                    "seconds, after M MiB of growth, or off; default: serve's), then optionally -front (its engine "
+                    "core and API server off the worker's cores: --frontend-cpus auto); run in this order each round")
     ap.add_argument("--policy", default="default", help="the `policy` system's policy preset or YAML")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of alternation (each starts every system once)")
     ap.add_argument("--concurrency", type=int, default=12, help="requests in flight at once")

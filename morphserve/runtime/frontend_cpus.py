@@ -6,9 +6,11 @@ step and then polls for the worker's output, and the API server. Linux then now 
 runs one of them on a worker's core, which takes that core, and its caches, from the model
 for a time slice. A MorphServe engine core does more between two steps than a plain one (the
 controller samples the scheduler, calls the workers for heap trims and KV releases), so it
-lands there more often: on a 2-vCPU Zen 4 EPYC, MorphServe held at all-W8A8 served 0.90-0.96x
-static W8A8's tokens/s under a full batch with every process free, and 0.986x with the other
-processes kept on the other core (docs/RESULTS.md, "The worker's core").
+lands there more often (on a 2-vCPU Zen 4 EPYC, 10 samples against 2 over one batch). What that
+costs was not shown: MorphServe held at all-W8A8 first served 0.90-0.96x static W8A8's tokens/s
+under a full batch with every process free and 0.986x with the others kept off the worker's core,
+but measured again with the same oneDNN kernel cache for both servers it was a tie with and
+without this (docs/RESULTS.md, "The worker's core").
 
 With `frontend_cpus: auto` (opt-in: on suite-v4-zen4g's compute row it did not lower
 MorphServe's violations, so by the rule written before that run the default stays `off`),
