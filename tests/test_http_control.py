@@ -71,7 +71,7 @@ def test_the_engine_core_and_api_server_run_off_the_workers_cores(server):
         return
     assert moved["cpus"], moved
     cpus, core = set(moved["cpus"]), moved["engine_core_pid"]
-    api = int(open(f"/proc/{core}/stat").read().rsplit(")", 1)[1].split()[1])
+    api = _parent(core)
     assert moved["threads_moved"]["api_server"] >= 1
     for pid in (core, api):
         assert all(os.sched_getaffinity(int(t)) == cpus for t in os.listdir(f"/proc/{pid}/task")), pid

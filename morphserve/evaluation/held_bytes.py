@@ -49,10 +49,7 @@ def int8_linears(model_dir: Path, float_width: int | None = None) -> tuple[int, 
 def engine_weight_bytes(model_dir: Path, dtype: str | None, held: Callable[[int, int], int]) -> int:
     """`model_weight_bytes` with every int8 linear counted as the engine's kernel holds it
     (`held(out, in)`) instead of as stored."""
-    import torch
+    from morphserve.runtime.kv_sizing import float_width, model_weight_bytes
 
-    from morphserve.runtime.kv_sizing import model_weight_bytes
-
-    width = None if dtype in (None, "auto") else getattr(torch, str(dtype).removeprefix("torch.")).itemsize
-    stored, linears = int8_linears(model_dir, width)
+    stored, linears = int8_linears(model_dir, float_width(dtype))
     return model_weight_bytes(model_dir, dtype) - stored + sum(held(out, inp) for out, inp in linears)

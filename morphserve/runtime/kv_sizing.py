@@ -13,20 +13,29 @@ from morphserve.errors import MorphServeError
 log = logging.getLogger("morphserve")
 
 
+def float_width(dtype: str | None) -> int | None:
+    """Bytes per floating-point element an engine of `dtype` holds; None for the file's own
+    ("auto" or unset)."""
+    if dtype in (None, "auto"):
+        return None
+    import torch
+
+    return getattr(torch, str(dtype).removeprefix("torch.")).itemsize
+
+
 def model_weight_bytes(model_dir: Path, dtype: str | None = None) -> int:
     """Bytes of the served weights as vLLM holds them at level 0: as stored (safetensors),
     or, given an engine `dtype` ("float32", "bfloat16", ...; None or "auto": the file's),
     with every floating-point tensor at that dtype's width (an fp32 engine holds a bf16 file
     at twice its size) and integer tensors (quantized weights) as stored."""
     files = sorted(Path(model_dir).glob("*.safetensors"))
-    if dtype in (None, "auto"):
+    width = float_width(dtype)
+    if width is None:
         return sum(p.stat().st_size for p in files)
-    import torch
     from safetensors import safe_open
 
     from quant_layers.mapped_checkpoint import slice_bytes
 
-    width = getattr(torch, str(dtype).removeprefix("torch.")).itemsize
     total = 0
     for path in files:
         with safe_open(str(path), "pt") as f:  # headers only: nothing is read but the shapes
