@@ -129,12 +129,19 @@ def test_runs_record_memory_capacity_and_quality(evaluated, pack_dir):
 def test_the_policys_quality_ledger_agrees_with_the_evaluation(evaluated):
     """The budget the policy spends and the figure the evaluation reports are the same
     measure: tokens served under the policy (no warm-up), prompts with their first token,
-    each at the level in force; within 0.1 percentage point on a real replay."""
+    each at the level that computed it; within 0.1 percentage point on a real replay. The
+    evaluation reads the levels from the server's own count, not from when the client got
+    each token: under this burst (0 -> 4 -> 12 -> 10 within 2 s on 2 vCPUs) a prompt
+    computed at one level often arrives after the next move, and the client's clock once
+    put the two 0.6 point apart."""
     _, out, _ = evaluated
     ms = json.loads((out / "burst/tight/ms/rep1/run.json").read_text())
-    served = sum(n for part in ms["tokens_by_level"].values() for n in part.values())
+    received = sum(n for part in ms["tokens_by_level"].values() for n in part.values())
+    server = sum(ms.get("server_tokens_by_level", {}).values())
     assert ms["ledger"] is not None and ms["max_level_serving"] > 0  # the burst was served quantized
-    assert abs(ms["ledger"]["tokens"] - served) <= 0.02 * served
+    assert ms["levels_from"] == "server steps", ms["levels_from"]
+    assert abs(server - received) <= 0.02 * received  # the server counted the client's tokens, no warm-up
+    assert abs(ms["ledger"]["tokens"] - server) <= 0.02 * server
     assert abs(ms["ledger"]["ppl_increase"] - ms["ppl_increase"]) <= 0.001
 
 

@@ -156,6 +156,29 @@ def test_quality_charges_prompts_and_tokens_at_the_level_in_force(tmp_path):
     assert static["ppl"] == pytest.approx(20.0)
 
 
+def test_the_servers_own_count_charges_a_token_at_the_level_that_computed_it():
+    """A prompt computed at level 4 whose first token reaches the client after the move to
+    12 is charged 12 by the client's clock; the server's count between its two readings
+    (after the warm-up, after the replay) charges it 4, and that is the reported figure."""
+    changes = [(100.0, 4), (102.0, 12)]
+    rows = [{"ok": True, "start_mono": 99.0, "input_len": 90, "output_len": 2, "ttft_s": 3.05,
+             "token_offsets_s": [3.05, 3.2]}]  # computed just before 102, arrived just after
+    curve = {0: 10.0, 4: 10.5, 12: 12.0}
+    warm = {"by_level": {"0": 50, "4": 0}, "through_twins": {}, "twin_min_tokens": None}
+    after = {"by_level": {"0": 50, "4": 91, "12": 1}, "through_twins": {}, "twin_min_tokens": None}
+    served = quality.served_between(warm, after)
+    assert served == {4: 91, 12: 1}  # the warm-up's 50 tokens at level 0 are not the replay's
+    q = quality.quality_of_run(rows, curve, changes, 0, served=served)
+    assert q["levels_from"] == "server steps" and q["server_tokens_by_level"] == {"4": 91, "12": 1}
+    assert q["ppl_increase"] == pytest.approx(math.exp((91 * math.log(1.05) + math.log(1.2)) / 92) - 1)
+    assert q["ppl_increase_client_clock"] == pytest.approx(0.2)  # every token arrived after the move
+    assert q["tokens_by_level"] == {"prompt": {"12": 90}, "output": {"12": 2}}  # kept, by arrival
+    client = quality.quality_of_run(rows, curve, changes, 0)
+    assert client["levels_from"] == "client arrival" and client["ppl_increase"] == pytest.approx(0.2)
+    assert quality.served_between(warm, None) is None and quality.served_between(None, after) == {4: 91, 12: 1, 0: 50}
+    assert quality.quality_of_run(rows, curve, None, 0)["levels_from"] == "static"
+
+
 @pytest.mark.parametrize("ppl0", [13.123456789, 21.7, 9.87654321, 31.41592653589793])
 def test_a_run_served_wholly_at_full_precision_costs_exactly_nothing(ppl0):
     """Not approximately: exp(mean log p) / p - 1 read 4.4e-16 on one CPU, and a static FP16

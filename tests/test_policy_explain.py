@@ -133,16 +133,19 @@ def test_the_servers_own_count_charges_only_the_steps_its_twins_computed(tmp_pat
     warm = {"by_level": {"5": 4, "30": 0}, "through_twins": {"5": 2, "30": 0}, "twin_min_tokens": 128}
     run = tmp_path / "run.json"
     run.write_text(json.dumps({"served_by_level": count, "warmup": {"served_by_level": warm}}))
-    state = tmp_path / "state.json"
-    state.write_text(json.dumps({"level": 30, "served_tokens": count}))
+    state = tmp_path / "state.json"  # a server that served only these requests: its count since it started
+    since_start = {"by_level": {"5": 10, "30": 10}, "through_twins": {"5": 5, "30": 10}, "twin_min_tokens": 128}
+    state.write_text(json.dumps({"level": 30, "served_tokens": since_start}))
     exact = ((10.0 + 20) ** 5 * (10.0 + 5) ** 5 * (10.0 + 30) ** 10) ** (1 / 20) / 10.0 - 1
     for path in (run, state):
         before, after = served_counts(path)
         e = explain(log, requests, curve, served=(before, after))
         assert e.ppl_exact and e.ppl_increase == pytest.approx(exact)
-    assert served_counts(run)[0] == warm and served_counts(state) == (None, count)
+    assert served_counts(run)[0] == warm and served_counts(state) == (None, since_start)
     assert e.ppl_increase == pytest.approx(quality_of_run(rows, curve, level_changes(log), 0, 20,
                                                           {5: 0.5, 30: 1.0})["ppl_increase"])
+    assert e.ppl_increase == pytest.approx(quality_of_run(rows, curve, level_changes(log), 0, 20, {5: 0.5, 30: 1.0},
+                                                          {5: 10, 30: 10})["ppl_increase"])
     assert "by its own count" in render(e)
     out = morphserve_cli("policy", "explain", str(log), "--requests", str(requests), "--pack", str(_pack(tmp_path, curve)),
                          "--served-tokens", str(state))

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from morphserve.errors import MorphServeError
-from morphserve.evaluation.quality import LevelAt, level_changes, quality_of_run, tokens_by_level, twin_share_between
+from morphserve.evaluation.quality import (LevelAt, level_changes, quality_of_run, served_between, tokens_by_level,
+                                          twin_share_between)
 
 NOTHING_SERVED = {"by_level": {}, "through_twins": {}}  # a server's count as it starts
 
@@ -56,7 +57,7 @@ class Explanation:
     ppl_increase: float | None = None
     # prompt twins: every token charged at least this level (as the ledger and `evaluate` charge it)
     charge_floor: int = 0
-    ppl_exact: bool = False  # True: the twins' steps charged from the server's count, not the upper bound
+    ppl_exact: bool = False  # True: charged from the server's own count (levels computed, twins' steps), not by arrival
     # background moves (restores, compressions): seconds inside step boundaries installing prepared layers
     restore_commits: list[dict] = field(default_factory=list)
     # waits for service (see the module docstring), seconds
@@ -144,8 +145,10 @@ def explain(log: Path, requests: Path | None = None, curve: dict[int, float] | N
     """`prompt_twin_layers`: the server's (the steps its twins computed charged at least that
     level); None reads it from the log, where a server holding prompt twins stamps every
     record. `served`: the server's `served_tokens` at the start and the end of the requests
-    (None at the start: since it started); with it the twins' steps are charged exactly, as
-    `morphserve evaluate` does, else every token as one of theirs (an upper bound)."""
+    (None at the start: since it started); with it every token is charged at the level that
+    computed it and the twins' steps exactly, as `morphserve evaluate` does; without it at
+    the level in force when it arrived, and every token as one of the twins' (an upper
+    bound)."""
     records = read_log(log)
     e = Explanation(records=len(records))
     e.charge_floor = prompt_twin_layers if prompt_twin_layers is not None else max(
@@ -181,8 +184,9 @@ def explain(log: Path, requests: Path | None = None, curve: dict[int, float] | N
                 raise MorphServeError(f"the pack's quality curve has no perplexity for levels {missing}")
             # the evaluation's own figure, so the two cannot drift apart
             share = twin_share_between(served[0] or NOTHING_SERVED, served[1]) if served and e.charge_floor else None
-            e.ppl_increase = quality_of_run(rows, curve, changes, 0, e.charge_floor, share)["ppl_increase"]
-            e.ppl_exact = share is not None
+            by_server = served_between(*served) if served else None
+            e.ppl_increase = quality_of_run(rows, curve, changes, 0, e.charge_floor, share, by_server)["ppl_increase"]
+            e.ppl_exact = by_server is not None
     return e
 
 
@@ -222,7 +226,7 @@ def render(e: Explanation) -> str:
             lines.append(f"  {k:>3} layers  {c:8d}  {c / n:6.1%}" if n else f"  {k:>3} layers  {c}")
     if e.ppl_increase is not None:
         if not e.charge_floor:
-            floor = ""
+            floor = " (each token at the level that computed it, by the server's own count)" if e.ppl_exact else ""
         elif e.ppl_exact:
             floor = (f" (the steps the server's {e.charge_floor} prompt twins computed charged at least level "
                      f"{e.charge_floor}, by its own count)")

@@ -55,6 +55,7 @@ def charged(record: dict, factors: dict[int, float]) -> dict:
     for part in tokens.values():
         for k, n in part.items():
             both[k] = both.get(k, 0) + n
+    both = record.get("server_tokens_by_level") or both  # by the level that computed them, where counted
     charge, charge_out = _charge(both, factors), _charge(tokens.get("output", {}), factors)
     return {"ppl_weights_only": ppl, "ppl_increase_weights_only": increase,
             "ppl_output_tokens_weights_only": out_ppl, "kv_ppl_factor": charge,

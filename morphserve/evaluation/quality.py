@@ -1,11 +1,16 @@
-"""The precision every token was computed at, from MorphServe's own transition log, and
-the token-weighted perplexity that follows from the pack's quality curve.
+"""The precision every token was computed at, and the token-weighted perplexity that
+follows from the pack's quality curve.
 
-The log records the CLOCK_MONOTONIC time of every change of the level in force; vLLM's
-load generator records each request's start and the arrival of each streamed token on
-the same clock. A prompt is charged at the level in force when its first token arrived
-(the step that finished its prefill), each output token at the level in force when it
-arrived. Plain Python.
+Two sources. The exact one is the server's own count: at every step boundary MorphServe
+adds the tokens it served to the level that computed them (`served_tokens` in
+/morphserve/state); two readings, after the warm-up and after the replay, give the
+replay's tokens by level (`served_between`). The other needs no server: the transition
+log records the CLOCK_MONOTONIC time of every change of the level in force and vLLM's load
+generator the arrival of each streamed token on the same clock, so a token can be charged
+at the level in force when it *arrived*. Under load the two part: a token computed at
+level 4 and delivered after a move to 12 is charged 12 by the client's clock. The
+evaluation reports the server's figure where both readings exist and keeps the client's
+beside it. Plain Python.
 """
 
 from __future__ import annotations
@@ -83,8 +88,20 @@ def ppl_increase(counts: dict[int, int], curve: dict[int, float]) -> float | Non
     return math.expm1(sum(n * (math.log(curve[k]) - base) for k, n in counts.items() if k != 0) / total)
 
 
+def served_between(before: dict | None, after: dict | None) -> dict[int, int] | None:
+    """Tokens the server computed at each level between two readings of its `served_tokens`
+    (None at the start: since it started). None where the later reading is missing, so the
+    caller falls back to the client's clock."""
+    if not after or not isinstance(after.get("by_level"), dict):
+        return None
+    start = (before or {}).get("by_level") or {}
+    out = {int(k): n - start.get(k, 0) for k, n in after["by_level"].items()}
+    return {k: n for k, n in sorted(out.items()) if n > 0}
+
+
 def quality_of_run(rows: list[dict], curve: dict[int, float], changes: list[tuple[float, int]] | None,
-                   static_level: int, charge_floor: int = 0, twin_share: dict[int, float] | None = None) -> dict:
+                   static_level: int, charge_floor: int = 0, twin_share: dict[int, float] | None = None,
+                   served: dict[int, int] | None = None) -> dict:
     """`changes` None: a static system, every token at `static_level`. `charge_floor`: a
     server holding prompt twins for that many layers computes the steps of prompt size
     through them, so those steps' tokens are charged at no lower a level than this
@@ -92,15 +109,29 @@ def quality_of_run(rows: list[dict], curve: dict[int, float], changes: list[tupl
     at each level, the share in such steps, from the server's own count
     (`twin_share_between`); without it every token is charged as one of them, an upper
     bound (`ppl_increase_upper_bound` keeps that figure beside the exact one).
-    `tokens_by_level` keeps the levels in force."""
+    `served`: the server's own tokens by level over the replay (`served_between`); with it
+    `ppl`/`ppl_increase` charge each token at the level that computed it, and
+    `ppl_increase_client_clock` keeps the figure by arrival. `tokens_by_level` (prompt and
+    output apart, by arrival) keeps the levels in force either way."""
     level_at = LevelAt(changes or [], initial=static_level)
     counts = tokens_by_level(rows, level_at)
     out = {"tokens_by_level": {part: {str(k): n for k, n in sorted(c.items())} for part, c in counts.items()}}
     charged = {part: _charged(c, charge_floor, twin_share) for part, c in counts.items()}
     both = _both(charged)
+    by_server = _charged(served, charge_floor, twin_share) if served else None
+    if by_server:
+        out.update(levels_from="server steps", server_tokens_by_level={str(k): n for k, n in served.items()},
+                   ppl_increase_client_clock=ppl_increase(both, curve))
+        both = by_server
+    else:
+        out["levels_from"] = "client arrival" if changes is not None else "static"
     if charge_floor:
-        upper = both if twin_share is None else _both({part: _charged(c, charge_floor, None)
-                                                       for part, c in counts.items()})
+        if twin_share is None:
+            upper = both
+        elif by_server:
+            upper = _charged(served, charge_floor, None)
+        else:
+            upper = _both({part: _charged(c, charge_floor, None) for part, c in counts.items()})
         out["ppl_increase_upper_bound"] = ppl_increase(upper, curve)
         if twin_share is not None:
             out["twin_share_by_level"] = {str(k): round(v, 4) for k, v in sorted(twin_share.items())}

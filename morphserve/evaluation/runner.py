@@ -259,7 +259,8 @@ def one_run(suite: Suite, rep: int, window: Window, budget: Budget, system: Syst
         # answers: there they explain most (the level it held under load it could not serve).
         before_cut = (lambda: systems.last_decisions(base)) if system.kind == "morphserve" else None
         def read_now() -> dict:  # vLLM's counters and each process's work, which die with the server
-            return {"vllm": _counters(base), "work": group_work(proc.pid)}
+            now = {"vllm": _counters(base), "work": group_work(proc.pid)}
+            return now | ({"served": systems.served_now(base)} if system.kind == "morphserve" else {})
 
         record.update(_replay(suite, window, system, model, base, folder, proc, before_cut, at_cut=read_now))
         # a cut run's server is gone by now: its counters were read just before the cut
@@ -272,6 +273,8 @@ def one_run(suite: Suite, rep: int, window: Window, budget: Budget, system: Syst
         if system.kind == "morphserve" and not record["cut_at_deadline"]:
             # the policy's own quality figure (to check against ours) and why it held where it did not move
             record.update(systems.policy_record(base))
+        elif at_cut.get("served"):
+            record["served_by_level"] = at_cut["served"]  # a cut run's: the count at the deadline
     except (OSError, RuntimeError) as e:
         raise MorphServeError(f"{folder}: {system.name}: {e}") from None
     finally:
@@ -283,10 +286,11 @@ def one_run(suite: Suite, rep: int, window: Window, budget: Budget, system: Syst
     record.update({k: v for k, v in summary.items() if k not in ("system", "window")})
     record["trace_window"] = summary["window"]  # START:DURATION; record["window"] stays the suite's name
     twins = twins_held(system, record.get("warmup"))
-    twin_share = quality.twin_share_between((record.get("warmup") or {}).get("served_by_level"),
-                                            record.get("served_by_level")) if twins else None
-    record.update(quality.quality_of_run(rows, curve, changes, static_level, twins,
-                                         twin_share))
+    served_before = (record.get("warmup") or {}).get("served_by_level")
+    twin_share = quality.twin_share_between(served_before, record.get("served_by_level")) if twins else None
+    # the server's own count from after the warm-up: without that reading it would count the warm-up too
+    served = quality.served_between(served_before, record.get("served_by_level")) if served_before else None
+    record.update(quality.quality_of_run(rows, curve, changes, static_level, twins, twin_share, served))
     if system.kind in STATIC_TIERS:
         record["static_level"] = static_level
     if kv_factors is not None:

@@ -178,6 +178,16 @@ def last_decisions(base: str, timeout: float = 8.0) -> dict:
     return {"decisions": state.get("recent_decisions") or [], "heap_trim": heap_trim(state)}
 
 
+def served_now(base: str, timeout: float = 8.0) -> dict | None:
+    """The server's `served_tokens` at a run's cut, best effort: with it a cut run's quality
+    is still charged at the levels that computed its tokens; None (a busy server) leaves
+    the client's clock to charge them."""
+    try:
+        return _request(f"{base}/morphserve/state?memory=0", timeout=timeout).get("served_tokens")
+    except (OSError, ValueError):
+        return None
+
+
 def kv_blocks(system: System, base: str) -> dict:
     """The KV blocks the server can use: vLLM's own count from /metrics, or, for
     MorphServe, its capacity at every level."""
