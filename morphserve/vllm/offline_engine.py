@@ -119,6 +119,12 @@ def layer_set_of(core: EngineCore):
     return core.model_executor.driver_worker.worker._morph
 
 
+def model_of(core: EngineCore):
+    """The model of an in-process engine's worker (one rank), for a benchmark that swaps a
+    module's forward of its own (scripts/bench_head.py); the server never does."""
+    return core.model_executor.driver_worker.worker.model_runner.model
+
+
 def worker_call(core: EngineCore, method: str, *args: Any) -> Any:
     """The first worker's answer to a `morphserve_*` method, called by name (raises
     RankFailure if any rank failed)."""
