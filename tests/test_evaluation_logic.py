@@ -626,3 +626,12 @@ def test_heap_trim_counters_are_read_from_the_memory_reading_or_none():
     assert heap_trim({"memory": None}) is None  # a state read with ?memory=0
     assert heap_trim({"memory": {"error": "worker did not answer"}}) is None
     assert heap_trim({}) is None
+
+
+def test_a_cut_runs_count_read_from_a_server_that_does_not_answer_is_none():
+    """At a run's cut the server may be too busy (or gone) to answer: the read gives None, the
+    run is then charged by arrival, and nothing raises."""
+    from morphserve.evaluation.systems import served_now
+    from morphserve.harness.servers import free_port
+
+    assert served_now(f"http://127.0.0.1:{free_port()}", timeout=2.0) is None
