@@ -80,6 +80,12 @@ class PolicyConfig(BaseModel):
                            "the step each feels (decode plus the others' prefill) within tpot_slo x slo_margin at "
                            "the level served, from the step-time model (vLLM's max_num_active_reqs, set at step "
                            "boundaries; nothing running is preempted); false: vLLM admits as its KV allows")
+    kv_admission: bool = Field(
+        False, description="demand: admit a waiting request only while the blocks every running request and it "
+                           "will hold at completion (prompt plus expected output) fit the level's KV capacity, so "
+                           "that vLLM need not preempt one and compute it again (vLLM's max_num_active_reqs, set at "
+                           "step boundaries; nothing running is preempted; an empty engine always admits one); "
+                           "false: vLLM admits once a prompt's blocks are free")
     kernel_profile: bool = Field(
         True, description="time each tier's kernels at start-up (seconds, cached per machine) so the step-time "
                           "model knows which rung is fast enough before the first request")

@@ -66,7 +66,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from policies.admission import admission_cap, step_at
+from policies.admission import admission_cap, kv_admission_cap, step_at
 from policies.base import Decision, PolicyBase, PolicyState
 
 # A move up goes past its first sufficient rung only for a step at least this much faster:
@@ -123,14 +123,22 @@ class DemandPolicy(PolicyBase):
         return max(1.0, min(wanting, self.capacity[level] / per_request))
 
     def admission(self, s, level: int) -> int | None:
-        """The most requests that may run at once at `level` (policies.admission), None for
-        no cap or with `admission_cap` off."""
-        if not self.cfg.admission_cap or s is None:
+        """The most requests that may run at once at `level` (policies.admission): the lower
+        of the TPOT cap (`admission_cap`) and the KV cap (`kv_admission`), each where it is
+        on; None for no cap."""
+        if s is None:
             return None
-        per_request = s.need_per_request or s.blocks_per_request or 1.0
-        return admission_cap(s.step_model, level, self.cfg.tpot_slo_s * self.cfg.slo_margin,
-                             s.prompt_tokens_per_request, s.output_tokens_per_request,
-                             self.capacity[max(0, min(level, len(self.capacity) - 1))] / per_request)
+        capacity = self.capacity[max(0, min(level, len(self.capacity) - 1))]
+        caps = []
+        if self.cfg.admission_cap:
+            per_request = s.need_per_request or s.blocks_per_request or 1.0
+            caps.append(admission_cap(s.step_model, level, self.cfg.tpot_slo_s * self.cfg.slo_margin,
+                                      s.prompt_tokens_per_request, s.output_tokens_per_request,
+                                      capacity / per_request))
+        if self.cfg.kv_admission:
+            caps.append(kv_admission_cap(capacity, s.running_now, s.running_need_blocks, s.waiting_needs))
+        caps = [c for c in caps if c is not None]
+        return min(caps) if caps else None
 
     def prefill_factor(self, s) -> float:
         """What prefill chunks add now: the last window's mean step over the model's

@@ -37,6 +37,8 @@ class StepSample:
     # blocks the running / waiting requests will hold when they finish (prompt + expected output)
     running_need_blocks: int = 0
     waiting_need_blocks: int = 0
+    # the first waiting requests' needs at completion, in the order vLLM admits them
+    waiting_needs: tuple[int, ...] = ()
     tokens: int = 0  # tokens computed (prefill and decode) since the previous sample
     # tokens as the evaluation counts them: a prompt's when its first token arrives, each
     # output token as it arrives (prefix-cache hits included, recomputation not)
@@ -75,6 +77,9 @@ class Signals:
     remaining_tokens: float = 0.0
     need_blocks: int = 0  # running + waiting requests' blocks at completion
     waiting_need_blocks: int = 0
+    running_need_blocks: int = 0  # the running requests' blocks at completion
+    running_now: int = 0  # requests running at this boundary (`running` is the window's mean)
+    waiting_needs: tuple[int, ...] = ()  # the first waiting requests' needs, in admission order
     need_per_request: float = 0.0  # blocks one request holds at completion (mean)
     token_rate: float = 0.0  # tokens/s computed, EWMA
     level: int = 0
@@ -92,7 +97,7 @@ class Signals:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name in ("step_model", "ledger"):
+            if f.name in ("step_model", "ledger", "waiting_needs"):  # learned state; a list kept out of the log
                 continue
             out[f.name] = round(v, 4) if isinstance(v, float) else v
         return out
@@ -192,6 +197,9 @@ class SignalTracker:
             remaining_tokens=s.remaining_tokens,
             need_blocks=s.running_need_blocks + s.waiting_need_blocks,
             waiting_need_blocks=s.waiting_need_blocks,
+            running_need_blocks=s.running_need_blocks,
+            running_now=s.running,
+            waiting_needs=s.waiting_needs,
             need_per_request=((s.running_need_blocks + s.waiting_need_blocks) / (s.running + s.waiting)
                               if s.running + s.waiting else 0.0),
             token_rate=self._token_rate,

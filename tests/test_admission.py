@@ -3,9 +3,9 @@ demand policy's wrapper around it. Milliseconds, no engine."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from policies.admission import admission_cap, step_at
+from policies.admission import admission_cap, kv_admission_cap, step_at
 from policies.config import PolicyConfig
 from policies.demand import DemandPolicy
 from policies.signals import Signals
@@ -86,3 +86,31 @@ def test_the_demand_policy_caps_only_when_told_to():
     assert on.admission(s, 4) is None  # level 4 never served: the model does not know it
     s_small = Signals(step_model=model, need_per_request=8.0, running=10, queue_len=30)
     assert on.admission(s_small, 3) is None  # 80 / 8 = 10 requests: the KV binds first
+
+
+def test_the_kv_gate_admits_waiting_requests_in_order_while_their_completion_fits():
+    """Capacity 54 blocks; the running requests will hold 40 at completion. Waiting (in
+    vLLM's order): 6, 5, 9, 1. The first two fit (11 of the 14 free); the third does not,
+    and the fourth, though small, is not admitted past it (vLLM admits in order, and the cap
+    is a count)."""
+    assert kv_admission_cap(54, 10, 40, (6, 5, 9, 1)) == 12
+    assert kv_admission_cap(54, 10, 40, (6, 5)) is None  # everything waiting fits: no cap
+    assert kv_admission_cap(54, 10, 40, ()) is None  # nothing waits
+    assert kv_admission_cap(54, 10, 54, (1,)) == 10  # full at completion: hold the queue
+    assert kv_admission_cap(54, 12, 60, (3,)) == 12  # already over (an estimate grew): still none preempted
+    assert kv_admission_cap(20, 0, 0, (30, 2)) == 1  # an empty engine always takes one, however big
+
+
+def test_the_demand_policy_gates_on_kv_only_when_told_to_and_takes_the_lower_cap():
+    capacity = [20, 40, 60, 80, 100]
+    s = Signals(step_model=learned(0.02, 0.01), need_per_request=2.0, running=10, queue_len=30,
+                running_now=10, running_need_blocks=70, waiting_needs=(4, 4, 4, 4))
+    off = DemandPolicy(PolicyConfig(policy="demand"), capacity, 4)
+    kv = DemandPolicy(PolicyConfig(policy="demand", kv_admission=True), capacity, 4)
+    both = DemandPolicy(PolicyConfig(policy="demand", kv_admission=True, admission_cap=True), capacity, 4)
+    assert off.admission(s, 3) is None
+    assert kv.admission(s, 3) == 12  # level 3: 80 blocks, 70 held at completion, two more of 4 fit
+    assert kv.admission(s, 4) is None  # level 4: 100 blocks, 30 free: all four waiting fit, no cap
+    assert both.admission(s, 3) == 12  # the TPOT cap (14) is the higher one here
+    assert kv.admission(replace(s, waiting_needs=()), 3) is None
+    assert "waiting_needs" not in s.as_dict()  # a list kept out of every logged record

@@ -15,6 +15,11 @@ from collections import defaultdict
 from morphserve.errors import MorphServeError
 
 
+# how many waiting requests' needs a sample lists, in admission order: a KV admission gate
+# (policies.admission.kv_admission_cap) reads them; more would not be admitted in one step
+WAITING_NEEDS = 16
+
+
 class VllmBlockStore:
     """kv_resize.elastic_pool.BlockStore over vLLM's BlockPool (0.32.0), by block id."""
 
@@ -319,6 +324,7 @@ class StepSampler:
             remaining_tokens=sum(remaining) / len(remaining) if remaining else 0.0,
             running_need_blocks=sum(need(r) for r in running),
             waiting_need_blocks=sum(need(r) for r in waiting),
+            waiting_needs=tuple(need(r) for r in waiting[:WAITING_NEEDS]),
             tokens=tokens,
             served_tokens=served,
             prefill_tokens=prefill,
