@@ -28,17 +28,13 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from morphserve.harness.children import emit_result, run_measurement  # noqa: E402
 from scripts.bench_kernels import BATCHES, decode_rates  # noqa: E402  (the same cells, measured the same way)
-
-
-def _token_prompt(n: int, salt: int) -> dict:
-    return {"prompt_token_ids": [(17 * i + 5 + 31 * salt) % 5000 + 100 for i in range(n)]}
+from scripts.bench_same_rung import generate_timer  # noqa: E402
 
 
 def int8_head(weight):
@@ -55,15 +51,13 @@ def int8_head(weight):
 
 def child(model: str, pack: str, repeats: int, first: str) -> dict:
     import torch
-    from vllm import SamplingParams
+    from transformers import AutoTokenizer
 
     from morphserve.evaluation.systems import static_w8a8_dir
+    from morphserve.offline import pack as packfmt
     from morphserve.vllm.kernels import VllmCpuKernels
     from morphserve.vllm.offline_engine import engine_core_of, in_process_llm, model_of
     from morphserve.vllm.perplexity import perplexity_of
-    from transformers import AutoTokenizer
-
-    from morphserve.offline import pack as packfmt
     from quant_layers.eval_windows import load_windows
 
     llm = in_process_llm(static_w8a8_dir(Path(pack)), None, tokenizer=model, enforce_eager=True,
@@ -75,13 +69,7 @@ def child(model: str, pack: str, repeats: int, first: str) -> dict:
     int8 = int8_head(head.weight.data)
     heads = {"served": served, "int8": lambda x, _w, bias: int8(x, None, bias)}
 
-    def timed(batch: int, tokens: int, prompt_tokens: int = 32, salt: int = 0) -> float:
-        params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-        prompts = [_token_prompt(prompt_tokens, salt + i) for i in range(batch)]
-        t = time.perf_counter()
-        llm.generate(prompts, params, use_tqdm=False)
-        return time.perf_counter() - t
-
+    timed = generate_timer(llm)
     quality = json.loads((Path(pack) / packfmt.QUALITY).read_text())  # the tokens `prepare` scored
     windows = load_windows(Path(quality["eval_text"]), AutoTokenizer.from_pretrained(model), quality["window"],
                            quality["tokens"]).windows

@@ -38,10 +38,24 @@ def _token_prompt(n: int, salt: int) -> dict:
     return {"prompt_token_ids": [(17 * i + 5 + 31 * salt) % 5000 + 100 for i in range(n)]}
 
 
-def child(mode: str, model: str, pack: str, kv_dtype: str, repeats: int, prefill_batch: int,
-          prefill_tokens: int, rung: str = "w8a8", dtype: str = "bfloat16", heap_trim: float | None = None) -> dict:
+def generate_timer(llm):
+    """`timed(batch, tokens, prompt_tokens=32, salt=0)`: the seconds of one greedy generate of
+    `batch` synthetic prompts on `llm` (ignore_eos), as `decode_rates` and the prefill cell
+    time it; other benchmarks of one engine measure the same way (scripts/bench_head.py)."""
     from vllm import SamplingParams
 
+    def timed(batch: int, tokens: int, prompt_tokens: int = 32, salt: int = 0) -> float:
+        params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+        prompts = [_token_prompt(prompt_tokens, salt + i) for i in range(batch)]
+        t = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        return time.perf_counter() - t
+
+    return timed
+
+
+def child(mode: str, model: str, pack: str, kv_dtype: str, repeats: int, prefill_batch: int,
+          prefill_tokens: int, rung: str = "w8a8", dtype: str = "bfloat16", heap_trim: float | None = None) -> dict:
     from morphserve.evaluation.systems import static_w8a8_dir
     from morphserve.vllm.offline_engine import engine_core_of, in_process_llm
 
@@ -74,13 +88,7 @@ def child(mode: str, model: str, pack: str, kv_dtype: str, repeats: int, prefill
         if set(tiers) - {"w8a8"} and any(v for k, v in tiers.items() if k != "w8a8"):
             raise SystemExit(f"level {level} is not all-W8A8: {tiers}")
 
-    def timed(batch: int, tokens: int, prompt_tokens: int = 32, salt: int = 0) -> float:
-        params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-        prompts = [_token_prompt(prompt_tokens, salt + i) for i in range(batch)]
-        t = time.perf_counter()
-        llm.generate(prompts, params, use_tqdm=False)
-        return time.perf_counter() - t
-
+    timed = generate_timer(llm)
     decode = decode_rates(timed, repeats)
     prefill = max(prefill_batch * prefill_tokens / timed(prefill_batch, 1, prefill_tokens, salt=100 * (r + 1))
                   for r in range(repeats))  # fresh prompts each time: no prefix-cache hits
