@@ -115,15 +115,23 @@ def test_runs_record_memory_capacity_and_quality(evaluated, pack_dir):
     # The run is charged the pack's measured perplexity at each level its tokens were served
     # at. Not "at least level 0's": a tiny pack's curve is noisy, and on one CI machine a
     # quantized level measured 0.3% under level 0 (16.92 against 16.97).
+    # The levels are the server's own count of the tokens each level computed (levels_from);
+    # the client's clock (the level in force when each token arrived) is kept beside it.
     curve = quality_curve(json.loads((pack_dir / "quality.json").read_text()))
-    served: dict[int, int] = {}
+
+    def weighted(counts: dict[int, int]) -> float:
+        return math.exp(sum(n * math.log(curve[k]) for k, n in counts.items()) / sum(counts.values()))
+
+    assert ms["levels_from"] == "server steps"
+    served = {int(level): n for level, n in ms["server_tokens_by_level"].items()}
+    assert max(served) > 0 and "ppl_weights_only" not in ms  # served quantized; no KV factor charged
+    assert ms["ppl"] == pytest.approx(weighted(served), rel=1e-9)
+    assert ms["ppl_increase"] == pytest.approx(weighted(served) / curve[0] - 1, abs=1e-9)
+    arrived: dict[int, int] = {}
     for part in ms["tokens_by_level"].values():
         for level, n in part.items():
-            served[int(level)] = served.get(int(level), 0) + n
-    assert max(served) > 0 and "ppl_weights_only" not in ms  # served quantized; no KV factor charged
-    expected = math.exp(sum(n * math.log(curve[k]) for k, n in served.items()) / sum(served.values()))
-    assert ms["ppl"] == pytest.approx(expected, rel=1e-9)
-    assert ms["ppl_increase"] == pytest.approx(expected / curve[0] - 1, abs=1e-9)
+            arrived[int(level)] = arrived.get(int(level), 0) + n
+    assert ms["ppl_increase_client_clock"] == pytest.approx(weighted(arrived) / curve[0] - 1, abs=1e-9)
 
 
 def test_the_policys_quality_ledger_agrees_with_the_evaluation(evaluated):
