@@ -310,6 +310,7 @@ class StepSampler:
         def need(r) -> int:  # blocks the request holds when it finishes
             return -(-int(r.num_prompt_tokens + r.num_output_tokens + left(r)) // block)
 
+        waiting_needs = [need(r) for r in waiting]  # once per boundary: summed, and the first listed
         return StepSample(
             time=now,
             waiting=len(waiting),
@@ -323,8 +324,8 @@ class StepSampler:
             waiting_blocks=sum(-(-r.num_prompt_tokens // block) for r in waiting),
             remaining_tokens=sum(remaining) / len(remaining) if remaining else 0.0,
             running_need_blocks=sum(need(r) for r in running),
-            waiting_need_blocks=sum(need(r) for r in waiting),
-            waiting_needs=tuple(need(r) for r in waiting[:WAITING_NEEDS]),
+            waiting_need_blocks=sum(waiting_needs),
+            waiting_needs=tuple(waiting_needs[:WAITING_NEEDS]),
             tokens=tokens,
             served_tokens=served,
             prefill_tokens=prefill,
