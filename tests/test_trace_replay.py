@@ -95,3 +95,18 @@ def test_summary_counts_failures_as_violations():
     assert s["ttft_p50"] == 3.0 and s["ttft_p99"] == float("inf") and s["tpot_p95"] == float("inf")
     assert rows[0]["token_offsets_s"][0] == 0.5
     assert percentile([], 50) is None
+
+
+def test_a_request_cut_after_its_first_token_counts_that_tokens_time_as_its_ttft():
+    # two complete requests, one cut after its first token (at 0.7 s), one cut before any
+    bench = {"ttfts": [0.5, 3.0, 0.7, 0.0], "latencies": [1.5, 4.0, 0.0, 0.0], "output_lens": [11, 11, 0, 0],
+             "input_lens": [10] * 4, "errors": ["", "", "cut", "cut"], "itls": [[0.1] * 10, [0.1] * 10, [0.2], []]}
+    rows = per_request(bench, [0.0, 1.0, 2.0, 3.0])
+    assert rows[2]["ttft_s"] == 0.7 and rows[3]["ttft_s"] is None
+    s = summarize("x", rows, 10.0, slo_ttft=2.0, slo_tpot=0.2)
+    # still a violation and an infinite TPOT; its TTFT is known, the other's is not
+    assert s["slo_violations"] == 3 and s["completed"] == 2 and s["slo_attainment_ttft"] == pytest.approx(1 / 4)
+    assert sorted(r["ttft_s"] or float("inf") for r in rows) == [0.5, 0.7, 3.0, float("inf")]
+    assert s["ttft_p50"] == 0.7 and s["ttft_p95"] == float("inf") and s["tpot_p95"] == float("inf")
+    s3 = summarize("x", rows[:3], 10.0, slo_ttft=2.0, slo_tpot=0.2)
+    assert s3["ttft_p95"] == 3.0  # before: infinite, though every first token had arrived

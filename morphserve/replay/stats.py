@@ -1,9 +1,12 @@
 """From `vllm bench serve --save-detailed` output to MorphServe's summary.json and
 requests.jsonl. Plain Python; percentiles are nearest-rank.
 
-A request that failed counts as a violation and as an infinite TTFT and TPOT in every
-percentile: taking percentiles over completed requests only would make a system that
-drops requests look faster."""
+A request that failed counts as a violation and as an infinite TPOT in every percentile,
+and as an infinite TTFT unless its first token arrived before it failed: taking
+percentiles over completed requests only would make a system that drops requests look
+faster. A request cut at the evaluation's deadline after its first token had that token at
+a known time, so its TTFT is that time, not infinity (counting it infinite made P95 TTFT
+read "infinite" for a system that had answered every request's first token)."""
 
 from __future__ import annotations
 
@@ -35,7 +38,8 @@ def per_request(bench: dict, arrivals: list[float]) -> list[dict]:
                      # clock in every process on the machine, so it lines up with the timeline
                      "start_mono": starts[i] if i < len(starts) else None,
                      "input_len": bench["input_lens"][i], "output_len": out_len, "ok": ok,
-                     "ttft_s": ttft if ok else None, "tpot_s": tpot, "latency_s": latency if ok else None,
+                     # a failed request's first token, when it arrived (see the module's docstring)
+                     "ttft_s": ttft if streamed else None, "tpot_s": tpot, "latency_s": latency if ok else None,
                      "error": error or None,
                      # seconds after the request's start at which each output token arrived
                      "token_offsets_s": _token_offsets(ttft, itls) if streamed else None,
@@ -56,7 +60,7 @@ def _token_offsets(ttft: float, itls: list[float]) -> list[float]:
 def summarize(system: str, rows: list[dict], duration_s: float, slo_ttft: float, slo_tpot: float) -> dict:
     done = [r for r in rows if r["ok"]]
     inf = float("inf")
-    ttfts = [r["ttft_s"] if r["ok"] else inf for r in rows]
+    ttfts = [r["ttft_s"] if r["ttft_s"] is not None else inf for r in rows]
     tpots = [r["tpot_s"] if r["ok"] else inf for r in rows]
     meets_ttft = [r for r in done if r["ttft_s"] <= slo_ttft]
     meets_both = [r for r in meets_ttft if r["tpot_s"] <= slo_tpot]
