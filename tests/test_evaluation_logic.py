@@ -347,16 +347,13 @@ def test_a_morphserve_system_passes_its_compress_mode_and_tiers_and_only_it_take
                   budgets=[Budget(name="b", total_mb=400)], systems=[System(name="fp16", kind="fp16")],
                   static_quantized=None)
     tiered = make_tiered_pack(tmp_path / "tiered", model)
-    ours = System(name="m", kind="morphserve", policy="default", compress_mode="background", tiers=["w8a8"],
-                  heap_trim_min_free_mb=32)
+    ours = System(name="m", kind="morphserve", policy="default", compress_mode="background", tiers=["w8a8"])
     cmd, _ = systems.server_command(ours, suite.budgets[0], suite, model, tiered, 1, tmp_path)
     assert cmd[cmd.index("--compress-mode") + 1] == "background" and cmd[cmd.index("--tiers") + 1] == "w8a8"
-    assert cmd[cmd.index("--heap-trim-min-free-mb") + 1] == "32.0"
     cmd, _ = systems.server_command(System(name="d", kind="morphserve", policy="default"), suite.budgets[0], suite,
                                     model, tiered, 1, tmp_path)
     assert "--compress-mode" not in cmd and "--tiers" not in cmd  # serve's own defaults
-    assert "--heap-trim-min-free-mb" not in cmd
-    for extra in ({"compress_mode": "sync"}, {"tiers": ["w8a8"]}, {"heap_trim_min_free_mb": 32}):
+    for extra in ({"compress_mode": "sync"}, {"tiers": ["w8a8"]}):
         with pytest.raises(ValidationError, match="only a morphserve system"):
             System(name="w8", kind="w8a8", **extra)
 

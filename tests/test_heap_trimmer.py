@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from morphserve.runtime.heap_trimmer import HeapTrimmer, _libc_trim, heap_free_bytes
+from morphserve.runtime.heap_trimmer import HeapTrimmer, _libc_trim
 from morphserve.runtime.proc_memory import process_rss
 
 
@@ -123,48 +123,3 @@ def test_real_malloc_trim_returns_memory_freed_in_the_middle_of_the_heap():
             libc.free(guard)
     assert returned >= 64 * 2**20, f"only {returned / 2**20:.0f} MiB of 100 freed came back"
     assert first >= 1 and trimmer.calls > first
-
-
-def test_with_a_free_margin_a_worker_trims_only_while_its_heap_holds_that_much_free():
-    mib = 2**20
-    free = [8 * mib]
-    calls = []
-    trimmer = HeapTrimmer(0.5, trim=calls.append, min_free_bytes=32 * mib, free=lambda: free[0])
-    for held in (8, 20, 31):  # a steady server: the buffers its steps reuse, under the margin
-        free[0] = held * mib
-        trimmer.tick()
-    assert calls == [] and trimmer.skipped == 3
-    free[0] = 40 * mib  # a long prompt's buffers freed
-    trimmer.tick()
-    assert calls == [0]
-    free[0] = None  # glibc cannot say (not glibc's malloc): trim as without a margin
-    trimmer.tick()
-    assert calls == [0, 0]
-    assert trimmer.report()["min_free_bytes"] == 32 * mib
-
-
-def test_both_margins_must_hold():
-    mib = 2**20
-    calls = []
-    trimmer = HeapTrimmer(0.5, trim=calls.append, min_free_bytes=16 * mib, free=lambda: 64 * mib,
-                          min_growth_bytes=32 * mib, rss=lambda: 500 * mib)
-    trimmer.tick()  # no floor yet, and enough free
-    trimmer.tick()  # enough free, but no growth since
-    assert len(calls) == 1
-
-
-@pytest.mark.skipif(heap_free_bytes() is None, reason="needs glibc >= 2.33 (mallinfo2), no preloaded allocator")
-def test_glibcs_free_count_sees_chunks_freed_in_the_middle_of_the_heap():
-    libc = ctypes.CDLL("libc.so.6")
-    libc.malloc.restype = ctypes.c_void_p
-    libc.malloc.argtypes = [ctypes.c_size_t]
-    libc.free.argtypes = [ctypes.c_void_p]
-    chunk, count = 64 * 1024, 320  # 20 MiB in chunks under glibc's mmap threshold: on the heap
-    ptrs = [libc.malloc(chunk) for _ in range(count)]
-    guard = libc.malloc(chunk)  # keeps the top from shrinking
-    before = heap_free_bytes()
-    for p in ptrs:
-        libc.free(p)
-    after = heap_free_bytes()
-    libc.free(guard)
-    assert after - before >= 16 * 2**20

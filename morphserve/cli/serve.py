@@ -24,8 +24,7 @@ from morphserve.runtime import config as runtime_config
 from morphserve.runtime import onednn_cache, thread_binding
 from morphserve.runtime.frontend_cpus import DEFAULT_MODE as FRONTEND_DEFAULT, MODES as FRONTEND_MODES
 from morphserve.runtime.allocator import ALLOCATOR_ENV, ALLOCATORS, default_allocator, preload_env, resolve
-from morphserve.runtime.heap_trimmer import (DEFAULT_INTERVAL_S, DEFAULT_MIN_FREE_BYTES, DEFAULT_MIN_GROWTH_BYTES,
-                                             DEFAULT_MODE, MODES)
+from morphserve.runtime.heap_trimmer import DEFAULT_INTERVAL_S, DEFAULT_MIN_GROWTH_BYTES, DEFAULT_MODE, MODES
 from morphserve.errors import MorphServeError
 
 VLLM_SERVER_MODULE = "morphserve.vllm.server"  # vLLM's server entry; refusals in one line
@@ -94,10 +93,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="trim only once a worker's resident set has grown MIB since its last trim (a trim makes "
                         "the next steps fault their reused pages back in, so a steady server skips it); 0, the "
                         "default, trims every interval")
-    p.add_argument("--heap-trim-min-free-mb", type=float, default=DEFAULT_MIN_FREE_BYTES / 2**20, metavar="MIB",
-                   help="trim only while a worker's heap holds at least MIB free (glibc's own count: what a trim "
-                        "could return), so the buffers its steps reuse stay resident; 0, the default, trims every "
-                        "interval")
     p.add_argument("--frontend-cpus", choices=FRONTEND_MODES, default=FRONTEND_DEFAULT,
                    help="auto: once vLLM has bound its workers to cores, the engine core and the API server run on "
                         "the CPUs no worker is bound to, where any are left (a worker's core is then the model's "
@@ -129,7 +124,6 @@ def build_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
     cfg = {"pack": os.path.abspath(args.pack), "twin": args.twin, "shrink_strategy": args.shrink_strategy,
            "restore_mode": args.restore_mode, "compress_mode": args.compress_mode, "manual_min_interval_s": args.manual_min_interval,
            "heap_trim_interval_s": args.heap_trim_interval, "heap_trim_min_growth_mb": args.heap_trim_min_growth_mb,
-           "heap_trim_min_free_mb": args.heap_trim_min_free_mb,
            "heap_trim_mode": args.heap_trim_mode, "frontend_cpus": args.frontend_cpus}
     if args.memory_budget_gb is not None:
         cfg["memory_budget_gb"] = args.memory_budget_gb

@@ -84,9 +84,6 @@ class System(BaseModel):
                                 "interval; default: serve's default)")
     heap_trim_mode: Literal["boundary", "thread"] | None = Field(
         None, description="MorphServe only: `morphserve serve --heap-trim-mode` (default: serve's default)")
-    heap_trim_min_free_mb: float | None = Field(
-        None, ge=0, description="MorphServe only: `morphserve serve --heap-trim-min-free-mb` (0: trim every "
-                                "interval; default: serve's default)")
     prompt_twin_layers: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
         None, description="MorphServe only: `morphserve serve --prompt-twin-layers` (W8A8 twins of this many "
                           "layers held for prompt-sized steps, the steps they compute charged at least that level; "
@@ -102,7 +99,6 @@ class System(BaseModel):
         if self.kind != "morphserve" and (self.policy or self.compress_mode or self.tiers
                                           or self.hold_level is not None or self.heap_trim_interval_s is not None
                                           or self.heap_trim_min_growth_mb is not None
-                                          or self.heap_trim_min_free_mb is not None
                                           or self.heap_trim_mode is not None
                                           or self.prompt_twin_layers is not None):
             raise ValueError(f"system {self.name!r}: only a morphserve system takes a policy, a compress_mode, "
@@ -181,7 +177,7 @@ class Suite(BaseModel):
             if s["kv_cache_dtype"] == "auto":
                 del s["kv_cache_dtype"]
             for later in ("compress_mode", "tiers", "hold_level", "heap_trim_interval_s", "heap_trim_min_growth_mb",
-                          "heap_trim_mode", "heap_trim_min_free_mb", "prompt_twin_layers"):
+                          "heap_trim_mode", "prompt_twin_layers"):
                 if s[later] is None:
                     del s[later]
         return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]

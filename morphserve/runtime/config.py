@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from morphserve.offline import pack as packfmt
 from morphserve.errors import MorphServeError, first_field_error
-from morphserve.runtime.heap_trimmer import DEFAULT_INTERVAL_S, DEFAULT_MIN_FREE_BYTES, DEFAULT_MIN_GROWTH_BYTES, DEFAULT_MODE
+from morphserve.runtime.heap_trimmer import DEFAULT_INTERVAL_S, DEFAULT_MIN_GROWTH_BYTES, DEFAULT_MODE
 from morphserve.runtime.frontend_cpus import DEFAULT_MODE as FRONTEND_DEFAULT
 from morphserve.runtime.prompt_twin_choice import choose_prompt_twins
 
@@ -73,11 +73,6 @@ class MorphConfig(BaseModel):
         default=DEFAULT_MIN_GROWTH_BYTES / 2**20, ge=0, le=65536,
         description="a worker trims only once its resident set has grown this many MiB since its last trim "
         "(each trim makes the next steps fault their reused pages back in); 0 (the default) trims every interval")
-    heap_trim_min_free_mb: float = Field(
-        default=DEFAULT_MIN_FREE_BYTES / 2**20, ge=0, le=65536,
-        description="a worker trims only while its heap holds at least this many MiB free (glibc's mallinfo2: what "
-        "a trim could return), so the buffers its steps reuse stay resident instead of faulting back in after "
-        "every trim; 0 (the default) trims every interval")
     prompt_twin_layers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
         default=0, description="keep the W8A8 twins of this many layers (the first the ladder quantizes) "
         "resident beside full precision and compute every step of at least prompt_twin_min_tokens tokens (a "

@@ -39,14 +39,6 @@ thread trims only once the resident set has grown that much above where the last
 it (or where it has fallen to since). That option is off by default (0: every interval):
 on the one window it was measured on it tied the every-interval trimmer, at the same peak
 RSS, in both repetitions' ranges, so it is not shown to remove the cost.
-
-The resident set is a poor trigger, though: it grows as the KV cache's pages are first
-written and as layers change precision, neither of which a trim can return. With
-`min_free_bytes` a worker trims only while its heap holds at least that many free bytes
-(glibc's own count, `mallinfo2().fordblks`, summed over every arena: what a trim could hand
-back), so a server whose steps reuse the same buffers keeps them resident and is not made to
-fault them in again. Where the count is unavailable (not glibc, or glibc < 2.33) it trims as
-if the margin were 0.
 """
 
 from __future__ import annotations
@@ -61,7 +53,6 @@ log = logging.getLogger("morphserve")
 
 DEFAULT_INTERVAL_S = 0.5
 DEFAULT_MIN_GROWTH_BYTES = 0  # every interval: see the module's docstring
-DEFAULT_MIN_FREE_BYTES = 0  # every interval: see the module's docstring
 MODES = ("boundary", "thread")
 DEFAULT_MODE = "boundary"  # see the module's docstring
 
@@ -96,34 +87,6 @@ def resident_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                 "keepcost")]
-
-
-def _libc_free_counter():
-    """glibc's mallinfo2, or None where malloc is not glibc's or glibc is older than 2.33."""
-    if any(name in os.environ.get("LD_PRELOAD", "") for name in ("tcmalloc", "jemalloc")):
-        return None
-    try:
-        info = ctypes.CDLL("libc.so.6").mallinfo2
-    except (OSError, AttributeError):
-        return None
-    info.restype = _MallInfo2
-    return info
-
-
-_MALLINFO2 = _libc_free_counter()
-
-
-def heap_free_bytes() -> int | None:
-    """Bytes free inside this process's malloc arenas (every arena's free chunks and top): what
-    a malloc_trim could return at most. None where glibc does not say. A walk of the free
-    lists, microseconds here."""
-    return None if _MALLINFO2 is None else int(_MALLINFO2().fordblks)
-
-
 def _libc_trim():
     """glibc's malloc_trim, or None where malloc is not glibc's (a preloaded allocator)."""
     if any(name in os.environ.get("LD_PRELOAD", "") for name in ("tcmalloc", "jemalloc")):
@@ -139,20 +102,17 @@ def _libc_trim():
 
 class HeapTrimmer:
     """malloc_trim(0) once the resident set has grown `min_growth_bytes` since the last trim
-    and the heap holds `min_free_bytes` free (0: every time), either when the engine core asks at a step boundary (`tick`, mode
+    (0: every time), either when the engine core asks at a step boundary (`tick`, mode
     "boundary") or from a daemon thread every `interval_s` (mode "thread"); counts what it did."""
 
     def __init__(self, interval_s: float = DEFAULT_INTERVAL_S, trim=None,
-                 min_growth_bytes: int = DEFAULT_MIN_GROWTH_BYTES, rss=resident_bytes, mode: str = DEFAULT_MODE,
-                 min_free_bytes: int = DEFAULT_MIN_FREE_BYTES, free=heap_free_bytes):
+                 min_growth_bytes: int = DEFAULT_MIN_GROWTH_BYTES, rss=resident_bytes, mode: str = DEFAULT_MODE):
         if mode not in MODES:
             raise ValueError(f"heap trim mode must be one of {', '.join(MODES)}; got {mode!r}")
         self.mode = mode
         self.interval_s = interval_s
         self.min_growth_bytes = min_growth_bytes
-        self.min_free_bytes = min_free_bytes
         self._rss = rss
-        self._free = free
         self._floor: int | None = None  # the resident set after the last trim, or lower since
         self.skipped = 0  # intervals with too little growth to trim
         self._trim = trim if trim is not None else _libc_trim()
@@ -182,13 +142,8 @@ class HeapTrimmer:
         self.calls += 1
 
     def due(self) -> bool:
-        """Whether this interval trims: always without a margin; otherwise once the heap holds
-        `min_free_bytes` free and the resident set is `min_growth_bytes` above the floor (which
-        follows it down)."""
-        if self.min_free_bytes > 0:
-            free = self._free()
-            if free is not None and free < self.min_free_bytes:
-                return False
+        """Whether this interval trims: always without a margin; otherwise once the resident
+        set is `min_growth_bytes` above the floor (which follows it down)."""
         if self.min_growth_bytes <= 0:
             return True
         now = self._rss()
@@ -218,7 +173,6 @@ class HeapTrimmer:
             self._thread = None
 
     def report(self) -> dict:
-        return {"interval_s": self.interval_s, "min_growth_bytes": self.min_growth_bytes,
-                "min_free_bytes": self.min_free_bytes, "mode": self.mode,
+        return {"interval_s": self.interval_s, "min_growth_bytes": self.min_growth_bytes, "mode": self.mode,
                 "running": self._thread is not None if self.mode == "thread" else self.available, "calls": self.calls, "skipped": self.skipped,
                 "seconds": round(self.seconds, 4)}

@@ -71,8 +71,7 @@ class MorphWorkerExtension:
         trim_heap()
         self._trimmer = HeapTrimmer(config.heap_trim_interval_s,
                                     min_growth_bytes=int(config.heap_trim_min_growth_mb * 2**20),
-                                    mode=config.heap_trim_mode,
-                                    min_free_bytes=int(config.heap_trim_min_free_mb * 2**20))
+                                    mode=config.heap_trim_mode)
         self._trimmer.start()  # a thread only in mode "thread"; "boundary" waits for morphserve_trim_heap
         sharded = rank[1] > 1
         # The pack's manifest counts bf16 layers; an engine in another dtype (fp32 where bf16
