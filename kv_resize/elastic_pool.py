@@ -46,6 +46,7 @@ class BlockStore(Protocol):
     def take_free(self, block_id: int) -> None: ...  # out of the prefix cache and the free queue
     def forget_cached(self, block_id: int) -> None: ...  # out of the prefix cache only
     def give_back(self, block_ids: list[int]) -> None: ...  # to the back of the free queue
+    def move_back(self, block_ids: list[int]) -> None: ...  # free blocks to the back, cached prefixes kept
     def free_ids(self) -> list[int]: ...  # in the free queue's eviction order
     def num_free(self) -> int: ...
     def set_visible_total(self, num_blocks: int) -> None: ...  # the pool size the engine reports

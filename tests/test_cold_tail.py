@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -81,15 +83,55 @@ def test_release_gives_free_cold_runs_only_when_due():
     assert ColdTail(MAX_USABLE).to_release(elastic.store, elastic.limit, now=0.0) == []
 
 
+def test_with_a_grace_a_free_cold_block_keeps_its_prefix_until_released():
+    """A preempted request's blocks, freed with their prefix hashes: behind every warm block,
+    still cached, so a resume within the grace hits them; released (and uncached) after it."""
+    elastic = _pool()
+    pool, cold = elastic.store.vllm_pool, ColdTail(WARM, release_every_s=2.0, cache_grace_s=10.0)
+    blocks = pool.get_new_blocks(MAX_USABLE)
+    preempted = blocks[-1]
+    _cache(pool, preempted, 7)
+    pool.free_blocks(reversed(blocks))
+    moved = cold.order(elastic.store, elastic.limit, now=100.0)
+    assert preempted.block_id in moved and preempted.block_hash is not None  # kept
+    free = elastic.store.free_ids()
+    assert all(i <= WARM for i in free[:WARM]) and free[WARM:] == sorted(free[WARM:])  # cold still last
+    # released every 2 s: the uncached cold blocks go, the cached one stays within the grace
+    ranges = cold.to_release(elastic.store, elastic.limit, now=102.0)
+    ids = {i for a, b in ranges for i in range(a, b + 1)}
+    assert preempted.block_id not in ids and ids == set(range(WARM + 1, MAX_USABLE))
+    assert preempted.block_hash is not None and cold.dirty  # still owed a release
+    cold.order(elastic.store, elastic.limit, now=105.0)
+    assert cold.to_release(elastic.store, elastic.limit, now=111.0) == [(WARM + 1, MAX_USABLE)]  # grace over
+    assert preempted.block_hash is None  # out of the prefix cache before its pages go
+    elastic.check()
+
+
+def test_with_a_grace_a_resumed_request_hits_its_cold_blocks():
+    from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id
+
+    elastic = _pool()
+    pool, cold = elastic.store.vllm_pool, ColdTail(WARM, cache_grace_s=10.0)
+    blocks = pool.get_new_blocks(MAX_USABLE)
+    _cache(pool, blocks[-1], 9)
+    pool.free_blocks(reversed(blocks))
+    cold.order(elastic.store, elastic.limit, now=0.0)
+    key = make_block_hash_with_group_id((9).to_bytes(8, "little"), 0)
+    hit = pool.cached_block_hash_to_block.get_one_block(key)  # what vLLM's prefix lookup finds
+    assert hit is not None and hit.block_id == MAX_USABLE
+    elastic.check()
+
+
 ops = st.lists(st.tuples(st.sampled_from(["alloc", "free", "cache", "grow", "shrink", "cold"]),
                          st.integers(1, MAX_USABLE), st.integers(0, 10**6)), min_size=1, max_size=120)
 
 
 @settings(max_examples=200, deadline=None)
 @given(start=st.integers(WARM, MAX_USABLE), steps=ops)
-def test_random_interleavings_never_release_a_block_in_use_or_cached(start, steps):
+@pytest.mark.parametrize("grace", [0.0, 5.0])
+def test_random_interleavings_never_release_a_block_in_use_or_cached(grace, start, steps):
     elastic = _pool(start)
-    pool, cold = elastic.store.vllm_pool, ColdTail(WARM, release_every_s=0.0)
+    pool, cold = elastic.store.vllm_pool, ColdTail(WARM, release_every_s=0.0, cache_grace_s=grace)
     held: list[list] = []
     for op, n, salt in steps:
         rng = random.Random(salt)
@@ -117,7 +159,7 @@ def test_random_interleavings_never_release_a_block_in_use_or_cached(start, step
             elastic.set_limit(max(WARM, min(n, elastic.committed)))
             elastic.drain()
         elif op == "cold" and elastic.limit == elastic.committed:
-            cold.order(elastic.store, elastic.limit)
+            cold.order(elastic.store, elastic.limit, now=float(salt))
             for first, last in cold.to_release(elastic.store, elastic.limit, now=float(salt)):
                 for i in range(first, last + 1):
                     assert WARM < i <= elastic.limit, i

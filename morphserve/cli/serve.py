@@ -88,6 +88,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="when workers trim: boundary (default) at a step boundary once the interval has passed, so "
                         "a step refaults its buffers at most once; thread: from a thread every interval, also in the "
                         "middle of a long prompt's step")
+    p.add_argument("--kv-cold-cache-grace", type=float, default=0.0, metavar="S",
+                   help="a free KV block above the rest capacity keeps its cached prefix S seconds before its pages "
+                        "are handed back, so a preempted request resuming within S computes less again; 0, the "
+                        "default, drops it at the next step boundary")
     p.add_argument("--heap-trim-min-growth-mb", type=float, default=DEFAULT_MIN_GROWTH_BYTES / 2**20,
                    metavar="MIB",
                    help="trim only once a worker's resident set has grown MIB since its last trim (a trim makes "
@@ -124,6 +128,7 @@ def build_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
     cfg = {"pack": os.path.abspath(args.pack), "twin": args.twin, "shrink_strategy": args.shrink_strategy,
            "restore_mode": args.restore_mode, "compress_mode": args.compress_mode, "manual_min_interval_s": args.manual_min_interval,
            "heap_trim_interval_s": args.heap_trim_interval, "heap_trim_min_growth_mb": args.heap_trim_min_growth_mb,
+           "kv_cold_cache_grace_s": args.kv_cold_cache_grace,
            "heap_trim_mode": args.heap_trim_mode, "frontend_cpus": args.frontend_cpus}
     if args.memory_budget_gb is not None:
         cfg["memory_budget_gb"] = args.memory_budget_gb

@@ -190,7 +190,8 @@ class MorphController:
         rest = self.capacity(self.floor)
         # Blocks beyond the rest capacity are used last and their pages handed back once free
         # (a backing whose pages commit on first write only: there, written is resident).
-        self.cold = ColdTail(rest) if self.commits_on_touch and self.capacity(self.ladder.top) > rest else None
+        self.cold = ColdTail(rest, cache_grace_s=self.config.kv_cold_cache_grace_s) \
+            if self.commits_on_touch and self.capacity(self.ladder.top) > rest else None
         self.moves = Transitions(self.ladder, self.engine.rpc, self.pool, scheduler, self.capacity, self.recorder,
                                  self.loop, self.config.shrink_strategy, self.commits_on_touch, self.ranks)
         if self.floor:
@@ -329,8 +330,9 @@ class MorphController:
         if self.cold is None or pool.limit != pool.committed or moves.restoring is not None \
                 or moves.recovery_shrink_from is not None:
             return
-        self.cold.order(pool.store, pool.limit)
-        runs = self.cold.to_release(pool.store, pool.limit, time.monotonic() if now is None else now)
+        now = time.monotonic() if now is None else now
+        self.cold.order(pool.store, pool.limit, now)
+        runs = self.cold.to_release(pool.store, pool.limit, now)
         if runs:
             self.engine.rpc("morphserve_kv_release_runs", [list(r) for r in runs])
 

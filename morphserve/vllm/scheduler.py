@@ -54,6 +54,14 @@ class VllmBlockStore:
         (cache-warm) blocks are still reused first."""
         self.vllm_pool.free_block_queue.append_n([self.vllm_pool.blocks[i] for i in block_ids])
 
+    def move_back(self, block_ids: list[int]) -> None:
+        """Free blocks to the back of the queue, in this order, keeping any cached prefix: vLLM
+        keeps freed blocks cached in its free queue and evicts one only when it hands it out."""
+        blocks = [self.vllm_pool.blocks[i] for i in block_ids]
+        for block in blocks:
+            self.vllm_pool.free_block_queue.remove(block)
+        self.vllm_pool.free_block_queue.append_n(blocks)
+
     def free_ids(self) -> list[int]:
         """Free block ids in the queue's eviction order."""
         return [b.block_id for b in self.vllm_pool.free_block_queue.get_all_free_blocks()]
