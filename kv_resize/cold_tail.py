@@ -75,20 +75,19 @@ class ColdTail:
         cold_free = [i for i in free if self.warm < i <= limit]
         misplaced = any(self.warm < i <= limit for i in free[:last_warm])
         cached = [i for i in cold_free if store.cached_hash(i) is not None]
-        if self.cache_grace_s > 0:
+        keep_cached = self.cache_grace_s > 0
+        if keep_cached:
             self.cached_since = {i: self.cached_since.get(i, now) for i in cached}
-            if not misplaced and cold_free == sorted(cold_free):
-                return []
-            self.dirty = True
-            store.move_back(sorted(cold_free))
-            return sorted(cold_free)
-        if not misplaced and not cached and cold_free == sorted(cold_free):
+        if not misplaced and (keep_cached or not cached) and cold_free == sorted(cold_free):
             return []
         self.dirty = True
-        for i in cold_free:
-            store.take_free(i)  # out of the prefix cache, then out of the queue
         cold_free.sort()
-        store.give_back(cold_free)
+        if keep_cached:
+            store.move_back(cold_free)
+        else:
+            for i in cold_free:
+                store.take_free(i)  # out of the prefix cache, then out of the queue
+            store.give_back(cold_free)
         return cold_free
 
     def due(self, now: float) -> bool:
