@@ -88,10 +88,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="when workers trim: boundary (default) at a step boundary once the interval has passed, so "
                         "a step refaults its buffers at most once; thread: from a thread every interval, also in the "
                         "middle of a long prompt's step")
-    p.add_argument("--kv-cold-cache-grace", type=float, default=3.0, metavar="S",
+    p.add_argument("--kv-cold-cache-grace", type=float, default=0.0, metavar="S",
                    help="a free KV block above the rest capacity keeps its cached prefix S seconds before its pages "
-                        "are handed back, so a preempted request resuming within S computes less again (default 3); "
-                        "0 drops it at the next step boundary")
+                        "are handed back, so a preempted request resuming within S computes less again; 0, the "
+                        "default, drops it at the next step boundary")
     p.add_argument("--heap-trim-min-growth-mb", type=float, default=DEFAULT_MIN_GROWTH_BYTES / 2**20,
                    metavar="MIB",
                    help="trim only once a worker's resident set has grown MIB since its last trim (a trim makes "

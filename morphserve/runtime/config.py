@@ -70,12 +70,11 @@ class MorphConfig(BaseModel):
         "(morphserve.runtime.frontend_cpus); off (the default): they run wherever the OS puts them, as in plain "
         "vLLM")
     kv_cold_cache_grace_s: float = Field(
-        default=3.0, ge=0, le=3600,
+        default=0.0, ge=0, le=3600,
         description="a free KV block above the rest capacity (the cold tail, kv_resize.cold_tail) keeps its cached "
         "prefix for this many seconds before its pages are handed back, so a preempted request that resumes "
-        "within it computes again only what no cached block holds; 3 s by default (measured against 0 on a "
-        "saturated window: 4-8% less worker CPU per token, no more peak RSS); 0 drops the prefix at the next "
-        "step boundary")
+        "within it computes again only what no cached block holds; 0 (the default) drops the prefix at the "
+        "next step boundary")
     heap_trim_min_growth_mb: float = Field(
         default=DEFAULT_MIN_GROWTH_BYTES / 2**20, ge=0, le=65536,
         description="a worker trims only once its resident set has grown this many MiB since its last trim "
