@@ -123,3 +123,21 @@ def test_real_malloc_trim_returns_memory_freed_in_the_middle_of_the_heap():
             libc.free(guard)
     assert returned >= 64 * 2**20, f"only {returned / 2**20:.0f} MiB of 100 freed came back"
     assert first >= 1 and trimmer.calls > first
+
+
+def test_a_front_process_trims_at_once_then_every_interval_and_starts_once(monkeypatch):
+    from morphserve.runtime import heap_trimmer
+
+    monkeypatch.setattr(heap_trimmer, "_process_trimmer", None)
+    calls = []
+    assert heap_trimmer.trim_this_process(0.0, trim=calls.append) is None and calls == []  # off: nothing runs
+    trimmer = heap_trimmer.trim_this_process(0.05, trim=calls.append)
+    try:
+        assert trimmer is not None and calls == [0]  # the start-up heap goes at once, not an interval later
+        assert heap_trimmer.trim_this_process(0.05, trim=calls.append) is trimmer  # one thread per process
+        deadline = time.monotonic() + 5
+        while len(calls) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(calls) >= 3
+    finally:
+        trimmer.stop()

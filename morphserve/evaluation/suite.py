@@ -84,6 +84,9 @@ class System(BaseModel):
                                 "interval; default: serve's default)")
     heap_trim_mode: Literal["boundary", "thread"] | None = Field(
         None, description="MorphServe only: `morphserve serve --heap-trim-mode` (default: serve's default)")
+    frontend_heap_trim_interval_s: float | None = Field(
+        None, ge=0, description="MorphServe only: `morphserve serve --frontend-heap-trim-interval` (default: serve's "
+                                "default)")
     kv_cold_cache_grace_s: float | None = Field(
         None, ge=0, description="MorphServe only: `morphserve serve --kv-cold-cache-grace` (default: serve's "
                                 "default)")
@@ -103,6 +106,7 @@ class System(BaseModel):
                                           or self.hold_level is not None or self.heap_trim_interval_s is not None
                                           or self.heap_trim_min_growth_mb is not None
                                           or self.kv_cold_cache_grace_s is not None
+                                          or self.frontend_heap_trim_interval_s is not None
                                           or self.heap_trim_mode is not None
                                           or self.prompt_twin_layers is not None):
             raise ValueError(f"system {self.name!r}: only a morphserve system takes a policy, a compress_mode, "
@@ -181,7 +185,8 @@ class Suite(BaseModel):
             if s["kv_cache_dtype"] == "auto":
                 del s["kv_cache_dtype"]
             for later in ("compress_mode", "tiers", "hold_level", "heap_trim_interval_s", "heap_trim_min_growth_mb",
-                          "heap_trim_mode", "kv_cold_cache_grace_s", "prompt_twin_layers"):
+                          "heap_trim_mode", "kv_cold_cache_grace_s", "frontend_heap_trim_interval_s",
+                          "prompt_twin_layers"):
                 if s[later] is None:
                     del s[later]
         return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]

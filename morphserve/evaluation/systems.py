@@ -75,6 +75,8 @@ def server_command(system: System, budget: Budget, suite: Suite, model: Path, pa
         cmd += ["--heap-trim-mode", system.heap_trim_mode]
     if system.heap_trim_min_growth_mb is not None:
         cmd += ["--heap-trim-min-growth-mb", repr(system.heap_trim_min_growth_mb)]
+    if system.frontend_heap_trim_interval_s is not None:
+        cmd += ["--frontend-heap-trim-interval", repr(system.frontend_heap_trim_interval_s)]
     if system.kv_cold_cache_grace_s is not None:
         cmd += ["--kv-cold-cache-grace", repr(system.kv_cold_cache_grace_s)]
     if system.prompt_twin_layers:

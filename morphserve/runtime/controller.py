@@ -32,7 +32,7 @@ from morphserve.offline import pack as packfmt
 from morphserve.offline.ladder import Ladder, served_quality, with_prompt_twins
 from morphserve.runtime.frontend_cpus import keep_off_workers
 from morphserve.runtime.config import MorphConfig
-from morphserve.runtime.heap_trimmer import BoundaryTrims
+from morphserve.runtime.heap_trimmer import BoundaryTrims, trim_this_process
 from morphserve.runtime.kv_sizing import plan_budget, rest_floor
 from morphserve.runtime.manual_limit import SHARE_INVERSE, ManualRateLimit
 from morphserve.runtime.policy_loop import PolicyLoop
@@ -144,6 +144,7 @@ class MorphController:
             controller.frontend_cpus = keep_off_workers(config.frontend_cpus, results)
         except Exception as e:  # where processes run is a courtesy to the workers: never a failed start
             log.warning("MorphServe: the engine core stays where it is (%s: %s)", type(e).__name__, e)
+        trim_this_process(config.frontend_heap_trim_interval_s)  # the engine core's own heap (the API server's: its app)
         controller.rank_weight_bytes = max(r["weight_bytes"] for r in results)
         controller.prompt_twin_bytes = max(r.get("prompt_twin_bytes", 0) for r in results)
         if not any(r.get("heap_trim_available", True) for r in results):

@@ -400,6 +400,8 @@ def _patch_attach_endpoint_plugins(original):
 
             app.include_router(router)
             metrics.install(app)
+            from morphserve.runtime.heap_trimmer import trim_this_process
+            trim_this_process(runtime_config.ACTIVE.frontend_heap_trim_interval_s)
         return result
 
     return attach_endpoint_plugins
