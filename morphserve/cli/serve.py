@@ -24,7 +24,8 @@ from morphserve.runtime import config as runtime_config
 from morphserve.runtime import onednn_cache, thread_binding
 from morphserve.runtime.frontend_cpus import DEFAULT_MODE as FRONTEND_DEFAULT, MODES as FRONTEND_MODES
 from morphserve.runtime.allocator import ALLOCATOR_ENV, ALLOCATORS, default_allocator, preload_env, resolve
-from morphserve.runtime.heap_trimmer import DEFAULT_INTERVAL_S, DEFAULT_MIN_GROWTH_BYTES, DEFAULT_MODE, MODES
+from morphserve.runtime.heap_trimmer import (DEFAULT_INTERVAL_S, DEFAULT_MIN_GROWTH_BYTES, DEFAULT_MODE, FRONTEND_INTERVAL_S,
+                                             MODES)
 from morphserve.errors import MorphServeError
 
 VLLM_SERVER_MODULE = "morphserve.vllm.server"  # vLLM's server entry; refusals in one line
@@ -81,11 +82,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tiers", default=None, metavar="LIST",
                    help="pack tiers to serve, comma-separated (w8a8, w4a16); default: every tier of the pack whose "
                         "kernel runs on this CPU (probed as the server starts)")
-    p.add_argument("--frontend-heap-trim-interval", type=float, default=0.0, metavar="S",
-                   help="every S seconds the engine core and the API server hand their own freed heap back to "
-                        "the OS (about 30 MiB each after start-up on SmolLM2-135M); 0, the default, turns it off")
+    p.add_argument("--frontend-heap-trim-interval", type=float, default=FRONTEND_INTERVAL_S, metavar="S",
+                   help="every S seconds (default 10) the engine core and the API server hand their own freed heap "
+                        "back to the OS (about 30 MiB each after start-up on SmolLM2-135M); 0 turns it off")
     p.add_argument("--heap-trim-interval", type=float, default=DEFAULT_INTERVAL_S, metavar="S",
-                   help="every S seconds each worker returns its freed heap to the OS (glibc malloc_trim; a "
+                   help="every S seconds (default 5) each worker returns its freed heap to the OS (glibc malloc_trim; a "
                         "prompt-length mix otherwise leaves hundreds of MiB freed but resident); 0 turns it off")
     p.add_argument("--heap-trim-mode", choices=MODES, default=DEFAULT_MODE,
                    help="when workers trim: boundary (default) at a step boundary once the interval has passed, so "

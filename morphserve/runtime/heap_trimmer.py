@@ -34,7 +34,12 @@ touch again is a page fault (zero-filled) in the forward's own thread. Trimming 
 interval at a steady state cost the served requests 4-14% of their TPOT in one run on a
 2-vCPU AVX2 EPYC and nothing measurable in the next (a tie over both; trimming every 5 s
 kept the same memory and tied it on speed: docs/RESULTS.md, "The heap trimmer at a steady
-state"), so the interval stays short. With `min_growth_bytes` the
+state"). On a 2-vCPU Zen 4 EPYC the refaults were most of the worker's extra CPU per token
+against static W8A8 (88% of its page faults inside its heap), so the default is 5 s, paid for
+by the engine core and API server trimming their own heaps (`trim_this_process`): on a
+saturated development window the pair cut the worker's CPU per token in all three
+repetitions and its page faults by about half, at 51 MiB less peak RSS (docs/RESULTS.md,
+"dev-zen4-front-trim"). With `min_growth_bytes` the
 thread trims only once the resident set has grown that much above where the last trim left
 it (or where it has fallen to since). That option is off by default (0: every interval):
 on the one window it was measured on it tied the every-interval trimmer, at the same peak
@@ -51,7 +56,8 @@ import time
 
 log = logging.getLogger("morphserve")
 
-DEFAULT_INTERVAL_S = 0.5
+DEFAULT_INTERVAL_S = 5.0  # with the front processes trimmed (FRONTEND_INTERVAL_S): see the module's docstring
+FRONTEND_INTERVAL_S = 10.0  # the engine core's and API server's own trims (trim_this_process)
 DEFAULT_MIN_GROWTH_BYTES = 0  # every interval: see the module's docstring
 MODES = ("boundary", "thread")
 DEFAULT_MODE = "boundary"  # see the module's docstring
