@@ -19,7 +19,8 @@ def engine(model_dir, pack_dir, fast_dtype):
     """In the CPU's fastest dtype: this module's subject (the twin against static serving of
     it, the bytes a swap frees) does not depend on it, and in emulated bf16 it took 3.3 of a
     2-vCPU AVX2 EPYC's suite minutes. bf16 swaps stay covered by test_swap_identity."""
-    llm, core = morph_llm(model_dir, pack_dir, "pack", dtype=fast_dtype)
+    # Workers trim every 0.5 s here (the default is 5 s), so the trimmer's test sees several intervals in seconds.
+    llm, core = morph_llm(model_dir, pack_dir, "pack", dtype=fast_dtype, morph={"heap_trim_interval_s": 0.5})
     yield llm, core
     del llm
 
@@ -145,7 +146,7 @@ def test_twenty_round_trips_do_not_leak(engine):
 
 
 def test_each_worker_trims_its_heap_between_steps(engine):
-    """The heap trimmer in the live worker (default every 0.5 s, no growth margin, at step
+    """The heap trimmer in the live worker (every 0.5 s in this module, no growth margin, at step
     boundaries): the engine core asks for a trim once the interval has passed while steps
     run, and an idle engine is not trimmed again. The memory reading says so, which is what
     `state` and /metrics show."""
