@@ -334,10 +334,8 @@ def test_plain_systems_need_no_w8a8_tier_and_a_w8a8_system_names_its_twin(tmp_pa
     assert cmd[cmd.index("--model") + 1] == str(tiered / packfmt.load_manifest(tiered).tiers[0].quantized_dir)
 
 
-def test_a_morphserve_system_passes_its_compress_mode_and_tiers_and_only_it_takes_them(tmp_path):
-    from pydantic import ValidationError
-
-    from morphserve.evaluation import systems
+def _fake_model_suite_and_pack(tmp_path):
+    """A fake model, a one-window suite at 400 MB and a tiered pack of that model."""
     from morphserve.evaluation.suite import Budget, Suite, System, Window
     from tests.test_hardening_fakes import make_model, make_tiered_pack
 
@@ -346,7 +344,16 @@ def test_a_morphserve_system_passes_its_compress_mode_and_tiers_and_only_it_take
                                             length_scale=1, output_scale=1, regime="light", why="test")],
                   budgets=[Budget(name="b", total_mb=400)], systems=[System(name="fp16", kind="fp16")],
                   static_quantized=None)
-    tiered = make_tiered_pack(tmp_path / "tiered", model)
+    return model, suite, make_tiered_pack(tmp_path / "tiered", model)
+
+
+def test_a_morphserve_system_passes_its_compress_mode_and_tiers_and_only_it_takes_them(tmp_path):
+    from pydantic import ValidationError
+
+    from morphserve.evaluation import systems
+    from morphserve.evaluation.suite import System
+
+    model, suite, tiered = _fake_model_suite_and_pack(tmp_path)
     ours = System(name="m", kind="morphserve", policy="default", compress_mode="background", tiers=["w8a8"])
     cmd, _ = systems.server_command(ours, suite.budgets[0], suite, model, tiered, 1, tmp_path)
     assert cmd[cmd.index("--compress-mode") + 1] == "background" and cmd[cmd.index("--tiers") + 1] == "w8a8"
@@ -356,6 +363,31 @@ def test_a_morphserve_system_passes_its_compress_mode_and_tiers_and_only_it_take
     for extra in ({"compress_mode": "sync"}, {"tiers": ["w8a8"]}):
         with pytest.raises(ValidationError, match="only a morphserve system"):
             System(name="w8", kind="w8a8", **extra)
+
+
+def test_every_serve_flag_a_morphserve_system_sets_reaches_serve_and_only_it_takes_them(tmp_path):
+    from pydantic import ValidationError
+
+    from morphserve.cli.commands import build_parser
+    from morphserve.evaluation import systems
+    from morphserve.evaluation.suite import SERVE_FLAGS, System
+
+    model, suite, tiered = _fake_model_suite_and_pack(tmp_path)
+    values = {"heap_trim_interval_s": 5.0, "heap_trim_mode": "thread", "heap_trim_min_growth_mb": 32.0,
+              "frontend_heap_trim_interval_s": 10.0, "kv_cold_cache_grace_s": 3.0}
+    assert set(values) == set(SERVE_FLAGS)
+    cmd, _ = systems.server_command(System(name="m", kind="morphserve", policy="default", **values),
+                                    suite.budgets[0], suite, model, tiered, 1, tmp_path)
+    serve_args, _ = build_parser().parse_known_args(cmd[cmd.index("morphserve.cli") + 1:])  # the rest: vLLM's
+    assert serve_args.heap_trim_interval == 5.0 and serve_args.heap_trim_mode == "thread"
+    assert serve_args.heap_trim_min_growth_mb == 32.0 and serve_args.frontend_heap_trim_interval == 10.0
+    assert serve_args.kv_cold_cache_grace == 3.0
+    cmd, _ = systems.server_command(System(name="d", kind="morphserve", policy="default"), suite.budgets[0], suite,
+                                    model, tiered, 1, tmp_path)
+    assert not set(SERVE_FLAGS.values()) & set(cmd)  # serve's own defaults
+    for field, value in values.items():
+        with pytest.raises(ValidationError, match="only a morphserve system"):
+            System(name="w8", kind="w8a8", **{field: value})
 
 
 def test_a_morphserve_system_that_names_its_tiers_is_read_on_their_ladder(tmp_path):

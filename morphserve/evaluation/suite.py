@@ -15,6 +15,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from morphserve.errors import MorphServeError, first_field_error
 
 SYSTEM_KINDS = ("fp16", "fp16-compiled", "w4", "w8a8", "morphserve")
+# MorphServe-only system fields passed to `morphserve serve` as they are, and their flags: one
+# list for the check that no other kind takes them, the fingerprint and the server's command.
+SERVE_FLAGS = {
+    "heap_trim_interval_s": "--heap-trim-interval",
+    "heap_trim_mode": "--heap-trim-mode",
+    "heap_trim_min_growth_mb": "--heap-trim-min-growth-mb",
+    "frontend_heap_trim_interval_s": "--frontend-heap-trim-interval",
+    "kv_cold_cache_grace_s": "--kv-cold-cache-grace",
+}
 
 
 class Window(BaseModel):
@@ -103,12 +112,8 @@ class System(BaseModel):
         if self.kind == "morphserve" and not self.policy:
             raise ValueError(f"system {self.name!r}: a morphserve system needs a policy")
         if self.kind != "morphserve" and (self.policy or self.compress_mode or self.tiers
-                                          or self.hold_level is not None or self.heap_trim_interval_s is not None
-                                          or self.heap_trim_min_growth_mb is not None
-                                          or self.kv_cold_cache_grace_s is not None
-                                          or self.frontend_heap_trim_interval_s is not None
-                                          or self.heap_trim_mode is not None
-                                          or self.prompt_twin_layers is not None):
+                                          or self.hold_level is not None or self.prompt_twin_layers is not None
+                                          or any(getattr(self, f) is not None for f in SERVE_FLAGS)):
             raise ValueError(f"system {self.name!r}: only a morphserve system takes a policy, a compress_mode, "
                              f"tiers, a hold_level, heap-trim or cold-cache settings or prompt twins")
         return self
@@ -184,9 +189,7 @@ class Suite(BaseModel):
         for s in dump["systems"]:
             if s["kv_cache_dtype"] == "auto":
                 del s["kv_cache_dtype"]
-            for later in ("compress_mode", "tiers", "hold_level", "heap_trim_interval_s", "heap_trim_min_growth_mb",
-                          "heap_trim_mode", "kv_cold_cache_grace_s", "frontend_heap_trim_interval_s",
-                          "prompt_twin_layers"):
+            for later in ("compress_mode", "tiers", "hold_level", *SERVE_FLAGS, "prompt_twin_layers"):
                 if s[later] is None:
                     del s[later]
         return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]

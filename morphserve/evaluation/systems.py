@@ -23,7 +23,7 @@ from pathlib import Path
 from morphserve.errors import MorphServeError
 from morphserve.offline import pack as packfmt
 from morphserve.runtime.kv_sizing import model_weight_bytes
-from morphserve.evaluation.suite import Budget, Suite, System
+from morphserve.evaluation.suite import SERVE_FLAGS, Budget, Suite, System
 from morphserve.vllm.kernels import W4A16_ENV
 from morphserve.vllm.server import PLAIN_VLLM_SERVER
 
@@ -69,16 +69,10 @@ def server_command(system: System, budget: Budget, suite: Suite, model: Path, pa
         cmd += ["--compress-mode", system.compress_mode]
     if system.tiers:
         cmd += ["--tiers", ",".join(system.tiers)]
-    if system.heap_trim_interval_s is not None:
-        cmd += ["--heap-trim-interval", repr(system.heap_trim_interval_s)]
-    if system.heap_trim_mode is not None:
-        cmd += ["--heap-trim-mode", system.heap_trim_mode]
-    if system.heap_trim_min_growth_mb is not None:
-        cmd += ["--heap-trim-min-growth-mb", repr(system.heap_trim_min_growth_mb)]
-    if system.frontend_heap_trim_interval_s is not None:
-        cmd += ["--frontend-heap-trim-interval", repr(system.frontend_heap_trim_interval_s)]
-    if system.kv_cold_cache_grace_s is not None:
-        cmd += ["--kv-cold-cache-grace", repr(system.kv_cold_cache_grace_s)]
+    for field, flag in SERVE_FLAGS.items():
+        value = getattr(system, field)
+        if value is not None:
+            cmd += [flag, value if isinstance(value, str) else repr(value)]
     if system.prompt_twin_layers:
         cmd += ["--prompt-twin-layers", str(system.prompt_twin_layers)]
     return cmd, env
