@@ -103,7 +103,8 @@ def _burst(args, base: str, log: Path) -> dict:
             "state": state, "metrics": metrics,
             "transitions": [{"t": round(r["time"] - t0, 2), "from": r["from"], "to": r["to"],
                              "kv_blocks": [r.get("kv_blocks_before"), r.get("kv_blocks_after")],
-                             "seconds": round(r["seconds"], 3), "reason": r["reason"]} for r in records]}
+                             "seconds": round(r["seconds"], 3), "reason": r["reason"], "outcome": r.get("outcome")}
+                            for r in records if "from" in r]}  # a failed move's record has no from: it moved nothing
 
 
 def main() -> int:

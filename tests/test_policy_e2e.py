@@ -116,6 +116,7 @@ def test_a_burst_quantizes_grows_kv_and_restores_fully_afterwards(server, fast_d
     downs = [r for r in records if r["to"] < r["from"]]
     assert ups and downs and records[-1]["to"] == 0
     for r in records:
+        assert r.get("outcome") in (None, "cancelled"), r  # no transition failed
         assert r["reason"] and r["signals"] and r["policy"].startswith("demand:") and r["seconds"] > 0
         assert r["quantized_layer_ids"] or r["restored_layer_ids"]
     first = ups[0]
@@ -153,9 +154,12 @@ def test_a_burst_quantizes_grows_kv_and_restores_fully_afterwards(server, fast_d
     assert value("morphserve_max_level") == 30 and value('morphserve_layers{tier="bf16"}') == 30
     assert value("morphserve_kv_capacity_blocks") == cap0
     assert value("morphserve_policy_target") == 0
-    assert value('morphserve_transitions_total{direction="quantize"}') == len(ups)
-    assert value('morphserve_transitions_total{direction="restore"}') == len(downs)
-    assert value("morphserve_transition_seconds_count") == len(records)
+    # the counters count moves that completed; a background move called off part-way (a new
+    # burst retargets a restore in progress) is only logged, with outcome "cancelled"
+    done = [r for r in records if "outcome" not in r]
+    assert value('morphserve_transitions_total{direction="quantize"}') == sum(r["to"] > r["from"] for r in done)
+    assert value('morphserve_transitions_total{direction="restore"}') == sum(r["to"] < r["from"] for r in done)
+    assert value("morphserve_transition_seconds_count") == len(done)
 
 
 def test_a_bad_policy_stops_start_up_with_one_error(model_dir, pack_dir, tmp_path):

@@ -134,12 +134,18 @@ def test_a_background_compression_called_off_part_way_serves_what_it_installed()
     """Retargeted after one layer: the layer installed stays, and the pool gets the blocks
     the level reached allows, not the target's."""
     moves, worker, pool = _moves(0)
+    written: list[dict] = []
+    moves.recorder.write = written.append
     moves.to(3, reason="policy", background_compress=True)
     moves.commit_restore()  # layer 1 (the first W8A8 rung) is in
     result = moves.to(1, reason="policy", background_compress=True)
     assert result["ok"] and moves.restoring is None and moves.level == 1
     assert worker.tiers == LADDER.config(1) and pool.limit == capacity(1)
     assert moves.recorder.by_direction == {"quantize": 0, "restore": 0}  # the cancelled one is only logged
+    # logged like every other record: what it reached, and how long it ran (CI read a log
+    # whose called-off record had no duration)
+    assert [(r["outcome"], r["from"], r["to"]) for r in written] == [("cancelled", 0, 1)]
+    assert written[0]["seconds"] > 0 and written[0]["reason"] == "policy"
 
 
 def test_a_transition_the_engine_waited_for_teaches_the_policy_what_a_move_costs():

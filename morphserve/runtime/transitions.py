@@ -311,7 +311,9 @@ class Transitions:
             raise MorphServeError(f"could not cancel the restore in progress: {e}") from e
         self.restoring = None
         self._adopt(maps)
-        r["record"].update(cancelled=True, outcome="cancelled", to=self.level)
+        # Its time so far too: every record in the log says how long its move ran, and a
+        # reader of a burst's end (explain) must not take a called-off move as instant.
+        r["record"].update(cancelled=True, outcome="cancelled", to=self.level, seconds=time.monotonic() - r["t0"])
         self.recorder.write(r["record"])
         log.info("MorphServe: %s to %d called off at %d", r["direction"], r["level"], self.level)
 
