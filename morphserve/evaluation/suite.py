@@ -104,6 +104,10 @@ class System(BaseModel):
                           "layers held for prompt-sized steps, the steps they compute charged at least that level; "
                           "auto: the server decides from its kernel profile, and the run is charged by the count "
                           "it reports)")
+    huge_pages: Literal["auto", "off"] | None = Field(
+        None, description="any system: its server's processes ask for transparent huge pages (auto) or not (off), "
+                          "`morphserve serve --huge-pages` (morphserve.runtime.huge_pages); default: a plain vLLM "
+                          "server as it starts, MorphServe at serve's default")
     budgets: list[str] | None = Field(None, description="run only at these budgets (default: all)")
     windows: list[str] | None = Field(None, description="run only in these windows (default: all)")
 
@@ -189,7 +193,7 @@ class Suite(BaseModel):
         for s in dump["systems"]:
             if s["kv_cache_dtype"] == "auto":
                 del s["kv_cache_dtype"]
-            for later in ("compress_mode", "tiers", "hold_level", *SERVE_FLAGS, "prompt_twin_layers"):
+            for later in ("compress_mode", "tiers", "hold_level", *SERVE_FLAGS, "prompt_twin_layers", "huge_pages"):
                 if s[later] is None:
                     del s[later]
         return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from morphserve.errors import MorphServeError
 from morphserve.offline import pack as packfmt
+from morphserve.runtime import huge_pages
 from morphserve.runtime.kv_sizing import model_weight_bytes
 from morphserve.evaluation.suite import SERVE_FLAGS, Budget, Suite, System
 from morphserve.vllm.kernels import W4A16_ENV
@@ -59,6 +60,8 @@ def server_command(system: System, budget: Budget, suite: Suite, model: Path, pa
                "--tokenizer", str(model), "--kv-cache-memory-bytes", str(kv), *common]
         if system.kind != "fp16-compiled":
             cmd.append("--enforce-eager")
+        if system.huge_pages is not None:  # the environment `morphserve serve --huge-pages` would give it
+            huge_pages.apply(env, system.huge_pages)
         return cmd, env
     cmd = [sys.executable, "-m", "morphserve.cli", "serve", str(model), "--pack", str(pack),
            "--policy", system.policy, "--memory-budget-gb", repr(total / 2**30),
@@ -75,6 +78,8 @@ def server_command(system: System, budget: Budget, suite: Suite, model: Path, pa
             cmd += [flag, value if isinstance(value, str) else repr(value)]
     if system.prompt_twin_layers:
         cmd += ["--prompt-twin-layers", str(system.prompt_twin_layers)]
+    if system.huge_pages is not None:
+        cmd += ["--huge-pages", system.huge_pages]
     return cmd, env
 
 
