@@ -80,6 +80,39 @@ def test_the_engine_core_and_api_server_run_off_the_workers_cores(server):
     assert workers and all(not os.sched_getaffinity(w) & cpus for w in workers)
 
 
+def test_every_server_process_starts_with_huge_pages_where_the_kernel_gives_them(server):
+    """serve's default, --huge-pages auto: the API server, the engine core and each worker
+    start with the environment (read once, as each process starts), and the worker then
+    holds some of its memory in 2 MiB pages; where the kernel gives none, nothing is asked."""
+    from morphserve.runtime import huge_pages
+
+    port = server.rsplit(":", 1)[1]
+    api = next(int(p) for p in _pids() if f"\0{port}\0" in _read(f"/proc/{p}/cmdline") and "serve" in _read(f"/proc/{p}/cmdline"))
+    core = next(p for p in _pids() if _parent(p) == api and _read(f"/proc/{p}/comm").startswith("VLLM::EngineCor"))
+    workers = [p for p in _pids() if _parent(p) == core and _read(f"/proc/{p}/comm").strip() == "VLLM::Worker"]
+    assert workers
+    for pid in (api, core, *workers):
+        env = dict(item.split("=", 1) for item in open(f"/proc/{pid}/environ").read().split("\0") if "=" in item)
+        asked = env.get(huge_pages.TORCH_ENV) == "1" and "glibc.malloc.hugetlb=1" in env.get(huge_pages.TUNABLES_ENV, "")
+        assert asked == huge_pages.usable(huge_pages.kernel_mode()), (pid, huge_pages.kernel_mode())
+    if huge_pages.usable(huge_pages.kernel_mode()):
+        huge_kib = next(int(line.split()[1]) for line in open(f"/proc/{workers[0]}/smaps_rollup")
+                        if line.startswith("AnonHugePages:"))
+        assert huge_kib >= 2048, huge_kib
+
+
+def _pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def _parent(pid: int) -> int | None:
     try:
         return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])

@@ -121,8 +121,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--huge-pages", choices=huge_pages.MODES, default=huge_pages.DEFAULT_MODE,
                    help="auto: the server's processes ask Linux for 2 MiB pages for torch's large tensors and glibc's "
                         "heap (THP_MEM_ALLOC_ENABLE, GLIBC_TUNABLES=glibc.malloc.hugetlb=1), where the kernel's "
-                        "transparent huge pages are in madvise or always mode: a prompt's step faults its fresh "
-                        "buffers in 512 times less often; off (default): the environment as it is")
+                        "transparent huge pages are in madvise or always mode (the default): a prompt's step faults its "
+                        "fresh buffers in 512 times less often; off: the environment as it is")
     p.add_argument("--allocator", choices=ALLOCATORS, default=default_allocator(),
                    help="malloc preloaded into every server process (LD_PRELOAD): system = glibc's; tcmalloc "
                         "(Debian: libtcmalloc-minimal4; vLLM's CPU docs recommend it) or jemalloc; auto = tcmalloc "
