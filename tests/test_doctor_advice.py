@@ -126,3 +126,11 @@ def test_auto_times_the_dtype_the_doctor_recommends_serving_in():
     amx = replace(AVX512, features={"amx": True, "avx512f": True, "avx2": True})
     assert serving_dtype(amx, "auto") == "bfloat16"
     assert serving_dtype(AVX2, "bfloat16") == "bfloat16" and serving_dtype(AVX512, "float32") == "float32"
+
+
+def test_the_screen_says_whether_serve_can_ask_for_huge_pages():
+    a = advise(AVX512, None, None)
+    assert ("huge pages kernel THP mode madvise: morphserve serve asks for them (--huge-pages auto)"
+            in render(replace(AVX512, thp_mode="madvise"), None, None, a))
+    assert "huge pages kernel THP mode never: none to ask for" in render(replace(AVX512, thp_mode="never"), None, None, a)
+    assert "huge pages kernel THP mode unknown: none to ask for" in render(AVX512, None, None, a)

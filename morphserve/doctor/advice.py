@@ -42,6 +42,7 @@ class Machine:
     tcmalloc: str | None  # the library's path, None if not installed
     quant_env: bool  # the llm-compressor environment `prepare` runs GPTQ in
     onednn_cache: int = 64  # oneDNN kernels a server's processes keep (morphserve.runtime.onednn_cache)
+    thp_mode: str | None = None  # the kernel's transparent huge pages mode (morphserve.runtime.huge_pages)
 
 
 @dataclass

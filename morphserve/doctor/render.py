@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from morphserve.doctor.advice import BATCHES, PROMPT_BATCH, Advice, Machine, Pack, Speed
+from morphserve.runtime.huge_pages import usable
 from morphserve.runtime.onednn_cache import ONEDNN_CACHE_ENV, ONEDNN_DEFAULT
 
 
@@ -26,6 +27,8 @@ def render(m: Machine, pack: Pack | None, speed: Speed | None, advice: Advice) -
     lines.append(f"FP8 KV     {'available' if m.fp8_kv_problem is None else 'no'}")
     lines.append(f"oneDNN     global kernel cache of {m.onednn_cache} per server process ({ONEDNN_CACHE_ENV}; "
                  f"oneDNN's own {ONEDNN_DEFAULT} lets a server grow with every new batch shape)")
+    given = "morphserve serve asks for them (--huge-pages auto)" if usable(m.thp_mode) else "none to ask for"
+    lines.append(f"huge pages kernel THP mode {m.thp_mode or 'unknown'}: {given}")
     lines.append(f"tcmalloc   {m.tcmalloc + ' (optional: --allocator tcmalloc)' if m.tcmalloc else 'not installed (optional)'}")
     if pack is not None:
         state = "matches its model" if pack.problem is None else "does NOT serve"
