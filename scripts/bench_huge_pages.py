@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from morphserve.harness.children import run_measurement  # noqa: E402
 from morphserve.runtime import huge_pages  # noqa: E402
-from scripts.bench_kernels import BATCHES  # noqa: E402
+from scripts.bench_same_rung import alternated, print_cells  # noqa: E402  (the same cells, printed the same way)
 
 SIDES = ("4k", "huge")
 
@@ -51,34 +50,24 @@ def main(argv: list[str] | None = None) -> int:
     child = [sys.executable, str(REPO / "scripts" / "bench_same_rung.py"), "--child", args.engine,
              "--model", args.model, "--pack", args.pack, "--kv-cache-dtype", "auto", "--rung", "w8a8",
              "--dtype", "bfloat16", "--repeats", "2", "--prefill-batch", "8", "--prefill-tokens", "512"]
-    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
     saved = dict(os.environ)
-    from tqdm import tqdm
 
-    try:
-        for r in tqdm(range(args.rounds), desc="rounds", file=sys.stderr):
-            for side in SIDES:
-                os.environ.clear()
-                os.environ.update(side_env(side))  # run_measurement starts the child with this process's env
-                result = run_measurement(child)
-                os.environ.clear()
-                os.environ.update(saved)
-                if result is None:
-                    print(f"error: the {side} child of round {r + 1} failed (its output is above)", file=sys.stderr)
-                    return 1
-                runs[side].append(result)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    def measure(side: str) -> dict | None:
+        os.environ.clear()
+        os.environ.update(side_env(side))  # run_measurement starts the child with this process's environment
+        try:
+            return run_measurement(child)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+    runs = alternated(args.rounds, SIDES, measure)
+    if isinstance(runs, int):
+        return runs
     print(f"engine {args.engine}, kernel THP mode {kernel}; medians [range] over {args.rounds} rounds")
     print("| cell | 4 KiB pages | huge pages | huge / 4 KiB |")
     print("|---|---|---|---|")
-    cells = [(f"decode tok/s, batch {b}", lambda x, b=b: x["decode_tok_s"][str(b)]) for b in BATCHES]
-    cells.append(("prefill tok/s, 8 x 512", lambda x: x["prefill_tok_s"]))
-    for name, get in cells:
-        a, b = [get(x) for x in runs["4k"]], [get(x) for x in runs["huge"]]
-        print(f"| {name} | {statistics.median(a):.1f} [{min(a):.1f}, {max(a):.1f}] | "
-              f"{statistics.median(b):.1f} [{min(b):.1f}, {max(b):.1f}] | {statistics.median(b) / statistics.median(a):.3f} |")
+    print_cells(runs["4k"], runs["huge"], "8 x 512")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"engine": args.engine, "kernel_thp": kernel, "runs": runs}, indent=2) + "\n")

@@ -99,6 +99,37 @@ def _summary(values: list[float]) -> str:
     return f"{statistics.median(values):.1f} [{min(values):.1f}, {max(values):.1f}]"
 
 
+def alternated(rounds: int, sides: tuple[str, ...], measure) -> dict[str, list[dict]] | int:
+    """`measure(side)` for each side in turn, `rounds` times (drift of a shared machine lands
+    on every side); each side's results, or an exit status after a failed child (1, its
+    output printed) or Ctrl-C (130)."""
+    from tqdm import tqdm
+
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    try:
+        for r in tqdm(range(rounds), desc="rounds", file=sys.stderr):
+            for side in sides:
+                result = measure(side)
+                if result is None:
+                    print(f"error: the {side} child of round {r + 1} failed (its output is above)", file=sys.stderr)
+                    return 1
+                runs[side].append(result)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return runs
+
+
+def print_cells(first: list[dict], second: list[dict], prefill: str) -> None:
+    """One table row per cell: each side's median [range] over its children, and the ratio
+    of the medians (second / first)."""
+    cells = [(f"decode tok/s, batch {b}", lambda x, b=b: x["decode_tok_s"][str(b)]) for b in BATCHES]
+    cells.append((f"prefill tok/s, {prefill}", lambda x: x["prefill_tok_s"]))
+    for name, get in cells:
+        a, b = [get(x) for x in first], [get(x) for x in second]
+        print(f"| {name} | {_summary(a)} | {_summary(b)} | {statistics.median(b) / statistics.median(a):.3f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="the full-precision model folder the pack was prepared from")
@@ -127,20 +158,10 @@ def main(argv: list[str] | None = None) -> int:
               *(["--heap-trim-interval", repr(args.heap_trim_interval)] if args.heap_trim_interval is not None else []),
               "--repeats", str(args.repeats), "--prefill-batch", str(args.prefill_batch),
               "--prefill-tokens", str(args.prefill_tokens)]
-    runs: dict[str, list[dict]] = {"static": [], "morph": []}
-    try:
-        from tqdm import tqdm
-
-        for r in tqdm(range(args.rounds), desc="rounds", file=sys.stderr):
-            for mode in ("static", "morph"):
-                result = run_measurement([sys.executable, __file__, "--child", mode, *common])
-                if result is None:
-                    print(f"error: the {mode} child of round {r + 1} failed (its output is above)", file=sys.stderr)
-                    return 1
-                runs[mode].append(result)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    runs = alternated(args.rounds, ("static", "morph"),
+                      lambda mode: run_measurement([sys.executable, __file__, "--child", mode, *common]))
+    if isinstance(runs, int):
+        return runs
     print(f"KV cache dtype {args.kv_cache_dtype}, dtype {args.dtype}; medians [range] over {args.rounds} rounds; "
           f"MorphServe tiers: {runs['morph'][0]['tiers']}")
     if args.rung == "level0":
@@ -148,11 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("| cell | static W8A8 (plain vLLM) | MorphServe at all-W8A8 | morph / static |")
     print("|---|---|---|---|")
-    cells = [(f"decode tok/s, batch {b}", lambda x, b=b: x["decode_tok_s"][str(b)]) for b in BATCHES]
-    cells.append((f"prefill tok/s, {args.prefill_batch} x {args.prefill_tokens}", lambda x: x["prefill_tok_s"]))
-    for name, get in cells:
-        s, m = [get(x) for x in runs["static"]], [get(x) for x in runs["morph"]]
-        print(f"| {name} | {_summary(s)} | {_summary(m)} | {statistics.median(m) / statistics.median(s):.3f} |")
+    print_cells(runs["static"], runs["morph"], f"{args.prefill_batch} x {args.prefill_tokens}")
     if args.out:
         args.out.write_text(json.dumps({"kv_cache_dtype": args.kv_cache_dtype, "rung": args.rung, "dtype": args.dtype,
                                         "heap_trim_interval": args.heap_trim_interval, "runs": runs}, indent=2) + "\n")

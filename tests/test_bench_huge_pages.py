@@ -28,3 +28,16 @@ def test_a_kernel_without_huge_pages_is_refused_in_one_line(monkeypatch, capsys)
     monkeypatch.setattr(huge_pages, "kernel_mode", lambda sysfs=None: "never")
     assert bench.main(["--model", "m", "--pack", "p"]) == 2
     assert capsys.readouterr().err.strip() == "error: this kernel gives no transparent huge pages (THP mode: never)"
+
+
+def test_sides_alternate_each_round_and_a_failed_child_stops_the_run(capsys):
+    order = []
+
+    def measure(side):
+        order.append(side)
+        return {"side": side}
+
+    runs = bench.alternated(2, ("4k", "huge"), measure)
+    assert order == ["4k", "huge", "4k", "huge"] and runs == {"4k": [{"side": "4k"}] * 2, "huge": [{"side": "huge"}] * 2}
+    assert bench.alternated(2, ("4k", "huge"), lambda side: None if side == "huge" else {}) == 1
+    assert "the huge child of round 1 failed" in capsys.readouterr().err
