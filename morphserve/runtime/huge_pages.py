@@ -15,9 +15,10 @@ set in the environment the server's processes start with (as the oneDNN kernel c
   (glibc 2.35 and later; earlier ones ignore a tunable they do not know), which also covers
   memory oneDNN allocates itself (its packed weights and scratchpads).
 
-Measured on a Zen 4 EPYC (`docs/RESULTS.md`, "Huge pages"): in one engine, prompt steps
-10-17% faster with both; served on a saturated compute row, a third fewer page faults in
-MorphServe's worker and no more peak RSS, but no less CPU per token. `auto` (the default)
+Measured on a Zen 4 EPYC (`docs/RESULTS.md`, "Huge pages"): in one engine, plain vLLM's
+prompt steps about 9% faster with both, MorphServe's about 1% (ranges overlapping); served on
+a saturated compute row, a third fewer page faults in MorphServe's worker and no more peak
+RSS, but no less CPU per token (and 125 MiB less peak RSS for plain vLLM). `auto` (the default)
 asks only where the kernel can give them; `off` leaves the environment as it is; an
 operator's own `THP_MEM_ALLOC_ENABLE` or `glibc.malloc.hugetlb` always wins. Under `vllm
 serve` with the plugin they must be set by the operator: a process reads both as it starts,
