@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pack", required=True, help="a pack with a W8A8 tier")
     ap.add_argument("--engine", choices=("static", "morph"), default="static",
                     help="static: plain vLLM on the static W8A8 checkpoint (default); morph: MorphServe at all-W8A8")
+    ap.add_argument("--heap-trim-interval", type=float, default=None, metavar="S",
+                    help="MorphServe's workers trim their heaps every S s (0: never; default: serve's default)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating 4k/huge rounds (default 3)")
     ap.add_argument("--out", type=Path, default=None, help="also write every child's figures here as JSON")
     args = ap.parse_args(argv)
@@ -49,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     child = [sys.executable, str(REPO / "scripts" / "bench_same_rung.py"), "--child", args.engine,
              "--model", args.model, "--pack", args.pack, "--kv-cache-dtype", "auto", "--rung", "w8a8",
-             "--dtype", "bfloat16", "--repeats", "2", "--prefill-batch", "8", "--prefill-tokens", "512"]
+             "--dtype", "bfloat16", "--repeats", "2", "--prefill-batch", "8", "--prefill-tokens", "512",
+             *(["--heap-trim-interval", repr(args.heap_trim_interval)] if args.heap_trim_interval is not None else [])]
     saved = dict(os.environ)
 
     def measure(side: str) -> dict | None:
@@ -64,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = alternated(args.rounds, SIDES, measure)
     if isinstance(runs, int):
         return runs
-    print(f"engine {args.engine}, kernel THP mode {kernel}; medians [range] over {args.rounds} rounds")
+    trims = "" if args.heap_trim_interval is None else f", heap trims every {args.heap_trim_interval} s"
+    print(f"engine {args.engine}{trims}, kernel THP mode {kernel}; medians [range] over {args.rounds} rounds")
     print("| cell | 4 KiB pages | huge pages | huge / 4 KiB |")
     print("|---|---|---|---|")
     print_cells(runs["4k"], runs["huge"], "8 x 512")
