@@ -39,7 +39,7 @@ from morphserve.evaluation import vllm_counters  # noqa: E402
 from morphserve.evaluation.runner import MemorySampler  # noqa: E402
 from morphserve.evaluation.systems import static_w8a8_dir  # noqa: E402
 from morphserve.harness.servers import free_port, start_server, stop_server  # noqa: E402
-from morphserve.runtime import onednn_cache  # noqa: E402
+from morphserve.runtime import huge_pages, onednn_cache  # noqa: E402
 from scripts.bench_serving_prefill import _get, _ids, _post  # noqa: E402  (the same requests and helpers)
 from morphserve.vllm.server import PLAIN_VLLM_SERVER  # noqa: E402
 
@@ -52,11 +52,19 @@ TRIM_SUFFIXES = ("-trim-off", "-trim-", "-grow-")
 # ... or end in -front: its engine core and API server kept off the worker's cores
 # (`--frontend-cpus auto`), alone or after a heap-trim setting.
 FRONT_SUFFIX = "-front"
+# ... or end in -cold-off: no cold KV tail (`--kv-cold-tail off`), alone or after the others.
+COLD_OFF_SUFFIX = "-cold-off"
 
 
 def trim_args(system: str) -> tuple[str, list[str]]:
     """`system` split into its base (plain, held or policy) and its serve flags (heap trims,
-    the engine core's placement)."""
+    the engine core's placement, the cold KV tail)."""
+    if system.endswith(COLD_OFF_SUFFIX):
+        inner = system.removesuffix(COLD_OFF_SUFFIX)
+        base, flags = trim_args(inner)
+        if base in ("held", "held-once", "policy") and (flags or base == inner):
+            return base, [*flags, "--kv-cold-tail", "off"]
+        return system, []
     if system.endswith(FRONT_SUFFIX):
         base, flags = trim_args(system.removesuffix(FRONT_SUFFIX))
         if base in ("held", "held-once", "policy") and (flags or base == system.removesuffix(FRONT_SUFFIX)):
@@ -82,6 +90,7 @@ def command(system: str, args, port: int) -> tuple[list[str], dict]:
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
     env.update(VLLM_LOGGING_LEVEL="WARNING")
     onednn_cache.bounded(env)  # the kernel cache `morphserve serve` bounds, for plain vLLM too (as the evaluation does)
+    huge_pages.apply(env, args.huge_pages)  # the same huge pages for every system (serve would ask for them itself)
     common = ["--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(args.max_model_len),
               "--max-num-seqs", "64", "--served-model-name", "model", "--seed", "0", "--dtype", args.dtype,
               "--enforce-eager", "--kv-cache-memory-bytes", str(args.kv_mb * 2**20)]
@@ -91,7 +100,7 @@ def command(system: str, args, port: int) -> tuple[list[str], dict]:
                 "--tokenizer", args.model, *common], env
     _, trim = trim_args(system)
     return [sys.executable, "-m", "morphserve.cli", "serve", args.model, "--pack", args.pack, "--policy", args.policy,
-            "--manual-min-interval", "0", *trim, *common], env
+            "--manual-min-interval", "0", "--huge-pages", args.huge_pages, *trim, *common], env
 
 
 def load(base: str, args, out: Path) -> dict:
@@ -159,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {', '.join(SYSTEMS)}, "
                     "held and policy optionally ending in -trim-S, -grow-M or -trim-off (the heap trimmer every S "
                     "seconds, after M MiB of growth, or off; default: serve's), then optionally -front (its engine "
-                    "core and API server off the worker's cores: --frontend-cpus auto); run in this order each round")
+                    "core and API server off the worker's cores: --frontend-cpus auto), then optionally -cold-off (no cold KV "
+                    "tail: --kv-cold-tail off); run in this order each round")
     ap.add_argument("--policy", default="default", help="the `policy` system's policy preset or YAML")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of alternation (each starts every system once)")
     ap.add_argument("--concurrency", type=int, default=12, help="requests in flight at once")
@@ -170,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="every server's --kv-cache-memory-bytes in MiB: room for the whole batch at once")
     ap.add_argument("--dtype", default="bfloat16", help="the servers' --dtype")
     ap.add_argument("--max-model-len", type=int, default=2048, help="every server's --max-model-len")
+    ap.add_argument("--huge-pages", choices=huge_pages.MODES, default="off",
+                    help="every server's huge pages, plain vLLM's included (default off: plain vLLM as it starts; "
+                         "auto: the environment `morphserve serve --huge-pages auto` gives)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench_serving_batch"), help="logs and results.json")
     args = ap.parse_args(argv)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]

@@ -25,13 +25,16 @@ spec.loader.exec_module(bench)
     ("held-once-grow-32", ("held-once", ["--heap-trim-min-growth-mb", "32"])),
     ("held-front", ("held", ["--frontend-cpus", "auto"])),
     ("held-trim-off-front", ("held", ["--heap-trim-interval", "0", "--frontend-cpus", "auto"])),
+    ("held-cold-off", ("held", ["--kv-cold-tail", "off"])),
+    ("held-trim-off-cold-off", ("held", ["--heap-trim-interval", "0", "--kv-cold-tail", "off"])),
+    ("held-front-cold-off", ("held", ["--frontend-cpus", "auto", "--kv-cold-tail", "off"])),
 ])
 def test_a_system_name_is_a_server_and_its_trim_flags(name, expected):
     assert bench.trim_args(name) == expected
 
 
 @pytest.mark.parametrize("name", ["plain-trim-5", "held-trim-x", "held-trim-0", "held-grow-", "bogus", "plain-front",
-                                  "held-trim-x-front"])
+                                  "held-trim-x-front", "plain-cold-off", "held-trim-x-cold-off"])
 def test_a_name_that_is_no_system_is_refused_in_one_line(name, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         bench.main(["--model", str(tmp_path), "--pack", str(tmp_path), "--systems", f"plain,{name}"])
@@ -58,7 +61,29 @@ def test_every_server_gets_the_same_bounded_onednn_kernel_cache(tmp_path, monkey
     monkeypatch.delenv(ONEDNN_CACHE_ENV, raising=False)
     model = make_model(tmp_path / "model")
     args = argparse.Namespace(model=str(model), pack=str(make_tiered_pack(tmp_path / "pack", model)), policy="default",
-                              max_model_len=2048, dtype="bfloat16", kv_mb=160)
+                              max_model_len=2048, dtype="bfloat16", kv_mb=160, huge_pages="off")
     for system in ("plain", "held"):
         cmd, env = bench.command(system, args, 1)
         assert env[ONEDNN_CACHE_ENV] == str(DEFAULT_CAPACITY), system
+
+
+def test_huge_pages_reach_plain_vllm_and_morphserve_alike(tmp_path, monkeypatch):
+    """Plain vLLM gets the environment `morphserve serve --huge-pages` would give itself, and
+    MorphServe is told the same mode, so a comparison differs in MorphServe alone."""
+    import argparse
+
+    from morphserve.runtime import huge_pages
+    from tests.test_hardening_fakes import make_model, make_tiered_pack
+
+    for name in (huge_pages.TORCH_ENV, huge_pages.TUNABLES_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huge_pages, "kernel_mode", lambda *a, **k: "madvise")
+    model = make_model(tmp_path / "model")
+    pack = make_tiered_pack(tmp_path / "pack", model)
+    for mode in ("auto", "off"):
+        args = argparse.Namespace(model=str(model), pack=str(pack), policy="default", max_model_len=2048,
+                                  dtype="bfloat16", kv_mb=160, huge_pages=mode)
+        _, plain_env = bench.command("plain", args, 1)
+        held_cmd, _ = bench.command("held", args, 1)
+        assert held_cmd[held_cmd.index("--huge-pages") + 1] == mode
+        assert (plain_env.get(huge_pages.TORCH_ENV) == "1") == (mode == "auto"), mode

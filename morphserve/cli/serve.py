@@ -96,6 +96,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="a free KV block above the rest capacity keeps its cached prefix S seconds before its pages "
                         "are handed back, so a preempted request resuming within S computes less again; 0, the "
                         "default, drops it at the next step boundary")
+    p.add_argument("--kv-cold-tail", choices=("on", "off"), default="on",
+                   help="on (default): KV blocks above the rest capacity are used last, keep no cached prefix and "
+                        "hand their pages back once free, so resident KV follows what the load held at once; off: "
+                        "every block as in plain vLLM (prefixes kept, pages kept once written: no refaults, no "
+                        "recomputed prefixes, the rung's whole KV resident once the load has cycled through it)")
     p.add_argument("--heap-trim-min-growth-mb", type=float, default=DEFAULT_MIN_GROWTH_BYTES / 2**20,
                    metavar="MIB",
                    help="trim only once a worker's resident set has grown MIB since its last trim (a trim makes "
@@ -137,7 +142,7 @@ def build_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
     cfg = {"pack": os.path.abspath(args.pack), "twin": args.twin, "shrink_strategy": args.shrink_strategy,
            "restore_mode": args.restore_mode, "compress_mode": args.compress_mode, "manual_min_interval_s": args.manual_min_interval,
            "heap_trim_interval_s": args.heap_trim_interval, "heap_trim_min_growth_mb": args.heap_trim_min_growth_mb,
-           "kv_cold_cache_grace_s": args.kv_cold_cache_grace,
+           "kv_cold_cache_grace_s": args.kv_cold_cache_grace, "kv_cold_tail": args.kv_cold_tail,
            "heap_trim_mode": args.heap_trim_mode,
            "frontend_heap_trim_interval_s": args.frontend_heap_trim_interval, "frontend_cpus": args.frontend_cpus}
     if args.memory_budget_gb is not None:

@@ -23,6 +23,7 @@ SERVE_FLAGS = {
     "heap_trim_min_growth_mb": "--heap-trim-min-growth-mb",
     "frontend_heap_trim_interval_s": "--frontend-heap-trim-interval",
     "kv_cold_cache_grace_s": "--kv-cold-cache-grace",
+    "kv_cold_tail": "--kv-cold-tail",
 }
 
 
@@ -99,6 +100,8 @@ class System(BaseModel):
     kv_cold_cache_grace_s: float | None = Field(
         None, ge=0, description="MorphServe only: `morphserve serve --kv-cold-cache-grace` (default: serve's "
                                 "default)")
+    kv_cold_tail: Literal["on", "off"] | None = Field(
+        None, description="MorphServe only: `morphserve serve --kv-cold-tail` (default: serve's default)")
     prompt_twin_layers: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
         None, description="MorphServe only: `morphserve serve --prompt-twin-layers` (W8A8 twins of this many "
                           "layers held for prompt-sized steps, the steps they compute charged at least that level; "

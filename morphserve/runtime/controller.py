@@ -192,7 +192,8 @@ class MorphController:
         # Blocks beyond the rest capacity are used last and their pages handed back once free
         # (a backing whose pages commit on first write only: there, written is resident).
         self.cold = ColdTail(rest, cache_grace_s=self.config.kv_cold_cache_grace_s) \
-            if self.commits_on_touch and self.capacity(self.ladder.top) > rest else None
+            if self.commits_on_touch and self.capacity(self.ladder.top) > rest and self.config.kv_cold_tail == "on" \
+            else None
         self.moves = Transitions(self.ladder, self.engine.rpc, self.pool, scheduler, self.capacity, self.recorder,
                                  self.loop, self.config.shrink_strategy, self.commits_on_touch, self.ranks)
         if self.floor:
@@ -462,6 +463,8 @@ class MorphController:
             "tensor_parallel_size": self.ranks,
             "kv_blocks_by_level": [self.capacity(k) for k in range(self.num_layers + 1)],
             "shrink_strategy": self.moves.shrink_strategy,
+            # blocks above this id are the cold tail (kv_resize.cold_tail); None: no cold tail
+            "kv_cold_above": None if self.cold is None else self.cold.warm,
             **self.moves.kv_state(),
         }
 
