@@ -10,7 +10,11 @@ Each engine runs in a fresh child process, one at a time, in alternation
 machine lands on both. Per child, eager mode, greedy, `ignore_eos`:
 - decode tok/s at batch 1, 8 and 32: (batch x 63) / (time of a 64-token generate - time of
   a 1-token generate), as scripts/bench_kernels.py measures it, best of `--repeats`;
-- prefill tok/s: `--prefill-batch` prompts of `--prefill-tokens` tokens, one output token.
+- prefill tok/s: `--prefill-batch` prompts of `--prefill-tokens` tokens, one output token;
+- with `--decode-context N`: the model's forward time of a decode step at batch 1 and 8 over
+  prompts of N tokens (the median over 63 steps, as vLLM itself times forwards with
+  VLLM_LOG_BATCHSIZE_INTERVAL, read from its `vllm.forward_context` record): attention over long
+  contexts, which the 32-token decode cells hardly exercise, without sampling or scheduling.
 
     python scripts/bench_same_rung.py --model MODEL_DIR --pack PACK_DIR [--kv-cache-dtype fp8] [--rounds 3]
     python scripts/bench_same_rung.py --model MODEL_DIR --pack PACK_DIR --rung level0 --dtype float32
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -54,8 +59,35 @@ def generate_timer(llm):
     return timed
 
 
+LONG_BATCHES = (1, 8)
+
+
+def long_context_forwards(timed, context: int, repeats: int) -> dict[str, float]:
+    """Median forward milliseconds of a decode step at each of LONG_BATCHES over `context`-token
+    prompts (fresh prompts each time: no prefix-cache hits), the best of `repeats`, from vLLM's
+    own per-step-size record (on only where VLLM_LOG_BATCHSIZE_INTERVAL is set before vLLM loads)."""
+    from morphserve.vllm.offline_engine import recorded_forward_times
+
+    record = recorded_forward_times()
+    if record is None:
+        raise SystemExit("--decode-context needs VLLM_LOG_BATCHSIZE_INTERVAL set before vLLM is imported")
+    out = {}
+    for batch in LONG_BATCHES:
+        best = None
+        for r in range(repeats):
+            record.clear()
+            timed(batch, 64, context, salt=1000 * (r + 1) + batch)
+            steps = record.get(batch, [])
+            if steps:
+                ms = statistics.median(steps)
+                best = ms if best is None else min(best, ms)
+        out[str(batch)] = best
+    return out
+
+
 def child(mode: str, model: str, pack: str, kv_dtype: str, repeats: int, prefill_batch: int,
-          prefill_tokens: int, rung: str = "w8a8", dtype: str = "bfloat16", heap_trim: float | None = None) -> dict:
+          prefill_tokens: int, rung: str = "w8a8", dtype: str = "bfloat16", heap_trim: float | None = None,
+          decode_context: int = 0) -> dict:
     from morphserve.evaluation.systems import static_w8a8_dir
     from morphserve.vllm.offline_engine import engine_core_of, in_process_llm
 
@@ -92,7 +124,10 @@ def child(mode: str, model: str, pack: str, kv_dtype: str, repeats: int, prefill
     decode = decode_rates(timed, repeats)
     prefill = max(prefill_batch * prefill_tokens / timed(prefill_batch, 1, prefill_tokens, salt=100 * (r + 1))
                   for r in range(repeats))  # fresh prompts each time: no prefix-cache hits
-    return {"mode": mode, "tiers": tiers, "decode_tok_s": decode, "prefill_tok_s": prefill}
+    result = {"mode": mode, "tiers": tiers, "decode_tok_s": decode, "prefill_tok_s": prefill}
+    if decode_context:
+        result["long_decode_forward_ms"] = long_context_forwards(timed, decode_context, repeats)
+    return result
 
 
 def _summary(values: list[float]) -> str:
@@ -125,6 +160,9 @@ def print_cells(first: list[dict], second: list[dict], prefill: str) -> None:
     of the medians (second / first)."""
     cells = [(f"decode tok/s, batch {b}", lambda x, b=b: x["decode_tok_s"][str(b)]) for b in BATCHES]
     cells.append((f"prefill tok/s, {prefill}", lambda x: x["prefill_tok_s"]))
+    if all("long_decode_forward_ms" in x for x in first + second):
+        cells += [(f"decode forward ms (lower is faster), batch {b}, long prompts", lambda x, b=b: x["long_decode_forward_ms"][str(b)])
+                  for b in LONG_BATCHES]
     for name, get in cells:
         a, b = [get(x) for x in first], [get(x) for x in second]
         print(f"| {name} | {_summary(a)} | {_summary(b)} | {statistics.median(b) / statistics.median(a):.3f} |")
@@ -147,17 +185,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2, help="timings per cell within a child; the best is kept")
     ap.add_argument("--prefill-batch", type=int, default=8, help="prompts in the prefill cell (default 8)")
     ap.add_argument("--prefill-tokens", type=int, default=512, help="tokens per prompt in the prefill cell")
+    ap.add_argument("--decode-context", type=int, default=0, metavar="N",
+                    help="also time decode forwards at batch 1 and 8 over N-token prompts (vLLM's own forward "
+                         "timer; default 0: not measured)")
     ap.add_argument("--out", type=Path, default=None, help="also write every child's figures here as JSON")
     ap.add_argument("--child", choices=("static", "morph"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         emit_result(child(args.child, args.model, args.pack, args.kv_cache_dtype, args.repeats,
-                          args.prefill_batch, args.prefill_tokens, args.rung, args.dtype, args.heap_trim_interval))
+                          args.prefill_batch, args.prefill_tokens, args.rung, args.dtype, args.heap_trim_interval,
+                          args.decode_context))
     common = ["--model", args.model, "--pack", args.pack, "--kv-cache-dtype", args.kv_cache_dtype,
               "--rung", args.rung, "--dtype", args.dtype,
               *(["--heap-trim-interval", repr(args.heap_trim_interval)] if args.heap_trim_interval is not None else []),
               "--repeats", str(args.repeats), "--prefill-batch", str(args.prefill_batch),
-              "--prefill-tokens", str(args.prefill_tokens)]
+              "--prefill-tokens", str(args.prefill_tokens), "--decode-context", str(args.decode_context)]
+    if args.decode_context:  # vLLM reads it once, as it loads: the children inherit it
+        os.environ.setdefault("VLLM_LOG_BATCHSIZE_INTERVAL", "1e9")  # record every forward, never log
     runs = alternated(args.rounds, ("static", "morph"),
                       lambda mode: run_measurement([sys.executable, __file__, "--child", mode, *common]))
     if isinstance(runs, int):

@@ -96,11 +96,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="a free KV block above the rest capacity keeps its cached prefix S seconds before its pages "
                         "are handed back, so a preempted request resuming within S computes less again; 0, the "
                         "default, drops it at the next step boundary")
-    p.add_argument("--kv-cold-tail", choices=("on", "off"), default="on",
-                   help="on (default): KV blocks above the rest capacity are used last, keep no cached prefix and "
-                        "hand their pages back once free, so resident KV follows what the load held at once; off: "
-                        "every block as in plain vLLM (prefixes kept, pages kept once written: no refaults, no "
-                        "recomputed prefixes, the rung's whole KV resident once the load has cycled through it)")
+    p.add_argument("--kv-cold-tail", choices=("on", "off"), default="off",
+                   help="on: KV blocks above the rest capacity are used last, keep no cached prefix and hand their "
+                        "pages back once free, so resident KV follows what the load held at once (light load keeps "
+                        "less memory); off (default): every block as in plain vLLM (prefixes kept, pages kept once "
+                        "written: no refaults, no recomputed prefixes under load; the rung's whole KV resident once "
+                        "the load has cycled through it, until a restore shrinks the pool)")
     p.add_argument("--heap-trim-min-growth-mb", type=float, default=DEFAULT_MIN_GROWTH_BYTES / 2**20,
                    metavar="MIB",
                    help="trim only once a worker's resident set has grown MIB since its last trim (a trim makes "

@@ -82,11 +82,12 @@ class MorphConfig(BaseModel):
         "within it computes again only what no cached block holds; 0 (the default) drops the prefix at the "
         "next step boundary")
     kv_cold_tail: Literal["on", "off"] = Field(
-        default="on", description="on (the default): KV blocks above the rest capacity are used last, keep no "
-        "cached prefix, and their pages are handed back once free (kv_resize.cold_tail), so resident KV follows "
-        "what the load held at once; off: every block behaves as in plain vLLM (cached prefixes kept, pages kept "
-        "once written), so no block is faulted in again and no resumed request computes its prefix again, at "
-        "the price of the whole rung's KV staying resident once the load has cycled through it")
+        default="off", description="on: KV blocks above the rest capacity are used last, keep no cached prefix, and "
+        "their pages are handed back once free (kv_resize.cold_tail), so resident KV follows what the load held at "
+        "once, not what it cycled through; off (the default since dev-zen4-step-times met its rule): every block "
+        "behaves as in plain vLLM (cached prefixes kept, pages kept once written), so no block is faulted in again "
+        "and no resumed request computes its prefix again, at the price of the rung's whole KV staying resident "
+        "once the load has cycled through it (until a restore shrinks the pool)")
     heap_trim_min_growth_mb: float = Field(
         default=DEFAULT_MIN_GROWTH_BYTES / 2**20, ge=0, le=65536,
         description="a worker trims only once its resident set has grown this many MiB since its last trim "

@@ -147,3 +147,13 @@ def kv_capacity_blocks(core: EngineCore) -> int:
 
 def running_requests(core: EngineCore) -> int:
     return core.scheduler.get_request_counts()[0]
+
+
+def recorded_forward_times() -> dict[int, list[float]] | None:
+    """vLLM's own record of forward milliseconds by step size (tokens) in this process: the timer
+    VLLM_LOG_BATCHSIZE_INTERVAL turns on (vllm/forward_context.py), read here instead of from its
+    log line; the caller may clear it between measurements. None where the timer is off (the
+    variable must be set before vLLM is imported)."""
+    from vllm import forward_context
+
+    return forward_context.batchsize_forward_time if forward_context.track_batchsize else None
