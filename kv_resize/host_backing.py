@@ -23,27 +23,17 @@ PAGE = mmap.PAGESIZE
 class HostKVBacking:
     kind = "host-mmap"
 
-    def __init__(self, size: int, huge_pages: bool = False):
-        """`huge_pages`: advise the reserve MADV_HUGEPAGE, as torch advises a tensor of 2 MiB or
-        more where the server asked for huge pages (THP_MEM_ALLOC_ENABLE): plain vLLM's KV cache
-        is such a tensor, and attention over long contexts reads the KV through far fewer TLB
-        entries in 2 MiB pages. Releasing part of a huge page splits it; the rest stays."""
+    def __init__(self, size: int):
         self.size = size
         self._map = mmap.mmap(-1, max(size, PAGE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self.huge_pages = huge_pages and hasattr(mmap, "MADV_HUGEPAGE")
-        if self.huge_pages:
-            self._map.madvise(mmap.MADV_HUGEPAGE)
         self.tensor = torch.frombuffer(self._map, dtype=torch.int8, count=size)
-
-    def address(self) -> int:
-        return ctypes.addressof(ctypes.c_char.from_buffer(self._map))
 
     def resident_bytes(self) -> int:
         """Bytes of the reserve backed by memory now (mincore), so a soak can tell KV pages
         that were touched and kept from memory that leaks. Python's mmap has no mincore."""
         pages = -(-max(self.size, PAGE) // PAGE)
         vec = (ctypes.c_ubyte * pages)()
-        addr = self.address()
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
         libc = ctypes.CDLL(None, use_errno=True)
         libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
         if libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(pages * PAGE), vec) != 0:

@@ -48,31 +48,3 @@ def test_tail_ranges_merge_adjacent_layers():
     t = _T(layers=["a", "b"], layer_stride=4 * 4096, block_stride=4096)
     assert tail_ranges([t], 2, 3) == [(2 * 4096, 4 * 4096), (6 * 4096, 8 * 4096)]
     assert tail_ranges([t], 0, 3) == [(0, 8 * 4096)]
-
-
-def _anon_huge_kib(start: int, size: int) -> int:
-    """AnonHugePages (KiB) of this process's mapping that starts at `start`."""
-    lines = open("/proc/self/smaps").read().splitlines()
-    for i, line in enumerate(lines):
-        head = line.split()[0]
-        if "-" in head and all(c in "0123456789abcdef-" for c in head) and int(head.split("-")[0], 16) == start:
-            for field in lines[i + 1:]:
-                if field.startswith("AnonHugePages:"):
-                    return int(field.split()[1])
-    raise AssertionError("mapping not found")
-
-
-def test_a_reserve_asked_for_huge_pages_gets_them_where_the_kernel_gives_them():
-    import pytest
-
-    from morphserve.runtime import huge_pages
-
-    if not huge_pages.usable(huge_pages.kernel_mode()):
-        pytest.skip("this kernel gives no transparent huge pages to an advised mapping")
-    size = 64 * MB
-    asked, plain = HostKVBacking(size, huge_pages=True), HostKVBacking(size)
-    for b in (asked, plain):
-        b.tensor.fill_(1)
-    assert asked.huge_pages and _anon_huge_kib(asked.address(), size) >= 2048
-    if huge_pages.kernel_mode() == "madvise":  # an unadvised mapping stays in 4 KiB pages there
-        assert _anon_huge_kib(plain.address(), size) == 0

@@ -73,8 +73,3 @@ def test_a_torch_process_started_with_the_environment_holds_its_large_tensor_in_
     assert asked >= 48 * 1024, f"only {asked} KiB of a 64 MiB tensor in huge pages"
     if huge_pages.kernel_mode() == "madvise":  # only what is advised gets them: the environment is what did it
         assert _anon_huge_kib({}) < asked / 4
-
-
-def test_asked_reads_torchs_switch_whoever_set_it():
-    assert huge_pages.asked({huge_pages.TORCH_ENV: "1"})
-    assert not huge_pages.asked({huge_pages.TORCH_ENV: "0"}) and not huge_pages.asked({})

@@ -70,14 +70,6 @@ def apply(env: MutableMapping[str, str], mode: str, kernel: str | None = READ) -
     return env
 
 
-def asked(env: MutableMapping[str, str] | None = None) -> bool:
-    """Whether this process was started asking torch for huge pages (by serve's `auto` or an
-    operator): MorphServe's own large mappings (the KV reserve) then ask for them too."""
-    import os
-
-    return (os.environ if env is None else env).get(TORCH_ENV) == "1"
-
-
 def describe(env: MutableMapping[str, str], kernel: str | None = READ) -> str:
     """One line for the server's start-up output: what its processes will run with."""
     kernel = kernel_mode() if kernel == READ else kernel

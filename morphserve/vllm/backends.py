@@ -30,11 +30,8 @@ class CpuBackend:
 
     def new_kv_backing(self, size: int):
         from kv_resize.host_backing import HostKVBacking
-        from morphserve.runtime import huge_pages
 
-        # huge pages for the KV reserve where the server asked torch for them (plain vLLM's KV
-        # cache is a torch tensor, which torch then advises huge)
-        return HostKVBacking(size, huge_pages=huge_pages.asked())
+        return HostKVBacking(size)
 
 
 class CudaBackend:
