@@ -55,6 +55,7 @@ def test_state_requires_the_api_key(server):
         assert field in state
     assert state["swappable_layers"] == 30
     assert state["memory"]["budget_bytes"] > 0
+    assert state["kv_cold_above"] is None  # serve's default: no cold KV tail (`--kv-cold-tail on` keeps one)
     light = _request(server + "/morphserve/state?memory=0")[1]
     assert light["memory"] is None and light["quantized_layers"] == state["quantized_layers"]
 
