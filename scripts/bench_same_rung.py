@@ -66,11 +66,11 @@ def long_context_forwards(timed, context: int, repeats: int) -> dict[str, float]
     """Median forward milliseconds of a decode step at each of LONG_BATCHES over `context`-token
     prompts (fresh prompts each time: no prefix-cache hits), the best of `repeats`, from vLLM's
     own per-step-size record (on only where VLLM_LOG_BATCHSIZE_INTERVAL is set before vLLM loads)."""
-    from morphserve.vllm.offline_engine import recorded_forward_times
+    from morphserve.vllm.offline_engine import FORWARD_TIMER_ENV, recorded_forward_times
 
     record = recorded_forward_times()
     if record is None:
-        raise SystemExit("--decode-context needs VLLM_LOG_BATCHSIZE_INTERVAL set before vLLM is imported")
+        raise SystemExit(f"--decode-context needs {FORWARD_TIMER_ENV} set before vLLM is imported")
     out = {}
     for batch in LONG_BATCHES:
         best = None
@@ -201,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
               "--repeats", str(args.repeats), "--prefill-batch", str(args.prefill_batch),
               "--prefill-tokens", str(args.prefill_tokens), "--decode-context", str(args.decode_context)]
     if args.decode_context:  # vLLM reads it once, as it loads: the children inherit it
-        os.environ.setdefault("VLLM_LOG_BATCHSIZE_INTERVAL", "1e9")  # record every forward, never log
+        from morphserve.vllm.offline_engine import FORWARD_TIMER_ENV
+
+        os.environ.setdefault(FORWARD_TIMER_ENV, "1e9")  # record every forward, never log
     runs = alternated(args.rounds, ("static", "morph"),
                       lambda mode: run_measurement([sys.executable, __file__, "--child", mode, *common]))
     if isinstance(runs, int):

@@ -28,6 +28,8 @@ import statistics
 import sys
 from pathlib import Path
 
+import numpy as np
+
 MARK = "Batchsize forward time stats (batchsize, count, median_time(ms)):"
 BANDS = ((1, 16), (17, 128), (129, 1 << 30))
 
@@ -45,17 +47,11 @@ def last_stats(log: Path) -> dict[int, tuple[int, float]]:
 
 
 def weighted_median(pairs: list[tuple[float, int]]) -> float | None:
-    """The median of values each repeated by its weight."""
-    pairs = sorted(pairs)
-    total = sum(w for _, w in pairs)
-    if not total:
+    """The median of values each repeated by its weight (the lower one at an even split)."""
+    if not sum(w for _, w in pairs):
         return None
-    run = 0
-    for value, weight in pairs:
-        run += weight
-        if 2 * run >= total:
-            return value
-    return pairs[-1][0]
+    values, weights = zip(*pairs)
+    return float(np.quantile(values, 0.5, weights=weights, method="inverted_cdf"))
 
 
 def ratios(a: dict, b: dict, min_count: int, band=(1, 1 << 30)) -> float | None:

@@ -149,6 +149,10 @@ def running_requests(core: EngineCore) -> int:
     return core.scheduler.get_request_counts()[0]
 
 
+# vLLM's switch for its per-step-size forward timer (seconds between its log lines; < 0: off)
+FORWARD_TIMER_ENV = "VLLM_LOG_BATCHSIZE_INTERVAL"
+
+
 def recorded_forward_times() -> dict[int, list[float]] | None:
     """vLLM's own record of forward milliseconds by step size (tokens) in this process: the timer
     VLLM_LOG_BATCHSIZE_INTERVAL turns on (vllm/forward_context.py), read here instead of from its
