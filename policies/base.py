@@ -47,6 +47,11 @@ class PolicyBase:
         (the demand policy can cap it: policies.admission)."""
         return None
 
+    def token_budget(self, signals, level: int) -> int | None:
+        """Tokens the next step may schedule at `level`; None: vLLM's own budget (the demand
+        policy can lower it while requests decode: policies.step_budget)."""
+        return None
+
     # -- shared rules ------------------------------------------------------------------
     def _up(self, state: PolicyState, now: float, target: int, reason: str, blocked: bool = False) -> Decision:
         """`blocked`: requests wait for KV blocks now (the one case a move up may follow a

@@ -86,6 +86,12 @@ class PolicyConfig(BaseModel):
                            "that vLLM need not preempt one and compute it again (vLLM's max_num_active_reqs, set at "
                            "step boundaries; nothing running is preempted; an empty engine always admits one); "
                            "false: vLLM admits once a prompt's blocks are free")
+    step_token_budget: bool = Field(
+        False, description="demand: while requests decode, schedule only as many tokens per step as keep the step "
+                           "within tpot_slo x slo_margin at the level served, from the step-time model (vLLM's "
+                           "chunked prefill then cuts long prompts, so decodes come round every step; vLLM's "
+                           "max_num_scheduled_tokens, set at step boundaries; at least 128 prompt tokens a step); "
+                           "false: vLLM's max_num_batched_tokens")
     kernel_profile: bool = Field(
         True, description="time each tier's kernels at start-up (seconds, cached per machine) so the step-time "
                           "model knows which rung is fast enough before the first request")

@@ -67,6 +67,7 @@ import math
 from dataclasses import replace
 
 from policies.admission import admission_cap, kv_admission_cap, step_at
+from policies.step_budget import step_token_budget
 from policies.base import Decision, PolicyBase, PolicyState
 
 # A move up goes past its first sufficient rung only for a step at least this much faster:
@@ -139,6 +140,13 @@ class DemandPolicy(PolicyBase):
             caps.append(kv_admission_cap(capacity, s.running_now, s.running_need_blocks, s.waiting_needs))
         caps = [c for c in caps if c is not None]
         return min(caps) if caps else None
+
+    def token_budget(self, s, level: int) -> int | None:
+        """Tokens the next step may schedule at `level` (policies.step_budget), where
+        `step_token_budget` is on; None: vLLM's own budget."""
+        if s is None or not self.cfg.step_token_budget:
+            return None
+        return step_token_budget(s.step_model, level, self.cfg.tpot_slo_s * self.cfg.slo_margin, s.running_now)
 
     def prefill_factor(self, s) -> float:
         """What prefill chunks add now: the last window's mean step over the model's

@@ -64,3 +64,24 @@ def test_a_cap_under_the_running_count_preempts_nothing(engine):
     # nobody was put back to waiting: the count only falls, one finish at a time at most per step
     assert all(b <= a for a, b in zip(running, running[1:])), running
     assert sorted(map(len, tokens.values())) == [MAX_TOKENS] * len(PROMPTS)
+
+
+def test_a_token_budget_cuts_the_prompts_into_chunks_and_none_gives_vllms_budget_back(engine):
+    llm, core = engine
+    view = controller_of(core).scheduler
+    prompt_tokens = sum(len(llm.get_tokenizer().encode(p)) for p in PROMPTS)
+    budget = 4
+    assert prompt_tokens > 2 * budget
+    configured = view.set_token_budget(None)
+    assert configured >= prompt_tokens
+    free_steps = len(run_greedy(llm, {str(i): p for i, p in enumerate(PROMPTS)}, MAX_TOKENS).step_seconds)
+    assert view.set_token_budget(budget) == budget
+    try:
+        run = run_greedy(llm, {str(i): p for i, p in enumerate(PROMPTS)}, MAX_TOKENS)
+    finally:
+        assert view.set_token_budget(None) == configured
+    # every prompt token, and every output token but each request's last, takes a scheduled
+    # slot, at most `budget` of them a step
+    least = -(-(prompt_tokens + len(PROMPTS) * (MAX_TOKENS - 1)) // budget)
+    assert free_steps < least <= len(run.step_seconds), (free_steps, least, len(run.step_seconds))
+    assert sorted(map(len, run.tokens.values())) == [MAX_TOKENS] * len(PROMPTS)

@@ -691,3 +691,22 @@ def test_huge_pages_reach_any_system_the_way_serve_would_give_them(tmp_path, mon
     assert serve_args.huge_pages == "auto"
     cmd, _ = run(System(name="m", kind="morphserve", policy="default"))
     assert "--huge-pages" not in cmd
+
+
+def test_a_systems_step_token_count_reaches_its_server_and_no_count_leaves_vllms(tmp_path):
+    from morphserve.evaluation import systems
+    from morphserve.evaluation.suite import Budget, Suite, System, Window
+    from tests.test_hardening_fakes import make_model, make_tiered_pack
+
+    model = make_model(tmp_path / "model")
+    tiered = make_tiered_pack(tmp_path / "tiered", model)
+    window = Window(name="w", trace="azure-conv", start_s=0, duration_s=5, rate_scale=1, length_scale=1,
+                    output_scale=1, regime="light", why="test")
+    suite = Suite(name="s", windows=[window], budgets=[Budget(name="b", total_mb=400)],
+                  systems=[System(name="fp16", kind="fp16")], static_quantized=None)
+    for kind in ("fp16", "w8a8"):
+        cmd, _ = systems.server_command(System(name="c", kind=kind, max_num_batched_tokens=256), suite.budgets[0],
+                                        suite, model, tiered, 1, tmp_path)
+        assert cmd[cmd.index("--max-num-batched-tokens") + 1] == "256"
+        cmd, _ = systems.server_command(System(name="d", kind=kind), suite.budgets[0], suite, model, tiered, 1, tmp_path)
+        assert "--max-num-batched-tokens" not in cmd

@@ -224,6 +224,9 @@ class ScriptedPolicy:
     def admission(self, signals, level):
         return None  # no admission cap, as PolicyBase
 
+    def token_budget(self, signals, level):
+        return None  # vLLM's own step budget, as PolicyBase
+
     def decide(self, signals, state):
         self.asked.append(state.level)
         target = self.targets.pop(0)
@@ -240,7 +243,7 @@ def _controller(level: int, targets, compress_mode: str = "sync"):
     moves, worker, pool = _moves(level)
     c = object.__new__(MorphController)
     c.moves, c.pool, c.forced_level, c.errors = moves, pool, None, 0
-    c.admission_cap, c.admission_changes = None, 0
+    c.admission_cap, c.admission_changes, c.token_budget = None, 0, None
     c.config = SimpleNamespace(restore_mode="background", compress_mode=compress_mode)
     c.recorder = moves.recorder
     sample = StepSample(time=5.0, waiting=0, oldest_wait_s=0.0, running=1, used_blocks=1, capacity_blocks=10)

@@ -111,6 +111,10 @@ class System(BaseModel):
         None, description="any system: its server's processes ask for transparent huge pages (auto) or not (off), "
                           "`morphserve serve --huge-pages` (morphserve.runtime.huge_pages); default: a plain vLLM "
                           "server as it starts, MorphServe at serve's default")
+    max_num_batched_tokens: int | None = Field(
+        None, ge=1, description="any system: vLLM's `--max-num-batched-tokens`, the tokens one step may schedule "
+                                "(default: vLLM's, 2048 for a CPU server); a fixed chunk for long prompts, the "
+                                "static counterpart of MorphServe's `step_token_budget`")
     budgets: list[str] | None = Field(None, description="run only at these budgets (default: all)")
     windows: list[str] | None = Field(None, description="run only in these windows (default: all)")
 
@@ -196,7 +200,8 @@ class Suite(BaseModel):
         for s in dump["systems"]:
             if s["kv_cache_dtype"] == "auto":
                 del s["kv_cache_dtype"]
-            for later in ("compress_mode", "tiers", "hold_level", *SERVE_FLAGS, "prompt_twin_layers", "huge_pages"):
+            for later in ("compress_mode", "tiers", "hold_level", *SERVE_FLAGS, "prompt_twin_layers", "huge_pages",
+                          "max_num_batched_tokens"):
                 if s[later] is None:
                     del s[later]
         return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]

@@ -45,6 +45,8 @@ def server_command(system: System, budget: Budget, suite: Suite, model: Path, pa
         common += ["--kv-cache-dtype", system.kv_cache_dtype]
     if suite.dtype != "auto":
         common += ["--dtype", suite.dtype]
+    if system.max_num_batched_tokens is not None:
+        common += ["--max-num-batched-tokens", str(system.max_num_batched_tokens)]
     if system.kind in ("fp16", "fp16-compiled", "w4", "w8a8"):
         env["VLLM_PLUGINS"] = ""  # plain vLLM: MorphServe not loaded at all
         served = (static_tier_dir(pack, "w4a16") if system.kind == "w4" else static_w8a8_dir(pack)

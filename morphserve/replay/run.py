@@ -79,7 +79,8 @@ class StatePoller(threading.Thread):
                 self.samples.append({"t": time.time(), "mono": time.perf_counter(),
                                      "quantized_layers": s["quantized_layers"],
                                      "kv_capacity_blocks": s["kv_capacity_blocks"],
-                                     "admission_cap": s.get("admission_cap")})
+                                     "admission_cap": s.get("admission_cap"),
+                                     "token_budget": s.get("token_budget")})
             except Exception:  # plain vLLM has no such route; a busy server may be slow
                 pass
             self.stop.wait(self.every)

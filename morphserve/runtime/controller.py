@@ -105,6 +105,7 @@ class MorphController:
         self.forced_level: int | None = None
         self.admission_cap: int | None = None  # the policy's limit on requests running at once (None: vLLM's)
         self.admission_changes = 0
+        self.token_budget: int | None = None  # the policy's tokens per step while requests decode (None: vLLM's)
         self.errors = 0
         self.last_error: dict | None = None
         self.pinned_by_error = False
@@ -388,12 +389,16 @@ class MorphController:
     def admit(self, level: int | None) -> None:
         """Set vLLM's admission limit to the policy's cap at the level served (None, or no
         policy in charge: vLLM's own limit). Only a change reaches the scheduler."""
-        cap = self.loop.policy.admission(self.loop.signals, level) \
-            if level is not None and self.loop.policy is not None and self.forced_level is None else None
+        in_charge = level is not None and self.loop.policy is not None and self.forced_level is None
+        cap = self.loop.policy.admission(self.loop.signals, level) if in_charge else None
         if cap != self.admission_cap:
             self.scheduler.set_admission_cap(cap)
             self.admission_cap = cap
             self.admission_changes += 1
+        budget = self.loop.policy.token_budget(self.loop.signals, level) if in_charge else None
+        if budget != self.token_budget:
+            self.scheduler.set_token_budget(budget)
+            self.token_budget = budget
 
     # -- failures --------------------------------------------------------------------
     def _recover(self, error: BaseException, during: str) -> None:
@@ -555,6 +560,7 @@ class MorphController:
             "forced_level": self.forced_level,
             "admission_cap": self.admission_cap,  # requests admitted at once (None: vLLM's own limit)
             "admission_changes": self.admission_changes,
+            "token_budget": self.token_budget,  # tokens per step while requests decode (None: vLLM's own)
             **self.kv_state(),
             "memory": self.memory_state(kv_resident) if memory else None,
             "policy": "manual" if self.forced_level is not None else self.loop.name,

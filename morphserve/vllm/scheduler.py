@@ -176,6 +176,7 @@ class SchedulerView:
         self._scheduler = scheduler
         self._vllm_config = vllm_config
         self._configured_active: int | None = None  # vLLM's own admission limit, read at the first change
+        self._configured_tokens: int | None = None  # vLLM's own tokens per step, read at the first change
 
     @property
     def block_size(self) -> int:
@@ -218,6 +219,21 @@ class SchedulerView:
             self._configured_active = self._scheduler.max_num_active_reqs
         limit = self._configured_active if cap is None else max(1, min(int(cap), self._configured_active))
         self._scheduler.max_num_active_reqs = limit
+        return limit
+
+    def set_token_budget(self, budget: int | None) -> int:
+        """Lower the tokens vLLM 0.32 schedules per step (`Scheduler.max_num_scheduled_tokens`,
+        from max_num_batched_tokens, read at the start of every schedule()) to `budget`, or
+        put back the configured one (None); returns the budget in force. Only with chunked
+        prefill: without it a prompt longer than the budget would never be scheduled, so the
+        configured budget stays. Never above the configured budget (the runner's buffers are
+        sized by it)."""
+        if self._configured_tokens is None:
+            self._configured_tokens = self._scheduler.max_num_scheduled_tokens
+        configured = self._configured_tokens
+        chunked = self._scheduler.scheduler_config.enable_chunked_prefill
+        limit = configured if budget is None or not chunked else max(1, min(int(budget), configured))
+        self._scheduler.max_num_scheduled_tokens = limit
         return limit
 
     def sample(self, sampler: "StepSampler", pool, expected_output_tokens: int = 256):
