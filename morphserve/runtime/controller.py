@@ -387,8 +387,9 @@ class MorphController:
         self.loop.accept(decision)  # only now: a failed move leaves the policy's state as it was
 
     def admit(self, level: int | None) -> None:
-        """Set vLLM's admission limit to the policy's cap at the level served (None, or no
-        policy in charge: vLLM's own limit). Only a change reaches the scheduler."""
+        """Set vLLM's admission limit and tokens per step to the policy's cap and budget at
+        the level served (None, or no policy in charge: vLLM's own). Only a change reaches the
+        scheduler."""
         in_charge = level is not None and self.loop.policy is not None and self.forced_level is None
         cap = self.loop.policy.admission(self.loop.signals, level) if in_charge else None
         if cap != self.admission_cap:
