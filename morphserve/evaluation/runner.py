@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -27,18 +28,30 @@ from morphserve.harness.servers import free_port, group_rss, group_work, start_s
 from morphserve.runtime.proc_memory import process_breakdown
 
 MIB = 2**20
-# smaps is read only when the group's total passes the last breakdown by this much: a few
-# dozen reads a run (each reads every mapping of four processes), not one per sample.
+# smaps is read only when the group's total passes the last breakdown by this much, and at
+# most once per BREAKDOWN_EVERY_S. One breakdown parses every mapping of the server's
+# processes: about 85 ms of CPU against a MorphServe server (24k smaps lines a process).
+# Measured on a 2-vCPU machine, a breakdown at every 4 MiB of new high, which a server whose
+# KV pages are touched as blocks are first used (MorphServe's KV reserve) reaches all run
+# long while a preallocated cache does not, took 9% of a core from the core vLLM's engine
+# core spins on, against MorphServe only (docs/RESULTS.md, "The harness's own memory
+# sampler").
 BREAKDOWN_STEP = 4 * MIB
+BREAKDOWN_EVERY_S = 10.0
+# The sampler's thread runs at the lowest priority: a server's processes, not the
+# measurement, get the CPU when both want it. Reading /proc/PID/status takes well under a
+# millisecond, so a sample is late by a scheduler slice at most.
+SAMPLER_NICE = 19
 
 
 class MemorySampler(threading.Thread):
     """Peak RssAnon, RssFile and their sum over every process of the server's group, and
     each process's own peaks (by vLLM's process title), to place a difference."""
 
-    def __init__(self, pgid: int, every: float = 0.25):
+    def __init__(self, pgid: int, every: float = 0.25, breakdown_every_s: float = BREAKDOWN_EVERY_S):
         super().__init__(daemon=True)
-        self.pgid, self.every = pgid, every
+        self.pgid, self.every, self.breakdown_every_s = pgid, every, breakdown_every_s
+        self.last_breakdown = float("-inf")  # monotonic time of the last smaps read
         self.peak = {"anon": 0, "file": 0, "total": 0}
         self.by_process: dict[str, dict[str, int]] = {}
         self.samples = 0
@@ -56,7 +69,17 @@ class MemorySampler(threading.Thread):
             out[name if name not in out else f"{name}-{pid}"] = parts
         return out
 
+    def breakdown_due(self, total: int, now: float) -> bool:
+        """A new high by BREAKDOWN_STEP, and the last smaps read breakdown_every_s ago: the
+        breakdown may be up to that long before the peak; its own total says which."""
+        return (total >= self.at_peak.get("total", 0) + BREAKDOWN_STEP
+                and now - self.last_breakdown >= self.breakdown_every_s)
+
     def run(self) -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SAMPLER_NICE)  # this thread only
+        except (OSError, AttributeError):
+            pass  # a measurement at normal priority rather than none
         while not self.stop.is_set():
             rss = group_rss(self.pgid)
             anon, file = rss["rss_anon_bytes"], rss["rss_file_bytes"]
@@ -65,8 +88,10 @@ class MemorySampler(threading.Thread):
             for name, (p_anon, p_file) in rss["by_process"].items():
                 seen = self.by_process.setdefault(name, {"anon": 0, "file": 0})
                 seen["anon"], seen["file"] = max(seen["anon"], p_anon), max(seen["file"], p_file)
-            if anon + file >= self.at_peak.get("total", 0) + BREAKDOWN_STEP:
+            now = time.monotonic()
+            if self.breakdown_due(anon + file, now):
                 self.at_peak = {"total": anon + file, "by_process": self._breakdown(rss["pids"])}
+                self.last_breakdown = now
             self.samples += 1
             self.stop.wait(self.every)
 
