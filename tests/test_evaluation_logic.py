@@ -710,3 +710,33 @@ def test_a_systems_step_token_count_reaches_its_server_and_no_count_leaves_vllms
         assert cmd[cmd.index("--max-num-batched-tokens") + 1] == "256"
         cmd, _ = systems.server_command(System(name="d", kind=kind), suite.budgets[0], suite, model, tiered, 1, tmp_path)
         assert "--max-num-batched-tokens" not in cmd
+
+
+def test_extra_memory_moves_one_systems_budget_and_no_other(tmp_path):
+    """A comparison at the same measured memory: one system's weights+KV budget moves by
+    extra_memory_mb (its KV bytes for plain vLLM, its memory budget and KV for MorphServe);
+    a budget that leaves no KV is refused in one line."""
+    import pytest
+
+    from morphserve.errors import MorphServeError
+    from morphserve.evaluation import systems
+    from morphserve.evaluation.suite import Budget, Suite, System, Window
+    from tests.test_hardening_fakes import make_model, make_tiered_pack
+
+    model = make_model(tmp_path / "model")
+    tiered = make_tiered_pack(tmp_path / "tiered", model)
+    window = Window(name="w", trace="azure-conv", start_s=0, duration_s=5, rate_scale=1, length_scale=1,
+                    output_scale=1, regime="light", why="test")
+    suite = Suite(name="s", windows=[window], budgets=[Budget(name="b", total_mb=400)],
+                  systems=[System(name="fp16", kind="fp16")], static_quantized=None)
+    run = lambda system: systems.server_command(system, suite.budgets[0], suite, model, tiered, 1, tmp_path)[0]  # noqa: E731
+    value = lambda cmd, flag: float(cmd[cmd.index(flag) + 1])  # noqa: E731
+    for kind in ("fp16", "w8a8"):
+        base, more = run(System(name="a", kind=kind)), run(System(name="b", kind=kind, extra_memory_mb=-25))
+        assert value(base, "--kv-cache-memory-bytes") - value(more, "--kv-cache-memory-bytes") == 25 * 10**6
+    base = run(System(name="m", kind="morphserve", policy="default"))
+    more = run(System(name="m", kind="morphserve", policy="default", extra_memory_mb=60))
+    assert value(more, "--kv-cache-memory-bytes") - value(base, "--kv-cache-memory-bytes") == 60 * 10**6
+    assert abs((value(more, "--memory-budget-gb") - value(base, "--memory-budget-gb")) * 2**30 - 60 * 10**6) < 1
+    with pytest.raises(MorphServeError, match="does not cover its weights"):
+        run(System(name="f", kind="fp16", extra_memory_mb=-400))

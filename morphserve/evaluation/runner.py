@@ -274,6 +274,8 @@ def one_run(suite: Suite, rep: int, window: Window, budget: Budget, system: Syst
         raise MorphServeError(f"{folder}: {system.name} did not start: {e}") from None
     record: dict = {"system": system.name, "kind": system.kind, "window": window.name, "budget": budget.name,
                     "repetition": rep + 1, "startup_s": round(time.monotonic() - t0, 1), "cpu_before": idle}
+    if system.extra_memory_mb is not None:  # its budget is not the cell's: say so in the run's own record
+        record["extra_memory_mb"] = system.extra_memory_mb
     sampler = MemorySampler(proc.pid)
     try:
         record["warmup"] = systems.warm_up(system, base, suite.warmup_requests, top_level)

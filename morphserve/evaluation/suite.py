@@ -115,6 +115,10 @@ class System(BaseModel):
         None, ge=1, description="any system: vLLM's `--max-num-batched-tokens`, the tokens one step may schedule "
                                 "(default: vLLM's, 2048 for a CPU server); a fixed chunk for long prompts, the "
                                 "static counterpart of MorphServe's `step_token_budget`")
+    extra_memory_mb: float | None = Field(
+        None, description="any system: its weights+KV budget is the cell's plus this many 10^6 bytes (negative: "
+                          "less), for a comparison at the same measured memory rather than the same nominal "
+                          "budget; set before the run, from an earlier run's measured peak RSS")
     budgets: list[str] | None = Field(None, description="run only at these budgets (default: all)")
     windows: list[str] | None = Field(None, description="run only in these windows (default: all)")
 
@@ -201,7 +205,7 @@ class Suite(BaseModel):
             if s["kv_cache_dtype"] == "auto":
                 del s["kv_cache_dtype"]
             for later in ("compress_mode", "tiers", "hold_level", *SERVE_FLAGS, "prompt_twin_layers", "huge_pages",
-                          "max_num_batched_tokens"):
+                          "max_num_batched_tokens", "extra_memory_mb"):
                 if s[later] is None:
                     del s[later]
         return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]

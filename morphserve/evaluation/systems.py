@@ -34,7 +34,7 @@ WARMUP_PROMPT = "Summarize the following: " + " ".join(f"item {i}" for i in rang
 def server_command(system: System, budget: Budget, suite: Suite, model: Path, pack: Path, port: int,
                    out: Path) -> tuple[list[str], dict]:
     weights = model_weight_bytes(model, suite.dtype)  # what the engine holds: fp32 doubles a bf16 file
-    total = budget.total_bytes(weights)
+    total = budget.total_bytes(weights) + int((system.extra_memory_mb or 0) * 10**6)
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
     # /reset_prefix_cache is a dev-mode route; the server only listens on loopback here
     env.update(VLLM_LOGGING_LEVEL="WARNING", VLLM_SERVER_DEV_MODE="1")
@@ -58,6 +58,9 @@ def server_command(system: System, budget: Budget, suite: Suite, model: Path, pa
             kv = total - engine_weight_bytes(served, suite.dtype, int8_held_bytes)
         else:
             kv = total - model_weight_bytes(served, suite.dtype)
+        if kv <= 0:
+            raise MorphServeError(f"system {system.name!r} at budget {budget.name!r}: {total / 1e6:.0f} MB does not "
+                                  f"cover its weights, so no KV cache is left")
         cmd = [sys.executable, "-m", PLAIN_VLLM_SERVER, "--model", str(served),
                "--tokenizer", str(model), "--kv-cache-memory-bytes", str(kv), *common]
         if system.kind != "fp16-compiled":
