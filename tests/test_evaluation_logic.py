@@ -693,8 +693,8 @@ def test_huge_pages_reach_any_system_the_way_serve_would_give_them(tmp_path, mon
     assert "--huge-pages" not in cmd
 
 
-def test_a_systems_step_token_count_reaches_its_server_and_no_count_leaves_vllms(tmp_path):
-    from morphserve.evaluation import systems
+def _one_cell_suite(tmp_path):
+    """A fake model, a tiered pack for it, and a one-window, one-budget (400 MB) suite."""
     from morphserve.evaluation.suite import Budget, Suite, System, Window
     from tests.test_hardening_fakes import make_model, make_tiered_pack
 
@@ -704,6 +704,14 @@ def test_a_systems_step_token_count_reaches_its_server_and_no_count_leaves_vllms
                     output_scale=1, regime="light", why="test")
     suite = Suite(name="s", windows=[window], budgets=[Budget(name="b", total_mb=400)],
                   systems=[System(name="fp16", kind="fp16")], static_quantized=None)
+    return model, tiered, suite
+
+
+def test_a_systems_step_token_count_reaches_its_server_and_no_count_leaves_vllms(tmp_path):
+    from morphserve.evaluation import systems
+    from morphserve.evaluation.suite import System
+
+    model, tiered, suite = _one_cell_suite(tmp_path)
     for kind in ("fp16", "w8a8"):
         cmd, _ = systems.server_command(System(name="c", kind=kind, max_num_batched_tokens=256), suite.budgets[0],
                                         suite, model, tiered, 1, tmp_path)
@@ -720,15 +728,9 @@ def test_extra_memory_moves_one_systems_budget_and_no_other(tmp_path):
 
     from morphserve.errors import MorphServeError
     from morphserve.evaluation import systems
-    from morphserve.evaluation.suite import Budget, Suite, System, Window
-    from tests.test_hardening_fakes import make_model, make_tiered_pack
+    from morphserve.evaluation.suite import System
 
-    model = make_model(tmp_path / "model")
-    tiered = make_tiered_pack(tmp_path / "tiered", model)
-    window = Window(name="w", trace="azure-conv", start_s=0, duration_s=5, rate_scale=1, length_scale=1,
-                    output_scale=1, regime="light", why="test")
-    suite = Suite(name="s", windows=[window], budgets=[Budget(name="b", total_mb=400)],
-                  systems=[System(name="fp16", kind="fp16")], static_quantized=None)
+    model, tiered, suite = _one_cell_suite(tmp_path)
     run = lambda system: systems.server_command(system, suite.budgets[0], suite, model, tiered, 1, tmp_path)[0]  # noqa: E731
     value = lambda cmd, flag: float(cmd[cmd.index(flag) + 1])  # noqa: E731
     for kind in ("fp16", "w8a8"):
