@@ -47,6 +47,11 @@ class PolicyBase:
         (the demand policy can cap it: policies.admission)."""
         return None
 
+    def moves_while_idle(self) -> bool:
+        """Whether the policy may move up while nothing runs (the demand policy's
+        `idle_rest: next_request`): the controller then gives it idle boundaries at its floor."""
+        return False
+
     def token_budget(self, signals, level: int) -> int | None:
         """Tokens the next step may schedule at `level`; None: vLLM's own budget (the demand
         policy can lower it while requests decode: policies.step_budget)."""

@@ -75,6 +75,14 @@ class PolicyConfig(BaseModel):
                                   "step at the present batch and a prompt token, measured by the step-time model), "
                                   "within the quality limits, and restore below it only after this many seconds "
                                   "without a request; null: rest on the highest-quality rung that meets the SLOs")
+    idle_rest: Literal["quality", "next_request"] = Field(
+        "quality", description="with fast_rest_idle_s: where an idle server waits once fast_rest_idle_s has passed "
+                               "without a request. quality: the highest-quality rung (bf16); next_request: the "
+                               "rung a request arriving then would be moved to (the run of faster rungs at batch "
+                               "1, measured), so that a burst's first request finds the server there instead of "
+                               "waiting on a move (a move made while idle stalls nobody, and idle time serves no "
+                               "token that quality could be charged for); where int8 is slower at batch 1 that "
+                               "is bf16 either way")
     admission_cap: bool = Field(
         False, description="demand: where the CPU, not KV, runs out, admit only as many requests at once as keep "
                            "the step each feels (decode plus the others' prefill) within tpot_slo x slo_margin at "

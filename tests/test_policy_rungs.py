@@ -227,6 +227,9 @@ class ScriptedPolicy:
     def token_budget(self, signals, level):
         return None  # vLLM's own step budget, as PolicyBase
 
+    def moves_while_idle(self):
+        return False  # as PolicyBase
+
     def decide(self, signals, state):
         self.asked.append(state.level)
         target = self.targets.pop(0)
@@ -908,3 +911,33 @@ def test_prompt_twins_price_a_prompt_below_their_level_as_one_at_it():
     short = prompt_waiting(1000)
     short.step_model.prompt_twin_layers = first - 1
     assert p.decide(short, PolicyState()).target == first
+
+
+NEXT = REST.model_copy(update={"idle_rest": "next_request"})
+
+
+def test_idle_rest_next_request_waits_where_the_next_request_would_be_moved():
+    """`idle_rest: next_request`: past fast_rest_idle_s without a request, an idle server stays
+    on (or goes up to) the run of faster rungs at batch 1, where its next request would be
+    moved at that request's first boundary; where int8 is slower at batch 1 that is bf16, as
+    with `quality`."""
+    idle = dict(used_blocks=0, need_blocks=0, step_time_s=0.0)
+    last_request = 150.0
+    s = load(0, AVX512, level=L, time=162.0, **idle)
+    state = PolicyState(level=L, last_change=100.0, calm_since=158.0, busy_at=last_request)
+    assert policy(cfg=REST).decide(s, state).target == 0  # `quality`: back to bf16
+    held = policy(cfg=NEXT).decide(s, state)
+    assert held.target == L and "next request" in held.reason, held.reason
+    # a server that has never served (or was handed back at bf16) moves up while idle
+    fresh = policy(cfg=NEXT).decide(load(0, AVX512, time=5.0, **idle), PolicyState())
+    assert fresh.target == L and fresh.reason.startswith("speed:") and "next request" in fresh.reason
+    assert fresh.state.busy_at == float("-inf")  # an idle boundary is not a request
+    # AVX2-only: one request decodes faster in bf16, so an idle server waits in bf16
+    assert policy(cfg=NEXT).decide(load(0, AVX2, time=5.0, **idle), PolicyState()).target == 0
+    assert policy(cfg=NEXT).decide(load(0, AVX2, level=L, time=162.0, **idle), state).target == 0
+
+
+def test_only_next_request_idle_rest_asks_for_idle_boundaries():
+    assert policy(cfg=NEXT).moves_while_idle()
+    assert not policy(cfg=REST).moves_while_idle() and not policy().moves_while_idle()
+    assert not policy(cfg=CFG.model_copy(update={"idle_rest": "next_request"})).moves_while_idle()  # no fast rest

@@ -87,6 +87,14 @@ def test_a_server_at_its_floor_wants_no_idle_ticks():
     assert c.wants_idle_ticks()  # level 2 above a floor of 0: a restore could still come
 
 
+def test_a_policy_that_moves_while_idle_gets_idle_ticks_at_its_floor():
+    c, _ = _controller_at(2, 2, [])
+    c.loop.policy.moves_while_idle = lambda: True  # idle_rest: next_request
+    assert c.wants_idle_ticks()
+    c.forced_level = 2  # a manual level: the policy is not in charge
+    assert not c.wants_idle_ticks()
+
+
 def test_a_manual_level_below_the_floor_is_refused_with_the_reason():
     c, _ = _controller_at(3, 2, [])
     out = c.set_level_request(1)
@@ -127,13 +135,39 @@ def test_the_evaluations_warm_up_ends_at_the_floor_and_hands_back_to_the_policy(
     server = _FloorServer(floor, 30)
     monkeypatch.setattr(systems, "_request", server.request)
     monkeypatch.setattr(systems, "_complete", lambda base, n, max_tokens=16: None)
+    monkeypatch.setattr(systems, "SETTLE_QUIET_S", 0.0)
     done = systems.warm_up(System(name="m", kind="morphserve", policy="default"), "http://x", 4, 30)
     assert server.posted == [30, floor, None] and server.level == floor and done["levels"] == [30, floor]
+    assert done["policy_start_level"] == floor
     with pytest.raises(RuntimeError, match=f"outside the levels served here \\({floor}..30\\)"):
         systems.warm_up(System(name="m", kind="morphserve", policy="default", hold_level=31), "http://x", 4, 30)
     if floor:
         with pytest.raises(RuntimeError, match="outside the levels served here \\(5..30\\)"):
             systems.warm_up(System(name="m", kind="morphserve", policy="default", hold_level=4), "http://x", 4, 30)
+
+
+def test_the_warm_up_waits_for_the_policys_idle_move_before_the_trace(monkeypatch):
+    """A policy that moves up while idle (idle_rest: next_request) does so after the warm-up
+    hands control back; the trace starts once the level has held still."""
+    import itertools
+
+    from morphserve.evaluation import systems
+    from morphserve.evaluation.suite import System
+
+    server = _FloorServer(0, 30)
+    reads = itertools.count()
+
+    def request(url, body=None, method=None, timeout=120):
+        out = server.request(url, body, method, timeout)
+        if url.endswith("state?memory=0") and server.posted[-1:] == [None] and next(reads) == 2:
+            server.level = out["level"] = 30  # the idle move, seen on the third read after the hand-back
+        return out
+
+    monkeypatch.setattr(systems, "_request", request)
+    monkeypatch.setattr(systems, "_complete", lambda base, n, max_tokens=16: None)
+    monkeypatch.setattr(systems, "SETTLE_QUIET_S", 0.5)
+    done = systems.warm_up(System(name="m", kind="morphserve", policy="default"), "http://x", 4, 30)
+    assert done["policy_start_level"] == 30 and next(reads) >= 5  # read again after the move, until quiet
 
 
 def test_a_refusal_in_the_engine_core_reaches_the_server_as_one_line(monkeypatch, tmp_path, capsys):

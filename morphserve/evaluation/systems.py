@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -110,6 +111,28 @@ def _request(url: str, body: dict | None = None, method: str | None = None, time
     return json.loads(text) if text.strip().startswith(b"{") else {}
 
 
+# How long the level must hold still after the warm-up hands control back, and the most the
+# evaluation waits for that: a policy that moves up while idle (`idle_rest: next_request`)
+# does so within a cooldown and a move (about 2 s on 2 vCPUs), as it would on a server left
+# idle between bursts; the trace then starts where such a server would be.
+SETTLE_QUIET_S = 3.0
+SETTLE_LIMIT_S = 30.0
+
+
+def _settled_level(base: str) -> int | None:
+    """The level once it has not changed for SETTLE_QUIET_S (or SETTLE_LIMIT_S has passed).
+    A state read waits for a transition in progress, so a move is never read half-way."""
+    start = time.monotonic()
+    level = _request(f"{base}/morphserve/state?memory=0").get("level")
+    since = time.monotonic()
+    while time.monotonic() - since < SETTLE_QUIET_S and time.monotonic() - start < SETTLE_LIMIT_S:
+        time.sleep(0.2)
+        now = _request(f"{base}/morphserve/state?memory=0").get("level")
+        if now != level:
+            level, since = now, time.monotonic()
+    return level
+
+
 def _complete(base: str, n: int, max_tokens: int = 16) -> None:
     for i in range(n):
         _request(f"{base}/v1/completions", {"model": "model", "prompt": f"{i}. {WARMUP_PROMPT}",
@@ -141,6 +164,8 @@ def warm_up(system: System, base: str, n_requests: int, num_layers: int | None) 
             raise RuntimeError(f"warm-up left MorphServe at level {state.get('level')}, not "
                                f"{floor if hold is None else hold}")
         done["levels"] = levels + ([hold] if hold is not None else [])
+        if hold is None:  # where the policy puts an idle server (idle_rest), before the trace's first request
+            done["policy_start_level"] = _settled_level(base)
         # what the server has served so far: the replay's quality charge counts from here
         state = _request(f"{base}/morphserve/state?memory=0")
         done["served_by_level"] = state.get("served_tokens")

@@ -263,12 +263,13 @@ class MorphController:
 
     # -- step boundary -------------------------------------------------------------
     def wants_idle_ticks(self) -> bool:
-        """Idle boundaries matter only while something could still be restored."""
+        """Idle boundaries matter only while something could still be restored, or where
+        the policy moves up while idle (`idle_rest: next_request`)."""
         moves = self.moves
         if moves.restoring is not None or moves.recovery_shrink_from is not None:
             return True  # prepared layers (or a recovery's shrink) progress at boundaries, idle ones too
         return self.loop.policy is not None and self.forced_level is None and (
-            moves.level > self.floor or moves.pending_level is not None)
+            moves.level > self.floor or moves.pending_level is not None or self.loop.policy.moves_while_idle())
 
     def on_idle(self) -> None:
         """An idle moment (no step to run): a boundary for the policy while it may still
