@@ -429,12 +429,10 @@ class DemandPolicy(PolicyBase):
         first tokens (measured on a Zen 4 EPYC: 0.6-1.0 s for 0 -> 30, made right after the
         prompt of an 8-token request), while one made while idle stalls nobody, and idle
         time serves no token the quality budget could be spent on."""
-        idle = self.cfg.fast_rest_idle_s
-        if idle is None:
-            return False
-        return self.cfg.idle_rest == "next_request" or s.time - state.busy_at < idle
+        return self.recently_busy(s, state) or self.moves_while_idle()
 
     def recently_busy(self, s, state: PolicyState) -> bool:
+        """A request within `fast_rest_idle_s` (the reasons tell this rest from an idle one)."""
         idle = self.cfg.fast_rest_idle_s
         return idle is not None and s.time - state.busy_at < idle
 
