@@ -95,6 +95,13 @@ def test_an_fp32_reading_is_named_fp32_and_slower_int8_rungs_buy_memory_not_spee
     assert "x bf16's speed" in " ".join(bf16.reasons) and "buy KV memory" not in bf16.reasons[-1]
 
 
+def test_where_int8_wins_at_every_batch_the_advice_names_the_idle_rest_option():
+    fast = advise(AVX512, TIERED, speed((1.2, 1.5), (0.9, 0.8)))
+    assert "rest on all-W8A8" in fast.reasons[-1] and "idle_rest: next_request" in fast.reasons[-1]
+    slow = advise(AVX512, TIERED, speed((1.0, 1.5), (1.0, 0.9)))
+    assert "idle_rest" not in slow.reasons[-1]
+
+
 def test_a_tier_that_loses_decodes_but_wins_prompts_says_so():
     # The Zen 3 EPYC's fp32 kernels (scripts/bench_linear_crossover.py): int8 4.7x slower at one
     # token, 0.71x the time at 256 tokens a step.

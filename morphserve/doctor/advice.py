@@ -195,7 +195,9 @@ def _rest_reason(tiers: list[str], speed: Speed | None) -> str:
         return (idle + f"; {', '.join(faster)}'s linears are faster than {full}'s here, so while requests come the "
                 f"`default` and `performance` presets rest on all-{faster[0].upper()} (`accuracy` rests at {full}, "
                 "buying quality at a speed cost): compare with a static "
-                f"{faster[0].upper()} checkpoint (`morphserve evaluate`) before choosing")
+                f"{faster[0].upper()} checkpoint (`morphserve evaluate`) before choosing; `idle_rest: next_request` in "
+                f"a policy file keeps an idle server on all-{faster[0].upper()} too, so the first request after an idle "
+                "time does not wait on the move there (docs/POLICIES.md)")
     slower = [t for t in tiers if all((speed.relative(t, b) or 1) < 1 for b in BATCHES)]
     if slower:
         reason = (idle + f"; {', '.join(slower)}'s linears are slower than {full}'s here at batch 1 and 32, so "
