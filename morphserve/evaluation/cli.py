@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if args.report_only:
         check_resumable(suite, args.out, args.suite, args.pack)
     else:
+        warn_over_length(suite)
         evaluate(suite, args.suite, args.model, args.pack, args.out)
     report = build_report(suite, args.out)
     problems = [p for c in report["cells"] for p in c["equal_work_problems"]]
@@ -54,6 +55,19 @@ def run(args: argparse.Namespace) -> int:
         print("error: the systems did not do equal work:\n  " + "\n  ".join(problems), file=sys.stderr)
         return 1
     return 0
+
+
+def warn_over_length(suite) -> None:
+    """Before any server starts: name each window whose requests outgrow max_model_len."""
+    from morphserve.evaluation.window_fit import warning, window_requests
+
+    for window in suite.windows:
+        try:
+            line = warning(window.name, window_requests(window), suite.max_model_len)
+        except MorphServeError:  # a courtesy only: the replay reports a trace it cannot read, as before
+            continue
+        if line:
+            print(line, file=sys.stderr)
 
 
 def _interrupt(signum, frame):
