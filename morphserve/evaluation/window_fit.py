@@ -33,6 +33,5 @@ def window_requests(window) -> list[TraceRequest]:
     from morphserve.offline.datafiles import traces_dir
     from morphserve.replay import trace
 
-    loaded = trace.load(trace.resolve(window.trace, traces_dir()), trace.TIMESTAMP_UNITS[window.timestamp_unit])
-    return trace.prepare(loaded, (window.start_s, window.duration_s), window.rate_scale, window.length_scale,
-                         window.output_scale, window.max_input)
+    return trace.load_window(window.trace, traces_dir(), window.timestamp_unit, (window.start_s, window.duration_s),
+                             window.rate_scale, window.length_scale, window.output_scale, window.max_input)

@@ -88,9 +88,8 @@ class StatePoller(threading.Thread):
 
 def run(args: argparse.Namespace) -> int:
     args.api_key = api_key(args)
-    loaded = trace.load(trace.resolve(args.trace, traces_dir()), trace.TIMESTAMP_UNITS[args.timestamp_unit])
-    reqs = trace.prepare(loaded, trace.parse_window(args.window), args.rate_scale, args.length_scale,
-                         args.output_scale, args.max_input)
+    reqs = trace.load_window(args.trace, traces_dir(), args.timestamp_unit, trace.parse_window(args.window),
+                             args.rate_scale, args.length_scale, args.output_scale, args.max_input)
     block = trace.hash_block_size(reqs, args.hash_block_size)
     args.out.mkdir(parents=True, exist_ok=True)
     trace_file = args.out / "trace.jsonl"

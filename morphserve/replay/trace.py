@@ -127,6 +127,15 @@ def prepare(reqs: list[TraceRequest], window: tuple[float, float], rate_scale: f
     return result
 
 
+def load_window(trace: str, traces_dir: Path, timestamp_unit: str, window: tuple[float, float], rate_scale: float,
+                length_scale: float, output_scale: float | None = None,
+                max_input: int | None = None) -> list[TraceRequest]:
+    """The requests a replay sends: the named trace or file, read in its timestamp unit, then `prepare`d.
+    One function for `morphserve replay` and the evaluation's pre-run checks, so both see the same requests."""
+    loaded = load(resolve(trace, traces_dir), TIMESTAMP_UNITS[timestamp_unit])
+    return prepare(loaded, window, rate_scale, length_scale, output_scale, max_input)
+
+
 def write_timed_trace(reqs: list[TraceRequest], path: Path, hash_block_size: int = HASH_CHUNK) -> None:
     """One JSON line per request, timestamps in seconds. A request with hash ids from its
     file keeps them (padded with fresh ids if the prompt needs more blocks than it names:
