@@ -286,12 +286,18 @@ class DemandPolicy(PolicyBase):
         # every W8A8 rung is slower per step, could only stay at level 0 here, 8 blocks for
         # two requests, however long its queue).
         here = self.work_at(s, current, current, projected)
-        fast = [k for k, step in steps.items() if step is not None and step <= bound and (prompt_ok[k] or hopeless)
-                and (not self.slower_kernels(s, k, reference)
-                     or (self.through_sooner(s, k, current, here, projected)
-                         and self.spares_decodes(s, k, current, bound, projected)))]
-        if fast:
-            k = max(fast)
+
+        def fast(k: int) -> bool:
+            step = steps[k]
+            return (step is not None and step <= bound and (prompt_ok[k] or hopeless)
+                    and (not self.slower_kernels(s, k, reference)
+                         or (self.through_sooner(s, k, current, here, projected)
+                             and self.spares_decodes(s, k, current, bound, projected))))
+
+        # the highest level that passes, searched from the top: this runs at every step
+        # boundary of a compute-bound server, where vLLM's worker waits for it
+        k = next((j for j in sorted(steps, reverse=True) if fast(j)), None)
+        if k is not None:
             sooner = ""
             if self.slower_kernels(s, k, reference):
                 sooner = (f"; its kernels are slower, but its {self.capacity[k]} blocks get the work in the system "

@@ -530,9 +530,11 @@ def test_a_cut_runs_decisions_are_read_best_effort():
 
     trims = {"interval_s": 0.5, "min_growth_bytes": 0, "running": True, "calls": 40, "skipped": 0, "seconds": 0.2}
     served = {"by_level": {"0": 900}, "through_twins": {"0": 300}, "twin_min_tokens": 128}
+    boundary = {"n": 1200, "total_s": 0.9, "p50": 700.0, "p99": 7000.0, "max": 9000.0}
     answers = {"/morphserve/state": (200, {"recent_decisions": [{"kind": "hold", "level": 12}],
                                            "signals": {"quality_increase": 0.01, "quality_tokens": 900},
-                                           "memory": {"heap_trim": trims}, "served_tokens": served})}
+                                           "memory": {"heap_trim": trims}, "served_tokens": served,
+                                           "boundary_us": boundary})}
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (http.server's name)
@@ -550,11 +552,12 @@ def test_a_cut_runs_decisions_are_read_best_effort():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         base = f"http://127.0.0.1:{server.server_port}"
-        assert systems.last_decisions(base) == {"decisions": [{"kind": "hold", "level": 12}], "heap_trim": trims}
+        assert systems.last_decisions(base) == {"decisions": [{"kind": "hold", "level": 12}], "heap_trim": trims,
+                                                "boundary": boundary}
         # after a replay: the ledger, the decisions and the trimmer's counters, one state read
         assert systems.policy_record(base) == {"ledger": {"ppl_increase": 0.01, "tokens": 900},
                                                "decisions": [{"kind": "hold", "level": 12}], "heap_trim": trims,
-                                               "served_by_level": served}
+                                               "served_by_level": served, "boundary": boundary}
         answers.clear()  # the state read now answers 504, as a server busy past its step does
         failed = systems.last_decisions(base, timeout=5)
         assert failed["decisions"] == [] and "504" in failed["decisions_error"]

@@ -58,6 +58,10 @@ def test_state_requires_the_api_key(server):
     assert state["kv_cold_above"] is None  # serve's default: no cold KV tail (`--kv-cold-tail on` keeps one)
     light = _request(server + "/morphserve/state?memory=0")[1]
     assert light["memory"] is None and light["quantized_layers"] == state["quantized_layers"]
+    brief = _request(server + "/morphserve/state?brief=1")[1]
+    assert set(brief) == {"active", "level", "quantized_layers", "kv_capacity_blocks", "admission_cap", "token_budget"}
+    assert brief["level"] == state["level"] and brief["kv_capacity_blocks"] == state["kv_capacity_blocks"]
+    assert _request(server + "/morphserve/state?brief=1", key=None)[0] == 401
 
 
 def test_the_engine_core_and_api_server_run_off_the_workers_cores(server):

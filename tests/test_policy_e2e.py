@@ -109,6 +109,9 @@ def test_a_burst_quantizes_grows_kv_and_restores_fully_afterwards(server, fast_d
         time.sleep(0.5)
     assert s["quantized_layers"] == 0 and s["kv_capacity_blocks"] == cap0, "after the burst it restores fully"
     assert s["signals"] is not None and s["decision_us"]["n"] > 0
+    # the controller's time between steps is counted (idle ticks are not: no worker waits there)
+    b = s["boundary_us"]
+    assert b["n"] > 0 and b["total_s"] > 0 and 0 < b["p50"] <= b["p99"] <= b["max"]
     assert 0 < s["signals"]["quality_increase"] < 0.3, "the ledger charged the burst's tokens, within the budget"
 
     records = [json.loads(line) for line in log_path.read_text().splitlines()]

@@ -775,6 +775,34 @@ def test_a_run_of_holds_keeps_its_first_and_its_latest_reason():
     assert len(r.decisions) == 2 and "last_reason" not in r.decisions[-1]
 
 
+def test_a_prediction_remembered_between_steps_is_forgotten_when_a_step_is_observed():
+    """predict() answers from memory until a fit changes: a stale step after an observed one
+    would keep the policy on a rung the machine no longer serves at that speed."""
+    m = StepTimeModel(L, MIX[: L + 1], AVX2_FP32)
+    for i in range(60):
+        m.observe(0, (1, 2, 3)[i % 3], true_step(AVX2_FP32, 0, (1, 2, 3)[i % 3]))
+    before = m.predict(L, 2.0)
+    assert m.predict(L, 2.0) == before
+    for _ in range(200):
+        m.observe(0, 2, 3 * true_step(AVX2_FP32, 0, 2))  # the machine slowed threefold
+    assert m.predict(L, 2.0) > 1.5 * before
+    fresh = StepTimeModel(L, MIX[: L + 1], AVX2_FP32)
+    fresh._fits = m._fits
+    assert fresh.predict(L, 2.0) == m.predict(L, 2.0)
+
+
+def test_the_controllers_time_between_steps_is_totalled_past_the_recent_window():
+    from morphserve.runtime.recorder import Recorder
+
+    r = Recorder(None)
+    assert r.boundary_us() is None
+    for i in range(2500):
+        r.boundary_done(0.001 if i % 100 else 0.01)
+    b = r.boundary_us()
+    assert b["n"] == 2500 and abs(b["total_s"] - (2475 * 0.001 + 25 * 0.01)) < 1e-6
+    assert b["p50"] == 1000.0 and b["max"] == 10000.0  # percentiles over the last 2,000
+
+
 def test_compute_bound_at_every_level_with_a_queue_no_level_holds_takes_the_level_through_soonest():
     """The same 594 MB server with its steps inflated by the queued prompts' prefill chunks,
     so that every level reads over the bound: the fastest step is level 0's, the level with

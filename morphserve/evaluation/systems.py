@@ -187,7 +187,7 @@ def policy_record(base: str) -> dict:
     ledger = ({"ppl_increase": signals["quality_increase"], "tokens": signals["quality_tokens"]}
               if signals.get("quality_tokens") else None)
     return {"ledger": ledger, "decisions": state.get("recent_decisions") or [], "heap_trim": heap_trim(state),
-            "served_by_level": state.get("served_tokens")}
+            "served_by_level": state.get("served_tokens"), "boundary": state.get("boundary_us")}
 
 
 def heap_trim(state: dict) -> dict | None:
@@ -208,7 +208,8 @@ def last_decisions(base: str, timeout: float = 8.0) -> dict:
         state = _request(f"{base}/morphserve/state", timeout=timeout)
     except (OSError, ValueError) as e:  # URLError and timeouts are OSErrors; a bad body a ValueError
         return {"decisions": [], "decisions_error": f"state not read before the cut: {e}"}
-    return {"decisions": state.get("recent_decisions") or [], "heap_trim": heap_trim(state)}
+    return {"decisions": state.get("recent_decisions") or [], "heap_trim": heap_trim(state),
+            "boundary": state.get("boundary_us")}
 
 
 def served_now(base: str, timeout: float = 8.0) -> dict | None:

@@ -75,7 +75,8 @@ class StatePoller(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set():
             try:
-                s = _get(self.url + "/morphserve/state?memory=0", self.key, timeout=5)  # no worker call
+                # no worker call, and only the figures kept: the engine answers between two steps
+                s = _get(self.url + "/morphserve/state?brief=1", self.key, timeout=5)
                 self.samples.append({"t": time.time(), "mono": time.perf_counter(),
                                      "quantized_layers": s["quantized_layers"],
                                      "kv_capacity_blocks": s["kv_capacity_blocks"],

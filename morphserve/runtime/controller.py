@@ -293,6 +293,14 @@ class MorphController:
 
     def on_step_boundary(self, stepped: bool = True) -> None:
         """`stepped` False: an idle tick (no step since the last boundary)."""
+        t0 = time.perf_counter()
+        try:
+            self._step_boundary(stepped)
+        finally:
+            if stepped:
+                self.recorder.boundary_done(time.perf_counter() - t0)
+
+    def _step_boundary(self, stepped: bool) -> None:
         moves = self.moves
         try:
             if moves.recovery_shrink_from is not None and moves.restoring is None:
@@ -347,10 +355,13 @@ class MorphController:
         restores, holds and pending moves belong to step boundaries."""
         if not (self.loop.sampling and self.loop.policy is not None and self.forced_level is None):
             return
+        t0 = time.perf_counter()
         try:
             self._decide(stepped=False)
         except Exception as e:  # nothing may escape into vLLM's engine loop
             self._recover(e, "a transition for new arrivals")
+        finally:
+            self.recorder.boundary_done(time.perf_counter() - t0)
 
     def _decide(self, stepped: bool = True) -> None:
         self._decide_level(stepped)
@@ -538,6 +549,13 @@ class MorphController:
                        split_layers=sorted({i for r in per_rank for i in r["split_layers"]}))
         return out
 
+    def brief_state(self) -> dict:
+        """What a replay's timeline polls twice a second: read on the engine's thread between
+        two steps, so it is kept to the few figures the timeline keeps."""
+        return {"active": True, "level": self.moves.level, "quantized_layers": self.moves.level,
+                "kv_capacity_blocks": self.pool.visible, "admission_cap": self.admission_cap,
+                "token_budget": self.token_budget}
+
     def state(self, kv_resident: bool = False, memory: bool = True) -> dict:
         """`memory` False: leave out the worker's memory figures (a worker call each)."""
         return {
@@ -574,6 +592,7 @@ class MorphController:
             # the arithmetic the step model's kernel profile was timed in: the engine's dtype
             "kernel_profile_dtype": self.kernel_profile_dtype,
             "decision_us": self.recorder.decision_us(),
+            "boundary_us": self.recorder.boundary_us(),  # all the controller did between steps
             "recent_decisions": list(self.recorder.decisions),
             "errors": self.errors,
             "last_error": self.last_error,

@@ -56,6 +56,11 @@ class Recorder:
         self.histogram = TransitionHistogram()
         self.decision_seconds: deque[float] = deque(maxlen=2000)
         self.step_seconds: deque[float] = deque(maxlen=2000)  # boundary to boundary, while serving
+        # The controller's own time at every step boundary and arrival boundary: vLLM's
+        # engine core runs it between two steps, so the worker waits for all of it.
+        self.boundary_seconds: deque[float] = deque(maxlen=2000)
+        self.boundary_total_s = 0.0
+        self.boundary_count = 0
         # The policy's recent decisions, holds included, each kept when its reason's kind
         # changes: the transition log says what moved, this says why nothing did.
         self.decisions: deque[dict] = deque(maxlen=32)
@@ -102,6 +107,21 @@ class Recorder:
         steps = sorted(self.step_seconds)
         return {"n": len(times), "p50": times[len(times) // 2] * 1e6, "p99": times[int(0.99 * (len(times) - 1))] * 1e6,
                 "max": times[-1] * 1e6, "step_p50_us": steps[len(steps) // 2] * 1e6 if steps else None}
+
+    def boundary_done(self, seconds: float) -> None:
+        self.boundary_seconds.append(seconds)
+        self.boundary_total_s += seconds
+        self.boundary_count += 1
+
+    def boundary_us(self) -> dict | None:
+        """The controller's time between steps: the count and total since start (what a
+        replay's worker waited for it) and the recent distribution."""
+        times = sorted(self.boundary_seconds)
+        if not times:
+            return None
+        return {"n": self.boundary_count, "total_s": round(self.boundary_total_s, 4),
+                "p50": times[len(times) // 2] * 1e6, "p99": times[int(0.99 * (len(times) - 1))] * 1e6,
+                "max": times[-1] * 1e6}
 
     def as_dict(self) -> dict:
         return {"transitions": self.transitions, "transitions_by_direction": dict(self.by_direction),

@@ -94,7 +94,9 @@ async def get_state(request: Request):
     # The memory figures are the worker's last reading (taken at step boundaries, never for a
     # read); ?memory=0 leaves them out.
     memory = request.query_params.get("memory") != "0"
-    result = await _call(request, "morphserve_state", detail, memory, timeout=STATE_TIMEOUT_S)
+    # ?brief=1: the level, KV capacity, admission cap and token budget only (a poller's read)
+    brief = request.query_params.get("brief") == "1"
+    result = await _call(request, "morphserve_state", detail, memory, brief, timeout=STATE_TIMEOUT_S)
     return result if isinstance(result, JSONResponse) else JSONResponse(result)
 
 

@@ -362,12 +362,12 @@ def _patch_process_input_queue(original):
 
 
 def _add_state(_):
-    def morphserve_state(self, kv_resident: bool = False, memory: bool = True) -> dict:
+    def morphserve_state(self, kv_resident: bool = False, memory: bool = True, brief: bool = False) -> dict:
         controller = getattr(self, "_morphserve", None)
         if controller is None:
             return {"active": False}
         try:
-            return controller.state(kv_resident, memory)
+            return controller.brief_state() if brief else controller.state(kv_resident, memory)
         except Exception as e:  # an answer, not an exception through vLLM's utility path
             log.exception("MorphServe: reading the state failed")
             return {"active": False, "error": f"internal error: {e}"}
