@@ -250,11 +250,14 @@ def test_ratios_are_paired_by_repetition_and_overlapping_ranges_are_ties():
 
 def test_the_heap_trimmers_counts_are_summarized_per_system():
     runs = {"fp16": {rep: _run("fp16", rep, 10, 8.0) for rep in (1, 2, 3)},
-            "ms": {rep: {**_run("ms", rep, 5, 4.0), "heap_trim": {"calls": calls, "seconds": 1.3}}
+            "ms": {rep: {**_run("ms", rep, 5, 4.0), "heap_trim": {"calls": calls, "seconds": 1.3},
+                         "boundary": {"n": 1200, "total_s": calls / 500}}
                    for rep, calls in ((1, 672), (2, 666), (3, 667))}}
     out = aggregate.summarize_cell(runs, "fp16", None)
     assert out["ms"]["heap_trims"] == {"median": 667, "low": 666, "high": 672, "n": 3}
     assert out["fp16"]["heap_trims"] is None
+    # the controller's time between steps, beside it
+    assert out["ms"]["controller_s"]["median"] == pytest.approx(1.334) and out["fp16"]["controller_s"] is None
 
 
 def test_vllms_preemptions_are_summarized_for_every_system_that_recorded_them():

@@ -75,6 +75,9 @@ def summarize_cell(runs: dict[str, dict[int, dict]], baseline: str, static_quant
         # how often a MorphServe worker's heap trimmer trimmed (its memory comes with it); None elsewhere
         trims = spread([(r.get("heap_trim") or {}).get("calls") for r in reps.values()])
         row["heap_trims"] = trims.as_dict() if trims.n else None
+        # the MorphServe controller's seconds between steps (the worker waits for them), warm-up included
+        between = spread([(r.get("boundary") or {}).get("total_s") for r in reps.values()])
+        row["controller_s"] = between.as_dict() if between.n else None
         # vLLM's own preemptions over the replay (morphserve.evaluation.vllm_counters): a
         # preempted request recomputes, so an overloaded row's work differs by this
         preempted = spread([(r.get("vllm_counters") or {}).get("preemptions") for r in reps.values()])
