@@ -163,6 +163,8 @@ def test_a_burst_quantizes_grows_kv_and_restores_fully_afterwards(server, fast_d
     assert value('morphserve_transitions_total{direction="quantize"}') == sum(r["to"] > r["from"] for r in done)
     assert value('morphserve_transitions_total{direction="restore"}') == sum(r["to"] < r["from"] for r in done)
     assert value("morphserve_transition_seconds_count") == len(done)
+    # the controller's time between steps: counted at every boundary it worked at
+    assert value("morphserve_step_boundaries_total") > 0 and value("morphserve_step_boundary_seconds_total") > 0
 
 
 def test_a_bad_policy_stops_start_up_with_one_error(model_dir, pack_dir, tmp_path):
