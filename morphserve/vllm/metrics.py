@@ -84,7 +84,8 @@ class MorphServeCollector:
         yield memory
         between = s.get("boundary_us") or {}
         yield CounterMetricFamily("morphserve_step_boundary_seconds", "The controller's time between two steps, "
-                                  "moves made there included (vLLM's worker waits for it)", value=between.get("total_s", 0.0))
+                                  "moves made there included (vLLM's worker waits for it)",
+                                  value=between.get("total_s", 0.0))
         yield CounterMetricFamily("morphserve_step_boundaries", "Step and arrival boundaries the controller "
                                   "worked at", value=between.get("n", 0))
         counter = CounterMetricFamily("morphserve_transitions", "Completed transitions", labels=["direction"])
