@@ -120,11 +120,6 @@ class StepTimeModel:
             quantized = [(t, n) for t, n in counts.items() if t != "bf16" and n > 0]
             self._counts.append([("bf16", layers - sum(n for _, n in quantized)), *quantized])
         self._times_at: dict[float, dict[str, float]] = {}
-        # predict()'s answers until the next observed step changes a fit: the policy asks
-        # for every rung at a few batches, 80-odd times per step boundary, and vLLM's worker
-        # waits for the boundary (measured on a Zen 4 EPYC with 50 requests in the engine:
-        # the whole boundary about 0.9 ms, over a third of it here)
-        self._predicted: dict[tuple[int, float], float | None] = {}
         self._slopes = self._level_slopes() if self.profile is not None else None
         if self._slopes is not None and self.prompt_token_s is None:
             self.prompt_token_s = PROMPT_PRIOR_OF_BF16 * self._slopes[0]
@@ -168,7 +163,6 @@ class StepTimeModel:
         decay = math.exp(-math.log(2) / self.half_life_steps)
         base = seconds - self.tier_part(level, running)
         self._fits.setdefault(self.key(level), _Fit()).add(float(running), base, decay)
-        self._predicted.clear()
 
     def observe_prefill(self, level: int, running: int, prompt_tokens: int, seconds: float) -> None:
         """A step that computed `prompt_tokens` of prompts: what it took beyond its predicted
@@ -248,22 +242,15 @@ class StepTimeModel:
         and with nothing predicted the policy took the rung with the most KV, however slow
         its kernels (an fp32 server on an AVX2-only EPYC, fresh, took all-W8A8 for a burst
         of 16 prompts, where int8 decodes 2.6x slower). The first steps replace the prior."""
-        running = max(running, 1.0)
-        key = (level, running)
-        if key in self._predicted:
-            return self._predicted[key]
-        if len(self._predicted) > 4096:  # an idle server observes no step to clear it
-            self._predicted.clear()
         fit = self._usable(level)
+        running = max(running, 1.0)
         if fit is not None:
             base = fit.predict(running)
         elif self.profile is not None:
             base = BASE_PRIOR_OF_BF16 * self.tier_part(0, running)
         else:
-            self._predicted[key] = None
             return None
-        step = self._predicted[key] = max(1e-4, base + self.tier_part(level, running))
-        return step
+        return max(1e-4, base + self.tier_part(level, running))
 
     def as_dict(self) -> dict:
         out = {("base" if c == -1 else f"level {c}"): {"weight": round(f.w, 1), "mean_running": round(f.sx / f.w, 2),

@@ -775,22 +775,6 @@ def test_a_run_of_holds_keeps_its_first_and_its_latest_reason():
     assert len(r.decisions) == 2 and "last_reason" not in r.decisions[-1]
 
 
-def test_a_prediction_remembered_between_steps_is_forgotten_when_a_step_is_observed():
-    """predict() answers from memory until a fit changes: a stale step after an observed one
-    would keep the policy on a rung the machine no longer serves at that speed."""
-    m = StepTimeModel(L, MIX[: L + 1], AVX2_FP32)
-    for i in range(60):
-        m.observe(0, (1, 2, 3)[i % 3], true_step(AVX2_FP32, 0, (1, 2, 3)[i % 3]))
-    before = m.predict(L, 2.0)
-    assert m.predict(L, 2.0) == before
-    for _ in range(200):
-        m.observe(0, 2, 3 * true_step(AVX2_FP32, 0, 2))  # the machine slowed threefold
-    assert m.predict(L, 2.0) > 1.5 * before
-    fresh = StepTimeModel(L, MIX[: L + 1], AVX2_FP32)
-    fresh._fits = m._fits
-    assert fresh.predict(L, 2.0) == m.predict(L, 2.0)
-
-
 def test_the_controllers_time_between_steps_is_totalled_past_the_recent_window():
     from morphserve.runtime.recorder import Recorder
 
