@@ -296,7 +296,7 @@ class DemandPolicy(PolicyBase):
 
         # the highest level that passes, searched from the top: this runs at every step
         # boundary of a compute-bound server, where vLLM's worker waits for it
-        k = next((j for j in sorted(steps, reverse=True) if fast(j)), None)
+        k = next((j for j in reversed(steps) if fast(j)), None)
         if k is not None:
             sooner = ""
             if self.slower_kernels(s, k, reference):

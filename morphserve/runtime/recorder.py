@@ -40,6 +40,15 @@ class TransitionHistogram:
                 "sum": self.sum, "count": total}
 
 
+def _spread_us(seconds) -> dict | None:
+    """p50, p99 and max of recent durations, in microseconds (None: none yet)."""
+    times = sorted(seconds)
+    if not times:
+        return None
+    return {"p50": times[len(times) // 2] * 1e6, "p99": times[int(0.99 * (len(times) - 1))] * 1e6,
+            "max": times[-1] * 1e6}
+
+
 class Recorder:
     def __init__(self, log_path: str | None, stamp: dict | None = None):
         """`stamp`: fields every logged record carries (a server holding prompt twins
@@ -101,12 +110,12 @@ class Recorder:
                                "at": "step" if stepped else "arrival", "repeats": 0})
 
     def decision_us(self) -> dict | None:
-        times = sorted(self.decision_seconds)
-        if not times:
+        spread = _spread_us(self.decision_seconds)
+        if spread is None:
             return None
         steps = sorted(self.step_seconds)
-        return {"n": len(times), "p50": times[len(times) // 2] * 1e6, "p99": times[int(0.99 * (len(times) - 1))] * 1e6,
-                "max": times[-1] * 1e6, "step_p50_us": steps[len(steps) // 2] * 1e6 if steps else None}
+        return {"n": len(self.decision_seconds), **spread,
+                "step_p50_us": steps[len(steps) // 2] * 1e6 if steps else None}
 
     def boundary_done(self, seconds: float) -> None:
         self.boundary_seconds.append(seconds)
@@ -116,12 +125,10 @@ class Recorder:
     def boundary_us(self) -> dict | None:
         """The controller's time between steps: the count and total since start (what a
         replay's worker waited for it) and the recent distribution."""
-        times = sorted(self.boundary_seconds)
-        if not times:
+        spread = _spread_us(self.boundary_seconds)
+        if spread is None:
             return None
-        return {"n": self.boundary_count, "total_s": round(self.boundary_total_s, 4),
-                "p50": times[len(times) // 2] * 1e6, "p99": times[int(0.99 * (len(times) - 1))] * 1e6,
-                "max": times[-1] * 1e6}
+        return {"n": self.boundary_count, "total_s": round(self.boundary_total_s, 4), **spread}
 
     def as_dict(self) -> dict:
         return {"transitions": self.transitions, "transitions_by_direction": dict(self.by_direction),
