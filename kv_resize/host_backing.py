@@ -6,6 +6,13 @@ zero on first touch and cost no memory until written, so reserving room for the 
 quantized level is free. When the pool shrinks, `release` hands the pages of the dropped
 blocks back with madvise(MADV_DONTNEED); they read as zeros if ever used again.
 Python's mmap exposes exactly these two calls, so no native code is needed.
+
+`huge=True` also advises the reserve huge (madvise(MADV_HUGEPAGE)), as torch advises plain
+vLLM's KV tensor when a server asks for huge pages: attention then reads the cache through
+2 MiB pages. The price is granularity: a layer's blocks are one run in vLLM's CPU layout, and
+a 2 MiB page is committed whole on its first touch, so resident KV rounds up to 2 MiB per
+layer run (SmolLM2-135M: about 21 blocks of one layer per page). Released ranges are advised
+back to small pages first, so khugepaged never collapses freed blocks into a committed page.
 """
 
 from __future__ import annotations
@@ -23,9 +30,12 @@ PAGE = mmap.PAGESIZE
 class HostKVBacking:
     kind = "host-mmap"
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, huge: bool = False):
         self.size = size
+        self.huge = huge
         self._map = mmap.mmap(-1, max(size, PAGE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if huge:
+            self._map.madvise(mmap.MADV_HUGEPAGE)
         self.tensor = torch.frombuffer(self._map, dtype=torch.int8, count=size)
 
     def resident_bytes(self) -> int:
@@ -51,6 +61,8 @@ class HostKVBacking:
             lo = -(-start // PAGE) * PAGE  # only whole pages inside the range
             hi = min(end, self.size) // PAGE * PAGE
             if hi > lo:
+                if self.huge:
+                    self._map.madvise(mmap.MADV_NOHUGEPAGE, lo, hi - lo)
                 self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
                 advised += hi - lo
         return advised

@@ -33,6 +33,36 @@ def test_resident_bytes_counts_touched_pages_only():
     assert backing.resident_bytes() == 6 * MB
 
 
+def _vm_flags(addr: int, length: int) -> list[set[str]]:
+    """The VmFlags of every mapping of this process that overlaps [addr, addr + length)."""
+    found, span = [], None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                span = lo < addr + length and addr < hi
+            elif head == "VmFlags:" and span:
+                found.append(set(line.split()[1:]))
+    return found
+
+
+def test_a_huge_reserve_is_advised_huge_and_released_ranges_are_advised_back_small():
+    import ctypes
+
+    backing = HostKVBacking(16 * MB, huge=True)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(backing._map))
+    assert [("hg" in f) for f in _vm_flags(addr, 16 * MB)] == [True]
+    backing.tensor[: 8 * MB].fill_(1)
+    assert backing.release([(4 * MB, 8 * MB)]) == 4 * MB
+    assert [("hg" in f, "nh" in f) for f in _vm_flags(addr, 4 * MB)] == [(True, False)]
+    assert [("hg" in f, "nh" in f) for f in _vm_flags(addr + 4 * MB, 4 * MB)] == [(False, True)]
+    assert int(backing.tensor[5]) == 1 and int(backing.tensor[4 * MB + 5]) == 0
+    plain = HostKVBacking(16 * MB)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(plain._map))
+    assert not any("hg" in f for f in _vm_flags(addr, 16 * MB))
+
+
 def _T(layers: list, layer_stride: int, block_stride: int, offset: int = 0) -> KVTensorLayout:
     """A KV tensor shared by `layers` (as vLLM's KVCacheTensor lists them)."""
     return KVTensorLayout(offset=offset, layer_stride=layer_stride, block_stride=block_stride, num_layers=len(layers))

@@ -102,6 +102,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "less memory); off (default): every block as in plain vLLM (prefixes kept, pages kept once "
                         "written: no refaults, no recomputed prefixes under load; the rung's whole KV resident once "
                         "the load has cycled through it, until a restore shrinks the pool)")
+    p.add_argument("--kv-huge-pages", choices=("on", "off"), default="off",
+                   help="on: each worker advises its KV reserve huge, as torch advises plain vLLM's KV tensor under "
+                        "--huge-pages auto, so attention reads the cache through 2 MiB pages; resident KV then rounds "
+                        "up to 2 MiB per layer's run of blocks, beyond the budget equation's count; off (default): "
+                        "4 KiB pages, resident KV exactly the blocks written")
     p.add_argument("--heap-trim-min-growth-mb", type=float, default=DEFAULT_MIN_GROWTH_BYTES / 2**20,
                    metavar="MIB",
                    help="trim only once a worker's resident set has grown MIB since its last trim (a trim makes "
@@ -144,6 +149,7 @@ def build_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
            "restore_mode": args.restore_mode, "compress_mode": args.compress_mode, "manual_min_interval_s": args.manual_min_interval,
            "heap_trim_interval_s": args.heap_trim_interval, "heap_trim_min_growth_mb": args.heap_trim_min_growth_mb,
            "kv_cold_cache_grace_s": args.kv_cold_cache_grace, "kv_cold_tail": args.kv_cold_tail,
+           "kv_huge_pages": args.kv_huge_pages,
            "heap_trim_mode": args.heap_trim_mode,
            "frontend_heap_trim_interval_s": args.frontend_heap_trim_interval, "frontend_cpus": args.frontend_cpus}
     if args.memory_budget_gb is not None:

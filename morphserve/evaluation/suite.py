@@ -24,6 +24,7 @@ SERVE_FLAGS = {
     "frontend_heap_trim_interval_s": "--frontend-heap-trim-interval",
     "kv_cold_cache_grace_s": "--kv-cold-cache-grace",
     "kv_cold_tail": "--kv-cold-tail",
+    "kv_huge_pages": "--kv-huge-pages",
 }
 
 
@@ -102,6 +103,8 @@ class System(BaseModel):
                                 "default)")
     kv_cold_tail: Literal["on", "off"] | None = Field(
         None, description="MorphServe only: `morphserve serve --kv-cold-tail` (default: serve's default)")
+    kv_huge_pages: Literal["on", "off"] | None = Field(
+        None, description="MorphServe only: `morphserve serve --kv-huge-pages` (default: serve's default)")
     prompt_twin_layers: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
         None, description="MorphServe only: `morphserve serve --prompt-twin-layers` (W8A8 twins of this many "
                           "layers held for prompt-sized steps, the steps they compute charged at least that level; "

@@ -81,6 +81,12 @@ class MorphConfig(BaseModel):
         "prefix for this many seconds before its pages are handed back, so a preempted request that resumes "
         "within it computes again only what no cached block holds; 0 (the default) drops the prefix at the "
         "next step boundary")
+    kv_huge_pages: Literal["on", "off"] = Field(
+        default="off", description="on: each CPU worker advises its KV reserve huge (madvise(MADV_HUGEPAGE)), as "
+        "torch advises plain vLLM's KV tensor under --huge-pages auto, so attention reads the cache through 2 MiB "
+        "pages; resident KV then rounds up to 2 MiB per layer's run of blocks, above what the budget equation "
+        "counts (GET /morphserve/state's kv_resident_bytes measures it); off (the default): 4 KiB pages, resident "
+        "KV exactly the blocks written")
     kv_cold_tail: Literal["on", "off"] = Field(
         default="off", description="on: KV blocks above the rest capacity are used last, keep no cached prefix, and "
         "their pages are handed back once free (kv_resize.cold_tail), so resident KV follows what the load held at "

@@ -23,15 +23,16 @@ class CpuBackend:
     verified = True
     commits_on_touch = True  # anonymous mmap pages are committed by their first write
 
-    def __init__(self):
+    def __init__(self, kv_huge_pages: bool = False):
         from morphserve.vllm.kernels import VllmCpuKernels
 
         self.kernels = VllmCpuKernels()
+        self.kv_huge_pages = kv_huge_pages
 
     def new_kv_backing(self, size: int):
         from kv_resize.host_backing import HostKVBacking
 
-        return HostKVBacking(size)
+        return HostKVBacking(size, huge=self.kv_huge_pages)
 
 
 class CudaBackend:
@@ -55,12 +56,13 @@ class CudaBackend:
         return CudaVMMBacking(size, self.device)
 
 
-def backend_for(device_type: str):
-    """The backend for a worker on `device_type` ("cpu" or "cuda")."""
+def backend_for(device_type: str, kv_huge_pages: bool = False):
+    """The backend for a worker on `device_type` ("cpu" or "cuda"); `kv_huge_pages`: the CPU
+    KV reserve advised huge (kv_resize.host_backing; CUDA's VMM backing maps its own pages)."""
     from morphserve.errors import MorphServeError
 
     if device_type == "cpu":
-        return CpuBackend()
+        return CpuBackend(kv_huge_pages)
     if device_type == "cuda":
         if not cuda_opted_in():
             raise MorphServeError(CUDA_REFUSAL)

@@ -59,7 +59,7 @@ class MorphWorkerExtension:
         t0 = time.monotonic()
         config = MorphConfig.model_validate(cfg)
         dtype = self.vllm_config.model_config.dtype
-        backend = backend_for(self.device.type)
+        backend = backend_for(self.device.type, kv_huge_pages=config.kv_huge_pages == "on")
         variant = kernels.wna16_variant(dtype) if backend.name == "cpu" else backend.name
         layers = kernels.decoder_layers(self.model_runner.model)
         rank = self._tensor_parallel()
