@@ -105,8 +105,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-huge-pages", choices=("on", "off"), default="off",
                    help="on: each worker advises its KV reserve huge, as torch advises plain vLLM's KV tensor under "
                         "--huge-pages auto, so attention reads the cache through 2 MiB pages; resident KV then rounds "
-                        "up to 2 MiB per layer's run of blocks, beyond the budget equation's count; off (default): "
-                        "4 KiB pages, resident KV exactly the blocks written")
+                        "up to 2 MiB per layer's run of blocks, beyond the budget equation's count (a diagnostic: served "
+                        "on a Zen 4 it gained nothing, docs/RESULTS.md); off (default): 4 KiB pages, resident KV "
+                        "exactly the blocks written")
     p.add_argument("--heap-trim-min-growth-mb", type=float, default=DEFAULT_MIN_GROWTH_BYTES / 2**20,
                    metavar="MIB",
                    help="trim only once a worker's resident set has grown MIB since its last trim (a trim makes "
