@@ -75,6 +75,13 @@ class PolicyConfig(BaseModel):
                                   "step at the present batch and a prompt token, measured by the step-time model), "
                                   "within the quality limits, and restore below it only after this many seconds "
                                   "without a request; null: rest on the highest-quality rung that meets the SLOs")
+    further_slack: float = Field(
+        0.0, ge=0.0, le=0.5, description="how much speed a climb past the highest-quality sufficient rung (a move "
+                                        "up for speed, or resting fast with fast_rest_idle_s) leaves for quality: "
+                                        "the climb stops at the lowest rung of the run of faster rungs whose decode "
+                                        "step and prompt token are each within this fraction of the run's top's "
+                                        "(0.05: at most 5% slower), so the last, dearest layers stay in full "
+                                        "precision where they buy little speed; 0: the top of the run")
     idle_rest: Literal["quality", "next_request"] = Field(
         "quality", description="with fast_rest_idle_s: where an idle server waits once fast_rest_idle_s has passed "
                                "without a request. quality: the highest-quality rung (bf16); next_request: the "

@@ -379,14 +379,36 @@ class DemandPolicy(PolicyBase):
         kernels win by more at hundreds of tokens than at a decode batch), and time to first
         token is what a light load feels."""
         batch = self.batch_at(s, first) if batch is None else batch
-        k = self._run_top(s, first, top, batch)
+        run_top = self._run_top(s, first, top, batch)
+        k, ref = self._within_slack(s, first, run_top, batch)
         if k == first:
             return first, ""
         decode, prompt = self._gains(s, first, k, batch)
         if max(decode, prompt) < FURTHER_GAIN:
             return first, ""
+        slack = (f", within {self.cfg.further_slack:.0%} of level {ref}'s speed (further_slack)"
+                 if k < run_top else "")
         return k, (f"; on to level {k}: {self.capacity[k]} blocks, a decode step {decode:.0%} and a prompt token "
-                   f"{prompt:.0%} faster at batch {batch:.0f}")
+                   f"{prompt:.0%} faster at batch {batch:.0f}{slack}")
+
+    def _within_slack(self, s, first: int, run_top: int, batch: float) -> tuple[int, int]:
+        """The lowest rung from `first` to `run_top` whose decode step and prompt token are
+        each within `further_slack` of the speed of the run's own top, past any cap on
+        `run_top` (a term not predicted counts as within): along a run each rung is faster
+        than the one below, so the first found keeps the most layers in full precision. The
+        reference is the uncapped top so that a climb capped at the level served finds that
+        level again, not one a slack lower at every calm boundary. `run_top` where the slack
+        is 0. Returns (the rung, the run's uncapped top)."""
+        slack = self.cfg.further_slack
+        if not slack or run_top == first:
+            return run_top, run_top
+        ref = self._run_top(s, run_top, self.max_level, batch)
+        best = self._costs(s, ref, batch)
+        for j in range(first, run_top):
+            costs = self._costs(s, j, batch)
+            if all(c is None or b is None or c <= b * (1 + slack) for c, b in zip(costs, best)):
+                return j, ref
+        return run_top, ref
 
     def faster_below(self, s, level: int, demand: float) -> tuple[int, str, bool] | None:
         """When no level meets the restore margins: the best-quality level below `level`
@@ -502,7 +524,7 @@ class DemandPolicy(PolicyBase):
             # it passes), or requests still come and a run of faster rungs starts at it: a
             # move up from there would go on through the run again, so the restore stops at
             # the run's top, or nowhere if the level served is that top
-            top, _ = self.further(s, lower, level, batch=max(1.0, float(s.running)))
+            top, on = self.further(s, lower, level, batch=max(1.0, float(s.running)))
             if top >= level:
                 if not resting:
                     why_hold = f"{lower} lies inside a run of faster rungs ending at {level}"
@@ -514,6 +536,8 @@ class DemandPolicy(PolicyBase):
                                 f"to {level} (idle_rest: next_request)")
                 return Decision(level, f"hold: calm, but {why_hold}", replace(state, calm_since=None))
             if top != lower:
-                lower, why = top, f"{why}; up to {top}, the top of the run of faster rungs it lies in"
+                where = ("the rung within further_slack of the top of the run of faster rungs it lies in"
+                         if "(further_slack)" in on else "the top of the run of faster rungs it lies in")
+                lower, why = top, f"{why}; up to {top}, {where}"
         safe = fits and lower < level and s.queue_len == 0 and s.waiting_blocks == 0
         return self._down_to(state, now, lower if safe else level, f"calm: {why}")

@@ -658,6 +658,34 @@ def test_light_load_rests_on_the_faster_w8a8_run_while_requests_come_and_idle_re
         assert d.state.busy_at == last_request  # an idle boundary does not move it
 
 
+SLACK = REST.model_copy(update={"further_slack": 0.05})
+
+
+def test_further_slack_leaves_the_last_layers_in_full_precision_for_at_most_that_much_speed():
+    """Resting fast where every W8A8 rung is faster: with further_slack 0.05 the climb stops
+    at the lowest rung within 5% of the run's top on both terms (the rung below it is not),
+    short of the top and above the first sufficient rung; held there while requests come;
+    and from the top, once calm, the server comes down to it. 0 keeps the top."""
+    light = load(2, AVX512)
+    p = policy(cfg=SLACK)
+    d = p.decide(light, PolicyState())
+    assert 0 < d.target < L and "within 5% of level 30's speed (further_slack)" in d.reason, d.reason
+    batch = max(1.0, float(light.running))
+    top, here, below = (p._costs(light, k, batch) for k in (L, d.target, d.target - 1))
+    assert all(h <= t * 1.05 for h, t in zip(here, top))
+    assert any(b > t * 1.05 for b, t in zip(below, top))
+    held = p.decide(load(2, AVX512, level=d.target, time=150.0),
+                    PolicyState(level=d.target, last_change=100.0, calm_since=140.0))
+    assert held.target == d.target and held.reason.startswith("hold:"), held.reason
+    down = p.decide(load(2, AVX512, level=L, time=150.0), PolicyState(level=L, last_change=100.0, calm_since=140.0))
+    assert down.target == d.target and "within further_slack of the top" in down.reason, down.reason
+    # calm and past fast_rest_idle_s' reach for the rest branch: a climb capped at the level
+    # served measures the slack against the run's own top, so it finds that level again
+    assert p.further(light, 0, d.target, batch)[0] == d.target
+    assert policy(cfg=REST).decide(light, PolicyState()).target == L
+    assert policy(cfg=SLACK.model_copy(update={"further_slack": 0.0})).decide(light, PolicyState()).target == L
+
+
 def test_resting_fast_follows_the_measurement_where_int8_is_slow_at_small_batches():
     """AVX2-only EPYC: one request decodes faster in bf16, so it stays at bf16; at 30 the
     W8A8 run is faster at both terms and is where the load rests."""
