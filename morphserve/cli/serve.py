@@ -96,13 +96,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="a free KV block above the rest capacity keeps its cached prefix S seconds before its pages "
                         "are handed back, so a preempted request resuming within S computes less again; 0, the "
                         "default, drops it at the next step boundary")
-    p.add_argument("--kv-cold-tail", choices=("on", "off"), default="off",
+    off_by_default = {"choices": ("on", "off"), "default": "off"}  # the KV switches
+    p.add_argument("--kv-cold-tail", **off_by_default,
                    help="on: KV blocks above the rest capacity are used last, keep no cached prefix and hand their "
                         "pages back once free, so resident KV follows what the load held at once (light load keeps "
                         "less memory); off (default): every block as in plain vLLM (prefixes kept, pages kept once "
                         "written: no refaults, no recomputed prefixes under load; the rung's whole KV resident once "
                         "the load has cycled through it, until a restore shrinks the pool)")
-    p.add_argument("--kv-huge-pages", choices=("on", "off"), default="off",
+    p.add_argument("--kv-huge-pages", **off_by_default,
                    help="on: each worker advises its KV reserve huge, as torch advises plain vLLM's KV tensor under "
                         "--huge-pages auto, so attention reads the cache through 2 MiB pages; resident KV then rounds "
                         "up to 2 MiB per layer's run of blocks, beyond the budget equation's count (a diagnostic: served "
