@@ -73,6 +73,9 @@ from policies.base import Decision, PolicyBase, PolicyState
 # A move up goes past its first sufficient rung only for a step at least this much faster:
 # a kernel profile's noise (a few % between repetitions) must not buy quality loss.
 FURTHER_GAIN = 0.05
+# What `further`'s reason carries when the slack stopped the climb short of the run's top
+# (the calm restore reads it, so the two words cannot drift apart).
+SLACK_MARK = "(further_slack)"
 # How closely the quality ledger and the evaluation's token-weighted figure agree on one run
 # (0.1 percentage point, checked on a real replay by tests/test_evaluate_e2e.py).
 LEDGER_TOLERANCE = 0.001
@@ -386,7 +389,7 @@ class DemandPolicy(PolicyBase):
         decode, prompt = self._gains(s, first, k, batch)
         if max(decode, prompt) < FURTHER_GAIN:
             return first, ""
-        slack = (f", within {self.cfg.further_slack:.0%} of level {ref}'s speed (further_slack)"
+        slack = (f", within {self.cfg.further_slack:.0%} of level {ref}'s speed {SLACK_MARK}"
                  if k < run_top else "")
         return k, (f"; on to level {k}: {self.capacity[k]} blocks, a decode step {decode:.0%} and a prompt token "
                    f"{prompt:.0%} faster at batch {batch:.0f}{slack}")
@@ -537,7 +540,7 @@ class DemandPolicy(PolicyBase):
                 return Decision(level, f"hold: calm, but {why_hold}", replace(state, calm_since=None))
             if top != lower:
                 where = ("the rung within further_slack of the top of the run of faster rungs it lies in"
-                         if "(further_slack)" in on else "the top of the run of faster rungs it lies in")
+                         if SLACK_MARK in on else "the top of the run of faster rungs it lies in")
                 lower, why = top, f"{why}; up to {top}, {where}"
         safe = fits and lower < level and s.queue_len == 0 and s.waiting_blocks == 0
         return self._down_to(state, now, lower if safe else level, f"calm: {why}")
