@@ -686,6 +686,22 @@ def test_further_slack_leaves_the_last_layers_in_full_precision_for_at_most_that
     assert policy(cfg=SLACK.model_copy(update={"further_slack": 0.0})).decide(light, PolicyState()).target == L
 
 
+def test_the_default_preset_rests_within_its_slack_of_the_fast_run_and_takes_the_top_where_it_must():
+    """`default` carries further_slack 0.05 (chosen by a development run written down before it
+    ran, docs/POLICIES.md): where int8 wins at every batch, light load rests below the top of
+    the W8A8 run, within 5% of its speed, with some layers still in bf16; where every level is
+    compute-bound the slack has nothing to give and the top is served as before."""
+    from policies.config import load_policy
+
+    default, _ = load_policy("default")
+    assert default.further_slack == 0.05 and default.fast_rest_idle_s == 10
+    light = load(2, AVX512)
+    d = policy(cfg=default).decide(light, PolicyState())
+    assert 0 < d.target < L and "(further_slack)" in d.reason, d.reason
+    slow = load(30, AVX512, step_time_s=1.0)  # every level breaks the TPOT bound
+    assert policy(cfg=default).decide(slow, PolicyState()).target == L
+
+
 def test_resting_fast_follows_the_measurement_where_int8_is_slow_at_small_batches():
     """AVX2-only EPYC: one request decodes faster in bf16, so it stays at bf16; at 30 the
     W8A8 run is faster at both terms and is where the load rests."""
