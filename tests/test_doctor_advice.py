@@ -97,7 +97,8 @@ def test_an_fp32_reading_is_named_fp32_and_slower_int8_rungs_buy_memory_not_spee
 
 def test_where_int8_wins_at_every_batch_the_advice_names_the_idle_rest_option():
     fast = advise(AVX512, TIERED, speed((1.2, 1.5), (0.9, 0.8)))
-    assert "rest on all-W8A8" in fast.reasons[-1] and "idle_rest: next_request" in fast.reasons[-1]
+    assert "`performance` preset rests on all-W8A8" in fast.reasons[-1] and "idle_rest: next_request" in fast.reasons[-1]
+    assert "`default` within 5% of its speed" in fast.reasons[-1] and "further_slack: 0.05" in fast.reasons[-1]
     slow = advise(AVX512, TIERED, speed((1.0, 1.5), (1.0, 0.9)))
     assert "idle_rest" not in slow.reasons[-1]
 

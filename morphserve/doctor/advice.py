@@ -193,8 +193,9 @@ def _rest_reason(tiers: list[str], speed: Speed | None) -> str:
     faster = [t for t in tiers if all((speed.relative(t, b) or 0) >= FASTER_FRACTION for b in BATCHES)]
     if faster:
         return (idle + f"; {', '.join(faster)}'s linears are faster than {full}'s here, so while requests come the "
-                f"`default` and `performance` presets rest on all-{faster[0].upper()} (`accuracy` rests at {full}, "
-                "buying quality at a speed cost): compare with a static "
+                f"`performance` preset rests on all-{faster[0].upper()} and `default` within 5% of its speed, with the "
+                f"dearest layers still in {full} (`further_slack: 0.05`; `accuracy` rests at {full}, buying quality "
+                "at a speed cost): compare with a static "
                 f"{faster[0].upper()} checkpoint (`morphserve evaluate`) before choosing; `idle_rest: next_request` in "
                 f"a policy file keeps an idle server on all-{faster[0].upper()} too, so the first request after an idle "
                 "time does not wait on the move there (docs/POLICIES.md)")
