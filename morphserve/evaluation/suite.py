@@ -122,6 +122,10 @@ class System(BaseModel):
         None, description="any system: its weights+KV budget is the cell's plus this many 10^6 bytes (negative: "
                           "less), for a comparison at the same measured memory rather than the same nominal "
                           "budget; set before the run, from an earlier run's measured peak RSS")
+    compiled: bool = Field(
+        False, description="any system: vLLM's compiled CPU graph (plain vLLM's own default, what a user of a "
+                           "static checkpoint runs; MorphServe: `morphserve serve --compile`) instead of "
+                           "--enforce-eager; fp16-compiled is fp16 with this on")
     budgets: list[str] | None = Field(None, description="run only at these budgets (default: all)")
     windows: list[str] | None = Field(None, description="run only in these windows (default: all)")
 
@@ -211,6 +215,8 @@ class Suite(BaseModel):
                           "max_num_batched_tokens", "extra_memory_mb"):
                 if s[later] is None:
                     del s[later]
+            if not s["compiled"]:
+                del s["compiled"]
         return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -3,11 +3,13 @@
 Every system is a fresh vLLM OpenAI server on the same model, with the same scheduler
 limits, seed and weights+KV budget:
 - fp16: plain vLLM (MorphServe not even loaded), eager, KV = budget - bf16 weights;
-- fp16-compiled: the same without --enforce-eager (MorphServe must run eager: a compiled
-  graph would keep a swapped layer), so the table shows what eager costs;
+- fp16-compiled: the same without --enforce-eager (kept for the suites that named it; any
+  system can say `compiled: true`);
 - w4: plain vLLM serving the pack's static W4A16 twin, KV = budget - W4 weights (the bytes
   quantization frees become KV);
 - morphserve: `morphserve serve` with a policy, the budget given as its memory budget.
+Every system runs eager unless it says `compiled: true` (vLLM's compiled CPU graph: plain
+vLLM's own default, and `morphserve serve --compile`).
 Any of them may keep its KV cache in FP8 (`kv_cache_dtype: fp8`): the same bytes, twice
 the tokens, where vLLM's CPU attention supports it.
 """
@@ -64,7 +66,7 @@ def server_command(system: System, budget: Budget, suite: Suite, model: Path, pa
                                   f"cover its weights, so no KV cache is left")
         cmd = [sys.executable, "-m", PLAIN_VLLM_SERVER, "--model", str(served),
                "--tokenizer", str(model), "--kv-cache-memory-bytes", str(kv), *common]
-        if system.kind != "fp16-compiled":
+        if system.kind != "fp16-compiled" and not system.compiled:
             cmd.append("--enforce-eager")
         if system.huge_pages is not None:  # the environment `morphserve serve --huge-pages` would give it
             huge_pages.apply(env, system.huge_pages)
@@ -72,7 +74,7 @@ def server_command(system: System, budget: Budget, suite: Suite, model: Path, pa
     cmd = [sys.executable, "-m", "morphserve.cli", "serve", str(model), "--pack", str(pack),
            "--policy", system.policy, "--memory-budget-gb", repr(total / 2**30),
            "--shrink-strategy", suite.shrink_strategy, "--transition-log", str(out / "transitions.jsonl"),
-           "--kv-cache-memory-bytes", str(total - weights), "--enforce-eager",
+           "--kv-cache-memory-bytes", str(total - weights), "--compile" if system.compiled else "--enforce-eager",
            "--manual-min-interval", "0", *common]  # the warm-up forces 0 -> L -> 0 back to back
     if system.compress_mode is not None:
         cmd += ["--compress-mode", system.compress_mode]

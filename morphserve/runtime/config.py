@@ -81,6 +81,11 @@ class MorphConfig(BaseModel):
         "prefix for this many seconds before its pages are handed back, so a preempted request that resumes "
         "within it computes again only what no cached block holds; 0 (the default) drops the prefix at the "
         "next step boundary")
+    compile: bool = Field(
+        default=False, description="true: the engine runs vLLM's compiled CPU graph (Inductor; its own default "
+        "without --enforce-eager), each swappable linear called through a slot a swap rewrites "
+        "(morphserve.vllm.compiled_slots); start-up takes a compile (minutes on a small CPU, cached after). "
+        "false (the default): eager, as every MorphServe figure before it was measured")
     kv_huge_pages: Literal["on", "off"] = Field(
         default="off", description="on: each CPU worker advises its KV reserve huge (madvise(MADV_HUGEPAGE)), as "
         "torch advises plain vLLM's KV tensor under --huge-pages auto, so attention reads the cache through 2 MiB "

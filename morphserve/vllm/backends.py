@@ -23,10 +23,10 @@ class CpuBackend:
     verified = True
     commits_on_touch = True  # anonymous mmap pages are committed by their first write
 
-    def __init__(self, kv_huge_pages: bool = False):
+    def __init__(self, kv_huge_pages: bool = False, compiled: bool = False):
         from morphserve.vllm.kernels import VllmCpuKernels
 
-        self.kernels = VllmCpuKernels()
+        self.kernels = VllmCpuKernels(compiled=compiled)
         self.kv_huge_pages = kv_huge_pages
 
     def new_kv_backing(self, size: int):
@@ -56,13 +56,14 @@ class CudaBackend:
         return CudaVMMBacking(size, self.device)
 
 
-def backend_for(device_type: str, kv_huge_pages: bool = False):
+def backend_for(device_type: str, kv_huge_pages: bool = False, compiled: bool = False):
     """The backend for a worker on `device_type` ("cpu" or "cuda"); `kv_huge_pages`: the CPU
-    KV reserve advised huge (kv_resize.host_backing; CUDA's VMM backing maps its own pages)."""
+    KV reserve advised huge (kv_resize.host_backing; CUDA's VMM backing maps its own pages);
+    `compiled`: the engine runs vLLM's compiled CPU graph (the linears go through slots)."""
     from morphserve.errors import MorphServeError
 
     if device_type == "cpu":
-        return CpuBackend(kv_huge_pages)
+        return CpuBackend(kv_huge_pages, compiled)
     if device_type == "cuda":
         if not cuda_opted_in():
             raise MorphServeError(CUDA_REFUSAL)

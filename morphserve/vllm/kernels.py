@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from morphserve.vllm import compiled_slots
+
 # On CPUs with AMX, vLLM 0.32's CPUWNA16 kernel serves 4-bit layers as W4A8 (activations
 # quantized to int8 per token) unless VLLM_CPU_INT4_W4A8=0. A pack's quality curve measures
 # W4A16 (bf16 activations); on SmolLM2 the all-layers W4A8 perplexity is about 7% above it.
@@ -164,8 +166,13 @@ class VllmCpuKernels:
 
     On CPU, vLLM's `UnquantizedLinearMethod` prepacks the bf16 weight into
     `layer.cpu_linear` (a closure over a oneDNN handle) and calls it on every forward; a
-    swap replaces that closure.
+    swap replaces that closure. In a compiled engine (`compiled`), adopted layers call
+    their closure through a slot instead (morphserve.vllm.compiled_slots), which a swap
+    rewrites: the compiled graph keeps calling the slot.
     """
+
+    def __init__(self, compiled: bool = False):
+        self.compiled = compiled
 
     def make_w4(self, in_features: int, out_features: int, group_size: int, dtype: torch.dtype):
         return make_wna16_kernel(in_features, out_features, group_size, dtype)
@@ -209,11 +216,12 @@ class VllmCpuKernels:
         closure and the parameter emptied, so the closure is its only holder, a swap frees
         it, and the model's parameters count it once (the linear's own bytes)."""
         weight = layer.weight
-        if weight.numel() == 0:
-            return
-        layer.cpu_linear = _bound(layer.cpu_linear, weight.data)
-        layer.weight = torch.nn.Parameter(torch.empty(0, dtype=weight.dtype, device=weight.device),
-                                          requires_grad=False)
+        if weight.numel() > 0:
+            layer.cpu_linear = _bound(layer.cpu_linear, weight.data)
+            layer.weight = torch.nn.Parameter(torch.empty(0, dtype=weight.dtype, device=weight.device),
+                                              requires_grad=False)
+        if self.compiled:  # before vLLM traces the model: the trace must call the slot
+            compiled_slots.route(layer)
 
     def place(self, t: torch.Tensor) -> torch.Tensor:
         return t.clone()
@@ -225,11 +233,14 @@ class VllmCpuKernels:
         return hasattr(layer, "cpu_linear")
 
     def install(self, layer: torch.nn.Module, forward) -> None:
-        layer.cpu_linear = forward
+        if compiled_slots.is_routed(layer):
+            compiled_slots.install(layer, forward)
+        else:
+            layer.cpu_linear = forward
 
     def forward_of(self, layer: torch.nn.Module):
         """The forward `layer` computes with now (for a benchmark that wraps it)."""
-        return layer.cpu_linear
+        return compiled_slots.forward_of(layer) if compiled_slots.is_routed(layer) else layer.cpu_linear
 
 
 def _bound(forward, weight: torch.Tensor):

@@ -12,8 +12,9 @@ process that needs the module stops).
 
 Patched or added (all inert unless `additional_config["morphserve"]` is set):
 - `EngineArgs.create_engine_config`: validate the MorphServe config and pack in the
-  frontend; add the worker extension; force eager mode (vLLM's CPU compile mode traces
-  once and skips guards, so a compiled model would keep running the old layer); pin the
+  frontend; add the worker extension; force eager mode unless the config asks to compile
+  (vLLM's CPU compile mode traces once and skips guards, so a compiled model would keep
+  running the old layer unless its linears call slots: compiled_slots.py); pin the
   W4A16 kernel (`W4A16_ENV`, see `pin_w4a16_kernel`).
 - `EngineCore._initialize_kv_caches`: load the pack on the workers before KV sizing, and
   size the KV cache for the most quantized level (the elastic pool caps what is used).
@@ -137,8 +138,12 @@ def _patch_create_engine_config(original):
             from morphserve.vllm.kernels import pin_w4a16_kernel
 
             pin_w4a16_kernel()
-            if not self.enforce_eager:
-                log.warning("MorphServe: enabling --enforce-eager (a compiled model would not see layer swaps)")
+            if cfg.compile and self.enforce_eager:
+                raise MorphServeError("the morphserve config asks to compile (\"compile\": true) and --enforce-eager "
+                                      "for no compile; drop one")
+            if not cfg.compile and not self.enforce_eager:
+                log.warning("MorphServe: enabling --enforce-eager (set \"compile\": true in the morphserve config "
+                            "to run vLLM's compiled graph, each swappable linear through a slot)")
                 self.enforce_eager = True
             extra["morphserve"] = cfg.model_dump()
             try:

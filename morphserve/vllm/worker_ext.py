@@ -23,6 +23,7 @@ from morphserve.runtime.proc_memory import process_rss
 from morphserve.vllm import kernels, kv_cache, shards
 from morphserve.vllm.backends import backend_for
 from morphserve.vllm.patches import SUPPORTED_VLLM
+from vllm.config import CompilationMode
 
 
 # A worker method that raises under vLLM's multiprocess executor breaks every later call:
@@ -59,7 +60,10 @@ class MorphWorkerExtension:
         t0 = time.monotonic()
         config = MorphConfig.model_validate(cfg)
         dtype = self.vllm_config.model_config.dtype
-        backend = backend_for(self.device.type, kv_huge_pages=config.kv_huge_pages == "on")
+        # vLLM's own verdict (enforce_eager sets the mode to NONE): a compiled engine traces the
+        # model after this call, so the linears must already call their slots
+        compiled = self.vllm_config.compilation_config.mode != CompilationMode.NONE
+        backend = backend_for(self.device.type, kv_huge_pages=config.kv_huge_pages == "on", compiled=compiled)
         variant = kernels.wna16_variant(dtype) if backend.name == "cpu" else backend.name
         layers = kernels.decoder_layers(self.model_runner.model)
         rank = self._tensor_parallel()
@@ -78,7 +82,7 @@ class MorphWorkerExtension:
         # is emulated) holds other bytes, as a rank's shard does, so every tier is reported.
         # Resident prompt twins make a layer's full precision hold more than the manifest's bytes.
         every_tier = sharded or dtype.itemsize != 2 or self._morph.prompt_twin_bytes() > 0
-        return {"layers": len(self._morph.layers), "seconds": time.monotonic() - t0, "rss": rss_bytes(),
+        return {"layers": len(self._morph.layers), "seconds": time.monotonic() - t0, "rss": rss_bytes(), "compiled": compiled,
                 "backend": backend.name, "commits_on_touch": backend.commits_on_touch, "rank": rank[0],
                 "ranks": rank[1], "held_tier_bytes": self._morph.held_tier_bytes(every_tier=every_tier),
                 "prompt_twin_bytes": self._morph.prompt_twin_bytes(),
