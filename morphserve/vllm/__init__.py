@@ -13,6 +13,7 @@ Modules:
 - kv_cache: the host-backed KV allocation (a hash-pinned copy), block copies, remaps, layouts.
 - shards: this rank's part of a linear's tensors, cut by the layer's own vLLM weight loader.
 - kernels: vLLM's linear kernels, the W4A16 pin and the cpu_linear slot (VllmCpuKernels).
+- compiled_slots: swappable linears inside vLLM's compiled graph (one opaque custom op, a table a swap rewrites).
 - probe_process: each tier's kernel probed in a child interpreter (the API server runs no kernel).
 - kernel_speed: one decoder layer's linears timed through vLLM's kernels, per tier (doctor).
 - platform_facts: which vLLM kernel runs each tier here, and whether FP8 KV is allowed (doctor).
