@@ -28,8 +28,7 @@ Forward = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Te
 
 _FORWARDS: list[Forward] = []  # slot -> the forward its layer computes with now
 _NO_WEIGHT = torch.empty(0)  # MorphServe's forwards own their weights; vLLM's argument is unused
-_registered = False
-_library = None  # the op lives as long as its library object
+_library = None  # the op lives as long as its library object; None until registered
 
 
 def _slot_linear(x: torch.Tensor, bias: torch.Tensor | None, slot: int, out_features: int) -> torch.Tensor:
@@ -43,15 +42,15 @@ def _slot_linear_fake(x: torch.Tensor, bias: torch.Tensor | None, slot: int, out
 def register() -> None:
     """Define `torch.ops.morphserve.slot_linear` in this process (idempotent). Must run
     before vLLM traces the model: in the worker, when its linears are adopted."""
-    global _registered, _library
-    if _registered:
+    global _library
+    if _library is not None:
         return
     from torch.library import Library
     from vllm.utils.torch_utils import direct_register_custom_op
 
-    _library = Library("morphserve", "FRAGMENT")
-    direct_register_custom_op("slot_linear", _slot_linear, fake_impl=_slot_linear_fake, target_lib=_library)
-    _registered = True
+    library = Library("morphserve", "FRAGMENT")
+    direct_register_custom_op("slot_linear", _slot_linear, fake_impl=_slot_linear_fake, target_lib=library)
+    _library = library  # only once the op is defined
 
 
 def route(layer: torch.nn.Module) -> None:
