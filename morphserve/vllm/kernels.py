@@ -81,8 +81,86 @@ def make_int8_kernel():
     linear: the kernel object keeps per-layer state (the path it picked, a oneDNN handle)."""
     from vllm.model_executor.kernels.linear import init_int8_linear_kernel
 
-    return init_int8_linear_kernel(is_channelwise=True, is_static_input_scheme=False, input_symmetric=True,
-                                   module_name="MorphServe W8A8 twin")
+    return LeanInt8Kernel(init_int8_linear_kernel(is_channelwise=True, is_static_input_scheme=False,
+                                                  input_symmetric=True, module_name="MorphServe W8A8 twin"))
+
+
+class LeanInt8Kernel:
+    """vLLM's CPU int8 kernel, processed by vLLM, called without its per-call Python glue.
+
+    A compiled static W8A8 model traces vLLM's `apply_weights` away: Inductor's wrapper
+    calls the two ops (`dynamic_scaled_int8_quant`, `onednn_scaled_mm`) directly. A
+    swappable layer cannot be traced (a swap changes its kernel), so every call of a twin
+    ran that glue in Python: five attribute reads through nn.Module, two wrapper functions,
+    the reshape checks. This binds, once, what the glue looks up on every call (the oneDNN
+    handle, `azp_adj`, the output width) and calls the same ops with the same arguments,
+    so the result is bit-identical (tested) at about half the glue's cost (measured,
+    docs/RESULTS.md). Configurations the lean call does not cover (static or asymmetric
+    activations) keep vLLM's `apply_weights`.
+
+    It also breaks vLLM's reference cycle (the kernel holds a bound method of itself):
+    once the lean call exists, nothing references vLLM's kernel object but this one.
+    """
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.call = None  # (x, bias) -> out, bound by process_weights_after_loading
+        self.lean = False  # whether `call` is the lean one (else vLLM's apply_weights)
+
+    def process_weights_after_loading(self, holder: torch.nn.Module) -> None:
+        self.kernel.process_weights_after_loading(holder)
+        self.call = lean_int8_call(self.kernel, holder)
+        self.lean = self.call is not None
+        if not self.lean:
+            kernel = self.kernel
+            self.call = lambda x, bias: kernel.apply_weights(holder, x, bias)
+
+    def apply_weights(self, holder: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None):
+        return self.call(x, bias)
+
+    def release(self) -> None:
+        """Free the native state now (see quant_layers.swappable.W8Compute.release)."""
+        vars(self.kernel).clear()
+        self.call = None
+
+
+def lean_int8_call(kernel, holder: torch.nn.Module):
+    """`kernel.apply_weights(holder, ., .)` as a closure over what it reads, or None where
+    the configuration is not the dynamic symmetric per-token one MorphServe's twins use.
+    Mirrors CPUInt8ScaledMMLinearKernel._apply_weights_onednn / _apply_weights_sgl (0.32.0)."""
+    config = kernel.config
+    if config.is_static_input_scheme or not config.input_symmetric:
+        return None
+    method = getattr(kernel.linear_method, "__name__", "")
+    if method == "_apply_weights_sgl":
+        scaled_mm = torch.ops._C.int8_scaled_mm_with_quant.default
+        w_q, w_s, bias_fp32 = holder.weight, holder.weight_scale, getattr(holder, "bias_fp32", None)
+
+        def sgl(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            return scaled_mm(x, w_q, w_s, bias_fp32 if bias is not None else None, x.dtype, True)
+
+        vars(kernel).clear()  # the bound method's cycle; the holder keeps the packed weight
+        return sgl
+    if method != "_apply_weights_onednn":
+        return None
+    handler = kernel.dnnl_handler  # owns the native handle: freed when this closure goes
+    handle, n, azp_adj = handler.handler_tensor, handler.n, holder.azp_adj
+    quant = torch.ops._C.dynamic_scaled_int8_quant.default
+    scaled_mm = torch.ops._C.onednn_scaled_mm.default
+
+    def onednn(x: torch.Tensor, bias: torch.Tensor | None, _handler=handler) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        m = x.shape[0]
+        x_q = torch.empty_like(x, dtype=torch.int8)
+        x_s = torch.empty((m, 1), dtype=torch.float32)
+        quant(x_q, x, x_s, None)
+        out = torch.empty((m, n), dtype=x.dtype)
+        scaled_mm(out, x_q, x_s, None, azp_adj, bias, handle)
+        return out.reshape(*shape[:-1], n) if len(shape) > 2 else out
+
+    vars(kernel).clear()
+    return onednn
 
 
 # What CPUWNA16LinearKernel.process_weights_after_loading (0.32.0) leaves on a layer besides
