@@ -34,6 +34,8 @@ def test_the_cuda_backend_is_refused_unless_opted_in(monkeypatch):
     monkeypatch.setenv(backends.UNVERIFIED_CUDA_ENV, "1")
     backend = backends.backend_for("cuda")  # builds without touching a GPU
     assert isinstance(backend, MorphBackend) and not backend.verified and not backend.commits_on_touch
+    with pytest.raises(MorphServeError, match="compiled.*CPU only.*drop \"compile\""):
+        backends.backend_for("cuda", compiled=True)  # even opted in: a CUDA graph would keep the old kernel
 
 
 def _config():

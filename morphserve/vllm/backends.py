@@ -12,6 +12,9 @@ import os
 UNVERIFIED_CUDA_ENV = "MORPHSERVE_UNVERIFIED_CUDA"
 CUDA_REFUSAL = (f"MorphServe's CUDA backend is unverified (it has never run on a GPU; docs/CUDA.md); "
                 f"set {UNVERIFIED_CUDA_ENV}=1 to try it anyway")
+CUDA_COMPILE_REFUSAL = ("MorphServe runs compiled (\"compile\": true, morphserve serve --compile) on CPU only: its "
+                        "linears' slots are CPU closures, and a CUDA graph would keep a swapped layer's old kernel; "
+                        "drop \"compile\" on this GPU (MorphServe then runs eager)")
 
 
 def cuda_opted_in() -> bool:
@@ -67,5 +70,7 @@ def backend_for(device_type: str, kv_huge_pages: bool = False, compiled: bool = 
     if device_type == "cuda":
         if not cuda_opted_in():
             raise MorphServeError(CUDA_REFUSAL)
+        if compiled:  # CUDA graphs and Inductor would keep a swapped layer's old kernel: no slots there
+            raise MorphServeError(CUDA_COMPILE_REFUSAL)
         return CudaBackend()
     raise MorphServeError(f"MorphServe has no backend for device type {device_type!r} (cpu; cuda, unverified)")
