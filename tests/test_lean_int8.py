@@ -64,10 +64,7 @@ def test_release_frees_the_native_handle_without_the_cyclic_gc():
 @pytest.mark.parametrize("static, symmetric", [(True, True), (False, False)])
 def test_an_uncovered_configuration_is_left_to_vllms_apply_weights(static, symmetric):
     """MorphServe's twins are dynamic symmetric; any other activation scheme gets no lean call."""
-    from vllm.model_executor.kernels.linear import init_int8_linear_kernel
-
     from morphserve.vllm.kernels import lean_int8_call
 
-    inner = init_int8_linear_kernel(is_channelwise=True, is_static_input_scheme=static, input_symmetric=symmetric,
-                                    module_name="test")
+    inner = make_int8_kernel(static_input=static, symmetric=symmetric).kernel
     assert lean_int8_call(inner, torch.nn.Module()) is None

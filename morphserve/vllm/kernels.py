@@ -73,16 +73,17 @@ def int8_held_bytes(out_features: int, in_features: int) -> int:
     return held if check_cpu_sgl_kernel(out_features, in_features, torch.int8) else held + 4 * out_features
 
 
-def make_int8_kernel():
+def make_int8_kernel(static_input: bool = False, symmetric: bool = True):
     """vLLM's own choice of int8 W8A8 kernel, configured exactly as its
     CompressedTensorsW8A8Int8 scheme configures it for llm-compressor's W8A8 preset
     (per-channel weights, dynamic symmetric per-token activations):
     `choose_scaled_mm_linear_kernel` -> CPUInt8ScaledMMLinearKernel on CPU. One per fused
-    linear: the kernel object keeps per-layer state (the path it picked, a oneDNN handle)."""
+    linear: the kernel object keeps per-layer state (the path it picked, a oneDNN handle).
+    `static_input`/`symmetric`: other activation schemes, for tests of what the lean call covers."""
     from vllm.model_executor.kernels.linear import init_int8_linear_kernel
 
-    return LeanInt8Kernel(init_int8_linear_kernel(is_channelwise=True, is_static_input_scheme=False,
-                                                  input_symmetric=True, module_name="MorphServe W8A8 twin"))
+    return LeanInt8Kernel(init_int8_linear_kernel(is_channelwise=True, is_static_input_scheme=static_input,
+                                                  input_symmetric=symmetric, module_name="MorphServe W8A8 twin"))
 
 
 class LeanInt8Kernel:
