@@ -112,7 +112,9 @@ class LeanInt8Kernel:
         self.kernel.process_weights_after_loading(holder)
         self.call = lean_int8_call(self.kernel, holder)
         self.lean = self.call is not None
-        if not self.lean:
+        if self.lean:
+            vars(self.kernel).clear()  # the bound method's cycle; the call holds what it needs
+        else:
             kernel = self.kernel
             self.call = lambda x, bias: kernel.apply_weights(holder, x, bias)
 
@@ -128,7 +130,9 @@ class LeanInt8Kernel:
 def lean_int8_call(kernel, holder: torch.nn.Module):
     """`kernel.apply_weights(holder, ., .)` as a closure over what it reads, or None where
     the configuration is not the dynamic symmetric per-token one MorphServe's twins use.
-    Mirrors CPUInt8ScaledMMLinearKernel._apply_weights_onednn / _apply_weights_sgl (0.32.0)."""
+    Mirrors CPUInt8ScaledMMLinearKernel._apply_weights_onednn / _apply_weights_sgl (0.32.0).
+    The closure holds all it reads (the oneDNN handler object, or the holder's packed
+    weight), so the caller may then drop vLLM's kernel."""
     config = kernel.config
     if config.is_static_input_scheme or not config.input_symmetric:
         return None
@@ -140,7 +144,6 @@ def lean_int8_call(kernel, holder: torch.nn.Module):
         def sgl(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
             return scaled_mm(x, w_q, w_s, bias_fp32 if bias is not None else None, x.dtype, True)
 
-        vars(kernel).clear()  # the bound method's cycle; the holder keeps the packed weight
         return sgl
     if method != "_apply_weights_onednn":
         return None
@@ -160,7 +163,6 @@ def lean_int8_call(kernel, holder: torch.nn.Module):
         scaled_mm(out, x_q, x_s, None, azp_adj, bias, handle)
         return out.reshape(*shape[:-1], n) if len(shape) > 2 else out
 
-    vars(kernel).clear()
     return onednn
 
 
