@@ -19,7 +19,10 @@ lands on all of them. Prints, per system, output tokens/s, median TPOT and media
 median [range] over rounds, and each over plain's; a ratio whose ranges overlap plain's is a tie.
 
     python scripts/bench_serving_batch.py --model MODEL_DIR --pack PACK_DIR [--systems plain,held,policy]
-        [--concurrency 12] [--requests 36] [--input-tokens 256] [--output-tokens 128] [--rounds 3]
+        [--concurrency 12] [--requests 36] [--input-tokens 256] [--output-tokens 128] [--rounds 3] [--compile]
+
+Every server runs eager (`--enforce-eager`) unless `--compile` is given: then plain vLLM runs its
+own CPU default (compiled) and MorphServe `serve --compile`, as the evaluation's compiled systems.
 """
 
 from __future__ import annotations
@@ -86,20 +89,23 @@ def trim_args(system: str) -> tuple[str, list[str]]:
     return system, []
 
 
-def command(system: str, args, port: int) -> tuple[list[str], dict]:
+def command(system: str, args, port: int, transition_log: Path | None = None) -> tuple[list[str], dict]:
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
     env.update(VLLM_LOGGING_LEVEL="WARNING")
     onednn_cache.bounded(env)  # the kernel cache `morphserve serve` bounds, for plain vLLM too (as the evaluation does)
     huge_pages.apply(env, args.huge_pages)  # the same huge pages for every system (serve would ask for them itself)
     common = ["--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(args.max_model_len),
               "--max-num-seqs", "64", "--served-model-name", "model", "--seed", "0", "--dtype", args.dtype,
-              "--enforce-eager", "--kv-cache-memory-bytes", str(args.kv_mb * 2**20)]
+              "--kv-cache-memory-bytes", str(args.kv_mb * 2**20)]
     if system == "plain":
         env["VLLM_PLUGINS"] = ""
+        # compiled is plain vLLM's own CPU default: no flag at all
         return [sys.executable, "-m", PLAIN_VLLM_SERVER, "--model", str(static_w8a8_dir(Path(args.pack))),
-                "--tokenizer", args.model, *common], env
+                "--tokenizer", args.model, *common, *([] if args.compile else ["--enforce-eager"])], env
     _, trim = trim_args(system)
     return [sys.executable, "-m", "morphserve.cli", "serve", args.model, "--pack", args.pack, "--policy", args.policy,
+            "--compile" if args.compile else "--enforce-eager",
+            *(["--transition-log", str(transition_log)] if transition_log is not None else []),
             "--manual-min-interval", "0", "--huge-pages", args.huge_pages, *trim, *common], env
 
 
@@ -122,8 +128,8 @@ def load(base: str, args, out: Path) -> dict:
 
 def run_one(system: str, args, round_no: int) -> dict:
     port = free_port()
-    cmd, env = command(system, args, port)
     tag = f"{system}-r{round_no}"
+    cmd, env = command(system, args, port, args.out / f"{tag}.transitions.jsonl")
     proc = start_server(cmd, env, args.out / f"{tag}.log", port, timeout=600)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -180,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="every server's --kv-cache-memory-bytes in MiB: room for the whole batch at once")
     ap.add_argument("--dtype", default="bfloat16", help="the servers' --dtype")
     ap.add_argument("--max-model-len", type=int, default=2048, help="every server's --max-model-len")
+    ap.add_argument("--compile", action="store_true",
+                    help="every server compiled (plain vLLM without --enforce-eager, `morphserve serve --compile`) "
+                         "instead of eager")
     ap.add_argument("--huge-pages", choices=huge_pages.MODES, default="off",
                     help="every server's huge pages, plain vLLM's included (default off: plain vLLM as it starts; "
                          "auto: the environment `morphserve serve --huge-pages auto` gives)")

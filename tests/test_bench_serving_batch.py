@@ -61,7 +61,8 @@ def test_every_server_gets_the_same_bounded_onednn_kernel_cache(tmp_path, monkey
     monkeypatch.delenv(ONEDNN_CACHE_ENV, raising=False)
     model = make_model(tmp_path / "model")
     args = argparse.Namespace(model=str(model), pack=str(make_tiered_pack(tmp_path / "pack", model)), policy="default",
-                              max_model_len=2048, dtype="bfloat16", kv_mb=160, huge_pages="off")
+                              max_model_len=2048, dtype="bfloat16", kv_mb=160, huge_pages="off",
+                              compile=False)
     for system in ("plain", "held"):
         cmd, env = bench.command(system, args, 1)
         assert env[ONEDNN_CACHE_ENV] == str(DEFAULT_CAPACITY), system
@@ -82,8 +83,28 @@ def test_huge_pages_reach_plain_vllm_and_morphserve_alike(tmp_path, monkeypatch)
     pack = make_tiered_pack(tmp_path / "pack", model)
     for mode in ("auto", "off"):
         args = argparse.Namespace(model=str(model), pack=str(pack), policy="default", max_model_len=2048,
-                                  dtype="bfloat16", kv_mb=160, huge_pages=mode)
+                                  dtype="bfloat16", kv_mb=160, huge_pages=mode, compile=False)
         _, plain_env = bench.command("plain", args, 1)
         held_cmd, _ = bench.command("held", args, 1)
         assert held_cmd[held_cmd.index("--huge-pages") + 1] == mode
         assert (plain_env.get(huge_pages.TORCH_ENV) == "1") == (mode == "auto"), mode
+
+
+def test_compile_reaches_plain_vllm_and_morphserve_alike(tmp_path):
+    """--compile runs plain vLLM at its own default (no --enforce-eager) and MorphServe with
+    --compile; without it both are eager: the comparison differs in MorphServe alone."""
+    import argparse
+
+    from tests.test_hardening_fakes import make_model, make_tiered_pack
+
+    model = make_model(tmp_path / "model")
+    pack = make_tiered_pack(tmp_path / "pack", model)
+    for compiled in (True, False):
+        args = argparse.Namespace(model=str(model), pack=str(pack), policy="default", max_model_len=2048,
+                                  dtype="bfloat16", kv_mb=160, huge_pages="off", compile=compiled)
+        plain_cmd, _ = bench.command("plain", args, 1)
+        held_cmd, _ = bench.command("held", args, 1, tmp_path / "t.jsonl")
+        assert ("--enforce-eager" in plain_cmd) is not compiled
+        assert ("--enforce-eager" in held_cmd) is not compiled
+        assert ("--compile" in held_cmd) is compiled
+        assert held_cmd[held_cmd.index("--transition-log") + 1] == str(tmp_path / "t.jsonl")
