@@ -59,9 +59,20 @@ FRONT_SUFFIX = "-front"
 COLD_OFF_SUFFIX = "-cold-off"
 
 
+# ... or end in -hp: MorphServe asks for huge pages itself (`--huge-pages auto`, serve's
+# default) whatever --huge-pages gives the others, as the evaluation runs it beside plain vLLM.
+HP_SUFFIX = "-hp"
+
+
 def trim_args(system: str) -> tuple[str, list[str]]:
     """`system` split into its base (plain, held or policy) and its serve flags (heap trims,
-    the engine core's placement, the cold KV tail)."""
+    the engine core's placement, the cold KV tail, huge pages)."""
+    if system.endswith(HP_SUFFIX):
+        inner = system.removesuffix(HP_SUFFIX)
+        base, flags = trim_args(inner)
+        if base in ("held", "held-once", "policy") and (flags or base == inner):
+            return base, [*flags, "--huge-pages", "auto"]
+        return system, []
     if system.endswith(COLD_OFF_SUFFIX):
         inner = system.removesuffix(COLD_OFF_SUFFIX)
         base, flags = trim_args(inner)

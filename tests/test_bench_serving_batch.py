@@ -108,3 +108,9 @@ def test_compile_reaches_plain_vllm_and_morphserve_alike(tmp_path):
         assert ("--enforce-eager" in held_cmd) is not compiled
         assert ("--compile" in held_cmd) is compiled
         assert held_cmd[held_cmd.index("--transition-log") + 1] == str(tmp_path / "t.jsonl")
+
+
+def test_hp_suffix_asks_morphserve_for_huge_pages_alone():
+    assert bench.trim_args("held-hp") == ("held", ["--huge-pages", "auto"])
+    assert bench.trim_args("policy-trim-off-hp") == ("policy", ["--heap-trim-interval", "0", "--huge-pages", "auto"])
+    assert bench.trim_args("plain-hp") == ("plain-hp", [])

@@ -208,7 +208,8 @@ class MorphController:
         if self.config.policy:
             self.loop.start(self.config.policy, self.served_quality(),
                             [self.capacity(k) for k in range(self.num_layers + 1)],
-                            [self.ladder.counts(k) for k in range(self.num_layers + 1)], self.tier_speed)
+                            [self.ladder.counts(k) for k in range(self.num_layers + 1)], self.tier_speed,
+                            compiled=self.config.compile)
         elif self.prompt_twin_bytes:
             # no policy, but prompt twins: the boundaries still count the tokens served and which
             # steps the twins computed (`served_tokens`), so any run can be charged exactly

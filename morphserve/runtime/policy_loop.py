@@ -10,7 +10,8 @@ from typing import Callable
 
 from morphserve.runtime.recorder import Recorder
 from policies import Decision, PolicyState, SignalTracker, load_policy, make_policy, make_tracker
-from policies.config import log_ppl_ratios, prompt_twin_layers, prompt_twin_min_tokens, resolve_budget
+from policies.config import (for_compiled_engine, log_ppl_ratios, prompt_twin_layers, prompt_twin_min_tokens,
+                             resolve_budget)
 
 log = logging.getLogger("morphserve")
 
@@ -28,11 +29,16 @@ class PolicyLoop:
         self.expected_output_tokens = 256
 
     def start(self, ref: str, quality: dict | None, capacities: list[int], mix: list[dict[str, int]] | None = None,
-              tier_speed: Callable[[], dict | None] | None = None) -> None:
+              tier_speed: Callable[[], dict | None] | None = None, compiled: bool = False) -> None:
         """`quality`: the pack's quality.json as the served ladder sees it; `capacities`:
         usable KV blocks at each level 0..N; `mix`: layers per tier at each level;
-        `tier_speed`: measures the tiers' kernel profile (called only if the policy uses it)."""
+        `tier_speed`: measures the tiers' kernel profile (called only if the policy uses it);
+        `compiled`: the engine runs vLLM's compiled graph (policies.config.for_compiled_engine)."""
         pcfg, path = load_policy(ref)
+        if compiled:
+            pcfg, why = for_compiled_engine(pcfg)
+            if why is not None:
+                log.warning("MorphServe: %s", why)
         num_layers = len(capacities) - 1
         pcfg = resolve_budget(pcfg, quality, mix or [])
         cap = pcfg.level_cap(num_layers, quality)
