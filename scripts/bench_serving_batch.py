@@ -62,28 +62,21 @@ COLD_OFF_SUFFIX = "-cold-off"
 # ... or end in -hp: MorphServe asks for huge pages itself (`--huge-pages auto`, serve's
 # default) whatever --huge-pages gives the others, as the evaluation runs it beside plain vLLM.
 HP_SUFFIX = "-hp"
+# The suffixes that add one serve flag each, after any other, checked last-suffix first.
+TRAILING_FLAGS = ((HP_SUFFIX, ("--huge-pages", "auto")), (COLD_OFF_SUFFIX, ("--kv-cold-tail", "off")),
+                  (FRONT_SUFFIX, ("--frontend-cpus", "auto")))
 
 
 def trim_args(system: str) -> tuple[str, list[str]]:
     """`system` split into its base (plain, held or policy) and its serve flags (heap trims,
     the engine core's placement, the cold KV tail, huge pages)."""
-    if system.endswith(HP_SUFFIX):
-        inner = system.removesuffix(HP_SUFFIX)
-        base, flags = trim_args(inner)
-        if base in ("held", "held-once", "policy") and (flags or base == inner):
-            return base, [*flags, "--huge-pages", "auto"]
-        return system, []
-    if system.endswith(COLD_OFF_SUFFIX):
-        inner = system.removesuffix(COLD_OFF_SUFFIX)
-        base, flags = trim_args(inner)
-        if base in ("held", "held-once", "policy") and (flags or base == inner):
-            return base, [*flags, "--kv-cold-tail", "off"]
-        return system, []
-    if system.endswith(FRONT_SUFFIX):
-        base, flags = trim_args(system.removesuffix(FRONT_SUFFIX))
-        if base in ("held", "held-once", "policy") and (flags or base == system.removesuffix(FRONT_SUFFIX)):
-            return base, [*flags, "--frontend-cpus", "auto"]
-        return system, []
+    for suffix, extra in TRAILING_FLAGS:
+        if system.endswith(suffix):
+            inner = system.removesuffix(suffix)
+            base, flags = trim_args(inner)
+            if base in ("held", "held-once", "policy") and (flags or base == inner):
+                return base, [*flags, *extra]
+            return system, []
     for suffix in TRIM_SUFFIXES:
         base, sep, value = system.partition(suffix)
         if not sep or base not in ("held", "held-once", "policy"):
