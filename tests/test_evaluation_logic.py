@@ -750,3 +750,24 @@ def test_extra_memory_moves_one_systems_budget_and_no_other(tmp_path):
     assert abs((value(more, "--memory-budget-gb") - value(base, "--memory-budget-gb")) * 2**30 - 60 * 10**6) < 1
     with pytest.raises(MorphServeError, match="does not cover its weights"):
         run(System(name="f", kind="fp16", extra_memory_mb=-400))
+
+
+def test_a_held_morphserve_system_may_run_without_a_policy(tmp_path):
+    """The runtime alone at one rung: no policy loaded, so its per-step work is not in the
+    replay. Without a hold there would be nothing to move the level, so that stays an error."""
+    from pydantic import ValidationError
+
+    from morphserve.cli.commands import build_parser
+    from morphserve.evaluation import systems
+    from morphserve.evaluation.suite import System
+
+    model, suite, tiered = _fake_model_suite_and_pack(tmp_path)
+    cmd, _ = systems.server_command(System(name="bare", kind="morphserve", hold_level=30), suite.budgets[0], suite,
+                                    model, tiered, 1, tmp_path)
+    serve_args, _ = build_parser().parse_known_args(cmd[cmd.index("morphserve.cli") + 1:])
+    assert "--policy" not in cmd and serve_args.policy is None
+    cmd, _ = systems.server_command(System(name="d", kind="morphserve", policy="default", hold_level=30),
+                                    suite.budgets[0], suite, model, tiered, 1, tmp_path)
+    assert cmd[cmd.index("--policy") + 1] == "default"
+    with pytest.raises(ValidationError, match="needs a policy"):
+        System(name="loose", kind="morphserve")

@@ -75,7 +75,8 @@ class System(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     kind: Literal["fp16", "fp16-compiled", "w4", "w8a8", "morphserve"] = Field(
         description="w4 / w8a8: plain vLLM serving the pack's W4A16 / W8A8 checkpoint statically")
-    policy: str | None = Field(None, description="MorphServe only: a preset or policy YAML")
+    policy: str | None = Field(None, description="MorphServe only: a preset or policy YAML (may be left out with a "
+                                                 "hold_level: then no policy is loaded at all)")
     compress_mode: Literal["background", "sync"] | None = Field(
         None, description="MorphServe only: `morphserve serve --compress-mode` (default: serve's default)")
     tiers: list[Literal["w8a8", "w4a16"]] | None = Field(
@@ -131,8 +132,9 @@ class System(BaseModel):
 
     @model_validator(mode="after")
     def _policy(self):
-        if self.kind == "morphserve" and not self.policy:
-            raise ValueError(f"system {self.name!r}: a morphserve system needs a policy")
+        if self.kind == "morphserve" and not self.policy and self.hold_level is None:
+            raise ValueError(f"system {self.name!r}: a morphserve system needs a policy (or a hold_level: "
+                             f"the runtime held at one rung, with no policy loaded)")
         if self.kind != "morphserve" and (self.policy or self.compress_mode or self.tiers
                                           or self.hold_level is not None or self.prompt_twin_layers is not None
                                           or any(getattr(self, f) is not None for f in SERVE_FLAGS)):

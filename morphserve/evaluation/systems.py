@@ -72,7 +72,7 @@ def server_command(system: System, budget: Budget, suite: Suite, model: Path, pa
             huge_pages.apply(env, system.huge_pages)
         return cmd, env
     cmd = [sys.executable, "-m", "morphserve.cli", "serve", str(model), "--pack", str(pack),
-           "--policy", system.policy, "--memory-budget-gb", repr(total / 2**30),
+           *(["--policy", system.policy] if system.policy else []), "--memory-budget-gb", repr(total / 2**30),
            "--shrink-strategy", suite.shrink_strategy, "--transition-log", str(out / "transitions.jsonl"),
            "--kv-cache-memory-bytes", str(total - weights), "--compile" if system.compiled else "--enforce-eager",
            "--manual-min-interval", "0", *common]  # the warm-up forces 0 -> L -> 0 back to back
