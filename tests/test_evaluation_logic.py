@@ -377,14 +377,15 @@ def test_every_serve_flag_a_morphserve_system_sets_reaches_serve_and_only_it_tak
 
     model, suite, tiered = _fake_model_suite_and_pack(tmp_path)
     values = {"heap_trim_interval_s": 5.0, "heap_trim_mode": "thread", "heap_trim_min_growth_mb": 32.0,
-              "frontend_heap_trim_interval_s": 10.0, "kv_cold_cache_grace_s": 3.0, "kv_cold_tail": "on",
-              "kv_huge_pages": "on"}
+              "frontend_heap_trim_interval_s": 10.0, "frontend_heap_trim_mode": "idle", "kv_cold_cache_grace_s": 3.0,
+              "kv_cold_tail": "on", "kv_huge_pages": "on"}
     assert set(values) == set(SERVE_FLAGS)
     cmd, _ = systems.server_command(System(name="m", kind="morphserve", policy="default", **values),
                                     suite.budgets[0], suite, model, tiered, 1, tmp_path)
     serve_args, _ = build_parser().parse_known_args(cmd[cmd.index("morphserve.cli") + 1:])  # the rest: vLLM's
     assert serve_args.heap_trim_interval == 5.0 and serve_args.heap_trim_mode == "thread"
     assert serve_args.heap_trim_min_growth_mb == 32.0 and serve_args.frontend_heap_trim_interval == 10.0
+    assert serve_args.frontend_heap_trim_mode == "idle"
     assert serve_args.kv_cold_cache_grace == 3.0 and serve_args.kv_cold_tail == "on"
     assert serve_args.kv_huge_pages == "on"
     cmd, _ = systems.server_command(System(name="d", kind="morphserve", policy="default"), suite.budgets[0], suite,

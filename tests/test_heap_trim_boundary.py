@@ -65,6 +65,7 @@ def _controller(interval: float, wants_ticks: bool = False, fail: bool = False):
     c = object.__new__(MorphController)
     c.engine = SimpleNamespace(rpc=rpc)
     c.heap_trims = BoundaryTrims(interval, clock=Clock())
+    c.own_trims = BoundaryTrims(0.0)  # frontend mode "thread": the engine core's own trims are its thread's
     boundaries: list[bool] = []
     c.wants_idle_ticks = lambda: wants_ticks
     c.on_step_boundary = lambda stepped=True: boundaries.append(stepped)
@@ -112,3 +113,37 @@ def test_a_boundary_trimmer_starts_no_thread_and_trims_when_asked():
 def test_an_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="boundary, thread"):
         HeapTrimmer(0.5, trim=lambda pad: 0, mode="sometimes")
+
+
+def test_in_frontend_mode_idle_the_engine_core_trims_itself_only_at_an_idle_moment_after_steps():
+    c, calls, _ = _controller(0.0)  # no worker trims: only the engine core's own
+    own: list[int] = []
+    clock = Clock()
+    c.own_trims = BoundaryTrims(10.0, clock=clock)
+    c.own_trimmer = HeapTrimmer(10.0, trim=own.append, mode="boundary")
+    c.on_idle()
+    assert own == []  # nothing served since start: nothing new to hand back
+    c.own_trims.stepped()
+    c.on_idle()
+    c.on_idle()
+    assert own == [0] and calls == []  # once, in this process, no worker call
+    c.own_trims.stepped()
+    c.on_idle()
+    assert own == [0]  # within the interval
+    clock.now += 10.0
+    c.on_idle()
+    assert own == [0, 0]
+
+
+def test_a_failed_own_trim_is_logged_and_serving_goes_on(caplog):
+    c, _, _ = _controller(0.0)
+
+    def broken(_):
+        raise OSError("no libc")
+
+    c.own_trims = BoundaryTrims(10.0, clock=Clock())
+    c.own_trimmer = HeapTrimmer(10.0, trim=broken, mode="boundary")
+    c.own_trims.stepped()
+    with caplog.at_level(logging.ERROR, logger="morphserve"):
+        c.on_idle()
+    assert "own heap trim failed" in caplog.text and not c.own_trims.owed

@@ -141,3 +141,39 @@ def test_a_front_process_trims_at_once_then_every_interval_and_starts_once(monke
         assert len(calls) >= 3
     finally:
         trimmer.stop()
+
+
+def test_a_front_process_in_mode_idle_waits_for_nothing_in_flight(monkeypatch):
+    from morphserve.runtime import heap_trimmer
+
+    monkeypatch.setattr(heap_trimmer, "_process_trimmer", None)
+    monkeypatch.setattr(heap_trimmer, "IDLE_POLL_S", 0.01)
+    calls, busy = [], [True]
+    trimmer = heap_trimmer.trim_this_process(0.02, trim=calls.append, idle=lambda: not busy[0])
+    try:
+        assert calls == [0]  # the start-up heap still goes at once
+        time.sleep(0.2)
+        assert calls == [0]  # due many times over, but a request was in flight throughout
+        busy[0] = False
+        deadline = time.monotonic() + 5
+        while len(calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(calls) >= 2
+    finally:
+        trimmer.stop()
+
+
+def test_the_api_server_is_idle_with_no_unfinished_request_or_no_engine_yet():
+    from types import SimpleNamespace
+
+    from morphserve.vllm.patches import _api_server_idle
+
+    def app(client):
+        return SimpleNamespace(state=SimpleNamespace(**({} if client is None else {"engine_client": client})))
+
+    def client(unfinished):
+        return SimpleNamespace(output_processor=SimpleNamespace(has_unfinished_requests=lambda: unfinished))
+
+    assert _api_server_idle(app(None))  # before the engine is up
+    assert _api_server_idle(app(client(False)))
+    assert not _api_server_idle(app(client(True)))

@@ -25,8 +25,9 @@ from morphserve.runtime import config as runtime_config
 from morphserve.runtime import huge_pages, onednn_cache, thread_binding
 from morphserve.runtime.frontend_cpus import DEFAULT_MODE as FRONTEND_DEFAULT, MODES as FRONTEND_MODES
 from morphserve.runtime.allocator import ALLOCATOR_ENV, ALLOCATORS, default_allocator, preload_env, resolve
-from morphserve.runtime.heap_trimmer import (DEFAULT_INTERVAL_S, DEFAULT_MIN_GROWTH_BYTES, DEFAULT_MODE, FRONTEND_INTERVAL_S,
-                                             MODES)
+from morphserve.runtime.heap_trimmer import (DEFAULT_INTERVAL_S, DEFAULT_MIN_GROWTH_BYTES, DEFAULT_MODE,
+                                             FRONTEND_DEFAULT_MODE as FRONTEND_TRIM_DEFAULT, FRONTEND_INTERVAL_S,
+                                             FRONTEND_MODES as FRONTEND_TRIM_MODES, MODES)
 from morphserve.errors import MorphServeError
 
 VLLM_SERVER_MODULE = "morphserve.vllm.server"  # vLLM's server entry; refusals in one line
@@ -86,6 +87,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--frontend-heap-trim-interval", type=float, default=FRONTEND_INTERVAL_S, metavar="S",
                    help="every S seconds (default 10) the engine core and the API server hand their own freed heap "
                         "back to the OS (about 30 MiB each after start-up on SmolLM2-135M); 0 turns it off")
+    p.add_argument("--frontend-heap-trim-mode", choices=FRONTEND_TRIM_MODES, default=FRONTEND_TRIM_DEFAULT,
+                   help="when the engine core and the API server trim their own heap: thread (default) from a "
+                        "thread every interval, also while they serve; idle: only once the interval has passed and "
+                        "the process has nothing in flight (the engine core no step to run, the API server no "
+                        "request), so no trim shares a core with serving")
     p.add_argument("--heap-trim-interval", type=float, default=DEFAULT_INTERVAL_S, metavar="S",
                    help="every S seconds (default 5) each worker returns its freed heap to the OS (glibc malloc_trim; a "
                         "prompt-length mix otherwise leaves hundreds of MiB freed but resident); 0 turns it off")
@@ -158,7 +164,8 @@ def build_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
            "kv_cold_cache_grace_s": args.kv_cold_cache_grace, "kv_cold_tail": args.kv_cold_tail,
            "kv_huge_pages": args.kv_huge_pages,
            "heap_trim_mode": args.heap_trim_mode,
-           "frontend_heap_trim_interval_s": args.frontend_heap_trim_interval, "frontend_cpus": args.frontend_cpus}
+           "frontend_heap_trim_interval_s": args.frontend_heap_trim_interval,
+           "frontend_heap_trim_mode": args.frontend_heap_trim_mode, "frontend_cpus": args.frontend_cpus}
     if args.memory_budget_gb is not None:
         cfg["memory_budget_gb"] = args.memory_budget_gb
     if args.policy:

@@ -22,6 +22,7 @@ SERVE_FLAGS = {
     "heap_trim_mode": "--heap-trim-mode",
     "heap_trim_min_growth_mb": "--heap-trim-min-growth-mb",
     "frontend_heap_trim_interval_s": "--frontend-heap-trim-interval",
+    "frontend_heap_trim_mode": "--frontend-heap-trim-mode",
     "kv_cold_cache_grace_s": "--kv-cold-cache-grace",
     "kv_cold_tail": "--kv-cold-tail",
     "kv_huge_pages": "--kv-huge-pages",
@@ -99,6 +100,8 @@ class System(BaseModel):
     frontend_heap_trim_interval_s: float | None = Field(
         None, ge=0, description="MorphServe only: `morphserve serve --frontend-heap-trim-interval` (default: serve's "
                                 "default)")
+    frontend_heap_trim_mode: Literal["thread", "idle"] | None = Field(
+        None, description="MorphServe only: `morphserve serve --frontend-heap-trim-mode` (default: serve's default)")
     kv_cold_cache_grace_s: float | None = Field(
         None, ge=0, description="MorphServe only: `morphserve serve --kv-cold-cache-grace` (default: serve's "
                                 "default)")

@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from morphserve.offline import pack as packfmt
 from morphserve.errors import MorphServeError, first_field_error
-from morphserve.runtime.heap_trimmer import DEFAULT_INTERVAL_S, DEFAULT_MIN_GROWTH_BYTES, DEFAULT_MODE, FRONTEND_INTERVAL_S
+from morphserve.runtime.heap_trimmer import (DEFAULT_INTERVAL_S, DEFAULT_MIN_GROWTH_BYTES, DEFAULT_MODE,
+                                              FRONTEND_DEFAULT_MODE, FRONTEND_INTERVAL_S)
 from morphserve.runtime.frontend_cpus import DEFAULT_MODE as FRONTEND_DEFAULT
 from morphserve.runtime.prompt_twin_choice import choose_prompt_twins
 
@@ -65,6 +66,11 @@ class MorphConfig(BaseModel):
         "the OS (glibc malloc_trim from a thread in each, on whatever core they run): about 30 MiB each after "
         "start-up on SmolLM2-135M, which a server otherwise keeps resident for its whole life (the memory that "
         "lets the workers trim every 5 s, not 0.5 s); 0 turns it off")
+    frontend_heap_trim_mode: Literal["thread", "idle"] = Field(
+        default=FRONTEND_DEFAULT_MODE, description="when the engine core and the API server trim their own heap: "
+        "from a thread every interval, also while they serve (thread), or only at an idle moment at least an "
+        "interval after the last trim (idle: the engine core when it has no step to run and has run one since, "
+        "the API server when no request is in flight), so a trim never shares a core with serving")
     heap_trim_mode: Literal["boundary", "thread"] = Field(
         default=DEFAULT_MODE, description="when the workers trim: at a step boundary once the interval has passed, "
         "asked by the engine core (boundary: a step pays at most one refault of its buffers), or from a thread in "

@@ -32,7 +32,7 @@ from morphserve.offline import pack as packfmt
 from morphserve.offline.ladder import Ladder, served_quality, with_prompt_twins
 from morphserve.runtime.frontend_cpus import keep_off_workers
 from morphserve.runtime.config import MorphConfig
-from morphserve.runtime.heap_trimmer import BoundaryTrims, trim_this_process
+from morphserve.runtime.heap_trimmer import BoundaryTrims, HeapTrimmer, trim_this_process
 from morphserve.runtime.kv_sizing import plan_budget, rest_floor
 from morphserve.runtime.manual_limit import SHARE_INVERSE, ManualRateLimit
 from morphserve.runtime.policy_loop import PolicyLoop
@@ -121,6 +121,10 @@ class MorphController:
         self.memory_reads = 0
         # the workers' heap trims at step boundaries (mode "boundary"; a "thread" worker trims by itself)
         self.heap_trims = BoundaryTrims(config.heap_trim_interval_s if config.heap_trim_mode == "boundary" else 0.0)
+        # the engine core's own heap, frontend mode "idle": trimmed here at idle moments (mode "thread": its thread)
+        idle_trims = config.frontend_heap_trim_mode == "idle"
+        self.own_trims = BoundaryTrims(config.frontend_heap_trim_interval_s if idle_trims else 0.0)
+        self.own_trimmer = HeapTrimmer(config.frontend_heap_trim_interval_s, mode="boundary")
 
     @classmethod
     def start(cls, raw_config: dict, engine, sampler) -> "MorphController":
@@ -145,7 +149,8 @@ class MorphController:
             controller.frontend_cpus = keep_off_workers(config.frontend_cpus, results)
         except Exception as e:  # where processes run is a courtesy to the workers: never a failed start
             log.warning("MorphServe: the engine core stays where it is (%s: %s)", type(e).__name__, e)
-        trim_this_process(config.frontend_heap_trim_interval_s)  # the engine core's own heap (the API server's: its app)
+        if config.frontend_heap_trim_mode == "thread":  # the engine core's own heap (the API server's: its app)
+            trim_this_process(config.frontend_heap_trim_interval_s)
         controller.rank_weight_bytes = max(r["weight_bytes"] for r in results)
         controller.prompt_twin_bytes = max(r.get("prompt_twin_bytes", 0) for r in results)
         if not any(r.get("heap_trim_available", True) for r in results):
@@ -274,11 +279,25 @@ class MorphController:
 
     def on_idle(self) -> None:
         """An idle moment (no step to run): a boundary for the policy while it may still
-        restore, and the heap trim owed by the last steps."""
+        restore, and the heap trims owed by the last steps (the workers', and in frontend
+        mode "idle" the engine core's own)."""
+        self.trim_own_heap_if_due()
         if self.wants_idle_ticks():
             self.on_step_boundary(stepped=False)
         else:
             self.trim_heap_if_due()
+
+    def trim_own_heap_if_due(self) -> None:
+        """The engine core's own freed heap, handed back while it has nothing to schedule
+        (frontend mode "idle"): malloc_trim here takes milliseconds, so no step waits on it."""
+        if not self.own_trims.due() or not self.own_trimmer.available:
+            return
+        try:
+            self.own_trimmer.trim_once()
+        except Exception:  # memory, not serving: never into vLLM's loop
+            log.exception("MorphServe: the engine core's own heap trim failed")
+        finally:
+            self.own_trims.done()
 
     def trim_heap_if_due(self) -> None:
         """The workers hand their freed heap back between two steps, never inside one
@@ -333,6 +352,7 @@ class MorphController:
             log.exception("MorphServe: reading the worker's memory failed")
         if stepped:
             self.heap_trims.stepped()
+            self.own_trims.stepped()
         self.trim_heap_if_due()
 
     def keep_tail_cold(self, now: float | None = None) -> None:

@@ -61,6 +61,9 @@ FRONTEND_INTERVAL_S = 10.0  # the engine core's and API server's own trims (trim
 DEFAULT_MIN_GROWTH_BYTES = 0  # every interval: see the module's docstring
 MODES = ("boundary", "thread")
 DEFAULT_MODE = "boundary"  # see the module's docstring
+FRONTEND_MODES = ("thread", "idle")
+FRONTEND_DEFAULT_MODE = "thread"  # see trim_this_process; "idle" is measured in docs/RESULTS.md, suite-v4-zen4zb
+IDLE_POLL_S = 0.5  # how often a due trim looks again for an idle moment
 
 
 class BoundaryTrims:
@@ -112,11 +115,13 @@ class HeapTrimmer:
     "boundary") or from a daemon thread every `interval_s` (mode "thread"); counts what it did."""
 
     def __init__(self, interval_s: float = DEFAULT_INTERVAL_S, trim=None,
-                 min_growth_bytes: int = DEFAULT_MIN_GROWTH_BYTES, rss=resident_bytes, mode: str = DEFAULT_MODE):
+                 min_growth_bytes: int = DEFAULT_MIN_GROWTH_BYTES, rss=resident_bytes, mode: str = DEFAULT_MODE,
+                 idle=None):
         if mode not in MODES:
             raise ValueError(f"heap trim mode must be one of {', '.join(MODES)}; got {mode!r}")
         self.mode = mode
         self.interval_s = interval_s
+        self.idle = idle  # mode "thread": a due trim waits until this says the process has nothing in flight
         self.min_growth_bytes = min_growth_bytes
         self._rss = rss
         self._floor: int | None = None  # the resident set after the last trim, or lower since
@@ -166,11 +171,20 @@ class HeapTrimmer:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
+            while self.idle is not None and not self._is_idle():
+                if self._stop.wait(IDLE_POLL_S):
+                    return
             try:
                 self.tick()
             except Exception:  # never take the worker down for a memory courtesy
                 log.exception("MorphServe: heap trim failed; stopping the trimmer")
                 return
+
+    def _is_idle(self) -> bool:
+        try:
+            return bool(self.idle())
+        except Exception:  # a predicate that cannot answer never stops the trims
+            return True
 
     def stop(self) -> None:
         self._stop.set()
@@ -187,17 +201,20 @@ class HeapTrimmer:
 _process_trimmer: HeapTrimmer | None = None  # this process's own (engine core or API server), at most one
 
 
-def trim_this_process(interval_s: float, trim=None) -> HeapTrimmer | None:
+def trim_this_process(interval_s: float, trim=None, idle=None) -> HeapTrimmer | None:
     """Start a thread that trims this process's heap every `interval_s` (the engine core's or
     the API server's, never a worker's: those trim at step boundaries). Either one keeps about
-    30 MiB of heap freed during start-up (imports, the tokenizer, the engine's profiling run)
-    resident for its whole life, and between steps it frees little more, so a long interval
-    hands that back at no cost to a step: the thread runs wherever that process runs, and
-    malloc_trim of a heap with nothing new to return takes about a millisecond. Once per process."""
+    30 MiB of heap freed after start-up (imports, the tokenizer, the engine's profiling run, the
+    first requests) resident for its whole life, and between steps it frees little more, so a
+    long interval hands that back at little cost: the thread runs wherever that process runs, and
+    malloc_trim of a heap with nothing new to return takes about a millisecond. With `idle` (the
+    frontend mode "idle") a due trim waits for a moment with no request in flight, so it never
+    lands while the process serves: on 2 vCPUs the engine core's trims shared cores with the
+    forward (docs/RESULTS.md, "dev-zen4-compiled-worker-quiet"). Once per process."""
     global _process_trimmer
     if interval_s <= 0 or _process_trimmer is not None:
         return _process_trimmer
-    trimmer = HeapTrimmer(interval_s, trim=trim, mode="thread")
+    trimmer = HeapTrimmer(interval_s, trim=trim, mode="thread", idle=idle)
     if trimmer.start():
         trimmer.trim_once()  # the start-up heap goes now, not one interval later
         _process_trimmer = trimmer

@@ -406,10 +406,20 @@ def _patch_attach_endpoint_plugins(original):
             app.include_router(router)
             metrics.install(app)
             from morphserve.runtime.heap_trimmer import trim_this_process
-            trim_this_process(runtime_config.ACTIVE.frontend_heap_trim_interval_s)
+            active = runtime_config.ACTIVE
+            idle = (lambda: _api_server_idle(app)) if active.frontend_heap_trim_mode == "idle" else None
+            trim_this_process(active.frontend_heap_trim_interval_s, idle=idle)
         return result
 
     return attach_endpoint_plugins
+
+
+def _api_server_idle(app) -> bool:
+    """No request in flight in this API server: vLLM's AsyncLLM keeps one state per unfinished
+    request in its output processor (app.state.engine_client, set once the engine is up).
+    Before that, or behind another client, the answer is yes: the trims go on as a thread's."""
+    processor = getattr(getattr(app.state, "engine_client", None), "output_processor", None)
+    return processor is None or not processor.has_unfinished_requests()
 
 
 # -- worker: KV allocation ---------------------------------------------------------------
