@@ -589,6 +589,8 @@ class MorphController:
             "prompt_twin_layers": self.config.prompt_twin_layers,  # resolved, where it was auto
             "prompt_twins_auto": self.prompt_twins_auto,  # what auto chose and why (None: not auto)
             "frontend_cpus": self.frontend_cpus,  # the engine core's and API server's CPUs, off the workers'
+            "engine_core_heap_trim": ({**self.own_trimmer.report(), "mode": "idle"}
+                                      if self.own_trims.interval_s > 0 else None),  # frontend mode idle only
             "quantized_layers": self.moves.level,  # deprecated name of `level`, kept one release
             "swappable_layers": len(self.order),
             "levels": self.num_layers,  # deprecated name of `max_level`
