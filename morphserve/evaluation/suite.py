@@ -118,6 +118,11 @@ class System(BaseModel):
         None, description="any system: its server's processes ask for transparent huge pages (auto) or not (off), "
                           "`morphserve serve --huge-pages` (morphserve.runtime.huge_pages); default: a plain vLLM "
                           "server as it starts, MorphServe at serve's default")
+    compute_cpus: Literal["all", "vllm"] | None = Field(
+        None, description="any system: which CPUs run the model's threads, `morphserve serve --compute-cpus` "
+                          "(morphserve.runtime.compute_cpus): all = every CPU (vLLM's VLLM_CPU_NUM_OF_RESERVED_CPU=0), "
+                          "vllm = vLLM's automatic binding, one CPU per rank kept for the engine core; default: "
+                          "vLLM's binding for a plain server, serve's default for MorphServe")
     max_num_batched_tokens: int | None = Field(
         None, ge=1, description="any system: vLLM's `--max-num-batched-tokens`, the tokens one step may schedule "
                                 "(default: vLLM's, 2048 for a CPU server); a fixed chunk for long prompts, the "
@@ -217,7 +222,7 @@ class Suite(BaseModel):
             if s["kv_cache_dtype"] == "auto":
                 del s["kv_cache_dtype"]
             for later in ("compress_mode", "tiers", "hold_level", *SERVE_FLAGS, "prompt_twin_layers", "huge_pages",
-                          "max_num_batched_tokens", "extra_memory_mb"):
+                          "max_num_batched_tokens", "extra_memory_mb", "compute_cpus"):
                 if s[later] is None:
                     del s[later]
             if not s["compiled"]:
