@@ -24,6 +24,7 @@ def test_all_sets_vllms_reserve_to_none_and_vllm_changes_nothing():
 ])
 def test_an_operators_choice_wins(env):
     before = dict(env)
+    assert compute_cpus.operator_chose(env) and not compute_cpus.operator_chose({compute_cpus.BIND_ENV: "auto"})
     assert compute_cpus.apply(env, "all") is None and env == before
 
 

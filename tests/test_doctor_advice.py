@@ -13,7 +13,7 @@ AVX512 = Machine(
     cores=2, memory_gib=24, vllm_version="0.32.0", supported_vllm="0.32.0", patch_problem=None,
     kernels={"bf16": "oneDNN", "w8a8": "oneDNN int8", "w4a16": "CPUWNA16"},
     tier_problems={"w8a8": None, "w4a16": None}, fp8_kv_problem=None,
-    tcmalloc="/usr/lib/libtcmalloc_minimal.so.4", quant_env=True)
+    tcmalloc="/usr/lib/libtcmalloc_minimal.so.4", quant_env=True, cpu_binding_set=True)
 AVX2 = replace(AVX512, isa="AVX2", features={"avx2": True},
                tier_problems={"w8a8": None, "w4a16": "no cpu_gemm_wna16"},
                fp8_kv_problem="FP8 KV cache on CPU requires x86 with AVX-512 or AMX.")
@@ -142,3 +142,13 @@ def test_the_screen_says_whether_serve_can_ask_for_huge_pages():
             in render(replace(AVX512, thp_mode="madvise"), None, None, a))
     assert "huge pages kernel THP mode never: none to ask for" in render(replace(AVX512, thp_mode="never"), None, None, a)
     assert "huge pages kernel THP mode unknown: none to ask for" in render(AVX512, None, None, a)
+
+
+def test_a_machine_of_few_cpus_is_told_that_vllms_binding_keeps_one_from_the_model():
+    few = replace(AVX512, cpu_binding_set=False)
+    [note] = [p for p in advise(few, TIERED, None).problems if "binding" in p.what]
+    assert not note.blocks_serving and "computes on 1" in note.what and "--compute-cpus all" in note.fix
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU=0" in note.fix
+    assert "binding" in render(few, TIERED, None, advise(few, TIERED, None))
+    for quiet in (replace(few, cores=16), replace(few, cores=1), AVX512):  # many CPUs, one, or the operator chose
+        assert not [p for p in advise(quiet, TIERED, None).problems if "binding" in p.what]

@@ -24,6 +24,10 @@ PROMPT_BATCH = 256
 SLOW_FRACTION = 0.67
 # A tier this much faster than bf16 at both batch sizes would beat bf16 at rest.
 FASTER_FRACTION = 1.10
+# vLLM's automatic CPU binding keeps one CPU per rank out of the model's threads for the engine
+# core (vllm/utils/ompmultiprocessing.py). At this many CPUs or fewer that is a quarter of the
+# machine or more, so the doctor names `--compute-cpus all` (morphserve.runtime.compute_cpus).
+FEW_CPUS = 4
 
 
 @dataclass
@@ -43,6 +47,8 @@ class Machine:
     quant_env: bool  # the llm-compressor environment `prepare` runs GPTQ in
     onednn_cache: int = 64  # oneDNN kernels a server's processes keep (morphserve.runtime.onednn_cache)
     thp_mode: str | None = None  # the kernel's transparent huge pages mode (morphserve.runtime.huge_pages)
+    # the operator set vLLM's CPU reserve or binding (VLLM_CPU_NUM_OF_RESERVED_CPU, VLLM_CPU_OMP_THREADS_BIND)
+    cpu_binding_set: bool = False
 
 
 @dataclass
@@ -141,6 +147,14 @@ def _machine_problems(m: Machine) -> list[Problem]:
                            "leave `--compute-dtype auto` (it picks fp32 here); where speed matters more than "
                            "memory, serve with `--dtype float32` (twice the weight and KV bytes; a swap to "
                            "W8A8 then frees 3 of every 4 weight bytes)", blocks_serving=False))
+    if 1 < m.cores <= FEW_CPUS and not m.cpu_binding_set:
+        out.append(Problem(
+            f"vLLM's CPU binding keeps 1 of this machine's {m.cores} CPUs for the engine core, so the model "
+            f"computes on {m.cores - 1}",
+            "`morphserve serve --compute-cpus all` (under `vllm serve`, VLLM_CPU_NUM_OF_RESERVED_CPU=0) computes on "
+            "every CPU, the engine core and API server sharing them: on a 2-CPU Zen 4 a 1,344-token prompt's step "
+            "took half the time (docs/SERVING.md, \"Which CPUs compute\"); a static checkpoint gains the same, so "
+            "compare both ways on your load (`compute_cpus: all` in `morphserve evaluate`)", blocks_serving=False))
     if m.fp8_kv_problem:
         out.append(Problem(f"FP8 KV cache unavailable: {m.fp8_kv_problem}",
                            "serve with the default KV dtype", blocks_serving=False))

@@ -13,7 +13,7 @@ from pathlib import Path
 from morphserve.doctor.advice import TIERS, Machine, Pack, Speed
 from morphserve.errors import USER_ERRORS
 from morphserve.evaluation.machine import describe
-from morphserve.runtime import huge_pages, onednn_cache
+from morphserve.runtime import compute_cpus, huge_pages, onednn_cache
 from morphserve.runtime.allocator import find_library
 from morphserve.runtime.tier_speed import FEATURES, vllm_version
 from quant_layers.cpu_kind import this_cpu
@@ -43,7 +43,7 @@ def machine(linear_shapes: dict[str, tuple[int, int]] | None, head_size: int | N
         kernels={}, tier_problems={t: "vLLM is not installed" for t in TIERS}, fp8_kv_problem=None,
         tcmalloc=str(find_library("tcmalloc") or "") or None, quant_env=_quant_env(),
         onednn_cache=onednn_cache.capacity(onednn_cache.bounded(dict(os.environ))),
-        thp_mode=huge_pages.kernel_mode(),
+        thp_mode=huge_pages.kernel_mode(), cpu_binding_set=compute_cpus.operator_chose(dict(os.environ)),
     )
     if version is None:
         return m

@@ -28,10 +28,15 @@ def apply(env: dict, mode: str) -> str | None:
     nothing changed (`vllm`, or the operator chose a reserve or a binding)."""
     if mode not in MODES:
         raise ValueError(f"compute CPUs {mode!r}: one of {', '.join(MODES)}")
-    if mode == "vllm" or RESERVED_ENV in env or env.get(BIND_ENV, "auto") != "auto":
+    if mode == "vllm" or operator_chose(env):
         return None
     env[RESERVED_ENV] = "0"
     return "0"
+
+
+def operator_chose(env: dict) -> bool:
+    """True where the operator set vLLM's reserve or its binding: `all` then changes nothing."""
+    return RESERVED_ENV in env or env.get(BIND_ENV, "auto") != "auto"
 
 
 def describe(env: dict, mode: str) -> str:
