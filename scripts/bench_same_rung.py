@@ -15,7 +15,11 @@ machine lands on both. Per child, eager mode, greedy, `ignore_eos`:
 - with `--decode-context N`: the model's forward time of a decode step at batch 1 and 8 over
   prompts of N tokens (the median over 63 steps, as vLLM itself times forwards with
   VLLM_LOG_BATCHSIZE_INTERVAL, read from its `vllm.forward_context` record): attention over long
-  contexts, which the 32-token decode cells hardly exercise, without sampling or scheduling.
+  contexts, which the 32-token decode cells hardly exercise, without sampling or scheduling;
+- with `--profile-batch B`: torch's profiler over one 64-token generate at batch B, each op's self
+  CPU milliseconds per generated step (the `PROFILE_TOP` dearest of each engine, and their sum):
+  where a per-step gap between the two engines lies, op by op. The profiler's own cost per op
+  call lands on both engines alike, so read its figures side by side, not as absolute speed.
 
     python scripts/bench_same_rung.py --model MODEL_DIR --pack PACK_DIR [--kv-cache-dtype fp8] [--rounds 3]
     python scripts/bench_same_rung.py --model MODEL_DIR --pack PACK_DIR --rung level0 --dtype float32
@@ -61,6 +65,25 @@ def generate_timer(llm):
 
 
 LONG_BATCHES = (1, 8)
+PROFILE_TOP = 25  # ops kept per engine: together they are nearly all of a step's CPU time
+PROFILE_STEPS = 64
+
+
+def op_profile(timed, batch: int) -> dict:
+    """Each op's self CPU ms per step over one `PROFILE_STEPS`-token generate at `batch`
+    (torch.profiler, every thread of this process: the in-process engine runs its forward
+    here), the dearest `PROFILE_TOP`, and the whole generate's wall ms per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    timed(batch, PROFILE_STEPS, salt=4242)  # warm: every shape already compiled and cached
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        timed(batch, PROFILE_STEPS, salt=4343)
+    wall = time.perf_counter() - t
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:PROFILE_TOP]
+    return {"batch": batch, "wall_ms_per_step": 1000 * wall / PROFILE_STEPS,
+            "self_ms_per_step": {e.key: e.self_cpu_time_total / 1000 / PROFILE_STEPS for e in events},
+            "calls_per_step": {e.key: e.count / PROFILE_STEPS for e in events}}
 
 
 def long_context_forwards(timed, context: int, repeats: int) -> dict[str, float]:
@@ -88,7 +111,7 @@ def long_context_forwards(timed, context: int, repeats: int) -> dict[str, float]
 
 def child(mode: str, model: str, pack: str, kv_dtype: str, repeats: int, prefill_batch: int,
           prefill_tokens: int, rung: str = "w8a8", dtype: str = "bfloat16", heap_trim: float | None = None,
-          decode_context: int = 0, compile: bool = False) -> dict:
+          decode_context: int = 0, compile: bool = False, profile_batch: int = 0) -> dict:
     from morphserve.evaluation.systems import static_w8a8_dir
     from morphserve.vllm.offline_engine import engine_core_of, in_process_llm
 
@@ -130,6 +153,8 @@ def child(mode: str, model: str, pack: str, kv_dtype: str, repeats: int, prefill
     result = {"mode": mode, "tiers": tiers, "decode_tok_s": decode, "prefill_tok_s": prefill}
     if decode_context:
         result["long_decode_forward_ms"] = long_context_forwards(timed, decode_context, repeats)
+    if profile_batch:
+        result["profile"] = op_profile(timed, profile_batch)
     return result
 
 
@@ -171,6 +196,27 @@ def print_cells(first: list[dict], second: list[dict], prefill: str) -> None:
         print(f"| {name} | {_summary(a)} | {_summary(b)} | {statistics.median(b) / statistics.median(a):.3f} |")
 
 
+def print_profile(first: list[dict], second: list[dict]) -> None:
+    """Per op, each side's self CPU ms per step (median [range] over the children; an op
+    outside a child's dearest PROFILE_TOP counts 0 there), dearest on either side first."""
+    def per_op(runs: list[dict], op: str) -> list[float]:
+        return [x["profile"]["self_ms_per_step"].get(op, 0.0) for x in runs]
+
+    ops = {op for x in first + second for op in x["profile"]["self_ms_per_step"]}
+    ops = sorted(ops, key=lambda op: -max(statistics.median(per_op(first, op)), statistics.median(per_op(second, op))))
+    print(f"\nself CPU ms per step at batch {first[0]['profile']['batch']} (torch profiler, {PROFILE_STEPS} steps)")
+    print("| op | static calls/step | static | MorphServe calls/step | MorphServe | difference |")
+    print("|---|---|---|---|---|---|")
+    wall = ([x["profile"]["wall_ms_per_step"] for x in first], [x["profile"]["wall_ms_per_step"] for x in second])
+    print(f"| (wall, profiled) | - | {_summary(wall[0])} | - | {_summary(wall[1])} | "
+          f"{statistics.median(wall[1]) - statistics.median(wall[0]):+.2f} |")
+    for op in ops:
+        a, b = per_op(first, op), per_op(second, op)
+        calls = [statistics.median([x["profile"]["calls_per_step"].get(op, 0.0) for x in runs]) for runs in (first, second)]
+        print(f"| {op} | {calls[0]:.0f} | {_summary(a)} | {calls[1]:.0f} | {_summary(b)} | "
+              f"{statistics.median(b) - statistics.median(a):+.2f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="the full-precision model folder the pack was prepared from")
@@ -194,18 +240,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true",
                     help="both engines run vLLM's compiled CPU graph (plain vLLM's default; MorphServe's --compile); "
                          "default: both eager")
+    ap.add_argument("--profile-batch", type=int, default=0, metavar="B",
+                    help="also profile one 64-token generate at batch B per child (torch profiler; each op's self "
+                         "CPU ms per step, engine against engine; default 0: not profiled)")
     ap.add_argument("--out", type=Path, default=None, help="also write every child's figures here as JSON")
     ap.add_argument("--child", choices=("static", "morph"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         emit_result(child(args.child, args.model, args.pack, args.kv_cache_dtype, args.repeats,
                           args.prefill_batch, args.prefill_tokens, args.rung, args.dtype, args.heap_trim_interval,
-                          args.decode_context, args.compile))
+                          args.decode_context, args.compile, args.profile_batch))
     common = ["--model", args.model, "--pack", args.pack, "--kv-cache-dtype", args.kv_cache_dtype,
               "--rung", args.rung, "--dtype", args.dtype,
               *(["--heap-trim-interval", repr(args.heap_trim_interval)] if args.heap_trim_interval is not None else []),
               "--repeats", str(args.repeats), "--prefill-batch", str(args.prefill_batch),
               "--prefill-tokens", str(args.prefill_tokens), "--decode-context", str(args.decode_context),
+              "--profile-batch", str(args.profile_batch),
               *(["--compile"] if args.compile else [])]
     if args.decode_context:  # vLLM reads it once, as it loads: the children inherit it
         from morphserve.vllm.offline_engine import FORWARD_TIMER_ENV
@@ -223,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         print("| cell | static W8A8 (plain vLLM) | MorphServe at all-W8A8 | morph / static |")
     print("|---|---|---|---|")
     print_cells(runs["static"], runs["morph"], f"{args.prefill_batch} x {args.prefill_tokens}")
+    if args.profile_batch:
+        print_profile(runs["static"], runs["morph"])
     if args.out:
         args.out.write_text(json.dumps({"compile": args.compile, "kv_cache_dtype": args.kv_cache_dtype, "rung": args.rung, "dtype": args.dtype,
                                         "heap_trim_interval": args.heap_trim_interval, "runs": runs}, indent=2) + "\n")
