@@ -31,6 +31,7 @@ of the medians. PACK_DIR must hold a W8A8 tier.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -76,14 +77,31 @@ def op_profile(timed, batch: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     timed(batch, PROFILE_STEPS, salt=4242)  # warm: every shape already compiled and cached
+    pauses = []  # Python's garbage collections during the profiled generate: (generation, seconds)
+    started = {}
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            started["t"] = time.perf_counter()
+        elif "t" in started:
+            pauses.append((info["generation"], time.perf_counter() - started.pop("t")))
+
+    gc.callbacks.append(on_gc)
     t = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        timed(batch, PROFILE_STEPS, salt=4343)
-    wall = time.perf_counter() - t
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            timed(batch, PROFILE_STEPS, salt=4343)
+    finally:
+        wall = time.perf_counter() - t
+        gc.callbacks.remove(on_gc)
     events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:PROFILE_TOP]
     return {"batch": batch, "wall_ms_per_step": 1000 * wall / PROFILE_STEPS,
             "self_ms_per_step": {e.key: e.self_cpu_time_total / 1000 / PROFILE_STEPS for e in events},
-            "calls_per_step": {e.key: e.count / PROFILE_STEPS for e in events}}
+            "calls_per_step": {e.key: e.count / PROFILE_STEPS for e in events},
+            # a collection scans every tracked object not frozen (gc.freeze), wherever it lands
+            "gc_ms_per_step": {str(g): 1000 * sum(s for gen, s in pauses if gen == g) / PROFILE_STEPS for g in (0, 1, 2)},
+            "gc_collections": {str(g): sum(1 for gen, _ in pauses if gen == g) for g in (0, 1, 2)},
+            "gc_tracked_objects": len(gc.get_objects()), "gc_frozen_objects": gc.get_freeze_count()}
 
 
 def long_context_forwards(timed, context: int, repeats: int) -> dict[str, float]:
@@ -154,7 +172,12 @@ def child(mode: str, model: str, pack: str, kv_dtype: str, repeats: int, prefill
     if decode_context:
         result["long_decode_forward_ms"] = long_context_forwards(timed, decode_context, repeats)
     if profile_batch:
+        before = core.morphserve_state()["boundary_us"] if mode == "morph" else None
         result["profile"] = op_profile(timed, profile_batch)
+        if before is not None:  # the controller's own time between steps, over the profiled generate
+            after = core.morphserve_state()["boundary_us"]
+            result["profile"]["boundary_ms_per_step"] = 1000 * (after["total_s"] - before["total_s"]) / max(
+                after["n"] - before["n"], 1)
     return result
 
 
@@ -210,6 +233,22 @@ def print_profile(first: list[dict], second: list[dict]) -> None:
     wall = ([x["profile"]["wall_ms_per_step"] for x in first], [x["profile"]["wall_ms_per_step"] for x in second])
     print(f"| (wall, profiled) | - | {_summary(wall[0])} | - | {_summary(wall[1])} | "
           f"{statistics.median(wall[1]) - statistics.median(wall[0]):+.2f} |")
+    outside = [[x["profile"]["wall_ms_per_step"] - sum(x["profile"]["self_ms_per_step"].values()) for x in runs]
+               for runs in (first, second)]
+    print(f"| (wall less every listed op's self time) | - | {_summary(outside[0])} | - | {_summary(outside[1])} | "
+          f"{statistics.median(outside[1]) - statistics.median(outside[0]):+.2f} |")
+    for g in ("0", "1", "2"):
+        pause = [[x["profile"]["gc_ms_per_step"][g] for x in runs] for runs in (first, second)]
+        count = [statistics.median([x["profile"]["gc_collections"][g] for x in runs]) for runs in (first, second)]
+        print(f"| (Python's gc, generation {g}: collections / ms per step) | {count[0]:.0f} | {_summary(pause[0])} | "
+              f"{count[1]:.0f} | {_summary(pause[1])} | {statistics.median(pause[1]) - statistics.median(pause[0]):+.2f} |")
+    objects = [[x["profile"]["gc_tracked_objects"] for x in runs] for runs in (first, second)]
+    frozen = [[x["profile"]["gc_frozen_objects"] for x in runs] for runs in (first, second)]
+    print(f"| (objects the gc tracks, frozen) | - | {statistics.median(objects[0]):.0f}, {statistics.median(frozen[0]):.0f} | - | "
+          f"{statistics.median(objects[1]):.0f}, {statistics.median(frozen[1]):.0f} | - |")
+    if all("boundary_ms_per_step" in x["profile"] for x in second):
+        print(f"| (MorphServe's controller between steps, its own clock) | - | - | - | "
+              f"{_summary([x['profile']['boundary_ms_per_step'] for x in second])} | - |")
     for op in ops:
         a, b = per_op(first, op), per_op(second, op)
         calls = [statistics.median([x["profile"]["calls_per_step"].get(op, 0.0) for x in runs]) for runs in (first, second)]
