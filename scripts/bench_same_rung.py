@@ -221,39 +221,35 @@ def print_cells(first: list[dict], second: list[dict], prefill: str) -> None:
 
 def print_profile(first: list[dict], second: list[dict]) -> None:
     """Per op, each side's self CPU ms per step (median [range] over the children; an op
-    outside a child's dearest PROFILE_TOP counts 0 there), dearest on either side first."""
-    def per_op(runs: list[dict], op: str) -> list[float]:
-        return [x["profile"]["self_ms_per_step"].get(op, 0.0) for x in runs]
+    outside a child's dearest PROFILE_TOP counts 0 there), dearest on either side first,
+    after the rows that are not ops (wall, time in no op, gc, the controller)."""
+    def sides(get) -> tuple[list[float], list[float]]:
+        return [get(x["profile"]) for x in first], [get(x["profile"]) for x in second]
 
-    ops = {op for x in first + second for op in x["profile"]["self_ms_per_step"]}
-    ops = sorted(ops, key=lambda op: -max(statistics.median(per_op(first, op)), statistics.median(per_op(second, op))))
+    def row(name: str, get, calls=None) -> None:
+        a, b = sides(get)
+        counts = ("-", "-") if calls is None else tuple(f"{statistics.median(c):.0f}" for c in sides(calls))
+        print(f"| {name} | {counts[0]} | {_summary(a)} | {counts[1]} | {_summary(b)} | "
+              f"{statistics.median(b) - statistics.median(a):+.2f} |")
+
     print(f"\nself CPU ms per step at batch {first[0]['profile']['batch']} (torch profiler, {PROFILE_STEPS} steps)")
     print("| op | static calls/step | static | MorphServe calls/step | MorphServe | difference |")
     print("|---|---|---|---|---|---|")
-    wall = ([x["profile"]["wall_ms_per_step"] for x in first], [x["profile"]["wall_ms_per_step"] for x in second])
-    print(f"| (wall, profiled) | - | {_summary(wall[0])} | - | {_summary(wall[1])} | "
-          f"{statistics.median(wall[1]) - statistics.median(wall[0]):+.2f} |")
-    outside = [[x["profile"]["wall_ms_per_step"] - sum(x["profile"]["self_ms_per_step"].values()) for x in runs]
-               for runs in (first, second)]
-    print(f"| (wall less every listed op's self time) | - | {_summary(outside[0])} | - | {_summary(outside[1])} | "
-          f"{statistics.median(outside[1]) - statistics.median(outside[0]):+.2f} |")
+    row("(wall, profiled)", lambda p: p["wall_ms_per_step"])
+    row("(wall less every listed op's self time)", lambda p: p["wall_ms_per_step"] - sum(p["self_ms_per_step"].values()))
     for g in ("0", "1", "2"):
-        pause = [[x["profile"]["gc_ms_per_step"][g] for x in runs] for runs in (first, second)]
-        count = [statistics.median([x["profile"]["gc_collections"][g] for x in runs]) for runs in (first, second)]
-        print(f"| (Python's gc, generation {g}: collections / ms per step) | {count[0]:.0f} | {_summary(pause[0])} | "
-              f"{count[1]:.0f} | {_summary(pause[1])} | {statistics.median(pause[1]) - statistics.median(pause[0]):+.2f} |")
-    objects = [[x["profile"]["gc_tracked_objects"] for x in runs] for runs in (first, second)]
-    frozen = [[x["profile"]["gc_frozen_objects"] for x in runs] for runs in (first, second)]
+        row(f"(Python's gc, generation {g}: collections / ms per step)", lambda p, g=g: p["gc_ms_per_step"][g],
+            calls=lambda p, g=g: p["gc_collections"][g])
+    objects, frozen = sides(lambda p: p["gc_tracked_objects"]), sides(lambda p: p["gc_frozen_objects"])
     print(f"| (objects the gc tracks, frozen) | - | {statistics.median(objects[0]):.0f}, {statistics.median(frozen[0]):.0f} | - | "
           f"{statistics.median(objects[1]):.0f}, {statistics.median(frozen[1]):.0f} | - |")
     if all("boundary_ms_per_step" in x["profile"] for x in second):
         print(f"| (MorphServe's controller between steps, its own clock) | - | - | - | "
               f"{_summary([x['profile']['boundary_ms_per_step'] for x in second])} | - |")
-    for op in ops:
-        a, b = per_op(first, op), per_op(second, op)
-        calls = [statistics.median([x["profile"]["calls_per_step"].get(op, 0.0) for x in runs]) for runs in (first, second)]
-        print(f"| {op} | {calls[0]:.0f} | {_summary(a)} | {calls[1]:.0f} | {_summary(b)} | "
-              f"{statistics.median(b) - statistics.median(a):+.2f} |")
+    ops = {op for x in first + second for op in x["profile"]["self_ms_per_step"]}
+    dearest = lambda op: -max(statistics.median(s) for s in sides(lambda p: p["self_ms_per_step"].get(op, 0.0)))  # noqa: E731
+    for op in sorted(ops, key=dearest):
+        row(op, lambda p, op=op: p["self_ms_per_step"].get(op, 0.0), calls=lambda p, op=op: p["calls_per_step"].get(op, 0.0))
 
 
 def main(argv: list[str] | None = None) -> int:
