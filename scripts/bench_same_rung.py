@@ -129,7 +129,8 @@ def long_context_forwards(timed, context: int, repeats: int) -> dict[str, float]
 
 def child(mode: str, model: str, pack: str, kv_dtype: str, repeats: int, prefill_batch: int,
           prefill_tokens: int, rung: str = "w8a8", dtype: str = "bfloat16", heap_trim: float | None = None,
-          decode_context: int = 0, compile: bool = False, profile_batch: int = 0) -> dict:
+          decode_context: int = 0, compile: bool = False, profile_batch: int = 0,
+          frontend_heap_trim: float | None = None) -> dict:
     from morphserve.evaluation.systems import static_w8a8_dir
     from morphserve.vllm.offline_engine import engine_core_of, in_process_llm
 
@@ -138,6 +139,8 @@ def child(mode: str, model: str, pack: str, kv_dtype: str, repeats: int, prefill
     if kv_dtype != "auto":
         kw["kv_cache_dtype"] = kv_dtype
     morph = {} if heap_trim is None else {"heap_trim_interval_s": heap_trim}
+    if frontend_heap_trim is not None:  # in-process, the front process's trimmer runs in the engine's own process
+        morph["frontend_heap_trim_interval_s"] = frontend_heap_trim
     if compile:  # vLLM's compiled graph, MorphServe's linears through their slots
         morph["compile"] = True
     if rung == "level0":
@@ -265,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="both engines' dtype (float32 where the CPU has no native bf16; default bfloat16)")
     ap.add_argument("--heap-trim-interval", type=float, default=None,
                     help="MorphServe's heap trimmer interval in seconds (0 = off; default: MorphServe's own)")
+    ap.add_argument("--frontend-heap-trim-interval", type=float, default=None,
+                    help="MorphServe's front-process heap trimmer interval in seconds (0 = off; default: MorphServe's "
+                         "own). In-process, the front process is the engine's own: its thread trims the engine's heap")
     ap.add_argument("--rounds", type=int, default=3, help="alternating static/morph rounds (default 3)")
     ap.add_argument("--repeats", type=int, default=2, help="timings per cell within a child; the best is kept")
     ap.add_argument("--prefill-batch", type=int, default=8, help="prompts in the prefill cell (default 8)")
@@ -284,10 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         emit_result(child(args.child, args.model, args.pack, args.kv_cache_dtype, args.repeats,
                           args.prefill_batch, args.prefill_tokens, args.rung, args.dtype, args.heap_trim_interval,
-                          args.decode_context, args.compile, args.profile_batch))
+                          args.decode_context, args.compile, args.profile_batch, args.frontend_heap_trim_interval))
     common = ["--model", args.model, "--pack", args.pack, "--kv-cache-dtype", args.kv_cache_dtype,
               "--rung", args.rung, "--dtype", args.dtype,
               *(["--heap-trim-interval", repr(args.heap_trim_interval)] if args.heap_trim_interval is not None else []),
+              *(["--frontend-heap-trim-interval", repr(args.frontend_heap_trim_interval)]
+                if args.frontend_heap_trim_interval is not None else []),
               "--repeats", str(args.repeats), "--prefill-batch", str(args.prefill_batch),
               "--prefill-tokens", str(args.prefill_tokens), "--decode-context", str(args.decode_context),
               "--profile-batch", str(args.profile_batch),
@@ -312,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         print_profile(runs["static"], runs["morph"])
     if args.out:
         args.out.write_text(json.dumps({"compile": args.compile, "kv_cache_dtype": args.kv_cache_dtype, "rung": args.rung, "dtype": args.dtype,
-                                        "heap_trim_interval": args.heap_trim_interval, "runs": runs}, indent=2) + "\n")
+                                        "heap_trim_interval": args.heap_trim_interval,
+                                        "frontend_heap_trim_interval": args.frontend_heap_trim_interval, "runs": runs}, indent=2) + "\n")
     return 0
 
 

@@ -11,14 +11,20 @@ few, if the scheduler skipped the request). The median gap per k compares two sy
 same work per step, without a profiler in the server.
 
     python scripts/decode_gaps.py RESULTS_DIR --window W --budget B --a w8a8-compiled --b held30 [--b bare30 ...]
+    python scripts/decode_gaps.py RESULTS_DIR --window W --budget B --a w8a8-compiled --b morph --by-level morph
 
 Prints, per batch size, each system's median gap in ms and its count over every repetition,
 then each system over `--a` (the median over batch sizes where both have `--min-gaps` gaps).
+With `--by-level S`, also S's gaps split by the level MorphServe served at each gap's middle
+(from each run's `transitions.jsonl`, whose moves carry the server's monotonic clock, the
+clock the client stamps its requests with on the same machine): a per-step cost that only
+some levels pay shows there.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import statistics
 import sys
@@ -36,18 +42,44 @@ def spans(rows: list[dict]) -> list[tuple[float, float, float, list[float]]]:
     return out
 
 
-def gaps_by_batch(rows: list[dict], max_batch: int = 64) -> dict[int, list[float]]:
-    """Decode gaps (s) with no prompt in flight, keyed by the requests decoding at the gap's
-    midpoint (capped at `max_batch`)."""
+def decode_gaps(rows: list[dict], max_batch: int = 64):
+    """(batch, the gap's middle, gap seconds) for every gap with no prompt in flight; the batch
+    is the requests decoding at the middle (capped at `max_batch`)."""
     req = spans(rows)
-    out: dict[int, list[float]] = {}
     for i, (_, _, _, times) in enumerate(req):
         for a, b in zip(times, times[1:]):
             if any(sent <= b and first >= a for j, (sent, first, _, _) in enumerate(req) if j != i):
                 continue  # another request's prompt overlapped this gap
             mid = (a + b) / 2
             batch = sum(1 for (_, first, last, _) in req if first <= mid <= last)
-            out.setdefault(min(batch, max_batch), []).append(b - a)
+            yield min(batch, max_batch), mid, b - a
+
+
+def gaps_by_batch(rows: list[dict], max_batch: int = 64) -> dict[int, list[float]]:
+    """Decode gaps (s) with no prompt in flight, keyed by the requests decoding at the gap's
+    midpoint (capped at `max_batch`)."""
+    out: dict[int, list[float]] = {}
+    for batch, _, gap in decode_gaps(rows, max_batch):
+        out.setdefault(batch, []).append(gap)
+    return out
+
+
+def level_changes(transitions: list[dict]) -> tuple[int, list[float], list[int]]:
+    """(the level before the first move, the monotonic times of every level reached, those
+    levels), from a run's transitions (each move lists the levels it passed through)."""
+    points = sorted((mono, level) for t in transitions for mono, _wall, level in t.get("levels") or [])
+    first = transitions[0]["from"] if transitions else 0
+    return first, [m for m, _ in points], [lv for _, lv in points]
+
+
+def gaps_by_batch_and_level(rows: list[dict], transitions: list[dict],
+                            max_batch: int = 64) -> dict[tuple[int, int], list[float]]:
+    """Decode gaps keyed by (batch, the level served at the gap's middle)."""
+    first, times, levels = level_changes(transitions)
+    out: dict[tuple[int, int], list[float]] = {}
+    for batch, mid, gap in decode_gaps(rows, max_batch):
+        i = bisect.bisect_right(times, mid)
+        out.setdefault((batch, levels[i - 1] if i else first), []).append(gap)
     return out
 
 
@@ -70,6 +102,29 @@ def load(folder: Path) -> dict[int, list[float]]:
     return merged
 
 
+def load_by_level(folder: Path) -> dict[tuple[int, int], list[float]]:
+    merged: dict[tuple[int, int], list[float]] = {}
+    for rep in sorted(folder.glob("rep*")):
+        requests, moves = rep / "requests.jsonl", rep / "transitions.jsonl"
+        if requests.is_file() and moves.is_file():
+            rows = [json.loads(line) for line in requests.read_text().splitlines() if line.strip()]
+            transitions = [json.loads(line) for line in moves.read_text().splitlines() if line.strip()]
+            for k, v in gaps_by_batch_and_level(rows, transitions).items():
+                merged.setdefault(k, []).extend(v)
+    return merged
+
+
+def print_by_level(system: str, data: dict[tuple[int, int], list[float]]) -> None:
+    levels = sorted({lv for _, lv in data})
+    print(f"\n{system}, by the level served:")
+    print("| batch | " + " | ".join(f"level {lv} ms (gaps)" for lv in levels) + " |")
+    print("|---" * (len(levels) + 1) + "|")
+    for k in sorted({b for b, _ in data}):
+        cells = [f"{statistics.median(data[(k, lv)]) * 1000:.1f} ({len(data[(k, lv)])})" if (k, lv) in data else "-"
+                 for lv in levels]
+        print(f"| {k} | " + " | ".join(cells) + " |")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", type=Path, help="a `morphserve evaluate --out` folder")
@@ -78,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--a", required=True, help="the reference system")
     ap.add_argument("--b", required=True, action="append", help="a system compared with it (repeatable)")
     ap.add_argument("--min-gaps", type=int, default=50, help="gaps a batch size needs in both systems to count")
+    ap.add_argument("--by-level", metavar="SYSTEM", action="append", default=[],
+                    help="also this MorphServe system's gaps by the level it served (needs its transitions.jsonl; "
+                         "repeatable)")
     args = ap.parse_args(argv)
     base = args.results / args.window / args.budget
     systems = [args.a, *args.b]
@@ -96,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         r = ratio(data[args.a], data[s], args.min_gaps)
         print(f"{s} / {args.a}: " + (f"{r[0]:.3f}x (median over batch sizes {r[1]})" if r else
                                      f"no batch size with {args.min_gaps} gaps in both"))
+    for s in args.by_level:
+        by_level = load_by_level(base / s)
+        if not by_level:
+            print(f"error: no requests.jsonl with transitions.jsonl under {base / s}", file=sys.stderr)
+            return 2
+        print_by_level(s, by_level)
     return 0
 
 

@@ -45,3 +45,29 @@ def test_main_refuses_a_folder_without_requests(tmp_path, capsys):
     assert "for y" in capsys.readouterr().err
     assert gaps.main([str(tmp_path), "--window", "w", "--budget", "b", "--a", "x", "--b", "x", "--min-gaps", "1"]) == 0
     assert "1.000x" in capsys.readouterr().out
+
+
+def test_gaps_are_split_by_the_level_served_at_their_middle():
+    # the server starts at level 0, is at 30 from 0.32 on (a move through 15), at 33 from 0.46
+    moves = [{"from": 0, "to": 30, "levels": [[0.31, 1e9, 15], [0.32, 1e9, 30]]},
+             {"from": 30, "to": 33, "levels": [[0.46, 1e9, 33]]}]
+    out = gaps.gaps_by_batch_and_level([A, B], moves)
+    assert sorted(out) == [(1, 0), (1, 33), (2, 30)]
+    assert out[(1, 0)] == pytest.approx([0.1])  # A alone, before B was sent
+    assert sorted(out[(2, 30)]) == pytest.approx([0.1, 0.12])
+    assert out[(1, 33)] == pytest.approx([0.14])  # B alone after A ended
+    # no move at all: every gap at level 0
+    assert set(gaps.gaps_by_batch_and_level([A, B], [])) == {(1, 0), (2, 0)}
+
+
+def test_main_by_level_needs_the_transitions(tmp_path, capsys):
+    rep = tmp_path / "w" / "b" / "m" / "rep1"
+    rep.mkdir(parents=True)
+    (rep / "requests.jsonl").write_text(json.dumps(A) + "\n" + json.dumps(B) + "\n")
+    args = [str(tmp_path), "--window", "w", "--budget", "b", "--a", "m", "--b", "m", "--min-gaps", "1",
+            "--by-level", "m"]
+    assert gaps.main(args) == 2 and "transitions.jsonl" in capsys.readouterr().err
+    (rep / "transitions.jsonl").write_text(json.dumps({"from": 0, "to": 30, "levels": [[0.32, 1e9, 30]]}) + "\n")
+    assert gaps.main(args) == 0
+    out = capsys.readouterr().out
+    assert "m, by the level served:" in out and "| level 0 ms (gaps) | level 30 ms (gaps) |" in out
