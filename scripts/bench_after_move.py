@@ -31,6 +31,8 @@ MAX_WAIT_GENERATES = 50  # tiny generates that drive step boundaries until a bac
 
 
 def main(argv: list[str] | None = None) -> int:
+    from morphserve.runtime import compute_cpus
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="the full-precision model folder the pack was prepared from")
     ap.add_argument("--pack", required=True, help="the pack")
@@ -40,13 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--generates", type=int, default=6, help="consecutive generates timed per series (default 6)")
     ap.add_argument("--rounds", type=int, default=2, help="times the whole sequence runs (default 2)")
     ap.add_argument("--eager", action="store_true", help="eager engine (default: compiled, as served)")
-    ap.add_argument("--compute-cpus", choices=("vllm", "all"), default="vllm",
+    ap.add_argument("--compute-cpus", choices=compute_cpus.MODES, default=compute_cpus.DEFAULT_MODE,
                     help="vllm (default): vLLM's binding; all: every CPU computes (morphserve serve --compute-cpus all)")
     args = ap.parse_args(argv)
     if not 0 <= args.low < args.high:
         ap.error("--low must be below --high (a restore is what is timed)")
 
-    from morphserve.runtime import compute_cpus
     from morphserve.vllm.offline_engine import controller_of, engine_core_of, in_process_llm
 
     compute_cpus.apply(os.environ, args.compute_cpus)  # read by vLLM's worker as it binds its threads

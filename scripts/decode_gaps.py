@@ -91,13 +91,16 @@ def ratio(a: dict[int, list[float]], b: dict[int, list[float]], min_gaps: int) -
     return statistics.median(statistics.median(b[k]) / statistics.median(a[k]) for k in common), common
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def load(folder: Path) -> dict[int, list[float]]:
     merged: dict[int, list[float]] = {}
     for rep in sorted(folder.glob("rep*")):
         path = rep / "requests.jsonl"
         if path.is_file():
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            for k, v in gaps_by_batch(rows).items():
+            for k, v in gaps_by_batch(read_jsonl(path)).items():
                 merged.setdefault(k, []).extend(v)
     return merged
 
@@ -107,9 +110,7 @@ def load_by_level(folder: Path) -> dict[tuple[int, int], list[float]]:
     for rep in sorted(folder.glob("rep*")):
         requests, moves = rep / "requests.jsonl", rep / "transitions.jsonl"
         if requests.is_file() and moves.is_file():
-            rows = [json.loads(line) for line in requests.read_text().splitlines() if line.strip()]
-            transitions = [json.loads(line) for line in moves.read_text().splitlines() if line.strip()]
-            for k, v in gaps_by_batch_and_level(rows, transitions).items():
+            for k, v in gaps_by_batch_and_level(read_jsonl(requests), read_jsonl(moves)).items():
                 merged.setdefault(k, []).extend(v)
     return merged
 
