@@ -73,6 +73,10 @@ from policies.base import Decision, PolicyBase, PolicyState
 # A move up goes past its first sufficient rung only for a step at least this much faster:
 # a kernel profile's noise (a few % between repetitions) must not buy quality loss.
 FURTHER_GAIN = 0.05
+# A move down under load needs this much speed (a request computed sooner): less than a move
+# up needs, since it buys quality too, and more than nothing, since rungs the model cannot
+# tell apart (no profile, or one tier) are no reason to move while a burst grows.
+SPEED_DOWN_GAIN = 0.01
 # What `further`'s reason carries when the slack stopped the climb short of the run's top
 # (the calm restore reads it, so the two words cannot drift apart).
 SLACK_MARK = "(further_slack)"
@@ -310,13 +314,18 @@ class DemandPolicy(PolicyBase):
                        f"{demand:.0f}) whose step meets {bound:.3f}s ({steps[k]:.3f}s){sooner}"), False
         known = [k for k, step in steps.items() if step is not None]
         if known:
-            k = min(known, key=lambda j: (steps[j], j))
+            k, stay = self.fastest_for_requests(s, known, steps, min(current, top))
             # Every level breaks the bound: the one that gets the work in the system through
             # soonest, where KV holds the batch back (the fastest step was level 0 for an fp32
             # engine on an AVX2-only EPYC, the level with the least KV, and its queue grew).
             # Not where the prompts it admits would stall the decodes beside them past what
-            # the fastest level's do: those requests would break TPOT instead of TTFT.
-            timed = {j: w for j in known if (w := self.work_at(s, j, current, projected)) is not None}
+            # the fastest level's do: those requests would break TPOT instead of TTFT. Only
+            # levels whose KV admits a bigger batch than k's compete: between levels admitting
+            # the same batch the work is a kernel race, which `fastest_for_requests` settled
+            # with the arriving prompts counted (the work in the system may hold none).
+            wider = self.batch_at(s, k, projected) * (1 + 1e-9)
+            timed = {j: w for j in known if (j == k or self.batch_at(s, j, projected) > wider)
+                     and (w := self.work_at(s, j, current, projected)) is not None}
             if k in timed:
                 best = min(timed, key=lambda j: (timed[j], j))
                 spared = {j: w for j, w in timed.items() if self.spares_decodes(s, j, k, bound, projected)}
@@ -331,12 +340,74 @@ class DemandPolicy(PolicyBase):
                                f"{steps[k]:.3f}s); {best} would get the work through sooner ({timed[best]:.1f}s "
                                f"against {timed[k]:.1f}s), but the prompts it admits would stall the decodes "
                                f"beside them ({stall:.3f}s a token against {at_k})"), False
-            return k, f"speed: compute-bound at every level; the fastest is {k} (predicted step {steps[k]:.3f}s)", False
+            return k, (f"speed: compute-bound at every level; the fastest is {k} (predicted step {steps[k]:.3f}s)"
+                       f"{stay}"), False
         if not unknown_ok:
             return min(current, top), (f"speed: compute-bound, mean step {s.step_time_s:.3f}s > {bound:.3f}s, "
                                        f"and no level is known to be faster"), False
         return top, (f"{limited or 'capacity'}: demand {demand:.0f} blocks; no level up to {top} covers it, "
                      f"{top} has the most capacity"), False
+
+    def request_seconds(self, s, level: int, batch: float) -> float | None:
+        """Compute seconds one request costs at `level` where the CPU is what runs out: its
+        prompt (the mean prompt's tokens at the level's prefill cost) and its share of the
+        decode steps at `batch` (the expected output's tokens x the step / batch). A rung that
+        decodes a small batch faster can prefill several times slower, and in a compute-bound
+        window every arriving prompt pays that (a Zen 4 EPYC: W4A16 0.44 against W8A8's 0.62 ms
+        a layer at batch 1, 3.3x W8A8's cost at 256 prompt tokens; ranked by the decode step
+        alone, a server took 3 W4A16 layers at batch 1-2 and fell behind static W8A8 for the
+        rest of the window, docs/RESULTS.md "dev-zen4-compute-steps and -b"). The decode step
+        alone where a request's size or a prompt's cost is not known (the same for every level:
+        one profile, one set of signals)."""
+        model = s.step_model
+        step = model.predict(level, batch) if model is not None else None
+        if step is None:
+            return None
+        if s.prompt_tokens_per_request <= 0 or s.output_tokens_per_request <= 0:
+            return step
+        prompt = model.prefill_seconds(level, s.prompt_tokens_per_request)
+        return step if prompt is None else prompt + step * s.output_tokens_per_request / batch
+
+    def fastest_for_requests(self, s, known: list[int], steps: dict, here: int) -> tuple[int, str]:
+        """(the level among `known` to serve, what the reason adds): the one that computes a
+        request soonest at the present batch (`request_seconds`), unless that is a move up
+        from `here` for less than FURTHER_GAIN: the profile's noise must not buy quality loss
+        (the fallback moved 30 -> 33 for ~2% of predicted step). A move down is taken for any
+        gain: it buys quality as well, and a move back up needs FURTHER_GAIN, so the two
+        cannot alternate on one prediction."""
+        batch = max(1.0, float(s.running))
+        cost = {j: self.request_seconds(s, j, batch) for j in known}
+        priced = [j for j in known if cost[j] is not None]
+        if not priced:
+            return min(known, key=lambda j: (steps[j], j)), ""
+        k = min(priced, key=lambda j: (cost[j], j))
+        if here in priced and k > here and cost[here] * (1 - FURTHER_GAIN) <= cost[k]:
+            return here, (f"; staying at {here}: it computes a request in {cost[here]:.2f}s, within "
+                          f"{FURTHER_GAIN:.0%} of {k}'s {cost[k]:.2f}s")
+        if s.prompt_tokens_per_request > 0 and s.output_tokens_per_request > 0:
+            return k, (f"; {k} computes a request ({s.prompt_tokens_per_request:.0f} prompt tokens, "
+                       f"{s.output_tokens_per_request:.0f} output tokens at batch {batch:.0f}) in {cost[k]:.2f}s")
+        return k, ""
+
+    def speed_down(self, s, state: PolicyState, target: int, fits: bool, reason: str) -> Decision | None:
+        """A move down under load, where the rung below computes the work no slower: without
+        it a lower, faster rung waited for calm, which a compute-bound window never gives (a
+        Zen 4 EPYC held 3 W4A16 layers for 93 s "waiting for calm" while every prompt paid
+        their slower prefill). Goes to where a move up from `target` would stop (`further`,
+        below the level served) when `target` meets every test, else to `target`. Guards
+        against flapping: the rung must hold the demand with the move-up headroom and compute
+        a request (`request_seconds`) SPEED_DOWN_GAIN faster than the level served, while a
+        move up needs FURTHER_GAIN; the cooldown applies. None: no such move."""
+        level, batch = state.level, max(1.0, float(s.running))
+        to = self.further(s, target, level - 1, batch=batch)[0] if fits else target
+        if to >= level or self.capacity[to] < self.demand_blocks(s) * (1 + self.cfg.headroom):
+            return None
+        there, here = self.request_seconds(s, to, batch), self.request_seconds(s, level, batch)
+        if there is None or here is None or there > here * (1 - SPEED_DOWN_GAIN):
+            return None
+        return self._down_to(state, s.time, to,
+                             f"speed: under load, level {to} computes a request in {there:.2f}s against "
+                             f"{here:.2f}s at level {level} and holds the demand ({reason})", need_calm=False)
 
     def _costs(self, s, level: int, batch: float) -> tuple[float | None, float | None]:
         """(decode step at `batch`, seconds per prompt token) the step-time model predicts
@@ -513,6 +584,18 @@ class DemandPolicy(PolicyBase):
                                 replace(state, calm_since=None))
         if target == level:
             return Decision(level, f"hold: {reason}", replace(state, calm_since=None))
+        calm = self._restore(s, state, resting)
+        if calm.target < level or not (s.running > 0 or s.queue_len > 0):
+            return calm
+        # the calm restore holds under load; a rung below that is no slower need not wait
+        down = self.speed_down(s, state, target, fits, reason)
+        if down is None:
+            return calm
+        # a move, or the cooldown it waits out (the calm path's state: no calm began here)
+        return down if down.target < level else replace(down, state=calm.state)
+
+    def _restore(self, s, state: PolicyState, resting: bool) -> Decision:
+        c, now, level = self.cfg, s.time, state.level
         # lower: only after calm, and to where the wider margins still hold
         present = self.demand_blocks(s, projected=False)
         lower, why, fits = self.choose(s, level, present, c.restore_headroom, level,

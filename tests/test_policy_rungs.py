@@ -592,8 +592,14 @@ def test_a_slower_rung_is_not_held_for_a_speed_it_does_not_give():
     assert true_step(AVX2_FP32, 13, 30) > true_step(AVX2_FP32, 0, 30)
     d = p.decide(calm, state)
     assert d.target == 0 and "no level meets the restore margins" in d.reason, d.reason
-    # it still waits for calm
-    assert p.decide(calm, PolicyState(level=13, last_change=100.0, calm_since=None)).target == 13
+    # with requests running it does not wait for calm (level 0 computes a request faster and
+    # holds the demand: a move down for speed), but it waits out the cooldown
+    early = p.decide(calm, PolicyState(level=13, last_change=100.0, calm_since=None))
+    assert early.target == 0 and "under load" in early.reason, early.reason
+    assert p.decide(calm, PolicyState(level=13, last_change=199.5, calm_since=None)).target == 13
+    # idle, a restore still waits for calm
+    idle = dataclasses.replace(calm, running=0, used_blocks=0, need_blocks=0)
+    assert p.decide(idle, PolicyState(level=13, last_change=100.0, calm_since=None)).target == 13
     relieved = load(50, AVX512, level=L, time=200.0)
     assert p.predicted_step(relieved, L, projected=False) > restore_bound
     assert p.decide(relieved, PolicyState(level=L, last_change=100.0, calm_since=196.0)).target == L
