@@ -35,7 +35,8 @@ soonest (the prompts' prefill and the output tokens still expected, decoded at t
 level admits: a prefill a few percent faster is no gain at a rung that decodes 3x slower),
 staying where it is unless that gains FURTHER_GAIN; else the one with the most
 capacity whose step (and prompts, where some level can) still meet their bounds, else the
-fastest predicted one, else the top. In each of these, a level taken for its capacity must
+one that computes a request soonest (its prompt and its share of the decode steps: a rung
+that decodes batch 1 faster can prefill 3x slower), else the top. In each of these, a level taken for its capacity must
 spare the decodes beside the prompts it admits (`spares_decodes`): where prompts are long
 and outputs short, a bigger batch turns the requests it serves sooner into TPOT failures.
 
@@ -46,7 +47,10 @@ the budget, and a level whose own cost is within the budget is always allowed (s
 can only bring an over-spent average back), so a spent budget lowers the level to that
 floor, never to bf16 under load.
 
-Restores (to any lower level) need an empty queue held for `calm_s`, and go to the first
+Under load a move down does not wait for calm where the rung below holds the demand and
+computes a request at least SPEED_DOWN_GAIN sooner (`speed_down`): a compute-bound window
+never gives calm, and a slower rung held for it slows every request. Other restores (to any
+lower level) need an empty queue held for `calm_s`, and go to the first
 level that meets the same tests with the wider margins: capacity >= present demand x
 (1 + restore_headroom), predicted step <= tpot_slo x restore_margin. The gaps between the
 margins are the hysteresis, and a restore is judged by the step predicted *at the level it
@@ -390,7 +394,7 @@ class DemandPolicy(PolicyBase):
         return k, ""
 
     def speed_down(self, s, state: PolicyState, target: int, fits: bool, reason: str) -> Decision | None:
-        """A move down under load, where the rung below computes the work no slower: without
+        """A move down under load, where a rung below computes a request sooner: without
         it a lower, faster rung waited for calm, which a compute-bound window never gives (a
         Zen 4 EPYC held 3 W4A16 layers for 93 s "waiting for calm" while every prompt paid
         their slower prefill). Goes to where a move up from `target` would stop (`further`,
@@ -595,6 +599,8 @@ class DemandPolicy(PolicyBase):
         return down if down.target < level else replace(down, state=calm.state)
 
     def _restore(self, s, state: PolicyState, resting: bool) -> Decision:
+        """The calm restore: a move down for quality once the queue has been empty for
+        `calm_s`, to where the wider margins hold; a hold (its calm clock kept) otherwise."""
         c, now, level = self.cfg, s.time, state.level
         # lower: only after calm, and to where the wider margins still hold
         present = self.demand_blocks(s, projected=False)
