@@ -6,12 +6,13 @@ Short prompts and outputs here: with the trace's long tail of prompt lengths, vL
 worker heap keeps growing for minutes as new activation shapes appear (plain vLLM does the
 same, see RESULTS.md), which would hide a leak of MorphServe's in one minute.
 
-The memory bar here is 2.5%, not the 10-minute run's 1%: over one minute the unexplained
-anonymous memory (about 1.6 GiB, nearly all vLLM's worker) moved +0.25%, +0.32% and +0.41%
-in three runs, and once past 1% in a full suite, so 1% tested malloc's noise. 2.5% is
-about 40 MiB; one SmolLM2 decoder layer is 7.1 MB in bf16, and the run makes at least 10
-transitions, so leaking even one layer per transition (the smallest unit MorphServe moves)
-would be 70 MB or more and still fail it.
+The memory bar here is 3.5%, not the 10-minute run's 1%: over one minute the unexplained
+anonymous memory (1.1-1.6 GiB, nearly all vLLM's worker) moved +0.25%, +0.32% and +0.41%
+in three runs, once past 1% in a full suite, and once +2.67% in a fresh clone's full suite
+on a Zen 4 (one +32 MiB step between two checkpoints at level 0; alone on the same machine
++1.06%), so 2.5% tested malloc's noise too. 3.5% is 40-56 MiB; one SmolLM2 decoder layer is
+7.1 MB in bf16, and the run makes at least 10 transitions, so leaking even one layer per
+transition (the smallest unit MorphServe moves) would be 70 MB or more and still fail it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def test_one_minute_soak(model_dir, pack_dir, tmp_path, fast_dtype):
     proc = subprocess.run([sys.executable, "scripts/soak.py", "--model", str(model_dir), "--pack", str(pack_dir),
                            "--duration", "60", "--warmup", "15", "--checkpoint-every", "8", "--force-every", "2",
                            "--max-input", "64", "--max-output", "32", "--dtype", fast_dtype,
-                           "--memory-growth-limit", "0.025", "--min-level-events", "8",
+                           "--memory-growth-limit", "0.035", "--min-level-events", "8",
                            "--min-transitions", "10",
                            "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.exists(), proc.stderr[-3000:]
