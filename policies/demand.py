@@ -376,9 +376,10 @@ class DemandPolicy(PolicyBase):
         """(the level among `known` to serve, what the reason adds): the one that computes a
         request soonest at the present batch (`request_seconds`), unless that is a move up
         from `here` for less than FURTHER_GAIN: the profile's noise must not buy quality loss
-        (the fallback moved 30 -> 33 for ~2% of predicted step). A move down is taken for any
-        gain: it buys quality as well, and a move back up needs FURTHER_GAIN, so the two
-        cannot alternate on one prediction."""
+        (the fallback moved 30 -> 33 for ~2% of predicted step). A lower level is named for
+        any gain; under load `speed_down` then takes it for SPEED_DOWN_GAIN (it buys quality
+        as well), and a move back up needs FURTHER_GAIN, so the two cannot alternate on one
+        prediction."""
         batch = max(1.0, float(s.running))
         cost = {j: self.request_seconds(s, j, batch) for j in known}
         priced = [j for j in known if cost[j] is not None]
