@@ -18,6 +18,11 @@ from pathlib import Path
 class CpuKind:
     model: str
     flags: frozenset[str]
+    # /proc/cpuinfo's "cpu family" and "model" numbers: the microarchitecture, which the name
+    # often hides (a Zen 4 and a Zen 5 both read "AMD EPYC" with the same deciding flags, yet
+    # time the same kernels differently); "" where cpuinfo does not say.
+    family: str = ""
+    model_number: str = ""
 
     @property
     def amx(self) -> bool:
@@ -41,12 +46,18 @@ class CpuKind:
             return "AVX-512" + ("+BF16" if self.native_bf16 else "")
         return "AVX2" if "avx2" in self.flags else "x86 (no AVX2)"
 
+    @property
+    def generation(self) -> str:
+        """"family 26 model 2", or "" where unknown."""
+        return f"family {self.family} model {self.model_number}" if self.family else ""
+
     def describe(self) -> str:
-        return f"{self.model} ({self.isa})"
+        return f"{self.model} ({self.isa}{', ' + self.generation if self.generation else ''})"
 
 
 def parse_cpuinfo(text: str) -> CpuKind:
     model, flags = "unknown CPU", frozenset()
+    numbers: dict[str, str] = {}
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip()
@@ -54,7 +65,9 @@ def parse_cpuinfo(text: str) -> CpuKind:
             model = value.strip()
         elif key == "flags" and not flags:
             flags = frozenset(value.split())
-    return CpuKind(model, flags)
+        elif key in ("cpu family", "model") and key not in numbers:
+            numbers[key] = value.strip()
+    return CpuKind(model, flags, numbers.get("cpu family", ""), numbers.get("model", ""))
 
 
 def this_cpu() -> CpuKind:

@@ -287,6 +287,32 @@ def test_the_kernel_profile_is_timed_and_cached_in_the_engines_dtype(monkeypatch
     assert len(list((tmp_path / tier_speed.CACHE_DIR).glob("kernel-speed-*.json"))) == 2
 
 
+def test_a_kernel_profile_is_not_reused_by_another_generation_of_the_same_cpu(monkeypatch, tmp_path):
+    """A Zen 4 and a Zen 5 EPYC both read "AMD EPYC" with the same deciding flags; a work tree
+    (its cache with it) moved from one to the other served the first one's speed profile."""
+    from morphserve.runtime import tier_speed
+    from morphserve.vllm import kernel_speed
+
+    timed = []
+    monkeypatch.setenv("MORPHSERVE_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernel_speed, "time_layer",
+                        lambda tier, shapes, batches, *a, **k: timed.append(tier) or {b: 1.0 for b in batches})
+    monkeypatch.setattr(tier_speed, "busy_cores", lambda *a, **k: 0.0)
+    monkeypatch.setattr(tier_speed, "last_level_cache_bytes", lambda: 32 * 2**20)
+    shapes = {"self_attn.q_proj": (576, 576), "self_attn.k_proj": (192, 576), "self_attn.v_proj": (192, 576),
+              "self_attn.o_proj": (576, 576), "mlp.gate_proj": (1536, 576), "mlp.up_proj": (1536, 576),
+              "mlp.down_proj": (576, 1536)}
+    flags = "fpu avx2 avx512f avx512_bf16 avx512_vnni"
+    for family, model in (("25", "17"), ("26", "2")):
+        cpu = parse_cpuinfo(f"model name\t: AMD EPYC\ncpu family\t: {family}\nmodel\t\t: {model}\nflags\t: {flags}\n")
+        monkeypatch.setattr(tier_speed, "this_cpu", lambda cpu=cpu: cpu)
+        timed.clear()
+        assert tier_speed.measure(shapes, ["w8a8"], 0, 30).source.startswith("measured now")
+        assert timed, f"family {family} model {model} reused another CPU's profile"
+        assert "family " + family + " model " + model in cpu.describe()
+    assert len(list((tmp_path / tier_speed.CACHE_DIR).glob("kernel-speed-*.json"))) == 2
+
+
 def test_the_cli_gives_prepare_the_probe_and_the_kernel_timing(monkeypatch, tmp_path):
     """`auto` is only as good as its inputs: the CLI must hand prepare both readings."""
     from morphserve.cli import commands

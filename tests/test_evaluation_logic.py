@@ -312,6 +312,21 @@ def test_machine_record_reads_cpu_isa_and_memory():
     assert not m["amx"] and "no AMX" in label(m)
 
 
+def test_runs_of_two_generations_of_one_cpu_name_are_not_mixed():
+    """A results folder records the CPU's family and model: a Zen 4's runs and a Zen 5's (both
+    "AMD EPYC", both AVX-512) are different machines; a folder recorded before the numbers
+    were (no family) still resumes on a CPU of its name."""
+    from morphserve.evaluation.machine import describe, label, same_machine
+
+    zen4 = describe("model name\t: AMD EPYC\ncpu family\t: 25\nmodel\t\t: 17\nflags\t: fpu avx512f\n", "")
+    zen5 = describe("model name\t: AMD EPYC\ncpu family\t: 26\nmodel\t\t: 2\nflags\t: fpu avx512f\n", "")
+    assert "family 26 model 2" in label(zen5) and (zen4["family"], zen4["model_number"]) == ("25", "17")
+    assert same_machine(zen4, dict(zen4)) and not same_machine(zen4, zen5)
+    older = {k: v for k, v in zen4.items() if k not in ("family", "model_number")}
+    assert same_machine(older, zen5)
+    assert not same_machine(older, {**zen5, "cpu": "Intel(R) Xeon(R) Processor"})
+
+
 def test_plain_systems_need_no_w8a8_tier_and_a_w8a8_system_names_its_twin(tmp_path):
     """A pack without tiers still serves fp16 and w4 baselines; a w8a8 system on it is
     refused in one line, and on a tiered pack it serves quantized-w8a8/."""

@@ -28,12 +28,26 @@ def describe(cpuinfo: str | None = None, meminfo: str | None = None) -> dict:
     flags = set(fields.get("flags", "").split())
     mem_kb = next((int(line.split()[1]) for line in meminfo.splitlines() if line.startswith("MemTotal:")), 0)
     return {"cpu": fields.get("model name", "unknown"), "cores": os.cpu_count() or 0,
-            "amx": "amx_tile" in flags, "avx512": "avx512f" in flags, "mem_gib": round(mem_kb / 2**20)}
+            "amx": "amx_tile" in flags, "avx512": "avx512f" in flags, "mem_gib": round(mem_kb / 2**20),
+            # the microarchitecture the name hides (a Zen 4 and a Zen 5 are both "AMD EPYC")
+            "family": fields.get("cpu family", ""), "model_number": fields.get("model", "")}
 
 
 def label(m: dict) -> str:
     isa = "AMX" if m.get("amx") else ("AVX-512, no AMX" if m.get("avx512") else "no AVX-512")
-    return f"{m.get('cores')} vCPUs {m.get('cpu')} ({isa}), {m.get('mem_gib')} GiB"
+    generation = f", family {m['family']} model {m.get('model_number', '')}" if m.get("family") else ""
+    return f"{m.get('cores')} vCPUs {m.get('cpu')} ({isa}{generation}), {m.get('mem_gib')} GiB"
+
+
+def same_machine(previous: dict, here: dict) -> bool:
+    """Whether runs recorded on `previous` may be mixed with runs here: the same name and AMX,
+    and the same family and model where both records have them (folders written before
+    they were recorded have not)."""
+    if (previous.get("cpu"), previous.get("amx")) != (here.get("cpu"), here.get("amx")):
+        return False
+    keys = ("family", "model_number")
+    return not (all(previous.get(k) for k in keys) and all(here.get(k) for k in keys)) or all(
+        previous[k] == here[k] for k in keys)
 
 
 def _read(path: str) -> str:

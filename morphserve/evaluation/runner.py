@@ -127,7 +127,7 @@ def check_resumable(suite: Suite, out: Path, suite_path: Path, pack: Path) -> No
             raise MorphServeError(f"{out} holds runs made with a different pack than {pack}; "
                                   "use another --out or delete it")
         here = machine.describe()
-        if "machine" in previous and (previous["machine"]["cpu"], previous["machine"]["amx"]) != (here["cpu"], here["amx"]):
+        if "machine" in previous and not machine.same_machine(previous["machine"], here):
             raise MorphServeError(f"{out} holds runs made on {machine.label(previous['machine'])}, not on this "
                                   f"{machine.label(here)}; use another --out")
     else:

@@ -92,8 +92,10 @@ METHOD = 2
 
 def _cache_path(shapes: list, tiers: list[str], group_size: int, copies: dict[str, int], dtype: str) -> Path:
     cpu = this_cpu()
-    blob = json.dumps([cpu.model, sorted(cpu.flags & set(FEATURES)), os.cpu_count(), vllm_version(),
-                       shapes, tiers, group_size, BATCHES, METHOD, copies, dtype])
+    # The family and model numbers too: a Zen 4 and a Zen 5 EPYC share a name and the deciding
+    # flags but not their kernels' speed, and a work tree (its cache with it) moves between machines.
+    blob = json.dumps([cpu.model, cpu.family, cpu.model_number, sorted(cpu.flags & set(FEATURES)), os.cpu_count(),
+                       vllm_version(), shapes, tiers, group_size, BATCHES, METHOD, copies, dtype])
     return cache_root() / CACHE_DIR / f"kernel-speed-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
 
 
