@@ -620,14 +620,19 @@ def test_the_report_lists_runs_started_on_a_busy_machine(tmp_path):
     suite = load_suite(_write(tmp_path, SUITE))
     out = tmp_path / "out"
     (window, budget), system = suite.cells()[0], suite.systems[0]
-    for rep, before in ((0, {"load": 1.4, "cores": 2, "waited_s": 60.0, "busy": True}),
-                        (1, {"load": 0.1, "cores": 2, "waited_s": 1.0, "busy": False}), (2, None)):
+    idle = {"load": 0.1, "cores": 2, "waited_s": 1.0, "busy": False}
+    runs = ({"cpu_before": {"load": 1.4, "cores": 2, "waited_s": 60.0, "busy": True}},
+            {"cpu_before": idle, "cpu_during": {"others_cores": 0.62, "seconds": 115.0, "busy": True}},
+            {"cpu_before": idle, "cpu_during": {"others_cores": 0.01, "seconds": 115.0, "busy": False}})
+    for rep, run in enumerate(runs):
         folder = run_dir(out, rep, window, budget, system)
         folder.mkdir(parents=True)
-        (folder / "run.json").write_text(json.dumps({"cpu_before": before} if before else {}))
+        (folder / "run.json").write_text(json.dumps(run))
     starts = busy_starts(suite, out)
-    assert starts == [f"{window.name}/{budget.name}/{system.name} rep 1 (1.4 of 2 cores in use)"]
-    assert starts[0] in busy_note({"busy_starts": starts}) and busy_note({"busy_starts": []}) == ""
+    name = f"{window.name}/{budget.name}/{system.name}"
+    assert starts == [f"{name} rep 1 (1.4 of 2 cores in use at its start)",
+                      f"{name} rep 2 (other work used 0.62 cores on average during its replay)"]
+    assert starts[1] in busy_note({"busy_starts": starts}) and busy_note({"busy_starts": []}) == ""
 
 
 def test_static_systems_are_charged_where_every_layer_is_in_their_tier(tmp_path):

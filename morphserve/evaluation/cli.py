@@ -113,8 +113,9 @@ def build_report(suite, out: Path) -> dict:
 
 
 def busy_starts(suite, out: Path) -> list[str]:
-    """Runs that started while other work held the cores (`cpu_before` in run.json; runs made
-    before the check was recorded have none and are not listed)."""
+    """Runs that started while other work held the cores (`cpu_before` in run.json), or during
+    whose replay other work took the cores (`cpu_during`); runs made before a check was
+    recorded have none and are not listed for it."""
     from morphserve.evaluation.runner import run_dir
 
     found = []
@@ -122,10 +123,14 @@ def busy_starts(suite, out: Path) -> list[str]:
         for system in suite.systems_at(window, budget):
             for rep in range(suite.repetitions):
                 path = run_dir(out, rep, window, budget, system) / "run.json"
-                before = json.loads(path.read_text()).get("cpu_before") if path.exists() else None
+                run = json.loads(path.read_text()) if path.exists() else {}
+                before, during = run.get("cpu_before"), run.get("cpu_during")
+                name = f"{window.name}/{budget.name}/{system.name} rep {rep + 1}"
                 if before and before.get("busy"):
-                    found.append(f"{window.name}/{budget.name}/{system.name} rep {rep + 1} "
-                                 f"({before['load']} of {before['cores']} cores in use)")
+                    found.append(f"{name} ({before['load']} of {before['cores']} cores in use at its start)")
+                if during and during.get("busy"):
+                    found.append(f"{name} (other work used {during['others_cores']} cores on average during "
+                                 "its replay)")
     return found
 
 
@@ -147,8 +152,8 @@ def busy_note(report: dict) -> str:
     starts = report.get("busy_starts") or []
     if not starts:
         return ""
-    return ("\n\nStarted on a busy machine (other work held the cores after a minute's wait; these runs' "
-            "timings are suspect):\n" + "\n".join(f"- {s}" for s in starts))
+    return ("\n\nRun on a busy machine (other work held the cores at the start after a minute's wait, or took "
+            "them during the replay; these runs' timings are suspect):\n" + "\n".join(f"- {s}" for s in starts))
 
 
 def kv_cost_note(report: dict) -> str:

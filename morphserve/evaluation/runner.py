@@ -22,7 +22,7 @@ from morphserve.offline import pack as packfmt
 from morphserve.offline.ladder import Ladder, level_ppl_curve, served_quality
 from morphserve.runtime.config import serve_tiers
 from morphserve.errors import MorphServeError
-from morphserve.evaluation import kv_quality, machine, quality, systems, vllm_counters
+from morphserve.evaluation import cpu_share, kv_quality, machine, quality, systems, vllm_counters
 from morphserve.evaluation.suite import Budget, Suite, System, Window
 from morphserve.harness.servers import free_port, group_rss, group_work, start_server, stop_server, work_between
 from morphserve.runtime.proc_memory import process_breakdown
@@ -281,12 +281,13 @@ def one_run(suite: Suite, rep: int, window: Window, budget: Budget, system: Syst
         record["warmup"] = systems.warm_up(system, base, suite.warmup_requests, top_level)
         record["kv_blocks"] = systems.kv_blocks(system, base)
         counters, work = _counters(base), group_work(proc.pid)
+        cpu_at_start = cpu_share.read()  # what other work takes from the cores during the replay
         sampler.start()
         # A cut run's decisions are read shortly before its deadline, while the server still
         # answers: there they explain most (the level it held under load it could not serve).
         before_cut = (lambda: systems.last_decisions(base)) if system.kind == "morphserve" else None
         def read_now() -> dict:  # vLLM's counters and each process's work, which die with the server
-            now = {"vllm": _counters(base), "work": group_work(proc.pid)}
+            now = {"vllm": _counters(base), "work": group_work(proc.pid), "cpu": cpu_share.read()}
             return now | ({"served": systems.served_now(base)} if system.kind == "morphserve" else {})
 
         record.update(_replay(suite, window, system, model, base, folder, proc, before_cut, at_cut=read_now))
@@ -295,6 +296,11 @@ def one_run(suite: Suite, rep: int, window: Window, budget: Budget, system: Syst
         after = at_cut["vllm"]
         # which server process did the work, and how much of it was page faults (the kernel's)
         record["process_work"] = work_between(work, at_cut["work"])
+        record["cpu_during"] = cpu_share.others_during(cpu_at_start, at_cut.get("cpu"))
+        if (record["cpu_during"] or {}).get("busy"):
+            tqdm.write(f"warning: other work used {record['cpu_during']['others_cores']:.2f} cores on average during "
+                       f"{folder.relative_to(folder.parents[3])}'s replay: this run's timings are suspect "
+                       "(flagged in its run.json and the report)")
         record["vllm_counters"] = (vllm_counters.between(counters, after) if "error" not in counters | after
                                    else {"error": (counters | after)["error"]})
         if system.kind == "morphserve" and not record["cut_at_deadline"]:
