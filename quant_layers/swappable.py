@@ -174,6 +174,19 @@ class W8Compute:
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return self.kernel.apply_weights(self.holder, x, bias)
 
+    @property
+    def direct(self) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+        """`(x, bias) -> out`, for a compiled slot, which calls it for every linear of every
+        step: the kernel's own bound call where it has one (the engine's lean int8 call),
+        skipping this object's `__call__` and the kernel's `apply_weights` (two Python frames
+        a linear). Taken at install; the slot drops it when the next compute is installed,
+        before this one is released."""
+        call = getattr(self.kernel, "call", None)
+        if call is not None:
+            return call
+        kernel, holder = self.kernel, self.holder
+        return lambda x, bias: kernel.apply_weights(holder, x, bias)
+
     def release(self) -> None:
         """Free the kernel's native state now. vLLM's CPU int8 kernel keeps a bound method of
         itself (a reference cycle), so dropping it leaves its oneDNN handle, weights included,

@@ -47,6 +47,41 @@ def test_the_lean_call_is_bit_identical_to_vllms_apply_weights(n, k, shape, with
     assert torch.equal(got, expected)
 
 
+def test_a_compiled_slot_calls_the_twins_bound_call_and_drops_it_when_replaced():
+    """A compiled slot calls a W8A8 twin's bound int8 call directly (two Python frames fewer a
+    linear), bit for bit what the twin's own call computes, and once the slot holds another
+    forward nothing of the old twin is left there: its release frees the handle at once."""
+    from morphserve.vllm import compiled_slots
+
+    class Layer(torch.nn.Module):
+        def __init__(self, forward):
+            super().__init__()
+            self.cpu_linear, self.output_size_per_partition = forward, 64
+
+    gen = torch.Generator().manual_seed(7)
+    weight = torch.randint(-127, 128, (64, 96), dtype=torch.int8, generator=gen)
+    compute = W8Compute(make_int8_kernel(), weight, torch.rand(64, 1, generator=gen) * 0.01 + 0.001, [64])
+    layer = Layer(lambda x, w, b: torch.zeros(x.shape[0], 64, dtype=x.dtype))
+    compiled_slots.route(layer)
+    compiled_slots.install(layer, compute)
+    slot = layer._morphserve_slot
+    assert compiled_slots._CALLS[slot] is compute.kernel.call  # no frames between the op and the kernel
+    for rows in (1, 7):
+        x = torch.randn(rows, 96, generator=gen).to(torch.bfloat16)
+        got = torch.ops.morphserve.slot_linear(x, None, slot, 64)
+        assert torch.equal(got, compute(x, torch.empty(0), None))
+    owner = weakref.ref(compute.kernel.call)
+    compiled_slots.install(layer, lambda x, w, b: x[:, :64] * 2)  # what a restore does
+    x = torch.randn(3, 96, generator=gen).to(torch.bfloat16)
+    assert torch.equal(torch.ops.morphserve.slot_linear(x, None, slot, 64), x[:, :64] * 2)
+    gc.disable()
+    try:
+        compute.release()
+        assert owner() is None
+    finally:
+        gc.enable()
+
+
 def test_release_frees_the_native_handle_without_the_cyclic_gc():
     compute = W8Compute(make_int8_kernel(), torch.ones(64, 64, dtype=torch.int8), torch.full((64, 1), 0.01), [64])
     closure = compute.kernel.call
