@@ -60,14 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(twin.kernel, "lean", False):
         raise SystemExit("this CPU's int8 path has no lean call (static or asymmetric activations)")
 
-    class Layer(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.cpu_linear, self.output_size_per_partition = twin, n
-
-    layer = Layer()
-    compiled_slots.route(layer)
-    slot = layer._morphserve_slot
+    slot = compiled_slots.new_slot(twin)  # as a routed layer's slot holds its twin
     op = torch.ops.morphserve.slot_linear.default
     x = torch.randn(args.batch, k, generator=gen).to(torch.bfloat16)
     via_call = lambda x, bias: twin(x, compiled_slots._NO_WEIGHT, bias)  # noqa: E731  the slot's old path

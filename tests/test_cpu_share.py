@@ -39,16 +39,22 @@ def test_other_work_is_the_machine_busy_time_the_tree_did_not_use():
 
 
 def test_a_busy_process_outside_the_tree_is_seen_and_our_own_children_are_not():
+    """Read as the evaluation reads: a busy child it waited for counts in its tree, a busy
+    process it did not start does not, and shows as other work. (Other work of the test run
+    itself, a parallel test worker, may add to the machine's figure; so the tree is checked
+    directly and other work only from below.)"""
     spin = "import time\nt = time.time()\nwhile time.time() - t < {s}: pass\n"
     # Our own child, busy and waited for: the evaluation's load generator.
     before = cpu_share.read()
     subprocess.run([sys.executable, "-c", spin.format(s=1.5)], check=True)
-    ours = others_during(before, cpu_share.read())
+    after = cpu_share.read()
+    assert before is not None and after is not None
+    assert after.tree_s - before.tree_s >= 1.2, (before, after)
     # A process this one did not start (orphaned at once: its parent exits), busy for as long.
     subprocess.run(["sh", "-c", f'{sys.executable} -c "{spin.format(s=1.5)}" >/dev/null 2>&1 &'], check=True)
     before = cpu_share.read()
     time.sleep(1.5)
-    theirs = others_during(before, cpu_share.read())
-    assert ours is not None and theirs is not None
+    after = cpu_share.read()
+    theirs = others_during(before, after)
+    assert after.tree_s - before.tree_s < 0.3, (before, after)
     assert theirs["others_cores"] >= 0.5 and theirs["busy"], theirs
-    assert ours["others_cores"] < 0.3, ours

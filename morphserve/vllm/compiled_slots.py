@@ -69,14 +69,19 @@ def route(layer: torch.nn.Module) -> None:
     """Make `layer` compute through its own slot from now on; its current forward fills it."""
     if is_routed(layer):
         return
-    register()
-    slot = len(_FORWARDS)
-    _FORWARDS.append(layer.cpu_linear)
-    _CALLS.append(_call_of(layer.cpu_linear))
+    slot = new_slot(layer.cpu_linear)
     out_features = int(layer.output_size_per_partition)
     op = torch.ops.morphserve.slot_linear
     layer._morphserve_slot = slot
     layer.cpu_linear = lambda x, weight, bias: op(x, bias, slot, out_features)
+
+
+def new_slot(forward: Forward) -> int:
+    """A slot of its own holding `forward` (a routed layer's, or one a benchmark times the op with)."""
+    register()
+    _FORWARDS.append(forward)
+    _CALLS.append(_call_of(forward))
+    return len(_FORWARDS) - 1
 
 
 def is_routed(layer: torch.nn.Module) -> bool:
