@@ -55,13 +55,16 @@ class CpuKind:
         return f"{self.model} ({self.isa}{', ' + self.generation if self.generation else ''})"
 
 
+UNKNOWN_CPU = "unknown CPU"  # the name where cpuinfo gives none
+
+
 def parse_cpuinfo(text: str) -> CpuKind:
-    model, flags = "unknown CPU", frozenset()
+    model, flags = UNKNOWN_CPU, frozenset()
     numbers: dict[str, str] = {}
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip()
-        if key == "model name" and model == "unknown CPU":
+        if key == "model name" and model == UNKNOWN_CPU:
             model = value.strip()
         elif key == "flags" and not flags:
             flags = frozenset(value.split())
@@ -74,7 +77,7 @@ def this_cpu() -> CpuKind:
     try:
         return parse_cpuinfo(Path("/proc/cpuinfo").read_text())
     except OSError:
-        return CpuKind("unknown CPU", frozenset())
+        return CpuKind(UNKNOWN_CPU, frozenset())
 
 
 DEFAULT_LLC_BYTES = 32 * 2**20  # when sysfs says nothing (some containers): a server CPU's L3 slice

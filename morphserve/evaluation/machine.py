@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from quant_layers.cpu_kind import UNKNOWN_CPU, parse_cpuinfo
+
 # Before each run: how long to wait for the cores to fall idle (the last server's processes
 # exiting, or work of someone else's), and the share of them in use that counts as busy (the
 # kernel profile's threshold). On a 2-vCPU machine one stray process is half the machine:
@@ -21,16 +23,12 @@ IDLE_READING_S = 1.0
 def describe(cpuinfo: str | None = None, meminfo: str | None = None) -> dict:
     cpuinfo = cpuinfo if cpuinfo is not None else _read("/proc/cpuinfo")
     meminfo = meminfo if meminfo is not None else _read("/proc/meminfo")
-    fields: dict[str, str] = {}
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    flags = set(fields.get("flags", "").split())
+    cpu = parse_cpuinfo(cpuinfo)  # the one reading of cpuinfo (the kernel profile's key reads the same)
     mem_kb = next((int(line.split()[1]) for line in meminfo.splitlines() if line.startswith("MemTotal:")), 0)
-    return {"cpu": fields.get("model name", "unknown"), "cores": os.cpu_count() or 0,
-            "amx": "amx_tile" in flags, "avx512": "avx512f" in flags, "mem_gib": round(mem_kb / 2**20),
+    return {"cpu": cpu.model if cpu.model != UNKNOWN_CPU else "unknown", "cores": os.cpu_count() or 0,
+            "amx": cpu.amx, "avx512": cpu.avx512, "mem_gib": round(mem_kb / 2**20),
             # the microarchitecture the name hides (a Zen 4 and a Zen 5 are both "AMD EPYC")
-            "family": fields.get("cpu family", ""), "model_number": fields.get("model", "")}
+            "family": cpu.family, "model_number": cpu.model_number}
 
 
 def label(m: dict) -> str:
