@@ -255,13 +255,31 @@ class DemandPolicy(PolicyBase):
         prefill must fit `prompt_bound`) or quality (the limits stop below what is needed)."""
         unknown_ok = s.step_time_s <= bound  # steps already too slow: an unpredicted level is no help
         factor = self.prefill_factor(s)  # the same for every level: computed once per decision
-        steps = {k: self.predicted_step(s, k, projected, factor) for k in range(0, top + 1)}
-        prompts = {k: self.prompt_seconds(s, k, current) for k in steps} if prompt_bound is not None else {}
-        covers = {k: self.capacity[k] >= demand * (1 + headroom) for k in steps}
-        quick = {k: (steps[k] <= bound) if steps[k] is not None else unknown_ok for k in steps}
-        prompt_ok = {k: prompts.get(k) is None or prompts[k] <= prompt_bound for k in steps}
-        for k in steps:
-            if covers[k] and quick[k] and prompt_ok[k]:
+        levels = range(0, top + 1)
+        covers = {k: self.capacity[k] >= demand * (1 + headroom) for k in levels}
+        # Predicted lazily, level by level from the bottom, while the search below can still
+        # stop: it runs at every step boundary, where vLLM's worker waits for it, and the
+        # first level that meets every test is usually found long before the top (at light
+        # load, level 0). Each figure is computed as before; only the ones not read are not.
+        steps: dict[int, float | None] = {}
+        prompts: dict[int, float | None] = {}
+        quick: dict[int, bool] = {}
+        prompt_ok: dict[int, bool] = {}
+
+        def passes(k: int) -> bool:
+            if k not in quick:
+                step = steps[k] = self.predicted_step(s, k, projected, factor)
+                quick[k] = (step <= bound) if step is not None else unknown_ok
+            if not quick[k]:
+                return False
+            if k not in prompt_ok:
+                if prompt_bound is not None:
+                    prompts[k] = self.prompt_seconds(s, k, current)
+                prompt_ok[k] = prompts.get(k) is None or prompts[k] <= prompt_bound
+            return prompt_ok[k]
+
+        for k in levels:
+            if covers[k] and passes(k):
                 slow_below = [j for j in range(k) if covers[j] and not (quick[j] and prompt_ok[j])]
                 speed = f", predicted step {steps[k]:.3f}s <= {bound:.3f}s" if steps[k] is not None else ""
                 if prompts.get(k):
@@ -270,6 +288,12 @@ class DemandPolicy(PolicyBase):
                            f"for the prompts)" if slow_below else "")
                 return k, (f"{'speed' if slow_below else 'capacity'}: demand {demand:.0f} blocks "
                            f"(+{headroom:.0%}) fits {self.capacity[k]} at level {k}{speed}{skipped}"), True
+        # no level met every test: the fallbacks below weigh every level
+        steps = {k: steps[k] if k in steps else self.predicted_step(s, k, projected, factor) for k in levels}
+        if prompt_bound is not None:
+            prompts = {k: prompts[k] if k in prompts else self.prompt_seconds(s, k, current) for k in levels}
+        quick = {k: (steps[k] <= bound) if steps[k] is not None else unknown_ok for k in levels}
+        prompt_ok = {k: prompts.get(k) is None or prompts[k] <= prompt_bound for k in levels}
         limited = "quality" if top < len(self.capacity) - 1 else None  # a cap or the budget stopped the ladder
         # Capacity that does not cover the demand leaves a queue anyway: it is not bought
         # with slower kernels (measured: a 4-bit rung taken for 2 more blocks admitted more

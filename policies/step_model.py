@@ -120,6 +120,7 @@ class StepTimeModel:
             quantized = [(t, n) for t, n in counts.items() if t != "bf16" and n > 0]
             self._counts.append([("bf16", layers - sum(n for _, n in quantized)), *quantized])
         self._times_at: dict[float, dict[str, float]] = {}
+        self._parts_at: dict[float, list[float]] = {}  # batch -> each level's tier_part
         self._slopes = self._level_slopes() if self.profile is not None else None
         if self._slopes is not None and self.prompt_token_s is None:
             self.prompt_token_s = PROMPT_PRIOR_OF_BF16 * self._slopes[0]
@@ -145,12 +146,21 @@ class StepTimeModel:
         return times
 
     def tier_part(self, level: int, running: float) -> float:
-        """What the profile says the level's decoder-layer linears cost in one step."""
+        """What the profile says the level's decoder-layer linears cost in one step.
+        Memoized for every level at once per batch: a decision walks the whole ladder at
+        one or two batch sizes (the run of faster rungs above the level served, at every
+        step boundary while a server rests on it)."""
         if self.profile is None:
             return 0.0
-        times = self._tier_times(running)
-        # a tier the profile lacks is counted at bf16's speed (the online fit absorbs it)
-        return sum(n * times.get(t, times["bf16"]) for t, n in self._counts[self._index(level)])
+        parts = self._parts_at.get(running)
+        if parts is None:
+            times = self._tier_times(running)
+            # a tier the profile lacks is counted at bf16's speed (the online fit absorbs it)
+            parts = [sum(n * times.get(t, times["bf16"]) for t, n in counts) for counts in self._counts]
+            if len(self._parts_at) > 256:
+                self._parts_at.clear()
+            self._parts_at[running] = parts
+        return parts[self._index(level)]
 
     # -- learning ----------------------------------------------------------------------
     def key(self, level: int) -> int:
