@@ -119,7 +119,6 @@ class StepTimeModel:
         for counts in self.mix:
             quantized = [(t, n) for t, n in counts.items() if t != "bf16" and n > 0]
             self._counts.append([("bf16", layers - sum(n for _, n in quantized)), *quantized])
-        self._times_at: dict[float, dict[str, float]] = {}
         self._parts_at: dict[float, list[float]] = {}  # batch -> each level's tier_part
         self._slopes = self._level_slopes() if self.profile is not None else None
         if self._slopes is not None and self.prompt_token_s is None:
@@ -135,16 +134,6 @@ class StepTimeModel:
         return [sum(n * per_tier.get(t, per_tier["bf16"]) for t, n in counts) for counts in self._counts]
 
     # -- the tier mix and the profile's part ---------------------------------------------
-    def _tier_times(self, running: float) -> dict[str, float]:
-        """Each profiled tier's seconds per layer at this batch. Memoized: the policy asks
-        for every level of the ladder at a handful of batch sizes at each step boundary."""
-        times = self._times_at.get(running)
-        if times is None:
-            if len(self._times_at) > 256:
-                self._times_at.clear()
-            times = self._times_at[running] = {t: interpolate(v, running) for t, v in self.profile.items()}
-        return times
-
     def tier_part(self, level: int, running: float) -> float:
         """What the profile says the level's decoder-layer linears cost in one step.
         Memoized for every level at once per batch: a decision walks the whole ladder at
@@ -154,7 +143,7 @@ class StepTimeModel:
             return 0.0
         parts = self._parts_at.get(running)
         if parts is None:
-            times = self._tier_times(running)
+            times = {t: interpolate(v, running) for t, v in self.profile.items()}  # each tier's s a layer
             # a tier the profile lacks is counted at bf16's speed (the online fit absorbs it)
             parts = [sum(n * times.get(t, times["bf16"]) for t, n in counts) for counts in self._counts]
             if len(self._parts_at) > 256:
