@@ -86,8 +86,10 @@ def busy_cores(interval_s: float = 0.3, cpus: set[int] | None = None) -> float:
 
 
 # Bumped when the way of timing changes, so readings taken the old way are not reused
-# (2: layers cycled beyond the last-level cache, morphserve.vllm.kernel_speed.layer_copies).
-METHOD = 2
+# (2: layers cycled beyond the last-level cache, morphserve.vllm.kernel_speed.layer_copies;
+# 3: W4A16 timed pinned in every process, as serve runs it: on AMX CPUs an unpinned `prepare`
+# or `doctor` had timed vLLM's W4A8 path and cached it for serve).
+METHOD = 3
 
 
 def _cache_path(shapes: list, tiers: list[str], group_size: int, copies: dict[str, int], dtype: str) -> Path:

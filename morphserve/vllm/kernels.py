@@ -28,19 +28,40 @@ def pin_w4a16_kernel() -> None:
 
     from morphserve.errors import MorphServeError
 
+    changed = False
     for key, value in W4A16_ENV.items():
         if os.environ.get(key, value) != value:
             raise MorphServeError(f"MorphServe serves the W4A16 kernel its pack's quality curve measured; "
                                   f"unset {key} (it is {os.environ[key]!r})")
+        changed |= os.environ.get(key) != value
         os.environ[key] = value
-    if envs._is_envs_cache_enabled():  # an earlier engine in this process froze vLLM's env reads
+    if changed and envs._is_envs_cache_enabled():  # an earlier engine in this process froze vLLM's env reads
         envs.__getattr__.cache_clear()
+
+
+def allow_amx_tiles() -> None:
+    """Ask Linux for this process's AMX tile state, where the CPU has AMX (idempotent).
+
+    A process may execute AMX tile instructions only after asking (arch_prctl
+    ARCH_REQ_XCOMP_PERM); otherwise its first one dies of SIGILL. oneDNN asks on its first AMX
+    kernel, but vLLM 0.32's CPUWNA16 AMX path (`cpu_gemm_wna16`, ISA hint "amx", which the
+    W4A16 pin selects on AMX CPUs) does not: in a process where it is the first AMX user, the
+    tier probe's child, the probe died of signal 4 and serve dropped a tier the CPU runs
+    (seen on a 2-vCPU Xeon with AMX under KVM). torch's own request, not a syscall of ours:
+    torch keeps the feature numbers and the check for the kernel's support."""
+    init = getattr(torch._C._cpu, "_init_amx", None)
+    if init is not None and torch.cpu._is_amx_tile_supported():
+        init()
 
 
 def wna16_variant(dtype: torch.dtype) -> str:
     """The CPUWNA16 path a 4-bit layer gets (ISA and W4A8 or W4A16): part of the twin cache
-    key, since the two lay out their tensors differently."""
+    key, since the two lay out their tensors differently. Pins W4A16 first: every process
+    that builds or describes a 4-bit kernel for MorphServe (serve, `doctor`, `prepare`'s
+    timing, the tier probe) must mean the kernel serve runs."""
     from vllm import envs
+
+    pin_w4a16_kernel()
 
     # mirrors layer.use_w4a8 in CPUWNA16LinearKernel.process_weights_after_loading (x86 branch)
     w4a8 = envs.VLLM_CPU_INT4_W4A8 and dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported()
@@ -49,7 +70,12 @@ def wna16_variant(dtype: torch.dtype) -> str:
 
 # -- read-only helpers over vLLM kernels -------------------------------------------------
 def make_wna16_kernel(in_features: int, out_features: int, group_size: int, dtype: torch.dtype):
-    """vLLM's own choice of W4A16 kernel for this shape (CPUWNA16 on CPU)."""
+    """vLLM's own choice of W4A16 kernel for this shape (CPUWNA16 on CPU), the one serve runs:
+    W4A16 pinned (vLLM reads the setting when it processes the weights) and AMX allowed. On an
+    AMX CPU an unpinned process (`doctor`, `prepare`) had probed and timed vLLM's W4A8 path,
+    a different kernel with other speeds, and a clean process running the W4A16 one died."""
+    pin_w4a16_kernel()
+    allow_amx_tiles()
     from vllm.model_executor.kernels.linear import choose_mp_linear_kernel
     from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import MPLinearLayerConfig
     from vllm.scalar_type import scalar_types

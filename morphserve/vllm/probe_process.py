@@ -62,7 +62,8 @@ def _kept_path(key: tuple) -> Path:
     vllm_dir = Path(importlib.util.find_spec("vllm").origin).parent
     libraries = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in vllm_dir.glob("_C*.so"))
     cpu = this_cpu()
-    identity = json.dumps([list(key), cpu.model, sorted(cpu.flags), torch.__version__, libraries])
+    # "w4a16-pinned": verdicts kept before every probe ran the pinned W4A16 kernel are not reused
+    identity = json.dumps([list(key), cpu.model, sorted(cpu.flags), torch.__version__, libraries, "w4a16-pinned"])
     return cache_root() / "kernel-probes" / f"{hashlib.sha256(identity.encode()).hexdigest()[:24]}.json"
 
 
