@@ -1003,3 +1003,23 @@ def test_only_next_request_idle_rest_asks_for_idle_boundaries():
     assert policy(cfg=NEXT).moves_while_idle()
     assert not policy(cfg=REST).moves_while_idle() and not policy().moves_while_idle()
     assert not policy(cfg=CFG.model_copy(update={"idle_rest": "next_request"})).moves_while_idle()  # no fast rest
+
+
+def test_a_kv_cache_dearer_than_the_budget_at_level_0_is_named_at_start():
+    """An FP8 cache measured at +7.38% on an AMX Xeon, over `default`'s +5% cap: every level
+    is over budget, so the policy can only hold level 0, and the start says so once."""
+    from morphserve.offline import kv_cost
+    from policies.config import budget_below_level0, load_policy, resolve_budget
+
+    default, _ = load_policy("default")
+    factors = kv_cost.factors_by_level({0: 1.0738, 15: 1.0800, 30: 1.0588, 45: 1.0736, 60: 1.0919}, 2 * L)
+    dear = {**QUALITY, "kv_cost": {"dtype": "fp8", "factor_by_level": {str(k): f for k, f in factors.items()}}}
+    cfg = resolve_budget(default, dear, MIX)
+    ratios = log_ppl_ratios(dear, 2 * L)
+    why = budget_below_level0(cfg, ratios)
+    assert why is not None and "+5.00%" in why and "+7.38%" in why
+    # what the warning foretells: no level above 0 is allowed, whatever the load
+    assert policy(cfg=cfg, ratios=ratios).quality_limit(load(12, AVX512, ledger=QualityLedger(window_s=300.0))) == 0
+    cheap = {**QUALITY, "kv_cost": {"dtype": "fp8", "factor_by_level": {str(k): 1.02 for k in range(2 * L + 1)}}}
+    assert budget_below_level0(resolve_budget(default, cheap, MIX), log_ppl_ratios(cheap, 2 * L)) is None
+    assert budget_below_level0(resolve_budget(default, QUALITY, MIX), RATIOS) is None  # a bf16 cache

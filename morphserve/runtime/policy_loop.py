@@ -10,8 +10,8 @@ from typing import Callable
 
 from morphserve.runtime.recorder import Recorder
 from policies import Decision, PolicyState, SignalTracker, load_policy, make_policy, make_tracker
-from policies.config import (for_compiled_engine, log_ppl_ratios, prompt_twin_layers, prompt_twin_min_tokens,
-                             resolve_budget)
+from policies.config import (budget_below_level0, for_compiled_engine, log_ppl_ratios, prompt_twin_layers,
+                             prompt_twin_min_tokens, resolve_budget)
 
 log = logging.getLogger("morphserve")
 
@@ -43,6 +43,9 @@ class PolicyLoop:
         pcfg = resolve_budget(pcfg, quality, mix or [])
         cap = pcfg.level_cap(num_layers, quality)
         ratios = log_ppl_ratios(quality, num_layers) if pcfg.max_avg_ppl_increase is not None else None
+        unreachable = budget_below_level0(pcfg, ratios)
+        if unreachable is not None:
+            log.warning("MorphServe: %s", unreachable)
         self.policy = make_policy(pcfg, capacities, cap, ratios)
         self.name = f"{pcfg.policy}:{path.stem}"
         profile = tier_speed() if tier_speed is not None and pcfg.policy == "demand" and pcfg.kernel_profile else None
