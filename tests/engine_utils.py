@@ -134,6 +134,21 @@ def score_windows(llm, windows: list[list[int]]) -> tuple[float, int]:
     return nll, count
 
 
+def skip_unless_w8a8_runs_in(dtype: str) -> None:
+    """Skip an fp32 engine test where vLLM's W8A8 kernel refuses that dtype: on AMX CPUs its
+    sgl int8 path takes bf16 or fp16 activations only ("int8_scaled_mm_with_quant: expect A to
+    be bfloat16 or half"), so `serve --dtype float32` refuses a W8A8 tier there in one line.
+    fp32 engines are for CPUs that emulate bf16 (AVX2), where oneDNN's int8 path takes fp32."""
+    import pytest
+    import torch
+
+    from morphserve.vllm.kernels import probe_tier
+
+    reason = probe_tier("w8a8", getattr(torch, dtype))
+    if reason is not None:
+        pytest.skip(f"W8A8 in {dtype} does not run on this CPU: {reason}")
+
+
 def morph_llm(model: Path, pack: Path, twin: str, **kw) -> tuple:
     """An in-process engine core (the scheduler and controller are reachable) with MorphServe on."""
     from morphserve.vllm.offline_engine import engine_core_of, in_process_llm

@@ -49,7 +49,9 @@ def test_a_busy_process_outside_the_tree_is_seen_and_our_own_children_are_not():
     subprocess.run([sys.executable, "-c", spin.format(s=1.5)], check=True)
     after = cpu_share.read()
     assert before is not None and after is not None
-    assert after.tree_s - before.tree_s >= 1.2, (before, after)
+    # at least a third of the spin: with two engine-running test workers on 2 CPUs the child
+    # got 0.76 s of its 1.5 s once (an AMX Xeon); a child not counted would read about 0
+    assert after.tree_s - before.tree_s >= 0.5, (before, after)
     # A process this one did not start (orphaned at once: its parent exits), busy for as long.
     subprocess.run(["sh", "-c", f'{sys.executable} -c "{spin.format(s=1.5)}" >/dev/null 2>&1 &'], check=True)
     before = cpu_share.read()

@@ -12,7 +12,7 @@ import json
 import pytest
 
 from morphserve.harness.kv_shape import kv_block_bytes
-from tests.engine_utils import PROMPTS, morph_llm, plain_job, plain_vllm_many
+from tests.engine_utils import PROMPTS, morph_llm, plain_job, plain_vllm_many, skip_unless_w8a8_runs_in
 
 pytestmark = [pytest.mark.engine, pytest.mark.quant]
 MAX_TOKENS = 24
@@ -35,6 +35,7 @@ def _w8_dir(pack) -> str:
 @pytest.fixture(scope="module")
 def engine(model_dir, tiered_pack):
     """The tiered pack served W8A8-only: the tier every CPU's vLLM build runs."""
+    skip_unless_w8a8_runs_in("float32")
     llm, core = morph_llm(model_dir, tiered_pack, "pack", dtype="float32", max_model_len=512,
                           kv_cache_memory_bytes=KV_BLOCKS * kv_block_bytes(model_dir, "float32"),
                           morph={"tiers": ["w8a8"]})

@@ -30,6 +30,13 @@ def _vllm_holder(kernel, weight: torch.Tensor, scale: torch.Tensor, bias: torch.
 @pytest.mark.parametrize("shape", [(1,), (5,), (2, 3)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_the_lean_call_is_bit_identical_to_vllms_apply_weights(n, k, shape, with_bias):
+    from morphserve.vllm.platform_facts import kernel_paths
+
+    if "sgl" in kernel_paths(n, k).w8a8 and (len(shape) > 1 or with_bias):
+        # vLLM's sgl int8 path (AMX) takes 2-D activations only and its bias from the layer
+        # (`bias_fp32`, made at load), not the call; MorphServe's twins serve the Llama
+        # family's bias-free linears on 2-D activations, which the other cases cover.
+        pytest.skip("vLLM's sgl int8 path: 2-D activations and a layer-held bias only")
     gen = torch.Generator().manual_seed(n * k + len(shape))
     weight = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
     scale = torch.rand(n, 1, generator=gen) * 0.02 + 0.001

@@ -10,7 +10,7 @@ import pytest
 from morphserve.harness.kv_shape import kv_block_bytes
 from morphserve.runtime.prompt_twin_choice import choose_prompt_twins
 from morphserve.vllm.offline_engine import controller_of, layer_set_of
-from tests.engine_utils import morph_llm
+from tests.engine_utils import morph_llm, skip_unless_w8a8_runs_in
 
 pytestmark = [pytest.mark.engine, pytest.mark.quant]
 KV_BLOCKS = 220  # room for every layer's twin (about 103 MiB in fp32's engine) at level 0
@@ -18,6 +18,7 @@ KV_BLOCKS = 220  # room for every layer's twin (about 103 MiB in fp32's engine) 
 
 @pytest.fixture(scope="module")
 def engine(model_dir, tiered_pack):
+    skip_unless_w8a8_runs_in("float32")
     llm, core = morph_llm(model_dir, tiered_pack, "pack", dtype="float32", max_model_len=512,
                           kv_cache_memory_bytes=KV_BLOCKS * kv_block_bytes(model_dir, "float32"),
                           morph={"tiers": ["w8a8"], "prompt_twin_layers": "auto", "policy": "default"})

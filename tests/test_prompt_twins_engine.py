@@ -12,7 +12,8 @@ from morphserve.evaluation.systems import static_w8a8_dir
 from morphserve.harness.kv_shape import kv_block_bytes
 from morphserve.vllm.offline_engine import controller_of, layer_set_of
 from quant_layers.swappable import HeldTwin, SplitForward
-from tests.engine_utils import greedy_tokens, morph_llm, plain_job, plain_vllm_many, score_windows
+from tests.engine_utils import (greedy_tokens, morph_llm, plain_job, plain_vllm_many, score_windows,
+                                skip_unless_w8a8_runs_in)
 
 pytestmark = [pytest.mark.engine, pytest.mark.quant]
 LAYERS = 30  # every layer of SmolLM2-135M: a prompt's step is then all-W8A8
@@ -24,6 +25,7 @@ DECODE = 24
 
 @pytest.fixture(scope="module")
 def engine(model_dir, tiered_pack):
+    skip_unless_w8a8_runs_in("float32")
     llm, core = morph_llm(model_dir, tiered_pack, "pack", dtype="float32", max_model_len=512,
                           kv_cache_memory_bytes=KV_BLOCKS * kv_block_bytes(model_dir, "float32"),
                           morph={"tiers": ["w8a8"], "prompt_twin_layers": LAYERS})

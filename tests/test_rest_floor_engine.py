@@ -12,7 +12,7 @@ from morphserve.harness.kv_shape import kv_block_bytes
 from morphserve.runtime.kv_sizing import rest_floor
 from morphserve.vllm.offline_engine import controller_of, layer_set_of
 from quant_layers.swappable import HeldTwin, SplitForward
-from tests.engine_utils import greedy_tokens, morph_llm
+from tests.engine_utils import greedy_tokens, morph_llm, skip_unless_w8a8_runs_in
 
 pytestmark = [pytest.mark.engine, pytest.mark.quant]
 TWINS = 20
@@ -22,6 +22,7 @@ MAX_LEN = 512  # four 128-token blocks
 
 @pytest.fixture(scope="module")
 def engine(model_dir, tiered_pack):
+    skip_unless_w8a8_runs_in("float32")
     llm, core = morph_llm(model_dir, tiered_pack, "pack", dtype="float32", max_model_len=MAX_LEN,
                           kv_cache_memory_bytes=KV_BLOCKS * kv_block_bytes(model_dir, "float32"),
                           morph={"tiers": ["w8a8"], "prompt_twin_layers": TWINS})
@@ -69,6 +70,7 @@ def test_no_level_below_the_floor_and_a_round_trip_comes_back_to_it_with_every_t
 
 
 def test_a_floor_that_would_quantize_every_twin_is_refused_by_serve_in_one_line(model_dir, tiered_pack):
+    skip_unless_w8a8_runs_in("float32")
     """Refused in the engine core (where the KV is sized), told by `morphserve serve` as one
     `error:` line and exit status 2: one twin on a budget whose level 0 holds exactly one
     max_model_len request, so only level 1 (the twinned layer quantized) holds it again."""
