@@ -249,7 +249,7 @@ def budget_below_level0(cfg: PolicyConfig, ratios: list[float] | None) -> str | 
     on an AMX Xeon, over `default`'s +5% cap. Every level is then over budget, so
     `quality_limit` returns 0 and the policy holds bf16 weights under any load, queueing
     requests that every quantized rung would serve (suite-v4-amx: 80 of 102 requests
-    violated, against 28 for static W8A8). Said once at start, since nothing in the
+    violated, against 33 for static W8A8, medians). Said once at start, since nothing in the
     decisions' own reasons tells an operator the budget can never be met."""
     budget = cfg.max_avg_ppl_increase
     if budget is None or not ratios or ratios[0] <= math.log1p(budget) + 1e-12:
