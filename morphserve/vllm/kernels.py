@@ -39,8 +39,9 @@ def pin_w4a16_kernel() -> None:
         envs.__getattr__.cache_clear()
 
 
+@functools.cache  # the permission is the whole process's, for good: once is enough
 def allow_amx_tiles() -> None:
-    """Ask Linux for this process's AMX tile state, where the CPU has AMX (idempotent).
+    """Ask Linux for this process's AMX tile state, where the CPU has AMX.
 
     A process may execute AMX tile instructions only after asking (arch_prctl
     ARCH_REQ_XCOMP_PERM); otherwise its first one dies of SIGILL. oneDNN asks on its first AMX
