@@ -77,6 +77,10 @@ from policies.base import Decision, PolicyBase, PolicyState
 # A move up goes past its first sufficient rung only for a step at least this much faster:
 # a kernel profile's noise (a few % between repetitions) must not buy quality loss.
 FURTHER_GAIN = 0.05
+# A prompt of unknown size (no request seen yet) counts as the prefill chunk the kernel profile
+# times (its largest batch, morphserve.runtime.tier_speed): what the prompt term compared before
+# any request's size was known, a long prompt's cost per token.
+PROMPT_TOKENS_UNKNOWN = 256.0
 # A move down under load needs this much speed (a request computed sooner): less than a move
 # up needs, since it buys quality too, and more than nothing, since rungs the model cannot
 # tell apart (no profile, or one tier) are no reason to move while a burst grows.
@@ -439,12 +443,29 @@ class DemandPolicy(PolicyBase):
                              f"{here:.2f}s at level {level} and holds the demand ({reason})", need_calm=False)
 
     def _costs(self, s, level: int, batch: float) -> tuple[float | None, float | None]:
-        """(decode step at `batch`, seconds per prompt token) the step-time model predicts
-        at `level`; a term it cannot predict is None."""
+        """(decode step at `batch`, the step that computes a mean prompt beside that batch)
+        the step-time model predicts at `level`; a term it cannot predict is None.
+
+        The prompt term is the whole step, not a prompt token's marginal cost: a prompt's
+        first token waits for the step that computes it, and a step's fixed part (the
+        weights read once, whatever the tokens) is where int8 gains at a prefill chunk's
+        size. On an AMX Xeon a layer's linears take bf16 958 us and W8A8 795 us at 256
+        tokens, but each further token costs W8A8 2.63 us against bf16's 2.44: ranked by
+        the marginal token alone every W8A8 rung looked slower for prompts, so no move up
+        went past its first sufficient rung and a burst climbed 0 -> 8 -> 9 -> 14 -> 16 ->
+        17 in 4 s while requests waited. Before any request's size is known, a prompt counts
+        PROMPT_TOKENS_UNKNOWN tokens."""
         model = s.step_model
         if model is None:
             return None, None
-        return model.predict(level, batch), model.prefill_seconds(level, 1.0)
+        step = model.predict(level, batch)
+        prompt = model.prefill_seconds(level, self._prompt_tokens(s))
+        return step, (step + prompt if step is not None and prompt is not None else None)
+
+    @staticmethod
+    def _prompt_tokens(s) -> float:
+        """The mean prompt of the requests in the system, or PROMPT_TOKENS_UNKNOWN."""
+        return s.prompt_tokens_per_request if s.prompt_tokens_per_request > 0 else PROMPT_TOKENS_UNKNOWN
 
     @staticmethod
     def _faster(upper: tuple, lower: tuple) -> bool:
@@ -466,8 +487,8 @@ class DemandPolicy(PolicyBase):
         return k
 
     def _gains(self, s, lower: int, upper: int, batch: float) -> tuple[float, float]:
-        """How much faster `upper` computes a decode step at `batch` and a prompt token than
-        `lower` (fractions; 0 where not predicted)."""
+        """How much faster `upper` computes a decode step at `batch` and a mean prompt's step
+        than `lower` (fractions; 0 where not predicted)."""
         (du, pu), (dl, pl) = self._costs(s, upper, batch), self._costs(s, lower, batch)
         decode = 1 - du / dl if du is not None and dl else 0.0
         prompt = 1 - pu / pl if pu is not None and pl else 0.0
@@ -476,8 +497,8 @@ class DemandPolicy(PolicyBase):
     def further(self, s, first: int, top: int, batch: float | None = None) -> tuple[int, str]:
         """How far past `first` (the first level meeting every test) a move up goes: up the
         rungs, within `top`, while each computes the work faster than the one below it (a
-        decode step at `batch`, default the batch `first` would serve, and a prompt token:
-        neither slower) and holds no fewer blocks; `first` unless that gains FURTHER_GAIN on
+        decode step at `batch`, default the batch `first` would serve, and the step that
+        computes a mean prompt beside it, `_costs`: neither slower) and holds no fewer blocks; `first` unless that gains FURTHER_GAIN on
         one of the two. The prompt term matters: prefill is where int8 gains most (its
         kernels win by more at hundreds of tokens than at a decode batch), and time to first
         token is what a light load feels."""
@@ -491,8 +512,9 @@ class DemandPolicy(PolicyBase):
             return first, ""
         slack = (f", within {self.cfg.further_slack:.0%} of level {ref}'s speed {SLACK_MARK}"
                  if k < run_top else "")
-        return k, (f"; on to level {k}: {self.capacity[k]} blocks, a decode step {decode:.0%} and a prompt token "
-                   f"{prompt:.0%} faster at batch {batch:.0f}{slack}")
+        return k, (f"; on to level {k}: {self.capacity[k]} blocks, a decode step {decode:.0%} and a "
+                   f"{self._prompt_tokens(s):.0f}-token prompt's step {prompt:.0%} faster at batch "
+                   f"{batch:.0f}{slack}")
 
     def _within_slack(self, s, first: int, run_top: int, batch: float) -> tuple[int, int]:
         """The lowest rung from `first` to `run_top` whose decode step and prompt token are
