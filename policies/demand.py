@@ -42,9 +42,8 @@ and outputs short, a bigger batch turns the requests it serves sooner into TPOT 
 
 Quality limits, tightest first: the hard cap (fraction, layers, max_ppl_increase), then the
 budget over time (`max_avg_ppl_increase`, token-weighted over `quality_window_s`): a level
-is allowed while serving the tokens it would serve before it can be left (the next horizon's,
-and at least the output still expected: a move down under load waits for its KV blocks) keeps
-the window's average inside the budget, and a level whose own cost is within the budget is always allowed (serving it
+is allowed while serving the next horizon's tokens at it keeps the window's average inside
+the budget, and a level whose own cost is within the budget is always allowed (serving it
 can only bring an over-spent average back), so a spent budget lowers the level to that
 floor, never to bf16 under load.
 
@@ -100,6 +99,21 @@ class DemandPolicy(PolicyBase):
     def __init__(self, cfg, capacity_by_level: list[int], max_level: int, log_ratios: list[float] | None = None):
         super().__init__(cfg, capacity_by_level, max_level)
         self.ratios = list(log_ratios[: len(capacity_by_level)]) if log_ratios is not None else None
+        self.budget_reserved = self._budget_reserved()
+
+    def _budget_reserved(self) -> bool:
+        """Does the ladder reach levels dearer than the quality budget? Then a burst past
+        the budget's own rungs can only spend quality banked before it, and resting fast (a
+        climb no SLO needs) is off: at all-W8A8, whose cost is `default`'s budget, it banks
+        nothing. Measured on the AMX Xeon's tiered pack (dev-amx-climb): resting on level 30
+        from the first request, the server held 30 through a burst past its 55 blocks with
+        no quality left for the W4A16 rungs (5 [4, 6] violations against 1.5 [0, 3] resting
+        at bf16). A W8A8-only ladder within the budget keeps its fast rest."""
+        budget = self.cfg.max_avg_ppl_increase
+        if budget is None or self.ratios is None:
+            return False
+        limit = math.log1p(budget) + 1e-12
+        return any(r > limit for r in self.ratios[: self.max_level + 1])
 
     # -- the terms ---------------------------------------------------------------------
     def demand_blocks(self, s, projected: bool = True) -> float:
@@ -116,15 +130,14 @@ class DemandPolicy(PolicyBase):
         return present + max(0.0, surplus) * self.cfg.horizon_s * per_request
 
     def quality_limit(self, s) -> int:
-        """The highest level the budget over time allows: one where serving the tokens it
-        would serve before it can be left (`tokens_before_a_move_down`) keeps the window's
-        average inside the budget, and always one whose
+        """The highest level the budget over time allows: one where serving the next
+        horizon's tokens keeps the window's average inside the budget, and always one whose
         own cost is within the budget (no cliff to bf16 once the budget is spent). A jump
         is one plan, so a level is judged by its own cost, not by the levels below it."""
         budget = self.cfg.max_avg_ppl_increase
         if budget is None or self.ratios is None or s.ledger is None:
             return self.max_level
-        upcoming = self.tokens_before_a_move_down(s)
+        upcoming = max(s.token_rate, 1.0) * self.cfg.horizon_s
         limit = math.log1p(budget) + 1e-12
         # a level dearer than the budget spends banked quality, and only down to the
         # tolerance the ledger and the evaluation agree within: the ledger at the budget
@@ -133,16 +146,6 @@ class DemandPolicy(PolicyBase):
         banked = max(budget - LEDGER_TOLERANCE, 0.0)
         return max((k for k in range(0, self.max_level + 1)
                     if self.ratios[k] <= limit or s.ledger.allows(self.ratios[k], upcoming, banked)), default=0)
-
-    def tokens_before_a_move_down(self, s) -> float:
-        """The tokens a level taken now serves before the server can leave it: the next
-        horizon's, and at least the output the requests in the system still expect. A move
-        down under load gives back KV blocks, so it waits until the requests holding them
-        have finished: judged by the horizon alone, a dear level was allowed, and once the
-        budget was spent the move down waited for blocks while every token still paid for
-        it (on the AMX Xeon's capacity row, level 54 -> 0 "pending" for 24 s while the
-        ledger went from +1.8% to +5.1%, against a budget of +2.77%)."""
-        return max(max(s.token_rate, 1.0) * self.cfg.horizon_s, float(s.pending_output_tokens))
 
     def batch_at(self, s, level: int, projected: bool = True) -> float:
         """Requests in the batch at `level`: all that want service, as far as its KV holds them."""
@@ -593,7 +596,10 @@ class DemandPolicy(PolicyBase):
         request brings (1): a move up made at that request's first boundary stalls its
         first tokens (measured on a Zen 4 EPYC: 0.6-1.0 s for 0 -> 30, made right after the
         prompt of an 8-token request), while one made while idle stalls nobody, and idle
-        time serves no token the quality budget could be spent on."""
+        time serves no token the quality budget could be spent on. Never where the budget is
+        reserved for levels dearer than it (`budget_reserved`)."""
+        if self.budget_reserved:
+            return False
         return self.recently_busy(s, state) or self.moves_while_idle()
 
     def recently_busy(self, s, state: PolicyState) -> bool:
@@ -604,7 +610,7 @@ class DemandPolicy(PolicyBase):
     def moves_while_idle(self) -> bool:
         """An idle server may still move up (to where its next request would be moved), so
         the controller gives it idle boundaries at its floor too."""
-        return self.cfg.fast_rest_idle_s is not None and self.cfg.idle_rest == "next_request"
+        return self.cfg.fast_rest_idle_s is not None and self.cfg.idle_rest == "next_request" and not self.budget_reserved
 
     def _decide(self, s, state: PolicyState) -> Decision:
         c, now, level = self.cfg, s.time, state.level

@@ -774,23 +774,18 @@ def test_levels_dearer_than_the_budget_spend_only_quality_banked_beyond_the_ledg
     assert p.quality_limit(load(3, AVX512, ledger=banked, time=12.0)) > L
 
 
-def test_a_dear_level_is_charged_for_the_output_it_serves_before_a_move_down_can_give_its_blocks_back():
-    """Quality banked for the next horizon's tokens at a 4-bit rung, but not for the output the
-    requests in the system still expect: that level is not taken, since a move down under load
-    waits for the blocks they hold (the AMX Xeon's capacity row: 24 s "pending" at level 54
-    while the ledger went from +1.8% to +5.1% against +2.77%). All-W8A8, within the budget on
-    its own, is still allowed."""
+def test_no_fast_rest_where_the_ladder_reaches_levels_dearer_than_the_budget():
+    """With a budget at all-W8A8's own cost on a tiered ladder, light load stays at bf16
+    (resting on W8A8 would bank nothing for the W4A16 rungs a burst past W8A8's blocks
+    needs); without a budget, or with one every level is within, it rests on the W8A8 run."""
+    light = load(2, AVX512)
     w8a8 = QUALITY["ladder"]["ppl"][str(L)] / 20.0 - 1
-    p = policy(TIGHT, CFG.model_copy(update={"max_avg_ppl_increase": w8a8}), RATIOS)
-    banked = QualityLedger(window_s=300.0)
-    banked.add(10.0, 1000, RATIOS[L])
-    banked.add(11.0, 1000, 0.0)  # half the window in bf16
-    short = load(3, AVX512, ledger=banked, time=12.0, pending_output_tokens=100)
-    assert p.tokens_before_a_move_down(short) == 60.0 * CFG.horizon_s
-    assert p.quality_limit(short) > L
-    long = dataclasses.replace(short, pending_output_tokens=20_000)
-    assert p.tokens_before_a_move_down(long) == 20_000
-    assert p.quality_limit(long) == L
+    reserved = policy(cfg=REST.model_copy(update={"max_avg_ppl_increase": w8a8}), ratios=RATIOS)
+    assert reserved.budget_reserved and not reserved.moves_while_idle()
+    assert reserved.decide(dataclasses.replace(light, ledger=QualityLedger(300.0)), PolicyState()).target == 0
+    for open_ in (policy(cfg=REST), policy(cfg=REST.model_copy(update={"max_avg_ppl_increase": 1.0}), ratios=RATIOS)):
+        assert not open_.budget_reserved
+        assert open_.decide(dataclasses.replace(light, ledger=QualityLedger(300.0)), PolicyState()).target == L
 
 
 def test_a_move_only_for_rest_waits_until_the_pending_prompts_are_computed():
