@@ -72,7 +72,7 @@ class PolicyConfig(BaseModel):
     fast_rest_idle_s: float | None = Field(
         None, ge=0.0, description="while requests come, rest on the top of the run of rungs above the "
                                   "highest-quality sufficient one that compute the present work faster (a decode "
-                                  "step at the present batch and the step computing a mean prompt, measured by the step-time model), "
+                                  "step at the present batch and a prompt token, measured by the step-time model), "
                                   "within the quality limits, and restore below it only after this many seconds "
                                   "without a request; null: rest on the highest-quality rung that meets the SLOs")
     further_slack: float = Field(

@@ -77,10 +77,6 @@ from policies.base import Decision, PolicyBase, PolicyState
 # A move up goes past its first sufficient rung only for a step at least this much faster:
 # a kernel profile's noise (a few % between repetitions) must not buy quality loss.
 FURTHER_GAIN = 0.05
-# A prompt of unknown size (no request seen yet) counts as the prefill chunk the kernel profile
-# times (its largest batch, morphserve.runtime.tier_speed): what the prompt term compared before
-# any request's size was known, a long prompt's cost per token.
-PROMPT_TOKENS_UNKNOWN = 256.0
 # A move down under load needs this much speed (a request computed sooner): less than a move
 # up needs, since it buys quality too, and more than nothing, since rungs the model cannot
 # tell apart (no profile, or one tier) are no reason to move while a burst grows.
@@ -99,21 +95,6 @@ class DemandPolicy(PolicyBase):
     def __init__(self, cfg, capacity_by_level: list[int], max_level: int, log_ratios: list[float] | None = None):
         super().__init__(cfg, capacity_by_level, max_level)
         self.ratios = list(log_ratios[: len(capacity_by_level)]) if log_ratios is not None else None
-        self.budget_reserved = self._budget_reserved()
-
-    def _budget_reserved(self) -> bool:
-        """Does the ladder reach levels dearer than the quality budget? Then a burst past
-        the budget's own rungs can only spend quality banked before it, and resting fast (a
-        climb no SLO needs) is off: at all-W8A8, whose cost is `default`'s budget, it banks
-        nothing. Measured on the AMX Xeon's tiered pack (dev-amx-climb): resting on level 30
-        from the first request, the server held 30 through a burst past its 55 blocks with
-        no quality left for the W4A16 rungs (5 [4, 6] violations against 1.5 [0, 3] resting
-        at bf16). A W8A8-only ladder within the budget keeps its fast rest."""
-        budget = self.cfg.max_avg_ppl_increase
-        if budget is None or self.ratios is None:
-            return False
-        limit = math.log1p(budget) + 1e-12
-        return any(r > limit for r in self.ratios[: self.max_level + 1])
 
     # -- the terms ---------------------------------------------------------------------
     def demand_blocks(self, s, projected: bool = True) -> float:
@@ -458,29 +439,12 @@ class DemandPolicy(PolicyBase):
                              f"{here:.2f}s at level {level} and holds the demand ({reason})", need_calm=False)
 
     def _costs(self, s, level: int, batch: float) -> tuple[float | None, float | None]:
-        """(decode step at `batch`, the step that computes a mean prompt beside that batch)
-        the step-time model predicts at `level`; a term it cannot predict is None.
-
-        The prompt term is the whole step, not a prompt token's marginal cost: a prompt's
-        first token waits for the step that computes it, and a step's fixed part (the
-        weights read once, whatever the tokens) is where int8 gains at a prefill chunk's
-        size. On an AMX Xeon a layer's linears take bf16 958 us and W8A8 795 us at 256
-        tokens, but each further token costs W8A8 2.63 us against bf16's 2.44: ranked by
-        the marginal token alone every W8A8 rung looked slower for prompts, so no move up
-        went past its first sufficient rung and a burst climbed 0 -> 8 -> 9 -> 14 -> 16 ->
-        17 in 4 s while requests waited. Before any request's size is known, a prompt counts
-        PROMPT_TOKENS_UNKNOWN tokens."""
+        """(decode step at `batch`, seconds per prompt token) the step-time model predicts
+        at `level`; a term it cannot predict is None."""
         model = s.step_model
         if model is None:
             return None, None
-        step = model.predict(level, batch)
-        prompt = model.prefill_seconds(level, self._prompt_tokens(s))
-        return step, (step + prompt if step is not None and prompt is not None else None)
-
-    @staticmethod
-    def _prompt_tokens(s) -> float:
-        """The mean prompt of the requests in the system, or PROMPT_TOKENS_UNKNOWN."""
-        return s.prompt_tokens_per_request if s.prompt_tokens_per_request > 0 else PROMPT_TOKENS_UNKNOWN
+        return model.predict(level, batch), model.prefill_seconds(level, 1.0)
 
     @staticmethod
     def _faster(upper: tuple, lower: tuple) -> bool:
@@ -502,8 +466,8 @@ class DemandPolicy(PolicyBase):
         return k
 
     def _gains(self, s, lower: int, upper: int, batch: float) -> tuple[float, float]:
-        """How much faster `upper` computes a decode step at `batch` and a mean prompt's step
-        than `lower` (fractions; 0 where not predicted)."""
+        """How much faster `upper` computes a decode step at `batch` and a prompt token than
+        `lower` (fractions; 0 where not predicted)."""
         (du, pu), (dl, pl) = self._costs(s, upper, batch), self._costs(s, lower, batch)
         decode = 1 - du / dl if du is not None and dl else 0.0
         prompt = 1 - pu / pl if pu is not None and pl else 0.0
@@ -512,8 +476,8 @@ class DemandPolicy(PolicyBase):
     def further(self, s, first: int, top: int, batch: float | None = None) -> tuple[int, str]:
         """How far past `first` (the first level meeting every test) a move up goes: up the
         rungs, within `top`, while each computes the work faster than the one below it (a
-        decode step at `batch`, default the batch `first` would serve, and the step that
-        computes a mean prompt beside it, `_costs`: neither slower) and holds no fewer blocks; `first` unless that gains FURTHER_GAIN on
+        decode step at `batch`, default the batch `first` would serve, and a prompt token:
+        neither slower) and holds no fewer blocks; `first` unless that gains FURTHER_GAIN on
         one of the two. The prompt term matters: prefill is where int8 gains most (its
         kernels win by more at hundreds of tokens than at a decode batch), and time to first
         token is what a light load feels."""
@@ -527,9 +491,8 @@ class DemandPolicy(PolicyBase):
             return first, ""
         slack = (f", within {self.cfg.further_slack:.0%} of level {ref}'s speed {SLACK_MARK}"
                  if k < run_top else "")
-        return k, (f"; on to level {k}: {self.capacity[k]} blocks, a decode step {decode:.0%} and a "
-                   f"{self._prompt_tokens(s):.0f}-token prompt's step {prompt:.0%} faster at batch "
-                   f"{batch:.0f}{slack}")
+        return k, (f"; on to level {k}: {self.capacity[k]} blocks, a decode step {decode:.0%} and a prompt token "
+                   f"{prompt:.0%} faster at batch {batch:.0f}{slack}")
 
     def _within_slack(self, s, first: int, run_top: int, batch: float) -> tuple[int, int]:
         """The lowest rung from `first` to `run_top` whose decode step and prompt token are
@@ -596,10 +559,7 @@ class DemandPolicy(PolicyBase):
         request brings (1): a move up made at that request's first boundary stalls its
         first tokens (measured on a Zen 4 EPYC: 0.6-1.0 s for 0 -> 30, made right after the
         prompt of an 8-token request), while one made while idle stalls nobody, and idle
-        time serves no token the quality budget could be spent on. Never where the budget is
-        reserved for levels dearer than it (`budget_reserved`)."""
-        if self.budget_reserved:
-            return False
+        time serves no token the quality budget could be spent on."""
         return self.recently_busy(s, state) or self.moves_while_idle()
 
     def recently_busy(self, s, state: PolicyState) -> bool:
@@ -610,7 +570,7 @@ class DemandPolicy(PolicyBase):
     def moves_while_idle(self) -> bool:
         """An idle server may still move up (to where its next request would be moved), so
         the controller gives it idle boundaries at its floor too."""
-        return self.cfg.fast_rest_idle_s is not None and self.cfg.idle_rest == "next_request" and not self.budget_reserved
+        return self.cfg.fast_rest_idle_s is not None and self.cfg.idle_rest == "next_request"
 
     def _decide(self, s, state: PolicyState) -> Decision:
         c, now, level = self.cfg, s.time, state.level

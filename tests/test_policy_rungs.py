@@ -75,31 +75,6 @@ def test_a_profile_makes_every_level_known_from_level_0_steps_alone():
         assert abs(with_profile.predict(k, 24) - true_step(AVX512, k, 24)) < 1e-6
 
 
-# An AMX Xeon's doctor reading (docs/RESULTS.md, "The W4A16 tier on an AMX Xeon"): W8A8 cheaper
-# than bf16 at every batch measured, but dearer per token past 32 (2.63 against 2.44 us).
-AMX = {"bf16": {1: 329e-6, 8: 320e-6, 32: 412e-6, 256: 958e-6},
-       "w8a8": {1: 102e-6, 8: 137e-6, 32: 205e-6, 256: 795e-6},
-       "w4a16": {1: 466e-6, 8: 476e-6, 32: 599e-6, 256: 1164e-6}}
-
-
-def test_on_an_amx_xeon_a_burst_takes_the_w8a8_rungs_whole_though_a_further_prompt_token_costs_int8_more():
-    """A burst from a bf16 rest needs level 8's KV: the move goes on to all-W8A8, since every
-    W8A8 rung computes both a decode step and a mean prompt's whole step faster, and stops
-    before the slower W4A16 rungs. Judged by a prompt token's marginal cost, every W8A8 rung
-    looked slower and the move stopped at the first sufficient one (suite-v4-amx: 0 -> 8 ->
-    9 -> 14 -> 16 -> 17 in 4 s)."""
-    model = taught(AMX)
-    assert model.prefill_seconds(L, 1.0) > model.prefill_seconds(0, 1.0)  # the premise
-    burst = load(5, AMX, capacity_blocks=TIGHT[0], used_blocks=9, need_blocks=22, waiting_blocks=6, queue_len=2.0,
-                 prompt_tokens_per_request=450.0, pending_prompt_tokens=900, step_model=model)
-    d = policy(capacity=TIGHT).decide(burst, PolicyState())
-    assert d.target == L, d.reason
-    assert d.reason.startswith("capacity:") and "450-token prompt's step" in d.reason, d.reason
-    # with prompts long enough that a W8A8 rung's step computing one is slower, the move stops short
-    long = dataclasses.replace(burst, prompt_tokens_per_request=4000.0)
-    assert policy(capacity=TIGHT).decide(long, PolicyState()).target < L
-
-
 def test_moderate_load_rests_on_w8a8_rungs_where_int8_is_faster_and_calm_load_returns_to_bf16():
     busy = load(30, AVX512)
     assert busy.step_time_s > BOUND  # bf16 cannot serve 30 requests in time here
@@ -772,20 +747,6 @@ def test_levels_dearer_than_the_budget_spend_only_quality_banked_beyond_the_ledg
     banked.add(10.0, 1000, RATIOS[L])
     banked.add(11.0, 1000, 0.0)  # half the window in bf16
     assert p.quality_limit(load(3, AVX512, ledger=banked, time=12.0)) > L
-
-
-def test_no_fast_rest_where_the_ladder_reaches_levels_dearer_than_the_budget():
-    """With a budget at all-W8A8's own cost on a tiered ladder, light load stays at bf16
-    (resting on W8A8 would bank nothing for the W4A16 rungs a burst past W8A8's blocks
-    needs); without a budget, or with one every level is within, it rests on the W8A8 run."""
-    light = load(2, AVX512)
-    w8a8 = QUALITY["ladder"]["ppl"][str(L)] / 20.0 - 1
-    reserved = policy(cfg=REST.model_copy(update={"max_avg_ppl_increase": w8a8}), ratios=RATIOS)
-    assert reserved.budget_reserved and not reserved.moves_while_idle()
-    assert reserved.decide(dataclasses.replace(light, ledger=QualityLedger(300.0)), PolicyState()).target == 0
-    for open_ in (policy(cfg=REST), policy(cfg=REST.model_copy(update={"max_avg_ppl_increase": 1.0}), ratios=RATIOS)):
-        assert not open_.budget_reserved
-        assert open_.decide(dataclasses.replace(light, ledger=QualityLedger(300.0)), PolicyState()).target == L
 
 
 def test_a_move_only_for_rest_waits_until_the_pending_prompts_are_computed():

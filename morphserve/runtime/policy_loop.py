@@ -47,9 +47,6 @@ class PolicyLoop:
         if unreachable is not None:
             log.warning("MorphServe: %s", unreachable)
         self.policy = make_policy(pcfg, capacities, cap, ratios)
-        if pcfg.fast_rest_idle_s is not None and getattr(self.policy, "budget_reserved", False):
-            log.info("MorphServe: no fast rest (fast_rest_idle_s): the ladder reaches levels dearer than the quality "
-                     "budget, and bursts there spend only quality banked at the rungs below")
         self.name = f"{pcfg.policy}:{path.stem}"
         profile = tier_speed() if tier_speed is not None and pcfg.policy == "demand" and pcfg.kernel_profile else None
         # Prompt twins: the ledger charges the steps they compute at max(level, N) and the
