@@ -70,10 +70,10 @@ def test_no_level_below_the_floor_and_a_round_trip_comes_back_to_it_with_every_t
 
 
 def test_a_floor_that_would_quantize_every_twin_is_refused_by_serve_in_one_line(model_dir, tiered_pack):
-    skip_unless_w8a8_runs_in("float32")
     """Refused in the engine core (where the KV is sized), told by `morphserve serve` as one
     `error:` line and exit status 2: one twin on a budget whose level 0 holds exactly one
     max_model_len request, so only level 1 (the twinned layer quantized) holds it again."""
+    skip_unless_w8a8_runs_in("float32")
     import os
     import subprocess
     import sys
