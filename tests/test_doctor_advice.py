@@ -80,6 +80,13 @@ def test_busy_timings_are_flagged():
     assert a.exit_status == 0 and any("busy" in p.what for p in a.problems)
 
 
+def test_timings_taken_beside_other_work_are_flagged():
+    quiet = advise(AVX512, TIERED, replace(speed((1.0, 1.0), (1.0, 1.0)), others=0.1))
+    assert not quiet.problems
+    a = advise(AVX512, TIERED, replace(speed((1.0, 1.0), (1.0, 1.0)), others=0.6))
+    assert a.exit_status == 0 and any("0.60 of a core" in p.what and "--remeasure" in p.fix for p in a.problems)
+
+
 def test_an_fp32_reading_is_named_fp32_and_slower_int8_rungs_buy_memory_not_speed():
     # This AVX2 EPYC's fp32 profile (int8 at 0.36x / 0.40x of fp32's speed at batch 1 / 32):
     # the same tier read against bf16 there looked 2x faster at batch 32.

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 # Kernel timings taken while other processes use half the cores or more are flagged (OpenMP
 # threads of the timed kernels then wait for a core, and every tier looks alike).
-from morphserve.runtime.tier_speed import BUSY_LOAD
+from morphserve.runtime.tier_speed import BUSY_LOAD, QUIET_OTHERS, TIMING_ATTEMPTS
 
 TIERS = ("w8a8", "w4a16")  # most precise first, as in the ladder
 BATCHES = (1, 32)  # decode-sized steps: what the tier choice and the resting advice read
@@ -69,6 +69,7 @@ class Speed:
     # The engine dtype the full-precision rung and the activations were timed in. Where bf16 is
     # emulated the two dtypes rank the tiers in opposite order, so the advice names which it read.
     dtype: str = "bfloat16"
+    others: float = 0.0  # cores' worth of other processes' CPU during the timing (0 for a cached reading)
 
     @property
     def full(self) -> str:
@@ -119,6 +120,11 @@ def advise(machine: Machine, pack: Pack | None, speed: Speed | None) -> Advice:
             f"the machine was busy when the kernels were timed ({speed.load:.1f} of {machine.cores} cores in use), "
             "so the speed figures are unreliable", "re-run `morphserve doctor --remeasure` on an idle machine",
             blocks_serving=False))
+    elif speed is not None and speed.others >= QUIET_OTHERS:
+        advice.problems.append(Problem(
+            f"other processes used {speed.others:.2f} of a core while the kernels were timed "
+            f"({TIMING_ATTEMPTS} timings), so the speed figures are unreliable and were not cached",
+            "re-run `morphserve doctor --remeasure` on an idle machine", blocks_serving=False))
     advice.tiers, advice.reasons = _pick_tiers(candidates, machine, speed, pack)
     advice.reasons.append(_rest_reason(advice.tiers, speed))
     if pack is None and advice.tiers:

@@ -105,4 +105,4 @@ def speed(info, tiers: list[str], group_size: int, remeasure: bool = False, dtyp
     from morphserve.runtime.tier_speed import measure
 
     reading = measure(info.linear_shapes, tiers, group_size, info.num_layers, remeasure, dtype=dtype)
-    return Speed(reading.seconds, reading.source, reading.load, dtype)
+    return Speed(reading.seconds, reading.source, reading.load, dtype, reading.others)
