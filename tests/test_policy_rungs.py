@@ -270,6 +270,33 @@ def test_a_restore_under_way_is_retargeted_and_the_policy_reasons_from_its_targe
     assert c.moves.restoring["level"] == 1 and c.forced_level is None and c.errors == 0
 
 
+def test_a_part_way_restore_is_not_called_off_by_the_boundaries_that_wait_for_the_rest():
+    """A restore to 0 with block 18 in use goes part-way to 2 in the background and keeps 0
+    pending. The policy is asked from 0 (where the controller is heading), so its holds do
+    not retarget; the pending retry waits for the part-way restore, then shrinks the pool
+    to 0's blocks again; the rest follows once block 18 frees."""
+    from tests.test_transition_plans import LADDER, _hold, capacity
+
+    c, worker = _controller(LADDER.top, [0] * 30)
+    for name in ("keep_tail_cold", "refresh_memory_if_due", "trim_heap_if_due"):
+        setattr(c, name, lambda: None)
+    c.heap_trims = c.own_trims = SimpleNamespace(stepped=lambda: None)
+    held = _hold(c.pool, {18}, 18)
+    c._decide()
+    assert c.moves.restoring["level"] == 2 and c.moves.pending_level == 0
+    c._step_boundary(True)  # one layer installed; asked from 0, the policy holds
+    assert c.loop.policy.asked[-1] == 0 and c.moves.restoring is not None and c.moves.pending_level == 0
+    while c.moves.restoring is not None:
+        c._step_boundary(True)
+    assert c.moves.level == 2 and c.moves.pending_level == 0
+    assert c.pool.limit == capacity(0) and c.errors == 0  # block 18 still in use: the rest waits
+    c.pool.store.vllm_pool.free_blocks([held[18]])
+    for _ in range(4):
+        c._step_boundary(True)
+    assert c.moves.level == 0 and c.moves.pending_level is None and c.errors == 0
+    assert worker.tiers == {} and c.pool.committed == capacity(0)
+
+
 def test_a_compression_goes_to_the_background_only_while_requests_decode():
     """compress_mode background: with a request decoding the move is prepared in a thread
     (a synchronous one would stall its tokens); with none, it is made at once."""

@@ -166,3 +166,56 @@ def test_a_transition_the_engine_waited_for_teaches_the_policy_what_a_move_costs
     moves.to(2, reason="manual")
     moves.to(0, reason="manual")
     assert model.move_layer_s["down"] > 0
+
+
+def _hold(pool: ElasticBlockPool, keep: set[int], upto: int) -> dict:
+    """Blocks 1..upto handed out by vLLM's pool, then every one not in `keep` freed again."""
+    vllm_pool = pool.store.vllm_pool
+    blocks = {b.block_id: b for b in vllm_pool.get_new_blocks(upto)}
+    assert sorted(blocks) == list(range(1, upto + 1))
+    vllm_pool.free_blocks([b for i, b in blocks.items() if i not in keep])
+    return {i: blocks[i] for i in keep}
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_restore_waiting_for_blocks_goes_part_way_and_finishes_when_they_free(background):
+    """Block 18 in use above level 0's 10 blocks: the restore goes at once to level 2 (20
+    blocks, the lowest that holds block 18), keeps 0 pending with the pool limited to 10,
+    and reaches 0 once the block frees. Before, it waited at level 6 for all of it."""
+    moves, worker, pool = _moves(LADDER.top)
+    held = _hold(pool, {3, 18}, 18)
+    result = moves.to(0, reason="quality", background=background)
+    assert result["deferred"] and result["part_way"] == 2 and result["busy_blocks"] == 1
+    assert moves.pending_level == 0 and pool.limit == capacity(0) and pool.committed == capacity(2)
+    assert pool.visible == capacity(0) + 1 and moves.scheduler.visible == pool.visible  # block 18 only
+    while moves.restoring is not None:
+        moves.commit_restore()
+    assert moves.level == 2 and worker.tiers == LADDER.config(2)
+    record = moves.recorder.recent[-1]
+    assert record["part_of"] == 0 and record["to"] == 2 and record["reason"] == "quality"
+    if background:  # the last commit gave level 2's blocks back; the pending retry hides them again
+        assert pool.limit == capacity(2)
+    assert moves.to(0, reason="pending")["deferred"] and moves.level == 2  # 18 still in use: too few levels left
+    assert pool.limit == capacity(0) and pool.visible == capacity(0) + 1
+    pool.store.vllm_pool.free_blocks([held[18]])
+    done = moves.to(0, reason="pending", background=background)
+    while moves.restoring is not None:
+        moves.commit_restore()
+    assert done["ok"] and moves.level == 0 and moves.pending_level is None
+    assert pool.limit == pool.committed == capacity(0) and worker.tiers == {}
+    pool.check()
+
+
+def test_a_restore_waits_where_it_is_when_no_level_far_enough_down_holds_the_blocks_in_use():
+    """Block 38 in use: only level 6 (40 blocks) holds it, so the restore waits at 6 as before;
+    with block 28 (level 4's 30 hold it) the move would be 2 levels, under PART_WAY_MIN_LEVELS."""
+    from morphserve.runtime.transitions import PART_WAY_MIN_LEVELS
+
+    assert PART_WAY_MIN_LEVELS == 4  # the second case's arithmetic
+    for top_block in (38, 28):
+        moves, worker, pool = _moves(LADDER.top)
+        _hold(pool, {top_block}, top_block)
+        result = moves.to(0, reason="quality")
+        assert result["deferred"] and "part_way" not in result and moves.level == LADDER.top
+        assert moves.pending_level == 0 and pool.limit == capacity(0)
+        assert worker.tiers == LADDER.config(LADDER.top)

@@ -332,7 +332,7 @@ class MorphController:
                     self._recover(e, e.during)
             if self.loop.sampling:
                 self._decide()
-            if moves.pending_level is not None:
+            if moves.pending_level is not None and moves.restoring is None:  # a part-way restore finishes first
                 level = moves.pending_level
                 if level == moves.level:
                     moves.pending_level = None
@@ -397,8 +397,9 @@ class MorphController:
             return
         # The policy reasons from where the controller is going: a restore under way (or
         # waiting for blocks) has already given up its KV capacity.
-        heading = moves.restoring["level"] if moves.restoring is not None else (
-            moves.pending_level if moves.pending_level is not None else moves.level)
+        # A part-way restore (under way while the rest waits) heads for the level pending.
+        heading = moves.pending_level if moves.pending_level is not None else (
+            moves.restoring["level"] if moves.restoring is not None else moves.level)
         decision = self.loop.decide(heading, self.recorder, t0)
         clamped = decision.target < self.floor
         if clamped:

@@ -31,7 +31,8 @@ def shrink_kv(pool: ElasticBlockPool, scheduler, rpc: Callable, target: int, str
         result, action = _preempt_tail(pool, scheduler, result)
     elif not result.done and strategy == "migrate":
         result, action = _migrate_tail(pool, scheduler, rpc, result)
-    out = {"done": result.done, "busy": len(result.busy), "strategy": strategy, **action}
+    out = {"done": result.done, "busy": len(result.busy), "busy_top": max(result.busy, default=0), "strategy": strategy,
+           **action}
     if result.done and committed_before > pool.committed:
         rels = rpc("morphserve_kv_release", pool.committed + 1, committed_before)  # one per rank
         out.update(released_blocks=committed_before - pool.committed,

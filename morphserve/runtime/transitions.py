@@ -45,6 +45,11 @@ def plan_transition(order: list[int], current: list[int], level: int) -> Transit
 
 _WORKER_SUMS = ("fp_bytes_freed", "bytes_freed", "rss_delta", "seconds")
 
+# A restore waiting for KV blocks goes part-way only for at least this many levels: each
+# move stalls a step boundary (or prepares layers beside the engine), and blocks free one
+# request at a time, so smaller steps would move at nearly every boundary of a drain.
+PART_WAY_MIN_LEVELS = 4
+
 
 def _worker_fields(worker: dict) -> dict:
     return {"fp_bytes_freed": worker["fp_bytes_freed"], "bytes_freed": worker["bytes_freed"],
@@ -131,7 +136,8 @@ class Transitions:
     def sync_view(self) -> None:
         self.scheduler.sync_capacity_view(self.pool.visible)
 
-    def to(self, level: int, reason: str, background: bool = False, background_compress: bool = False) -> dict:
+    def to(self, level: int, reason: str, background: bool = False, background_compress: bool = False,
+           part_of: int | None = None) -> dict:
         """Move to `level` quantized layers. A restore with `background` only starts here:
         its KV is shrunk now and the layers are installed at later step boundaries; so does
         a compression with `background_compress` (its KV grows once it is installed).
@@ -139,7 +145,14 @@ class Transitions:
         A plan may both compress and decompress: off the ladder (a restore called off
         part-way when the W8A8 and W4A16 orders differ), reaching a level can take layers
         both ways. The compressions run first (they only free memory), then the
-        decompressions, after the KV shrink they need."""
+        decompressions, after the KV shrink they need.
+
+        A restore whose blocks are still in use waits (pending), but not at the level it
+        left: it goes at once as far down as the blocks in use allow (`_part_way`). The
+        pool has already hidden every free block above the target's capacity, so the
+        server holds the target's KV either way; waiting at the old level only kept its
+        quality cost (measured on an AMX Xeon: 24 s at 24 W4A16 layers while the quality
+        ledger went from +1.8% to +5.1%)."""
         if self.restoring is not None:
             self._cancel_restore()
         self.recovery_shrink_from = None  # this transition's own shrink or grow accounts for the pool now
@@ -157,6 +170,8 @@ class Transitions:
                   "restored_layer_ids": [i for i, _ in plan.restore], "signals": self.policy.signals_dict()}
         if self.ladder.tiered:
             record["tiers_to"] = self.ladder.counts(level)
+        if part_of is not None:
+            record["part_of"] = part_of  # the restore still pending beyond this level
         worker: dict | None = None
         if plan.quantize and not plan.restore and background_compress:
             return self._begin_background(plan.quantize, level, record, t0, before_blocks, "quantize")
@@ -170,6 +185,9 @@ class Transitions:
             kv = shrink_kv(self.pool, self.scheduler, self.rpc, self.capacity(level), self.shrink_strategy)
             record["kv"] = kv
             if not kv["done"]:
+                part = None if plan.quantize else self._part_way(level, kv["busy_top"])
+                if part is not None:
+                    return self._go_part_way(level, part, kv, reason, background, was_pending)
                 self.deferrals += was_pending != level  # count a restore once, not per retry
                 self.pending_level = level
                 self.sync_view()
@@ -191,6 +209,26 @@ class Transitions:
         record.update(_worker_fields(worker))
         self._finish(record, before_blocks, t0, "restore" if plan.restore else "quantize")
         return {"ok": True, "quantized_layers": self.level, "changed": True, "transition": record}
+
+    def _part_way(self, level: int, busy_top: int) -> int | None:
+        """The lowest level between `level` and the one served whose capacity holds every
+        block still in use (the highest in-use id is `busy_top`), at least
+        PART_WAY_MIN_LEVELS below the level served; None where there is none."""
+        for k in range(level + 1, self.level - PART_WAY_MIN_LEVELS + 1):
+            if self.capacity(k) >= busy_top:
+                return k
+        return None
+
+    def _go_part_way(self, level: int, part: int, kv: dict, reason: str, background: bool, was_pending) -> dict:
+        """Restore to `part` now and keep `level` pending. The pool's limit goes back to
+        `level`'s capacity at once, so the blocks between the two that free meanwhile stay
+        hidden and the rest of the restore waits no longer than it would have."""
+        result = self.to(part, reason=reason, background=background, part_of=level)
+        shrink_kv(self.pool, self.scheduler, self.rpc, self.capacity(level), "wait")
+        self.deferrals += was_pending != level
+        self.pending_level = level
+        self.sync_view()
+        return {**result, "deferred": True, "part_way": part, "busy_blocks": kv["busy"]}
 
     def _give_back(self, level: int) -> None:
         """The pool may sit below what both the present weights and the target allow (a
