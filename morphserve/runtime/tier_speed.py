@@ -43,7 +43,10 @@ WAIT_FOR_IDLE_S = 6.0  # how long a busy machine is waited for before timing any
 # 2-vCPU AMX Xeon such a reading (0.45 of a core busy just before) put bf16's prompt token
 # at 2.5x the quiet reading's cost (6.18 against 2.44 us a layer) and was cached for every
 # later start, where the policy then took all-W8A8 for a prefill speed-up it does not have.
-QUIET_OTHERS = 0.25
+# On that machine an idle timing saw 0.006-0.007 of a core of others' work, and one beside a
+# process spinning half the time saw 0.17 and still read bf16's 256-token step 1.8x slow:
+# OpenMP's threads wait for the one that lost its core, so a little work beside them costs a lot.
+QUIET_OTHERS = 0.05
 TIMING_ATTEMPTS = 3
 FEATURES = ("amx_tile", "avx512f", "avx512_vnni", "avx512_bf16", "avx2")
 CACHE_DIR = "doctor"  # where the doctor kept it first
