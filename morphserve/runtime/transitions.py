@@ -219,7 +219,8 @@ class Transitions:
                 return k
         return None
 
-    def _go_part_way(self, level: int, part: int, kv: dict, reason: str, background: bool, was_pending) -> dict:
+    def _go_part_way(self, level: int, part: int, kv: dict, reason: str, background: bool,
+                     was_pending: int | None) -> dict:
         """Restore to `part` now and keep `level` pending. The pool's limit goes back to
         `level`'s capacity at once, so the blocks between the two that free meanwhile stay
         hidden and the rest of the restore waits no longer than it would have."""
