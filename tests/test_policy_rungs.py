@@ -1050,3 +1050,43 @@ def test_a_kv_cache_dearer_than_the_budget_at_level_0_is_named_at_start():
     cheap = {**QUALITY, "kv_cost": {"dtype": "fp8", "factor_by_level": {str(k): 1.02 for k in range(2 * L + 1)}}}
     assert budget_below_level0(resolve_budget(default, cheap, MIX), log_ppl_ratios(cheap, 2 * L)) is None
     assert budget_below_level0(resolve_budget(default, QUALITY, MIX), RATIOS) is None  # a bf16 cache
+
+
+def test_the_headroom_is_not_bought_with_slower_kernels():
+    """A demand all-W8A8's blocks hold, but not with the 10% headroom: where the W4A16 rungs
+    above are slower (an AMX Xeon's profile shape), the move up stops at all-W8A8; where they
+    are as fast, it goes on to the first level with the headroom, as before. The old rule
+    took the headroom's level on both."""
+    demand = 65  # TIGHT[L] = 69 holds it; the headroom needs 71.5, TIGHT[L + 3]
+    headroom_level = next(k for k, c in enumerate(TIGHT) if c >= demand * 1.1)
+    assert headroom_level == L + 3 and TIGHT[L] >= demand
+    queue = dict(capacity_blocks=TIGHT[0], need_blocks=demand, waiting_blocks=demand - 9, queue_len=20.0,
+                 used_blocks=9)
+    p = policy(TIGHT)
+    s = load(3, AVX512, **queue)
+    assert p.demand_blocks(s) == demand
+    d = p.decide(s, PolicyState())
+    assert d.target == L and d.reason.startswith("speed:") and "do not buy the headroom" in d.reason
+    cheap_w4 = {**AVX512, "w4a16": AVX512["w8a8"]}
+    assert policy(TIGHT).decide(load(3, cheap_w4, **queue), PolicyState()).target == headroom_level
+
+
+def test_a_level_that_spared_the_headroom_holds_until_the_demand_outgrows_it():
+    """Closed loop at all-W8A8 with the demand moving under and over what the headroom asks:
+    it holds while its blocks hold the demand; past them it moves once, to the first level
+    whose blocks hold the demand (a W4A16 rung, again without buying the headroom), and holds
+    there while the demand stays within the headroom of the rungs below (a move down under
+    load still needs it), so the two rules do not alternate."""
+    p, state, moves = policy(TIGHT), PolicyState(level=L), []
+    demands = [60, 66, 64, 68, 69, 62, 67, 65, 72, 70, 71, 72, 68, 70]
+    for i, demand in enumerate(demands):
+        s = load(3, AVX512, level=state.level, time=100.0 + 2 * i, capacity_blocks=TIGHT[state.level],
+                 need_blocks=demand, waiting_blocks=max(0, demand - TIGHT[state.level]), queue_len=5.0,
+                 used_blocks=min(demand, TIGHT[state.level]))
+        d = p.decide(s, state)
+        if d.target != state.level:
+            moves.append((demand, state.level, d.target))
+        state = d.state
+    holds_72 = next(k for k, c in enumerate(TIGHT) if c >= 72)
+    assert holds_72 < next(k for k, c in enumerate(TIGHT) if c >= 72 * 1.1)
+    assert moves == [(72, L, holds_72)], moves
