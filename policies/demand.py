@@ -248,14 +248,11 @@ class DemandPolicy(PolicyBase):
         return prompt_s + step * max(1.0, s.pending_output_tokens / batch)
 
     def choose(self, s, current: int, demand: float, headroom: float, top: int, bound: float,
-               projected: bool = True, prompt_bound: float | None = None,
-               spare_headroom: bool = False) -> tuple[int, str, bool]:
+               projected: bool = True, prompt_bound: float | None = None) -> tuple[int, str, bool]:
         """(level, why, meets every test) among 0..top, from `current`. `why` starts with what
         decided: capacity (the first level whose KV covers the demand), speed (lower levels
         cover it but are too slow, for the decode step or for the prompts waiting: their
-        prefill must fit `prompt_bound`) or quality (the limits stop below what is needed).
-        With `spare_headroom` (a move up) the headroom is not bought with slower kernels
-        (`headroom_spared`)."""
+        prefill must fit `prompt_bound`) or quality (the limits stop below what is needed)."""
         unknown_ok = s.step_time_s <= bound  # steps already too slow: an unpredicted level is no help
         factor = self.prefill_factor(s)  # the same for every level: computed once per decision
         levels = range(0, top + 1)
@@ -289,9 +286,6 @@ class DemandPolicy(PolicyBase):
                     speed += f", its {s.pending_prompt_tokens} prompt tokens in {prompts[k]:.2f}s <= {prompt_bound:.2f}s"
                 skipped = (f" (levels below are too slow for {bound:.3f}s per step or {prompt_bound or 0:.2f}s "
                            f"for the prompts)" if slow_below else "")
-                spared = self.headroom_spared(s, k, demand, passes) if spare_headroom else None
-                if spared is not None:
-                    return spared
                 return k, (f"{'speed' if slow_below else 'capacity'}: demand {demand:.0f} blocks "
                            f"(+{headroom:.0%}) fits {self.capacity[k]} at level {k}{speed}{skipped}"), True
         # no level met every test: the fallbacks below weigh every level
@@ -381,33 +375,6 @@ class DemandPolicy(PolicyBase):
                                        f"and no level is known to be faster"), False
         return top, (f"{limited or 'capacity'}: demand {demand:.0f} blocks; no level up to {top} covers it, "
                      f"{top} has the most capacity"), False
-
-    def headroom_spared(self, s, k: int, demand: float, passes) -> tuple[int, str, bool] | None:
-        """A level below `k` (the first to hold the demand with the headroom) that holds the
-        demand itself, meets the step and prompt tests (`passes`) and computes a request
-        (`request_seconds`, at the present batch) at least FURTHER_GAIN sooner than `k`: the
-        headroom is a margin for the demand's noise, and buying it with slower kernels slows
-        every request for blocks that may never be used. Measured on an AMX Xeon's tiered
-        ladder: a burst of 900-token prompts demanding 51-53 blocks climbed past all-W8A8 (55)
-        to levels 32-37 for the headroom, whose W4A16 layers (1.46x W8A8's time at 256 prompt
-        tokens there) prefilled 15% fewer tokens than static W8A8 at 55 blocks, and spent the
-        quality budget the rest of the burst needed. None: keep `k`. A level's own kernels
-        decide, so where higher rungs are faster (a W8A8 ladder where int8 wins) nothing
-        changes."""
-        batch = max(1.0, float(s.running))
-        at_k = self.request_seconds(s, k, batch)
-        if at_k is None:
-            return None
-        below = {j: c for j in range(k) if self.capacity[j] >= demand and passes(j)
-                 and (c := self.request_seconds(s, j, batch)) is not None}
-        if not below:
-            return None
-        j = min(below, key=lambda i: (below[i], i))
-        if below[j] > at_k * (1 - FURTHER_GAIN):
-            return None
-        return j, (f"speed: demand {demand:.0f} blocks fits {self.capacity[j]} at level {j}; level {k}, the first "
-                   f"with the headroom, computes a request in {at_k:.2f}s against {below[j]:.2f}s here, so its "
-                   f"slower kernels do not buy the headroom"), True
 
     def request_seconds(self, s, level: int, batch: float) -> float | None:
         """Compute seconds one request costs at `level` where the CPU is what runs out: its
@@ -616,8 +583,7 @@ class DemandPolicy(PolicyBase):
                                  f"{c.max_avg_ppl_increase:.1%} allowed; at most level {quality_top}",
                                  need_calm=False)
         target, reason, fits = self.choose(s, level, self.demand_blocks(s), c.headroom, quality_top,
-                                           c.tpot_slo_s * c.slo_margin, prompt_bound=c.ttft_slo_s * c.slo_margin,
-                                           spare_headroom=True)
+                                           c.tpot_slo_s * c.slo_margin, prompt_bound=c.ttft_slo_s * c.slo_margin)
         resting = self.resting(s, state)
         if target > level:
             # only from a level that meets every test: a fallback (most capacity whose step
