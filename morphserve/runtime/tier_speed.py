@@ -29,12 +29,16 @@ from pathlib import Path
 from quant_layers.cache_dir import cache_root
 from quant_layers.cpu_kind import last_level_cache_bytes, this_cpu
 
-# Decode batches (a step's linears are about linear in the batch between them) and one
-# prefill chunk: the slope from 32 to 256 tokens is a prompt token's marginal cost, where int8
-# gains far more than at decode batches (oneDNN's int8 GEMM at hundreds of rows), and time to
-# first token is what a light load feels. Without it the prompt cost came from the slope
-# between 8 and 32, which made int8's prefill look barely faster than bf16's.
-BATCHES = (1, 8, 32, 256)
+# Decode batches (a step's linears are about linear in the batch between them) and two
+# prefill sizes: the slope between the two largest is a prompt token's marginal cost
+# (`policies.step_model`), where int8 gains far more than at decode batches (oneDNN's int8
+# GEMM at hundreds of rows), and time to first token is what a light load feels. Without 256
+# the prompt cost came from the slope between 8 and 32, which made int8's prefill look barely
+# faster than bf16's. Without 1024 it came from 32 -> 256, which on a 2-vCPU AMX Xeon put a
+# W8A8 prompt token at 1.08x bf16's (2.63 against 2.44 us a layer) where from 256 to 1024
+# tokens it is 0.48x (2.03 against 4.26): the served 1,500-token prompts prefilled 1.3x
+# faster on all-W8A8 than on mostly-bf16 levels (docs/RESULTS.md, "suite-v4-amx-b2").
+BATCHES = (1, 8, 32, 256, 1024)
 BUSY_LOAD = 0.5  # of the cores
 WAIT_FOR_IDLE_S = 6.0  # how long a busy machine is waited for before timing anyway
 # Other work *during* the timing (cores' worth) under which a reading is still cached, and how
