@@ -1050,3 +1050,26 @@ def test_a_kv_cache_dearer_than_the_budget_at_level_0_is_named_at_start():
     cheap = {**QUALITY, "kv_cost": {"dtype": "fp8", "factor_by_level": {str(k): 1.02 for k in range(2 * L + 1)}}}
     assert budget_below_level0(resolve_budget(default, cheap, MIX), log_ppl_ratios(cheap, 2 * L)) is None
     assert budget_below_level0(resolve_budget(default, QUALITY, MIX), RATIOS) is None  # a bf16 cache
+
+
+# An AMX Xeon's profile as `morphserve doctor --remeasure` timed it (us a layer, 2 vCPUs): below 256
+# tokens a W8A8 prompt token costs what a bf16 one does; from 256 to 1024, 0.44x.
+AMX = {"bf16": {1: 340e-6, 8: 342e-6, 32: 419e-6, 256: 1058e-6, 1024: 4472e-6},
+       "w8a8": {1: 104e-6, 8: 161e-6, 32: 220e-6, 256: 866e-6, 1024: 2363e-6},
+       "w4a16": {1: 506e-6, 8: 491e-6, 32: 615e-6, 256: 1210e-6, 1024: 3372e-6}}
+
+
+def test_a_prompt_is_priced_by_the_profiles_slope_at_prompt_sizes():
+    """The prompt slope comes from the profile's two largest points: with the 1024-token
+    point all-W8A8 prefills a long prompt in about half bf16's linear time, and a move up
+    takes the W8A8 rungs whole for it; cut at 256 (what the profile timed before), the two
+    are level and the same move stops at the first sufficient rung."""
+    cut = {t: {b: s for b, s in v.items() if b <= 256} for t, v in AMX.items()}
+    full, short = StepTimeModel(2 * L, MIX, AMX), StepTimeModel(2 * L, MIX, cut)
+    assert full._slopes[L] < 0.5 * full._slopes[0]
+    assert short._slopes[L] > 0.95 * short._slopes[0]
+    prompt = dict(capacity_blocks=TIGHT[0], need_blocks=30, waiting_blocks=21, queue_len=1.0, used_blocks=9,
+                  pending_prompt_tokens=1500)
+    need = next(k for k, c in enumerate(TIGHT) if c >= 30 * 1.1)
+    assert policy(TIGHT).decide(load(1, AMX, **prompt), PolicyState()).target == L
+    assert policy(TIGHT).decide(load(1, cut, **prompt), PolicyState()).target == need
