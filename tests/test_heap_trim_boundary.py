@@ -147,3 +147,45 @@ def test_a_failed_own_trim_is_logged_and_serving_goes_on(caplog):
     with caplog.at_level(logging.ERROR, logger="morphserve"):
         c.on_idle()
     assert "own heap trim failed" in caplog.text and not c.own_trims.owed
+
+
+def test_in_mode_idle_a_worker_trims_at_idle_moments_and_under_load_only_after_64_mib_of_growth():
+    mib = 2**20
+    rss = [900 * mib]
+    trims: list[int] = []
+    trimmer = HeapTrimmer(5.0, trim=trims.append, mode="idle", rss=lambda: rss[0])
+    assert not trimmer.start()  # asked by the engine core, as in mode "boundary"
+    trimmer.tick(busy=False)  # an idle moment: trims (and notes where it left the worker)
+    for resident in (920, 940, 963):  # under load: the refaults a trim would cost buy under 64 MiB
+        rss[0] = resident * mib
+        trimmer.tick(busy=True)
+    assert len(trims) == 1 and trimmer.skipped == 3
+    rss[0] = 964 * mib  # a heap that does grow under load is still handed back
+    trimmer.tick(busy=True)
+    assert len(trims) == 2
+    rss[0] = 970 * mib
+    trimmer.tick(busy=False)  # at the next idle moment, whatever the growth
+    assert len(trims) == 3
+    boundary = HeapTrimmer(5.0, trim=trims.append, rss=lambda: rss[0])  # the default mode ignores `busy`
+    boundary.tick(busy=True)
+    assert len(trims) == 4
+
+
+def test_in_mode_idle_the_engine_core_tells_the_workers_whether_requests_are_running():
+    from morphserve.runtime.controller import MorphController
+
+    asked: list[tuple] = []
+    c = object.__new__(MorphController)
+    c.engine = SimpleNamespace(rpc=lambda method, *args: asked.append((method, *args)) or [{}])
+    clock = Clock()
+    c.heap_trims = BoundaryTrims(5.0, clock=clock)
+    c.own_trims = BoundaryTrims(0.0)
+    c.trims_say_busy = True
+    c.wants_idle_ticks = lambda: False
+    c.heap_trims.stepped()
+    c.trim_heap_if_due(busy=True)  # a boundary between two steps
+    clock.now += 5.0
+    c.heap_trims.stepped()
+    c.on_idle()  # an idle moment after steps
+    assert asked == [("morphserve_trim_heap", True), ("morphserve_trim_heap", False)]
+    assert MorphController.trims_say_busy is False  # modes "boundary" and "thread" call as before

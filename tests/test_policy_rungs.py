@@ -279,7 +279,7 @@ def test_a_part_way_restore_is_not_called_off_by_the_boundaries_that_wait_for_th
 
     c, worker = _controller(LADDER.top, [0] * 30)
     for name in ("keep_tail_cold", "refresh_memory_if_due", "trim_heap_if_due"):
-        setattr(c, name, lambda: None)
+        setattr(c, name, lambda *args, **kwargs: None)
     c.heap_trims = c.own_trims = SimpleNamespace(stepped=lambda: None)
     held = _hold(c.pool, {18}, 18)
     c._decide()

@@ -95,7 +95,7 @@ class System(BaseModel):
     heap_trim_min_growth_mb: float | None = Field(
         None, ge=0, description="MorphServe only: `morphserve serve --heap-trim-min-growth-mb` (0: trim every "
                                 "interval; default: serve's default)")
-    heap_trim_mode: Literal["boundary", "thread"] | None = Field(
+    heap_trim_mode: Literal["boundary", "thread", "idle"] | None = Field(
         None, description="MorphServe only: `morphserve serve --heap-trim-mode` (default: serve's default)")
     frontend_heap_trim_interval_s: float | None = Field(
         None, ge=0, description="MorphServe only: `morphserve serve --frontend-heap-trim-interval` (default: serve's "

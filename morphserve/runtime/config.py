@@ -71,11 +71,13 @@ class MorphConfig(BaseModel):
         "from a thread every interval, also while they serve (thread), or only at an idle moment at least an "
         "interval after the last trim (idle: the engine core when it has no step to run and has run one since, "
         "the API server when no request is in flight), so a trim never shares a core with serving")
-    heap_trim_mode: Literal["boundary", "thread"] = Field(
+    heap_trim_mode: Literal["boundary", "thread", "idle"] = Field(
         default=DEFAULT_MODE, description="when the workers trim: at a step boundary once the interval has passed, "
         "asked by the engine core (boundary: a step pays at most one refault of its buffers), or from a thread in "
         "each worker every interval, also in the middle of a step (thread: a long prompt's step then refaults its "
-        "buffers after every trim inside it)")
+        "buffers after every trim inside it), or at an idle moment once the interval has passed and, while requests "
+        "run, only once a worker has grown 64 MiB since its last trim (idle: a steady server under load refaults "
+        "nothing)")
     frontend_cpus: Literal["auto", "off"] = Field(
         default=FRONTEND_DEFAULT, description="auto: once vLLM has bound its workers to cores, the engine core and the API "
         "server move to the CPUs no worker is bound to, where any are left, so they never take a worker's core "

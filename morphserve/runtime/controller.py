@@ -82,6 +82,7 @@ def read_kernel_profile(engine, tier_names: list[str], group_size: int | None) -
 class MorphController:
     idle_tick_s = 0.1
     floor = 0  # the lowest level served (kv_sizing.rest_floor); set with the scheduler
+    trims_say_busy = False  # heap trim mode "idle": the workers gate a trim asked for under load
 
     def __init__(self, config: MorphConfig, engine, manifest: packfmt.Manifest, sampler,
                  held_tier_bytes: dict[str, list[int]] | None = None):
@@ -120,7 +121,8 @@ class MorphController:
         self.start_profile: tuple[dict, str] | None = None  # the kernel profile auto read (reused by the policy)
         self.memory_reads = 0
         # the workers' heap trims at step boundaries (mode "boundary"; a "thread" worker trims by itself)
-        self.heap_trims = BoundaryTrims(config.heap_trim_interval_s if config.heap_trim_mode == "boundary" else 0.0)
+        self.heap_trims = BoundaryTrims(config.heap_trim_interval_s if config.heap_trim_mode != "thread" else 0.0)
+        self.trims_say_busy = config.heap_trim_mode == "idle"
         # the engine core's own heap, frontend mode "idle": trimmed here at idle moments (mode "thread": its thread)
         idle_trims = config.frontend_heap_trim_mode == "idle"
         self.own_trims = BoundaryTrims(config.frontend_heap_trim_interval_s if idle_trims else 0.0)
@@ -299,13 +301,17 @@ class MorphController:
         finally:
             self.own_trims.done()
 
-    def trim_heap_if_due(self) -> None:
+    def trim_heap_if_due(self, busy: bool = False) -> None:
         """The workers hand their freed heap back between two steps, never inside one
-        (morphserve.runtime.heap_trimmer): one worker call once the interval has passed."""
+        (morphserve.runtime.heap_trimmer): one worker call once the interval has passed.
+        `busy`: a boundary between two steps, not an idle moment (mode "idle" says so)."""
         if not self.heap_trims.due():
             return
         try:
-            self.engine.rpc("morphserve_trim_heap")
+            if self.trims_say_busy:
+                self.engine.rpc("morphserve_trim_heap", busy)
+            else:
+                self.engine.rpc("morphserve_trim_heap")
         except Exception:  # memory, not serving: never into vLLM's loop
             log.exception("MorphServe: the workers' heap trim failed")
         finally:
@@ -353,7 +359,7 @@ class MorphController:
         if stepped:
             self.heap_trims.stepped()
             self.own_trims.stepped()
-        self.trim_heap_if_due()
+        self.trim_heap_if_due(busy=stepped)
 
     def keep_tail_cold(self, now: float | None = None) -> None:
         """The cold tail's work at a boundary (kv_resize.cold_tail), only while the pool is

@@ -25,7 +25,13 @@ every 0.5 s (about four trims inside the step) and 0.99x / 1.02x without a trimm
 (docs/RESULTS.md, "The heap trimmer at step boundaries"). So by default (`mode="boundary"`) the engine core
 asks its workers to trim at a step boundary at least `interval_s` after the last trim
 (`BoundaryTrims`), and once more at the first idle moment after steps: a step pays at most
-one refault of its buffers, never one per trim inside it. `mode="thread"` keeps the earlier
+one refault of its buffers, never one per trim inside it. `mode="idle"` trims at idle
+moments only, and under load only once the worker has grown `BUSY_MIN_GROWTH_BYTES` since
+its last trim: on an AMX Xeon, held at all-W8A8 on a compute-bound window, the every-5 s
+boundary trims were 73% of the worker's extra CPU against static W8A8 (58.3 against 56.8 s,
+57.2 without trims, 40 MiB more worker heap; docs/RESULTS.md, "dev-amx-trims"), while the
+growth bound keeps a server whose heap does grow under load (the Zen 4's compute rows, 80-130
+MiB) within that much of the boundary mode's memory. `mode="thread"` keeps the earlier
 daemon thread (ctypes drops the GIL; the forward waits on malloc's arena lock for the
 trim's few ms), for comparison.
 
@@ -59,7 +65,8 @@ log = logging.getLogger("morphserve")
 DEFAULT_INTERVAL_S = 5.0  # with the front processes trimmed (FRONTEND_INTERVAL_S): see the module's docstring
 FRONTEND_INTERVAL_S = 10.0  # the engine core's and API server's own trims (trim_this_process)
 DEFAULT_MIN_GROWTH_BYTES = 0  # every interval: see the module's docstring
-MODES = ("boundary", "thread")
+MODES = ("boundary", "thread", "idle")
+BUSY_MIN_GROWTH_BYTES = 64 << 20  # mode "idle": the growth that makes a trim worth its refaults under load
 DEFAULT_MODE = "boundary"  # see the module's docstring
 FRONTEND_MODES = ("thread", "idle")
 FRONTEND_DEFAULT_MODE = "thread"  # see trim_this_process; "idle" is measured in docs/RESULTS.md, suite-v4-zen4zb
@@ -147,24 +154,27 @@ class HeapTrimmer:
     def trim_once(self) -> None:
         t0 = time.perf_counter()
         self._trim(0)
-        if self.min_growth_bytes > 0:  # where this trim left the process: growth is counted from here
+        if self.min_growth_bytes > 0 or self.mode == "idle":  # where this trim left the process: growth from here
             self._floor = self._rss()
         self.seconds += time.perf_counter() - t0
         self.calls += 1
 
-    def due(self) -> bool:
+    def due(self, busy: bool = False) -> bool:
         """Whether this interval trims: always without a margin; otherwise once the resident
-        set is `min_growth_bytes` above the floor (which follows it down)."""
-        if self.min_growth_bytes <= 0:
+        set is the margin above the floor (which follows it down). In mode "idle" a trim asked
+        for while the engine has requests running takes `BUSY_MIN_GROWTH_BYTES` as its margin."""
+        margin = max(self.min_growth_bytes, BUSY_MIN_GROWTH_BYTES) if busy and self.mode == "idle" \
+            else self.min_growth_bytes
+        if margin <= 0:
             return True
         now = self._rss()
-        if self._floor is None or now - self._floor >= self.min_growth_bytes:
+        if self._floor is None or now - self._floor >= margin:
             return True
         self._floor = min(self._floor, now)
         return False
 
-    def tick(self) -> None:
-        if not self.due():
+    def tick(self, busy: bool = False) -> None:
+        if not self.due(busy):
             self.skipped += 1
             return
         self.trim_once()

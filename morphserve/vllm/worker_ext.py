@@ -109,11 +109,12 @@ class MorphWorkerExtension:
         return {"seconds": {t: {str(b): s for b, s in v.items()} for t, v in reading.seconds.items()},
                 "source": reading.source, "dtype": dtype}
 
-    def morphserve_trim_heap(self) -> dict:
-        """Hand the freed heap back to the OS now, between two steps (heap trim mode
-        "boundary": the engine core asks at a boundary once the interval has passed)."""
+    def morphserve_trim_heap(self, busy: bool = False) -> dict:
+        """Hand the freed heap back to the OS now, between two steps (heap trim modes
+        "boundary" and "idle": the engine core asks at a boundary once the interval has passed;
+        `busy`: requests are running, which mode "idle" trims only after enough growth)."""
         if self._trimmer.available:
-            self._trimmer.tick()
+            self._trimmer.tick(busy=bool(busy))
         return {"calls": self._trimmer.calls}
 
     def morphserve_apply(self, quantize: list, restore: list) -> dict:
