@@ -189,3 +189,24 @@ def test_in_mode_idle_the_engine_core_tells_the_workers_whether_requests_are_run
     c.on_idle()  # an idle moment after steps
     assert asked == [("morphserve_trim_heap", True), ("morphserve_trim_heap", False)]
     assert MorphController.trims_say_busy is False  # modes "boundary" and "thread" call as before
+
+
+def test_mode_idle_measures_growth_on_the_heap_not_the_whole_resident_set():
+    """A move up writes KV blocks for the first time: the resident set grows by a hundred MiB
+    the trims cannot return. Mode "idle" reads the `[heap]` mapping, where the worker's freed
+    per-call buffers are, so first KV writes ask for no trim under load."""
+    from morphserve.runtime.heap_trimmer import _heap_or_resident_bytes, heap_resident_bytes, resident_bytes
+
+    heap = heap_resident_bytes()
+    assert heap is None or 0 < heap <= resident_bytes()  # this process's own smaps
+    assert HeapTrimmer(5.0, trim=lambda pad: 0, mode="idle")._rss is _heap_or_resident_bytes
+    assert HeapTrimmer(5.0, trim=lambda pad: 0)._rss is resident_bytes  # the other modes as before
+    if heap is None:
+        return
+    before = resident_bytes()
+    big = bytearray(b"\x01") * (96 * 2**20)  # written, like a move's first KV blocks, in a mapping of its own
+    try:
+        assert resident_bytes() - before >= 90 * 2**20  # the whole resident set grew ...
+        assert heap_resident_bytes() - heap < 64 * 2**20  # ... the heap did not
+    finally:
+        del big

@@ -26,12 +26,13 @@ every 0.5 s (about four trims inside the step) and 0.99x / 1.02x without a trimm
 asks its workers to trim at a step boundary at least `interval_s` after the last trim
 (`BoundaryTrims`), and once more at the first idle moment after steps: a step pays at most
 one refault of its buffers, never one per trim inside it. `mode="idle"` trims at idle
-moments only, and under load only once the worker has grown `BUSY_MIN_GROWTH_BYTES` since
-its last trim: on an AMX Xeon, held at all-W8A8 on a compute-bound window, the every-5 s
-boundary trims were 73% of the worker's extra CPU against static W8A8 (58.3 against 56.8 s,
-57.2 without trims, 40 MiB more worker heap; docs/RESULTS.md, "dev-amx-trims"), while the
-growth bound keeps a server whose heap does grow under load (the Zen 4's compute rows, 80-130
-MiB) within that much of the boundary mode's memory. `mode="thread"` keeps the earlier
+moments only, and under load only once the worker's heap has grown `BUSY_MIN_GROWTH_BYTES`
+since its last trim (`heap_resident_bytes`): on an AMX Xeon, held at all-W8A8 on a
+compute-bound window, the every-5 s boundary trims were 73% of the worker's extra CPU
+against static W8A8 (58.3 against 56.8 s, 57.2 without trims, 40 MiB more worker heap;
+docs/RESULTS.md, "dev-amx-trims"), while the growth bound keeps a server whose heap does
+grow under load (the Zen 4's compute rows, 80-130 MiB) within that much of the boundary
+mode's memory. `mode="thread"` keeps the earlier
 daemon thread (ctypes drops the GIL; the forward waits on malloc's arena lock for the
 trim's few ms), for comparison.
 
@@ -103,6 +104,28 @@ def resident_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def heap_resident_bytes() -> int | None:
+    """The resident bytes of the process's `[heap]` (glibc's main arena, where a worker's
+    per-call buffers live), or None without one. Mode "idle" gates its trims under load on
+    this rather than the whole resident set, which also grows as KV blocks are first written
+    (a move up writes a hundred MiB of them): gated on the whole set, dev-amx-idle-trims'
+    first reading trimmed under load as often as the boundary mode. The smaps read stops at
+    the heap's entry, near the top of the address space's listing."""
+    with open("/proc/self/smaps") as f:
+        in_heap = False
+        for line in f:
+            if in_heap and line.startswith("Rss:"):
+                return int(line.split()[1]) * 1024
+            if line.rstrip().endswith("[heap]"):
+                in_heap = True
+    return None
+
+
+def _heap_or_resident_bytes() -> int:
+    heap = heap_resident_bytes()
+    return heap if heap is not None else resident_bytes()
+
+
 def _libc_trim():
     """glibc's malloc_trim, or None where malloc is not glibc's (a preloaded allocator)."""
     if any(name in os.environ.get("LD_PRELOAD", "") for name in ("tcmalloc", "jemalloc")):
@@ -122,7 +145,7 @@ class HeapTrimmer:
     "boundary") or from a daemon thread every `interval_s` (mode "thread"); counts what it did."""
 
     def __init__(self, interval_s: float = DEFAULT_INTERVAL_S, trim=None,
-                 min_growth_bytes: int = DEFAULT_MIN_GROWTH_BYTES, rss=resident_bytes, mode: str = DEFAULT_MODE,
+                 min_growth_bytes: int = DEFAULT_MIN_GROWTH_BYTES, rss=None, mode: str = DEFAULT_MODE,
                  idle=None):
         if mode not in MODES:
             raise ValueError(f"heap trim mode must be one of {', '.join(MODES)}; got {mode!r}")
@@ -130,7 +153,7 @@ class HeapTrimmer:
         self.interval_s = interval_s
         self.idle = idle  # mode "thread": a due trim waits until this says the process has nothing in flight
         self.min_growth_bytes = min_growth_bytes
-        self._rss = rss
+        self._rss = rss if rss is not None else (_heap_or_resident_bytes if mode == "idle" else resident_bytes)
         self._floor: int | None = None  # the resident set after the last trim, or lower since
         self.skipped = 0  # intervals with too little growth to trim
         self._trim = trim if trim is not None else _libc_trim()
