@@ -149,26 +149,34 @@ def test_a_failed_own_trim_is_logged_and_serving_goes_on(caplog):
     assert "own heap trim failed" in caplog.text and not c.own_trims.owed
 
 
-def test_in_mode_idle_a_worker_trims_at_idle_moments_and_under_load_only_after_64_mib_of_growth():
+def test_in_mode_idle_a_worker_trims_at_idle_moments_and_under_load_only_past_its_high_water_mark():
     mib = 2**20
-    rss = [900 * mib]
+    heap = [300 * mib]
     trims: list[int] = []
-    trimmer = HeapTrimmer(5.0, trim=trims.append, mode="idle", rss=lambda: rss[0])
+
+    def trim(pad):
+        trims.append(pad)
+        heap[0] = 40 * mib  # a trim hands the freed buffers back
+
+    trimmer = HeapTrimmer(5.0, trim=trim, mode="idle", rss=lambda: heap[0])
     assert not trimmer.start()  # asked by the engine core, as in mode "boundary"
-    trimmer.tick(busy=False)  # an idle moment: trims (and notes where it left the worker)
-    for resident in (920, 940, 963):  # under load: the refaults a trim would cost buy under 64 MiB
-        rss[0] = resident * mib
+    trimmer.tick(busy=True)  # the first ask under load: learns the heap's level, trims nothing
+    assert trims == []
+    trimmer.tick(busy=False)  # an idle moment: trims whatever the growth
+    assert len(trims) == 1
+    for resident in (150, 300, 363):  # the next burst refaults its buffers back to the old level: no trim
+        heap[0] = resident * mib
         trimmer.tick(busy=True)
-    assert len(trims) == 1 and trimmer.skipped == 3
-    rss[0] = 964 * mib  # a heap that does grow under load is still handed back
+    assert len(trims) == 1 and trimmer.skipped == 4
+    heap[0] = 364 * mib  # 64 MiB past the high-water mark: a heap that keeps growing is handed back
     trimmer.tick(busy=True)
     assert len(trims) == 2
-    rss[0] = 970 * mib
-    trimmer.tick(busy=False)  # at the next idle moment, whatever the growth
-    assert len(trims) == 3
-    boundary = HeapTrimmer(5.0, trim=trims.append, rss=lambda: rss[0])  # the default mode ignores `busy`
+    heap[0] = 420 * mib  # refaulted past the old mark, but under 364 + 64
+    trimmer.tick(busy=True)
+    assert len(trims) == 2
+    boundary = HeapTrimmer(5.0, trim=trims.append, rss=lambda: heap[0])  # the default mode ignores `busy`
     boundary.tick(busy=True)
-    assert len(trims) == 4
+    assert len(trims) == 3
 
 
 def test_in_mode_idle_the_engine_core_tells_the_workers_whether_requests_are_running():

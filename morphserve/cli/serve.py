@@ -99,7 +99,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="when workers trim: boundary (default) at a step boundary once the interval has passed, so "
                         "a step refaults its buffers at most once; thread: from a thread every interval, also in the "
                         "middle of a long prompt's step; idle: at an idle moment once the interval has passed, and "
-                        "while requests run only once a worker's heap has grown 64 MiB since its last trim")
+                        "while requests run only once a worker's heap has grown 64 MiB past its high-water mark")
     p.add_argument("--kv-cold-cache-grace", type=float, default=0.0, metavar="S",
                    help="a free KV block above the rest capacity keeps its cached prefix S seconds before its pages "
                         "are handed back, so a preempted request resuming within S computes less again; 0, the "

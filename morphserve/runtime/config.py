@@ -76,7 +76,7 @@ class MorphConfig(BaseModel):
         "asked by the engine core (boundary: a step pays at most one refault of its buffers), or from a thread in "
         "each worker every interval, also in the middle of a step (thread: a long prompt's step then refaults its "
         "buffers after every trim inside it), or at an idle moment once the interval has passed and, while requests "
-        "run, only once a worker's heap has grown 64 MiB since its last trim (idle: a steady server under load "
+        "run, only once a worker's heap has grown 64 MiB past its high-water mark (idle: a steady server under load "
         "refaults nothing)")
     frontend_cpus: Literal["auto", "off"] = Field(
         default=FRONTEND_DEFAULT, description="auto: once vLLM has bound its workers to cores, the engine core and the API "

@@ -27,7 +27,7 @@ asks its workers to trim at a step boundary at least `interval_s` after the last
 (`BoundaryTrims`), and once more at the first idle moment after steps: a step pays at most
 one refault of its buffers, never one per trim inside it. `mode="idle"` trims at idle
 moments only, and under load only once the worker's heap has grown `BUSY_MIN_GROWTH_BYTES`
-since its last trim (`heap_resident_bytes`): on an AMX Xeon, held at all-W8A8 on a
+past its high-water mark (`heap_resident_bytes`): on an AMX Xeon, held at all-W8A8 on a
 compute-bound window, the every-5 s boundary trims were 73% of the worker's extra CPU
 against static W8A8 (58.3 against 56.8 s, 57.2 without trims, 40 MiB more worker heap;
 docs/RESULTS.md, "dev-amx-trims"), while the growth bound keeps a server whose heap does
@@ -155,6 +155,7 @@ class HeapTrimmer:
         self.min_growth_bytes = min_growth_bytes
         self._rss = rss if rss is not None else (_heap_or_resident_bytes if mode == "idle" else resident_bytes)
         self._floor: int | None = None  # the resident set after the last trim, or lower since
+        self._high: int | None = None  # mode "idle": the heap's high-water mark, read as each trim was asked for
         self.skipped = 0  # intervals with too little growth to trim
         self._trim = trim if trim is not None else _libc_trim()
         self._stop = threading.Event()
@@ -177,7 +178,7 @@ class HeapTrimmer:
     def trim_once(self) -> None:
         t0 = time.perf_counter()
         self._trim(0)
-        if self.min_growth_bytes > 0 or self.mode == "idle":  # where this trim left the process: growth from here
+        if self.min_growth_bytes > 0:  # where this trim left the process: growth is counted from here
             self._floor = self._rss()
         self.seconds += time.perf_counter() - t0
         self.calls += 1
@@ -185,9 +186,16 @@ class HeapTrimmer:
     def due(self, busy: bool = False) -> bool:
         """Whether this interval trims: always without a margin; otherwise once the resident
         set is the margin above the floor (which follows it down). In mode "idle" a trim asked
-        for while the engine has requests running takes `BUSY_MIN_GROWTH_BYTES` as its margin."""
-        margin = max(self.min_growth_bytes, BUSY_MIN_GROWTH_BYTES) if busy and self.mode == "idle" \
-            else self.min_growth_bytes
+        for while requests run (`busy`) goes ahead only once the heap is `BUSY_MIN_GROWTH_BYTES`
+        above its high-water mark: counted from where a trim left it, the buffers the next
+        steps refault are growth, and every trim would call for the next (dev-amx-idle-trims-b)."""
+        if self.mode == "idle":
+            now = self._rss()
+            high = self._high
+            self._high = now if high is None else max(high, now)
+            if busy:
+                return high is not None and now >= high + BUSY_MIN_GROWTH_BYTES
+        margin = self.min_growth_bytes
         if margin <= 0:
             return True
         now = self._rss()
