@@ -155,7 +155,7 @@ class HeapTrimmer:
         self.min_growth_bytes = min_growth_bytes
         self._rss = rss if rss is not None else (_heap_or_resident_bytes if mode == "idle" else resident_bytes)
         self._floor: int | None = None  # the resident set after the last trim, or lower since
-        self._high: int | None = None  # mode "idle": the heap's high-water mark, read as each trim was asked for
+        self._high: int | None = None  # mode "idle": the largest heap a trim handed back (or first read under load)
         self.skipped = 0  # intervals with too little growth to trim
         self._trim = trim if trim is not None else _libc_trim()
         self._stop = threading.Event()
@@ -187,14 +187,17 @@ class HeapTrimmer:
         """Whether this interval trims: always without a margin; otherwise once the resident
         set is the margin above the floor (which follows it down). In mode "idle" a trim asked
         for while requests run (`busy`) goes ahead only once the heap is `BUSY_MIN_GROWTH_BYTES`
-        above its high-water mark: counted from where a trim left it, the buffers the next
-        steps refault are growth, and every trim would call for the next (dev-amx-idle-trims-b)."""
+        above the largest heap a trim has handed back: counted from where a trim left it, the
+        buffers the next steps refault are growth, and every trim would call for the next
+        (dev-amx-idle-trims-b)."""
         if self.mode == "idle":
             now = self._rss()
-            high = self._high
-            self._high = now if high is None else max(high, now)
-            if busy:
-                return high is not None and now >= high + BUSY_MIN_GROWTH_BYTES
+            if busy and self._high is not None and now < self._high + BUSY_MIN_GROWTH_BYTES:
+                return False
+            if busy and self._high is None:  # the first ask under load learns where the heap stands
+                self._high = now
+                return False
+            self._high = now if self._high is None else max(self._high, now)  # the level this trim hands back
         margin = self.min_growth_bytes
         if margin <= 0:
             return True
