@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 # Kernel timings taken while other processes use half the cores or more are flagged (OpenMP
 # threads of the timed kernels then wait for a core, and every tier looks alike).
-from morphserve.runtime.tier_speed import BUSY_LOAD, QUIET_OTHERS, TIMING_ATTEMPTS
+from morphserve.runtime.tier_speed import BUSY_LOAD, QUIET_OTHERS, SLOW_FRACTION, TIMING_ATTEMPTS
 
 TIERS = ("w8a8", "w4a16")  # most precise first, as in the ladder
 BATCHES = (1, 32)  # decode-sized steps: what the tier choice and the resting advice read
@@ -19,9 +19,8 @@ BATCHES = (1, 32)  # decode-sized steps: what the tier choice and the resting ad
 # prompts (an AVX2 EPYC in fp32: 4.7x slower at 1 token, 0.72x the time at 320), so static W8A8
 # gives earlier first tokens there while MorphServe's levels give one or the other.
 PROMPT_BATCH = 256
-# A tier whose linears run slower than this fraction of bf16's at batch 32 costs TPOT exactly
-# when load is high, which is when the policy compresses; it is dropped if another tier remains.
-SLOW_FRACTION = 0.67
+# SLOW_FRACTION (morphserve.runtime.tier_speed): a tier slower than it at batch 32 is dropped if
+# another tier remains; the one threshold `serve` warns with too.
 # A tier this much faster than bf16 at both batch sizes would beat bf16 at rest.
 FASTER_FRACTION = 1.10
 # vLLM's automatic CPU binding keeps one CPU per rank out of the model's threads for the engine

@@ -38,6 +38,7 @@ from morphserve.runtime.manual_limit import SHARE_INVERSE, ManualRateLimit
 from morphserve.runtime.policy_loop import PolicyLoop
 from morphserve.runtime.prompt_twin_choice import choose_prompt_twins
 from morphserve.runtime.recorder import Recorder
+from morphserve.runtime.tier_speed import SLOW_BATCH, SLOW_FRACTION, slow_tiers
 from morphserve.runtime.transitions import TransitionFailed, Transitions
 
 log = logging.getLogger("morphserve")
@@ -103,6 +104,7 @@ class MorphController:
         self.cold: ColdTail | None = None  # set with the pool (kv_resize.cold_tail)
         self.scheduler = None
         self.kernel_profile_dtype: str | None = None  # set once the tiers' kernels are timed
+        self.slow_tiers: dict[str, float] = {}  # served tiers slower than full precision under load (tier_speed)
         self.forced_level: int | None = None
         self.admission_cap: int | None = None  # the policy's limit on requests running at once (None: vLLM's)
         self.admission_changes = 0
@@ -231,6 +233,15 @@ class MorphController:
         if profile is None:
             return None
         seconds, self.kernel_profile_dtype = profile
+        # Said, not acted on: the user built this pack's tiers. Served on a Zen 5 EPYC (W4A16 at
+        # 0.48x bf16), three W4A16 layers bought 2 KV blocks over all-W8A8's 54 and cost 2-15%
+        # more worker CPU per token (docs/RESULTS.md, suite-v4-zen5d).
+        self.slow_tiers = slow_tiers(seconds, self.ladder.tier_names)
+        for tier, speed in self.slow_tiers.items():
+            log.warning("MorphServe: the pack's %s tier runs at %.2fx full precision's speed at batch %d here "
+                        "(< %.2f): its rungs buy KV blocks at a TPOT cost, exactly under load; `--tiers %s` serves "
+                        "without it, the ladder `prepare --tiers auto` builds on this CPU", tier, speed, SLOW_BATCH, SLOW_FRACTION,
+                        ",".join(t for t in self.ladder.tier_names if t != "bf16" and t not in self.slow_tiers))
         return seconds
 
     def served_quality(self) -> dict | None:
@@ -621,6 +632,7 @@ class MorphController:
             "step_model": self.loop.step_model_dict(),
             # the arithmetic the step model's kernel profile was timed in: the engine's dtype
             "kernel_profile_dtype": self.kernel_profile_dtype,
+            "slow_tiers": self.slow_tiers,  # tier -> speed against full precision at batch 32, where < 0.67
             "decision_us": self.recorder.decision_us(),
             "boundary_us": self.recorder.boundary_us(),  # all the controller did between steps
             "recent_decisions": list(self.recorder.decisions),

@@ -54,6 +54,26 @@ QUIET_OTHERS = 0.05
 TIMING_ATTEMPTS = 3
 FEATURES = ("amx_tile", "avx512f", "avx512_vnni", "avx512_bf16", "avx2")
 CACHE_DIR = "doctor"  # where the doctor kept it first
+# A tier whose linears run slower than this fraction of full precision's at batch 32 costs TPOT
+# exactly when load is high, which is when the policy compresses: `prepare --tiers auto` and the
+# doctor leave it out where another tier remains, and `serve` says so when a pack brings one.
+SLOW_FRACTION = 0.67
+SLOW_BATCH = 32
+
+
+def slow_tiers(seconds: dict[str, dict[int, float]], served: list[str]) -> dict[str, float]:
+    """Served tiers (other than full precision) slower than SLOW_FRACTION of it at SLOW_BATCH,
+    with their speed against it (> 1: faster); none where only one tier is served, since
+    dropping the last tier leaves no ladder. Pure: a kernel profile in, no timing."""
+    full = seconds.get("bf16", {}).get(SLOW_BATCH)
+    if not full or len(served) < 2:
+        return {}
+    out = {}
+    for tier in served:
+        t = seconds.get(tier, {}).get(SLOW_BATCH)
+        if tier != "bf16" and t and full / t < SLOW_FRACTION:
+            out[tier] = full / t
+    return out
 
 
 @dataclass(frozen=True)
