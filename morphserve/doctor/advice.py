@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 # Kernel timings taken while other processes use half the cores or more are flagged (OpenMP
 # threads of the timed kernels then wait for a core, and every tier looks alike).
-from morphserve.runtime.tier_speed import BUSY_LOAD, QUIET_OTHERS, SLOW_FRACTION, TIMING_ATTEMPTS
+from morphserve.runtime.tier_speed import BUSY_LOAD, QUIET_OTHERS, SLOW_FRACTION, TIMING_ATTEMPTS, slow_tiers
 
 TIERS = ("w8a8", "w4a16")  # most precise first, as in the ladder
 BATCHES = (1, 32)  # decode-sized steps: what the tier choice and the resting advice read
@@ -195,9 +195,10 @@ def drop_slow_tiers(candidates: list[str], speed: Speed | None) -> tuple[list[st
     picked, reasons = list(candidates), []
     if speed is None:
         return picked, reasons
+    slow = slow_tiers(speed.seconds, candidates)  # the rule `serve` warns with
     for t in candidates:
-        r = speed.relative(t, 32)
-        if r is not None and r < SLOW_FRACTION and len(picked) > 1:
+        r = slow.get(t)
+        if r is not None and len(picked) > 1:
             picked.remove(t)
             reasons.append(f"{t} is dropped: its linears run at {r:.2f}x {speed.full}'s speed at batch 32 "
                            f"(< {SLOW_FRACTION}), a TPOT cost exactly when load makes the policy compress")
