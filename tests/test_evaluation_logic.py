@@ -722,6 +722,28 @@ def test_huge_pages_reach_any_system_the_way_serve_would_give_them(tmp_path, mon
     assert "--huge-pages" not in cmd
 
 
+def test_large_buffers_reach_any_system_the_way_serve_would_give_them(tmp_path, monkeypatch):
+    """As huge pages: plain vLLM through its environment, MorphServe through serve's flag."""
+    from morphserve.cli.commands import build_parser
+    from morphserve.evaluation import systems
+    from morphserve.evaluation.suite import System
+    from morphserve.runtime import huge_pages
+
+    monkeypatch.setattr(huge_pages, "kernel_mode", lambda sysfs=None: "madvise")
+    monkeypatch.delenv(huge_pages.TUNABLES_ENV, raising=False)
+    model, suite, tiered = _fake_model_suite_and_pack(tmp_path)
+    run = lambda system: systems.server_command(system, suite.budgets[0], suite, model, tiered, 1, tmp_path)  # noqa: E731
+    _, env = run(System(name="f", kind="fp16", large_buffers="mapped"))
+    assert env[huge_pages.TUNABLES_ENV] == "glibc.malloc.mmap_threshold=4194304:glibc.malloc.hugetlb=1"
+    _, env = run(System(name="f", kind="fp16"))
+    assert huge_pages.TUNABLES_ENV not in env
+    cmd, _ = run(System(name="m", kind="morphserve", policy="default", large_buffers="mapped"))
+    serve_args, _ = build_parser().parse_known_args(cmd[cmd.index("morphserve.cli") + 1:])
+    assert serve_args.large_buffers == "mapped"
+    cmd, _ = run(System(name="m", kind="morphserve", policy="default"))
+    assert "--large-buffers" not in cmd
+
+
 def _one_cell_suite(tmp_path):
     """A fake model, a tiered pack for it, and a one-window, one-budget (400 MB) suite."""
     from morphserve.evaluation.suite import Budget, Suite, System, Window

@@ -22,7 +22,7 @@ import os
 import sys
 
 from morphserve.runtime import config as runtime_config
-from morphserve.runtime import compute_cpus, huge_pages, onednn_cache, thread_binding
+from morphserve.runtime import compute_cpus, huge_pages, large_buffers, onednn_cache, thread_binding
 from morphserve.runtime.frontend_cpus import DEFAULT_MODE as FRONTEND_DEFAULT, MODES as FRONTEND_MODES
 from morphserve.runtime.allocator import ALLOCATOR_ENV, ALLOCATORS, default_allocator, preload_env, resolve
 from morphserve.runtime.heap_trimmer import (DEFAULT_INTERVAL_S, DEFAULT_MIN_GROWTH_BYTES, DEFAULT_MODE,
@@ -150,6 +150,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "heap (THP_MEM_ALLOC_ENABLE, GLIBC_TUNABLES=glibc.malloc.hugetlb=1), where the kernel's "
                         "transparent huge pages are in madvise or always mode (the default): a prompt's step faults its "
                         "fresh buffers in 512 times less often; off: the environment as it is")
+    p.add_argument("--large-buffers", choices=large_buffers.MODES, default=large_buffers.DEFAULT_MODE,
+                   help="heap (the default): glibc places buffers as it chooses, so a prompt's megabyte buffers end "
+                        "up in its heap, kept there once freed until a heap trim; mapped: buffers of 4 MiB or more "
+                        "each get a mapping of their own, advised huge, handed back to the OS when freed "
+                        "(GLIBC_TUNABLES glibc.malloc.mmap_threshold and glibc.malloc.hugetlb); needs the kernel's "
+                        "transparent huge pages (madvise or always)")
     p.add_argument("--allocator", choices=ALLOCATORS, default=default_allocator(),
                    help="malloc preloaded into every server process (LD_PRELOAD): system = glibc's; tcmalloc "
                         "(Debian: libtcmalloc-minimal4; vLLM's CPU docs recommend it) or jemalloc; auto = tcmalloc "
@@ -247,6 +253,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     runtime_config.check_policy(cfg)
     env = onednn_cache.bounded(preload_env(args.allocator, {**os.environ, ALLOCATOR_ENV: args.allocator}))
     huge_pages.apply(env, args.huge_pages)
+    large_buffers.apply(env, args.large_buffers)
     compute_cpus.apply(env, args.compute_cpus)
     shown = redact_argv(cmd)
     print("morphserve: " + " ".join(shown[1:]), file=sys.stderr)
@@ -256,6 +263,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     print(f"morphserve: oneDNN kernel cache: {env[onednn_cache.ONEDNN_CACHE_ENV]} kernels "
           f"({onednn_cache.ONEDNN_CACHE_ENV}; oneDNN's default is {onednn_cache.ONEDNN_DEFAULT})", file=sys.stderr)
     print(f"morphserve: {huge_pages.describe(env)}", file=sys.stderr)
+    print(f"morphserve: {large_buffers.describe(env)}", file=sys.stderr)
     ranks = tensor_parallel_size(extra)
     sized = "VLLM_CPU_KVCACHE_SPACE" in env or any(a.split("=")[0] in KV_SIZE_FLAGS for a in extra)
     if ranks > 1 and not sized:

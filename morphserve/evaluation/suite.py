@@ -118,6 +118,11 @@ class System(BaseModel):
         None, description="any system: its server's processes ask for transparent huge pages (auto) or not (off), "
                           "`morphserve serve --huge-pages` (morphserve.runtime.huge_pages); default: a plain vLLM "
                           "server as it starts, MorphServe at serve's default")
+    large_buffers: Literal["heap", "mapped"] | None = Field(
+        None, description="any system: where glibc puts its server's buffers of 4 MiB or more, `morphserve serve "
+                          "--large-buffers` (morphserve.runtime.large_buffers): heap = glibc's own choice, mapped = "
+                          "mappings of their own, advised huge; default: a plain vLLM server as it starts, MorphServe "
+                          "at serve's default")
     compute_cpus: Literal["all", "vllm"] | None = Field(
         None, description="any system: which CPUs run the model's threads, `morphserve serve --compute-cpus` "
                           "(morphserve.runtime.compute_cpus): all = every CPU (vLLM's VLLM_CPU_NUM_OF_RESERVED_CPU=0), "
@@ -222,7 +227,7 @@ class Suite(BaseModel):
             if s["kv_cache_dtype"] == "auto":
                 del s["kv_cache_dtype"]
             for later in ("compress_mode", "tiers", "hold_level", *SERVE_FLAGS, "prompt_twin_layers", "huge_pages",
-                          "max_num_batched_tokens", "extra_memory_mb", "compute_cpus"):
+                          "max_num_batched_tokens", "extra_memory_mb", "compute_cpus", "large_buffers"):
                 if s[later] is None:
                     del s[later]
             if not s["compiled"]:

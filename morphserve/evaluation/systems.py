@@ -25,7 +25,7 @@ from pathlib import Path
 
 from morphserve.errors import MorphServeError
 from morphserve.offline import pack as packfmt
-from morphserve.runtime import compute_cpus, huge_pages
+from morphserve.runtime import compute_cpus, huge_pages, large_buffers
 from morphserve.runtime.kv_sizing import model_weight_bytes
 from morphserve.evaluation.suite import SERVE_FLAGS, Budget, Suite, System
 from morphserve.vllm.kernels import W4A16_ENV
@@ -70,6 +70,8 @@ def server_command(system: System, budget: Budget, suite: Suite, model: Path, pa
             cmd.append("--enforce-eager")
         if system.huge_pages is not None:  # the environment `morphserve serve --huge-pages` would give it
             huge_pages.apply(env, system.huge_pages)
+        if system.large_buffers is not None:  # and `--large-buffers`
+            large_buffers.apply(env, system.large_buffers)
         if system.compute_cpus is not None:  # the same for `--compute-cpus`
             compute_cpus.apply(env, system.compute_cpus)
         return cmd, env
@@ -90,6 +92,8 @@ def server_command(system: System, budget: Budget, suite: Suite, model: Path, pa
         cmd += ["--prompt-twin-layers", str(system.prompt_twin_layers)]
     if system.huge_pages is not None:
         cmd += ["--huge-pages", system.huge_pages]
+    if system.large_buffers is not None:
+        cmd += ["--large-buffers", system.large_buffers]
     if system.compute_cpus is not None:
         cmd += ["--compute-cpus", system.compute_cpus]
     return cmd, env
