@@ -64,9 +64,17 @@ def apply(env: MutableMapping[str, str], mode: str, kernel: str | None = READ) -
     if mode == "off" or not usable(kernel_mode() if kernel == READ else kernel):
         return env
     env.setdefault(TORCH_ENV, "1")
+    return add_tunables(env, {GLIBC_TUNABLE: 1})
+
+
+def add_tunables(env: MutableMapping[str, str], wanted: dict[str, int]) -> MutableMapping[str, str]:
+    """`env` with each glibc tunable of `wanted` appended to GLIBC_TUNABLES (colon-separated),
+    unless it is named there already: an operator's own value wins, other tunables stay."""
     tunables = [t for t in env.get(TUNABLES_ENV, "").split(":") if t]
-    if not any(t.split("=")[0] == GLIBC_TUNABLE for t in tunables):
-        env[TUNABLES_ENV] = ":".join([*tunables, f"{GLIBC_TUNABLE}=1"])
+    named = {t.split("=")[0] for t in tunables}
+    tunables += [f"{name}={value}" for name, value in wanted.items() if name not in named]
+    if tunables:
+        env[TUNABLES_ENV] = ":".join(tunables)
     return env
 
 

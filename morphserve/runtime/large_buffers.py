@@ -51,13 +51,7 @@ def apply(env: MutableMapping[str, str], mode: str, kernel: str | None = huge_pa
         raise MorphServeError(f"--large-buffers mapped needs the kernel's transparent huge pages (its mode is "
                               f"{thp or 'unknown'}, not madvise or always): without them every page of a mapped "
                               f"buffer faults on first touch; use --large-buffers heap")
-    tunables = [t for t in env.get(huge_pages.TUNABLES_ENV, "").split(":") if t]
-    named = {t.split("=")[0] for t in tunables}
-    for name, value in ((THRESHOLD_TUNABLE, THRESHOLD_BYTES), (huge_pages.GLIBC_TUNABLE, 1)):
-        if name not in named:
-            tunables.append(f"{name}={value}")
-    env[huge_pages.TUNABLES_ENV] = ":".join(tunables)
-    return env
+    return huge_pages.add_tunables(env, {THRESHOLD_TUNABLE: THRESHOLD_BYTES, huge_pages.GLIBC_TUNABLE: 1})
 
 
 def describe(env: MutableMapping[str, str]) -> str:
