@@ -34,6 +34,15 @@ from morphserve.vllm.server import PLAIN_VLLM_SERVER
 WARMUP_PROMPT = "Summarize the following: " + " ".join(f"item {i}" for i in range(40))
 
 
+# Fields any system may set, each a `morphserve serve` flag that works through the environment
+# its processes start with: MorphServe gets the flag, a plain vLLM server the environment.
+ENVIRONMENT_FIELDS = {
+    "huge_pages": ("--huge-pages", huge_pages.apply),
+    "large_buffers": ("--large-buffers", large_buffers.apply),
+    "compute_cpus": ("--compute-cpus", compute_cpus.apply),
+}
+
+
 def server_command(system: System, budget: Budget, suite: Suite, model: Path, pack: Path, port: int,
                    out: Path) -> tuple[list[str], dict]:
     weights = model_weight_bytes(model, suite.dtype)  # what the engine holds: fp32 doubles a bf16 file
@@ -68,12 +77,9 @@ def server_command(system: System, budget: Budget, suite: Suite, model: Path, pa
                "--tokenizer", str(model), "--kv-cache-memory-bytes", str(kv), *common]
         if system.kind != "fp16-compiled" and not system.compiled:
             cmd.append("--enforce-eager")
-        if system.huge_pages is not None:  # the environment `morphserve serve --huge-pages` would give it
-            huge_pages.apply(env, system.huge_pages)
-        if system.large_buffers is not None:  # and `--large-buffers`
-            large_buffers.apply(env, system.large_buffers)
-        if system.compute_cpus is not None:  # the same for `--compute-cpus`
-            compute_cpus.apply(env, system.compute_cpus)
+        for field, (_, give) in ENVIRONMENT_FIELDS.items():  # the environment serve's flag would give it
+            if getattr(system, field) is not None:
+                give(env, getattr(system, field))
         return cmd, env
     cmd = [sys.executable, "-m", "morphserve.cli", "serve", str(model), "--pack", str(pack),
            *(["--policy", system.policy] if system.policy else []), "--memory-budget-gb", repr(total / 2**30),
@@ -90,12 +96,9 @@ def server_command(system: System, budget: Budget, suite: Suite, model: Path, pa
             cmd += [flag, value if isinstance(value, str) else repr(value)]
     if system.prompt_twin_layers:
         cmd += ["--prompt-twin-layers", str(system.prompt_twin_layers)]
-    if system.huge_pages is not None:
-        cmd += ["--huge-pages", system.huge_pages]
-    if system.large_buffers is not None:
-        cmd += ["--large-buffers", system.large_buffers]
-    if system.compute_cpus is not None:
-        cmd += ["--compute-cpus", system.compute_cpus]
+    for field, (flag, _) in ENVIRONMENT_FIELDS.items():
+        if getattr(system, field) is not None:
+            cmd += [flag, getattr(system, field)]
     return cmd, env
 
 
