@@ -85,6 +85,30 @@ def test_the_text_screen_names_the_isa_the_recommendation_and_the_verdict(pack_d
     assert text.rstrip().endswith("ready to serve")
 
 
+def test_an_fp8_cache_measured_for_the_pack_is_weighed_against_static_w8a8(pack_dir, model_dir, own_cache, capsys,
+                                                                          monkeypatch):
+    from morphserve.doctor import facts
+    from morphserve.offline import kv_cost
+    from morphserve.offline import pack as packfmt
+    from morphserve.offline.ladder import Ladder
+
+    if _MEASURED:
+        monkeypatch.setattr(facts, "speed", lambda *a, **k: _MEASURED[0])
+    code, out = doctor(capsys, "--pack", str(pack_dir), "--model", str(model_dir))
+    said = [r for r in out["advice"]["reasons"] if r.startswith("FP8 KV runs here")]
+    if out["machine"]["fp8_kv_problem"] is not None or "w8a8" not in out["advice"]["tiers"]:
+        assert not said  # nothing to weigh: no FP8 attention here (AVX2), or no W8A8 rival
+        return
+    assert len(said) == 1 and f"`morphserve pack kv-cost {pack_dir}` measures" in said[0]
+    # what `pack kv-cost` keeps (here in this test's own cache folder), read as serve reads it
+    served = [t for t, problem in tier_verdicts().items() if problem is None and t in out["pack"]["tiers"]]
+    top = Ladder.from_manifest(packfmt.load_manifest(pack_dir), served).top
+    kv_cost.save(pack_dir, "fp8", served, {"top": top, "factor": {"0": 1.026, str(top): 1.03}})
+    code, out = doctor(capsys, "--pack", str(pack_dir), "--model", str(model_dir))
+    [reason] = [r for r in out["advice"]["reasons"] if r.startswith("FP8 KV runs here")]
+    assert code == 0 and "+2.60% perplexity on full-precision weights" in reason and "against static W8A8's +" in reason
+
+
 def test_a_pack_missing_a_file_is_a_problem_with_its_fix(pack_dir, model_dir, tmp_path, own_cache, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(pack_dir, broken, copy_function=lambda src, dst: Path(dst).symlink_to(src))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from morphserve.doctor.advice import Machine, Pack, Speed, advise
+from morphserve.doctor.advice import KvCost, Machine, Pack, Speed, advise
 from morphserve.doctor.render import render
 
 AVX512 = Machine(
@@ -159,3 +159,43 @@ def test_a_machine_of_few_cpus_is_told_that_vllms_binding_keeps_one_from_the_mod
     assert "binding" in render(few, TIERED, None, advise(few, TIERED, None))
     for quiet in (replace(few, cores=16), replace(few, cores=1), AVX512):  # many CPUs, one, or the operator chose
         assert not [p for p in advise(quiet, TIERED, None).problems if "binding" in p.what]
+
+
+def fp8_cost(factor0: float, factor30: float, w8a8: float = 1.028) -> KvCost:
+    """A W8A8-only ladder of 30 rungs: weights cost rising linearly to `w8a8` at all-W8A8,
+    the cache's factor log-linear between its two ends (as `pack kv-cost` interpolates)."""
+    ppl = {k: 20.0 * (1 + (w8a8 - 1) * k / 30) for k in range(31)}
+    factor = {k: factor0 ** (1 - k / 30) * factor30 ** (k / 30) for k in range(31)}
+    return KvCost(factor, ppl, all_w8a8=30)
+
+
+def test_the_fp8_cache_is_weighed_against_static_w8a8_only_where_it_runs_and_the_ladder_has_w8a8():
+    w8 = Pack("p", "m", ["w8a8"], None)
+    fast = speed((1.2, 1.5), (0.9, 0.8))
+    # measured: the Zen 5's figures (+2.6% at full precision, +2.0% on all-W8A8's)
+    zen5 = advise(AVX512, w8, fast, fp8_cost(1.026, 1.020))
+    [reason] = [r for r in zen5.reasons if r.startswith("FP8 KV runs here")]
+    assert "+2.60% perplexity on full-precision weights and +4.86% on all-W8A8, against static W8A8's +2.80%" in reason
+    assert "within static W8A8's own +2.80% an FP8 cache allows levels 0-2 of this ladder's 30 W8A8 rungs" in reason
+    assert zen5.reasons[-1].startswith("bf16 when idle")  # the recommend line's reason stays last
+    # a cheap cache leaves room to climb; one just under static W8A8's cost, full precision only; a dear one, none
+    cheap = [r for r in advise(AVX512, w8, fast, fp8_cost(1.005, 1.005)).reasons if r.startswith("FP8 KV")][0]
+    assert "allows levels 0-24 of this ladder's 30 W8A8 rungs" in cheap
+    edge = [r for r in advise(AVX512, w8, fast, fp8_cost(1.0279, 1.0279)).reasons if r.startswith("FP8 KV")][0]
+    assert "allows full precision only" in edge
+    dear = [r for r in advise(AVX512, w8, fast, fp8_cost(1.074, 1.074)).reasons if r.startswith("FP8 KV")][0]
+    assert "allows no level of this ladder, not even full precision" in dear
+    # not measured: the command that measures it
+    unmeasured = [r for r in advise(AVX512, w8, fast).reasons if r.startswith("FP8 KV")][0]
+    assert "`morphserve pack kv-cost p` measures" in unmeasured
+    # no FP8 attention here, no W8A8 on the ladder, or a pack that does not serve: nothing said
+    assert not [r for r in advise(AVX2, w8, fast).reasons if "FP8" in r]
+    assert not [r for r in advise(AVX512, Pack("p", "m", ["w4a16"], None), fast).reasons if "FP8 KV runs" in r]
+    assert not [r for r in advise(AVX512, Pack("p", "m", ["w8a8"], "bad"), fast).reasons if "FP8 KV runs" in r]
+
+
+def test_kv_cost_charges_as_the_evaluation_does():
+    cost = fp8_cost(1.026, 1.020)
+    assert abs(cost.increase(0) - 0.026) < 1e-9 and abs(cost.increase(30, fp8=False) - 0.028) < 1e-9
+    assert abs(cost.increase(30) - (1.028 * 1.020 - 1)) < 1e-9
+    assert cost.highest_within(0.028) == 2 and cost.highest_within(0.01) is None and cost.highest_within(1.0) == 30

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = info.config
         head = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // int(cfg["num_attention_heads"]))
     machine = facts.machine(info.linear_shapes if info is not None else None, head)
-    speed = None
+    speed = fp8_cost = None
     if pack is not None and pack.problem is None and info is not None and machine.vllm_version:
         runnable = [t for t in pack.tiers if machine.tier_problems.get(t) is None]
         if runnable:
@@ -61,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
             group = packfmt.load_manifest(args.pack).group_size or 32  # W8A8-only packs have none
             speed = facts.speed(info, runnable, group, remeasure=args.remeasure,
                                 dtype=facts.serving_dtype(machine, args.dtype))
-    advice = advise(machine, pack, speed)
+            if machine.fp8_kv_problem is None:
+                fp8_cost = facts.fp8_kv_cost(args.pack, runnable)
+    advice = advise(machine, pack, speed, fp8_cost)
     if args.json:
         print(json.dumps({"machine": asdict(machine), "pack": asdict(pack) if pack else None,
                           "speed": asdict(speed) if speed else None,

@@ -82,6 +82,26 @@ class Speed:
 
 
 @dataclass
+class KvCost:
+    """An FP8 KV cache's perplexity cost for this pack, measured in vLLM on this CPU kind
+    (`morphserve pack kv-cost`), beside the pack's own weights-only curve, both by level of the
+    ladder served here. Where vLLM's FP8 attention runs, a static W8A8 checkpoint with an FP8
+    cache holds twice static W8A8's KV: the advice says at what cost, so a user whose load
+    outruns W8A8's KV can weigh it against MorphServe's quality rule."""
+    factor: dict[int, float]  # level -> the cache's own perplexity factor (1.026: +2.6%)
+    ppl: dict[int, float]  # level -> the pack's perplexity with a bf16 cache, every level
+    all_w8a8: int  # the level at which every layer computes in W8A8
+
+    def increase(self, level: int, fp8: bool = True) -> float:
+        """Perplexity increase over full precision with a bf16 cache, as the evaluation charges it."""
+        return self.ppl[level] * (self.factor[level] if fp8 else 1.0) / self.ppl[0] - 1
+
+    def highest_within(self, limit: float) -> int | None:
+        """The highest level up to all-W8A8 that an FP8 cache keeps within `limit` (None: not even full precision)."""
+        return max((k for k in range(self.all_w8a8 + 1) if self.increase(k) <= limit), default=None)
+
+
+@dataclass
 class Problem:
     what: str
     fix: str
@@ -101,7 +121,8 @@ class Advice:
         return 1 if any(p.blocks_serving for p in self.problems) else 0
 
 
-def advise(machine: Machine, pack: Pack | None, speed: Speed | None) -> Advice:
+def advise(machine: Machine, pack: Pack | None, speed: Speed | None, fp8_cost: KvCost | None = None) -> Advice:
+    """`fp8_cost`: the pack's measured FP8 cache cost here, where one was measured."""
     advice = Advice()
     advice.problems += _machine_problems(machine)
     runnable = [t for t in TIERS if machine.tier_problems.get(t) is None]
@@ -125,7 +146,9 @@ def advise(machine: Machine, pack: Pack | None, speed: Speed | None) -> Advice:
             f"({TIMING_ATTEMPTS} timings), so the speed figures are unreliable and were not cached",
             "re-run `morphserve doctor --remeasure` on an idle machine", blocks_serving=False))
     advice.tiers, advice.reasons = _pick_tiers(candidates, machine, speed, pack)
-    advice.reasons.append(_rest_reason(advice.tiers, speed))
+    fp8 = _fp8_kv_reason(machine, pack, advice.tiers, fp8_cost)
+    advice.reasons += [fp8] if fp8 else []
+    advice.reasons.append(_rest_reason(advice.tiers, speed))  # last: the recommend line prints it
     if pack is None and advice.tiers:
         advice.prepare = f"morphserve prepare MODEL_DIR --out PACK_DIR --tiers {','.join(advice.tiers)}"
     return advice
@@ -203,6 +226,30 @@ def drop_slow_tiers(candidates: list[str], speed: Speed | None) -> tuple[list[st
             reasons.append(f"{t} is dropped: its linears run at {r:.2f}x {speed.full}'s speed at batch 32 "
                            f"(< {SLOW_FRACTION}), a TPOT cost exactly when load makes the policy compress")
     return picked, reasons
+
+
+def _fp8_kv_reason(m: Machine, pack: Pack | None, tiers: list[str], cost: KvCost | None) -> str | None:
+    """Where an FP8 cache runs and the ladder has W8A8: what the static W8A8 + FP8 KV choice
+    costs against static W8A8, the rival that beat MorphServe on every row short of KV
+    beyond W8A8's where vLLM's FP8 attention is fast (docs/RESULTS.md)."""
+    if m.fp8_kv_problem is not None or pack is None or pack.problem is not None or "w8a8" not in tiers:
+        return None
+    if cost is None:
+        return ("FP8 KV runs here: an FP8 cache holds about twice a bf16 cache's blocks, at a perplexity cost "
+                f"`morphserve pack kv-cost {pack.path}` measures on this CPU in about 2 minutes; where load outruns "
+                "static W8A8's KV, compare static W8A8 + FP8 KV and MorphServe with `--kv-cache-dtype fp8` "
+                "(`morphserve evaluate`, `kv_cache_dtype: fp8`)")
+    static, static_fp8 = cost.increase(cost.all_w8a8, fp8=False), cost.increase(cost.all_w8a8)
+    within = cost.highest_within(static)
+    allowed = ("no level of this ladder, not even full precision" if within is None
+               else "full precision only" if within == 0
+               else f"levels 0-{within} of this ladder's {cost.all_w8a8} W8A8 rungs")
+    return (f"FP8 KV runs here: an FP8 cache holds about twice a bf16 cache's blocks, at {cost.increase(0):+.2%} "
+            f"perplexity on full-precision weights and {static_fp8:+.2%} on all-W8A8, against static W8A8's "
+            f"{static:+.2%} (this pack, measured in vLLM on this CPU kind); where load outruns static W8A8's KV it is "
+            "the lever, as a static checkpoint (`--kv-cache-dtype fp8` on W8A8) or under MorphServe "
+            "(`--kv-cache-dtype fp8`: `default` then climbs as far as static W8A8 + FP8's quality and returns to "
+            f"full precision when load falls); within static W8A8's own {static:+.2%} an FP8 cache allows {allowed}")
 
 
 def _rest_reason(tiers: list[str], speed: Speed | None) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from morphserve.doctor.advice import TIERS, Machine, Pack, Speed
+from morphserve.doctor.advice import TIERS, KvCost, Machine, Pack, Speed
 from morphserve.errors import USER_ERRORS
 from morphserve.evaluation.machine import describe
 from morphserve.runtime import compute_cpus, huge_pages, onednn_cache
@@ -83,6 +83,32 @@ def pack(pack_dir: Path, model: str | None) -> tuple[Pack, object | None]:
     except USER_ERRORS as e:
         reading.problem = str(e)
         return reading, None
+
+
+def fp8_kv_cost(pack_dir: Path, tiers: list[str]) -> KvCost | None:
+    """The FP8 cache's cost for this pack and the tiers served here, as `serve` and `evaluate`
+    charge it: the measurement `morphserve pack kv-cost` keeps (None where none was taken; the
+    doctor measures nothing that takes minutes) beside the pack's weights-only curve."""
+    import json
+
+    from morphserve.offline import kv_cost
+    from morphserve.offline import pack as packfmt
+    from morphserve.offline.ladder import Ladder, served_quality
+    from policies.config import PolicyError, dearer_fill, quality_curve, static_tier_level
+
+    manifest = packfmt.load_manifest(pack_dir)
+    ladder = Ladder.from_manifest(manifest, tiers)
+    entry = kv_cost.load(Path(pack_dir), "fp8", ladder.tier_names, ladder.top)
+    all_w8a8 = static_tier_level([ladder.counts(k) for k in range(ladder.top + 1)], "w8a8")
+    path = Path(pack_dir) / packfmt.QUALITY
+    if entry is None or all_w8a8 is None or not path.exists():
+        return None
+    try:
+        quality = served_quality(json.loads(path.read_text()), manifest.tier_names, ladder.tier_names)
+        ppl = dearer_fill(quality_curve(quality))
+    except (ValueError, PolicyError):  # an unreadable curve: `pack check` names it; no figure here
+        return None
+    return KvCost(kv_cost.entry_factors(entry), ppl, all_w8a8)
 
 
 def model_info(model: str):
