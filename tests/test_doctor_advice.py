@@ -177,6 +177,7 @@ def test_the_fp8_cache_is_weighed_against_static_w8a8_only_where_it_runs_and_the
     [reason] = [r for r in zen5.reasons if r.startswith("FP8 KV runs here")]
     assert "+2.60% perplexity on full-precision weights and +4.86% on all-W8A8, against static W8A8's +2.80%" in reason
     assert "within static W8A8's own +2.80% an FP8 cache allows levels 0-2 of this ladder's 30 W8A8 rungs" in reason
+    assert "a static W8A8 checkpoint with `--kv-cache-dtype fp8` served it best" in reason
     assert zen5.reasons[-1].startswith("bf16 when idle")  # the recommend line's reason stays last
     # a cheap cache leaves room to climb; one just under static W8A8's cost, full precision only; a dear one, none
     cheap = [r for r in advise(AVX512, w8, fast, fp8_cost(1.005, 1.005)).reasons if r.startswith("FP8 KV")][0]

@@ -230,15 +230,16 @@ def drop_slow_tiers(candidates: list[str], speed: Speed | None) -> tuple[list[st
 
 def _fp8_kv_reason(m: Machine, pack: Pack | None, tiers: list[str], cost: KvCost | None) -> str | None:
     """Where an FP8 cache runs and the ladder has W8A8: what the static W8A8 + FP8 KV choice
-    costs against static W8A8, the rival that beat MorphServe on every row short of KV
-    beyond W8A8's where vLLM's FP8 attention is fast (docs/RESULTS.md)."""
+    costs against static W8A8. It beat MorphServe on every row short of KV beyond W8A8's
+    where vLLM's FP8 attention is fast, and MorphServe with the same cache served such a row
+    later at P95 (docs/RESULTS.md), so the advice names the static checkpoint."""
     if m.fp8_kv_problem is not None or pack is None or pack.problem is not None or "w8a8" not in tiers:
         return None
     if cost is None:
         return ("FP8 KV runs here: an FP8 cache holds about twice a bf16 cache's blocks, at a perplexity cost "
                 f"`morphserve pack kv-cost {pack.path}` measures on this CPU in about 2 minutes; where load outruns "
-                "static W8A8's KV, compare static W8A8 + FP8 KV and MorphServe with `--kv-cache-dtype fp8` "
-                "(`morphserve evaluate`, `kv_cache_dtype: fp8`)")
+                "static W8A8's KV, compare a static W8A8 checkpoint with `--kv-cache-dtype fp8` (`morphserve "
+                "evaluate`, a `w8a8` system with `kv_cache_dtype: fp8`)")
     static, static_fp8 = cost.increase(cost.all_w8a8, fp8=False), cost.increase(cost.all_w8a8)
     within = cost.highest_within(static)
     allowed = ("no level of this ladder, not even full precision" if within is None
@@ -246,10 +247,11 @@ def _fp8_kv_reason(m: Machine, pack: Pack | None, tiers: list[str], cost: KvCost
                else f"levels 0-{within} of this ladder's {cost.all_w8a8} W8A8 rungs")
     return (f"FP8 KV runs here: an FP8 cache holds about twice a bf16 cache's blocks, at {cost.increase(0):+.2%} "
             f"perplexity on full-precision weights and {static_fp8:+.2%} on all-W8A8, against static W8A8's "
-            f"{static:+.2%} (this pack, measured in vLLM on this CPU kind); where load outruns static W8A8's KV it is "
-            "the lever, as a static checkpoint (`--kv-cache-dtype fp8` on W8A8) or under MorphServe "
-            "(`--kv-cache-dtype fp8`: `default` then climbs as far as static W8A8 + FP8's quality and returns to "
-            f"full precision when load falls); within static W8A8's own {static:+.2%} an FP8 cache allows {allowed}")
+            f"{static:+.2%} (this pack, measured in vLLM on this CPU kind); where load outruns static W8A8's KV, a "
+            "static W8A8 checkpoint with `--kv-cache-dtype fp8` served it best (MorphServe with the same cache climbs "
+            "to that rung and matched its violations with less memory on a Zen 5, its first tokens 1.41x later at "
+            "P95: docs/RESULTS.md, \"dev-zen5-fp8-morphserve\"); within static W8A8's own "
+            f"{static:+.2%} an FP8 cache allows {allowed}")
 
 
 def _rest_reason(tiers: list[str], speed: Speed | None) -> str:
