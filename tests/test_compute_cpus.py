@@ -89,19 +89,15 @@ def test_serve_names_the_compute_cpus_it_chose(model_dir, pack_dir, monkeypatch)
 def test_the_evaluation_gives_any_system_the_choice_the_way_serve_would(tmp_path, monkeypatch):
     monkeypatch.delenv(compute_cpus.RESERVED_ENV, raising=False)
     monkeypatch.delenv(compute_cpus.BIND_ENV, raising=False)
-    from morphserve.cli.commands import build_parser
-    from morphserve.evaluation import systems
     from morphserve.evaluation.suite import System
-    from tests.test_evaluation_logic import _fake_model_suite_and_pack
+    from tests.test_evaluation_logic import _server_of
 
-    model, suite, tiered = _fake_model_suite_and_pack(tmp_path)
-    run = lambda system: systems.server_command(system, suite.budgets[0], suite, model, tiered, 1, tmp_path)  # noqa: E731
+    run, serve_args = _server_of(tmp_path)
     _, env = run(System(name="w8", kind="w8a8", compute_cpus="all"))
     assert env[compute_cpus.RESERVED_ENV] == "0"
     _, env = run(System(name="w8", kind="w8a8"))
     assert compute_cpus.RESERVED_ENV not in env
     cmd, _ = run(System(name="m", kind="morphserve", policy="default", compute_cpus="all"))
-    serve_args, _ = build_parser().parse_known_args(cmd[cmd.index("morphserve.cli") + 1:])
-    assert serve_args.compute_cpus == "all"
+    assert serve_args(cmd).compute_cpus == "all"
     cmd, _ = run(System(name="m", kind="morphserve", policy="default"))
     assert "--compute-cpus" not in cmd

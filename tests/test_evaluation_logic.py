@@ -698,48 +698,58 @@ def test_a_cut_runs_count_read_from_a_server_that_does_not_answer_is_none():
     assert served_now(f"http://127.0.0.1:{free_port()}", timeout=2.0) is None
 
 
+def _server_of(tmp_path):
+    """`run(system) -> (command, environment)` as the evaluation starts that system on a fake
+    model and tiered pack at one budget, and `serve_args(command)`: the `morphserve serve`
+    flags a MorphServe command carries, parsed as serve parses them."""
+    from morphserve.cli.commands import build_parser
+    from morphserve.evaluation import systems
+
+    model, suite, tiered = _fake_model_suite_and_pack(tmp_path)
+
+    def run(system):
+        return systems.server_command(system, suite.budgets[0], suite, model, tiered, 1, tmp_path)
+
+    def serve_args(cmd):
+        return build_parser().parse_known_args(cmd[cmd.index("morphserve.cli") + 1:])[0]
+
+    return run, serve_args
+
+
 def test_huge_pages_reach_any_system_the_way_serve_would_give_them(tmp_path, monkeypatch):
     """A plain vLLM system asks for them through its environment, a MorphServe system through
     serve's flag; a system that names nothing runs as it starts (plain) or at serve's default."""
-    from morphserve.cli.commands import build_parser
-    from morphserve.evaluation import systems
     from morphserve.evaluation.suite import System
     from morphserve.runtime import huge_pages
 
     monkeypatch.setattr(huge_pages, "kernel_mode", lambda sysfs=None: "madvise")
     monkeypatch.delenv(huge_pages.TORCH_ENV, raising=False)
     monkeypatch.delenv(huge_pages.TUNABLES_ENV, raising=False)
-    model, suite, tiered = _fake_model_suite_and_pack(tmp_path)
-    run = lambda system: systems.server_command(system, suite.budgets[0], suite, model, tiered, 1, tmp_path)  # noqa: E731
+    run, serve_args = _server_of(tmp_path)
     _, env = run(System(name="w8", kind="w8a8", huge_pages="auto"))
     assert env[huge_pages.TORCH_ENV] == "1" and env[huge_pages.TUNABLES_ENV] == "glibc.malloc.hugetlb=1"
     _, env = run(System(name="w8", kind="w8a8"))
     assert huge_pages.TORCH_ENV not in env and huge_pages.TUNABLES_ENV not in env
     cmd, _ = run(System(name="m", kind="morphserve", policy="default", huge_pages="auto"))
-    serve_args, _ = build_parser().parse_known_args(cmd[cmd.index("morphserve.cli") + 1:])
-    assert serve_args.huge_pages == "auto"
+    assert serve_args(cmd).huge_pages == "auto"
     cmd, _ = run(System(name="m", kind="morphserve", policy="default"))
     assert "--huge-pages" not in cmd
 
 
 def test_large_buffers_reach_any_system_the_way_serve_would_give_them(tmp_path, monkeypatch):
     """As huge pages: plain vLLM through its environment, MorphServe through serve's flag."""
-    from morphserve.cli.commands import build_parser
-    from morphserve.evaluation import systems
     from morphserve.evaluation.suite import System
     from morphserve.runtime import huge_pages
 
     monkeypatch.setattr(huge_pages, "kernel_mode", lambda sysfs=None: "madvise")
     monkeypatch.delenv(huge_pages.TUNABLES_ENV, raising=False)
-    model, suite, tiered = _fake_model_suite_and_pack(tmp_path)
-    run = lambda system: systems.server_command(system, suite.budgets[0], suite, model, tiered, 1, tmp_path)  # noqa: E731
+    run, serve_args = _server_of(tmp_path)
     _, env = run(System(name="f", kind="fp16", large_buffers="mapped"))
     assert env[huge_pages.TUNABLES_ENV] == "glibc.malloc.mmap_threshold=4194304:glibc.malloc.hugetlb=1"
     _, env = run(System(name="f", kind="fp16"))
     assert huge_pages.TUNABLES_ENV not in env
     cmd, _ = run(System(name="m", kind="morphserve", policy="default", large_buffers="mapped"))
-    serve_args, _ = build_parser().parse_known_args(cmd[cmd.index("morphserve.cli") + 1:])
-    assert serve_args.large_buffers == "mapped"
+    assert serve_args(cmd).large_buffers == "mapped"
     cmd, _ = run(System(name="m", kind="morphserve", policy="default"))
     assert "--large-buffers" not in cmd
 
